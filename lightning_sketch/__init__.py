@@ -1,0 +1,15 @@
+"""lightning_sketch: gradient sketches for training data attribution, Hessian spectra and
+intrinsic dimension, as PyTorch Lightning callbacks (Schioppa, NeurIPS 2024, arXiv 2402.03994).
+
+The numerical packages (``sketches``, ``gradients``, ``store``, ``attribution``, ``spectrum``,
+``intrinsic``) are pure PyTorch (+FAISS); ``callbacks`` and ``cli`` adapt them to Lightning.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from lightning_sketch import exceptions
+from lightning_sketch.sketches import Sketch, make
+
+__all__ = ["Sketch", "__version__", "exceptions", "make"]

@@ -1,0 +1,96 @@
+"""Typed errors of :mod:`lightning_sketch`, raised at the API boundary.
+
+Every class subclasses a builtin so ``except ValueError`` keeps working, and every message
+names the argument, the expected and actual values, and what to change.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LightningSketchError",
+    "SketchConfigError",
+    "SketchInputError",
+    "SketchMemoryError",
+    "SketchMismatchError",
+    "LayoutMismatchError",
+    "StoreNotFoundError",
+    "StoreCorruptError",
+    "StoreFormatError",
+    "StoreWriteError",
+    "DuplicateIdError",
+    "NonFiniteGradientError",
+    "UnsupportedModelError",
+    "UnsupportedStrategyError",
+    "SpectrumError",
+    "SubspaceError",
+    "SearchFailedError",
+]
+
+
+class LightningSketchError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class SketchConfigError(LightningSketchError, ValueError):
+    """A sketch was asked for with an impossible or unknown configuration (kind, dims, option)."""
+
+
+class SketchInputError(LightningSketchError, ValueError):
+    """A tensor given to a sketch has the wrong shape or dtype."""
+
+
+class SketchMemoryError(LightningSketchError, MemoryError):
+    """A sketch would need more persistent memory than allowed (e.g. a dense D x N matrix)."""
+
+
+class SketchMismatchError(LightningSketchError, ValueError):
+    """Stored data was written with another sketch `spec` than the one in use."""
+
+
+class LayoutMismatchError(LightningSketchError, ValueError):
+    """A model's parameter layout (names, shapes, order) differs from the one data was written with."""
+
+
+class StoreNotFoundError(LightningSketchError, FileNotFoundError):
+    """No sketch store (or one of its files) exists at the given path."""
+
+
+class StoreCorruptError(LightningSketchError, OSError):
+    """A store file is truncated, bit-flipped or inconsistent with its manifest checksum."""
+
+
+class StoreFormatError(LightningSketchError, ValueError):
+    """A store was written by an incompatible format version."""
+
+
+class StoreWriteError(LightningSketchError, OSError):
+    """A commit could not be written (e.g. disk full); the last committed state is intact."""
+
+
+class DuplicateIdError(LightningSketchError, ValueError):
+    """An example id was appended twice to the same checkpoint slice."""
+
+
+class NonFiniteGradientError(LightningSketchError, FloatingPointError):
+    """NaN or inf per-example gradients (or losses) met with ``nan_policy='raise'``."""
+
+
+class UnsupportedModelError(LightningSketchError, TypeError):
+    """A model contains a module the requested computation cannot handle (e.g. train-mode BatchNorm
+    under per-example gradients)."""
+
+
+class UnsupportedStrategyError(LightningSketchError, NotImplementedError):
+    """A distributed strategy the callback does not support (e.g. FSDP for per-example gradients)."""
+
+
+class SpectrumError(LightningSketchError, ValueError):
+    """Bad arguments to a Krylov solver or spectral estimator."""
+
+
+class SubspaceError(LightningSketchError, ValueError):
+    """Bad use of an intrinsic-dimension subspace (e.g. attaching twice, active size out of range)."""
+
+
+class SearchFailedError(LightningSketchError, RuntimeError):
+    """The intrinsic-dimension search exhausted ``max_dim`` without reaching its target."""
