@@ -3,12 +3,30 @@
 - :class:`GradientSketch`: streams per-example gradient sketches into a :class:`~lightning_sketch.store.SketchStore`.
 - :class:`HessianSpectrum`: snapshots of the top Hessian eigenvalues and the spectral density.
 - :class:`IntrinsicDimension`: subspace training θ = θ0 + Φᵀω and the paper's doubling search.
+
+The classes are imported on first access so that ``lightning_sketch.callbacks.X`` class paths in
+LightningCLI configs resolve without importing the other callbacks' dependencies.
 """
 
 from __future__ import annotations
 
-from lightning_sketch.callbacks.gradient_sketch import GradientSketch
-from lightning_sketch.callbacks.hessian_spectrum import HessianSpectrum
-from lightning_sketch.callbacks.intrinsic_dimension import IntrinsicDimension
+import importlib
+from typing import Any
 
-__all__ = ["GradientSketch", "HessianSpectrum", "IntrinsicDimension"]
+_CALLBACKS = {
+    "GradientSketch": "gradient_sketch",
+    "HessianSpectrum": "hessian_spectrum",
+    "IntrinsicDimension": "intrinsic_dimension",
+}
+
+__all__ = list(_CALLBACKS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLBACKS:
+        return getattr(importlib.import_module(f"lightning_sketch.callbacks.{_CALLBACKS[name]}"), name)
+    raise AttributeError(f"module 'lightning_sketch.callbacks' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_CALLBACKS])
