@@ -1,0 +1,37 @@
+"""Training data attribution on stored gradient sketches (paper.md §6; anchors.md Part A).
+
+Sign convention, everywhere: a **positive** score means that training on the example lowers the
+query's loss (raises its margin, for TRAK); opponents are the most negative scores.
+
+- :class:`Attributor`: queries (``top_k``, ``scores``, ``self_influence``) against a store.
+- :mod:`lightning_sketch.attribution.scores`: the maths, as pure functions.
+"""
+
+from __future__ import annotations
+
+from lightning_sketch.attribution.query import METHODS, Attributor, negative_margin, negative_margin_of
+from lightning_sketch.attribution.scores import (
+    arnoldi_features,
+    classification_margin,
+    damping_loo_errors,
+    dot_scores,
+    lds,
+    normalize_rows,
+    trak_preconditioner,
+    tracin_features,
+)
+
+__all__ = [
+    "METHODS",
+    "Attributor",
+    "arnoldi_features",
+    "classification_margin",
+    "damping_loo_errors",
+    "dot_scores",
+    "lds",
+    "negative_margin",
+    "negative_margin_of",
+    "normalize_rows",
+    "trak_preconditioner",
+    "tracin_features",
+]
