@@ -1,0 +1,256 @@
+"""Hessian operators over a fixed probe set, and the ``hessian_eigs`` entry point.
+
+The loss is L(θ) = mean of ``loss_fn(model, batch)`` over the fixed list of probe batches (the
+average over batches of each batch's mean loss, as :func:`lightning_sketch.gradients.make_hvp`
+defines it). Two operators (paper.md §1.3, §4):
+
+- exact: v ↦ H v on R^N;
+- sketched: v ↦ Φ H Φᵀ v on R^D (``sketch.apply ∘ hvp ∘ sketch.transpose``), so the Krylov
+  iteration stores D-dimensional vectors only; its top eigenvalues estimate H's (Table 7).
+
+HVPs come from :mod:`lightning_sketch.gradients`; nothing here writes ``.grad`` or changes the
+module's mode. ``reduce`` (e.g. a DDP all-reduce mean) is applied to every matvec output, so each
+rank runs the same Krylov iteration on the averaged operator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sketch.exceptions import SketchConfigError, SpectrumError
+from lightning_sketch.sketches import Sketch, make
+from lightning_sketch.spectrum.lanczos import Which, lanczos
+
+__all__ = ["HessianEigs", "HessianOperator", "hessian_eigs", "hessian_operator", "probe_gradient", "resolve_sketch"]
+
+HvpMethod = Literal["fwd_rev", "double_backward", "finite_difference"]
+Reduce = Callable[[Tensor], Tensor]
+
+
+def resolve_sketch(sketch: Sketch | Mapping[str, Any] | None, dim: int) -> Sketch | None:
+    """A :class:`Sketch` from a Sketch, a spec dict (``make(**spec)``) or None; checks ``dim == N``.
+
+    Raises:
+        SketchConfigError: on another type, or a sketch whose ``dim`` is not the model's N.
+    """
+    if sketch is None:
+        return None
+    if isinstance(sketch, Mapping):
+        sketch = make(**dict(sketch))
+    if not isinstance(sketch, Sketch):
+        raise SketchConfigError(
+            f"`sketch` must be None, a Sketch or a spec dict for make(**spec), got {type(sketch).__name__}."
+        )
+    if sketch.dim != dim:
+        raise SketchConfigError(
+            f"`sketch.dim` must equal the model's parameter count N = {dim}, got {sketch.dim}; "
+            f"build it with make(kind, dim={dim}, sketch_dim=...)."
+        )
+    return sketch
+
+
+def _check_batches(batches: Any) -> list[Any]:
+    if isinstance(batches, (Tensor, Mapping)) or not isinstance(batches, Sequence) or len(batches) == 0:
+        raise SpectrumError(
+            "`batches` must be a non-empty list of batches (the fixed probe set), got "
+            f"{type(batches).__name__}; wrap a single batch as [batch]."
+        )
+    return list(batches)
+
+
+@dataclass
+class HessianOperator:
+    """A symmetric matvec over the probe set: exact (``[N] -> [N]``) or sketched (``[D] -> [D]``).
+
+    Attributes:
+        matvec: the operator; input/output in any float dtype (computed in the parameters' dtype,
+            returned in the input's dtype).
+        dim: N (exact) or D (sketched).
+        sketch: the sketch Φ, or None for the exact operator.
+        num_matvecs: HVPs evaluated so far.
+    """
+
+    matvec: Callable[[Tensor], Tensor]
+    dim: int
+    sketch: Sketch | None
+    num_matvecs: int = 0
+
+    def __call__(self, v: Tensor) -> Tensor:
+        self.num_matvecs += 1
+        return self.matvec(v)
+
+
+def _layout(model: nn.Module, layout: Any) -> Any:
+    from lightning_sketch.gradients import ParamLayout
+
+    return ParamLayout.from_module(model) if layout is None else layout
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def hessian_operator(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Sequence[Any],
+    sketch: Sketch | Mapping[str, Any] | None = None,
+    *,
+    layout: Any = None,
+    method: HvpMethod = "fwd_rev",
+    reduce: Reduce | None = None,
+) -> HessianOperator:
+    """The exact (v ↦ H v) or sketched (v ↦ Φ H Φᵀ v) Hessian operator of the probe-set loss.
+
+    Args:
+        model: the module; its parameters are read, never written.
+        loss_fn: ``loss_fn(module, batch) -> [B]`` per-example losses.
+        batches: the fixed probe set (a list of batches; all matvecs see the same data).
+        sketch: Φ (a Sketch or a spec dict) for the sketched operator; None for the exact one.
+        layout: a :class:`~lightning_sketch.gradients.ParamLayout` (default: all trainable params).
+        method: HVP method of :func:`lightning_sketch.gradients.make_hvp`.
+        reduce: applied to every matvec output (e.g. a DDP all-reduce mean).
+
+    Returns:
+        A :class:`HessianOperator` counting its matvecs.
+
+    Raises:
+        SpectrumError: on an empty or non-list ``batches``.
+        SketchConfigError: on a bad ``sketch``.
+    """
+    from lightning_sketch.gradients import make_hvp
+
+    batches = _check_batches(batches)
+    layout = _layout(model, layout)
+    sk = resolve_sketch(sketch, layout.dim)
+    hvp = make_hvp(model, loss_fn, batches, layout=layout, method=method)
+    pdtype = _param_dtype(model)
+    device = next(iter(model.parameters())).device
+
+    def matvec(v: Tensor) -> Tensor:
+        x = v.to(dtype=pdtype, device=device)
+        out = sk.apply(hvp(sk.transpose(x))) if sk is not None else hvp(x)
+        if reduce is not None:
+            out = reduce(out)
+        return out.to(dtype=v.dtype, device=v.device)
+
+    return HessianOperator(matvec, sk.sketch_dim if sk is not None else layout.dim, sk)
+
+
+def probe_gradient(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Sequence[Any],
+    sketch: Sketch | Mapping[str, Any] | None = None,
+    *,
+    layout: Any = None,
+    reduce: Reduce | None = None,
+) -> Tensor:
+    """∇L over the probe set (``[N]``), or Φ∇L (``[D]``) when ``sketch`` is given (for alignment)."""
+    from lightning_sketch.gradients import loss_grad
+
+    batches = _check_batches(batches)
+    layout = _layout(model, layout)
+    sk = resolve_sketch(sketch, layout.dim)
+    g = loss_grad(model, loss_fn, batches, layout=layout)
+    if sk is not None:
+        g = sk.apply(g)
+    if reduce is not None:
+        g = reduce(g)
+    return g
+
+
+@dataclass
+class HessianEigs:
+    """Top-k eigenpairs of the (sketched) probe-set Hessian.
+
+    Attributes:
+        eigenvalues: ``[k]`` float64, ordered by ``which``.
+        eigenvectors: ``[k, N]`` (exact) or ``[k, D]`` (sketched: eigenvectors of Φ H Φᵀ) rows.
+        residuals: ``[k]`` Ritz residual norms.
+        converged: ``[k]`` bool flags (residual ≤ tol·|λ|).
+        num_matvecs: HVPs spent.
+        seconds: wall time.
+        which: the selection rule used.
+        sketch_spec: the sketch's spec, or None for the exact operator.
+        ritz_values: ``[m]`` all Ritz values (ascending), e.g. the most negative for RNEG.
+        ritz_residuals: ``[m]`` their residual norms.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    converged: Tensor
+    num_matvecs: int
+    seconds: float
+    which: str
+    sketch_spec: dict[str, Any] | None
+    ritz_values: Tensor = field(repr=False)
+    ritz_residuals: Tensor = field(repr=False)
+
+
+def hessian_eigs(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Sequence[Any],
+    k: int = 10,
+    sketch: Sketch | Mapping[str, Any] | None = None,
+    which: Which = "LA",
+    num_iter: int | None = None,
+    *,
+    method: HvpMethod = "fwd_rev",
+    layout: Any = None,
+    seed: int = 0,
+    v0: Tensor | None = None,
+    tol: float = 1e-6,
+    dtype: torch.dtype = torch.float64,
+    reduce: Reduce | None = None,
+) -> HessianEigs:
+    """Top-k eigenpairs of the Hessian of the probe-set loss, exact or sketched (paper.md §4).
+
+    Runs :func:`~lightning_sketch.spectrum.lanczos` with full re-orthogonalisation on v ↦ H v
+    (``sketch=None``) or on v ↦ Φ H Φᵀ v, storing only D-dimensional Krylov vectors.
+
+    Args:
+        model: the module (read only: parameters, ``.grad`` and mode are left as they are).
+        loss_fn: ``loss_fn(module, batch) -> [B]`` per-example losses; their mean over the probe
+            batches is the loss whose Hessian is taken.
+        batches: list of probe batches (fixed; every matvec sees all of them).
+        k: number of eigenpairs.
+        sketch: None (exact), a :class:`Sketch`, or a spec dict ``make(**spec)``.
+        which: ``"LA"``, ``"SA"`` or ``"LM"``.
+        num_iter: Krylov steps (matvecs); default ``min(dim, max(4k, 40))``.
+        method: HVP method (``"fwd_rev"``, ``"double_backward"``, ``"finite_difference"``).
+        layout: a ParamLayout restricting the parameters (default: all trainable).
+        seed: seed of the dedicated generator for the start vector (the global RNG is not used).
+        v0: optional start vector (warm start), ``[N]`` or ``[D]``.
+        tol: relative residual tolerance for ``converged``.
+        dtype: Krylov-vector dtype (HVPs run in the parameters' dtype).
+        reduce: applied to every matvec output (DDP all-reduce mean).
+
+    Returns:
+        A :class:`HessianEigs`.
+
+    Raises:
+        SpectrumError: on ``k > dim``, a bad ``which`` or ``num_iter``, or empty ``batches``.
+        SketchConfigError: on a sketch that does not match the model.
+    """
+    op = hessian_operator(model, loss_fn, batches, sketch, layout=layout, method=method, reduce=reduce)
+    gen = torch.Generator().manual_seed(int(seed))
+    start = time.perf_counter()
+    res = lanczos(op, op.dim, k, num_iter=num_iter, which=which, generator=gen, dtype=dtype, v0=v0, tol=tol)
+    seconds = time.perf_counter() - start
+    spec = op.sketch.spec if op.sketch is not None else None
+    return HessianEigs(
+        res.eigenvalues, res.eigenvectors, res.residuals, res.converged, op.num_matvecs, seconds, which, spec,
+        res.ritz_values, res.ritz_residuals,
+    )
