@@ -1,0 +1,240 @@
+"""FAISS indexes over stored sketches, exact re-ranking, and the exact torch reference search.
+
+Scores are inner products ⟨Φg(z_query), Φg(z_train)⟩, the sketched TracIn / gradient-similarity
+score of paper.md §6 (no normalisation: FAISS has no cosine metric and attribution needs the raw
+product). Index kinds (anchors.md §C.9):
+
+| kind    | FAISS index                                   | exact? | bytes / row        |
+|---------|-----------------------------------------------|--------|--------------------|
+| flat    | ``IndexIDMap2(IndexFlatIP)``                  | yes    | 4·D + id           |
+| ivf     | ``IndexIVFFlat`` (inner product, native ids)  | no     | 4·D + id           |
+| ivfpq   | ``IndexIVFPQ`` + exact re-rank from the store | no     | m + id (+ store)   |
+| hnsw    | ``IndexIDMap2(IndexHNSWFlat)``                | no     | 4·D + graph + id   |
+
+Approximate results are re-ranked exactly against the stored vectors (the "refine" stage), so
+returned scores are always true inner products. FAISS is always handed C-contiguous float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from lightning_sketch.exceptions import SketchConfigError, SketchInputError
+
+__all__ = ["INDEX_KINDS", "build_index", "default_params", "exact_topk", "rerank", "search_index", "to_device"]
+
+INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+
+_PARAMS: dict[str, tuple[str, ...]] = {
+    "flat": (),
+    "ivf": ("nlist", "nprobe", "max_train", "seed"),
+    "ivfpq": ("nlist", "nprobe", "m", "nbits", "max_train", "seed"),
+    "hnsw": ("M", "ef_construction", "ef_search"),
+}
+
+
+def _f32(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def default_params(kind: str, n: int, d: int, **overrides: Any) -> dict[str, Any]:
+    """Index parameters for ``n`` rows of dimension ``d``, with ``overrides`` applied.
+
+    IVF: ``nlist ≈ 4√n`` lists capped so each has ≥ 39 training points, ``nprobe = nlist/8``
+    (at least 8); IVF-PQ: ``m`` = the largest divisor of ``d`` up to ``d/16`` sub-quantisers of
+    ``nbits ≤ 8`` (fewer bits when ``n`` is small); HNSW: ``M = 32``, ``efSearch = 128``.
+
+    Raises:
+        SketchConfigError: unknown kind or parameter name.
+
+    Example:
+        >>> default_params("ivf", 100_000, 1024)["nlist"]
+        1264
+    """
+    if kind not in INDEX_KINDS:
+        raise SketchConfigError(f"`index` must be one of {INDEX_KINDS}, got {kind!r}.")
+    unknown = sorted(set(overrides) - set(_PARAMS[kind]))
+    if unknown:
+        raise SketchConfigError(
+            f"Unknown parameter(s) {unknown} for index {kind!r}; known: {list(_PARAMS[kind]) or 'none'}."
+        )
+    params: dict[str, Any] = {}
+    if kind in ("ivf", "ivfpq"):
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        params.update(nlist=nlist, nprobe=max(8, nlist // 8), max_train=max(100_000, 64 * nlist), seed=0)
+    if kind == "ivfpq":
+        params["m"] = max(m for m in range(1, max(1, d // 16) + 1) if d % m == 0)
+        params["nbits"] = int(min(8, max(1, math.floor(math.log2(max(2, n // 39))))))
+    if kind == "hnsw":
+        params.update(M=32, ef_construction=80, ef_search=128)
+    params.update(overrides)
+    if kind in ("ivf", "ivfpq"):
+        params["nprobe"] = min(int(params["nprobe"]), int(params["nlist"]))
+    return params
+
+
+def build_index(kind: str, vectors: np.ndarray, ids: np.ndarray, params: dict[str, Any]) -> faiss.Index:
+    """Build a FAISS inner-product index of ``kind`` over ``vectors`` [n, D] with external ``ids`` [n].
+
+    Args:
+        kind: one of :data:`INDEX_KINDS`.
+        vectors: ``[n, D]`` array (any float dtype; copied to C-contiguous float32).
+        ids: ``[n]`` int64 example ids.
+        params: from :func:`default_params`.
+
+    Raises:
+        SketchInputError: too few rows to train the requested IVF/PQ index.
+    """
+    x = _f32(vectors)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    n, d = x.shape
+    if kind == "flat":
+        index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    elif kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(d, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = int(params["ef_construction"])
+        index = faiss.IndexIDMap2(inner)
+    else:
+        nlist = int(params["nlist"])
+        if nlist > n:
+            raise SketchInputError(f"index {kind!r} needs nlist ({nlist}) <= rows ({n}); lower `nlist`.")
+        quantizer = faiss.IndexFlatIP(d)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            m, nbits = int(params["m"]), int(params["nbits"])
+            if d % m:
+                raise SketchInputError(f"ivfpq needs `m` ({m}) to divide D ({d}); pick a divisor of {d}.")
+            if n < (1 << nbits):
+                raise SketchInputError(f"ivfpq with nbits={nbits} needs >= {1 << nbits} rows, got {n}.")
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = int(params.get("seed", 0))
+        rng = np.random.default_rng(int(params.get("seed", 0)))
+        take = min(n, int(params["max_train"]))
+        sample = x if take == n else x[np.sort(rng.choice(n, size=take, replace=False))]
+        index.train(np.ascontiguousarray(sample))
+    index.add_with_ids(x, ids)
+    set_search_params(index, kind, params)
+    return index
+
+
+def set_search_params(index: faiss.Index, kind: str, params: dict[str, Any]) -> None:
+    """Apply ``nprobe`` (IVF kinds) or ``ef_search`` (HNSW) to a built or loaded CPU index."""
+    space = faiss.ParameterSpace()
+    if kind in ("ivf", "ivfpq") and params.get("nprobe") is not None:
+        space.set_index_parameter(index, "nprobe", int(params["nprobe"]))
+    elif kind == "hnsw" and params.get("ef_search") is not None:
+        space.set_index_parameter(index, "efSearch", int(params["ef_search"]))
+
+
+def to_device(index: faiss.Index, device: str) -> tuple[faiss.Index, Any]:
+    """Move ``index`` to ``device`` ("cpu" or "cuda[:i]"); returns ``(index, gpu_resources)``.
+
+    Raises:
+        SketchConfigError: a CUDA device was asked for but FAISS has no GPU support installed.
+    """
+    if device == "cpu":
+        return index, None
+    if not str(device).startswith("cuda"):
+        raise SketchConfigError(f"`device` must be 'cpu' or 'cuda[:i]', got {device!r}.")
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        raise SketchConfigError(
+            f"`device={device!r}` needs GPU FAISS and a visible GPU, but the installed faiss "
+            f"({faiss.__version__}) reports {getattr(faiss, 'get_num_gpus', lambda: 0)()} GPUs. Install the "
+            f"`gpu` extra (faiss-gpu) on a CUDA machine, or search with device='cpu'."
+        )
+    res = faiss.StandardGpuResources()
+    ordinal = int(str(device).split(":")[1]) if ":" in str(device) else 0
+    return faiss.index_cpu_to_gpu(res, ordinal, index), res
+
+
+def search_index(index: faiss.Index, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw FAISS search: ``(scores [Q, k] float32, ids [Q, k] int64)``; missing hits have id -1."""
+    return index.search(_f32(queries), int(k))
+
+
+def rerank(
+    queries: Any,
+    candidates: np.ndarray,
+    fetch: Callable[[np.ndarray], np.ndarray],
+    k: int,
+    chunk: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact re-ranking of approximate candidates against stored vectors.
+
+    Args:
+        queries: ``[Q, D]``.
+        candidates: ``[Q, k']`` int64 ids from an approximate index (``-1`` = no hit).
+        fetch: maps an int64 id array ``[M]`` to the stored vectors ``[M, D]``.
+        k: results to keep (``k <= k'``).
+        chunk: queries per block (bounds the ``[chunk, k', D]`` gather).
+
+    Returns:
+        ``(scores [Q, k] float32, ids [Q, k] int64)`` sorted by decreasing exact inner product
+        (float64 accumulation); slots without a candidate hold score ``-inf`` and id ``-1``.
+    """
+    q = _f32(queries)
+    out_s = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
+    out_i = np.full((q.shape[0], k), -1, dtype=np.int64)
+    for start in range(0, q.shape[0], chunk):
+        cand = candidates[start : start + chunk]
+        valid = cand >= 0
+        flat_ids = np.where(valid, cand, cand[valid][0] if valid.any() else 0).reshape(-1)
+        if not valid.any():
+            continue
+        vecs = np.asarray(fetch(flat_ids), dtype=np.float64).reshape(*cand.shape, -1)
+        scores = np.einsum("qkd,qd->qk", vecs, q[start : start + chunk].astype(np.float64))
+        scores[~valid] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        out_s[start : start + chunk] = np.take_along_axis(scores, order, 1)
+        out_i[start : start + chunk] = np.where(
+            np.isfinite(np.take_along_axis(scores, order, 1)), np.take_along_axis(cand, order, 1), -1
+        )
+    return out_s, out_i
+
+
+def exact_topk(
+    queries: Any,
+    vectors: Any,
+    ids: np.ndarray,
+    k: int,
+    dtype: torch.dtype = torch.float64,
+    chunk: int = 65_536,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k inner products with :func:`torch.topk`: the exact reference search.
+
+    Args:
+        queries: ``[Q, D]``.
+        vectors: ``[n, D]`` stored vectors (numpy, memmap or tensor), scanned in ``chunk`` rows.
+        ids: ``[n]`` int64 ids of the rows.
+        k: results per query (``k <= n``).
+        dtype: accumulation dtype (float64 by default, the exact reference).
+
+    Returns:
+        ``(scores [Q, k], ids [Q, k])`` sorted by decreasing score (numpy; scores in ``dtype``).
+
+    Example:
+        >>> v = np.eye(3, dtype=np.float32); q = np.array([[0.0, 2.0, 1.0]], dtype=np.float32)
+        >>> s, i = exact_topk(q, v, np.array([10, 11, 12]), 2)
+        >>> i.tolist(), s.tolist()
+        ([[11, 12]], [[2.0, 1.0]])
+    """
+    q = torch.as_tensor(_f32(queries), dtype=dtype)
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    best_s = torch.full((q.shape[0], 0), float("-inf"), dtype=dtype)
+    best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64)
+    for start in range(0, len(ids_t), chunk):
+        block = torch.as_tensor(np.asarray(vectors[start : start + chunk]), dtype=dtype)
+        s = torch.cat([best_s, q @ block.T], dim=1)
+        i = torch.cat([best_i, ids_t[start : start + chunk].expand(q.shape[0], -1)], dim=1)
+        best_s, pos = torch.topk(s, min(k, s.shape[1]), dim=1)
+        best_i = torch.gather(i, 1, pos)
+    return best_s.numpy(), best_i.numpy()

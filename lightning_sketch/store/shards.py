@@ -1,0 +1,137 @@
+"""DDP shards of a store: each rank writes ``<store>/shards/rank<r>/``, rank 0 merges.
+
+The merge (anchors.md §C.9, "Merging shards from several processes") adds each shard's committed,
+checksummed segments to the main manifest *by reference* (segment files are immutable, so no data
+is copied), after checking spec, layout, dtype and that example ids are globally unique. Merging
+is idempotent: the main manifest records how many segments of each shard it already holds.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from lightning_sketch.exceptions import DuplicateIdError, SketchInputError, SketchMismatchError
+from lightning_sketch.store import manifest as mf
+from lightning_sketch.store._io import write_json_atomic
+
+__all__ = ["ShardMixin", "shard_path"]
+
+
+def shard_path(path: str | Path, rank: int) -> Path:
+    """Directory of rank ``rank``'s shard inside store ``path``."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise SketchInputError(f"`rank` must be a non-negative int, got {rank!r}.")
+    return Path(path) / "shards" / f"rank{rank}"
+
+
+class ShardMixin:
+    """Mixin of :class:`~lightning_sketch.store.SketchStore`: per-rank shards and their merge."""
+
+    @classmethod
+    def open_shard(cls, path: str | Path, rank: int, spec: Any = None, layout_fingerprint: Any = None) -> Any:
+        """Open (creating if needed) rank ``rank``'s writable shard of the existing store at ``path``.
+
+        The shard inherits the main store's spec, layout, dtype and NaN policy. Create the main
+        store on rank 0 and ``barrier`` before other ranks call this.
+
+        Raises:
+            StoreNotFoundError: no main store at ``path``.
+            SketchMismatchError / LayoutMismatchError: as :meth:`SketchStore.open`.
+        """
+        main = mf.load_manifest(path)
+        from lightning_sketch.store._validate import compare_layout, compare_spec
+
+        compare_spec(main["spec"], spec, f"Store {str(path)!r}")
+        compare_layout(main["layout_fingerprint"], layout_fingerprint, f"Store {str(path)!r}")
+        return cls.create(
+            shard_path(path, rank),
+            main["spec"],
+            layout=main["layout"],
+            layout_fingerprint=main["layout_fingerprint"],
+            dtype=main["dtype"],
+            exist_ok=True,
+            nan_policy=main.get("nan_policy", "raise"),
+            sketch_dim=main["sketch_dim"],
+        )
+
+    def merge_shards(self) -> int:
+        """Add every shard's newly committed segments to this (main) store and commit.
+
+        Returns:
+            The number of rows merged.
+
+        Raises:
+            SketchMismatchError: a shard has another spec/layout/dtype, or a checkpoint with other
+                step/lr/weight.
+            DuplicateIdError: an id appears in two shards (or the main store) for one checkpoint.
+            StoreCorruptError: a shard file fails its checksum.
+        """
+        self._require_writer()
+        self.commit()
+        root = self.path / "shards"
+        new = copy.deepcopy(self._manifest)
+        merged_rows = 0
+        try:
+            merged_rows = self._merge_into(new, root)
+        except Exception:
+            self._idsets.clear()  # ids of a failed merge were never committed
+            raise
+        if new != self._manifest:
+            from lightning_sketch.store.store import _recount
+
+            new["generation"] += 1
+            _recount(new)
+            write_json_atomic(self.path / mf.MANIFEST, new)
+            self._manifest = new
+            self._cache.clear()
+        return merged_rows
+
+    def _merge_into(self, new: dict[str, Any], root: Path) -> int:
+        merged_rows = 0
+        for shard_dir in sorted(root.glob("rank*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1):
+            if not (shard_dir / mf.MANIFEST).exists():
+                continue
+            shard = type(self).open(shard_dir, verify="full")
+            for key in ("spec", "layout_fingerprint", "dtype", "sketch_dim"):
+                if shard._manifest[key] != new[key]:
+                    raise SketchMismatchError(
+                        f"Shard {str(shard_dir)!r} has {key}={shard._manifest[key]!r} but the main store has "
+                        f"{new[key]!r}; shards must be opened with SketchStore.open_shard on the same store."
+                    )
+            done = new["merged_shards"].get(shard_dir.name, 0)
+            fresh = shard._manifest["segments"][done:]
+            for c in shard._manifest["checkpoints"]:
+                mine = next((m for m in new["checkpoints"] if m["name"] == c["name"]), None)
+                record = {k: c[k] for k in ("step", "lr", "weight")}
+                if mine is None:
+                    new["checkpoints"].append({**c, "generation": new["generation"] + 1})
+                elif {k: mine[k] for k in record} != record:
+                    raise SketchMismatchError(
+                        f"Checkpoint {c['name']!r} has {record} in shard {shard_dir.name} but "
+                        f"{ {k: mine[k] for k in record} } in the main store."
+                    )
+            for seg in fresh:
+                ids = shard._load(seg["ids"], seg["rows"], None, "int64")
+                seen = self._idset(seg["checkpoint"])
+                clash = [int(i) for i in ids if int(i) in seen]
+                if clash:
+                    raise DuplicateIdError(
+                        f"Shard {shard_dir.name} holds id(s) {clash[:5]} already present in checkpoint "
+                        f"{seg['checkpoint']!r}; DDP ranks must append global dataset indices, each exactly once."
+                    )
+                seen.update(ids.tolist())
+                rel = shard_dir.relative_to(self.path).as_posix()
+                entry = copy.deepcopy(seg)
+                for part in ("vectors", "ids"):
+                    entry[part]["file"] = f"{rel}/{seg[part]['file']}"
+                entry["generation"] = new["generation"] + 1
+                new["segments"].append(entry)
+                merged_rows += seg["rows"]
+            for s in shard._manifest.get("skips", [])[new.setdefault("merged_skips", {}).get(shard_dir.name, 0):]:
+                new.setdefault("skips", []).append({**s, "generation": new["generation"] + 1, "shard": shard_dir.name})
+            new["merged_skips"][shard_dir.name] = len(shard._manifest.get("skips", []))
+            new["merged_shards"][shard_dir.name] = len(shard._manifest["segments"])
+            shard.close()
+        return merged_rows

@@ -1,0 +1,537 @@
+"""The crash-safe sketch store: append sketched gradients per checkpoint, commit, reopen, search.
+
+A store is a directory (see :mod:`lightning_sketch.store.manifest`) of immutable segment files
+plus ``manifest.json``. :meth:`SketchStore.append` buffers rows in memory; :meth:`SketchStore.commit`
+writes the buffered rows as new segment files (tmp + fsync + rename) and then atomically replaces
+the manifest. Readers open one manifest snapshot and only ever see committed segments; a crash
+loses at most the uncommitted buffer. One writer per directory (an ``fcntl`` lock); DDP ranks
+write their own shard (:meth:`SketchStore.open_shard`) that rank 0 merges (:meth:`merge_shards`).
+
+Rows are sketched per-example gradients Φ∇ℓ(z; θ_t) ∈ R^D (paper.md §6); checkpoint ``lr`` is
+η_t, used by the TracIn view Σ_t η_t ⟨Φg_t(z), Φg_t(z')⟩ (see :mod:`lightning_sketch.store.views`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from lightning_sketch.exceptions import DuplicateIdError, NonFiniteGradientError, SketchInputError, StoreWriteError
+from lightning_sketch.store import manifest as mf
+from lightning_sketch.store._io import WriterLock, atomic_write, npy_bytes, write_json_atomic
+from lightning_sketch.store._validate import as_ids, as_rows, compare_layout, compare_spec, layout_info, spec_dict
+from lightning_sketch.store.shards import ShardMixin
+from lightning_sketch.store.views import StoreViews
+
+__all__ = ["SketchStore"]
+
+log = logging.getLogger(__name__)
+
+_AUTO_FULL_VERIFY_BYTES = 1 << 30
+
+
+class SketchStore(StoreViews, ShardMixin):
+    """A directory of committed sketch rows, one slice per training checkpoint.
+
+    Build one with :meth:`create` or :meth:`open`, never directly.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> store = SketchStore.create(d + "/s", {"kind": "dense", "dim": 8, "sketch_dim": 4, "seed": 0})
+        >>> store.add_checkpoint("step-10", step=10, lr=0.1)
+        >>> store.append([0, 1], np.eye(2, 4, dtype=np.float32), checkpoint="step-10")
+        2
+        >>> store.commit()
+        1
+        >>> scores, ids = SketchStore.open(d + "/s").search(np.ones((1, 4), dtype=np.float32), k=2)
+        >>> sorted(ids[0].tolist()), scores[0].tolist()
+        ([0, 1], [1.0, 1.0])
+        >>> store.close()
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], mode: str, lock: WriterLock | None, verify: str):
+        self.path = path
+        self.mode = mode
+        self._manifest = manifest
+        self._lock = lock
+        self._verify = verify
+        self._verified: set[str] = set()
+        self._buffer: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._pending_ckpts: list[dict[str, Any]] = []
+        self._pending_skips: dict[str, dict[str, Any]] = {}
+        self._idsets: dict[str, set[int]] = {}
+        self._cache: dict[Any, Any] = {}
+        self._check_files()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        spec: Any,
+        layout: Any = None,
+        layout_fingerprint: Any = None,
+        dtype: Literal["float32", "float16"] = "float32",
+        exist_ok: bool = False,
+        nan_policy: Literal["raise", "skip"] = "raise",
+        sketch_dim: int | None = None,
+    ) -> SketchStore:
+        """Create an empty store at ``path`` and open it for appending.
+
+        Args:
+            path: directory to create (parents too).
+            spec: the sketch (or its ``.spec`` dict) the rows are made with; ``None`` needs ``sketch_dim``.
+            layout: the model's ``ParamLayout`` (or its ``to_dict()``), recorded for later checks.
+            layout_fingerprint: the layout's fingerprint, if ``layout`` is not given.
+            dtype: storage dtype of the rows ("float16" halves disk; search still runs in float32).
+            exist_ok: reopen an existing store (spec and layout must match) instead of failing.
+            nan_policy: default handling of non-finite rows: "raise" or "skip" (counted).
+            sketch_dim: D when ``spec`` is None (else taken from ``spec["sketch_dim"]``).
+
+        Raises:
+            StoreWriteError: ``path`` holds a store and ``exist_ok`` is False, or it cannot be written.
+            SketchConfigError: bad ``dtype``, ``nan_policy``, spec or D.
+        """
+        path = Path(path)
+        from lightning_sketch.exceptions import SketchConfigError
+
+        if dtype not in mf.DTYPES:
+            raise SketchConfigError(f"`dtype` must be one of {mf.DTYPES}, got {dtype!r}.")
+        if nan_policy not in ("raise", "skip"):
+            raise SketchConfigError(f"`nan_policy` must be 'raise' or 'skip', got {nan_policy!r}.")
+        spec_d = spec_dict(spec)
+        width = sketch_dim if spec_d is None else spec_d.get("sketch_dim", sketch_dim)
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise SketchConfigError(f"Store row width D must be a positive int (spec['sketch_dim']), got {width!r}.")
+        layout_d, fingerprint = layout_info(layout, layout_fingerprint)
+        if (path / mf.MANIFEST).exists():
+            if not exist_ok:
+                raise StoreWriteError(
+                    f"A sketch store already exists at {str(path)!r}; pass exist_ok=True to append to it or "
+                    f"choose another path."
+                )
+            return cls.open(path, spec=spec_d, layout_fingerprint=fingerprint, mode="a")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreWriteError(f"Cannot create store directory {str(path)!r}: {err}.") from err
+        lock = WriterLock(path)
+        from lightning_sketch import __version__
+
+        manifest = mf.new_manifest(
+            spec=spec_d,
+            sketch_dim=width,
+            layout=layout_d,
+            layout_fingerprint=fingerprint,
+            dtype=dtype,
+            nan_policy=nan_policy,
+            library_version=__version__,
+        )
+        try:
+            write_json_atomic(path / mf.MANIFEST, manifest)
+        except StoreWriteError:
+            lock.release()
+            raise
+        return cls(path, manifest, "a", lock, "full")
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        spec: Any = None,
+        layout_fingerprint: Any = None,
+        mode: Literal["r", "a"] = "r",
+        verify: Literal["auto", "full", "lazy", "size"] = "auto",
+    ) -> SketchStore:
+        """Open the last committed snapshot of the store at ``path``.
+
+        Args:
+            path: the store directory.
+            spec: if given, must equal the stored sketch spec (a Sketch or dict).
+            layout_fingerprint: if given (str or ``ParamLayout``), must equal the stored one.
+            mode: "r" (any number of readers, no lock) or "a" (the single writer; takes the lock).
+            verify: "full" checks every file's sha256 now; "lazy" checks each file's sha256 the first
+                time it is read; "size" checks sizes only; "auto" = full up to 1 GiB, else lazy.
+                Sizes are always checked on open.
+
+        Raises:
+            StoreNotFoundError: no store (or no manifest) at ``path``.
+            StoreFormatError: unknown format version.
+            StoreCorruptError: manifest or a data file is missing, truncated or fails its checksum.
+            SketchMismatchError / LayoutMismatchError: ``spec`` / ``layout_fingerprint`` differ.
+            StoreWriteError: ``mode="a"`` while another process holds the writer lock.
+        """
+        from lightning_sketch.exceptions import SketchConfigError
+
+        if mode not in ("r", "a"):
+            raise SketchConfigError(f"`mode` must be 'r' or 'a', got {mode!r}.")
+        if verify not in ("auto", "full", "lazy", "size"):
+            raise SketchConfigError(f"`verify` must be one of auto/full/lazy/size, got {verify!r}.")
+        path = Path(path)
+        manifest = mf.load_manifest(path)
+        compare_spec(manifest["spec"], spec, f"Store {str(path)!r}")
+        compare_layout(manifest["layout_fingerprint"], layout_fingerprint, f"Store {str(path)!r}")
+        lock = WriterLock(path) if mode == "a" else None
+        if mode == "a":  # re-read under the lock: another writer may have committed meanwhile
+            manifest = mf.load_manifest(path)
+        if verify == "auto":
+            verify = "full" if _data_bytes(manifest) <= _AUTO_FULL_VERIFY_BYTES else "lazy"
+        try:
+            return cls(path, manifest, mode, lock, verify)
+        except Exception:
+            if lock is not None:
+                lock.release()
+            raise
+
+    def close(self) -> None:
+        """Release the writer lock. Uncommitted rows are dropped (call :meth:`commit` first)."""
+        if self._buffer:
+            log.warning("Closing store %s with %d uncommitted rows; they are dropped.", self.path, self.pending_rows)
+        self._buffer.clear()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> SketchStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ snapshot facts
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """A deep copy of the committed manifest."""
+        return copy.deepcopy(self._manifest)
+
+    @property
+    def generation(self) -> int:
+        """Number of commits in the current snapshot."""
+        return self._manifest["generation"]
+
+    @property
+    def spec(self) -> dict[str, Any] | None:
+        """The sketch spec the rows were written with (``make(**spec)`` rebuilds it)."""
+        return copy.deepcopy(self._manifest["spec"])
+
+    @property
+    def sketch_dim(self) -> int:
+        """D, the width of one stored row."""
+        return self._manifest["sketch_dim"]
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype, "float32" or "float16"."""
+        return self._manifest["dtype"]
+
+    @property
+    def layout_fingerprint(self) -> str | None:
+        """Fingerprint of the parameter layout the rows were computed for."""
+        return self._manifest["layout_fingerprint"]
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """Committed checkpoint names in the order they were added."""
+        return [c["name"] for c in self._manifest["checkpoints"]]
+
+    def checkpoint_info(self, name: str) -> dict[str, Any]:
+        """The manifest record of checkpoint ``name`` (step, lr, weight, rows, skipped counts).
+
+        Raises:
+            SketchInputError: unknown checkpoint.
+        """
+        for c in self._manifest["checkpoints"]:
+            if c["name"] == name:
+                return copy.deepcopy(c)
+        raise SketchInputError(f"Unknown checkpoint {name!r}; the store has {self.checkpoints}.")
+
+    @property
+    def num_rows(self) -> int:
+        """Committed rows over all checkpoints."""
+        return int(sum(s["rows"] for s in self._manifest["segments"]))
+
+    @property
+    def pending_rows(self) -> int:
+        """Buffered (uncommitted) rows."""
+        return int(sum(len(i) for parts in self._buffer.values() for i, _ in parts))
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk of the committed snapshot (data files, indexes and manifest)."""
+        return _data_bytes(self._manifest) + (self.path / mf.MANIFEST).stat().st_size
+
+    # ------------------------------------------------------------------ writing
+    def _require_writer(self) -> None:
+        if self.mode != "a" or self._lock is None:
+            raise StoreWriteError(f"Store {str(self.path)!r} is open read-only (or closed); open it with mode='a'.")
+
+    def add_checkpoint(
+        self, name: str, step: int | None = None, lr: float | None = None, weight: float | None = None, **meta: Any
+    ) -> None:
+        """Declare checkpoint ``name`` (training step, learning rate η_t, optional TracIn weight).
+
+        Re-adding a committed or pending checkpoint with the same step/lr/weight is a no-op (resume).
+
+        Raises:
+            SketchInputError: unsafe name, or a checkpoint of that name with other step/lr/weight.
+            StoreWriteError: the store is read-only.
+        """
+        self._require_writer()
+        mf.check_checkpoint_name(name)
+        for key, val in (("lr", lr), ("weight", weight)):
+            if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float)) or not np.isfinite(val)):
+                raise SketchInputError(f"`{key}` must be a finite number or None, got {val!r}.")
+        record = {"name": name, "step": None if step is None else int(step), "lr": lr, "weight": weight}
+        for c in self._manifest["checkpoints"] + self._pending_ckpts:
+            if c["name"] == name:
+                if {k: c[k] for k in record} != record:
+                    raise SketchInputError(
+                        f"Checkpoint {name!r} already exists with step={c['step']}, lr={c['lr']}, "
+                        f"weight={c['weight']}; got {record}. Use a new name for a new checkpoint."
+                    )
+                return
+        self._pending_ckpts.append({**record, "rows": 0, "meta": spec_dict(meta) or {}})
+
+    def _resolve_checkpoint(self, checkpoint: str | None) -> str:
+        names = self.checkpoints + [c["name"] for c in self._pending_ckpts]
+        if checkpoint is None:
+            if len(names) == 1:
+                return names[0]
+            raise SketchInputError(f"`checkpoint` is required when the store has {len(names)} checkpoints {names}.")
+        if checkpoint not in names:
+            raise SketchInputError(
+                f"Unknown checkpoint {checkpoint!r}; call add_checkpoint({checkpoint!r}, step=..., lr=...) first "
+                f"(known: {names})."
+            )
+        return checkpoint
+
+    def _idset(self, checkpoint: str) -> set[int]:
+        if checkpoint not in self._idsets:
+            self._idsets[checkpoint] = set(self.ids(checkpoint).tolist()) if checkpoint in self.checkpoints else set()
+        return self._idsets[checkpoint]
+
+    def append(
+        self,
+        ids: Any,
+        vectors: Any,
+        checkpoint: str | None = None,
+        rank: int = 0,
+        on_duplicate: Literal["raise", "skip"] = "raise",
+        nan_policy: Literal["raise", "skip"] | None = None,
+    ) -> int:
+        """Buffer rows ``vectors`` [B, D] for example ``ids`` [B] under ``checkpoint``.
+
+        Rows become visible (and durable) only after :meth:`commit`.
+
+        Args:
+            ids: int64-compatible example ids (dataset indices), ``[B]``; unique per checkpoint.
+            vectors: ``[B, D]`` float tensor or array (cast to the storage dtype).
+            checkpoint: a declared checkpoint (optional when the store has exactly one).
+            rank: the writer's rank, recorded in segment file names.
+            on_duplicate: "raise" (:class:`DuplicateIdError`) or "skip" rows whose id is already in
+                this checkpoint (committed or buffered), counted in the manifest.
+            nan_policy: "raise" (:class:`NonFiniteGradientError`) or "skip" non-finite rows (counted);
+                default: the store's policy.
+
+        Returns:
+            The number of rows accepted into the buffer.
+
+        Raises:
+            SketchInputError: bad ids (non-integer, negative, outside int64), shapes or dtypes, or a
+                float16 store receiving values beyond ±65504.
+            DuplicateIdError: an id repeats within this checkpoint.
+            NonFiniteGradientError: non-finite rows under ``nan_policy="raise"``.
+        """
+        self._require_writer()
+        checkpoint = self._resolve_checkpoint(checkpoint)
+        idx = as_ids(ids)
+        rows = as_rows(vectors, self.sketch_dim, "vectors")
+        if len(idx) != len(rows):
+            raise SketchInputError(f"`ids` has {len(idx)} entries but `vectors` has {len(rows)} rows.")
+        policy = nan_policy or self._manifest.get("nan_policy", "raise")
+        if on_duplicate not in ("raise", "skip") or policy not in ("raise", "skip"):
+            raise SketchInputError(f"`on_duplicate`/`nan_policy` must be 'raise' or 'skip'; got {on_duplicate}/{policy}.")
+        skips = self._pending_skips.setdefault(checkpoint, {"nonfinite": 0, "duplicates": 0, "ids": []})
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            if policy == "raise":
+                raise NonFiniteGradientError(
+                    f"{int((~finite).sum())} row(s) of `vectors` are NaN/inf (ids {idx[~finite][:5].tolist()}…) "
+                    f"for checkpoint {checkpoint!r}; pass nan_policy='skip' to drop and count them."
+                )
+            skips["nonfinite"] += int((~finite).sum())
+            skips["ids"] = (skips["ids"] + idx[~finite].tolist())[:1000]
+            idx, rows = idx[finite], rows[finite]
+        seen = self._idset(checkpoint)
+        _, first = np.unique(idx, return_index=True)
+        dup = np.ones(len(idx), dtype=bool)
+        dup[first] = False
+        dup |= np.fromiter((int(i) in seen for i in idx), dtype=bool, count=len(idx))
+        if dup.any():
+            if on_duplicate == "raise":
+                raise DuplicateIdError(
+                    f"Example id(s) {idx[dup][:5].tolist()} already appended to checkpoint {checkpoint!r}; ids must "
+                    f"be unique per checkpoint. Pass on_duplicate='skip' when re-appending after a resume."
+                )
+            skips["duplicates"] += int(dup.sum())
+            idx, rows = idx[~dup], rows[~dup]
+        stored = rows.astype(self.dtype)
+        if self.dtype == "float16" and not np.isfinite(stored).all():
+            raise SketchInputError("`vectors` exceed the float16 range (±65504); create the store with dtype='float32'.")
+        if len(idx):
+            self._buffer.setdefault((checkpoint, int(rank)), []).append((idx.copy(), np.ascontiguousarray(stored)))
+            seen.update(idx.tolist())
+        return int(len(idx))
+
+    def commit(self) -> int:
+        """Write buffered rows as new immutable segments, then atomically publish a new manifest.
+
+        Returns:
+            The new generation (unchanged if nothing was pending).
+
+        Raises:
+            StoreWriteError: a write failed (e.g. disk full); the last committed state is intact and
+                the buffer is kept, so commit can be retried.
+        """
+        self._require_writer()
+        if not self._buffer and not self._pending_ckpts and not any(
+            s["nonfinite"] or s["duplicates"] for s in self._pending_skips.values()
+        ):
+            return self.generation
+        new = copy.deepcopy(self._manifest)
+        gen = new["generation"] + 1
+        new["generation"] = gen
+        new["checkpoints"].extend({**c, "generation": gen} for c in self._pending_ckpts)
+        written: list[Path] = []
+        try:
+            for (ckpt, rank), parts in sorted(self._buffer.items()):
+                ids = np.concatenate([p[0] for p in parts])
+                vecs = np.concatenate([p[1] for p in parts])
+                stem = f"seg-{ckpt}-r{rank}-g{gen:06d}"
+                entry: dict[str, Any] = {"checkpoint": ckpt, "rank": rank, "generation": gen, "rows": len(ids)}
+                for key, suffix, arr in (("vectors", ".npy", vecs), ("ids", ".ids.npy", ids)):
+                    sha, size = atomic_write(self.path / (stem + suffix), npy_bytes(arr))
+                    written.append(self.path / (stem + suffix))
+                    entry[key] = {"file": stem + suffix, "bytes": size, "sha256": sha}
+                new["segments"].append(entry)
+            for ckpt, s in self._pending_skips.items():
+                if s["nonfinite"] or s["duplicates"]:
+                    new.setdefault("skips", []).append({"generation": gen, "checkpoint": ckpt, **s})
+            _recount(new)
+            write_json_atomic(self.path / mf.MANIFEST, new)
+        except StoreWriteError:
+            for p in written:
+                p.unlink(missing_ok=True)
+            raise
+        self._manifest = new
+        self._buffer.clear()
+        self._pending_ckpts.clear()
+        self._pending_skips.clear()
+        self._cache.clear()
+        self._verified.update(str(p.name) for p in written)
+        return gen
+
+    def rollback(self, generation: int) -> None:
+        """Publish the snapshot as it was at ``generation`` (drop later segments, checkpoints, indexes).
+
+        Used on resume: a callback records the store generation in its Lightning checkpoint and rolls
+        back to it, so re-run steps append the same rows again. The pending buffer is cleared.
+
+        Raises:
+            SketchInputError: ``generation`` is negative or beyond the current one.
+        """
+        self._require_writer()
+        if isinstance(generation, bool) or not isinstance(generation, int) or not 0 <= generation <= self.generation:
+            raise SketchInputError(f"`generation` must be an int in [0, {self.generation}], got {generation!r}.")
+        new = copy.deepcopy(self._manifest)
+        new["segments"] = [s for s in new["segments"] if s["generation"] <= generation]
+        new["checkpoints"] = [c for c in new["checkpoints"] if c.get("generation", 0) <= generation]
+        new["skips"] = [s for s in new.get("skips", []) if s["generation"] <= generation]
+        new["indexes"] = {k: v for k, v in new["indexes"].items() if v["generation"] <= generation}
+        for name in new["merged_shards"]:  # keep shard merges idempotent after a rollback
+            new["merged_shards"][name] = sum(s["vectors"]["file"].startswith(f"shards/{name}/") for s in new["segments"])
+            new.setdefault("merged_skips", {})[name] = sum(s.get("shard") == name for s in new["skips"])
+        new["generation"] = self.generation + 1
+        _recount(new)
+        write_json_atomic(self.path / mf.MANIFEST, new)
+        self._manifest = new
+        self._buffer.clear()
+        self._pending_ckpts.clear()
+        self._pending_skips.clear()
+        self._idsets.clear()
+        self._cache.clear()
+
+    def refresh(self) -> None:
+        """Re-read the manifest to see commits made since this store was opened (readers)."""
+        manifest = mf.load_manifest(self.path)
+        old, self._manifest = self._manifest, manifest
+        try:
+            self._check_files()
+        except Exception:
+            self._manifest = old
+            raise
+        self._cache.clear()
+        self._idsets.clear()
+
+    # ------------------------------------------------------------------ integrity
+    def _check_files(self) -> None:
+        for entry in _file_entries(self._manifest):
+            full = self._verify == "full" and entry["file"] not in self._verified
+            mf.check_file(self.path, entry, full=full)
+            if full:
+                self._verified.add(entry["file"])
+
+    def verify(self) -> None:
+        """Check every committed file's size and sha256 and the manifest's row counts.
+
+        Raises:
+            StoreCorruptError: naming the first bad file or inconsistent count.
+        """
+        for entry in _file_entries(self._manifest):
+            mf.check_file(self.path, entry, full=True)
+            self._verified.add(entry["file"])
+        counted = copy.deepcopy(self._manifest)
+        _recount(counted)
+        for a, b in zip(counted["checkpoints"], self._manifest["checkpoints"]):
+            if a["rows"] != b["rows"]:
+                from lightning_sketch.exceptions import StoreCorruptError
+
+                raise StoreCorruptError(
+                    f"{str(self.path / mf.MANIFEST)!r}: checkpoint {b['name']!r} records {b['rows']} rows but its "
+                    f"segments hold {a['rows']}."
+                )
+        for seg in self._manifest["segments"]:
+            self._load(seg["ids"], seg["rows"], None, "int64")
+            self._load(seg["vectors"], seg["rows"], self.sketch_dim, self.dtype)
+
+    def _load(self, entry: dict[str, Any], rows: int, width: int | None, dtype: str) -> np.ndarray:
+        if entry["file"] not in self._verified and self._verify != "size":
+            mf.check_file(self.path, entry, full=True)
+            self._verified.add(entry["file"])
+        return mf.load_npy(self.path, entry, rows=rows, width=width, dtype=dtype)
+
+
+def _file_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for seg in manifest["segments"]:
+        out += [seg["vectors"], seg["ids"]]
+    out += [v for v in manifest["indexes"].values()]
+    return out
+
+
+def _data_bytes(manifest: dict[str, Any]) -> int:
+    return int(sum(e["bytes"] for e in _file_entries(manifest)))
+
+
+def _recount(manifest: dict[str, Any]) -> None:
+    """Recompute each checkpoint's rows and skipped counts from segments and skip records."""
+    for c in manifest["checkpoints"]:
+        c["rows"] = int(sum(s["rows"] for s in manifest["segments"] if s["checkpoint"] == c["name"]))
+        skips = [s for s in manifest.get("skips", []) if s["checkpoint"] == c["name"]]
+        c["skipped_nonfinite"] = int(sum(s["nonfinite"] for s in skips))
+        c["skipped_duplicates"] = int(sum(s["duplicates"] for s in skips))

@@ -1,0 +1,304 @@
+"""Read side of :class:`~lightning_sketch.store.SketchStore`: per-checkpoint and TracIn views, search.
+
+Views: a checkpoint name gives that checkpoint's rows ``[n_t, D]``; ``"tracin"`` gives, for the ids
+present in every checkpoint, the concatenation along D of √w_t-scaled slices ``[n, T·D]``, so one
+inner product is the TracIn-CP score Σ_t w_t ⟨Φg_t(z), Φg_t(z')⟩ (paper.md §6, Pruthi et al. 2020)
+with w_t = η_t by default (``weights="sqrt_lr"``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from functools import reduce
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from lightning_sketch.exceptions import SketchInputError, StoreCorruptError
+from lightning_sketch.store import index as ix
+from lightning_sketch.store import manifest as mf
+from lightning_sketch.store._io import atomic_write, write_json_atomic
+from lightning_sketch.store._validate import as_rows
+
+__all__ = ["StoreViews"]
+
+Weights = str | Mapping[str, float]
+
+
+class StoreViews:
+    """Mixin: reading rows, building indexes and searching (state lives in ``SketchStore``)."""
+
+    # ------------------------------------------------------------------ rows
+    def _segments(self, checkpoint: str) -> list[dict[str, Any]]:
+        if checkpoint not in self.checkpoints:
+            raise SketchInputError(
+                f"Unknown or uncommitted checkpoint {checkpoint!r}; committed checkpoints: {self.checkpoints}."
+            )
+        return [s for s in self._manifest["segments"] if s["checkpoint"] == checkpoint]
+
+    def _view_name(self, checkpoint: str | None) -> str:
+        if checkpoint is None:
+            if len(self.checkpoints) == 1:
+                return self.checkpoints[0]
+            raise SketchInputError(
+                f"`checkpoint` is required: the store has checkpoints {self.checkpoints}; pass one of them or "
+                f"'tracin' for the learning-rate-weighted concatenation."
+            )
+        if checkpoint != "tracin" and checkpoint not in self.checkpoints:
+            raise SketchInputError(f"Unknown checkpoint {checkpoint!r}; committed checkpoints: {self.checkpoints}.")
+        return checkpoint
+
+    def ids(self, checkpoint: str | None = None) -> np.ndarray:
+        """Committed example ids ``[n]`` int64 of a checkpoint, in append order ("tracin": sorted common ids)."""
+        return self._view(self._view_name(checkpoint))[0]
+
+    def vectors(self, checkpoint: str | None = None, as_torch: bool = False, weights: Weights = "sqrt_lr") -> Any:
+        """Committed rows ``[n, D]`` of a checkpoint in the storage dtype, aligned with :meth:`ids`.
+
+        A single-segment checkpoint is returned as a read-only memory map; several segments are
+        concatenated in memory. ``"tracin"`` gives :meth:`concat_vectors`. ``as_torch`` wraps the
+        result with :func:`torch.from_numpy` (a copy if the array is read-only).
+        """
+        vecs = self._view(self._view_name(checkpoint), weights)[1]
+        if as_torch:
+            return torch.from_numpy(np.array(vecs) if not vecs.flags.writeable else vecs)
+        return vecs
+
+    def concat_vectors(self, weights: Weights = "sqrt_lr") -> tuple[np.ndarray, np.ndarray]:
+        """The TracIn view: ``(ids [n], rows [n, T·D] float32)`` over ids present in every checkpoint.
+
+        Slice t is scaled by √w_t: ``weights="sqrt_lr"`` uses w_t = lr, ``"sqrt_weight"`` the
+        checkpoint's ``weight`` (lr if unset), ``"uniform"`` w_t = 1, and a mapping gives the scale
+        factor per checkpoint name directly.
+
+        Raises:
+            SketchInputError: no checkpoints, or a checkpoint without the lr/weight asked for.
+        """
+        ids, vecs, _ = self._view("tracin", weights)
+        return ids, vecs
+
+    def _scales(self, weights: Weights) -> list[float]:
+        out = []
+        for c in self._manifest["checkpoints"]:
+            if isinstance(weights, Mapping):
+                if c["name"] not in weights:
+                    raise SketchInputError(f"`weights` has no entry for checkpoint {c['name']!r}.")
+                out.append(float(weights[c["name"]]))
+                continue
+            if weights not in ("sqrt_lr", "sqrt_weight", "uniform"):
+                raise SketchInputError(f"`weights` must be sqrt_lr/sqrt_weight/uniform or a mapping, got {weights!r}.")
+            w = 1.0 if weights == "uniform" else c["weight"] if weights == "sqrt_weight" and c["weight"] is not None else c["lr"]
+            if w is None or w < 0:
+                raise SketchInputError(
+                    f"Checkpoint {c['name']!r} has lr={c['lr']}, weight={c['weight']}: TracIn weights={weights!r} "
+                    f"needs a non-negative value; add_checkpoint(..., lr=...) or pass weights='uniform'."
+                )
+            out.append(math.sqrt(w))
+        return out
+
+    def concat_queries(self, queries: Mapping[str, Any] | Sequence[Any], weights: Weights = "sqrt_lr") -> np.ndarray:
+        """Query sketches per checkpoint -> ``[Q, T·D]`` float32 rows matching :meth:`concat_vectors`.
+
+        Args:
+            queries: ``{checkpoint: [Q, D]}`` or a sequence in checkpoint order.
+        """
+        names = self.checkpoints
+        parts = [queries[n] for n in names] if isinstance(queries, Mapping) else list(queries)
+        if len(parts) != len(names):
+            raise SketchInputError(f"`queries` needs one [Q, D] block per checkpoint ({len(names)}), got {len(parts)}.")
+        blocks = [as_rows(p, self.sketch_dim, f"queries[{n!r}]").astype(np.float32) for p, n in zip(parts, names)]
+        return np.ascontiguousarray(np.hstack([b * s for b, s in zip(blocks, self._scales(weights))]), np.float32)
+
+    def _view(self, view: str, weights: Weights = "sqrt_lr") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        key = ("view", view, repr(weights) if view == "tracin" else None, self.generation)
+        if key in self._cache:
+            return self._cache[key]
+        if view == "tracin":
+            if not self.checkpoints:
+                raise SketchInputError("The store has no committed checkpoints; append and commit first.")
+            slices = [self._view(c) for c in self.checkpoints]
+            common = reduce(np.intersect1d, [s[0] for s in slices])
+            blocks = [
+                np.asarray(v[_rows(i, o, common)], dtype=np.float32) * sc
+                for (i, v, o), sc in zip(slices, self._scales(weights))
+            ]
+            ids, vecs = common.astype(np.int64), np.ascontiguousarray(np.hstack(blocks), dtype=np.float32)
+        else:
+            segs = self._segments(view)
+            id_parts = [self._load(s["ids"], s["rows"], None, "int64") for s in segs]
+            vec_parts = [self._load(s["vectors"], s["rows"], self.sketch_dim, self.dtype) for s in segs]
+            ids = np.asarray(id_parts[0]) if len(segs) == 1 else np.concatenate(id_parts or [np.zeros(0, np.int64)])
+            if len(segs) == 1:
+                vecs = vec_parts[0]
+            else:
+                vecs = np.concatenate(vec_parts) if segs else np.zeros((0, self.sketch_dim), self.dtype)
+        out = (ids, vecs, np.argsort(ids, kind="stable"))
+        self._cache[key] = out
+        return out
+
+    # ------------------------------------------------------------------ search
+    def _prepare(self, queries: Any, k: Any, view: str, weights: Weights) -> tuple[np.ndarray, int, tuple]:
+        data = self._view(view, weights)
+        n = len(data[0])
+        if n == 0:
+            raise SketchInputError(
+                f"Store {str(self.path)!r} has no committed rows in view {view!r}; append rows and commit() before "
+                f"searching."
+            )
+        width = data[1].shape[1]
+        q = as_rows(queries, width, "queries").astype(np.float32)
+        if not np.isfinite(q).all():
+            raise SketchInputError("`queries` contain NaN/inf; drop or fix those query sketches.")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+            raise SketchInputError(f"`k` must be an int in [1, {n}] (rows in view {view!r}), got {k!r}.")
+        return np.ascontiguousarray(q), int(k), data
+
+    def search_exact(
+        self, queries: Any, k: int, checkpoint: str | None = None, weights: Weights = "sqrt_lr"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k inner products by torch brute force in float64: the reference for :meth:`search`.
+
+        Returns:
+            ``(scores [Q, k] float64, ids [Q, k] int64)``, sorted by decreasing score.
+        """
+        view = self._view_name(checkpoint)
+        q, k, (ids, vecs, _) = self._prepare(queries, k, view, weights)
+        return ix.exact_topk(q, vecs, ids, k)
+
+    def search(
+        self,
+        queries: Any,
+        k: int,
+        checkpoint: str | None = None,
+        index: str = "flat",
+        rerank: bool = True,
+        candidates: int | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        device: str = "cpu",
+        weights: Weights = "sqrt_lr",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k training examples by inner product with each query, through FAISS.
+
+        Uses the persisted index of this kind (see :meth:`build_index`) when it is current, else builds
+        one in memory with default parameters (cached on this object).
+
+        Args:
+            queries: ``[Q, D]`` (``[Q, T·D]`` for ``"tracin"``, see :meth:`concat_queries`).
+            k: results per query, ``1 <= k <= rows``.
+            checkpoint: a checkpoint name, ``"tracin"``, or None when there is one checkpoint.
+            index: "flat" (exact), "ivf", "ivfpq" or "hnsw".
+            rerank: re-rank approximate candidates exactly against the stored rows.
+            candidates: approximate candidates per query before re-ranking (default ``max(4k, k + 32)``).
+            nprobe / ef_search: search-time recall knobs of IVF / HNSW.
+            device: "cpu" or "cuda[:i]" (needs GPU FAISS; flat/ivf/ivfpq).
+
+        Returns:
+            ``(scores [Q, k] float32, ids [Q, k] int64)`` sorted by decreasing score; an approximate
+            search that finds fewer than k candidates pads with score -inf and id -1.
+
+        Raises:
+            SketchInputError: empty view, bad ``k``/queries. SketchConfigError: bad index kind or device.
+        """
+        view = self._view_name(checkpoint)
+        q, k, (ids, vecs, order) = self._prepare(queries, k, view, weights)
+        idx = self._index(view, index, weights, device)
+        knobs = {"nprobe": nprobe, "ef_search": ef_search}
+        if any(v is not None for v in knobs.values()):
+            if device == "cpu":
+                ix.set_search_params(idx, index, knobs)
+            else:
+                faiss.GpuParameterSpace().set_index_parameter(idx, "nprobe", int(nprobe or 1))
+        if index == "flat" or not rerank:
+            return ix.search_index(idx, q, k)
+        kk = min(len(ids), candidates or max(4 * k, k + 32))
+        _, cand = ix.search_index(idx, q, kk)
+        return ix.rerank(q, cand, lambda c: np.asarray(vecs[_rows(ids, order, c)], dtype=np.float32), k)
+
+    def _index(self, view: str, kind: str, weights: Weights, device: str) -> faiss.Index:
+        key = ("index", view, kind, repr(weights) if view == "tracin" else None, device, self.generation)
+        if key in self._cache:
+            return self._cache[key]
+        ids, vecs, _ = self._view(view, weights)
+        entry = self._manifest["indexes"].get(f"{view}:{kind}")
+        if entry and entry["rows"] == len(ids) and entry["data_generation"] == self._data_generation(view) and (
+            view != "tracin" or entry.get("weights") == repr(weights)
+        ):
+            index = self._read_index(entry)
+        else:
+            index = ix.build_index(kind, vecs, ids, ix.default_params(kind, len(ids), vecs.shape[1]))
+        index, res = ix.to_device(index, device)
+        self._cache[key] = index
+        self._cache[key + ("res",)] = res
+        return index
+
+    def _data_generation(self, view: str) -> int:
+        segs = [s for s in self._manifest["segments"] if view == "tracin" or s["checkpoint"] == view]
+        return max((s["generation"] for s in segs), default=0)
+
+    def _read_index(self, entry: dict[str, Any]) -> faiss.Index:
+        if entry["file"] not in self._verified:
+            mf.check_file(self.path, entry, full=True)  # never hand FAISS a corrupted file
+            self._verified.add(entry["file"])
+        try:
+            index = faiss.read_index(str(self.path / entry["file"]))
+        except RuntimeError as err:
+            raise StoreCorruptError(f"FAISS cannot read index file {str(self.path / entry['file'])!r}: {err}") from err
+        ix.set_search_params(index, entry["kind"], entry["params"])
+        return index
+
+    def build_index(
+        self, kind: str = "flat", checkpoint: str | None = None, weights: Weights = "sqrt_lr", **params: Any
+    ) -> dict[str, Any]:
+        """Build a FAISS index over a view, persist it beside the segments (checksummed) and commit.
+
+        Args:
+            kind: "flat", "ivf", "ivfpq" or "hnsw".
+            checkpoint: a checkpoint name, "tracin", or None when there is one checkpoint.
+            **params: overrides of :func:`lightning_sketch.store.index.default_params` (nlist, nprobe,
+                m, nbits, M, ef_construction, ef_search, max_train, seed).
+
+        Returns:
+            The manifest entry of the index (kind, params, file, bytes, sha256, rows).
+
+        Raises:
+            StoreWriteError: read-only store or failed write (the previous snapshot stays intact).
+        """
+        self._require_writer()
+        self.commit()
+        view = self._view_name(checkpoint)
+        ids, vecs, _ = self._view(view, weights)
+        if len(ids) == 0:
+            raise SketchInputError(f"View {view!r} has no committed rows; nothing to index.")
+        full = ix.default_params(kind, len(ids), vecs.shape[1], **params)
+        index = ix.build_index(kind, vecs, ids, full)
+        gen = self.generation + 1
+        name = f"index-{view}-{kind}-g{gen:06d}.faiss"
+        sha, size = atomic_write(self.path / name, [memoryview(faiss.serialize_index(index))])
+        entry = {
+            "file": name, "bytes": size, "sha256": sha, "kind": kind, "view": view, "params": full,
+            "rows": len(ids), "generation": gen, "data_generation": self._data_generation(view),
+            "weights": repr(weights) if view == "tracin" else None,
+        }
+        new = self.manifest
+        new["indexes"][f"{view}:{kind}"] = entry
+        new["generation"] = gen
+        write_json_atomic(self.path / mf.MANIFEST, new)
+        self._manifest = new
+        self._verified.add(name)
+        self._cache.clear()
+        self._cache[("index", view, kind, entry["weights"], "cpu", gen)] = index
+        return dict(entry)
+
+
+def _rows(ids: np.ndarray, order: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Row positions of ``wanted`` ids in ``ids`` (``order = argsort(ids)``)."""
+    pos = np.searchsorted(ids, wanted, sorter=order)
+    pos = np.clip(pos, 0, len(ids) - 1)
+    rows = order[pos]
+    if not np.array_equal(ids[rows], wanted):
+        raise StoreCorruptError("An index returned ids that are not in the store's rows; rebuild the index.")
+    return rows
