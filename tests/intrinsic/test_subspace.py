@@ -1,0 +1,222 @@
+"""Subspace θ = θ0 + Φᵀω: exactness against float64 references (anchors.md C11, C13, C14; paper.md §10 item 4)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_sketch.exceptions import SketchConfigError, SubspaceError, UnsupportedModelError
+from lightning_sketch.intrinsic import Subspace
+from lightning_sketch.sketches import make
+
+
+def _available(kind: str) -> bool:
+    return importlib.util.find_spec(f"lightning_sketch.sketches.{kind}") is not None
+
+
+KINDS = [pytest.param(k, id=k) for k in ("dense", "ffd", "affd", "qk") if _available(k)]
+
+
+def _mlp(dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+
+
+def _loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(net(x), y)
+
+
+def _data(dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(11, 5, generator=g, dtype=dtype), torch.randint(0, 3, (11,), generator=g)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("said", [False, True], ids=["plain", "said"])
+def test_omega_zero_is_theta0_bit_exact(kind, said):
+    net = _mlp(torch.float32)
+    x, _ = _data(torch.float32)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    out = net(x)
+    Subspace.attach(net, kind=kind, sketch_dim=16, seed=3, said=said)
+    assert torch.equal(net(x), out)
+    assert torch.equal(net[0].weight, before["0.weight"]) and torch.equal(net[2].bias, before["2.bias"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_grad_omega_equals_sketch_of_ordinary_grad(kind):
+    """∇_ω L(θ0 + cΦᵀω) = c Φ ∇_θ L(θ), at a non-zero ω, float64 (c = √(D/N))."""
+    net = _mlp()
+    x, y = _data()
+    ref = copy.deepcopy(net)
+    sub = Subspace.attach(net, kind=kind, sketch_dim=16, seed=5)
+    with torch.no_grad():
+        sub.omega.copy_(torch.linspace(-0.3, 0.4, 16, dtype=torch.float64))
+    theta = sub.delta().detach() + torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+    torch.nn.utils.vector_to_parameters(theta, ref.parameters())
+    _loss(ref, x, y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+    _loss(net, x, y).backward()
+    phi = make(**sub.spec["sketch"])
+    expected = math.sqrt(16 / sub.layout.dim) * phi.apply(g)
+    torch.testing.assert_close(sub.omega.grad, expected, rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for n, p in net.named_parameters() if "original" in n)
+
+
+def test_only_omega_trainable_and_optimizer_over_parameters_trains_it():
+    net = _mlp()
+    sub = Subspace.attach(net, kind="dense", sketch_dim=8)
+    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert trainable == ["intrinsic_subspace.omega"]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = _data()
+    theta0 = net[0].parametrizations.weight.original.detach().clone()
+    _loss(net, x, y).backward()
+    opt.step()
+    assert sub.omega.abs().sum() > 0
+    assert torch.equal(net[0].parametrizations.weight.original, theta0)
+    assert not torch.equal(net[0].weight, theta0)
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam], ids=["sgd", "adam"])
+def test_masking_freezes_masked_coordinates_through_optimizer_steps(opt_cls):
+    net = _mlp()
+    sub = Subspace.attach(net, kind="dense", sketch_dim=12, seed=1)
+    with torch.no_grad():
+        sub.omega[6:].fill_(0.25)  # non-zero masked values must be kept
+    sub.set_active(6)
+    opt = opt_cls(net.parameters(), lr=0.1)
+    x, y = _data()
+    for _ in range(3):
+        opt.zero_grad()
+        _loss(net, x, y).backward()
+        assert torch.all(sub.omega.grad[6:] == 0) and sub.omega.grad[:6].abs().sum() > 0
+        opt.step()
+    assert torch.all(sub.omega[6:] == 0.25)
+    assert torch.all(sub.omega[:6] != 0)
+    sub.set_active(12)  # doubling: unmasked coordinates train, learned ones are kept
+    kept = sub.omega[:6].detach().clone()
+    opt.zero_grad()
+    _loss(net, x, y).backward()
+    assert torch.all(sub.omega.grad[6:] != 0)
+    assert torch.equal(sub.omega[:6], kept)
+
+
+def test_said_bookkeeping():
+    """C14: trainable count == d exactly (ω of size d − m plus m λ's), λ starts at 1, ω = 0 gives θ0."""
+    net = _mlp()
+    x, y = _data()
+    out = net(x)
+    sub = Subspace.attach(net, kind="dense", sketch_dim=10, said=True)
+    m = 4  # two weights, two biases
+    assert sub.omega.numel() == 10 - m and sub.said_scale.numel() == m
+    assert torch.equal(sub.said_scale, torch.ones(m, dtype=torch.float64))
+    assert sum(p.numel() for p in net.parameters() if p.requires_grad) == 10 == sub.num_trainable
+    assert torch.equal(net(x), out)
+    sub.set_active(7)
+    assert sub.num_trainable == 7 and int(sub.active_mask.sum()) == 3
+    with torch.no_grad():
+        sub.omega.normal_()
+    _loss(net, x, y).backward()
+    assert sub.said_scale.grad.abs().sum() > 0 and torch.all(sub.omega.grad[3:] == 0)
+    # λ_i scales exactly the i-th tensor's slice of Φᵀω
+    with torch.no_grad():
+        d0 = net[0].weight - net[0].parametrizations.weight.original
+        sub.said_scale[0] = 2.0
+        torch.testing.assert_close(net[0].weight - net[0].parametrizations.weight.original, 2 * d0)
+    with pytest.raises(SubspaceError, match="SAID scalars included"):
+        sub.set_active(4)
+
+
+def test_detach_round_trip_and_normal_training_after():
+    net = _mlp()
+    x, y = _data()
+    sub = Subspace.attach(net, kind="dense", sketch_dim=8, seed=2)
+    with torch.no_grad():
+        sub.omega.normal_()
+    out = net(x)
+    sub.detach()
+    assert torch.equal(net(x), out)
+    names = [n for n, _ in net.named_parameters()]
+    assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert all(p.requires_grad for p in net.parameters()) and not hasattr(net, "intrinsic_subspace")
+    _loss(net, x, y).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    with pytest.raises(SubspaceError, match="already detached"):
+        sub.detach()
+    Subspace.attach(net, kind="dense", sketch_dim=8)  # re-attaching after detach is allowed
+
+
+def test_state_dict_holds_omega_spec_active_not_matrix_and_reloads():
+    net = _mlp()
+    sub = Subspace.attach(net, kind="dense", sketch_dim=8, seed=4)
+    sub.set_active(4)
+    with torch.no_grad():
+        sub.omega[:4].normal_()
+    sd = net.state_dict()
+    assert sd["intrinsic_subspace.omega"].shape == (8,)
+    n = sub.layout.dim
+    assert all(t.numel() < 8 * n for t in sd.values() if torch.is_tensor(t))
+    x, _ = _data()
+    fresh = _mlp()
+    sub2 = Subspace.attach(fresh, kind="dense", sketch_dim=8, seed=4)
+    fresh.load_state_dict(sd)
+    assert sub2.active == 4 and torch.equal(fresh(x), net(x))
+    assert sub2.projection_checksum() == sub.projection_checksum()
+    other = _mlp()
+    Subspace.attach(other, kind="dense", sketch_dim=8, seed=5)
+    with pytest.raises(SubspaceError, match="`sketch`"):
+        other.load_state_dict(sd)
+
+
+def test_delta_computed_once_per_forward(monkeypatch):
+    net = _mlp()
+    sub = Subspace.attach(net, kind="dense", sketch_dim=8)
+    calls = []
+    orig = sub.sketch.transpose
+    object.__setattr__(sub, "sketch", type("Spy", (), {"transpose": lambda self, y: calls.append(1) or orig(y),
+                                                      "sketch_dim": 8, "spec": sub.sketch.spec})())
+    x, _ = _data()
+    net(x)
+    assert len(calls) == 1
+    net[0](x)  # a hooked submodule called on its own opens its own scope
+    assert len(calls) == 2
+
+
+def test_projection_checksum_depends_on_seed_only():
+    a, b, c = _mlp(), _mlp(), _mlp()
+    sa = Subspace.attach(a, kind="dense", sketch_dim=8, seed=1)
+    sb = Subspace.attach(b, kind="dense", sketch_dim=8, seed=1)
+    sc = Subspace.attach(c, kind="dense", sketch_dim=8, seed=2)
+    assert sa.projection_checksum() == sb.projection_checksum() != sc.projection_checksum()
+
+
+def test_errors():
+    net = _mlp()
+    with pytest.raises(SubspaceError, match="must be a torch.nn.Module"):
+        Subspace.attach("net", kind="dense", sketch_dim=4)
+    with pytest.raises(SubspaceError, match="sketch_dim"):
+        Subspace.attach(net, kind="dense", sketch_dim=4, said=True)
+    with pytest.raises(SubspaceError, match="must be bools"):
+        Subspace.attach(net, kind="dense", sketch_dim=4, said=1)
+    with pytest.raises(SketchConfigError, match="Unknown sketch kind"):
+        Subspace.attach(net, kind="nope", sketch_dim=4)
+    sub = Subspace.attach(net, kind="dense", sketch_dim=4)
+    with pytest.raises(SubspaceError, match="already has a subspace"):
+        Subspace.attach(net, kind="dense", sketch_dim=4)
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(SubspaceError, match="`d` must be an int"):
+            sub.set_active(bad)
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(UnsupportedModelError, match="Tied"):
+        Subspace.attach(tied, kind="dense", sketch_dim=4)
+    lin = nn.Linear(3, 3)
+    torch.nn.utils.parametrize.register_parametrization(lin, "weight", nn.Identity())
+    with pytest.raises(SubspaceError, match="parametrisations"):
+        Subspace.attach(lin, kind="dense", sketch_dim=4)
