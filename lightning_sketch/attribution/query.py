@@ -68,7 +68,9 @@ class Attributor:
         hessian_batches: probe batches to compute the eigenpairs on demand (``arnoldi_if``).
         arnoldi_k: eigenpairs computed on demand.
         weights_dir: folder of ``<checkpoint>.pt`` parameter files (default: the run's ``weights/``).
-        layout_include, layout_exclude: parameter patterns (default: those recorded in the store).
+        chunk_size: examples per ``vmap`` call for the query gradients.
+        index: FAISS index kind of the store used by ``grad_dot`` searches (``"flat"`` exact;
+            ``"ivf"``, ``"ivfpq"``, ``"hnsw"`` approximate with exact re-ranking).
 
     Raises:
         SketchConfigError: for an unknown method or a bad argument.
@@ -93,6 +95,7 @@ class Attributor:
         arnoldi_k: int = 20,
         weights_dir: str | Path | None = None,
         chunk_size: int | None = None,
+        index: str = "flat",
     ) -> None:
         if method not in METHODS:
             raise SketchConfigError(f"`method` must be one of {METHODS}, got {method!r}.")
@@ -103,6 +106,7 @@ class Attributor:
         self.method = method
         self.damping = None if damping is None else float(damping)
         self.chunk_size = chunk_size
+        self.index_kind = index
         self.loss_fn = loss_fn if loss_fn is not None else _method_loss(model, "per_example_loss")
         if query_loss_fn is None and method == "trak" and hasattr(model, "per_example_margin"):
             query_loss_fn = negative_margin_of(model)
@@ -203,7 +207,9 @@ class Attributor:
         q = self.query_features(batch)
         sign = -1.0 if opponents else 1.0
         if self.method == "grad_dot" and hasattr(self.store, "search"):
-            s, i = self.store.search((sign * q).to(torch.float32), k, checkpoint=self.checkpoints[-1])
+            s, i = self.store.search(
+                (sign * q).to(torch.float32).numpy(), k, checkpoint=self.checkpoints[-1], index=self.index_kind
+            )
             s, i = torch.as_tensor(np.asarray(s), dtype=torch.float64), torch.as_tensor(np.asarray(i))
         else:
             s, i = self._search(sign * q, k)
@@ -314,7 +320,12 @@ class Attributor:
         elif snapshot is not None:
             from lightning_sketch import spectrum
 
-            values, vectors = spectrum.top_eigenpairs_from_snapshot(snapshot)
+            values, vectors, spec = spectrum.top_eigenpairs_from_snapshot(snapshot)
+            if spec is not None and dict(spec) != dict(self.sketch.spec):
+                raise SpectrumError(
+                    f"The spectrum snapshot {snapshot} was sketched with {spec}, the store with "
+                    f"{self.sketch.spec}; take the snapshot with the store's sketch spec."
+                )
         elif batches is not None:
             from lightning_sketch.spectrum import hessian_eigs
 

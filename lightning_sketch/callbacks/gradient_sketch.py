@@ -1,0 +1,532 @@
+"""``GradientSketch``: stream sketched per-example gradients into a :class:`SketchStore` during ``fit``.
+
+Two modes (paper.md §6; anchors.md A.17):
+
+- ``"checkpoint"`` (TracIn-CP / TRAK style): every ``every_n_epochs`` epochs (or ``every_n_steps``
+  optimizer steps) the per-example gradients of the whole attribution set are sketched at the
+  current weights, in eval mode (dropout off; the mode is restored), and appended as a new
+  checkpoint slice named ``step-<global_step>`` with the current learning rate η_t.
+- ``"inline"`` (the in-run TracIn trajectory): the per-example gradients of the very batch the
+  optimizer trains on, at the weights of that step, multiplied by the step's learning rate η_t, are
+  appended to the slice ``epoch-<e>`` (recorded with ``lr=1``, rows pre-weighted). With
+  ``sketch_kind="per_layer"`` this reuses the training backward through
+  :class:`~lightning_sketch.gradients.GradientCapture` hooks (no extra forward or backward); other
+  kinds (or uncovered modules) fall back to :func:`~lightning_sketch.gradients.sketch_gradients`
+  on the batch before the step. The fast path assumes the documented loss convention: the training
+  loss is the **mean** over the batch of ``per_example_loss`` (the hooks rescale by B and by
+  ``accumulate_grad_batches``).
+
+Per-example losses come from ``loss_fn(module, batch) -> Tensor[B]`` or, by convention, from
+``pl_module.per_example_loss(batch) -> Tensor[B]`` (unreduced, e.g. ``F.cross_entropy(...,
+reduction="none")``). Example ids come from ``batch[id_key]`` (wrap the dataset in
+:class:`~lightning_sketch.data.IndexedDataset`) or ``ids_fn(batch)``.
+
+Layout on disk: ``<dirpath>/store`` (the :class:`SketchStore`) and ``<dirpath>/weights/<slice>.pt``
+(the selected parameters at each slice, for multi-checkpoint queries; ``save_weights=False`` skips).
+
+Resumability: the store is committed in ``on_save_checkpoint`` and its generation is saved in the
+Lightning checkpoint; on resume the store is rolled back to that generation, so rows written after
+the checkpoint are dropped and re-written by the resumed run: a killed-and-resumed run ends with the
+same store as an uninterrupted one. DDP: each rank writes its own shard with global example ids
+(checkpoint mode splits the attribution set across ranks); rank 0 merges at fit end after a barrier.
+The callback never changes training: no ``.grad``, parameter, optimizer-state or RNG change, and
+the module's train/eval mode is restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from lightning_sketch.data import default_ids
+from lightning_sketch.exceptions import NonFiniteGradientError, SketchConfigError, StoreWriteError
+
+__all__ = ["GradientSketch"]
+
+log = logging.getLogger(__name__)
+
+try:  # Lightning >= 2.x ships typing_extensions.override
+    from typing_extensions import override
+except ImportError:  # pragma: no cover
+    def override(f):  # noqa: ANN001, ANN202
+        return f
+
+
+class GradientSketch(Callback):
+    """Sketch per-example gradients during training and store them for attribution queries.
+
+    Args:
+        dirpath: run directory; the store goes to ``<dirpath>/store``, weights to ``<dirpath>/weights``.
+        sketch_kind: sketch family (``"affd"``, ``"dense"``, ``"per_layer"`` for the inline fast path, ...).
+        sketch_dim: D, the sketch dimension.
+        seed: sketch seed (the sketch is rebuilt from its spec; nothing random is drawn from global RNG).
+        mode: ``"checkpoint"`` (slices of the attribution set) or ``"inline"`` (the trained batches).
+        every_n_epochs: checkpoint mode: take a slice every n epochs (ignored if ``every_n_steps``).
+        every_n_steps: checkpoint mode: take a slice every n optimizer steps instead.
+        include: fnmatch patterns of parameter names to sketch (default all trainable).
+        exclude: fnmatch patterns of parameter names to leave out.
+        id_key: batch entry holding the example ids.
+        nan_policy: ``"skip"`` drops (and counts) rows with NaN/inf gradients; ``"raise"`` stops.
+        dtype: storage dtype of the rows, ``"float32"`` or ``"float16"``.
+        chunk_size: examples per ``vmap`` call when computing per-example gradients.
+        save_weights: save the sketched parameters at every slice (needed by ``tracin``/``trak``
+            queries over several checkpoints).
+        attribution_dataloader: checkpoint mode: what to sketch (default: the train dataset, in order,
+            without shuffling and with ``drop_last=False``, same batch size and collate function).
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]``; default ``pl_module.per_example_loss(batch)``.
+        ids_fn: ``ids_fn(batch) -> Tensor[B]`` int64 example ids; default ``batch[id_key]``.
+
+    Raises:
+        SketchConfigError: on invalid arguments (checked in ``__init__``) or a module without a loss.
+
+    Example:
+        >>> cb = GradientSketch(dirpath="runs/attr", sketch_kind="affd", sketch_dim=256)
+        >>> cb.mode, cb.every_n_epochs
+        ('checkpoint', 1)
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        sketch_kind: str = "affd",
+        sketch_dim: int = 1024,
+        seed: int = 0,
+        mode: Literal["checkpoint", "inline"] = "checkpoint",
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        id_key: str = "index",
+        nan_policy: Literal["skip", "raise"] = "skip",
+        dtype: Literal["float32", "float16"] = "float32",
+        chunk_size: int | None = None,
+        save_weights: bool = True,
+        attribution_dataloader: Any = None,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+        ids_fn: Callable[[Any], Tensor] | None = None,
+    ) -> None:
+        if mode not in ("checkpoint", "inline"):
+            raise SketchConfigError(f"`mode` must be 'checkpoint' or 'inline', got {mode!r}.")
+        if nan_policy not in ("skip", "raise"):
+            raise SketchConfigError(f"`nan_policy` must be 'skip' or 'raise', got {nan_policy!r}.")
+        if dtype not in ("float32", "float16"):
+            raise SketchConfigError(f"`dtype` must be 'float32' or 'float16', got {dtype!r}.")
+        for name, val in (("sketch_dim", sketch_dim), ("every_n_epochs", every_n_epochs),
+                          ("every_n_steps", every_n_steps), ("chunk_size", chunk_size)):
+            if val is None and name != "sketch_dim":
+                continue
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise SketchConfigError(f"`{name}` must be a positive int{' or None' if name != 'sketch_dim' else ''}, got {val!r}.")
+        if mode == "checkpoint" and every_n_epochs is None and every_n_steps is None:
+            raise SketchConfigError("Checkpoint mode needs `every_n_epochs` or `every_n_steps`; set one of them.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise SketchConfigError(f"`seed` must be an int, got {seed!r}.")
+        self.dirpath = str(dirpath)
+        self.sketch_kind = sketch_kind
+        self.sketch_dim = sketch_dim
+        self.seed = seed
+        self.mode = mode
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.include = include
+        self.exclude = exclude
+        self.id_key = id_key
+        self.nan_policy = nan_policy
+        self.dtype = dtype
+        self.chunk_size = chunk_size
+        self.save_weights = save_weights
+        self.attribution_dataloader = attribution_dataloader
+        self.loss_fn = loss_fn
+        self.ids_fn = ids_fn
+        # state
+        self._last_step_done = -1
+        self._slices: list[str] = []
+        self._generation: int | None = None
+        self._resume_generation: int | None = None
+        self.store: Any = None
+        self.sketch: Any = None
+        self.layout: Any = None
+        self._capture: Any = None
+        self._inline_fast = False
+        self.skipped_nonfinite = 0
+
+    # ------------------------------------------------------------------ identity / state
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(dirpath=self.dirpath, mode=self.mode, sketch_kind=self.sketch_kind)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_step_done": self._last_step_done,
+            "slices": list(self._slices),
+            "generation": self._generation,
+            "dirpath": self.dirpath,
+            "spec": None if self.sketch is None else self.sketch.spec,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step_done = int(state_dict.get("last_step_done", -1))
+        self._slices = list(state_dict.get("slices", []))
+        gen = state_dict.get("generation")
+        self._resume_generation = None if gen is None else int(gen)
+        if state_dict.get("dirpath", self.dirpath) != self.dirpath:
+            rank_zero_warn(
+                f"GradientSketch resumes with dirpath={self.dirpath!r} but the checkpoint was written for "
+                f"{state_dict.get('dirpath')!r}; the store at the new path is used."
+            )
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def store_path(self) -> Path:
+        """``<dirpath>/store``."""
+        return Path(self.dirpath) / "store"
+
+    @property
+    def weights_path(self) -> Path:
+        """``<dirpath>/weights``."""
+        return Path(self.dirpath) / "weights"
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self.store is not None:
+            return
+        from lightning_sketch.gradients import ParamLayout
+        from lightning_sketch.sketches import make
+
+        if self.loss_fn is None and not callable(getattr(pl_module, "per_example_loss", None)):
+            raise SketchConfigError(
+                f"GradientSketch needs per-example losses: give {type(pl_module).__name__} a "
+                f"`per_example_loss(batch) -> Tensor[B]` method or pass `loss_fn(module, batch)`."
+            )
+        self.layout = ParamLayout.from_module(pl_module, include=self.include, exclude=self.exclude)
+        options: dict[str, Any] = {}
+        if self.sketch_kind == "per_layer":
+            options = _per_layer_options(self.layout)
+        self.sketch = make(self.sketch_kind, self.layout.dim, self.sketch_dim, self.seed, **options)
+        self.dirpath = trainer.strategy.broadcast(self.dirpath)
+        self.store = _open_store(self, trainer)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.store is None:
+            return
+        if self._resume_generation is not None:
+            if trainer.world_size == 1 or trainer.is_global_zero:
+                self.store.rollback(self._resume_generation)
+            self._generation = self._resume_generation
+            self._resume_generation = None
+        elif self.store.num_rows and trainer.world_size == 1:
+            raise StoreWriteError(
+                f"The store {str(self.store_path)!r} already holds {self.store.num_rows} rows and this fit does "
+                f"not resume from a checkpoint; resume with `trainer.fit(..., ckpt_path=...)` or use a new dirpath."
+            )
+        if self.mode == "inline":
+            self._inline_fast = self.sketch.kind == "per_layer"
+
+    # ------------------------------------------------------------------ checkpoint mode
+    def _due_epoch(self, trainer: Trainer) -> bool:
+        return (
+            self.mode == "checkpoint"
+            and self.every_n_steps is None
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        )
+
+    def _skip(self, trainer: Trainer) -> bool:
+        return trainer.sanity_checking or bool(trainer.fast_dev_run) or self.store is None
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._skip(trainer):
+            return
+        if self.mode == "inline":
+            self._inline_end(trainer, pl_module, batch)
+            return
+        step = trainer.global_step
+        if self.every_n_steps is not None and step % self.every_n_steps == 0 and step > self._last_step_done:
+            self._take_slice(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._skip(trainer):
+            return
+        if self.mode == "inline":
+            self._commit(trainer)
+            return
+        if self._due_epoch(trainer) and trainer.global_step > self._last_step_done:
+            self._take_slice(trainer, pl_module)
+
+    def _take_slice(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning_sketch.gradients import sketch_gradients
+
+        step = trainer.global_step
+        name = f"step-{step}"
+        self.store.add_checkpoint(name, step=step, lr=_current_lr(trainer), weight=None, epoch=trainer.current_epoch)
+        loader = self._attribution_loader(trainer)
+        loss_fn = self._loss_fn(pl_module)
+        mode = "factorized" if self.sketch.kind == "per_layer" else "explicit"
+        bar = _progress(trainer, loader, f"GradientSketch {name}")
+        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+            for batch in bar:
+                batch = _to_device(batch, pl_module.device)
+                rows = sketch_gradients(
+                    pl_module, loss_fn, batch, self.sketch, mode=mode, layout=self.layout, chunk_size=self.chunk_size
+                )
+                self._append(self._ids(batch), rows, name, trainer)
+        self._finish_slice(trainer, pl_module, name, step)
+
+    def _finish_slice(self, trainer: Trainer, pl_module: LightningModule, name: str, step: int) -> None:
+        if name not in self._slices:
+            self._slices.append(name)
+        self._last_step_done = step
+        if self.save_weights and trainer.is_global_zero:
+            _save_weights(self.weights_path / f"{name}.pt", self.layout.params(pl_module))
+        self._commit(trainer)
+
+    # ------------------------------------------------------------------ inline mode
+    def _inline_slice(self, trainer: Trainer) -> str:
+        name = f"epoch-{trainer.current_epoch}"
+        self.store.add_checkpoint(name, step=None, lr=1.0, weight=None, lr_weighted=True, epoch=trainer.current_epoch)
+        if name not in self._slices:
+            self._slices.append(name)
+        return name
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._skip(trainer) or self.mode != "inline":
+            return
+        self._lr = _current_lr(trainer)
+        self._pending_rows = None
+        if self._inline_fast:
+            from lightning_sketch.gradients import GradientCapture
+
+            self._capture = GradientCapture(pl_module, self.sketch, self.layout)
+            self._capture.__enter__()
+            return
+        from lightning_sketch.gradients import sketch_gradients
+
+        # Fallback: per-example gradients of this batch at this step's weights, before the step.
+        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+            self._pending_rows = sketch_gradients(
+                pl_module, self._loss_fn(pl_module), batch, self.sketch, mode="explicit", layout=self.layout,
+                chunk_size=self.chunk_size,
+            )
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._capture is None:
+            return
+        scale = float(trainer.accumulate_grad_batches)
+        self._pending_rows = self._capture.sketches() * scale
+        self._capture.__exit__(None, None, None)
+        self._capture = None
+
+    def _inline_end(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        if self._capture is not None:  # backward was skipped (e.g. a None loss): release the hooks
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+        rows = getattr(self, "_pending_rows", None)
+        if rows is None:
+            return
+        name = self._inline_slice(trainer)
+        self._append(self._ids(batch), rows.detach() * self._lr, name, trainer)
+        self._pending_rows = None
+        self._last_step_done = trainer.global_step
+
+    # ------------------------------------------------------------------ plumbing
+    def _append(self, ids: Tensor, rows: Tensor, name: str, trainer: Trainer) -> None:
+        rows = rows.detach().to("cpu", torch.float32)
+        finite = torch.isfinite(rows).all(dim=1)
+        if not bool(finite.all()):
+            bad = ids[~finite.cpu()][:5].tolist()
+            if self.nan_policy == "raise":
+                raise NonFiniteGradientError(
+                    f"GradientSketch: non-finite per-example gradients for example ids {bad} at step "
+                    f"{trainer.global_step}; fix the loss/data or pass nan_policy='skip' to drop and count them."
+                )
+            self.skipped_nonfinite += int((~finite).sum())
+            log.warning("GradientSketch skipped %d non-finite rows (ids %s...)", int((~finite).sum()), bad)
+        self.store.append(ids.cpu(), rows, checkpoint=name, rank=trainer.global_rank, nan_policy=self.nan_policy)
+
+    def _commit(self, trainer: Trainer) -> None:
+        self._generation = self.store.commit()
+
+    def _ids(self, batch: Any) -> Tensor:
+        return (self.ids_fn(batch) if self.ids_fn is not None else default_ids(batch, self.id_key)).to(torch.long)
+
+    def _loss_fn(self, pl_module: LightningModule) -> Callable[[nn.Module, Any], Tensor]:
+        if self.loss_fn is not None:
+            return self.loss_fn
+        return lambda module, batch: module.per_example_loss(batch)
+
+    def _attribution_loader(self, trainer: Trainer) -> Any:
+        if self.attribution_dataloader is not None:
+            return self.attribution_dataloader
+        train = trainer.train_dataloader
+        if isinstance(train, DataLoader):
+            dataset, batch_size, collate = train.dataset, train.batch_size, train.collate_fn
+        else:
+            raise SketchConfigError(
+                "GradientSketch cannot rebuild the attribution set from a non-DataLoader train loader "
+                f"({type(train).__name__}); pass `attribution_dataloader`."
+            )
+        if trainer.world_size > 1:  # each rank sketches its own share, ids stay global
+            dataset = Subset(dataset, list(range(trainer.global_rank, len(dataset), trainer.world_size)))
+        return DataLoader(dataset, batch_size=batch_size or 1, shuffle=False, drop_last=False, collate_fn=collate)
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.store is None:
+            return
+        self._commit(trainer)
+        checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.store is None:
+            return
+        if self._capture is not None:
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+        self._commit(trainer)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("gradient_sketch_merge")
+            if trainer.is_global_zero:
+                self.store.merge_shards()
+            trainer.strategy.barrier("gradient_sketch_merged")
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self.store is None:
+            return
+        if self._capture is not None:
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+        self.store.close()
+        self.store = None
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Keep the last committed state; drop the uncommitted buffer and release the writer lock.
+        if self._capture is not None:
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+# ---------------------------------------------------------------------- helpers
+def _per_layer_options(layout: Any) -> dict[str, Any]:
+    from lightning_sketch.sketches import sketch_class
+
+    cls = sketch_class("per_layer")
+    opts = getattr(cls, "OPTIONS", {})
+    if "shapes" in opts:
+        return {"shapes": [list(s) for s in layout.shapes]}
+    if "layout" in opts:
+        return {"layout": layout.to_dict()}
+    return {}
+
+
+def _open_store(cb: GradientSketch, trainer: Trainer) -> Any:
+    from lightning_sketch.store import SketchStore
+
+    kwargs = dict(spec=cb.sketch.spec, layout=cb.layout, dtype=cb.dtype, nan_policy=cb.nan_policy)
+    if trainer.world_size == 1:
+        return SketchStore.create(cb.store_path, exist_ok=True, **kwargs)
+    if trainer.is_global_zero:
+        store = SketchStore.create(cb.store_path, exist_ok=True, **kwargs)
+    trainer.strategy.barrier("gradient_sketch_create")
+    shard = SketchStore.open_shard(cb.store_path, rank=trainer.global_rank, spec=cb.sketch.spec,
+                                   layout_fingerprint=cb.layout.fingerprint())
+    return shard if not trainer.is_global_zero else _RankZero(store, shard)
+
+
+class _RankZero:
+    """Rank 0 under DDP: writes its rows to its shard like every rank, merges into the main store."""
+
+    def __init__(self, main: Any, shard: Any) -> None:
+        self.main, self.shard = main, shard
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.shard, name)
+
+    def rollback(self, generation: int) -> None:
+        self.shard.rollback(generation)
+
+    def merge_shards(self) -> None:
+        self.main.merge_shards()
+
+    def close(self) -> None:
+        self.shard.close()
+        self.main.close()
+
+
+def _current_lr(trainer: Trainer) -> float:
+    opts = trainer.optimizers
+    return float(opts[0].param_groups[0]["lr"]) if opts else 1.0
+
+
+def _save_weights(path: Path, params: dict[str, Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({n: t.detach().cpu().clone() for n, t in params.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _progress(trainer: Trainer, loader: Any, desc: str) -> Any:
+    if trainer.progress_bar_callback is None or not trainer.is_global_zero:
+        return loader
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return loader
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class _eval_mode:  # noqa: N801 - used as a context manager
+    """Switch every submodule to eval (dropout off) and restore each module's own mode."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.modes = {m: m.training for m in self.module.modules()}
+        self.module.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, mode in self.modes.items():
+            m.training = mode
+
+
+class _rng_guard:  # noqa: N801
+    """Fork the global CPU (and CUDA) RNG streams so that nothing we run can advance them."""
+
+    def __enter__(self) -> None:
+        self._ctx = torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None)
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
