@@ -1,0 +1,34 @@
+"""Per-example gradients, sketched gradients and (sketched) Hessian-vector products (paper.md §1.5, §2.8).
+
+Pure PyTorch (``torch.func``); no Lightning import. ``loss_fn(module, batch) -> Tensor[B]``
+returns per-example losses everywhere; the model is flattened by a :class:`ParamLayout`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_sketch.gradients.hvp import hvp, loss_grad, make_hvp, sketched_hvp
+from lightning_sketch.gradients.layout import ParamLayout
+from lightning_sketch.gradients.per_example import finite_mask, per_example_grads, sketch_gradients
+
+__all__ = [
+    "GradientCapture",
+    "ParamLayout",
+    "finite_mask",
+    "hvp",
+    "loss_grad",
+    "make_hvp",
+    "per_example_grads",
+    "sketch_gradients",
+    "sketched_hvp",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The hook-based fast path is imported on first use.
+    if name == "GradientCapture":
+        from lightning_sketch.gradients.capture import GradientCapture
+
+        return GradientCapture
+    raise AttributeError(f"module 'lightning_sketch.gradients' has no attribute {name!r}")

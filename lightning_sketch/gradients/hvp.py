@@ -1,0 +1,268 @@
+"""Hessian-vector products of the mean per-example loss, exact and sketched (paper.md §1.3, §2.8, eq. 10).
+
+``H`` is the Hessian, with respect to the layout's parameters, of L(θ) = mean_b ℓ(θ; x_b) over a
+batch (or, in :func:`make_hvp` and :func:`loss_grad`, over every example of a fixed list of
+batches, so batches weigh by their size). No weight decay term is added. Three methods
+(anchors.md §B.1):
+
+- ``"fwd_rev"``: forward-over-reverse, ``jvp(grad(L))`` (default; paper Listing 7).
+- ``"double_backward"``: reverse-over-reverse with ``torch.autograd.grad(create_graph=True)``;
+  for ops without forward-mode AD.
+- ``"finite_difference"``: central difference (∇L(θ + t v) − ∇L(θ − t v)) / 2t with
+  t = ``eps`` / ‖v‖, so the parameters move by ``eps`` in norm; bias O(eps²), round-off
+  O(ε_mach/eps). Default ``eps``: 1e-3 for float32 (1e-3 relative error in anchors.md §B.1),
+  1e-5 for float64, 1e-2 for half types. Works with anything that has a plain gradient.
+
+Fused attention kernels (flash/efficient SDPA) have neither forward-mode nor double-backward
+derivatives, so every HVP runs under ``sdpa_kernel(SDPBackend.MATH)`` (anchors.md §B.9 item 6);
+the math kernel computes the same function.
+
+All functions use ``torch.func``/``torch.autograd.grad`` on detached copies of the parameter
+values: ``.grad``, parameters, buffers and train/eval mode are never touched. Dropout in train
+mode makes the loss random; call them in eval mode (the spectrum callback does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lightning_sketch.exceptions import SketchConfigError, SketchInputError
+from lightning_sketch.gradients import _functional as F
+from lightning_sketch.gradients.layout import ParamLayout
+from lightning_sketch.sketches.base import Sketch
+
+__all__ = ["hvp", "loss_grad", "make_hvp", "sketched_hvp"]
+
+Method = Literal["fwd_rev", "double_backward", "finite_difference"]
+_METHODS = ("fwd_rev", "double_backward", "finite_difference")
+_DEFAULT_EPS = {torch.float64: 1e-5, torch.float32: 1e-3}
+
+
+def _mean_loss(model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, fixed: dict[str, Tensor]) -> Callable[[dict[str, Tensor]], Tensor]:
+    module = F._LossModule(model, loss_fn)
+    size = F.batch_size(batch)
+
+    def loss(selected: dict[str, Tensor]) -> Tensor:
+        return F.check_losses(F.loss_call(module, selected, fixed, batch), size).mean()
+
+    return loss
+
+
+def _check_vec(v: Tensor, n: int, name: str, letter: str) -> None:
+    if not isinstance(v, Tensor) or not v.is_floating_point() or v.ndim not in (1, 2) or v.shape[-1] != n:
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise SketchInputError(f"`{name}` must be a real floating tensor [{letter}] or [K, {letter}] with {letter} = {n}, got {shape}.")
+
+
+def _hvp_dict(
+    loss: Callable[[dict[str, Tensor]], Tensor],
+    theta: dict[str, Tensor],
+    v: dict[str, Tensor],
+    method: str,
+    eps: float | None,
+) -> dict[str, Tensor]:
+    if method == "fwd_rev":
+        return jvp(grad(loss), (theta,), (v,))[1]
+    if method == "double_backward":
+        leaves = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+        g = torch.autograd.grad(loss(leaves), list(leaves.values()), create_graph=True)
+        hv = torch.autograd.grad(g, list(leaves.values()), grad_outputs=[v[n] for n in leaves], allow_unused=True)
+        return {n: torch.zeros_like(theta[n]) if h is None else h.detach() for n, h in zip(leaves, hv)}
+    p0 = next(iter(theta.values()))
+    step = _DEFAULT_EPS.get(p0.dtype, 1e-2) if eps is None else float(eps)
+    norm = torch.sqrt(sum((t.double() ** 2).sum() for t in v.values()))
+    if norm == 0:
+        return {n: torch.zeros_like(t) for n, t in theta.items()}
+    t = step / float(norm)
+    plus = grad(loss)({n: theta[n] + t * v[n] for n in theta})
+    minus = grad(loss)({n: theta[n] - t * v[n] for n in theta})
+    return {n: (plus[n] - minus[n]) / (2 * t) for n in theta}
+
+
+def _prepare(model: nn.Module, layout: ParamLayout | None, method: str) -> ParamLayout:
+    if method not in _METHODS:
+        raise SketchConfigError(f"`method` must be one of {list(_METHODS)}, got {method!r}.")
+    F.check_model(model)
+    return F.resolve_layout(model, layout)
+
+
+def _rows(v: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    return fn(v) if v.ndim == 1 else torch.stack([fn(row) for row in v])
+
+
+def hvp(
+    model: nn.Module,
+    loss_fn: F.LossFn,
+    batch: F.Batch,
+    v: Tensor,
+    layout: ParamLayout | None = None,
+    method: Method = "fwd_rev",
+    eps: float | None = None,
+) -> Tensor:
+    """H v, the Hessian of the batch-mean loss times ``v`` (``[N]`` or ``[K, N]`` -> same shape).
+
+    Args:
+        model: the module (not modified).
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]``; H is the Hessian of its mean.
+        batch: a Tensor, a dict or a tuple/list of tensors.
+        v: ``[N]`` or ``[K, N]`` in the layout's order.
+        layout: which parameters (default: all trainable ones).
+        method: ``"fwd_rev"``, ``"double_backward"`` or ``"finite_difference"`` (module docstring).
+        eps: finite-difference step (parameter-space norm); default by dtype.
+
+    Raises:
+        SketchConfigError: for an unknown ``method``.
+        SketchInputError: if ``v`` is not ``[N]``/``[K, N]``.
+
+    Example:
+        >>> import torch
+        >>> X = torch.randn(8, 3, dtype=torch.float64)
+        >>> model = torch.nn.Linear(3, 1, bias=False).double()
+        >>> loss_fn = lambda m, x: m(x).squeeze(-1) ** 2   # least squares, target 0
+        >>> v = torch.randn(3, dtype=torch.float64)
+        >>> torch.allclose(hvp(model, loss_fn, X, v), 2 * X.T @ X @ v / 8)
+        True
+    """
+    layout = _prepare(model, layout, method)
+    _check_vec(v, layout.dim, "v", "N")
+    selected, fixed = F.split_state(model, layout)
+    loss = _mean_loss(model, loss_fn, batch, fixed)
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        return _rows(v, lambda row: layout.flatten(_hvp_dict(loss, selected, layout.unflatten(row), method, eps)))
+
+
+def make_hvp(
+    model: nn.Module,
+    loss_fn: F.LossFn,
+    batches: Iterable[F.Batch],
+    layout: ParamLayout | None = None,
+    method: Method = "fwd_rev",
+    eps: float | None = None,
+) -> Callable[[Tensor], Tensor]:
+    """The deterministic operator v ↦ H v for the mean loss over every example of ``batches``.
+
+    The batches are materialised into a list once; each call averages the per-batch HVPs weighted
+    by batch size, so the operator is the Hessian of the mean per-example loss over all examples.
+    The model's *current* parameter values are read at each call.
+
+    Args:
+        model, loss_fn, layout, method, eps: as in :func:`hvp`.
+        batches: a list (or iterable) of batches; a single batch must be wrapped as ``[batch]``.
+
+    Returns:
+        A callable ``[N]`` or ``[K, N]`` -> same shape.
+
+    Raises:
+        SketchInputError: for an empty or non-list ``batches``.
+        SketchConfigError: for an unknown ``method``.
+
+    Example:
+        >>> import torch
+        >>> X = torch.randn(6, 2, dtype=torch.float64)
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> op = make_hvp(model, lambda m, x: m(x).squeeze(-1) ** 2, [X[:2], X[2:]])
+        >>> torch.allclose(op(torch.eye(2, dtype=torch.float64)), 2 * X.T @ X / 6)
+        True
+    """
+    layout = _prepare(model, layout, method)
+    batch_list = F.as_batch_list(batches)
+    sizes = [F.batch_size(b) for b in batch_list]
+    total = sum(sizes)
+
+    def matvec(v: Tensor) -> Tensor:
+        out = None
+        for b, size in zip(batch_list, sizes):
+            h = hvp(model, loss_fn, b, v, layout=layout, method=method, eps=eps) * (size / total)
+            out = h if out is None else out + h
+        return out
+
+    return matvec
+
+
+def loss_grad(
+    model: nn.Module,
+    loss_fn: F.LossFn,
+    batches: Iterable[F.Batch],
+    layout: ParamLayout | None = None,
+) -> Tensor:
+    """∇_θ of the mean per-example loss over every example of ``batches``, ``[N]``.
+
+    Raises:
+        SketchInputError: for an empty or non-list ``batches``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> x = torch.ones(4, 2)
+        >>> loss_grad(model, lambda m, b: m(b).squeeze(-1), [x]).tolist()
+        [1.0, 1.0]
+    """
+    F.check_model(model)
+    layout = F.resolve_layout(model, layout)
+    batch_list = F.as_batch_list(batches)
+    sizes = [F.batch_size(b) for b in batch_list]
+    total = sum(sizes)
+    selected, fixed = F.split_state(model, layout)
+    out = None
+    with torch.enable_grad():
+        for b, size in zip(batch_list, sizes):
+            g = layout.flatten(grad(_mean_loss(model, loss_fn, b, fixed))(selected)) * (size / total)
+            out = g if out is None else out + g
+    return out
+
+
+def sketched_hvp(
+    model: nn.Module,
+    loss_fn: F.LossFn,
+    batch: F.Batch,
+    sketch: Sketch,
+    v: Tensor,
+    mode: Literal["explicit", "implicit"] = "explicit",
+    layout: ParamLayout | None = None,
+) -> Tensor:
+    """Φ H Φᵀ v, the sketched HVP (paper.md §1.3; eq. 10), ``[D]`` or ``[K, D]`` -> same shape.
+
+    ``"explicit"``: lift t = Φᵀ v, forward-over-reverse HVP at θ0, apply Φ. ``"implicit"``: the
+    forward-over-reverse HVP of ω ↦ L(θ0 + Φᵀω) at ω = 0 in direction v (paper Listing 7).
+
+    Raises:
+        SketchConfigError: if ``sketch.dim`` differs from N or for an unknown ``mode``.
+        SketchInputError: if ``v`` is not ``[D]``/``[K, D]``.
+
+    Example:
+        >>> import torch
+        >>> from lightning_sketch.sketches import make
+        >>> X = torch.randn(8, 3, dtype=torch.float64)
+        >>> model = torch.nn.Linear(3, 1, bias=False).double()
+        >>> loss_fn = lambda m, x: m(x).squeeze(-1) ** 2
+        >>> s = make("dense", dim=3, sketch_dim=2, seed=0)
+        >>> v = torch.randn(2, dtype=torch.float64)
+        >>> P = s.to_dense()
+        >>> e = sketched_hvp(model, loss_fn, X, s, v)
+        >>> i = sketched_hvp(model, loss_fn, X, s, v, mode="implicit")
+        >>> torch.allclose(e, P @ (2 * X.T @ X / 8) @ P.T @ v), torch.allclose(e, i)
+        (True, True)
+    """
+    if mode not in ("explicit", "implicit"):
+        raise SketchConfigError(f"`mode` must be 'explicit' or 'implicit', got {mode!r}.")
+    layout = _prepare(model, layout, "fwd_rev")
+    F.check_sketch(sketch, layout)
+    _check_vec(v, sketch.sketch_dim, "v", "D")
+    if mode == "explicit":
+        return sketch.apply(hvp(model, loss_fn, batch, sketch.transpose(v), layout=layout))
+    selected, fixed = F.split_state(model, layout)
+    loss = _mean_loss(model, loss_fn, batch, fixed)
+
+    def lifted(omega: Tensor) -> Tensor:
+        delta = layout.unflatten(sketch.transpose(omega))
+        return loss({n: selected[n] + delta[n] for n in layout.names})
+
+    omega0 = torch.zeros(sketch.sketch_dim, dtype=v.dtype, device=v.device)
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        return _rows(v, lambda row: jvp(grad(lifted), (omega0,), (row,))[1])

@@ -1,0 +1,188 @@
+"""Per-example gradients and their sketches (paper.md §1.5 and §2.8, eqs. 4–5).
+
+Per-example gradients use ``torch.func``: ``vmap(grad(ℓ))`` over examples with the model called
+through ``functional_call`` (anchors.md §C.10), in chunks of ``chunk_size`` examples so that at
+most ``chunk_size × N`` gradient entries exist at once. Non-selected parameters are held fixed;
+buffers pass through unchanged.
+
+Dropout in train mode: ``vmap`` runs with ``randomness="different"``, so every example draws its
+own mask from the global RNG (as a loop over examples would, though not with the same masks).
+Callers that must not disturb the global RNG (the callbacks) fork it around the call. Train-mode
+BatchNorm is refused (:class:`UnsupportedModelError`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, vmap
+
+from lightning_sketch.exceptions import SketchConfigError
+from lightning_sketch.gradients import _functional as F
+from lightning_sketch.gradients.layout import ParamLayout
+from lightning_sketch.sketches.base import Sketch
+
+__all__ = ["finite_mask", "per_example_grads", "sketch_gradients"]
+
+
+def _example_loss(module: F._LossModule, fixed: dict[str, Tensor]):  # noqa: ANN202 - returns a closure
+    def loss_one(selected: dict[str, Tensor], example: F.Batch) -> Tensor:
+        losses = F.check_losses(F.loss_call(module, selected, fixed, F.unsqueeze_example(example)), 1)
+        return losses[0]
+
+    return loss_one
+
+
+def per_example_grads(
+    model: nn.Module,
+    loss_fn: F.LossFn,
+    batch: F.Batch,
+    layout: ParamLayout | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-example gradients g_b = ∇_θ ℓ(θ; x_b), flattened in layout order.
+
+    Args:
+        model: the module (not modified: no ``.grad``, parameter, buffer or mode change).
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` per-example losses; it is called with a
+            batch of one example inside ``vmap``.
+        batch: a Tensor, a dict or a tuple/list of tensors sharing the leading dimension B.
+        layout: which parameters (default: all trainable ones).
+        chunk_size: examples per ``vmap`` call (default: the whole batch).
+
+    Returns:
+        ``[B, N]`` in the parameters' dtype. Non-finite entries are returned as they are; see
+        :func:`finite_mask`.
+
+    Raises:
+        UnsupportedModelError: for train-mode BatchNorm.
+        SketchInputError: for a malformed batch or a ``loss_fn`` not returning ``[B]``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1, bias=False)
+        >>> x = torch.randn(4, 3)
+        >>> g = per_example_grads(model, lambda m, b: m(b).squeeze(-1), x)
+        >>> torch.allclose(g, x)  # d(w·x)/dw = x
+        True
+    """
+    F.check_model(model)
+    layout = F.resolve_layout(model, layout)
+    size = F.batch_size(batch)
+    chunk = F.check_chunk_size(chunk_size, size)
+    selected, fixed = F.split_state(model, layout)
+    module = F._LossModule(model, loss_fn)
+    fn = vmap(grad(_example_loss(module, fixed)), in_dims=(None, F.in_dims(batch)), randomness="different")
+    dtype = next(iter(selected.values())).dtype
+    device = next(iter(selected.values())).device
+    out = torch.empty(size, layout.dim, dtype=dtype, device=device)
+    with torch.enable_grad():
+        for start in range(0, size, chunk):
+            stop = min(start + chunk, size)
+            grads = fn(selected, F.slice_batch(batch, start, stop))
+            out[start:stop] = layout.flatten(grads)
+    return out
+
+
+def finite_mask(g: Tensor) -> Tensor:
+    """``BoolTensor[B]``: True for rows of ``g [B, ...]`` whose entries are all finite.
+
+    Example:
+        >>> finite_mask(torch.tensor([[1.0, 2.0], [float("nan"), 0.0]])).tolist()
+        [True, False]
+    """
+    return torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
+
+
+def _implicit(model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, sketch: Sketch, layout: ParamLayout, chunk: int) -> Tensor:
+    """∇_ω ℓ(θ0 + Φᵀω; x_b) at ω = 0 for every example (paper eq. 4)."""
+    selected, fixed = F.split_state(model, layout)
+    module = F._LossModule(model, loss_fn)
+    loss_one = _example_loss(module, fixed)
+
+    def lifted(omega: Tensor, example: F.Batch) -> Tensor:
+        delta = layout.unflatten(sketch.transpose(omega))
+        return loss_one({n: selected[n] + delta[n] for n in layout.names}, example)
+
+    p0 = next(iter(selected.values()))
+    omega0 = torch.zeros(sketch.sketch_dim, dtype=p0.dtype, device=p0.device)
+    fn = vmap(grad(lifted), in_dims=(None, F.in_dims(batch)), randomness="different")
+    size = F.batch_size(batch)
+    out = torch.empty(size, sketch.sketch_dim, dtype=p0.dtype, device=p0.device)
+    with torch.enable_grad():
+        for start in range(0, size, chunk):
+            stop = min(start + chunk, size)
+            out[start:stop] = fn(omega0, F.slice_batch(batch, start, stop))
+    return out
+
+
+def sketch_gradients(
+    model: nn.Module,
+    loss_fn: F.LossFn,
+    batch: F.Batch,
+    sketch: Sketch,
+    mode: Literal["explicit", "implicit", "factorized"] = "explicit",
+    layout: ParamLayout | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Sketched per-example gradients Φ g_b, ``[B, D]`` (paper eqs. 4–5, §2.8).
+
+    Modes (all give the same numbers up to rounding):
+
+    - ``"explicit"`` (eq. 5): per-example gradients ``[chunk, N]`` then ``sketch.apply``;
+      the paper finds it the faster one (Table 4).
+    - ``"implicit"`` (eq. 4): ∇_ω ℓ(θ0 + Φᵀω) at ω = 0, vmapped over examples; never forms an
+      N-dimensional per-example gradient.
+    - ``"factorized"``: only for ``sketch.kind == "per_layer"``; one ordinary forward and
+      backward of the summed loss with :class:`~lightning_sketch.gradients.GradientCapture`
+      hooks computing (L δ_b)(R x_b)ᵀ per layer (anchors.md §C.10). Uses
+      ``torch.autograd.grad``, so ``.grad`` is untouched.
+
+    Args:
+        model: the module (not modified).
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]``.
+        batch: as in :func:`per_example_grads`.
+        sketch: Φ with ``sketch.dim == layout.dim``.
+        mode: see above.
+        layout: which parameters (default: all trainable ones).
+        chunk_size: examples per ``vmap`` call (explicit/implicit).
+
+    Returns:
+        ``[B, D]`` in the parameters' dtype.
+
+    Raises:
+        SketchConfigError: if ``sketch.dim`` differs from N, or for an unknown ``mode``.
+        UnsupportedModelError: for train-mode BatchNorm, or modules ``"factorized"`` cannot cover.
+
+    Example:
+        >>> import torch
+        >>> from lightning_sketch.sketches import make
+        >>> model = torch.nn.Linear(4, 2)
+        >>> loss_fn = lambda m, b: m(b).pow(2).sum(-1)
+        >>> s = make("dense", dim=10, sketch_dim=3, seed=0)
+        >>> x = torch.randn(5, 4)
+        >>> e = sketch_gradients(model, loss_fn, x, s, mode="explicit")
+        >>> i = sketch_gradients(model, loss_fn, x, s, mode="implicit")
+        >>> e.shape, torch.allclose(e, i, atol=1e-5)
+        (torch.Size([5, 3]), True)
+    """
+    if mode not in ("explicit", "implicit", "factorized"):
+        raise SketchConfigError(f"`mode` must be 'explicit', 'implicit' or 'factorized', got {mode!r}.")
+    F.check_model(model)
+    layout = F.resolve_layout(model, layout)
+    F.check_sketch(sketch, layout)
+    size = F.batch_size(batch)
+    chunk = F.check_chunk_size(chunk_size, size)
+    if mode == "implicit":
+        return _implicit(model, loss_fn, batch, sketch, layout, chunk)
+    if mode == "factorized":
+        from lightning_sketch.gradients.capture import factorized_sketch
+
+        return factorized_sketch(model, loss_fn, batch, sketch, layout)
+    parts = []
+    for start in range(0, size, chunk):
+        sub = F.slice_batch(batch, start, min(start + chunk, size))
+        parts.append(sketch.apply(per_example_grads(model, loss_fn, sub, layout=layout)))
+    return torch.cat(parts, dim=0)

@@ -1,0 +1,184 @@
+"""HVPs (three methods), make_hvp, loss_grad and sketched HVPs against torch.func.hessian in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lightning_sketch.exceptions import SketchConfigError, SketchInputError, UnsupportedModelError
+from lightning_sketch.gradients import ParamLayout, hvp, loss_grad, make_hvp, sketched_hvp
+from lightning_sketch.sketches import make
+
+METHODS = ["fwd_rev", "double_backward", "finite_difference"]
+# finite difference with eps = 1e-5 in float64: bias O(eps^2 * |third derivative|) + round-off
+# O(1e-16 / 1e-5); 1e-6 leaves ample margin on these tiny models.
+FD_TOL = 1e-6
+
+
+def _flat_loss(model, loss_fn, batches, layout):
+    others = {n: p.detach() for n, p in model.named_parameters() if n not in layout.names}
+
+    def flat_loss(theta):
+        params = {**others, **layout.unflatten(theta)}
+        return torch.cat([loss_fn(_Bound(model, params), b) for b in batches]).mean()
+
+    return flat_loss, layout.flatten(layout.params(model))
+
+
+def exact_hessian(model, loss_fn, batches, layout):
+    """Dense [N, N] Hessian of the mean per-example loss over all examples, by torch.func.hessian."""
+    flat_loss, theta0 = _flat_loss(model, loss_fn, batches, layout)
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.hessian(flat_loss)(theta0)
+
+
+def ref_hvp(model, loss_fn, batches, layout, V):
+    """Rows of ``V [K, N]`` times H, by plain-autograd double backward on the flat vector.
+
+    The transformer block's reference: there torch 2.13's ``torch.func.hessian`` (and
+    ``jacrev(jacrev)``) returns an asymmetric, wrong matrix in the embed x norm1.weight blocks (a vmap
+    batching problem) while this loop, finite differences and our three methods agree to 1e-10.
+    """
+    flat_loss, theta0 = _flat_loss(model, loss_fn, batches, layout)
+    with sdpa_kernel(SDPBackend.MATH):
+        t = theta0.clone().requires_grad_(True)
+        g = torch.autograd.grad(flat_loss(t), t, create_graph=True)[0]
+        return torch.stack([torch.autograd.grad(g, t, row, retain_graph=True)[0] for row in V])
+
+
+def test_reference_hvp_agrees_with_torch_func(mlp_case):
+    model, loss_fn, batch = mlp_case
+    layout = ParamLayout.from_module(model)
+    H = exact_hessian(model, loss_fn, [batch], layout)
+    eye = torch.eye(layout.dim, dtype=torch.float64)
+    torch.testing.assert_close(ref_hvp(model, loss_fn, [batch], layout, eye), H, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(H, H.T, atol=1e-12, rtol=0)
+
+
+class _Bound(nn.Module):
+    """Calls `model` with substituted parameters (reference only)."""
+
+    def __init__(self, model, params):
+        super().__init__()
+        self.m, self.p = [model], params
+
+    def forward(self, x):
+        return functional_call(self.m[0], self.p, (x,))
+
+
+def kinds(dim):
+    out = [make("identity", dim=dim, sketch_dim=dim), make("dense", dim=dim, sketch_dim=12, seed=1)]
+    for kind in ("affd", "qk", "afjl"):
+        try:
+            out.append(make(kind, dim=dim, sketch_dim=12, seed=1))
+        except (ImportError, AttributeError, SketchConfigError):
+            continue
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", ["mlp_case", "block_case"])
+def test_hvp_matches_hessian(case, method, request):
+    model, loss_fn, batch = request.getfixturevalue(case)
+    layout = ParamLayout.from_module(model)
+    v = torch.randn(2, layout.dim, dtype=torch.float64)
+    ref = ref_hvp(model, loss_fn, [batch], layout, v)
+    if case == "mlp_case":
+        torch.testing.assert_close(ref, v @ exact_hessian(model, loss_fn, [batch], layout).T, atol=1e-12, rtol=1e-12)
+    got = hvp(model, loss_fn, batch, v, method=method)
+    tol = FD_TOL if method == "finite_difference" else 1e-10
+    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(hvp(model, loss_fn, batch, v[0], method=method), got[0], atol=tol, rtol=tol)
+
+
+def test_least_squares_closed_form():
+    torch.manual_seed(0)
+    X = torch.randn(20, 4, dtype=torch.float64)
+    t = torch.randn(20, dtype=torch.float64)
+    model = nn.Linear(4, 1, bias=False).double()
+    loss_fn = lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2  # noqa: E731
+    v = torch.randn(4, dtype=torch.float64)
+    for method in METHODS:
+        got = hvp(model, loss_fn, (X, t), v, method=method)
+        torch.testing.assert_close(got, 2 * X.T @ X @ v / 20, atol=1e-8, rtol=1e-8)
+    grad = loss_grad(model, loss_fn, [(X[:7], t[:7]), (X[7:], t[7:])])
+    w = model.weight.detach()[0]
+    torch.testing.assert_close(grad, 2 * X.T @ (X @ w - t) / 20, atol=1e-12, rtol=1e-12)
+
+
+def test_make_hvp_averages_batches(mlp_case):
+    model, loss_fn, (x, y) = mlp_case
+    layout = ParamLayout.from_module(model)
+    batches = [(x[:2], y[:2]), (x[2:], y[2:])]  # unequal sizes: weighted by size
+    H = exact_hessian(model, loss_fn, batches, layout)
+    v = torch.randn(layout.dim, dtype=torch.float64)
+    op = make_hvp(model, loss_fn, batches, method="double_backward")
+    torch.testing.assert_close(op(v), H @ v, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(op(v), hvp(model, loss_fn, (x, y), v), atol=1e-10, rtol=1e-10)
+    assert torch.equal(op(v), op(v))  # deterministic
+
+
+@pytest.mark.parametrize("case", ["mlp_case", "block_case"])
+def test_sketched_hvp_implicit_equals_explicit(case, request):
+    model, loss_fn, batch = request.getfixturevalue(case)
+    layout = ParamLayout.from_module(model)
+    for sketch in kinds(layout.dim):
+        if sketch.kind == "identity" and case == "block_case":
+            continue  # D = N = 715 rows of reference HVPs; the MLP covers identity
+        P = sketch.to_dense()
+        v = torch.randn(3, sketch.sketch_dim, dtype=torch.float64)
+        ref = ref_hvp(model, loss_fn, [batch], layout, v @ P) @ P.T
+        for mode in ("explicit", "implicit"):
+            got = sketched_hvp(model, loss_fn, batch, sketch, v, mode=mode)
+            torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9, msg=f"{sketch.kind} {mode}")
+        one = sketched_hvp(model, loss_fn, batch, sketch, v[1], mode="implicit")
+        torch.testing.assert_close(one, ref[1], atol=1e-9, rtol=1e-9)
+
+
+def test_hvp_leaves_model_untouched(block_case):
+    model, loss_fn, batch = block_case
+    layout = ParamLayout.from_module(model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    v = torch.randn(layout.dim, dtype=torch.float64)
+    for method in METHODS:
+        hvp(model, loss_fn, batch, v, method=method)
+    loss_grad(model, loss_fn, [batch])
+    sketch = make("dense", dim=layout.dim, sketch_dim=5)
+    sketched_hvp(model, loss_fn, batch, sketch, torch.randn(5, dtype=torch.float64), mode="implicit")
+    assert not model.training
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+
+def test_hvp_errors(mlp_case):
+    model, loss_fn, batch = mlp_case
+    v = torch.randn(66, dtype=torch.float64)
+    with pytest.raises(SketchConfigError, match="`method` must be one of"):
+        hvp(model, loss_fn, batch, v, method="magic")
+    with pytest.raises(SketchInputError, match=r"`v` must be .* N = 66, got \(5,\)"):
+        hvp(model, loss_fn, batch, v[:5])
+    with pytest.raises(SketchInputError, match="wrap a single batch"):
+        make_hvp(model, loss_fn, batch[0])
+    with pytest.raises(SketchInputError, match="`batches` is empty"):
+        loss_grad(model, loss_fn, [])
+    sketch = make("dense", dim=66, sketch_dim=4)
+    with pytest.raises(SketchInputError, match=r"`v` must be .* D = 4"):
+        sketched_hvp(model, loss_fn, batch, sketch, v)
+    with pytest.raises(SketchConfigError, match="`mode` must be 'explicit' or 'implicit'"):
+        sketched_hvp(model, loss_fn, batch, sketch, v[:4], mode="factorized")
+    with pytest.raises(SketchConfigError, match="`sketch.dim` must equal"):
+        sketched_hvp(model, loss_fn, batch, make("dense", dim=9, sketch_dim=4), v[:4])
+    bn = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)).double()
+    with pytest.raises(UnsupportedModelError, match="BatchNorm"):
+        hvp(bn, lambda m, b: m(b).sum(-1), torch.randn(4, 5, dtype=torch.float64), torch.randn(24, dtype=torch.float64))
+
+
+def test_finite_difference_zero_vector(mlp_case):
+    model, loss_fn, batch = mlp_case
+    z = torch.zeros(66, dtype=torch.float64)
+    assert torch.equal(hvp(model, loss_fn, batch, z, method="finite_difference"), z)
