@@ -1,0 +1,334 @@
+"""``IntrinsicDimension``: subspace training θ = θ0 + Φᵀω and the paper's single-run doubling search.
+
+The callback reparametrises the LightningModule with
+:meth:`~lightning_sketch.intrinsic.Subspace.attach` in ``setup`` (before ``configure_optimizers``),
+so an ordinary ``configure_optimizers`` over ``self.parameters()`` trains only ω (θ0 is frozen).
+
+**Evaluation cadence.** The metric is the module's own validation metric: the callback reads
+``trainer.callback_metrics[monitor]`` in ``on_validation_end``, i.e. after each of Lightning's
+validation runs. Set the cadence c on the Trainer, e.g. ``Trainer(val_check_interval=c,
+check_val_every_n_epoch=None)`` for every c optimiser steps; ``eval_every_n_steps=c`` additionally
+makes a round last at least c optimiser steps when validation runs more often. The module must
+``self.log(monitor, ...)`` in ``validation_step`` (with ``sync_dist=True`` under DDP; rank 0's value
+is broadcast anyway, so every rank takes the same decision).
+
+**Search mode** (paper.md §5.2, Listing 9): start at ``d_min`` active coordinates of one projection
+of size ``sketch_dim`` = D_max; after each round, stop (``trainer.should_stop``) once the metric
+reaches the target, double d (unmasking coordinates; learned values are kept) when the round
+gained less than ``delta``, fail when d cannot grow. The target is ``target`` if given, else
+``target_fraction × reference_score`` (90% of the full fine-tuning score by default). To measure
+the reference yourself, run a plain fit first (:func:`measure_reference_score`). The metric at θ0
+seeds the search when the sanity check covers the whole validation set (``num_sanity_val_steps=-1``);
+otherwise the first round is compared against -inf and never doubles.
+
+**Fixed mode**: plain subspace training at active size ``d``; with a ``target`` it records whether
+the target was reached. This is the **verification run** that removes the factor-2 ambiguity of
+D*: train with ``mode="fixed", d=D*//2`` for as many steps as the search took; if the target is not
+reached, D_int lies in (D*/2, D*].
+
+**Outputs**: ``callback.d_star`` (None until found), ``callback.history`` (dicts with step, d,
+metric, action), metrics ``intrinsic/d``, ``intrinsic/metric`` and ``intrinsic/d_star`` through
+``trainer.loggers``, and ``<dirpath>/intrinsic_dimension.json`` (rank 0) with the spec, target,
+status, D* and history. ``dirpath`` defaults to ``trainer.log_dir`` or ``default_root_dir``.
+
+**Resuming and DDP**: ``state_dict`` holds the search state, the active size and the history; ω is a
+parameter of the module, so it is in the model checkpoint, and Φ is rebuilt from its seed on every
+rank (compare ranks with ``Subspace.projection_checksum()``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lightning_sketch.exceptions import SubspaceError, UnsupportedStrategyError
+from lightning_sketch.intrinsic import Action, DoublingSearch, Subspace
+
+try:
+    from typing_extensions import override
+except ImportError:  # pragma: no cover
+    def override(f):  # noqa: ANN001, ANN202
+        return f
+
+__all__ = ["IntrinsicDimension", "measure_reference_score"]
+
+log = logging.getLogger(__name__)
+
+
+class IntrinsicDimension(Callback):
+    """Train in a random subspace θ = θ0 + Φᵀω and find the intrinsic dimension D* in one run.
+
+    Args:
+        kind: sketch kind of Φ (``affd`` default; ``dense`` for small models; ``ffd``, ``afjl``, ``qk``, ...).
+        sketch_dim: D (D_max in search mode): the size of the drawn projection, SAID scalars included.
+        seed: seed of Φ (identical Φ on every rank and after a resume).
+        said: one learned scalar per parameter tensor (structure-aware intrinsic dimension).
+        normalize: scale Φᵀ by √(D/N) for unit-norm columns (Li et al. 2018).
+        mode: ``"search"`` (doubling search) or ``"fixed"`` (train at active size ``d``).
+        d_min: first active size of the search.
+        d: active size in fixed mode (default: all of ``sketch_dim``).
+        monitor: name of the validation metric the module logs, e.g. ``"val_acc"``.
+        higher_is_better: direction of ``monitor`` (False for a loss).
+        eval_every_n_steps: c, the minimum optimiser steps per round; None: every validation run is a round.
+        delta: minimum gain of ``monitor`` per round below which d doubles (metric units).
+        target: absolute value of ``monitor`` that counts as solved; overrides the fraction.
+        target_fraction: target = target_fraction × reference_score when ``target`` is None.
+        reference_score: the full fine-tuning score (see :func:`measure_reference_score`).
+        stop_when_done: set ``trainer.should_stop`` when the target is reached or the search fails.
+        include: fnmatch patterns of the parameters to reparametrise (default: all trainable).
+        exclude: fnmatch patterns of parameters to leave as they are (they stay trainable).
+        dirpath: where ``intrinsic_dimension.json`` is written (default: the trainer's log dir).
+
+    Raises:
+        SubspaceError: for an invalid argument combination (e.g. search mode without a target).
+    """
+
+    def __init__(
+        self,
+        kind: str = "affd",
+        sketch_dim: int = 1024,
+        seed: int = 0,
+        said: bool = False,
+        normalize: bool = True,
+        mode: Literal["search", "fixed"] = "search",
+        d_min: int = 16,
+        d: int | None = None,
+        monitor: str = "val_acc",
+        higher_is_better: bool = True,
+        eval_every_n_steps: int | None = None,
+        delta: float = 0.01,
+        target: float | None = None,
+        target_fraction: float = 0.9,
+        reference_score: float | None = None,
+        stop_when_done: bool = True,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        dirpath: str | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("search", "fixed"):
+            raise SubspaceError(f"`mode` must be 'search' or 'fixed', got {mode!r}.")
+        for name, v in (("sketch_dim", sketch_dim), ("d_min", d_min)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SubspaceError(f"`{name}` must be a positive int, got {v!r}.")
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= sketch_dim):
+            raise SubspaceError(f"`d` must be None or an int in [1, sketch_dim={sketch_dim}], got {d!r}.")
+        if eval_every_n_steps is not None and (not isinstance(eval_every_n_steps, int) or eval_every_n_steps < 1):
+            raise SubspaceError(f"`eval_every_n_steps` must be None or a positive int, got {eval_every_n_steps!r}.")
+        if not 0 < target_fraction <= 1:
+            raise SubspaceError(f"`target_fraction` must be in (0, 1], got {target_fraction!r}.")
+        if target is None and reference_score is not None:
+            target = target_fraction * reference_score
+        if mode == "search":
+            if target is None:
+                raise SubspaceError(
+                    "Search mode needs a target: pass `target=` (absolute) or `reference_score=` (the full "
+                    "fine-tuning score; target = target_fraction x reference_score). Measure it with "
+                    "lightning_sketch.callbacks.intrinsic_dimension.measure_reference_score."
+                )
+            if d_min > sketch_dim:
+                raise SubspaceError(f"`d_min` must be <= `sketch_dim` (got {d_min} > {sketch_dim}).")
+        if target is not None and not math.isfinite(target):
+            raise SubspaceError(f"`target` must be finite, got {target!r}.")
+        self.kind, self.sketch_dim, self.seed, self.said, self.normalize = kind, sketch_dim, seed, said, normalize
+        self.mode, self.d_min, self.d, self.monitor = mode, d_min, d, monitor
+        self.higher_is_better, self.eval_every_n_steps, self.delta = higher_is_better, eval_every_n_steps, delta
+        self.target, self.reference_score, self.stop_when_done = target, reference_score, stop_when_done
+        self.include, self.exclude, self.dirpath = include, exclude, dirpath
+        self.search: DoublingSearch | None = None
+        if mode == "search":
+            self.search = DoublingSearch(d_min, sketch_dim, delta, float(target), higher_is_better)
+        self.history: list[dict[str, Any]] = []
+        self.status = "running"
+        self.reached: bool | None = None
+        self._last_round_step = 0
+        self._subspace: Subspace | None = None
+
+    # ----------------------------------------------------------------- identity
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(kind=self.kind, sketch_dim=self.sketch_dim, seed=self.seed, mode=self.mode)
+
+    @property
+    def d_star(self) -> int | None:
+        """D*, the active size at which the target was reached (None until then)."""
+        return self.search.d_star if self.search is not None else (self.active if self.reached else None)
+
+    @property
+    def active(self) -> int:
+        """The current active size d."""
+        if self.search is not None:
+            return self.search.d
+        return self.d if self.d is not None else self.sketch_dim
+
+    @property
+    def subspace(self) -> Subspace | None:
+        """The attached :class:`Subspace` (after ``setup``)."""
+        return self._subspace
+
+    # ----------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise UnsupportedStrategyError(
+                f"IntrinsicDimension does not support {strategy}: θ = θ0 + Φᵀω needs the whole flattened "
+                f"model on every rank; use strategy='ddp' (ω is tiny, so DDP traffic is O(D))."
+            )
+        sub = Subspace.of(pl_module)
+        if sub is None:  # idempotent: setup runs for fit, validate, test and predict
+            sub = Subspace.attach(
+                pl_module, kind=self.kind, sketch_dim=self.sketch_dim, seed=self.seed, said=self.said,
+                normalize=self.normalize, include=self.include, exclude=self.exclude,
+            )
+            log.info("IntrinsicDimension: N=%d reparametrised as θ0 + Φᵀω, %s", sub.layout.dim, sub.extra_repr())
+        self._subspace = sub
+        sub.set_active(self.active)
+        if self.dirpath is None:
+            self.dirpath = trainer.log_dir or trainer.default_root_dir
+        self.dirpath = trainer.strategy.broadcast(self.dirpath)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn != "fit" or self._subspace is None or self.status != "running":
+            return
+        step = trainer.global_step
+        if trainer.sanity_checking:
+            full = trainer.num_sanity_val_steps in (-1, math.inf)
+            if full and self.search is not None and self.search.rounds == 0 and self.search.previous is None:
+                metric = self._metric(trainer)
+                self.search.baseline(metric)
+                self.history.append({"step": step, "d": self.active, "metric": metric, "action": "baseline"})
+            return
+        if step == 0 or (self.eval_every_n_steps and step - self._last_round_step < self.eval_every_n_steps):
+            return
+        metric = self._metric(trainer)
+        self._last_round_step = step
+        d_round = self.active
+        if self.search is not None:
+            action = self.search.update(metric, step=step)
+            self._subspace.set_active(self.search.d)
+            if action is Action.DONE:
+                self.status, self.reached = "done", True
+            elif action is Action.FAIL:
+                self.status, self.reached = "failed", False
+        else:
+            reached = self.target is not None and (
+                metric >= self.target if self.higher_is_better else metric <= self.target
+            )
+            action = Action.DONE if reached else Action.CONTINUE
+            if reached:
+                self.status, self.reached = "done", True
+            elif self.target is not None:
+                self.reached = False
+        self.history.append({"step": step, "d": d_round, "metric": metric, "action": action.value, "next_d": self.active})
+        if self.status != "running" and self.stop_when_done:
+            trainer.should_stop = True
+        scalars = {"intrinsic/d": float(d_round), "intrinsic/metric": metric}
+        if self.d_star is not None:
+            scalars["intrinsic/d_star"] = float(self.d_star)
+        for lg in trainer.loggers:
+            lg.log_metrics(scalars, step=step)
+        self._write(trainer)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer)
+
+    def _metric(self, trainer: Trainer) -> float:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise SubspaceError(
+                f"`monitor`={self.monitor!r} was not logged by validation; logged metrics: "
+                f"{sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) in validation_step."
+            )
+        return float(trainer.strategy.broadcast(float(value), src=0))
+
+    # ----------------------------------------------------------------- outputs
+    def summary(self) -> dict[str, Any]:
+        """JSON-serialisable result: spec, target, status, D*, history."""
+        sub = self._subspace
+        return {
+            "mode": self.mode,
+            "status": self.status,
+            "d_star": self.d_star,
+            "reached": self.reached,
+            "active": self.active,
+            "monitor": self.monitor,
+            "higher_is_better": self.higher_is_better,
+            "target": self.target,
+            "reference_score": self.reference_score,
+            "delta": self.delta,
+            "d_min": self.d_min,
+            "sketch_dim": self.sketch_dim,
+            "num_params": sub.layout.dim if sub is not None else None,
+            "spec": sub.spec if sub is not None else None,
+            "projection_state_bytes": sub.sketch.state_bytes if sub is not None else None,
+            "history": self.history,
+        }
+
+    def _write(self, trainer: Trainer) -> None:
+        if not trainer.is_global_zero or self.dirpath is None:
+            return
+        path = Path(self.dirpath) / "intrinsic_dimension.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.summary(), indent=2))
+        os.replace(tmp, path)
+
+    # ----------------------------------------------------------------- checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "search": self.search.state_dict() if self.search is not None else None,
+            "history": [dict(h) for h in self.history],
+            "status": self.status,
+            "reached": self.reached,
+            "last_round_step": self._last_round_step,
+            "spec": self._subspace.spec if self._subspace is not None else None,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("search") is not None and self.mode == "search":
+            self.search = DoublingSearch.from_state_dict(state_dict["search"])
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self.status = state_dict.get("status", "running")
+        self.reached = state_dict.get("reached")
+        self._last_round_step = int(state_dict.get("last_round_step", 0))
+        if self._subspace is not None:
+            self._subspace.set_active(self.active)
+
+
+def measure_reference_score(
+    trainer: Trainer,
+    model: LightningModule,
+    monitor: str = "val_acc",
+    **fit_kwargs: Any,
+) -> float:
+    """The full fine-tuning score the search's target is a fraction of: ``fit`` then ``validate``.
+
+    Args:
+        trainer: a Trainer for the ordinary (full-parameter) training run.
+        model: the LightningModule, with no IntrinsicDimension callback on ``trainer``.
+        monitor: the validation metric to read.
+        **fit_kwargs: passed to ``trainer.fit`` (``datamodule=`` or ``train_dataloaders=``/``val_dataloaders=``).
+
+    Raises:
+        SubspaceError: if ``monitor`` is not among the validation results.
+    """
+    trainer.fit(model, **fit_kwargs)
+    val_kwargs = {k: v for k, v in fit_kwargs.items() if k in ("datamodule", "val_dataloaders")}
+    if "val_dataloaders" in val_kwargs:
+        val_kwargs["dataloaders"] = val_kwargs.pop("val_dataloaders")
+    results = trainer.validate(model, verbose=False, **val_kwargs)
+    if not results or monitor not in results[0]:
+        raise SubspaceError(f"`monitor`={monitor!r} not in the validation results {results}; log it in validation_step.")
+    return float(results[0][monitor])
