@@ -227,12 +227,13 @@ def exact_topk(
         >>> i.tolist(), s.tolist()
         ([[11, 12]], [[2.0, 1.0]])
     """
-    q = torch.as_tensor(_f32(queries), dtype=dtype)
-    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    q = torch.as_tensor(queries.detach().cpu() if isinstance(queries, torch.Tensor) else np.asarray(queries), dtype=dtype)
+    ids_t = torch.from_numpy(np.array(ids, dtype=np.int64))
     best_s = torch.full((q.shape[0], 0), float("-inf"), dtype=dtype)
     best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64)
     for start in range(0, len(ids_t), chunk):
-        block = torch.as_tensor(np.asarray(vectors[start : start + chunk]), dtype=dtype)
+        part = vectors[start : start + chunk]
+        block = part.to(dtype) if isinstance(part, torch.Tensor) else torch.tensor(np.asarray(part), dtype=dtype)
         s = torch.cat([best_s, q @ block.T], dim=1)
         i = torch.cat([best_i, ids_t[start : start + chunk].expand(q.shape[0], -1)], dim=1)
         best_s, pos = torch.topk(s, min(k, s.shape[1]), dim=1)

@@ -380,7 +380,8 @@ class SketchStore(StoreViews, ShardMixin):
                 )
             skips["duplicates"] += int(dup.sum())
             idx, rows = idx[~dup], rows[~dup]
-        stored = rows.astype(self.dtype)
+        with np.errstate(over="ignore"):
+            stored = rows.astype(self.dtype)
         if self.dtype == "float16" and not np.isfinite(stored).all():
             raise SketchInputError("`vectors` exceed the float16 range (±65504); create the store with dtype='float32'.")
         if len(idx):
