@@ -71,6 +71,8 @@ class Attributor:
         chunk_size: examples per ``vmap`` call for the query gradients.
         index: FAISS index kind of the store used by ``grad_dot`` searches (``"flat"`` exact;
             ``"ivf"``, ``"ivfpq"``, ``"hnsw"`` approximate with exact re-ranking).
+        current_weights: take every checkpoint's query gradients at the model's current weights
+            (an approximation for multi-checkpoint methods when no weights were saved).
 
     Raises:
         SketchConfigError: for an unknown method or a bad argument.
@@ -96,6 +98,7 @@ class Attributor:
         weights_dir: str | Path | None = None,
         chunk_size: int | None = None,
         index: str = "flat",
+        current_weights: bool = False,
     ) -> None:
         if method not in METHODS:
             raise SketchConfigError(f"`method` must be one of {METHODS}, got {method!r}.")
@@ -107,6 +110,7 @@ class Attributor:
         self.damping = None if damping is None else float(damping)
         self.chunk_size = chunk_size
         self.index_kind = index
+        self.current_weights = bool(current_weights)
         self.loss_fn = loss_fn if loss_fn is not None else _method_loss(model, "per_example_loss")
         if query_loss_fn is None and method == "trak" and hasattr(model, "per_example_margin"):
             query_loss_fn = negative_margin_of(model)
@@ -350,11 +354,11 @@ class Attributor:
     @contextmanager
     def _weights(self, name: str):  # noqa: ANN202 - context manager
         path = None if self.weights_dir is None else self.weights_dir / f"{name}.pt"
-        if path is None or not path.exists():
-            if len(self.checkpoints) > 1:
+        if self.current_weights or path is None or not path.exists():
+            if len(self.checkpoints) > 1 and not self.current_weights:
                 raise StoreNotFoundError(
                     f"No saved weights for checkpoint {name!r} (looked for {path}); multi-checkpoint "
-                    f"methods need GradientSketch(save_weights=True) or `weights_dir`."
+                    f"methods need GradientSketch(save_weights=True), `weights_dir`, or `current_weights=True`."
                 )
             yield
             return
