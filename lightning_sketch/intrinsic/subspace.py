@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_sketch.exceptions import SubspaceError, UnsupportedModelError
+from lightning_sketch.exceptions import SketchConfigError, SubspaceError, UnsupportedModelError
 from lightning_sketch.gradients.layout import ParamLayout
 from lightning_sketch.sketches import Sketch, make
 
@@ -144,7 +144,8 @@ class Subspace(nn.Module):
             SubspaceError: if ``module`` already has a subspace or user parametrisations, or
                 ``sketch_dim`` leaves no ω coordinate after the SAID scalars.
             UnsupportedModelError: if a selected parameter is shared by several modules (tied weights).
-            SketchConfigError: for an invalid kind, dimension or option (from the sketch).
+            SketchConfigError: for an invalid kind, dimension or option (from the sketch; with SAID
+                the message names the sketch's own size, ``sketch_dim - m``).
         """
         if not isinstance(module, nn.Module):
             raise SubspaceError(f"`module` must be a torch.nn.Module, got {type(module).__name__}.")
@@ -176,7 +177,15 @@ class Subspace(nn.Module):
                 f"`sketch_dim` must be an int > {m} (the number of SAID scalars) , got {sketch_dim!r}; "
                 f"raise it or set said=False."
             )
-        sketch = make(kind, layout.dim, sketch_dim - m, seed=seed, **options)
+        try:
+            sketch = make(kind, layout.dim, sketch_dim - m, seed=seed, **options)
+        except SketchConfigError as err:
+            if not m:
+                raise
+            raise SketchConfigError(
+                f"{err} (With said=True the projection has sketch_dim - m = {sketch_dim} - {m} coordinates, "
+                f"m = number of tensors; choose sketch_dim so that the difference fits the kind.)"
+            ) from err
         params = dict(module.named_parameters())
         first = params[layout.names[0]]
         sub = cls(layout, sketch, said, normalize, first.dtype, first.device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 
 import pytest
@@ -15,11 +14,7 @@ from lightning_sketch.intrinsic import Subspace
 from lightning_sketch.sketches import make
 
 
-def _available(kind: str) -> bool:
-    return importlib.util.find_spec(f"lightning_sketch.sketches.{kind}") is not None
-
-
-KINDS = [pytest.param(k, id=k) for k in ("dense", "ffd", "affd", "qk") if _available(k)]
+KINDS = ["dense", "ffd", "affd", "afjl", "qk"]
 
 
 def _mlp(dtype=torch.float64) -> nn.Module:
@@ -43,7 +38,7 @@ def test_omega_zero_is_theta0_bit_exact(kind, said):
     x, _ = _data(torch.float32)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     out = net(x)
-    Subspace.attach(net, kind=kind, sketch_dim=16, seed=3, said=said)
+    Subspace.attach(net, kind=kind, sketch_dim=16 + 4 * said, seed=3, said=said)  # ω keeps 16 coordinates
     assert torch.equal(net(x), out)
     assert torch.equal(net[0].weight, before["0.weight"]) and torch.equal(net[2].bias, before["2.bias"])
 
@@ -206,6 +201,8 @@ def test_errors():
         Subspace.attach(net, kind="dense", sketch_dim=4, said=1)
     with pytest.raises(SketchConfigError, match="Unknown sketch kind"):
         Subspace.attach(net, kind="nope", sketch_dim=4)
+    with pytest.raises(SketchConfigError, match="sketch_dim - m = 16 - 4"):
+        Subspace.attach(net, kind="ffd", sketch_dim=16, said=True)
     sub = Subspace.attach(net, kind="dense", sketch_dim=4)
     with pytest.raises(SubspaceError, match="already has a subspace"):
         Subspace.attach(net, kind="dense", sketch_dim=4)
