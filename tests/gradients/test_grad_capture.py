@@ -1,0 +1,123 @@
+"""GradientCapture / mode="factorized" == per_example_grads then PerLayerSketch.apply, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_sketch.exceptions import SketchConfigError, SketchInputError, UnsupportedModelError
+from lightning_sketch.gradients import GradientCapture, ParamLayout, per_example_grads, sketch_gradients
+from lightning_sketch.sketches import make
+from lightning_sketch.sketches.per_layer import PerLayerSketch
+
+TOL = 1e-10
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 4, 3, stride=2, padding="valid", bias=False)
+        self.c3 = nn.Conv2d(4, 2, 3, padding="same", dilation=1)
+        self.fc = nn.Linear(2 * 3 * 3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))
+        h = torch.tanh(self.c2(h))
+        return self.fc(torch.tanh(self.c3(h)).flatten(1))
+
+
+class EmbedSeq(nn.Module):
+    """Embedding (with padding_idx) -> Linear on [B, T, d] -> LayerNorm -> mean over T -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 4, padding_idx=0)
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, t):
+        h = torch.tanh(self.lin(self.emb(t)))
+        return self.head(self.norm(h).mean(1))
+
+
+def xent(m, b):
+    return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
+def cases():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    conv = ConvNet().double()
+    xc = torch.randn(4, 2, 7, 7, dtype=torch.float64)
+    seq = EmbedSeq().double()
+    xt = torch.randint(0, 9, (5, 6))
+    xt[0, :2] = 0  # padding tokens contribute no gradient
+    return {
+        "mlp": (mlp, (x, torch.randint(0, 3, (7,))), None),
+        "conv": (conv, (xc, torch.randint(0, 3, (4,))), None),
+        "embed": (seq, (xt, torch.randint(0, 3, (5,))), ["norm.*"]),
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv", "embed"])
+@pytest.mark.parametrize("inner", ["qk", "dense"])
+def test_capture_equals_general_path(name, inner):
+    model, batch, exclude = cases()[name]
+    layout = ParamLayout.from_module(model, exclude=exclude)
+    sketch = PerLayerSketch.for_module(model, 24, seed=4, inner=inner, layout=layout)
+    ref = sketch.apply(per_example_grads(model, xent, batch, layout=layout))
+    # Inline use: an ordinary mean-reduced training backward (writes .grad, as training would).
+    with GradientCapture(model, sketch, layout) as cap:
+        xent(model, batch).mean().backward()
+    torch.testing.assert_close(cap.sketches(), ref, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(sketch_gradients(model, xent, batch, sketch, mode="factorized", layout=layout), ref, atol=TOL, rtol=TOL)
+
+
+def test_capture_does_not_change_training_gradients():
+    model, batch, _ = cases()["conv"]
+    sketch = PerLayerSketch.for_module(model, 16, seed=0)
+    xent(model, batch).mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with GradientCapture(model, sketch) as cap:
+        xent(model, batch).mean().backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), plain))
+    assert cap.sketches().shape == (4, 16)
+    # hooks are removed on exit: a later backward adds nothing
+    before = cap.sketches().clone()
+    xent(model, batch).mean().backward()
+    assert torch.equal(cap.sketches(), before)
+
+
+def test_factorized_leaves_grad_untouched():
+    model, batch, _ = cases()["mlp"]
+    sketch = PerLayerSketch.for_module(model, 10)
+    sketch_gradients(model, xent, batch, sketch, mode="factorized")
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_capture_errors():
+    model, batch, _ = cases()["embed"]
+    with pytest.raises(UnsupportedModelError, match=r"\['norm.weight', 'norm.bias'\].*exclude"):
+        GradientCapture(model, PerLayerSketch.for_module(model, 16))
+    layout = ParamLayout.from_module(model, exclude=["norm.*"])
+    with pytest.raises(SketchConfigError, match="needs a kind='per_layer' sketch"):
+        GradientCapture(model, make("dense", dim=layout.dim, sketch_dim=4), layout)
+    other = make("per_layer", layout.dim, 16, shapes=[[layout.dim]])
+    with pytest.raises(SketchConfigError, match="`shapes`.*differ from the layout"):
+        GradientCapture(model, other, layout)
+    sk = PerLayerSketch.for_module(model, 16, layout=layout)
+    with pytest.raises(SketchConfigError, match="`loss_scale` must be"):
+        GradientCapture(model, sk, layout, loss_scale="none")
+    with GradientCapture(model, sk, layout) as cap:
+        pass
+    with pytest.raises(SketchInputError, match="No per-example sketches yet"):
+        cap.sketches()
+    mha = nn.Sequential(nn.MultiheadAttention(4, 1, batch_first=True))
+    with pytest.raises(UnsupportedModelError, match="out_proj.weight"):
+        GradientCapture(mha, PerLayerSketch.for_module(mha, 16))
