@@ -1,0 +1,129 @@
+"""Helper processes for the crash and concurrency tests (run as a script, not collected by pytest).
+
+Imports once, then forks writers/readers so that each test pays the torch import only once.
+
+    python _procs.py crash ROOT SEEDS      # per seed: fork a writer, SIGKILL it at a random time
+    python _procs.py concurrent ROOT       # fork one writer and two readers on one store
+
+Batch b holds ids [b·B, (b+1)·B) and rows ``batch_rows(b)``; both modes print one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+
+from lightning_sketch.store import SketchStore
+
+B, D = 512, 64
+SPEC = {"kind": "dense", "dim": 1000, "sketch_dim": D, "seed": 0}
+
+
+def batch_rows(b: int) -> np.ndarray:
+    return np.random.default_rng(1000 + b).normal(size=(B, D)).astype(np.float32)
+
+
+def expected(num_batches: int) -> tuple[np.ndarray, np.ndarray]:
+    if num_batches == 0:
+        return np.zeros(0, np.int64), np.zeros((0, D), np.float32)
+    return np.arange(num_batches * B), np.concatenate([batch_rows(b) for b in range(num_batches)])
+
+
+def write(path: str, batches: int, ack_fd: int | None = None, pause: float = 0.0) -> None:
+    store = SketchStore.create(path, SPEC, exist_ok=True)
+    store.add_checkpoint("c", step=0, lr=0.1)
+    start = store.num_rows // B
+    for b in range(start, start + batches):
+        store.append(np.arange(b * B, (b + 1) * B), batch_rows(b))
+        store.commit()
+        if ack_fd is not None:
+            os.write(ack_fd, b"%d\n" % (b + 1))
+        time.sleep(pause)
+    store.close()
+
+
+def crash(root: str, seeds: list[int]) -> dict:
+    acked = {}
+    for seed in seeds:
+        rng = random.Random(seed)
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            try:
+                write(os.path.join(root, f"seed{seed}"), batches=10_000, ack_fd=write_fd)
+            finally:
+                os._exit(0)
+        os.close(write_fd)
+        time.sleep(rng.uniform(0.05, 0.5))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        with os.fdopen(read_fd) as f:
+            lines = f.read().split()
+        acked[seed] = int(lines[-1]) if lines else 0
+    return acked
+
+
+def read_loop(path: str, rounds: int, batches: int) -> dict:
+    seen, bad = [], []
+    reader = None
+    all_ids, all_rows = expected(batches)
+    last = -1
+    t0 = time.time()
+    for _ in range(rounds):
+        try:
+            reader = SketchStore.open(path, verify="full") if reader is None else reader
+            reader.refresh()
+            n = reader.num_rows
+            if n % B:
+                bad.append(f"partial batch: {n} rows")
+            elif n and n != last:
+                if not (np.array_equal(reader.ids("c"), all_ids[:n]) and np.array_equal(reader.vectors("c"), all_rows[:n])):
+                    bad.append(f"rows differ from the committed prefix at {n} rows")
+            seen.append(n)
+            last = n
+        except Exception as err:  # the store may not exist yet at the very start
+            if os.path.exists(os.path.join(path, "manifest.json")):
+                bad.append(repr(err))
+        if seen and seen[-1] == batches * B:
+            break
+        time.sleep(0.01)
+    return {"seen": seen, "bad": bad, "seconds": time.time() - t0}
+
+
+def concurrent(root: str) -> dict:
+    path = os.path.join(root, "store")
+    SketchStore.create(path, SPEC).close()
+    pids = []
+    for role in ("writer", "reader0", "reader1"):
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            t0 = time.time()
+            out = write(path, batches=20, pause=0.01) if role == "writer" else read_loop(path, 400, 20)
+            out = out or {"seconds": time.time() - t0}
+            os.write(write_fd, json.dumps(out).encode())
+            os._exit(0)
+        os.close(write_fd)
+        pids.append((role, pid, read_fd))
+    results = {}
+    for role, pid, fd in pids:
+        with os.fdopen(fd) as f:
+            results[role] = json.loads(f.read() or "null")
+        os.waitpid(pid, 0)
+    return results
+
+
+if __name__ == "__main__":
+    mode, root = sys.argv[1], sys.argv[2]
+    if mode == "crash":
+        print(json.dumps(crash(root, [int(s) for s in sys.argv[3].split(",")])))
+    else:
+        print(json.dumps(concurrent(root)))
