@@ -233,7 +233,16 @@ class GradientSketch(Callback):
                 f"not resume from a checkpoint; resume with `trainer.fit(..., ckpt_path=...)` or use a new dirpath."
             )
         if self.mode == "inline":
-            self._inline_fast = self.sketch.kind == "per_layer"
+            self._inline_fast = False
+            if self.sketch.kind == "per_layer":
+                from lightning_sketch.exceptions import UnsupportedModelError
+                from lightning_sketch.gradients import GradientCapture
+
+                try:
+                    self._capture_tool = GradientCapture(pl_module, self.sketch, self.layout)
+                    self._inline_fast = True
+                except UnsupportedModelError as err:
+                    rank_zero_warn(f"GradientSketch inline: hook fast path unavailable ({err}); using sketch_gradients.")
 
     # ------------------------------------------------------------------ checkpoint mode
     def _due_epoch(self, trainer: Trainer) -> bool:
@@ -309,9 +318,7 @@ class GradientSketch(Callback):
         self._lr = _current_lr(trainer)
         self._pending_rows = None
         if self._inline_fast:
-            from lightning_sketch.gradients import GradientCapture
-
-            self._capture = GradientCapture(pl_module, self.sketch, self.layout)
+            self._capture = self._capture_tool
             self._capture.__enter__()
             return
         from lightning_sketch.gradients import sketch_gradients
@@ -429,15 +436,8 @@ class GradientSketch(Callback):
 
 # ---------------------------------------------------------------------- helpers
 def _per_layer_options(layout: Any) -> dict[str, Any]:
-    from lightning_sketch.sketches import sketch_class
-
-    cls = sketch_class("per_layer")
-    opts = getattr(cls, "OPTIONS", {})
-    if "shapes" in opts:
-        return {"shapes": [list(s) for s in layout.shapes]}
-    if "layout" in opts:
-        return {"layout": layout.to_dict()}
-    return {}
+    # The per_layer sketch is block diagonal over the layout's tensors (PerLayerSketch.for_module).
+    return {"shapes": [list(s) or [1] for s in layout.shapes]}
 
 
 def _open_store(cb: GradientSketch, trainer: Trainer) -> Any:
