@@ -11,7 +11,7 @@ from torch.nn import functional as F
 class TinyBlock(nn.Module):
     """Embedding + one pre-LN self-attention block (nn.MultiheadAttention) + MLP + mean-pooled head."""
 
-    def __init__(self, vocab: int = 11, width: int = 8, heads: int = 2, classes: int = 3) -> None:
+    def __init__(self, vocab: int = 7, width: int = 4, heads: int = 2, classes: int = 3) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.norm1 = nn.LayerNorm(width)
@@ -46,6 +46,34 @@ def mlp_case():
 def block_case():
     torch.manual_seed(1)
     model = TinyBlock().double().eval()
-    x = torch.randint(0, 11, (4, 5))
-    y = torch.randint(0, 3, (4,))
+    x = torch.randint(0, 7, (3, 4))
+    y = torch.randint(0, 3, (3,))
     return model, xent, (x, y)
+
+
+def buildable_sketches(dim, sketch_dim, seed=3, kinds=("identity", "dense", "affd", "qk", "afjl", "fjl")):
+    """The kinds `make` can build right now (the structured kinds are landed by a teammate)."""
+    from lightning_sketch.exceptions import SketchConfigError
+    from lightning_sketch.sketches import make
+
+    out = []
+    for kind in kinds:
+        try:
+            out.append(make(kind, dim=dim, sketch_dim=dim if kind == "identity" else sketch_dim, seed=seed))
+        except (ImportError, AttributeError, SketchConfigError):
+            continue
+    return out
+
+
+@pytest.fixture
+def sketches_for():
+    """``sketches_for(case, dim, sketch_dim)``: every buildable kind for the MLP; for the slower
+    transformer block, dense plus the first buildable structured kind."""
+
+    def pick(case, dim, sketch_dim):
+        if case == "mlp_case":
+            return buildable_sketches(dim, sketch_dim)
+        dense = buildable_sketches(dim, sketch_dim, kinds=("dense",))
+        return dense + buildable_sketches(dim, sketch_dim, kinds=("affd", "qk", "afjl"))[:1]
+
+    return pick

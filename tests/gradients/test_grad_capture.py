@@ -121,3 +121,20 @@ def test_capture_errors():
     mha = nn.Sequential(nn.MultiheadAttention(4, 1, batch_first=True))
     with pytest.raises(UnsupportedModelError, match="out_proj.weight"):
         GradientCapture(mha, PerLayerSketch.for_module(mha, 16))
+
+
+class Folding(nn.Module):
+    """The second Linear sees [2B, 3]: not batch-first, so the capture must refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.b(self.a(x).reshape(-1, 3)).reshape(x.shape[0], 2).sum(-1)
+
+
+def test_capture_refuses_non_batch_first():
+    model = Folding()
+    with pytest.raises(SketchInputError, match="batch sizes 10 and 5"), GradientCapture(model, PerLayerSketch.for_module(model, 8)):
+        model(torch.randn(5, 4)).mean().backward()
