@@ -89,19 +89,43 @@ def _import_callbacks() -> None:
 
 
 def _cli_class() -> type:
-    from lightning.pytorch.cli import LightningCLI
+    import warnings
+
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    class _Parser(LightningArgumentParser):
+        """Prints a one-line usage before an error instead of every trainer option."""
+
+        def print_usage(self, file: Any = None) -> None:
+            cmd = self.prog.split()[-1] if self.prog else "fit"
+            print(f"usage: {PROG} {cmd} --config CONFIG [--section.key=value ...]   (all options: "
+                  f"{PROG} {cmd} --help)", file=file or sys.stderr)
 
     class SketchCLI(LightningCLI):
-        """LightningCLI with the library's defaults (omegaconf+ parsing, subclass mode, reruns allowed)."""
+        """LightningCLI with the library's defaults (omegaconf+ parsing, subclass mode, reruns allowed).
+
+        A model, data module or callback whose ``__init__`` rejects its arguments (a typed
+        ``ValueError`` such as :class:`~lightning_sketch.exceptions.SketchConfigError`) ends the
+        command like any other configuration error: the message and exit status 2, no traceback.
+        """
 
         def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
             kwargs.setdefault("subclass_mode_model", True)
             kwargs.setdefault("subclass_mode_data", True)
+            kwargs.setdefault("parser_class", _Parser)
             kwargs.setdefault("parser_kwargs", {"parser_mode": _parser_mode()})
             # Overwrite the saved config.yaml, so that a rerun into the same directory does not fail.
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-            kwargs.setdefault("auto_configure_optimizers", True)
-            super().__init__(args=args, run=run, **kwargs)
+            with warnings.catch_warnings():  # `args` is how a console entry point passes argv
+                warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+                super().__init__(args=args, run=run, **kwargs)
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except (ValueError, TypeError) as err:
+                parser = self._parser(self.subcommand)
+                parser.error(f"invalid configuration: {err}")
 
     return SketchCLI
 
@@ -192,7 +216,15 @@ def build_from_config(configs: Sequence[str]) -> tuple[Any, Any]:
     args: list[str] = []
     for c in configs:
         args += ["--config", c]
-    cli = _cli_class()(args=expand_base_configs(args), run=False, save_config_callback=None)
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:  # no "GPU available" / "Seed set" chatter around the query's output
+        lg.setLevel(logging.WARNING)
+    try:
+        cli = _cli_class()(args=expand_base_configs(args), run=False, save_config_callback=None)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
     return cli.model, cli.datamodule
 
 
