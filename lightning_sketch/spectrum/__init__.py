@@ -5,6 +5,7 @@ Pure PyTorch (no Lightning):
 - Krylov solvers over a matvec: :func:`lanczos`, :func:`arnoldi` (full re-orthogonalisation);
 - operators over a fixed probe set: :func:`hessian_operator` (exact H, or Φ H Φᵀ);
 - :func:`hessian_eigs`, the entry point: top-k eigenpairs, exact or sketched;
+- :func:`spectrum_snapshot`: one full snapshot (the callback's functional twin);
 - spectral density by SLQ (:func:`slq_density`), trace by :func:`hutchinson` / :func:`hutchpp`;
 - summary statistics: :func:`rneg`, :func:`ratios`, :func:`outlier_count`, :func:`alignment`;
 - snapshot files: :func:`save_snapshot`, :func:`load_snapshot`, :func:`load_index`,
@@ -29,6 +30,7 @@ from lightning_sketch.spectrum.hessian import (
     probe_gradient,
     resolve_sketch,
 )
+from lightning_sketch.spectrum.monitor import SpectrumSnapshot, spectrum_snapshot
 from lightning_sketch.spectrum.lanczos import KrylovResult, arnoldi, lanczos, lanczos_tridiagonal
 from lightning_sketch.spectrum.snapshot import (
     load_index,
@@ -52,6 +54,8 @@ __all__ = [
     "hessian_operator",
     "probe_gradient",
     "resolve_sketch",
+    "SpectrumSnapshot",
+    "spectrum_snapshot",
     # density and trace
     "SpectralDensity",
     "TraceEstimate",

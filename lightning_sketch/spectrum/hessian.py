@@ -1,8 +1,7 @@
 """Hessian operators over a fixed probe set, and the ``hessian_eigs`` entry point.
 
-The loss is L(θ) = mean of ``loss_fn(model, batch)`` over the fixed list of probe batches (the
-average over batches of each batch's mean loss, as :func:`lightning_sketch.gradients.make_hvp`
-defines it). Two operators (paper.md §1.3, §4):
+The loss is L(θ) = the mean of the per-example losses ``loss_fn(model, batch)`` over every example
+of the fixed list of probe batches (as :func:`lightning_sketch.gradients.make_hvp` defines it). Two operators (paper.md §1.3, §4):
 
 - exact: v ↦ H v on R^N;
 - sketched: v ↦ Φ H Φᵀ v on R^D (``sketch.apply ∘ hvp ∘ sketch.transpose``), so the Krylov
@@ -106,7 +105,7 @@ def hessian_operator(
     sketch: Sketch | Mapping[str, Any] | None = None,
     *,
     layout: Any = None,
-    method: HvpMethod = "fwd_rev",
+    method: HvpMethod = "double_backward",
     reduce: Reduce | None = None,
 ) -> HessianOperator:
     """The exact (v ↦ H v) or sketched (v ↦ Φ H Φᵀ v) Hessian operator of the probe-set loss.
@@ -207,7 +206,7 @@ def hessian_eigs(
     which: Which = "LA",
     num_iter: int | None = None,
     *,
-    method: HvpMethod = "fwd_rev",
+    method: HvpMethod = "double_backward",
     layout: Any = None,
     seed: int = 0,
     v0: Tensor | None = None,

@@ -1,4 +1,8 @@
-"""A small float64 MLP (N = 3,004) and its exact Hessian, computed once per test session."""
+"""Float64 MLPs and their exact Hessians (torch.func.hessian), computed once per test session.
+
+``mlp_case`` (N = 3,004) is the Lanczos-vs-eigvalsh reference used with dense matvecs;
+``small_case`` (N = 278) drives the real HVP path (each HVP of the larger one costs ~0.2-1 s here).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ class MLPCase:
     hessian: Tensor  # [N, N] float64, of the mean loss over all probe examples
     eigvals: Tensor  # [N] ascending
     grad: Tensor  # [N]
+    loss_fn: object = None
 
 
 def per_example_ce(module: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -24,14 +29,17 @@ def per_example_ce(module: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return nn.functional.cross_entropy(module(x), y, reduction="none")
 
 
-def _build() -> MLPCase:
-    g = torch.Generator().manual_seed(7)
-    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 4)).double()
+def _build(widths: tuple[int, ...] = (20, 64, 24, 4), seed: int = 7) -> MLPCase:
+    g = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers += [nn.Linear(widths[i], widths[i + 1]), nn.Tanh()]
+    model = nn.Sequential(*layers[:-1]).double()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * (1.5 / max(p.shape[-1], 1) ** 0.5))
-    x = torch.randn(32, 20, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 4, (32,), generator=g)
+    x = torch.randn(32, widths[0], generator=g, dtype=torch.float64)
+    y = torch.randint(0, widths[-1], (32,), generator=g)
     batches = [(x[:16], y[:16]), (x[16:], y[16:])]
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
@@ -48,9 +56,14 @@ def _build() -> MLPCase:
     h = torch.func.hessian(loss)(theta)
     h = 0.5 * (h + h.T)
     grad = torch.func.grad(loss)(theta)
-    return MLPCase(model, batches, h, torch.linalg.eigvalsh(h), grad)
+    return MLPCase(model, batches, h, torch.linalg.eigvalsh(h), grad, per_example_ce)
 
 
 @pytest.fixture(scope="session")
 def mlp_case() -> MLPCase:
     return _build()
+
+
+@pytest.fixture(scope="session")
+def small_case() -> MLPCase:
+    return _build((8, 16, 8, 3), seed=5)

@@ -1,0 +1,344 @@
+"""HessianSpectrum: snapshots of the top Hessian eigenvalues during training (paper.md §4, §7.5).
+
+A thin Lightning adapter over :func:`lightning_sketch.spectrum.spectrum_snapshot`: on a schedule of
+``trainer.global_step`` values it runs Lanczos (full re-orthogonalisation) on the sketched
+operator v ↦ Φ H Φᵀ v over a probe set fixed at the start of training, logs scalars under
+``hessian/...``, writes one snapshot file per step (format in
+:mod:`lightning_sketch.spectrum.snapshot`) and draws the eigenvalue trajectories and densities at
+the end of ``fit``.
+
+It never changes training: HVPs use ``torch.func``/``autograd.grad`` (``.grad`` untouched), the
+module's train/eval mode is restored, and the global RNG streams are forked and restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError, UnsupportedStrategyError
+from lightning_sketch.sketches import KINDS, derive_seed, make
+from lightning_sketch.spectrum.monitor import spectrum_snapshot
+from lightning_sketch.spectrum.snapshot import load_snapshot, save_snapshot
+
+__all__ = ["PAPER_STEPS", "HessianSpectrum"]
+
+log = logging.getLogger(__name__)
+
+#: the paper's explicit snapshot steps (App. B.8), besides "every 1,000 steps".
+PAPER_STEPS: tuple[int, ...] = (0, 10, 50, 100, 150, 200, 250, 500)
+
+
+def _check_pos(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SketchConfigError(f"`{name}` must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}.")
+
+
+class HessianSpectrum(Callback):
+    """Top-k Hessian eigenvalues (sketched), RNEG, outliers, alignment and density during ``fit``.
+
+    Args:
+        k: number of top eigenpairs per snapshot.
+        sketch_kind: sketch kind for Φ (``affd`` as in the paper), or ``None`` for the exact,
+            unsketched operator (small models only: the Krylov basis then holds N-vectors).
+        sketch_dim: D, the sketch dimension (capped at N with a warning).
+        seed: seed of Φ and of the callback's own generators (start and probe vectors).
+        every_n_steps: also snapshot when ``global_step % every_n_steps == 0`` (None: off).
+        at_steps: explicit snapshot steps (default: the paper's 0, 10, 50, ..., 500).
+        num_iter: Lanczos steps per snapshot (default ``min(D, max(4k, 40))``).
+        probe_batches: number of batches of the train dataloader forming the fixed probe set.
+        density: also compute an SLQ spectral density (``density_runs × density_iter`` HVPs).
+        density_runs: SLQ probe vectors.
+        density_iter: Lanczos steps per SLQ probe.
+        trace: also estimate the trace of Φ H Φᵀ by Hutch++ (``trace_matvecs`` HVPs).
+        trace_matvecs: HVPs of the trace estimate.
+        dirpath: directory of the snapshot files; default
+            ``<trainer.log_dir or default_root_dir>/hessian_spectrum``.
+        hvp_method: ``"double_backward"``, ``"fwd_rev"`` or ``"finite_difference"`` (the only one
+            allowed under FSDP/DeepSpeed).
+        dtype: dtype of the (D-dimensional) Krylov vectors; HVPs run in the module's own dtype.
+        mode: module mode during the HVPs (``"eval"`` turns dropout off so that every matvec sees
+            the same loss); the original mode is restored.
+        outlier_threshold: an eigenvalue is an outlier when λ_n/λ_1 exceeds it (paper: 0.2).
+        plot: draw ``spectrum.png`` (trajectories and densities) at the end of ``fit``.
+        loss_fn: ``loss_fn(module, batch) -> [B]`` per-example losses; default
+            ``pl_module.per_example_loss(batch)``. Not settable from YAML.
+        probe_dataloader: an iterable of batches to take the probe set from instead of the train
+            dataloader. Not settable from YAML.
+
+    Raises:
+        SketchConfigError: on invalid arguments.
+
+    Example::
+
+        trainer = Trainer(callbacks=[HessianSpectrum(k=10, sketch_kind="affd", sketch_dim=1024)])
+    """
+
+    def __init__(
+        self,
+        k: int = 10,
+        sketch_kind: str | None = "affd",
+        sketch_dim: int = 1024,
+        seed: int = 0,
+        every_n_steps: int | None = 1000,
+        at_steps: list[int] | None = None,
+        num_iter: int | None = None,
+        probe_batches: int = 4,
+        density: bool = True,
+        density_runs: int = 4,
+        density_iter: int = 40,
+        trace: bool = False,
+        trace_matvecs: int = 30,
+        dirpath: str | None = None,
+        hvp_method: Literal["double_backward", "fwd_rev", "finite_difference"] = "double_backward",
+        dtype: Literal["float32", "float64"] = "float64",
+        mode: Literal["eval", "train"] = "eval",
+        outlier_threshold: float = 0.2,
+        plot: bool = True,
+        loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        probe_dataloader: Any = None,
+    ) -> None:
+        super().__init__()
+        _check_pos("k", k)
+        _check_pos("sketch_dim", sketch_dim)
+        _check_pos("every_n_steps", every_n_steps, allow_none=True)
+        _check_pos("num_iter", num_iter, allow_none=True)
+        _check_pos("probe_batches", probe_batches)
+        _check_pos("density_runs", density_runs)
+        _check_pos("density_iter", density_iter)
+        _check_pos("trace_matvecs", trace_matvecs, minimum=6)
+        if sketch_kind is not None and sketch_kind not in KINDS:
+            raise SketchConfigError(f"`sketch_kind` must be one of {sorted(KINDS)} or None, got {sketch_kind!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise SketchConfigError(f"`seed` must be an int, got {seed!r}.")
+        steps = list(PAPER_STEPS) if at_steps is None else list(at_steps)
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
+            raise SketchConfigError(f"`at_steps` must be a list of ints >= 0, got {at_steps!r}.")
+        if hvp_method not in ("double_backward", "fwd_rev", "finite_difference"):
+            raise SketchConfigError(
+                f"`hvp_method` must be 'double_backward', 'fwd_rev' or 'finite_difference', got {hvp_method!r}."
+            )
+        if dtype not in ("float32", "float64"):
+            raise SketchConfigError(f"`dtype` must be 'float32' or 'float64', got {dtype!r}.")
+        if mode not in ("eval", "train"):
+            raise SketchConfigError(f"`mode` must be 'eval' or 'train', got {mode!r}.")
+        if not 0 < outlier_threshold < 1:
+            raise SketchConfigError(f"`outlier_threshold` must be in (0, 1), got {outlier_threshold!r}.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise SketchConfigError(f"`loss_fn` must be callable(module, batch) -> [B], got {type(loss_fn).__name__}.")
+        self.k, self.sketch_kind, self.sketch_dim, self.seed = k, sketch_kind, sketch_dim, seed
+        self.every_n_steps, self.at_steps, self.num_iter = every_n_steps, sorted(set(steps)), num_iter
+        self.probe_batches, self.density, self.density_runs, self.density_iter = (
+            probe_batches, density, density_runs, density_iter)
+        self.trace, self.trace_matvecs, self.dirpath = trace, trace_matvecs, dirpath
+        self.hvp_method, self.dtype, self.mode = hvp_method, dtype, mode
+        self.outlier_threshold, self.plot = outlier_threshold, plot
+        self.loss_fn, self.probe_dataloader = loss_fn, probe_dataloader
+        self.history: list[dict[str, Any]] = []
+        self._last_step: int = -1
+        self._probe: list[Any] | None = None
+        self._sketch: Any = None
+        self._layout: Any = None
+        self._dir: Path | None = None
+
+    # ------------------------------------------------------------------ policy
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(sketch_kind=self.sketch_kind, sketch_dim=self.sketch_dim, seed=self.seed, k=self.k)
+
+    def should_run(self, step: int) -> bool:
+        """Whether ``global_step == step`` is a snapshot step (and not already done)."""
+        if step <= self._last_step:
+            return False
+        return step in self.at_steps or (self.every_n_steps is not None and step % self.every_n_steps == 0)
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)) and self.hvp_method != "finite_difference":
+            raise UnsupportedStrategyError(
+                f"HessianSpectrum with {type(trainer.strategy).__name__} needs hvp_method='finite_difference' "
+                f"(got {self.hvp_method!r}): sharded parameters break double-backward and forward-mode HVPs."
+            )
+        if self.loss_fn is None and not callable(getattr(pl_module, "per_example_loss", None)):
+            raise UnsupportedModelError(
+                f"HessianSpectrum needs per-example losses: define `per_example_loss(self, batch) -> Tensor[B]` on "
+                f"{type(pl_module).__name__}, or pass `loss_fn=lambda module, batch: ...` to HessianSpectrum."
+            )
+        base = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hessian_spectrum")
+        self._dir = Path(trainer.strategy.broadcast(base))
+
+    def _loss_fn(self) -> Callable[[Any, Any], Tensor]:
+        if self.loss_fn is not None:
+            return self.loss_fn
+        return lambda module, batch: module.per_example_loss(batch)
+
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fix the probe set, the parameter layout and Φ (once per fit)."""
+        from lightning_sketch.gradients import ParamLayout
+
+        if self._probe is not None:
+            return
+        loader = self.probe_dataloader if self.probe_dataloader is not None else trainer.train_dataloader
+        if loader is None:
+            raise UnsupportedModelError("HessianSpectrum found no train dataloader; pass `probe_dataloader=`.")
+        probe: list[Any] = []
+        # Iterating a shuffling DataLoader draws from the global RNG: fork it so training is unchanged.
+        with torch.random.fork_rng(devices=[]):
+            for batch in loader:
+                probe.append(trainer.strategy.batch_to_device(batch, pl_module.device))
+                if len(probe) >= self.probe_batches:
+                    break
+        if not probe:
+            raise UnsupportedModelError("HessianSpectrum's probe dataloader is empty; it needs at least one batch.")
+        self._probe = probe
+        self._layout = ParamLayout.from_module(pl_module)
+        n = self._layout.dim
+        if self.sketch_kind is None:
+            self._sketch = None
+        else:
+            d = self.sketch_dim
+            if self.sketch_kind == "identity":
+                d = n
+            elif d > n:
+                rank_zero_warn(f"HessianSpectrum: sketch_dim={d} > N={n}; using sketch_dim={n}.")
+                d = n
+            self._sketch = make(self.sketch_kind, n, d, seed=self.seed)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._maybe_snapshot(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Last-step guard: the final optimizer step has no following batch start.
+        self._maybe_snapshot(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.plot and self.history and trainer.is_global_zero and self._dir is not None:
+            self.plot_history(self._dir / "spectrum.png")
+        trainer.strategy.barrier()
+
+    def _maybe_snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        step = int(trainer.global_step)
+        if not self.should_run(step):
+            return
+        self._prepare(trainer, pl_module)
+        self.snapshot(trainer, pl_module, step)
+
+    def snapshot(self, trainer: Trainer, pl_module: LightningModule, step: int) -> dict[str, Any]:
+        """Run one snapshot now (all ranks), log it, write its file (rank 0) and record it."""
+        was_training = pl_module.training
+        world = trainer.world_size
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if world > 1 else None
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "hessian_spectrum", f"step{step}"))
+        devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                pl_module.train(self.mode == "train")
+                snap = spectrum_snapshot(
+                    pl_module, self._loss_fn(), self._probe, k=min(self.k, self._op_dim()), sketch=self._sketch,
+                    num_iter=self._num_iter(), method=self.hvp_method, layout=self._layout, generator=gen,
+                    density=self.density, density_runs=self.density_runs,
+                    density_iter=min(self.density_iter, self._op_dim()), trace=self.trace,
+                    trace_matvecs=self.trace_matvecs, threshold=self.outlier_threshold,
+                    dtype=getattr(torch, self.dtype), reduce=reduce,
+                )
+        finally:
+            pl_module.train(was_training)
+        scalars = snap.scalars()
+        entry = {"step": step, "eigenvalues": snap.eigs.eigenvalues.tolist(), "scalars": scalars,
+                 "file": None}
+        if trainer.is_global_zero and self._dir is not None:
+            meta = {"sketch_spec": snap.sketch_spec, "scalars": scalars, "which": "LA",
+                    "num_matvecs": snap.num_matvecs, "hvp_method": self.hvp_method, "world_size": world,
+                    "probe_batches": len(self._probe or []), "layout_fingerprint": self._layout.fingerprint()}
+            entry["file"] = str(save_snapshot(self._dir, step, snap.arrays(), meta))
+        for logger in trainer.loggers:
+            logger.log_metrics({f"hessian/{k}": v for k, v in scalars.items()}, step=step)
+        self.history.append(entry)
+        self._last_step = step
+        trainer.strategy.barrier()
+        return entry
+
+    def _op_dim(self) -> int:
+        return self._sketch.sketch_dim if self._sketch is not None else self._layout.dim
+
+    def _num_iter(self) -> int | None:
+        if self.num_iter is None:
+            return None
+        return min(self.num_iter, self._op_dim())
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "last_step": self._last_step, "dirpath": str(self._dir or "")}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self._last_step = int(state_dict.get("last_step", -1))
+
+    # ------------------------------------------------------------------ plot
+    def plot_history(self, path: str | os.PathLike[str]) -> Path:
+        """Eigenvalue trajectories (left) and SLQ densities (right) as a PNG (Agg, no pyplot state)."""
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(11, 4))
+        FigureCanvasAgg(fig)
+        ax1, ax2 = fig.subplots(1, 2)
+        steps = [e["step"] for e in self.history]
+        k = max(len(e["eigenvalues"]) for e in self.history)
+        for i in range(k):
+            xs = [s for s, e in zip(steps, self.history) if len(e["eigenvalues"]) > i]
+            ys = [e["eigenvalues"][i] for e in self.history if len(e["eigenvalues"]) > i]
+            ax1.plot(xs, ys, marker="o", ms=3, lw=1, label=f"λ{i + 1}" if i < 5 else None)
+        ax1.set_xlabel("global step")
+        ax1.set_ylabel("eigenvalue of Φ H Φᵀ")
+        ax1.set_title("Top Hessian eigenvalues")
+        ax1.legend(fontsize=7)
+        cmap = matplotlib.colormaps["viridis"]
+        drawn = 0
+        for j, e in enumerate(self.history):
+            if not e.get("file") or not Path(e["file"]).is_file():
+                continue
+            snap = load_snapshot(e["file"])
+            if "density" not in snap:
+                continue
+            color = cmap(j / max(1, len(self.history) - 1))
+            ax2.plot(snap["density_grid"].numpy(), snap["density"].numpy(), color=color, lw=1, label=f"step {e['step']}")
+            drawn += 1
+        ax2.set_yscale("log")
+        ax2.set_ylim(bottom=1e-5)
+        ax2.set_xlabel("eigenvalue")
+        ax2.set_title("SLQ spectral density" if drawn else "SLQ spectral density (off)")
+        if drawn:
+            ax2.legend(fontsize=6)
+        fig.tight_layout()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
+        return out

@@ -1,0 +1,141 @@
+"""One spectrum snapshot of a model: the functional twin of the ``HessianSpectrum`` callback.
+
+:func:`spectrum_snapshot` runs, on one (sketched) Hessian operator over a fixed probe set:
+Lanczos for the top-k eigenpairs (full re-orthogonalisation), optionally an SLQ density and a
+Hutch++ trace, the probe-set gradient (sketched) for the gradient–outlier alignment, and the
+paper's summary statistics (paper.md §4, §7.5). The number of matvecs is fixed by the arguments
+(no data-dependent stopping), so every DDP rank runs the same sequence of collective reductions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sketch.sketches import Sketch
+from lightning_sketch.spectrum.density import SpectralDensity, TraceEstimate, hutchpp, slq_density
+from lightning_sketch.spectrum.hessian import HvpMethod, Reduce, hessian_operator, probe_gradient
+from lightning_sketch.spectrum.lanczos import KrylovResult, lanczos
+from lightning_sketch.spectrum.stats import SpectrumSummary, summarize
+
+__all__ = ["SpectrumSnapshot", "spectrum_snapshot"]
+
+
+@dataclass
+class SpectrumSnapshot:
+    """Everything one snapshot measures.
+
+    Attributes:
+        eigs: the top-k Ritz pairs (``eigenvectors [k, D]``, sketched when a sketch is used).
+        summary: λ_max, λ_min, RNEG, outlier count, gradient–outlier alignment.
+        density: the SLQ density, or None.
+        trace: the Hutch++ trace estimate of Φ H Φᵀ (of H when exact), or None.
+        num_matvecs: HVPs spent in total (Lanczos + density + trace).
+        seconds: wall time.
+        sketch_spec: the sketch's spec, or None.
+    """
+
+    eigs: KrylovResult
+    summary: SpectrumSummary
+    density: SpectralDensity | None
+    trace: TraceEstimate | None
+    num_matvecs: int
+    seconds: float
+    sketch_spec: dict[str, Any] | None = field(default=None)
+
+    def scalars(self) -> dict[str, float]:
+        """The scalars logged under ``hessian/...`` (plain floats)."""
+        out = {
+            "lambda_max": self.summary.lambda_max,
+            "lambda_min": self.summary.lambda_min,
+            "rneg": self.summary.rneg,
+            "outliers": float(self.summary.outliers),
+            "alignment": self.summary.alignment,
+            "converged": float(self.eigs.converged.sum()),
+            "matvecs": float(self.num_matvecs),
+            "seconds": self.seconds,
+        }
+        if self.trace is not None:
+            out["trace"] = self.trace.trace
+            out["trace_stderr"] = self.trace.stderr
+        return out
+
+    def arrays(self) -> dict[str, Tensor]:
+        """The arrays written to the snapshot file (see :mod:`lightning_sketch.spectrum.snapshot`)."""
+        out = {
+            "eigenvalues": self.eigs.eigenvalues,
+            "residuals": self.eigs.residuals,
+            "converged": self.eigs.converged,
+            "eigenvectors": self.eigs.eigenvectors,
+            "ritz_values": self.eigs.ritz_values,
+        }
+        if self.density is not None:
+            out["density_grid"] = self.density.grid
+            out["density"] = self.density.density
+        return out
+
+
+def spectrum_snapshot(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Sequence[Any],
+    *,
+    k: int = 10,
+    sketch: Sketch | Mapping[str, Any] | None = None,
+    num_iter: int | None = None,
+    method: HvpMethod = "double_backward",
+    layout: Any = None,
+    generator: torch.Generator | None = None,
+    density: bool = True,
+    density_runs: int = 4,
+    density_iter: int = 40,
+    trace: bool = False,
+    trace_matvecs: int = 30,
+    threshold: float = 0.2,
+    tol: float = 1e-6,
+    dtype: torch.dtype = torch.float64,
+    reduce: Reduce | None = None,
+) -> SpectrumSnapshot:
+    """Top-k eigenpairs, summary statistics and (optionally) density and trace of the probe Hessian.
+
+    Args:
+        model: the module (read only).
+        loss_fn: ``loss_fn(module, batch) -> [B]`` per-example losses.
+        batches: the fixed probe set.
+        k: eigenpairs.
+        sketch: Φ (Sketch or spec dict) for the sketched operator Φ H Φᵀ; None for exact H.
+        num_iter: Lanczos steps; default ``min(dim, max(4k, 40))``.
+        method: HVP method.
+        layout: ParamLayout (default all trainable parameters).
+        generator: CPU generator for the start and probe vectors.
+        density: compute the SLQ density (``density_runs × density_iter`` matvecs).
+        density_runs: SLQ probes.
+        density_iter: Lanczos steps per SLQ probe.
+        trace: compute a Hutch++ trace estimate (``trace_matvecs`` matvecs).
+        trace_matvecs: matvecs of the trace estimate.
+        threshold: outlier threshold on λ_n/λ_1.
+        tol: relative residual tolerance of the converged flags.
+        dtype: Krylov dtype.
+        reduce: applied to every matvec and to the gradient (DDP all-reduce mean).
+
+    Returns:
+        A :class:`SpectrumSnapshot`.
+
+    Raises:
+        SpectrumError: on bad ``k``/``num_iter`` or empty ``batches``.
+    """
+    start = time.perf_counter()
+    op = hessian_operator(model, loss_fn, batches, sketch, layout=layout, method=method, reduce=reduce)
+    eigs = lanczos(op, op.dim, k, num_iter=num_iter, which="LA", generator=generator, dtype=dtype, tol=tol)
+    grad = probe_gradient(model, loss_fn, batches, op.sketch, layout=layout, reduce=reduce).to(dtype)
+    smallest = float(eigs.ritz_values.min())
+    summary = summarize(eigs.eigenvalues, eigs.eigenvectors, grad, smallest=smallest, threshold=threshold)
+    dens = slq_density(op, op.dim, density_runs, density_iter, generator=generator, dtype=dtype) if density else None
+    tr = hutchpp(op, op.dim, trace_matvecs, generator=generator, dtype=dtype) if trace else None
+    spec = op.sketch.spec if op.sketch is not None else None
+    return SpectrumSnapshot(eigs, summary, dens, tr, op.num_matvecs, time.perf_counter() - start, spec)
