@@ -163,7 +163,7 @@ def kron_apply(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
         else:
             y = torch.matmul(f, y.reshape(pre, cols[i], post))
         pre *= f.shape[0]
-    return y.reshape(m, -1)
+    return y.reshape(m, math.prod(f.shape[0] for f in factors))
 
 
 def kron_apply_into(x: Tensor, factors: Sequence[Tensor], work: tuple[Tensor, Tensor]) -> Tensor:
@@ -197,4 +197,4 @@ def kron_apply_into(x: Tensor, factors: Sequence[Tensor], work: tuple[Tensor, Te
         y = out
         k ^= 1
         pre *= r
-    return y.view(m, -1)
+    return y.view(m, math.prod(f.shape[0] for f in factors))

@@ -87,7 +87,7 @@ class FFDSketch(Sketch):
         """Orthonormal H_D on the last axis of ``u [M, nb, D]``."""
         m = u.shape[0]
         fs = [self.state(f"h_{i}", u) for i in range(self._n_factors)]
-        return kron_apply(u.reshape(-1, self.sketch_dim), fs).reshape(m, self._nb, -1) / math.sqrt(self.sketch_dim)
+        return kron_apply(u.reshape(-1, self.sketch_dim), fs).reshape(m, self._nb, self.sketch_dim) / math.sqrt(self.sketch_dim)
 
     def _apply(self, x: Tensor) -> Tensor:
         dtype = x.dtype
@@ -107,4 +107,4 @@ class FFDSketch(Sketch):
         v = self._h(y[:, None, :] * float_state(self, "signs", y))
         v = v.new_zeros(m, nb, d).scatter(2, perms.expand(m, nb, d), v)
         v = self._h(v * self.state("gauss", y))
-        return v.reshape(m, -1)[:, : self.dim].to(dtype)
+        return v.reshape(m, self._n_pad)[:, : self.dim].to(dtype)

@@ -102,7 +102,7 @@ class FJLSketch(Sketch):
         dtype = y.dtype
         y = y.to(compute_dtype(y)) * self._scale
         idx = self._tensors["idx"].to(y.device).reshape(-1)
-        contrib = (y[:, :, None] * self.state("vals", y)).reshape(y.shape[0], -1)
+        contrib = (y[:, :, None] * self.state("vals", y)).reshape(y.shape[0], idx.numel())
         u = y.new_zeros(y.shape[0], self._n_pad).index_add(1, idx, contrib)
         u = self._hadamard(u)[:, : self.dim]
         return (u * float_state(self, "signs", y)[: self.dim]).to(dtype)

@@ -69,7 +69,8 @@ def test_structured_memory_independent_of_d():
         assert make("affd", n, d).state_bytes == 5 * n + 2 * 4 * factor_entries  # int8 B, fp32 G, 2 passes
         qk = make("qk", n, d)
         assert qk.state_bytes == 4 * sum(r * b for r, b in zip(qk.row_splits, (16, 32, 32)))
-    assert make("dense", n, 2**12).state_bytes == 2**12 * n * 4
+    assert make("dense", 2**12, 2**8).state_bytes == 2**8 * 2**12 * 4
+    assert make("dense", n, 2**12, chunked=True).state_bytes == 0
 
 
 @pytest.mark.parametrize("kind", ["affd", "afjl", "qk", "affd-kron_orthogonal"])
