@@ -1,0 +1,204 @@
+"""HessianSpectrum on a tiny LightningModule: schedule, files, logging, no interference, resume."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sketch.callbacks import HessianSpectrum
+from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError, UnsupportedStrategyError
+from lightning_sketch.spectrum import load_index, load_snapshot, top_eigenpairs_from_snapshot
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 3))
+
+    def per_example_loss(self, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y, reduction="none")
+
+    def training_step(self, batch, batch_idx):
+        # dropout draws from the global RNG during training: a disturbed RNG would change the run
+        return self.per_example_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class NoPerExample(TinyModule):
+    per_example_loss = None
+
+
+def _loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = torch.randint(0, 3, (64,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+
+
+class ListLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict]] = []
+
+    @property
+    def name(self):
+        return "list"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.records.append((step, dict(metrics)))
+
+
+def _trainer(tmp_path, callbacks, max_steps, logger=False):
+    return pl.Trainer(
+        max_steps=max_steps, logger=logger, enable_progress_bar=False, enable_checkpointing=False,
+        deterministic=True, default_root_dir=tmp_path, accelerator="cpu", callbacks=callbacks,
+        enable_model_summary=False,
+    )
+
+
+def _callback(**kw) -> HessianSpectrum:
+    args = dict(k=3, sketch_kind="dense", sketch_dim=32, at_steps=[0, 2, 5], every_n_steps=None, num_iter=12,
+                probe_batches=2, density_runs=2, density_iter=10, trace=True, trace_matvecs=9)
+    args.update(kw)
+    return HessianSpectrum(**args)
+
+
+def test_snapshots_files_logging_and_plot(tmp_path):
+    torch.manual_seed(0)
+    cb = _callback()
+    lg = ListLogger()
+    _trainer(tmp_path, [cb], 5, logger=lg).fit(TinyModule(), _loader())
+    assert [e["step"] for e in cb.history] == [0, 2, 5]
+    d = cb._dir
+    assert [e["step"] for e in load_index(d)] == [0, 2, 5]
+    snap = load_snapshot(d / "step_00000002.npz")
+    assert snap["eigenvalues"].shape == (3,) and snap["eigenvectors"].shape == (3, 32)
+    assert snap["residuals"].shape == (3,) and snap["density"].shape == snap["density_grid"].shape
+    assert snap["meta"]["sketch_spec"]["kind"] == "dense"
+    torch.testing.assert_close(snap["eigenvalues"], torch.tensor(cb.history[1]["eigenvalues"], dtype=torch.float64))
+    vals, vecs, spec = top_eigenpairs_from_snapshot(d)  # directory -> latest snapshot
+    assert vals.shape == (3,) and vecs.shape == (3, 32) and spec["sketch_dim"] == 32
+    assert (d / "spectrum.png").stat().st_size > 1000
+    logged = [(s, m) for s, m in lg.records if "hessian/lambda_max" in m]
+    assert [s for s, _ in logged] == [0, 2, 5]
+    for key in ("rneg", "outliers", "alignment", "trace", "matvecs", "seconds"):
+        assert f"hessian/{key}" in logged[0][1]
+    # matvecs per snapshot: Lanczos + density + trace, fixed by the arguments
+    assert logged[0][1]["hessian/matvecs"] == 12 + 2 * 10 + 9
+
+
+class CheckingSpectrum(HessianSpectrum):
+    """Asserts inside the hook that a snapshot leaves RNG, mode, params and .grad untouched."""
+
+    def snapshot(self, trainer, pl_module, step):
+        rng = torch.get_rng_state()
+        mode = pl_module.training
+        params = [p.detach().clone() for p in pl_module.parameters()]
+        grads = [None if p.grad is None else p.grad.clone() for p in pl_module.parameters()]
+        out = super().snapshot(trainer, pl_module, step)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert pl_module.training == mode
+        assert all(torch.equal(a, p) for a, p in zip(params, pl_module.parameters()))
+        for g0, p in zip(grads, pl_module.parameters()):
+            assert (g0 is None and p.grad is None) or torch.equal(g0, p.grad)
+        self.checked = getattr(self, "checked", 0) + 1
+        return out
+
+
+def test_training_is_not_disturbed(tmp_path):
+    torch.manual_seed(0)
+    plain = TinyModule()
+    _trainer(tmp_path / "a", [], 6).fit(plain, _loader())
+    torch.manual_seed(0)
+    watched = TinyModule()
+    cb = CheckingSpectrum(k=2, sketch_kind="dense", sketch_dim=16, at_steps=[0, 3, 6], every_n_steps=None,
+                          num_iter=8, density=True, density_runs=1, density_iter=8, plot=False)
+    _trainer(tmp_path / "b", [cb], 6).fit(watched, _loader())
+    assert cb.checked == 3
+    for a, b in zip(plain.parameters(), watched.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_continues_history(tmp_path):
+    torch.manual_seed(0)
+    model = TinyModule()
+    cb1 = _callback(at_steps=[0, 2, 4, 6], density=False, trace=False, plot=False, dirpath=str(tmp_path / "spec"))
+    t1 = _trainer(tmp_path, [cb1], 3)
+    t1.fit(model, _loader())
+    ckpt = tmp_path / "mid.ckpt"
+    t1.save_checkpoint(ckpt)
+    assert [e["step"] for e in cb1.history] == [0, 2]
+    cb2 = _callback(at_steps=[0, 2, 4, 6], density=False, trace=False, plot=True, dirpath=str(tmp_path / "spec"))
+    _trainer(tmp_path, [cb2], 6).fit(TinyModule(), _loader(), ckpt_path=ckpt)
+    assert [e["step"] for e in cb2.history] == [0, 2, 4, 6]
+    assert [e["step"] for e in load_index(tmp_path / "spec")] == [0, 2, 4, 6]
+    assert (tmp_path / "spec" / "spectrum.png").exists()
+
+
+def test_every_n_steps_and_exact_operator(tmp_path):
+    torch.manual_seed(0)
+    cb = _callback(sketch_kind=None, at_steps=[], every_n_steps=2, density=False, trace=False, plot=False,
+                   num_iter=20)
+    _trainer(tmp_path, [cb], 4).fit(TinyModule(), _loader())
+    assert [e["step"] for e in cb.history] == [0, 2, 4]
+    snap = load_snapshot(cb.history[0]["file"])
+    assert snap["meta"]["sketch_spec"] is None and snap["eigenvectors"].shape == (3, 67)
+
+
+def test_missing_per_example_loss(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="per_example_loss"):
+        _trainer(tmp_path, [_callback()], 1).fit(NoPerExample(), _loader())
+
+
+def test_refuses_fsdp_without_finite_difference():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(UnsupportedStrategyError, match="hvp_method='finite_difference'"):
+        _callback().setup(trainer, TinyModule(), "fit")
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"k": 0}, "`k` must be an int >= 1"),
+        ({"sketch_dim": -1}, "`sketch_dim` must be an int >= 1"),
+        ({"every_n_steps": 0}, "`every_n_steps` must be an int >= 1 or None"),
+        ({"num_iter": 0}, "`num_iter` must be an int >= 1 or None"),
+        ({"probe_batches": 0}, "`probe_batches` must be an int >= 1"),
+        ({"trace_matvecs": 3}, "`trace_matvecs` must be an int >= 6"),
+        ({"sketch_kind": "gauss"}, "`sketch_kind` must be one of"),
+        ({"seed": 1.5}, "`seed` must be an int"),
+        ({"at_steps": [-1]}, "`at_steps` must be a list of ints >= 0"),
+        ({"hvp_method": "magic"}, "`hvp_method` must be"),
+        ({"dtype": "float16"}, "`dtype` must be 'float32' or 'float64'"),
+        ({"mode": "test"}, "`mode` must be 'eval' or 'train'"),
+        ({"outlier_threshold": 1.5}, "`outlier_threshold` must be in"),
+        ({"loss_fn": 3}, "`loss_fn` must be callable"),
+    ],
+)
+def test_argument_errors(kw, match):
+    with pytest.raises(SketchConfigError, match=match):
+        HessianSpectrum(**kw)
+
+
+def test_default_schedule_is_the_papers():
+    cb = HessianSpectrum()
+    assert cb.at_steps == [0, 10, 50, 100, 150, 200, 250, 500] and cb.every_n_steps == 1000
+    assert cb.should_run(0) and cb.should_run(2000) and not cb.should_run(11)
