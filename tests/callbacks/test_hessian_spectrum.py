@@ -73,8 +73,8 @@ def _trainer(tmp_path, callbacks, max_steps, logger=False):
 
 
 def _callback(**kw) -> HessianSpectrum:
-    args = dict(k=3, sketch_kind="dense", sketch_dim=32, at_steps=[0, 2, 5], every_n_steps=None, num_iter=12,
-                probe_batches=2, density_runs=2, density_iter=10, trace=True, trace_matvecs=9)
+    args = dict(k=3, sketch_kind="dense", sketch_dim=32, at_steps=[0, 2, 5], every_n_steps=None, num_iter=8,
+                probe_batches=2, density_runs=2, density_iter=6, trace=True, trace_matvecs=6)
     args.update(kw)
     return HessianSpectrum(**args)
 
@@ -100,7 +100,7 @@ def test_snapshots_files_logging_and_plot(tmp_path):
     for key in ("rneg", "outliers", "alignment", "trace", "matvecs", "seconds"):
         assert f"hessian/{key}" in logged[0][1]
     # matvecs per snapshot: Lanczos + density + trace, fixed by the arguments
-    assert logged[0][1]["hessian/matvecs"] == 12 + 2 * 10 + 9
+    assert logged[0][1]["hessian/matvecs"] == 8 + 2 * 6 + 6
 
 
 class CheckingSpectrum(HessianSpectrum):
@@ -128,7 +128,7 @@ def test_training_is_not_disturbed(tmp_path):
     torch.manual_seed(0)
     watched = TinyModule()
     cb = CheckingSpectrum(k=2, sketch_kind="dense", sketch_dim=16, at_steps=[0, 3, 6], every_n_steps=None,
-                          num_iter=8, density=True, density_runs=1, density_iter=8, plot=False)
+                          num_iter=6, density=True, density_runs=1, density_iter=6, probe_batches=1, plot=False)
     _trainer(tmp_path / "b", [cb], 6).fit(watched, _loader())
     assert cb.checked == 3
     for a, b in zip(plain.parameters(), watched.parameters()):
@@ -154,7 +154,7 @@ def test_resume_continues_history(tmp_path):
 def test_every_n_steps_and_exact_operator(tmp_path):
     torch.manual_seed(0)
     cb = _callback(sketch_kind=None, at_steps=[], every_n_steps=2, density=False, trace=False, plot=False,
-                   num_iter=20)
+                   probe_batches=1)
     _trainer(tmp_path, [cb], 4).fit(TinyModule(), _loader())
     assert [e["step"] for e in cb.history] == [0, 2, 4]
     snap = load_snapshot(cb.history[0]["file"])

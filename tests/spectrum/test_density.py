@@ -34,7 +34,7 @@ def test_slq_density_default_grid_integrates_to_one():
     assert float(d.grid.min()) < -1 and float(d.grid.max()) > 10
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_trace_estimates_within_three_standard_errors(mlp_case, seed):
     h = mlp_case.hessian
     exact = float(torch.trace(h))
