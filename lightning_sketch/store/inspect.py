@@ -38,7 +38,8 @@ def inspect_store(path: str | Path, verify: bool = True) -> dict[str, Any]:
         >>> info["rows"], info["health"]["ok"]
         (0, True)
     """
-    from lightning_sketch.store.store import SketchStore, _data_bytes
+    from lightning_sketch.store.snapshot import _data_bytes
+    from lightning_sketch.store.store import SketchStore
 
     path = Path(path)
     manifest = mf.load_manifest(path)

@@ -79,7 +79,7 @@ class ShardMixin:
             self._idsets.clear()  # ids of a failed merge were never committed
             raise
         if new != self._manifest:
-            from lightning_sketch.store.store import _recount
+            from lightning_sketch.store.snapshot import _recount
 
             new["generation"] += 1
             _recount(new)

@@ -25,6 +25,7 @@ from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import WriterLock, atomic_write, npy_bytes, write_json_atomic
 from lightning_sketch.store._validate import as_ids, as_rows, compare_layout, compare_spec, layout_info, spec_dict
 from lightning_sketch.store.shards import ShardMixin
+from lightning_sketch.store.snapshot import SnapshotMixin, _data_bytes, _recount
 from lightning_sketch.store.views import StoreViews
 
 __all__ = ["SketchStore"]
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 _AUTO_FULL_VERIFY_BYTES = 1 << 30
 
 
-class SketchStore(StoreViews, ShardMixin):
+class SketchStore(StoreViews, ShardMixin, SnapshotMixin):
     """A directory of committed sketch rows, one slice per training checkpoint.
 
     Build one with :meth:`create` or :meth:`open`, never directly.
@@ -436,103 +437,3 @@ class SketchStore(StoreViews, ShardMixin):
         self._cache.clear()
         self._verified.update(str(p.name) for p in written)
         return gen
-
-    def rollback(self, generation: int) -> None:
-        """Publish the snapshot as it was at ``generation`` (drop later segments, checkpoints, indexes).
-
-        Used on resume: a callback records the store generation in its Lightning checkpoint and rolls
-        back to it, so re-run steps append the same rows again. The pending buffer is cleared.
-
-        Raises:
-            SketchInputError: ``generation`` is negative or beyond the current one.
-        """
-        self._require_writer()
-        if isinstance(generation, bool) or not isinstance(generation, int) or not 0 <= generation <= self.generation:
-            raise SketchInputError(f"`generation` must be an int in [0, {self.generation}], got {generation!r}.")
-        new = copy.deepcopy(self._manifest)
-        new["segments"] = [s for s in new["segments"] if s["generation"] <= generation]
-        new["checkpoints"] = [c for c in new["checkpoints"] if c.get("generation", 0) <= generation]
-        new["skips"] = [s for s in new.get("skips", []) if s["generation"] <= generation]
-        new["indexes"] = {k: v for k, v in new["indexes"].items() if v["generation"] <= generation}
-        for name in new["merged_shards"]:  # keep shard merges idempotent after a rollback
-            new["merged_shards"][name] = sum(s["vectors"]["file"].startswith(f"shards/{name}/") for s in new["segments"])
-            new.setdefault("merged_skips", {})[name] = sum(s.get("shard") == name for s in new["skips"])
-        new["generation"] = self.generation + 1
-        _recount(new)
-        write_json_atomic(self.path / mf.MANIFEST, new)
-        self._manifest = new
-        self._buffer.clear()
-        self._pending_ckpts.clear()
-        self._pending_skips.clear()
-        self._idsets.clear()
-        self._cache.clear()
-
-    def refresh(self) -> None:
-        """Re-read the manifest to see commits made since this store was opened (readers)."""
-        manifest = mf.load_manifest(self.path)
-        old, self._manifest = self._manifest, manifest
-        try:
-            self._check_files()
-        except Exception:
-            self._manifest = old
-            raise
-        self._cache.clear()
-        self._idsets.clear()
-
-    # ------------------------------------------------------------------ integrity
-    def _check_files(self) -> None:
-        for entry in _file_entries(self._manifest):
-            full = self._verify == "full" and entry["file"] not in self._verified
-            mf.check_file(self.path, entry, full=full)
-            if full:
-                self._verified.add(entry["file"])
-
-    def verify(self) -> None:
-        """Check every committed file's size and sha256 and the manifest's row counts.
-
-        Raises:
-            StoreCorruptError: naming the first bad file or inconsistent count.
-        """
-        for entry in _file_entries(self._manifest):
-            mf.check_file(self.path, entry, full=True)
-            self._verified.add(entry["file"])
-        counted = copy.deepcopy(self._manifest)
-        _recount(counted)
-        for a, b in zip(counted["checkpoints"], self._manifest["checkpoints"]):
-            if a["rows"] != b["rows"]:
-                from lightning_sketch.exceptions import StoreCorruptError
-
-                raise StoreCorruptError(
-                    f"{str(self.path / mf.MANIFEST)!r}: checkpoint {b['name']!r} records {b['rows']} rows but its "
-                    f"segments hold {a['rows']}."
-                )
-        for seg in self._manifest["segments"]:
-            self._load(seg["ids"], seg["rows"], None, "int64")
-            self._load(seg["vectors"], seg["rows"], self.sketch_dim, self.dtype)
-
-    def _load(self, entry: dict[str, Any], rows: int, width: int | None, dtype: str) -> np.ndarray:
-        if entry["file"] not in self._verified and self._verify != "size":
-            mf.check_file(self.path, entry, full=True)
-            self._verified.add(entry["file"])
-        return mf.load_npy(self.path, entry, rows=rows, width=width, dtype=dtype)
-
-
-def _file_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for seg in manifest["segments"]:
-        out += [seg["vectors"], seg["ids"]]
-    out += [v for v in manifest["indexes"].values()]
-    return out
-
-
-def _data_bytes(manifest: dict[str, Any]) -> int:
-    return int(sum(e["bytes"] for e in _file_entries(manifest)))
-
-
-def _recount(manifest: dict[str, Any]) -> None:
-    """Recompute each checkpoint's rows and skipped counts from segments and skip records."""
-    for c in manifest["checkpoints"]:
-        c["rows"] = int(sum(s["rows"] for s in manifest["segments"] if s["checkpoint"] == c["name"]))
-        skips = [s for s in manifest.get("skips", []) if s["checkpoint"] == c["name"]]
-        c["skipped_nonfinite"] = int(sum(s["nonfinite"] for s in skips))
-        c["skipped_duplicates"] = int(sum(s["duplicates"] for s in skips))

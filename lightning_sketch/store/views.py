@@ -251,9 +251,17 @@ class StoreViews:
         return index
 
     def build_index(
-        self, kind: str = "flat", checkpoint: str | None = None, weights: Weights = "sqrt_lr", **params: Any
+        self,
+        kind: str = "flat",
+        checkpoint: str | None = None,
+        weights: Weights = "sqrt_lr",
+        persist: bool = True,
+        **params: Any,
     ) -> dict[str, Any]:
         """Build a FAISS index over a view, persist it beside the segments (checksummed) and commit.
+
+        With ``persist=False`` the index is only kept in memory for this object's later
+        :meth:`search` calls (no write; works on read-only stores).
 
         Args:
             kind: "flat", "ivf", "ivfpq" or "hnsw".
@@ -262,19 +270,27 @@ class StoreViews:
                 m, nbits, M, ef_construction, ef_search, max_train, seed).
 
         Returns:
-            The manifest entry of the index (kind, params, file, bytes, sha256, rows).
+            The manifest entry of the index (kind, params, file, bytes, sha256, rows); with
+            ``persist=False`` only kind, view, params and rows.
 
         Raises:
             StoreWriteError: read-only store or failed write (the previous snapshot stays intact).
         """
-        self._require_writer()
-        self.commit()
+        if persist:
+            self._require_writer()
+            self.commit()
         view = self._view_name(checkpoint)
         ids, vecs, _ = self._view(view, weights)
         if len(ids) == 0:
             raise SketchInputError(f"View {view!r} has no committed rows; nothing to index.")
         full = ix.default_params(kind, len(ids), vecs.shape[1], **params)
         index = ix.build_index(kind, vecs, ids, full)
+        if not persist:
+            tag = repr(weights) if view == "tracin" else None
+            for key in [k for k in self._cache if k[:3] == ("index", view, kind)]:
+                del self._cache[key]
+            self._cache[("index", view, kind, tag, "cpu", self.generation)] = index
+            return {"kind": kind, "view": view, "params": full, "rows": len(ids)}
         gen = self.generation + 1
         name = f"index-{view}-{kind}-g{gen:06d}.faiss"
         sha, size = atomic_write(self.path / name, [memoryview(faiss.serialize_index(index))])

@@ -135,3 +135,14 @@ def test_persisted_index_is_used_and_refreshed(tmp_path, monkeypatch):
     store.commit()
     reader.refresh()
     assert (reader.search(queries[:1], 5, index="hnsw")[1][:, 0] == 10**6).all()
+
+
+def test_in_memory_index_on_a_read_only_store(tmp_path):
+    rows = clustered(1200, 16, seed=12)
+    _store(tmp_path / "s", rows).close()
+    reader = SketchStore.open(tmp_path / "s")
+    entry = reader.build_index("ivf", persist=False, nlist=8, nprobe=8)  # all lists probed: exact
+    assert entry["params"]["nlist"] == 8 and "file" not in entry
+    queries = clustered(6, 16, seed=13)
+    np.testing.assert_array_equal(reader.search(queries, 5, index="ivf")[1], reader.search_exact(queries, 5)[1])
+    assert reader.manifest["indexes"] == {}
