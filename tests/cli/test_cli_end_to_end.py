@@ -1,0 +1,121 @@
+"""The ``lightning-sketch`` console command in subprocesses: fit, query, report, inspect and errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import torch
+
+
+
+def test_fit_writes_store_checkpoint_and_both_loggers(tiny_run):
+    root = tiny_run["root"]
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    manifest = json.loads((root / "sketch" / "store" / "manifest.json").read_text())
+    # two epochs -> two checkpoint slices of 96 training examples each
+    assert [c["rows"] for c in manifest["checkpoints"]] == [96, 96]
+    # CSV and TensorBoard loggers declared in YAML both received the metrics
+    metrics = (root / "logs" / "csv" / "metrics.csv").read_text()
+    assert "val_acc" in metrics and "train_loss" in metrics
+    assert list((root / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    # the resolved config was saved with interpolations applied
+    saved = (root / "logs" / "csv" / "config.yaml").read_text()
+    assert f"dirpath: {root}/sketch" in saved and "${" not in saved
+
+
+def test_query_json_matches_in_process_attributor(tiny_run):
+    from lightning_sketch.attribution import Attributor
+    from lightning_sketch.demo import DigitsClassifier
+
+    assert tiny_run["query"]["returncode"] == 0, tiny_run["query"]["stderr"][-3000:]
+    result = json.loads((tiny_run["root"] / "query.json").read_text())
+    assert result["method"] == "tracin" and result["k"] == 4
+    assert [q["query"] for q in result["queries"]] == [0, 3, 5]
+    model = DigitsClassifier(hidden=32)
+    model.load_state_dict(torch.load(tiny_run["ckpt"], map_location="cpu", weights_only=False)["state_dict"])
+    model.eval()
+    batch = tiny_run["dm"].batch([0, 3, 5], split="test")
+    att = Attributor(tiny_run["root"] / "sketch", model, method="tracin")
+    pro_ids, pro_scores = att.top_k(batch, k=4)
+    opp_ids, opp_scores = att.top_k(batch, k=4, opponents=True)
+    train_labels = tiny_run["dm"].labels("train")
+    for q, rec in enumerate(result["queries"]):
+        assert rec["label"] == int(batch["y"][q])
+        assert [e["id"] for e in rec["proponents"]] == pro_ids[q].tolist()
+        assert [e["id"] for e in rec["opponents"]] == opp_ids[q].tolist()
+        torch.testing.assert_close(torch.tensor([e["score"] for e in rec["proponents"]], dtype=torch.float64),
+                                   pro_scores[q].to(torch.float64), rtol=1e-5, atol=1e-7)
+        assert all(e["score"] < 0 for e in rec["opponents"]) or min(opp_scores[q]) >= 0
+        assert [e["label"] for e in rec["proponents"]] == train_labels[pro_ids[q]].tolist()
+        # pictures of the query and of every listed training example (8x8 digits)
+        assert len(rec["image"]) == 8 and all(len(e["image"]) == 8 for e in rec["proponents"] + rec["opponents"])
+
+
+def test_query_inputs_csv_to_stdout(tiny_run):
+    out = tiny_run["query_csv"]
+    assert out["returncode"] == 0, out["stderr"][-3000:]
+    rows = list(csv.DictReader(io.StringIO(out["stdout"])))  # stdout holds the CSV alone
+    assert len(rows) == 2 * 2 * 3  # 2 inputs x (proponents, opponents) x k=3
+    assert {r["kind"] for r in rows} == {"proponent", "opponent"}
+    pro = [r for r in rows if r["query"] == "0" and r["kind"] == "proponent"]
+    scores = [float(r["score"]) for r in pro]
+    assert [int(r["rank"]) for r in pro] == [1, 2, 3] and scores == sorted(scores, reverse=True)
+
+
+def test_report_sections(tiny_run):
+    assert tiny_run["report"]["returncode"] == 0, tiny_run["report"]["stderr"][-3000:]
+    text = tiny_run["html"].read_text()
+    for section in ('id="metrics"', 'id="store"', 'id="attribution"', 'id="spectrum"', 'id="intrinsic"'):
+        assert section in text
+    assert text.count("data:image/png;base64,") >= 2  # metrics curves + attribution pictures
+    assert "sketch/store" in text and "query.json" in text
+
+
+def test_inspect_human_and_json(tiny_run):
+    out = tiny_run["inspect"]
+    assert out["returncode"] == 0, out["stderr"]
+    assert "health:       OK" in out["stdout"] and "rows:         192" in out["stdout"] and "kind=affd" in out["stdout"]
+    js = tiny_run["inspect_json"]  # a run directory finds its store
+    info = json.loads(js["stdout"])
+    assert js["returncode"] == 0 and info["rows"] == 192 and info["health"]["ok"] and len(info["checkpoints"]) == 2
+
+
+def test_inspect_corrupt_store_exits_nonzero(tiny_run):
+    out = tiny_run["inspect_corrupt"]
+    assert out["returncode"] == 1
+    assert "INCONSISTENT" in out["stdout"]
+    assert "is inconsistent" in out["stderr"] and "Traceback" not in out["stderr"]
+
+
+def test_missing_store_clear_message(tiny_run):
+    out = tiny_run["inspect_missing"]
+    assert out["returncode"] == 1
+    lines = out["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lightning-sketch inspect: error: No sketch store")
+    q = tiny_run["query_missing"]
+    assert q["returncode"] == 1 and "No sketch store" in q["stderr"] and "Traceback" not in q["stderr"]
+
+
+def test_unknown_class_in_config(tiny_run):
+    out = tiny_run["unknown_class"]
+    assert out["returncode"] == 2
+    assert "NoSuchModel" in out["stderr"] and "has no attribute" in out["stderr"]
+    assert "Traceback" not in out["stderr"] and out["stderr"].startswith("usage: lightning-sketch fit --config")
+
+
+def test_invalid_argument_values(tiny_run):
+    bad_type = tiny_run["bad_type"]
+    assert bad_type["returncode"] == 2
+    assert 'Parser key "trainer.max_epochs"' in bad_type["stderr"] and "abc" in bad_type["stderr"]
+    # a value the class itself refuses (typed error in __init__): message kept, no traceback
+    bad_value = tiny_run["bad_value"]
+    assert bad_value["returncode"] == 2
+    assert "`n_train + n_val + n_test` must be <= 1797" in bad_value["stderr"]
+    assert "Traceback" not in bad_value["stderr"]
+    bad_k = tiny_run["bad_k"]
+    assert bad_k["returncode"] == 2 and "argument --k: expected a positive integer" in bad_k["stderr"]
+    bad_ids = tiny_run["bad_ids"]
+    assert bad_ids["returncode"] == 1
+    assert "`--ids` [999] are outside the test split's range [0, 16)" in bad_ids["stderr"]
