@@ -179,8 +179,9 @@ class GradientCapture:
 
     def _accumulate(self, module: nn.Module, x: Tensor, delta: Tensor, w: int | None, b: int | None) -> None:
         size = delta.shape[0]
-        if self._scale == "mean":
-            delta = delta * size  # a mean-reduced loss puts 1/B on every example's output gradient
+        # A mean-reduced loss puts 1/B on every example's output gradient; undo it on the small
+        # [B, d] sketches rather than on the [B, T, out] gradients.
+        scale = float(size) if self._scale == "mean" else 1.0
         if isinstance(module, nn.Conv2d):
             delta = delta.reshape(size, delta.shape[1], -1).transpose(1, 2)  # [B, P, out]
         else:
@@ -205,11 +206,11 @@ class GradientCapture:
                     inp = x.to(delta.dtype).reshape(size, -1, x.shape[-1])
                 left, right = delta @ L.T, inp @ R.T
             sk = torch.einsum("bto,bti->boi", left, right).reshape(size, block.out_dim)
-            out[:, block.out_offset : block.out_offset + block.out_dim] += sk
+            out[:, block.out_offset : block.out_offset + block.out_dim].add_(sk, alpha=scale)
         if b is not None:
             block = self._sketch.blocks[b]
             M, _ = self._sketch.factors(block, delta)
-            out[:, block.out_offset : block.out_offset + block.out_dim] += delta.sum(1) @ M.T
+            out[:, block.out_offset : block.out_offset + block.out_dim].add_(delta.sum(1) @ M.T, alpha=scale)
 
 
 def factorized_sketch(model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, sketch: Sketch, layout: ParamLayout) -> Tensor:
