@@ -95,7 +95,7 @@ class PreconditionedSketch(Sketch):
                     h = hadamard(s)
                     state[f"{p}_{i}"] = (h[perm] if p == "t1" else h[:, perm]).contiguous()
                 else:
-                    state[f"{p}_{i}"] = haar_orthogonal(s, g).to(torch.float32)
+                    state[f"{p}_{i}"] = haar_orthogonal(s, g).to(torch.float32).contiguous()
         rows = prefix_rows(shapes, self.sketch_dim) if shapes else ()
         if not self.TWO_PASS:
             d_prime = math.prod(rows) if shapes else self.sketch_dim
@@ -131,7 +131,7 @@ class PreconditionedSketch(Sketch):
         dtype = x.dtype
         x = x.to(compute_dtype(x))
         if self.options["preconditioner"] == "fft":
-            chunks = x.split(rows_per_chunk(self._n_pad)) if x.shape[0] else (x,)
+            chunks = x.split(rows_per_chunk(self._n_pad, x.device)) if x.shape[0] else (x,)
             out = torch.cat([self._apply_fft(c) for c in chunks])
         elif uses_autograd(x) or x.shape[0] == 0:
             out = self._apply_functional(x)
@@ -163,7 +163,7 @@ class PreconditionedSketch(Sketch):
     def _apply_chunked(self, x: Tensor) -> Tensor:
         """Same map as :meth:`_apply_functional`, in row chunks through two reused work buffers."""
         m, n, n_pad = x.shape[0], self.dim, self._n_pad
-        rows = min(m, rows_per_chunk(n_pad))
+        rows = min(m, rows_per_chunk(n_pad, x.device))
         work = (x.new_empty(rows * n_pad), x.new_empty(rows * n_pad))
         out = x.new_empty(m, self.sketch_dim)
         signs = float_state(self, "signs", x) if "signs" in self._tensors else None

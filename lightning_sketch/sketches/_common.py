@@ -41,9 +41,14 @@ def pad_cols(x: Tensor, n: int) -> Tensor:
     return x if x.shape[-1] == n else F.pad(x, (0, n - x.shape[-1]))
 
 
-def rows_per_chunk(width: int) -> int:
-    """Rows processed at once by the chunked fast path for vectors of length ``width``."""
-    return max(1, WORK_ELEMENTS // max(1, width))
+def rows_per_chunk(width: int, device: torch.device | None = None) -> int:
+    """Rows processed at once by the chunked fast path for vectors of length ``width``.
+
+    On CPU the work buffers stay at :data:`WORK_ELEMENTS`; accelerators (caching allocators,
+    wide parallelism) take up to 64x more per chunk.
+    """
+    budget = WORK_ELEMENTS if device is None or device.type == "cpu" else 64 * WORK_ELEMENTS
+    return max(1, budget // max(1, width))
 
 
 def rademacher(n: int, generator: torch.Generator) -> Tensor:

@@ -93,7 +93,7 @@ class FJLSketch(Sketch):
         vals = self.state("vals", x)
         signs = float_state(self, "signs", x)[: self.dim]
         outs = []
-        for xc in x.split(rows_per_chunk(self._n_pad)) if x.shape[0] else (x,):
+        for xc in x.split(rows_per_chunk(self._n_pad, x.device)) if x.shape[0] else (x,):
             u = self._hadamard(pad_cols(xc * signs, self._n_pad))
             outs.append((u[:, idx] * vals).sum(-1) * self._scale)
         return torch.cat(outs).to(dtype)

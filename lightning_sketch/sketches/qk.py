@@ -86,7 +86,7 @@ class QKSketch(Sketch):
         d_pad = next_pow2(self.sketch_dim)
         splits = balanced_split(shapes, d_pad)
         tensors = {
-            f"q_{i}": haar_orthogonal(b, self.generator(f"factor/{i}"), rows=r).to(torch.float32)
+            f"q_{i}": haar_orthogonal(b, self.generator(f"factor/{i}"), rows=r).to(torch.float32).contiguous()
             for i, (b, r) in enumerate(zip(shapes, splits))
         }
         self._set("_n_pad", n_pad)
@@ -115,7 +115,7 @@ class QKSketch(Sketch):
             out = kron_apply(pad_cols(x, self._n_pad), factors)[:, : self.sketch_dim] * self._scale
             return out.to(dtype)
         m, n, n_pad = x.shape[0], self.dim, self._n_pad
-        rows = min(m, rows_per_chunk(n_pad))
+        rows = min(m, rows_per_chunk(n_pad, x.device))
         work = (x.new_empty(rows * n_pad), x.new_empty(rows * n_pad))
         out = x.new_empty(m, self.sketch_dim)
         for start in range(0, m, rows):
