@@ -12,8 +12,9 @@ returns ``None``, so the training gradients are bit-for-bit unchanged. Parameter
 that no supported module covers (LayerNorm, ``nn.MultiheadAttention``'s functional projections,
 ...) are refused with :class:`UnsupportedModelError` listing them: exclude them from the layout
 (e.g. ``ParamLayout.from_module(model, exclude=["*norm*", "*attn*"])``) or use
-``sketch_gradients(mode="explicit")``. Inputs must be batch-first; do not run ``torch.func``
-transforms on the model while the context is active.
+``sketch_gradients(mode="explicit")``. Inputs must be batch-first. Forward calls through
+``torch.func.functional_call`` (every other function of this package, HVPs included) do not use
+the module's own parameter objects and are ignored, so they may run inside the context.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class GradientCapture:
     def __enter__(self) -> GradientCapture:
         self.reset()
         for module, w, b in self._targets:
-            self._handles.append(module.register_forward_hook(self._make_hook(w, b)))
+            self._handles.append(module.register_forward_hook(self._make_hook(module, w, b)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -154,8 +155,15 @@ class GradientCapture:
         return self._buffer
 
     # ----------------------------------------------------------------- hooks
-    def _make_hook(self, w: int | None, b: int | None):  # noqa: ANN202 - returns a hook
+    def _make_hook(self, owner: nn.Module, w: int | None, b: int | None):  # noqa: ANN202 - returns a hook
+        # The parameter objects seen now: under torch.func.functional_call (per_example_grads, hvp,
+        # torch.func transforms) the module holds substituted tensors, and such calls are skipped so
+        # that they can run inside the context without adding to the sketches.
+        weight, bias = getattr(owner, "weight", None), getattr(owner, "bias", None)
+
         def forward_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if module.weight is not weight or getattr(module, "bias", None) is not bias:
+                return
             if not isinstance(output, Tensor) or not output.requires_grad or not torch.is_grad_enabled():
                 return
             x = args[0].detach()

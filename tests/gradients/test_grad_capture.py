@@ -138,3 +138,19 @@ def test_capture_refuses_non_batch_first():
     model = Folding()
     with pytest.raises(SketchInputError, match="batch sizes 10 and 5"), GradientCapture(model, PerLayerSketch.for_module(model, 8)):
         model(torch.randn(5, 4)).mean().backward()
+
+
+def test_functional_calls_inside_the_context_are_ignored():
+    from lightning_sketch.gradients import hvp
+
+    model, batch, _ = cases()["mlp"]
+    layout = ParamLayout.from_module(model)
+    sketch = PerLayerSketch.for_module(model, 12, seed=1)
+    ref = sketch.apply(per_example_grads(model, xent, batch))
+    v = torch.randn(layout.dim, dtype=torch.float64)
+    with GradientCapture(model, sketch) as cap:
+        xent(model, batch).mean().backward()
+        per_example_grads(model, xent, batch)
+        for method in ("fwd_rev", "double_backward", "finite_difference"):
+            hvp(model, xent, batch, v, method=method)
+    torch.testing.assert_close(cap.sketches(), ref, atol=TOL, rtol=TOL)
