@@ -187,6 +187,8 @@ class GradientCapture:
 
     def _accumulate(self, module: nn.Module, x: Tensor, delta: Tensor, w: int | None, b: int | None) -> None:
         size = delta.shape[0]
+        if delta.dtype in (torch.float16, torch.bfloat16):
+            delta = delta.float()  # mixed precision: sketch and accumulate in float32
         # A mean-reduced loss puts 1/B on every example's output gradient; undo it on the small
         # [B, d] sketches rather than on the [B, T, out] gradients.
         scale = float(size) if self._scale == "mean" else 1.0

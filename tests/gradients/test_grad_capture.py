@@ -154,3 +154,16 @@ def test_functional_calls_inside_the_context_are_ignored():
         for method in ("fwd_rev", "double_backward", "finite_difference"):
             hvp(model, xent, batch, v, method=method)
     torch.testing.assert_close(cap.sketches(), ref, atol=TOL, rtol=TOL)
+
+
+def test_bf16_autocast_sketches_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    batch = (torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    sketch = PerLayerSketch.for_module(model, 10, seed=0)
+    ref = sketch.apply(per_example_grads(model, xent, batch))
+    with GradientCapture(model, sketch) as cap, torch.autocast("cpu", dtype=torch.bfloat16):
+        xent(model, batch).mean().backward()
+    assert cap.sketches().dtype == torch.float32
+    # bf16 activations and gradients carry ~3 significant digits
+    torch.testing.assert_close(cap.sketches(), ref, atol=0.05 * ref.abs().max().item(), rtol=0.05)
