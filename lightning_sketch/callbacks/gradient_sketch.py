@@ -52,6 +52,9 @@ from lightning_sketch.exceptions import NonFiniteGradientError, SketchConfigErro
 
 __all__ = ["GradientSketch"]
 
+#: inline mode commits early once this many bytes of rows are buffered.
+_INLINE_BUFFER_BYTES = 256 * 2**20
+
 log = logging.getLogger(__name__)
 
 try:  # Lightning >= 2.x ships typing_extensions.override
@@ -271,7 +274,11 @@ class GradientSketch(Callback):
         if self._skip(trainer):
             return
         if self.mode == "inline":
-            self._commit(trainer)
+            # Inline rows are committed with Lightning checkpoints and at fit end (a crash loses only
+            # rows after the last checkpoint, which a resume re-writes anyway); commit earlier only
+            # when the buffer grows large, so the per-step cost stays an in-memory append.
+            if self.store.pending_rows * self.sketch_dim * 4 > _INLINE_BUFFER_BYTES:
+                self._commit(trainer)
             return
         if self._due_epoch(trainer) and trainer.global_step > self._last_step_done:
             self._take_slice(trainer, pl_module)
@@ -306,9 +313,10 @@ class GradientSketch(Callback):
     # ------------------------------------------------------------------ inline mode
     def _inline_slice(self, trainer: Trainer) -> str:
         name = f"epoch-{trainer.current_epoch}"
-        self.store.add_checkpoint(name, step=None, lr=1.0, weight=None, lr_weighted=True, epoch=trainer.current_epoch)
-        if name not in self._slices:
-            self._slices.append(name)
+        if not self._slices or self._slices[-1] != name:
+            self.store.add_checkpoint(name, step=None, lr=1.0, weight=None, lr_weighted=True, epoch=trainer.current_epoch)
+            if name not in self._slices:
+                self._slices.append(name)
         return name
 
     @override
