@@ -38,7 +38,7 @@ def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
 
 
 CLOCK = time.perf_counter
-SYNC = lambda: None  # noqa: E731 - replaced by torch.cuda.synchronize on a GPU
+SYNC = lambda: None
 
 
 def _once(fn) -> float:
@@ -75,8 +75,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--slow-reps", type=int, default=2, help="reps for the vmap paths")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
-                        help="cpu: process CPU time (less sensitive to other jobs on a shared machine); wall: perf_counter")
+    parser.add_argument(
+        "--clock",
+        default="cpu",
+        choices=["cpu", "wall"],
+        help="cpu: process CPU time (less sensitive to other jobs on a shared machine); wall: perf_counter",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda forces --clock wall)")
     args = parser.parse_args()
     global CLOCK, SYNC
@@ -87,7 +91,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = nn.Sequential(
+        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
     layout = ParamLayout.from_module(model)
     g = torch.Generator().manual_seed(1)
     centers = torch.randn(10, 784, generator=g)
@@ -96,9 +102,11 @@ def main() -> None:
     model, batch = model.to(device), (x.to(device), y.to(device))
     per_layer = PerLayerSketch.for_module(model, args.sketch_dim, seed=0, inner=args.inner)
     whole = make(args.kind, dim=layout.dim, sketch_dim=args.sketch_dim, seed=0)
-    print(f"model 784-1024-256-10: N = {layout.dim:,}; batch {args.batch}; D = {args.sketch_dim}; "
-          f"device {device}; threads {args.threads}; whole-model kind {args.kind}; per_layer inner {args.inner} "
-          f"({per_layer.zero_columns} zero columns)")
+    print(
+        f"model 784-1024-256-10: N = {layout.dim:,}; batch {args.batch}; D = {args.sketch_dim}; "
+        f"device {device}; threads {args.threads}; whole-model kind {args.kind}; per_layer inner {args.inner} "
+        f"({per_layer.zero_columns} zero columns)"
+    )
 
     def plain() -> None:
         model.zero_grad(set_to_none=True)
@@ -120,10 +128,34 @@ def main() -> None:
     rows = [
         ("plain forward+backward", *paired(plain, plain, r)),
         ("forward+backward with GradientCapture (inline)", *paired(captured, plain, r)),
-        ("sketch_gradients(mode='factorized')", *paired(lambda: sketch_gradients(model, loss_fn, batch, per_layer, mode="factorized"), plain, r)),
-        ("per_example_grads (vmap), no sketch", *paired(lambda: per_example_grads(model, loss_fn, batch, chunk_size=args.chunk_size), plain, sr)),
-        (f"vmap + {args.kind} (explicit whole-model)", *paired(lambda: sketch_gradients(model, loss_fn, batch, whole, mode="explicit", chunk_size=args.chunk_size), plain, sr)),
-        (f"implicit whole-model {args.kind} (grad wrt omega)", *paired(lambda: sketch_gradients(model, loss_fn, batch, whole, mode="implicit", chunk_size=args.chunk_size), plain, sr)),
+        (
+            "sketch_gradients(mode='factorized')",
+            *paired(lambda: sketch_gradients(model, loss_fn, batch, per_layer, mode="factorized"), plain, r),
+        ),
+        (
+            "per_example_grads (vmap), no sketch",
+            *paired(lambda: per_example_grads(model, loss_fn, batch, chunk_size=args.chunk_size), plain, sr),
+        ),
+        (
+            f"vmap + {args.kind} (explicit whole-model)",
+            *paired(
+                lambda: sketch_gradients(
+                    model, loss_fn, batch, whole, mode="explicit", chunk_size=args.chunk_size
+                ),
+                plain,
+                sr,
+            ),
+        ),
+        (
+            f"implicit whole-model {args.kind} (grad wrt omega)",
+            *paired(
+                lambda: sketch_gradients(
+                    model, loss_fn, batch, whole, mode="implicit", chunk_size=args.chunk_size
+                ),
+                plain,
+                sr,
+            ),
+        ),
     ]
     print(f"\nclock: {args.clock}")
     print(f"{'path':52s} {'median s':>9s} {'x plain (paired median)':>24s} {'x plain (min/min)':>18s}")
@@ -131,9 +163,12 @@ def main() -> None:
     for name, t, ratio, best in rows:
         print(f"{name:52s} {t:9.4f} {ratio:24.2f} {best / best_plain:18.2f}")
     explicit, implicit = rows[4][2], rows[5][2]
-    print(f"\nimplicit / explicit whole-model time: {implicit / explicit:.2f} "
-          f"({'explicit faster, as in the paper' if implicit > explicit else 'implicit faster here, unlike the paper'})")
+    print(
+        f"\nimplicit / explicit whole-model time: {implicit / explicit:.2f} "
+        f"({'explicit faster, as in the paper' if implicit > explicit else 'implicit faster here, unlike the paper'})"
+    )
     print(f"inline GradientCapture overhead: {rows[1][2]:.2f}x a plain forward+backward (target <= 1.5x)")
+
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -41,7 +40,11 @@ def check_model(model: nn.Module) -> None:
     running-statistics update would modify the model's buffers."""
     if not isinstance(model, nn.Module):
         raise SketchInputError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    bad = [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    bad = [
+        n or "<root>"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
     if bad:
         raise UnsupportedModelError(
             f"BatchNorm module(s) {bad} are in train mode: per-example gradients and HVPs are undefined "
@@ -76,7 +79,9 @@ def split_state(model: nn.Module, layout: ParamLayout) -> tuple[dict[str, Tensor
     return selected, fixed
 
 
-def loss_call(module: _LossModule, selected: Mapping[str, Tensor], fixed: Mapping[str, Tensor], batch: Batch) -> Tensor:
+def loss_call(
+    module: _LossModule, selected: Mapping[str, Tensor], fixed: Mapping[str, Tensor], batch: Batch
+) -> Tensor:
     """``loss_fn(model with θ_selected = selected, batch)`` as a functional call."""
     params = {_PREFIX + n: t for n, t in selected.items()}
     return functional_call(module, {**fixed, **params}, (batch,), strict=False)

@@ -106,7 +106,9 @@ class GradientCapture:
         self._model, self._sketch, self._layout, self._scale = model, sketch, layout, loss_scale
         self._targets: list[tuple[nn.Module, int | None, int | None]] = []
         covered: set[int] = set()
-        mha_children = {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.modules()}
+        mha_children = {
+            id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.modules()
+        }
         for module in model.modules():
             if not _supported(module, id(module) in mha_children):
                 continue
@@ -126,7 +128,7 @@ class GradientCapture:
         self._buffer: Tensor | None = None
 
     # ----------------------------------------------------------------- context
-    def __enter__(self) -> GradientCapture:
+    def __enter__(self) -> GradientCapture:  # noqa: PYI034 - typing.Self needs Python 3.11
         self.reset()
         for module, w, b in self._targets:
             self._handles.append(module.register_forward_hook(self._make_hook(module, w, b)))
@@ -155,7 +157,7 @@ class GradientCapture:
         return self._buffer
 
     # ----------------------------------------------------------------- hooks
-    def _make_hook(self, owner: nn.Module, w: int | None, b: int | None):  # noqa: ANN202 - returns a hook
+    def _make_hook(self, owner: nn.Module, w: int | None, b: int | None):
         # The parameter objects seen now: under torch.func.functional_call (per_example_grads, hvp,
         # torch.func transforms) the module holds substituted tensors, and such calls are skipped so
         # that they can run inside the context without adding to the sketches.
@@ -209,7 +211,11 @@ class GradientCapture:
             else:
                 if isinstance(module, nn.Conv2d):
                     unfolded = TF.unfold(
-                        x.to(delta.dtype), module.kernel_size, module.dilation, _conv_padding(module), module.stride
+                        x.to(delta.dtype),
+                        module.kernel_size,
+                        module.dilation,
+                        _conv_padding(module),
+                        module.stride,
                     )
                     inp = unfolded.transpose(1, 2)  # [B, P, in*kh*kw]
                 else:
@@ -223,7 +229,9 @@ class GradientCapture:
             out[:, block.out_offset : block.out_offset + block.out_dim].add_(delta.sum(1) @ M.T, alpha=scale)
 
 
-def factorized_sketch(model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, sketch: Sketch, layout: ParamLayout) -> Tensor:
+def factorized_sketch(
+    model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, sketch: Sketch, layout: ParamLayout
+) -> Tensor:
     """``sketch_gradients(mode="factorized")``: one forward and ``torch.autograd.grad`` of the summed
     per-example losses under :class:`GradientCapture` (no ``.grad`` written). ``[B, D]``."""
     size = F.batch_size(batch)

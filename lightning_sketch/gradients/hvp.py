@@ -44,7 +44,9 @@ _METHODS = ("fwd_rev", "double_backward", "finite_difference")
 _DEFAULT_EPS = {torch.float64: 1e-5, torch.float32: 1e-3}
 
 
-def _mean_loss(model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, fixed: dict[str, Tensor]) -> Callable[[dict[str, Tensor]], Tensor]:
+def _mean_loss(
+    model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, fixed: dict[str, Tensor]
+) -> Callable[[dict[str, Tensor]], Tensor]:
     module = F._LossModule(model, loss_fn)
     size = F.batch_size(batch)
 
@@ -57,7 +59,9 @@ def _mean_loss(model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, fixed: dict[
 def _check_vec(v: Tensor, n: int, name: str, letter: str) -> None:
     if not isinstance(v, Tensor) or not v.is_floating_point() or v.ndim not in (1, 2) or v.shape[-1] != n:
         shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-        raise SketchInputError(f"`{name}` must be a real floating tensor [{letter}] or [K, {letter}] with {letter} = {n}, got {shape}.")
+        raise SketchInputError(
+            f"`{name}` must be a real floating tensor [{letter}] or [K, {letter}] with {letter} = {n}, got {shape}."
+        )
 
 
 def _hvp_dict(
@@ -72,7 +76,9 @@ def _hvp_dict(
     if method == "double_backward":
         leaves = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
         g = torch.autograd.grad(loss(leaves), list(leaves.values()), create_graph=True)
-        hv = torch.autograd.grad(g, list(leaves.values()), grad_outputs=[v[n] for n in leaves], allow_unused=True)
+        hv = torch.autograd.grad(
+            g, list(leaves.values()), grad_outputs=[v[n] for n in leaves], allow_unused=True
+        )
         return {n: torch.zeros_like(theta[n]) if h is None else h.detach() for n, h in zip(leaves, hv)}
     p0 = next(iter(theta.values()))
     step = _DEFAULT_EPS.get(p0.dtype, 1e-2) if eps is None else float(eps)
@@ -134,7 +140,9 @@ def hvp(
     selected, fixed = F.split_state(model, layout)
     loss = _mean_loss(model, loss_fn, batch, fixed)
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-        return _rows(v, lambda row: layout.flatten(_hvp_dict(loss, selected, layout.unflatten(row), method, eps)))
+        return _rows(
+            v, lambda row: layout.flatten(_hvp_dict(loss, selected, layout.unflatten(row), method, eps))
+        )
 
 
 def make_hvp(

@@ -135,7 +135,9 @@ class ParamLayout:
         else:
             parts = list(tensors)
             if len(parts) != len(self.names):
-                raise SketchInputError(f"`tensors` must hold {len(self.names)} tensors in layout order, got {len(parts)}.")
+                raise SketchInputError(
+                    f"`tensors` must hold {len(self.names)} tensors in layout order, got {len(parts)}."
+                )
         lead = None
         flat = []
         for name, shape, t in zip(self.names, self.shapes, parts):
@@ -174,7 +176,11 @@ class ParamLayout:
         """
         own = dict(module.named_parameters())
         missing = [n for n in self.names if n not in own]
-        wrong = [(n, s, tuple(own[n].shape)) for n, s in zip(self.names, self.shapes) if n in own and tuple(own[n].shape) != s]
+        wrong = [
+            (n, s, tuple(own[n].shape))
+            for n, s in zip(self.names, self.shapes)
+            if n in own and tuple(own[n].shape) != s
+        ]
         if missing or wrong:
             raise LayoutMismatchError(
                 f"Module {type(module).__name__} does not fit the layout: missing {missing}, "
@@ -191,7 +197,11 @@ class ParamLayout:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable ``{"names", "shapes", "fingerprint"}``."""
-        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "fingerprint": self.fingerprint()}
+        return {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "fingerprint": self.fingerprint(),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ParamLayout:
@@ -203,7 +213,9 @@ class ParamLayout:
         try:
             layout = cls(tuple(data["names"]), tuple(tuple(s) for s in data["shapes"]))
         except (KeyError, TypeError, ValueError) as err:
-            raise LayoutMismatchError(f"`data` is not a ParamLayout dict ({err!r}); expected keys 'names', 'shapes'.") from err
+            raise LayoutMismatchError(
+                f"`data` is not a ParamLayout dict ({err!r}); expected keys 'names', 'shapes'."
+            ) from err
         fp = data.get("fingerprint")
         if fp is not None and fp != layout.fingerprint():
             raise LayoutMismatchError(

@@ -27,7 +27,7 @@ from lightning_sketch.sketches.base import Sketch
 __all__ = ["finite_mask", "per_example_grads", "sketch_gradients"]
 
 
-def _example_loss(module: F._LossModule, fixed: dict[str, Tensor]):  # noqa: ANN202 - returns a closure
+def _example_loss(module: F._LossModule, fixed: dict[str, Tensor]):
     def loss_one(selected: dict[str, Tensor], example: F.Batch) -> Tensor:
         losses = F.check_losses(F.loss_call(module, selected, fixed, F.unsqueeze_example(example)), 1)
         return losses[0]
@@ -96,7 +96,9 @@ def finite_mask(g: Tensor) -> Tensor:
     return torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
 
 
-def _implicit(model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, sketch: Sketch, layout: ParamLayout, chunk: int) -> Tensor:
+def _implicit(
+    model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, sketch: Sketch, layout: ParamLayout, chunk: int
+) -> Tensor:
     """∇_ω ℓ(θ0 + Φᵀω; x_b) at ω = 0 for every example (paper eq. 4)."""
     selected, fixed = F.split_state(model, layout)
     module = F._LossModule(model, loss_fn)

@@ -84,7 +84,7 @@ def _largest_remainder(total: int, weights: Sequence[int]) -> list[int]:
     free = total - k
     n = sum(weights)
     raw = [free * w / n for w in weights]
-    base = [int(math.floor(r)) for r in raw]
+    base = [math.floor(r) for r in raw]
     order = sorted(range(k), key=lambda i: (-(raw[i] - base[i]), i))
     for i in order[: free - sum(base)]:
         base[i] += 1
@@ -143,7 +143,8 @@ class PerLayerSketch(Sketch):
             shapes = [[self.dim]]
         ok = isinstance(shapes, Sequence) and not isinstance(shapes, str) and len(shapes) > 0
         ok = ok and all(
-            isinstance(s, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in s)
+            isinstance(s, Sequence)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in s)
             for s in shapes
         )
         if not ok:

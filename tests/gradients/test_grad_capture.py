@@ -75,7 +75,12 @@ def test_capture_equals_general_path(name, inner):
     with GradientCapture(model, sketch, layout) as cap:
         xent(model, batch).mean().backward()
     torch.testing.assert_close(cap.sketches(), ref, atol=TOL, rtol=TOL)
-    torch.testing.assert_close(sketch_gradients(model, xent, batch, sketch, mode="factorized", layout=layout), ref, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(
+        sketch_gradients(model, xent, batch, sketch, mode="factorized", layout=layout),
+        ref,
+        atol=TOL,
+        rtol=TOL,
+    )
 
 
 def test_capture_does_not_change_training_gradients():
@@ -102,7 +107,7 @@ def test_factorized_leaves_grad_untouched():
 
 
 def test_capture_errors():
-    model, batch, _ = cases()["embed"]
+    model, _, _ = cases()["embed"]
     with pytest.raises(UnsupportedModelError, match=r"\['norm.weight', 'norm.bias'\].*exclude"):
         GradientCapture(model, PerLayerSketch.for_module(model, 16))
     layout = ParamLayout.from_module(model, exclude=["norm.*"])
@@ -136,7 +141,10 @@ class Folding(nn.Module):
 
 def test_capture_refuses_non_batch_first():
     model = Folding()
-    with pytest.raises(SketchInputError, match="batch sizes 10 and 5"), GradientCapture(model, PerLayerSketch.for_module(model, 8)):
+    with (
+        pytest.raises(SketchInputError, match="batch sizes 10 and 5"),
+        GradientCapture(model, PerLayerSketch.for_module(model, 8)),
+    ):
         model(torch.randn(5, 4)).mean().backward()
 
 

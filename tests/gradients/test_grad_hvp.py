@@ -77,7 +77,9 @@ def test_hvp_matches_hessian(case, method, request):
     v = torch.randn(2, layout.dim, dtype=torch.float64)
     ref = ref_hvp(model, loss_fn, [batch], layout, v)
     if case == "mlp_case":
-        torch.testing.assert_close(ref, v @ exact_hessian(model, loss_fn, [batch], layout).T, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(
+            ref, v @ exact_hessian(model, loss_fn, [batch], layout).T, atol=1e-12, rtol=1e-12
+        )
     got = hvp(model, loss_fn, batch, v, method=method)
     tol = FD_TOL if method == "finite_difference" else 1e-10
     torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
@@ -89,7 +91,7 @@ def test_least_squares_closed_form():
     X = torch.randn(20, 4, dtype=torch.float64)
     t = torch.randn(20, dtype=torch.float64)
     model = nn.Linear(4, 1, bias=False).double()
-    loss_fn = lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2  # noqa: E731
+    loss_fn = lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2
     v = torch.randn(4, dtype=torch.float64)
     for method in METHODS:
         got = hvp(model, loss_fn, (X, t), v, method=method)
@@ -163,7 +165,12 @@ def test_hvp_errors(mlp_case):
         sketched_hvp(model, loss_fn, batch, make("dense", dim=9, sketch_dim=4), v[:4])
     bn = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)).double()
     with pytest.raises(UnsupportedModelError, match="BatchNorm"):
-        hvp(bn, lambda m, b: m(b).sum(-1), torch.randn(4, 5, dtype=torch.float64), torch.randn(24, dtype=torch.float64))
+        hvp(
+            bn,
+            lambda m, b: m(b).sum(-1),
+            torch.randn(4, 5, dtype=torch.float64),
+            torch.randn(24, dtype=torch.float64),
+        )
 
 
 def test_finite_difference_zero_vector(mlp_case):

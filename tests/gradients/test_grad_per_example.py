@@ -37,7 +37,9 @@ def test_chunking_invariance_and_subset_layout(mlp_case):
     model, loss_fn, batch = mlp_case
     layout = ParamLayout.from_module(model, exclude=["*.bias"])
     full = per_example_grads(model, loss_fn, batch, layout=layout)
-    torch.testing.assert_close(per_example_grads(model, loss_fn, batch, layout=layout, chunk_size=4), full, atol=0, rtol=0)
+    torch.testing.assert_close(
+        per_example_grads(model, loss_fn, batch, layout=layout, chunk_size=4), full, atol=0, rtol=0
+    )
     assert full.shape == (6, layout.dim)
     torch.testing.assert_close(full, loop_grads(model, loss_fn, batch, layout), atol=ATOL, rtol=0)
 
@@ -48,7 +50,11 @@ def test_dict_batch_and_buffers_pass_through():
     with torch.no_grad():
         model[1].running_mean.uniform_(-1, 1)
         model[1].running_var.uniform_(0.5, 2)
-    batch = {"x": torch.randn(5, 3, dtype=torch.float64), "t": torch.randn(5, dtype=torch.float64), "tag": "keep"}
+    batch = {
+        "x": torch.randn(5, 3, dtype=torch.float64),
+        "t": torch.randn(5, dtype=torch.float64),
+        "tag": "keep",
+    }
 
     def loss_fn(m, b):
         assert b["tag"] == "keep"

@@ -57,7 +57,9 @@ def test_qk_factors_are_scaled_haar_rows():
     s = make("per_layer", 64 * 32, 64, seed=5, shapes=[[64, 32]], inner="qk")
     b = s.blocks[0]
     L = b.L.double()
-    torch.testing.assert_close(L @ L.T, torch.eye(b.d_o, dtype=torch.float64) * 64 / b.d_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        L @ L.T, torch.eye(b.d_o, dtype=torch.float64) * 64 / b.d_o, atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("inner", ["qk", "dense"])
@@ -68,7 +70,10 @@ def test_norm_preserved_in_expectation(inner):
     x = torch.randn(n, dtype=torch.float64)
     x /= x.norm()
     norms = torch.stack(
-        [make("per_layer", n, 32, seed=k, shapes=shapes, inner=inner).apply(x).pow(2).sum() for k in range(60)]
+        [
+            make("per_layer", n, 32, seed=k, shapes=shapes, inner=inner).apply(x).pow(2).sum()
+            for k in range(60)
+        ]
     )
     stderr = norms.std().item() / math.sqrt(len(norms))
     assert 0 < stderr < 0.1
