@@ -62,6 +62,25 @@ class SnapshotMixin:
         self._cache.clear()
         self._idsets.clear()
 
+    def prune(self) -> list[str]:
+        """Delete top-level files the current manifest does not name and return their names.
+
+        These are leftovers of interrupted commits (``*.tmp-<pid>``, unreferenced segments), replaced
+        indexes and rolled-back segments. Readers still holding an older snapshot may need them, so
+        prune only when no reader of an older generation is open. Shard directories are left alone.
+
+        Raises:
+            StoreWriteError: the store is read-only.
+        """
+        self._require_writer()
+        keep = {e["file"] for e in _file_entries(self._manifest)}
+        removed = []
+        for p in sorted(self.path.iterdir()):
+            if p.is_file() and p.name not in keep and (p.name.startswith(("seg-", "index-")) or ".tmp-" in p.name):
+                p.unlink()
+                removed.append(p.name)
+        return removed
+
     # ------------------------------------------------------------------ integrity
     def _check_files(self) -> None:
         for entry in _file_entries(self._manifest):

@@ -210,8 +210,8 @@ class StoreViews:
         if any(v is not None for v in knobs.values()):
             if device == "cpu":
                 ix.set_search_params(idx, index, knobs)
-            else:
-                faiss.GpuParameterSpace().set_index_parameter(idx, "nprobe", int(nprobe or 1))
+            elif nprobe is not None:  # HNSW is CPU-only, so only nprobe applies on a GPU
+                faiss.GpuParameterSpace().set_index_parameter(idx, "nprobe", int(nprobe))
         if index == "flat" or not rerank:
             return ix.search_index(idx, q, k)
         kk = min(len(ids), candidates or max(4 * k, k + 32))

@@ -261,3 +261,18 @@ def test_inspect_reports(tmp_path, spec):
     assert info["indexes"][0]["kind"] == "flat" and info["indexes"][0]["current"]
     assert info["size_bytes"] == store.size_bytes and info["health"] == {"ok": True, "checksums": "ok", "error": None}
     json.dumps(info)
+
+
+def test_prune_removes_only_unreferenced_files(tmp_path, spec):
+    store, x = _filled(tmp_path / "s", spec, n=90, chunks=3)
+    store.build_index("flat")
+    store.build_index("flat")  # replaces the first index file
+    store.rollback(2)  # the third segment is no longer referenced
+    (tmp_path / "s" / "seg-c-r0-g000099.npy.tmp-1234").write_bytes(b"torn")
+    removed = store.prune()
+    assert "seg-c-r0-g000099.npy.tmp-1234" in removed and len(removed) == 5
+    reopened = SketchStore.open(tmp_path / "s", verify="full")
+    reopened.verify()
+    np.testing.assert_array_equal(reopened.vectors(), x[:60])
+    with pytest.raises(StoreWriteError, match="read-only"):
+        reopened.prune()
