@@ -1,0 +1,145 @@
+"""2-process DDP (gloo, CPU) against a single-process run of the same data, for all three callbacks.
+
+The DDP job runs as a script in a subprocess (never ``strategy="ddp"`` inside pytest: it would
+relaunch pytest as rank 1), with the distributed environment variables removed and a free port.
+The single-process reference runs the same script with one device, in parallel. Both runs use a
+float64 model, a global batch of 8 (1 x 8 or 2 x 4) and unshuffled data, so they train on the same
+examples at every step; see ``scripts/ddp_run.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, hessian
+from torch.utils.data import default_collate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+from _common import HERE, Tiny, clean_env, dataset, free_port  # noqa: E402
+
+from lightning_sketch.gradients import ParamLayout  # noqa: E402
+from lightning_sketch.intrinsic import Subspace  # noqa: E402
+from lightning_sketch.sketches import make  # noqa: E402
+from lightning_sketch.spectrum import load_snapshot  # noqa: E402
+from lightning_sketch.store import SketchStore, inspect_store, shard_path  # noqa: E402
+
+TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    procs = {}
+    for name, devices in (("ddp", 2), ("single", 1)):
+        env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())) if devices > 1 else clean_env()
+        procs[name] = subprocess.Popen(
+            [sys.executable, str(HERE / "ddp_run.py"), str(root / name), str(devices)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+    for name, proc in procs.items():
+        try:
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for p in procs.values():
+                p.kill()
+            pytest.fail(f"{name} run did not finish within {TIMEOUT_S} s")
+        assert proc.returncode == 0, f"{name} run failed:\n{out[-4000:]}"
+    ddp = [json.loads((root / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    single = json.loads((root / "single" / "rank0.json").read_text())
+    assert [d["rank"] for d in ddp] == [0, 1] and ddp[0]["world"] == 2 and single["world"] == 1
+    return root, ddp, single
+
+
+def _sorted_rows(store: SketchStore, name: str) -> tuple[np.ndarray, np.ndarray]:
+    ids, vecs = store.ids(name), np.asarray(store.vectors(name))
+    order = np.argsort(ids)
+    return ids[order], vecs[order]
+
+
+@pytest.mark.parametrize("which", ["attr_ckpt", "attr_inline"])
+def test_gradient_sketch_shards_merge_to_the_single_process_store(runs, which):
+    root, ddp, _ = runs
+    if which == "attr_inline":  # both ranks used the hook fast path on their own backward
+        assert ddp[0]["inline_fast"] and ddp[1]["inline_fast"]
+    path = root / "ddp" / which / "store"
+    info = inspect_store(path)
+    assert info["health"]["ok"], info["health"]
+    assert info["shards"] == ["rank0", "rank1"]
+    merged, ref = SketchStore.open(path), SketchStore.open(root / "single" / which / "store")
+    assert merged.checkpoints == ref.checkpoints and len(ref.checkpoints) == 2
+    for name in ref.checkpoints:
+        ids, vecs = _sorted_rows(merged, name)
+        ref_ids, ref_vecs = _sorted_rows(ref, name)
+        assert ids.tolist() == ref_ids.tolist() == list(range(32))
+        np.testing.assert_allclose(vecs, ref_vecs, rtol=1e-5, atol=1e-7)
+        assert merged.checkpoint_info(name)["lr"] == ref.checkpoint_info(name)["lr"]
+        for rank in (0, 1):  # every rank wrote its own share: ids rank, rank + 2, ...
+            shard = SketchStore.open(shard_path(path, rank))
+            assert sorted(shard.ids(name).tolist()) == list(range(rank, 32, 2))
+
+
+def _exact_sketched_hessian_eigs(weights: dict, spec: dict, ids: list[int], k: int) -> torch.Tensor:
+    """Top-k eigenvalues of Φ H Φᵀ, H the float64 Hessian (torch.func) of the mean loss over ``ids``."""
+    model = Tiny(dtype=torch.float64)
+    model.load_state_dict(weights)
+    ds = dataset(32, 1, torch.float64)
+    batch = default_collate([ds[i] for i in ids])
+    layout = ParamLayout.from_module(model)
+    names, shapes = layout.names, layout.shapes
+
+    def loss(flat):
+        params, start = {}, 0
+        for n, s in zip(names, shapes):
+            size = int(np.prod(s))
+            params[n] = flat[start : start + size].reshape(s)
+            start += size
+        return functional_call(model, params, (batch["x"],)).log_softmax(-1).gather(1, batch["y"][:, None]).mean().neg()
+
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    h = hessian(loss)(flat)
+    phi = make(**spec).to_dense(torch.float64)
+    return torch.linalg.eigvalsh(phi @ h @ phi.T).flip(0)[:k]
+
+
+def test_hessian_spectrum_ranks_agree_with_the_single_process_operator(runs):
+    root, ddp, single = runs
+    # identical Krylov work on both ranks (a mismatch would deadlock the all-reduce)
+    assert ddp[0]["loss_calls"] == ddp[1]["loss_calls"] == single["loss_calls"] > 0
+    steps = [e["step"] for e in single["spectrum"]]
+    assert steps == [0, 5]
+    for e0, e1, es in zip(ddp[0]["spectrum"], ddp[1]["spectrum"], single["spectrum"]):
+        assert e0["step"] == e1["step"] == es["step"] and e0["matvecs"] == e1["matvecs"]
+        assert e0["eigenvalues"] == e1["eigenvalues"]
+        np.testing.assert_allclose(e0["eigenvalues"], es["eigenvalues"], rtol=1e-6)
+    for step in steps:
+        snap = load_snapshot(root / "ddp" / "spectrum" / f"step_{step:08d}.npz")
+        weights = torch.load(root / "ddp" / f"weights_step{step}.pt", weights_only=True)
+        spec = snap["meta"]["sketch_spec"]
+        assert snap["meta"]["world_size"] == 2
+        # probe = 2 batches per rank: rank 0 holds ids 0, 2, ..., 14, rank 1 ids 1, 3, ..., 15
+        exact = _exact_sketched_hessian_eigs(weights, spec, list(range(16)), k=4)
+        torch.testing.assert_close(snap["eigenvalues"].double(), exact, rtol=1e-6, atol=1e-9)
+        rank0_only = _exact_sketched_hessian_eigs(weights, spec, list(range(0, 16, 2)), k=4)
+        assert not torch.allclose(rank0_only, exact, rtol=1e-3)  # the reduction matters
+
+
+def test_intrinsic_dimension_projection_identical_and_omega_synchronised(runs):
+    _, ddp, single = runs
+    r0, r1, s = ddp[0]["intrinsic"], ddp[1]["intrinsic"], single["intrinsic"]
+    local = Subspace.attach(Tiny(dtype=torch.float64), kind="affd", sketch_dim=64, seed=4)
+    assert r0["checksum"] == r1["checksum"] == s["checksum"] == local.projection_checksum()
+    assert r0["spec"] == r1["spec"] == local.spec
+    assert r0["history"] == r1["history"] == s["history"]
+    assert [h["d"] for h in r0["history"]] == [4, 4, 8, 16, 32]  # doubling decisions taken on every rank
+    assert len(r0["trace"]) == len(r1["trace"]) == len(s["trace"]) == 4
+    for t0, t1, ts in zip(r0["trace"], r1["trace"], s["trace"]):
+        assert t0["step"] == t1["step"] and t0["active"] == t1["active"]
+        assert t0["omega"] == t1["omega"]  # bit-identical on both ranks
+        assert any(abs(w) > 1e-3 for w in t0["omega"])  # ω actually trained
+        np.testing.assert_allclose(t0["omega"], ts["omega"], rtol=1e-9, atol=1e-12)
