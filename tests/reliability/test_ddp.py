@@ -2,7 +2,7 @@
 
 The DDP job runs as a script in a subprocess (never ``strategy="ddp"`` inside pytest: it would
 relaunch pytest as rank 1), with the distributed environment variables removed and a free port.
-The single-process reference runs the same script with one device, in parallel. Both runs use a
+The single-process reference runs the same script's ``main`` with one device, in this process. Both runs use a
 float64 model, a global batch of 8 (1 x 8 or 2 x 4) and unshuffled data, so they train on the same
 examples at every step; see ``scripts/ddp_run.py``.
 """
@@ -35,23 +35,26 @@ TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    procs = {}
-    for name, devices in (("ddp", 2), ("single", 1)):
-        env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())) if devices > 1 else clean_env()
-        procs[name] = subprocess.Popen(
-            [sys.executable, str(HERE / "ddp_run.py"), str(root / name), str(devices)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-    for name, proc in procs.items():
-        try:
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for p in procs.values():
-                p.kill()
-            pytest.fail(f"{name} run did not finish within {TIMEOUT_S} s")
-        assert proc.returncode == 0, f"{name} run failed:\n{out[-4000:]}"
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "ddp_run.py"), str(root / "ddp"), "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    threads = torch.get_num_threads()
+    try:  # the single-process reference runs here while the DDP job starts up
+        import ddp_run
+
+        single = ddp_run.main(root / "single", 1)
+    finally:
+        torch.set_num_threads(threads)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"the DDP run did not finish within {TIMEOUT_S} s:\n{out[-4000:]}")
+    assert proc.returncode == 0, f"the DDP run failed:\n{out[-4000:]}"
     ddp = [json.loads((root / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    single = json.loads((root / "single" / "rank0.json").read_text())
     assert [d["rank"] for d in ddp] == [0, 1] and ddp[0]["world"] == 2 and single["world"] == 1
     return root, ddp, single
 
