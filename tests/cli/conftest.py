@@ -13,13 +13,34 @@ import pytest
 from cli_helpers import CONFIGS, run_cli, run_many
 
 TINY = """\
-# The main job's config (digits.yaml -> base.yaml), shrunk to seconds.
+# The main job's config (digits.yaml -> base.yaml), shrunk to seconds (cheaper callbacks).
 base_config: {digits}
 trainer:
   default_root_dir: {root}
   max_epochs: 2
   enable_progress_bar: false
   enable_model_summary: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        dirpath: ${{trainer.default_root_dir}}/checkpoints
+        save_last: true
+        save_top_k: 0
+    - class_path: lightning_sketch.callbacks.GradientSketch
+      init_args:
+        dirpath: ${{trainer.default_root_dir}}/sketch
+        sketch_dim: 256
+    - class_path: lightning_sketch.callbacks.HessianSpectrum
+      init_args:
+        dirpath: ${{trainer.default_root_dir}}/spectrum
+        k: 3
+        sketch_dim: 64
+        num_iter: 12
+        at_steps: [0, 6]
+        every_n_steps: null
+        probe_batches: 1
+        density_runs: 1
+        density_iter: 8
 model:
   init_args:
     hidden: 32

@@ -20,6 +20,10 @@ def test_fit_writes_store_checkpoint_and_both_loggers(tiny_run):
     metrics = (root / "logs" / "csv" / "metrics.csv").read_text()
     assert "val_acc" in metrics and "train_loss" in metrics
     assert list((root / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    # HessianSpectrum snapshots at the scheduled steps, readable by the spectrum package
+    from lightning_sketch.spectrum.snapshot import load_index
+
+    assert [e["step"] for e in load_index(root / "spectrum")] == [0, 6]
     # the resolved config was saved with interpolations applied
     saved = (root / "logs" / "csv" / "config.yaml").read_text()
     assert f"dirpath: {root}/sketch" in saved and "${" not in saved
@@ -69,7 +73,10 @@ def test_report_sections(tiny_run):
     text = tiny_run["html"].read_text()
     for section in ('id="metrics"', 'id="store"', 'id="attribution"', 'id="spectrum"', 'id="intrinsic"'):
         assert section in text
-    assert text.count("data:image/png;base64,") >= 2  # metrics curves + attribution pictures
+    assert text.count("data:image/png;base64,") >= 3  # metrics curves, attribution pictures, spectrum
+    spectrum = text.split('<section id="spectrum">')[1].split("</section>")[0]
+    assert "2 snapshots" in spectrum and "data:image/png;base64," in spectrum
+    assert "No intrinsic_dimension.json in this run" in text  # absent sections say so
     assert "sketch/store" in text and "query.json" in text
 
 
