@@ -43,6 +43,14 @@ def test_contract(inner, sketch_dim):
     assert s.state_bytes == 4 * sum(b.L.numel() + (0 if b.R is None else b.R.numel()) for b in s.blocks)
 
 
+@pytest.mark.parametrize("inner", ["qk", "dense"])
+def test_public_conformance_suite(inner):
+    from lightning_sketch.testing import check_sketch
+
+    results = check_sketch(make("per_layer", N, 20, seed=7, shapes=SHAPES, inner=inner))
+    assert all(results.values()), results
+
+
 def test_kronecker_form():
     s = make("per_layer", 35 + 7, 12, seed=0, shapes=[[7, 5], [7]])
     b = s.blocks[0]
