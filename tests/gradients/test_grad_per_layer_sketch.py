@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lightning_sketch.exceptions import SketchConfigError
@@ -105,3 +107,25 @@ def test_errors():
         make("per_layer", 12, 4, shapes=[[3, 4]], inner="fft")
     with pytest.raises(SketchConfigError, match="`shapes` must be a non-empty list"):
         make("per_layer", 12, 4, shapes=[[3, -4]])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(
+        st.lists(st.integers(1, 9), min_size=0, max_size=3),
+        min_size=1,
+        max_size=5,
+    ),
+    frac=st.floats(0.0, 1.0),
+)
+def test_allocation_invariants(shapes, frac):
+    n = sum(math.prod(s) for s in shapes)
+    d = len(shapes) + round(frac * (n - len(shapes)))
+    s = make("per_layer", n, d, seed=0, shapes=shapes, inner="dense")
+    out = 0
+    for b in s.blocks:
+        assert b.out_offset == out and 1 <= b.out_dim <= b.numel
+        if b.is_matrix:
+            assert 1 <= b.d_o <= b.rows and 1 <= b.d_i <= b.cols
+        out += b.out_dim
+    assert out + s.zero_columns == d and s.zero_columns >= 0
