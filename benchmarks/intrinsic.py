@@ -42,6 +42,13 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 
 
 # --------------------------------------------------------------------------- shared loop
+def save(args, rows):
+    """Write the rows so far (a run cut short still leaves its finished rows)."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
 def train(model, data, steps, lr, opt_name, batch_size, seed, device, eval_fn=None, every=None, on_eval=None):
     """Plain minibatch training; calls ``on_eval(step, metric)`` every ``every`` steps (stop if it returns True)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -150,6 +157,7 @@ def bench_digits(args):
                     "history": search.history,
                 }
                 rows.append(row)
+                save(args, rows)
                 print(
                     f"[digits] seed={seed} kind={kind:5s} delta={delta} ref={ref:.3f} target={target:.3f} | single: "
                     f"D*={d_single} steps={single_steps} ({single_steps / T:.2f}x T) | classic: D*={d_classic} "
@@ -283,6 +291,7 @@ def bench_minilm(args):
                 "history": search.history,
             }
             rows.append(row)
+            save(args, rows)
             print(
                 f"[minilm] kind={kind:5s} seed={seed} D*={search.d_star} ({search.status}) steps={steps} "
                 f"acc={row['final_acc']:.3f} time={dt:.1f}s state={row['state_bytes'] / 2**20:.1f} MiB "
@@ -315,6 +324,7 @@ def main():
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    args.out = str(args.out or CACHE / f"intrinsic_{args.part}.json")
     if args.part == "digits":
         args.kinds = args.kinds or ["affd", "dense"]
         args.d_min, args.d_max = args.d_min or 16, args.d_max or 4096
@@ -336,10 +346,8 @@ def main():
         args.c, args.max_steps, args.lr = args.c or 25, args.max_steps or 1500, args.lr or 1e-2
         args.delta = (args.delta or [0.02])[0]
         rows = bench_minilm(args)
-    out = Path(args.out or CACHE / f"intrinsic_{args.part}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    save(args, rows)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

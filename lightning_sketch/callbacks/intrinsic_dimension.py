@@ -173,6 +173,16 @@ class IntrinsicDimension(Callback):
         """The attached :class:`Subspace` (after ``setup``)."""
         return self._subspace
 
+    def projection_checksum(self) -> str:
+        """sha256 of Φ's spec and of Φᵀ on a fixed probe (equal on every rank iff Φ is; see ``Subspace``).
+
+        Raises:
+            SubspaceError: before ``setup`` attached the subspace.
+        """
+        if self._subspace is None:
+            raise SubspaceError("No subspace yet: `projection_checksum` is available after the trainer's setup.")
+        return self._subspace.projection_checksum()
+
     # ----------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

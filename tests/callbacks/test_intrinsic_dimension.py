@@ -16,6 +16,15 @@ from lightning_sketch.exceptions import SubspaceError, UnsupportedStrategyError
 from lightning_sketch.intrinsic import Subspace
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models: one thread is as fast uncontended and much faster on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _blobs(n: int, seed: int):
     """Four Gaussian blobs in 8-d: an easy 4-class task."""
     g = torch.Generator().manual_seed(seed)
@@ -116,7 +125,9 @@ def test_resume_mid_search_continues_with_same_d_and_omega(tmp_path):
     _trainer(tmp_path / "c", 24, [resumed_cb]).fit(resumed, ckpt_path=str(path))
     assert resumed_cb.history == full_cb.history and resumed_cb.active == full_cb.active
     assert torch.equal(resumed_cb.subspace.omega, full_cb.subspace.omega)
-    assert resumed_cb.subspace.projection_checksum() == full_cb.subspace.projection_checksum()
+    assert resumed_cb.projection_checksum() == full_cb.projection_checksum()
+    with pytest.raises(SubspaceError, match="after the trainer's setup"):
+        _search_cb().projection_checksum()
 
 
 def test_fixed_mode_verification_run_and_reference_helper(tmp_path):
@@ -129,6 +140,8 @@ def test_fixed_mode_verification_run_and_reference_helper(tmp_path):
     assert cb.reached is (cb.history[-1]["metric"] >= cb.target)
     assert [h["d"] for h in cb.history] == [1, 1]
     assert json.loads((tmp_path / "intrinsic_dimension.json").read_text())["mode"] == "fixed"
+    with pytest.raises(SubspaceError, match="val_nope"):
+        measure_reference_score(_trainer(tmp_path / "ref2", 1, []), Blobs(), monitor="val_nope")
 
 
 def test_setup_is_idempotent_and_validate_after_fit_works(tmp_path):
