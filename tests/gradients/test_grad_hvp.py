@@ -117,7 +117,14 @@ def test_make_hvp_averages_batches(mlp_case):
 def test_sketched_hvp_implicit_equals_explicit(case, request, sketches_for):
     model, loss_fn, batch = request.getfixturevalue(case)
     layout = ParamLayout.from_module(model)
-    for sketch in sketches_for(case, layout.dim, 12):
+    # Every buildable kind is checked for gradients in test_grad_per_example.py; for the (slower)
+    # sketched HVPs the MLP runs identity, dense and the first two structured kinds.
+    sketches = sketches_for(case, layout.dim, 12)
+    if case == "mlp_case":
+        sketches = [s for s in sketches if s.kind in ("identity", "dense")] + [
+            s for s in sketches if s.kind not in ("identity", "dense")
+        ][:2]
+    for sketch in sketches:
         P = sketch.to_dense()
         v = torch.randn(2, sketch.sketch_dim, dtype=torch.float64)
         ref = ref_hvp(model, loss_fn, [batch], layout, v @ P) @ P.T
