@@ -64,7 +64,9 @@ def cases():
     }
 
 
-@pytest.mark.parametrize(("name", "inner"), [("mlp", "qk"), ("mlp", "dense"), ("conv", "qk"), ("embed", "dense")])
+@pytest.mark.parametrize(
+    ("name", "inner"), [("mlp", "qk"), ("mlp", "dense"), ("conv", "qk"), ("embed", "dense")]
+)
 def test_capture_equals_general_path(name, inner):
     model, batch, exclude = cases()[name]
     layout = ParamLayout.from_module(model, exclude=exclude)
