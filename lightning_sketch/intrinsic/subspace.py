@@ -253,7 +253,14 @@ class Subspace(nn.Module):
         """θ − θ0 as one flat ``[N]`` tensor in layout order (SAID scalars applied)."""
         if self.said_scale is None:
             return self._full_delta()
-        return torch.cat([self._delta(i).reshape(-1) for i in range(len(self.layout.names))])
+        opened = self._scope is None
+        if opened:  # one Φᵀω for all slices
+            self._scope, self._cache = id(self), None
+        try:
+            return torch.cat([self._delta(i).reshape(-1) for i in range(len(self.layout.names))])
+        finally:
+            if opened:
+                self._scope, self._cache = None, None
 
     # ----------------------------------------------------------------- public API
     @property

@@ -124,6 +124,9 @@ def test_said_bookkeeping():
         d0 = net[0].weight - net[0].parametrizations.weight.original
         sub.said_scale[0] = 2.0
         torch.testing.assert_close(net[0].weight - net[0].parametrizations.weight.original, 2 * d0)
+        theta = torch.cat([getattr(net[i], n).reshape(-1) for i in (0, 2) for n in ("weight", "bias")])
+        theta0 = torch.cat([net[i].parametrizations[n].original.reshape(-1) for i in (0, 2) for n in ("weight", "bias")])
+        torch.testing.assert_close(sub.delta(), theta - theta0, rtol=0, atol=1e-15)
     with pytest.raises(SubspaceError, match="SAID scalars included"):
         sub.set_active(4)
 
