@@ -220,3 +220,22 @@ def test_errors():
     torch.nn.utils.parametrize.register_parametrization(lin, "weight", nn.Identity())
     with pytest.raises(SubspaceError, match="parametrisations"):
         Subspace.attach(lin, kind="dense", sketch_dim=4)
+
+
+def test_module_to_dtype_and_deepcopy_after_attach():
+    net = _mlp(torch.float64)
+    sub = Subspace.attach(net, kind="dense", sketch_dim=8, seed=1)
+    sub.set_active(4)
+    with torch.no_grad():
+        sub.omega[:4].normal_()
+    twin = copy.deepcopy(net)
+    x, y = _data()
+    assert torch.equal(twin(x), net(x))
+    net.float()
+    assert sub.omega.dtype == torch.float32 and net[0].weight.dtype == torch.float32
+    _loss(net, x.float(), y).backward()
+    assert torch.all(sub.omega.grad[4:] == 0) and sub.omega.grad[:4].abs().sum() > 0
+    twin_sub = Subspace.of(twin)
+    assert twin_sub is not sub and twin_sub.active == 4
+    _loss(twin, x, y).backward()
+    assert torch.all(twin_sub.omega.grad[4:] == 0) and sub.omega.grad.dtype == torch.float32
