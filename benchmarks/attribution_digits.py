@@ -371,7 +371,7 @@ def arnoldi_scores(runs, train, qb, k=50):
 
 
 # ---------------------------------------------------------------------- peers
-DAMPINGS = [10.0**e for e in range(-6, 3)]
+DAMPINGS = [10.0**e for e in range(-4, 7)]
 
 
 def _best(cands, fn, masks, gt_v):
@@ -389,35 +389,41 @@ def peer_traker(models, train, query, val, masks, gt_v, a):
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
 
-    def run(lam):
-        save = Path(tempfile.mkdtemp(prefix="traker_"))
-        try:
-            net = copy.deepcopy(models[0])
-            n_params = sum(p.numel() for p in net.parameters())
-            proj = BasicProjector(grad_dim=n_params, proj_dim=a.sketch_dim, seed=0, proj_type=ProjectionType.rademacher,
-                                  device="cpu", dtype=torch.float32)
-            tk = TRAKer(model=net, task="image_classification", train_set_size=1000, projector=proj,
-                        proj_dim=a.sketch_dim, save_dir=str(save), device="cpu", use_half_precision=False,
-                        lambda_reg=lam)
-            for mid, m in enumerate(models):
-                tk.load_checkpoint(m.state_dict(), model_id=mid)
-                for i in range(0, 1000, 100):
-                    tk.featurize(batch=(train[0][i : i + 100], train[1][i : i + 100]), num_samples=100)
+    save = Path(tempfile.mkdtemp(prefix="traker_"))
+    try:
+        net = copy.deepcopy(models[0])
+        n_params = sum(p.numel() for p in net.parameters())
+        proj = BasicProjector(grad_dim=n_params, proj_dim=a.sketch_dim, seed=0, proj_type=ProjectionType.rademacher,
+                              device="cpu", dtype=torch.float32)
+        tk = TRAKer(model=net, task="image_classification", train_set_size=1000, projector=proj,
+                    proj_dim=a.sketch_dim, save_dir=str(save), device="cpu", use_half_precision=False)
+        for mid, m in enumerate(models):
+            tk.load_checkpoint(m.state_dict(), model_id=mid)
+            for i in range(0, 1000, 100):
+                tk.featurize(batch=(train[0][i : i + 100], train[1][i : i + 100]), num_samples=100)
+
+        def run(lam):
+            # featurize once; re-finalize (Φ(ΦᵀΦ + λI)⁻¹) and re-score for every λ
+            tk.score_computer.lambda_reg = lam
+            for mid in range(len(models)):
+                tk.saver.model_ids[mid]["is_finalized"] = 0
             tk.finalize_features()
             out = {}
             for split, (xq, yq) in (("v", val), ("q", query)):
+                name = f"{split}{lam:g}".replace(".", "p").replace("-", "m").replace("+", "")
                 for mid, m in enumerate(models):
-                    tk.start_scoring_checkpoint(exp_name=split, checkpoint=m.state_dict(), model_id=mid, num_targets=200)
+                    tk.start_scoring_checkpoint(exp_name=name, checkpoint=m.state_dict(), model_id=mid,
+                                                num_targets=200)
                     tk.score(batch=(xq, yq), num_samples=200)
-                out[split] = torch.as_tensor(np.asarray(tk.finalize_scores(exp_name=split))).T.double()  # [Q, T]
+                out[split] = torch.as_tensor(np.asarray(tk.finalize_scores(exp_name=name))).T.double()  # [Q, T]
             return out["v"], out["q"]
-        finally:
-            shutil.rmtree(save, ignore_errors=True)
 
-    v, lam, sq = _best(DAMPINGS, run, masks, gt_v)
-    yield f"traker TRAK (k={a.sketch_dim}, λ tuned)", sq, f"λ={lam:.0e}"
-    _, sq0 = run(0.0)
-    yield f"traker TRAK (k={a.sketch_dim}, λ=0 default)", sq0, ""
+        v, lam, sq = _best(DAMPINGS, run, masks, gt_v)
+        yield f"traker TRAK (k={a.sketch_dim}, λ tuned)", sq, f"λ={lam:.0e}"
+        _, sq0 = run(0.0)
+        yield f"traker TRAK (k={a.sketch_dim}, λ=0 default)", sq0, ""
+    finally:
+        shutil.rmtree(save, ignore_errors=True)
 
 
 def peer_kronfluence(models, train, query, val, masks, gt_v, a):

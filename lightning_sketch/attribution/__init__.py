@@ -17,8 +17,8 @@ from lightning_sketch.attribution.scores import (
     dot_scores,
     lds,
     normalize_rows,
-    trak_preconditioner,
     tracin_features,
+    trak_preconditioner,
 )
 
 __all__ = [
@@ -32,6 +32,6 @@ __all__ = [
     "negative_margin",
     "negative_margin_of",
     "normalize_rows",
-    "trak_preconditioner",
     "tracin_features",
+    "trak_preconditioner",
 ]

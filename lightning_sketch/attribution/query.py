@@ -23,10 +23,25 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sketch.attribution import scores as S
-from lightning_sketch.attribution._stored import StoredRows, load_rows, open_run
-from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError, SpectrumError, StoreNotFoundError
+from lightning_sketch.attribution._stored import (
+    StoredRows,
+    _checkpoints,
+    _eval_mode,
+    _method_loss,
+    _sketch_and_layout,
+    load_rows,
+    negative_margin,
+    negative_margin_of,
+    open_run,
+)
+from lightning_sketch.exceptions import (
+    LayoutMismatchError,
+    SketchConfigError,
+    SpectrumError,
+    StoreNotFoundError,
+)
 
-__all__ = ["METHODS", "Attributor"]
+__all__ = ["METHODS", "Attributor", "negative_margin", "negative_margin_of"]
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +323,7 @@ class Attributor:
             else:
                 gen = torch.Generator().manual_seed(0)
                 perm = torch.randperm(g.shape[0], generator=gen)
-                n_out = max(1, int(round(holdout * g.shape[0])))
+                n_out = max(1, round(holdout * g.shape[0]))
                 queries, kernel_rows = g[perm[:n_out]], g[perm[n_out:]]
             errs = S.damping_loo_errors(kernel_rows, queries, cands)
             best = cands[int(torch.argmin(errs))]
@@ -352,7 +367,7 @@ class Attributor:
 
     # ------------------------------------------------------------------ weights
     @contextmanager
-    def _weights(self, name: str):  # noqa: ANN202 - context manager
+    def _weights(self, name: str):
         path = None if self.weights_dir is None else self.weights_dir / f"{name}.pt"
         if self.current_weights or path is None or not path.exists():
             if len(self.checkpoints) > 1 and not self.current_weights:
@@ -379,77 +394,3 @@ class Attributor:
             with torch.no_grad():
                 for n, t in backup.items():
                     params[n].copy_(t)
-
-
-def _method_loss(model: nn.Module, name: str) -> LossFn:
-    if not callable(getattr(model, name, None)):
-        raise SketchConfigError(
-            f"No `loss_fn` given and {type(model).__name__} has no `{name}(batch)` method returning "
-            f"per-example losses [B]; pass `loss_fn(module, batch) -> Tensor[B]`."
-        )
-    return lambda module, batch: getattr(module, name)(batch)
-
-
-def negative_margin_of(model: nn.Module) -> LossFn:
-    """``loss_fn`` returning −``module.per_example_margin(batch)`` (TRAK's query output, negated)."""
-    _method_loss(model, "per_example_margin")
-    return lambda module, batch: -module.per_example_margin(batch)
-
-
-def negative_margin(logits_fn: Callable[[nn.Module, Any], tuple[Tensor, Tensor]]) -> LossFn:
-    """``loss_fn`` returning the negative TRAK margin from ``logits_fn(module, batch) -> (logits, y)``.
-
-    Example:
-        >>> fn = negative_margin(lambda m, b: (m(b[0]), b[1]))
-        >>> net = torch.nn.Linear(2, 3)
-        >>> fn(net, (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))).shape
-        torch.Size([4])
-    """
-    def loss(module: nn.Module, batch: Any) -> Tensor:
-        logits, y = logits_fn(module, batch)
-        return -S.classification_margin(logits, y)
-
-    return loss
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):  # noqa: ANN202
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-def _checkpoints(store: Any) -> list[dict[str, Any]]:
-    manifest = store.manifest
-    return list(manifest["checkpoints"]) if isinstance(manifest, dict) else list(manifest.checkpoints)
-
-
-def _sketch_and_layout(store: Any, model: nn.Module) -> tuple[Any, Any]:
-    from lightning_sketch.gradients import ParamLayout
-    from lightning_sketch.sketches import make
-
-    manifest = store.manifest
-    spec = dict(manifest["spec"])
-    stored = manifest.get("layout")
-    fp = manifest.get("layout_fingerprint") or (stored or {}).get("fingerprint")
-    if stored is not None:
-        want = ParamLayout.from_dict(stored)
-        full = ParamLayout.from_module(model)
-        have = {n: s for n, s in zip(full.names, full.shapes)}
-        if all(n in have for n in want.names):
-            layout = ParamLayout.from_module(model, include=list(want.names))
-        else:
-            layout = full
-        want.check_compatible(layout)
-    else:
-        layout = ParamLayout.from_module(model)
-    if fp is not None and layout.fingerprint() != fp:
-        raise LayoutMismatchError(
-            f"The model's parameter layout (fingerprint {layout.fingerprint()[:12]}…) differs from the "
-            f"store's ({str(fp)[:12]}…); query with the architecture the store was written for."
-        )
-    return make(**spec), layout

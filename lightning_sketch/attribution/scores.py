@@ -34,13 +34,13 @@ from lightning_sketch.exceptions import SketchInputError, SpectrumError
 
 __all__ = [
     "arnoldi_features",
+    "classification_margin",
     "damping_loo_errors",
     "dot_scores",
     "lds",
     "normalize_rows",
-    "trak_preconditioner",
     "tracin_features",
-    "classification_margin",
+    "trak_preconditioner",
 ]
 
 

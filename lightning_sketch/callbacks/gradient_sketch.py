@@ -36,7 +36,6 @@ the module's train/eval mode is restored.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +46,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from lightning_sketch.callbacks._gradient_sketch_io import (
+    _current_lr,
+    _eval_mode,
+    _open_store,
+    _per_layer_options,
+    _progress,
+    _rng_guard,
+    _save_weights,
+    _to_device,
+)
 from lightning_sketch.data import default_ids
 from lightning_sketch.exceptions import NonFiniteGradientError, SketchConfigError, StoreWriteError
 
@@ -60,7 +69,7 @@ log = logging.getLogger(__name__)
 try:  # Lightning >= 2.x ships typing_extensions.override
     from typing_extensions import override
 except ImportError:  # pragma: no cover
-    def override(f):  # noqa: ANN001, ANN202
+    def override(f):
         return f
 
 
@@ -155,6 +164,8 @@ class GradientSketch(Callback):
         self._slices: list[str] = []
         self._generation: int | None = None
         self._resume_generation: int | None = None
+        self._generations: list[int] | None = None
+        self._resume_generations: list[int] | None = None
         self.store: Any = None
         self.sketch: Any = None
         self.layout: Any = None
@@ -174,6 +185,7 @@ class GradientSketch(Callback):
             "last_step_done": self._last_step_done,
             "slices": list(self._slices),
             "generation": self._generation,
+            "generations": self._generations,
             "dirpath": self.dirpath,
             "spec": None if self.sketch is None else self.sketch.spec,
         }
@@ -184,6 +196,8 @@ class GradientSketch(Callback):
         self._slices = list(state_dict.get("slices", []))
         gen = state_dict.get("generation")
         self._resume_generation = None if gen is None else int(gen)
+        gens = state_dict.get("generations")
+        self._resume_generations = None if gens is None else [int(g) for g in gens]
         if state_dict.get("dirpath", self.dirpath) != self.dirpath:
             rank_zero_warn(
                 f"GradientSketch resumes with dirpath={self.dirpath!r} but the checkpoint was written for "
@@ -226,8 +240,16 @@ class GradientSketch(Callback):
         if self.store is None:
             return
         if self._resume_generation is not None:
-            if trainer.world_size == 1 or trainer.is_global_zero:
+            gens = self._resume_generations
+            if trainer.world_size == 1:
                 self.store.rollback(self._resume_generation)
+            elif gens is not None and len(gens) == trainer.world_size:
+                self.store.rollback(gens[trainer.global_rank])  # each rank's own shard
+            else:
+                rank_zero_warn(
+                    "GradientSketch: the checkpoint holds no per-rank shard generations for this world size; "
+                    "shards are not rolled back and rows after the checkpoint may be duplicated."
+                )
             self._generation = self._resume_generation
             self._resume_generation = None
         elif self.store.num_rows and trainer.world_size == 1:
@@ -405,6 +427,9 @@ class GradientSketch(Callback):
         if self.store is None:
             return
         self._commit(trainer)
+        if trainer.world_size > 1:  # every rank runs this hook; record each shard's generation
+            gens = trainer.strategy.all_gather(torch.tensor([self._generation], dtype=torch.long))
+            self._generations = [int(g) for g in gens.reshape(-1).tolist()]
         checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
 
     @override
@@ -440,101 +465,3 @@ class GradientSketch(Callback):
         if self.store is not None:
             self.store.close()
             self.store = None
-
-
-# ---------------------------------------------------------------------- helpers
-def _per_layer_options(layout: Any) -> dict[str, Any]:
-    # The per_layer sketch is block diagonal over the layout's tensors (PerLayerSketch.for_module).
-    return {"shapes": [list(s) or [1] for s in layout.shapes]}
-
-
-def _open_store(cb: GradientSketch, trainer: Trainer) -> Any:
-    from lightning_sketch.store import SketchStore
-
-    kwargs = dict(spec=cb.sketch.spec, layout=cb.layout, dtype=cb.dtype, nan_policy=cb.nan_policy)
-    if trainer.world_size == 1:
-        return SketchStore.create(cb.store_path, exist_ok=True, **kwargs)
-    if trainer.is_global_zero:
-        store = SketchStore.create(cb.store_path, exist_ok=True, **kwargs)
-    trainer.strategy.barrier("gradient_sketch_create")
-    shard = SketchStore.open_shard(cb.store_path, rank=trainer.global_rank, spec=cb.sketch.spec,
-                                   layout_fingerprint=cb.layout.fingerprint())
-    return shard if not trainer.is_global_zero else _RankZero(store, shard)
-
-
-class _RankZero:
-    """Rank 0 under DDP: writes its rows to its shard like every rank, merges into the main store."""
-
-    def __init__(self, main: Any, shard: Any) -> None:
-        self.main, self.shard = main, shard
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.shard, name)
-
-    def rollback(self, generation: int) -> None:
-        self.shard.rollback(generation)
-
-    def merge_shards(self) -> None:
-        self.main.merge_shards()
-
-    def close(self) -> None:
-        self.shard.close()
-        self.main.close()
-
-
-def _current_lr(trainer: Trainer) -> float:
-    opts = trainer.optimizers
-    return float(opts[0].param_groups[0]["lr"]) if opts else 1.0
-
-
-def _save_weights(path: Path, params: dict[str, Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({n: t.detach().cpu().clone() for n, t in params.items()}, tmp)
-    os.replace(tmp, path)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _progress(trainer: Trainer, loader: Any, desc: str) -> Any:
-    if trainer.progress_bar_callback is None or not trainer.is_global_zero:
-        return loader
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return loader
-    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-
-
-class _eval_mode:  # noqa: N801 - used as a context manager
-    """Switch every submodule to eval (dropout off) and restore each module's own mode."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __enter__(self) -> None:
-        self.modes = {m: m.training for m in self.module.modules()}
-        self.module.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        for m, mode in self.modes.items():
-            m.training = mode
-
-
-class _rng_guard:  # noqa: N801
-    """Fork the global CPU (and CUDA) RNG streams so that nothing we run can advance them."""
-
-    def __enter__(self) -> None:
-        self._ctx = torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None)
-        self._ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._ctx.__exit__(*exc)

@@ -239,3 +239,26 @@ def test_argument_and_module_validation(tmp_path):
     cb = GradientSketch(dirpath=str(tmp_path / "r"), sketch_kind="affd", sketch_dim=16)
     with pytest.raises(SketchConfigError, match="per_example_loss"):
         _trainer(tmp_path, [cb], max_epochs=1).fit(NoLoss(), loader(x, y))
+
+
+def test_ddp_ranks_write_shards_that_merge_to_the_single_process_store(tmp_path):
+    # 2 CPU processes (gloo, ddp_spawn): each rank sketches half of the attribution set into its own
+    # shard with global ids; rank 0 merges at fit end. Same rows as a single-process run.
+    x, y = _data(16)
+
+    def fit(root, **kw):
+        seed_everything(0)
+        cb = GradientSketch(dirpath=str(root / "run"), sketch_kind="affd", sketch_dim=16, every_n_epochs=1)
+        _trainer(root, [cb], max_epochs=1, **kw).fit(TinyClassifier(), loader(x, y, batch_size=4))
+
+    fit(tmp_path / "ddp", strategy="ddp_spawn", devices=2)
+    ddp = SketchStore.open(tmp_path / "ddp" / "run" / "store")
+    name = ddp.checkpoints[0]
+    ids, vecs = _rows(tmp_path / "ddp" / "run" / "store", name)
+    assert ids.tolist() == list(range(16))
+    # reference: the single-process sketch of the same set at the weights the DDP run ended with
+    weights = torch.load(tmp_path / "ddp" / "run" / "weights" / f"{name}.pt", weights_only=True)
+    layout = ParamLayout.from_module(TinyClassifier())
+    sketch = make("affd", layout.dim, 16, seed=0)
+    want = sketch.apply(_grads_at(weights, full_batch(x, y)).double()).float()
+    np.testing.assert_allclose(vecs, want.numpy(), rtol=1e-4, atol=1e-6)

@@ -1,0 +1,109 @@
+"""Private helpers of :mod:`lightning_sketch.callbacks.gradient_sketch` (store opening, weights, modes)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from torch import Tensor, nn
+
+
+# ---------------------------------------------------------------------- helpers
+def _per_layer_options(layout: Any) -> dict[str, Any]:
+    # The per_layer sketch is block diagonal over the layout's tensors (PerLayerSketch.for_module).
+    return {"shapes": [list(s) or [1] for s in layout.shapes]}
+
+
+def _open_store(cb: Any, trainer: Trainer) -> Any:
+    from lightning_sketch.store import SketchStore
+
+    kwargs = {"spec": cb.sketch.spec, "layout": cb.layout, "dtype": cb.dtype, "nan_policy": cb.nan_policy}
+    if trainer.world_size == 1:
+        return SketchStore.create(cb.store_path, exist_ok=True, **kwargs)
+    if trainer.is_global_zero:
+        store = SketchStore.create(cb.store_path, exist_ok=True, **kwargs)
+    trainer.strategy.barrier("gradient_sketch_create")
+    shard = SketchStore.open_shard(cb.store_path, rank=trainer.global_rank, spec=cb.sketch.spec,
+                                   layout_fingerprint=cb.layout.fingerprint())
+    return shard if not trainer.is_global_zero else _RankZero(store, shard)
+
+
+class _RankZero:
+    """Rank 0 under DDP: writes its rows to its shard like every rank, merges into the main store."""
+
+    def __init__(self, main: Any, shard: Any) -> None:
+        self.main, self.shard = main, shard
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.shard, name)
+
+    def rollback(self, generation: int) -> None:
+        self.shard.rollback(generation)
+
+    def merge_shards(self) -> None:
+        self.main.merge_shards()
+
+    def close(self) -> None:
+        self.shard.close()
+        self.main.close()
+
+
+def _current_lr(trainer: Trainer) -> float:
+    opts = trainer.optimizers
+    return float(opts[0].param_groups[0]["lr"]) if opts else 1.0
+
+
+def _save_weights(path: Path, params: dict[str, Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({n: t.detach().cpu().clone() for n, t in params.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _progress(trainer: Trainer, loader: Any, desc: str) -> Any:
+    if trainer.progress_bar_callback is None or not trainer.is_global_zero:
+        return loader
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return loader
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class _eval_mode:
+    """Switch every submodule to eval (dropout off) and restore each module's own mode."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.modes = {m: m.training for m in self.module.modules()}
+        self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in self.modes.items():
+            m.training = mode
+
+
+class _rng_guard:
+    """Fork the global CPU (and CUDA) RNG streams so that nothing we run can advance them."""
+
+    def __enter__(self) -> None:
+        self._ctx = torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None)
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
