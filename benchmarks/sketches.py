@@ -20,6 +20,7 @@ Run: ``python benchmarks/sketches.py`` (≈ 3-5 min on 2 cores) or ``--quick`` (
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -79,7 +80,9 @@ def part1(n: int, ds: list[int], batch: int, repeats: int) -> None:
     rfft = best_time(lambda: torch.fft.rfft(x), repeats)
     times: dict[str, dict[int, float]] = {}
     mem: dict[str, dict[int, int]] = {}
-    print(f"\n## Part 1: N = 2^{int(math.log2(n))}, batch {batch}, best of {repeats} (ms per batch; persistent memory)")
+    print(
+        f"\n## Part 1: N = 2^{int(math.log2(n))}, batch {batch}, best of {repeats} (ms per batch; persistent memory)"
+    )
     print(f"{'kind':<18}" + "".join(f"{'D=2^' + str(int(math.log2(d))):>22}" for d in ds))
     for name, kind, opts in KINDS:
         times[name], mem[name] = {}, {}
@@ -88,15 +91,25 @@ def part1(n: int, ds: list[int], batch: int, repeats: int) -> None:
             times[name][d] = best_time(lambda s=s: s.apply(x), repeats)
             mem[name][d] = s.state_bytes
             del s
-        print(f"{name:<18}" + "".join(f"{times[name][d] * 1e3:>9.1f} ms {fmt_bytes(mem[name][d]):>10}" for d in ds))
-    times["dense (est.)"] = {d: dense_estimate(n, d, x, repeats) for d in ds}
+        print(
+            f"{name:<18}"
+            + "".join(f"{times[name][d] * 1e3:>9.1f} ms {fmt_bytes(mem[name][d]):>10}" for d in ds)
+        )
+    per_row = dense_estimate(n, 1, x, repeats)  # time is linear in D: measure once, scale
+    times["dense (est.)"] = {d: per_row * d for d in ds}
     mem["dense (est.)"] = {d: d * n * 4 for d in ds}
-    print(f"{'dense (est.)':<18}" + "".join(f"{times['dense (est.)'][d] * 1e3:>9.0f} ms {fmt_bytes(d * n * 4):>10}" for d in ds))
+    print(
+        f"{'dense (est.)':<18}"
+        + "".join(f"{times['dense (est.)'][d] * 1e3:>9.0f} ms {fmt_bytes(d * n * 4):>10}" for d in ds)
+    )
     trak = {d: trak_estimate(n, d, x, repeats) for d in ds[:1]}
     if trak[ds[0]] is not None:
         per_col = trak[ds[0]] / ds[0]
         times["trak (est.)"] = {d: per_col * d for d in ds}
-        print(f"{'trak Basic (est.)':<18}" + "".join(f"{per_col * d * 1e3:>9.0f} ms {fmt_bytes(n * 100 * 4):>10}" for d in ds))
+        print(
+            f"{'trak Basic (est.)':<18}"
+            + "".join(f"{per_col * d * 1e3:>9.0f} ms {fmt_bytes(n * 100 * 4):>10}" for d in ds)
+        )
     else:
         print("trak not installed (pip install traker==0.3.2): TRAK column skipped")
     rfft = min(rfft, best_time(lambda: torch.fft.rfft(x), repeats))
@@ -104,8 +117,12 @@ def part1(n: int, ds: list[int], batch: int, repeats: int) -> None:
 
     lo, hi = ds[0], ds[-1]
     mid = 4096 if 4096 in ds else ds[len(ds) // 2]
-    print(f"\n### Ratios (D_lo = 2^{int(math.log2(lo))}, D_hi = 2^{int(math.log2(hi))}, D_mid = 2^{int(math.log2(mid))})")
-    print(f"{'kind':<18}{'t(D_hi)/t(D_lo)':>16}{'dense/kind t@mid':>18}{'dense/kind mem@mid':>20}{'kind/rfft t@mid':>17}")
+    print(
+        f"\n### Ratios (D_lo = 2^{int(math.log2(lo))}, D_hi = 2^{int(math.log2(hi))}, D_mid = 2^{int(math.log2(mid))})"
+    )
+    print(
+        f"{'kind':<18}{'t(D_hi)/t(D_lo)':>16}{'dense/kind t@mid':>18}{'dense/kind mem@mid':>20}{'kind/rfft t@mid':>17}"
+    )
     for name, _, _ in KINDS:
         t = times[name]
         print(
@@ -114,7 +131,7 @@ def part1(n: int, ds: list[int], batch: int, repeats: int) -> None:
         )
     if "trak (est.)" in times:
         print(f"trak/affd time at D_mid: {times['trak (est.)'][mid] / times['affd'][mid]:.1f}x")
-    print(f"affd/rfft: " + ", ".join(f"D=2^{int(math.log2(d))}: {times['affd'][d] / rfft:.2f}" for d in ds))
+    print("affd/rfft: " + ", ".join(f"D=2^{int(math.log2(d))}: {times['affd'][d] / rfft:.2f}" for d in ds))
 
 
 class MLP(nn.Module):
@@ -122,7 +139,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = (d_in, *hidden)
         layers: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:]):
+        for a, b in itertools.pairwise(dims):
             layers += [nn.Linear(a, b), nn.Tanh()]
         self.net = nn.Sequential(*layers, nn.Linear(dims[-1], d_out))
 
@@ -163,8 +180,14 @@ def part2(d_in: int, hidden: tuple[int, ...], n_examples: int, ds: list[int], se
     n = grads.shape[1]
     iu = torch.triu_indices(n_examples, n_examples, offset=1)
     exact = (grads @ grads.T)[iu[0], iu[1]]
-    print(f"\n## Part 2 (Table 6 analogue): MLP N = {n} (~2^{math.log2(n):.1f}), {iu.shape[1]} gradient pairs, mean r over {seeds} seeds")
-    print(f"{'kind':<10}" + "".join(f"{'D=2^' + str(int(math.log2(d))):>10}" for d in ds) + f"{'D for r>=0.95':>16}")
+    print(
+        f"\n## Part 2 (Table 6 analogue): MLP N = {n} (~2^{math.log2(n):.1f}), {iu.shape[1]} gradient pairs, mean r over {seeds} seeds"
+    )
+    print(
+        f"{'kind':<10}"
+        + "".join(f"{'D=2^' + str(int(math.log2(d))):>10}" for d in ds)
+        + f"{'D for r>=0.95':>16}"
+    )
     needed = {}
     for kind in ("dense", "affd", "fjl", "afjl", "qk", "ffd"):
         rs = []
@@ -179,7 +202,11 @@ def part2(d_in: int, hidden: tuple[int, ...], n_examples: int, ds: list[int], se
             rs.append(sum(vals) / len(vals))
         hit = next((d for d, r in zip(ds, rs) if r >= 0.95), None)
         needed[kind] = hit
-        print(f"{kind:<10}" + "".join(f"{r:>10.3f}" for r in rs) + f"{('2^' + str(int(math.log2(hit)))) if hit else '> grid':>16}")
+        print(
+            f"{kind:<10}"
+            + "".join(f"{r:>10.3f}" for r in rs)
+            + f"{('2^' + str(int(math.log2(hit)))) if hit else '> grid':>16}"
+        )
     order = sorted(needed, key=lambda k: needed[k] or float("inf"))
     print("ordering by required D (smaller first): " + " <= ".join(f"{k}" for k in order))
     print("paper (Table 6): AFFD ≈ dense ≈ FJL <= AFJL (~4x D) <= QK (~16x D)")
@@ -191,9 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log2-d", type=int, nargs="+", default=[10, 12, 14, 16], help="Part 1 sketch dims 2^k")
     p.add_argument("--batch", type=int, default=64, help="vectors per timed call (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up (best is kept)")
-    p.add_argument("--table6-log2-d", type=int, nargs="+", default=[8, 10, 12, 14], help="Part 2 sketch dims 2^k")
-    p.add_argument("--examples", type=int, default=72, help="Part 2 examples (pairs = n(n-1)/2; default 72 -> 2556)")
-    p.add_argument("--seeds", type=int, default=3, help="Part 2 sketch seeds averaged")
+    p.add_argument(
+        "--table6-log2-d", type=int, nargs="+", default=[8, 10, 12, 14], help="Part 2 sketch dims 2^k"
+    )
+    p.add_argument(
+        "--examples", type=int, default=72, help="Part 2 examples (pairs = n(n-1)/2; default 72 -> 2556)"
+    )
+    p.add_argument("--seeds", type=int, default=2, help="Part 2 sketch seeds averaged")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--skip-part1", action="store_true")
     p.add_argument("--skip-part2", action="store_true")

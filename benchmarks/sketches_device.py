@@ -18,8 +18,15 @@ import torch
 from lightning_sketch.sketches import make
 
 CASES = [
-    ("dense", {}), ("fjl", {}), ("ffd", {}), ("affd", {}), ("affd", {"preconditioner": "fft"}),
-    ("affd", {"preconditioner": "kron_orthogonal"}), ("afjl", {}), ("afjl", {"preconditioner": "fft"}), ("qk", {}),
+    ("dense", {}),
+    ("fjl", {}),
+    ("ffd", {}),
+    ("affd", {}),
+    ("affd", {"preconditioner": "fft"}),
+    ("affd", {"preconditioner": "kron_orthogonal"}),
+    ("afjl", {}),
+    ("afjl", {"preconditioner": "fft"}),
+    ("qk", {}),
 ]
 
 
@@ -35,8 +42,10 @@ def check_equal(dev: torch.device) -> bool:
             y = torch.randn(9, d, generator=g, dtype=torch.float64)
             ref_x, ref_y = s.apply(x), s.transpose(y)
             gx, gy = s.apply(x.to(dev)), s.transpose(y.to(dev))
-            err = max(float((gx.cpu() - ref_x).abs().max() / ref_x.abs().max()),
-                      float((gy.cpu() - ref_y).abs().max() / ref_y.abs().max()))
+            err = max(
+                float((gx.cpu() - ref_x).abs().max() / ref_x.abs().max()),
+                float((gy.cpu() - ref_y).abs().max() / ref_y.abs().max()),
+            )
             slow = s.apply(x.to(dev).requires_grad_(True)).detach()
             err_path = float((slow - gx).abs().max() / gx.abs().max())
             types = all(
@@ -45,8 +54,10 @@ def check_equal(dev: torch.device) -> bool:
             )
             good = err < 1e-10 and err_path < 1e-10 and types and gx.device.type == dev.type
             ok &= good
-            print(f"{kind:<5}{opts.get('preconditioner', ''):<16} N={n:<7} D={d:<4} cpu-vs-gpu rel err {err:.1e} "
-                  f"buffered-vs-autograd {err_path:.1e} dtypes {'ok' if types else 'WRONG'} -> {'ok' if good else 'FAIL'}")
+            print(
+                f"{kind:<5}{opts.get('preconditioner', ''):<16} N={n:<7} D={d:<4} cpu-vs-gpu rel err {err:.1e} "
+                f"buffered-vs-autograd {err_path:.1e} dtypes {'ok' if types else 'WRONG'} -> {'ok' if good else 'FAIL'}"
+            )
     return ok
 
 
@@ -69,13 +80,22 @@ def timings(dev: torch.device) -> None:
     x = torch.randn(64, n, device=dev)
     rfft = time_cuda(lambda: torch.fft.rfft(x))
     print(f"\nN=2^20 batch 64 float32 on {torch.cuda.get_device_name(dev)}: rfft {rfft:.3f} ms")
-    for kind, opts in [("affd", {}), ("afjl", {}), ("qk", {}), ("fjl", {}), ("ffd", {}), ("affd", {"preconditioner": "fft"})]:
+    for kind, opts in [
+        ("affd", {}),
+        ("afjl", {}),
+        ("qk", {}),
+        ("fjl", {}),
+        ("ffd", {}),
+        ("affd", {"preconditioner": "fft"}),
+    ]:
         row = []
         for d in (2**10, 2**16):
             s = make(kind, n, d, seed=0, **opts)
             row.append(time_cuda(lambda s=s: s.apply(x)))
-        print(f"{kind:<5}{opts.get('preconditioner', ''):<6} D=2^10 {row[0]:8.3f} ms  D=2^16 {row[1]:8.3f} ms  "
-              f"t(2^16)/t(2^10) {row[1] / row[0]:.2f}  /rfft at 2^10 {row[0] / rfft:.2f}")
+        print(
+            f"{kind:<5}{opts.get('preconditioner', ''):<6} D=2^10 {row[0]:8.3f} ms  D=2^16 {row[1]:8.3f} ms  "
+            f"t(2^16)/t(2^10) {row[1] / row[0]:.2f}  /rfft at 2^10 {row[0] / rfft:.2f}"
+        )
 
 
 def main() -> int:

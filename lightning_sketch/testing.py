@@ -62,14 +62,22 @@ def check_sketch(sketch: Sketch, batch: int = 3, rtol: float = 1e-10, seed: int 
     }
     rebuilt = make(**json.loads(json.dumps(sketch.spec)))
     results["spec_roundtrip"] = (
-        rebuilt.spec == sketch.spec and torch.equal(rebuilt.apply(x), px) and torch.equal(rebuilt.transpose(y), pty)
+        rebuilt.spec == sketch.spec
+        and torch.equal(rebuilt.apply(x), px)
+        and torch.equal(rebuilt.transpose(y), pty)
     )
     ok = True
     for dtype in (torch.float32, torch.float64):
         xs = torch.randn(2, batch, n, generator=g, dtype=dtype)
         out = sketch.apply(xs)
         back = sketch.transpose(out)
-        ok = ok and out.shape == (2, batch, d) and out.dtype == dtype and back.shape == xs.shape and back.dtype == dtype
+        ok = (
+            ok
+            and out.shape == (2, batch, d)
+            and out.dtype == dtype
+            and back.shape == xs.shape
+            and back.dtype == dtype
+        )
     results["shapes_dtypes"] = bool(ok)
     return results
 

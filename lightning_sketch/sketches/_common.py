@@ -71,7 +71,13 @@ def float_state(sketch: Any, name: str, like: Tensor) -> Tensor:
 
 def check_max_block(value: Any) -> None:
     """``max_block`` must be a power of two in [2, 1024] (paper.md §9.2 item 9)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2 or value > 1024 or value & (value - 1):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 2
+        or value > 1024
+        or value & (value - 1)
+    ):
         raise SketchConfigError(
             f"`max_block` must be a power of two between 2 and 1024 (the paper's cap), got {value!r}; "
             f"use 32 (the default) or 64."

@@ -74,7 +74,9 @@ class FFDSketch(Sketch):
             "_tensors",
             {
                 "signs": rademacher(n_pad, self.generator("signs")).view(nb, d),
-                "gauss": torch.randn(n_pad, generator=self.generator("gauss"), dtype=torch.float32).view(nb, d),
+                "gauss": torch.randn(n_pad, generator=self.generator("gauss"), dtype=torch.float32).view(
+                    nb, d
+                ),
                 "perms": perms,
                 **{f"h_{i}": hadamard(s) for i, s in enumerate(shapes)},
             },
@@ -87,7 +89,9 @@ class FFDSketch(Sketch):
         """Orthonormal H_D on the last axis of ``u [M, nb, D]``."""
         m = u.shape[0]
         fs = [self.state(f"h_{i}", u) for i in range(self._n_factors)]
-        return kron_apply(u.reshape(-1, self.sketch_dim), fs).reshape(m, self._nb, self.sketch_dim) / math.sqrt(self.sketch_dim)
+        return kron_apply(u.reshape(-1, self.sketch_dim), fs).reshape(
+            m, self._nb, self.sketch_dim
+        ) / math.sqrt(self.sketch_dim)
 
     def _apply(self, x: Tensor) -> Tensor:
         dtype = x.dtype

@@ -122,7 +122,11 @@ def test_bit_identical_across_processes():
     """A fresh interpreter (different global RNG state, different import order) builds the same maps."""
     cases = [[name, kind, opts] for name, kind, opts in CASES]
     proc = subprocess.run(
-        [sys.executable, "-c", SUBPROCESS, json.dumps(cases)], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", SUBPROCESS, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     theirs = json.loads(proc.stdout)
     torch.manual_seed(999)

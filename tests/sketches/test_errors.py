@@ -31,7 +31,9 @@ def test_bad_inputs(kind, opts):
     s = make(kind, 64, 16, **opts)
     with pytest.raises(SketchInputError, match=r"last dimension dim \(N\) = 64 .* got shape \(3, 63\)"):
         s.apply(torch.randn(3, 63))
-    with pytest.raises(SketchInputError, match=r"last dimension sketch_dim \(D\) = 16 .* got shape \(3, 64\)"):
+    with pytest.raises(
+        SketchInputError, match=r"last dimension sketch_dim \(D\) = 16 .* got shape \(3, 64\)"
+    ):
         s.transpose(torch.randn(3, 64))
     with pytest.raises(SketchInputError, match=r"real floating tensor, got dtype torch.int64"):
         s.apply(torch.ones(3, 64, dtype=torch.int64))
@@ -46,15 +48,23 @@ def test_bad_inputs(kind, opts):
 def test_unknown_kind_and_option():
     with pytest.raises(SketchConfigError, match=r"Unknown sketch kind 'fastfood'; choose one of"):
         make("fastfood", 64, 16)
-    with pytest.raises(SketchConfigError, match=r"Unknown option\(s\) \['block'\] for sketch kind 'affd'; known options: max_block, preconditioner"):
+    with pytest.raises(
+        SketchConfigError,
+        match=r"Unknown option\(s\) \['block'\] for sketch kind 'affd'; known options: max_block, preconditioner",
+    ):
         make("affd", 64, 16, block=32)
-    with pytest.raises(SketchConfigError, match=r"Unknown option\(s\) \['preconditioner'\] for sketch kind 'qk'"):
+    with pytest.raises(
+        SketchConfigError, match=r"Unknown option\(s\) \['preconditioner'\] for sketch kind 'qk'"
+    ):
         make("qk", 64, 16, preconditioner="fft")
 
 
 @pytest.mark.parametrize("kind", ["affd", "afjl"])
 def test_bad_option_values(kind):
-    with pytest.raises(SketchConfigError, match=r"`preconditioner` must be one of \['hadamard', 'fft', 'kron_orthogonal'\], got 'dct'"):
+    with pytest.raises(
+        SketchConfigError,
+        match=r"`preconditioner` must be one of \['hadamard', 'fft', 'kron_orthogonal'\], got 'dct'",
+    ):
         make(kind, 64, 16, preconditioner="dct")
     for bad in (3, 0, 2048, 32.0, True):
         with pytest.raises(SketchConfigError, match=r"`max_block` must be a power of two between 2 and 1024"):
@@ -71,7 +81,10 @@ def test_bad_option_values_other_kinds():
 
 
 def test_ffd_needs_power_of_two_d():
-    with pytest.raises(SketchConfigError, match=r"kind='ffd' needs `sketch_dim` to be a power of two .* got 12; use sketch_dim=8 or 16"):
+    with pytest.raises(
+        SketchConfigError,
+        match=r"kind='ffd' needs `sketch_dim` to be a power of two .* got 12; use sketch_dim=8 or 16",
+    ):
         make("ffd", 64, 12)
 
 

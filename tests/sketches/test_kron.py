@@ -27,7 +27,10 @@ def sylvester(n: int) -> torch.Tensor:
     return h
 
 
-@pytest.mark.parametrize(("n", "block", "expected"), [(2048, 32, (2, 32, 32)), (1024, 32, (32, 32)), (2, 32, (2,)), (1, 32, ()), (2**20, 64, (4, 64, 64, 64))])
+@pytest.mark.parametrize(
+    ("n", "block", "expected"),
+    [(2048, 32, (2, 32, 32)), (1024, 32, (32, 32)), (2, 32, (2,)), (1, 32, ()), (2**20, 64, (4, 64, 64, 64))],
+)
 def test_kron_shapes_remainder_first(n, block, expected):
     assert kron_shapes(n, block) == expected
     assert math.prod(expected) == n
@@ -38,7 +41,9 @@ def test_hadamard_is_sylvester(n):
     assert torch.equal(hadamard(n, torch.float64), sylvester(n))
 
 
-@pytest.mark.parametrize(("n", "block"), [(256, 4), (512, 32), (2048, 32)], ids=["256/4", "512/32", "2048/32"])
+@pytest.mark.parametrize(
+    ("n", "block"), [(256, 4), (512, 32), (2048, 32)], ids=["256/4", "512/32", "2048/32"]
+)
 def test_unpermuted_kron_hadamard_equals_sylvester(n, block):
     factors = [hadamard(s, torch.float64) for s in kron_shapes(n, block)]
     got = kron_apply(torch.eye(n, dtype=torch.float64), factors) / math.sqrt(n)
@@ -85,6 +90,14 @@ def test_rfft_real_is_an_isometry_with_exact_transpose(n):
     torch.testing.assert_close(rfft_real_t(torch.eye(n, dtype=torch.float64)), mat.T)
 
 
-@pytest.mark.parametrize(("shapes", "d", "expected"), [((16, 32, 32), 1024, (8, 8, 16)), ((16, 32, 32), 4096, (16, 16, 16)), ((2, 32, 32), 4, (1, 2, 2)), ((32, 32), 1024, (32, 32))])
+@pytest.mark.parametrize(
+    ("shapes", "d", "expected"),
+    [
+        ((16, 32, 32), 1024, (8, 8, 16)),
+        ((16, 32, 32), 4096, (16, 16, 16)),
+        ((2, 32, 32), 4, (1, 2, 2)),
+        ((32, 32), 1024, (32, 32)),
+    ],
+)
 def test_balanced_split(shapes, d, expected):
     assert balanced_split(shapes, d) == expected

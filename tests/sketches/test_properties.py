@@ -12,7 +12,13 @@ KINDS = st.sampled_from(["affd", "afjl", "qk", "fjl", "dense"])
 
 
 @settings(max_examples=25, deadline=None)
-@given(kind=KINDS, n=st.integers(1, 300), frac=st.floats(0.01, 1.0), batch=st.integers(0, 4), seed=st.integers(0, 2**31))
+@given(
+    kind=KINDS,
+    n=st.integers(1, 300),
+    frac=st.floats(0.01, 1.0),
+    batch=st.integers(0, 4),
+    seed=st.integers(0, 2**31),
+)
 def test_shapes_and_linearity(kind, n, frac, batch, seed):
     d = max(1, int(frac * n))
     s = make(kind, n, d, seed=seed)
@@ -27,7 +33,9 @@ def test_shapes_and_linearity(kind, n, frac, batch, seed):
     assert back.shape == (batch, 2, n)
     z1 = torch.randn(batch, d, generator=g, dtype=torch.float64)
     z2 = torch.randn(batch, d, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(s.transpose(a * z1 + b * z2), a * s.transpose(z1) + b * s.transpose(z2), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        s.transpose(a * z1 + b * z2), a * s.transpose(z1) + b * s.transpose(z2), rtol=1e-10, atol=1e-10
+    )
 
 
 @settings(max_examples=15, deadline=None)
