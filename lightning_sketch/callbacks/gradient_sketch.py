@@ -296,6 +296,10 @@ class GradientSketch(Callback):
         if self._skip(trainer):
             return
         if self.mode == "inline":
+            name = f"epoch-{trainer.current_epoch}"
+            if self.save_weights and trainer.is_global_zero and name in self._slices:
+                # end-of-epoch weights: where tracin/trak queries of this slice take their gradients
+                _save_weights(self.weights_path / f"{name}.pt", self.layout.params(pl_module))
             # Inline rows are committed with Lightning checkpoints and at fit end (a crash loses only
             # rows after the last checkpoint, which a resume re-writes anyway); commit earlier only
             # when the buffer grows large, so the per-step cost stays an in-memory append.

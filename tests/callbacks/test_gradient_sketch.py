@@ -116,6 +116,7 @@ def test_inline_rows_equal_lr_weighted_grads_at_step_weights(tmp_path, kind):
     sketch = make(kind, layout.dim, 40, seed=5, **opts)
     store = SketchStore.open(tmp_path / "run" / "store")
     assert store.checkpoints == ["epoch-0", "epoch-1"]
+    assert sorted(p.name for p in (tmp_path / "run" / "weights").iterdir()) == ["epoch-0.pt", "epoch-1.pt"]
     assert len(set(rec.lrs)) == len(rec.lrs)  # the lr changes every step
     got = {}
     for name in store.checkpoints:
