@@ -91,7 +91,7 @@ def part_a(model, batches, exact, seeds, num_iter):
             errs = []
             for seed in range(seeds):
                 sk = make(kind, n, d, seed=seed)
-                op = lambda v, sk=sk: sk.apply(hvp(sk.transpose(v)))  # noqa: E731
+                op = lambda v, sk=sk: sk.apply(hvp(sk.transpose(v)))
                 res = lanczos(op, d, 10, num_iter=min(num_iter, d), generator=torch.Generator().manual_seed(seed))
                 errs.append(rel_mae(res.eigenvalues, exact.eigenvalues))
             row.append(sum(errs) / len(errs))
@@ -144,13 +144,13 @@ def part_b(model, batches, exact, num_iter):
         rows.append(("PyHessian 0.1 (tol 1e-3)", counter["n"], dt, rel_mae(est, exact.eigenvalues), n * 4))
         ph.hessian_vector_product = orig
         model.eval()
-    except Exception as err:  # the peer is optional; report why it did not run
+    except Exception as err:  # noqa: BLE001 - an optional peer; report why it did not run
         print(f"  PyHessian unavailable or failed: {type(err).__name__}: {err}")
     try:
         import hessian_eigenthings as he
 
         rows.extend(_eigenthings(he, model, crit, x, y, exact, num_iter))
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - an optional peer; report why it did not run
         print(f"  hessian-eigenthings unavailable or failed: {type(err).__name__}: {err}")
     base = rows[0]
     print(f"{'method':28}{'HVPs':>6}{'rel MAE':>11}{'time/ours':>11}{'bytes/Krylov vec':>18}")

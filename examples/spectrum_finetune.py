@@ -34,8 +34,8 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     start = time.perf_counter()
     spectrum = HessianSpectrum(
-        k=10, sketch_kind="affd", sketch_dim=1024, seed=0, every_n_steps=100, num_iter=40,
-        probe_batches=4, density=True, density_runs=4, density_iter=30, trace=True, trace_matvecs=30,
+        k=10, sketch_kind="affd", sketch_dim=1024, seed=0, every_n_steps=100, num_iter=30,
+        probe_batches=4, density=True, density_runs=2, density_iter=20, trace=True, trace_matvecs=12,
     )
     trainer = pl.Trainer(
         max_steps=args.steps, accelerator="cpu", default_root_dir=args.out, logger=False,

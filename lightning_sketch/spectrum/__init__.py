@@ -30,8 +30,8 @@ from lightning_sketch.spectrum.hessian import (
     probe_gradient,
     resolve_sketch,
 )
-from lightning_sketch.spectrum.monitor import SpectrumSnapshot, spectrum_snapshot
 from lightning_sketch.spectrum.lanczos import KrylovResult, arnoldi, lanczos, lanczos_tridiagonal
+from lightning_sketch.spectrum.monitor import SpectrumSnapshot, spectrum_snapshot
 from lightning_sketch.spectrum.snapshot import (
     load_index,
     load_snapshot,
@@ -42,38 +42,33 @@ from lightning_sketch.spectrum.snapshot import (
 from lightning_sketch.spectrum.stats import SpectrumSummary, alignment, outlier_count, ratios, rneg, summarize
 
 __all__ = [
-    # Krylov solvers
-    "KrylovResult",
-    "arnoldi",
-    "lanczos",
-    "lanczos_tridiagonal",
-    # operators and the entry point
     "HessianEigs",
     "HessianOperator",
+    "KrylovResult",
+    "SpectralDensity",
+    "SpectrumSnapshot",
+    "SpectrumSummary",
+    "TraceEstimate",
+    "alignment",
+    "arnoldi",
+    "gaussian_density",
     "hessian_eigs",
     "hessian_operator",
-    "probe_gradient",
-    "resolve_sketch",
-    "SpectrumSnapshot",
-    "spectrum_snapshot",
-    # density and trace
-    "SpectralDensity",
-    "TraceEstimate",
-    "gaussian_density",
     "hutchinson",
     "hutchpp",
-    "slq_density",
-    # statistics
-    "SpectrumSummary",
-    "alignment",
-    "outlier_count",
-    "ratios",
-    "rneg",
-    "summarize",
-    # snapshot files
+    "lanczos",
+    "lanczos_tridiagonal",
     "load_index",
     "load_snapshot",
+    "outlier_count",
+    "probe_gradient",
+    "ratios",
+    "resolve_sketch",
+    "rneg",
     "save_snapshot",
+    "slq_density",
     "snapshot_name",
+    "spectrum_snapshot",
+    "summarize",
     "top_eigenpairs_from_snapshot",
 ]

@@ -73,8 +73,9 @@ def _trainer(tmp_path, callbacks, max_steps, logger=False):
 
 
 def _callback(**kw) -> HessianSpectrum:
-    args = dict(k=3, sketch_kind="dense", sketch_dim=32, at_steps=[0, 2, 5], every_n_steps=None, num_iter=8,
-                probe_batches=2, density_runs=2, density_iter=6, trace=True, trace_matvecs=6)
+    args = {"k": 3, "sketch_kind": "dense", "sketch_dim": 32, "at_steps": [0, 2, 5], "every_n_steps": None,
+            "num_iter": 8, "probe_batches": 2, "density_runs": 2, "density_iter": 6, "trace": True,
+            "trace_matvecs": 6}
     args.update(kw)
     return HessianSpectrum(**args)
 

@@ -10,7 +10,6 @@ from lightning_sketch.sketches import make
 from lightning_sketch.spectrum import hessian_eigs, hessian_operator, probe_gradient
 
 
-
 def test_hessian_eigs_exact_top10(small_case):
     params_before = [p.detach().clone() for p in small_case.model.parameters()]
     res = hessian_eigs(small_case.model, small_case.loss_fn, small_case.batches, k=10, num_iter=70)
