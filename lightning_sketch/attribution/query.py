@@ -310,11 +310,12 @@ class Attributor:
         if objective is not None:
             if val_batches is None:
                 raise SketchConfigError("`objective` needs `val_batches` (the queries it scores).")
-            batches = list(val_batches)
+            sketches = [self.query_sketches(b) for b in val_batches]  # once: only P changes with λ
             values = []
             for lam in cands:
                 self.damping, self._precond = lam, {}
-                values.append(float(objective(torch.cat([self.scores(b) for b in batches]))))
+                s = torch.cat([S.dot_scores(self._features(q, train=False), self.train_features()) for q in sketches])
+                values.append(float(objective(s)))
             best = cands[int(np.nanargmax(values))]
         else:
             if val_batches is not None:
