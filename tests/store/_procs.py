@@ -4,6 +4,7 @@ Imports once, then forks writers/readers so that each test pays the torch import
 
     python _procs.py crash ROOT SEEDS      # per seed: fork a writer, SIGKILL it at a random time
     python _procs.py concurrent ROOT       # fork one writer and two readers on one store
+    python _procs.py all ROOT SEEDS        # both, one JSON object {"crash": ..., "concurrent": ...}
 
 Batch b holds ids [b·B, (b+1)·B) and rows ``batch_rows(b)``; both modes print one JSON line.
 """
@@ -125,5 +126,8 @@ if __name__ == "__main__":
     mode, root = sys.argv[1], sys.argv[2]
     if mode == "crash":
         print(json.dumps(crash(root, [int(s) for s in sys.argv[3].split(",")])))
-    else:
+    elif mode == "concurrent":
         print(json.dumps(concurrent(root)))
+    else:
+        crashed = crash(os.path.join(root, "crash"), [int(s) for s in sys.argv[3].split(",")])
+        print(json.dumps({"crash": crashed, "concurrent": concurrent(os.path.join(root, "concurrent"))}))

@@ -19,7 +19,7 @@ batches = st.lists(
 )
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches=batches, commit_mask=st.lists(st.booleans(), min_size=5, max_size=5), seed=st.integers(0, 100))
 def test_store_holds_exactly_the_committed_unique_rows(batches, commit_mask, seed):
     rng = np.random.default_rng(seed)

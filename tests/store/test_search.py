@@ -72,7 +72,7 @@ def test_ivfpq_recall_is_reported(tmp_path, digits_sketches):
     train, queries = digits_sketches
     store = _store(tmp_path / "s", train)
     _, exact = store.search_exact(queries, 10)
-    store.build_index("ivfpq", m=16, nbits=4)
+    store.build_index("ivfpq", m=8, nbits=4)
     raw = _recall(store.search(queries, 10, index="ivfpq", rerank=False)[1], exact)
     refined = _recall(store.search(queries, 10, index="ivfpq", candidates=100)[1], exact)
     print(f"recall@10 ivfpq raw = {raw:.3f}, with exact re-rank of 100 candidates = {refined:.3f}")
