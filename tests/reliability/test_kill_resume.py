@@ -48,43 +48,28 @@ def intrinsic_kill(seed: int) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Start every killed run (in parallel), then the uninterrupted references here meanwhile."""
+    """Start the killed runs (one subprocess forking a child per seed), run the references meanwhile."""
     root = tmp_path_factory.mktemp("kill")
-    jobs = {f"attr{s}": [str(root / f"attr{s}"), "attr", attr_kill(s)] for s in ATTR_SEEDS}
-    jobs.update({f"intrinsic{s}": [str(root / f"intrinsic{s}"), "intrinsic", intrinsic_kill(s)] for s in INTRINSIC_SEEDS})
-    procs = _run_all_async(jobs)
+    jobs = [f"{root / f'attr{s}'}:attr:{attr_kill(s)}" for s in ATTR_SEEDS]
+    jobs += [f"{root / f'intrinsic{s}'}:intrinsic:{intrinsic_kill(s)}" for s in INTRINSIC_SEEDS]
+    proc = subprocess.Popen([sys.executable, str(HERE / "kill_run.py"), "fork", *jobs], env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     threads = torch.get_num_threads()
     try:
         import kill_run
 
         refs = {mode: kill_run.main(root / f"ref_{mode}", mode) for mode in ("attr", "intrinsic")}
+        out, err = proc.communicate(timeout=TIMEOUT_S)
     except BaseException:
-        for p in procs.values():
-            p.kill()
-            p.communicate()
+        proc.kill()
+        proc.communicate()
         raise
     finally:
         torch.set_num_threads(threads)
-    _wait(procs)
+    assert proc.returncode == 0, err[-3000:]
+    status = json.loads(out.strip().splitlines()[-1])
+    assert status == {job: -signal.SIGKILL for job in jobs}, f"every run must die by SIGKILL: {status}\n{err[-3000:]}"
     return root, refs
-
-
-def _run_all_async(jobs: dict[str, list[str]]) -> dict[str, subprocess.Popen]:
-    return {name: subprocess.Popen([sys.executable, str(HERE / "kill_run.py"), *args], env=clean_env(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for name, args in jobs.items()}
-
-
-def _wait(procs: dict[str, subprocess.Popen]) -> None:
-    for name, proc in procs.items():
-        try:
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for p in procs.values():
-                p.kill()
-            pytest.fail(f"{name} did not finish within {TIMEOUT_S} s")
-        assert proc.returncode == -signal.SIGKILL, (
-            f"{name}: expected death by SIGKILL, got {proc.returncode}:\n{out[-3000:]}")
 
 
 def _healthy(path: Path) -> None:

@@ -1,6 +1,7 @@
 """A training run that SIGKILLs itself at a chosen point while the callbacks write; also resumes.
 
     python kill_run.py ROOT MODE KILL        # KILL = "<where>:<step>", "none", or "resume"
+    python kill_run.py fork DIR:MODE:KILL ...  # import once, fork one child per job, report statuses
 
 MODE ``attr``: Tiny model, 32 unshuffled examples, batch 8, 3 epochs (12 steps), with
 GradientSketch in checkpoint mode (affd, a slice every 2 steps), GradientSketch in inline mode
@@ -146,6 +147,32 @@ def main(root: Path, mode: str, kill: str | None = None, resume: bool = False) -
     return result
 
 
+def fork_all(jobs: list[str]) -> dict[str, int]:
+    """Fork one child per ``DIR:MODE:WHERE:STEP`` job (the imports are paid once); return their exit statuses.
+
+    A child that dies by SIGKILL reports ``-9``; one that exits reports its exit code. Nothing
+    computes in the parent before the forks, so the children start from a clean torch state.
+    """
+    pids = {}
+    for job in jobs:
+        root, mode, kill = job.split(":", 2)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                main(Path(root), mode, kill)
+            finally:
+                os._exit(3)  # reaching here means the kill point was never hit
+        pids[job] = pid
+    status = {}
+    for job, pid in pids.items():
+        _, code = os.waitpid(pid, 0)
+        status[job] = -os.WTERMSIG(code) if os.WIFSIGNALED(code) else os.WEXITSTATUS(code)
+    return status
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "fork":
+        print(json.dumps(fork_all(sys.argv[2:])))
+        sys.exit(0)
     kill_arg = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] not in ("none", "resume") else None
     main(Path(sys.argv[1]), sys.argv[2], kill_arg, resume=sys.argv[3:4] == ["resume"])
