@@ -15,6 +15,7 @@ from typing import Any
 from lightning_sketch.exceptions import DuplicateIdError, SketchInputError, SketchMismatchError
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import write_json_atomic
+from lightning_sketch.store._validate import compare_layout, compare_spec
 
 __all__ = ["ShardMixin", "shard_path"]
 
@@ -41,8 +42,6 @@ class ShardMixin:
             SketchMismatchError / LayoutMismatchError: as :meth:`SketchStore.open`.
         """
         main = mf.load_manifest(path)
-        from lightning_sketch.store._validate import compare_layout, compare_spec
-
         compare_spec(main["spec"], spec, f"Store {str(path)!r}")
         compare_layout(main["layout_fingerprint"], layout_fingerprint, f"Store {str(path)!r}")
         return cls.create(

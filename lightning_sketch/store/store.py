@@ -20,7 +20,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lightning_sketch.exceptions import DuplicateIdError, NonFiniteGradientError, SketchInputError, StoreWriteError
+from lightning_sketch.exceptions import (
+    DuplicateIdError,
+    NonFiniteGradientError,
+    SketchConfigError,
+    SketchInputError,
+    StoreWriteError,
+)
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import WriterLock, atomic_write, npy_bytes, write_json_atomic
 from lightning_sketch.store._validate import as_ids, as_rows, compare_layout, compare_spec, layout_info, spec_dict
@@ -99,8 +105,6 @@ class SketchStore(StoreViews, ShardMixin, SnapshotMixin):
             SketchConfigError: bad ``dtype``, ``nan_policy``, spec or D.
         """
         path = Path(path)
-        from lightning_sketch.exceptions import SketchConfigError
-
         if dtype not in mf.DTYPES:
             raise SketchConfigError(f"`dtype` must be one of {mf.DTYPES}, got {dtype!r}.")
         if nan_policy not in ("raise", "skip"):
@@ -167,8 +171,6 @@ class SketchStore(StoreViews, ShardMixin, SnapshotMixin):
             SketchMismatchError / LayoutMismatchError: ``spec`` / ``layout_fingerprint`` differ.
             StoreWriteError: ``mode="a"`` while another process holds the writer lock.
         """
-        from lightning_sketch.exceptions import SketchConfigError
-
         if mode not in ("r", "a"):
             raise SketchConfigError(f"`mode` must be 'r' or 'a', got {mode!r}.")
         if verify not in ("auto", "full", "lazy", "size"):
