@@ -185,3 +185,30 @@ def test_missing_monitor_and_unsupported_strategy(tmp_path):
 
     with pytest.raises(UnsupportedStrategyError, match="FSDP"):
         IntrinsicDimension(kind="dense", sketch_dim=16, target=0.9).setup(T(), Blobs(), "fit")
+
+
+class _DumpRank(pl.Callback):
+    """Writes what each DDP rank ended with (ddp_spawn does not return callback state to the parent)."""
+
+    def __init__(self, cb: IntrinsicDimension, path: str) -> None:
+        self.cb, self.path = cb, path
+
+    def on_train_end(self, trainer, pl_module):
+        out = {"checksum": self.cb.projection_checksum(), "d": self.cb.active, "history": self.cb.history,
+               "omega": pl_module.intrinsic_subspace.omega.detach().tolist()}
+        with open(f"{self.path}/rank{trainer.global_rank}.json", "w") as f:
+            json.dump(out, f)
+
+
+@pytest.mark.slow  # two spawned ranks re-import torch and lightning: seconds idle, ~50 s on a loaded box
+def test_ddp_spawn_same_projection_d_and_omega_on_both_ranks(tmp_path, monkeypatch):
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cb = IntrinsicDimension(kind="affd", sketch_dim=64, seed=3, d_min=2, delta=0.05, target=0.95)
+    trainer = _trainer(tmp_path, 12, [cb, _DumpRank(cb, str(tmp_path))], devices=2, strategy="ddp_spawn",
+                       num_sanity_val_steps=0, deterministic=False)
+    trainer.fit(Blobs())
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["checksum"] == r1["checksum"] and r0["d"] == r1["d"] > 2
+    assert r0["history"] == r1["history"] and len(r0["history"]) == 3
+    assert r0["omega"] == r1["omega"] and any(w != 0 for w in r0["omega"])
