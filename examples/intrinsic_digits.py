@@ -29,6 +29,7 @@ import torch
 from lightning_sketch.callbacks import IntrinsicDimension
 from lightning_sketch.callbacks.intrinsic_dimension import measure_reference_score
 from lightning_sketch.demo import DigitsClassifier, DigitsDataModule
+from lightning_sketch.intrinsic.plot import plot_search
 
 
 def trainer(out: Path, max_steps: int, callbacks: list, c: int) -> pl.Trainer:
@@ -38,35 +39,6 @@ def trainer(out: Path, max_steps: int, callbacks: list, c: int) -> pl.Trainer:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         deterministic=True, accelerator="cpu", default_root_dir=out,
     )
-
-
-def plot(history: list[dict], target: float, verify: dict | None, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rounds = [h for h in history if h.get("step")]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    sc = ax1.scatter([h["step"] for h in rounds], [h["metric"] for h in rounds],
-                     c=[h["d"] for h in rounds], cmap="viridis", norm=matplotlib.colors.LogNorm())
-    ax1.plot([h["step"] for h in rounds], [h["metric"] for h in rounds], color="grey", lw=0.8, zorder=0)
-    ax1.axhline(target, color="red", ls="--", label=f"target {target:.3f}")
-    fig.colorbar(sc, ax=ax1, label="active size d")
-    ax1.set(xlabel="optimizer step", ylabel="val accuracy", title="single-run doubling search")
-    ax1.legend(loc="lower right")
-    best: dict[int, float] = {}
-    for h in rounds:
-        best[h["d"]] = max(best.get(h["d"], 0.0), h["metric"])
-    ds = sorted(best)
-    ax2.semilogx(ds, [best[d] for d in ds], "o-", base=2, label="best accuracy at d (search)")
-    if verify is not None:
-        ax2.semilogx([verify["d"]], [verify["metric"]], "s", color="orange", base=2, label="verification run at D*/2")
-    ax2.axhline(target, color="red", ls="--")
-    ax2.set(xlabel="d (log2)", ylabel="val accuracy", title="metric against d")
-    ax2.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -116,7 +88,7 @@ def main() -> None:
         verdict = "reached: D_int <= D*/2" if check.reached else "missed: D_int in (D*/2, D*]"
         print(f"verification at d = {search.d_star // 2}: best val_acc {best:.3f} -> target {verdict}")
 
-    plot(search.history, search.target, verify, out / "intrinsic_curve.png")
+    plot_search(search.history, search.target, out / "intrinsic_curve.png", verify=verify)
     (out / "summary.json").write_text(json.dumps({"reference": ref, "search": search.summary(), "verify": verify}, indent=1))
     print(f"saved {out / 'intrinsic_curve.png'} and {out / 'search' / 'intrinsic_dimension.json'}")
 

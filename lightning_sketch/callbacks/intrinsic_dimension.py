@@ -29,7 +29,8 @@ reached, D_int lies in (D*/2, D*].
 **Outputs**: ``callback.d_star`` (None until found), ``callback.history`` (dicts with step, d,
 metric, action), metrics ``intrinsic/d``, ``intrinsic/metric`` and ``intrinsic/d_star`` through
 ``trainer.loggers``, and ``<dirpath>/intrinsic_dimension.json`` (rank 0) with the spec, target,
-status, D* and history. ``dirpath`` defaults to ``trainer.log_dir`` or ``default_root_dir``.
+status, D* and history, and ``intrinsic_dimension.png`` (the metric against steps and against d) at
+the end of fit. ``dirpath`` defaults to ``trainer.log_dir`` or ``default_root_dir``.
 
 **Resuming and DDP**: ``state_dict`` holds the search state, the active size and the history; ω is a
 parameter of the module, so it is in the model checkpoint, and Φ is rebuilt from its seed on every
@@ -49,6 +50,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_sketch.exceptions import SubspaceError, UnsupportedStrategyError
 from lightning_sketch.intrinsic import Action, DoublingSearch, Subspace
+from lightning_sketch.intrinsic.plot import plot_search
 
 try:
     from typing_extensions import override
@@ -84,6 +86,7 @@ class IntrinsicDimension(Callback):
         include: fnmatch patterns of the parameters to reparametrise (default: all trainable).
         exclude: fnmatch patterns of parameters to leave as they are (they stay trainable).
         dirpath: where ``intrinsic_dimension.json`` is written (default: the trainer's log dir).
+        plot: also save ``intrinsic_dimension.png`` (metric against steps and against d) at the end of fit.
 
     Raises:
         SubspaceError: for an invalid argument combination (e.g. search mode without a target).
@@ -110,6 +113,7 @@ class IntrinsicDimension(Callback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         dirpath: str | None = None,
+        plot: bool = True,
     ) -> None:
         super().__init__()
         if mode not in ("search", "fixed"):
@@ -121,6 +125,8 @@ class IntrinsicDimension(Callback):
             raise SubspaceError(f"`d` must be None or an int in [1, sketch_dim={sketch_dim}], got {d!r}.")
         if eval_every_n_steps is not None and (not isinstance(eval_every_n_steps, int) or eval_every_n_steps < 1):
             raise SubspaceError(f"`eval_every_n_steps` must be None or a positive int, got {eval_every_n_steps!r}.")
+        _check_types(kind, monitor, target, reference_score, target_fraction,
+                     said=said, normalize=normalize, higher_is_better=higher_is_better, stop_when_done=stop_when_done)
         if not 0 < target_fraction <= 1:
             raise SubspaceError(f"`target_fraction` must be in (0, 1], got {target_fraction!r}.")
         if target is None and reference_score is not None:
@@ -140,7 +146,7 @@ class IntrinsicDimension(Callback):
         self.mode, self.d_min, self.d, self.monitor = mode, d_min, d, monitor
         self.higher_is_better, self.eval_every_n_steps, self.delta = higher_is_better, eval_every_n_steps, delta
         self.target, self.reference_score, self.stop_when_done = target, reference_score, stop_when_done
-        self.include, self.exclude, self.dirpath = include, exclude, dirpath
+        self.include, self.exclude, self.dirpath, self.plot = include, exclude, dirpath, plot
         self.search: DoublingSearch | None = None
         if mode == "search":
             self.search = DoublingSearch(d_min, sketch_dim, delta, float(target), higher_is_better)
@@ -251,6 +257,8 @@ class IntrinsicDimension(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write(trainer)
+        if self.plot and trainer.is_global_zero and self.dirpath is not None and self.history:
+            plot_search(self.history, self.target, Path(self.dirpath) / "intrinsic_dimension.png")
 
     def _metric(self, trainer: Trainer) -> float:
         value = trainer.callback_metrics.get(self.monitor)
@@ -315,6 +323,21 @@ class IntrinsicDimension(Callback):
         self._last_round_step = int(state_dict.get("last_round_step", 0))
         if self._subspace is not None:
             self._subspace.set_active(self.active)
+
+
+def _check_types(kind: Any, monitor: Any, target: Any, reference_score: Any, fraction: Any, **flags: Any) -> None:
+    from lightning_sketch.sketches import KINDS
+
+    if kind not in KINDS:
+        raise SubspaceError(f"`kind` must be one of {sorted(KINDS)}, got {kind!r}.")
+    if not isinstance(monitor, str) or not monitor:
+        raise SubspaceError(f"`monitor` must be the name (str) of a logged validation metric, got {monitor!r}.")
+    for name, value in (("target", target), ("reference_score", reference_score), ("target_fraction", fraction)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise SubspaceError(f"`{name}` must be a number{'' if name == 'target_fraction' else ' or None'}, got {value!r}.")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise SubspaceError(f"`{name}` must be a bool, got {flag!r}.")
 
 
 def measure_reference_score(

@@ -85,6 +85,7 @@ def test_search_finds_d_star_writes_json_and_trains_only_omega(tmp_path):
     out = json.loads((tmp_path / "intrinsic_dimension.json").read_text())
     assert out["d_star"] == cb.d_star and out["status"] == "done" and out["history"] == cb.history
     assert out["spec"]["sketch"]["kind"] == "dense" and out["num_params"] == 8 * 16 + 16 + 16 * 4 + 4
+    assert (tmp_path / "intrinsic_dimension.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # θ0 is untouched, only ω moved, and ω beyond the final d never did
     sub = cb.subspace
     assert torch.equal(model.net[0].parametrizations.weight.original, theta0["net.0.weight"])
@@ -97,7 +98,7 @@ def test_search_finds_d_star_writes_json_and_trains_only_omega(tmp_path):
 
 def _search_cb():
     # delta = 1 forces a doubling after every round, so the run is mid-search at any checkpoint
-    return IntrinsicDimension(kind="dense", sketch_dim=64, seed=3, d_min=1, delta=1.0, target=0.999)
+    return IntrinsicDimension(kind="dense", sketch_dim=64, seed=3, d_min=1, delta=1.0, target=0.999, plot=False)
 
 
 def test_resume_mid_search_continues_with_same_d_and_omega(tmp_path):
@@ -134,12 +135,13 @@ def test_fixed_mode_verification_run_and_reference_helper(tmp_path):
     ref = measure_reference_score(_trainer(tmp_path / "ref", 24, []), Blobs(), monitor="val_acc")
     assert 0.0 <= ref <= 1.0
     cb = IntrinsicDimension(kind="dense", sketch_dim=64, mode="fixed", d=1, reference_score=ref,
-                            target_fraction=0.99, stop_when_done=False, dirpath=str(tmp_path))
+                            target_fraction=0.99, stop_when_done=False, dirpath=str(tmp_path), plot=False)
     _trainer(tmp_path, 8, [cb]).fit(Blobs())
     assert cb.active == 1 and cb.subspace.active == 1 and cb.target == pytest.approx(0.99 * ref)
     assert cb.reached is (cb.history[-1]["metric"] >= cb.target)
     assert [h["d"] for h in cb.history] == [1, 1]
     assert json.loads((tmp_path / "intrinsic_dimension.json").read_text())["mode"] == "fixed"
+    assert not (tmp_path / "intrinsic_dimension.png").exists()
     with pytest.raises(SubspaceError, match="val_nope"):
         measure_reference_score(_trainer(tmp_path / "ref2", 1, []), Blobs(), monitor="val_nope")
 
@@ -186,29 +188,3 @@ def test_missing_monitor_and_unsupported_strategy(tmp_path):
     with pytest.raises(UnsupportedStrategyError, match="FSDP"):
         IntrinsicDimension(kind="dense", sketch_dim=16, target=0.9).setup(T(), Blobs(), "fit")
 
-
-class _DumpRank(pl.Callback):
-    """Writes what each DDP rank ended with (ddp_spawn does not return callback state to the parent)."""
-
-    def __init__(self, cb: IntrinsicDimension, path: str) -> None:
-        self.cb, self.path = cb, path
-
-    def on_train_end(self, trainer, pl_module):
-        out = {"checksum": self.cb.projection_checksum(), "d": self.cb.active, "history": self.cb.history,
-               "omega": pl_module.intrinsic_subspace.omega.detach().tolist()}
-        with open(f"{self.path}/rank{trainer.global_rank}.json", "w") as f:
-            json.dump(out, f)
-
-
-@pytest.mark.slow  # two spawned ranks re-import torch and lightning: seconds idle, ~50 s on a loaded box
-def test_ddp_spawn_same_projection_d_and_omega_on_both_ranks(tmp_path, monkeypatch):
-    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    cb = IntrinsicDimension(kind="affd", sketch_dim=64, seed=3, d_min=2, delta=0.05, target=0.95)
-    trainer = _trainer(tmp_path, 12, [cb, _DumpRank(cb, str(tmp_path))], devices=2, strategy="ddp_spawn",
-                       num_sanity_val_steps=0, deterministic=False)
-    trainer.fit(Blobs())
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["checksum"] == r1["checksum"] and r0["d"] == r1["d"] > 2
-    assert r0["history"] == r1["history"] and len(r0["history"]) == 3
-    assert r0["omega"] == r1["omega"] and any(w != 0 for w in r0["omega"])
