@@ -47,6 +47,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from lightning_sketch.callbacks._gradient_sketch_io import (
+    _as_ids,
+    _check_types,
     _current_lr,
     _eval_mode,
     _open_store,
@@ -142,6 +144,7 @@ class GradientSketch(Callback):
             raise SketchConfigError("Checkpoint mode needs `every_n_epochs` or `every_n_steps`; set one of them.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise SketchConfigError(f"`seed` must be an int, got {seed!r}.")
+        _check_types(dirpath, sketch_kind, include, exclude, id_key, save_weights)
         self.dirpath = str(dirpath)
         self.sketch_kind = sketch_kind
         self.sketch_dim = sketch_dim
@@ -170,6 +173,7 @@ class GradientSketch(Callback):
         self.sketch: Any = None
         self.layout: Any = None
         self._capture: Any = None
+        self._inline_buf: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self._inline_fast = False
         self.skipped_nonfinite = 0
 
@@ -303,6 +307,7 @@ class GradientSketch(Callback):
             # Inline rows are committed with Lightning checkpoints and at fit end (a crash loses only
             # rows after the last checkpoint, which a resume re-writes anyway); commit earlier only
             # when the buffer grows large, so the per-step cost stays an in-memory append.
+            self._flush(trainer)
             if self.store.pending_rows * self.sketch_dim * 4 > _INLINE_BUFFER_BYTES:
                 self._commit(trainer)
             return
@@ -319,6 +324,7 @@ class GradientSketch(Callback):
         loss_fn = self._loss_fn(pl_module)
         mode = "factorized" if self.sketch.kind == "per_layer" else "explicit"
         bar = _progress(trainer, loader, f"GradientSketch {name}")
+        seen = 0
         with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             for batch in bar:
                 batch = _to_device(batch, pl_module.device)
@@ -326,6 +332,9 @@ class GradientSketch(Callback):
                     pl_module, loss_fn, batch, self.sketch, mode=mode, layout=self.layout, chunk_size=self.chunk_size
                 )
                 self._append(self._ids(batch), rows, name, trainer)
+                seen += len(rows)
+        if not seen:
+            rank_zero_warn(f"GradientSketch: the attribution set is empty; checkpoint {name!r} holds no rows.")
         self._finish_slice(trainer, pl_module, name, step)
 
     def _finish_slice(self, trainer: Trainer, pl_module: LightningModule, name: str, step: int) -> None:
@@ -381,13 +390,14 @@ class GradientSketch(Callback):
         if rows is None:
             return
         name = self._inline_slice(trainer)
-        self._append(self._ids(batch), rows.detach() * self._lr, name, trainer)
+        self._append(self._ids(batch), rows.detach() * self._lr, name, trainer, defer=True)
         self._pending_rows = None
         self._last_step_done = trainer.global_step
 
     # ------------------------------------------------------------------ plumbing
-    def _append(self, ids: Tensor, rows: Tensor, name: str, trainer: Trainer) -> None:
+    def _append(self, ids: Tensor, rows: Tensor, name: str, trainer: Trainer, defer: bool = False) -> None:
         rows = rows.detach().to("cpu", torch.float32)
+        ids = ids.cpu()
         finite = torch.isfinite(rows).all(dim=1)
         if not bool(finite.all()):
             bad = ids[~finite.cpu()][:5].tolist()
@@ -398,13 +408,24 @@ class GradientSketch(Callback):
                 )
             self.skipped_nonfinite += int((~finite).sum())
             log.warning("GradientSketch skipped %d non-finite rows (ids %s...)", int((~finite).sum()), bad)
-        self.store.append(ids.cpu(), rows, checkpoint=name, rank=trainer.global_rank, nan_policy=self.nan_policy)
+        if defer:  # inline mode: one store append per slice instead of one per step
+            self._inline_buf.setdefault(name, []).append((ids, rows))
+            return
+        self.store.append(ids, rows, checkpoint=name, rank=trainer.global_rank, nan_policy=self.nan_policy)
+
+    def _flush(self, trainer: Trainer) -> None:
+        for name, parts in self._inline_buf.items():
+            ids = torch.cat([i for i, _ in parts])
+            rows = torch.cat([r for _, r in parts])
+            self.store.append(ids, rows, checkpoint=name, rank=trainer.global_rank, nan_policy=self.nan_policy)
+        self._inline_buf = {}
 
     def _commit(self, trainer: Trainer) -> None:
+        self._flush(trainer)
         self._generation = self.store.commit()
 
     def _ids(self, batch: Any) -> Tensor:
-        return (self.ids_fn(batch) if self.ids_fn is not None else default_ids(batch, self.id_key)).to(torch.long)
+        return _as_ids(self.ids_fn(batch) if self.ids_fn is not None else default_ids(batch, self.id_key))
 
     def _loss_fn(self, pl_module: LightningModule) -> Callable[[nn.Module, Any], Tensor]:
         if self.loss_fn is not None:
@@ -463,6 +484,7 @@ class GradientSketch(Callback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Keep the last committed state; drop the uncommitted buffer and release the writer lock.
+        self._inline_buf = {}
         if self._capture is not None:
             self._capture.__exit__(None, None, None)
             self._capture = None
