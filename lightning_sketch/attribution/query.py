@@ -299,6 +299,10 @@ class Attributor:
         3. with no ``val_batches``, the same error with a held-out ``holdout`` fraction of the
            stored training rows as queries (the kernel built from the remaining rows).
 
+        Measured on digits (benchmarks/RESULTS.md), the LOO proxy (2, 3) picks far too small a λ
+        (LDS 0.15–0.18 against 0.54–0.58 with the validation-LDS objective): it is a fallback only;
+        pass an ``objective`` on validation queries whenever a ground truth can be had.
+
         Raises:
             SketchConfigError: if the method is not ``trak`` or the inputs are inconsistent.
         """
