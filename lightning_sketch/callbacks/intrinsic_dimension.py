@@ -51,6 +51,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning_sketch.exceptions import SubspaceError, UnsupportedStrategyError
 from lightning_sketch.intrinsic import Action, DoublingSearch, Subspace
 from lightning_sketch.intrinsic.plot import plot_search
+from lightning_sketch.sketches import sketch_class
 
 try:
     from typing_extensions import override
@@ -90,6 +91,7 @@ class IntrinsicDimension(Callback):
 
     Raises:
         SubspaceError: for an invalid argument combination (e.g. search mode without a target).
+        SketchConfigError: for an unknown sketch ``kind``.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class IntrinsicDimension(Callback):
         plot: bool = True,
     ) -> None:
         super().__init__()
+        sketch_class(kind)  # an unknown kind fails here, not at setup
         if mode not in ("search", "fixed"):
             raise SubspaceError(f"`mode` must be 'search' or 'fixed', got {mode!r}.")
         for name, v in (("sketch_dim", sketch_dim), ("d_min", d_min)):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sketch.callbacks import IntrinsicDimension
 from lightning_sketch.callbacks.intrinsic_dimension import measure_reference_score
-from lightning_sketch.exceptions import SubspaceError, UnsupportedStrategyError
+from lightning_sketch.exceptions import SketchConfigError, SubspaceError, UnsupportedStrategyError
 from lightning_sketch.intrinsic import Subspace
 
 
@@ -172,6 +172,11 @@ def test_setup_is_idempotent_and_validate_after_fit_works(tmp_path):
 def test_argument_errors(kwargs, match):
     with pytest.raises(SubspaceError, match=match):
         IntrinsicDimension(**kwargs)
+
+
+def test_unknown_kind_fails_at_construction():
+    with pytest.raises(SketchConfigError, match="Unknown sketch kind"):
+        IntrinsicDimension(kind="fastfood", target=0.9)
 
 
 def test_missing_monitor_and_unsupported_strategy(tmp_path):
