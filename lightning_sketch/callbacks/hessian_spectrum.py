@@ -123,6 +123,8 @@ class HessianSpectrum(Callback):
             raise SketchConfigError(f"`sketch_kind` must be one of {sorted(KINDS)} or None, got {sketch_kind!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise SketchConfigError(f"`seed` must be an int, got {seed!r}.")
+        if at_steps is not None and not isinstance(at_steps, (list, tuple)):
+            raise SketchConfigError(f"`at_steps` must be a list of ints >= 0, got {at_steps!r}.")
         steps = list(PAPER_STEPS) if at_steps is None else list(at_steps)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
             raise SketchConfigError(f"`at_steps` must be a list of ints >= 0, got {at_steps!r}.")
@@ -134,7 +136,11 @@ class HessianSpectrum(Callback):
             raise SketchConfigError(f"`dtype` must be 'float32' or 'float64', got {dtype!r}.")
         if mode not in ("eval", "train"):
             raise SketchConfigError(f"`mode` must be 'eval' or 'train', got {mode!r}.")
-        if not 0 < outlier_threshold < 1:
+        for name, flag in (("density", density), ("trace", trace), ("plot", plot)):
+            if not isinstance(flag, bool):
+                raise SketchConfigError(f"`{name}` must be a bool, got {flag!r}.")
+        if isinstance(outlier_threshold, bool) or not isinstance(outlier_threshold, (int, float)) \
+                or not 0 < outlier_threshold < 1:
             raise SketchConfigError(f"`outlier_threshold` must be in (0, 1), got {outlier_threshold!r}.")
         if loss_fn is not None and not callable(loss_fn):
             raise SketchConfigError(f"`loss_fn` must be callable(module, batch) -> [B], got {type(loss_fn).__name__}.")
@@ -237,6 +243,11 @@ class HessianSpectrum(Callback):
         if self.plot and self.history and trainer.is_global_zero and self._dir is not None:
             self.plot_history(self._dir / "spectrum.png")
         trainer.strategy.barrier()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # release the cached probe batches; a new fit fixes a new probe set
+            self._probe, self._sketch, self._layout = None, None, None
 
     def _maybe_snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
