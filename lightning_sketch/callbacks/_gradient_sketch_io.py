@@ -107,3 +107,36 @@ class _rng_guard:
 
     def __exit__(self, *exc: object) -> None:
         self._ctx.__exit__(*exc)
+
+
+def _check_types(dirpath: Any, kind: Any, include: Any, exclude: Any, id_key: Any, save_weights: Any) -> None:
+    """Type checks of ``GradientSketch.__init__`` arguments (raise SketchConfigError naming the argument)."""
+    from lightning_sketch.exceptions import SketchConfigError
+    from lightning_sketch.sketches import KINDS
+
+    if not isinstance(dirpath, (str, os.PathLike)) or not str(dirpath):
+        raise SketchConfigError(f"`dirpath` must be a non-empty path string, got {dirpath!r}.")
+    if kind not in KINDS:
+        raise SketchConfigError(f"`sketch_kind` must be one of {sorted(KINDS)}, got {kind!r}.")
+    for name, pats in (("include", include), ("exclude", exclude)):
+        if pats is not None and (not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) for p in pats)):
+            raise SketchConfigError(
+                f"`{name}` must be None or a list of fnmatch patterns (str), got {pats!r}; write [{pats!r}] for one."
+            )
+    if not isinstance(id_key, str):
+        raise SketchConfigError(f"`id_key` must be a str (the batch entry holding example ids), got {id_key!r}.")
+    if not isinstance(save_weights, bool):
+        raise SketchConfigError(f"`save_weights` must be a bool, got {save_weights!r}.")
+
+
+def _as_ids(ids: Any) -> Tensor:
+    """``[B]`` int64 example ids; floating or bool ids raise SketchInputError (a cast would merge examples)."""
+    from lightning_sketch.exceptions import SketchInputError
+
+    ids = torch.as_tensor(ids)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise SketchInputError(
+            f"`ids_fn` must return integer example ids [B], got dtype {ids.dtype}; casting would silently merge "
+            f"examples (0.5 -> 0). Return the dataset indices as an int64 tensor."
+        )
+    return ids.to(torch.long)
