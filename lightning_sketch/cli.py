@@ -53,7 +53,9 @@ Gradient sketches for training data attribution, Hessian spectra and intrinsic d
 commands:
   fit, validate, test, predict
                  LightningCLI: `{PROG} fit --config configs/digits.yaml`; `{PROG} fit --help`
-                 lists every model, data, trainer and callback argument.
+                 lists the model, data and trainer arguments; a callback's arguments:
+                 `{PROG} fit --trainer.callbacks.help GradientSketch` (or HessianSpectrum,
+                 IntrinsicDimension).
   query          top proponents/opponents of test examples from a run's sketch store
   report         self-contained HTML report of a run directory
   inspect        a sketch store's manifest and health (non-zero exit if inconsistent)

@@ -123,11 +123,13 @@ def _metrics_section(root: Path) -> str:
             continue
         fig = _figure(9, 3.2)
         axes = [fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)]
-        for k in keys:
+        for k in keys:  # losses left, accuracies right; other scalars (e.g. intrinsic/d) only in the table
+            if "loss" not in k and "acc" not in k:
+                continue
             ax = axes[1] if "acc" in k else axes[0]
             xs, ys = zip(*series[k])
             ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=k)
-        for ax, title in zip(axes, ("losses and other scalars", "accuracies")):
+        for ax, title in zip(axes, ("losses", "accuracies")):
             ax.set_xlabel("step")
             ax.set_title(title)
             if ax.lines:
@@ -273,7 +275,9 @@ def _spectrum_section(root: Path) -> str:
         ax2.set_title("spectral density (SLQ)" if chosen else "no density recorded")
         ax2.set_xlabel("eigenvalue")
         if chosen:
+            top = max(float(s["density"].max()) for _, s in chosen)
             ax2.set_yscale("log")
+            ax2.set_ylim(top * 1e-6, top * 2)  # six decades: Gaussian tails below are noise
             ax2.legend(fontsize=7)
         parts.append(f"<h3>{html.escape(_rel(d, root))}: {len(snaps)} snapshots</h3>" + _png(fig))
         names = sorted({n for e in entries for n, v in (e.get("scalars") or {}).items() if isinstance(v, (int, float))})

@@ -97,6 +97,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "bad_value": ["fit", "--config", str(cfg), "--data.init_args.n_train=5000"],
         "bad_k": [*q, "--ids", "1", "--k", "0"],
         "bad_ids": [*q, "--ids", "1,999"],
+        **{f"help_{name}": ["fit", "--trainer.callbacks.help", name]
+           for name in ("GradientSketch", "HessianSpectrum", "IntrinsicDimension")},
     }
     results = dict(zip(calls, run_many(list(calls.values()))))
     return {"base": base, "root": root, "cfg": cfg, "ckpt": ckpt, "fit": fit, "html": base / "report.html",

@@ -126,3 +126,23 @@ def test_invalid_argument_values(tiny_run):
     bad_ids = tiny_run["bad_ids"]
     assert bad_ids["returncode"] == 1
     assert "`--ids` [999] are outside the test split's range [0, 16)" in bad_ids["stderr"]
+
+
+def test_every_callback_argument_in_help(tiny_run):
+    """``fit --trainer.callbacks.help X`` documents every __init__ argument with its type."""
+    import inspect
+    import re
+
+    from lightning_sketch import callbacks
+
+    for name in ("GradientSketch", "HessianSpectrum", "IntrinsicDimension"):
+        out = tiny_run[f"help_{name}"]
+        assert out["returncode"] == 0, out["stderr"][-2000:]
+        blocks = re.split(r"\n  --trainer\.callbacks\.", out["stdout"])[1:]
+        documented = {b.split()[0]: " ".join(b.split()) for b in blocks}
+        params = [p for p in inspect.signature(getattr(callbacks, name).__init__).parameters if p != "self"]
+        for param in params:
+            assert param in documented, (name, param)
+            text = documented[param]
+            assert "type:" in text, (name, param)
+            assert len(text.split("(type:")[0].split()) > 2, (name, param)  # a description, not just the flag
