@@ -170,7 +170,11 @@ def _expand_one(value: str, seen: tuple[Path, ...]) -> list[str]:
     import yaml
 
     path = Path(value)
-    if not path.is_file():  # an inline YAML string or a missing file: jsonargparse reports it
+    try:
+        is_file = path.is_file()
+    except OSError:  # e.g. an inline YAML string longer than a file name may be
+        is_file = False
+    if not is_file:  # an inline YAML string or a missing file: jsonargparse reports it
         return ["--config", value]
     try:
         cfg = yaml.safe_load(path.read_text())

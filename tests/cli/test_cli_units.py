@@ -31,6 +31,8 @@ def test_expand_base_configs_nested(tmp_path):
     assert yaml.safe_load(configs[2]) == {"trainer": {"max_steps": 2}}
     # files without base_config and inline strings pass through unchanged
     assert cli.expand_base_configs([f"--config={tmp_path / 'a.yaml'}"]) == ["--config", str(tmp_path / "a.yaml")]
+    inline = "trainer:\n  max_steps: 1\n" + "# padding\n" * 60  # longer than a file name may be
+    assert cli.expand_base_configs(["--config", inline]) == ["--config", inline]
 
 
 def test_expand_base_configs_errors(tmp_path):
