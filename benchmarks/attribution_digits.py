@@ -224,13 +224,22 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--peers-only", action="store_true",
                    help="train the runs without the callback (bit-identical weights) and score only the peers")
+    p.add_argument("--dampings", default=None, help="comma-separated damping grid for the peers (default 1e-4..1e6)")
+    p.add_argument("--overhead-only", action="store_true", help="only time the callback against a plain fit")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this small MLP)")
     a = p.parse_args(argv)
     if a.quick:
         a.subsets, a.seeds, a.epochs, a.runs, a.every_n_epochs = 20, 1, 4, 2, 2
     torch.set_num_threads(a.threads)
+    if a.dampings:
+        DAMPINGS[:] = [float(v) for v in a.dampings.split(",")]
     results: dict = {"config": vars(a)}
     train, query, val, _ = load_split()
+    if a.overhead_only:
+        results["overhead"] = overhead(a, train)
+        if a.json:
+            Path(a.json).write_text(json.dumps(results, indent=2, default=float))
+        return results
     both = (torch.cat([query[0], val[0]]), torch.cat([query[1], val[1]]))
     masks, margins, gt_s = ground_truth(train, both, a.subsets, a.seeds, a.epochs)
     gt_q, gt_v = margins[:, :200], margins[:, 200:]
@@ -357,6 +366,31 @@ def main(argv=None):
         if a.json:
             Path(a.json).write_text(json.dumps(results, indent=2, default=float))
     return results
+
+
+def overhead(a, train, repeats: int = 3):
+    """Median-of-``repeats`` fit times: plain, checkpoint mode, inline per_layer, inline fallback."""
+    work = Path(tempfile.mkdtemp(prefix="attr_overhead_"))
+    configs = {
+        "plain": None,
+        "checkpoint": dict(sketch_kind=a.kind, sketch_dim=a.sketch_dim, every_n_epochs=a.every_n_epochs),
+        "inline_per_layer": dict(sketch_kind="per_layer", sketch_dim=a.sketch_dim, mode="inline"),
+        "inline_" + a.kind + "_fallback": dict(sketch_kind=a.kind, sketch_dim=a.sketch_dim, mode="inline"),
+    }
+    times = {k: [] for k in configs}
+    try:
+        fit_run(0, train, work / "warm", 1, configs["inline_per_layer"])  # imports and first-call costs
+        for r in range(repeats):  # interleaved, so load changes on the shared machine hit all alike
+            for name, kw in configs.items():
+                shutil.rmtree(work / name, ignore_errors=True)
+                times[name].append(fit_run(0, train, work / name, a.epochs, kw)[1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    ratios = {k: med[k] / med["plain"] for k in configs if k != "plain"}
+    print("fit time ratio to a plain fit (median of %d, interleaved): " % repeats
+          + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + f"  (plain fit {med['plain']:.2f} s)")
+    return ratios
 
 
 def arnoldi_scores(runs, train, qb, k=50):
