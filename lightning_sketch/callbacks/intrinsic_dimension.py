@@ -259,6 +259,11 @@ class IntrinsicDimension(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.search is not None and not any(h["action"] != "baseline" for h in self.history):
+            log.warning(
+                "IntrinsicDimension: no validation round ran during fit, so the search never started (d = %d). "
+                "Check the val_dataloader (empty?) and val_check_interval / check_val_every_n_epoch.", self.active
+            )
         self._write(trainer)
         if self.plot and trainer.is_global_zero and self.dirpath is not None and self.history:
             plot_search(self.history, self.target, Path(self.dirpath) / "intrinsic_dimension.png")

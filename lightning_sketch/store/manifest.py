@@ -12,6 +12,8 @@ Format version 1 is the only one this library reads or writes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,11 @@ def check_checkpoint_name(name: Any) -> str:
     return name
 
 
+def spec_sha256(spec: dict[str, Any] | None) -> str:
+    """sha256 of the canonical JSON of a sketch spec (recorded at creation; detects hand edits)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
 def new_manifest(
     *,
     spec: dict[str, Any] | None,
@@ -80,6 +87,7 @@ def new_manifest(
         "library_version": library_version,
         "generation": 0,
         "spec": spec,
+        "spec_sha256": spec_sha256(spec),
         "sketch_dim": int(sketch_dim),
         "layout": layout,
         "layout_fingerprint": layout_fingerprint,
@@ -140,6 +148,15 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
             )
     if data["dtype"] not in DTYPES:
         raise StoreCorruptError(f"{str(path)!r}: dtype {data['dtype']!r} is not one of {DTYPES}.")
+    spec = data.get("spec")
+    if spec is not None and not isinstance(spec, dict):
+        raise StoreCorruptError(f"{str(path)!r}: field 'spec' must be a dict or null, got {spec!r}; the manifest was edited.")
+    if "spec_sha256" in data and data["spec_sha256"] != spec_sha256(spec):
+        raise StoreCorruptError(
+            f"{str(path)!r}: the sketch spec {spec!r} does not match the checksum recorded when the store was "
+            f"created (spec_sha256); the spec was edited by hand. Rows were written with the original sketch, so "
+            f"restore the original spec, or write a new store with the sketch you want."
+        )
     data.setdefault("merged_shards", {})
     return data
 
