@@ -34,7 +34,10 @@ the end of fit. ``dirpath`` defaults to ``trainer.log_dir`` or ``default_root_di
 
 **Resuming and DDP**: ``state_dict`` holds the search state, the active size and the history; ω is a
 parameter of the module, so it is in the model checkpoint, and Φ is rebuilt from its seed on every
-rank (compare ranks with ``Subspace.projection_checksum()``).
+rank (compare ranks with ``Subspace.projection_checksum()``). Take checkpoints *after* validation
+(``ModelCheckpoint(save_on_train_epoch_end=False)``, or with a ``monitor``): a checkpoint saved by
+``every_n_train_steps`` at a step that also validates is written before that validation, and
+Lightning does not replay it on resume, so that search round would be lost (tests/reliability).
 """
 
 from __future__ import annotations
