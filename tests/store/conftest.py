@@ -9,6 +9,18 @@ import torch
 SPEC = {"kind": "dense", "dim": 1000, "sketch_dim": 16, "seed": 0}
 
 
+@pytest.fixture(autouse=True)
+def _single_faiss_thread():
+    """One FAISS OpenMP thread in these tests: on a loaded 2-core machine spinning OpenMP threads made
+    a tiny IVF-PQ build take 10 s instead of 0.07 s (measured); the results do not depend on it."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 def clustered(n: int, d: int, seed: int, clusters: int = 20) -> np.ndarray:
     """Rows around ``clusters`` random centres (non-isotropic, like gradient sketches)."""
     rng = np.random.default_rng(seed)
