@@ -358,3 +358,10 @@ def test_bf16_mixed_training_sketches_in_float32(tmp_path):
     ref = _hs(at_steps=[0, 2])
     trainer(tmp_path / "ref", [ref], max_steps=1).fit(Tiny(), loader())
     np.testing.assert_allclose(spec.history[0]["eigenvalues"], ref.history[0]["eigenvalues"], rtol=1e-6)
+    # subspace training under bf16 autocast: ω stays a float32 parameter and trains
+    cb = IntrinsicDimension(kind="affd", sketch_dim=16, d_min=2, target=0.99, dirpath=str(tmp_path / "id"))
+    trainer(tmp_path / "id", [cb], max_steps=4, val_check_interval=2, check_val_every_n_epoch=None,
+            precision="bf16-mixed").fit(Tiny(), loader(), loader(8, seed=2))
+    omega = cb.subspace.omega.detach()
+    assert omega.dtype == torch.float32 and torch.isfinite(omega).all() and omega.abs().max() > 0
+    assert [h["step"] for h in cb.history] == [2, 4]

@@ -72,6 +72,27 @@ def runs(tmp_path_factory):
     return root, refs
 
 
+def _assert_kill_landed(run: Path, kill: str) -> None:
+    """Evidence that the process died where intended (so each seed tests what it claims)."""
+    where, step = kill.split(":")
+    if where == "commit":  # segment files written, manifest not published
+        orphans = []
+        for which in ("attr_ckpt", "attr_inline"):
+            store = run / which / "store"
+            listed = {s[p]["file"] for s in json.loads((store / "manifest.json").read_text())["segments"]
+                      for p in ("vectors", "ids")}
+            orphans += [f for f in store.glob("seg-*") if f.name not in listed]
+        assert orphans
+    elif where == "snapshot":  # a half-written snapshot next to the published ones, not in the index
+        assert list((run / "spectrum").glob("*.npz.tmp*"))
+        assert all(e["step"] < int(step) for e in load_index(run / "spectrum"))
+    elif where == "ckpt":  # the checkpoint being saved never appeared
+        saved = [int(p.stem.split("step=")[1]) for p in (run / "ckpt").glob("epoch=*.ckpt")]
+        assert saved and max(saved) < int(step)
+    else:  # batch_end: rows of the killed step were buffered, never committed
+        assert max(int(p.stem.split("step=")[1]) for p in (run / "ckpt").glob("epoch=*.ckpt")) < int(step)
+
+
 def _healthy(path: Path) -> None:
     info = inspect_store(path)
     assert info["health"]["ok"], info["health"]
@@ -100,6 +121,7 @@ def test_killed_run_resumes_to_the_uninterrupted_stores_and_spectrum(runs, seed)
     assert (run / "ckpt" / "last.ckpt").exists()
     for which in ("attr_ckpt", "attr_inline"):  # consistent right after the kill
         _healthy(run / which / "store")
+    _assert_kill_landed(run, attr_kill(seed))
     threads = torch.get_num_threads()
     try:
         resumed = kill_run.main(run, "attr", resume=True)
