@@ -18,7 +18,69 @@ __all__ = ["SnapshotMixin"]
 
 
 class SnapshotMixin:
-    """Integrity, rollback and refresh (state lives in ``SketchStore``)."""
+    """Snapshot facts, integrity, rollback and refresh (state lives in ``SketchStore``)."""
+
+    # ------------------------------------------------------------------ snapshot facts
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """A deep copy of the committed manifest."""
+        return copy.deepcopy(self._manifest)
+
+    @property
+    def generation(self) -> int:
+        """Number of commits in the current snapshot."""
+        return self._manifest["generation"]
+
+    @property
+    def spec(self) -> dict[str, Any] | None:
+        """The sketch spec the rows were written with (``make(**spec)`` rebuilds it)."""
+        return copy.deepcopy(self._manifest["spec"])
+
+    @property
+    def sketch_dim(self) -> int:
+        """D, the width of one stored row."""
+        return self._manifest["sketch_dim"]
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype, "float32" or "float16"."""
+        return self._manifest["dtype"]
+
+    @property
+    def layout_fingerprint(self) -> str | None:
+        """Fingerprint of the parameter layout the rows were computed for."""
+        return self._manifest["layout_fingerprint"]
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """Committed checkpoint names in the order they were added."""
+        return [c["name"] for c in self._manifest["checkpoints"]]
+
+    def checkpoint_info(self, name: str) -> dict[str, Any]:
+        """The manifest record of checkpoint ``name`` (step, lr, weight, rows, skipped counts).
+
+        Raises:
+            SketchInputError: unknown checkpoint.
+        """
+        for c in self._manifest["checkpoints"]:
+            if c["name"] == name:
+                return copy.deepcopy(c)
+        raise SketchInputError(f"Unknown checkpoint {name!r}; the store has {self.checkpoints}.")
+
+    @property
+    def num_rows(self) -> int:
+        """Committed rows over all checkpoints."""
+        return int(sum(s["rows"] for s in self._manifest["segments"]))
+
+    @property
+    def pending_rows(self) -> int:
+        """Buffered (uncommitted) rows."""
+        return int(sum(len(i) for parts in self._buffer.values() for i, _ in parts))
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk of the committed snapshot (data files, indexes and manifest)."""
+        return _data_bytes(self._manifest) + (self.path / mf.MANIFEST).stat().st_size
 
     def rollback(self, generation: int) -> None:
         """Publish the snapshot as it was at ``generation`` (drop later segments, checkpoints, indexes).
