@@ -129,6 +129,25 @@ def _check_types(dirpath: Any, kind: Any, include: Any, exclude: Any, id_key: An
         raise SketchConfigError(f"`save_weights` must be a bool, got {save_weights!r}.")
 
 
+def _check_no_padding(loader: Any) -> None:
+    """Inline mode under DDP: refuse a DistributedSampler that pads (an id on two ranks breaks the merge)."""
+    from torch.utils.data import DistributedSampler
+
+    from lightning_sketch.exceptions import SketchConfigError
+
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return
+    n, world = len(sampler.dataset), sampler.num_replicas
+    if n % world:
+        raise SketchConfigError(
+            f"GradientSketch(mode='inline') under DDP: the DistributedSampler pads the {n} training examples to "
+            f"{sampler.total_size} for {world} ranks, so {sampler.total_size - n} example id(s) would be sketched on "
+            f"two ranks in one epoch and the shard merge would fail. Use a training set whose size is divisible by "
+            f"the world size, or Trainer(use_distributed_sampler=False) with DistributedSampler(..., drop_last=True)."
+        )
+
+
 def _as_ids(ids: Any) -> Tensor:
     """``[B]`` int64 example ids; floating or bool ids raise SketchInputError (a cast would merge examples)."""
     from lightning_sketch.exceptions import SketchInputError

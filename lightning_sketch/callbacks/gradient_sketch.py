@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_sketch.callbacks._gradient_sketch_io import (
     _as_ids,
+    _check_no_padding,
     _check_types,
     _current_lr,
     _eval_mode,
@@ -272,6 +273,11 @@ class GradientSketch(Callback):
                     self._inline_fast = True
                 except UnsupportedModelError as err:
                     rank_zero_warn(f"GradientSketch inline: hook fast path unavailable ({err}); using sketch_gradients.")
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.store is not None and self.mode == "inline" and trainer.world_size > 1:
+            _check_no_padding(trainer.train_dataloader)
 
     # ------------------------------------------------------------------ checkpoint mode
     def _due_epoch(self, trainer: Trainer) -> bool:
