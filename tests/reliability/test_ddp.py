@@ -146,3 +146,11 @@ def test_intrinsic_dimension_projection_identical_and_omega_synchronised(runs):
         assert t0["omega"] == t1["omega"]  # bit-identical on both ranks
         assert any(abs(w) > 1e-3 for w in t0["omega"])  # ω actually trained
         np.testing.assert_allclose(t0["omega"], ts["omega"], rtol=1e-9, atol=1e-12)
+
+
+def test_inline_sketching_refuses_a_padding_distributed_sampler(runs):
+    root, ddp, _ = runs
+    assert ddp[0]["padded"].startswith("SketchConfigError: GradientSketch(mode='inline') under DDP: the "
+                                       "DistributedSampler pads the 33 training examples to 34 for 2 ranks")
+    assert not (root / "ddp" / "attr_padded" / "store" / "shards").exists() or all(
+        SketchStore.open(p).num_rows == 0 for p in (root / "ddp" / "attr_padded" / "store" / "shards").iterdir())

@@ -8,6 +8,8 @@ global batch is 8 in both runs: batch 8 on one process, batch 4 on each of 2 ran
 DistributedSampler with shuffle=False gives rank r the ids r, r+2, ..., so both runs train on the
 same examples in the same steps; Lightning's own training sampler would shuffle, see ``_common.Data``).
 Fit B: IntrinsicDimension (search mode, a target it cannot reach, so d doubles every round).
+Fit C (DDP only): inline GradientSketch with Lightning's padding DistributedSampler (33 examples on
+2 ranks): it must be refused at train start, before any training.
 
 Each rank writes ``OUT_DIR/rank<r>.json`` (spectrum history and loss-call counts, ω after every
 validation, projection checksum, search history); rank 0 saves the weights at the snapshot steps to
@@ -24,7 +26,7 @@ import torch
 from lightning.pytorch import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Data, Tiny, trainer  # noqa: E402
+from _common import Data, Tiny, loader, trainer  # noqa: E402
 
 from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension  # noqa: E402
 from lightning_sketch.intrinsic import Subspace  # noqa: E402
@@ -110,12 +112,27 @@ def fit_b(out: Path, devices: int) -> dict:
             "history": cb.history, "status": cb.status}
 
 
+def fit_c(out: Path) -> str:
+    """Inline GradientSketch with Lightning's own DistributedSampler, which pads 33 examples to 34."""
+    cb = GradientSketch(dirpath=str(out / "attr_padded"), sketch_kind="per_layer", sketch_dim=16, mode="inline")
+    tr = trainer(out / "root_c", [cb], max_epochs=1, devices=2, strategy="ddp")
+    try:
+        tr.fit(Tiny(), loader(33, 4))
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
 def main(out: Path, devices: int) -> dict:
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     result = fit_a(out, devices)
     result["intrinsic"] = fit_b(out, devices)
-    (out / f"rank{result['rank']}.json").write_text(json.dumps(result))
+    path = out / f"rank{result['rank']}.json"
+    path.write_text(json.dumps(result))
+    if devices > 1:  # last: on an error Lightning's rank 0 kills the other ranks
+        result["padded"] = fit_c(out)
+        path.write_text(json.dumps(result))
     return result
 
 
