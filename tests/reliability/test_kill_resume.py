@@ -1,6 +1,7 @@
 """SIGKILL during training while the callbacks write, then resume from the last Lightning checkpoint.
 
-Each killed run is a subprocess (``scripts/kill_run.py``) that kills itself with SIGKILL at a point
+Each killed run is a child forked by one subprocess (``scripts/kill_run.py fork``, so the imports
+are paid once) that kills itself with SIGKILL at a point
 drawn from a fixed seed: after a batch, inside a store commit (segments written, manifest not yet
 published), inside a Lightning checkpoint save, or while a spectrum snapshot file is half written.
 Right after the kill the stores must open and pass ``inspect_store``/``verify``; after resuming
@@ -8,7 +9,10 @@ from ``last.ckpt`` (in this process) the stores, the HessianSpectrum history and
 IntrinsicDimension search state must equal an uninterrupted run's, row for row and bit for bit.
 
 Exactness needs the resumed run to replay the same batches: the data are not shuffled (a
-``RandomSampler`` drawing from the global RNG would give other permutations after a restart).
+``RandomSampler`` drawing from the global RNG would give other permutations after a restart). The
+intrinsic-dimension run checkpoints after each validation round: a checkpoint that
+``every_n_train_steps`` writes at a validating step precedes that step's validation, which Lightning
+does not replay on resume (that search round would be lost).
 """
 
 from __future__ import annotations
