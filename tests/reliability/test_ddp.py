@@ -21,13 +21,13 @@ from torch.func import functional_call, hessian
 from torch.utils.data import default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-from _common import HERE, Tiny, clean_env, dataset, free_port  # noqa: E402
+from _common import HERE, Tiny, clean_env, dataset, free_port
 
-from lightning_sketch.gradients import ParamLayout  # noqa: E402
-from lightning_sketch.intrinsic import Subspace  # noqa: E402
-from lightning_sketch.sketches import make  # noqa: E402
-from lightning_sketch.spectrum import load_snapshot  # noqa: E402
-from lightning_sketch.store import SketchStore, inspect_store, shard_path  # noqa: E402
+from lightning_sketch.gradients import ParamLayout
+from lightning_sketch.intrinsic import Subspace
+from lightning_sketch.sketches import make
+from lightning_sketch.spectrum import load_snapshot
+from lightning_sketch.store import SketchStore, inspect_store, shard_path
 
 TIMEOUT_S = 240
 

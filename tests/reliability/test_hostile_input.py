@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-from _common import Tiny, loader, trainer  # noqa: E402
+from _common import Tiny, loader, trainer
 
-from lightning_sketch.attribution import Attributor  # noqa: E402
-from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension  # noqa: E402
-from lightning_sketch.exceptions import (  # noqa: E402
+from lightning_sketch.attribution import Attributor
+from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension
+from lightning_sketch.exceptions import (
     DuplicateIdError,
     LayoutMismatchError,
     NonFiniteGradientError,
@@ -36,10 +36,10 @@ from lightning_sketch.exceptions import (  # noqa: E402
     SubspaceError,
     UnsupportedModelError,
 )
-from lightning_sketch.gradients import ParamLayout  # noqa: E402
-from lightning_sketch.sketches import make  # noqa: E402
-from lightning_sketch.spectrum import load_snapshot  # noqa: E402
-from lightning_sketch.store import SketchStore, inspect_store  # noqa: E402
+from lightning_sketch.gradients import ParamLayout
+from lightning_sketch.sketches import make
+from lightning_sketch.spectrum import load_snapshot
+from lightning_sketch.store import SketchStore, inspect_store
 
 
 @pytest.fixture(autouse=True)
@@ -315,6 +315,7 @@ def test_batchnorm_and_dropout_are_handled_in_eval_mode_or_refused(tmp_path):
     assert model.training  # the mode was restored
     model.eval()
     ids, vecs = _sorted(SketchStore.open(tmp_path / "c" / "run" / "store"), "step-4")
+    assert ids.tolist() == list(range(32))
     np.testing.assert_allclose(vecs, _loop_grads(model, _full(32)).numpy(), rtol=1e-5, atol=1e-6)
     # inline mode: the hooks cannot cover BatchNorm, so it says so and falls back to eval-mode gradients
     cb = _gs(tmp_path / "i", sketch_kind="per_layer", mode="inline")

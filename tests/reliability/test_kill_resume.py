@@ -29,10 +29,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-from _common import HERE, clean_env  # noqa: E402
+from _common import HERE, clean_env
 
-from lightning_sketch.spectrum import load_index, load_snapshot  # noqa: E402
-from lightning_sketch.store import SketchStore, inspect_store  # noqa: E402
+from lightning_sketch.spectrum import load_index, load_snapshot
+from lightning_sketch.store import SketchStore, inspect_store
 
 TIMEOUT_S = 240
 WHERES = ("batch_end", "commit", "ckpt", "snapshot")

@@ -26,10 +26,10 @@ import torch
 from lightning.pytorch import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Data, Tiny, loader, trainer  # noqa: E402
+from _common import Data, Tiny, loader, trainer
 
-from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension  # noqa: E402
-from lightning_sketch.intrinsic import Subspace  # noqa: E402
+from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension
+from lightning_sketch.intrinsic import Subspace
 
 SNAP_STEPS = [0, 5]
 GLOBAL_BATCH = 8
@@ -118,7 +118,7 @@ def fit_c(out: Path) -> str:
     tr = trainer(out / "root_c", [cb], max_epochs=1, devices=2, strategy="ddp")
     try:
         tr.fit(Tiny(), loader(33, 4))
-    except Exception as err:  # noqa: BLE001 - recorded for the test
+    except Exception as err:  # noqa: BLE001 (recorded for the test)
         return f"{type(err).__name__}: {err}"
     return "no error"
 

@@ -39,11 +39,11 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Data, Tiny, trainer  # noqa: E402
+from _common import Data, Tiny, trainer
 
-import lightning_sketch.spectrum.snapshot as snapshot_mod  # noqa: E402
-import lightning_sketch.store.store as store_mod  # noqa: E402
-from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension  # noqa: E402
+import lightning_sketch.spectrum.snapshot as snapshot_mod
+import lightning_sketch.store.store as store_mod
+from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension
 
 MAX_STEPS = 12
 
