@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lightning_sketch import cli
+from lightning_sketch import cli, cli_commands
 from lightning_sketch.demo import DigitsClassifier, DigitsDataModule
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError, StoreNotFoundError
 from lightning_sketch.report import build_report, write_report
@@ -72,22 +72,22 @@ def test_query_input_and_ckpt_errors(tmp_path):
     args = cli._own_parser().parse_args(["query", "--store", str(tmp_path / "store"), "--ckpt", str(tmp_path / "no.ckpt"),
                                           "--config", "c.yaml", "--ids", "0"])
     with pytest.raises(SketchInputError, match="`--ckpt` .* does not exist"):
-        cli._query(args)
+        cli_commands.run_query(args)
     args = cli._own_parser().parse_args(["query", "--store", "s", "--ckpt", "c", "--config", "c",
                                           "--inputs", str(tmp_path / "no.npy")])
     with pytest.raises(SketchInputError, match="`--inputs` file .* does not exist"):
-        cli._query_batch(args, None, None)
+        cli_commands._query_batch(args, None, None)
 
 
 def test_output_formats_and_main_usage(capsys):
     result = {"method": "tracin", "split": "test", "queries": [
         {"query": 4, "label": 1, "prediction": 1,
          "proponents": [{"id": 7, "score": 2.5, "label": 1}], "opponents": [{"id": 9, "score": -1.0, "label": 3}]}]}
-    assert cli._as_csv(result).splitlines() == [
+    assert cli_commands._as_csv(result).splitlines() == [
         "query,query_label,kind,rank,train_id,train_label,score", "4,1,proponent,1,7,1,2.5", "4,1,opponent,1,9,3,-1"]
-    table = cli._as_table(result)
+    table = cli_commands._as_table(result)
     assert "query 4 (test)" in table and "proponent     1        7" in table
-    assert json.loads(cli._as_json(result)) == result
+    assert json.loads(cli_commands._as_json(result)) == result
     assert cli.main(["--help"]) == 0 and "inspect" in capsys.readouterr().out
     assert cli.main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
 

@@ -1,0 +1,249 @@
+"""The ``query`` and ``inspect`` commands of ``lightning-sketch`` (see :mod:`lightning_sketch.cli`).
+
+``query`` rebuilds the model and data module from the run's LightningCLI config, loads the
+checkpoint, and prints the top proponents and opponents of each query through
+:class:`~lightning_sketch.attribution.Attributor` (as a table, CSV or JSON; the JSON also carries
+pictures of image inputs for ``lightning-sketch report``). ``inspect`` prints
+:func:`~lightning_sketch.store.inspect_store` and fails on an inconsistent store.
+
+Example:
+    >>> _parse_ids("3, 1,2")
+    [3, 1, 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_sketch.exceptions import SketchInputError
+
+__all__ = ["PROG", "find_stores", "format_inspect", "run_inspect", "run_query"]
+
+PROG = "lightning-sketch"
+
+
+# ---------------------------------------------------------------------------- query
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one id, e.g. --ids 0,1,2")
+    return ids
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _dataset(datamodule: Any, split: str) -> Any:
+    loader = getattr(datamodule, f"{split}_dataloader")()
+    return loader.dataset
+
+
+def _item_field(item: Any, key: str) -> Any:
+    return item[key] if isinstance(item, dict) and key in item else None
+
+
+def _images(datamodule: Any, split: str, ids: Sequence[int]) -> list[Any] | None:
+    """Pictures of ``ids`` as nested lists (the datamodule's ``images(split)`` or 2-D/3-D inputs)."""
+    if hasattr(datamodule, "images"):
+        imgs = datamodule.images(split)
+        return [np.asarray(imgs[i], dtype=float).round(4).tolist() for i in ids]
+    ds = _dataset(datamodule, split)
+    xs = [_item_field(ds[i], "x") for i in ids]
+    if all(x is not None and np.ndim(x) in (2, 3) for x in xs):
+        return [np.asarray(x, dtype=float).round(4).tolist() for x in xs]
+    return None
+
+
+def _query_batch(args: argparse.Namespace, model: Any, datamodule: Any) -> tuple[dict[str, Any], list[int]]:
+    import torch
+    from torch.utils.data import default_collate
+
+    if args.inputs is not None:
+        path = Path(args.inputs)
+        if not path.is_file():
+            raise SketchInputError(f"`--inputs` file {str(path)!r} does not exist; pass a .npy array of inputs [Q, ...].")
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            x, y = loaded["x"], (loaded["y"] if "y" in loaded.files else None)
+        else:
+            x, y = loaded, None
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        if y is None:  # attribute the model's own prediction
+            with torch.no_grad():
+                y = model(x).argmax(-1)
+        batch = {"x": x, "y": torch.as_tensor(np.asarray(y), dtype=torch.long), "index": torch.arange(len(x))}
+        return batch, list(range(len(x)))
+    datamodule.setup("test" if args.split == "test" else "fit")
+    ds = _dataset(datamodule, args.split)
+    n = len(ds)
+    bad = [i for i in args.ids if not 0 <= i < n]
+    if bad:
+        raise SketchInputError(f"`--ids` {bad} are outside the {args.split} split's range [0, {n}); pick ids below {n}.")
+    return default_collate([ds[i] for i in args.ids]), list(args.ids)
+
+
+def run_query(args: argparse.Namespace) -> int:
+    """The ``query`` command on parsed arguments; returns the exit status."""
+    import torch
+
+    from lightning_sketch.attribution import Attributor
+    from lightning_sketch.cli import build_from_config
+
+    if not Path(args.store).exists():
+        from lightning_sketch.exceptions import StoreNotFoundError
+
+        raise StoreNotFoundError(f"No sketch store at {args.store!r}: `--store` must be a store or run directory.")
+    if not Path(args.ckpt).is_file():
+        raise SketchInputError(f"`--ckpt` {args.ckpt!r} does not exist; pass the Lightning checkpoint of the run.")
+    model, datamodule = build_from_config(args.config)
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)  # the user's own checkpoint
+    model.load_state_dict(ckpt["state_dict"] if "state_dict" in ckpt else ckpt)
+    model.eval()
+    batch, qids = _query_batch(args, model, datamodule)
+    attributor = Attributor(args.store, model, method=args.method)
+    k = min(args.k, len(attributor.ids))
+    pro_ids, pro_scores = attributor.top_k(batch, k=k)
+    opp_ids, opp_scores = attributor.top_k(batch, k=k, opponents=True)
+    with torch.no_grad():
+        preds = model(batch["x"]).argmax(-1).tolist() if isinstance(batch, dict) and "x" in batch else None
+    train_ds = _dataset(datamodule, "train") if datamodule is not None else None
+
+    def entries(ids: Any, scores: Any) -> list[dict[str, Any]]:
+        rows = []
+        for i, s in zip(ids.tolist(), scores.tolist()):
+            y = _item_field(train_ds[i], "y") if train_ds is not None else None
+            rows.append({"id": int(i), "score": float(s), "label": None if y is None else int(y)})
+        return rows
+
+    with_images = args.inputs is None and datamodule is not None
+    records = []
+    for q, qid in enumerate(qids):
+        rec: dict[str, Any] = {
+            "query": qid,
+            "label": int(batch["y"][q]) if "y" in batch else None,
+            "prediction": None if preds is None else int(preds[q]),
+            "proponents": entries(pro_ids[q], pro_scores[q]),
+            "opponents": entries(opp_ids[q], opp_scores[q]),
+        }
+        if with_images:
+            rec["image"] = (_images(datamodule, args.split, [qid]) or [None])[0]
+            for kind in ("proponents", "opponents"):
+                pics = _images(datamodule, "train", [e["id"] for e in rec[kind]])
+                for e, pic in zip(rec[kind], pics or [None] * len(rec[kind])):
+                    e["image"] = pic
+        records.append(rec)
+    result = {
+        "format": "lightning_sketch.query/v1", "method": args.method, "split": args.split if args.inputs is None else
+        "inputs", "store": str(args.store), "ckpt": str(args.ckpt), "k": k, "queries": records,
+    }
+    text = {"json": _as_json, "csv": _as_csv, "table": _as_table}[args.format](result)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+        print(f"wrote {len(records)} queries to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _as_json(result: dict[str, Any]) -> str:
+    return json.dumps(result, indent=1) + "\n"
+
+
+def _as_csv(result: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["query", "query_label", "kind", "rank", "train_id", "train_label", "score"])
+    for rec in result["queries"]:
+        for kind in ("proponents", "opponents"):
+            for rank, e in enumerate(rec[kind], 1):
+                w.writerow([rec["query"], rec["label"], kind[:-1], rank, e["id"], e["label"], f"{e['score']:.6g}"])
+    return buf.getvalue()
+
+
+def _as_table(result: dict[str, Any]) -> str:
+    lines = [f"method: {result['method']}  (score > 0: training on the example lowers the query's loss)"]
+    for rec in result["queries"]:
+        lines.append(f"\nquery {rec['query']} ({result['split']})  label={rec['label']}  prediction={rec['prediction']}")
+        lines.append(f"  {'kind':<10} {'rank':>4} {'train_id':>8} {'label':>5} {'score':>12}")
+        for kind in ("proponents", "opponents"):
+            for rank, e in enumerate(rec[kind], 1):
+                lines.append(f"  {kind[:-1]:<10} {rank:>4} {e['id']:>8} {str(e['label']):>5} {e['score']:>12.5g}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- inspect
+def find_stores(path: str | Path) -> list[Path]:
+    """Store directories at ``path``: itself if it holds ``manifest.json``, else those below (no shards)."""
+    path = Path(path)
+    if (path / "manifest.json").is_file() or not path.is_dir():
+        return [path]
+    found = sorted(p.parent for p in path.rglob("manifest.json") if "shards" not in p.relative_to(path).parts)
+    return found or [path]
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    """Human-readable summary of an :func:`~lightning_sketch.store.inspect_store` dict."""
+    spec = info.get("spec") or {}
+    health = info["health"]
+    bpr = info.get("bytes_per_row")
+    lines = [
+        f"store:        {info['path']}",
+        f"health:       {'OK' if health['ok'] else 'INCONSISTENT'} (checksums: {health['checksums']})"
+        + ("" if health["ok"] else f"\n  error:      {health['error']}"),
+        f"rows:         {info['rows']}",
+        f"sketch:       kind={spec.get('kind')} dim(N)={spec.get('dim')} sketch_dim(D)={info['sketch_dim']} "
+        f"seed={spec.get('seed')} dtype={info['dtype']}",
+        f"size on disk: {_human_bytes(info['size_bytes'])}" + (f" ({bpr:.0f} B per row)" if bpr else ""),
+        f"format:       v{info['format_version']} (library {info.get('library_version')}), generation "
+        f"{info['generation']}, {info['segments']} segments, layout {str(info.get('layout_fingerprint'))[:12]}",
+        f"checkpoints:  {len(info['checkpoints'])}",
+    ]
+    for c in info["checkpoints"]:
+        lines.append(f"  - {c['name']}: step={c.get('step')} lr={c.get('lr')} rows={c.get('rows')}")
+    idx = info.get("indexes") or []
+    lines.append("indexes:      " + (", ".join(f"{e['kind']} on {e['view']} ({e['rows']} rows"
+                                               f"{'' if e['current'] else ', stale'})" for e in idx) or "none (flat search)"))
+    return "\n".join(lines) + "\n"
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """The ``inspect`` command on parsed arguments; returns 1 if a store is inconsistent."""
+    from lightning_sketch.store import inspect_store
+
+    infos = [inspect_store(p, verify=not args.no_verify) for p in find_stores(args.dir)]
+    if args.json:
+        sys.stdout.write(json.dumps(infos[0] if len(infos) == 1 else infos, indent=1, default=str) + "\n")
+    else:
+        sys.stdout.write("\n".join(format_inspect(i) for i in infos))
+    bad = [i for i in infos if not i["health"]["ok"]]
+    for i in bad:
+        print(f"{PROG} inspect: error: store at {i['path']} is inconsistent: {i['health']['error']}", file=sys.stderr)
+    return 1 if bad else 0
