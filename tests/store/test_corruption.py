@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import clustered
+from store_helpers import clustered
 
 from lightning_sketch.exceptions import StoreCorruptError, StoreNotFoundError, StoreWriteError
 from lightning_sketch.store import SketchStore, inspect_store

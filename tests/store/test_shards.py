@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import clustered
+from store_helpers import clustered
 
 from lightning_sketch.exceptions import DuplicateIdError, SketchMismatchError, StoreNotFoundError
 from lightning_sketch.store import SketchStore, inspect_store, shard_path

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import clustered
+from store_helpers import clustered
 
 from lightning_sketch.exceptions import (
     DuplicateIdError,

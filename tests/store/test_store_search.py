@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import clustered
+from store_helpers import clustered
 
 from lightning_sketch.store import SketchStore, exact_topk
 from lightning_sketch.store import index as ix
