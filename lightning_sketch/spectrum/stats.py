@@ -3,6 +3,7 @@
 - RNEG = |most negative eigenvalue| / largest positive eigenvalue (0 when none is negative);
 - R(n) = λ_n / λ_1 for the positive top eigenvalues;
 - outliers: eigenvalues with R > threshold (20% by default, after Ghorbani et al. 2019, Fig. 2);
+  counted among the k computed eigenvalues, so the count saturates at k (ask for more than you expect);
 - gradient–outlier alignment: ‖P_out g‖² / ‖g‖², the share of the probe-set gradient's squared
   norm in the span of the outlier eigenvectors (Gur-Ari et al. 2018). In sketch space the paper's
   sketched eigenvectors live in R^D, so use Φg there.
