@@ -24,12 +24,6 @@ from lightning_sketch.store import SketchStore  # noqa: E402
 N_PARAMS = 123  # TinyClassifier(d=6, hidden=12, classes=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _trainer(tmp_path, callbacks, max_epochs=2, max_steps=-1, **kw):

@@ -16,13 +16,6 @@ from lightning_sketch.exceptions import SketchConfigError, SubspaceError, Unsupp
 from lightning_sketch.intrinsic import Subspace
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one thread is as fast uncontended and much faster on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _blobs(n: int, seed: int):

@@ -42,12 +42,6 @@ from lightning_sketch.spectrum import load_snapshot
 from lightning_sketch.store import SketchStore, inspect_store
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _gs(root, **kw) -> GradientSketch:
