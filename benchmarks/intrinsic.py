@@ -112,7 +112,7 @@ def bench_digits(args):
 
             def run_at(d, kind=kind, seed=seed, classic_steps=classic_steps):
                 m = make_model(seed)
-                s = Subspace.attach(m, kind=kind, sketch_dim=args.d_max, seed=seed)
+                s = Subspace.attach(m, kind=kind, sketch_dim=args.d_max, seed=seed, normalize=True)
                 s.set_active(d)
                 train(m, data, T, lr, opt, bs, seed, dev)
                 classic_steps[0] += T
@@ -128,7 +128,7 @@ def bench_digits(args):
             for delta in args.delta:
                 # --- single run (paper): one projection of size D_max, doubling d
                 model = make_model(seed)
-                sub = Subspace.attach(model, kind=kind, sketch_dim=args.d_max, seed=seed)
+                sub = Subspace.attach(model, kind=kind, sketch_dim=args.d_max, seed=seed, normalize=True)
                 search = DoublingSearch(args.d_min, args.d_max, delta, target)
                 search.baseline(acc(model))
                 sub.set_active(search.d)
@@ -146,7 +146,7 @@ def bench_digits(args):
                 verify = None
                 if d_single and d_single // 2 >= 1:
                     m = make_model(seed)
-                    s = Subspace.attach(m, kind=kind, sketch_dim=args.d_max, seed=seed)
+                    s = Subspace.attach(m, kind=kind, sketch_dim=args.d_max, seed=seed, normalize=True)
                     s.set_active(d_single // 2)
                     train(m, data, single_steps, lr, opt, bs, seed, dev)
                     verify = acc(m)
@@ -274,7 +274,7 @@ def bench_minilm(args):
     for kind in args.kinds:
         for seed in args.seeds:
             model = make_model(seed)
-            sub = Subspace.attach(model, kind=kind, sketch_dim=args.d_max, seed=seed)
+            sub = Subspace.attach(model, kind=kind, sketch_dim=args.d_max, seed=seed, normalize=True)
             search = DoublingSearch(args.d_min, args.d_max, args.delta, target)
             search.baseline(acc(model))
             sub.set_active(search.d)

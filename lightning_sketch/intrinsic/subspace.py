@@ -11,9 +11,10 @@ working as before: ``module(x)``, ``module.parameters()`` (so an ordinary optimi
 - Φ is any sketch kind (default ``affd``), rebuilt from its ``spec`` (seed), so a checkpoint holds
   θ0, ω, the spec and the active size, never an N×D matrix. The spec and the active size travel in
   the module's ``state_dict`` as the subspace's extra state.
-- ``normalize=True`` (default) multiplies Φᵀω by √(D/N), so the columns of the N×D map have unit
-  norm on average, as in Li et al. (a step in ω moves θ by the same length; this sets the learning
-  rate scale).
+- By default θ = θ0 + Φᵀω exactly (paper eq. 10), so ∇_ω L = Φ ∇_θ L. ``normalize=True``
+  multiplies Φᵀω by √(D/N), so the columns of the N×D map have unit norm on average, as in Li et
+  al. (a step in ω then moves θ by the same length, which sets the learning-rate scale); the
+  :class:`~lightning_sketch.callbacks.IntrinsicDimension` callback uses it by default.
 - SAID (Aghajanyan et al. 2021, structure-aware intrinsic dimension): θ_i = θ0_i + λ_i (Φᵀω)_i with
   one learned λ per tensor, initialised to 1. The m scalars count inside D: ω has D − m
   coordinates, so the trainable count at active size d is exactly d.
@@ -118,7 +119,7 @@ class Subspace(nn.Module):
         sketch_dim: int = 1024,
         seed: int = 0,
         said: bool = False,
-        normalize: bool = True,
+        normalize: bool = False,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
         **options: Any,

@@ -43,13 +43,14 @@ def test_omega_zero_is_theta0_bit_exact(kind, said):
     assert torch.equal(net[0].weight, before["0.weight"]) and torch.equal(net[2].bias, before["2.bias"])
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_grad_omega_equals_sketch_of_ordinary_grad(kind):
-    """∇_ω L(θ0 + cΦᵀω) = c Φ ∇_θ L(θ), at a non-zero ω, float64 (c = √(D/N))."""
+def test_grad_omega_equals_sketch_of_ordinary_grad(kind, normalize):
+    """∇_ω L(θ0 + cΦᵀω) = c Φ ∇_θ L(θ), at a non-zero ω, float64 (c = 1, or √(D/N) normalised)."""
     net = _mlp()
     x, y = _data()
     ref = copy.deepcopy(net)
-    sub = Subspace.attach(net, kind=kind, sketch_dim=16, seed=5)
+    sub = Subspace.attach(net, kind=kind, sketch_dim=16, seed=5, normalize=normalize)
     with torch.no_grad():
         sub.omega.copy_(torch.linspace(-0.3, 0.4, 16, dtype=torch.float64))
     theta = sub.delta().detach() + torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
@@ -58,7 +59,7 @@ def test_grad_omega_equals_sketch_of_ordinary_grad(kind):
     g = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
     _loss(net, x, y).backward()
     phi = make(**sub.spec["sketch"])
-    expected = math.sqrt(16 / sub.layout.dim) * phi.apply(g)
+    expected = (math.sqrt(16 / sub.layout.dim) if normalize else 1.0) * phi.apply(g)
     torch.testing.assert_close(sub.omega.grad, expected, rtol=1e-10, atol=1e-12)
     assert all(p.grad is None for n, p in net.named_parameters() if "original" in n)
 
