@@ -10,6 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from lightning_sketch import exceptions
+from lightning_sketch.data import IndexedDataset
 from lightning_sketch.sketches import Sketch, make
 
-__all__ = ["Sketch", "__version__", "exceptions", "make"]
+__all__ = ["IndexedDataset", "Sketch", "__version__", "exceptions", "make"]
