@@ -73,16 +73,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _progress(trainer: Trainer, loader: Any, desc: str) -> Any:
-    if trainer.progress_bar_callback is None or not trainer.is_global_zero:
-        return loader
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return loader
-    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-
-
 class _eval_mode:
     """Switch every submodule to eval (dropout off) and restore each module's own mode."""
 

@@ -54,11 +54,11 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
     _eval_mode,
     _open_store,
     _per_layer_options,
-    _progress,
     _rng_guard,
     _save_weights,
     _to_device,
 )
+from lightning_sketch.callbacks._progress import progress_iter as _progress
 from lightning_sketch.data import default_ids
 from lightning_sketch.exceptions import NonFiniteGradientError, SketchConfigError, StoreWriteError
 

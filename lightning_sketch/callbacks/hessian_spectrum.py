@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sketch.callbacks._progress import progress_bar
 from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_sketch.sketches import KINDS, derive_seed, make
 from lightning_sketch.spectrum.monitor import spectrum_snapshot
@@ -262,7 +263,15 @@ class HessianSpectrum(Callback):
         """Run one snapshot now (all ranks), log it, write its file (rank 0) and record it."""
         was_training = pl_module.training
         world = trainer.world_size
-        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if world > 1 else None
+        ddp_reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if world > 1 else None
+        bar = progress_bar(trainer, self._expected_matvecs(), f"HessianSpectrum step {step}", unit="HVP")
+        reduce = ddp_reduce
+        if bar is not None:  # every matvec (and the probe gradient) passes through `reduce`: count it there
+
+            def reduce(t: Tensor) -> Tensor:
+                bar.update(1)
+                return ddp_reduce(t) if ddp_reduce is not None else t
+
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "hessian_spectrum", f"step{step}"))
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
         try:
@@ -278,6 +287,8 @@ class HessianSpectrum(Callback):
                 )
         finally:
             pl_module.train(was_training)
+            if bar is not None:
+                bar.close()
         scalars = snap.scalars()
         entry = {"step": step, "eigenvalues": snap.eigs.eigenvalues.tolist(), "scalars": scalars,
                  "file": None}
@@ -295,6 +306,13 @@ class HessianSpectrum(Callback):
 
     def _op_dim(self) -> int:
         return self._sketch.sketch_dim if self._sketch is not None else self._layout.dim
+
+    def _expected_matvecs(self) -> int:
+        """Matvecs of one snapshot (Lanczos, density, trace, plus the probe gradient): the bar's total."""
+        dim = self._op_dim()
+        lanczos = self._num_iter() or min(dim, max(4 * self.k, 40))
+        density = self.density_runs * min(self.density_iter, dim) if self.density else 0
+        return lanczos + density + (self.trace_matvecs if self.trace else 0) + 1
 
     def _num_iter(self) -> int | None:
         if self.num_iter is None:

@@ -203,3 +203,19 @@ def test_default_schedule_is_the_papers():
     cb = HessianSpectrum()
     assert cb.at_steps == [0, 10, 50, 100, 150, 200, 250, 500] and cb.every_n_steps == 1000
     assert cb.should_run(0) and cb.should_run(2000) and not cb.should_run(11)
+
+
+def test_progress_bar_counts_every_matvec(tmp_path, capsys):
+    """With the trainer's progress bar on, each snapshot shows a bar over its HVPs whose total is
+    the snapshot's matvec count (Lanczos + density + trace + the probe gradient)."""
+    torch.manual_seed(0)
+    cb = _callback(at_steps=[0], plot=False)
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_progress_bar=True, enable_checkpointing=False, deterministic=True,
+        default_root_dir=tmp_path, accelerator="cpu", callbacks=[cb], enable_model_summary=False,
+    )
+    trainer.fit(TinyModule(), _loader())
+    err = capsys.readouterr().err
+    total = 8 + 2 * 6 + 6 + 1  # num_iter + density_runs * density_iter + trace_matvecs + probe gradient
+    assert "HessianSpectrum step 0" in err
+    assert f"0/{total} " in err  # the bar's total is the snapshot's matvec count
