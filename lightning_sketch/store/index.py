@@ -17,8 +17,9 @@ returned scores are always true inner products. FAISS is always handed C-contigu
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import faiss
@@ -82,7 +83,35 @@ def default_params(kind: str, n: int, d: int, **overrides: Any) -> dict[str, Any
     return params
 
 
-def build_index(kind: str, vectors: np.ndarray, ids: np.ndarray, params: dict[str, Any]) -> faiss.Index:
+#: stores at least this large show a progress display while their index is built.
+PROGRESS_MIN_ROWS = 100_000
+
+
+@contextlib.contextmanager
+def _stages(kind: str, n: int, show: bool) -> Iterator[Callable[[str], None]]:
+    """A transient rich progress bar over the build stages (k-means training, adding rows).
+
+    FAISS trains and adds in single native calls with no progress hook, so the bar advances per
+    stage (with elapsed time) rather than per row; it is drawn only when ``show``.
+    """
+    if not show:
+        yield lambda stage: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    stages = 2 if kind in ("ivf", "ivfpq") else 1
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task(f"building {kind} index over {n:,} rows", total=stages)
+
+        def advance(stage: str) -> None:
+            bar.update(task, advance=1, description=f"building {kind} index over {n:,} rows: {stage} done")
+
+        yield advance
+
+
+def build_index(
+    kind: str, vectors: np.ndarray, ids: np.ndarray, params: dict[str, Any], progress: bool | None = None
+) -> faiss.Index:
     """Build a FAISS inner-product index of ``kind`` over ``vectors`` [n, D] with external ``ids`` [n].
 
     Args:
@@ -90,6 +119,7 @@ def build_index(kind: str, vectors: np.ndarray, ids: np.ndarray, params: dict[st
         vectors: ``[n, D]`` array (any float dtype; copied to C-contiguous float32).
         ids: ``[n]`` int64 example ids.
         params: from :func:`default_params`.
+        progress: show a progress display; ``None`` shows it for ``n >= PROGRESS_MIN_ROWS``.
 
     Raises:
         SketchInputError: too few rows to train the requested IVF/PQ index.
@@ -121,8 +151,12 @@ def build_index(kind: str, vectors: np.ndarray, ids: np.ndarray, params: dict[st
         rng = np.random.default_rng(int(params.get("seed", 0)))
         take = min(n, int(params["max_train"]))
         sample = x if take == n else x[np.sort(rng.choice(n, size=take, replace=False))]
-        index.train(np.ascontiguousarray(sample))
-    index.add_with_ids(x, ids)
+    with _stages(kind, n, n >= PROGRESS_MIN_ROWS if progress is None else progress) as done:
+        if kind in ("ivf", "ivfpq"):
+            index.train(np.ascontiguousarray(sample))
+            done("training")
+        index.add_with_ids(x, ids)
+        done("adding")
     set_search_params(index, kind, params)
     return index
 

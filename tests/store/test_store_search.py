@@ -146,3 +146,14 @@ def test_in_memory_index_on_a_read_only_store(tmp_path):
     queries = clustered(6, 16, seed=13)
     np.testing.assert_array_equal(reader.search(queries, 5, index="ivf")[1], reader.search_exact(queries, 5)[1])
     assert reader.manifest["indexes"] == {}
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
+def test_progress_display_does_not_change_the_index(kind):
+    """The build-progress display (drawn for large stores) wraps the same FAISS calls: equal results."""
+    x = clustered(2000, 16, seed=3)
+    ids = np.arange(2000, dtype=np.int64) * 7
+    params = ix.default_params(kind, 2000, 16)
+    quiet = ix.build_index(kind, x, ids, params, progress=False)
+    shown = ix.build_index(kind, x, ids, params, progress=True)
+    np.testing.assert_array_equal(quiet.search(x[:20], 5)[1], shown.search(x[:20], 5)[1])
