@@ -47,6 +47,25 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 
 
 # --------------------------------------------------------------------------- shared loop
+
+def start_search(model, kind, d_max, d_min, delta, target, seed, acc):
+    """Attach one D_max projection (paper §5.2) and a doubling search seeded with the θ0 metric.
+
+    Returns ``(sub, search, on_eval)``; ``on_eval(step, metric)`` updates the search, unmasks ω up to
+    the new d, and returns True when the search is over.
+    """
+    sub = Subspace.attach(model, kind=kind, sketch_dim=d_max, seed=seed, normalize=True)
+    search = DoublingSearch(d_min, d_max, delta, target)
+    search.baseline(acc(model))
+    sub.set_active(search.d)
+
+    def on_eval(step, metric):
+        action = search.update(metric, step=step)
+        sub.set_active(search.d)
+        return action in (Action.DONE, Action.FAIL)
+
+    return sub, search, on_eval
+
 def save(args, rows):
     """Write the rows so far (a run cut short still leaves its finished rows)."""
     out = Path(args.out)
@@ -128,15 +147,7 @@ def bench_digits(args):
             for delta in args.delta:
                 # --- single run (paper): one projection of size D_max, doubling d
                 model = make_model(seed)
-                sub = Subspace.attach(model, kind=kind, sketch_dim=args.d_max, seed=seed, normalize=True)
-                search = DoublingSearch(args.d_min, args.d_max, delta, target)
-                search.baseline(acc(model))
-                sub.set_active(search.d)
-
-                def on_eval(step, metric, search=search, sub=sub):
-                    action = search.update(metric, step=step)
-                    sub.set_active(search.d)
-                    return action in (Action.DONE, Action.FAIL)
+                sub, search, on_eval = start_search(model, kind, args.d_max, args.d_min, delta, target, seed, acc)
 
                 t0 = time.perf_counter()
                 single_steps = train(model, data, args.max_steps, lr, opt, bs, seed, dev, acc, c, on_eval)
@@ -274,15 +285,7 @@ def bench_minilm(args):
     for kind in args.kinds:
         for seed in args.seeds:
             model = make_model(seed)
-            sub = Subspace.attach(model, kind=kind, sketch_dim=args.d_max, seed=seed, normalize=True)
-            search = DoublingSearch(args.d_min, args.d_max, args.delta, target)
-            search.baseline(acc(model))
-            sub.set_active(search.d)
-
-            def on_eval(step, metric, search=search, sub=sub):
-                action = search.update(metric, step=step)
-                sub.set_active(search.d)
-                return action in (Action.DONE, Action.FAIL)
+            sub, search, on_eval = start_search(model, kind, args.d_max, args.d_min, args.delta, target, seed, acc)
 
             t0 = time.perf_counter()
             steps = train(model, data, args.max_steps, args.lr, "adam", args.batch, seed, dev, acc, args.c, on_eval)
