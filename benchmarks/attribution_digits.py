@@ -1,6 +1,6 @@
-"""Attribution on sklearn digits: LDS, mislabel AUC, overhead, bytes and latency (issue 3; anchors.md A.13/A.16).
+"""Attribution on sklearn digits: LDS, mislabel AUC, overhead, bytes and latency (LDS after Park et al. 2023).
 
-Protocol (anchors.md A.16): ``load_digits`` (no download), fixed permutation (seed 0): 1000 train,
+Protocol: ``load_digits`` (no download), fixed permutation (seed 0): 1000 train,
 200 queries, 200 validation (used only to tune damping λ); MLP 64→128→10, SGD momentum 0.9,
 lr 0.1, weight decay 1e-4, batch 64, 20 epochs. LDS ground truth: ``--subsets`` random half-size
 subsets × ``--seeds`` seeds, trained batched with ``torch.func.stack_module_state`` + ``vmap``, output
@@ -497,7 +497,7 @@ def peer_kronfluence(models, train, query, val, masks, gt_v, a):
                                                per_device_train_batch_size=250, score_args=sa, overwrite_output_dir=True)
                     s = an.load_pairwise_scores(name)["all_modules"].double()  # [Q, T]
                     # kronfluence scores are for the measurement's *increase* when up-weighting with the
-                    # loss gradient sign: positive = helpful for the margin after negation (anchors A.13)
+                    # loss gradient sign: positive = helpful for the margin after negation (positive = including the example raises the query margin)
                     total.setdefault((split, lam), 0)
                     total[(split, lam)] = total[(split, lam)] - s / len(models)
         finally:

@@ -1,4 +1,4 @@
-"""Intrinsic-dimension benchmark (paper.md §5, §10 item 9; issue 5).
+"""Intrinsic-dimension benchmark (arXiv 2402.03994, Listing 9; Sec. 5.4, Table 10).
 
 (a) ``digits``: the bundled digits MLP (64-128-10, N = 9,610). Full training for T steps gives the
     reference accuracy; target = 0.9 x reference. Per sketch kind and seed:
@@ -49,7 +49,7 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 # --------------------------------------------------------------------------- shared loop
 
 def start_search(model, kind, d_max, d_min, delta, target, seed, acc):
-    """Attach one D_max projection (paper §5.2) and a doubling search seeded with the θ0 metric.
+    """Attach one D_max projection (arXiv 2402.03994, Listing 9) and a doubling search seeded with the θ0 metric.
 
     Returns ``(sub, search, on_eval)``; ``on_eval(step, metric)`` updates the search, unmasks ω up to
     the new d, and returns True when the search is over.

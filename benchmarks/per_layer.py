@@ -8,7 +8,7 @@ On a ~1M-parameter MLP (784-1024-256-10, generated data, batch 256, float32, 2 t
 - ``sketch_gradients(mode="factorized")`` (its functional twin, autograd.grad);
 - ``per_example_grads`` (vmap) alone, and vmap + a whole-model sketch (``--kind``, default affd),
   i.e. ``sketch_gradients(mode="explicit")``;
-- ``sketch_gradients(mode="implicit")`` with the same whole-model sketch (paper.md §10 item 8:
+- ``sketch_gradients(mode="implicit")`` with the same whole-model sketch (arXiv 2402.03994 Table 4:
   explicit is expected to be faster; direction only).
 
 It also checks the fast path against the general path (per-example gradients, then

@@ -1,4 +1,4 @@
-"""Sketch speed, persistent memory and inner-product fidelity (paper.md §7.2-7.3, §10 items 5 and 7).
+"""Sketch speed, persistent memory and inner-product fidelity (arXiv 2402.03994 Sec. 5.3, Tables 3, 6 and 11).
 
 Part 1 — for N = 2^20 and D in {2^10, 2^12, 2^14, 2^16}: time to sketch 64 vectors (best of
 ``--repeats`` after a warm-up) and persistent memory (``state_bytes``) of every kind, against

@@ -6,7 +6,7 @@ briefly with Adam; probe set: 128 training images in 2 batches (fixed).
 (a) Exact top-10 eigenvalues by Lanczos with exact HVPs (full re-orthogonalisation, run until every
     residual is ≤ 1e-8·|λ|), then the relative MAE of the top-10 eigenvalues of Φ H Φᵀ for each
     sketch kind (affd, afjl, qk, dense) and D ∈ {2^8 .. 2^12}, averaged over seeds (paper Table 7;
-    paper.md §4, §10 item 6). Lanczos on the D × D operator stores D-vectors only.
+    arXiv 2402.03994 Table 7; Swartworth & Woodruff 2023). Lanczos on the D × D operator stores D-vectors only.
 (b) Our exact Lanczos against PyHessian 0.1 (power iteration + deflation) and
     hessian-eigenthings (its Lanczos), installed only for this benchmark: accuracy against the
     exact eigenvalues, HVP counts and wall time as ratios, and bytes per Krylov vector.

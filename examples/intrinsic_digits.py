@@ -1,4 +1,4 @@
-"""Intrinsic dimension of the digits MLP with the paper's single-run doubling search (paper.md §5).
+"""Intrinsic dimension of the digits MLP with the paper's single-run doubling search (arXiv 2402.03994, Listing 9).
 
 Three Lightning runs on the bundled digits (a few minutes on 2 CPU cores):
 

@@ -6,7 +6,7 @@ configs in ``configs/`` and the examples a model and a data set that need no dow
 - :class:`DigitsDataModule`: ``sklearn.datasets.load_digits`` (1,797 images of 8x8 pixels,
   bundled with scikit-learn), a fixed seeded permutation split into train/val/test, features
   standardised with the training split's statistics, optional label noise on the training split
-  (for mislabel detection, paper.md §6), and items as dicts ``{"x": [64] float32, "y": int64,
+  (for mislabel detection, as in Koh & Liang 2017), and items as dicts ``{"x": [64] float32, "y": int64,
   "index": int64}`` so that every training example has a stable id.
 - :class:`DigitsClassifier`: an MLP 64 -> ``hidden`` -> 10 following the library's convention
   ``per_example_loss(batch) -> Tensor[B]`` (what the callbacks and the

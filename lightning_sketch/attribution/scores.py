@@ -17,7 +17,7 @@ vector, so a single FAISS inner-product search serves all of them:
 - ``trak`` (Park et al. 2023, eq. 3 with the (1 − p) weighting): per checkpoint,
   ⟨(GᵀG + λI)⁻¹ Φg(z), Φg(x)⟩ with G the ``[T, D]`` stored sketched gradients, averaged over
   checkpoints; the preconditioner is applied to the query only (:func:`trak_preconditioner`).
-- ``arnoldi_if`` (Schioppa et al. 2022 with the paper's sketched eigenvectors, paper.md §4):
+- ``arnoldi_if`` (Schioppa et al. 2022 with the paper's sketched eigenvectors, arXiv 2402.03994 eq. 10):
   Σ_i λ_i⁻¹ ⟨u_i, Φg(z)⟩⟨u_i, Φg(x)⟩ over the top-k positive eigenpairs of Φ H Φᵀ
   (:func:`arnoldi_features`).
 """

@@ -1,6 +1,6 @@
 """``GradientSketch``: stream sketched per-example gradients into a :class:`SketchStore` during ``fit``.
 
-Two modes (paper.md §6; anchors.md A.17):
+Two modes (arXiv 2402.03994 Sec. 5.2; docs/design.md):
 
 - ``"checkpoint"`` (TracIn-CP / TRAK style): every ``every_n_epochs`` epochs (or ``every_n_steps``
   optimizer steps) the per-example gradients of the whole attribution set are sketched at the

@@ -1,4 +1,4 @@
-"""HessianSpectrum: snapshots of the top Hessian eigenvalues during training (paper.md §4, §7.5).
+"""HessianSpectrum: snapshots of the top Hessian eigenvalues during training (arXiv 2402.03994, eq. 10; Sec. 5.5).
 
 A thin Lightning adapter over :func:`lightning_sketch.spectrum.spectrum_snapshot`: on a schedule of
 ``trainer.global_step`` values it runs Lanczos (full re-orthogonalisation) on the sketched

@@ -12,7 +12,7 @@ makes a round last at least c optimiser steps when validation runs more often. T
 ``self.log(monitor, ...)`` in ``validation_step`` (with ``sync_dist=True`` under DDP; rank 0's value
 is broadcast anyway, so every rank takes the same decision).
 
-**Search mode** (paper.md §5.2, Listing 9): start at ``d_min`` active coordinates of one projection
+**Search mode** (arXiv 2402.03994, Listing 9): start at ``d_min`` active coordinates of one projection
 of size ``sketch_dim`` = D_max; after each round, stop (``trainer.should_stop``) once the metric
 reaches the target, double d (unmasking coordinates; learned values are kept) when the round
 gained less than ``delta``, fail when d cannot grow. The target is ``target`` if given, else

@@ -1,4 +1,4 @@
-"""Hook-based per-example sketched gradients for the per-layer sketch (anchors.md §C.10, LoGra-style).
+"""Hook-based per-example sketched gradients for the per-layer sketch (LoGra-style, Choe et al. 2024).
 
 For ``nn.Linear`` the per-example weight gradient is Σ_t δ_bt x_btᵀ (δ: gradient of example b's
 loss at the layer output, x: the layer input, t: sequence positions), so its per-layer sketch

@@ -1,20 +1,20 @@
-"""Hessian-vector products of the mean per-example loss, exact and sketched (paper.md §1.3, §2.8, eq. 10).
+"""Hessian-vector products of the mean per-example loss, exact and sketched (arXiv 2402.03994, eq. 10, Listing 7).
 
 ``H`` is the Hessian, with respect to the layout's parameters, of L(θ) = mean_b ℓ(θ; x_b) over a
 batch (or, in :func:`make_hvp` and :func:`loss_grad`, over every example of a fixed list of
 batches, so batches weigh by their size). No weight decay term is added. Three methods
-(anchors.md §B.1):
+(Pearlmutter 1994; measured costs in docs/measurements.md):
 
 - ``"fwd_rev"``: forward-over-reverse, ``jvp(grad(L))`` (default; paper Listing 7).
 - ``"double_backward"``: reverse-over-reverse with ``torch.autograd.grad(create_graph=True)``;
   for ops without forward-mode AD.
 - ``"finite_difference"``: central difference (∇L(θ + t v) − ∇L(θ − t v)) / 2t with
   t = ``eps`` / ‖v‖, so the parameters move by ``eps`` in norm; bias O(eps²), round-off
-  O(ε_mach/eps). Default ``eps``: 1e-3 for float32 (1e-3 relative error in anchors.md §B.1),
+  O(ε_mach/eps). Default ``eps``: 1e-3 for float32 (1e-3 relative error measured, docs/measurements.md),
   1e-5 for float64, 1e-2 for half types. Works with anything that has a plain gradient.
 
 Fused attention kernels (flash/efficient SDPA) have neither forward-mode nor double-backward
-derivatives, so every HVP runs under ``sdpa_kernel(SDPBackend.MATH)`` (anchors.md §B.9 item 6);
+derivatives, so every HVP runs under ``sdpa_kernel(SDPBackend.MATH)`` (PyTorch issue #116350);
 the math kernel computes the same function.
 
 All functions use ``torch.func``/``torch.autograd.grad`` on detached copies of the parameter
@@ -234,7 +234,7 @@ def sketched_hvp(
     mode: Literal["explicit", "implicit"] = "explicit",
     layout: ParamLayout | None = None,
 ) -> Tensor:
-    """Φ H Φᵀ v, the sketched HVP (paper.md §1.3; eq. 10), ``[D]`` or ``[K, D]`` -> same shape.
+    """Φ H Φᵀ v, the sketched HVP (arXiv 2402.03994, eq. 10), ``[D]`` or ``[K, D]`` -> same shape.
 
     ``"explicit"``: lift t = Φᵀ v, forward-over-reverse HVP at θ0, apply Φ. ``"implicit"``: the
     forward-over-reverse HVP of ω ↦ L(θ0 + Φᵀω) at ω = 0 in direction v (paper Listing 7).

@@ -1,4 +1,4 @@
-"""The flattened parameter vector θ ∈ R^N of a model: which tensors, in which order (paper.md §2.8).
+"""The flattened parameter vector θ ∈ R^N of a model: which tensors, in which order (arXiv 2402.03994, Listings 6-7: the whole model, flattened).
 
 The paper sketches the **whole model as one flattened vector**; this module fixes that vector:
 the trainable parameters of ``module.named_parameters()`` (shared tensors listed once), in that

@@ -1,7 +1,7 @@
-"""Per-example gradients and their sketches (paper.md §1.5 and §2.8, eqs. 4–5).
+"""Per-example gradients and their sketches (arXiv 2402.03994, eqs. 4–5, Listing 6).
 
 Per-example gradients use ``torch.func``: ``vmap(grad(ℓ))`` over examples with the model called
-through ``functional_call`` (anchors.md §C.10), in chunks of ``chunk_size`` examples so that at
+through ``functional_call`` (the ``torch.func`` per-sample-gradient recipe), in chunks of ``chunk_size`` examples so that at
 most ``chunk_size × N`` gradient entries exist at once. Non-selected parameters are held fixed;
 buffers pass through unchanged.
 
@@ -129,7 +129,7 @@ def sketch_gradients(
     layout: ParamLayout | None = None,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Sketched per-example gradients Φ g_b, ``[B, D]`` (paper eqs. 4–5, §2.8).
+    """Sketched per-example gradients Φ g_b, ``[B, D]`` (arXiv 2402.03994, eqs. 4–5, Listing 6).
 
     Modes (all give the same numbers up to rounding):
 
@@ -139,7 +139,7 @@ def sketch_gradients(
       N-dimensional per-example gradient.
     - ``"factorized"``: only for ``sketch.kind == "per_layer"``; one ordinary forward and
       backward of the summed loss with :class:`~lightning_sketch.gradients.GradientCapture`
-      hooks computing (L δ_b)(R x_b)ᵀ per layer (anchors.md §C.10). Uses
+      hooks computing (L δ_b)(R x_b)ᵀ per layer (Choe et al. 2024). Uses
       ``torch.autograd.grad``, so ``.grad`` is untouched.
 
     Args:

@@ -1,4 +1,4 @@
-"""The intrinsic-dimension searches as pure state machines (paper.md §5.2; Li et al. 2018).
+"""The intrinsic-dimension searches as pure state machines (arXiv 2402.03994, Listing 9; Li et al. 2018).
 
 :class:`DoublingSearch` is the paper's single-run search (arXiv 2402.03994, Listing 9): one
 projection of size D_max is drawn once, training starts on the first ``d_min`` coordinates of ω,
@@ -53,7 +53,7 @@ def _check_float(name: str, v: Any, allow_none: bool = False) -> float | None:
 
 @dataclass
 class DoublingSearch:
-    """The paper's single-run doubling search for the intrinsic dimension (Listing 9, paper.md §5.2).
+    """The paper's single-run doubling search for the intrinsic dimension (arXiv 2402.03994, Listing 9).
 
     Call :meth:`update` with the metric measured *before* training (θ = θ0; optional, it seeds the
     "previous" value) and then after every round of c optimiser steps::
@@ -210,7 +210,7 @@ def binary_search_dimension(
     target: float,
     higher_is_better: bool = True,
 ) -> BinarySearchResult:
-    """Classic intrinsic-dimension search: one full training run per candidate d (paper.md §5.2, "old").
+    """Classic intrinsic-dimension search: one full training run per candidate d (Li et al. 2018).
 
     Bisects over the exponents of ``d_lo · 2^j <= d_hi``, assuming the metric is monotone in d,
     and returns the smallest candidate that reaches ``target``. Costs about

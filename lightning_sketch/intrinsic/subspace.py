@@ -1,4 +1,4 @@
-"""Subspace training θ = θ0 + Φᵀω (Li et al. 2018; paper.md §5.1, the implicit form of eq. 10).
+"""Subspace training θ = θ0 + Φᵀω (Li et al. 2018; arXiv 2402.03994, the implicit form of eq. 10).
 
 :meth:`Subspace.attach` reparametrises every trainable tensor of a module with
 ``torch.nn.utils.parametrize`` so that its value is its frozen starting point θ0 plus its slice of
@@ -18,7 +18,7 @@ working as before: ``module(x)``, ``module.parameters()`` (so an ordinary optimi
 - SAID (Aghajanyan et al. 2021, structure-aware intrinsic dimension): θ_i = θ0_i + λ_i (Φᵀω)_i with
   one learned λ per tensor, initialised to 1. The m scalars count inside D: ω has D − m
   coordinates, so the trainable count at active size d is exactly d.
-- Masking (paper.md §5.2): coordinates of ω beyond the active size get zero gradient and keep their
+- Masking (arXiv 2402.03994, Listing 9): coordinates of ω beyond the active size get zero gradient and keep their
   value. It is done in the forward as ``where(mask, ω, ω.detach())`` rather than with a tensor
   hook, so it survives ``deepcopy``, DDP and ``functional_call`` unchanged.
 - The subspace is registered as the last child of the module (``module.intrinsic_subspace``); its

@@ -1,19 +1,19 @@
-"""Random linear maps Φ: R^N → R^D that keep the geometry of gradients (paper.md §2).
+"""Random linear maps Φ: R^N → R^D that keep the geometry of gradients (arXiv 2402.03994, eqs. 1-8).
 
 ``make(kind, dim, sketch_dim, seed=0, **options)`` builds any registered kind. ``KINDS`` lists
 the registered kind names, an explicit literal (no import-time self-registration); each class is
 imported on first use so that importing the package stays cheap.
 
-| kind        | paper            | persistent memory          |
-|-------------|------------------|----------------------------|
-| identity    | –                | 0 (D = N, exact reference) |
-| dense       | §2.1             | D·N floats (or 0 chunked)  |
-| fjl         | §2.2, eq. 2      | O(N + nnz)                 |
-| ffd         | §2.3, eq. 3      | O(N)                       |
-| affd        | §2.4, eq. 6      | O(N)                       |
-| afjl        | §2.5, eq. 7      | O(N)                       |
-| qk          | §2.7, eq. 8      | O(Σ B_i D_i)               |
-| per_layer   | anchors.md C.10  | O(Σ (o·d_o + i·d_i))       |
+| kind        | arXiv 2402.03994   | persistent memory          |
+|-------------|--------------------|----------------------------|
+| identity    | –                  | 0 (D = N, exact reference) |
+| dense       | dense baseline     | D·N floats (or 0 chunked)  |
+| fjl         | eq. 2              | O(N + nnz)                 |
+| ffd         | eq. 3, Thm 3.1     | O(N)                       |
+| affd        | eq. 6, Thm 3.2     | O(N)                       |
+| afjl        | eq. 7              | O(N)                       |
+| qk          | eq. 8, Thm 3.3     | O(Σ B_i D_i)               |
+| per_layer   | Choe et al. 2024   | O(Σ (o·d_o + i·d_i))       |
 """
 
 from __future__ import annotations

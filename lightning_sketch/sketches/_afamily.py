@@ -9,11 +9,11 @@ orthogonal transforms (T2 and its G only for AFFD). The ``preconditioner`` optio
   ``kron_shapes(N_p, max_block)``. B (Rademacher, int8) and G (standard normal, float32) have
   length N_p. Factors are stored unnormalised (±1, exact in every float dtype); the 1/√N_p of each
   pass is folded into the output scale.
-* ``"fft"`` (the paper's F variant, §2.6): T = the real DFT packed as an exact isometry
+* ``"fft"`` (the paper's F variant, Table 8): T = the real DFT packed as an exact isometry
   (:func:`~lightning_sketch.sketches._common.rfft_real`); no padding, no permutations (the FFT is
   not Kronecker-factored, so there is nothing to permute; the randomness is B and G).
 * ``"kron_orthogonal"`` (the paper's Q variant): T1, T2 = Kronecker products of independent
-  Haar-orthogonal ``[s_i, s_i]`` factors (sign-corrected QR), applied WITHOUT B (paper.md §2.6);
+  Haar-orthogonal ``[s_i, s_i]`` factors (sign-corrected QR), applied WITHOUT B (arXiv 2402.03994, Table 8, Q = 1);
   N zero-padded to a power of two as for the Hadamard.
 
 The output is the first D coordinates after the last transform, times √(N_p/D) (N_p = N for
@@ -23,8 +23,8 @@ restricted to them, which makes the time nearly flat in D. Persistent memory: N_
 N_p Gaussians (4 B; AFJL keeps only the D it uses), and Σ s_i² factor entries per pass.
 
 ``max_block`` defaults to 32: the paper caps factors at 1024 for accelerators and its didactic
-listing (and the [CHECKED] numbers of paper.md §10) use 32; on this CPU 16-32 wide factors are the
-fastest (batched matmuls that stay in cache, machine-notes.md) while 1024 is ~3x slower. Any value
+listing (arXiv 2402.03994 App. B, Listing 4) uses 32; on this CPU 16-32 wide factors are the
+fastest (batched matmuls that stay in cache, docs/measurements.md) while 1024 is ~3x slower. Any value
 is a faithful AFFD; it is part of the spec because it changes the drawn permutations.
 """
 

@@ -1,4 +1,4 @@
-"""Kronecker-factored linear maps, Walsh–Hadamard factors and Haar factors (paper.md §1.6, §2.4, §2.7).
+"""Kronecker-factored linear maps, Walsh–Hadamard factors and Haar factors (arXiv 2402.03994, eqs. 6-8, App. C.3).
 
 A Kronecker product ``F = F_0 ⊗ F_1 ⊗ … ⊗ F_{K-1}`` with ``F_i`` of shape ``[r_i, c_i]`` maps
 R^(Π c_i) → R^(Π r_i). Applied to the rows of ``x [M, Π c_i]`` it never forms F: ``x`` is viewed
@@ -11,7 +11,7 @@ Two execution paths give the same numbers (up to BLAS blocking):
 * :func:`kron_apply` — plain out-of-place ops, safe under autograd and ``torch.func`` transforms;
 * :func:`kron_apply_into` — ping-pongs between two caller-owned work buffers (``out=`` matmuls).
   On the 2-core CPU allocating a fresh 256 MiB tensor costs ~100 ms against ~7 ms to refill one
-  (machine-notes.md), so for N = 2^20 this path is 2-3x faster; sketches use it in row chunks
+  (docs/measurements.md), so for N = 2^20 this path is 2-3x faster; sketches use it in row chunks
   when no gradient is being tracked.
 
 Factor shapes follow the paper's ``compute_kronecker_shapes`` (remainder factor FIRST).
@@ -67,7 +67,7 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """The unnormalised ``[n, n]`` Sylvester Walsh–Hadamard matrix (entries ±1), ``n`` a power of 2.
 
     ``(H_n)_{ij} = (-1)^{popcount(i & j)}``; divide by ``sqrt(n)`` for the orthonormal H_n of
-    paper.md §1.6 (built scipy-free).
+    arXiv 2402.03994 App. C.3 (built scipy-free).
 
     Example:
         >>> hadamard(2)
@@ -86,7 +86,7 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
 def haar_orthogonal(n: int, generator: torch.Generator, rows: int | None = None) -> Tensor:
     """A Haar-distributed orthogonal ``[n, n]`` matrix (or its first ``rows`` rows), float64.
 
-    Sign-corrected QR of a Gaussian matrix (paper.md §9.1 item 1): the columns of Q are
+    Sign-corrected QR of a Gaussian matrix (Mezzadri 2007): the columns of Q are
     multiplied by ``sign(diag(R))``; without that fix Q is not exactly Haar.
 
     Example:

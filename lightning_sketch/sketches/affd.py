@@ -1,4 +1,4 @@
-"""AFFD, the paper's main sketch (eq. 6, paper.md §2.4, Thm 3.2)."""
+"""AFFD, the paper's main sketch (arXiv 2402.03994, eq. 6, Thm 3.2)."""
 
 from __future__ import annotations
 

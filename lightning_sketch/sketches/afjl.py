@@ -1,4 +1,4 @@
-"""AFJL (eq. 7, paper.md §2.5): AFFD without the second transform."""
+"""AFJL (arXiv 2402.03994, eq. 7): AFFD without the second transform."""
 
 from __future__ import annotations
 

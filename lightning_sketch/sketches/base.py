@@ -8,7 +8,7 @@ A sketch is fully determined by its :attr:`Sketch.spec` (kind, dim, sketch_dim, 
 a plain JSON-serialisable dict with ``make(**spec)`` rebuilding a bit-identical map. All random
 draws come from dedicated CPU generators whose seeds are hashed from (library tag, kind, seed,
 stream), so the same spec gives the same Φ on every device and in every process, and ``seed=0``
-does not replay ``torch.manual_seed(0)`` (paper.md §9.3 item 16).
+does not replay ``torch.manual_seed(0)`` (docs/design.md, "Seeds").
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Sketch(ABC):
     Subclasses set ``kind``, declare their options with defaults in ``OPTIONS``, build their
     persistent random state in ``_build`` (CPU tensors from :meth:`generator`), and implement
     ``_apply`` on a 2-D ``[B, N]`` tensor. ``_transpose`` defaults to the vector-Jacobian product
-    of ``_apply`` (the exact adjoint, paper.md §9.1 item 3); subclasses may override it with a
+    of ``_apply`` (the exact adjoint, docs/design.md); subclasses may override it with a
     hand-written transpose, which the adjoint test then guards.
 
     Args:

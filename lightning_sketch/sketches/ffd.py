@@ -1,4 +1,4 @@
-"""FFD: Fastfood used as a sketch, i.e. transposed (eq. 3 / eq. 12, paper.md §2.3, Thm 3.1)."""
+"""FFD: Fastfood used as a sketch, i.e. transposed (arXiv 2402.03994, eq. 3 / eq. 12 of App. C.4, Thm 3.1)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ class FFDSketch(Sketch):
     permutation Π_b and standard-normal diagonal G_b; H_D is the orthonormal Walsh–Hadamard, so
     σ = 1 makes E‖Φx‖² = ‖x‖². This is the transpose of the Fastfood generator
     ``u ↦ [H G_b Π_b H B_b u]_b`` that Li et al. use implicitly (θ = θ0 + FFD(ω)); the stored index
-    is that of Π_bᵀ, and :meth:`transpose` (the generator) applies its inverse, Π_b (paper.md §9.2
-    item 10). It is **not** a sketch (Thm 3.1): for x = (first row of H_D) in block 1,
+    is that of Π_bᵀ, and :meth:`transpose` (the generator) applies its inverse, Π_b (arXiv 2402.03994
+    App. B.1). It is **not** a sketch (Thm 3.1): for x = (first row of H_D) in block 1,
     ‖Φx‖² = g_1², whose spread does not shrink with D. Kept as a baseline.
 
     D must be a power of two (H_D); N is zero-padded to ``N_p = next_pow2(N)`` internally, which

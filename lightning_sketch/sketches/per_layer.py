@@ -1,6 +1,6 @@
-"""Per-layer Kronecker-factored sketch (anchors.md §C.10; LoGra-style, Choe et al. 2024).
+"""Per-layer Kronecker-factored sketch (LoGra-style, Choe et al. 2024).
 
-A different sketch family from the paper's whole-model maps (paper.md §2.8): Φ is block diagonal
+A different sketch family from the paper's whole-model maps (arXiv 2402.03994, Listings 6-7): Φ is block diagonal
 over the parameter tensors of a :class:`~lightning_sketch.gradients.ParamLayout`. A tensor with
 ``ndim >= 2`` is viewed as a matrix G of shape (out, in = prod(rest)) and sketched as
 
@@ -12,7 +12,7 @@ needs the gradient itself: :class:`~lightning_sketch.gradients.GradientCapture` 
 backward hooks.
 
 Factors (``inner``): ``"qk"``: the first d rows of a Haar orthogonal matrix (sign-corrected QR,
-paper.md §9.1 item 1) scaled by √(n/d); ``"dense"``: i.i.d. N(0, 1/d). Either way E[LᵀL] = I and
+Mezzadri 2007) scaled by √(n/d); ``"dense"``: i.i.d. N(0, 1/d). Either way E[LᵀL] = I and
 E[RᵀR] = I, L and R independent, so E‖Φx‖² = ‖x‖².
 
 Allocation of D (deterministic, documented): block b gets a target t_b from the largest-remainder

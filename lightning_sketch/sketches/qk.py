@@ -1,4 +1,4 @@
-"""QK: a Kronecker product of restricted Haar-orthogonal factors (eq. 8, paper.md §2.7, Thm 3.3)."""
+"""QK: a Kronecker product of restricted Haar-orthogonal factors (arXiv 2402.03994, eq. 8, Thm 3.3)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def balanced_split(shapes: tuple[int, ...], d: int) -> tuple[int, ...]:
 
     ``d`` must be a power of two ``<= Π B_i``. The bits of ``d`` are handed out one at a time to
     the factor with the fewest so far that still has room (ties: the larger factor), so no
-    factor collapses to ``D_i = 1`` while another holds many rows (paper.md §9.1 item 2:
+    factor collapses to ``D_i = 1`` while another holds many rows (Thm 3.3 of arXiv 2402.03994 bounds the error through each D_i:
     Thm 3.3's bound is driven by the smallest D_i).
 
     Example:
@@ -53,7 +53,7 @@ class QKSketch(Sketch):
     """Φ(x) = √(N/D) · (Q^(1) ⊗ … ⊗ Q^(K)) x with Haar factors restricted to D_i rows (eq. 8).
 
     Each ``Q^(i)`` is the first ``D_i`` rows of a Haar-distributed ``[B_i, B_i]`` orthogonal
-    matrix (sign-corrected QR, paper.md §9.1 item 1), stored explicitly as ``[D_i, B_i]``. The
+    matrix (sign-corrected QR, Mezzadri 2007), stored explicitly as ``[D_i, B_i]``. The
     ``B_i`` are ``kron_shapes(N_p, max_block)`` with N zero-padded to ``N_p = next_pow2(N)``
     (so ``Π B_i = N_p``; padding keeps every factorisation available whatever N is). The ``D_i``
     split ``D_p = next_pow2(D)`` as evenly as the factor sizes allow (:func:`balanced_split`);

@@ -1,4 +1,4 @@
-"""Hessian spectra on sketched Hessian-vector products (arXiv 2402.03994 §4; paper.md §4, §7.5).
+"""Hessian spectra on sketched Hessian-vector products (arXiv 2402.03994, eq. 10; Sec. 5.5 and Table 7).
 
 Pure PyTorch (no Lightning):
 

@@ -1,6 +1,6 @@
 """Spectral density by stochastic Lanczos quadrature, and Hutchinson / Hutch++ trace estimates.
 
-- SLQ (Ubaru, Chen & Saad 2017; Ghorbani, Krishnan & Xiao 2019; anchors.md B.1, B.6): for each of
+- SLQ (Ubaru, Chen & Saad 2017; Ghorbani, Krishnan & Xiao 2019): for each of
   ``num_runs`` random unit probes v, m Lanczos steps (fully re-orthogonalised) give nodes θ_i =
   eig(T_m) and weights w_i = s_{1,i}² (first components of T_m's eigenvectors); the density
   φ(t) = mean_v Σ_i w_i 𝒩(t; θ_i, σ²) approximates (1/n) Σ_j 𝒩(t; λ_j, σ²).

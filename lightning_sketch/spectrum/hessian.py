@@ -1,7 +1,7 @@
 """Hessian operators over a fixed probe set, and the ``hessian_eigs`` entry point.
 
 The loss is L(θ) = the mean of the per-example losses ``loss_fn(model, batch)`` over every example
-of the fixed list of probe batches (as :func:`lightning_sketch.gradients.make_hvp` defines it). Two operators (paper.md §1.3, §4):
+of the fixed list of probe batches (as :func:`lightning_sketch.gradients.make_hvp` defines it). Two operators (arXiv 2402.03994, eq. 10):
 
 - exact: v ↦ H v on R^N;
 - sketched: v ↦ Φ H Φᵀ v on R^D (``sketch.apply ∘ hvp ∘ sketch.transpose``), so the Krylov
@@ -214,7 +214,7 @@ def hessian_eigs(
     dtype: torch.dtype = torch.float64,
     reduce: Reduce | None = None,
 ) -> HessianEigs:
-    """Top-k eigenpairs of the Hessian of the probe-set loss, exact or sketched (paper.md §4).
+    """Top-k eigenpairs of the Hessian of the probe-set loss, exact or sketched (arXiv 2402.03994, eq. 10; Sec. 5.5).
 
     Runs :func:`~lightning_sketch.spectrum.lanczos` with full re-orthogonalisation on v ↦ H v
     (``sketch=None``) or on v ↦ Φ H Φᵀ v, storing only D-dimensional Krylov vectors.

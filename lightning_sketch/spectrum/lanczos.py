@@ -1,10 +1,10 @@
 """Krylov eigen-solvers over a matvec: Lanczos and Arnoldi with full re-orthogonalisation.
 
-The paper (arXiv 2402.03994 §4, paper.md §4) runs an Arnoldi iteration with *full*
+The paper (arXiv 2402.03994, eq. 10 and Sec. 5.5) runs an Arnoldi iteration with *full*
 re-orthogonalisation on the D × D sketched operator v ↦ Φ H Φᵀ v, so only D-dimensional Krylov
 vectors are stored, and reads the top eigenvalues off the small projected matrix. Without
 re-orthogonalisation the Lanczos recurrence loses orthogonality once a Ritz value converges and
-produces ghost copies of it (Paige 1971; anchors.md B.1, B.3); here every new vector is
+produces ghost copies of it (Paige 1971); here every new vector is
 orthogonalised twice against the whole basis (classical Gram–Schmidt, "twice is enough").
 
 Both solvers only see a ``matvec: [n] -> [n]``; they never touch a model.
@@ -202,7 +202,7 @@ def lanczos(
     """Top-k Ritz pairs of a symmetric operator by Lanczos with full re-orthogonalisation.
 
     The Ritz values are the eigenvalues θ_i of the m × m tridiagonal T_m = V A Vᵀ; the Ritz
-    vectors are Vᵀ s_i; the residual norm of pair i is |β_m s_{m,i}| (paper.md §4; anchors.md B.1).
+    vectors are Vᵀ s_i; the residual norm of pair i is |β_m s_{m,i}| (Parlett 1998).
 
     Args:
         matvec: symmetric operator ``[n] -> [n]`` (e.g. an HVP, or the sketched v ↦ Φ H Φᵀ v).
@@ -263,7 +263,7 @@ def arnoldi(
     """Top-k Ritz pairs of a (possibly non-symmetric) operator by Arnoldi, fully re-orthogonalised.
 
     Builds the m × m upper Hessenberg H_m = V A Vᵀ by modified Gram–Schmidt applied twice and
-    returns eigen-pairs of H_m (paper.md §4: the paper's "Arnoldi" on Φ H Φᵀ; for a symmetric
+    returns eigen-pairs of H_m (arXiv 2402.03994 Sec. 5.5: the paper's "Arnoldi" on Φ H Φᵀ; for a symmetric
     operator H_m is tridiagonal up to rounding and this agrees with :func:`lanczos`).
 
     Args:

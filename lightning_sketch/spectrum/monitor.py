@@ -3,7 +3,7 @@
 :func:`spectrum_snapshot` runs, on one (sketched) Hessian operator over a fixed probe set:
 Lanczos for the top-k eigenpairs (full re-orthogonalisation), optionally an SLQ density and a
 Hutch++ trace, the probe-set gradient (sketched) for the gradient–outlier alignment, and the
-paper's summary statistics (paper.md §4, §7.5). The number of matvecs is fixed by the arguments
+paper's summary statistics (arXiv 2402.03994 Sec. 5.5, Fig. 2). The number of matvecs is fixed by the arguments
 (no data-dependent stopping), so every DDP rank runs the same sequence of collective reductions.
 """
 

@@ -1,4 +1,4 @@
-"""The paper's summary statistics of a Hessian spectrum (arXiv 2402.03994 §5.5; paper.md §4, §7.5).
+"""The paper's summary statistics of a Hessian spectrum (arXiv 2402.03994 Sec. 5.5, Fig. 2).
 
 - RNEG = |most negative eigenvalue| / largest positive eigenvalue (0 when none is negative);
 - R(n) = λ_n / λ_1 for the positive top eigenvalues;

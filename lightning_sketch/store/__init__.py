@@ -1,4 +1,4 @@
-"""Crash-safe, FAISS-searchable storage of sketched per-example gradients (paper.md §6; issue 3, 7).
+"""Crash-safe, FAISS-searchable storage of sketched per-example gradients (arXiv 2402.03994 Sec. 5.2; TracIn, Pruthi et al. 2020).
 
 ``SketchStore.create`` / ``SketchStore.open`` a store directory, ``add_checkpoint`` + ``append`` +
 ``commit`` rows, then ``search`` (flat, ivf, ivfpq, hnsw; exact re-ranking) or ``search_exact``.

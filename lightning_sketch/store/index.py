@@ -1,8 +1,8 @@
 """FAISS indexes over stored sketches, exact re-ranking, and the exact torch reference search.
 
 Scores are inner products ⟨Φg(z_query), Φg(z_train)⟩, the sketched TracIn / gradient-similarity
-score of paper.md §6 (no normalisation: FAISS has no cosine metric and attribution needs the raw
-product). Index kinds (anchors.md §C.9):
+score of arXiv 2402.03994 Sec. 5.2 (no normalisation: FAISS has no cosine metric and attribution needs the raw
+product). Index kinds (Johnson, Douze & Jégou 2019; the FAISS wiki):
 
 | kind    | FAISS index                                   | exact? | bytes / row        |
 |---------|-----------------------------------------------|--------|--------------------|

@@ -1,6 +1,6 @@
 """DDP shards of a store: each rank writes ``<store>/shards/rank<r>/``, rank 0 merges.
 
-The merge (anchors.md §C.9, "Merging shards from several processes") adds each shard's committed,
+The merge (the FAISS wiki's recipe for merging indexes built in several processes) adds each shard's committed,
 checksummed segments to the main manifest *by reference* (segment files are immutable, so no data
 is copied), after checking spec, layout, dtype and that example ids are globally unique. Merging
 is idempotent: the main manifest records how many segments of each shard it already holds.

@@ -7,7 +7,7 @@ the manifest. Readers open one manifest snapshot and only ever see committed seg
 loses at most the uncommitted buffer. One writer per directory (an ``fcntl`` lock); DDP ranks
 write their own shard (:meth:`SketchStore.open_shard`) that rank 0 merges (:meth:`merge_shards`).
 
-Rows are sketched per-example gradients Φ∇ℓ(z; θ_t) ∈ R^D (paper.md §6); checkpoint ``lr`` is
+Rows are sketched per-example gradients Φ∇ℓ(z; θ_t) ∈ R^D (arXiv 2402.03994 Sec. 5.2); checkpoint ``lr`` is
 η_t, used by the TracIn view Σ_t η_t ⟨Φg_t(z), Φg_t(z')⟩ (see :mod:`lightning_sketch.store.views`).
 """
 

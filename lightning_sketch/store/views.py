@@ -2,7 +2,7 @@
 
 Views: a checkpoint name gives that checkpoint's rows ``[n_t, D]``; ``"tracin"`` gives, for the ids
 present in every checkpoint, the concatenation along D of √w_t-scaled slices ``[n, T·D]``, so one
-inner product is the TracIn-CP score Σ_t w_t ⟨Φg_t(z), Φg_t(z')⟩ (paper.md §6, Pruthi et al. 2020)
+inner product is the TracIn-CP score Σ_t w_t ⟨Φg_t(z), Φg_t(z')⟩ (arXiv 2402.03994 Sec. 5.2; Pruthi et al. 2020)
 with w_t = η_t by default (``weights="sqrt_lr"``).
 """
 

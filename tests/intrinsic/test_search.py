@@ -1,4 +1,4 @@
-"""The doubling search state machine (paper.md §5.2, Listing 9) and the classic binary search."""
+"""The doubling search state machine (arXiv 2402.03994, Listing 9) and the classic binary search."""
 
 from __future__ import annotations
 

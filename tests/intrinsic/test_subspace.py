@@ -1,4 +1,4 @@
-"""Subspace θ = θ0 + Φᵀω: exactness against float64 references (anchors.md C11, C13, C14; paper.md §10 item 4)."""
+"""Subspace θ = θ0 + Φᵀω: exactness against float64 references (Li et al. 2018; arXiv 2402.03994 eqs. 4-5 and 10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Li et al.'s toy problem with an exactly known intrinsic dimension (anchors.md B.11, C11; C12).
+"""Li et al.'s toy problem with an exactly known intrinsic dimension (Li, Farkhoor, Liu & Yosinski 2018, Sec. 2),
+and a linear regression whose exact fit needs d >= n.
 
 θ ∈ R^1000 must make each of 10 groups of 100 coordinates sum to a target: the solution set is a
 990-dimensional affine manifold, so the intrinsic dimension is exactly 10. In a generic random

@@ -86,7 +86,7 @@ def test_chunked_fast_path_equals_autograd_path(kind):
 
 @pytest.mark.parametrize(("kind", "opts"), RANDOM_PARAMS)
 def test_seed0_uncorrelated_with_global_manual_seed(kind, opts):
-    """paper.md §9.3 item 16: seed=0 must not replay torch.manual_seed(0)'s stream."""
+    """Seeds (docs/design.md, "Seeds"): seed=0 must not replay torch.manual_seed(0)'s stream."""
     n = 256
     torch.manual_seed(0)
     z = torch.randn(n, dtype=torch.float64)

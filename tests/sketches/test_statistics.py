@@ -1,4 +1,4 @@
-"""Norm preservation and concentration over many seeds (paper.md §10 items 1-2, Thm 3.1).
+"""Norm preservation and concentration over many seeds (arXiv 2402.03994: eq. 1, Thm 3.1 = Thm C.1).
 
 Tolerances: with S seeds, the sample mean of ‖Φx‖² has standard error std/√S, and a sample
 std has relative standard error ≈ √((κ-1)/(4S)) (κ the kurtosis; ≈ 1/√(2S) for Gaussian-like
@@ -50,7 +50,7 @@ def test_baselines_are_unbiased_on_dense_input(kind, unit_x):
 
 
 def test_theorem_3_1_ffd_fails_on_the_bad_input_while_affd_concentrates():
-    """x = first row of the orthonormal H_D in block 1 (paper.md §10 item 2): H_D x_1 = e_1.
+    """x = first row of the orthonormal H_D in block 1 (the counterexample in the proof of Thm C.1, arXiv 2402.03994 App. C.4): H_D x_1 = e_1.
 
     For FFD ‖Φx‖² = g_1², a chi-square(1) draw with std √2 ≈ 1.41 for every D; for AFFD the
     spread shrinks (paper: 0.12 / 0.064 at D = 2^8 / 2^10, N = 2^14).
@@ -70,7 +70,7 @@ def test_theorem_3_1_ffd_fails_on_the_bad_input_while_affd_concentrates():
 
 
 def test_preconditioner_matters_on_one_hot_input():
-    """One-hot x at the last coordinate (paper.md §10 item 3): AFFD and AFJL still concentrate."""
+    """One-hot x at the last coordinate (the pre-conditioner H·B of eqs. 6-7, arXiv 2402.03994): AFFD and AFJL still concentrate."""
     x = torch.zeros(N, dtype=torch.float64)
     x[-1] = 1.0
     for kind, bound in (("affd", 0.12), ("afjl", 0.2)):
