@@ -209,7 +209,7 @@ def mislabel_detection_curve(
     found = torch.cumsum(fl[order].to(torch.float64), 0)
     found = torch.cat([torch.zeros(1, dtype=torch.float64), found])
     t = si.numel()
-    return torch.stack([found[int(round(f * t))] for f in fr]) / float(fl.sum())
+    return torch.stack([found[round(f * t)] for f in fr]) / float(fl.sum())
 
 
 def _average_ranks(x: Tensor) -> Tensor:

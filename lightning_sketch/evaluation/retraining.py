@@ -64,7 +64,7 @@ def random_subsets(n_train: int, n_subsets: int, fraction: float = 0.5, seed: in
     """
     if n_train < 2 or n_subsets < 1:
         raise SketchConfigError(f"Need n_train >= 2 and n_subsets >= 1, got {n_train} and {n_subsets}.")
-    k = int(round(fraction * n_train))
+    k = round(fraction * n_train)
     if not 0 < k < n_train:
         raise SketchConfigError(
             f"`fraction` must leave a non-empty proper subset: round({fraction} * {n_train}) = {k} examples."

@@ -50,8 +50,8 @@ def test_subset_retraining_equals_plain_loop():
     x = torch.randn(22, 3, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (22,), generator=g)
     xq, yq = x[:5] + 0.1, y[:5]
-    kw = dict(n_subsets=2, n_seeds=2, fraction=0.5, epochs=3, lr=0.2, batch_size=4, momentum=0.9,
-              weight_decay=1e-2, seed=7)
+    kw = {"n_subsets": 2, "n_seeds": 2, "fraction": 0.5, "epochs": 3, "lr": 0.2, "batch_size": 4, "momentum": 0.9,
+              "weight_decay": 1e-2, "seed": 7}
     got = subset_retraining(tiny, (x, y), (xq, yq), output_fn=out_fn, **kw)
     assert got.masks.dtype == torch.bool and got.masks.shape == (2, 22)
     assert got.masks.sum(1).tolist() == [11, 11]
