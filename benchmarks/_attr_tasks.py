@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -45,13 +46,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parent
-CACHE = ROOT / ".cache"
+# ATTR_BENCH_CACHE points another checkout at an existing cache (ground truths are content-keyed).
+CACHE = Path(os.environ.get("ATTR_BENCH_CACHE", ROOT / ".cache"))
 
 __all__ = [
     "CACHE",
+    "TASKS",
     "GroundTruth",
     "Splits",
-    "TASKS",
     "Task",
     "dict_batch",
     "fit_runs",

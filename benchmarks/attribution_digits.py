@@ -1,17 +1,25 @@
-"""Attribution on sklearn digits: LDS, mislabel AUC, overhead, bytes and latency (LDS after Park et al. 2023).
+"""Attribution benchmark: LDS of our methods and the peers on a task of ``benchmarks/_attr_tasks.py``.
 
-Protocol: ``load_digits`` (no download), fixed permutation (seed 0): 1000 train,
-200 queries, 200 validation (used only to tune damping λ); MLP 64→128→10, SGD momentum 0.9,
-lr 0.1, weight decay 1e-4, batch 64, 20 epochs. LDS ground truth: ``--subsets`` random half-size
-subsets × ``--seeds`` seeds, trained batched with ``torch.func.stack_module_state`` + ``vmap``, output
-= the margin; cached under ``benchmarks/.cache/`` keyed by a hash of the configuration.
+Task ``digits_mlp`` (default here; the protocol is defined in ``_attr_tasks.py``): sklearn digits,
+1000 train / 200 queries / 200 validation (validation only tunes λ), MLP 64→128→10, SGD momentum 0.9,
+lr 0.1, wd 1e-4, batch 64, 20 epochs. ``benchmarks/attribution_cnn.py`` runs the same harness on the
+second task, ``digits_cnn`` (a small CNN on the 8×8 images). LDS ground truth: 100 random half
+subsets × 2 seeds retrained with :func:`lightning_sketch.evaluation.subset_retraining`, output = the
+margin, cached under ``benchmarks/.cache/`` (``_attr_tasks.ground_truth``).
 
-Our methods read the stores written *during* 5 independent Lightning runs by the
-:class:`~lightning_sketch.callbacks.GradientSketch` callback (checkpoint mode, sketch ``--kind`` at
-``--sketch-dim``); peers (traker, dattri, captum, kronfluence) see the same final / epoch weights.
+Ours: every method of ``lightning_sketch.attribution.METHODS`` at run time, read from the stores
+written during ``--runs`` Lightning runs by ``GradientSketch(sketch_kind="affd", sketch_dim=D)``
+(callback defaults otherwise), queried with default arguments (``Attributor(run_dir, model,
+method=m)``) and, where the method has a damping, with λ tuned on the validation split's LDS
+(``tune_damping(objective=...)``, each run tuned on its own validation LDS); 1 model and the
+``--runs``-model ensemble (scores averaged over runs). Peers (traker, dattri, captum, kronfluence)
+see the same final weights, with their default settings and with λ tuned on validation LDS; their
+rows are cached in ``benchmarks/.cache/peers_<task>_<hash>.json``.
 Sign convention everywhere: positive = training on the example raises the query's margin.
 
-Run: ``.venv/bin/python benchmarks/attribution_digits.py`` (add ``--quick`` for a smoke run).
+Run: ``python benchmarks/attribution_digits.py`` (``--quick`` for a smoke run, ``--peers ""`` for
+ours only, ``--no-ours`` for the peers only; peers need the ``bench`` extra and kronfluence, see
+pyproject.toml).
 """
 
 from __future__ import annotations
@@ -20,12 +28,12 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import shutil
 import sys
 import tempfile
 import time
 import traceback
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,378 +42,255 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-ROOT = Path(__file__).resolve().parent
-CACHE = ROOT / ".cache"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _attr_tasks as tasks
+from _attr_tasks import CACHE, dict_batch, fit_one, fit_runs, get_task, ground_truth, lds_ci, margin, splits
 
 
-# ---------------------------------------------------------------------- data and model
-def load_split(flip: float = 0.0, seed: int = 0):
-    from sklearn.datasets import load_digits
+# ---------------------------------------------------------------------- ours
+def our_scores(runs, method, qb, tune_vb=None, val_objective=None):
+    """Scores [Q, T] (columns = training rows 0..T-1) averaged over runs; with ``tune_vb`` λ is tuned per run.
 
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X / 16.0, dtype=torch.float32)
-    y = torch.tensor(y, dtype=torch.long)
-    perm = torch.from_numpy(np.random.RandomState(seed).permutation(len(y)))
-    tr, q, va = perm[:1000], perm[1000:1200], perm[1200:1400]
-    ytr = y[tr].clone()
-    flipped = torch.zeros(1000, dtype=torch.bool)
-    if flip:
-        g = torch.Generator().manual_seed(seed + 1)
-        idx = torch.randperm(1000, generator=g)[: int(flip * 1000)]
-        ytr[idx] = (ytr[idx] + torch.randint(1, 10, (len(idx),), generator=g)) % 10
-        flipped[idx] = True
-    return (X[tr], ytr), (X[q], y[q]), (X[va], y[va]), flipped
-
-
-def make_mlp(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
-def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    from lightning_sketch.attribution import classification_margin
-
-    return classification_margin(logits, y)
-
-
-def lightning_module(seed: int, epochs: int):
-    from lightning.pytorch import LightningModule
-
-    class DigitsMLP(LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = make_mlp(seed)
-
-        def forward(self, x):
-            return self.net(x)
-
-        def per_example_loss(self, batch):
-            return F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
-
-        def per_example_margin(self, batch):
-            return margin(self(batch["x"]), batch["y"])
-
-        def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self(batch["x"]), batch["y"])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-    return DigitsMLP()
-
-
-def dict_batch(x, y, ids=None):
-    return {"x": x, "y": y, "index": torch.arange(len(y)) if ids is None else ids}
-
-
-# ---------------------------------------------------------------------- ground truth
-def train_batched(X, Y, subsets: torch.Tensor, seeds: list[int], epochs=20, bs=64, lr=0.1, mom=0.9, wd=1e-4):
-    """Train M MLPs at once, model m on rows ``subsets[m]`` (equal sizes): returns stacked params."""
-    from torch.func import functional_call, grad, stack_module_state, vmap
-
-    models = [make_mlp(s) for s in seeds]
-    params, _ = stack_module_state(models)
-    params = {k: v.detach().clone() for k, v in params.items()}
-    base = copy.deepcopy(models[0]).to("meta")
-
-    def loss(p, x, y):
-        return F.cross_entropy(functional_call(base, p, (x,)), y)
-
-    g_fn = vmap(grad(loss))
-    buf = {k: torch.zeros_like(v) for k, v in params.items()}
-    M, n = subsets.shape
-    gen = torch.Generator().manual_seed(12345)
-    for _ in range(epochs):
-        order = torch.argsort(torch.rand(M, n, generator=gen), dim=1)
-        idx = subsets.gather(1, order)
-        for s in range(0, n, bs):
-            b = idx[:, s : s + bs]
-            grads = g_fn(params, X[b], Y[b])
-            for k in params:
-                d = grads[k] + wd * params[k]
-                buf[k].mul_(mom).add_(d)
-                params[k].sub_(lr * buf[k])
-    return params, base
-
-
-def ground_truth(train, targets, n_subsets: int, n_seeds: int, epochs: int):
-    """(masks [M, 1000] float, margins [M, Q_total]) averaged over seeds; cached by config hash."""
-    X, Y = train
-    Xt, Yt = targets
-    cfg = {"v": 2, "n_subsets": n_subsets, "n_seeds": n_seeds, "epochs": epochs, "n": len(Y),
-           "xsum": float(X.sum()), "tsum": float(Xt.sum())}
-    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
-    path = CACHE / f"lds_gt_{key}.npz"
-    if path.exists():
-        data = np.load(path)
-        return torch.from_numpy(data["masks"]), torch.from_numpy(data["margins"]), 0.0
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(2024)
-    subsets = torch.stack([torch.randperm(len(Y), generator=gen)[: len(Y) // 2] for _ in range(n_subsets)])
-    masks = torch.zeros(n_subsets, len(Y))
-    masks.scatter_(1, subsets, 1.0)
-    outs = torch.zeros(n_subsets, len(Yt))
-    from torch.func import functional_call, vmap
-
-    for seed in range(n_seeds):
-        params, base = train_batched(X, Y, subsets, [1000 * seed + m for m in range(n_subsets)], epochs=epochs)
-        logits = vmap(lambda p: functional_call(base, p, (Xt,)))(params)  # [M, Q, 10]
-        outs += torch.stack([margin(lg, Yt) for lg in logits]) / n_seeds
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.savez(path, masks=masks.numpy(), margins=outs.numpy())
-    return masks, outs, time.perf_counter() - t0
-
-
-def lds_ci(scores, masks, outputs, n_boot=1000, seed=0):
-    """Mean LDS over queries and a bootstrap 95% interval (queries resampled)."""
-    from lightning_sketch.attribution import lds
-
-    per_q = lds(scores, masks, outputs).numpy()
-    per_q = per_q[np.isfinite(per_q)]
-    rng = np.random.default_rng(seed)
-    boots = [per_q[rng.integers(0, len(per_q), len(per_q))].mean() for _ in range(n_boot)]
-    return float(per_q.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
-
-
-# ---------------------------------------------------------------------- our runs
-def fit_run(seed, train, root: Path, epochs: int, callback_kw: dict | None, progress=False):
-    """One Lightning run on the full training set; returns (module, seconds)."""
-    from lightning.pytorch import Trainer, seed_everything
-
-    from lightning_sketch.callbacks import GradientSketch
-    from lightning_sketch.data import IndexedDataset
-
-    seed_everything(seed, verbose=False)
-    module = lightning_module(seed, epochs)
-    loader = DataLoader(IndexedDataset(TensorDataset(*train)), batch_size=64, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    cbs = [GradientSketch(dirpath=str(root), **callback_kw)] if callback_kw is not None else []
-    trainer = Trainer(max_epochs=epochs, logger=False, enable_progress_bar=progress, enable_checkpointing=False,
-                      enable_model_summary=False, deterministic=True, default_root_dir=str(root), accelerator="cpu",
-                      callbacks=cbs)
-    t0 = time.perf_counter()
-    trainer.fit(module, loader)
-    return module, time.perf_counter() - t0
-
-
-def our_scores(runs, method, queries, damping=None, tune=None, **kw):
-    """Scores [Q, 1000] averaged over the given runs [(run_dir, module)]."""
+    Returns (scores, dampings chosen or None). Raises the library's error when the method cannot run.
+    """
     from lightning_sketch.attribution import Attributor
 
     total, lams = 0, []
     for run_dir, module in runs:
-        att = Attributor(run_dir, module, method=method, damping=damping, **kw)
-        if method == "trak" and damping is None and tune is not None:
-            lams.append(tune(att))
-        s = att.scores(queries)
-        assert att.ids.tolist() == list(range(1000))
-        total = total + s
-    return total / len(runs), lams
+        att = Attributor(run_dir, module, method=method)
+        if tune_vb is not None:
+            lams.append(att.tune_damping([tune_vb], objective=val_objective))
+        s = att.scores(qb)
+        order = torch.argsort(att.ids)
+        if not torch.equal(att.ids[order], torch.arange(len(order))):
+            raise RuntimeError(f"{method}: stored ids are not the training rows 0..T-1")
+        total = total + s[:, order]
+    return total / len(runs), (lams or None)
 
 
-def auc(flipped, scores):
-    from sklearn.metrics import roc_auc_score
+def has_damping(method, run) -> bool:
+    """Whether ``tune_damping`` applies to ``method`` (asks the library, so new methods are covered)."""
+    from lightning_sketch.attribution import Attributor
+    from lightning_sketch.exceptions import SketchConfigError
 
-    return float(roc_auc_score(flipped.numpy(), scores.numpy()))
+    att = Attributor(run[0], run[1], method=method)
+    try:
+        att.tune_damping(candidates=[1.0, 2.0])  # cheap LOO proxy on 2 candidates: only the type check matters
+    except SketchConfigError:
+        return False
+    return True
+
+
+def arnoldi_scores(runs, train, qb, k=50):
+    """arnoldi_if with probe batches (its default needs eigenpairs it cannot find alone on this branch)."""
+    from lightning_sketch.attribution import Attributor
+
+    total = 0
+    n = len(train[1])
+    for run_dir, module in runs:
+        probe = [dict_batch(train[0][i : i + 250], train[1][i : i + 250]) for i in range(0, n, 250)]
+        att = Attributor(run_dir, module, method="arnoldi_if", hessian_batches=probe, arnoldi_k=k)
+        total = total + att.scores(qb)[:, torch.argsort(att.ids)]
+    return total / len(runs)
 
 
 # ---------------------------------------------------------------------- main
-def main(argv=None):
+def main(argv=None, default_task: str = "digits_mlp"):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
-    p.add_argument("--subsets", type=int, default=100)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--task", default=default_task, choices=sorted(tasks.TASKS))
+    p.add_argument("--quick", action="store_true", help="tiny smoke configuration (not a result)")
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--kind", default="affd")
     p.add_argument("--sketch-dim", type=int, default=1024)
-    p.add_argument("--every-n-epochs", type=int, default=4)
+    p.add_argument("--every-n-epochs", type=int, default=None, help="callback slices (default: the callback's)")
     p.add_argument("--peers", default="traker,dattri,captum,kronfluence")
+    p.add_argument("--no-ours", action="store_true", help="skip our methods (peers only)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of METHODS (default: all)")
+    p.add_argument("--no-mislabel", action="store_true")
+    p.add_argument("--runs-dir", default=None, help="keep the Lightning runs here and reuse them (default: temp)")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--peers-only", action="store_true",
-                   help="train the runs without the callback (bit-identical weights) and score only the peers")
-    p.add_argument("--dampings", default=None, help="comma-separated damping grid for the peers (default 1e-4..1e6)")
+    p.add_argument("--dampings", default=None, help="comma-separated λ grid for the peers (default 1e-8..1e6)")
+    p.add_argument("--refresh-peers", action="store_true", help="ignore the cached peer rows")
     p.add_argument("--overhead-only", action="store_true", help="only time the callback against a plain fit")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this small MLP)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small models)")
     a = p.parse_args(argv)
+    task = get_task(a.task)
     if a.quick:
-        a.subsets, a.seeds, a.epochs, a.runs, a.every_n_epochs = 20, 1, 4, 2, 2
+        task = replace(task, epochs=4, n_subsets=20, n_seeds=1)
+        a.runs = min(a.runs, 2)
     torch.set_num_threads(a.threads)
     if a.dampings:
         DAMPINGS[:] = [float(v) for v in a.dampings.split(",")]
-    results: dict = {"config": vars(a)}
-    train, query, val, _ = load_split()
+    results: dict = {"config": {**vars(a), "task": asdict(task)}}
+    sp = splits(task)
+    cb_kw = {} if a.every_n_epochs is None else {"every_n_epochs": a.every_n_epochs}
     if a.overhead_only:
-        results["overhead"] = overhead(a, train)
-        if a.json:
-            Path(a.json).write_text(json.dumps(results, indent=2, default=float))
+        results["overhead"] = overhead(a, task, sp.train)
+        _dump(a, results)
         return results
-    both = (torch.cat([query[0], val[0]]), torch.cat([query[1], val[1]]))
-    masks, margins, gt_s = ground_truth(train, both, a.subsets, a.seeds, a.epochs)
-    gt_q, gt_v = margins[:, :200], margins[:, 200:]
-    print(f"ground truth: {a.subsets} subsets x {a.seeds} seeds, {a.epochs} epochs "
-          f"({'cached' if gt_s == 0 else f'{gt_s:.1f} s'})")
-    qb, vb = dict_batch(*query), dict_batch(*val)
-    work = Path(tempfile.mkdtemp(prefix="attr_digits_"))
+    gt = ground_truth(task)
+    masks, gt_q, gt_v = gt.masks, gt.query_outputs, gt.val_outputs
+    print(f"[{task.name}] ground truth: {task.n_subsets} subsets x {task.n_seeds} seeds, {task.epochs} epochs "
+          f"({'cached' if gt.seconds == 0 else f'{gt.seconds:.1f} s'}: {gt.path.name})", flush=True)
+    qb, vb = dict_batch(*sp.query), dict_batch(*sp.val)
+    work = Path(a.runs_dir) if a.runs_dir else Path(tempfile.mkdtemp(prefix=f"attr_{task.name}_"))
     rows = []
 
     def report(name, models, scores_q, extra=""):
         m, lo, hi = lds_ci(scores_q, masks, gt_q)
         rows.append({"method": name, "models": models, "lds": m, "ci": [lo, hi], "note": extra})
-        print(f"  {name:<38} models={models}  LDS {m:.3f} [{lo:.3f}, {hi:.3f}] {extra}")
+        print(f"  {name:<44} models={models}  LDS {m:.3f} [{lo:.3f}, {hi:.3f}] {extra}", flush=True)
+
+    def val_objective(s):
+        return lds_ci(s, masks, gt_v, n_boot=1)[0]
 
     try:
-        # ---- our 5 runs with the callback (checkpoint mode)
-        cb_kw = dict(sketch_kind=a.kind, sketch_dim=a.sketch_dim, every_n_epochs=a.every_n_epochs)
-        runs, fit_times = [], []
-        for r in range(a.runs):
-            module, secs = fit_run(r, train, work / f"run{r}", a.epochs, None if a.peers_only else cb_kw)
-            module.eval()
-            runs.append((work / f"run{r}", module))
-            fit_times.append(secs)
-        acc = [float((m(query[0]).argmax(1) == query[1]).float().mean()) for _, m in runs]
-        print(f"trained {a.runs} runs with GradientSketch({a.kind}, D={a.sketch_dim}); query accuracy "
-              f"{np.mean(acc):.3f}")
+        t0 = time.perf_counter()
+        runs = fit_runs(task, a.runs, work / "runs", cb_kw, sketch_dim=a.sketch_dim, reuse=a.runs_dir is not None)
+        acc = [float((m(sp.query[0]).argmax(1) == sp.query[1]).float().mean()) for _, m in runs]
+        print(f"{a.runs} runs with GradientSketch(affd, D={a.sketch_dim}, {cb_kw or 'callback defaults'}) in "
+              f"{time.perf_counter() - t0:.0f} s; query accuracy {np.mean(acc):.3f}", flush=True)
         results["query_accuracy"] = float(np.mean(acc))
+        print("LDS on the 200 queries (95% bootstrap interval over queries):", flush=True)
+        if not a.no_ours:
+            from lightning_sketch.attribution import METHODS
+            from lightning_sketch.exceptions import LightningSketchError
 
-        def lds_objective(s):
-            return lds_ci(s, masks, gt_v, n_boot=1)[0]
+            methods = list(METHODS) if not a.methods else [m for m in a.methods.split(",") if m]
+            results["methods"] = methods
+            for method in methods:
+                try:
+                    damped = has_damping(method, runs[0])
+                except LightningSketchError:
+                    damped = False  # the method cannot run with defaults: reported below
+                for nm in sorted({1, a.runs}):
+                    sub = runs[:nm]
+                    try:
+                        s, _ = our_scores(sub, method, qb)
+                        report(f"ours {method} (defaults)", nm, s)
+                    except LightningSketchError as err:
+                        msg = f"{type(err).__name__}: {err}".splitlines()[0][:160]
+                        print(f"  ours {method} (defaults): cannot run ({msg})")
+                        rows.append({"method": f"ours {method} (defaults)", "models": nm, "error": msg})
+                        if method == "arnoldi_if":
+                            report("ours arnoldi_if (top-50 eigenpairs from probe batches)", nm,
+                                   arnoldi_scores(sub, sp.train, qb))
+                        continue
+                    if damped:
+                        s, lams = our_scores(sub, method, qb, tune_vb=vb, val_objective=val_objective)
+                        report(f"ours {method} (λ tuned on val LDS)", nm, s, "λ=" + ",".join(f"{v:.3g}" for v in lams))
 
-        def tune(att):
-            return att.tune_damping([vb], objective=lds_objective)
-
-        print("LDS on the 200 queries (95% bootstrap interval):")
-        for nm in () if a.peers_only else (1, a.runs):
-            sub = runs[:nm]
-            s, _ = our_scores(sub, "grad_dot", qb)
-            report("ours grad_dot (last ckpt)", nm, s)
-            s, _ = our_scores(sub, "tracin", qb)
-            report("ours tracin (epoch ckpts)", nm, s)
-            s, _ = our_scores(sub, "grad_cos", qb)
-            report("ours grad_cos", nm, s)
-            s, lams = our_scores(sub, "trak", qb, tune=tune)
-            report("ours trak (λ tuned on val LDS)", nm, s, f"λ={np.mean(lams):.3g}")
-            s, lams = our_scores(sub, "trak", qb, tune=lambda att: att.tune_damping())
-            report("ours trak (λ auto, LOO proxy)", nm, s, f"λ={np.mean(lams):.3g}")
-        try:
-            if a.peers_only:
-                raise RuntimeError("skipped (--peers-only)")
-            s = arnoldi_scores(runs[:1], train, qb)
-            report("ours arnoldi_if (top-k of ΦHΦᵀ)", 1, s)
-        except Exception as err:  # report plainly, keep going
-            print(f"  ours arnoldi_if: could not run ({type(err).__name__}: {err})")
-
-        # ---- peers on the same final weights
         finals = [copy.deepcopy(m.net).eval() for _, m in runs]
         for peer in [x for x in a.peers.split(",") if x]:
-            try:
-                fn = getattr(sys.modules[__name__], f"peer_{peer}")
-                for nm in sorted({1, a.runs}):
-                    for name, s, note in fn(finals[:nm], train, query, val, masks, gt_v, a):
-                        report(name, nm, s, note)
-            except Exception as err:
-                msg = f"{type(err).__name__}: {err}".splitlines()[0][:200]
-                print(f"  peer {peer}: could not run ({msg})")
-                rows.append({"method": f"peer {peer}", "error": msg})
-                traceback.print_exc(limit=2, file=sys.stderr)
+            for nm in sorted({1, a.runs}):
+                for row in peer_rows(peer, task, finals[:nm], sp, masks, gt_q, gt_v, a):
+                    rows.append(row)
+                    if "error" in row:
+                        print(f"  peer {peer}: could not run ({row['error']})", flush=True)
+                    else:
+                        lo, hi = row["ci"]
+                        print(f"  {row['method']:<44} models={nm}  LDS {row['lds']:.3f} [{lo:.3f}, {hi:.3f}] "
+                              f"{row['note']}{' (cached)' if row.get('cached') else ''}", flush=True)
         results["lds"] = rows
-        if a.peers_only:
-            return results
 
-        # ---- mislabel detection (10% flipped labels), one run with the callback
-        trn_f, _, _, flipped = load_split(flip=0.1)
-        mod_f, _ = fit_run(0, trn_f, work / "flip", a.epochs, cb_kw)
-        mod_f.eval()
-        from lightning_sketch.attribution import Attributor
-
-        aucs = {}
-        for method in ("grad_dot", "tracin", "trak"):
-            att = Attributor(work / "flip", mod_f, method=method)
-            ids, si = att.self_influence()
-            aucs[method] = auc(flipped[ids], si)
-        print("mislabel detection AUC (10% flipped, self-influence): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
-        results["mislabel_auc"] = aucs
-
-        # ---- overhead of the callback against a plain fit (same seed, same data)
-        t_plain = min(fit_run(0, train, work / "plain", a.epochs, None)[1] for _ in range(2))
-        t_ckpt = fit_times[0]
-        shutil.rmtree(work / "inline", ignore_errors=True)
-        _, t_inline = fit_run(0, train, work / "inline", a.epochs,
-                              dict(sketch_kind="per_layer", sketch_dim=a.sketch_dim, mode="inline"))
-        shutil.rmtree(work / "inline2", ignore_errors=True)
-        _, t_inline_affd = fit_run(0, train, work / "inline2", a.epochs,
-                                   dict(sketch_kind=a.kind, sketch_dim=a.sketch_dim, mode="inline"))
-        ov = {"checkpoint": t_ckpt / t_plain, "inline_per_layer": t_inline / t_plain,
-              "inline_" + a.kind + "_fallback": t_inline_affd / t_plain}
-        print("fit time ratio to a plain fit: " + ", ".join(f"{k} {v:.2f}x" for k, v in ov.items())
-              + f"  (plain fit {t_plain:.2f} s)")
-        results["overhead"] = ov
-
-        # ---- bytes per example and query latency
-        from lightning_sketch.store import SketchStore
-
-        st = SketchStore.open(work / "run0" / "store")
-        per_ex_ckpt = st.size_bytes / st.num_rows
-        print(f"bytes stored per example per checkpoint: {per_ex_ckpt:.0f} (D={a.sketch_dim}, float32; "
-              f"{len(st.checkpoints)} checkpoints)")
-        results["bytes_per_example_per_checkpoint"] = per_ex_ckpt
-        att = Attributor(work / "run0", runs[0][1], method="grad_dot")
-        one = dict_batch(query[0][:1], query[1][:1])
-        att.top_k(one, 10)
-        lat = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            att.top_k(one, 10)
-            lat.append(time.perf_counter() - t0)
-        print(f"query latency (top-10, one query incl. its gradient sketch, flat index): "
-              f"median {1000 * np.median(lat):.1f} ms")
-        results["query_latency_ms"] = float(1000 * np.median(lat))
+        if not (a.no_mislabel or a.no_ours):
+            results["mislabel"] = mislabel(task, work, cb_kw, a)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if a.json:
-            Path(a.json).write_text(json.dumps(results, indent=2, default=float))
+        if not a.runs_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        _dump(a, results)
     return results
 
 
-def overhead(a, train, repeats: int = 3):
+def _dump(a, results):
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2, default=float))
+
+
+def mislabel(task, work, cb_kw, a):
+    """10% flipped labels, one run with the callback: AUROC and found-in-top-10% of self-influence."""
+    from lightning_sketch.attribution import METHODS, Attributor
+    from lightning_sketch.evaluation import mislabel_auroc, mislabel_detection_curve
+    from lightning_sketch.exceptions import LightningSketchError
+
+    sp = splits(task, flip=0.1)
+    mod, _ = fit_one(task, 0, sp.train, work / "flip", {"sketch_kind": "affd", "sketch_dim": a.sketch_dim, **cb_kw})
+    mod.eval()
+    out = {}
+    for method in METHODS:
+        try:
+            ids, si = Attributor(work / "flip", mod, method=method).self_influence()
+        except LightningSketchError as err:
+            print(f"  mislabel {method}: cannot run with defaults ({type(err).__name__})")
+            continue
+        auc = float(mislabel_auroc(si, sp.flipped[ids]))
+        top10 = float(mislabel_detection_curve(si, sp.flipped[ids], fractions=(0.1,))[0])
+        out[method] = {"auroc": auc, "found_top10pct": top10}
+    print("mislabel detection (10% flipped labels, self-influence, 1 run): "
+          + ", ".join(f"{k} AUROC {v['auroc']:.3f} / top-10% {v['found_top10pct']:.2f}" for k, v in out.items()))
+    return out
+
+
+def overhead(a, task, train, repeats: int = 3):
     """Median-of-``repeats`` fit times: plain, checkpoint mode, inline per_layer, inline fallback."""
     work = Path(tempfile.mkdtemp(prefix="attr_overhead_"))
     configs = {
         "plain": None,
-        "checkpoint": dict(sketch_kind=a.kind, sketch_dim=a.sketch_dim, every_n_epochs=a.every_n_epochs),
-        "inline_per_layer": dict(sketch_kind="per_layer", sketch_dim=a.sketch_dim, mode="inline"),
-        "inline_" + a.kind + "_fallback": dict(sketch_kind=a.kind, sketch_dim=a.sketch_dim, mode="inline"),
+        "checkpoint": {"sketch_kind": "affd", "sketch_dim": a.sketch_dim, "every_n_epochs": a.every_n_epochs or 1},
+        "inline_per_layer": {"sketch_kind": "per_layer", "sketch_dim": a.sketch_dim, "mode": "inline"},
+        "inline_affd_fallback": {"sketch_kind": "affd", "sketch_dim": a.sketch_dim, "mode": "inline"},
     }
     times = {k: [] for k in configs}
     try:
-        fit_run(0, train, work / "warm", 1, configs["inline_per_layer"])  # imports and first-call costs
-        for r in range(repeats):  # interleaved, so load changes on the shared machine hit all alike
+        fit_one(replace(task, epochs=1), 0, train, work / "warm", configs["inline_per_layer"])  # first-call costs
+        for _ in range(repeats):  # interleaved, so load changes on the shared machine hit all alike
             for name, kw in configs.items():
                 shutil.rmtree(work / name, ignore_errors=True)
-                times[name].append(fit_run(0, train, work / name, a.epochs, kw)[1])
+                times[name].append(fit_one(task, 0, train, work / name, kw)[1])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = {k: float(np.median(v)) for k, v in times.items()}
     ratios = {k: med[k] / med["plain"] for k in configs if k != "plain"}
-    print("fit time ratio to a plain fit (median of %d, interleaved): " % repeats
+    print(f"fit time ratio to a plain fit (median of {repeats}, interleaved): "
           + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + f"  (plain fit {med['plain']:.2f} s)")
     return ratios
 
 
-def arnoldi_scores(runs, train, qb, k=50):
-    from lightning_sketch.attribution import Attributor
-
-    total = 0
-    for run_dir, module in runs:
-        probe = [dict_batch(train[0][i : i + 250], train[1][i : i + 250]) for i in range(0, 1000, 250)]
-        att = Attributor(run_dir, module, method="arnoldi_if", hessian_batches=probe, arnoldi_k=k)
-        total = total + att.scores(qb)
-    return total / len(runs)
-
-
 # ---------------------------------------------------------------------- peers
-DAMPINGS = [10.0**e for e in range(-4, 7)]
+DAMPINGS = [10.0**e for e in range(-8, 7)]
+
+
+def peer_rows(peer, task, models, sp, masks, gt_q, gt_v, a):
+    """LDS rows of one peer on ``len(models)`` models, from the cache when the configuration matches."""
+    cfg = {"v": 1, "peer": peer, "task": asdict(task), "models": len(models), "k": a.sketch_dim,
+           "dampings": DAMPINGS, "weights": float(sum(float(p.double().sum()) for m in models for p in m.parameters())),
+           "gt": float(gt_q.double().sum())}
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    path = CACHE / f"peers_{task.name}_{peer}_{key}.json"
+    if path.exists() and not a.refresh_peers:
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("config") == json.loads(json.dumps(cfg)):
+                return [{**r, "cached": True} for r in cached["rows"]]
+        except (OSError, ValueError):
+            pass
+    rows = []
+    t0 = time.perf_counter()
+    try:
+        fn = globals()[f"peer_{peer}"]
+        for name, s, note in fn(models, sp.train, sp.query, sp.val, masks, gt_v, a):
+            m, lo, hi = lds_ci(s, masks, gt_q)
+            rows.append({"method": name, "models": len(models), "lds": m, "ci": [lo, hi], "note": note})
+    except Exception as err:  # noqa: BLE001  (a peer failing must not stop the others; reported plainly)
+        msg = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+        traceback.print_exc(limit=3, file=sys.stderr)
+        return [{"method": f"peer {peer}", "models": len(models), "error": msg}]
+    secs = time.perf_counter() - t0
+    for r in rows:
+        r["seconds"] = secs
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": cfg, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                               indent=1))
+    return rows
 
 
 def _best(cands, fn, masks, gt_v):
@@ -419,6 +304,10 @@ def _best(cands, fn, masks, gt_v):
     return best
 
 
+def _edge(lam):
+    return " (grid edge)" if lam in (DAMPINGS[0], DAMPINGS[-1]) else ""
+
+
 def peer_traker(models, train, query, val, masks, gt_v, a):
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
@@ -429,11 +318,12 @@ def peer_traker(models, train, query, val, masks, gt_v, a):
         n_params = sum(p.numel() for p in net.parameters())
         proj = BasicProjector(grad_dim=n_params, proj_dim=a.sketch_dim, seed=0, proj_type=ProjectionType.rademacher,
                               device="cpu", dtype=torch.float32)
-        tk = TRAKer(model=net, task="image_classification", train_set_size=1000, projector=proj,
+        n = len(train[1])
+        tk = TRAKer(model=net, task="image_classification", train_set_size=n, projector=proj,
                     proj_dim=a.sketch_dim, save_dir=str(save), device="cpu", use_half_precision=False)
         for mid, m in enumerate(models):
             tk.load_checkpoint(m.state_dict(), model_id=mid)
-            for i in range(0, 1000, 100):
+            for i in range(0, n, 100):
                 tk.featurize(batch=(train[0][i : i + 100], train[1][i : i + 100]), num_samples=100)
 
         def run(lam):
@@ -447,15 +337,15 @@ def peer_traker(models, train, query, val, masks, gt_v, a):
                 name = f"{split}{lam:g}".replace(".", "p").replace("-", "m").replace("+", "")
                 for mid, m in enumerate(models):
                     tk.start_scoring_checkpoint(exp_name=name, checkpoint=m.state_dict(), model_id=mid,
-                                                num_targets=200)
-                    tk.score(batch=(xq, yq), num_samples=200)
+                                                num_targets=len(yq))
+                    tk.score(batch=(xq, yq), num_samples=len(yq))
                 out[split] = torch.as_tensor(np.asarray(tk.finalize_scores(exp_name=name))).T.double()  # [Q, T]
             return out["v"], out["q"]
 
-        v, lam, sq = _best(DAMPINGS, run, masks, gt_v)
-        yield f"traker TRAK (k={a.sketch_dim}, λ tuned)", sq, f"λ={lam:.0e}"
+        _v, lam, sq = _best(DAMPINGS, run, masks, gt_v)
+        yield f"traker TRAK (k={a.sketch_dim}, λ tuned)", sq, f"λ={lam:.0e}{_edge(lam)}"
         _, sq0 = run(0.0)
-        yield f"traker TRAK (k={a.sketch_dim}, λ=0 default)", sq0, ""
+        yield f"traker TRAK (k={a.sketch_dim}, default λ=0)", sq0, ""
     finally:
         shutil.rmtree(save, ignore_errors=True)
 
@@ -488,22 +378,27 @@ def peer_kronfluence(models, train, query, val, masks, gt_v, a):
                           disable_tqdm=True)
             an.fit_all_factors(factors_name="ekfac", dataset=train_ds, per_device_batch_size=250,
                                factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
-            for lam in DAMPINGS:
+            for lam in [*DAMPINGS, None]:  # None: kronfluence's heuristic 0.1 x mean eigenvalue
                 sa = ScoreArguments(damping_factor=lam)
                 for split, (xq, yq) in (("v", val), ("q", query)):
-                    name = f"s_{split}_{lam:g}".replace(".", "p").replace("-", "m")
+                    name = (f"s_{split}_heur" if lam is None
+                            else f"s_{split}_{lam:g}".replace(".", "p").replace("-", "m").replace("+", ""))
                     an.compute_pairwise_scores(scores_name=name, factors_name="ekfac", query_dataset=TensorDataset(xq, yq),
                                                train_dataset=train_ds, per_device_query_batch_size=200,
                                                per_device_train_batch_size=250, score_args=sa, overwrite_output_dir=True)
                     s = an.load_pairwise_scores(name)["all_modules"].double()  # [Q, T]
                     # kronfluence scores are for the measurement's *increase* when up-weighting with the
-                    # loss gradient sign: positive = helpful for the margin after negation (positive = including the example raises the query margin)
+                    # loss gradient sign: positive = helpful for the margin after negation
                     total.setdefault((split, lam), 0)
                     total[(split, lam)] = total[(split, lam)] - s / len(models)
         finally:
             shutil.rmtree(out, ignore_errors=True)
-    v, lam, sq = _best(DAMPINGS, lambda l: (total[("v", l)], total[("q", l)]), masks, gt_v)
-    yield "kronfluence EK-FAC (λ tuned)", sq, f"λ={lam:.0e}"
+    _v, lam, sq = _best(DAMPINGS, lambda l: (total[("v", l)], total[("q", l)]), masks, gt_v)
+    yield "kronfluence EK-FAC (λ tuned)", sq, f"λ={lam:.0e}{_edge(lam)}"
+    default = ScoreArguments().damping_factor
+    if ("q", default) in total:
+        yield f"kronfluence EK-FAC (default λ={default:g})", total[("q", default)], ""
+    yield "kronfluence EK-FAC (heuristic λ = 0.1 mean eig.)", total[("q", None)], ""
 
 
 def peer_captum(models, train, query, val, masks, gt_v, a):
@@ -559,8 +454,12 @@ def peer_dattri(models, train, query, val, masks, gt_v, a):
             out.append(torch.as_tensor(s).T.double())
         return out[0], out[1]
 
-    v, lam, sq = _best(DAMPINGS, run, masks, gt_v)
-    yield f"dattri TRAK (k={a.sketch_dim}, λ tuned)", sq, f"λ={lam:.0e}"
+    _v, lam, sq = _best(DAMPINGS, run, masks, gt_v)
+    yield f"dattri TRAK (k={a.sketch_dim}, λ tuned)", sq, f"λ={lam:.0e}{_edge(lam)}"
+    _, sq0 = run(0.0)
+    yield f"dattri TRAK (k={a.sketch_dim}, default λ=0)", sq0, ""
+
+
 
 
 if __name__ == "__main__":

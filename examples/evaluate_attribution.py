@@ -37,6 +37,7 @@ from lightning_sketch.attribution import METHODS, Attributor, classification_mar
 from lightning_sketch.callbacks import GradientSketch
 from lightning_sketch.data import IndexedDataset
 from lightning_sketch.evaluation import lds, mislabel_auroc, mislabel_detection_curve, subset_retraining
+from lightning_sketch.exceptions import LightningSketchError
 
 EPOCHS, LR, MOMENTUM, WD, BATCH = 10, 0.1, 0.9, 1e-4, 64
 
@@ -115,7 +116,7 @@ def main() -> None:
             scores = att.scores(qbatch)  # [Q, T], columns in att.ids order
             order = torch.argsort(att.ids)  # the ground truth's columns are the training rows 0..T-1
             print(f"  {method:<12} {float(lds(scores[:, order], gt.masks, gt.outputs)):.3f}")
-        except Exception as err:  # a method that needs more than the defaults says what it needs
+        except LightningSketchError as err:  # a method that needs more than the defaults says what it needs
             print(f"  {method:<12} not available with default arguments: {type(err).__name__}: {err}")
 
     flipped = torch.zeros(600, dtype=torch.bool)
@@ -131,7 +132,7 @@ def main() -> None:
             auroc = float(mislabel_auroc(si, flipped[ids]))
             found = mislabel_detection_curve(si, flipped[ids], fractions=(0.1, 0.2)).tolist()
             print(f"  {method:<12} AUROC {auroc:.3f}; flipped found in top 10%: {found[0]:.2f}, top 20%: {found[1]:.2f}")
-        except Exception as err:
+        except LightningSketchError as err:
             print(f"  {method:<12} not available with default arguments: {type(err).__name__}: {err}")
 
 
