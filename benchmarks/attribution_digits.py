@@ -145,9 +145,12 @@ def main(argv=None, default_task: str = "digits_mlp"):
 
     try:
         t0 = time.perf_counter()
-        runs = fit_runs(task, a.runs, work / "runs", cb_kw, sketch_dim=a.sketch_dim, reuse=a.runs_dir is not None)
+        # peers only: train without the callback (the callback leaves training bit-identical)
+        runs = fit_runs(task, a.runs, work / "runs", cb_kw, sketch_dim=a.sketch_dim, callback=not a.no_ours,
+                        reuse=a.runs_dir is not None)
         acc = [float((m(sp.query[0]).argmax(1) == sp.query[1]).float().mean()) for _, m in runs]
-        print(f"{a.runs} runs with GradientSketch(affd, D={a.sketch_dim}, {cb_kw or 'callback defaults'}) in "
+        how = "no callback" if a.no_ours else f"GradientSketch(affd, D={a.sketch_dim}, {cb_kw or 'defaults'})"
+        print(f"{a.runs} runs ({how}) in "
               f"{time.perf_counter() - t0:.0f} s; query accuracy {np.mean(acc):.3f}", flush=True)
         results["query_accuracy"] = float(np.mean(acc))
         print("LDS on the 200 queries (95% bootstrap interval over queries):", flush=True)
