@@ -13,7 +13,9 @@ from lightning_sketch.gradients.layout import ParamLayout
 from lightning_sketch.gradients.per_example import finite_mask, per_example_grads, sketch_gradients
 
 __all__ = [
+    "CaptureSupport",
     "GradientCapture",
+    "capture_support",
     "ParamLayout",
     "finite_mask",
     "hvp",
@@ -27,8 +29,8 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # The hook-based fast path is imported on first use.
-    if name == "GradientCapture":
-        from lightning_sketch.gradients.capture import GradientCapture
+    if name in ("GradientCapture", "CaptureSupport", "capture_support"):
+        from lightning_sketch.gradients import capture
 
-        return GradientCapture
+        return getattr(capture, name)
     raise AttributeError(f"module 'lightning_sketch.gradients' has no attribute {name!r}")

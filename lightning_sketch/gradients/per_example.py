@@ -125,7 +125,7 @@ def sketch_gradients(
     loss_fn: F.LossFn,
     batch: F.Batch,
     sketch: Sketch,
-    mode: Literal["explicit", "implicit", "factorized"] = "explicit",
+    mode: Literal["explicit", "implicit", "factorized", "hooks", "auto"] = "explicit",
     layout: ParamLayout | None = None,
     chunk_size: int | None = None,
 ) -> Tensor:
@@ -141,6 +141,13 @@ def sketch_gradients(
       backward of the summed loss with :class:`~lightning_sketch.gradients.GradientCapture`
       hooks computing (L δ_b)(R x_b)ᵀ per layer (Choe et al. 2024). Uses
       ``torch.autograd.grad``, so ``.grad`` is untouched.
+    - ``"hooks"``: like ``"explicit"`` (per-example gradients ``[chunk, N]``, then
+      ``sketch.apply``) but the gradients come from the same hooks instead of ``vmap`` over the
+      whole forward, so models with data-dependent control flow (Hugging Face) work.
+    - ``"auto"``: ``"factorized"`` for a ``per_layer`` sketch, else ``"hooks"``.
+
+    The hook modes cover the modules listed in :mod:`lightning_sketch.gradients.capture`
+    and fall back to ``torch.func`` per module (not per model) for the others.
 
     Args:
         model: the module (not modified).
@@ -170,8 +177,10 @@ def sketch_gradients(
         >>> e.shape, torch.allclose(e, i, atol=1e-5)
         (torch.Size([5, 3]), True)
     """
-    if mode not in ("explicit", "implicit", "factorized"):
-        raise SketchConfigError(f"`mode` must be 'explicit', 'implicit' or 'factorized', got {mode!r}.")
+    if mode not in ("explicit", "implicit", "factorized", "hooks", "auto"):
+        raise SketchConfigError(
+            f"`mode` must be 'explicit', 'implicit', 'factorized', 'hooks' or 'auto', got {mode!r}."
+        )
     F.check_model(model)
     layout = F.resolve_layout(model, layout)
     F.check_sketch(sketch, layout)
@@ -179,10 +188,16 @@ def sketch_gradients(
     chunk = F.check_chunk_size(chunk_size, size)
     if mode == "implicit":
         return _implicit(model, loss_fn, batch, sketch, layout, chunk)
-    if mode == "factorized":
-        from lightning_sketch.gradients.capture import factorized_sketch
+    if mode == "auto":
+        mode = "factorized" if sketch.kind == "per_layer" else "hooks"
+    if mode == "factorized" and sketch.kind != "per_layer":
+        raise SketchConfigError(
+            f"mode='factorized' needs a kind='per_layer' sketch, got {sketch.kind!r}; use mode='hooks' or 'auto'."
+        )
+    if mode in ("factorized", "hooks"):
+        from lightning_sketch.gradients.capture import hooked_sketch
 
-        return factorized_sketch(model, loss_fn, batch, sketch, layout)
+        return hooked_sketch(model, loss_fn, batch, sketch, layout, chunk_size=chunk)
     parts = []
     for start in range(0, size, chunk):
         sub = F.slice_batch(batch, start, min(start + chunk, size))

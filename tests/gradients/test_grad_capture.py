@@ -108,25 +108,38 @@ def test_factorized_leaves_grad_untouched():
 
 
 def test_capture_errors():
-    model, _, _ = cases()["embed"]
-    with pytest.raises(UnsupportedModelError, match=r"\['norm.weight', 'norm.bias'\].*exclude"):
-        GradientCapture(model, PerLayerSketch.for_module(model, 16))
+    model, batch, _ = cases()["embed"]
     layout = ParamLayout.from_module(model, exclude=["norm.*"])
-    with pytest.raises(SketchConfigError, match="needs a kind='per_layer' sketch"):
-        GradientCapture(model, make("dense", dim=layout.dim, sketch_dim=4), layout)
     other = make("per_layer", layout.dim, 16, shapes=[[layout.dim]])
     with pytest.raises(SketchConfigError, match="`shapes`.*differ from the layout"):
         GradientCapture(model, other, layout)
     sk = PerLayerSketch.for_module(model, 16, layout=layout)
     with pytest.raises(SketchConfigError, match="`loss_scale` must be"):
         GradientCapture(model, sk, layout, loss_scale="none")
+    with pytest.raises(SketchConfigError, match="sketch.dim"):
+        GradientCapture(model, make("dense", dim=layout.dim + 1, sketch_dim=4), layout)
     with GradientCapture(model, sk, layout) as cap:
         pass
     with pytest.raises(SketchInputError, match="No per-example sketches yet"):
         cap.sketches()
-    mha = nn.Sequential(nn.MultiheadAttention(4, 1, batch_first=True))
-    with pytest.raises(UnsupportedModelError, match="out_proj.weight"):
-        GradientCapture(mha, PerLayerSketch.for_module(mha, 16))
+    with pytest.raises(SketchInputError, match="never forms per-example gradients"):
+        cap.grads()
+    with GradientCapture(model, None, layout) as cap:
+        xent(model, batch).mean().backward()
+    with pytest.raises(SketchInputError, match="call grads"):
+        cap.sketches()
+    with pytest.raises(SketchConfigError, match="needs a kind='per_layer'"):
+        sketch_gradients(model, xent, batch, make("dense", dim=layout.dim, sketch_dim=4), mode="factorized", layout=layout)
+
+
+def test_whole_model_sketch_through_hooks():
+    """A non-per_layer sketch: the hooks form [B, N] and apply it (the 'hooks' mode)."""
+    model, batch, _ = cases()["embed"]
+    s = make("dense", dim=ParamLayout.from_module(model).dim, sketch_dim=6, seed=0)
+    ref = s.apply(per_example_grads(model, xent, batch))
+    with GradientCapture(model, s) as cap:
+        xent(model, batch).mean().backward()
+    torch.testing.assert_close(cap.sketches(), ref, atol=TOL, rtol=TOL)
 
 
 class Folding(nn.Module):
