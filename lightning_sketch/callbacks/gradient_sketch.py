@@ -7,14 +7,20 @@ Two modes (arXiv 2402.03994 Sec. 5.2; docs/design.md):
   current weights, in eval mode (dropout off; the mode is restored), and appended as a new
   checkpoint slice named ``step-<global_step>`` with the current learning rate η_t.
 - ``"inline"`` (the in-run TracIn trajectory): the per-example gradients of the very batch the
-  optimizer trains on, at the weights of that step, multiplied by the step's learning rate η_t, are
-  appended to the slice ``epoch-<e>`` (recorded with ``lr=1``, rows pre-weighted). With
-  ``sketch_kind="per_layer"`` this reuses the training backward through
-  :class:`~lightning_sketch.gradients.GradientCapture` hooks (no extra forward or backward); other
-  kinds (or uncovered modules) fall back to :func:`~lightning_sketch.gradients.sketch_gradients`
-  on the batch before the step. The fast path assumes the documented loss convention: the training
-  loss is the **mean** over the batch of ``per_example_loss`` (the hooks rescale by B and by
-  ``accumulate_grad_batches``).
+  optimizer trains on, at the weights of that step and in train mode (the dropout masks the step
+  drew), multiplied by the step's learning rate η_t, are appended to the slice ``epoch-<e>``
+  (recorded with ``lr=1``, rows pre-weighted). They come from the training backward itself through
+  :class:`~lightning_sketch.gradients.GradientCapture` hooks (no extra forward or backward):
+  ``sketch_kind="per_layer"`` never forms a per-example gradient, other kinds form ``[B, N]`` and
+  apply the sketch. This assumes the documented loss convention: the training loss is the
+  **mean** over the batch of ``per_example_loss`` (the hooks rescale by B, by
+  ``accumulate_grad_batches`` and by the 16-bit gradient scaler). With train-mode BatchNorm the
+  rows are each example's contribution to the batch gradient (they sum to B × the batch gradient).
+
+Support is checked in ``setup``: the modules owning sketched parameters are listed (fast path or
+per-module ``torch.func`` fallback, :func:`~lightning_sketch.gradients.capture.capture_support`);
+modules no path serves are refused there, naming ``exclude=`` patterns to leave them out.
+Mixed precision (``bf16-mixed``, ``16-mixed``): sketches are computed and accumulated in float32.
 
 Per-example losses come from ``loss_fn(module, batch) -> Tensor[B]`` or, by convention, from
 ``pl_module.per_example_loss(batch) -> Tensor[B]`` (unreduced, e.g. ``F.cross_entropy(...,
@@ -60,7 +66,7 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
 )
 from lightning_sketch.callbacks._progress import progress_iter as _progress
 from lightning_sketch.data import default_ids
-from lightning_sketch.exceptions import NonFiniteGradientError, SketchConfigError, StoreWriteError
+from lightning_sketch.exceptions import NonFiniteGradientError, SketchConfigError, SketchInputError, StoreWriteError
 
 __all__ = ["GradientSketch"]
 
@@ -82,7 +88,7 @@ class GradientSketch(Callback):
     Args:
         dirpath: run directory; the store goes to ``<dirpath>/store``, weights to ``<dirpath>/weights``.
         sketch_kind: sketch family (``"affd"``, ``"dense"``, ``"per_layer"`` for the inline fast path, ...).
-        sketch_dim: D, the sketch dimension.
+        sketch_dim: D, the sketch dimension (``None`` only with ``"identity"``: D = N).
         seed: sketch seed (the sketch is rebuilt from its spec; nothing random is drawn from global RNG).
         mode: ``"checkpoint"`` (slices of the attribution set) or ``"inline"`` (the trained batches).
         every_n_epochs: checkpoint mode: take a slice every n epochs (ignored if ``every_n_steps``).
@@ -113,7 +119,7 @@ class GradientSketch(Callback):
         self,
         dirpath: str,
         sketch_kind: str = "affd",
-        sketch_dim: int = 1024,
+        sketch_dim: int | None = 1024,
         seed: int = 0,
         mode: Literal["checkpoint", "inline"] = "checkpoint",
         every_n_epochs: int | None = 1,
@@ -137,7 +143,7 @@ class GradientSketch(Callback):
             raise SketchConfigError(f"`dtype` must be 'float32' or 'float16', got {dtype!r}.")
         for name, val in (("sketch_dim", sketch_dim), ("every_n_epochs", every_n_epochs),
                           ("every_n_steps", every_n_steps), ("chunk_size", chunk_size)):
-            if val is None and name != "sketch_dim":
+            if val is None and (name != "sketch_dim" or sketch_kind == "identity"):
                 continue
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise SketchConfigError(f"`{name}` must be a positive int{' or None' if name != 'sketch_dim' else ''}, got {val!r}.")
@@ -175,8 +181,15 @@ class GradientSketch(Callback):
         self.layout: Any = None
         self._capture: Any = None
         self._inline_buf: dict[str, list[tuple[Tensor, Tensor]]] = {}
-        self._inline_fast = False
         self.skipped_nonfinite = 0
+        #: inline steps whose rows were dropped because the 16-bit gradient scaler overflowed
+        #: (the optimizer skips those steps too).
+        self.skipped_overflow_steps = 0
+        #: what :func:`~lightning_sketch.gradients.capture.capture_support` found in ``setup``.
+        self.support: Any = None
+        self._scaler: Any = None
+        self._checked_sum = False
+        self._hooks = True
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -233,6 +246,7 @@ class GradientSketch(Callback):
                 f"`per_example_loss(batch) -> Tensor[B]` method or pass `loss_fn(module, batch)`."
             )
         self.layout = ParamLayout.from_module(pl_module, include=self.include, exclude=self.exclude)
+        self.support = _check_support(pl_module, self.layout, self.exclude)
         options: dict[str, Any] = {}
         if self.sketch_kind == "per_layer":
             options = _per_layer_options(self.layout)
@@ -262,17 +276,12 @@ class GradientSketch(Callback):
                 f"The store {str(self.store_path)!r} already holds {self.store.num_rows} rows and this fit does "
                 f"not resume from a checkpoint; resume with `trainer.fit(..., ckpt_path=...)` or use a new dirpath."
             )
-        if self.mode == "inline":
-            self._inline_fast = False
-            if self.sketch.kind == "per_layer":
-                from lightning_sketch.exceptions import UnsupportedModelError
-                from lightning_sketch.gradients import GradientCapture
+        self._hooks = not self.support.unsupported
+        if self.mode == "inline" and self._hooks:
+            from lightning_sketch.gradients import GradientCapture
 
-                try:
-                    self._capture_tool = GradientCapture(pl_module, self.sketch, self.layout)
-                    self._inline_fast = True
-                except UnsupportedModelError as err:
-                    rank_zero_warn(f"GradientSketch inline: hook fast path unavailable ({err}); using sketch_gradients.")
+            self._capture_tool = GradientCapture(pl_module, self.sketch, self.layout)
+            self._scaler = getattr(trainer.precision_plugin, "scaler", None)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -314,7 +323,7 @@ class GradientSketch(Callback):
             # rows after the last checkpoint, which a resume re-writes anyway); commit earlier only
             # when the buffer grows large, so the per-step cost stays an in-memory append.
             self._flush(trainer)
-            if self.store.pending_rows * self.sketch_dim * 4 > _INLINE_BUFFER_BYTES:
+            if self.store.pending_rows * self.sketch.sketch_dim * 4 > _INLINE_BUFFER_BYTES:
                 self._commit(trainer)
             return
         if self._due_epoch(trainer) and trainer.global_step > self._last_step_done:
@@ -328,15 +337,15 @@ class GradientSketch(Callback):
         self.store.add_checkpoint(name, step=step, lr=_current_lr(trainer), weight=None, epoch=trainer.current_epoch)
         loader = self._attribution_loader(trainer)
         loss_fn = self._loss_fn(pl_module)
-        mode = "factorized" if self.sketch.kind == "per_layer" else "explicit"
         bar = _progress(trainer, loader, f"GradientSketch {name}")
         seen = 0
         with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             for batch in bar:
                 batch = _to_device(batch, pl_module.device)
-                rows = sketch_gradients(
-                    pl_module, loss_fn, batch, self.sketch, mode=mode, layout=self.layout, chunk_size=self.chunk_size
-                )
+                rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
+                    pl_module, loss_fn, batch, self.sketch, mode="auto" if self._hooks else "explicit",
+                    layout=self.layout, chunk_size=self.chunk_size,
+                ), self.support, self.exclude)
                 self._append(self._ids(batch), rows, name, trainer)
                 seen += len(rows)
         if not seen:
@@ -366,27 +375,72 @@ class GradientSketch(Callback):
             return
         self._lr = _current_lr(trainer)
         self._pending_rows = None
-        if self._inline_fast:
+        self._batch_ids = self._ids(batch)
+        if self._hooks:
             self._capture = self._capture_tool
+            self._capture.batch_size = int(self._batch_ids.shape[0])
             self._capture.__enter__()
             return
         from lightning_sketch.gradients import sketch_gradients
 
-        # Fallback: per-example gradients of this batch at this step's weights, before the step.
+        # Parameters no hook sees (parametrised models): per-example gradients of this batch at this
+        # step's weights by vmap over the whole model, before the step, in eval mode.
         with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
-            self._pending_rows = sketch_gradients(
+            self._pending_rows = _vmap_guard(lambda: sketch_gradients(
                 pl_module, self._loss_fn(pl_module), batch, self.sketch, mode="explicit", layout=self.layout,
                 chunk_size=self.chunk_size,
-            )
+            ), self.support, self.exclude)
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._capture is None:
             return
+        cap, self._capture = self._capture, None
+        cap.__exit__(None, None, None)
         scale = float(trainer.accumulate_grad_batches)
-        self._pending_rows = self._capture.sketches() * scale
-        self._capture.__exit__(None, None, None)
-        self._capture = None
+        if self._scaler is not None:  # 16-mixed: the backward ran on the scaled loss
+            scale /= float(self._scaler.get_scale())
+        try:
+            rows = cap.sketches()
+        except SketchInputError:
+            rank_zero_warn(
+                "GradientSketch inline: the backward of this step reached no hooked module, so no rows were "
+                "written for it; inline mode needs the training loss to be computed from the module's forward "
+                "with gradients enabled."
+            )
+            return
+        if self._scaler is not None and not bool(torch.isfinite(rows).all()):
+            self.skipped_overflow_steps += 1  # the scaler skips this optimizer step as well
+            return
+        self._pending_rows = rows * scale
+        if not self._checked_sum and trainer.accumulate_grad_batches == 1:
+            self._checked_sum = True
+            self._check_rows_sum(pl_module, self._pending_rows, 1.0 if self._scaler is None else scale)
+
+    def _check_rows_sum(self, pl_module: LightningModule, rows: Tensor, grad_scale: float) -> None:
+        """First step: the mean of the rows must be the sketch of the batch gradient in ``.grad``
+        (the sketch is linear). A gap means a parameter is used outside the module that owns it
+        (invisible to hooks) or the training loss is not the mean of ``per_example_loss``."""
+        own = dict(pl_module.named_parameters())
+        grads = {n: own[n].grad if own[n].grad is not None else torch.zeros_like(own[n]) for n in self.layout.names}
+        flat = self.layout.flatten({n: g.detach().to(rows.dtype) * grad_scale for n, g in grads.items()})
+        ref = self.sketch.apply(flat)
+        got = rows.mean(0)
+        blocks = getattr(self.sketch, "blocks", None)
+        if blocks is None:
+            parts = [("all sketched parameters", ref, got)]
+        else:
+            parts = [(self.layout.names[b.index], ref[b.out_offset : b.out_offset + b.out_dim],
+                      got[b.out_offset : b.out_offset + b.out_dim]) for b in blocks]
+        bad = [n for n, r, g in parts if float((r - g).norm()) > 0.05 * float(r.norm()) + 1e-12]
+        if bad:
+            rank_zero_warn(
+                f"GradientSketch inline: the captured per-example gradients of {bad[:8]} do not add up to the "
+                f"batch gradient in .grad. Either the training loss is not the mean of per_example_loss over the "
+                f"batch, or these parameters are used outside the forward of the module that owns them (invisible "
+                f"to hooks; tie weights by sharing the Parameter between modules instead). Leave them out with "
+                f"GradientSketch(..., exclude=[...]) or use mode='checkpoint'."
+            )
 
     def _inline_end(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         if self._capture is not None:  # backward was skipped (e.g. a None loss): release the hooks
@@ -396,7 +450,7 @@ class GradientSketch(Callback):
         if rows is None:
             return
         name = self._inline_slice(trainer)
-        self._append(self._ids(batch), rows.detach() * self._lr, name, trainer, defer=True)
+        self._append(self._batch_ids, rows.detach() * self._lr, name, trainer, defer=True)
         self._pending_rows = None
         self._last_step_done = trainer.global_step
 
@@ -497,3 +551,52 @@ class GradientSketch(Callback):
         if self.store is not None:
             self.store.close()
             self.store = None
+
+
+def _check_support(pl_module: nn.Module, layout: Any, exclude: list[str] | None) -> Any:
+    """Setup-time check of the per-example gradient paths: log the modules covered, warn once about
+    the per-module fallback, refuse modules no path serves with ``exclude=`` advice."""
+    from lightning_sketch.exceptions import UnsupportedModelError
+    from lightning_sketch.gradients.capture import capture_support
+
+    support = capture_support(pl_module, layout)
+    if support.unsupported:
+        rank_zero_warn(
+            "GradientSketch: no hook path covers "
+            + "; ".join(f"{n or '<root>'} ({r})" for n, r in support.unsupported.items())
+            + f", so per-example gradients use vmap over the whole model (slower; inline mode then takes them "
+            f"in eval mode before the step). To keep the hook path: GradientSketch(..., "
+            f"exclude={_advice(support, exclude)!r})."
+        )
+        return support
+    log.info("GradientSketch: %s", support.summary().replace("\n", "; "))
+    if support.fallback:
+        slow = support.fallback_params()
+        rank_zero_warn(
+            "GradientSketch: these modules are not on the hook fast path and go through a per-module "
+            f"torch.func fallback (one extra forward+backward of each): {support.summary().splitlines()[1]}. "
+            f"Exact for modules that treat examples independently; random ones (dropout inside) are recomputed "
+            f"with other masks. To skip them: GradientSketch(..., exclude={list(exclude or []) + slow!r})."
+        )
+    return support
+
+
+def _advice(support: Any, exclude: list[str] | None) -> list[str]:
+    names = [p for n in support.unsupported for p in support.params.get(n, [])]
+    return list(exclude or []) + names
+
+
+def _vmap_guard(fn: Callable[[], Tensor], support: Any, exclude: list[str] | None) -> Tensor:
+    """Run the whole-model vmap path; turn a failure inside the model's forward into advice."""
+    from lightning_sketch.exceptions import LightningSketchError, UnsupportedModelError
+
+    try:
+        return fn()
+    except LightningSketchError:
+        raise
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise UnsupportedModelError(
+            f"GradientSketch: vmap over the whole model failed ({type(err).__name__}: {str(err)[:300]}). It is only "
+            f"used because no hook path covers {sorted(support.unsupported)}; leave those parameters out with "
+            f"GradientSketch(..., exclude={_advice(support, exclude)!r})."
+        ) from err

@@ -148,6 +148,14 @@ class CaptureSupport:
         return [p for n in self.fallback for p in self.params.get(n, [])]
 
 
+def _functional_owner(module: nn.Module) -> bool:
+    """A module whose parameters are consumed outside its own forward (torch parametrisations,
+    :class:`~lightning_sketch.intrinsic.Subspace`)."""
+    from torch.nn.utils import parametrize
+
+    return isinstance(module, parametrize.ParametrizationList) or type(module).__name__ == "Subspace"
+
+
 def _plan(model: nn.Module, layout: ParamLayout) -> tuple[CaptureSupport, list[tuple[str, nn.Module, str, dict[str, int]]]]:
     """(support, [(module name, module, handler, {local param name: layout index})])."""
     own = dict(model.named_parameters())
@@ -170,6 +178,12 @@ def _plan(model: nn.Module, layout: ParamLayout) -> tuple[CaptureSupport, list[t
             continue
         support.params[name] = [layout.names[i] for i in local.values()]
         kind = _fast_kind(module)
+        if _functional_owner(module):
+            support.unsupported[name] = (
+                f"{type(module).__name__} holds parameters that other modules use functionally (a "
+                f"parametrisation or subspace); no hook sees them, only the whole-model vmap path"
+            )
+            continue
         if kind is not None:
             support.fast[name] = kind
         elif isinstance(module, nn.MultiheadAttention) and not module.batch_first:

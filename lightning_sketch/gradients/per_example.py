@@ -144,7 +144,8 @@ def sketch_gradients(
     - ``"hooks"``: like ``"explicit"`` (per-example gradients ``[chunk, N]``, then
       ``sketch.apply``) but the gradients come from the same hooks instead of ``vmap`` over the
       whole forward, so models with data-dependent control flow (Hugging Face) work.
-    - ``"auto"``: ``"factorized"`` for a ``per_layer`` sketch, else ``"hooks"``.
+    - ``"auto"``: ``"factorized"`` for a ``per_layer`` sketch, else ``"hooks"``; ``"explicit"``
+      when some selected parameter is out of the hooks' reach (parametrised models).
 
     The hook modes cover the modules listed in :mod:`lightning_sketch.gradients.capture`
     and fall back to ``torch.func`` per module (not per model) for the others.
@@ -189,7 +190,12 @@ def sketch_gradients(
     if mode == "implicit":
         return _implicit(model, loss_fn, batch, sketch, layout, chunk)
     if mode == "auto":
-        mode = "factorized" if sketch.kind == "per_layer" else "hooks"
+        from lightning_sketch.gradients.capture import capture_support
+
+        if capture_support(model, layout).unsupported:
+            mode = "explicit"  # parameters no hook sees (parametrisations): vmap over the whole model
+        else:
+            mode = "factorized" if sketch.kind == "per_layer" else "hooks"
     if mode == "factorized" and sketch.kind != "per_layer":
         raise SketchConfigError(
             f"mode='factorized' needs a kind='per_layer' sketch, got {sketch.kind!r}; use mode='hooks' or 'auto'."

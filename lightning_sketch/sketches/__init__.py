@@ -53,8 +53,10 @@ def sketch_class(kind: str) -> type[Sketch]:
     return getattr(importlib.import_module(f"lightning_sketch.sketches.{module}"), name)
 
 
-def make(kind: str, dim: int, sketch_dim: int, seed: int = 0, **options: Any) -> Sketch:
+def make(kind: str, dim: int, sketch_dim: int | None, seed: int = 0, **options: Any) -> Sketch:
     """Build the sketch of ``kind`` mapping R^dim → R^sketch_dim; ``make(**s.spec) == s``.
+
+    ``sketch_dim=None`` is accepted by ``kind="identity"`` only (it means ``dim``).
 
     Raises:
         SketchConfigError: for an unknown kind or a bad dimension or option.

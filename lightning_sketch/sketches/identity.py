@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -11,22 +11,26 @@ from lightning_sketch.sketches.base import Sketch
 
 
 class IdentitySketch(Sketch):
-    """Φ = I_N. ``sketch_dim`` must equal ``dim``.
+    """Φ = I_N. ``sketch_dim`` must equal ``dim``; ``None`` (the default) means ``dim``, so callers
+    that do not know N (``GradientSketch(sketch_kind="identity", sketch_dim=None)``) need not.
 
     Example:
         >>> import torch
-        >>> s = IdentitySketch(4, 4)
-        >>> torch.equal(s.apply(torch.arange(4.0)), torch.arange(4.0))
-        True
+        >>> s = IdentitySketch(4)
+        >>> s.sketch_dim, torch.equal(s.apply(torch.arange(4.0)), torch.arange(4.0))
+        (4, True)
     """
 
     kind: ClassVar[str] = "identity"
+
+    def __init__(self, dim: int, sketch_dim: int | None = None, seed: int = 0, **options: Any) -> None:
+        super().__init__(dim, dim if sketch_dim is None else sketch_dim, seed, **options)
 
     def _build(self) -> None:
         if self.sketch_dim != self.dim:
             raise SketchConfigError(
                 f"kind='identity' needs `sketch_dim` == `dim` (got {self.sketch_dim} != {self.dim}); "
-                f"set sketch_dim={self.dim}."
+                f"set sketch_dim={self.dim} or sketch_dim=None."
             )
 
     def _apply(self, x: Tensor) -> Tensor:

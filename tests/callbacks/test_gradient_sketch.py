@@ -104,7 +104,7 @@ def test_inline_rows_equal_lr_weighted_grads_at_step_weights(tmp_path, kind):
     rec = WeightsAtBatchStart()
     cb = GradientSketch(dirpath=str(tmp_path / "run"), sketch_kind=kind, sketch_dim=40, mode="inline", seed=5)
     _trainer(tmp_path, [rec, cb], max_epochs=2).fit(model, loader(x, y, shuffle=True))
-    assert cb._inline_fast == (kind == "per_layer")  # hooks on the training backward vs the vmap fallback
+    assert cb.support is not None and not cb.support.fallback  # every kind: hooks on the training backward
     layout = ParamLayout.from_module(model)
     opts = {"shapes": [list(s) for s in layout.shapes]} if kind == "per_layer" else {}
     sketch = make(kind, layout.dim, 40, seed=5, **opts)
