@@ -190,6 +190,7 @@ class GradientSketch(Callback):
         self._scaler: Any = None
         self._checked_sum = False
         self._hooks = True
+        self._inline_fast = False
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -277,7 +278,8 @@ class GradientSketch(Callback):
                 f"not resume from a checkpoint; resume with `trainer.fit(..., ckpt_path=...)` or use a new dirpath."
             )
         self._hooks = not self.support.unsupported
-        if self.mode == "inline" and self._hooks:
+        self._inline_fast = self.mode == "inline" and self._hooks  # rows from the training backward
+        if self._inline_fast:
             from lightning_sketch.gradients import GradientCapture
 
             self._capture_tool = GradientCapture(pl_module, self.sketch, self.layout)

@@ -78,6 +78,10 @@ class HessianSpectrum(Callback):
             ``pl_module.per_example_loss(batch)``. Not settable from YAML.
         probe_dataloader: an iterable of batches to take the probe set from instead of the train
             dataloader. Not settable from YAML.
+        include: fnmatch patterns of the parameters whose Hessian block is studied (default: all
+            trainable), as in ``GradientSketch(include=...)``; with the same patterns and sketch
+            spec the snapshots match a gradient store's layout (``arnoldi_if``).
+        exclude: fnmatch patterns of parameters to leave out (held fixed in the HVPs).
 
     Raises:
         SketchConfigError: on invalid arguments.
@@ -110,8 +114,15 @@ class HessianSpectrum(Callback):
         plot: bool = True,
         loss_fn: Callable[[Any, Any], Tensor] | None = None,
         probe_dataloader: Any = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
     ) -> None:
         super().__init__()
+        for name, pats in (("include", include), ("exclude", exclude)):
+            if pats is not None and (not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) for p in pats)):
+                raise SketchConfigError(
+                    f"`{name}` must be None or a list of fnmatch patterns (str), got {pats!r}; write [{pats!r}] for one."
+                )
         _check_pos("k", k)
         _check_pos("sketch_dim", sketch_dim)
         _check_pos("every_n_steps", every_n_steps, allow_none=True)
@@ -153,6 +164,7 @@ class HessianSpectrum(Callback):
         self.hvp_method, self.dtype, self.mode = hvp_method, dtype, mode
         self.outlier_threshold, self.plot = outlier_threshold, plot
         self.loss_fn, self.probe_dataloader = loss_fn, probe_dataloader
+        self.include, self.exclude = include, exclude
         self.history: list[dict[str, Any]] = []
         self._last_step: int = -1
         self._probe: list[Any] | None = None
@@ -216,7 +228,7 @@ class HessianSpectrum(Callback):
         if not probe:
             raise UnsupportedModelError("HessianSpectrum's probe dataloader is empty; it needs at least one batch.")
         self._probe = probe
-        self._layout = ParamLayout.from_module(pl_module)
+        self._layout = ParamLayout.from_module(pl_module, include=self.include, exclude=self.exclude)
         n = self._layout.dim
         if self.sketch_kind is None:
             self._sketch = None

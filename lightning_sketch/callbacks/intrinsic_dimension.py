@@ -218,6 +218,13 @@ class IntrinsicDimension(Callback):
         self.dirpath = trainer.strategy.broadcast(self.dirpath)
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """ω must be trained: refuse (or repair) an optimizer built from a submodule's parameters."""
+        if self._subspace is None:
+            return
+        _check_omega_in_optimizer(trainer, self._subspace)
+
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn != "fit" or self._subspace is None or self.status != "running":
             return
@@ -262,6 +269,11 @@ class IntrinsicDimension(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.search is None and self.status == "running":
+            # fixed mode ends with the fit: "finished" without a target, "not_reached" with one
+            self.status = "finished" if self.target is None else "not_reached"
+            if self.target is not None:
+                self.reached = False
         if self.search is not None and not any(h["action"] != "baseline" for h in self.history):
             log.warning(
                 "IntrinsicDimension: no validation round ran during fit, so the search never started (d = %d). "
@@ -334,6 +346,40 @@ class IntrinsicDimension(Callback):
         self._last_round_step = int(state_dict.get("last_round_step", 0))
         if self._subspace is not None:
             self._subspace.set_active(self.active)
+
+
+def _check_omega_in_optimizer(trainer: Trainer, sub: Subspace) -> None:
+    """ω (and the SAID scalars) must be in an optimizer, else the search trains nothing.
+
+    ``configure_optimizers`` over a submodule (``SGD(self.model.parameters())``, as Lightning's own
+    ``LightningTransformer``) leaves ω, which lives on the LightningModule, outside the optimizer.
+    Without LR schedulers ω is added to the first optimizer as a new parameter group with that
+    optimizer's defaults (and a warning); with schedulers (whose per-group state would not match)
+    the fit is refused with the change to make.
+    """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    wanted = [p for p in sub.parameters() if p.requires_grad]
+    held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+    missing = [p for p in wanted if id(p) not in held]
+    if not missing:
+        return
+    names = [n for n, p in sub.named_parameters() if any(p is m for m in missing)]
+    if not trainer.optimizers:
+        raise SubspaceError("IntrinsicDimension: the module configured no optimizer, so ω would never be trained.")
+    if trainer.lr_scheduler_configs or len(trainer.optimizers) > 1:
+        raise SubspaceError(
+            f"IntrinsicDimension: the subspace coordinates {names} (intrinsic_subspace.*) are in no optimizer, so "
+            f"the search would train nothing. configure_optimizers must build the optimizer from self.parameters() "
+            f"(not a submodule's, e.g. self.model.parameters()), or add self.intrinsic_subspace.parameters()."
+        )
+    opt = trainer.optimizers[0]
+    opt.add_param_group({"params": missing})
+    rank_zero_warn(
+        f"IntrinsicDimension: the subspace coordinates {names} were in no optimizer (configure_optimizers uses a "
+        f"submodule's parameters); added them to {type(opt).__name__} as a parameter group with its defaults "
+        f"(lr={opt.defaults.get('lr')}). Build the optimizer from self.parameters() to choose their settings."
+    )
 
 
 def _check_types(kind: Any, monitor: Any, target: Any, reference_score: Any, fraction: Any, **flags: Any) -> None:

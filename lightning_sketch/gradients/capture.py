@@ -220,6 +220,13 @@ def capture_support(model: nn.Module, layout: ParamLayout | None = None) -> Capt
     return _plan(model, F.resolve_layout(model, layout))[0]
 
 
+def _attr(module: nn.Module, dotted: str) -> Any:
+    """``module.a.b`` by name; under ``functional_call`` this is the substituted tensor."""
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
 def _detach_tree(tree: Any) -> Any:
     return pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, tree)
 
@@ -437,7 +444,7 @@ class GradientCapture:
     # ----------------------------------------------------------------- fast-path hooks
     @staticmethod
     def _own_params(module: nn.Module, local: dict[str, int]) -> dict[str, Tensor]:
-        return {n: module.get_parameter(n) for n in local}
+        return {n: _attr(module, n) for n in local}
 
     def _make_hook(self, owner: nn.Module, kind: str, local: dict[str, int]):
         # The parameter objects seen now: under torch.func.functional_call (per_example_grads, hvp,
@@ -576,7 +583,7 @@ class GradientCapture:
             return linear
 
         def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if self._busy or any(mod.get_parameter(n) is not p for n, p in expected.items()):
+            if self._busy or any(_attr(mod, n) is not p for n, p in expected.items()):
                 return
             if not torch.is_grad_enabled():
                 return
@@ -600,7 +607,7 @@ class GradientCapture:
     # ----------------------------------------------------------------- per-module fallback
     def _fallback_hook(self, owner: nn.Module, local: dict[str, int], expected: dict[str, Tensor]):
         def forward_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if self._busy or any(module.get_parameter(n) is not p for n, p in expected.items()):
+            if self._busy or any(_attr(module, n) is not p for n, p in expected.items()):
                 return
             if not torch.is_grad_enabled():
                 return
@@ -631,7 +638,7 @@ class GradientCapture:
                 return (picked[0] * d).sum()
 
             in_dims = (None, pytree.tree_map(dim, list(args)), pytree.tree_map(dim, kwargs), 0)
-            params = {n: module.get_parameter(n).detach() for n in local}
+            params = {n: _attr(module, n).detach() for n in local}
             fn = vmap(grad(loss), in_dims=in_dims, randomness="different")
             self._busy = True
             try:

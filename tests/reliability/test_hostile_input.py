@@ -311,11 +311,11 @@ def test_batchnorm_and_dropout_are_handled_in_eval_mode_or_refused(tmp_path):
     ids, vecs = _sorted(SketchStore.open(tmp_path / "c" / "run" / "store"), "step-4")
     assert ids.tolist() == list(range(32))
     np.testing.assert_allclose(vecs, _loop_grads(model, _full(32)).numpy(), rtol=1e-5, atol=1e-6)
-    # inline mode: the hooks cannot cover BatchNorm, so it says so and falls back to eval-mode gradients
+    # inline mode: the hooks cover BatchNorm's affine parameters; in train mode the rows are each
+    # example's contribution to the batch gradient (tests/gradients/test_grad_capture_coverage.py)
     cb = _gs(tmp_path / "i", sketch_kind="per_layer", mode="inline")
-    with pytest.warns(UserWarning, match="hook fast path unavailable"):
-        trainer(tmp_path, [cb], max_epochs=1).fit(BNDrop(), loader())
-    assert not cb._inline_fast
+    trainer(tmp_path, [cb], max_epochs=1).fit(BNDrop(), loader())
+    assert cb._inline_fast and cb.support.fast["net.1"] == "norm"
     assert SketchStore.open(tmp_path / "i" / "run" / "store").num_rows == 32
     # the spectrum refuses train-mode BatchNorm (batch statistics couple the examples) ...
     with pytest.raises(UnsupportedModelError, match=r"BatchNorm module\(s\) \['net.1'\] are in train mode"):
