@@ -26,7 +26,7 @@ import numpy as np
 
 from lightning_sketch.exceptions import SketchInputError
 
-__all__ = ["PROG", "find_stores", "format_inspect", "run_inspect", "run_query"]
+__all__ = ["PROG", "find_stores", "format_inspect", "load_checkpoint_into", "run_inspect", "run_query"]
 
 PROG = "lightning-sketch"
 
@@ -81,15 +81,34 @@ def _query_batch(args: argparse.Namespace, model: Any, datamodule: Any) -> tuple
         path = Path(args.inputs)
         if not path.is_file():
             raise SketchInputError(f"`--inputs` file {str(path)!r} does not exist; pass a .npy array of inputs [Q, ...].")
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            x, y = loaded["x"], (loaded["y"] if "y" in loaded.files else None)
-        else:
-            x, y = loaded, None
-        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
-        if y is None:  # attribute the model's own prediction
+        try:
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                if "x" not in loaded.files:
+                    raise SketchInputError(
+                        f"`--inputs` {str(path)!r} is an .npz without an array 'x' (it has {loaded.files}); save the "
+                        f"inputs as x=[Q, ...] (and optionally labels y=[Q])."
+                    )
+                x, y = loaded["x"], (loaded["y"] if "y" in loaded.files else None)
+            else:
+                x, y = loaded, None
+            x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        except (ValueError, OSError, EOFError) as err:
+            raise SketchInputError(
+                f"`--inputs` {str(path)!r} is not a readable numeric .npy/.npz array ({err}); pass inputs [Q, ...]."
+            ) from None
+        try:
             with torch.no_grad():
-                y = model(x).argmax(-1)
+                pred = model(x).argmax(-1)
+        except (RuntimeError, ValueError, IndexError) as err:
+            raise SketchInputError(
+                f"`--inputs` of shape {tuple(x.shape)} do not fit the model ({str(err).splitlines()[0][:200]}); pass "
+                f"an array [Q, ...] shaped like one batch of the training inputs."
+            ) from None
+        if y is None:  # attribute the model's own prediction
+            y = pred
+        elif np.shape(y) != (len(x),):
+            raise SketchInputError(f"`--inputs` labels y must have shape [{len(x)}], got {np.shape(y)}.")
         batch = {"x": x, "y": torch.as_tensor(np.asarray(y), dtype=torch.long), "index": torch.arange(len(x))}
         return batch, list(range(len(x)))
     datamodule.setup("test" if args.split == "test" else "fit")
@@ -99,6 +118,33 @@ def _query_batch(args: argparse.Namespace, model: Any, datamodule: Any) -> tuple
     if bad:
         raise SketchInputError(f"`--ids` {bad} are outside the {args.split} split's range [0, {n}); pick ids below {n}.")
     return default_collate([ds[i] for i in args.ids]), list(args.ids)
+
+
+def load_checkpoint_into(model: Any, path: str | Path) -> None:
+    """Load a Lightning checkpoint's ``state_dict`` into ``model`` without unpickling code.
+
+    Raises:
+        CheckpointLoadError: refused objects (a pickle payload), not a PyTorch file, or no state dict.
+        LayoutMismatchError: the checkpoint is of another architecture than the configured model.
+    """
+    import torch
+
+    from lightning_sketch._safeio import load_torch_file
+    from lightning_sketch.exceptions import CheckpointLoadError, LayoutMismatchError
+
+    ckpt = load_torch_file(path, what="`--ckpt` checkpoint")
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointLoadError(
+            f"`--ckpt` {str(path)!r} holds no state_dict of tensors; pass the Lightning checkpoint (.ckpt) of the run."
+        )
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise LayoutMismatchError(
+            f"`--ckpt` {str(path)!r} does not fit the model built from `--config` ({str(err).splitlines()[0][:300]}); "
+            f"pass the checkpoint written by the run with this config."
+        ) from None
 
 
 def run_query(args: argparse.Namespace) -> int:
@@ -115,8 +161,7 @@ def run_query(args: argparse.Namespace) -> int:
     if not Path(args.ckpt).is_file():
         raise SketchInputError(f"`--ckpt` {args.ckpt!r} does not exist; pass the Lightning checkpoint of the run.")
     model, datamodule = build_from_config(args.config)
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)  # the user's own checkpoint
-    model.load_state_dict(ckpt["state_dict"] if "state_dict" in ckpt else ckpt)
+    load_checkpoint_into(model, args.ckpt)
     model.eval()
     batch, qids = _query_batch(args, model, datamodule)
     attributor = Attributor(args.store, model, method=args.method)
@@ -157,8 +202,10 @@ def run_query(args: argparse.Namespace) -> int:
     }
     text = {"json": _as_json, "csv": _as_csv, "table": _as_table}[args.format](result)
     if args.output:
+        from lightning_sketch._safeio import atomic_write
+
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
+        atomic_write(args.output, [text.encode()], what="query result")
         print(f"wrote {len(records)} queries to {args.output}")
     else:
         sys.stdout.write(text)
@@ -166,7 +213,9 @@ def run_query(args: argparse.Namespace) -> int:
 
 
 def _as_json(result: dict[str, Any]) -> str:
-    return json.dumps(result, indent=1) + "\n"
+    from lightning_sketch._safeio import dump_checked_json
+
+    return dump_checked_json(result).decode()  # carries its own sha256: `report` detects edits
 
 
 def _as_csv(result: dict[str, Any]) -> str:

@@ -24,6 +24,9 @@ __all__ = [
     "SpectrumError",
     "SubspaceError",
     "SearchFailedError",
+    "UnsafeFileError",
+    "CheckpointLoadError",
+    "StoreConflictError",
 ]
 
 
@@ -94,3 +97,19 @@ class SubspaceError(LightningSketchError, ValueError):
 
 class SearchFailedError(LightningSketchError, RuntimeError):
     """The intrinsic-dimension search exhausted ``max_dim`` without reaching its target."""
+
+
+class UnsafeFileError(LightningSketchError, PermissionError):
+    """A run file's path leaves its run directory (absolute path, ``..``, an escaping symlink), or
+    names something that is not a regular file (a device, a FIFO, a directory), or is larger than
+    the cap its reader allows; the file is refused without being read."""
+
+
+class CheckpointLoadError(LightningSketchError, ValueError):
+    """A checkpoint or weights file cannot be loaded safely: it holds objects the restricted
+    (``weights_only=True``) unpickler refuses, which could run code, or it is not a PyTorch file."""
+
+
+class StoreConflictError(StoreWriteError):
+    """Another writer changed a run directory since this writer loaded it (its generation moved, or
+    its lock file was replaced); nothing was published, the other writer's data are intact."""

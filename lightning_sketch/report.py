@@ -16,6 +16,12 @@ says what it looked for):
 - **Intrinsic dimension**: the metric against the active dimension d and D* from
   ``intrinsic_dimension.json`` (:class:`~lightning_sketch.callbacks.IntrinsicDimension`).
 
+A run directory is untrusted input: the HTML is rendered by a Jinja2 template with autoescaping
+(every string from a file is escaped), text drawn in figures is plain text (no TeX, no mathtext),
+files are read through :mod:`lightning_sketch._safeio` (confined to ``RUN_DIR``, regular files
+only, capped reads, checksums verified), and a damaged file is reported in its section instead of
+aborting the report.
+
 Example:
     >>> import tempfile
     >>> out = write_report(tempfile.mkdtemp())
@@ -28,16 +34,16 @@ from __future__ import annotations
 import base64
 import csv
 import datetime as _dt
-import html
 import io
-import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lightning_sketch.exceptions import LightningSketchError, StoreNotFoundError
+from lightning_sketch import _safeio as sio
+from lightning_sketch.exceptions import LightningSketchError, StoreCorruptError, StoreNotFoundError
 
 __all__ = ["build_report", "write_report"]
 
@@ -52,19 +58,69 @@ th{background:#f0f0f0}td.l,th.l{text-align:left}.absent{color:#888;font-style:it
 nav a{margin-right:1em}code{background:#f4f4f4;padding:0 3px}
 """
 
+_TEMPLATE = """<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
+<title>lightning_sketch report: {{ name }}</title><style>{{ css|safe }}</style></head><body>
+{%- macro cell(tag, c, j, left) -%}
+<{{ tag }}{% if j < left %} class="l"{% endif %}>{% if c is mapping %}<span class="{{ c.cls }}">{{ c.text }}</span>{% else %}{{ c }}{% endif %}</{{ tag }}>
+{%- endmacro -%}
+{%- macro render(b) -%}
+{%- if b.kind == "p" -%}<p{% if b.cls %} class="{{ b.cls }}"{% endif %}>{{ b.text }}{% if b.code %}<code>{{ b.code }}</code>{% endif %}{{ b.suffix }}</p>
+{%- elif b.kind == "h3" -%}<h3>{{ b.text }}{% if b.code %}<code>{{ b.code }}</code>{% endif %}{{ b.suffix }}</h3>
+{%- elif b.kind == "img" -%}<img alt="figure" src="data:image/png;base64,{{ b.data }}">
+{%- elif b.kind == "sign" -%}<p>Score sign: <b>positive</b> = training on the example lowers the query's loss (proponent, green); <b>negative</b> = it raises it (opponent, red).</p>
+{%- elif b.kind == "table" -%}<table><tr>{% for h in b.header %}{{ cell("th", h, loop.index0, b.left) }}{% endfor %}</tr>
+{%- for r in b.rows %}<tr>{% for c in r %}{{ cell("td", c, loop.index0, b.left) }}{% endfor %}</tr>{% endfor %}</table>
+{%- endif -%}
+{%- endmacro -%}
+<h1>lightning_sketch report: <code>{{ root }}</code></h1>
+<p>Generated {{ when }} by lightning_sketch {{ version }}.</p><nav>{% for s in sections %}<a href="#{{ s.id }}">{{ s.title }}</a>{% endfor %}</nav>
+{%- for s in sections %}<section id="{{ s.id }}"><h2>{{ s.title }}</h2>{% for b in s.blocks %}{{ render(b) }}{% endfor %}</section>{% endfor %}
+</body></html>
+"""
+
 _MAX_QUERIES = 6
+#: read caps (bytes): larger files are refused, never read to the end.
+_CSV_CAP = 256 << 20
+_QUERY_CAP = 64 << 20
 
 
-# ---------------------------------------------------------------------------- helpers
-def _png(fig: Any) -> str:
-    """An <img> tag with the figure as an embedded base64 PNG."""
+# ---------------------------------------------------------------------------- blocks
+def _p(text: str, cls: str | None = None, code: str | None = None, suffix: str = "") -> dict[str, Any]:
+    return {"kind": "p", "text": text, "cls": cls, "code": code, "suffix": suffix}
+
+
+def _absent(text: str) -> dict[str, Any]:
+    return _p(text, "absent")
+
+
+def _bad(text: str) -> dict[str, Any]:
+    return _p(text, "bad")
+
+
+def _h3(text: str, code: str | None = None, suffix: str = "") -> dict[str, Any]:
+    return {"kind": "h3", "text": text, "code": code, "suffix": suffix}
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, dict):
+        return v
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> dict[str, Any]:
+    return {"kind": "table", "header": header, "rows": [[_fmt(v) for v in r] for r in rows], "left": left}
+
+
+def _png(fig: Any) -> dict[str, Any]:
+    """The figure as an embedded base64 PNG block."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="figure" src="data:image/png;base64,{data}">'
+    return {"kind": "img", "data": base64.b64encode(buf.getvalue()).decode("ascii")}
 
 
 def _figure(w: float, h: float) -> Any:
@@ -73,19 +129,9 @@ def _figure(w: float, h: float) -> Any:
     return Figure(figsize=(w, h))
 
 
-def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
-    def cell(tag: str, v: Any, j: int) -> str:
-        cls = ' class="l"' if j < left else ""
-        text = f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
-        return f"<{tag}{cls}>{html.escape(text)}</{tag}>"
-
-    head = "".join(cell("th", h, j) for j, h in enumerate(header))
-    body = "".join("<tr>" + "".join(cell("td", v, j) for j, v in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _absent(text: str) -> str:
-    return f'<p class="absent">{html.escape(text)}</p>'
+def _plain(text: Any) -> str:
+    """Text from a file for a legend label: ``$`` escaped, so matplotlib never parses it as mathtext."""
+    return str(text).replace("\\", "\\\\").replace("$", r"\$")
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -95,29 +141,51 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _find(root: Path, name: str) -> list[Path]:
-    return sorted(p for p in root.rglob(name) if "shards" not in p.relative_to(root).parts)
+def _find(root: Path, pattern: str) -> list[Path]:
+    """Files matching ``pattern`` under ``root`` (no shard folders, symlinked folders not followed)."""
+    import fnmatch
+
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        rel = Path(dirpath).relative_to(root)
+        if "shards" in rel.parts:
+            dirnames[:] = []
+            continue
+        dirnames.sort()
+        out += [Path(dirpath) / f for f in filenames if fnmatch.fnmatch(f, pattern)]
+    return sorted(out)
+
+
+def _read(root: Path, path: Path, cap: int, what: str) -> bytes:
+    """Bytes of a run file: confined to ``root``, a regular file, at most ``cap`` bytes read."""
+    real = sio.confined(root, path.relative_to(root).as_posix(), what=what)
+    return sio.read_capped(real, cap, what=what)
 
 
 # ---------------------------------------------------------------------------- sections
-def _metrics_section(root: Path) -> str:
+def _metrics_section(root: Path) -> list[dict[str, Any]]:
     files = _find(root, "metrics.csv")
     if not files:
-        return _absent("No Lightning CSV logger output (metrics.csv) in this run.")
-    parts = []
+        return [_absent("No Lightning CSV logger output (metrics.csv) in this run.")]
+    parts: list[dict[str, Any]] = []
     for f in files[-2:]:
-        with open(f, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        try:
+            text = _read(root, f, _CSV_CAP, "metrics file").decode("utf-8", errors="replace")
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except (LightningSketchError, csv.Error) as err:
+            parts.append(_bad(f"{_rel(f, root)} is unreadable: {err}"))
+            continue
         series: dict[str, list[tuple[float, float]]] = {}
         for r in rows:
             step = r.get("step")
             for k, v in r.items():
-                if k in ("step", "epoch") or not v or step in (None, ""):
+                if not isinstance(k, str) or k in ("step", "epoch") or not v or step in (None, ""):
                     continue
                 try:
-                    series.setdefault(k, []).append((float(step), float(v)))
-                except ValueError:
+                    x, y = float(step), float(v)
+                except (TypeError, ValueError):
                     continue
+                series.setdefault(k, []).append((x, y))
         keys = [k for k in sorted(series) if not k.startswith("hessian/")][:8]
         if not keys:
             continue
@@ -128,63 +196,98 @@ def _metrics_section(root: Path) -> str:
                 continue
             ax = axes[1] if "acc" in k else axes[0]
             xs, ys = zip(*series[k])
-            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=k)
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=_plain(k))
         for ax, title in zip(axes, ("losses", "accuracies")):
             ax.set_xlabel("step")
             ax.set_title(title)
             if ax.lines:
                 ax.legend(fontsize=7)
         last = [[k, series[k][-1][0], series[k][-1][1]] for k in keys]
-        parts.append(f"<p>From <code>{html.escape(_rel(f, root))}</code>.</p>" + _png(fig)
-                     + _table(["metric", "last step", "last value"], last))
-    return "".join(parts) or _absent("metrics.csv files hold no numeric metrics.")
+        parts += [_p("From ", code=_rel(f, root), suffix="."), _png(fig),
+                  _table(["metric", "last step", "last value"], last)]
+    return parts or [_absent("metrics.csv files hold no numeric metrics.")]
 
 
-def _store_section(root: Path) -> str:
+def _store_section(root: Path) -> list[dict[str, Any]]:
     from lightning_sketch.store import inspect_store
 
     stores = [p.parent for p in _find(root, "manifest.json")]
     if not stores:
-        return _absent("No sketch store (no manifest.json) in this run: the GradientSketch callback was not used.")
-    parts = []
+        return [_absent("No sketch store (no manifest.json) in this run: the GradientSketch callback was not used.")]
+    parts: list[dict[str, Any]] = []
     for s in stores:
         try:
             info = inspect_store(s)
         except LightningSketchError as err:
-            parts.append(f'<p class="bad">{html.escape(_rel(s, root))}: {html.escape(str(err))}</p>')
+            parts.append(_bad(f"{_rel(s, root)}: {err}"))
             continue
         spec = info.get("spec") or {}
         ok = info["health"]["ok"]
-        status = '<span class="ok">OK</span>' if ok else f'<span class="bad">INCONSISTENT: {html.escape(str(info["health"]["error"]))}</span>'
+        status = {"cls": "ok", "text": "OK"} if ok else {"cls": "bad", "text": f"INCONSISTENT: {info['health']['error']}"}
         summary = [
-            ["path", _rel(s, root)], ["health", None], ["rows", info["rows"]],
+            ["path", _rel(s, root)], ["health", status], ["rows", info["rows"]],
             ["sketch kind", spec.get("kind")], ["N (parameters)", spec.get("dim")], ["D (sketch_dim)", info["sketch_dim"]],
             ["seed", spec.get("seed")], ["dtype", info["dtype"]], ["size on disk (bytes)", info["size_bytes"]],
             ["bytes per row", info.get("bytes_per_row")],
             ["indexes", ", ".join(f"{e['kind']}({e['view']})" for e in info["indexes"]) or "none (flat search)"],
         ]
-        table = _table(["field", "value"], summary, left=2).replace("<td class=\"l\"></td>", f"<td class=\"l\">{status}</td>", 1)
         ckpts = _table(["checkpoint", "step", "lr", "rows"],
                        [[c["name"], c.get("step"), c.get("lr"), c.get("rows")] for c in info["checkpoints"]])
-        parts.append(f"<h3>{html.escape(_rel(s, root))}</h3>{table}<p>Checkpoint slices:</p>{ckpts}")
-    return "".join(parts)
+        parts += [_h3(_rel(s, root)), _table(["field", "value"], summary, left=2), _p("Checkpoint slices:"), ckpts]
+    return parts
 
 
-def _load_queries(root: Path, queries: str | Path | None) -> list[tuple[Path, dict[str, Any]]]:
-    files = [Path(queries)] if queries is not None else sorted(root.rglob("*.json"))
-    out = []
-    for f in files:
-        if queries is None and f.stat().st_size > 20_000_000:
-            continue
-        try:
-            data = json.loads(f.read_text())
-        except (OSError, ValueError) as err:
-            if queries is not None:
-                raise StoreNotFoundError(f"`queries` file {str(f)!r} is not readable JSON ({err}).") from None
-            continue
-        if isinstance(data, dict) and data.get("format") == "lightning_sketch.query/v1":
-            out.append((f, data))
-    return out
+_QUERY_FORMAT = "lightning_sketch.query/v1"
+
+
+def _load_query_file(root: Path, f: Path, explicit: bool) -> dict[str, Any] | None:
+    """A query-result document, verified; None if ``f`` is another kind of JSON (directory scan)."""
+    what = "`queries` file" if explicit else "query result"
+    try:
+        raw = sio.read_capped(f, _QUERY_CAP, what=what) if explicit else _read(root, f, _QUERY_CAP, what)
+        data = sio.read_json_bytes(raw, path=f, what=what)
+    except (StoreCorruptError, StoreNotFoundError) as err:
+        if explicit:
+            raise StoreNotFoundError(f"`queries` file {str(f)!r} is not readable JSON ({err}).") from None
+        return None
+    if not isinstance(data, dict) or data.get("format") != _QUERY_FORMAT:
+        if explicit:
+            raise StoreCorruptError(f"`queries` file {str(f)!r} is not a {_QUERY_FORMAT} document; write it with "
+                                    f"`lightning-sketch query --format json --output FILE`.")
+        return None
+    return sio.verify_checked(data, path=f, what=what)
+
+
+def _check_queries(data: dict[str, Any]) -> None:
+    """Structure of a verified query document (it may still come from a hostile writer)."""
+    def num(v: Any, none: bool = True) -> bool:
+        return (v is None and none) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    recs = data.get("queries")
+    ok = isinstance(recs, list)
+    for rec in recs if ok else []:
+        ok = ok and isinstance(rec, dict) and num(rec.get("query"), False) and num(rec.get("label")) \
+            and num(rec.get("prediction"))
+        for kind in ("proponents", "opponents"):
+            es = rec.get(kind) if isinstance(rec, dict) else None
+            ok = ok and isinstance(es, list) and all(
+                isinstance(e, dict) and num(e.get("id"), False) and num(e.get("score"), False) and num(e.get("label"))
+                for e in es)
+        if not ok:
+            break
+    if not ok:
+        raise StoreCorruptError("its records lack the query/label/proponents/opponents fields of the format")
+
+
+def _image(img: Any) -> np.ndarray | None:
+    if img is None:
+        return None
+    arr = np.asarray(img, dtype=float)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3):
+        arr = np.moveaxis(arr, 0, -1).squeeze()
+    if arr.ndim not in (2, 3) or arr.size > 1 << 20 or not np.isfinite(arr).all():
+        raise ValueError(f"image of shape {arr.shape} is not a picture")
+    return arr
 
 
 def _picture_row(fig: Any, rows: int, r: int, rec: dict[str, Any], cols: int) -> None:
@@ -195,182 +298,242 @@ def _picture_row(fig: Any, rows: int, r: int, rec: dict[str, Any], cols: int) ->
         ax = fig.add_subplot(rows, cols, r * cols + c + 1)
         ax.set_xticks([])
         ax.set_yticks([])
-        if img is not None:
-            arr = np.asarray(img, dtype=float)
-            if arr.ndim == 3 and arr.shape[0] in (1, 3):
-                arr = np.moveaxis(arr, 0, -1).squeeze()
+        arr = _image(img)
+        if arr is not None:
             ax.imshow(arr, cmap="gray_r")
         color = {"query": "black", "+": "tab:green", "-": "tab:red"}[kind]
-        ax.set_title(title, fontsize=7, color=color)
+        ax.set_title(title, fontsize=7, color=color, parse_math=False)
         for side in ax.spines.values():
             side.set_edgecolor(color)
             side.set_linewidth(2)
 
 
-def _attribution_section(root: Path, queries: str | Path | None) -> str:
-    found = _load_queries(root, queries)
-    if not found:
-        return _absent("No attribution query results in this run (write them with "
-                       "`lightning-sketch query ... --format json --output RUN_DIR/query.json`).")
-    parts = ["<p>Score sign: <b>positive</b> = training on the example lowers the query's loss "
-             "(proponent, green); <b>negative</b> = it raises it (opponent, red).</p>"]
-    for f, data in found:
-        recs = data["queries"][:_MAX_QUERIES]
-        parts.append(f"<h3>{html.escape(_rel(f, root))}: method <code>{html.escape(str(data.get('method')))}</code>, "
-                     f"{len(data['queries'])} queries, k={data.get('k')}</h3>")
-        if any(r.get("image") is not None for r in recs):
-            k = max(len(r["proponents"]) + len(r["opponents"]) for r in recs)
-            cols = 1 + k
-            fig = _figure(1.25 * cols, 1.6 * len(recs))
-            for r, rec in enumerate(recs):
-                _picture_row(fig, len(recs), r, rec, cols)
-            fig.subplots_adjust(hspace=0.9)
-            parts.append(_png(fig))
-        rows = []
-        for rec in recs:
-            for kind in ("proponents", "opponents"):
-                for rank, e in enumerate(rec[kind], 1):
-                    rows.append([rec["query"], rec["label"], kind[:-1], rank, e["id"], e["label"], float(e["score"])])
-        parts.append(_table(["query", "label", "kind", "rank", "train id", "train label", "score"], rows, left=0))
-    return "".join(parts)
-
-
-def _spectrum_section(root: Path) -> str:
-    from lightning_sketch.spectrum.snapshot import FORMAT, load_index, load_snapshot
-
-    dirs = []
-    for idx in _find(root, "index.json"):
-        try:
-            if json.loads(idx.read_text()).get("format") == FORMAT:
-                dirs.append(idx.parent)
-        except (OSError, ValueError, AttributeError):
-            continue
-    if not dirs:
-        return _absent("No Hessian spectrum snapshots (index.json in the lightning_sketch.spectrum/v1 format) "
-                       "in this run: the HessianSpectrum callback was not used.")
-    parts = []
-    for d in dirs:
-        entries = load_index(d)
-        snaps = [(e["step"], load_snapshot(d / e["file"])) for e in entries]
-        if not snaps:
-            parts.append(_absent(f"{_rel(d, root)}: index without snapshots."))
-            continue
-        k = max(len(s["eigenvalues"]) for _, s in snaps)
-        fig = _figure(10, 3.4)
-        ax = fig.add_subplot(1, 2, 1)
-        steps = [st for st, _ in snaps]
-        for i in range(k):
-            vals = [float(s["eigenvalues"][i]) if i < len(s["eigenvalues"]) else np.nan for _, s in snaps]
-            ax.plot(steps, vals, marker="o", ms=3, label=f"λ{i + 1}" if i < 5 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel("eigenvalue")
-        ax.set_title("top eigenvalues over training")
-        ax.legend(fontsize=7)
-        ax2 = fig.add_subplot(1, 2, 2)
-        with_density = [(st, s) for st, s in snaps if "density" in s and "density_grid" in s]
-        chosen = with_density if len(with_density) <= 4 else [with_density[i] for i in
-                                                               np.linspace(0, len(with_density) - 1, 4).astype(int)]
-        for st, s in chosen:
-            ax2.plot(s["density_grid"].numpy(), s["density"].numpy(), label=f"step {st}")
-        ax2.set_title("spectral density (SLQ)" if chosen else "no density recorded")
-        ax2.set_xlabel("eigenvalue")
-        if chosen:
-            top = max(float(s["density"].max()) for _, s in chosen)
-            ax2.set_yscale("log")
-            ax2.set_ylim(top * 1e-6, top * 2)  # six decades: Gaussian tails below are noise
-            ax2.legend(fontsize=7)
-        parts.append(f"<h3>{html.escape(_rel(d, root))}: {len(snaps)} snapshots</h3>" + _png(fig))
-        names = sorted({n for e in entries for n, v in (e.get("scalars") or {}).items() if isinstance(v, (int, float))})
-        names = names[:9]
-        rows = [[e["step"], *[(e.get("scalars") or {}).get(n) for n in names]] for e in entries]
-        conv = [[st, int(s["converged"].sum()) if "converged" in s else None, len(s["eigenvalues"]),
-                 float(s["residuals"].max()) if "residuals" in s and len(s["residuals"]) else None] for st, s in snaps]
-        parts.append(_table(["step", *names], rows, left=0)
-                     + _table(["step", "converged", "k", "max residual"], conv, left=0))
-    return "".join(parts)
-
-
-def _intrinsic_section(root: Path) -> str:
-    files = _find(root, "intrinsic_dimension.json")
-    if not files:
-        return _absent("No intrinsic_dimension.json in this run: the IntrinsicDimension callback was not used.")
-    parts = []
+def _attribution_section(root: Path, queries: str | Path | None) -> list[dict[str, Any]]:
+    files = [Path(queries)] if queries is not None else _find(root, "*.json")
+    found: list[tuple[Path, dict[str, Any] | Exception]] = []
     for f in files:
         try:
-            data = json.loads(f.read_text())
-        except (OSError, ValueError) as err:
-            parts.append(f'<p class="bad">{html.escape(_rel(f, root))} is unreadable: {html.escape(str(err))}</p>')
+            data = _load_query_file(root, f, explicit=queries is not None)
+        except StoreCorruptError as err:
+            if queries is not None:
+                raise
+            found.append((f, err))
             continue
-        hist = data.get("history") or (data.get("search") or {}).get("history") or []
-        pts = [h for h in hist if isinstance(h, dict) and h.get("metric") is not None and h.get("d") is not None]
-        d_star = data.get("d_star", (data.get("search") or {}).get("d_star"))
-        facts = [[k, v] for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None][:16]
-        parts.append(f"<h3>{html.escape(_rel(f, root))}: D* = {html.escape(str(d_star))}</h3>")
-        if pts:
-            fig = _figure(9, 3.2)
-            ax = fig.add_subplot(1, 2, 1)
-            ax.plot([h["d"] for h in pts], [h["metric"] for h in pts], "o-")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("active dimension d")
-            ax.set_ylabel("monitored metric")
-            target = data.get("target", (data.get("search") or {}).get("target"))
-            if isinstance(target, (int, float)):
-                ax.axhline(target, color="tab:red", ls="--", label="target")
-            if isinstance(d_star, (int, float)):
-                ax.axvline(d_star, color="tab:green", ls=":", label=f"D* = {d_star}")
-            ax.legend(fontsize=7)
-            ax.set_title("metric against d")
-            steps = [h.get("step") for h in pts]
-            if all(isinstance(s, (int, float)) for s in steps):
-                ax2 = fig.add_subplot(1, 2, 2)
-                ax2.step(steps, [h["d"] for h in pts], where="post")
-                ax2.set_yscale("log", base=2)
-                ax2.set_xlabel("step")
-                ax2.set_ylabel("d")
-                ax2.set_title("d over the single run")
-            parts.append(_png(fig))
-            parts.append(_table(["round", "step", "d", "metric", "action"],
-                                [[h.get("round"), h.get("step"), h["d"], h["metric"], h.get("action")] for h in pts], left=0))
-        else:
-            parts.append(_absent("The file holds no (d, metric) history."))
-        parts.append(_table(["field", "value"], facts, left=2))
-    return "".join(parts)
+        except LightningSketchError as err:  # a link out of the run, a FIFO, a device: refused, reported
+            if queries is not None:
+                raise
+            if f.name.startswith(("query", "queries")):
+                found.append((f, err))
+            continue
+        if data is not None:
+            found.append((f, data))
+    if not found:
+        return [_absent("No attribution query results in this run (write them with "
+                        "`lightning-sketch query ... --format json --output RUN_DIR/query.json`).")]
+    parts: list[dict[str, Any]] = [{"kind": "sign"}]
+    for f, data in found:
+        if isinstance(data, Exception):
+            parts.append(_bad(f"{_rel(f, root)} is refused: {data}"))
+            continue
+        try:
+            parts += _attribution_file(root, f, data)
+        except (StoreCorruptError, KeyError, TypeError, ValueError, IndexError) as err:
+            parts.append(_bad(f"{_rel(f, root)} is not a valid query result ({err}); re-run lightning-sketch query."))
+    return parts
+
+
+def _attribution_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    _check_queries(data)
+    recs = data["queries"][:_MAX_QUERIES]
+    parts = [_h3(f"{_rel(f, root)}: method ", code=str(data.get("method")),
+                 suffix=f", {len(data['queries'])} queries, k={data.get('k')}")]
+    if any(r.get("image") is not None for r in recs):
+        k = max(len(r["proponents"]) + len(r["opponents"]) for r in recs)
+        cols = 1 + k
+        fig = _figure(1.25 * cols, 1.6 * len(recs))
+        for r, rec in enumerate(recs):
+            _picture_row(fig, len(recs), r, rec, cols)
+        fig.subplots_adjust(hspace=0.9)
+        parts.append(_png(fig))
+    rows = []
+    for rec in recs:
+        for kind in ("proponents", "opponents"):
+            for rank, e in enumerate(rec[kind], 1):
+                rows.append([rec["query"], rec["label"], kind[:-1], rank, e["id"], e["label"], float(e["score"])])
+    parts.append(_table(["query", "label", "kind", "rank", "train id", "train label", "score"], rows, left=0))
+    return parts
+
+
+def _spectrum_section(root: Path) -> list[dict[str, Any]]:
+    from lightning_sketch.spectrum.snapshot import FORMAT, load_index, load_snapshot
+
+    dirs, parts = [], []
+    for idx in _find(root, "index.json"):
+        try:
+            data = sio.read_json_bytes(_read(root, idx, sio.JSON_CAP, "spectrum index"), path=idx, what="spectrum index")
+        except LightningSketchError:
+            continue
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            dirs.append(idx.parent)
+    if not dirs:
+        return [_absent("No Hessian spectrum snapshots (index.json in the lightning_sketch.spectrum/v1 format) "
+                        "in this run: the HessianSpectrum callback was not used.")]
+    for d in dirs:
+        try:
+            entries = load_index(d)
+        except LightningSketchError as err:
+            parts.append(_bad(f"{_rel(d, root)}: {err}"))
+            continue
+        snaps = []
+        for e in entries:
+            try:
+                snaps.append((e["step"], load_snapshot(d / e["file"])))
+            except LightningSketchError as err:  # one bad snapshot is reported, the others still drawn
+                parts.append(_bad(f"{_rel(d, root)}: snapshot at step {e['step']} is refused: {err}"))
+        if not snaps:
+            parts.append(_absent(f"{_rel(d, root)}: index without readable snapshots."))
+            continue
+        parts += _spectrum_figures(root, d, entries, snaps)
+    return parts
+
+
+def _spectrum_figures(root: Path, d: Path, entries: list[dict[str, Any]], snaps: list[tuple[int, Any]]) -> list[Any]:
+    k = max(len(s["eigenvalues"]) for _, s in snaps)
+    fig = _figure(10, 3.4)
+    ax = fig.add_subplot(1, 2, 1)
+    steps = [st for st, _ in snaps]
+    for i in range(k):
+        vals = [float(s["eigenvalues"][i]) if i < len(s["eigenvalues"]) else np.nan for _, s in snaps]
+        ax.plot(steps, vals, marker="o", ms=3, label=f"λ{i + 1}" if i < 5 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title("top eigenvalues over training")
+    ax.legend(fontsize=7)
+    ax2 = fig.add_subplot(1, 2, 2)
+    with_density = [(st, s) for st, s in snaps if "density" in s and "density_grid" in s]
+    chosen = with_density if len(with_density) <= 4 else [with_density[i] for i in
+                                                           np.linspace(0, len(with_density) - 1, 4).astype(int)]
+    for st, s in chosen:
+        ax2.plot(s["density_grid"].numpy(), s["density"].numpy(), label=f"step {st}")
+    ax2.set_title("spectral density (SLQ)" if chosen else "no density recorded")
+    ax2.set_xlabel("eigenvalue")
+    if chosen:
+        top = max(float(s["density"].max()) for _, s in chosen)
+        if np.isfinite(top) and top > 0:
+            ax2.set_yscale("log")
+            ax2.set_ylim(top * 1e-6, top * 2)  # six decades: Gaussian tails below are noise
+        ax2.legend(fontsize=7)
+    names = sorted({n for e in entries for n, v in (e.get("scalars") or {}).items() if isinstance(v, (int, float))})
+    names = names[:9]
+    rows = [[e["step"], *[(e.get("scalars") or {}).get(n) for n in names]] for e in entries]
+    conv = [[st, int(s["converged"].sum()) if "converged" in s else None, len(s["eigenvalues"]),
+             float(s["residuals"].max()) if "residuals" in s and len(s["residuals"]) else None] for st, s in snaps]
+    return [_h3(f"{_rel(d, root)}: {len(snaps)} snapshots"), _png(fig), _table(["step", *names], rows, left=0),
+            _table(["step", "converged", "k", "max residual"], conv, left=0)]
+
+
+def _intrinsic_section(root: Path) -> list[dict[str, Any]]:
+    files = _find(root, "intrinsic_dimension.json")
+    if not files:
+        return [_absent("No intrinsic_dimension.json in this run: the IntrinsicDimension callback was not used.")]
+    parts: list[dict[str, Any]] = []
+    for f in files:
+        try:
+            raw = _read(root, f, sio.JSON_CAP, "intrinsic-dimension state")
+            data = sio.verify_checked(sio.read_json_bytes(raw, path=f, what="intrinsic-dimension state"), path=f,
+                                      what="intrinsic-dimension state")
+            parts += _intrinsic_file(root, f, data)
+        except LightningSketchError as err:
+            parts.append(_bad(f"{_rel(f, root)} is refused: {err}"))
+        except (KeyError, TypeError, ValueError) as err:
+            parts.append(_bad(f"{_rel(f, root)} is not a valid intrinsic-dimension state ({err})."))
+    return parts
+
+
+def _intrinsic_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    def num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    parts: list[dict[str, Any]] = []
+    hist = data.get("history") or (data.get("search") or {}).get("history") or []
+    pts = [h for h in hist if isinstance(h, dict) and num(h.get("metric")) and num(h.get("d")) and h["d"] > 0]
+    d_star = data.get("d_star", (data.get("search") or {}).get("d_star"))
+    facts = [[k, v] for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None][:16]
+    parts.append(_h3(f"{_rel(f, root)}: D* = {d_star}"))
+    if pts:
+        fig = _figure(9, 3.2)
+        ax = fig.add_subplot(1, 2, 1)
+        ax.plot([h["d"] for h in pts], [h["metric"] for h in pts], "o-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("active dimension d")
+        ax.set_ylabel("monitored metric")
+        target = data.get("target", (data.get("search") or {}).get("target"))
+        if num(target):
+            ax.axhline(target, color="tab:red", ls="--", label="target")
+        if num(d_star):
+            ax.axvline(d_star, color="tab:green", ls=":", label=_plain(f"D* = {d_star}"))
+        ax.legend(fontsize=7)
+        ax.set_title("metric against d")
+        steps = [h.get("step") for h in pts]
+        if all(num(s) for s in steps):
+            ax2 = fig.add_subplot(1, 2, 2)
+            ax2.step(steps, [h["d"] for h in pts], where="post")
+            ax2.set_yscale("log", base=2)
+            ax2.set_xlabel("step")
+            ax2.set_ylabel("d")
+            ax2.set_title("d over the single run")
+        parts.append(_png(fig))
+        parts.append(_table(["round", "step", "d", "metric", "action"],
+                            [[h.get("round"), h.get("step"), h["d"], h["metric"], h.get("action")] for h in pts], left=0))
+    else:
+        parts.append(_absent("The file holds no (d, metric) history."))
+    parts.append(_table(["field", "value"], facts, left=2))
+    return parts
 
 
 # ---------------------------------------------------------------------------- entry points
 def build_report(run_dir: str | Path, queries: str | Path | None = None) -> str:
     """The report of ``run_dir`` as one HTML string (figures embedded as base64 PNG).
 
+    Every string taken from the run's files is HTML-escaped (Jinja2 autoescaping) and drawn in
+    figures as plain text; a damaged or refused file is named in its section.
+
     Raises:
         StoreNotFoundError: if ``run_dir`` is not a directory, or ``queries`` is not readable JSON.
+        StoreCorruptError: if ``queries`` is not a query result or fails its checksum.
     """
+    import jinja2
+    import matplotlib
+
     root = Path(run_dir)
     if not root.is_dir():
         raise StoreNotFoundError(f"Run directory {str(root)!r} does not exist; pass the run's trainer.default_root_dir.")
-    sections = [
-        ("metrics", "Training metrics", _metrics_section(root)),
-        ("store", "Sketch store", _store_section(root)),
-        ("attribution", "Attribution examples", _attribution_section(root, queries)),
-        ("spectrum", "Hessian spectrum", _spectrum_section(root)),
-        ("intrinsic", "Intrinsic dimension", _intrinsic_section(root)),
-    ]
-    nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
-    body = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>' for sid, title, content in sections)
-    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with matplotlib.rc_context({"text.usetex": False}):
+        sections = [
+            ("metrics", "Training metrics", _metrics_section(root)),
+            ("store", "Sketch store", _store_section(root)),
+            ("attribution", "Attribution examples", _attribution_section(root, queries)),
+            ("spectrum", "Hessian spectrum", _spectrum_section(root)),
+            ("intrinsic", "Intrinsic dimension", _intrinsic_section(root)),
+        ]
     from lightning_sketch import __version__
 
-    return (
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>lightning_sketch report: {html.escape(root.name)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>lightning_sketch report: <code>{html.escape(str(root))}</code></h1>"
-        f"<p>Generated {when} by lightning_sketch {__version__}.</p><nav>{nav}</nav>{body}</body></html>\n"
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(_TEMPLATE).render(
+        name=root.name, root=str(root), css=_CSS, version=__version__,
+        when=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        sections=[{"id": sid, "title": title, "blocks": blocks} for sid, title, blocks in sections],
     )
 
 
 def write_report(run_dir: str | Path, output: str | Path | None = None, queries: str | Path | None = None) -> Path:
-    """Write :func:`build_report` to ``output`` (default ``run_dir/report.html``); returns the path."""
+    """Write :func:`build_report` to ``output`` (default ``run_dir/report.html``) atomically; returns the path.
+
+    Raises:
+        StoreWriteError: the report cannot be written (e.g. disk full); no partial file is left.
+    """
     text = build_report(run_dir, queries)
     out = Path(output) if output is not None else Path(run_dir) / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    sio.atomic_write(out, [text.encode("utf-8")], what="report")
     return out

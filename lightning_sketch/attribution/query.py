@@ -382,7 +382,9 @@ class Attributor:
                 )
             yield
             return
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        from lightning_sketch._safeio import load_torch_file
+
+        saved = load_torch_file(path, what="weights file")
         current = self.layout.params(self.model)
         if set(saved) != set(current):
             raise LayoutMismatchError(

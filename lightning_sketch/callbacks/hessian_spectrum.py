@@ -30,7 +30,7 @@ from lightning_sketch.callbacks._progress import progress_bar
 from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_sketch.sketches import KINDS, derive_seed, make
 from lightning_sketch.spectrum.monitor import spectrum_snapshot
-from lightning_sketch.spectrum.snapshot import load_snapshot, save_snapshot
+from lightning_sketch.spectrum.snapshot import SnapshotWriter, load_snapshot
 
 __all__ = ["PAPER_STEPS", "HessianSpectrum"]
 
@@ -171,6 +171,7 @@ class HessianSpectrum(Callback):
         self._sketch: Any = None
         self._layout: Any = None
         self._dir: Path | None = None
+        self._writer: SnapshotWriter | None = None
 
     # ------------------------------------------------------------------ policy
     @property
@@ -203,6 +204,9 @@ class HessianSpectrum(Callback):
             )
         base = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hessian_spectrum")
         self._dir = Path(trainer.strategy.broadcast(base))
+        if trainer.is_global_zero and self._writer is None:
+            # one writer per directory for the whole fit: a second run into it fails here, not mid-way
+            self._writer = SnapshotWriter(self._dir)
 
     def _loss_fn(self) -> Callable[[Any, Any], Tensor]:
         if self.loss_fn is not None:
@@ -261,6 +265,16 @@ class HessianSpectrum(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # release the cached probe batches; a new fit fixes a new probe set
             self._probe, self._sketch, self._layout = None, None, None
+            self._close_writer()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._close_writer()
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def _maybe_snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
@@ -305,10 +319,12 @@ class HessianSpectrum(Callback):
         entry = {"step": step, "eigenvalues": snap.eigs.eigenvalues.tolist(), "scalars": scalars,
                  "file": None}
         if trainer.is_global_zero and self._dir is not None:
+            if self._writer is None:  # snapshot() called outside fit
+                self._writer = SnapshotWriter(self._dir)
             meta = {"sketch_spec": snap.sketch_spec, "scalars": scalars, "which": "LA",
                     "num_matvecs": snap.num_matvecs, "hvp_method": self.hvp_method, "world_size": world,
                     "probe_batches": len(self._probe or []), "layout_fingerprint": self._layout.fingerprint()}
-            entry["file"] = str(save_snapshot(self._dir, step, snap.arrays(), meta))
+            entry["file"] = str(self._writer.write(step, snap.arrays(), meta))
         for logger in trainer.loggers:
             logger.log_metrics({f"hessian/{k}": v for k, v in scalars.items()}, step=step)
         self.history.append(entry)

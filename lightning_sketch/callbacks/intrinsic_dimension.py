@@ -42,15 +42,14 @@ Lightning does not replay it on resume, so that search round would be lost (test
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from lightning_sketch._safeio import write_checked_json
 from lightning_sketch.exceptions import SubspaceError, UnsupportedStrategyError
 from lightning_sketch.intrinsic import Action, DoublingSearch, Subspace
 from lightning_sketch.intrinsic.plot import plot_search
@@ -320,9 +319,8 @@ class IntrinsicDimension(Callback):
             return
         path = Path(self.dirpath) / "intrinsic_dimension.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.summary(), indent=2))
-        os.replace(tmp, path)
+        # unique O_EXCL temp file + rename, never through a planted symlink; carries its own sha256
+        write_checked_json(path, self.summary(), what="intrinsic-dimension state")
 
     # ----------------------------------------------------------------- checkpoints
     @override

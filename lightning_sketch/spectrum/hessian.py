@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sketch.exceptions import SketchConfigError, SpectrumError
-from lightning_sketch.sketches import Sketch, make
+from lightning_sketch.sketches import Sketch, derive_seed, make
 from lightning_sketch.spectrum.lanczos import Which, lanczos
 
 __all__ = ["HessianEigs", "HessianOperator", "hessian_eigs", "hessian_operator", "probe_gradient", "resolve_sketch"]
@@ -230,7 +230,8 @@ def hessian_eigs(
         num_iter: Krylov steps (matvecs); default ``min(dim, max(4k, 40))``.
         method: HVP method (``"fwd_rev"``, ``"double_backward"``, ``"finite_difference"``).
         layout: a ParamLayout restricting the parameters (default: all trainable).
-        seed: seed of the dedicated generator for the start vector (the global RNG is not used).
+        seed: seed of the dedicated generator for the start vector (the global RNG is not used); the
+            generator is seeded with ``derive_seed(seed, "hessian_eigs", "start")``, a stream of its own.
         v0: optional start vector (warm start), ``[N]`` or ``[D]``.
         tol: relative residual tolerance for ``converged``.
         dtype: Krylov-vector dtype (HVPs run in the parameters' dtype).
@@ -244,7 +245,9 @@ def hessian_eigs(
         SketchConfigError: on a sketch that does not match the model.
     """
     op = hessian_operator(model, loss_fn, batches, sketch, layout=layout, method=method, reduce=reduce)
-    gen = torch.Generator().manual_seed(int(seed))
+    # A stream of its own (as the callbacks do): seeding with the raw user seed would make the start
+    # vector equal torch.manual_seed(seed); torch.randn(N), correlated with the user's own draws.
+    gen = torch.Generator().manual_seed(derive_seed(int(seed), "hessian_eigs", "start"))
     start = time.perf_counter()
     res = lanczos(op, op.dim, k, num_iter=num_iter, which=which, generator=gen, dtype=dtype, v0=v0, tol=tol)
     seconds = time.perf_counter() - start

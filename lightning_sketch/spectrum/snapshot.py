@@ -3,9 +3,11 @@
 Layout of a snapshot directory (written by :class:`~lightning_sketch.callbacks.HessianSpectrum`)::
 
     <dirpath>/
-      index.json                 {"format": "lightning_sketch.spectrum/v1",
+      index.json                 {"format": "lightning_sketch.spectrum/v1", "generation": 3,
                                   "snapshots": [{"step": 10, "file": "step_00000010.npz",
-                                                 "scalars": {"lambda_max": ..., ...}}, ...]}
+                                                 "bytes": 4242, "sha256": "...",
+                                                 "scalars": {"lambda_max": ..., ...}}, ...],
+                                  "sha256": "<sha256 of this document without this field>"}
       step_00000010.npz          one file per snapshot (NumPy, no pickle):
         eigenvalues   [k] float64   Ritz values, descending ("LA")
         residuals     [k] float64   Ritz residual norms |β_m s_{m,i}|
@@ -15,15 +17,25 @@ Layout of a snapshot directory (written by :class:`~lightning_sketch.callbacks.H
         density_grid  [G] float64   SLQ grid (absent when density is off)
         density       [G] float64   SLQ density
         meta          0-d str       JSON: step, sketch spec (or null), scalars, which, num_matvecs, ...
+      .writer.lock               held by the one process writing this directory
 
-Every file is written to a temporary name and moved into place with ``os.replace``, so a
-crash never leaves a half-written snapshot or index.
+Integrity: the index is self-checksummed and records each snapshot's size and sha256, so a
+flipped byte, a truncated file or a snapshot swapped in from another step or run is refused
+with :class:`~lightning_sketch.exceptions.StoreCorruptError` naming the file. Every file is
+written through a fresh ``O_EXCL`` temporary file and ``os.replace`` (never through a planted
+symlink; disk full leaves no debris), and one :class:`SnapshotWriter` per directory holds an
+exclusive lock and checks the index generation before each publish, so two runs into one
+directory never interleave.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +43,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_sketch.exceptions import StoreCorruptError, StoreFormatError, StoreNotFoundError
+from lightning_sketch import _safeio as sio
+from lightning_sketch.exceptions import (
+    LightningSketchError,
+    StoreConflictError,
+    StoreCorruptError,
+    StoreFormatError,
+    StoreNotFoundError,
+)
 
 __all__ = [
     "FORMAT",
+    "SnapshotWriter",
     "load_index",
     "load_snapshot",
     "save_snapshot",
@@ -44,6 +64,9 @@ __all__ = [
 
 FORMAT = "lightning_sketch.spectrum/v1"
 INDEX = "index.json"
+_FILE = re.compile(r"^step_\d{8,}\.npz$")
+#: largest snapshot file read without an index entry giving its size (k x D float32 eigenvectors).
+SNAPSHOT_CAP = 4 << 30
 
 
 def snapshot_name(step: int) -> str:
@@ -60,33 +83,125 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _atomic_write_bytes(path: Path, writer: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        writer(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def load_index(dirpath: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The snapshot entries of ``dirpath/index.json`` in step order (``[]`` if there is none).
-
-    Raises:
-        StoreCorruptError: if the index is not valid JSON.
-        StoreFormatError: if its format tag is not :data:`FORMAT`.
-    """
-    path = Path(dirpath) / INDEX
-    if not path.exists():
-        return []
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StoreCorruptError(f"Spectrum index {path} is not valid JSON ({err}); delete it or restore it.") from err
+def _read_index(root: Path) -> tuple[int, list[dict[str, Any]]]:
+    """``(generation, entries)`` of ``root/index.json`` (``(0, [])`` if absent), verified."""
+    path = root / INDEX
+    if not os.path.lexists(path):
+        return 0, []
+    data = sio.read_json(sio.confined(root, INDEX, what="spectrum index"), what="spectrum index")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         fmt = data.get("format") if isinstance(data, dict) else None
         raise StoreFormatError(f"Spectrum index {path} has format {fmt!r}, expected {FORMAT!r}.")
-    return sorted(data.get("snapshots", []), key=lambda e: e["step"])
+    body = sio.verify_checked(data, path=path, what="spectrum index")
+    entries, gen = body.get("snapshots"), body.get("generation", 0)
+    ok = isinstance(entries, list) and isinstance(gen, int) and not isinstance(gen, bool)
+    for e in entries if ok else []:
+        ok = ok and isinstance(e, dict) and isinstance(e.get("step"), int) and not isinstance(e["step"], bool) \
+            and e["step"] >= 0 and e.get("file") == snapshot_name(e["step"]) and isinstance(e.get("sha256"), str) \
+            and isinstance(e.get("bytes"), int) and isinstance(e.get("scalars", {}), dict)
+    if not ok or len({e["step"] for e in entries}) != len(entries):
+        raise StoreCorruptError(
+            f"Spectrum index {path} has malformed snapshot entries (step, file, bytes, sha256); it was edited. "
+            f"Restore it from the run that wrote it."
+        )
+    return gen, sorted(entries, key=lambda e: e["step"])
+
+
+def load_index(dirpath: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The verified snapshot entries of ``dirpath/index.json`` in step order (``[]`` if there is none).
+
+    Each entry has ``step``, ``file``, ``bytes``, ``sha256`` and ``scalars``.
+
+    Raises:
+        StoreCorruptError: the index is not valid JSON, fails its checksum or is malformed.
+        StoreFormatError: its format tag is not :data:`FORMAT`.
+        UnsafeFileError: it is a link out of ``dirpath``, a device or a FIFO.
+    """
+    return _read_index(Path(dirpath))[1]
+
+
+class SnapshotWriter:
+    """The single writer of a snapshot directory: holds ``.writer.lock`` until :meth:`close`.
+
+    Args:
+        dirpath: the snapshot directory (created if missing).
+
+    Raises:
+        StoreWriteError: another process writes this directory, or it cannot be created.
+        StoreCorruptError / StoreFormatError: an existing index is damaged.
+
+    Example:
+        >>> import tempfile
+        >>> w = SnapshotWriter(tempfile.mkdtemp())
+        >>> p = w.write(3, {"eigenvalues": torch.tensor([1.0])}, {"sketch_spec": None})
+        >>> w.close(); p.name
+        'step_00000003.npz'
+    """
+
+    def __init__(self, dirpath: str | os.PathLike[str]) -> None:
+        from lightning_sketch.exceptions import StoreWriteError
+
+        self.root = Path(dirpath)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreWriteError(f"Cannot create the spectrum directory {str(self.root)!r}: {err}.") from err
+        self._lock: sio.DirLock | None = sio.DirLock(self.root, what="spectrum snapshot directory")
+        try:
+            self._generation, _ = _read_index(self.root)
+        except LightningSketchError:
+            self.close()
+            raise
+
+    def write(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Write one snapshot file and add (or replace) its entry in ``index.json``; see :func:`save_snapshot`.
+
+        Raises:
+            StoreConflictError: the index changed on disk since this writer last wrote it, or the lock
+                file was replaced (another writer got in); nothing is published.
+            StoreWriteError: disk full or another write error; no temporary file is left.
+        """
+        if self._lock is None:
+            from lightning_sketch.exceptions import StoreWriteError
+
+            raise StoreWriteError(f"The snapshot writer of {str(self.root)!r} is closed.")
+        self._lock.check()
+        gen, entries = _read_index(self.root)
+        if gen != self._generation:
+            raise StoreConflictError(
+                f"Spectrum index {str(self.root / INDEX)!r} moved from generation {self._generation} to {gen} behind "
+                f"this writer: another run writes this directory. Nothing was published; give each run its own dirpath."
+            )
+        name = snapshot_name(step)
+        meta = {**meta, "step": int(step), "format": FORMAT}
+        payload = {k: _np(v) for k, v in arrays.items()}
+        if "eigenvectors" in payload:
+            payload["eigenvectors"] = payload["eigenvectors"].astype(np.float32)
+        payload["meta"] = np.array(json.dumps(meta, allow_nan=True))
+        buf = io.BytesIO()
+        np.savez(buf, **payload)
+        sha, size = sio.atomic_write(self.root / name, [buf.getbuffer()], what="spectrum snapshot")
+        entries = [e for e in entries if e["step"] != int(step)]
+        entries.append({"step": int(step), "file": name, "bytes": size, "sha256": sha,
+                        "scalars": _finite(meta.get("scalars", {}))})
+        entries.sort(key=lambda e: e["step"])
+        doc = {"format": FORMAT, "generation": gen + 1, "snapshots": entries}
+        sio.atomic_write(self.root / INDEX, [sio.dump_checked_json(doc)], what="spectrum index")
+        self._generation = gen + 1
+        return self.root / name
+
+    def close(self) -> None:
+        """Release the directory lock (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _finite(scalars: Any) -> Any:
+    """Scalars for the JSON index: NaN/inf become None (JSON has no such numbers)."""
+    if not isinstance(scalars, dict):
+        return {}
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in scalars.items()}
 
 
 def save_snapshot(
@@ -95,7 +210,7 @@ def save_snapshot(
     arrays: dict[str, Any],
     meta: dict[str, Any],
 ) -> Path:
-    """Write one snapshot file and add (or replace) its entry in ``index.json``.
+    """Write one snapshot file and add (or replace) its entry in ``index.json`` (locks the directory).
 
     Args:
         dirpath: the snapshot directory (created if missing).
@@ -107,6 +222,9 @@ def save_snapshot(
     Returns:
         The snapshot file's path.
 
+    Raises:
+        StoreWriteError: another process writes the directory, or disk full (no debris left).
+
     Example:
         >>> import tempfile
         >>> d = tempfile.mkdtemp()
@@ -115,41 +233,67 @@ def save_snapshot(
         >>> load_snapshot(p)["eigenvalues"].tolist(), [e["step"] for e in load_index(d)]
         ([2.0, 1.0], [5])
     """
-    root = Path(dirpath)
-    root.mkdir(parents=True, exist_ok=True)
-    name = snapshot_name(step)
-    meta = {**meta, "step": int(step), "format": FORMAT}
-    payload = {k: _np(v) for k, v in arrays.items()}
-    if "eigenvectors" in payload:
-        payload["eigenvectors"] = payload["eigenvectors"].astype(np.float32)
-    payload["meta"] = np.array(json.dumps(meta))
-    _atomic_write_bytes(root / name, lambda fh: np.savez(fh, **payload))
-    entries = [e for e in load_index(root) if e["step"] != int(step)]
-    entries.append({"step": int(step), "file": name, "scalars": meta.get("scalars", {})})
-    entries.sort(key=lambda e: e["step"])
-    text = json.dumps({"format": FORMAT, "snapshots": entries}, indent=1)
-    _atomic_write_bytes(root / INDEX, lambda fh: fh.write(text.encode()))
-    return root / name
+    writer = SnapshotWriter(dirpath)
+    try:
+        return writer.write(step, arrays, meta)
+    finally:
+        writer.close()
 
 
 def load_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read one snapshot file: arrays as float64/bool tensors (eigenvectors float32) and ``meta``.
 
+    When the file's directory has an ``index.json``, the file must be listed there and match the
+    recorded size and sha256 (a flipped, truncated or swapped-in snapshot is refused); the
+    snapshot's own ``meta["step"]`` must match its file name.
+
     Raises:
         StoreNotFoundError: if the file does not exist.
-        StoreCorruptError: if it cannot be read as a snapshot.
+        StoreCorruptError: if it cannot be read as a snapshot, fails its checksum, or is not the
+            snapshot its name and index say.
+        UnsafeFileError: a link out of its directory, a device or a FIFO.
     """
     p = Path(path)
-    if not p.is_file():
+    if not os.path.lexists(p):
         raise StoreNotFoundError(f"Spectrum snapshot {p} does not exist; list snapshots with load_index(dirpath).")
+    root = p.parent
+    real = sio.confined(root, p.name, what="spectrum snapshot")
+    _, entries = _read_index(root)
+    entry = next((e for e in entries if e["file"] == p.name), None)
+    if entries and entry is None:
+        raise StoreCorruptError(f"Spectrum snapshot {p} is not listed in {root / INDEX}; it does not belong to this run.")
+    raw = sio.read_capped(real, entry["bytes"] if entry else SNAPSHOT_CAP, what="spectrum snapshot")
+    if entry is not None and (len(raw) != entry["bytes"] or sio.sha256_bytes(raw) != entry["sha256"]):
+        raise StoreCorruptError(
+            f"Spectrum snapshot {p} fails its checksum in {INDEX} ({len(raw)} bytes, index records {entry['bytes']}): "
+            f"it is truncated, corrupted or was swapped in from another step or run. Delete it or restore it."
+        )
     try:
-        with np.load(p, allow_pickle=False) as data:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             out: dict[str, Any] = {k: torch.from_numpy(np.array(data[k])) for k in data.files if k != "meta"}
             meta = json.loads(str(data["meta"]))
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile, zlib.error, RuntimeError,
+            NotImplementedError, UnicodeDecodeError, MemoryError) as err:
         raise StoreCorruptError(f"Spectrum snapshot {p} is unreadable ({err}); delete it and its index entry.") from err
+    _check_snapshot(p, out, meta, entry)
     out["meta"] = meta
     return out
+
+
+def _check_snapshot(p: Path, arrays: dict[str, Tensor], meta: Any, entry: dict[str, Any] | None) -> None:
+    step = meta.get("step") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or meta.get("format", FORMAT) != FORMAT or (
+        _FILE.match(p.name) and step != int(p.name[5:-4])
+    ) or (entry is not None and step != entry["step"]):
+        raise StoreCorruptError(f"Spectrum snapshot {p} records step {step!r}, not the step of its name/index entry: "
+                                f"it was renamed or swapped in. Delete it or restore the original.")
+    vals = arrays.get("eigenvalues")
+    if vals is None or vals.ndim != 1:
+        raise StoreCorruptError(f"Spectrum snapshot {p} has no 1-D `eigenvalues` array.")
+    vecs = arrays.get("eigenvectors")
+    if vecs is not None and (vecs.ndim != 2 or vecs.shape[0] != len(vals)):
+        raise StoreCorruptError(f"Spectrum snapshot {p}: eigenvectors {tuple(vecs.shape)} do not match {len(vals)} "
+                                f"eigenvalues.")
 
 
 def top_eigenpairs_from_snapshot(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor, dict[str, Any] | None]:
@@ -161,7 +305,7 @@ def top_eigenpairs_from_snapshot(path: str | os.PathLike[str]) -> tuple[Tensor, 
 
     Raises:
         StoreNotFoundError: for a missing file or a directory without snapshots.
-        StoreCorruptError: for an unreadable file.
+        StoreCorruptError: for an unreadable, corrupted or swapped file.
     """
     p = Path(path)
     if p.is_dir():
@@ -170,6 +314,8 @@ def top_eigenpairs_from_snapshot(path: str | os.PathLike[str]) -> tuple[Tensor, 
             raise StoreNotFoundError(f"No spectrum snapshots under {p} (no {INDEX} entries).")
         p = p / entries[-1]["file"]
     snap = load_snapshot(p)
+    if "eigenvectors" not in snap:
+        raise StoreCorruptError(f"Spectrum snapshot {p} holds no eigenvectors.")
     vals = snap["eigenvalues"].to(torch.float64)
     vecs = snap["eigenvectors"].to(torch.float32)
     return vals, vecs, snap["meta"].get("sketch_spec")

@@ -87,7 +87,9 @@ def test_output_formats_and_main_usage(capsys):
         "query,query_label,kind,rank,train_id,train_label,score", "4,1,proponent,1,7,1,2.5", "4,1,opponent,1,9,3,-1"]
     table = cli_commands._as_table(result)
     assert "query 4 (test)" in table and "proponent     1        7" in table
-    assert json.loads(cli_commands._as_json(result)) == result
+    from lightning_sketch._safeio import verify_checked
+
+    assert verify_checked(json.loads(cli_commands._as_json(result)), path="-", what="query result") == result
     assert cli.main(["--help"]) == 0 and "inspect" in capsys.readouterr().out
     assert cli.main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
 
@@ -105,8 +107,10 @@ def test_report_with_spectrum_and_intrinsic(tmp_path):
             "converged": torch.tensor([True, True, False]), "eigenvectors": torch.eye(3, 8),
             "density_grid": torch.from_numpy(grid), "density": torch.from_numpy(np.exp(-grid**2) + 1e-6),
         }, {"scalars": {"lambda_max": top, "rneg": 0.1}})
+    from lightning_sketch._safeio import write_checked_json
+
     (run / "intrinsic").mkdir(parents=True)
-    (run / "intrinsic" / "intrinsic_dimension.json").write_text(json.dumps({
+    write_checked_json(run / "intrinsic" / "intrinsic_dimension.json", ({
         "mode": "search", "status": "done", "d_star": 32, "target": 0.9, "history": [
             {"round": 0, "d": 16, "metric": 0.1, "action": "baseline"},
             {"round": 1, "step": 50, "d": 16, "metric": 0.6, "action": "double"},
