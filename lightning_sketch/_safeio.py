@@ -64,6 +64,7 @@ __all__ = [
     "dump_checked_json",
     "file_sha256",
     "load_checked_json",
+    "load_torch_bytes",
     "load_torch_file",
     "open_regular",
     "read_capped",
@@ -463,32 +464,41 @@ def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint", follow
         >>> load_torch_file(p)["w"].tolist()
         [1.0, 1.0]
     """
+    fd = open_regular(path, what=what, follow=follow)
+    with os.fdopen(fd, "rb") as fh:
+        return _torch_load(fh, f"{what} {str(path)!r}")
+
+
+def load_torch_bytes(data: bytes, *, what: str) -> Any:
+    """:func:`load_torch_file` on bytes already read (and checksum-verified) by the caller."""
+    return _torch_load(io.BytesIO(data), what)
+
+
+def _torch_load(fh: Any, what: str) -> Any:
     import pickle
     import zipfile
 
     import torch
 
-    fd = open_regular(path, what=what, follow=follow)
-    with os.fdopen(fd, "rb") as fh:
-        try:
-            with torch.serialization.safe_globals(_lightning_safe_globals()):
-                return torch.load(fh, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()
-            reason = (detail[0] if detail else str(err))[:300]
-            raise CheckpointLoadError(
-                f"Refused to load {what} {str(path)!r}: it holds objects the safe loader (torch.load with "
-                f"weights_only=True) does not rebuild, because unpickling them can run arbitrary code ({reason}). "
-                f"A checkpoint written by this library and Lightning loads safely; if the file comes from elsewhere, "
-                f"do not trust it. If you wrote it yourself with custom objects, re-save just its state_dict "
-                f"(tensors) with torch.save and pass that file."
-            ) from None
-        except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
-                UnicodeDecodeError, zipfile.BadZipFile, MemoryError, OverflowError) as err:
-            raise CheckpointLoadError(
-                f"{what} {str(path)!r} is not a readable PyTorch file ({type(err).__name__}: {str(err)[:200]}); it is "
-                f"truncated, corrupted or of another format. Pass the .ckpt/.pt file the run wrote."
-            ) from None
+    try:
+        with torch.serialization.safe_globals(_lightning_safe_globals()):
+            return torch.load(fh, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()
+        reason = (detail[0] if detail else str(err))[:300]
+        raise CheckpointLoadError(
+            f"Refused to load {what}: it holds objects the safe loader (torch.load with "
+            f"weights_only=True) does not rebuild, because unpickling them can run arbitrary code ({reason}). "
+            f"A checkpoint written by this library and Lightning loads safely; if the file comes from elsewhere, "
+            f"do not trust it. If you wrote it yourself with custom objects, re-save just its state_dict "
+            f"(tensors) with torch.save and pass that file."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+            UnicodeDecodeError, zipfile.BadZipFile, MemoryError, OverflowError) as err:
+        raise CheckpointLoadError(
+            f"{what} is not a readable PyTorch file ({type(err).__name__}: {str(err)[:200]}); it is "
+            f"truncated, corrupted or of another format. Pass the .ckpt/.pt file the run wrote."
+        ) from None
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,6 +132,7 @@ class Attributor:
             query_loss_fn = negative_margin_of(model)
         self.query_loss_fn = query_loss_fn if query_loss_fn is not None else self.loss_fn
         self.weights_dir = Path(weights_dir) if weights_dir is not None else run_weights
+        self._explicit_weights = weights_dir is not None
         self.sketch, self.layout = _sketch_and_layout(self.store, model)
         all_ckpts = [c["name"] for c in _checkpoints(self.store)]
         if not all_ckpts:
@@ -371,24 +373,40 @@ class Attributor:
         return values, vectors
 
     # ------------------------------------------------------------------ weights
+    def _saved_weights(self, name: str) -> dict[str, Tensor] | None:
+        """The parameters saved for checkpoint ``name``, verified against the store (None: none saved)."""
+        from lightning_sketch._safeio import load_torch_file
+        from lightning_sketch.exceptions import StoreCorruptError
+
+        path = None if self.weights_dir is None else self.weights_dir / f"{name}.pt"
+        if self._explicit_weights:  # a folder the user named: loaded safely, checked against the layout below
+            return load_torch_file(path, what="weights file") if path is not None and path.exists() else None
+        if hasattr(self.store, "has_weights") and self.store.has_weights(name):
+            return self.store.load_weights(name, self.layout.fingerprint())  # checksum, layout, no pickle
+        if path is not None and os.path.lexists(path):
+            raise StoreCorruptError(
+                f"Weights file {path} is not recorded in the store's manifest, so it was not written by this run "
+                f"(or the manifest lost its record); it is refused. Re-run with save_weights=True, or pass "
+                f"`weights_dir` explicitly if you trust the file."
+            )
+        return None
+
     @contextmanager
     def _weights(self, name: str):
-        path = None if self.weights_dir is None else self.weights_dir / f"{name}.pt"
-        if self.current_weights or path is None or not path.exists():
+        saved = None if self.current_weights else self._saved_weights(name)
+        if saved is None:
             if len(self.checkpoints) > 1 and not self.current_weights:
                 raise StoreNotFoundError(
-                    f"No saved weights for checkpoint {name!r} (looked for {path}); multi-checkpoint "
-                    f"methods need GradientSketch(save_weights=True), `weights_dir`, or `current_weights=True`."
+                    f"No saved weights for checkpoint {name!r}; multi-checkpoint methods need "
+                    f"GradientSketch(save_weights=True), `weights_dir`, or `current_weights=True`."
                 )
             yield
             return
-        from lightning_sketch._safeio import load_torch_file
-
-        saved = load_torch_file(path, what="weights file")
         current = self.layout.params(self.model)
-        if set(saved) != set(current):
+        if set(saved) != set(current) or any(saved[n].shape != t.shape for n, t in current.items()):
             raise LayoutMismatchError(
-                f"Saved weights {path} hold parameters {sorted(saved)[:5]}... that differ from the model's layout."
+                f"Saved weights of checkpoint {name!r} hold parameters {sorted(saved)[:5]}... (names or shapes) that "
+                f"differ from the model's layout; use the architecture the run was trained with."
             )
         backup = {n: t.detach().clone() for n, t in current.items()}
         params = dict(self.model.named_parameters())

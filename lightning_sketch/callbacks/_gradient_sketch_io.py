@@ -46,6 +46,9 @@ class _RankZero:
     def merge_shards(self) -> None:
         self.main.merge_shards()
 
+    def save_weights(self, *args: Any, **kwargs: Any) -> Any:
+        return self.main.save_weights(*args, **kwargs)  # recorded in the main store, committed at the merge
+
     def close(self) -> None:
         self.shard.close()
         self.main.close()
@@ -56,11 +59,14 @@ def _current_lr(trainer: Trainer) -> float:
     return float(opts[0].param_groups[0]["lr"]) if opts else 1.0
 
 
-def _save_weights(path: Path, params: dict[str, Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({n: t.detach().cpu().clone() for n, t in params.items()}, tmp)
-    os.replace(tmp, path)
+def _save_weights(store: Any, path: Path, params: dict[str, Tensor], layout_fingerprint: str) -> None:
+    """Write ``path`` (``<weights dir>/<slice>.pt``) atomically and record it in the store's manifest.
+
+    The record (size, sha256, layout fingerprint) is committed with the slice's rows, so the
+    reader (:meth:`~lightning_sketch.store.SketchStore.load_weights`) refuses a flipped,
+    truncated, swapped or foreign file.
+    """
+    store.save_weights(path.stem, params, path.parent, layout_fingerprint=layout_fingerprint)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -272,6 +272,16 @@ class GradientSketch(Callback):
                 )
             self._generation = self._resume_generation
             self._resume_generation = None
+        elif self.store.num_rows and trainer.world_size == 1 and self.store.resume_point is None:
+            # Rows of a run killed before its first Lightning checkpoint: no checkpoint can resume them,
+            # and this fit re-writes them from step 0, so they are discarded (issue 11, finding 9).
+            orphans = self.store.num_rows
+            self.store.rollback(0)
+            rank_zero_warn(
+                f"GradientSketch: discarded {orphans} orphan rows in {str(self.store_path)!r}: they were written by a "
+                f"run that stopped before its first checkpoint, so no checkpoint can resume them. This fit rewrites "
+                f"the store from the start."
+            )
         elif self.store.num_rows and trainer.world_size == 1:
             raise StoreWriteError(
                 f"The store {str(self.store_path)!r} already holds {self.store.num_rows} rows and this fit does "
@@ -320,7 +330,8 @@ class GradientSketch(Callback):
             name = f"epoch-{trainer.current_epoch}"
             if self.save_weights and trainer.is_global_zero and name in self._slices:
                 # end-of-epoch weights: where tracin/trak queries of this slice take their gradients
-                _save_weights(self.weights_path / f"{name}.pt", self.layout.params(pl_module))
+                _save_weights(self.store, self.weights_path / f"{name}.pt", self.layout.params(pl_module),
+                              self.layout.fingerprint())
             # Inline rows are committed with Lightning checkpoints and at fit end (a crash loses only
             # rows after the last checkpoint, which a resume re-writes anyway); commit earlier only
             # when the buffer grows large, so the per-step cost stays an in-memory append.
@@ -359,7 +370,8 @@ class GradientSketch(Callback):
             self._slices.append(name)
         self._last_step_done = step
         if self.save_weights and trainer.is_global_zero:
-            _save_weights(self.weights_path / f"{name}.pt", self.layout.params(pl_module))
+            _save_weights(self.store, self.weights_path / f"{name}.pt", self.layout.params(pl_module),
+                          self.layout.fingerprint())
         self._commit(trainer)
 
     # ------------------------------------------------------------------ inline mode
@@ -514,6 +526,8 @@ class GradientSketch(Callback):
         if self.store is None:
             return
         self._commit(trainer)
+        if self.store.resume_point is None:  # rows a checkpoint can resume are no orphans (see on_fit_start)
+            self._generation = self.store.mark_resume_point()
         if trainer.world_size > 1:  # every rank runs this hook; record each shard's generation
             gens = trainer.strategy.all_gather(torch.tensor([self._generation], dtype=torch.long))
             self._generations = [int(g) for g in gens.reshape(-1).tolist()]
@@ -527,6 +541,8 @@ class GradientSketch(Callback):
             self._capture.__exit__(None, None, None)
             self._capture = None
         self._commit(trainer)
+        if self.store.resume_point is None:  # a finished run's rows are no orphans either
+            self._generation = self.store.mark_resume_point()
         if trainer.world_size > 1:
             trainer.strategy.barrier("gradient_sketch_merge")
             if trainer.is_global_zero:

@@ -1,19 +1,17 @@
 """Crash-safe file primitives of the sketch store: atomic writes, checksums and the writer lock.
 
-Every file the store publishes is written to a temporary name in the same directory, flushed,
+Every file the store publishes is written to a fresh temporary file in the same directory
+(``mkstemp``: ``O_CREAT | O_EXCL``, so a planted symlink is never followed), flushed,
 ``fsync``-ed, renamed over its final name with :func:`os.replace` (atomic on POSIX), and then the
 directory itself is ``fsync``-ed so the rename survives a power loss. A reader therefore sees
-either the old file or the complete new one, never a torn write. All bytes go through
-:func:`os.write` so one place handles short writes and ``ENOSPC``.
+either the old file or the complete new one, never a torn write. The primitives live in
+:mod:`lightning_sketch._safeio`, shared with the other writers of a run directory.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
-import hashlib
 import io
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_sketch.exceptions import StoreCorruptError, StoreNotFoundError, StoreWriteError
+from lightning_sketch import _safeio as sio
+from lightning_sketch.exceptions import StoreWriteError
 
 __all__ = [
     "WriterLock",
@@ -34,21 +33,7 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 22
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """``fsync`` a directory so that renames inside it are durable (no-op where unsupported)."""
-    try:
-        fd = os.open(os.fspath(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as err:  # some filesystems refuse fsync on directories
-        if err.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
+fsync_dir = sio.fsync_dir
 
 
 def npy_bytes(array: np.ndarray) -> Iterable[bytes]:
@@ -72,125 +57,67 @@ def npy_bytes(array: np.ndarray) -> Iterable[bytes]:
 def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes], *, fsync: bool = True) -> tuple[str, int]:
     """Write ``chunks`` to ``path`` atomically; return ``(sha256 hex, size in bytes)``.
 
-    The data goes to ``<path>.tmp-<pid>``, is flushed and fsync-ed, then renamed over ``path`` and
-    the parent directory is fsync-ed. On any ``OSError`` the temporary file is removed and
-    :class:`StoreWriteError` is raised; ``path`` keeps its previous content (or stays absent).
+    See :func:`lightning_sketch._safeio.atomic_write`: on any ``OSError`` the temporary file is
+    removed and ``path`` keeps its previous content (or stays absent).
 
     Raises:
-        StoreWriteError: the write, fsync or rename failed (e.g. ``ENOSPC``, disk full).
+        StoreWriteError: the write, fsync or rename failed (e.g. ``ENOSPC``, disk full). The last
+            committed state is intact; commit() can be retried (the uncommitted buffer is kept).
     """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    digest = hashlib.sha256()
-    size = 0
-    fd = -1
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        for chunk in chunks:
-            view = memoryview(chunk)
-            digest.update(view)
-            size += len(view)
-            while len(view):
-                written = os.write(fd, view)
-                view = view[written:]
-        if fsync:
-            os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-        if fsync:
-            fsync_dir(path.parent)
-    except OSError as err:
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        reason = "disk full (ENOSPC)" if err.errno == errno.ENOSPC else str(err)
-        raise StoreWriteError(
-            f"Could not write store file {str(path)!r}: {reason}. The last committed state is intact; "
-            f"free space (or fix permissions) and call commit() again: the uncommitted buffer is kept."
-        ) from err
-    return digest.hexdigest(), size
+    return _store_write(path, chunks, fsync, "store file")
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> tuple[str, int]:
-    """Atomically write ``obj`` as indented JSON (see :func:`atomic_write`)."""
-    text = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode() + b"\n"
-    return atomic_write(path, [text])
+    """Atomically write ``obj`` as indented JSON carrying its own sha256 (:func:`~lightning_sketch._safeio.dump_checked_json`)."""
+    return _store_write(path, [sio.dump_checked_json(obj)], True, "store manifest")
+
+
+def _store_write(path: str | os.PathLike, chunks: Iterable[bytes], fsync: bool, what: str) -> tuple[str, int]:
+    try:
+        return sio.atomic_write(path, chunks, fsync=fsync, what=what)
+    except StoreWriteError as err:
+        cause = err.__cause__
+        reason = "disk full (ENOSPC)" if getattr(cause, "errno", None) == errno.ENOSPC else str(cause)
+        raise StoreWriteError(
+            f"Could not write {what} {str(path)!r}: {reason}. The last committed state is intact; free space (or "
+            f"fix permissions) and call commit() again: the uncommitted buffer is kept."
+        ) from cause
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file written by :func:`write_json_atomic`.
+    """Read a JSON file of the store (a regular file, capped; not followed out of its directory).
 
     Raises:
         StoreNotFoundError: the file is missing.
         StoreCorruptError: the file is not valid UTF-8 JSON (truncated or bit-flipped).
+        UnsafeFileError: a device, FIFO, or a symlink leaving the store directory.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as err:
-        raise StoreNotFoundError(f"Store file {str(path)!r} does not exist.") from err
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StoreCorruptError(
-            f"Store file {str(path)!r} is not valid JSON ({err}); it is truncated or corrupted. "
-            f"Restore it from a backup; segment files are left untouched."
-        ) from err
+    real = sio.confined(path.parent, path.name, what="store file")
+    return sio.read_json(real, what="store file")
 
 
 def file_sha256(path: str | os.PathLike) -> tuple[str, int]:
-    """``(sha256 hex, size)`` of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(_CHUNK)
-            if not block:
-                break
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
+    """``(sha256 hex, size)`` of a regular file, read in 4 MiB chunks."""
+    return sio.file_sha256(path, what="store file")
 
 
-class WriterLock:
+class WriterLock(sio.DirLock):
     """An exclusive, non-blocking ``fcntl.flock`` on ``<store>/.writer.lock``.
 
     Only one process may append to a store (or to one shard) at a time; readers take no lock.
-    The lock is released when :meth:`release` is called or the process dies.
+    The lock is released when :meth:`release` is called or the process dies; :meth:`check`
+    detects a lock file deleted or replaced behind the holder's back.
 
     Raises:
         StoreWriteError: another process already holds the lock.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
-        self.path = Path(directory) / ".writer.lock"
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(self._fd)
-            self._fd = None
+            super().__init__(directory, ".writer.lock", what="store")
+        except StoreWriteError as err:
             raise StoreWriteError(
-                f"Another process holds the writer lock {str(self.path)!r}; a store has one writer at a "
-                f"time. Open it with mode='r' to read, or give each DDP rank its own shard "
+                f"{err} Open the store with mode='r' to read, or give each DDP rank its own shard "
                 f"(SketchStore.open_shard)."
-            ) from err
-
-    def release(self) -> None:
-        """Release the lock (idempotent)."""
-        if self._fd is not None:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._fd)
-                self._fd = None
-
-    def __del__(self) -> None:
-        self.release()
+            ) from err.__cause__

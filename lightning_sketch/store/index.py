@@ -192,8 +192,19 @@ def to_device(index: faiss.Index, device: str) -> tuple[faiss.Index, Any]:
 
 
 def search_index(index: faiss.Index, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raw FAISS search: ``(scores [Q, k] float32, ids [Q, k] int64)``; missing hits have id -1."""
-    return index.search(_f32(queries), int(k))
+    """Raw FAISS search: ``(scores [Q, k] float32, ids [Q, k] int64)``; missing hits have id -1.
+
+    Raises:
+        SketchInputError: a query holds NaN/inf (FAISS would return id -1 for it, not an answer).
+    """
+    q = _f32(queries)
+    if not np.isfinite(q).all():
+        bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
+        raise SketchInputError(
+            f"Query rows {bad[:5].tolist()} contain NaN/inf (e.g. a non-finite loss or input), so no neighbour can "
+            f"be ranked; fix or drop those queries."
+        )
+    return index.search(q, int(k))
 
 
 def rerank(

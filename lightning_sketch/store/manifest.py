@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lightning_sketch import _safeio as sio
 from lightning_sketch.exceptions import (
+    LightningSketchError,
     SketchInputError,
     StoreCorruptError,
     StoreFormatError,
@@ -108,15 +112,109 @@ _REQUIRED = {
     "segments": list,
     "indexes": dict,
 }
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 
 
-def load_manifest(directory: str | Path) -> dict[str, Any]:
+def _bad(path: Path, what: str) -> StoreCorruptError:
+    return StoreCorruptError(
+        f"{str(path)!r}: {what}; the manifest was edited or corrupted. Restore it from a backup (segment files "
+        f"are left untouched)."
+    )
+
+
+def _int(v: Any, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _num(v: Any, none: bool = True) -> bool:
+    if v is None:
+        return none
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _file_entry(e: Any) -> bool:
+    """A manifest file entry: a relative path of safe parts (no '..', not absolute), size and sha256."""
+    return (isinstance(e, dict) and isinstance(e.get("file"), str) and all(_PART.match(p) for p in e["file"].split("/"))
+            and _int(e.get("bytes")) and isinstance(e.get("sha256"), str) and bool(_SHA.match(e["sha256"])))
+
+
+def _validate(data: dict[str, Any], path: Path) -> None:
+    """Types, names and file entries of every record (no file is read)."""
+    names = []
+    for c in data["checkpoints"]:
+        if not (isinstance(c, dict) and isinstance(c.get("name"), str) and _NAME.match(c["name"])
+                and c["name"] not in RESERVED and (c.get("step") is None or _int(c["step"])) and _num(c.get("lr"))
+                and _num(c.get("weight")) and _int(c.get("rows")) and _int(c.get("generation", 0))
+                and isinstance(c.get("meta", {}), dict)):
+            raise _bad(path, f"checkpoint record {str(c)[:200]} is malformed (name, step, lr, weight, rows)")
+        names.append(c["name"])
+    if len(set(names)) != len(names):
+        raise _bad(path, f"checkpoint names {names} repeat")
+    for seg in data["segments"]:
+        if not (isinstance(seg, dict) and isinstance(seg.get("checkpoint"), str) and _int(seg.get("rank"))
+                and _int(seg.get("generation")) and _int(seg.get("rows")) and _file_entry(seg.get("vectors"))
+                and _file_entry(seg.get("ids"))):
+            raise _bad(path, f"segment record {str(seg)[:200]} is malformed (checkpoint, rank, generation, rows, files)")
+    for key, e in data["indexes"].items():
+        if not (isinstance(key, str) and _file_entry(e) and e.get("kind") in ("flat", "ivf", "ivfpq", "hnsw")
+                and isinstance(e.get("view"), str) and isinstance(e.get("params"), dict) and _int(e.get("rows"))
+                and _int(e.get("generation")) and _int(e.get("data_generation"))
+                and key == f"{e['view']}:{e['kind']}"):
+            raise _bad(path, f"index record {key!r} is malformed")
+    for name, e in data.get("weights", {}).items() if isinstance(data.get("weights", {}), dict) else [(None, None)]:
+        if not (isinstance(name, str) and _NAME.match(name) and _file_entry(e) and _int(e.get("generation"))
+                and (e.get("layout_fingerprint") is None or isinstance(e["layout_fingerprint"], str))):
+            raise _bad(path, f"weights record {name!r} is malformed")
+    for s in data.get("skips", []) if isinstance(data.get("skips", []), list) else [None]:
+        if not (isinstance(s, dict) and isinstance(s.get("checkpoint"), str) and _int(s.get("generation"))
+                and _int(s.get("nonfinite")) and _int(s.get("duplicates")) and isinstance(s.get("ids", []), list)):
+            raise _bad(path, f"skip record {str(s)[:200]} is malformed")
+    for key in ("merged_shards", "merged_skips"):
+        val = data.get(key, {})
+        if not isinstance(val, dict) or not all(isinstance(k, str) and _int(v) for k, v in val.items()):
+            raise _bad(path, f"field {key!r} is malformed")
+    if data.get("checkpointed_generation") is not None and not _int(data["checkpointed_generation"]):
+        raise _bad(path, "field 'checkpointed_generation' is malformed")
+
+
+def _consistent(data: dict[str, Any], path: Path) -> None:
+    """Cross-record consistency: segments name known checkpoints, counts add up, generations in range."""
+    names = {c["name"] for c in data["checkpoints"]}
+    gen = data["generation"]
+    for seg in data["segments"]:
+        if seg["checkpoint"] not in names:
+            raise _bad(path, f"segment {seg['vectors']['file']!r} belongs to checkpoint {seg['checkpoint']!r}, which the "
+                             f"manifest does not declare")
+        if seg["generation"] > gen:
+            raise _bad(path, f"segment {seg['vectors']['file']!r} has generation {seg['generation']} > {gen}")
+    for c in data["checkpoints"]:
+        held = sum(s["rows"] for s in data["segments"] if s["checkpoint"] == c["name"])
+        if held != c["rows"]:
+            raise StoreCorruptError(
+                f"{str(path)!r}: checkpoint {c['name']!r} records {c['rows']} rows but its segments hold {held}."
+            )
+    for e in list(data["indexes"].values()) + list(data.get("weights", {}).values()):
+        if e["generation"] > gen:
+            raise _bad(path, f"file {e['file']!r} has generation {e['generation']} > {gen}")
+
+
+def load_manifest(directory: str | Path, *, strict: bool = True) -> dict[str, Any]:
     """Read and validate ``<directory>/manifest.json``.
+
+    Checks, in order: the format tag and version, the type of every field and record (checkpoint
+    names, finite learning rates, relative file paths without ``..``), the recorded spec checksum
+    and, when ``strict``, the cross-record consistency (segments of declared checkpoints, row
+    counts) and the manifest's own sha256 (field ``sha256``), so no edit or flipped byte goes
+    unnoticed. ``strict=False`` (used by :func:`~lightning_sketch.store.inspect_store` to describe
+    a damaged store) skips the last two.
 
     Raises:
         StoreNotFoundError: the directory or its manifest does not exist.
-        StoreCorruptError: the manifest is not valid JSON or misses required fields.
+        StoreCorruptError: the manifest is not valid JSON, misses or mistypes fields, is inconsistent
+            or fails its checksum.
         StoreFormatError: the manifest was written by another (newer or unknown) format version.
+        UnsafeFileError: the manifest is a device, a FIFO or a symlink leaving the directory.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -124,7 +222,7 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
             f"No sketch store at {str(directory)!r} (directory missing); create one with SketchStore.create."
         )
     path = directory / MANIFEST
-    if not path.exists():
+    if not os.path.lexists(path):
         raise StoreNotFoundError(
             f"No sketch store at {str(directory)!r}: {MANIFEST!r} is missing. If this directory held a store, "
             f"its manifest was deleted and the store cannot be read; otherwise create one with "
@@ -157,33 +255,59 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
             f"created (spec_sha256); the spec was edited by hand. Rows were written with the original sketch, so "
             f"restore the original spec, or write a new store with the sketch you want."
         )
+    if not _int(data["generation"]) or data["sketch_dim"] < 1 or not (
+        data.get("layout_fingerprint") is None or isinstance(data["layout_fingerprint"], str)
+    ) or not (data.get("layout") is None or isinstance(data["layout"], dict)):
+        raise _bad(path, "field 'generation', 'sketch_dim' or 'layout' is out of range")
+    _validate(data, path)
+    if strict:
+        _consistent(data, path)
+        data = sio.verify_checked(data, path=path, what="store manifest")
+    else:
+        data.pop(sio.CHECKSUM_KEY, None)
     data.setdefault("merged_shards", {})
     return data
+
+
+def read_generation(directory: Path) -> Any:
+    """The ``generation`` field of the manifest on disk now (None if it cannot be read)."""
+    try:
+        data = read_json(Path(directory) / MANIFEST)
+    except LightningSketchError:
+        return None
+    return data.get("generation") if isinstance(data, dict) else None
 
 
 def check_file(directory: Path, entry: dict[str, Any], *, full: bool) -> None:
     """Check that a data file named by the manifest exists, has its size and (if ``full``) its sha256.
 
-    ``entry`` has keys ``file``, ``bytes`` and ``sha256``.
+    ``entry`` has keys ``file``, ``bytes`` and ``sha256``. The file must resolve inside
+    ``directory`` and be a regular file (never a device or FIFO, which could hang a reader).
 
     Raises:
         StoreCorruptError: missing, truncated, grown or bit-flipped file (the message names it).
+        UnsafeFileError: the entry points outside the store, or at a non-regular file.
     """
     path = directory / entry["file"]
+    real = sio.confined(directory, entry["file"], what="store file")
     try:
-        size = path.stat().st_size
-    except FileNotFoundError as err:
+        fd = sio.open_regular(real, what="store file")
+    except StoreNotFoundError as err:
         raise StoreCorruptError(
             f"Store file {str(path)!r} named in the manifest is missing; the store is incomplete. "
             f"Restore the file from a backup or rebuild the store."
         ) from err
+    try:
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
     if size != entry["bytes"]:
         raise StoreCorruptError(
             f"Store file {str(path)!r} has {size} bytes but the manifest records {entry['bytes']}: "
             f"it is truncated or was overwritten."
         )
     if full:
-        digest, _ = file_sha256(path)
+        digest, _ = file_sha256(real)
         if digest != entry["sha256"]:
             raise StoreCorruptError(
                 f"Store file {str(path)!r} fails its sha256 checksum (manifest {entry['sha256'][:12]}…, "
@@ -198,9 +322,11 @@ def load_npy(directory: Path, entry: dict[str, Any], *, rows: int, width: int | 
         StoreCorruptError: the header is unreadable or disagrees with the manifest.
     """
     path = directory / entry["file"]
+    real = sio.confined(directory, entry["file"], what="store file")
+    os.close(sio.open_regular(real, what="store file"))
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
+        array = np.load(real, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError, TypeError, KeyError, SyntaxError, MemoryError) as err:
         raise StoreCorruptError(f"Store file {str(path)!r} is not a readable .npy array ({err}).") from err
     shape = (rows,) if width is None else (rows, width)
     if array.shape != shape or array.dtype != np.dtype(dtype):

@@ -14,7 +14,6 @@ from typing import Any
 
 from lightning_sketch.exceptions import DuplicateIdError, SketchInputError, SketchMismatchError
 from lightning_sketch.store import manifest as mf
-from lightning_sketch.store._io import write_json_atomic
 from lightning_sketch.store._validate import compare_layout, compare_spec
 
 __all__ = ["ShardMixin", "shard_path"]
@@ -82,7 +81,7 @@ class ShardMixin:
 
             new["generation"] += 1
             _recount(new)
-            write_json_atomic(self.path / mf.MANIFEST, new)
+            self._publish(new)
             self._manifest = new
             self._cache.clear()
         return merged_rows

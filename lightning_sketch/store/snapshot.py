@@ -9,10 +9,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 
 from lightning_sketch.exceptions import SketchInputError, StoreCorruptError
 from lightning_sketch.store import manifest as mf
-from lightning_sketch.store._io import write_json_atomic
 
 __all__ = ["SnapshotMixin"]
 
@@ -99,16 +99,18 @@ class SnapshotMixin:
         new["checkpoints"] = [c for c in new["checkpoints"] if c.get("generation", 0) <= generation]
         new["skips"] = [s for s in new.get("skips", []) if s["generation"] <= generation]
         new["indexes"] = {k: v for k, v in new["indexes"].items() if v["generation"] <= generation}
+        new["weights"] = {k: v for k, v in new.get("weights", {}).items() if v["generation"] <= generation}
         for name in new["merged_shards"]:  # keep shard merges idempotent after a rollback
             new["merged_shards"][name] = sum(s["vectors"]["file"].startswith(f"shards/{name}/") for s in new["segments"])
             new.setdefault("merged_skips", {})[name] = sum(s.get("shard") == name for s in new["skips"])
         new["generation"] = self.generation + 1
         _recount(new)
-        write_json_atomic(self.path / mf.MANIFEST, new)
+        self._publish(new)
         self._manifest = new
         self._buffer.clear()
         self._pending_ckpts.clear()
         self._pending_skips.clear()
+        self._pending_weights.clear()
         self._idsets.clear()
         self._cache.clear()
 
@@ -171,6 +173,8 @@ class SnapshotMixin:
         for seg in self._manifest["segments"]:
             self._load(seg["ids"], seg["rows"], None, "int64")
             self._load(seg["vectors"], seg["rows"], self.sketch_dim, self.dtype)
+        for name in self._manifest.get("weights", {}):  # files beside the store, in the run directory
+            self.load_weights(name)
 
     def _load(self, entry: dict[str, Any], rows: int, width: int | None, dtype: str) -> np.ndarray:
         if entry["file"] not in self._verified and self._verify != "size":

@@ -14,7 +14,9 @@ Rows are sketched per-example gradients Φ∇ℓ(z; θ_t) ∈ R^D (arXiv 2402.03
 from __future__ import annotations
 
 import copy
+import io
 import logging
+import secrets
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,8 +27,12 @@ from lightning_sketch.exceptions import (
     NonFiniteGradientError,
     SketchConfigError,
     SketchInputError,
+    StoreConflictError,
+    StoreCorruptError,
+    StoreNotFoundError,
     StoreWriteError,
 )
+from lightning_sketch import _safeio as sio
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import WriterLock, atomic_write, npy_bytes, write_json_atomic
 from lightning_sketch.store._validate import as_ids, as_rows, compare_layout, compare_spec, layout_info, spec_dict
@@ -71,6 +77,8 @@ class SketchStore(StoreViews, ShardMixin, SnapshotMixin):
         self._buffer: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
         self._pending_ckpts: list[dict[str, Any]] = []
         self._pending_skips: dict[str, dict[str, Any]] = {}
+        self._pending_weights: dict[str, dict[str, Any]] = {}
+        self._pending_mark = False
         self._idsets: dict[str, set[int]] = {}
         self._cache: dict[Any, Any] = {}
         self._check_files()
@@ -341,20 +349,26 @@ class SketchStore(StoreViews, ShardMixin, SnapshotMixin):
                 the buffer is kept, so commit can be retried.
         """
         self._require_writer()
-        if not self._buffer and not self._pending_ckpts and not any(
-            s["nonfinite"] or s["duplicates"] for s in self._pending_skips.values()
-        ):
+        if not self._buffer and not self._pending_ckpts and not self._pending_weights and not self._pending_mark \
+                and not any(s["nonfinite"] or s["duplicates"] for s in self._pending_skips.values()):
             return self.generation
+        self._check_generation()  # before writing anything: another writer's files are never touched
         new = copy.deepcopy(self._manifest)
         gen = new["generation"] + 1
         new["generation"] = gen
         new["checkpoints"].extend({**c, "generation": gen} for c in self._pending_ckpts)
+        if self._pending_weights:
+            new["weights"] = {**new.get("weights", {}),
+                              **{n: {**e, "generation": gen} for n, e in self._pending_weights.items()}}
+        if self._pending_mark:
+            new["checkpointed_generation"] = gen
         written: list[Path] = []
+        token = secrets.token_hex(4)  # unique file names: a racing writer can never replace our files
         try:
             for (ckpt, rank), parts in sorted(self._buffer.items()):
                 ids = np.concatenate([p[0] for p in parts])
                 vecs = np.concatenate([p[1] for p in parts])
-                stem = f"seg-{ckpt}-r{rank}-g{gen:06d}"
+                stem = f"seg-{ckpt}-r{rank}-g{gen:06d}-{token}"
                 entry: dict[str, Any] = {"checkpoint": ckpt, "rank": rank, "generation": gen, "rows": len(ids)}
                 for key, suffix, arr in (("vectors", ".npy", vecs), ("ids", ".ids.npy", ids)):
                     sha, size = atomic_write(self.path / (stem + suffix), npy_bytes(arr))
@@ -365,7 +379,7 @@ class SketchStore(StoreViews, ShardMixin, SnapshotMixin):
                 if s["nonfinite"] or s["duplicates"]:
                     new.setdefault("skips", []).append({"generation": gen, "checkpoint": ckpt, **s})
             _recount(new)
-            write_json_atomic(self.path / mf.MANIFEST, new)
+            self._publish(new)
         except StoreWriteError:
             for p in written:
                 p.unlink(missing_ok=True)
@@ -374,6 +388,132 @@ class SketchStore(StoreViews, ShardMixin, SnapshotMixin):
         self._buffer.clear()
         self._pending_ckpts.clear()
         self._pending_skips.clear()
+        self._pending_weights.clear()
+        self._pending_mark = False
         self._cache.clear()
         self._verified.update(str(p.name) for p in written)
         return gen
+
+    # ------------------------------------------------------------------ publishing
+    def _check_generation(self) -> None:
+        """Raise :class:`StoreConflictError` if another writer published since this one loaded the store."""
+        if self._lock is not None:
+            self._lock.check()
+        disk = mf.read_generation(self.path)
+        if disk != self._manifest["generation"]:
+            raise StoreConflictError(
+                f"Store {str(self.path)!r} is at generation {disk} on disk but this writer loaded generation "
+                f"{self._manifest['generation']}: another writer committed meanwhile (was .writer.lock deleted?). "
+                f"Nothing was published and the other writer's rows are intact; reopen the store and append again."
+            )
+
+    def _publish(self, new: dict[str, Any]) -> None:
+        """Atomically replace the manifest by ``new`` if the on-disk generation is still the loaded one."""
+        self._check_generation()
+        write_json_atomic(self.path / mf.MANIFEST, new)
+
+    # ------------------------------------------------------------------ resume points
+    @property
+    def resume_point(self) -> int | None:
+        """Generation at which a training checkpoint (or the end of a fit) last referenced this store.
+
+        None means no run writing this store ever reached a checkpoint: its rows are orphans a
+        fresh run may discard (see :class:`~lightning_sketch.callbacks.GradientSketch`).
+        """
+        return self._manifest.get("checkpointed_generation")
+
+    def mark_resume_point(self) -> int:
+        """Record (and commit) that a training checkpoint now references this store; returns the generation."""
+        self._require_writer()
+        self._pending_mark = True
+        return self.commit()
+
+    # ------------------------------------------------------------------ model weights
+    def save_weights(self, name: str, tensors: dict[str, Any], directory: str | Path,
+                     layout_fingerprint: str | None = None) -> Path:
+        """Write the parameters of checkpoint ``name`` to ``directory/<name>.pt`` and record them.
+
+        The file is written atomically (``torch.save`` of a dict of CPU tensors) and recorded at
+        the next :meth:`commit` with its size, sha256 and the layout fingerprint, so that
+        :meth:`load_weights` refuses a flipped, truncated, swapped or foreign file. ``directory``
+        must lie in the run directory (the store's parent folder).
+
+        Raises:
+            SketchInputError: unsafe checkpoint name, or ``directory`` outside the run directory.
+            StoreWriteError: the write failed (disk full); no file is left behind.
+        """
+        import torch
+
+        self._require_writer()
+        mf.check_checkpoint_name(name)
+        root = self.path.parent
+        directory = Path(directory)
+        try:
+            rel = directory.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            raise SketchInputError(f"Weights directory {str(directory)!r} must lie inside the run directory {str(root)!r}.") from None
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreWriteError(f"Cannot create the weights directory {str(directory)!r}: {err}.") from err
+        buf = io.BytesIO()
+        torch.save({n: t.detach().cpu().clone() for n, t in tensors.items()}, buf)
+        sha, size = sio.atomic_write(directory / f"{name}.pt", [buf.getbuffer()], what="weights file")
+        file = f"{name}.pt" if rel == "." else f"{rel}/{name}.pt"
+        self._pending_weights[name] = {"file": file, "bytes": size, "sha256": sha,
+                                       "layout_fingerprint": layout_fingerprint or self.layout_fingerprint}
+        return directory / f"{name}.pt"
+
+    def has_weights(self, name: str) -> bool:
+        """Whether committed parameters of checkpoint ``name`` are recorded (see :meth:`save_weights`)."""
+        return name in self._manifest.get("weights", {})
+
+    def load_weights(self, name: str, layout_fingerprint: str | None = None) -> dict[str, Any]:
+        """The verified parameters ``{param name: tensor}`` of checkpoint ``name`` (CPU tensors).
+
+        The file must be the one recorded for ``name``: inside the run directory, a regular file of
+        the recorded size and sha256, for the recorded layout (and ``layout_fingerprint``, if
+        given). It is read with ``torch.load(weights_only=True)`` (no pickled code).
+
+        Raises:
+            StoreNotFoundError: no weights recorded for ``name`` (or the file is missing).
+            StoreCorruptError: the file fails its checksum or holds anything but a dict of tensors.
+            LayoutMismatchError: the weights were saved for another parameter layout.
+            UnsafeFileError: the recorded path leaves the run directory or is not a regular file.
+        """
+        import torch
+
+        from lightning_sketch.exceptions import LayoutMismatchError
+
+        entry = self._manifest.get("weights", {}).get(name)
+        if entry is None:
+            raise StoreNotFoundError(
+                f"Store {str(self.path)!r} records no saved weights for checkpoint {name!r} (recorded: "
+                f"{sorted(self._manifest.get('weights', {}))}); write them with GradientSketch(save_weights=True)."
+            )
+        root = self.path.parent
+        path = root / entry["file"]
+        real = sio.confined(root, entry["file"], what="weights file")
+        try:
+            raw = sio.read_capped(real, entry["bytes"], what="weights file")
+        except StoreNotFoundError as err:
+            raise StoreNotFoundError(f"Weights file {str(path)!r} recorded for checkpoint {name!r} is missing; restore "
+                                     f"it or re-run with save_weights=True.") from err
+        if len(raw) != entry["bytes"] or sio.sha256_bytes(raw) != entry["sha256"]:
+            raise StoreCorruptError(
+                f"Weights file {str(path)!r} of checkpoint {name!r} fails its checksum ({len(raw)} bytes, manifest "
+                f"records {entry['bytes']}): it is corrupted, truncated, or a file from another checkpoint or run. "
+                f"Restore the original file."
+            )
+        for fp, where in ((entry.get("layout_fingerprint"), "recorded with the weights"),
+                          (self.layout_fingerprint, "of the store")):
+            if layout_fingerprint is not None and fp is not None and fp != layout_fingerprint:
+                raise LayoutMismatchError(
+                    f"Weights of checkpoint {name!r} were saved for parameter layout {fp[:12]}… ({where}) but the model "
+                    f"has layout {layout_fingerprint[:12]}…; use the architecture the run was trained with."
+                )
+        saved = sio.load_torch_bytes(raw, what=f"weights file {str(path)!r}")
+        if not isinstance(saved, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in saved.items()):
+            raise StoreCorruptError(f"Weights file {str(path)!r} does not hold a dict of named tensors.")
+        return saved

@@ -9,6 +9,7 @@ with w_t = η_t by default (``weights="sqrt_lr"``).
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from functools import reduce
 from typing import Any
@@ -17,10 +18,11 @@ import faiss
 import numpy as np
 import torch
 
-from lightning_sketch.exceptions import SketchInputError, StoreCorruptError
+from lightning_sketch.exceptions import SketchInputError, StoreCorruptError, StoreWriteError
+from lightning_sketch import _safeio as sio
 from lightning_sketch.store import index as ix
 from lightning_sketch.store import manifest as mf
-from lightning_sketch.store._io import atomic_write, write_json_atomic
+from lightning_sketch.store._io import atomic_write
 from lightning_sketch.store._validate import as_rows
 
 __all__ = ["StoreViews"]
@@ -243,8 +245,9 @@ class StoreViews:
         if entry["file"] not in self._verified:
             mf.check_file(self.path, entry, full=True)  # never hand FAISS a corrupted file
             self._verified.add(entry["file"])
+        real = sio.confined(self.path, entry["file"], what="store index")
         try:
-            index = faiss.read_index(str(self.path / entry["file"]))
+            index = faiss.read_index(str(real))
         except RuntimeError as err:
             raise StoreCorruptError(f"FAISS cannot read index file {str(self.path / entry['file'])!r}: {err}") from err
         ix.set_search_params(index, entry["kind"], entry["params"])
@@ -292,7 +295,7 @@ class StoreViews:
             self._cache[("index", view, kind, tag, "cpu", self.generation)] = index
             return {"kind": kind, "view": view, "params": full, "rows": len(ids)}
         gen = self.generation + 1
-        name = f"index-{view}-{kind}-g{gen:06d}.faiss"
+        name = f"index-{view}-{kind}-g{gen:06d}-{secrets.token_hex(4)}.faiss"
         sha, size = atomic_write(self.path / name, [memoryview(faiss.serialize_index(index))])
         entry = {
             "file": name, "bytes": size, "sha256": sha, "kind": kind, "view": view, "params": full,
@@ -302,7 +305,11 @@ class StoreViews:
         new = self.manifest
         new["indexes"][f"{view}:{kind}"] = entry
         new["generation"] = gen
-        write_json_atomic(self.path / mf.MANIFEST, new)
+        try:
+            self._publish(new)
+        except StoreWriteError:
+            (self.path / name).unlink(missing_ok=True)
+            raise
         self._manifest = new
         self._verified.add(name)
         self._cache.clear()
