@@ -243,17 +243,22 @@ _QUERY_FORMAT = "lightning_sketch.query/v1"
 def _load_query_file(root: Path, f: Path, explicit: bool) -> dict[str, Any] | None:
     """A query-result document, verified; None if ``f`` is another kind of JSON (directory scan)."""
     what = "`queries` file" if explicit else "query result"
+    raw = sio.read_capped(f, _QUERY_CAP, what=what) if explicit else _read(root, f, _QUERY_CAP, what)
+    # A damaged query result must be reported, not skipped as "some other JSON": a file is one when it
+    # says so anywhere (one flipped byte cannot erase both markers) or is named like one.
+    meant = explicit or f.name.startswith("quer") or b"lightning_sketch.query/" in raw or b'"proponents"' in raw
     try:
-        raw = sio.read_capped(f, _QUERY_CAP, what=what) if explicit else _read(root, f, _QUERY_CAP, what)
         data = sio.read_json_bytes(raw, path=f, what=what)
-    except (StoreCorruptError, StoreNotFoundError) as err:
+    except StoreCorruptError as err:
         if explicit:
             raise StoreNotFoundError(f"`queries` file {str(f)!r} is not readable JSON ({err}).") from None
+        if meant:
+            raise
         return None
     if not isinstance(data, dict) or data.get("format") != _QUERY_FORMAT:
-        if explicit:
-            raise StoreCorruptError(f"`queries` file {str(f)!r} is not a {_QUERY_FORMAT} document; write it with "
-                                    f"`lightning-sketch query --format json --output FILE`.")
+        if meant:
+            raise StoreCorruptError(f"{what} {str(f)!r} is not a {_QUERY_FORMAT} document (it was damaged or "
+                                    f"edited); write it with `lightning-sketch query --format json --output FILE`.")
         return None
     return sio.verify_checked(data, path=f, what=what)
 

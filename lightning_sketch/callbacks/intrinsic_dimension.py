@@ -49,8 +49,8 @@ from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_sketch._safeio import write_checked_json
-from lightning_sketch.exceptions import SubspaceError, UnsupportedStrategyError
+from lightning_sketch._safeio import DirLock, file_sha256, write_checked_json
+from lightning_sketch.exceptions import StoreConflictError, StoreNotFoundError, SubspaceError, UnsupportedStrategyError
 from lightning_sketch.intrinsic import Action, DoublingSearch, Subspace
 from lightning_sketch.intrinsic.plot import plot_search
 from lightning_sketch.sketches import sketch_class
@@ -64,6 +64,16 @@ except ImportError:  # pragma: no cover
 __all__ = ["IntrinsicDimension", "measure_reference_score"]
 
 log = logging.getLogger(__name__)
+
+_STATE = "intrinsic_dimension.json"
+
+
+def _disk_sha(path: Path) -> str | None:
+    """sha256 of the state file on disk now (None when absent)."""
+    try:
+        return file_sha256(path, what="intrinsic-dimension state")[0]
+    except StoreNotFoundError:
+        return None
 
 
 class IntrinsicDimension(Callback):
@@ -160,6 +170,8 @@ class IntrinsicDimension(Callback):
         self.reached: bool | None = None
         self._last_round_step = 0
         self._subspace: Subspace | None = None
+        self._lock: DirLock | None = None
+        self._seen: str | None = None
 
     # ----------------------------------------------------------------- identity
     @property
@@ -215,6 +227,25 @@ class IntrinsicDimension(Callback):
         if self.dirpath is None:
             self.dirpath = trainer.log_dir or trainer.default_root_dir
         self.dirpath = trainer.strategy.broadcast(self.dirpath)
+        if stage == "fit" and trainer.is_global_zero and self._lock is None:
+            # one writer per directory for the whole fit; a second run into it fails here (issue 11)
+            Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+            self._lock = DirLock(self.dirpath, ".intrinsic_dimension.lock", what="intrinsic-dimension directory")
+            self._seen = _disk_sha(Path(self.dirpath) / _STATE)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._release()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -317,10 +348,17 @@ class IntrinsicDimension(Callback):
     def _write(self, trainer: Trainer) -> None:
         if not trainer.is_global_zero or self.dirpath is None:
             return
-        path = Path(self.dirpath) / "intrinsic_dimension.json"
+        path = Path(self.dirpath) / _STATE
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self._lock is not None:  # generation check: the file is still the one this writer last saw
+            self._lock.check()
+            if _disk_sha(path) != self._seen:
+                raise StoreConflictError(
+                    f"{str(path)!r} changed on disk since this run last wrote it: another run writes the same "
+                    f"directory. Nothing was written; give each run its own `dirpath`."
+                )
         # unique O_EXCL temp file + rename, never through a planted symlink; carries its own sha256
-        write_checked_json(path, self.summary(), what="intrinsic-dimension state")
+        self._seen, _ = write_checked_json(path, self.summary(), what="intrinsic-dimension state")
 
     # ----------------------------------------------------------------- checkpoints
     @override

@@ -27,7 +27,6 @@ the resumed run (``resume=True`` continues from ``ROOT/ckpt/last.ckpt``).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -68,19 +67,18 @@ class KillAt(Callback):
 
             store_mod.write_json_atomic = write_json_atomic
         elif where == "snapshot":
-            original_bytes = snapshot_mod._atomic_write_bytes
+            original_write = snapshot_mod.sio.atomic_write
 
-            def atomic_write_bytes(path, writer):
+            def atomic_write(path, chunks, **kw):
                 if self.current >= self.step and str(path).endswith(".npz"):
-                    buf = io.BytesIO()
-                    writer(buf)
-                    with open(path.with_name(path.name + f".tmp{os.getpid()}"), "wb") as fh:
-                        fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                    data = b"".join(bytes(c) for c in chunks)  # the temporary file half written, then killed
+                    with open(Path(path).with_name(Path(path).name + f".tmp-{os.getpid()}"), "wb") as fh:
+                        fh.write(data[: len(data) // 2])
                         fh.flush()
                     die()
-                return original_bytes(path, writer)
+                return original_write(path, chunks, **kw)
 
-            snapshot_mod._atomic_write_bytes = atomic_write_bytes
+            snapshot_mod.sio.atomic_write = atomic_write
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.current = trainer.global_step
