@@ -92,3 +92,34 @@ def test_device_and_fifo_checkpoints_are_refused_at_once(tmp_path):
         with pytest.raises(UnsafeFileError, match="not a regular file|a FIFO|a device|a directory"):
             load_torch_file(path)
         assert time.monotonic() - start < 1.0
+
+
+def test_query_inputs_of_the_wrong_shape_or_without_x_give_typed_errors(tmp_path):
+    import argparse
+
+    import numpy as np
+
+    from lightning_sketch.cli_commands import _query_batch
+    from lightning_sketch.exceptions import SketchInputError
+
+    net = _net()
+    cases = {
+        "wrong_width.npy": (np.zeros((2, 7), np.float32), "do not fit the model"),
+        "no_x.npz": ({"inputs": np.zeros((2, 4), np.float32)}, "without an array 'x'"),
+        "labels.npz": ({"x": np.zeros((2, 4), np.float32), "y": np.zeros(3)}, r"labels y must have shape \[2\]"),
+        "strings.npy": (np.array(["a", "b"]), "not a readable numeric"),
+    }
+    for name, (arr, match) in cases.items():
+        path = tmp_path / name
+        if name.endswith(".npz"):
+            np.savez(path, **arr)
+        else:
+            np.save(path, arr)
+        with pytest.raises(SketchInputError, match=match):
+            _query_batch(argparse.Namespace(inputs=str(path)), net, None)
+    (tmp_path / "text.npy").write_text("hello")
+    with pytest.raises(SketchInputError, match="not a readable numeric"):
+        _query_batch(argparse.Namespace(inputs=str(tmp_path / "text.npy")), net, None)
+    np.save(tmp_path / "ok.npy", np.zeros((3, 4), np.float32))
+    batch, ids = _query_batch(argparse.Namespace(inputs=str(tmp_path / "ok.npy")), net, None)
+    assert ids == [0, 1, 2] and batch["x"].shape == (3, 4) and batch["y"].shape == (3,)
