@@ -18,8 +18,11 @@ reaches the target, double d (unmasking coordinates; learned values are kept) wh
 gained less than ``delta``, fail when d cannot grow. The target is ``target`` if given, else
 ``target_fraction × reference_score`` (90% of the full fine-tuning score by default). To measure
 the reference yourself, run a plain fit first (:func:`measure_reference_score`). The metric at θ0
-seeds the search when the sanity check covers the whole validation set (``num_sanity_val_steps=-1``);
-otherwise the first round is compared against -inf and never doubles.
+seeds the search (Listing 9's ``previous = metric(θ0)``): the callback measures it with Lightning's
+sanity check over the whole validation set, so in search mode it sets ``num_sanity_val_steps=-1``
+for fit (a resumed run restores the baseline from its checkpoint instead). When 2d would pass
+``sketch_dim`` the doubling is clamped there; the result (``summary()["clamped"]`` and the history)
+says so.
 
 **Fixed mode**: plain subspace training at active size ``d``; with a ``target`` it records whether
 the target was reached. This is the **verification run** that removes the factor-2 ambiguity of
@@ -224,6 +227,12 @@ class IntrinsicDimension(Callback):
             log.info("IntrinsicDimension: N=%d reparametrised as θ0 + Φᵀω, %s", sub.layout.dim, sub.extra_repr())
         self._subspace = sub
         sub.set_active(self.active)
+        search = self.search
+        if stage == "fit" and search is not None and search.rounds == 0 and search.previous is None:
+            # Listing 9 compares the first round with metric(θ0): validate the whole set before training.
+            if trainer.num_sanity_val_steps not in (-1, math.inf):
+                log.info("IntrinsicDimension: num_sanity_val_steps=-1 so that the search starts from metric(θ0).")
+            trainer.num_sanity_val_steps = math.inf
         if self.dirpath is None:
             self.dirpath = trainer.log_dir or trainer.default_root_dir
         self.dirpath = trainer.strategy.broadcast(self.dirpath)
@@ -330,6 +339,7 @@ class IntrinsicDimension(Callback):
             "mode": self.mode,
             "status": self.status,
             "d_star": self.d_star,
+            "clamped": self.search.clamped if self.search is not None else False,
             "reached": self.reached,
             "active": self.active,
             "monitor": self.monitor,

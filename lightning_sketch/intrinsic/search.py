@@ -63,10 +63,14 @@ class DoublingSearch:
         else:                              CONTINUE
         previous <- metric
 
-    ``higher_is_better=False`` flips both comparisons (e.g. for a loss). Without a baseline the
-    first round is compared against -inf (it never doubles). The doubling is clamped at ``d_max``
-    so the last round trains the whole projection; D* stays within a factor 2 of the smallest
-    working d because d/2 (or the previous d) already failed to gain δ.
+    ``higher_is_better=False`` flips both comparisons (e.g. for a loss). Listing 9 starts from
+    ``previous = metric(θ0)``: call :meth:`baseline` first (the
+    :class:`~lightning_sketch.callbacks.IntrinsicDimension` callback measures it before training);
+    without a baseline the first round is compared against -inf and cannot double. When 2d would
+    pass ``d_max`` the doubling is clamped at ``d_max``, so the last round trains the whole
+    projection; :attr:`clamped` then becomes True and that round's :attr:`history` entry carries
+    ``"clamped": True``. D* stays within a factor 2 of the smallest working d because d/2 (or the
+    previous d) already failed to gain δ.
 
     Args:
         d_min: first active size (>= 1).
@@ -93,6 +97,7 @@ class DoublingSearch:
     rounds: int = field(init=False, default=0)
     status: str = field(init=False, default="running")
     d_star: int | None = field(init=False, default=None)
+    clamped: bool = field(init=False, default=False)
     history: list[dict[str, Any]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -146,19 +151,23 @@ class DoublingSearch:
             raise SubspaceError(f"The search is already {self.status} (D* = {self.d_star}); build a new DoublingSearch.")
         self.rounds += 1
         d_round = self.d
+        clamped = False
         if self.reached(metric):
             self.status, self.d_star, action = "done", self.d, Action.DONE
         elif self._gain(metric) < self.delta:
             if self.d >= self.d_max:
                 self.status, action = "failed", Action.FAIL
             else:
+                clamped = 2 * self.d > self.d_max
                 self.d, action = min(2 * self.d, self.d_max), Action.DOUBLE
+                self.clamped = self.clamped or clamped
         else:
             action = Action.CONTINUE
         self.previous = metric
-        self.history.append(
-            {"round": self.rounds, "step": step, "d": d_round, "metric": metric, "action": action.value, "next_d": self.d}
-        )
+        entry = {"round": self.rounds, "step": step, "d": d_round, "metric": metric, "action": action.value, "next_d": self.d}
+        if clamped:
+            entry["clamped"] = True
+        self.history.append(entry)
         return action
 
     def state_dict(self) -> dict[str, Any]:
@@ -166,7 +175,7 @@ class DoublingSearch:
         return {
             "d_min": self.d_min, "d_max": self.d_max, "delta": self.delta, "target": self.target,
             "higher_is_better": self.higher_is_better, "d": self.d, "previous": self.previous,
-            "rounds": self.rounds, "status": self.status, "d_star": self.d_star,
+            "rounds": self.rounds, "status": self.status, "d_star": self.d_star, "clamped": self.clamped,
             "history": [dict(h) for h in self.history],
         }
 
@@ -182,6 +191,7 @@ class DoublingSearch:
             d, status = int(state["d"]), str(state["status"])
             s.previous, s.rounds, s.d_star = state["previous"], int(state["rounds"]), state["d_star"]
             s.history = [dict(h) for h in state["history"]]
+            s.clamped = bool(state.get("clamped", False))
         except KeyError as err:
             raise SubspaceError(f"DoublingSearch state lacks key {err}; it was not written by `state_dict()`.") from err
         if not s.d_min <= d <= s.d_max or status not in ("running", "done", "failed"):

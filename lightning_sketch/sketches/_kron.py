@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "balanced_order",
+    "balanced_split",
     "haar_orthogonal",
     "hadamard",
     "kron_apply",
@@ -129,6 +131,68 @@ def prefix_rows(shapes: Sequence[int], d: int) -> tuple[int, ...]:
             rows[j] = math.ceil(d / tail)
             break
     return tuple(rows)
+
+
+def _bit_owners(shapes: Sequence[int], d: int) -> list[int]:
+    """The factor that receives each successive bit of ``d`` (a power of two), most even first."""
+    caps = [int(math.log2(b)) for b in shapes]
+    bits = [0] * len(shapes)
+    owners = []
+    for _ in range(int(math.log2(d))):
+        room = [i for i in range(len(shapes)) if bits[i] < caps[i]]
+        i = min(room, key=lambda j: (bits[j], -caps[j], -j))
+        bits[i] += 1
+        owners.append(i)
+    return owners
+
+
+def balanced_split(shapes: Sequence[int], d: int) -> tuple[int, ...]:
+    """Row counts ``D_i <= B_i`` (powers of two) with ``Π D_i = d``, as equal as possible.
+
+    ``d`` must be a power of two ``<= Π B_i``. The bits of ``d`` are handed out one at a time to
+    the factor with the fewest so far that still has room (ties: the larger factor), so no factor
+    collapses to ``D_i = 1`` while another holds many rows (Thm 3.3 of arXiv 2402.03994 bounds a
+    Kronecker sketch's error through each D_i). Because bits are handed out one at a time, the
+    split of ``d`` refines the split of ``d/2``: see :func:`balanced_order`.
+
+    Example:
+        >>> balanced_split((16, 32, 32), 1024)
+        (8, 8, 16)
+        >>> balanced_split((2, 32, 32), 4)
+        (1, 2, 2)
+    """
+    counts = [0] * len(shapes)
+    for i in _bit_owners(shapes, d):
+        counts[i] += 1
+    return tuple(1 << c for c in counts)
+
+
+def balanced_order(shapes: Sequence[int], d: int) -> Tensor:
+    """An ordering of the ``d`` rows of ``⊗_i F_i[:D_i]`` (``D_i = balanced_split(shapes, d)``) with balanced prefixes.
+
+    Returns ``order [d]`` (int64): output coordinate ``j`` is row ``order[j]`` of the row-major
+    Kronecker product of the restricted factors. Bit t of ``j`` (from the least significant) is the
+    next bit of the row index of the factor that received bit t in :func:`balanced_split`, so for
+    every power of two ``d' <= d`` the first ``d'`` coordinates are exactly the rows of
+    ``⊗_i F_i[:D'_i]`` with ``D'_i = balanced_split(shapes, d')``: every prefix is itself a
+    balanced Kronecker sketch (the prefix of row-major order keeps one row of the leading factors).
+
+    Example:
+        >>> balanced_order((4, 4), 16)[:4].tolist()  # rows (0,0), (0,1), (1,0), (1,1) of a 4x4 grid
+        [0, 1, 4, 5]
+    """
+    owners = _bit_owners(shapes, d)
+    splits = balanced_split(shapes, d)
+    j = torch.arange(d, dtype=torch.int64)
+    rows = [torch.zeros(d, dtype=torch.int64) for _ in shapes]
+    filled = [0] * len(shapes)
+    for t, i in enumerate(owners):
+        rows[i] |= ((j >> t) & 1) << filled[i]
+        filled[i] += 1
+    index = torch.zeros(d, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        index = index * splits[i] + r
+    return index
 
 
 def uses_autograd(x: Tensor) -> bool:

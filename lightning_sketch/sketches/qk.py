@@ -15,6 +15,8 @@ from lightning_sketch.sketches._common import (
     rows_per_chunk,
 )
 from lightning_sketch.sketches._kron import (
+    balanced_order,
+    balanced_split,
     haar_orthogonal,
     kron_apply,
     kron_apply_into,
@@ -26,29 +28,6 @@ from lightning_sketch.sketches.base import Sketch, next_pow2
 __all__ = ["QKSketch", "balanced_split"]
 
 
-def balanced_split(shapes: tuple[int, ...], d: int) -> tuple[int, ...]:
-    """Row counts ``D_i <= B_i`` (powers of two) with ``Π D_i = d``, as equal as possible.
-
-    ``d`` must be a power of two ``<= Π B_i``. The bits of ``d`` are handed out one at a time to
-    the factor with the fewest so far that still has room (ties: the larger factor), so no
-    factor collapses to ``D_i = 1`` while another holds many rows (Thm 3.3 of arXiv 2402.03994 bounds the error through each D_i:
-    Thm 3.3's bound is driven by the smallest D_i).
-
-    Example:
-        >>> balanced_split((16, 32, 32), 1024)
-        (8, 8, 16)
-        >>> balanced_split((2, 32, 32), 4)
-        (1, 2, 2)
-    """
-    caps = [int(math.log2(b)) for b in shapes]
-    bits = [0] * len(shapes)
-    for _ in range(int(math.log2(d))):
-        room = [i for i in range(len(shapes)) if bits[i] < caps[i]]
-        i = min(room, key=lambda j: (bits[j], -caps[j], -j))
-        bits[i] += 1
-    return tuple(1 << b for b in bits)
-
-
 class QKSketch(Sketch):
     """Φ(x) = √(N/D) · (Q^(1) ⊗ … ⊗ Q^(K)) x with Haar factors restricted to D_i rows (eq. 8).
 
@@ -58,7 +37,15 @@ class QKSketch(Sketch):
     (so ``Π B_i = N_p``; padding keeps every factorisation available whatever N is). The ``D_i``
     split ``D_p = next_pow2(D)`` as evenly as the factor sizes allow (:func:`balanced_split`);
     a D that is not a power of two keeps the first D of the ``D_p`` rows (a subset of
-    orthonormal rows, each with E(q·x)² = ‖x‖²/N_p, so √(N_p/D) stays unbiased). No B, no
+    orthonormal rows, each with E(q·x)² = ‖x‖²/N_p, so √(N_p/D) stays unbiased).
+
+    The ``D_p`` output coordinates are ordered by :func:`~lightning_sketch.sketches._kron.balanced_order`
+    rather than row-major, so that for every power of two d <= D_p the first d coordinates are
+    themselves a balanced QK (up to the scale √(D/d)): the intrinsic-dimension search trains the
+    first d coordinates of one D_max projection, and in row-major order those would keep a single
+    row of the leading factors (1/cond of the prefix's Gram matrix then drops well below that of a
+    fresh d-dimensional QK, inflating D*). For D = D_p this is a fixed permutation of the output
+    coordinates, so norms and inner products are the same as in row-major order. No B, no
     Hadamard: Q is the pre-conditioner. Persistent memory ``4·Σ D_i·B_i`` bytes (kilobytes).
 
     Options:
@@ -92,6 +79,7 @@ class QKSketch(Sketch):
         self._set("_n_pad", n_pad)
         self._set("_d_pad", d_pad)
         self._set("_splits", splits)
+        self._set("_order", balanced_order(shapes, d_pad)[: self.sketch_dim].contiguous())
         self._set("_tensors", tensors)
         self._set("_scale", math.sqrt(n_pad / self.sketch_dim))
 
@@ -112,12 +100,13 @@ class QKSketch(Sketch):
         x = x.to(compute_dtype(x))
         factors = self._factors(x)
         if uses_autograd(x) or x.shape[0] == 0:
-            out = kron_apply(pad_cols(x, self._n_pad), factors)[:, : self.sketch_dim] * self._scale
+            out = kron_apply(pad_cols(x, self._n_pad), factors)[:, self._order.to(x.device)] * self._scale
             return out.to(dtype)
         m, n, n_pad = x.shape[0], self.dim, self._n_pad
         rows = min(m, rows_per_chunk(n_pad, x.device))
         work = (x.new_empty(rows * n_pad), x.new_empty(rows * n_pad))
         out = x.new_empty(m, self.sketch_dim)
+        order = self._order.to(x.device)
         for start in range(0, m, rows):
             xc = x[start : start + rows]
             r = xc.shape[0]
@@ -125,11 +114,12 @@ class QKSketch(Sketch):
             u[:, :n].copy_(xc)
             u[:, n:].zero_()
             v = kron_apply_into(u, factors, work)
-            torch.mul(v[:, : self.sketch_dim], self._scale, out=out[start : start + r])
+            torch.mul(v[:, order], self._scale, out=out[start : start + r])
         return out.to(dtype)
 
     def _transpose(self, y: Tensor) -> Tensor:
         dtype = y.dtype
         y = y.to(compute_dtype(y)) * self._scale
-        u = kron_apply(pad_cols(y, self._d_pad), self._factors(y, transpose=True))
+        z = y.new_zeros(y.shape[0], self._d_pad).index_copy(1, self._order.to(y.device), y)
+        u = kron_apply(z, self._factors(y, transpose=True))
         return u[:, : self.dim].to(dtype)

@@ -63,6 +63,21 @@ def _trainer(tmp_path, max_steps, callbacks, **kw):
     return pl.Trainer(**{**args, **kw})
 
 
+@pytest.mark.parametrize("sanity", [0, 2])
+def test_search_measures_the_baseline_itself(tmp_path, sanity):
+    """Listing 9 starts from metric(θ0): recorded whatever num_sanity_val_steps the Trainer was given."""
+    cb = IntrinsicDimension(kind="dense", sketch_dim=64, seed=0, d_min=1, delta=0.05, target=0.9, dirpath=str(tmp_path))
+    model = Blobs()
+    x, y = _blobs(256, 2)
+    with torch.no_grad():
+        acc0 = float((model(x).argmax(-1) == y).float().mean())
+    _trainer(tmp_path, 8, [cb], num_sanity_val_steps=sanity).fit(model)
+    assert cb.history[0]["action"] == "baseline" and cb.history[0]["step"] == 0
+    assert cb.history[0]["metric"] == pytest.approx(acc0, abs=1e-6)  # the whole validation set at θ0
+    assert cb.search.history[1]["round"] == 1 and cb.search.history[0]["action"] == "baseline"
+    assert "clamped" in cb.summary() and cb.summary()["clamped"] is False
+
+
 def test_search_finds_d_star_writes_json_and_trains_only_omega(tmp_path):
     cb = IntrinsicDimension(kind="dense", sketch_dim=64, seed=0, d_min=1, delta=0.05, target=0.9, dirpath=str(tmp_path))
     model = Blobs()

@@ -33,8 +33,11 @@ def test_fail_when_d_max_exceeded_and_clamped_last_round():
     s = DoublingSearch(d_min=3, d_max=10, delta=0.1, target=0.9)
     s.baseline(0.0)
     assert s.update(0.05) is Action.DOUBLE and s.d == 6
+    assert not s.clamped and "clamped" not in s.history[-1]
     assert s.update(0.06) is Action.DOUBLE and s.d == 10  # clamped to d_max
+    assert s.clamped and s.history[-1]["clamped"] is True and s.history[-1]["next_d"] == 10  # and said so
     assert s.update(0.07) is Action.FAIL and s.status == "failed" and s.d_star is None
+    assert DoublingSearch.from_state_dict(json.loads(json.dumps(s.state_dict()))).clamped
     with pytest.raises(SubspaceError, match="already failed"):
         s.update(0.99)
 

@@ -92,6 +92,31 @@ def real_fourier(n: int) -> torch.Tensor:
     return torch.cat(rows) / math.sqrt(n)
 
 
+def balanced_rows(sizes: list[int], d: int) -> list[int]:
+    """R_D of the Kronecker-Haar kinds: the rows of ⊗_i Q_i kept, in output order.
+
+    The bits of next_pow2(D) go one at a time to the factor with the fewest so far that has room
+    (ties: the larger factor, then the later one); bit t of output coordinate j is the next bit of
+    that factor's row index. So every power-of-two prefix is a balanced product of leading rows.
+    """
+    d_pad = next_pow2(d)
+    caps = [s.bit_length() - 1 for s in sizes]
+    have = [0] * len(sizes)
+    owners = []
+    for _ in range(d_pad.bit_length() - 1):
+        i = min((j for j in range(len(sizes)) if have[j] < caps[j]), key=lambda j: (have[j], -caps[j], -j))
+        have[i] += 1
+        owners.append(i)
+    out = []
+    for j in range(d_pad):
+        r, filled = [0] * len(sizes), [0] * len(sizes)
+        for t, i in enumerate(owners):
+            r[i] |= ((j >> t) & 1) << filled[i]
+            filled[i] += 1
+        out.append(sum(r[i] * math.prod(sizes[i + 1 :]) for i in range(len(sizes))))
+    return out[:d]
+
+
 def pad_eye(n: int, n_pad: int) -> torch.Tensor:
     """The zero-padding map R^n → R^{n_pad} as an [n_pad, n] matrix."""
     return torch.eye(n_pad, n, dtype=F64)
@@ -169,15 +194,16 @@ def ref_afamily(kind, n, d, seed, preconditioner="hadamard", max_block=32, permu
     if kind == "affd":
         m = ts[1] @ m
     scale = math.sqrt(n_pad / d) if scale is None else scale
-    return scale * m[:d] @ pad_eye(n, n_pad)
+    keep = balanced_rows(factor_sizes(n_pad, max_block), d) if preconditioner == "kron_orthogonal" else list(range(d))
+    return scale * m[keep] @ pad_eye(n, n_pad)
 
 
-def ref_qk(n, d, seed, max_block=32, row_splits=None, **_):
+def ref_qk(n, d, seed, max_block=32, **_):
     """eq. 8: √(N/D) · (Q^(1) ⊗ … ⊗ Q^(K)), Q^(i) the first D_i rows of a Haar [B_i, B_i]."""
     n_pad = next_pow2(n)
     sizes = factor_sizes(n_pad, max_block)
-    mats = [haar(s, gen("qk", seed, f"factor/{i}"))[:r].to(torch.float32).to(F64) for i, (s, r) in enumerate(zip(sizes, row_splits))]
-    return math.sqrt(n_pad / d) * kron_all(mats)[:d] @ pad_eye(n, n_pad)
+    mats = [haar(s, gen("qk", seed, f"factor/{i}")).to(torch.float32).to(F64) for i, s in enumerate(sizes)]
+    return math.sqrt(n_pad / d) * kron_all(mats)[balanced_rows(sizes, d)] @ pad_eye(n, n_pad)
 
 
 def reference(sketch) -> torch.Tensor:
@@ -194,7 +220,7 @@ def reference(sketch) -> torch.Tensor:
     if kind in ("affd", "afjl"):
         return ref_afamily(kind, n, d, seed, **spec)
     if kind == "qk":
-        return ref_qk(n, d, seed, row_splits=sketch.row_splits, **spec)
+        return ref_qk(n, d, seed, **spec)
     raise AssertionError(f"no reference for {kind}")
 
 
