@@ -7,9 +7,8 @@ The numerical packages (``sketches``, ``gradients``, ``store``, ``attribution``,
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from lightning_sketch import exceptions
+from lightning_sketch._version import __version__
 from lightning_sketch.data import IndexedDataset
 from lightning_sketch.sketches import Sketch, make
 

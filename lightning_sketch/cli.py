@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_sketch import callbacks
 from lightning_sketch.cli_commands import PROG, _parse_ids, _positive_int, run_inspect, run_query
 from lightning_sketch.exceptions import LightningSketchError, SketchConfigError
 
@@ -74,8 +75,6 @@ def _parser_mode() -> str:
 def _import_callbacks() -> None:
     """Import our callbacks so that short names (``--trainer.callbacks+=GradientSketch``) resolve."""
     import importlib
-
-    from lightning_sketch import callbacks
 
     for name in callbacks.__all__:
         module = callbacks._CALLBACKS[name]
@@ -231,6 +230,7 @@ def build_from_config(configs: Sequence[str]) -> tuple[Any, Any]:
 
 # ---------------------------------------------------------------------------- report
 def _report(args: argparse.Namespace) -> int:
+    # Imported on use: the report pulls in matplotlib and FAISS, which the other commands do not need.
     from lightning_sketch.report import write_report
 
     out = write_report(args.run_dir, args.output, queries=args.queries)
@@ -284,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(_USAGE + f"\n{PROG}: error: unknown command {command!r}\n")
             return 2
         args = _own_parser().parse_args(argv)
-        return {"query": run_query, "report": _report, "inspect": run_inspect}[command](args)
+        if command == "query":
+            return run_query(args, build_from_config)
+        return {"report": _report, "inspect": run_inspect}[command](args)
     except LightningSketchError as err:
         print(f"{PROG} {command}: error: {err}", file=sys.stderr)
         return 1

@@ -18,13 +18,19 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lightning_sketch.exceptions import SketchInputError
+from lightning_sketch._safeio import atomic_write, dump_checked_json, load_torch_file
+from lightning_sketch.exceptions import (
+    CheckpointLoadError,
+    LayoutMismatchError,
+    SketchInputError,
+    StoreNotFoundError,
+)
 
 __all__ = ["PROG", "find_stores", "format_inspect", "load_checkpoint_into", "run_inspect", "run_query"]
 
@@ -129,9 +135,6 @@ def load_checkpoint_into(model: Any, path: str | Path) -> None:
     """
     import torch
 
-    from lightning_sketch._safeio import load_torch_file
-    from lightning_sketch.exceptions import CheckpointLoadError, LayoutMismatchError
-
     ckpt = load_torch_file(path, what="`--ckpt` checkpoint")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -147,16 +150,18 @@ def load_checkpoint_into(model: Any, path: str | Path) -> None:
         ) from None
 
 
-def run_query(args: argparse.Namespace) -> int:
-    """The ``query`` command on parsed arguments; returns the exit status."""
+def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[str]], tuple[Any, Any]]) -> int:
+    """The ``query`` command on parsed arguments; returns the exit status.
+
+    ``build_from_config(configs) -> (model, datamodule)`` is passed in by :mod:`lightning_sketch.cli`
+    (its LightningCLI builder), so that this module does not import the CLI that imports it.
+    """
+    # Imported on use: torch and FAISS cost seconds, which `--help` and `inspect` should not pay.
     import torch
 
     from lightning_sketch.attribution import Attributor
-    from lightning_sketch.cli import build_from_config
 
     if not Path(args.store).exists():
-        from lightning_sketch.exceptions import StoreNotFoundError
-
         raise StoreNotFoundError(f"No sketch store at {args.store!r}: `--store` must be a store or run directory.")
     if not Path(args.ckpt).is_file():
         raise SketchInputError(f"`--ckpt` {args.ckpt!r} does not exist; pass the Lightning checkpoint of the run.")
@@ -202,8 +207,6 @@ def run_query(args: argparse.Namespace) -> int:
     }
     text = {"json": _as_json, "csv": _as_csv, "table": _as_table}[args.format](result)
     if args.output:
-        from lightning_sketch._safeio import atomic_write
-
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.output, [text.encode()], what="query result")
         print(f"wrote {len(records)} queries to {args.output}")
@@ -213,8 +216,6 @@ def run_query(args: argparse.Namespace) -> int:
 
 
 def _as_json(result: dict[str, Any]) -> str:
-    from lightning_sketch._safeio import dump_checked_json
-
     return dump_checked_json(result).decode()  # carries its own sha256: `report` detects edits
 
 
@@ -285,6 +286,7 @@ def format_inspect(info: dict[str, Any]) -> str:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """The ``inspect`` command on parsed arguments; returns 1 if a store is inconsistent."""
+    # Imported on use: the store pulls in FAISS, which `--help` and `query --help` should not pay.
     from lightning_sketch.store import inspect_store
 
     infos = [inspect_store(p, verify=not args.no_verify) for p in find_stores(args.dir)]

@@ -43,7 +43,10 @@ from typing import Any
 import numpy as np
 
 from lightning_sketch import _safeio as sio
+from lightning_sketch._version import __version__
 from lightning_sketch.exceptions import LightningSketchError, StoreCorruptError, StoreNotFoundError
+from lightning_sketch.spectrum.snapshot import FORMAT, load_index, load_snapshot
+from lightning_sketch.store import inspect_store
 
 __all__ = ["build_report", "write_report"]
 
@@ -209,8 +212,6 @@ def _metrics_section(root: Path) -> list[dict[str, Any]]:
 
 
 def _store_section(root: Path) -> list[dict[str, Any]]:
-    from lightning_sketch.store import inspect_store
-
     stores = [p.parent for p in _find(root, "manifest.json")]
     if not stores:
         return [_absent("No sketch store (no manifest.json) in this run: the GradientSketch callback was not used.")]
@@ -370,8 +371,6 @@ def _attribution_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[st
 
 
 def _spectrum_section(root: Path) -> list[dict[str, Any]]:
-    from lightning_sketch.spectrum.snapshot import FORMAT, load_index, load_snapshot
-
     dirs, parts = [], []
     for idx in _find(root, "index.json"):
         try:
@@ -521,7 +520,6 @@ def build_report(run_dir: str | Path, queries: str | Path | None = None) -> str:
             ("spectrum", "Hessian spectrum", _spectrum_section(root)),
             ("intrinsic", "Intrinsic dimension", _intrinsic_section(root)),
         ]
-    from lightning_sketch import __version__
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(_TEMPLATE).render(

@@ -10,6 +10,10 @@ import torch
 from lightning.pytorch import Trainer
 from torch import Tensor, nn
 
+from lightning_sketch.exceptions import SketchConfigError, SketchInputError
+from lightning_sketch.sketches import KINDS
+from lightning_sketch.store import SketchStore
+
 
 # ---------------------------------------------------------------------- helpers
 def _per_layer_options(layout: Any) -> dict[str, Any]:
@@ -18,8 +22,6 @@ def _per_layer_options(layout: Any) -> dict[str, Any]:
 
 
 def _open_store(cb: Any, trainer: Trainer) -> Any:
-    from lightning_sketch.store import SketchStore
-
     kwargs = {"spec": cb.sketch.spec, "layout": cb.layout, "dtype": cb.dtype, "nan_policy": cb.nan_policy}
     if trainer.world_size == 1:
         return SketchStore.create(cb.store_path, exist_ok=True, **kwargs)
@@ -107,8 +109,6 @@ class _rng_guard:
 
 def _check_types(dirpath: Any, kind: Any, include: Any, exclude: Any, id_key: Any, save_weights: Any) -> None:
     """Type checks of ``GradientSketch.__init__`` arguments (raise SketchConfigError naming the argument)."""
-    from lightning_sketch.exceptions import SketchConfigError
-    from lightning_sketch.sketches import KINDS
 
     if not isinstance(dirpath, (str, os.PathLike)) or not str(dirpath):
         raise SketchConfigError(f"`dirpath` must be a non-empty path string, got {dirpath!r}.")
@@ -129,8 +129,6 @@ def _check_no_padding(loader: Any) -> None:
     """Inline mode under DDP: refuse a DistributedSampler that pads (an id on two ranks breaks the merge)."""
     from torch.utils.data import DistributedSampler
 
-    from lightning_sketch.exceptions import SketchConfigError
-
     sampler = getattr(loader, "sampler", None)
     if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
         return
@@ -146,7 +144,6 @@ def _check_no_padding(loader: Any) -> None:
 
 def _as_ids(ids: Any) -> Tensor:
     """``[B]`` int64 example ids; floating or bool ids raise SketchInputError (a cast would merge examples)."""
-    from lightning_sketch.exceptions import SketchInputError
 
     ids = torch.as_tensor(ids)
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:

@@ -28,6 +28,7 @@ from typing_extensions import override
 
 from lightning_sketch.callbacks._progress import progress_bar
 from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError, UnsupportedStrategyError
+from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches import KINDS, derive_seed, make
 from lightning_sketch.spectrum.monitor import spectrum_snapshot
 from lightning_sketch.spectrum.snapshot import SnapshotWriter, load_snapshot
@@ -87,7 +88,6 @@ class HessianSpectrum(Callback):
         SketchConfigError: on invalid arguments.
 
     Example::
-
         trainer = Trainer(callbacks=[HessianSpectrum(k=10, sketch_kind="affd", sketch_dim=1024)])
     """
 
@@ -215,7 +215,6 @@ class HessianSpectrum(Callback):
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fix the probe set, the parameter layout and Φ (once per fit)."""
-        from lightning_sketch.gradients import ParamLayout
 
         if self._probe is not None:
             return

@@ -56,7 +56,7 @@ from lightning_sketch._safeio import DirLock, file_sha256, write_checked_json
 from lightning_sketch.exceptions import StoreConflictError, StoreNotFoundError, SubspaceError, UnsupportedStrategyError
 from lightning_sketch.intrinsic import Action, DoublingSearch, Subspace
 from lightning_sketch.intrinsic.plot import plot_search
-from lightning_sketch.sketches import sketch_class
+from lightning_sketch.sketches import KINDS, sketch_class
 
 try:
     from typing_extensions import override
@@ -429,8 +429,6 @@ def _check_omega_in_optimizer(trainer: Trainer, sub: Subspace) -> None:
 
 
 def _check_types(kind: Any, monitor: Any, target: Any, reference_score: Any, fraction: Any, **flags: Any) -> None:
-    from lightning_sketch.sketches import KINDS
-
     if kind not in KINDS:
         raise SubspaceError(f"`kind` must be one of {sorted(KINDS)}, got {kind!r}.")
     if not isinstance(monitor, str) or not monitor:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_sketch.gradients.hvp import hvp, loss_grad, make_hvp, sketched_hvp
-from lightning_sketch.gradients.layout import ParamLayout
 from lightning_sketch.gradients.per_example import finite_mask, per_example_grads, sketch_gradients
+from lightning_sketch.layout import ParamLayout
 
 __all__ = [
     "CaptureSupport",

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError, UnsupportedModelError
-from lightning_sketch.gradients.layout import ParamLayout
+from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches.base import Sketch
 
 LossFn = Callable[[nn.Module, Any], Tensor]

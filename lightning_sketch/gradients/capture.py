@@ -53,7 +53,7 @@ from torch.utils import _pytree as pytree
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError, UnsupportedModelError
 from lightning_sketch.gradients import _functional as F
-from lightning_sketch.gradients.layout import ParamLayout
+from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches.base import Sketch
 
 __all__ = ["CaptureSupport", "GradientCapture", "capture_support", "hooked_sketch"]

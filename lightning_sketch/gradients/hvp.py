@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError
 from lightning_sketch.gradients import _functional as F
-from lightning_sketch.gradients.layout import ParamLayout
+from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches.base import Sketch
 
 __all__ = ["hvp", "loss_grad", "make_hvp", "sketched_hvp"]

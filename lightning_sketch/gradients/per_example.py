@@ -21,7 +21,7 @@ from torch.func import grad, vmap
 
 from lightning_sketch.exceptions import SketchConfigError
 from lightning_sketch.gradients import _functional as F
-from lightning_sketch.gradients.layout import ParamLayout
+from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches.base import Sketch
 
 __all__ = ["finite_mask", "per_example_grads", "sketch_gradients"]

@@ -8,7 +8,12 @@
 
 from __future__ import annotations
 
-from lightning_sketch.intrinsic.search import Action, BinarySearchResult, DoublingSearch, binary_search_dimension
+from lightning_sketch.intrinsic.search import (
+    Action,
+    BinarySearchResult,
+    DoublingSearch,
+    binary_search_dimension,
+)
 from lightning_sketch.intrinsic.subspace import Subspace
 
 __all__ = ["Action", "BinarySearchResult", "DoublingSearch", "Subspace", "binary_search_dimension"]

@@ -1,4 +1,8 @@
-"""Picture of an intrinsic-dimension search: the metric against steps (coloured by d) and against d."""
+"""Picture of an intrinsic-dimension search: the metric against steps (coloured by d) and against d.
+
+Drawn on a :class:`matplotlib.figure.Figure` with its own Agg canvas: no pyplot state, and the
+process-wide backend is left alone (calling ``matplotlib.use`` would switch the user's own plots).
+"""
 
 from __future__ import annotations
 
@@ -30,14 +34,15 @@ def plot_search(
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib is imported on use: it costs about a second and only this function needs it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
 
     rounds = [h for h in history if h.get("step")]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
     if rounds:
         steps, metrics, ds = [h["step"] for h in rounds], [h["metric"] for h in rounds], [h["d"] for h in rounds]
         ax1.plot(steps, metrics, color="grey", lw=0.8, zorder=0)
@@ -62,5 +67,4 @@ def plot_search(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_sketch.exceptions import SketchConfigError, SubspaceError, UnsupportedModelError
-from lightning_sketch.gradients.layout import ParamLayout
+from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches import Sketch, make
 
 __all__ = ["ATTR", "Subspace"]

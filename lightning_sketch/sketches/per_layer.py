@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sketch.exceptions import SketchConfigError
+from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches.base import Sketch
 
 __all__ = ["LayerBlock", "PerLayerSketch"]
@@ -264,7 +265,6 @@ class PerLayerSketch(Sketch):
         Raises:
             SketchConfigError: for a bad ``sketch_dim`` or ``inner``.
         """
-        from lightning_sketch.gradients.layout import ParamLayout
 
         layout = ParamLayout.from_module(module) if layout is None else layout
         return cls(layout.dim, sketch_dim, seed, shapes=[list(s) or [1] for s in layout.shapes], inner=inner)

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sketch.exceptions import SketchConfigError, SpectrumError
+from lightning_sketch.gradients.hvp import loss_grad, make_hvp
+from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches import Sketch, derive_seed, make
 from lightning_sketch.spectrum.lanczos import Which, lanczos
 
@@ -86,8 +88,6 @@ class HessianOperator:
 
 
 def _layout(model: nn.Module, layout: Any) -> Any:
-    from lightning_sketch.gradients import ParamLayout
-
     return ParamLayout.from_module(model) if layout is None else layout
 
 
@@ -126,7 +126,6 @@ def hessian_operator(
         SpectrumError: on an empty or non-list ``batches``.
         SketchConfigError: on a bad ``sketch``.
     """
-    from lightning_sketch.gradients import make_hvp
 
     batches = _check_batches(batches)
     layout = _layout(model, layout)
@@ -155,7 +154,6 @@ def probe_gradient(
     reduce: Reduce | None = None,
 ) -> Tensor:
     """∇L over the probe set (``[N]``), or Φ∇L (``[D]``) when ``sketch`` is given (for alignment)."""
-    from lightning_sketch.gradients import loss_grad
 
     batches = _check_batches(batches)
     layout = _layout(model, layout)

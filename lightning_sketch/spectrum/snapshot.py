@@ -50,6 +50,7 @@ from lightning_sketch.exceptions import (
     StoreCorruptError,
     StoreFormatError,
     StoreNotFoundError,
+    StoreWriteError,
 )
 
 __all__ = [
@@ -139,8 +140,6 @@ class SnapshotWriter:
     """
 
     def __init__(self, dirpath: str | os.PathLike[str]) -> None:
-        from lightning_sketch.exceptions import StoreWriteError
-
         self.root = Path(dirpath)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -162,8 +161,6 @@ class SnapshotWriter:
             StoreWriteError: disk full or another write error; no temporary file is left.
         """
         if self._lock is None:
-            from lightning_sketch.exceptions import StoreWriteError
-
             raise StoreWriteError(f"The snapshot writer of {str(self.root)!r} is closed.")
         self._lock.check()
         gen, entries = _read_index(self.root)

@@ -8,6 +8,8 @@ from typing import Any
 
 from lightning_sketch.exceptions import LightningSketchError
 from lightning_sketch.store import manifest as mf
+from lightning_sketch.store.snapshot import _data_bytes
+from lightning_sketch.store.store import SketchStore
 
 __all__ = ["inspect_store"]
 
@@ -39,8 +41,6 @@ def inspect_store(path: str | Path, verify: bool = True) -> dict[str, Any]:
         >>> info["rows"], info["health"]["ok"]
         (0, True)
     """
-    from lightning_sketch.store.snapshot import _data_bytes
-    from lightning_sketch.store.store import SketchStore
 
     path = Path(path)
     manifest = mf.load_manifest(path, strict=False)  # structure only: consistency and checksum go to `health`

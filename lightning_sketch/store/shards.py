@@ -15,6 +15,7 @@ from typing import Any
 from lightning_sketch.exceptions import DuplicateIdError, SketchInputError, SketchMismatchError
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._validate import compare_layout, compare_spec
+from lightning_sketch.store.snapshot import _recount
 
 __all__ = ["ShardMixin", "shard_path"]
 
@@ -77,8 +78,6 @@ class ShardMixin:
             self._idsets.clear()  # ids of a failed merge were never committed
             raise
         if new != self._manifest:
-            from lightning_sketch.store.snapshot import _recount
-
             new["generation"] += 1
             _recount(new)
             self._publish(new)

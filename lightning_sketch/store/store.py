@@ -22,8 +22,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lightning_sketch import _safeio as sio
+from lightning_sketch._version import __version__
 from lightning_sketch.exceptions import (
     DuplicateIdError,
+    LayoutMismatchError,
     NonFiniteGradientError,
     SketchConfigError,
     SketchInputError,
@@ -32,10 +35,16 @@ from lightning_sketch.exceptions import (
     StoreNotFoundError,
     StoreWriteError,
 )
-from lightning_sketch import _safeio as sio
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import WriterLock, atomic_write, npy_bytes, write_json_atomic
-from lightning_sketch.store._validate import as_ids, as_rows, compare_layout, compare_spec, layout_info, spec_dict
+from lightning_sketch.store._validate import (
+    as_ids,
+    as_rows,
+    compare_layout,
+    compare_spec,
+    layout_info,
+    spec_dict,
+)
 from lightning_sketch.store.shards import ShardMixin
 from lightning_sketch.store.snapshot import SnapshotMixin, _data_bytes, _recount
 from lightning_sketch.store.views import StoreViews
@@ -134,7 +143,6 @@ class SketchStore(StoreViews, ShardMixin, SnapshotMixin):
         except OSError as err:
             raise StoreWriteError(f"Cannot create store directory {str(path)!r}: {err}.") from err
         lock = WriterLock(path)
-        from lightning_sketch import __version__
 
         manifest = mf.new_manifest(
             spec=spec_d,
@@ -482,8 +490,6 @@ class SketchStore(StoreViews, ShardMixin, SnapshotMixin):
             UnsafeFileError: the recorded path leaves the run directory or is not a regular file.
         """
         import torch
-
-        from lightning_sketch.exceptions import LayoutMismatchError
 
         entry = self._manifest.get("weights", {}).get(name)
         if entry is None:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from attribution.attr_helpers import TinyClassifier, blobs, full_batch, loader, loop_grads  # noqa: E402
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "attribution"))
-from attr_helpers import TinyClassifier, blobs, full_batch, loader, loop_grads  # noqa: E402
 
 from lightning_sketch.attribution import Attributor  # noqa: E402
 from lightning_sketch.callbacks import GradientSketch  # noqa: E402

@@ -72,7 +72,7 @@ def test_query_input_and_ckpt_errors(tmp_path):
     args = cli._own_parser().parse_args(["query", "--store", str(tmp_path / "store"), "--ckpt", str(tmp_path / "no.ckpt"),
                                           "--config", "c.yaml", "--ids", "0"])
     with pytest.raises(SketchInputError, match="`--ckpt` .* does not exist"):
-        cli_commands.run_query(args)
+        cli_commands.run_query(args, cli.build_from_config)
     args = cli._own_parser().parse_args(["query", "--store", "s", "--ckpt", "c", "--config", "c",
                                           "--inputs", str(tmp_path / "no.npy")])
     with pytest.raises(SketchInputError, match="`--inputs` file .* does not exist"):

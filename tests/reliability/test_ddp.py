@@ -12,16 +12,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from reliability.scripts._common import HERE, Tiny, clean_env, dataset, free_port
 from torch.func import functional_call, hessian
 from torch.utils.data import default_collate
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-from _common import HERE, Tiny, clean_env, dataset, free_port
 
 from lightning_sketch.gradients import ParamLayout
 from lightning_sketch.intrinsic import Subspace

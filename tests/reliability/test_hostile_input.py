@@ -10,17 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reliability.scripts._common import Tiny, loader, trainer
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-from _common import Tiny, loader, trainer
 
 from lightning_sketch.attribution import Attributor
 from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension
@@ -40,8 +36,6 @@ from lightning_sketch.gradients import ParamLayout
 from lightning_sketch.sketches import make
 from lightning_sketch.spectrum import load_snapshot
 from lightning_sketch.store import SketchStore, inspect_store
-
-
 
 
 def _gs(root, **kw) -> GradientSketch:
@@ -359,4 +353,5 @@ def test_bf16_mixed_training_sketches_in_float32(tmp_path):
             precision="bf16-mixed").fit(Tiny(), loader(), loader(8, seed=2))
     omega = cb.subspace.omega.detach()
     assert omega.dtype == torch.float32 and torch.isfinite(omega).all() and omega.abs().max() > 0
-    assert [h["step"] for h in cb.history] == [2, 4]
+    # the search measures metric(θ0) before training (step 0), then one round every 2 steps
+    assert [h["step"] for h in cb.history] == [0, 2, 4] and cb.history[0]["action"] == "baseline"

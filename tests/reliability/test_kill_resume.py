@@ -27,9 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-from _common import HERE, clean_env
+from reliability.scripts._common import HERE, clean_env
 
 from lightning_sketch.spectrum import load_index, load_snapshot
 from lightning_sketch.store import SketchStore, inspect_store

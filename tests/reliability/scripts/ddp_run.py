@@ -23,10 +23,8 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Data, Tiny, loader, trainer
+from lightning.pytorch import Callback
 
 from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension
 from lightning_sketch.intrinsic import Subspace

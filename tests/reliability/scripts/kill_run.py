@@ -34,11 +34,9 @@ import sys
 from pathlib import Path
 
 import torch
+from _common import Data, Tiny, trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Data, Tiny, trainer
 
 import lightning_sketch.spectrum.snapshot as snapshot_mod
 import lightning_sketch.store.store as store_mod
