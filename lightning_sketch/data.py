@@ -67,7 +67,8 @@ class IndexedDataset(Dataset):
         if isinstance(item, Mapping):
             if self.index_key in item:
                 raise SketchInputError(
-                    f"Item {i} already has a {self.index_key!r} entry; pass another `index_key` to IndexedDataset."
+                    f"Item {i} already has a {self.index_key!r} entry; pass another `index_key` to "
+                    f"IndexedDataset."
                 )
             return {**item, self.index_key: index}
         if isinstance(item, (tuple, list)):
@@ -90,7 +91,8 @@ def default_ids(batch: Any, id_key: str = "index") -> Tensor:
     if not isinstance(batch, Mapping) or id_key not in batch:
         raise SketchInputError(
             f"Cannot read example ids: expected a dict batch with an {id_key!r} entry, got "
-            f"{type(batch).__name__}{' with keys ' + str(sorted(batch)) if isinstance(batch, Mapping) else ''}; "
+            f"{type(batch).__name__}"
+            f"{' with keys ' + str(sorted(batch)) if isinstance(batch, Mapping) else ''}; "
             f"wrap the dataset in lightning_sketch.data.IndexedDataset or pass `id_key`/`ids_fn`."
         )
     ids = batch[id_key]

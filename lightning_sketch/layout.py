@@ -1,4 +1,5 @@
-"""The flattened parameter vector θ ∈ R^N of a model: which tensors, in which order (arXiv 2402.03994, Listings 6-7: the whole model, flattened).
+"""The flattened parameter vector θ ∈ R^N of a model: which tensors, in which order (arXiv 2402.03994,
+Listings 6-7: the whole model, flattened).
 
 The paper sketches the **whole model as one flattened vector**; this module fixes that vector:
 the trainable parameters of ``module.named_parameters()`` (shared tensors listed once), in that
@@ -112,7 +113,8 @@ class ParamLayout:
         if not names:
             raise SketchConfigError(
                 f"No trainable parameter of {type(module).__name__} matches include={include!r}, "
-                f"exclude={exclude!r}; check the patterns against `[n for n, _ in module.named_parameters()]`."
+                f"exclude={exclude!r}; check the patterns against `[n for n, _ in "
+                f"module.named_parameters()]`."
             )
         return cls(tuple(names), tuple(shapes))
 
@@ -150,7 +152,8 @@ class ParamLayout:
                 lead = tuple(t.shape[:nd])
             elif tuple(t.shape[:nd]) != lead:
                 raise SketchInputError(
-                    f"Tensor for `{name}` has leading dims {tuple(t.shape[:nd])}, expected {lead} like the first."
+                    f"Tensor for `{name}` has leading dims {tuple(t.shape[:nd])}, expected {lead} like the "
+                    f"first."
                 )
             flat.append(t.reshape(*lead, -1))
         return torch.cat(flat, dim=-1)
@@ -219,7 +222,8 @@ class ParamLayout:
         fp = data.get("fingerprint")
         if fp is not None and fp != layout.fingerprint():
             raise LayoutMismatchError(
-                f"Layout fingerprint mismatch: stored {fp}, recomputed {layout.fingerprint()}; the dict was edited."
+                f"Layout fingerprint mismatch: stored {fp}, recomputed {layout.fingerprint()}; the dict was "
+                f"edited."
             )
         return layout
 

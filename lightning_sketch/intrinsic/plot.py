@@ -44,9 +44,15 @@ def plot_search(
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
     if rounds:
-        steps, metrics, ds = [h["step"] for h in rounds], [h["metric"] for h in rounds], [h["d"] for h in rounds]
+        steps, metrics, ds = (
+            [h["step"] for h in rounds],
+            [h["metric"] for h in rounds],
+            [h["d"] for h in rounds],
+        )
         ax1.plot(steps, metrics, color="grey", lw=0.8, zorder=0)
-        sc = ax1.scatter(steps, metrics, c=ds, cmap="viridis", norm=LogNorm(vmin=min(ds), vmax=max(ds) * 1.0001))
+        sc = ax1.scatter(
+            steps, metrics, c=ds, cmap="viridis", norm=LogNorm(vmin=min(ds), vmax=max(ds) * 1.0001)
+        )
         fig.colorbar(sc, ax=ax1, label="active size d")
         best: dict[int, float] = {}
         for h in rounds:
@@ -54,7 +60,9 @@ def plot_search(
         keys = sorted(best)
         ax2.semilogx(keys, [best[d] for d in keys], "o-", base=2, label="best metric at d (search)")
     if verify is not None:
-        ax2.semilogx([verify["d"]], [verify["metric"]], "s", color="orange", base=2, label="verification run at D*/2")
+        ax2.semilogx(
+            [verify["d"]], [verify["metric"]], "s", color="orange", base=2, label="verification run at D*/2"
+        )
     if target is not None:
         for ax in (ax1, ax2):
             ax.axhline(target, color="red", ls="--", label=f"target {target:.3g}")

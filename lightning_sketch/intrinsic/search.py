@@ -39,7 +39,8 @@ def _check_dims(d_min: Any, d_max: Any) -> tuple[int, int]:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise SubspaceError(f"`{name}` must be a positive int, got {v!r}.")
     if d_min > d_max:
-        raise SubspaceError(f"`d_min` must be <= `d_max` (got {d_min} > {d_max}); lower `d_min` or raise `d_max`.")
+        raise SubspaceError(f"`d_min` must be <= `d_max` (got {d_min} > {d_max}); lower `d_min` or raise "
+                            f"`d_max`.")
     return d_min, d_max
 
 
@@ -132,7 +133,8 @@ class DoublingSearch:
         """
         metric = _check_float("metric", metric)
         if self.rounds:
-            raise SubspaceError("`baseline` must be called before the first `update`; the search already ran a round.")
+            raise SubspaceError("`baseline` must be called before the first `update`; the search already ran "
+                                "a round.")
         self.previous = metric
         self.history.append({"round": 0, "d": self.d, "metric": metric, "action": "baseline"})
 
@@ -148,7 +150,8 @@ class DoublingSearch:
         """
         metric = _check_float("metric", metric)
         if self.finished:
-            raise SubspaceError(f"The search is already {self.status} (D* = {self.d_star}); build a new DoublingSearch.")
+            raise SubspaceError(f"The search is already {self.status} (D* = {self.d_star}); build a new "
+                                f"DoublingSearch.")
         self.rounds += 1
         d_round = self.d
         clamped = False
@@ -164,7 +167,10 @@ class DoublingSearch:
         else:
             action = Action.CONTINUE
         self.previous = metric
-        entry = {"round": self.rounds, "step": step, "d": d_round, "metric": metric, "action": action.value, "next_d": self.d}
+        entry = {
+            "round": self.rounds, "step": step, "d": d_round, "metric": metric,
+            "action": action.value, "next_d": self.d,
+        }
         if clamped:
             entry["clamped"] = True
         self.history.append(entry)
@@ -173,9 +179,17 @@ class DoublingSearch:
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state (JSON-serialisable) for checkpoints."""
         return {
-            "d_min": self.d_min, "d_max": self.d_max, "delta": self.delta, "target": self.target,
-            "higher_is_better": self.higher_is_better, "d": self.d, "previous": self.previous,
-            "rounds": self.rounds, "status": self.status, "d_star": self.d_star, "clamped": self.clamped,
+            "d_min": self.d_min,
+            "d_max": self.d_max,
+            "delta": self.delta,
+            "target": self.target,
+            "higher_is_better": self.higher_is_better,
+            "d": self.d,
+            "previous": self.previous,
+            "rounds": self.rounds,
+            "status": self.status,
+            "d_star": self.d_star,
+            "clamped": self.clamped,
             "history": [dict(h) for h in self.history],
         }
 
@@ -187,15 +201,21 @@ class DoublingSearch:
             SubspaceError: if a key is missing or a value is invalid.
         """
         try:
-            s = cls(state["d_min"], state["d_max"], state["delta"], state["target"], state["higher_is_better"])
+            s = cls(
+                state["d_min"], state["d_max"], state["delta"], state["target"], state["higher_is_better"]
+            )
             d, status = int(state["d"]), str(state["status"])
             s.previous, s.rounds, s.d_star = state["previous"], int(state["rounds"]), state["d_star"]
             s.history = [dict(h) for h in state["history"]]
             s.clamped = bool(state.get("clamped", False))
         except KeyError as err:
-            raise SubspaceError(f"DoublingSearch state lacks key {err}; it was not written by `state_dict()`.") from err
+            raise SubspaceError(
+                f"DoublingSearch state lacks key {err}; it was not written by `state_dict()`."
+            ) from err
         if not s.d_min <= d <= s.d_max or status not in ("running", "done", "failed"):
-            raise SubspaceError(f"Invalid DoublingSearch state: d={d}, status={status!r} (d_min={s.d_min}, d_max={s.d_max}).")
+            raise SubspaceError(
+                f"Invalid DoublingSearch state: d={d}, status={status!r} (d_min={s.d_min}, d_max={s.d_max})."
+            )
         s.d, s.status = d, status
         return s
 

@@ -18,8 +18,8 @@ working as before: ``module(x)``, ``module.parameters()`` (so an ordinary optimi
 - SAID (Aghajanyan et al. 2021, structure-aware intrinsic dimension): θ_i = θ0_i + λ_i (Φᵀω)_i with
   one learned λ per tensor, initialised to 1. The m scalars count inside D: ω has D − m
   coordinates, so the trainable count at active size d is exactly d.
-- Masking (arXiv 2402.03994, Listing 9): coordinates of ω beyond the active size get zero gradient and keep their
-  value. It is done in the forward as ``where(mask, ω, ω.detach())`` rather than with a tensor
+- Masking (arXiv 2402.03994, Listing 9): coordinates of ω beyond the active size get zero gradient
+  and keep their value. It is done in the forward as ``where(mask, ω, ω.detach())`` rather than with a tensor
   hook, so it survives ``deepcopy``, DDP and ``functional_call`` unchanged.
 - The subspace is registered as the last child of the module (``module.intrinsic_subspace``); its
   ``forward`` is the identity so that an ``nn.Sequential`` root still computes the same function
@@ -102,7 +102,9 @@ class Subspace(nn.Module):
         m = len(layout.names) if said else 0
         self.omega = nn.Parameter(torch.zeros(sketch.sketch_dim, dtype=dtype, device=device))
         self.said_scale = nn.Parameter(torch.ones(m, dtype=dtype, device=device)) if said else None
-        self.register_buffer("active_mask", torch.ones(sketch.sketch_dim, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer(
+            "active_mask", torch.ones(sketch.sketch_dim, dtype=torch.bool, device=device), persistent=False
+        )
         self._scale = math.sqrt(sketch.sketch_dim / layout.dim) if normalize else 1.0
         self._active = sketch.sketch_dim + m
         self._owner: list[nn.Module] = []  # plain list: the root is not a child of its subspace
@@ -281,7 +283,10 @@ class Subspace(nn.Module):
 
     @property
     def spec(self) -> dict[str, Any]:
-        """JSON-serialisable ``{"sketch", "said", "normalize", "active", "layout"}``; Φ is ``make(**spec["sketch"])``."""
+        """JSON-serialisable ``{"sketch", "said", "normalize", "active", "layout"}``.
+
+        Φ is ``make(**spec["sketch"])``.
+        """
         return {
             "sketch": self.sketch.spec,
             "said": self.said,
@@ -362,4 +367,7 @@ class Subspace(nn.Module):
         self.set_active(int(spec["active"]))
 
     def extra_repr(self) -> str:
-        return f"N={self.layout.dim}, D={self.sketch_dim}, active={self._active}, kind={self.sketch.kind!r}, said={self.said}"
+        return (
+            f"N={self.layout.dim}, D={self.sketch_dim}, active={self._active}, "
+            f"kind={self.sketch.kind!r}, said={self.said}"
+        )

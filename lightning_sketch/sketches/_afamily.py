@@ -13,7 +13,8 @@ orthogonal transforms (T2 and its G only for AFFD). The ``preconditioner`` optio
   (:func:`~lightning_sketch.sketches._common.rfft_real`); no padding, no permutations (the FFT is
   not Kronecker-factored, so there is nothing to permute; the randomness is B and G).
 * ``"kron_orthogonal"`` (the paper's Q variant): T1, T2 = Kronecker products of independent
-  Haar-orthogonal ``[s_i, s_i]`` factors (sign-corrected QR), applied WITHOUT B (arXiv 2402.03994, Table 8, Q = 1);
+  Haar-orthogonal ``[s_i, s_i]`` factors (sign-corrected QR), applied WITHOUT B (arXiv 2402.03994,
+  Table 8, Q = 1);
   N zero-padded to a power of two as for the Hadamard. The D kept coordinates of the last pass
   are a balanced product set, as for QK: ``D_i = balanced_split(s, next_pow2(D))`` rows of each
   factor, ordered by :func:`~lightning_sketch.sketches._kron.balanced_order` (first D kept). The
@@ -25,7 +26,8 @@ orthogonal transforms (T2 and its G only for AFFD). The ``preconditioner`` optio
 The output is the first D coordinates after the last transform (for ``kron_orthogonal``, the
 balanced set above), times √(N_p/D) (N_p = N for ``fft``), so E‖Φx‖² = ‖x‖². Only the leading
 Kronecker factors' first rows reach those D coordinates
-(:func:`~lightning_sketch.sketches._kron.prefix_rows`), so the last pass is restricted to them, which makes the time nearly flat in D. Persistent memory: N_p signs (1 B),
+(:func:`~lightning_sketch.sketches._kron.prefix_rows`), so the last pass is restricted to them, which makes
+the time nearly flat in D. Persistent memory: N_p signs (1 B),
 N_p Gaussians (4 B; AFJL keeps only the D it uses), and Σ s_i² factor entries per pass.
 
 ``max_block`` defaults to 32: the paper caps factors at 1024 for accelerators and its didactic
@@ -72,7 +74,7 @@ PRECONDITIONERS = ("hadamard", "fft", "kron_orthogonal")
 
 
 def _full_index(shapes: tuple[int, ...], rows: tuple[int, ...]) -> Tensor:
-    """Index in ``[0, Π shapes)`` of each row (row-major) of the product restricted to the first ``rows[i]`` rows."""
+    """Index in ``[0, Π shapes)`` of each row (row-major) of the product restricted to ``rows[i]`` rows."""
     index = torch.zeros(1, dtype=torch.int64)
     for s, r in zip(shapes, rows):
         index = (index[:, None] * s + torch.arange(r)[None, :]).reshape(-1)
@@ -89,7 +91,8 @@ class PreconditionedSketch(Sketch):
         pc = options["preconditioner"]
         if pc not in PRECONDITIONERS:
             raise SketchConfigError(
-                f"`preconditioner` must be one of {list(PRECONDITIONERS)}, got {pc!r}; use 'hadamard' (the paper's default)."
+                f"`preconditioner` must be one of {list(PRECONDITIONERS)}, got {pc!r}; use 'hadamard' (the "
+                f"paper's default)."
             )
         check_max_block(options["max_block"])
 

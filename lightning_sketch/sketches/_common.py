@@ -70,7 +70,10 @@ def float_state(sketch: Any, name: str, like: Tensor) -> Tensor:
 
 
 def check_max_block(value: Any) -> None:
-    """``max_block`` must be a power of two in [2, 1024] (arXiv 2402.03994 caps factors at about 1024 columns; its Listing 4 uses 32)."""
+    """``max_block`` must be a power of two in [2, 1024].
+
+    arXiv 2402.03994 caps factors at about 1024 columns; its Listing 4 uses 32.
+    """
     if (
         isinstance(value, bool)
         or not isinstance(value, int)
@@ -85,7 +88,8 @@ def check_max_block(value: Any) -> None:
 
 
 def rfft_real(x: Tensor) -> Tensor:
-    """The real DFT as an exact isometry R^n → R^n on the rows of ``x [M, n]`` (the F variant of arXiv 2402.03994 Table 8, whose real packing the paper leaves open).
+    """The real DFT as an exact isometry R^n → R^n on the rows of ``x [M, n]`` (the F variant of arXiv
+    2402.03994 Table 8, whose real packing the paper leaves open).
 
     Packing: ``rfft(x, norm="ortho")`` gives bins ``0..n//2``; the output is
     ``[Re X_0, √2·Re X_1..X_m, (Re X_{n/2} if n even), √2·Im X_1..X_m]`` with ``m = (n-1)//2``.

@@ -1,4 +1,5 @@
-"""Kronecker-factored linear maps, Walsh–Hadamard factors and Haar factors (arXiv 2402.03994, eqs. 6-8, App. C.3).
+"""Kronecker-factored linear maps, Walsh–Hadamard factors and Haar factors (arXiv 2402.03994,
+eqs. 6-8, App. C.3).
 
 A Kronecker product ``F = F_0 ⊗ F_1 ⊗ … ⊗ F_{K-1}`` with ``F_i`` of shape ``[r_i, c_i]`` maps
 R^(Π c_i) → R^(Π r_i). Applied to the rows of ``x [M, Π c_i]`` it never forms F: ``x`` is viewed
@@ -168,7 +169,8 @@ def balanced_split(shapes: Sequence[int], d: int) -> tuple[int, ...]:
 
 
 def balanced_order(shapes: Sequence[int], d: int) -> Tensor:
-    """An ordering of the ``d`` rows of ``⊗_i F_i[:D_i]`` (``D_i = balanced_split(shapes, d)``) with balanced prefixes.
+    """An ordering of the ``d`` rows of ``⊗_i F_i[:D_i]`` (``D_i = balanced_split(shapes, d)``) with balanced
+    prefixes.
 
     Returns ``order [d]`` (int64): output coordinate ``j`` is row ``order[j]`` of the row-major
     Kronecker product of the restricted factors. Bit t of ``j`` (from the least significant) is the

@@ -169,7 +169,10 @@ class Sketch(ABC):
     @property
     def spec(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict; ``make(**spec)`` rebuilds the identical map."""
-        return {"kind": self.kind, "dim": self.dim, "sketch_dim": self.sketch_dim, "seed": self.seed, **self.options}
+        return {
+            "kind": self.kind, "dim": self.dim, "sketch_dim": self.sketch_dim, "seed": self.seed,
+            **self.options,
+        }
 
     @property
     def state_bytes(self) -> int:

@@ -1,4 +1,4 @@
-"""Dense Gaussian sketch, the baseline (the baseline of arXiv 2402.03994, Table 2 and Table 11): Φ = P with P_ij ~ N(0, 1/D)."""
+"""Dense Gaussian sketch, the baseline of arXiv 2402.03994 (Tables 2 and 11): Φ = P, P_ij ~ N(0, 1/D)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FJL: the Ailon–Chazelle fast Johnson–Lindenstrauss transform (Ailon & Chazelle 2009; arXiv 2402.03994, eq. 2)."""
+"""FJL: the fast Johnson–Lindenstrauss transform (Ailon & Chazelle 2009; arXiv 2402.03994, eq. 2)."""
 
 from __future__ import annotations
 

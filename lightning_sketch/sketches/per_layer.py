@@ -1,10 +1,13 @@
 """Per-layer Kronecker-factored sketch (LoGra-style, Choe et al. 2024).
 
-A different sketch family from the paper's whole-model maps (arXiv 2402.03994, Listings 6-7): Φ is block diagonal
-over the parameter tensors of a :class:`~lightning_sketch.gradients.ParamLayout`. A tensor with
-``ndim >= 2`` is viewed as a matrix G of shape (out, in = prod(rest)) and sketched as
+A different sketch family from the paper's whole-model maps (arXiv 2402.03994, Listings 6-7): Φ is
+block diagonal over the parameter tensors of a :class:`~lightning_sketch.gradients.ParamLayout`. A
+tensor with ``ndim >= 2`` is viewed as a matrix G of shape (out, in = prod(rest)) and sketched as
 
-.. math:: Φ_b \\operatorname{vec}(G) = \\operatorname{vec}(L G R^T),\\quad L \\in R^{d_o × out},\\ R \\in R^{d_i × in}
+.. math::
+
+    Φ_b \\operatorname{vec}(G) = \\operatorname{vec}(L G R^T),\\quad
+    L \\in R^{d_o × out},\\ R \\in R^{d_i × in}
 
 (row-major ``vec``), i.e. Φ_b = L ⊗ R; a tensor with ``ndim <= 1`` gets a small sub-sketch M
 ``[d, n]``. For ``nn.Linear`` the per-example gradient is δ xᵀ, so its sketch (L δ)(R x)ᵀ never
@@ -150,7 +153,8 @@ class PerLayerSketch(Sketch):
         )
         if not ok:
             raise SketchConfigError(
-                f"`shapes` must be a non-empty list of lists of positive ints (the layout's shapes), got {shapes!r}."
+                f"`shapes` must be a non-empty list of lists of positive ints (the layout's shapes), got "
+                f"{shapes!r}."
             )
         shapes = [[int(v) for v in s] for s in shapes]
         total = sum(math.prod(s) for s in shapes)

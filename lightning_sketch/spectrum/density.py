@@ -126,7 +126,8 @@ def slq_density(
 
     Example:
         >>> A = torch.diag(torch.linspace(0, 1, 100, dtype=torch.float64))
-        >>> d = slq_density(lambda v: A @ v, 100, num_runs=4, num_iter=30, generator=torch.Generator().manual_seed(0))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> d = slq_density(lambda v: A @ v, 100, num_runs=4, num_iter=30, generator=g)
         >>> abs(float(torch.trapezoid(d.density, d.grid)) - 1.0) < 1e-3
         True
     """

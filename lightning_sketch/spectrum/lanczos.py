@@ -57,9 +57,13 @@ def _check_args(dim: int, k: int, num_iter: int | None, which: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SpectrumError(f"`{name}` must be a positive int, got {value!r}.")
     if k > dim:
-        raise SpectrumError(f"`k` must be <= `dim` (got k={k} > dim={dim}); ask for at most {dim} eigenpairs.")
+        raise SpectrumError(
+            f"`k` must be <= `dim` (got k={k} > dim={dim}); ask for at most {dim} eigenpairs."
+        )
     if which not in _WHICH:
-        raise SpectrumError(f"`which` must be one of {_WHICH} (largest/smallest algebraic, largest magnitude), got {which!r}.")
+        raise SpectrumError(
+            f"`which` must be one of {_WHICH} (largest/smallest algebraic, largest magnitude), got {which!r}."
+        )
     if num_iter is None:
         return min(dim, max(4 * k, 40))
     if isinstance(num_iter, bool) or not isinstance(num_iter, int) or not k <= num_iter <= dim:
@@ -70,8 +74,13 @@ def _check_args(dim: int, k: int, num_iter: int | None, which: str) -> int:
     return num_iter
 
 
-def _start_vector(dim: int, v0: Tensor | None, generator: torch.Generator | None, dtype: torch.dtype,
-                  device: torch.device | str | None) -> Tensor:
+def _start_vector(
+    dim: int,
+    v0: Tensor | None,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+) -> Tensor:
     if v0 is not None:
         if not isinstance(v0, Tensor) or v0.shape != (dim,):
             shape = tuple(v0.shape) if isinstance(v0, Tensor) else type(v0).__name__
@@ -102,7 +111,9 @@ def _call(matvec: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
     w = matvec(v)
     if not isinstance(w, Tensor) or w.shape != v.shape:
         shape = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
-        raise SpectrumError(f"`matvec` must map a [{v.shape[0]}] tensor to a [{v.shape[0]}] tensor, got {shape}.")
+        raise SpectrumError(
+            f"`matvec` must map a [{v.shape[0]}] tensor to a [{v.shape[0]}] tensor, got {shape}."
+        )
     w = w.to(dtype=v.dtype, device=v.device)
     if not torch.isfinite(w).all():
         raise SpectrumError("`matvec` returned non-finite values; check the loss and the model's parameters.")
@@ -140,7 +151,11 @@ def lanczos_tridiagonal(
         subspace) the iteration continues from a fresh random vector orthogonal to the basis, with
         the coupling set to 0, so multiple eigenvalues are still found.
     """
-    dev = torch.device(device) if device is not None else (v0.device if isinstance(v0, Tensor) else torch.device("cpu"))
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (v0.device if isinstance(v0, Tensor) else torch.device("cpu"))
+    )
     v = _start_vector(dim, v0, generator, dtype, dev)
     basis = torch.zeros(num_iter, dim, dtype=dtype, device=dev)
     alpha = torch.zeros(num_iter, dtype=dtype)
@@ -228,13 +243,21 @@ def lanczos(
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64))
-        >>> res = lanczos(lambda v: A @ v, dim=50, k=3, num_iter=50, generator=torch.Generator().manual_seed(0))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> res = lanczos(lambda v: A @ v, dim=50, k=3, num_iter=50, generator=g)
         >>> [round(x, 6) for x in res.eigenvalues.tolist()]
         [50.0, 49.0, 48.0]
     """
     m = _check_args(dim, k, num_iter, which)
     alpha, beta, basis, used = lanczos_tridiagonal(
-        matvec, dim, m, v0=v0, reorthogonalize=reorthogonalize, generator=generator, dtype=dtype, device=device
+        matvec,
+        dim,
+        m,
+        v0=v0,
+        reorthogonalize=reorthogonalize,
+        generator=generator,
+        dtype=dtype,
+        device=device,
     )
     t = torch.diag(alpha) + torch.diag(beta[:-1], 1) + torch.diag(beta[:-1], -1)
     theta, s = torch.linalg.eigh(t)
@@ -286,7 +309,8 @@ def arnoldi(
         SpectrumError: as :func:`lanczos`.
 
     Example:
-        >>> A = torch.triu(torch.ones(6, 6, dtype=torch.float64)) + torch.diag(torch.arange(6.0, dtype=torch.float64))
+        >>> f64 = torch.float64
+        >>> A = torch.triu(torch.ones(6, 6, dtype=f64)) + torch.diag(torch.arange(6.0, dtype=f64))
         >>> res = arnoldi(lambda v: A @ v, dim=6, k=2, num_iter=6, generator=torch.Generator().manual_seed(0))
         >>> [round(x, 6) for x in res.eigenvalues.real.tolist()]
         [6.0, 5.0]

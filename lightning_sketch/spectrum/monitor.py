@@ -3,8 +3,8 @@
 :func:`spectrum_snapshot` runs, on one (sketched) Hessian operator over a fixed probe set:
 Lanczos for the top-k eigenpairs (full re-orthogonalisation), optionally an SLQ density and a
 Hutch++ trace, the probe-set gradient (sketched) for the gradient–outlier alignment, and the
-paper's summary statistics (arXiv 2402.03994 Sec. 5.5, Fig. 2). The number of matvecs is fixed by the arguments
-(no data-dependent stopping), so every DDP rank runs the same sequence of collective reductions.
+paper's summary statistics (arXiv 2402.03994 Sec. 5.5, Fig. 2). The number of matvecs is fixed by
+the arguments (no data-dependent stopping), so every DDP rank runs the same sequence of collective reductions.
 """
 
 from __future__ import annotations
@@ -135,7 +135,9 @@ def spectrum_snapshot(
     grad = probe_gradient(model, loss_fn, batches, op.sketch, layout=layout, reduce=reduce).to(dtype)
     smallest = float(eigs.ritz_values.min())
     summary = summarize(eigs.eigenvalues, eigs.eigenvectors, grad, smallest=smallest, threshold=threshold)
-    dens = slq_density(op, op.dim, density_runs, density_iter, generator=generator, dtype=dtype) if density else None
+    dens = None
+    if density:
+        dens = slq_density(op, op.dim, density_runs, density_iter, generator=generator, dtype=dtype)
     tr = hutchpp(op, op.dim, trace_matvecs, generator=generator, dtype=dtype) if trace else None
     spec = op.sketch.spec if op.sketch is not None else None
     return SpectrumSnapshot(eigs, summary, dens, tr, op.num_matvecs, time.perf_counter() - start, spec)

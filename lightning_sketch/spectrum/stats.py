@@ -128,6 +128,7 @@ def summarize(
     align = float("nan")
     if gradient is not None and eigenvectors is not None:
         pos_order = torch.argsort(e, descending=True)[:n_out]
-        align = alignment(gradient, eigenvectors.real[pos_order] if eigenvectors.is_complex() else eigenvectors[pos_order])
+        vecs = eigenvectors.real if eigenvectors.is_complex() else eigenvectors
+        align = alignment(gradient, vecs[pos_order])
     low = float(e.min()) if smallest is None else min(float(smallest), float(e.min()))
     return SpectrumSummary(float(e.max()), low, rneg(e, smallest), n_out, align)

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from reliability.scripts._common import HERE, Tiny, clean_env, dataset, free_port
+from _common import HERE, Tiny, clean_env, dataset, free_port
 from torch.func import functional_call, hessian
 from torch.utils.data import default_collate
 

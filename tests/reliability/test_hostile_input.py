@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reliability.scripts._common import Tiny, loader, trainer
+from _common import Tiny, loader, trainer
 from torch import nn
 
 from lightning_sketch.attribution import Attributor

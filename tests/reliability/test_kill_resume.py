@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reliability.scripts._common import HERE, clean_env
+from _common import HERE, clean_env
 
 from lightning_sketch.spectrum import load_index, load_snapshot
 from lightning_sketch.store import SketchStore, inspect_store
