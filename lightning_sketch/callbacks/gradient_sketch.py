@@ -66,7 +66,12 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
 )
 from lightning_sketch.callbacks._progress import progress_iter as _progress
 from lightning_sketch.data import default_ids
-from lightning_sketch.exceptions import NonFiniteGradientError, SketchConfigError, SketchInputError, StoreWriteError
+from lightning_sketch.exceptions import (
+    NonFiniteGradientError,
+    SketchConfigError,
+    SketchInputError,
+    StoreWriteError,
+)
 
 __all__ = ["GradientSketch"]
 
@@ -574,7 +579,6 @@ class GradientSketch(Callback):
 def _check_support(pl_module: nn.Module, layout: Any, exclude: list[str] | None) -> Any:
     """Setup-time check of the per-example gradient paths: log the modules covered, warn once about
     the per-module fallback, refuse modules no path serves with ``exclude=`` advice."""
-    from lightning_sketch.exceptions import UnsupportedModelError
     from lightning_sketch.gradients.capture import capture_support
 
     support = capture_support(pl_module, layout)

@@ -53,7 +53,12 @@ from typing import Any, Literal
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_sketch._safeio import DirLock, file_sha256, write_checked_json
-from lightning_sketch.exceptions import StoreConflictError, StoreNotFoundError, SubspaceError, UnsupportedStrategyError
+from lightning_sketch.exceptions import (
+    StoreConflictError,
+    StoreNotFoundError,
+    SubspaceError,
+    UnsupportedStrategyError,
+)
 from lightning_sketch.intrinsic import Action, DoublingSearch, Subspace
 from lightning_sketch.intrinsic.plot import plot_search
 from lightning_sketch.sketches import KINDS, sketch_class
