@@ -231,6 +231,7 @@ def test_argument_and_module_validation(tmp_path):
         _trainer(tmp_path, [cb], max_epochs=1).fit(NoLoss(), loader(x, y))
 
 
+@pytest.mark.slow
 def test_ddp_ranks_write_shards_that_merge_to_the_single_process_store(tmp_path):
     # 2 CPU processes (gloo, ddp_spawn): each rank sketches half of the attribution set into its own
     # shard with global ids; rank 0 merges at fit end. Same rows as a single-process run.

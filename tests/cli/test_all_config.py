@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from cli_helpers import CONFIGS, run_many
 
 from lightning_sketch.store import inspect_store
 
 
+@pytest.mark.slow
 def test_all_three_callbacks_in_one_run(tmp_path):
     argv = [
         "fit", "--config", str(CONFIGS / "all.yaml"), f"--trainer.default_root_dir={tmp_path}",

@@ -6,8 +6,10 @@ import csv
 import io
 import json
 
+import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # subprocesses and whole training runs
 
 
 def test_fit_writes_store_checkpoint_and_both_loggers(tiny_run):

@@ -26,6 +26,8 @@ from lightning_sketch.sketches import make
 from lightning_sketch.spectrum import load_snapshot
 from lightning_sketch.store import SketchStore, inspect_store, shard_path
 
+pytestmark = pytest.mark.slow  # subprocesses and whole training runs
+
 TIMEOUT_S = 240
 
 

@@ -32,6 +32,8 @@ from _common import HERE, clean_env
 from lightning_sketch.spectrum import load_index, load_snapshot
 from lightning_sketch.store import SketchStore, inspect_store
 
+pytestmark = pytest.mark.slow  # subprocesses and whole training runs
+
 TIMEOUT_S = 240
 WHERES = ("batch_end", "commit", "ckpt", "snapshot")
 ATTR_SEEDS = (0, 1, 2, 3, 4)

@@ -6,9 +6,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_benchmark_quick_smoke():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "sketches.py"), "--quick", "--threads", "1"],

@@ -118,6 +118,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_bit_identical_across_processes():
     """A fresh interpreter (different global RNG state, different import order) builds the same maps."""
     cases = [[name, kind, opts] for name, kind, opts in CASES]

@@ -13,6 +13,7 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.mark.slow
 def test_slq_density_matches_exact_density(mlp_case):
     h, ev = mlp_case.hessian, mlp_case.eigvals
     n = h.shape[0]

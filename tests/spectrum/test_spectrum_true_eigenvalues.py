@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -32,6 +33,7 @@ def _sketched_top(h: torch.Tensor, kind: str, d: int, seed: int, k: int) -> torc
     return res.eigenvalues
 
 
+@pytest.mark.slow
 def test_affd_top_eigenvalues_of_a_network_hessian(mlp_case):
     h, k = mlp_case.hessian, 5
     true_top = mlp_case.eigvals.flip(0)[:k]
@@ -53,6 +55,7 @@ class _Quadratic(nn.Module):
         self.theta = nn.Parameter(torch.randn(n, generator=generator, dtype=F64))
 
 
+@pytest.mark.slow
 def test_planted_spectrum_through_hessian_eigs():
     n = 2048
     g = torch.Generator().manual_seed(0)

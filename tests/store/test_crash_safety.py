@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _procs
 import numpy as np
 import pytest
 
-import _procs
 from lightning_sketch.store import SketchStore, inspect_store
 
 HELPER = Path(__file__).with_name("_procs.py")
@@ -37,6 +37,7 @@ def runs(tmp_path_factory) -> tuple[Path, dict]:
     return root, _run("all", str(root), ",".join(map(str, SEEDS)))
 
 
+@pytest.mark.slow
 def test_sigkill_during_writes_leaves_a_committed_prefix(runs):
     root, results = runs
     acked = results["crash"]
