@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import exact_refs
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -71,13 +72,5 @@ def full_batch(x, y) -> dict:
     return {"x": x, "y": y, "index": torch.arange(len(y))}
 
 
-def loop_grads(model: nn.Module, loss_fn, batch: dict) -> torch.Tensor:
-    """Exact per-example gradients by a for-loop of autograd.grad: ``[B, N]`` (reference)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = []
-    for i in range(len(batch["y"])):
-        one = {k: v[i : i + 1] for k, v in batch.items()}
-        loss = loss_fn(model, one).sum()
-        grads = torch.autograd.grad(loss, params)
-        out.append(torch.cat([g.reshape(-1) for g in grads]))
-    return torch.stack(out)
+# The per-example gradient reference lives in tests/exact_refs.py (shared by every test package).
+loop_grads = exact_refs.loop_grads

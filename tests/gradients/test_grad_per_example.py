@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from exact_refs import loop_grads
 from torch import nn
 from torch.nn import functional as F
 
@@ -12,17 +13,6 @@ from lightning_sketch.gradients import ParamLayout, finite_mask, per_example_gra
 from lightning_sketch.sketches import make
 
 ATOL = 1e-10  # float64; the computations are a handful of fused ops deep
-
-
-def loop_grads(model, loss_fn, batch, layout):
-    """The reference: one example at a time with torch.autograd.grad on the real parameters."""
-    x, y = batch
-    params = [dict(model.named_parameters())[n] for n in layout.names]
-    rows = []
-    for b in range(x.shape[0]):
-        loss = loss_fn(model, (x[b : b + 1], y[b : b + 1]))[0]
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
-    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("case", ["mlp_case", "block_case"])

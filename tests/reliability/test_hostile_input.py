@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _common import Tiny, loader, trainer
+from exact_refs import loop_grads
 from torch import nn
 
 from lightning_sketch.attribution import Attributor
@@ -52,13 +53,8 @@ def _hs(**kw) -> HessianSpectrum:
 
 
 def _loop_grads(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Exact per-example gradients [B, N] by a for-loop of autograd.grad (the reference)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(len(batch["y"])):
-        loss = model.per_example_loss({k: v[i : i + 1] for k, v in batch.items()}).sum()
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
-    return torch.stack(rows)
+    """Exact per-example gradients [B, N] of the module's own per-example loss (tests/exact_refs.py)."""
+    return loop_grads(model, lambda m, b: m.per_example_loss(b), batch)
 
 
 def _full(n: int, seed: int = 1, dtype=torch.float32) -> dict:

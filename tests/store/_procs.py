@@ -36,15 +36,29 @@ def expected(num_batches: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(num_batches * B), np.concatenate([batch_rows(b) for b in range(num_batches)])
 
 
-def write(path: str, batches: int, ack_fd: int | None = None, pause: float = 0.0) -> None:
+def _wait_all(fds: list[int]) -> None:
+    """Block until every fd delivers one byte (a reader's handshake)."""
+    for fd in fds:
+        if os.read(fd, 1) != b"!":
+            raise RuntimeError("a reader exited before its handshake")
+
+
+def write(path: str, batches: int, ack_fd: int | None = None, pause: float = 0.0,
+          handshake: tuple[list[int], int] | None = None) -> None:
+    """Commit ``batches`` batches; with ``handshake=(fds, k)``, wait for every reader before the first
+    batch and again after batch k, so each reader is sure to see the store mid-way (no timing guess)."""
     store = SketchStore.create(path, SPEC, exist_ok=True)
     store.add_checkpoint("c", step=0, lr=0.1)
     start = store.num_rows // B
+    if handshake is not None:
+        _wait_all(handshake[0])
     for b in range(start, start + batches):
         store.append(np.arange(b * B, (b + 1) * B), batch_rows(b))
         store.commit()
         if ack_fd is not None:
             os.write(ack_fd, b"%d\n" % (b + 1))
+        if handshake is not None and b + 1 == handshake[1]:
+            _wait_all(handshake[0])
         time.sleep(pause)
     store.close()
 
@@ -71,8 +85,11 @@ def crash(root: str, seeds: list[int]) -> dict:
     return acked
 
 
-def read_loop(path: str, rounds: int, batches: int) -> dict:
+def read_loop(path: str, rounds: int, batches: int, handshake: tuple[int, int] | None = None) -> dict:
+    """Poll the store until all ``batches`` are visible; ``handshake=(fd, k)``: write one byte to ``fd``
+    after the first poll and one when k batches are first seen (the writer waits for both)."""
     seen, bad = [], []
+    signalled = 0
     reader = None
     all_ids, all_rows = expected(batches)
     last = -1
@@ -89,6 +106,9 @@ def read_loop(path: str, rounds: int, batches: int) -> dict:
                     bad.append(f"rows differ from the committed prefix at {n} rows")
             seen.append(n)
             last = n
+            if handshake is not None and (signalled == 0 or (signalled == 1 and n >= handshake[1] * B)):
+                os.write(handshake[0], b"!")
+                signalled += 1
         except Exception as err:  # the store may not exist yet at the very start
             if os.path.exists(os.path.join(path, "manifest.json")):
                 bad.append(repr(err))
@@ -101,6 +121,9 @@ def read_loop(path: str, rounds: int, batches: int) -> dict:
 def concurrent(root: str) -> dict:
     path = os.path.join(root, "store")
     SketchStore.create(path, SPEC).close()
+    # reader -> writer handshake pipes: the writer pauses at the start and after batch 10 until both
+    # readers have polled, so both see the store mid-way whatever the machine load (no sleep tuning)
+    shakes = {r: os.pipe() for r in ("reader0", "reader1")}
     pids = []
     for role in ("writer", "reader0", "reader1"):
         read_fd, write_fd = os.pipe()
@@ -108,12 +131,23 @@ def concurrent(root: str) -> dict:
         if pid == 0:
             os.close(read_fd)
             t0 = time.time()
-            out = write(path, batches=20, pause=0.01) if role == "writer" else read_loop(path, 400, 20)
+            # keep only this process's ends open, so a reader that dies ends the writer's wait (EOF)
+            for r, (r_fd, w_fd) in shakes.items():
+                os.close(w_fd if role == "writer" else r_fd)
+                if role not in ("writer", r):
+                    os.close(w_fd)
+            if role == "writer":
+                out = write(path, batches=20, pause=0.01, handshake=([shakes[r][0] for r in shakes], 10))
+            else:
+                out = read_loop(path, 20_000, 20, handshake=(shakes[role][1], 10))
             out = out or {"seconds": time.time() - t0}
             os.write(write_fd, json.dumps(out).encode())
             os._exit(0)
         os.close(write_fd)
         pids.append((role, pid, read_fd))
+    for r_fd, w_fd in shakes.values():
+        os.close(r_fd)
+        os.close(w_fd)
     results = {}
     for role, pid, fd in pids:
         with os.fdopen(fd) as f:
