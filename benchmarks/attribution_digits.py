@@ -48,16 +48,33 @@ from _attr_tasks import CACHE, dict_batch, fit_one, fit_runs, get_task, ground_t
 
 
 # ---------------------------------------------------------------------- ours
-def our_scores(runs, method, qb, tune_vb=None, val_objective=None):
-    """Scores [Q, T] (columns = training rows 0..T-1) averaged over runs; with ``tune_vb`` λ is tuned per run.
+def _ensemble_api() -> bool:
+    """Whether Attributor takes a list of runs (one call for an ensemble)."""
+    import inspect
 
-    Returns (scores, dampings chosen or None). Raises the library's error when the method cannot run.
+    from lightning_sketch.attribution import Attributor
+
+    return "damping_ratio" in inspect.signature(Attributor).parameters
+
+
+def our_scores(runs, method, qb, tune_vb=None, val_objective=None):
+    """Scores [Q, T] (columns = training rows 0..T-1) of ``method`` over ``runs`` [(run_dir, module)].
+
+    An ensemble goes through the public API in one call (``Attributor([run dirs], [models])``) when
+    the library offers it, else the per-run scores are averaged here. With ``tune_vb`` the damping is
+    tuned with ``tune_damping(objective=val LDS)`` (on the ensemble's scores, or per run without the
+    ensemble API). ``method=None`` = ``Attributor``'s default. Returns (scores, [dampings] or None,
+    the method the Attributor resolved to). Raises the library's error when the method cannot run.
     """
     from lightning_sketch.attribution import Attributor
 
-    total, lams = 0, []
-    for run_dir, module in runs:
-        att = Attributor(run_dir, module, method=method)
+    kw = {} if method is None else {"method": method}
+    groups = [runs] if (len(runs) > 1 and _ensemble_api()) else [[r] for r in runs]
+    total, lams, resolved = 0, [], None
+    for group in groups:
+        dirs, mods = [r[0] for r in group], [r[1] for r in group]
+        att = Attributor(dirs if len(group) > 1 else dirs[0], mods if len(group) > 1 else mods[0], **kw)
+        resolved = att.method
         if tune_vb is not None:
             lams.append(att.tune_damping([tune_vb], objective=val_objective))
         s = att.scores(qb)
@@ -65,20 +82,7 @@ def our_scores(runs, method, qb, tune_vb=None, val_objective=None):
         if not torch.equal(att.ids[order], torch.arange(len(order))):
             raise RuntimeError(f"{method}: stored ids are not the training rows 0..T-1")
         total = total + s[:, order]
-    return total / len(runs), (lams or None)
-
-
-def has_damping(method, run) -> bool:
-    """Whether ``tune_damping`` applies to ``method`` (asks the library, so new methods are covered)."""
-    from lightning_sketch.attribution import Attributor
-    from lightning_sketch.exceptions import SketchConfigError
-
-    att = Attributor(run[0], run[1], method=method)
-    try:
-        att.tune_damping(candidates=[1.0, 2.0])  # cheap LOO proxy on 2 candidates: only the type check matters
-    except SketchConfigError:
-        return False
-    return True
+    return total / len(groups), (lams or None), resolved
 
 
 def arnoldi_scores(runs, train, qb, k=50):
@@ -156,19 +160,26 @@ def main(argv=None, default_task: str = "digits_mlp"):
         print("LDS on the 200 queries (95% bootstrap interval over queries):", flush=True)
         if not a.no_ours:
             from lightning_sketch.attribution import METHODS
-            from lightning_sketch.exceptions import LightningSketchError
+            from lightning_sketch.exceptions import LightningSketchError, SketchConfigError
 
             methods = list(METHODS) if not a.methods else [m for m in a.methods.split(",") if m]
             results["methods"] = methods
-            for method in methods:
+            def lam_note(lams):
+                name = "ρ" if _ensemble_api() else "λ"
+                return f"{name}=" + ",".join(f"{v:.3g}" for v in lams)
+
+            for nm in sorted({1, a.runs}):  # Attributor(run_dir, model): nothing else set
                 try:
-                    damped = has_damping(method, runs[0])
-                except LightningSketchError:
-                    damped = False  # the method cannot run with defaults: reported below
+                    s, _, resolved = our_scores(runs[:nm], None, qb)
+                    report(f"ours Attributor defaults (method → {resolved})", nm, s)
+                except LightningSketchError as err:
+                    print(f"  ours Attributor defaults: cannot run ({type(err).__name__}: {err})"[:200])
+            for method in methods:
+                damped = True
                 for nm in sorted({1, a.runs}):
                     sub = runs[:nm]
                     try:
-                        s, _ = our_scores(sub, method, qb)
+                        s, _, _ = our_scores(sub, method, qb)
                         report(f"ours {method} (defaults)", nm, s)
                     except LightningSketchError as err:
                         msg = f"{type(err).__name__}: {err}".splitlines()[0][:160]
@@ -179,8 +190,12 @@ def main(argv=None, default_task: str = "digits_mlp"):
                                    arnoldi_scores(sub, sp.train, qb))
                         continue
                     if damped:
-                        s, lams = our_scores(sub, method, qb, tune_vb=vb, val_objective=val_objective)
-                        report(f"ours {method} (λ tuned on val LDS)", nm, s, "λ=" + ",".join(f"{v:.3g}" for v in lams))
+                        try:
+                            s, lams, _ = our_scores(sub, method, qb, tune_vb=vb, val_objective=val_objective)
+                        except SketchConfigError:  # tune_damping does not apply: no damping to tune
+                            damped = False
+                            continue
+                        report(f"ours {method} (damping tuned on val LDS)", nm, s, lam_note(lams))
 
         finals = [copy.deepcopy(m.net).eval() for _, m in runs]
         for peer in [x for x in a.peers.split(",") if x]:
@@ -194,6 +209,7 @@ def main(argv=None, default_task: str = "digits_mlp"):
                         print(f"  {row['method']:<44} models={nm}  LDS {row['lds']:.3f} [{lo:.3f}, {hi:.3f}] "
                               f"{row['note']}{' (cached)' if row.get('cached') else ''}", flush=True)
         results["lds"] = rows
+        print(markdown_table(rows, a.runs), flush=True)
 
         if not (a.no_mislabel or a.no_ours):
             results["mislabel"] = mislabel(task, work, cb_kw, a)
@@ -202,6 +218,19 @@ def main(argv=None, default_task: str = "digits_mlp"):
             shutil.rmtree(work, ignore_errors=True)
         _dump(a, results)
     return results
+
+
+def markdown_table(rows, n_runs):
+    """Rows as a Markdown table: one line per method, columns 1 model and ``n_runs`` models."""
+    table: dict[str, dict] = {}
+    for r in rows:
+        cell = r["error"][:60] if "error" in r else f"{r['lds']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
+        if r.get("note"):
+            cell += f" {r['note']}"
+        table.setdefault(r["method"], {})[r["models"]] = cell
+    lines = [f"| Method | 1 model | {n_runs} models |", "|---|---|---|"]
+    lines += [f"| {m} | {c.get(1, '–')} | {c.get(n_runs, '–')} |" for m, c in table.items()]
+    return "\n".join(lines)
 
 
 def _dump(a, results):
