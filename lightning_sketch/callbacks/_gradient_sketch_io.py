@@ -47,6 +47,8 @@ class _RankZero:
 
     def merge_shards(self) -> None:
         self.main.merge_shards()
+        if self.main.resume_point is None:  # a finished run's merged rows are never orphans
+            self.main.mark_resume_point()
 
     def save_weights(self, *args: Any, **kwargs: Any) -> Any:
         return self.main.save_weights(*args, **kwargs)  # recorded in the main store, committed at the merge

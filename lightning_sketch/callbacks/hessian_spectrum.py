@@ -13,6 +13,7 @@ module's train/eval mode is restored, and the global RNG streams are forked and 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sketch._safeio import atomic_write
 from lightning_sketch.callbacks._progress import progress_bar
 from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_sketch.layout import ParamLayout
@@ -67,7 +69,9 @@ class HessianSpectrum(Callback):
         trace: also estimate the trace of Φ H Φᵀ by Hutch++ (``trace_matvecs`` HVPs).
         trace_matvecs: HVPs of the trace estimate.
         dirpath: directory of the snapshot files; default
-            ``<trainer.log_dir or default_root_dir>/hessian_spectrum``.
+            ``<trainer.log_dir or default_root_dir>/hessian_spectrum``. Rank 0 locks it for the whole
+            fit (:class:`~lightning_sketch.spectrum.snapshot.SnapshotWriter`): a second run into the
+            same directory fails at ``setup`` with ``StoreWriteError``.
         hvp_method: ``"double_backward"``, ``"fwd_rev"`` or ``"finite_difference"`` (the only one
             allowed under FSDP/DeepSpeed).
         dtype: dtype of the (D-dimensional) Krylov vectors; HVPs run in the module's own dtype.
@@ -396,5 +400,7 @@ class HessianSpectrum(Callback):
         fig.tight_layout()
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=100)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        atomic_write(out, [buf.getbuffer()], what="spectrum plot")  # never written through a planted symlink
         return out

@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,7 +108,9 @@ class IntrinsicDimension(Callback):
         stop_when_done: set ``trainer.should_stop`` when the target is reached or the search fails.
         include: fnmatch patterns of the parameters to reparametrise (default: all trainable).
         exclude: fnmatch patterns of parameters to leave as they are (they stay trainable).
-        dirpath: where ``intrinsic_dimension.json`` is written (default: the trainer's log dir).
+        dirpath: where ``intrinsic_dimension.json`` is written (default: the trainer's log dir). Rank 0
+            locks it for the fit (``.intrinsic_dimension.lock``; a second run fails at ``setup``) and
+            refuses to write if the file changed behind it (``StoreConflictError``).
         plot: also save ``intrinsic_dimension.png`` (metric against steps and against d) at the end of fit.
 
     Raises:
@@ -325,7 +329,10 @@ class IntrinsicDimension(Callback):
             )
         self._write(trainer)
         if self.plot and trainer.is_global_zero and self.dirpath is not None and self.history:
-            plot_search(self.history, self.target, Path(self.dirpath) / "intrinsic_dimension.png")
+            # drawn in a private temporary folder, then renamed over the target: never through a planted link
+            with tempfile.TemporaryDirectory(dir=self.dirpath, prefix=".plot-") as tmp:
+                plot_search(self.history, self.target, Path(tmp) / "plot.png")
+                os.replace(Path(tmp) / "plot.png", Path(self.dirpath) / "intrinsic_dimension.png")
 
     def _metric(self, trainer: Trainer) -> float:
         value = trainer.callback_metrics.get(self.monitor)

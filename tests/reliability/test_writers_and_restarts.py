@@ -195,10 +195,18 @@ def test_planted_symlinks_are_replaced_never_written_through(tmp_path):
     victim.write_text("precious")
     os.symlink(victim, d / "intrinsic_dimension.json.tmp")  # the old fixed temporary name
     os.symlink(victim, d / "intrinsic_dimension.json")
+    os.symlink(victim, d / "intrinsic_dimension.png")
     cb = _idim(d)
+    cb.plot = True
     _fit_idim(tmp_path, cb)
     assert victim.read_text() == "precious"
-    assert not (d / "intrinsic_dimension.json").is_symlink()
+    assert not (d / "intrinsic_dimension.json").is_symlink() and not (d / "intrinsic_dimension.png").is_symlink()
+    assert (d / "intrinsic_dimension.png").read_bytes()[:4] == b"\x89PNG"
+    hs = _hs(tmp_path / "spec")
+    hs.history = [{"step": 0, "eigenvalues": [2.0, 1.0], "file": None}]
+    os.symlink(victim, tmp_path / "spectrum.png")
+    hs.plot_history(tmp_path / "spectrum.png")
+    assert victim.read_text() == "precious" and (tmp_path / "spectrum.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((d / "intrinsic_dimension.json").read_text())["history"] == cb.history
 
 
