@@ -138,6 +138,28 @@ def _spectrum(run: Path) -> Any:
     return out, vals.numpy(), vecs.numpy(), spec
 
 
+def _resume_store(run: Path) -> Any:
+    """What GradientSketch does on resume: reopen the store as its writer (and release it)."""
+    from lightning_sketch.store import SketchStore
+
+    store = SketchStore.open(run / "store", mode="a")
+    try:
+        return store.generation, store.num_rows, store.checkpoints, store.resume_point
+    finally:
+        store.close()
+
+
+def _resume_spectrum(run: Path) -> Any:
+    """What HessianSpectrum does at setup: take the snapshot directory as its writer."""
+    from lightning_sketch.spectrum.snapshot import SnapshotWriter
+
+    writer = SnapshotWriter(run / "spectrum")
+    try:
+        return writer._generation
+    finally:
+        writer.close()
+
+
 def _report_section(section: Callable[[Path], list]) -> Callable[[Path], Any]:
     def read(run: Path) -> Any:
         blocks = section(run)
@@ -167,13 +189,13 @@ class DetectedError(LightningSketchError):
 
 #: file kind -> (glob under the run directory, readers of that kind)
 KINDS: dict[str, tuple[str, list[Callable[[Path], Any]]]] = {
-    "store manifest": ("store/manifest.json", [_attribution, _inspect]),
-    "store segment vectors": ("store/seg-*[0-9a-f].npy", [_attribution, _inspect]),
-    "store segment ids": ("store/seg-*.ids.npy", [_attribution, _inspect]),
-    "store FAISS index": ("store/index-*.faiss", [_attribution, _inspect]),
+    "store manifest": ("store/manifest.json", [_attribution, _inspect, _resume_store]),
+    "store segment vectors": ("store/seg-*[0-9a-f].npy", [_attribution, _inspect, _resume_store]),
+    "store segment ids": ("store/seg-*.ids.npy", [_attribution, _inspect, _resume_store]),
+    "store FAISS index": ("store/index-*.faiss", [_attribution, _inspect, _resume_store]),
     "weights": ("weights/*.pt", [_weights, _attribution]),
-    "spectrum index": ("spectrum/index.json", [_spectrum]),
-    "spectrum snapshot": ("spectrum/step_*.npz", [_spectrum]),
+    "spectrum index": ("spectrum/index.json", [_spectrum, _resume_spectrum]),
+    "spectrum snapshot": ("spectrum/step_*.npz", [_spectrum, _resume_spectrum]),
     "intrinsic-dimension state": ("intrinsic_dimension.json", [_intrinsic]),
     "query result": ("query.json", [_query]),
 }
