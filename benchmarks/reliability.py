@@ -56,6 +56,7 @@ def sweeps(flips: int, cuts: int) -> list[str]:
 
 def kills(n: int) -> list[str]:
     import _procs
+
     from lightning_sketch.store import SketchStore, inspect_store
 
     root = Path(tempfile.mkdtemp())

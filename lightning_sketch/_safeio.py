@@ -57,8 +57,8 @@ from lightning_sketch.exceptions import (
 
 __all__ = [
     "CHECKSUM_KEY",
-    "DirLock",
     "JSON_CAP",
+    "DirLock",
     "atomic_write",
     "confined",
     "dump_checked_json",

@@ -68,7 +68,7 @@ from lightning_sketch.sketches import KINDS, sketch_class
 try:
     from typing_extensions import override
 except ImportError:  # pragma: no cover
-    def override(f):  # noqa: ANN001, ANN202
+    def override(f):
         return f
 
 __all__ = ["IntrinsicDimension", "measure_reference_score"]

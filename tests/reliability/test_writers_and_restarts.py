@@ -271,7 +271,7 @@ def test_hessian_eigs_start_vector_has_its_own_stream(monkeypatch):
     monkeypatch.setattr(hessian, "lanczos", spy)
     model = torch.nn.Linear(3, 2)
     batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
-    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
     hessian.hessian_eigs(model, loss, [batch], k=2, seed=5, num_iter=6)
     assert seen["seed"] == derive_seed(5, "hessian_eigs", "start") != 5
     start = torch.randn(seen["n"], generator=torch.Generator().manual_seed(seen["seed"]))

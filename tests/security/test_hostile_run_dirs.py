@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 import pytest
+import runkit
 import torch
 
-import runkit
 from lightning_sketch import _safeio as sio
 from lightning_sketch.attribution import Attributor
 from lightning_sketch.exceptions import (

@@ -10,7 +10,6 @@ in docs/reliability.md are ``benchmarks/reliability.py``).
 from __future__ import annotations
 
 import pytest
-
 import runkit
 
 

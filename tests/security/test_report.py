@@ -7,12 +7,10 @@ reported in its section instead of aborting the report.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 
-import numpy as np
 import pytest
 import torch
 
