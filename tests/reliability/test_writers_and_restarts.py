@@ -77,6 +77,7 @@ def test_generation_check_without_deleting_the_lock(tmp_path):
     _no_debris(path)
 
 
+@pytest.mark.slow  # whole training runs
 def test_gradient_sketch_refuses_a_directory_another_writer_holds(tmp_path):
     from lightning_sketch.gradients import ParamLayout
     from lightning_sketch.sketches import make
@@ -121,6 +122,7 @@ def _hs(d: Path) -> HessianSpectrum:
                            density=False, plot=False, probe_batches=1, dirpath=str(d))
 
 
+@pytest.mark.slow  # whole training runs
 def test_hessian_spectrum_refuses_a_directory_another_run_writes(tmp_path):
     d = tmp_path / "spec"
     other = SnapshotWriter(d)
@@ -138,6 +140,7 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.slow  # whole training runs
 def test_disk_full_in_the_spectrum_callback_is_typed_and_leaves_no_debris(tmp_path, monkeypatch):
     d = tmp_path / "spec"
     trainer(tmp_path, [_hs(d)], max_steps=1).fit(Tiny(), loader(16, 8))
@@ -161,6 +164,7 @@ def _fit_idim(root: Path, cb: IntrinsicDimension, steps: int = 4) -> None:
             num_sanity_val_steps=0).fit(Tiny(), datamodule=Data(16, 8))
 
 
+@pytest.mark.slow  # whole training runs
 def test_intrinsic_dimension_refuses_a_directory_another_run_writes(tmp_path):
     d = tmp_path / "idim"
     d.mkdir()
@@ -173,6 +177,7 @@ def test_intrinsic_dimension_refuses_a_directory_another_run_writes(tmp_path):
     assert json.loads((d / "intrinsic_dimension.json").read_text())["history"] == cb.history
 
 
+@pytest.mark.slow  # whole training runs
 def test_intrinsic_dimension_stops_when_its_file_changes_behind_it(tmp_path):
     d = tmp_path / "idim"
 
@@ -188,6 +193,7 @@ def test_intrinsic_dimension_stops_when_its_file_changes_behind_it(tmp_path):
     assert sio.load_checked_json(d / "intrinsic_dimension.json", what="state") == {"by": "other run"}
 
 
+@pytest.mark.slow  # whole training runs
 def test_planted_symlinks_are_replaced_never_written_through(tmp_path):
     d = tmp_path / "idim"
     d.mkdir()
@@ -236,6 +242,7 @@ def _gs(d: Path) -> GradientSketch:
     return GradientSketch(dirpath=str(d), sketch_kind="affd", sketch_dim=8, every_n_steps=2)
 
 
+@pytest.mark.slow  # whole training runs
 def test_restart_after_a_kill_before_the_first_checkpoint_discards_orphans(tmp_path):
     ref = _gs(tmp_path / "ref")
     trainer(tmp_path, [ref], max_steps=5).fit(Tiny(), loader(16, 8))
