@@ -9,7 +9,14 @@ query's loss (raises its margin, for TRAK); opponents are the most negative scor
 
 from __future__ import annotations
 
-from lightning_sketch.attribution.query import METHODS, Attributor, negative_margin, negative_margin_of
+from lightning_sketch.attribution.query import (
+    DAMPING_RATIO_GRID,
+    DEFAULT_DAMPING_RATIO,
+    METHODS,
+    Attributor,
+    negative_margin,
+    negative_margin_of,
+)
 from lightning_sketch.attribution.scores import (
     arnoldi_features,
     classification_margin,
@@ -22,6 +29,8 @@ from lightning_sketch.attribution.scores import (
 )
 
 __all__ = [
+    "DAMPING_RATIO_GRID",
+    "DEFAULT_DAMPING_RATIO",
     "METHODS",
     "Attributor",
     "arnoldi_features",

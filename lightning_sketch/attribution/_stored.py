@@ -1,10 +1,17 @@
-"""Reading stored checkpoint slices into id-aligned float64 matrices (private helpers)."""
+"""Runs, stored rows and loss resolvers behind the :class:`~lightning_sketch.attribution.Attributor`.
+
+A *run* is what one ``GradientSketch`` fit wrote: ``<run>/store`` (the :class:`SketchStore`),
+``<run>/weights/<slice>.pt`` (the sketched parameters at each slice) and ``<run>/curvature/`` (the
+sampled-label Fisher of each slice, :mod:`lightning_sketch.attribution.curvature`). Rows are read
+in blocks (``iter_blocks``) so that no method needs all rows in memory at once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,66 +20,86 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sketch.attribution import scores as S
-from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError
+from lightning_sketch._safeio import load_torch_file
+from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError, StoreCorruptError, StoreNotFoundError
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
-__all__ = ["StoredRows", "load_rows", "negative_margin", "negative_margin_of", "open_run"]
+__all__ = ["Run", "negative_margin", "negative_margin_of", "open_run"]
 
 #: sub-folders of a GradientSketch run directory.
 STORE_DIR = "store"
 WEIGHTS_DIR = "weights"
 
-
-@dataclass(frozen=True)
-class StoredRows:
-    """Stored sketches of several checkpoints, aligned by example id.
-
-    Attributes:
-        ids: ``[T]`` int64, sorted ascending: the union of the ids over the checkpoints.
-        slices: ``C × [T, D]`` float64; an id missing from a checkpoint (e.g. a row skipped for
-            non-finite gradients) is a zero row there, so it contributes nothing to that term.
-    """
-
-    ids: Tensor
-    slices: list[Tensor]
+#: rows read per block when streaming a checkpoint slice (float64 block of 32 MiB at D = 1024).
+BLOCK_ROWS = 4096
 
 
-def open_run(store: Any) -> tuple[Any, Path | None]:
-    """Resolve a store object or path; returns ``(store, weights_dir or None)``.
+@dataclass
+class Run:
+    """One stored run: its store, optional run folder (weights, curvature) and checkpoint metadata."""
 
-    A path may be a store directory or a GradientSketch run directory (``store/`` + ``weights/``).
-    """
+    store: Any
+    root: Path | None
+    weights_dir: Path | None
+    names: list[str]
+    lrs: dict[str, float]
+    explicit_weights: bool = False
+    _ids: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def ids(self, name: str) -> np.ndarray:
+        """``[n]`` int64 example ids of one slice, in storage order."""
+        if name not in self._ids:
+            self._ids[name] = np.asarray(self.store.ids(name), dtype=np.int64)
+        return self._ids[name]
+
+    def iter_blocks(self, name: str, block: int | None = None) -> Iterator[tuple[slice, Tensor]]:
+        """``(row slice, rows [b, D] float64)`` blocks of one slice, in storage order.
+
+        A single-segment slice is a read-only memory map, so only one block is copied at a time.
+        """
+        block = BLOCK_ROWS if block is None else block
+        vecs = self.store.vectors(name)
+        n = vecs.shape[0]
+        for s in range(0, n, block):
+            e = min(n, s + block)
+            yield slice(s, e), torch.from_numpy(np.asarray(vecs[s:e], dtype=np.float64))
+
+
+def open_run(store: Any) -> Run:
+    """Resolve a store object, a store directory or a GradientSketch run directory into a :class:`Run`."""
+    from lightning_sketch.store import SketchStore
+
     if isinstance(store, (str, Path)):
-        from lightning_sketch.store import SketchStore
-
         path = Path(store)
+        if not path.exists():
+            raise StoreNotFoundError(f"No store or run directory at {str(path)!r}; check the path.")
         if (path / STORE_DIR).is_dir():
-            weights = path / WEIGHTS_DIR
-            return SketchStore.open(path / STORE_DIR), weights if weights.is_dir() else None
-        weights = path.parent / WEIGHTS_DIR
-        return SketchStore.open(path), weights if weights.is_dir() else None
-    root = getattr(store, "path", None)
-    if root is not None:
-        weights = Path(root).parent / WEIGHTS_DIR
-        return store, weights if weights.is_dir() else None
-    return store, None
+            root, st = path, SketchStore.open(path / STORE_DIR)
+        else:
+            root, st = path.parent, SketchStore.open(path)
+    else:
+        st = store
+        root = Path(store.path).parent if getattr(store, "path", None) is not None else None
+    weights = None if root is None else root / WEIGHTS_DIR
+    cks = _checkpoints(st)
+    return Run(
+        store=st,
+        root=root,
+        weights_dir=weights if weights is not None and weights.is_dir() else None,
+        names=[c["name"] for c in cks],
+        lrs={c["name"]: _lr(c) for c in cks},
+    )
 
 
-def load_rows(store: Any, checkpoints: Sequence[str]) -> StoredRows:
-    """Read the slices of ``checkpoints`` and align them on the union of their ids."""
-    per = []
-    for name in checkpoints:
-        ids = np.asarray(store.ids(name), dtype=np.int64)
-        vecs = np.asarray(store.vectors(name), dtype=np.float64)
-        per.append((ids, vecs))
-    all_ids = np.unique(np.concatenate([i for i, _ in per])) if per else np.zeros(0, np.int64)
-    slices = []
-    for ids, vecs in per:
-        out = np.zeros((len(all_ids), vecs.shape[1] if vecs.ndim == 2 else 0), dtype=np.float64)
-        out[np.searchsorted(all_ids, ids)] = vecs
-        slices.append(torch.from_numpy(out))
-    return StoredRows(ids=torch.from_numpy(all_ids), slices=slices)
+def _lr(entry: dict[str, Any]) -> float:
+    lr = entry.get("lr")
+    if lr is None:
+        raise SketchConfigError(
+            f"Checkpoint {entry.get('name')!r} records no learning rate; the store was not written by "
+            f"GradientSketch (or its manifest was edited)."
+        )
+    return float(lr)
 
 
 def _method_loss(model: nn.Module, name: str) -> LossFn:
@@ -147,3 +174,68 @@ def _sketch_and_layout(store: Any, model: nn.Module) -> tuple[Any, Any]:
             f"store's ({str(fp)[:12]}…); query with the architecture the store was written for."
         )
     return make(**spec), layout
+
+
+def load_weights(run: Run, name: str, layout: Any) -> dict[str, Tensor] | None:
+    """The parameters saved at slice ``name``, verified against the store (``None`` when none were saved).
+
+    Weights recorded in the store's manifest are read through ``store.load_weights`` (checksum,
+    slice name and layout fingerprint checked, no pickle). A ``weights_dir`` the user named
+    explicitly is read with the safe ``weights_only`` loader. A ``.pt`` file in the run's
+    ``weights/`` that the manifest does not record is refused.
+
+    Raises:
+        StoreCorruptError: for an unrecorded or damaged weights file.
+        LayoutMismatchError: when the saved names or shapes differ from the layout.
+    """
+    path = None if run.weights_dir is None else run.weights_dir / f"{name}.pt"
+    if run.explicit_weights:  # a folder the user named: loaded safely, checked against the layout below
+        saved = load_torch_file(path, what="weights file") if path is not None and path.exists() else None
+    elif hasattr(run.store, "has_weights") and run.store.has_weights(name):
+        saved = run.store.load_weights(name, layout.fingerprint())
+    elif path is not None and os.path.lexists(path):
+        raise StoreCorruptError(
+            f"Weights file {path} is not recorded in the store's manifest, so it was not written by this run "
+            f"(or the manifest lost its record); it is refused. Re-run with save_weights=True, or pass "
+            f"`weights_dir` explicitly if you trust the file."
+        )
+    else:
+        return None
+    if saved is None:
+        return None
+    shapes = dict(zip(layout.names, layout.shapes))
+    if not isinstance(saved, dict) or set(saved) != set(shapes) or any(
+        tuple(saved[n].shape) != tuple(shapes[n]) for n in shapes
+    ):
+        raise LayoutMismatchError(
+            f"Saved weights of checkpoint {name!r} hold parameters {sorted(saved)[:5]}... (names or shapes) that "
+            f"differ from the model's layout; use the architecture the run was trained with."
+        )
+    return saved
+
+
+@contextmanager
+def swapped_weights(model: nn.Module, saved: dict[str, Tensor] | None):
+    """Temporarily copy ``saved`` into the model's parameters (restored on exit, even on error)."""
+    if saved is None:
+        yield
+        return
+    params = dict(model.named_parameters())
+    backup = {n: params[n].detach().clone() for n in saved}
+    try:
+        with torch.no_grad():
+            for n, t in saved.items():
+                if tuple(t.shape) != tuple(params[n].shape):
+                    raise LayoutMismatchError(f"Saved weight {n!r} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}.")
+                params[n].copy_(t)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, t in backup.items():
+                params[n].copy_(t)
+
+
+def union_ids(runs: Sequence[Run], names: Sequence[Sequence[str]]) -> np.ndarray:
+    """Sorted union of the example ids over the given runs and their slices."""
+    parts = [run.ids(n) for run, ns in zip(runs, names) for n in ns]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)

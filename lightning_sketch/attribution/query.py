@@ -1,21 +1,29 @@
-"""The :class:`Attributor`: training data attribution queries against a :class:`SketchStore`.
+"""The :class:`Attributor`: training data attribution queries against one or several stored runs.
 
-A thin object over :mod:`lightning_sketch.attribution.scores`: it reads the stored sketched
-training gradients, sketches the query's loss gradients with the store's sketch at each stored
-checkpoint's weights, turns both into feature vectors whose inner product is the method's score,
-and searches them with FAISS (exact re-ranking of approximate hits is done by the store).
+Every method is one bilinear form per checkpoint slice c, summed over slices and averaged over
+runs (an ensemble, as TRAK averages over models; Park et al. 2023, §3):
+
+    score(z, x) = mean_r Σ_c  q_c(z)ᵀ M_{r,c} g_{r,c}(x),
+
+with q_c(z) the query's sketched gradient at slice c's weights, g_{r,c}(x) the stored row and
+M_{r,c} a ``[D, D]`` weight: η_c I (``tracin``), I at the last slice (``grad_dot``),
+(K_c + λ_c I)⁻¹ / C with K_c = G_cᵀG_c (``trak``) or K_c = the sampled-label Fisher Φ F_c Φᵀ
+(``fisher_if``), and U diag(1/λ) Uᵀ over the top eigenpairs of Φ H Φᵀ (``arnoldi_if``).
+``grad_cos`` divides ``tracin`` by both feature norms. Rows are streamed in blocks from the store
+(memory-mapped), so memory is bounded by one block plus the ``[Q, T]`` scores of a query chunk,
+never by a float64 copy of the store.
 
 Sign convention: a **positive** score means that training on the example lowers the query's loss
-(for ``trak``, raises its margin); opponents are the most negative scores.
+(for ``trak``/``fisher_if`` with a model that defines ``per_example_margin``: raises its margin);
+opponents are the most negative scores.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,87 +31,142 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_sketch.attribution import scores as S
+from lightning_sketch.attribution import curvature as CV
 from lightning_sketch.attribution._stored import (
-    StoredRows,
-    _checkpoints,
+    Run,
     _eval_mode,
     _method_loss,
     _sketch_and_layout,
-    load_rows,
+    load_weights,
     negative_margin,
     negative_margin_of,
     open_run,
+    swapped_weights,
+    union_ids,
 )
 from lightning_sketch.exceptions import (
-    LayoutMismatchError,
     SketchConfigError,
+    SketchInputError,
+    SketchMismatchError,
     SpectrumError,
     StoreNotFoundError,
 )
+from lightning_sketch.gradients import sketch_gradients
 
-__all__ = ["METHODS", "Attributor", "negative_margin", "negative_margin_of"]
+__all__ = [
+    "DAMPING_RATIO_GRID",
+    "DEFAULT_DAMPING_RATIO",
+    "METHODS",
+    "Attributor",
+    "negative_margin",
+    "negative_margin_of",
+]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("grad_dot", "tracin", "grad_cos", "trak", "arnoldi_if")
-Method = Literal["grad_dot", "tracin", "grad_cos", "trak", "arnoldi_if"]
+METHODS = ("grad_dot", "tracin", "grad_cos", "trak", "fisher_if", "arnoldi_if")
+Method = Literal["auto", "grad_dot", "tracin", "grad_cos", "trak", "fisher_if", "arnoldi_if"]
 LossFn = Callable[[nn.Module, Any], Tensor]
+_CURVED = ("trak", "fisher_if")
 
-#: Damping candidates for TRAK, as multiples of the mean eigenvalue tr(GᵀG)/D of the kernel.
-DAMPING_GRID = tuple(10.0**e for e in np.arange(-5.0, 2.01, 0.5))
+#: Automatic damping of ``trak`` and ``fisher_if``: λ_c = ρ · tr(K_c)/D, the mean eigenvalue of
+#: each slice's kernel times ρ = 10^-0.5. Chosen from the LDS-versus-λ curves of
+#: ``benchmarks/damping_study.py`` (digits MLP and digits CNN, D = 256 and 1024, 1 and 5 models),
+#: where the optimum sat at ρ ∈ [10^-1, 10^0] in every setting; see benchmarks/RESULTS.md.
+DEFAULT_DAMPING_RATIO = 10.0**-0.5
+#: Candidate ratios ρ for :meth:`Attributor.tune_damping`.
+DAMPING_RATIO_GRID = tuple(float(10.0**e) for e in np.arange(-4.0, 3.01, 0.5))
+#: bytes of float64 scores held per query chunk (``[Q_chunk, T]``).
+_SCORE_BYTES = 1 << 27
+
+
+@dataclass
+class _Weight:
+    """One slice's query weight M: a scalar, or ``(s, U, λ)`` meaning U diag(1/(s + λ)) Uᵀ · scale."""
+
+    name: str
+    scale: float
+    s: Tensor | None = None
+    U: Tensor | None = None
+    lam: float = 0.0
+
+    def apply(self, q: Tensor) -> Tensor:
+        if self.U is None:
+            return q * self.scale
+        return ((q @ self.U) / (self.s + self.lam)) @ self.U.T * self.scale
+
+    def quad(self, g: Tensor) -> Tensor:
+        if self.U is None:
+            return (g * g).sum(1) * self.scale
+        return ((g @ self.U) ** 2 / (self.s + self.lam)).sum(1) * self.scale
 
 
 class Attributor:
     """Attribute queries to training examples through stored sketched gradients.
 
-    Methods (``method``): ``grad_dot`` (⟨Φg(z), Φg(x)⟩ at the last checkpoint), ``tracin``
-    (Σ_t η_t ⟨Φg_t(z), Φg_t(x)⟩ over all checkpoints, Pruthi et al. 2020), ``grad_cos`` (``tracin``
-    with unit-normalised features), ``trak`` ((GᵀG + λI)⁻¹ per checkpoint applied to the query,
-    averaged over checkpoints; Park et al. 2023), ``arnoldi_if`` (Σ_i λ_i⁻¹⟨u_i, Φg(z)⟩⟨u_i, Φg(x)⟩
-    over the top eigenpairs of the sketched Hessian at the last checkpoint; Schioppa et al. 2022).
+    Methods (``method``):
 
-    Query gradients are taken at each checkpoint's weights, read from the run's ``weights/``
-    folder written by :class:`~lightning_sketch.callbacks.GradientSketch` (``save_weights=True``).
-    With a single checkpoint in use and no saved weights, the model's current weights are used.
+    - ``"auto"`` (default): ``fisher_if`` when every run holds the sampled-label curvature that
+      ``GradientSketch`` gathers by default, else ``trak``.
+    - ``fisher_if``: influence functions with the sketched Gauss–Newton / true Fisher of sampled
+      labels, Σ_c q_cᵀ (Φ F_c Φᵀ + λ_c I)⁻¹ g_c / C (Koh & Liang 2017; Grosse et al. 2023 use the
+      same sampled-label curvature in EK-FAC), averaged over the slices like TRAK's ensemble.
+    - ``trak``: (GᵀG + λI)⁻¹ per slice with G the stored gradients (Park et al. 2023).
+    - ``tracin``: Σ_c η_c ⟨Φg_c(z), Φg_c(x)⟩ (Pruthi et al. 2020); ``grad_cos``: its cosine;
+      ``grad_dot``: the last slice only.
+    - ``arnoldi_if``: Σ_i λ_i⁻¹⟨u_i, Φg(z)⟩⟨u_i, Φg(x)⟩ over the top eigenpairs of the sketched
+      Hessian at the last slice (Schioppa et al. 2022).
+
+    Damping (``trak``, ``fisher_if``): with ``damping=None`` each slice uses
+    λ_c = ``damping_ratio`` · tr(K_c)/D (default ratio :data:`DEFAULT_DAMPING_RATIO`); an explicit
+    ``damping`` is an absolute λ for every slice. :meth:`tune_damping` picks the ratio on a
+    user-supplied objective (e.g. a validation LDS).
+
+    Ensembles: pass a list of runs (``GradientSketch`` run directories or stores) and either one
+    model (its architecture; each run's saved slice weights are loaded into it) or one model per
+    run. Scores are the mean over runs, aligned by example id.
 
     Args:
-        store: a :class:`~lightning_sketch.store.SketchStore`, a store directory, or a run directory
-            (the callback's ``dirpath``, holding ``store/`` and ``weights/``).
-        model: the model whose gradients were stored; its layout must match the store's.
-        loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` per-example training losses; default
+        store: a run directory, a store directory or a :class:`~lightning_sketch.store.SketchStore`;
+            or a list of them (an ensemble).
+        model: the model (or one model per run) whose gradients were stored.
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` per-example losses; default
             ``model.per_example_loss(batch)``.
-        method: one of :data:`METHODS`.
-        damping: TRAK's λ (absolute); ``None`` chooses it automatically (:meth:`tune_damping`).
-        query_loss_fn: the per-example "loss" of the queries; default ``loss_fn``. For ``trak`` on
-            classification pass the negative margin (:func:`negative_margin`), or give the model a
-            ``per_example_margin(batch)`` method, which is then used automatically.
-        checkpoints: names of the checkpoint slices to use (default: per method, see above).
+        method: ``"auto"`` or one of :data:`METHODS`.
+        damping: absolute λ for ``trak``/``fisher_if``; ``None`` = automatic (see above).
+        damping_ratio: ρ of the automatic damping (default :data:`DEFAULT_DAMPING_RATIO`).
+        query_loss_fn: the queries' per-example "loss"; default ``loss_fn``, or for ``trak`` and
+            ``fisher_if`` the negative margin when the model defines ``per_example_margin(batch)``.
+        checkpoints: names of the slices to use (default: all for ``tracin``, ``grad_cos``,
+            ``trak``, ``fisher_if``; the last for ``grad_dot`` and ``arnoldi_if``); every run must
+            hold them.
         eigenpairs: ``(eigenvalues [k], eigenvectors [D, k])`` of Φ H Φᵀ for ``arnoldi_if``.
-        snapshot: a spectrum snapshot file to read the eigenpairs from (``arnoldi_if``).
-        hessian_batches: probe batches to compute the eigenpairs on demand (``arnoldi_if``).
+        snapshot: a spectrum snapshot file to read those eigenpairs from (``arnoldi_if``).
+        hessian_batches: probe batches to compute them on demand (``arnoldi_if``).
         arnoldi_k: eigenpairs computed on demand.
-        weights_dir: folder of ``<checkpoint>.pt`` parameter files (default: the run's ``weights/``).
+        weights_dir: folder of ``<slice>.pt`` parameter files (default: the run's ``weights/``;
+            single-run only).
         chunk_size: examples per ``vmap`` call for the query gradients.
-        index: FAISS index kind of the store used by ``grad_dot`` searches (``"flat"`` exact;
-            ``"ivf"``, ``"ivfpq"``, ``"hnsw"`` approximate with exact re-ranking).
-        current_weights: take every checkpoint's query gradients at the model's current weights
-            (an approximation for multi-checkpoint methods when no weights were saved).
+        index: FAISS index kind for single-run ``grad_dot`` searches through the store's own index
+            (``"flat"`` exact; ``"ivf"``, ``"ivfpq"``, ``"hnsw"`` approximate, re-ranked exactly).
+        current_weights: take every slice's query gradients at the model's current weights.
 
     Raises:
         SketchConfigError: for an unknown method or a bad argument.
-        LayoutMismatchError: if ``model``'s parameter layout differs from the store's.
+        LayoutMismatchError: if a model's parameter layout differs from a store's.
+        SketchMismatchError: if the runs of an ensemble were sketched differently.
+        StoreNotFoundError: for ``fisher_if`` on a run without curvature files.
 
     Example:
-        >>> # see tests/attribution/test_attributor.py and examples/attribution_digits.py
+        >>> # see tests/attribution/test_attributor.py, examples/attribution_digits.py and README.md
     """
 
     def __init__(
         self,
         store: Any,
-        model: nn.Module,
+        model: nn.Module | Sequence[nn.Module],
         loss_fn: LossFn | None = None,
-        method: Method = "grad_dot",
+        method: Method = "auto",
         damping: float | None = None,
         query_loss_fn: LossFn | None = None,
         checkpoints: Sequence[str] | None = None,
@@ -115,143 +178,258 @@ class Attributor:
         chunk_size: int | None = None,
         index: str = "flat",
         current_weights: bool = False,
+        damping_ratio: float | None = None,
     ) -> None:
-        if method not in METHODS:
-            raise SketchConfigError(f"`method` must be one of {METHODS}, got {method!r}.")
-        if damping is not None and (not math.isfinite(float(damping)) or damping <= 0):
-            raise SketchConfigError(f"`damping` must be > 0 or None (automatic), got {damping!r}.")
-        self.store, run_weights = open_run(store)
-        self.model = model
-        self.method = method
+        if method != "auto" and method not in METHODS:
+            raise SketchConfigError(f"`method` must be 'auto' or one of {METHODS}, got {method!r}.")
+        for name, val in (("damping", damping), ("damping_ratio", damping_ratio)):
+            if val is not None and (isinstance(val, bool) or not math.isfinite(float(val)) or val <= 0):
+                raise SketchConfigError(f"`{name}` must be > 0 or None (automatic), got {val!r}.")
+        stores = list(store) if isinstance(store, (list, tuple)) else [store]
+        if not stores:
+            raise SketchConfigError("`store` is an empty list; pass at least one run directory.")
+        models = list(model) if isinstance(model, (list, tuple)) else [model]
+        if len(models) not in (1, len(stores)):
+            raise SketchConfigError(f"Pass one model or one per run: got {len(models)} models for {len(stores)} runs.")
+        self.runs: list[Run] = [open_run(s) for s in stores]
+        if weights_dir is not None:
+            if len(self.runs) > 1:
+                raise SketchConfigError("`weights_dir` applies to a single run; ensembles use each run's weights/.")
+            self.runs[0].weights_dir = Path(weights_dir)
+            self.runs[0].explicit_weights = True
+        self.models = models if len(models) == len(stores) else models * len(stores)
+        self.model = models[0]
+        self.store = self.runs[0].store
+        self.sketch, self.layout = _sketch_and_layout(self.store, self.model)
+        for run, m in zip(self.runs[1:], self.models[1:]):
+            sk, lay = _sketch_and_layout(run.store, m)
+            if dict(sk.spec) != dict(self.sketch.spec) or lay.fingerprint() != self.layout.fingerprint():
+                raise SketchMismatchError(
+                    "The runs of an ensemble must share one sketch spec and parameter layout; got "
+                    f"{dict(sk.spec)} against {dict(self.sketch.spec)}. Train every run with the same GradientSketch arguments."
+                )
+        for run in self.runs:
+            if not run.names:
+                raise StoreNotFoundError("A store holds no checkpoint slice; run the GradientSketch callback first.")
+        if method == "auto":
+            method = "fisher_if" if all(self._has_curvature(r, r.names) for r in self.runs) else "trak"
+        self.method: str = method
         self.damping = None if damping is None else float(damping)
+        self.damping_ratio = DEFAULT_DAMPING_RATIO if damping_ratio is None else float(damping_ratio)
         self.chunk_size = chunk_size
         self.index_kind = index
         self.current_weights = bool(current_weights)
-        self.loss_fn = loss_fn if loss_fn is not None else _method_loss(model, "per_example_loss")
-        if query_loss_fn is None and method == "trak" and hasattr(model, "per_example_margin"):
-            query_loss_fn = negative_margin_of(model)
+        self.loss_fn = loss_fn if loss_fn is not None else _method_loss(self.model, "per_example_loss")
+        if query_loss_fn is None and method in _CURVED and hasattr(self.model, "per_example_margin"):
+            query_loss_fn = negative_margin_of(self.model)
         self.query_loss_fn = query_loss_fn if query_loss_fn is not None else self.loss_fn
-        self.weights_dir = Path(weights_dir) if weights_dir is not None else run_weights
-        self._explicit_weights = weights_dir is not None
-        self.sketch, self.layout = _sketch_and_layout(self.store, model)
-        all_ckpts = [c["name"] for c in _checkpoints(self.store)]
-        if not all_ckpts:
-            raise StoreNotFoundError("The store holds no checkpoint slice; run the GradientSketch callback first.")
-        if checkpoints is None:
-            checkpoints = all_ckpts if method in ("tracin", "grad_cos", "trak") else all_ckpts[-1:]
-        unknown = [c for c in checkpoints if c not in all_ckpts]
-        if unknown or not checkpoints:
-            raise SketchConfigError(f"`checkpoints` {list(checkpoints)} not all in the store's {all_ckpts}.")
-        self.checkpoints = list(checkpoints)
-        self._lrs = {c["name"]: float(c.get("lr", 1.0)) for c in _checkpoints(self.store)}
-        self.rows: StoredRows = load_rows(self.store, self.checkpoints)
+        self.checkpoints = self._select(checkpoints)
+        if method == "fisher_if":
+            missing = [str(r.root) for r in self.runs if not self._has_curvature(r, self.checkpoints)]
+            if missing:
+                raise StoreNotFoundError(
+                    f"method='fisher_if' needs the curvature files that GradientSketch(curvature='fisher') writes; "
+                    f"missing in {missing}. Use method='trak', or re-run with the default curvature='fisher'."
+                )
+        self._ids = torch.from_numpy(union_ids(self.runs, [self.checkpoints] * len(self.runs)))
+        self._pos_cache: dict[tuple[int, str], Tensor] = {}
+        self._eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
+        self._norms: Tensor | None = None
         self._eig: tuple[Tensor, Tensor] | None = None
         if method == "arnoldi_if":
             self._eig = self._eigenpairs(eigenpairs, snapshot, hessian_batches, arnoldi_k)
-        self._precond: dict[str, Tensor] = {}
-        self._train_features: Tensor | None = None
-        self._index: Any = None
 
-    # ------------------------------------------------------------------ features
-    def query_sketches(self, batch: Any) -> list[Tensor]:
-        """The query's sketched loss gradients at each checkpoint in use: ``C × [Q, D]`` (float64)."""
-        out = []
-        for name in self.checkpoints:
-            with self._weights(name), _eval_mode(self.model):
-                from lightning_sketch.gradients import sketch_gradients
+    # ------------------------------------------------------------------ set-up helpers
+    @staticmethod
+    def _has_curvature(run: Run, names: Sequence[str]) -> bool:
+        return run.root is not None and set(names) <= set(CV.curvature_slices(run.root))
 
-                mode = "factorized" if self.sketch.kind == "per_layer" else "explicit"
-                q = sketch_gradients(
-                    self.model, self.query_loss_fn, batch, self.sketch, mode=mode, layout=self.layout,
-                    chunk_size=self.chunk_size,
+    def _select(self, checkpoints: Sequence[str] | None) -> list[str]:
+        if checkpoints is None:
+            common = [n for n in self.runs[0].names if all(n in r.names for r in self.runs)]
+            if not common:
+                common = self.runs[0].names  # ensembles of runs with different slice names: by position
+            checkpoints = common if self.method in ("tracin", "grad_cos", *_CURVED) else common[-1:]
+            if not all(set(checkpoints) <= set(r.names) for r in self.runs):
+                raise SketchConfigError(
+                    "The runs of the ensemble hold different slice names; pass `checkpoints` present in every run."
                 )
-            out.append(q.detach().to(torch.float64))
-        return out
-
-    def query_features(self, batch: Any) -> Tensor:
-        """``[Q, F]`` query features; ``query_features(b) @ train_features().T`` are the scores."""
-        qs = self.query_sketches(batch)
-        return self._features(qs, train=False)
-
-    def train_features(self) -> Tensor:
-        """``[T, F]`` features of the stored training rows (ids in :attr:`ids`)."""
-        if self._train_features is None:
-            self._train_features = self._features(self.rows.slices, train=True)
-        return self._train_features
+        checkpoints = list(checkpoints)
+        unknown = [c for c in checkpoints if any(c not in r.names for r in self.runs)]
+        if unknown or not checkpoints:
+            raise SketchConfigError(f"`checkpoints` {checkpoints} not all in the store's {self.runs[0].names}.")
+        return checkpoints
 
     @property
     def ids(self) -> Tensor:
-        """``[T]`` example ids of the training rows, in the order of the score columns."""
-        return self.rows.ids
+        """``[T]`` example ids (sorted ascending) in the order of the score columns."""
+        return self._ids
 
-    def _features(self, slices: Sequence[Tensor], train: bool) -> Tensor:
-        lrs = [self._lrs[c] for c in self.checkpoints]
-        if self.method == "grad_dot":
-            return slices[-1]
-        if self.method == "tracin":
-            return S.tracin_features(slices, lrs)
-        if self.method == "grad_cos":
-            return S.normalize_rows(S.tracin_features(slices, lrs))
-        if self.method == "trak":
-            if train:
-                return torch.cat(list(slices), dim=1)
-            parts = [q @ self._preconditioner(c) / len(slices) for q, c in zip(slices, self.checkpoints)]
-            return torch.cat(parts, dim=1)
-        values, vectors = self._eig  # arnoldi_if
-        return S.arnoldi_features(slices[-1], values.to(torch.float64), vectors.to(torch.float64))
+    def _positions(self, r: int, name: str) -> Tensor:
+        key = (r, name)
+        if key not in self._pos_cache:
+            ids = self.runs[r].ids(name)
+            self._pos_cache[key] = torch.from_numpy(np.searchsorted(self._ids.numpy(), ids).astype(np.int64))
+        return self._pos_cache[key]
 
-    # ------------------------------------------------------------------ queries
+    # ------------------------------------------------------------------ query gradients
+    def query_sketches(self, batch: Any, run: int = 0) -> list[Tensor]:
+        """The query's sketched gradients at each slice in use of run ``run``: ``C × [Q, D]`` (float64).
+
+        Raises:
+            SketchInputError: if a query gradient is NaN or infinite (e.g. NaN inputs).
+        """
+        model, rn = self.models[run], self.runs[run]
+        out = []
+        for name in self.checkpoints:
+            saved = None if self.current_weights else load_weights(rn, name, self.layout)
+            if saved is None and not self.current_weights and (len(self.checkpoints) > 1 or len(self.runs) > 1):
+                raise StoreNotFoundError(
+                    f"No saved weights for checkpoint {name!r} of run {rn.root}; multi-checkpoint methods and "
+                    f"ensembles need GradientSketch(save_weights=True), `weights_dir`, or `current_weights=True`."
+                )
+            with swapped_weights(model, saved), _eval_mode(model):
+                mode = "factorized" if self.sketch.kind == "per_layer" else "explicit"
+                q = sketch_gradients(
+                    model, self.query_loss_fn, batch, self.sketch, mode=mode, layout=self.layout,
+                    chunk_size=self.chunk_size,
+                )
+            q = q.detach().to(torch.float64)
+            if not bool(torch.isfinite(q).all()):
+                bad = (~torch.isfinite(q).all(dim=1)).nonzero().flatten()[:5].tolist()
+                raise SketchInputError(
+                    f"The gradients of queries {bad} are NaN or infinite at checkpoint {name!r}; check the query "
+                    f"inputs (NaN/inf values) and labels."
+                )
+            out.append(q)
+        return out
+
+    # ------------------------------------------------------------------ per-slice weights
+    def _kernel(self, r: int, name: str) -> Tensor:
+        if self.method == "fisher_if":
+            return CV.read_curvature(self.runs[r].root, name, self.sketch.spec)[0]
+        D = self.sketch.sketch_dim
+        K = torch.zeros(D, D, dtype=torch.float64)
+        for _, g in self.runs[r].iter_blocks(name):
+            K.addmm_(g.T, g)
+        return K
+
+    def _eigh(self, r: int, name: str) -> tuple[Tensor, Tensor, float]:
+        key = (r, name)
+        if key not in self._eig_cache:
+            K = self._kernel(r, name)
+            s, U = torch.linalg.eigh(K)
+            mean = float(K.trace()) / K.shape[0]
+            self._eig_cache[key] = (s.clamp_min(0), U, mean)
+        return self._eig_cache[key]
+
+    def _weights(self, r: int) -> list[_Weight]:
+        run, C = self.runs[r], len(self.checkpoints)
+        if self.method in ("grad_dot",):
+            return [_Weight(self.checkpoints[-1], 1.0)]
+        if self.method in ("tracin", "grad_cos"):
+            return [_Weight(n, run.lrs[n]) for n in self.checkpoints]
+        if self.method == "arnoldi_if":
+            values, vectors = self._eig
+            keep = values > 0
+            if not bool(keep.any()):
+                raise SpectrumError(f"No positive eigenvalue among {values.tolist()}; arnoldi_if needs positive curvature.")
+            return [_Weight(self.checkpoints[-1], 1.0, values[keep].to(torch.float64), vectors[:, keep].to(torch.float64))]
+        out = []
+        for n in self.checkpoints:
+            s, U, mean = self._eigh(r, n)
+            lam = self.damping if self.damping is not None else self.damping_ratio * mean
+            if lam <= 0:  # an all-zero kernel (no rows): fall back to an identity weight
+                lam = 1.0
+            out.append(_Weight(n, 1.0 / C, s, U, lam))
+        return out
+
+    # ------------------------------------------------------------------ scoring engine
+    def _accumulate(self, qs: list[list[Tensor]], out: Tensor) -> Tensor:
+        """Add mean_r Σ_c (q_c M_c) G_cᵀ into ``out`` ``[Q, T]``."""
+        R = len(self.runs)
+        for r in range(R):
+            weights = self._weights(r)
+            target = torch.zeros_like(out) if self.method == "grad_cos" else out
+            for w in weights:
+                a = w.apply(qs[r][self.checkpoints.index(w.name)])
+                pos = self._positions(r, w.name)
+                for sl, g in self.runs[r].iter_blocks(w.name):
+                    target.index_add_(1, pos[sl], a @ g.T)
+            if self.method == "grad_cos":
+                qn = sum(w.scale * (qs[r][self.checkpoints.index(w.name)] ** 2).sum(1) for w in weights).sqrt()
+                tn = self._tracin_norms(r)
+                target /= qn.clamp_min(1e-300)[:, None] * tn.clamp_min(1e-300)[None, :]
+                out += target
+        out /= R
+        return out
+
+    def _tracin_norms(self, r: int) -> Tensor:
+        if self._norms is None:
+            self._norms = torch.zeros(len(self.runs), len(self._ids), dtype=torch.float64)
+            for rr in range(len(self.runs)):
+                for n in self.checkpoints:
+                    pos = self._positions(rr, n)
+                    for sl, g in self.runs[rr].iter_blocks(n):
+                        self._norms[rr].index_add_(0, pos[sl], self.runs[rr].lrs[n] * (g * g).sum(1))
+            self._norms = self._norms.sqrt()
+        return self._norms[r]
+
+    def _all_query_sketches(self, batch: Any) -> list[list[Tensor]]:
+        return [self.query_sketches(batch, run=r) for r in range(len(self.runs))]
+
+    def _chunks(self, Q: int) -> Iterable[slice]:
+        step = max(1, _SCORE_BYTES // (8 * max(1, len(self._ids))))
+        for s in range(0, Q, step):
+            yield slice(s, min(Q, s + step))
+
     def scores(self, batch: Any) -> Tensor:
         """Dense ``[Q, T]`` scores of every query against every stored example (float64).
 
         Columns follow :attr:`ids`. Positive = training on the example lowers the query's loss.
         """
-        return S.dot_scores(self.query_features(batch), self.train_features())
+        qs = self._all_query_sketches(batch)
+        Q = qs[0][0].shape[0]
+        out = torch.zeros(Q, len(self._ids), dtype=torch.float64)
+        for sl in self._chunks(Q):
+            self._accumulate([[q[sl] for q in run_q] for run_q in qs], out[sl])
+        return out
 
     def top_k(self, batch: Any, k: int = 10, opponents: bool = False) -> tuple[Tensor, Tensor]:
         """The ``k`` strongest proponents (or opponents: most negative scores) of each query.
 
-        Searches a FAISS inner-product index over :meth:`train_features`; for a single
-        ``grad_dot`` checkpoint it goes through the store's own index, whose approximate hits the
-        store re-ranks exactly.
+        Exact: scores are streamed over the stored rows in blocks and reduced to the top ``k``
+        per query chunk. A single-run ``grad_dot`` query goes through the store's FAISS index
+        instead (``index=``), whose approximate hits the store re-ranks exactly.
 
         Returns:
-            ``(ids [Q, k] int64, scores [Q, k] float)``, sorted from strongest to weakest; opponent
-            scores are returned with their true (negative) sign.
+            ``(ids [Q, k] int64, scores [Q, k] float64)``, strongest first; opponent scores keep
+            their true (negative) sign.
 
         Raises:
             SketchConfigError: if ``k`` is not in ``[1, T]``.
         """
-        T = len(self.ids)
+        T = len(self._ids)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T:
             raise SketchConfigError(f"`k` must be an int in [1, {T}] (stored examples), got {k!r}.")
-        q = self.query_features(batch)
         sign = -1.0 if opponents else 1.0
-        if self.method == "grad_dot" and hasattr(self.store, "search"):
+        if self.method == "grad_dot" and len(self.runs) == 1 and hasattr(self.store, "search"):
+            q = self.query_sketches(batch)[-1]
             s, i = self.store.search(
                 (sign * q).to(torch.float32).numpy(), k, checkpoint=self.checkpoints[-1], index=self.index_kind
             )
             s, i = torch.as_tensor(np.asarray(s), dtype=torch.float64), torch.as_tensor(np.asarray(i))
-        else:
-            s, i = self._search(sign * q, k)
-        return i.to(torch.long), sign * s
-
-    def _search(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        from lightning_sketch.store.index import build_index, search_index
-
-        if self._index is None:
-            self._index = build_index("flat", self.train_features().numpy(), self.ids.numpy(), {})
-        _, ids = search_index(self._index, q.numpy(), k)
-        # Exact float64 scores of the returned ids (FAISS accumulates in float32).
-        pos = self._positions(torch.as_tensor(ids))
-        feats = self.train_features()[pos.reshape(-1)].reshape(*pos.shape, -1)
-        exact = torch.einsum("qkf,qf->qk", feats, q)
-        exact, order = exact.sort(dim=1, descending=True, stable=True)
-        return exact, torch.as_tensor(ids).gather(1, order)
-
-    def _positions(self, ids: Tensor) -> Tensor:
-        lookup = {int(v): j for j, v in enumerate(self.ids.tolist())}
-        return torch.tensor([[lookup[int(v)] for v in row] for row in ids.tolist()], dtype=torch.long)
+            return i.to(torch.long), sign * s
+        qs = self._all_query_sketches(batch)
+        Q = qs[0][0].shape[0]
+        ids_out, s_out = [], []
+        for sl in self._chunks(Q):
+            part = torch.zeros(sl.stop - sl.start, T, dtype=torch.float64)
+            self._accumulate([[q[sl] for q in run_q] for run_q in qs], part)
+            top, pos = (sign * part).topk(k, dim=1)
+            ids_out.append(self._ids[pos])
+            s_out.append(sign * top)
+        return torch.cat(ids_out), torch.cat(s_out)
 
     def self_influence(self) -> tuple[Tensor, Tensor]:
         """Self-influence score(x, x) of every stored example, for mislabel detection.
@@ -260,82 +438,63 @@ class Attributor:
         (e.g. flipped labels). ``grad_cos`` is constant by construction, so it uses ``tracin``.
 
         Returns:
-            ``(ids [T], scores [T])``, in :attr:`ids` order.
+            ``(ids [T], scores [T] float64)``, in :attr:`ids` order, averaged over the runs.
         """
-        slices = self.rows.slices
-        lrs = [self._lrs[c] for c in self.checkpoints]
-        if self.method == "trak":
-            vals = sum((g @ self._preconditioner(c) * g).sum(1) for g, c in zip(slices, self.checkpoints))
-            return self.ids, vals / len(slices)
-        if self.method == "grad_cos":
-            f = S.tracin_features(slices, lrs)
-        else:
-            f = self.train_features()
-        return self.ids, (f * f).sum(1)
+        vals = torch.zeros(len(self._ids), dtype=torch.float64)
+        for r in range(len(self.runs)):
+            for w in self._weights(r):
+                pos = self._positions(r, w.name)
+                for sl, g in self.runs[r].iter_blocks(w.name):
+                    vals.index_add_(0, pos[sl], w.quad(g))
+        return self._ids, vals / len(self.runs)
 
-    # ------------------------------------------------------------------ TRAK damping
-    def _preconditioner(self, name: str) -> Tensor:
-        if name not in self._precond:
-            g = self.rows.slices[self.checkpoints.index(name)]
-            if self.damping is None:
-                self.damping = self.tune_damping()
-            self._precond[name] = S.trak_preconditioner(g, self.damping)
-        return self._precond[name]
-
+    # ------------------------------------------------------------------ damping
     def tune_damping(
         self,
         val_batches: Iterable[Any] | None = None,
         candidates: Sequence[float] | None = None,
         objective: Callable[[Tensor], float] | None = None,
-        holdout: float = 0.1,
     ) -> float:
-        """Choose TRAK's λ on a held-out split and set :attr:`damping`; returns it.
+        """Choose the damping ratio ρ (λ_c = ρ · tr(K_c)/D) that maximises ``objective``; returns it.
 
-        Candidates default to ``DAMPING_GRID`` × the mean eigenvalue tr(GᵀG)/D of the last
-        checkpoint's kernel. The criterion is, in order of preference:
-
-        1. ``objective(scores [Q, T]) -> float`` (higher is better), given the validation batches,
-           e.g. the LDS of the validation queries when a retraining ground truth exists;
-        2. otherwise the leave-one-coordinate-out ridge error of :func:`scores.damping_loo_errors`
-           with the validation queries' sketches;
-        3. with no ``val_batches``, the same error with a held-out ``holdout`` fraction of the
-           stored training rows as queries (the kernel built from the remaining rows).
-
-        Measured on digits (benchmarks/RESULTS.md), the LOO proxy (2, 3) picks far too small a λ
-        (LDS 0.15–0.18 against 0.54–0.58 with the validation-LDS objective): it is a fallback only;
-        pass an ``objective`` on validation queries whenever a ground truth can be had.
+        For users who have a ground truth: ``objective(scores [Q, T]) -> float`` (higher is better)
+        is evaluated on the scores of ``val_batches`` for every candidate ratio (default
+        :data:`DAMPING_RATIO_GRID`), e.g. the LDS of validation queries against retrained models
+        (:func:`lightning_sketch.evaluation.lds`). Without a ground truth, keep the automatic
+        ratio :data:`DEFAULT_DAMPING_RATIO` (nothing to call). Sets :attr:`damping_ratio` and clears
+        an absolute :attr:`damping`.
 
         Raises:
-            SketchConfigError: if the method is not ``trak`` or the inputs are inconsistent.
+            SketchConfigError: if the method has no damping, or ``objective``/``val_batches`` is missing.
         """
-        if self.method != "trak":
-            raise SketchConfigError(f"tune_damping applies to method='trak', not {self.method!r}.")
-        g = self.rows.slices[-1]
-        scale = float((g * g).sum()) / g.shape[1]
-        cands = [c * scale for c in DAMPING_GRID] if candidates is None else [float(c) for c in candidates]
-        if objective is not None:
-            if val_batches is None:
-                raise SketchConfigError("`objective` needs `val_batches` (the queries it scores).")
-            sketches = [self.query_sketches(b) for b in val_batches]  # once: only P changes with λ
-            values = []
-            for lam in cands:
-                self.damping, self._precond = lam, {}
-                s = torch.cat([S.dot_scores(self._features(q, train=False), self.train_features()) for q in sketches])
-                values.append(float(objective(s)))
-            best = cands[int(np.nanargmax(values))]
-        else:
-            if val_batches is not None:
-                queries = torch.cat([self.query_sketches(b)[-1] for b in val_batches])
-                kernel_rows = g
-            else:
-                gen = torch.Generator().manual_seed(0)
-                perm = torch.randperm(g.shape[0], generator=gen)
-                n_out = max(1, round(holdout * g.shape[0]))
-                queries, kernel_rows = g[perm[:n_out]], g[perm[n_out:]]
-            errs = S.damping_loo_errors(kernel_rows, queries, cands)
-            best = cands[int(torch.argmin(errs))]
-        self.damping, self._precond = best, {}
-        log.info("TRAK damping chosen: %.3g", best)
+        if self.method not in _CURVED:
+            raise SketchConfigError(f"tune_damping applies to method='trak' or 'fisher_if', not {self.method!r}.")
+        if objective is None or val_batches is None:
+            raise SketchConfigError(
+                "tune_damping needs `val_batches` and an `objective` (e.g. a validation LDS); without a ground "
+                f"truth the automatic ratio {DEFAULT_DAMPING_RATIO:.3g} is already in use."
+            )
+        cands = list(DAMPING_RATIO_GRID) if candidates is None else [float(c) for c in candidates]
+        if not cands or any(not math.isfinite(c) or c <= 0 for c in cands):
+            raise SketchConfigError(f"damping `candidates` must be finite ratios > 0, got {cands}.")
+        sketches = [self._all_query_sketches(b) for b in val_batches]  # once: only λ changes
+        saved = (self.damping, self.damping_ratio)
+        values = []
+        try:
+            self.damping = None
+            for rho in cands:
+                self.damping_ratio = rho
+                s = []
+                for qs in sketches:
+                    out = torch.zeros(qs[0][0].shape[0], len(self._ids), dtype=torch.float64)
+                    s.append(self._accumulate(qs, out))
+                values.append(float(objective(torch.cat(s))))
+        except Exception:
+            self.damping, self.damping_ratio = saved
+            raise
+        best = cands[int(np.nanargmax(values))]
+        self.damping, self.damping_ratio = None, best
+        log.info("damping ratio chosen: %.3g (objective %.4g)", best, float(np.nanmax(values)))
         return best
 
     # ------------------------------------------------------------------ arnoldi_if
@@ -355,8 +514,11 @@ class Attributor:
         elif batches is not None:
             from lightning_sketch.spectrum import hessian_eigs
 
-            with self._weights(self.checkpoints[-1]), _eval_mode(self.model):
-                res = hessian_eigs(self.model, self.loss_fn, list(batches), k=k, sketch=self.sketch, which="LA")
+            saved = None if self.current_weights else load_weights(self.runs[0], self.checkpoints[-1], self.layout)
+            with swapped_weights(self.model, saved), _eval_mode(self.model):
+                res = hessian_eigs(
+                    self.model, self.loss_fn, list(batches), k=k, sketch=self.sketch, which="LA", layout=self.layout
+                )
             values, vectors = torch.as_tensor(res.eigenvalues), torch.as_tensor(res.eigenvectors)
         else:
             raise SpectrumError(
@@ -365,57 +527,10 @@ class Attributor:
             )
         if vectors.ndim == 2 and vectors.shape[0] != D and vectors.shape[1] == D:
             vectors = vectors.T  # accept [k, D] rows as well as [D, k] columns
-        if vectors.ndim != 2 or vectors.shape[0] != D:
+        if vectors.ndim != 2 or vectors.shape[0] != D or values.ndim != 1 or values.shape[0] != vectors.shape[1]:
             raise SpectrumError(
-                f"Eigenvectors must be D={D}-dimensional (sketched with the store's sketch), got shape "
-                f"{tuple(vectors.shape)}; compute the spectrum with the same sketch spec."
+                f"Eigenvectors must be D={D}-dimensional (sketched with the store's sketch) with one eigenvalue "
+                f"each, got shapes {tuple(values.shape)} and {tuple(vectors.shape)}; compute the spectrum with "
+                f"the same sketch spec."
             )
         return values, vectors
-
-    # ------------------------------------------------------------------ weights
-    def _saved_weights(self, name: str) -> dict[str, Tensor] | None:
-        """The parameters saved for checkpoint ``name``, verified against the store (None: none saved)."""
-        from lightning_sketch._safeio import load_torch_file
-        from lightning_sketch.exceptions import StoreCorruptError
-
-        path = None if self.weights_dir is None else self.weights_dir / f"{name}.pt"
-        if self._explicit_weights:  # a folder the user named: loaded safely, checked against the layout below
-            return load_torch_file(path, what="weights file") if path is not None and path.exists() else None
-        if hasattr(self.store, "has_weights") and self.store.has_weights(name):
-            return self.store.load_weights(name, self.layout.fingerprint())  # checksum, layout, no pickle
-        if path is not None and os.path.lexists(path):
-            raise StoreCorruptError(
-                f"Weights file {path} is not recorded in the store's manifest, so it was not written by this run "
-                f"(or the manifest lost its record); it is refused. Re-run with save_weights=True, or pass "
-                f"`weights_dir` explicitly if you trust the file."
-            )
-        return None
-
-    @contextmanager
-    def _weights(self, name: str):
-        saved = None if self.current_weights else self._saved_weights(name)
-        if saved is None:
-            if len(self.checkpoints) > 1 and not self.current_weights:
-                raise StoreNotFoundError(
-                    f"No saved weights for checkpoint {name!r}; multi-checkpoint methods need "
-                    f"GradientSketch(save_weights=True), `weights_dir`, or `current_weights=True`."
-                )
-            yield
-            return
-        current = self.layout.params(self.model)
-        if set(saved) != set(current) or any(saved[n].shape != t.shape for n, t in current.items()):
-            raise LayoutMismatchError(
-                f"Saved weights of checkpoint {name!r} hold parameters {sorted(saved)[:5]}... (names or shapes) that "
-                f"differ from the model's layout; use the architecture the run was trained with."
-            )
-        backup = {n: t.detach().clone() for n, t in current.items()}
-        params = dict(self.model.named_parameters())
-        try:
-            with torch.no_grad():
-                for n, t in saved.items():
-                    params[n].copy_(t)
-            yield
-        finally:
-            with torch.no_grad():
-                for n, t in backup.items():
-                    params[n].copy_(t)

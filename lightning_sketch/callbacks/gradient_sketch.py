@@ -64,6 +64,12 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
     _save_weights,
     _to_device,
 )
+from lightning_sketch.attribution.curvature import (
+    accumulate_fisher,
+    check_sampled_loss_kwargs,
+    resolve_sampled_loss,
+    write_curvature,
+)
 from lightning_sketch.callbacks._progress import progress_iter as _progress
 from lightning_sketch.data import default_ids
 from lightning_sketch.exceptions import (
@@ -110,6 +116,11 @@ class GradientSketch(Callback):
             without shuffling and with ``drop_last=False``, same batch size and collate function).
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]``; default ``pl_module.per_example_loss(batch)``.
         ids_fn: ``ids_fn(batch) -> Tensor[B]`` int64 example ids; default ``batch[id_key]``.
+        curvature: checkpoint mode: ``"fisher"`` (default) also sketches the gradients of labels
+            sampled from the model over the attribution set at every slice and writes the ``[D, D]``
+            curvature Σ ĝĝᵀ to ``<dirpath>/curvature/`` (one extra per-example gradient pass per
+            slice; :mod:`lightning_sketch.attribution.curvature`), which the Attributor's default
+            method ``fisher_if`` needs; ``"none"`` skips it. Inline mode gathers none.
 
     Raises:
         SketchConfigError: on invalid arguments (checked in ``__init__``) or a module without a loss.
@@ -139,6 +150,7 @@ class GradientSketch(Callback):
         attribution_dataloader: Any = None,
         loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
         ids_fn: Callable[[Any], Tensor] | None = None,
+        curvature: Literal["fisher", "none"] = "fisher",
     ) -> None:
         if mode not in ("checkpoint", "inline"):
             raise SketchConfigError(f"`mode` must be 'checkpoint' or 'inline', got {mode!r}.")
@@ -174,6 +186,7 @@ class GradientSketch(Callback):
         self.attribution_dataloader = attribution_dataloader
         self.loss_fn = loss_fn
         self.ids_fn = ids_fn
+        self.curvature = check_sampled_loss_kwargs(curvature)
         # state
         self._last_step_done = -1
         self._slices: list[str] = []
@@ -368,7 +381,42 @@ class GradientSketch(Callback):
                 seen += len(rows)
         if not seen:
             rank_zero_warn(f"GradientSketch: the attribution set is empty; checkpoint {name!r} holds no rows.")
+        if self.curvature == "fisher":
+            self._gather_curvature(trainer, pl_module, name, loader, loss_fn, mode)
         self._finish_slice(trainer, pl_module, name, step)
+
+    def _gather_curvature(
+        self, trainer: Trainer, pl_module: LightningModule, name: str, loader: Any, loss_fn: Any, mode: str
+    ) -> None:
+        """Σ_t (Φĝ_t)(Φĝ_t)ᵀ over the attribution set with labels sampled from the model (eval mode)."""
+        from lightning_sketch.gradients import sketch_gradients
+        from lightning_sketch.sketches import derive_seed
+
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "curvature", f"{name}/rank{trainer.global_rank}"))
+        acc = torch.zeros(self.sketch_dim, self.sketch_dim, dtype=torch.float64)
+        count, sampled, estimator = 0, None, "sampled"
+        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+            for batch in loader:
+                batch = _to_device(batch, pl_module.device)
+                if sampled is None:
+                    sampled, estimator = resolve_sampled_loss(pl_module, loss_fn, batch)
+                    if sampled is None:
+                        rank_zero_warn(
+                            f"GradientSketch: cannot sample labels ({estimator}); the curvature of {name!r} is the "
+                            f"empirical Fisher. Define `per_example_sampled_loss(batch, generator)` on the module."
+                        )
+                        estimator = f"empirical: {estimator}"
+                        sampled = lambda mod, b, g: loss_fn(mod, b)  # noqa: E731
+                rows = sketch_gradients(
+                    pl_module, lambda mod, b: sampled(mod, b, gen), batch, self.sketch, mode=mode, layout=self.layout,
+                    chunk_size=self.chunk_size,
+                )
+                count += accumulate_fisher([rows], self.sketch_dim, out=acc)[1]
+        if trainer.world_size > 1:  # every rank saw its own share of the attribution set
+            acc = trainer.strategy.reduce(acc.to(pl_module.device), reduce_op="sum").cpu()
+            count = int(trainer.strategy.reduce(torch.tensor(float(count), device=pl_module.device), reduce_op="sum"))
+        if trainer.is_global_zero:
+            write_curvature(self.dirpath, name, acc, count, self.sketch.spec, estimator)
 
     def _finish_slice(self, trainer: Trainer, pl_module: LightningModule, name: str, step: int) -> None:
         if name not in self._slices:

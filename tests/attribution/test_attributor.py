@@ -8,7 +8,7 @@ import torch
 from attr_helpers import TinyClassifier, blobs, full_batch, loop_grads
 from torch import nn
 
-from lightning_sketch.attribution import Attributor, lds, negative_margin
+from lightning_sketch.attribution import DEFAULT_DAMPING_RATIO, Attributor, lds, negative_margin
 from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError, SpectrumError, StoreCorruptError, StoreNotFoundError
 from lightning_sketch.gradients import ParamLayout, sketch_gradients
 from lightning_sketch.sketches import make
@@ -104,29 +104,37 @@ def test_tracin_is_lr_weighted_sum_over_checkpoints(tmp_path, trained):
     assert float(cos.abs().max()) <= 1 + 1e-9
 
 
+def _stored_rows(path):
+    store = SketchStore.open(path)
+    G = torch.from_numpy(np.asarray(store.vectors("c0"), dtype=np.float64))
+    store.close()
+    return G
+
+
 def test_trak_scores_and_damping(tmp_path, trained):
     model, x, y, _ = trained
     path, _ = _store(tmp_path, model, x, y, kind="affd", sketch_dim=32)
     margin_loss = negative_margin(lambda m, b: (m(b["x"]), b["y"]))
     att = Attributor(path, model, method="trak", damping=0.01, query_loss_fn=margin_loss)
     q = full_batch(x[:4], y[:4])
-    G = att.rows.slices[0]
+    G = _stored_rows(path)
     qs = sketch_gradients(model, margin_loss, q, att.sketch)
     want = qs @ torch.linalg.inv(G.T @ G + 0.01 * torch.eye(32, dtype=G.dtype)) @ G.T
     torch.testing.assert_close(att.scores(q), want, rtol=1e-6, atol=1e-8)
     # the model's per_example_margin is picked up automatically for trak
     auto = Attributor(path, model, method="trak", damping=0.01)
     torch.testing.assert_close(auto.scores(q), want, rtol=1e-6, atol=1e-8)
-    # automatic damping: the LOO proxy picks the minimiser over the candidate grid
+    # automatic damping: λ = ρ · tr(GᵀG)/D with the default ratio
+    lam = DEFAULT_DAMPING_RATIO * float((G * G).sum()) / 32
+    want_auto = qs @ torch.linalg.inv(G.T @ G + lam * torch.eye(32, dtype=G.dtype)) @ G.T
+    torch.testing.assert_close(Attributor(path, model, method="trak").scores(q), want_auto, rtol=1e-6, atol=1e-8)
+    # an objective on validation queries picks its argmax over the candidate ratios
     tuned = Attributor(path, model, method="trak")
-    lam = tuned.tune_damping(candidates=[1e-4, 1e-2, 1.0, 100.0])
-    assert lam in (1e-4, 1e-2, 1.0, 100.0) and tuned.damping == lam
-    # an objective on validation queries picks its argmax
     best = tuned.tune_damping([q], candidates=[1e-4, 100.0], objective=lambda s: -float(s.abs().sum()))
-    assert best == 100.0  # heavier damping shrinks scores
-    with pytest.raises(SketchConfigError, match="needs `val_batches`"):
+    assert best == 100.0 and tuned.damping_ratio == 100.0  # heavier damping shrinks scores
+    with pytest.raises(SketchConfigError, match="needs `val_batches` and an `objective`"):
         tuned.tune_damping(candidates=[1.0], objective=lambda s: 0.0)
-    with pytest.raises(SketchConfigError, match="applies to method='trak'"):
+    with pytest.raises(SketchConfigError, match="applies to method='trak' or 'fisher_if'"):
         Attributor(path, model, method="grad_dot").tune_damping()
 
 
@@ -191,7 +199,7 @@ def test_corrupted_store_raises(tmp_path, trained):
 def test_bad_arguments_raise(tmp_path, trained):
     model, x, y, _ = trained
     path, _ = _store(tmp_path, model, x, y)
-    with pytest.raises(SketchConfigError, match="`method` must be one of"):
+    with pytest.raises(SketchConfigError, match="`method` must be .auto. or one of"):
         Attributor(path, model, method="magic")
     with pytest.raises(SketchConfigError, match="`damping` must be > 0"):
         Attributor(path, model, method="trak", damping=-1.0)

@@ -1,0 +1,292 @@
+"""Sketched curvature for influence: the Fisher / Gauss–Newton of sampled labels, F = Σ_t ĝ_t ĝ_tᵀ.
+
+Why sampled labels. For a per-example loss that is a negative log-likelihood −log p_θ(y | x), the
+gradient with a label drawn from the model's own predictive distribution, ĝ = ∇_θ[−log p_θ(ŷ | x)]
+with ŷ ~ p_θ(· | x), satisfies E_ŷ[ĝ ĝᵀ] = Jᵀ(diag p − p pᵀ)J, the Gauss–Newton matrix of the
+cross-entropy (Martens 2020, §9). The *empirical* Fisher Σ_t g_t g_tᵀ with the true labels, which
+is TRAK's kernel GᵀG, vanishes on well-fitted examples and is a poor curvature estimate late in
+training (Kunstner et al. 2019). Kronfluence's EK-FAC factors use sampled labels for the same
+reason (Grosse et al. 2023). Here the sampled gradients are sketched with the store's Φ, so the
+curvature is the ``[D, D]`` matrix Φ F Φᵀ = Σ_t (Φĝ_t)(Φĝ_t)ᵀ, independent of N and of T.
+
+How labels are sampled (one protocol, :func:`resolve_sampled_loss`):
+
+1. the module's ``per_example_sampled_loss(batch, generator) -> Tensor[B]`` if it defines one
+   (any likelihood: regression, sequence models, ...);
+2. otherwise the classification convention: ``batch`` is a mapping with integer targets
+   ``batch["y"]`` ``[B]`` and the module gives logits ``[B, K]`` through
+   ``per_example_logits(batch)`` or ``module(batch["x"])``; ŷ is drawn from ``softmax(logits)``
+   and the module's own ``per_example_loss`` is evaluated on the batch with ``"y"`` replaced. This
+   is used only after checking, on the first batch, that ``per_example_loss`` is the cross-entropy
+   of those logits;
+3. otherwise the empirical Fisher (true labels) is used, and the reason is recorded.
+
+Files: one ``<run>/curvature/<slice>.npy`` (float64 ``[D, D]``, written with ``allow_pickle=False``)
+per checkpoint slice, and ``<run>/curvature/<slice>.json`` with the slice name, sketch spec,
+number of examples, the estimator and the SHA-256 of the ``.npy`` bytes. :func:`read_curvature`
+treats both as untrusted: confined to the run's ``curvature/`` folder, regular files only, size
+capped, checksum, shape, symmetry and finiteness verified, typed errors otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_sketch.exceptions import SketchConfigError, StoreCorruptError, StoreNotFoundError, StoreWriteError
+
+__all__ = [
+    "CURVATURE_DIR",
+    "SampledLoss",
+    "accumulate_fisher",
+    "curvature_slices",
+    "read_curvature",
+    "resolve_sampled_loss",
+    "write_curvature",
+]
+
+#: sub-folder of a GradientSketch run directory holding the per-slice curvature files.
+CURVATURE_DIR = "curvature"
+_FORMAT = "lightning_sketch.curvature/v1"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+#: JSON sidecars are tiny; a larger file is refused before parsing.
+_JSON_CAP = 1 << 16
+
+SampledLoss = Callable[[nn.Module, Any, torch.Generator], Tensor]
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+# ---------------------------------------------------------------------------- sampling protocol
+def resolve_sampled_loss(module: nn.Module, loss_fn: LossFn, probe: Any | None = None) -> tuple[SampledLoss | None, str]:
+    """How to compute per-example losses with labels sampled from the model: ``(fn or None, kind)``.
+
+    ``kind`` is ``"sampled"`` (case 1 or 2 of the module docstring) or a sentence saying why only
+    the empirical Fisher can be used (``fn`` is then ``None``). ``probe`` is one batch used to check
+    that ``loss_fn`` is the cross-entropy of the logits (case 2); without it case 2 is not used.
+
+    Example:
+        >>> net = nn.Linear(3, 4)
+        >>> class M(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__(); self.net = net
+        ...     def forward(self, x): return self.net(x)
+        ...     def per_example_loss(self, b): return F.cross_entropy(self(b["x"]), b["y"], reduction="none")
+        >>> m = M(); b = {"x": torch.randn(5, 3), "y": torch.tensor([0, 1, 2, 3, 0])}
+        >>> fn, kind = resolve_sampled_loss(m, lambda mod, bb: mod.per_example_loss(bb), b)
+        >>> kind, fn(m, b, torch.Generator().manual_seed(0)).shape
+        ('sampled', torch.Size([5]))
+    """
+    own = getattr(module, "per_example_sampled_loss", None)
+    if callable(own):
+        return (lambda mod, batch, gen: mod.per_example_sampled_loss(batch, gen)), "sampled"
+    if probe is None:
+        return None, "no probe batch to check the classification convention"
+    logits_of = _logits_fn(module)
+    if logits_of is None:
+        return None, (
+            f"{type(module).__name__} has no `per_example_sampled_loss(batch, generator)` and its batches are "
+            f"not {{'x', 'y'}} classification batches"
+        )
+    if not isinstance(probe, Mapping) or "y" not in probe:
+        return None, "batches are not mappings with integer targets 'y'"
+    y = probe["y"]
+    if not isinstance(y, Tensor) or y.ndim != 1 or y.is_floating_point():
+        return None, "batch['y'] is not an integer tensor [B]"
+    with torch.no_grad():
+        try:
+            logits = logits_of(module, probe)
+            own_loss = loss_fn(module, probe)
+        except Exception as err:  # a model outside the convention: fall back, say why
+            return None, f"the classification convention does not apply ({type(err).__name__}: {err})"
+        if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != y.shape[0]:
+            return None, "the model's output is not [B, K] logits"
+        ce = F.cross_entropy(logits.float(), y.to(logits.device), reduction="none")
+        if own_loss.shape != ce.shape or not torch.allclose(own_loss.float(), ce, rtol=1e-4, atol=1e-5):
+            return None, "per_example_loss is not the cross-entropy of the model's logits"
+
+    def sampled(mod: nn.Module, batch: Any, gen: torch.Generator) -> Tensor:
+        with torch.no_grad():
+            p = torch.softmax(logits_of(mod, batch).detach().to(torch.float64), dim=-1).cpu()
+            y_hat = torch.multinomial(p, 1, generator=gen)[:, 0].to(batch["y"].device, batch["y"].dtype)
+        return loss_fn(mod, {**batch, "y": y_hat})
+
+    return sampled, "sampled"
+
+
+def _logits_fn(module: nn.Module) -> Callable[[nn.Module, Any], Tensor] | None:
+    if callable(getattr(module, "per_example_logits", None)):
+        return lambda mod, batch: mod.per_example_logits(batch)
+    return lambda mod, batch: mod(batch["x"])
+
+
+def accumulate_fisher(
+    sketched: Iterable[Tensor], sketch_dim: int, out: Tensor | None = None
+) -> tuple[Tensor, int]:
+    """Σ_t s_t s_tᵀ over sketched gradients ``[B, D]`` chunks: ``([D, D] float64, count)``.
+
+    Example:
+        >>> f, n = accumulate_fisher([torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 1.0]])], 2)
+        >>> f.tolist(), n
+        ([[1.0, 2.0], [2.0, 5.0]], 2)
+    """
+    acc = torch.zeros(sketch_dim, sketch_dim, dtype=torch.float64) if out is None else out
+    n = 0
+    for s in sketched:
+        s = s.detach().to("cpu", torch.float64)
+        s = s[torch.isfinite(s).all(dim=1)]
+        acc.addmm_(s.T, s)
+        n += int(s.shape[0])
+    return acc, n
+
+
+# ---------------------------------------------------------------------------- files
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+        raise StoreCorruptError(f"Invalid curvature slice name {name!r}: only letters, digits, '_', '.', '-'.")
+    return name
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise StoreWriteError(f"Could not write {path} ({err}); free disk space or choose another dirpath.") from err
+
+
+def write_curvature(
+    run_dir: str | Path, name: str, matrix: Tensor, count: int, spec: Mapping[str, Any], estimator: str
+) -> Path:
+    """Write one slice's ``[D, D]`` curvature and its checksummed sidecar atomically; returns the .npy path.
+
+    Raises:
+        StoreWriteError: when the files cannot be written (disk full, permissions): nothing partial stays.
+    """
+    name = _check_name(name)
+    folder = Path(run_dir) / CURVATURE_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StoreWriteError(f"Could not create {folder} ({err}).") from err
+    m = matrix.detach().to("cpu", torch.float64)
+    m = 0.5 * (m + m.T)
+    buf = io.BytesIO()
+    np.save(buf, m.numpy(), allow_pickle=False)
+    data = buf.getvalue()
+    meta = {
+        "format": _FORMAT, "slice": name, "count": int(count), "estimator": str(estimator),
+        "dim": int(m.shape[0]), "spec": dict(spec), "sha256": _sha256(data),
+    }
+    _atomic_write(folder / f"{name}.npy", data)
+    _atomic_write(folder / f"{name}.json", json.dumps(meta, sort_keys=True).encode())
+    return folder / f"{name}.npy"
+
+
+def _read_confined(folder: Path, filename: str, cap: int) -> bytes:
+    path = folder / filename
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError as err:
+        raise StoreNotFoundError(f"Missing curvature file {path}.") from err
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreCorruptError(f"{path} is not a regular file (symlink, device or FIFO refused).")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
+    try:
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > cap:
+                raise StoreCorruptError(f"{path} is larger than expected ({cap} bytes); it is not a curvature file.")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def curvature_slices(run_dir: str | Path) -> list[str]:
+    """Names of the slices that have a curvature sidecar in ``<run_dir>/curvature`` (sorted)."""
+    folder = Path(run_dir) / CURVATURE_DIR
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json") and _NAME_RE.match(p.name[:-5]))
+
+
+def read_curvature(run_dir: str | Path, name: str, spec: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    """Read and verify one slice's curvature: ``([D, D] float64, metadata)``.
+
+    Raises:
+        StoreNotFoundError: when the slice has no curvature file.
+        StoreCorruptError: on a checksum, format, shape, spec, symmetry or finiteness mismatch, or a
+            path that is not a regular file inside the run's ``curvature/`` folder.
+    """
+    name = _check_name(name)
+    folder = Path(run_dir) / CURVATURE_DIR
+    if folder.is_symlink():
+        raise StoreCorruptError(f"{folder} is a symlink; curvature files must live inside the run directory.")
+    try:
+        meta = json.loads(_read_confined(folder, f"{name}.json", _JSON_CAP))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StoreCorruptError(f"{folder / (name + '.json')} is not valid JSON ({err}).") from err
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("slice") != name:
+        raise StoreCorruptError(f"{folder / (name + '.json')} is not the curvature sidecar of slice {name!r}.")
+    dim = meta.get("dim")
+    if not isinstance(dim, int) or not 1 <= dim <= 1 << 16:
+        raise StoreCorruptError(f"{folder / (name + '.json')} has an invalid dim {dim!r}.")
+    if dict(meta.get("spec") or {}) != dict(spec):
+        raise StoreCorruptError(
+            f"The curvature of slice {name!r} was sketched with {meta.get('spec')}, the store with {dict(spec)}; "
+            f"it belongs to another run."
+        )
+    data = _read_confined(folder, f"{name}.npy", dim * dim * 8 + 4096)
+    if _sha256(data) != meta.get("sha256"):
+        raise StoreCorruptError(f"{folder / (name + '.npy')} fails its SHA-256 check: the file was changed or damaged.")
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as err:
+        raise StoreCorruptError(f"{folder / (name + '.npy')} is not a numpy array file ({err}).") from err
+    if arr.dtype != np.float64 or arr.shape != (dim, dim):
+        raise StoreCorruptError(f"{folder / (name + '.npy')} holds {arr.dtype} {arr.shape}, expected float64 ({dim}, {dim}).")
+    m = torch.from_numpy(np.array(arr))
+    if not bool(torch.isfinite(m).all()) or not torch.allclose(m, m.T):
+        raise StoreCorruptError(f"{folder / (name + '.npy')} is not a finite symmetric matrix.")
+    count = meta.get("count")
+    if not isinstance(count, int) or count < 0 or not math.isfinite(float(m.trace())) or float(m.trace()) < 0:
+        raise StoreCorruptError(f"{folder / (name + '.json')} has an invalid count or trace.")
+    return m, meta
+
+
+def check_sampled_loss_kwargs(curvature: str) -> str:
+    """Validate the ``curvature`` argument of the callback (``"fisher"`` or ``"none"``)."""
+    if curvature not in ("fisher", "none"):
+        raise SketchConfigError(f"`curvature` must be 'fisher' or 'none', got {curvature!r}.")
+    return curvature
