@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_sketch import callbacks
+from lightning_sketch.attribution.query import METHODS
 from lightning_sketch.cli_commands import PROG, _parse_ids, _positive_int, run_inspect, run_query
 from lightning_sketch.exceptions import LightningSketchError, SketchConfigError
 
@@ -245,8 +246,11 @@ def _own_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="top proponents and opponents of queries",
                        description="Top proponents (score > 0: training on them lowers the query's loss) and "
                        "opponents of test examples, through the Attributor on a run's sketch store.")
-    q.add_argument("--store", required=True, help="store directory or GradientSketch run directory (holding store/)")
-    q.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) of the trained model")
+    q.add_argument("--store", required=True, action="append",
+                   help="store directory or GradientSketch run directory (holding store/); repeat it for an ensemble "
+                   "of runs, whose scores are averaged")
+    q.add_argument("--ckpt", required=True, action="append",
+                   help="Lightning checkpoint (.ckpt) of the trained model; once, or once per --store")
     q.add_argument("--config", required=True, action="append",
                    help="the LightningCLI config(s) of the run (repeat for several files)")
     src = q.add_mutually_exclusive_group(required=True)
@@ -254,8 +258,14 @@ def _own_parser() -> argparse.ArgumentParser:
     src.add_argument("--inputs", help=".npy inputs [Q, ...] (labels: the model's predictions) or .npz with x and y")
     q.add_argument("--split", choices=("test", "val", "train"), default="test", help="split the --ids refer to")
     q.add_argument("--k", type=_positive_int, default=5, help="proponents and opponents per query (default 5)")
-    q.add_argument("--method", choices=("grad_dot", "tracin", "grad_cos", "trak", "arnoldi_if"), default="tracin",
-                   help="attribution method (default tracin)")
+    q.add_argument("--method", choices=("auto", *METHODS), default="auto",
+                   help="attribution method (default auto: fisher_if when the runs hold curvature, else trak)")
+    q.add_argument("--damping", type=float, default=None, help="absolute damping λ for trak/fisher_if (default: automatic)")
+    q.add_argument("--damping-ratio", type=float, default=None,
+                   help="damping as a multiple of each slice's mean kernel eigenvalue (default: the automatic ratio)")
+    q.add_argument("--snapshot", default=None, help="arnoldi_if: a HessianSpectrum snapshot taken with the store's sketch")
+    q.add_argument("--probe", type=_positive_int, default=256,
+                   help="arnoldi_if without --snapshot: training examples whose Hessian is taken (default 256)")
     q.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
     q.add_argument("--output", help="write to this file instead of stdout")
     r = sub.add_parser("report", help="self-contained HTML report of a run directory")

@@ -150,38 +150,80 @@ def load_checkpoint_into(model: Any, path: str | Path) -> None:
         ) from None
 
 
+def _load_model(build_from_config: Callable[[Sequence[str]], tuple[Any, Any]], config: Any, ckpt_path: str):
+    if not Path(ckpt_path).is_file():
+        raise SketchInputError(f"`--ckpt` {ckpt_path!r} does not exist; pass the Lightning checkpoint of the run.")
+    model, datamodule = build_from_config(config)
+    load_checkpoint_into(model, ckpt_path)
+    model.eval()
+    return model, datamodule
+
+
+def _predictions(model: Any, batch: Any) -> list[int] | None:
+    """The model's predicted classes when it is a classifier over ``batch["x"]`` (else ``None``)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = model.per_example_logits(batch) if hasattr(model, "per_example_logits") else model(batch["x"])
+    except Exception:  # not a {"x": ...} classifier: the table shows no prediction
+        return None
+    return out.argmax(-1).tolist() if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+
+
+def _scalar_label(batch: Any, q: int) -> int | None:
+    y = batch.get("y") if isinstance(batch, dict) else None
+    return int(y[q]) if y is not None and getattr(y, "ndim", 0) == 1 else None
+
+
 def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[str]], tuple[Any, Any]]) -> int:
     """The ``query`` command on parsed arguments; returns the exit status.
 
     ``build_from_config(configs) -> (model, datamodule)`` is passed in by :mod:`lightning_sketch.cli`
-    (its LightningCLI builder), so that this module does not import the CLI that imports it.
+    (its LightningCLI builder), so that this module does not import the CLI that imports it. Several
+    ``--store`` make an ensemble (scores averaged over runs); ``--ckpt`` is given once (the
+    architecture; multi-slice methods load each run's saved slice weights) or once per store.
     """
     # Imported on use: torch and FAISS cost seconds, which `--help` and `inspect` should not pay.
-    import torch
-
     from lightning_sketch.attribution import Attributor
 
-    if not Path(args.store).exists():
-        raise StoreNotFoundError(f"No sketch store at {args.store!r}: `--store` must be a store or run directory.")
-    if not Path(args.ckpt).is_file():
-        raise SketchInputError(f"`--ckpt` {args.ckpt!r} does not exist; pass the Lightning checkpoint of the run.")
-    model, datamodule = build_from_config(args.config)
-    load_checkpoint_into(model, args.ckpt)
-    model.eval()
+    stores = list(args.store) if isinstance(args.store, (list, tuple)) else [args.store]
+    ckpts = list(args.ckpt) if isinstance(args.ckpt, (list, tuple)) else [args.ckpt]
+    for st in stores:
+        if not Path(st).exists():
+            raise StoreNotFoundError(f"No sketch store at {st!r}: `--store` must be a store or run directory.")
+    if len(ckpts) not in (1, len(stores)):
+        raise SketchInputError(f"Give one --ckpt, or one per --store: got {len(ckpts)} for {len(stores)} stores.")
+    loaded = [_load_model(build_from_config, args.config, c) for c in ckpts]
+    model, datamodule = loaded[0]
+    models = [m for m, _ in loaded]
     batch, qids = _query_batch(args, model, datamodule)
-    attributor = Attributor(args.store, model, method=args.method)
+    method = getattr(args, "method", "auto")
+    extra: dict[str, Any] = {}
+    if method == "arnoldi_if":
+        if getattr(args, "snapshot", None):
+            extra["snapshot"] = args.snapshot
+        else:
+            from torch.utils.data import default_collate
+
+            train = _dataset(datamodule, "train")
+            n = min(int(getattr(args, "probe", 256)), len(train))
+            extra["hessian_batches"] = [default_collate([train[i] for i in range(n)])]
+    attributor = Attributor(
+        stores if len(stores) > 1 else stores[0], models if len(models) > 1 else model, method=method,
+        damping=getattr(args, "damping", None), damping_ratio=getattr(args, "damping_ratio", None), **extra,
+    )
     k = min(args.k, len(attributor.ids))
     pro_ids, pro_scores = attributor.top_k(batch, k=k)
     opp_ids, opp_scores = attributor.top_k(batch, k=k, opponents=True)
-    with torch.no_grad():
-        preds = model(batch["x"]).argmax(-1).tolist() if isinstance(batch, dict) and "x" in batch else None
+    preds = _predictions(model, batch)
     train_ds = _dataset(datamodule, "train") if datamodule is not None else None
 
     def entries(ids: Any, scores: Any) -> list[dict[str, Any]]:
         rows = []
         for i, s in zip(ids.tolist(), scores.tolist()):
             y = _item_field(train_ds[i], "y") if train_ds is not None else None
-            rows.append({"id": int(i), "score": float(s), "label": None if y is None else int(y)})
+            rows.append({"id": int(i), "score": float(s), "label": None if y is None or np.ndim(y) != 0 else int(y)})
         return rows
 
     with_images = args.inputs is None and datamodule is not None
@@ -189,7 +231,7 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
     for q, qid in enumerate(qids):
         rec: dict[str, Any] = {
             "query": qid,
-            "label": int(batch["y"][q]) if "y" in batch else None,
+            "label": _scalar_label(batch, q),
             "prediction": None if preds is None else int(preds[q]),
             "proponents": entries(pro_ids[q], pro_scores[q]),
             "opponents": entries(opp_ids[q], opp_scores[q]),
@@ -202,8 +244,10 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
                     e["image"] = pic
         records.append(rec)
     result = {
-        "format": "lightning_sketch.query/v1", "method": args.method, "split": args.split if args.inputs is None else
-        "inputs", "store": str(args.store), "ckpt": str(args.ckpt), "k": k, "queries": records,
+        "format": "lightning_sketch.query/v1", "method": attributor.method,
+        "split": args.split if args.inputs is None else "inputs",
+        "store": str(stores[0]) if len(stores) == 1 else [str(s) for s in stores],
+        "ckpt": str(ckpts[0]) if len(ckpts) == 1 else [str(c) for c in ckpts], "k": k, "queries": records,
     }
     text = {"json": _as_json, "csv": _as_csv, "table": _as_table}[args.format](result)
     if args.output:

@@ -47,7 +47,6 @@ from lightning_sketch.attribution._stored import (
 from lightning_sketch.exceptions import (
     SketchConfigError,
     SketchInputError,
-    SketchMismatchError,
     SpectrumError,
     StoreNotFoundError,
 )
@@ -154,7 +153,6 @@ class Attributor:
     Raises:
         SketchConfigError: for an unknown method or a bad argument.
         LayoutMismatchError: if a model's parameter layout differs from a store's.
-        SketchMismatchError: if the runs of an ensemble were sketched differently.
         StoreNotFoundError: for ``fisher_if`` on a run without curvature files.
 
     Example:
@@ -199,18 +197,21 @@ class Attributor:
             self.runs[0].explicit_weights = True
         self.models = models if len(models) == len(stores) else models * len(stores)
         self.model = models[0]
+        self.loss_fn = loss_fn if loss_fn is not None else _method_loss(self.model, "per_example_loss")
         self.store = self.runs[0].store
-        self.sketch, self.layout = _sketch_and_layout(self.store, self.model)
-        for run, m in zip(self.runs[1:], self.models[1:]):
-            sk, lay = _sketch_and_layout(run.store, m)
-            if dict(sk.spec) != dict(self.sketch.spec) or lay.fingerprint() != self.layout.fingerprint():
-                raise SketchMismatchError(
-                    "The runs of an ensemble must share one sketch spec and parameter layout; got "
-                    f"{dict(sk.spec)} against {dict(self.sketch.spec)}. Train every run with the same GradientSketch arguments."
-                )
+        # Each run is read with its own sketch and layout (runs trained with different seeds may
+        # have been sketched with different seeds too): a score only pairs a run's rows with queries
+        # sketched by that run's Φ, and the ensemble averages the scores.
+        pairs = [_sketch_and_layout(run.store, m) for run, m in zip(self.runs, self.models)]
+        self.sketches = [p[0] for p in pairs]
+        self.layouts = [p[1] for p in pairs]
+        self.sketch, self.layout = pairs[0]
         for run in self.runs:
             if not run.names:
                 raise StoreNotFoundError("A store holds no checkpoint slice; run the GradientSketch callback first.")
+        if method == "arnoldi_if" and len(self.runs) > 1:
+            raise SketchConfigError("method='arnoldi_if' takes one run (its eigenpairs belong to one sketch); "
+                                    "use fisher_if or trak for ensembles.")
         if method == "auto":
             method = "fisher_if" if all(self._has_curvature(r, r.names) for r in self.runs) else "trak"
         self.method: str = method
@@ -219,7 +220,6 @@ class Attributor:
         self.chunk_size = chunk_size
         self.index_kind = index
         self.current_weights = bool(current_weights)
-        self.loss_fn = loss_fn if loss_fn is not None else _method_loss(self.model, "per_example_loss")
         if query_loss_fn is None and method in _CURVED and hasattr(self.model, "per_example_margin"):
             query_loss_fn = negative_margin_of(self.model)
         self.query_loss_fn = query_loss_fn if query_loss_fn is not None else self.loss_fn
@@ -279,19 +279,19 @@ class Attributor:
         Raises:
             SketchInputError: if a query gradient is NaN or infinite (e.g. NaN inputs).
         """
-        model, rn = self.models[run], self.runs[run]
+        model, rn, sketch, layout = self.models[run], self.runs[run], self.sketches[run], self.layouts[run]
         out = []
         for name in self.checkpoints:
-            saved = None if self.current_weights else load_weights(rn, name, self.layout)
+            saved = None if self.current_weights else load_weights(rn, name, layout)
             if saved is None and not self.current_weights and (len(self.checkpoints) > 1 or len(self.runs) > 1):
                 raise StoreNotFoundError(
                     f"No saved weights for checkpoint {name!r} of run {rn.root}; multi-checkpoint methods and "
                     f"ensembles need GradientSketch(save_weights=True), `weights_dir`, or `current_weights=True`."
                 )
             with swapped_weights(model, saved), _eval_mode(model):
-                mode = "factorized" if self.sketch.kind == "per_layer" else "explicit"
+                mode = "factorized" if sketch.kind == "per_layer" else "explicit"
                 q = sketch_gradients(
-                    model, self.query_loss_fn, batch, self.sketch, mode=mode, layout=self.layout,
+                    model, self.query_loss_fn, batch, sketch, mode=mode, layout=layout,
                     chunk_size=self.chunk_size,
                 )
             q = q.detach().to(torch.float64)
@@ -307,8 +307,8 @@ class Attributor:
     # ------------------------------------------------------------------ per-slice weights
     def _kernel(self, r: int, name: str) -> Tensor:
         if self.method == "fisher_if":
-            return CV.read_curvature(self.runs[r].root, name, self.sketch.spec)[0]
-        D = self.sketch.sketch_dim
+            return CV.read_curvature(self.runs[r].root, name, self.sketches[r].spec)[0]
+        D = self.sketches[r].sketch_dim
         K = torch.zeros(D, D, dtype=torch.float64)
         for _, g in self.runs[r].iter_blocks(name):
             K.addmm_(g.T, g)

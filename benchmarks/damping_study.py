@@ -1,0 +1,112 @@
+"""LDS against damping for ``trak`` and ``fisher_if``: where the optimum sits, and the automatic rule.
+
+For each task of ``_attr_tasks`` (digits MLP, digits CNN) and sketch dimension D, trains 5 runs
+with the callback's **defaults** (``GradientSketch(dirpath, sketch_kind="affd", sketch_dim=D)``:
+a slice every epoch, sampled-label curvature on), then, through the public API only:
+
+- the LDS-versus-ratio curve, ρ = λ / (tr(K)/D) over ``DAMPING_RATIO_GRID``, on the 200 queries,
+  for 1 model (mean over the 5 single runs) and the 5-run ensemble (``Attributor([runs], model)``);
+- the ratio a user with a ground truth would pick on the *validation* split
+  (``tune_damping(objective=validation LDS)``) and its LDS on the queries;
+- the default (``Attributor(run, model)``, no argument) and the automatic ratio of each method;
+- what the leave-one-coordinate-out proxy of the previous release would have chosen.
+
+Run: ``python benchmarks/damping_study.py [--tasks digits_mlp,digits_cnn] [--dims 256,1024]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _attr_tasks as T  # noqa: E402
+
+from lightning_sketch.attribution import DAMPING_RATIO_GRID, DEFAULT_DAMPING_RATIO, Attributor  # noqa: E402
+from lightning_sketch.attribution.scores import damping_loo_errors  # noqa: E402
+
+
+def curve(att: Attributor, batch, masks, outputs) -> list[float]:
+    """LDS on ``batch`` for every ratio of the grid, through ``tune_damping``'s objective hook."""
+    values: list[float] = []
+
+    def record(s):
+        values.append(T.lds_ci(s, masks, outputs, n_boot=1)[0])
+        return values[-1]
+
+    att.tune_damping([batch], candidates=DAMPING_RATIO_GRID, objective=record)
+    return values
+
+
+def study(task_name: str, D: int, n_runs: int, out: Path) -> dict:
+    task = T.get_task(task_name)
+    sp = T.splits(task)
+    gt = T.ground_truth(task)
+    runs = T.fit_runs(task, n_runs, out / f"{task_name}_D{D}", callback_kwargs={}, sketch_dim=D, reuse=True)
+    qb, vb = T.dict_batch(*sp.query), T.dict_batch(*sp.val)
+    res: dict = {"task": task_name, "D": D, "grid": list(DAMPING_RATIO_GRID), "auto_ratio": DEFAULT_DAMPING_RATIO}
+    auto_i = int(np.argmin([abs(np.log10(g / DEFAULT_DAMPING_RATIO)) for g in DAMPING_RATIO_GRID]))
+    default_att = Attributor(runs[0][0], runs[0][1])
+    res["default_method"] = default_att.method
+    res["default_lds_1"] = T.lds_ci(default_att.scores(qb), gt.masks, gt.query_outputs, n_boot=1)[0]
+    for method in ("trak", "fisher_if"):
+        singles_q, singles_v = [], []
+        for run_dir, module in runs:
+            att = Attributor(run_dir, module, method=method)
+            singles_q.append(curve(att, qb, gt.masks, gt.query_outputs))
+            singles_v.append(curve(att, vb, gt.masks, gt.val_outputs))
+        ens = Attributor([r for r, _ in runs], runs[0][1], method=method)
+        ens_q = curve(ens, qb, gt.masks, gt.query_outputs)
+        ens_v = curve(ens, vb, gt.masks, gt.val_outputs)
+        one_q, one_v = np.mean(singles_q, 0), np.mean(singles_v, 0)
+        tuned1, tuned5 = int(np.argmax(one_v)), int(np.argmax(ens_v))
+        res[method] = {
+            "curve_1": one_q.tolist(), "curve_5": list(ens_q),
+            "auto_1": float(one_q[auto_i]), "auto_5": float(ens_q[auto_i]),
+            "val_tuned_ratio_1": DAMPING_RATIO_GRID[tuned1], "val_tuned_1": float(one_q[tuned1]),
+            "val_tuned_ratio_5": DAMPING_RATIO_GRID[tuned5], "val_tuned_5": float(ens_q[tuned5]),
+            "best_1": float(one_q.max()), "best_5": float(max(ens_q)),
+        }
+        print(f"{task_name} D={D} {method:9s} auto(ρ={DEFAULT_DAMPING_RATIO:.3g}) 1: {one_q[auto_i]:.3f} 5: "
+              f"{ens_q[auto_i]:.3f} | val-tuned 1: {one_q[tuned1]:.3f} (ρ={DAMPING_RATIO_GRID[tuned1]:.3g}) "
+              f"5: {ens_q[tuned5]:.3f} (ρ={DAMPING_RATIO_GRID[tuned5]:.3g})", flush=True)
+        print("   curve 1:", " ".join(f"{v:.3f}" for v in one_q), flush=True)
+        print("   curve 5:", " ".join(f"{v:.3f}" for v in ens_q), flush=True)
+    # The previous release's proxy: leave-one-coordinate-out ridge error, on the last slice of run 0.
+    att = Attributor(runs[0][0], runs[0][1], method="trak")
+    last = att.checkpoints[-1]
+    G = torch.cat([g for _, g in att.runs[0].iter_blocks(last)])
+    mean = float((G * G).sum()) / D
+    errs = damping_loo_errors(G, att.query_sketches(vb)[-1], [r * mean for r in DAMPING_RATIO_GRID])
+    res["loo_ratio"] = DAMPING_RATIO_GRID[int(torch.argmin(errs))]
+    res["loo_errors"] = errs.tolist()
+    print(f"   LOO proxy picks ρ={res['loo_ratio']:.3g} (errors {' '.join(f'{e:.3g}' for e in errs.tolist())})")
+    return res
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", default="digits_mlp,digits_cnn")
+    p.add_argument("--dims", default="256,1024")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(T.CACHE / "damping_study"))
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    results = [study(t, int(d), a.runs, Path(a.out)) for t in a.tasks.split(",") for d in a.dims.split(",")]
+    print(f"total {time.time() - t0:.0f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
