@@ -58,7 +58,6 @@ def build(root: Path, T: int) -> None:
     layout = ParamLayout.from_module(model)
     sketch = make("affd", layout.dim, D, seed=SEED)
     store = SketchStore.create(root / "store", sketch.spec, layout=layout)
-    (root / "weights").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for c in range(C):
         name = f"step-{c}"
@@ -69,9 +68,10 @@ def build(root: Path, T: int) -> None:
             rows[s:e] = rng.standard_normal((e - s, D), dtype=np.float32) * 0.1
             rows[np.arange(s, e), rng.integers(0, D, e - s)] += 1.0
         store.append(np.arange(T), rows, checkpoint=name)
+        store.save_weights(name, {n: t.detach().clone() for n, t in layout.params(model).items()}, root / "weights",
+                           layout.fingerprint())
         store.commit()
         del rows
-        torch.save({n: t.detach().clone() for n, t in layout.params(model).items()}, root / "weights" / f"{name}.pt")
         A = torch.randn(D, 2 * D, dtype=torch.float64)
         write_curvature(root, name, A @ A.T, T, sketch.spec, "synthetic")
     store.close()

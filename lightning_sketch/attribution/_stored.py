@@ -19,9 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_sketch.attribution import scores as S
 from lightning_sketch._safeio import load_torch_file
-from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError, StoreCorruptError, StoreNotFoundError
+from lightning_sketch.attribution import scores as S
+from lightning_sketch.exceptions import (
+    LayoutMismatchError,
+    SketchConfigError,
+    StoreCorruptError,
+    StoreNotFoundError,
+)
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 

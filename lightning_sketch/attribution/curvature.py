@@ -11,8 +11,9 @@ curvature is the ``[D, D]`` matrix Φ F Φᵀ = Σ_t (Φĝ_t)(Φĝ_t)ᵀ, indepe
 
 How labels are sampled (one protocol, :func:`resolve_sampled_loss`):
 
-1. the module's ``per_example_sampled_loss(batch, generator) -> Tensor[B]`` if it defines one
-   (any likelihood: regression, sequence models, ...);
+1. the module's ``sample_labels(batch, generator) -> batch`` if it defines one: the batch with its
+   targets drawn from the model's predictive distribution (any likelihood: regression, sequence
+   models, ...); the per-example loss is then the module's usual one on that batch;
 2. otherwise the classification convention: ``batch`` is a mapping with integer targets
    ``batch["y"]`` ``[B]`` and the module gives logits ``[B, K]`` through
    ``per_example_logits(batch)`` or ``module(batch["x"])``; ŷ is drawn from ``softmax(logits)``
@@ -47,15 +48,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sketch.exceptions import SketchConfigError, StoreCorruptError, StoreNotFoundError, StoreWriteError
+from lightning_sketch.exceptions import (
+    SketchConfigError,
+    StoreCorruptError,
+    StoreNotFoundError,
+    StoreWriteError,
+)
 
 __all__ = [
     "CURVATURE_DIR",
-    "SampledLoss",
+    "LabelSampler",
     "accumulate_fisher",
     "curvature_slices",
     "read_curvature",
-    "resolve_sampled_loss",
+    "resolve_label_sampler",
     "write_curvature",
 ]
 
@@ -66,43 +72,44 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 #: JSON sidecars are tiny; a larger file is refused before parsing.
 _JSON_CAP = 1 << 16
 
-SampledLoss = Callable[[nn.Module, Any, torch.Generator], Tensor]
+LabelSampler = Callable[[nn.Module, Any, torch.Generator], Any]
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 # ---------------------------------------------------------------------------- sampling protocol
-def resolve_sampled_loss(module: nn.Module, loss_fn: LossFn, probe: Any | None = None) -> tuple[SampledLoss | None, str]:
-    """How to compute per-example losses with labels sampled from the model: ``(fn or None, kind)``.
+def resolve_label_sampler(
+    module: nn.Module, loss_fn: LossFn, probe: Any | None = None
+) -> tuple[LabelSampler | None, str]:
+    """How to draw targets from the model: ``(sampler or None, kind)``, ``sampler(module, batch, gen) -> batch``.
 
-    ``kind`` is ``"sampled"`` (case 1 or 2 of the module docstring) or a sentence saying why only
-    the empirical Fisher can be used (``fn`` is then ``None``). ``probe`` is one batch used to check
-    that ``loss_fn`` is the cross-entropy of the logits (case 2); without it case 2 is not used.
+    Sampling happens outside any ``vmap`` or hook pass (one plain forward under ``no_grad``), so the
+    per-example gradients of ``loss_fn`` on the returned batch are taken as usual. ``kind`` is
+    ``"sampled"`` (case 1 or 2 of the module docstring) or a sentence saying why only the empirical
+    Fisher can be used (``sampler`` is then ``None``). ``probe`` is one batch used to check that
+    ``loss_fn`` is the cross-entropy of the logits (case 2); without it case 2 is not used.
 
     Example:
-        >>> net = nn.Linear(3, 4)
         >>> class M(nn.Module):
         ...     def __init__(self):
-        ...         super().__init__(); self.net = net
+        ...         super().__init__(); self.net = nn.Linear(3, 4)
         ...     def forward(self, x): return self.net(x)
         ...     def per_example_loss(self, b): return F.cross_entropy(self(b["x"]), b["y"], reduction="none")
         >>> m = M(); b = {"x": torch.randn(5, 3), "y": torch.tensor([0, 1, 2, 3, 0])}
-        >>> fn, kind = resolve_sampled_loss(m, lambda mod, bb: mod.per_example_loss(bb), b)
-        >>> kind, fn(m, b, torch.Generator().manual_seed(0)).shape
+        >>> sampler, kind = resolve_label_sampler(m, lambda mod, bb: mod.per_example_loss(bb), b)
+        >>> kind, sampler(m, b, torch.Generator().manual_seed(0))["y"].shape
         ('sampled', torch.Size([5]))
     """
-    own = getattr(module, "per_example_sampled_loss", None)
+    own = getattr(module, "sample_labels", None)
     if callable(own):
-        return (lambda mod, batch, gen: mod.per_example_sampled_loss(batch, gen)), "sampled"
+        return (lambda mod, batch, gen: mod.sample_labels(batch, gen)), "sampled"
     if probe is None:
         return None, "no probe batch to check the classification convention"
     logits_of = _logits_fn(module)
-    if logits_of is None:
-        return None, (
-            f"{type(module).__name__} has no `per_example_sampled_loss(batch, generator)` and its batches are "
-            f"not {{'x', 'y'}} classification batches"
-        )
     if not isinstance(probe, Mapping) or "y" not in probe:
-        return None, "batches are not mappings with integer targets 'y'"
+        return None, (
+            f"{type(module).__name__} has no `sample_labels(batch, generator)` and its batches are not mappings "
+            f"with integer targets 'y'"
+        )
     y = probe["y"]
     if not isinstance(y, Tensor) or y.ndim != 1 or y.is_floating_point():
         return None, "batch['y'] is not an integer tensor [B]"
@@ -118,13 +125,13 @@ def resolve_sampled_loss(module: nn.Module, loss_fn: LossFn, probe: Any | None =
         if own_loss.shape != ce.shape or not torch.allclose(own_loss.float(), ce, rtol=1e-4, atol=1e-5):
             return None, "per_example_loss is not the cross-entropy of the model's logits"
 
-    def sampled(mod: nn.Module, batch: Any, gen: torch.Generator) -> Tensor:
+    def sampler(mod: nn.Module, batch: Any, gen: torch.Generator) -> Any:
         with torch.no_grad():
             p = torch.softmax(logits_of(mod, batch).detach().to(torch.float64), dim=-1).cpu()
             y_hat = torch.multinomial(p, 1, generator=gen)[:, 0].to(batch["y"].device, batch["y"].dtype)
-        return loss_fn(mod, {**batch, "y": y_hat})
+        return {**batch, "y": y_hat}
 
-    return sampled, "sampled"
+    return sampler, "sampled"
 
 
 def _logits_fn(module: nn.Module) -> Callable[[nn.Module, Any], Tensor] | None:

@@ -52,6 +52,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from lightning_sketch.attribution.curvature import (
+    accumulate_fisher,
+    check_sampled_loss_kwargs,
+    resolve_label_sampler,
+    write_curvature,
+)
 from lightning_sketch.callbacks._gradient_sketch_io import (
     _as_ids,
     _check_no_padding,
@@ -63,12 +69,6 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
     _rng_guard,
     _save_weights,
     _to_device,
-)
-from lightning_sketch.attribution.curvature import (
-    accumulate_fisher,
-    check_sampled_loss_kwargs,
-    resolve_sampled_loss,
-    write_curvature,
 )
 from lightning_sketch.callbacks._progress import progress_iter as _progress
 from lightning_sketch.data import default_ids
@@ -382,36 +382,36 @@ class GradientSketch(Callback):
         if not seen:
             rank_zero_warn(f"GradientSketch: the attribution set is empty; checkpoint {name!r} holds no rows.")
         if self.curvature == "fisher":
-            self._gather_curvature(trainer, pl_module, name, loader, loss_fn, mode)
+            self._gather_curvature(trainer, pl_module, name, loader, loss_fn)
         self._finish_slice(trainer, pl_module, name, step)
 
-    def _gather_curvature(
-        self, trainer: Trainer, pl_module: LightningModule, name: str, loader: Any, loss_fn: Any, mode: str
-    ) -> None:
+    def _gather_curvature(self, trainer: Trainer, pl_module: LightningModule, name: str, loader: Any, loss_fn: Any) -> None:
         """Σ_t (Φĝ_t)(Φĝ_t)ᵀ over the attribution set with labels sampled from the model (eval mode)."""
         from lightning_sketch.gradients import sketch_gradients
         from lightning_sketch.sketches import derive_seed
 
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "curvature", f"{name}/rank{trainer.global_rank}"))
-        acc = torch.zeros(self.sketch_dim, self.sketch_dim, dtype=torch.float64)
-        count, sampled, estimator = 0, None, "sampled"
+        D = self.sketch.sketch_dim
+        acc = torch.zeros(D, D, dtype=torch.float64)
+        count, sampler, estimator = 0, None, "sampled"
         with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             for batch in loader:
                 batch = _to_device(batch, pl_module.device)
-                if sampled is None:
-                    sampled, estimator = resolve_sampled_loss(pl_module, loss_fn, batch)
-                    if sampled is None:
+                if sampler is None:
+                    sampler, estimator = resolve_label_sampler(pl_module, loss_fn, batch)
+                    if sampler is None:
                         rank_zero_warn(
                             f"GradientSketch: cannot sample labels ({estimator}); the curvature of {name!r} is the "
-                            f"empirical Fisher. Define `per_example_sampled_loss(batch, generator)` on the module."
+                            f"empirical Fisher. Define `sample_labels(batch, generator) -> batch` on the module."
                         )
                         estimator = f"empirical: {estimator}"
-                        sampled = lambda mod, b, g: loss_fn(mod, b)  # noqa: E731
-                rows = sketch_gradients(
-                    pl_module, lambda mod, b: sampled(mod, b, gen), batch, self.sketch, mode=mode, layout=self.layout,
-                    chunk_size=self.chunk_size,
-                )
-                count += accumulate_fisher([rows], self.sketch_dim, out=acc)[1]
+                        sampler = lambda mod, b, g: b  # noqa: E731 - the true labels
+                sampled = sampler(pl_module, batch, gen)
+                rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
+                    pl_module, loss_fn, sampled, self.sketch, mode="auto" if self._hooks else "explicit",
+                    layout=self.layout, chunk_size=self.chunk_size,
+                ), self.support, self.exclude)
+                count += accumulate_fisher([rows], D, out=acc)[1]
         if trainer.world_size > 1:  # every rank saw its own share of the attribution set
             acc = trainer.strategy.reduce(acc.to(pl_module.device), reduce_op="sum").cpu()
             count = int(trainer.strategy.reduce(torch.tensor(float(count), device=pl_module.device), reduce_op="sum"))

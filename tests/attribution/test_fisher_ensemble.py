@@ -14,10 +14,15 @@ from torch import nn
 from lightning_sketch.attribution import DEFAULT_DAMPING_RATIO, Attributor, _stored
 from lightning_sketch.attribution.curvature import (
     read_curvature,
-    resolve_sampled_loss,
+    resolve_label_sampler,
     write_curvature,
 )
-from lightning_sketch.exceptions import SketchConfigError, SketchInputError, StoreCorruptError, StoreNotFoundError
+from lightning_sketch.exceptions import (
+    SketchConfigError,
+    SketchInputError,
+    StoreCorruptError,
+    StoreNotFoundError,
+)
 from lightning_sketch.gradients import ParamLayout, sketch_gradients
 from lightning_sketch.sketches import make
 from lightning_sketch.store import SketchStore
@@ -48,13 +53,13 @@ def _run(root, model, x, y, ids=None, n_slices=2, curvature=True, sketch_seed=3)
     store = SketchStore.create(root / "store", sketch.spec, layout=layout)
     ids = torch.arange(len(y)) if ids is None else ids
     rows = sketch_gradients(model, loss_fn, full_batch(x, y), sketch, layout=layout)
-    (root / "weights").mkdir()
     Fs = []
     for c in range(n_slices):
         name = f"step-{c}"
         store.add_checkpoint(name, step=c, lr=0.1 * (c + 1))
         store.append(ids, rows * (c + 1), checkpoint=name)
-        torch.save({n: t.detach().clone() for n, t in layout.params(model).items()}, root / "weights" / f"{name}.pt")
+        store.save_weights(name, {n: t.detach().clone() for n, t in layout.params(model).items()}, root / "weights",
+                           layout.fingerprint())
         Fc = torch.randn(D, 3 * D, generator=torch.Generator().manual_seed(c), dtype=torch.float64)
         Fc = Fc @ Fc.T
         Fs.append(Fc)
@@ -202,7 +207,7 @@ def test_sampled_labels_give_the_gauss_newton_matrix(two_models):
     (model, x, y), _ = two_models
     xb = x[:3]
     batch = full_batch(xb, y[:3])
-    fn, kind = resolve_sampled_loss(model, loss_fn, batch)
+    sampler, kind = resolve_label_sampler(model, loss_fn, batch)
     assert kind == "sampled"
     layout = ParamLayout.from_module(model)
     ident = make("identity", layout.dim, layout.dim, seed=0)
@@ -210,7 +215,7 @@ def test_sampled_labels_give_the_gauss_newton_matrix(two_models):
     n = 3000
     acc = torch.zeros(layout.dim, layout.dim, dtype=torch.float64)
     for _ in range(n // 3):
-        g = sketch_gradients(model, lambda m, b: fn(m, b, gen), batch, ident, layout=layout)
+        g = sketch_gradients(model, loss_fn, sampler(model, batch, gen), ident, layout=layout)
         acc += g.T @ g
     acc /= n // 3
     # exact GGN: Σ_b J_bᵀ (diag p_b − p_b p_bᵀ) J_b
@@ -236,7 +241,7 @@ def test_models_outside_the_convention_fall_back_with_a_reason():
             return (self.lin(b["x"]).squeeze(1) - b["y"]) ** 2
 
     b = {"x": torch.randn(4, 3), "y": torch.randn(4)}
-    fn, why = resolve_sampled_loss(Reg(), loss_fn, b)
+    fn, why = resolve_label_sampler(Reg(), loss_fn, b)
     assert fn is None and "integer" in why
 
     class NotCE(TinyClassifier):
@@ -244,5 +249,5 @@ def test_models_outside_the_convention_fall_back_with_a_reason():
             return F.cross_entropy(self(batch["x"]), batch["y"], reduction="none", label_smoothing=0.2)
 
     xb, yb, _ = blobs(n=6)
-    fn, why = resolve_sampled_loss(NotCE(), loss_fn, full_batch(xb, yb))
+    fn, why = resolve_label_sampler(NotCE(), loss_fn, full_batch(xb, yb))
     assert fn is None and "not the cross-entropy" in why
