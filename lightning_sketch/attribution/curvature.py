@@ -24,21 +24,17 @@ How labels are sampled (one protocol, :func:`resolve_sampled_loss`):
 
 Files: one ``<run>/curvature/<slice>.npy`` (float64 ``[D, D]``, written with ``allow_pickle=False``)
 per checkpoint slice, and ``<run>/curvature/<slice>.json`` with the slice name, sketch spec,
-number of examples, the estimator and the SHA-256 of the ``.npy`` bytes. :func:`read_curvature`
-treats both as untrusted: confined to the run's ``curvature/`` folder, regular files only, size
-capped, checksum, shape, symmetry and finiteness verified, typed errors otherwise.
+number of examples, the estimator and the SHA-256 of the ``.npy`` bytes, both written atomically
+through :mod:`lightning_sketch._safeio`. :func:`read_curvature` treats both as untrusted: confined to
+the run's ``curvature/`` folder, regular files only, size capped, checksum, shape, symmetry and
+finiteness verified, typed errors otherwise.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import math
-import os
 import re
-import stat
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_sketch._safeio import atomic_write, confined, read_capped, read_json, sha256_bytes
 from lightning_sketch.exceptions import (
     SketchConfigError,
     StoreCorruptError,
-    StoreNotFoundError,
     StoreWriteError,
 )
 
@@ -161,30 +157,10 @@ def accumulate_fisher(
 
 
 # ---------------------------------------------------------------------------- files
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
         raise StoreCorruptError(f"Invalid curvature slice name {name!r}: only letters, digits, '_', '.', '-'.")
     return name
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise StoreWriteError(f"Could not write {path} ({err}); free disk space or choose another dirpath.") from err
 
 
 def write_curvature(
@@ -205,39 +181,13 @@ def write_curvature(
     m = 0.5 * (m + m.T)
     buf = io.BytesIO()
     np.save(buf, m.numpy(), allow_pickle=False)
-    data = buf.getvalue()
+    digest, _ = atomic_write(folder / f"{name}.npy", [buf.getvalue()], what="curvature matrix")
     meta = {
         "format": _FORMAT, "slice": name, "count": int(count), "estimator": str(estimator),
-        "dim": int(m.shape[0]), "spec": dict(spec), "sha256": _sha256(data),
+        "dim": int(m.shape[0]), "spec": dict(spec), "sha256": digest,
     }
-    _atomic_write(folder / f"{name}.npy", data)
-    _atomic_write(folder / f"{name}.json", json.dumps(meta, sort_keys=True).encode())
+    atomic_write(folder / f"{name}.json", [json.dumps(meta, sort_keys=True).encode()], what="curvature sidecar")
     return folder / f"{name}.npy"
-
-
-def _read_confined(folder: Path, filename: str, cap: int) -> bytes:
-    path = folder / filename
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError as err:
-        raise StoreNotFoundError(f"Missing curvature file {path}.") from err
-    if not stat.S_ISREG(st.st_mode):
-        raise StoreCorruptError(f"{path} is not a regular file (symlink, device or FIFO refused).")
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(path, flags)
-    try:
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > cap:
-                raise StoreCorruptError(f"{path} is larger than expected ({cap} bytes); it is not a curvature file.")
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
 
 
 def curvature_slices(run_dir: str | Path) -> list[str]:
@@ -253,42 +203,39 @@ def read_curvature(run_dir: str | Path, name: str, spec: Mapping[str, Any]) -> t
 
     Raises:
         StoreNotFoundError: when the slice has no curvature file.
-        StoreCorruptError: on a checksum, format, shape, spec, symmetry or finiteness mismatch, or a
-            path that is not a regular file inside the run's ``curvature/`` folder.
+        StoreCorruptError: on a checksum, format, shape, spec, symmetry or finiteness mismatch.
+        UnsafeFileError: for a path that is not a regular file inside the run's ``curvature/`` folder.
     """
     name = _check_name(name)
-    folder = Path(run_dir) / CURVATURE_DIR
-    if folder.is_symlink():
-        raise StoreCorruptError(f"{folder} is a symlink; curvature files must live inside the run directory.")
-    try:
-        meta = json.loads(_read_confined(folder, f"{name}.json", _JSON_CAP))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise StoreCorruptError(f"{folder / (name + '.json')} is not valid JSON ({err}).") from err
+    root = Path(run_dir)
+    side = confined(root, f"{CURVATURE_DIR}/{name}.json", what="curvature sidecar")
+    meta = read_json(side, what="curvature sidecar", cap=_JSON_CAP)
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("slice") != name:
-        raise StoreCorruptError(f"{folder / (name + '.json')} is not the curvature sidecar of slice {name!r}.")
+        raise StoreCorruptError(f"{side} is not the curvature sidecar of slice {name!r}.")
     dim = meta.get("dim")
     if not isinstance(dim, int) or not 1 <= dim <= 1 << 16:
-        raise StoreCorruptError(f"{folder / (name + '.json')} has an invalid dim {dim!r}.")
+        raise StoreCorruptError(f"{side} has an invalid dim {dim!r}.")
     if dict(meta.get("spec") or {}) != dict(spec):
         raise StoreCorruptError(
             f"The curvature of slice {name!r} was sketched with {meta.get('spec')}, the store with {dict(spec)}; "
             f"it belongs to another run."
         )
-    data = _read_confined(folder, f"{name}.npy", dim * dim * 8 + 4096)
-    if _sha256(data) != meta.get("sha256"):
-        raise StoreCorruptError(f"{folder / (name + '.npy')} fails its SHA-256 check: the file was changed or damaged.")
+    path = confined(root, f"{CURVATURE_DIR}/{name}.npy", what="curvature matrix")
+    data = read_capped(path, dim * dim * 8 + 4096, what="curvature matrix")
+    if sha256_bytes(data) != meta.get("sha256"):
+        raise StoreCorruptError(f"{path} fails its SHA-256 check: the file was changed or damaged.")
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as err:
-        raise StoreCorruptError(f"{folder / (name + '.npy')} is not a numpy array file ({err}).") from err
+        raise StoreCorruptError(f"{path} is not a numpy array file ({err}).") from err
     if arr.dtype != np.float64 or arr.shape != (dim, dim):
-        raise StoreCorruptError(f"{folder / (name + '.npy')} holds {arr.dtype} {arr.shape}, expected float64 ({dim}, {dim}).")
+        raise StoreCorruptError(f"{path} holds {arr.dtype} {arr.shape}, expected float64 ({dim}, {dim}).")
     m = torch.from_numpy(np.array(arr))
     if not bool(torch.isfinite(m).all()) or not torch.allclose(m, m.T):
-        raise StoreCorruptError(f"{folder / (name + '.npy')} is not a finite symmetric matrix.")
+        raise StoreCorruptError(f"{path} is not a finite symmetric matrix.")
     count = meta.get("count")
-    if not isinstance(count, int) or count < 0 or not math.isfinite(float(m.trace())) or float(m.trace()) < 0:
-        raise StoreCorruptError(f"{folder / (name + '.json')} has an invalid count or trace.")
+    if not isinstance(count, int) or count < 0 or float(m.trace()) < 0:
+        raise StoreCorruptError(f"{side} has an invalid count or trace.")
     return m, meta
 
 

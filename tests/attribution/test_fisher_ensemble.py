@@ -22,6 +22,7 @@ from lightning_sketch.exceptions import (
     SketchInputError,
     StoreCorruptError,
     StoreNotFoundError,
+    UnsafeFileError,
 )
 from lightning_sketch.gradients import ParamLayout, sketch_gradients
 from lightning_sketch.sketches import make
@@ -198,7 +199,7 @@ def test_curvature_files_are_verified(tmp_path, two_models):
     side.unlink()
     side.symlink_to(tmp_path / "elsewhere.json")
     (tmp_path / "elsewhere.json").write_text(json.dumps(meta1))
-    with pytest.raises(StoreCorruptError, match="not a regular file"):
+    with pytest.raises(UnsafeFileError, match="outside the run directory"):
         read_curvature(tmp_path, "step-1", sketch.spec)
 
 
