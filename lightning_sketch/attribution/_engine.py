@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_sketch.attribution import curvature as CV
 from lightning_sketch.attribution._stored import _eval_mode, load_weights, swapped_weights
-from lightning_sketch.exceptions import SpectrumError
+from lightning_sketch.exceptions import SketchConfigError, SpectrumError
 
 __all__ = ["ScoringEngine", "SliceWeight"]
 
@@ -82,6 +82,12 @@ class ScoringEngine:
         if self.method in ("grad_dot",):
             return [SliceWeight(self.checkpoints[-1], 1.0)]
         if self.method in ("tracin", "grad_cos"):
+            missing = [n for n in self.checkpoints if run.lrs[n] is None]
+            if missing:
+                raise SketchConfigError(
+                    f"Checkpoints {missing} record no learning rate, which {self.method} weights by; use "
+                    f"grad_dot, trak or fisher_if, or write the slices with their lr."
+                )
             return [SliceWeight(n, run.lrs[n]) for n in self.checkpoints]
         if self.method == "arnoldi_if":
             values, vectors = self._eig

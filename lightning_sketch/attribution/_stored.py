@@ -48,7 +48,7 @@ class Run:
     root: Path | None
     weights_dir: Path | None
     names: list[str]
-    lrs: dict[str, float]
+    lrs: dict[str, float | None]
     explicit_weights: bool = False
     _ids: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -97,14 +97,9 @@ def open_run(store: Any) -> Run:
     )
 
 
-def _lr(entry: dict[str, Any]) -> float:
+def _lr(entry: dict[str, Any]) -> float | None:
     lr = entry.get("lr")
-    if lr is None:
-        raise SketchConfigError(
-            f"Checkpoint {entry.get('name')!r} records no learning rate; the store was not written by "
-            f"GradientSketch (or its manifest was edited)."
-        )
-    return float(lr)
+    return None if lr is None else float(lr)
 
 
 def _method_loss(model: nn.Module, name: str) -> LossFn:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,8 +199,9 @@ def test_curvature_files_are_verified(tmp_path, two_models):
     side = tmp_path / "curvature" / "step-1.json"
     meta1 = json.loads(side.read_text())
     side.unlink()
-    side.symlink_to(tmp_path / "elsewhere.json")
-    (tmp_path / "elsewhere.json").write_text(json.dumps(meta1))
+    outside = Path(tempfile.mkdtemp()) / "elsewhere.json"  # a valid sidecar, outside the run directory
+    outside.write_text(json.dumps(meta1))
+    side.symlink_to(outside)
     with pytest.raises(UnsafeFileError, match="outside the run directory"):
         read_curvature(tmp_path, "step-1", sketch.spec)
 
