@@ -4,7 +4,7 @@ For each task of ``_attr_tasks`` (digits MLP, digits CNN) and sketch dimension D
 with the callback's **defaults** (``GradientSketch(dirpath, sketch_kind="affd", sketch_dim=D)``:
 a slice every epoch, sampled-label curvature on), then, through the public API only:
 
-- the LDS-versus-ratio curve, ρ = λ / (tr(K)/D) over ``DAMPING_RATIO_GRID``, on the 200 queries,
+- the LDS-versus-ratio curve, ρ = λ / (tr(K)/T) over ``DAMPING_RATIO_GRID``, on the 200 queries,
   for 1 model (mean over the 5 single runs) and the 5-run ensemble (``Attributor([runs], model)``);
 - the ratio a user with a ground truth would pick on the *validation* split
   (``tune_damping(objective=validation LDS)``) and its LDS on the queries;
@@ -90,6 +90,57 @@ def study(task_name: str, D: int, n_runs: int, out: Path) -> dict:
     return res
 
 
+def arnoldi_rows(task_name: str, D: int, n_runs: int, out: Path, k: int = 50, probe: int = 256) -> dict:
+    """Why ``arnoldi_if`` scores lower: top-k undamped inverses against the damped full inverse, last slice."""
+    task = T.get_task(task_name)
+    sp = T.splits(task)
+    gt = T.ground_truth(task)
+    runs = T.fit_runs(task, n_runs, out / f"{task_name}_D{D}", callback_kwargs={}, sketch_dim=D, reuse=True)
+    qb = T.dict_batch(*sp.query)
+    probe_batch = T.dict_batch(sp.train[0][:probe], sp.train[1][:probe])
+    rows: dict[str, list[float]] = {}
+
+    def add(name, att):
+        rows.setdefault(name, []).append(T.lds_ci(att.scores(qb), gt.masks, gt.query_outputs, n_boot=1)[0])
+
+    for run_dir, module in runs:
+        fis = Attributor(run_dir, module, method="fisher_if")
+        last = fis.checkpoints[-1]
+        add("fisher_if, all slices (default)", fis)
+        add("fisher_if, last slice", Attributor(run_dir, module, method="fisher_if", checkpoints=[last]))
+        s, U, _ = Attributor(run_dir, module, method="fisher_if", checkpoints=[last])._eigh(0, last)
+        top = s.argsort(descending=True)[:k]
+        add(f"arnoldi_if on the sampled Fisher, top {k}, last slice",
+            Attributor(run_dir, module, method="arnoldi_if", eigenpairs=(s[top], U[:, top])))
+        add(f"arnoldi_if on the Hessian (Lanczos, top {k}, {probe} probe examples), last slice",
+            Attributor(run_dir, module, method="arnoldi_if", hessian_batches=[probe_batch], arnoldi_k=k))
+    res = {name: float(np.mean(v)) for name, v in rows.items()}
+    for name, v in res.items():
+        print(f"{task_name} D={D} {name:<72} LDS {v:.3f} (mean of {n_runs} single runs)", flush=True)
+    return res
+
+
+def defaults(task_name: str, D: int, n_runs: int, out: Path) -> dict:
+    """LDS of the defaults as a user gets them: ``Attributor(run, model)`` and the ``trak`` automatic ratio."""
+    task = T.get_task(task_name)
+    sp = T.splits(task)
+    gt = T.ground_truth(task)
+    runs = T.fit_runs(task, n_runs, out / f"{task_name}_D{D}", callback_kwargs={}, sketch_dim=D, reuse=True)
+    qb = T.dict_batch(*sp.query)
+    res: dict = {"task": task_name, "D": D}
+    for method in (None, "trak"):
+        kw = {} if method is None else {"method": method}
+        singles = [Attributor(r, m, **kw) for r, m in runs]
+        one = [T.lds_ci(a.scores(qb), gt.masks, gt.query_outputs, n_boot=1)[0] for a in singles]
+        ens = Attributor([r for r, _ in runs], runs[0][1], **kw)
+        five = T.lds_ci(ens.scores(qb), gt.masks, gt.query_outputs)
+        name = f"default ({singles[0].method})" if method is None else "trak, automatic damping"
+        res[name] = {"lds_1": float(np.mean(one)), "lds_1_runs": one, "lds_5": five}
+        print(f"{task_name} D={D} {name:<28} 1 model {np.mean(one):.3f} (runs {' '.join(f'{v:.3f}' for v in one)})"
+              f"  {n_runs} models {five[0]:.3f} [{five[1]:.3f}, {five[2]:.3f}]", flush=True)
+    return res
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", default="digits_mlp,digits_cnn")
@@ -98,10 +149,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(T.CACHE / "damping_study"))
     p.add_argument("--json", default=None)
+    p.add_argument("--arnoldi", action="store_true", help="only the arnoldi_if diagnosis (reuses the runs)")
+    p.add_argument("--defaults", action="store_true", help="only the defaults' LDS (reuses the runs)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    results = [study(t, int(d), a.runs, Path(a.out)) for t in a.tasks.split(",") for d in a.dims.split(",")]
+    fn = arnoldi_rows if a.arnoldi else defaults if a.defaults else study
+    results = [fn(t, int(d), a.runs, Path(a.out)) for t in a.tasks.split(",") for d in a.dims.split(",")]
     print(f"total {time.time() - t0:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))

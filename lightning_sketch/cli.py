@@ -262,7 +262,7 @@ def _own_parser() -> argparse.ArgumentParser:
                    help="attribution method (default auto: fisher_if when the runs hold curvature, else trak)")
     q.add_argument("--damping", type=float, default=None, help="absolute damping λ for trak/fisher_if (default: automatic)")
     q.add_argument("--damping-ratio", type=float, default=None,
-                   help="damping as a multiple of each slice's mean kernel eigenvalue (default: the automatic ratio)")
+                   help="damping as a multiple of tr(K)/T, each slice's mean squared per-example gradient norm (default: automatic)")
     q.add_argument("--snapshot", default=None, help="arnoldi_if: a HessianSpectrum snapshot taken with the store's sketch")
     q.add_argument("--probe", type=_positive_int, default=256,
                    help="arnoldi_if without --snapshot: training examples whose Hessian is taken (default 256)")

@@ -59,22 +59,26 @@ class ScoringEngine:
         return self._pos_cache[key]
 
     # ------------------------------------------------------------------ per-slice weights
-    def _kernel(self, r: int, name: str) -> Tensor:
+    def _kernel(self, r: int, name: str) -> tuple[Tensor, int]:
+        """``(K [D, D] float64, T)``: the slice's kernel and the number of examples summed into it."""
         if self.method == "fisher_if":
-            return CV.read_curvature(self.runs[r].root, name, self.sketches[r].spec)[0]
+            K, meta = CV.read_curvature(self.runs[r].root, name, self.sketches[r].spec)
+            return K, int(meta["count"])
         D = self.sketches[r].sketch_dim
-        K = torch.zeros(D, D, dtype=torch.float64)
+        K, T = torch.zeros(D, D, dtype=torch.float64), 0
         for _, g in self.runs[r].iter_blocks(name):
             K.addmm_(g.T, g)
-        return K
+            T += g.shape[0]
+        return K, T
 
     def _eigh(self, r: int, name: str) -> tuple[Tensor, Tensor, float]:
+        """``(eigenvalues, eigenvectors, scale)`` of the slice's kernel; scale = tr(K)/T, the damping unit."""
         key = (r, name)
         if key not in self._eig_cache:
-            K = self._kernel(r, name)
+            K, T = self._kernel(r, name)
             s, U = torch.linalg.eigh(K)
-            mean = float(K.trace()) / K.shape[0]
-            self._eig_cache[key] = (s.clamp_min(0), U, mean)
+            scale = float(K.trace()) / max(T, 1)
+            self._eig_cache[key] = (s.clamp_min(0), U, scale)
         return self._eig_cache[key]
 
     def _weights(self, r: int) -> list[SliceWeight]:
@@ -97,8 +101,8 @@ class ScoringEngine:
             return [SliceWeight(self.checkpoints[-1], 1.0, values[keep].to(torch.float64), vectors[:, keep].to(torch.float64))]
         out = []
         for n in self.checkpoints:
-            s, U, mean = self._eigh(r, n)
-            lam = self.damping if self.damping is not None else self.damping_ratio * mean
+            s, U, scale = self._eigh(r, n)
+            lam = self.damping if self.damping is not None else self.damping_ratio * scale
             if lam <= 0:  # an all-zero kernel (no rows): fall back to an identity weight
                 lam = 1.0
             out.append(SliceWeight(n, 1.0 / C, s, U, lam))

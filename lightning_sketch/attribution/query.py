@@ -67,10 +67,12 @@ Method = Literal["auto", "grad_dot", "tracin", "grad_cos", "trak", "fisher_if", 
 LossFn = Callable[[nn.Module, Any], Tensor]
 _CURVED = ("trak", "fisher_if")
 
-#: Automatic damping of ``trak`` and ``fisher_if``: λ_c = ρ · tr(K_c)/D, the mean eigenvalue of
-#: each slice's kernel times ρ = 10^-0.5. Chosen from the LDS-versus-λ curves of
-#: ``benchmarks/damping_study.py`` (digits MLP and digits CNN, D = 256 and 1024, 1 and 5 models),
-#: where the optimum sat at ρ ∈ [10^-1, 10^0] in every setting; see benchmarks/RESULTS.md.
+#: Automatic damping of ``trak`` and ``fisher_if``: λ_c = ρ · tr(K_c)/T_c with ρ = 10^-0.5, where
+#: tr(K_c)/T_c is the mean squared sketched per-example gradient norm of slice c (the trace of the
+#: average per-example curvature). It does not depend on the sketch dimension D, which the LDS optimum
+#: did not either, unlike the mean eigenvalue tr(K_c)/D. Read off the LDS-versus-λ curves of
+#: ``benchmarks/damping_study.py`` (digits MLP and CNN, D = 256 and 1024, 1 and 5 models); see
+#: benchmarks/RESULTS.md and docs/attribution.md.
 DEFAULT_DAMPING_RATIO = 10.0**-0.5
 #: Candidate ratios ρ for :meth:`Attributor.tune_damping`.
 DAMPING_RATIO_GRID = tuple(float(10.0**e) for e in np.arange(-4.0, 3.01, 0.5))
@@ -94,7 +96,8 @@ class Attributor(ScoringEngine):
       Hessian at the last slice (Schioppa et al. 2022).
 
     Damping (``trak``, ``fisher_if``): with ``damping=None`` each slice uses
-    λ_c = ``damping_ratio`` · tr(K_c)/D (default ratio :data:`DEFAULT_DAMPING_RATIO`); an explicit
+    λ_c = ``damping_ratio`` · tr(K_c)/T_c, T_c the examples summed into the slice's kernel K_c (default
+    ratio :data:`DEFAULT_DAMPING_RATIO`); an explicit
     ``damping`` is an absolute λ for every slice. :meth:`tune_damping` picks the ratio on a
     user-supplied objective (e.g. a validation LDS).
 
@@ -348,7 +351,7 @@ class Attributor(ScoringEngine):
         candidates: Sequence[float] | None = None,
         objective: Callable[[Tensor], float] | None = None,
     ) -> float:
-        """Choose the damping ratio ρ (λ_c = ρ · tr(K_c)/D) that maximises ``objective``; returns it.
+        """Choose the damping ratio ρ (λ_c = ρ · tr(K_c)/T_c) that maximises ``objective``; returns it.
 
         For users who have a ground truth: ``objective(scores [Q, T]) -> float`` (higher is better)
         is evaluated on the scores of ``val_batches`` for every candidate ratio (default

@@ -124,8 +124,8 @@ def test_trak_scores_and_damping(tmp_path, trained):
     # the model's per_example_margin is picked up automatically for trak
     auto = Attributor(path, model, method="trak", damping=0.01)
     torch.testing.assert_close(auto.scores(q), want, rtol=1e-6, atol=1e-8)
-    # automatic damping: λ = ρ · tr(GᵀG)/D with the default ratio
-    lam = DEFAULT_DAMPING_RATIO * float((G * G).sum()) / 32
+    # automatic damping: λ = ρ · tr(GᵀG)/T with the default ratio
+    lam = DEFAULT_DAMPING_RATIO * float((G * G).sum()) / G.shape[0]  # ρ · tr(GᵀG)/T
     want_auto = qs @ torch.linalg.inv(G.T @ G + lam * torch.eye(32, dtype=G.dtype)) @ G.T
     torch.testing.assert_close(Attributor(path, model, method="trak").scores(q), want_auto, rtol=1e-6, atol=1e-8)
     # an objective on validation queries picks its argmax over the candidate ratios

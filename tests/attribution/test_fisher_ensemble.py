@@ -95,7 +95,7 @@ def test_fisher_if_equals_dense_formula_and_is_the_default(tmp_path, two_models)
     G = _dense(tmp_path)
     want = 0
     for Fc, Gc in zip(Fs, G):
-        lam = DEFAULT_DAMPING_RATIO * float(Fc.trace()) / D
+        lam = DEFAULT_DAMPING_RATIO * float(Fc.trace()) / len(y)  # ρ · tr(F)/T
         want = want + qs @ torch.linalg.inv(Fc + lam * torch.eye(D, dtype=torch.float64)) @ Gc.T / 2
     torch.testing.assert_close(att.scores(q), want, rtol=1e-6, atol=1e-9)
     # an absolute damping is used as given, for every slice
@@ -105,7 +105,7 @@ def test_fisher_if_equals_dense_formula_and_is_the_default(tmp_path, two_models)
     _, si = att.self_influence()
     want_si = 0
     for Fc, Gc in zip(Fs, G):
-        lam = DEFAULT_DAMPING_RATIO * float(Fc.trace()) / D
+        lam = DEFAULT_DAMPING_RATIO * float(Fc.trace()) / len(y)  # ρ · tr(F)/T
         want_si = want_si + ((Gc @ torch.linalg.inv(Fc + lam * torch.eye(D, dtype=torch.float64))) * Gc).sum(1) / 2
     torch.testing.assert_close(si, want_si, rtol=1e-6, atol=1e-9)
 

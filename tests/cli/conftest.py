@@ -85,6 +85,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     calls = {
         "query": [*q, "--ids", "0,3,5", "--k", "4", "--format", "json", "--output", str(root / "query.json")],
         "query_csv": [*q, "--inputs", str(inputs), "--k", "3", "--format", "csv", "--method", "grad_dot"],
+        "query_ensemble": ["query", "--store", str(root / "sketch"), "--store", str(root / "sketch"), "--ckpt", str(ckpt),
+                           "--config", str(cfg), "--ids", "0,3", "--k", "4", "--format", "json"],
+        "query_arnoldi": [*q, "--ids", "0", "--k", "3", "--format", "json", "--method", "arnoldi_if", "--probe", "32"],
+        "query_trak": [*q, "--ids", "0,3", "--k", "4", "--format", "json", "--method", "trak", "--damping-ratio", "0.1"],
         "report": ["report", str(root), "--output", str(base / "report.html")],
         "inspect": ["inspect", str(root / "sketch" / "store")],
         "inspect_json": ["inspect", str(root), "--json"],

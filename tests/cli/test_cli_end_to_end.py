@@ -37,13 +37,13 @@ def test_query_json_matches_in_process_attributor(tiny_run):
 
     assert tiny_run["query"]["returncode"] == 0, tiny_run["query"]["stderr"][-3000:]
     result = json.loads((tiny_run["root"] / "query.json").read_text())
-    assert result["method"] == "tracin" and result["k"] == 4
+    assert result["method"] == "fisher_if" and result["k"] == 4  # the default: the run holds curvature
     assert [q["query"] for q in result["queries"]] == [0, 3, 5]
     model = DigitsClassifier(hidden=32)
     model.load_state_dict(torch.load(tiny_run["ckpt"], map_location="cpu", weights_only=False)["state_dict"])
     model.eval()
     batch = tiny_run["dm"].batch([0, 3, 5], split="test")
-    att = Attributor(tiny_run["root"] / "sketch", model, method="tracin")
+    att = Attributor(tiny_run["root"] / "sketch", model)
     pro_ids, pro_scores = att.top_k(batch, k=4)
     opp_ids, opp_scores = att.top_k(batch, k=4, opponents=True)
     train_labels = tiny_run["dm"].labels("train")
@@ -148,3 +148,28 @@ def test_every_callback_argument_in_help(tiny_run):
             text = documented[param]
             assert "type:" in text, (name, param)
             assert len(text.split("(type:")[0].split()) > 2, (name, param)  # a description, not just the flag
+
+
+def test_query_ensemble_arnoldi_and_damping_from_the_cli(tiny_run):
+    from lightning_sketch.attribution import Attributor
+    from lightning_sketch.demo import DigitsClassifier
+
+    for name in ("query_ensemble", "query_arnoldi", "query_trak"):
+        assert tiny_run[name]["returncode"] == 0, tiny_run[name]["stderr"][-3000:]
+    single = json.loads((tiny_run["root"] / "query.json").read_text())
+    ens = json.loads(tiny_run["query_ensemble"]["stdout"])
+    # an ensemble of one run twice is that run: same ids and scores as the single-run default query
+    assert ens["method"] == "fisher_if" and isinstance(ens["store"], list) and len(ens["store"]) == 2
+    for rec, ref in zip(ens["queries"], [single["queries"][0], single["queries"][1]]):
+        assert [e["id"] for e in rec["proponents"]] == [e["id"] for e in ref["proponents"]]
+        for a, b in zip(rec["proponents"], ref["proponents"]):
+            assert abs(a["score"] - b["score"]) <= 1e-9 * max(1.0, abs(b["score"]))
+    arn = json.loads(tiny_run["query_arnoldi"]["stdout"])
+    assert arn["method"] == "arnoldi_if" and len(arn["queries"][0]["proponents"]) == 3
+    trak = json.loads(tiny_run["query_trak"]["stdout"])
+    model = DigitsClassifier(hidden=32)
+    model.load_state_dict(torch.load(tiny_run["ckpt"], map_location="cpu", weights_only=False)["state_dict"])
+    model.eval()
+    att = Attributor(tiny_run["root"] / "sketch", model, method="trak", damping_ratio=0.1)
+    ids, scores = att.top_k(tiny_run["dm"].batch([0, 3], split="test"), k=4)
+    assert [[e["id"] for e in q["proponents"]] for q in trak["queries"]] == ids.tolist()
