@@ -163,7 +163,7 @@ def test_query_ensemble_arnoldi_and_damping_from_the_cli(tiny_run):
     for rec, ref in zip(ens["queries"], [single["queries"][0], single["queries"][1]]):
         assert [e["id"] for e in rec["proponents"]] == [e["id"] for e in ref["proponents"]]
         for a, b in zip(rec["proponents"], ref["proponents"]):
-            assert abs(a["score"] - b["score"]) <= 1e-9 * max(1.0, abs(b["score"]))
+            assert abs(a["score"] - b["score"]) <= 1e-5 * max(1.0, abs(b["score"]))  # float32 model, 2 processes
     arn = json.loads(tiny_run["query_arnoldi"]["stdout"])
     assert arn["method"] == "arnoldi_if" and len(arn["queries"][0]["proponents"]) == 3
     trak = json.loads(tiny_run["query_trak"]["stdout"])
