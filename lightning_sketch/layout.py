@@ -192,6 +192,35 @@ class ParamLayout:
             )
         return {n: own[n].detach() for n in self.names}
 
+    def restrict(self, vec: Tensor, source: ParamLayout) -> Tensor:
+        """The coordinates of this (sub-)layout's tensors in ``vec [..., source.dim]``, ``[..., N]``.
+
+        For vectors over a larger layout (e.g. Hessian eigenvectors of the whole model) that must
+        meet rows stored over ``include``/``exclude`` patterns. Restricting eigenvectors gives the
+        corresponding rows of the matrix they came from, not eigenvectors of the sub-block.
+
+        Raises:
+            LayoutMismatchError: if a tensor of this layout is missing from ``source`` or differs in shape.
+
+        Example:
+            >>> import torch
+            >>> full = ParamLayout(("a", "b"), ((2,), (3,)))
+            >>> sub = ParamLayout(("b",), ((3,),))
+            >>> sub.restrict(torch.arange(5.0), full).tolist()
+            [2.0, 3.0, 4.0]
+        """
+        where = dict(zip(source.names, zip(source.offsets, source.shapes)))
+        bad = [n for n, s in zip(self.names, self.shapes) if n not in where or where[n][1] != s]
+        if bad:
+            raise LayoutMismatchError(
+                f"Parameters {bad} are missing from the source layout or differ in shape; restrict only to a "
+                f"sub-layout of the same model (same include/exclude semantics)."
+            )
+        if not isinstance(vec, Tensor) or vec.ndim == 0 or vec.shape[-1] != source.dim:
+            raise SketchInputError(f"`vec` must have last dimension {source.dim}, got {getattr(vec, 'shape', vec)}.")
+        parts = [vec[..., where[n][0] : where[n][0] + k] for n, k in zip(self.names, self.numels)]
+        return torch.cat(parts, dim=-1)
+
     # ----------------------------------------------------------------- identity
     def fingerprint(self) -> str:
         """sha256 hex digest of the ordered (name, shape) list; equal layouts, equal fingerprints."""

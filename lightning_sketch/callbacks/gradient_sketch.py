@@ -373,8 +373,8 @@ class GradientSketch(Callback):
         with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             for batch in bar:
                 batch = _to_device(batch, pl_module.device)
-                rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
-                    pl_module, loss_fn, batch, self.sketch, mode="auto" if self._hooks else "explicit",
+                rows = _vmap_guard(lambda b=batch: sketch_gradients(
+                    pl_module, loss_fn, b, self.sketch, mode="auto" if self._hooks else "explicit",
                     layout=self.layout, chunk_size=self.chunk_size,
                 ), self.support, self.exclude)
                 self._append(self._ids(batch), rows, name, trainer)

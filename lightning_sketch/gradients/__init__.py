@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_sketch.gradients._functional import module_loss_fn
 from lightning_sketch.gradients.hvp import hvp, loss_grad, make_hvp, sketched_hvp
 from lightning_sketch.gradients.per_example import finite_mask, per_example_grads, sketch_gradients
 from lightning_sketch.layout import ParamLayout
@@ -15,12 +16,13 @@ from lightning_sketch.layout import ParamLayout
 __all__ = [
     "CaptureSupport",
     "GradientCapture",
-    "capture_support",
     "ParamLayout",
+    "capture_support",
     "finite_mask",
     "hvp",
     "loss_grad",
     "make_hvp",
+    "module_loss_fn",
     "per_example_grads",
     "sketch_gradients",
     "sketched_hvp",

@@ -178,3 +178,22 @@ def as_batch_list(batches: Iterable[Batch]) -> list[Batch]:
     if not out:
         raise SketchInputError("`batches` is empty; pass at least one batch.")
     return out
+
+
+def module_loss_fn(module: nn.Module, loss_fn: LossFn | None = None) -> LossFn:
+    """``loss_fn`` if given, else ``lambda m, batch: m.per_example_loss(batch)``: per-example losses
+    through the module's own convention and batch structure (what the callbacks use).
+
+    Raises:
+        SketchConfigError: if neither is available.
+    """
+    if loss_fn is not None:
+        if not callable(loss_fn):
+            raise SketchConfigError(f"`loss_fn` must be callable(module, batch) -> Tensor[B], got {loss_fn!r}.")
+        return loss_fn
+    if not callable(getattr(module, "per_example_loss", None)):
+        raise SketchConfigError(
+            f"{type(module).__name__} has no `per_example_loss(batch) -> Tensor[B]` method; add one (unreduced "
+            f"losses, e.g. F.cross_entropy(..., reduction='none')) or pass `loss_fn(module, batch)`."
+        )
+    return lambda m, batch: m.per_example_loss(batch)

@@ -233,8 +233,12 @@ def sketched_hvp(
     v: Tensor,
     mode: Literal["explicit", "implicit"] = "explicit",
     layout: ParamLayout | None = None,
+    method: Method = "fwd_rev",
 ) -> Tensor:
     """Φ H Φᵀ v, the sketched HVP (arXiv 2402.03994, eq. 10), ``[D]`` or ``[K, D]`` -> same shape.
+
+    ``method`` (explicit mode only) picks the exact HVP of the lifted direction, as in :func:`hvp`;
+    ``"double_backward"`` is the faster one on CPU transformers (benchmarks/real_models.py).
 
     ``"explicit"``: lift t = Φᵀ v, forward-over-reverse HVP at θ0, apply Φ. ``"implicit"``: the
     forward-over-reverse HVP of ω ↦ L(θ0 + Φᵀω) at ω = 0 in direction v (paper Listing 7).
@@ -259,11 +263,13 @@ def sketched_hvp(
     """
     if mode not in ("explicit", "implicit"):
         raise SketchConfigError(f"`mode` must be 'explicit' or 'implicit', got {mode!r}.")
-    layout = _prepare(model, layout, "fwd_rev")
+    if mode == "implicit" and method != "fwd_rev":
+        raise SketchConfigError(f"mode='implicit' is forward-over-reverse only; got method={method!r}.")
+    layout = _prepare(model, layout, method)
     F.check_sketch(sketch, layout)
     _check_vec(v, sketch.sketch_dim, "v", "D")
     if mode == "explicit":
-        return sketch.apply(hvp(model, loss_fn, batch, sketch.transpose(v), layout=layout))
+        return sketch.apply(hvp(model, loss_fn, batch, sketch.transpose(v), layout=layout, method=method))
     selected, fixed = F.split_state(model, layout)
     loss = _mean_loss(model, loss_fn, batch, fixed)
 

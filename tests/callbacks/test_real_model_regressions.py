@@ -4,8 +4,6 @@ hooks: ordinary autograd per example on the same forward, or ``per_example_grads
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch

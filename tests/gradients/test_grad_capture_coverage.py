@@ -17,7 +17,7 @@ from lightning_sketch.gradients.capture import capture_support
 from lightning_sketch.sketches import make
 from lightning_sketch.sketches.per_layer import PerLayerSketch
 
-TOL = dict(atol=1e-10, rtol=1e-9)
+TOL = {"atol": 1e-10, "rtol": 1e-9}
 
 
 class Conv1D(nn.Module):

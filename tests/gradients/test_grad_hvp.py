@@ -184,3 +184,26 @@ def test_finite_difference_zero_vector(mlp_case):
     model, loss_fn, batch = mlp_case
     z = torch.zeros(66, dtype=torch.float64)
     assert torch.equal(hvp(model, loss_fn, batch, z, method="finite_difference"), z)
+
+
+def test_sketched_hvp_methods_agree():
+    """sketched_hvp(method=...) lifts, takes the exact HVP with that method, and projects back."""
+    import torch
+
+    from lightning_sketch.gradients import sketched_hvp
+    from lightning_sketch.sketches import make
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+
+    def loss_fn(m, b):
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    s = make("dense", dim=26, sketch_dim=5, seed=1)
+    v = torch.randn(2, 5, dtype=torch.float64)
+    a = sketched_hvp(model, loss_fn, (x, y), s, v, method="fwd_rev")
+    b = sketched_hvp(model, loss_fn, (x, y), s, v, method="double_backward")
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    with pytest.raises(SketchConfigError, match="implicit"):
+        sketched_hvp(model, loss_fn, (x, y), s, v, mode="implicit", method="double_backward")

@@ -99,3 +99,39 @@ def test_construction_errors():
         ParamLayout(("a",), ())
     with pytest.raises(SketchConfigError, match="at least one parameter"):
         ParamLayout((), ())
+
+
+def test_restrict_selects_the_sub_layout_coordinates():
+    """For the Attributor: vectors over the whole model meet rows stored with include/exclude."""
+    import pytest
+    import torch
+
+    from lightning_sketch.exceptions import LayoutMismatchError
+    from lightning_sketch.gradients import ParamLayout
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    full = ParamLayout.from_module(model)
+    sub = ParamLayout.from_module(model, exclude=["1.*"])
+    vecs = torch.randn(5, full.dim)
+    got = sub.restrict(vecs, full)
+    parts = full.unflatten(vecs)
+    want = sub.flatten({n: parts[n] for n in sub.names})
+    assert torch.equal(got, want) and got.shape == (5, sub.dim)
+    with pytest.raises(LayoutMismatchError, match=r"\['1.weight', '1.bias'\]"):
+        full.restrict(torch.randn(sub.dim), sub)
+
+
+def test_module_loss_fn():
+    import pytest
+    import torch
+
+    from lightning_sketch.exceptions import SketchConfigError
+    from lightning_sketch.gradients import module_loss_fn
+
+    class M(torch.nn.Module):
+        def per_example_loss(self, batch):
+            return batch["x"].sum(-1)
+
+    assert module_loss_fn(M())(M(), {"x": torch.ones(2, 3)}).tolist() == [3.0, 3.0]
+    with pytest.raises(SketchConfigError, match="per_example_loss"):
+        module_loss_fn(torch.nn.Linear(2, 2))
