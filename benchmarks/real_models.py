@@ -42,6 +42,9 @@ from torch import nn
 from torch.nn import functional as F
 
 CLOCK = time.perf_counter
+#: CPU seconds of this process (all threads): on a machine shared with other jobs, wall time mostly
+#: measures the neighbours; the work a configuration costs shows in its CPU time. Both are printed.
+CPU = time.process_time
 
 
 def load() -> str:
@@ -138,12 +141,12 @@ class Timer:
             def on_train_start(self, trainer, pl_module):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                outer.t0 = CLOCK()
+                outer.t0, outer.c0 = CLOCK(), CPU()
 
             def on_train_end(self, trainer, pl_module):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                outer.seconds = CLOCK() - outer.t0
+                outer.seconds, outer.cpu = CLOCK() - outer.t0, CPU() - outer.c0
 
         self.callback = _T()
 
@@ -181,22 +184,36 @@ def fit_once(parts, cfg, args, tmp):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, loader_fn())
-    return timer.seconds, sum(p.numel() for p in module.parameters())
+    return timer.seconds, timer.cpu, sum(p.numel() for p in module.parameters())
 
 
 # --------------------------------------------------------------------------- fixed-batch measurements
+def _clock():
+    return CLOCK if torch.cuda.is_available() else CPU
+
+
 def timeit(fn, reps):
+    """Median seconds of ``fn``: CPU time on CPU (see ``CPU``), wall time on CUDA."""
+    cuda = torch.cuda.is_available()
+    clock = _clock()
     fn()  # warm-up
     out = []
     for _ in range(reps):
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
-        t = CLOCK()
+        t = clock()
         fn()
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
-        out.append(CLOCK() - t)
+        out.append(clock() - t)
     return statistics.median(out)
+
+
+def paired(fn, base, reps):
+    """Median over reps of time(fn) / time(base), the two run back to back (robust to drifting load)."""
+    fn()
+    base()
+    return statistics.median(timeit(fn, 1) / timeit(base, 1) for _ in range(reps))
 
 
 def fixed_batch(parts, args):
@@ -223,8 +240,8 @@ def fixed_batch(parts, args):
     res["fwd+bwd s"] = base
     pl_sketch = PerLayerSketch.for_module(module, 1024, layout=layout)
     affd = make("affd", layout.dim, 1024, seed=0)
-    res["checkpoint per_layer"] = timeit(lambda: sketch_gradients(module, loss_fn, batch, pl_sketch, mode="auto", layout=layout), args.reps) / base
-    res["checkpoint affd"] = timeit(lambda: sketch_gradients(module, loss_fn, batch, affd, mode="auto", layout=layout), args.reps) / base
+    res["checkpoint per_layer"] = paired(lambda: sketch_gradients(module, loss_fn, batch, pl_sketch, mode="auto", layout=layout), fwd_bwd, args.reps)
+    res["checkpoint affd"] = paired(lambda: sketch_gradients(module, loss_fn, batch, affd, mode="auto", layout=layout), fwd_bwd, args.reps)
 
     v = torch.randn(layout.dim, device=args.device, dtype=params[0].dtype)
     vs = layout.unflatten(v)
@@ -241,28 +258,39 @@ def fixed_batch(parts, args):
         dot = sum((gi * vi).sum() for gi, vi in zip(g, vlist) if gi is not None)
         return torch.autograd.grad(dot, params, allow_unused=True)
 
-    raw = timeit(raw_hvp, args.reps)
-    res["raw double-backward HVP"] = raw / base
-    res["hvp double_backward"] = timeit(lambda: hvp(module, loss_fn, batch, v, method="double_backward", layout=layout), args.reps) / base
+    res["raw double-backward HVP"] = paired(raw_hvp, fwd_bwd, args.reps)
+    res["hvp double_backward"] = paired(lambda: hvp(module, loss_fn, batch, v, method="double_backward", layout=layout), fwd_bwd, args.reps)
+    res["library/raw (exact dbl-bwd)"] = paired(lambda: hvp(module, loss_fn, batch, v, method="double_backward", layout=layout), raw_hvp, args.reps)
     try:
-        res["hvp fwd_rev"] = timeit(lambda: hvp(module, loss_fn, batch, v, method="fwd_rev", layout=layout), args.reps) / base
+        res["hvp fwd_rev"] = paired(lambda: hvp(module, loss_fn, batch, v, method="fwd_rev", layout=layout), fwd_bwd, args.reps)
     except Exception as err:  # noqa: BLE001 - report, do not stop the benchmark
         res["hvp fwd_rev"] = f"fails: {type(err).__name__}"
     w = torch.randn(1024, device=args.device, dtype=params[0].dtype)
-    res["sketched_hvp affd (double_backward)"] = timeit(
-        lambda: sketched_hvp(module, loss_fn, batch, affd, w, method="double_backward", layout=layout), args.reps) / base
+    res["sketched_hvp affd (double_backward)"] = paired(
+        lambda: sketched_hvp(module, loss_fn, batch, affd, w, method="double_backward", layout=layout), fwd_bwd, args.reps)
     try:
-        res["sketched_hvp affd (fwd_rev)"] = timeit(
-            lambda: sketched_hvp(module, loss_fn, batch, affd, w, method="fwd_rev", layout=layout), args.reps) / base
+        res["sketched_hvp affd (fwd_rev)"] = paired(
+            lambda: sketched_hvp(module, loss_fn, batch, affd, w, method="fwd_rev", layout=layout), fwd_bwd, args.reps)
     except Exception as err:  # noqa: BLE001
         res["sketched_hvp affd (fwd_rev)"] = f"fails: {type(err).__name__}"
-    res["library/raw (exact dbl-bwd)"] = res["hvp double_backward"] * base / raw
     # a spectrum snapshot (k=10, --hvps Lanczos steps, no density) against as many plain fwd+bwd
-    t = CLOCK()
+    clock = _clock()
+    t = clock()
     spectrum_snapshot(module, loss_fn, [batch], k=10, sketch=affd, num_iter=args.hvps, method="double_backward",
                       layout=layout, density=False)
-    res[f"spectrum snapshot k=10, {args.hvps} HVPs"] = (CLOCK() - t) / (args.hvps * base)
+    snap = clock() - t
+    res[f"spectrum snapshot k=10, {args.hvps} HVPs"] = snap / (args.hvps * timeit(fwd_bwd, args.reps))
     return res
+
+
+def report_fits(model, args, times, cpus, n):
+    plain, plain_cpu = statistics.median(times["plain"]), statistics.median(cpus["plain"])
+    print(f"[{model}] N={n} batch={args.batch} steps={args.steps}: plain fit wall {plain:.2f} s, cpu {plain_cpu:.2f} s")
+    for cfg in args.configs:
+        pair = statistics.median(c / p for c, p in zip(cpus[cfg], cpus["plain"]))
+        print(f"[{model}]   {cfg:17s} paired cpu {pair:5.2f}x  cpu {statistics.median(cpus[cfg]) / plain_cpu:5.2f}x  "
+              f"wall {statistics.median(times[cfg]) / plain:5.2f}x plain fit "
+              f"(cpu runs {', '.join(f'{t:.1f}' for t in cpus[cfg])} s; plain {', '.join(f'{t:.1f}' for t in cpus['plain'])} s)")
 
 
 # --------------------------------------------------------------------------- main
@@ -281,6 +309,7 @@ def main():
     p.add_argument("--precision", default="32-true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-fixed", action="store_true")
+    p.add_argument("--skip-fits", action="store_true")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -291,18 +320,20 @@ def main():
     for model in args.models:
         parts = PARTS[model](args)
         times = {c: [] for c in ["plain", *args.configs]}
+        cpus = {c: [] for c in times}
         n = None
-        for r in range(args.rounds):
+        rounds = [] if args.skip_fits else range(-1, args.rounds)  # round -1 warms up, not counted
+        for r in rounds:  # noqa: PLC0206
             for cfg in times:
                 with tempfile.TemporaryDirectory() as tmp:
-                    sec, n = fit_once(parts, cfg, args, tmp)
+                    sec, cpu, n = fit_once(parts, cfg, args, tmp)
+                if r < 0:
+                    continue
                 times[cfg].append(sec)
-                print(f"[{model}] round {r} {cfg:17s} {sec:7.2f} s  ({load()})", flush=True)
-        plain = statistics.median(times["plain"])
-        print(f"[{model}] N={n} batch={args.batch} steps={args.steps}: plain fit {plain:.2f} s ({plain / args.steps * 1e3:.0f} ms/step)")
-        for cfg in args.configs:
-            print(f"[{model}]   {cfg:17s} {statistics.median(times[cfg]) / plain:5.2f}x plain fit "
-                  f"(runs {', '.join(f'{t:.2f}' for t in times[cfg])} s; plain {', '.join(f'{t:.2f}' for t in times['plain'])} s)")
+                cpus[cfg].append(cpu)
+                print(f"[{model}] round {r} {cfg:17s} wall {sec:7.2f} s  cpu {cpu:7.2f} s  ({load()})", flush=True)
+        if not args.skip_fits:
+            report_fits(model, args, times, cpus, n)
         if not args.skip_fixed:
             for k, v in fixed_batch(parts, args).items():
                 print(f"[{model}]   {k:38s} {v if isinstance(v, str) else f'{v:.3f}' if k.endswith(' s') else f'{v:.2f}x'}  ({load()})", flush=True)
