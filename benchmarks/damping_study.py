@@ -114,9 +114,18 @@ def arnoldi_rows(task_name: str, D: int, n_runs: int, out: Path, k: int = 50, pr
             Attributor(run_dir, module, method="arnoldi_if", eigenpairs=(s[top], U[:, top])))
         add(f"arnoldi_if on the Hessian (Lanczos, top {k}, {probe} probe examples), last slice",
             Attributor(run_dir, module, method="arnoldi_if", hessian_batches=[probe_batch], arnoldi_k=k))
+        for rank in (50, None):  # λ-sensitivity of the projected top-50 inverse against the full one
+            att = Attributor(run_dir, module, method="fisher_if", rank=rank)
+            rows.setdefault(f"curve fisher_if rank={rank}", []).append(curve(att, qb, gt.masks, gt.query_outputs))
+    curves = {n: np.mean(v, 0).tolist() for n, v in rows.items() if n.startswith("curve")}
+    for n, c in curves.items():
+        print(f"{task_name} D={D} {n} over ρ {' '.join(f'{g:.3g}' for g in DAMPING_RATIO_GRID)}:\n   "
+              + " ".join(f"{v:.3f}" for v in c), flush=True)
+    rows = {n: v for n, v in rows.items() if not n.startswith("curve")}
     res = {name: float(np.mean(v)) for name, v in rows.items()}
-    for name, v in res.items():
-        print(f"{task_name} D={D} {name:<72} LDS {v:.3f} (mean of {n_runs} single runs)", flush=True)
+    res.update(curves)
+    for name, v in rows.items():
+        print(f"{task_name} D={D} {name:<72} LDS {np.mean(v):.3f} (mean of {n_runs} single runs)", flush=True)
     return res
 
 

@@ -103,6 +103,8 @@ class ScoringEngine:
         for n in self.checkpoints:
             s, U, scale = self._eigh(r, n)
             lam = self.damping if self.damping is not None else self.damping_ratio * scale
+            if self.rank is not None:  # project on the top-`rank` curvature directions (eigh is ascending)
+                s, U = s[-self.rank:], U[:, -self.rank:]
             if lam <= 0:  # an all-zero kernel (no rows): fall back to an identity weight
                 lam = 1.0
             out.append(SliceWeight(n, 1.0 / C, s, U, lam))

@@ -114,6 +114,10 @@ class Attributor(ScoringEngine):
         method: ``"auto"`` or one of :data:`METHODS`.
         damping: absolute λ for ``trak``/``fisher_if``; ``None`` = automatic (see above).
         damping_ratio: ρ of the automatic damping (default :data:`DEFAULT_DAMPING_RATIO`).
+        rank: ``trak``/``fisher_if`` only: keep the top ``rank`` eigen-directions of each slice's
+            kernel, M = U_r diag(1/(s_r + λ)) U_rᵀ (the complement is dropped, as in
+            ``arnoldi_if``). Less accurate than the full inverse at its best damping, but nearly
+            insensitive to λ (benchmarks/RESULTS.md); ``None`` (default) keeps all D.
         query_loss_fn: the queries' per-example "loss"; default ``loss_fn``, or for ``trak`` and
             ``fisher_if`` the negative margin when the model defines ``per_example_margin(batch)``.
         checkpoints: names of the slices to use (default: all for ``tracin``, ``grad_cos``,
@@ -157,6 +161,7 @@ class Attributor(ScoringEngine):
         index: str = "flat",
         current_weights: bool = False,
         damping_ratio: float | None = None,
+        rank: int | None = None,
     ) -> None:
         if method != "auto" and method not in METHODS:
             raise SketchConfigError(f"`method` must be 'auto' or one of {METHODS}, got {method!r}.")
@@ -197,6 +202,9 @@ class Attributor(ScoringEngine):
         self.method: str = method
         self.damping = None if damping is None else float(damping)
         self.damping_ratio = DEFAULT_DAMPING_RATIO if damping_ratio is None else float(damping_ratio)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise SketchConfigError(f"`rank` must be a positive int or None (the full D-dimensional inverse), got {rank!r}.")
+        self.rank = rank
         self.chunk_size = chunk_size
         self.index_kind = index
         self.current_weights = bool(current_weights)

@@ -255,3 +255,19 @@ def test_models_outside_the_convention_fall_back_with_a_reason():
     xb, yb, _ = blobs(n=6)
     fn, why = resolve_label_sampler(NotCE(), loss_fn, full_batch(xb, yb))
     assert fn is None and "not the cross-entropy" in why
+
+
+def test_rank_keeps_the_top_curvature_directions(tmp_path, two_models):
+    (model, x, y), _ = two_models
+    sketch, _, Fs = _run(tmp_path, model, x, y)
+    q = full_batch(x[:3], y[:3])
+    qs = sketch_gradients(model, lambda m, b: -m.per_example_margin(b), q, sketch)
+    want = 0
+    for Fc, Gc in zip(Fs, _dense(tmp_path)):
+        s, U = torch.linalg.eigh(Fc)
+        s, U = s[-5:], U[:, -5:]  # the 5 largest eigenpairs, projected (complement dropped)
+        lam = DEFAULT_DAMPING_RATIO * float(Fc.trace()) / len(y)
+        want = want + (qs @ U / (s + lam)) @ (Gc @ U).T / 2
+    torch.testing.assert_close(Attributor(tmp_path, model, rank=5).scores(q), want, rtol=1e-6, atol=1e-9)
+    with pytest.raises(SketchConfigError, match="`rank` must be a positive int"):
+        Attributor(tmp_path, model, rank=0)
