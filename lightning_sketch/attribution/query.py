@@ -271,7 +271,7 @@ class Attributor(ScoringEngine):
                     f"ensembles need GradientSketch(save_weights=True), `weights_dir`, or `current_weights=True`."
                 )
             with swapped_weights(model, saved), _eval_mode(model):
-                mode = "factorized" if sketch.kind == "per_layer" else "explicit"
+                mode = "auto"  # factorised for per_layer, module hooks otherwise, vmap only where hooks cannot see
                 q = sketch_gradients(
                     model, self.query_loss_fn, batch, sketch, mode=mode, layout=layout,
                     chunk_size=self.chunk_size,
