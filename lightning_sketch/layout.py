@@ -217,7 +217,8 @@ class ParamLayout:
                 f"sub-layout of the same model (same include/exclude semantics)."
             )
         if not isinstance(vec, Tensor) or vec.ndim == 0 or vec.shape[-1] != source.dim:
-            raise SketchInputError(f"`vec` must have last dimension {source.dim}, got {getattr(vec, 'shape', vec)}.")
+            got = getattr(vec, "shape", vec)
+            raise SketchInputError(f"`vec` must have last dimension {source.dim}, got {got}.")
         parts = [vec[..., where[n][0] : where[n][0] + k] for n, k in zip(self.names, self.numels)]
         return torch.cat(parts, dim=-1)
 

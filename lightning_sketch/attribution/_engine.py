@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_sketch.attribution import curvature as CV
 from lightning_sketch.attribution._stored import _eval_mode, load_weights, swapped_weights
-from lightning_sketch.exceptions import SketchConfigError, SpectrumError
+from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError, SpectrumError
 
 __all__ = ["ScoringEngine", "SliceWeight"]
 
@@ -157,11 +157,17 @@ class ScoringEngine:
         elif snapshot is not None:
             from lightning_sketch import spectrum
 
-            values, vectors, spec = spectrum.top_eigenpairs_from_snapshot(snapshot)
+            values, vectors, spec, meta = spectrum.top_eigenpairs_from_snapshot(snapshot, with_meta=True)
             if spec is not None and dict(spec) != dict(self.sketch.spec):
                 raise SpectrumError(
                     f"The spectrum snapshot {snapshot} was sketched with {spec}, the store with "
                     f"{self.sketch.spec}; take the snapshot with the store's sketch spec."
+                )
+            fp = meta.get("layout_fingerprint")
+            if fp is not None and fp != self.layout.fingerprint():
+                raise LayoutMismatchError(
+                    f"The spectrum snapshot {snapshot} covers other parameters than the store; give "
+                    f"HessianSpectrum the same include=/exclude= as GradientSketch."
                 )
         elif batches is not None:
             from lightning_sketch.spectrum import hessian_eigs

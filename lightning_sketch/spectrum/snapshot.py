@@ -293,8 +293,11 @@ def _check_snapshot(p: Path, arrays: dict[str, Tensor], meta: Any, entry: dict[s
                                 f"eigenvalues.")
 
 
-def top_eigenpairs_from_snapshot(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor, dict[str, Any] | None]:
+def top_eigenpairs_from_snapshot(path: str | os.PathLike[str], with_meta: bool = False) -> tuple[Any, ...]:
     """(eigenvalues ``[k]``, sketched eigenvectors ``[k, D]``, sketch spec) for ``arnoldi_if``.
+
+    With ``with_meta=True`` the snapshot's metadata dict (step, ``layout_fingerprint``, ...) is
+    returned as a fourth element.
 
     ``path`` is a snapshot file, or a snapshot directory (its latest snapshot is used). The
     eigenvectors are those of Φ H Φᵀ (orthonormal rows in R^D); the spec rebuilds Φ with
@@ -315,4 +318,6 @@ def top_eigenpairs_from_snapshot(path: str | os.PathLike[str]) -> tuple[Tensor, 
         raise StoreCorruptError(f"Spectrum snapshot {p} holds no eigenvectors.")
     vals = snap["eigenvalues"].to(torch.float64)
     vecs = snap["eigenvectors"].to(torch.float32)
+    if with_meta:
+        return vals, vecs, snap["meta"].get("sketch_spec"), dict(snap["meta"])
     return vals, vecs, snap["meta"].get("sketch_spec")
