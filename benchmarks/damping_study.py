@@ -117,6 +117,9 @@ def arnoldi_rows(task_name: str, D: int, n_runs: int, out: Path, k: int = 50, pr
         for rank in (50, None):  # λ-sensitivity of the projected top-50 inverse against the full one
             att = Attributor(run_dir, module, method="fisher_if", rank=rank)
             rows.setdefault(f"curve fisher_if rank={rank}", []).append(curve(att, qb, gt.masks, gt.query_outputs))
+    ens = Attributor([r for r, _ in runs], runs[0][1], method="fisher_if", rank=50)
+    rows[f"fisher_if rank=50, {n_runs}-run ensemble, automatic damping"] = [
+        T.lds_ci(ens.scores(qb), gt.masks, gt.query_outputs, n_boot=1)[0]]
     curves = {n: np.mean(v, 0).tolist() for n, v in rows.items() if n.startswith("curve")}
     for n, c in curves.items():
         print(f"{task_name} D={D} {n} over ρ {' '.join(f'{g:.3g}' for g in DAMPING_RATIO_GRID)}:\n   "
