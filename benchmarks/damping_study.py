@@ -44,11 +44,15 @@ def curve(att: Attributor, batch, masks, outputs) -> list[float]:
     return values
 
 
-def study(task_name: str, D: int, n_runs: int, out: Path) -> dict:
+def _setup(task_name: str, D: int, n_runs: int, out: Path):
+    """``(splits, ground truth, runs)``: n_runs default-callback runs of the task at D (reused if present)."""
     task = T.get_task(task_name)
-    sp = T.splits(task)
-    gt = T.ground_truth(task)
     runs = T.fit_runs(task, n_runs, out / f"{task_name}_D{D}", callback_kwargs={}, sketch_dim=D, reuse=True)
+    return T.splits(task), T.ground_truth(task), runs
+
+
+def study(task_name: str, D: int, n_runs: int, out: Path) -> dict:
+    sp, gt, runs = _setup(task_name, D, n_runs, out)
     qb, vb = T.dict_batch(*sp.query), T.dict_batch(*sp.val)
     res: dict = {"task": task_name, "D": D, "grid": list(DAMPING_RATIO_GRID), "auto_ratio": DEFAULT_DAMPING_RATIO}
     auto_i = int(np.argmin([abs(np.log10(g / DEFAULT_DAMPING_RATIO)) for g in DAMPING_RATIO_GRID]))
@@ -92,10 +96,7 @@ def study(task_name: str, D: int, n_runs: int, out: Path) -> dict:
 
 def arnoldi_rows(task_name: str, D: int, n_runs: int, out: Path, k: int = 50, probe: int = 256) -> dict:
     """Why ``arnoldi_if`` scores lower: top-k undamped inverses against the damped full inverse, last slice."""
-    task = T.get_task(task_name)
-    sp = T.splits(task)
-    gt = T.ground_truth(task)
-    runs = T.fit_runs(task, n_runs, out / f"{task_name}_D{D}", callback_kwargs={}, sketch_dim=D, reuse=True)
+    sp, gt, runs = _setup(task_name, D, n_runs, out)
     qb = T.dict_batch(*sp.query)
     probe_batch = T.dict_batch(sp.train[0][:probe], sp.train[1][:probe])
     rows: dict[str, list[float]] = {}
@@ -134,10 +135,7 @@ def arnoldi_rows(task_name: str, D: int, n_runs: int, out: Path, k: int = 50, pr
 
 def defaults(task_name: str, D: int, n_runs: int, out: Path) -> dict:
     """LDS of the defaults as a user gets them: ``Attributor(run, model)`` and the ``trak`` automatic ratio."""
-    task = T.get_task(task_name)
-    sp = T.splits(task)
-    gt = T.ground_truth(task)
-    runs = T.fit_runs(task, n_runs, out / f"{task_name}_D{D}", callback_kwargs={}, sketch_dim=D, reuse=True)
+    sp, gt, runs = _setup(task_name, D, n_runs, out)
     qb = T.dict_batch(*sp.query)
     res: dict = {"task": task_name, "D": D}
     for method in (None, "trak"):
