@@ -296,7 +296,7 @@ def atomic_write(
 ) -> tuple[str, int]:
     """Write ``chunks`` to ``path`` atomically; return ``(sha256 hex, size in bytes)``.
 
-    The bytes go to a new ``mkstemp`` file ``<name>.tmp-XXXX`` in the same directory (created with
+    The bytes go to a new ``mkstemp`` file ``<name>.tmp-<random>`` in the same directory (created with
     ``O_EXCL``, so a pre-planted symlink is never followed), are flushed and fsync-ed, then renamed
     over ``path`` (a symlink at ``path`` is replaced, not written through) and the directory is
     fsync-ed. On any ``OSError`` the temporary file is removed and ``path`` keeps its old content.
