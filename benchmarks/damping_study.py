@@ -94,15 +94,17 @@ def study(task_name: str, D: int, n_runs: int, out: Path) -> dict:
     return res
 
 
-def arnoldi_rows(task_name: str, D: int, n_runs: int, out: Path, k: int = 50, probe: int = 256) -> dict:
-    """Why ``arnoldi_if`` scores lower: top-k undamped inverses against the damped full inverse, last slice."""
+def arnoldi_rows(task_name: str, D: int, n_runs: int, out: Path, k: int = 50, probe: int = 256,
+                 split: str = "query", ranks: tuple[int | None, ...] = (50, 100, None)) -> dict:
+    """Why ``arnoldi_if`` scores lower, and the λ-curves of ``fisher_if(rank=r)`` (on ``split``)."""
     sp, gt, runs = _setup(task_name, D, n_runs, out)
-    qb = T.dict_batch(*sp.query)
+    qb = T.dict_batch(*(sp.query if split == "query" else sp.val))
+    outputs = gt.query_outputs if split == "query" else gt.val_outputs
     probe_batch = T.dict_batch(sp.train[0][:probe], sp.train[1][:probe])
     rows: dict[str, list[float]] = {}
 
     def add(name, att):
-        rows.setdefault(name, []).append(T.lds_ci(att.scores(qb), gt.masks, gt.query_outputs, n_boot=1)[0])
+        rows.setdefault(name, []).append(T.lds_ci(att.scores(qb), gt.masks, outputs, n_boot=1)[0])
 
     for run_dir, module in runs:
         fis = Attributor(run_dir, module, method="fisher_if")
@@ -115,15 +117,15 @@ def arnoldi_rows(task_name: str, D: int, n_runs: int, out: Path, k: int = 50, pr
             Attributor(run_dir, module, method="arnoldi_if", eigenpairs=(s[top], U[:, top])))
         add(f"arnoldi_if on the Hessian (Lanczos, top {k}, {probe} probe examples), last slice",
             Attributor(run_dir, module, method="arnoldi_if", hessian_batches=[probe_batch], arnoldi_k=k))
-        for rank in (50, None):  # λ-sensitivity of the projected top-50 inverse against the full one
+        for rank in ranks:  # λ-sensitivity of projected top-r inverses against the full one
             att = Attributor(run_dir, module, method="fisher_if", rank=rank)
-            rows.setdefault(f"curve fisher_if rank={rank}", []).append(curve(att, qb, gt.masks, gt.query_outputs))
-    ens = Attributor([r for r, _ in runs], runs[0][1], method="fisher_if", rank=50)
-    rows[f"fisher_if rank=50, {n_runs}-run ensemble, automatic damping"] = [
-        T.lds_ci(ens.scores(qb), gt.masks, gt.query_outputs, n_boot=1)[0]]
+            rows.setdefault(f"curve fisher_if rank={rank}", []).append(curve(att, qb, gt.masks, outputs))
+    for rank in [r for r in ranks if r is not None]:
+        ens = Attributor([r for r, _ in runs], runs[0][1], method="fisher_if", rank=rank)
+        rows[f"curve fisher_if rank={rank}, {n_runs}-run ensemble"] = [curve(ens, qb, gt.masks, outputs)]
     curves = {n: np.mean(v, 0).tolist() for n, v in rows.items() if n.startswith("curve")}
     for n, c in curves.items():
-        print(f"{task_name} D={D} {n} over ρ {' '.join(f'{g:.3g}' for g in DAMPING_RATIO_GRID)}:\n   "
+        print(f"{task_name} D={D} [{split}] {n} over ρ {' '.join(f'{g:.3g}' for g in DAMPING_RATIO_GRID)}:\n   "
               + " ".join(f"{v:.3f}" for v in c), flush=True)
     rows = {n: v for n, v in rows.items() if not n.startswith("curve")}
     res = {name: float(np.mean(v)) for name, v in rows.items()}
@@ -161,11 +163,18 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--json", default=None)
     p.add_argument("--arnoldi", action="store_true", help="only the arnoldi_if diagnosis (reuses the runs)")
     p.add_argument("--defaults", action="store_true", help="only the defaults' LDS (reuses the runs)")
+    p.add_argument("--split", choices=("query", "val"), default="query", help="--arnoldi: split scored")
+    p.add_argument("--ranks", default="50,100,none", help="--arnoldi: ranks of the fisher_if λ-curves")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    fn = arnoldi_rows if a.arnoldi else defaults if a.defaults else study
-    results = [fn(t, int(d), a.runs, Path(a.out)) for t in a.tasks.split(",") for d in a.dims.split(",")]
+    if a.arnoldi:
+        ranks = tuple(None if r == "none" else int(r) for r in a.ranks.split(","))
+        results = [arnoldi_rows(t, int(d), a.runs, Path(a.out), split=a.split, ranks=ranks)
+                   for t in a.tasks.split(",") for d in a.dims.split(",")]
+    else:
+        fn = defaults if a.defaults else study
+        results = [fn(t, int(d), a.runs, Path(a.out)) for t in a.tasks.split(",") for d in a.dims.split(",")]
     print(f"total {time.time() - t0:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
