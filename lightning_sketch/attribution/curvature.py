@@ -239,7 +239,7 @@ def read_curvature(run_dir: str | Path, name: str, spec: Mapping[str, Any]) -> t
     return m, meta
 
 
-def check_sampled_loss_kwargs(curvature: str) -> str:
+def check_curvature_arg(curvature: str) -> str:
     """Validate the ``curvature`` argument of the callback (``"fisher"`` or ``"none"``)."""
     if curvature not in ("fisher", "none"):
         raise SketchConfigError(f"`curvature` must be 'fisher' or 'none', got {curvature!r}.")

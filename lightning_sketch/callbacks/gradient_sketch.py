@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_sketch.attribution.curvature import (
     accumulate_fisher,
-    check_sampled_loss_kwargs,
+    check_curvature_arg,
     resolve_label_sampler,
     write_curvature,
 )
@@ -186,7 +186,7 @@ class GradientSketch(Callback):
         self.attribution_dataloader = attribution_dataloader
         self.loss_fn = loss_fn
         self.ids_fn = ids_fn
-        self.curvature = check_sampled_loss_kwargs(curvature)
+        self.curvature = check_curvature_arg(curvature)
         # state
         self._last_step_done = -1
         self._slices: list[str] = []
