@@ -2,7 +2,8 @@
 
 Layer order (lower layers never import higher ones; see docs/design.md):
 
-0. base: ``exceptions``, ``_version``, ``_safeio`` (confined file I/O), ``layout`` (``ParamLayout``)
+0. base: ``exceptions``, ``_version``, ``_safeio`` (confined file I/O), ``layout`` (``ParamLayout``),
+   ``linalg`` (``LinearOperator``)
 1. sketches: the random maps Φ
 2. numerics: ``gradients``, ``store``, ``data``, ``testing``
 3. analyses: ``spectrum``, ``intrinsic``, ``attribution``
@@ -27,6 +28,7 @@ LAYERS = {
     "lightning_sketch._version": 0,
     "lightning_sketch._safeio": 0,
     "lightning_sketch.layout": 0,
+    "lightning_sketch.linalg": 0,
     "lightning_sketch.sketches": 1,
     "lightning_sketch.gradients": 2,
     "lightning_sketch.store": 2,

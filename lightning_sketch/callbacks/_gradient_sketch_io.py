@@ -16,11 +16,6 @@ from lightning_sketch.store import SketchStore
 
 
 # ---------------------------------------------------------------------- helpers
-def _per_layer_options(layout: Any) -> dict[str, Any]:
-    # The per_layer sketch is block diagonal over the layout's tensors (PerLayerSketch.for_module).
-    return {"shapes": [list(s) or [1] for s in layout.shapes]}
-
-
 def _open_store(cb: Any, trainer: Trainer) -> Any:
     kwargs = {"spec": cb.sketch.spec, "layout": cb.layout, "dtype": cb.dtype, "nan_policy": cb.nan_policy}
     if trainer.world_size == 1:

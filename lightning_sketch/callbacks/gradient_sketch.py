@@ -65,7 +65,6 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
     _current_lr,
     _eval_mode,
     _open_store,
-    _per_layer_options,
     _rng_guard,
     _save_weights,
     _to_device,
@@ -257,7 +256,7 @@ class GradientSketch(Callback):
         if stage != "fit" or self.store is not None:
             return
         from lightning_sketch.gradients import ParamLayout
-        from lightning_sketch.sketches import make
+        from lightning_sketch.sketches import make, sketch_class
 
         if self.loss_fn is None and not callable(getattr(pl_module, "per_example_loss", None)):
             raise SketchConfigError(
@@ -266,9 +265,7 @@ class GradientSketch(Callback):
             )
         self.layout = ParamLayout.from_module(pl_module, include=self.include, exclude=self.exclude)
         self.support = _check_support(pl_module, self.layout, self.exclude)
-        options: dict[str, Any] = {}
-        if self.sketch_kind == "per_layer":
-            options = _per_layer_options(self.layout)
+        options = sketch_class(self.sketch_kind).layout_options(self.layout)
         self.sketch = make(self.sketch_kind, self.layout.dim, self.sketch_dim, self.seed, **options)
         self.dirpath = trainer.strategy.broadcast(self.dirpath)
         self.store = _open_store(self, trainer)

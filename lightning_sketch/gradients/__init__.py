@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_sketch.gradients._functional import module_loss_fn
-from lightning_sketch.gradients.hvp import hvp, loss_grad, make_hvp, sketched_hvp
+from lightning_sketch.gradients.hvp import HVPOperator, hvp, loss_grad, make_hvp, sketched_hvp
 from lightning_sketch.gradients.per_example import finite_mask, per_example_grads, sketch_gradients
 from lightning_sketch.layout import ParamLayout
 
 __all__ = [
     "CaptureSupport",
     "GradientCapture",
+    "HVPOperator",
     "ParamLayout",
     "capture_support",
     "finite_mask",

@@ -15,6 +15,7 @@ from torch.func import functional_call
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError, UnsupportedModelError
 from lightning_sketch.layout import ParamLayout
+from lightning_sketch.linalg import LinearOperator
 from lightning_sketch.sketches.base import Sketch
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -77,6 +78,16 @@ def split_state(model: nn.Module, layout: ParamLayout) -> tuple[dict[str, Tensor
     fixed = {_PREFIX + n: p.detach() for n, p in model.named_parameters() if n not in selected}
     fixed.update({_PREFIX + n: b for n, b in model.named_buffers()})
     return selected, fixed
+
+
+def lift(theta0: dict[str, Tensor], layout: ParamLayout, lift_op: LinearOperator, omega: Tensor) -> dict[str, Tensor]:
+    """θ0 + Pω per tensor (``lift_op`` is P, e.g. ``sketch.op.T`` for the subspace θ0 + Φᵀω of eq. 4).
+
+    The one implementation of the implicit lift: the implicit per-example sketches, the implicit
+    sketched HVP and :class:`~lightning_sketch.intrinsic.Subspace` (through ``lift_op``) share it.
+    """
+    delta = layout.unflatten(lift_op(omega))
+    return {n: theta0[n] + delta[n] for n in layout.names}
 
 
 def loss_call(

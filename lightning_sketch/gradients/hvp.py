@@ -35,9 +35,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError
 from lightning_sketch.gradients import _functional as F
 from lightning_sketch.layout import ParamLayout
+from lightning_sketch.linalg import LinearOperator
 from lightning_sketch.sketches.base import Sketch
 
-__all__ = ["hvp", "loss_grad", "make_hvp", "sketched_hvp"]
+__all__ = ["HVPOperator", "hvp", "loss_grad", "make_hvp", "sketched_hvp"]
 
 Method = Literal["fwd_rev", "double_backward", "finite_difference"]
 _METHODS = ("fwd_rev", "double_backward", "finite_difference")
@@ -145,6 +146,56 @@ def hvp(
         )
 
 
+class HVPOperator(LinearOperator):
+    """H, the Hessian of the mean per-example loss over every example of ``batches``, as a symmetric
+    :class:`~lightning_sketch.linalg.LinearOperator` of shape ``(N, N)``.
+
+    Each application averages the per-batch HVPs (:func:`hvp`) weighted by batch size, so the
+    operator is the Hessian of the mean per-example loss over all examples; the model's *current*
+    parameter values are read at each call. Compose it with a sketch's operator for eq. 10 of
+    arXiv 2402.03994: ``sketch.op @ H @ sketch.op.T``.
+
+    Args:
+        model, loss_fn, layout, method, eps: as in :func:`hvp`.
+        batches: a list (or iterable) of batches; a single batch must be wrapped as ``[batch]``.
+
+    Raises:
+        SketchInputError: for an empty or non-list ``batches``.
+        SketchConfigError: for an unknown ``method``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: F.LossFn,
+        batches: Iterable[F.Batch],
+        layout: ParamLayout | None = None,
+        method: Method = "fwd_rev",
+        eps: float | None = None,
+    ) -> None:
+        self.layout = _prepare(model, layout, method)
+        super().__init__((self.layout.dim, self.layout.dim), symmetric=True)
+        self.model, self.loss_fn, self.method, self.eps = model, loss_fn, method, eps
+        self.batches = F.as_batch_list(batches)
+        self.sizes = [F.batch_size(b) for b in self.batches]
+
+    def _rows(self, v: Tensor) -> Tensor:
+        return self._apply(v)
+
+    def _apply(self, v: Tensor) -> Tensor:
+        total = sum(self.sizes)
+        out = None
+        for b, size in zip(self.batches, self.sizes):
+            h = hvp(self.model, self.loss_fn, b, v, layout=self.layout, method=self.method, eps=self.eps)
+            h = h * (size / total)
+            out = h if out is None else out + h
+        return out
+
+    def __call__(self, v: Tensor) -> Tensor:
+        """H v for ``[N]`` or ``[K, N]`` rows (checked by :func:`hvp`)."""
+        return self._apply(v)
+
+
 def make_hvp(
     model: nn.Module,
     loss_fn: F.LossFn,
@@ -152,7 +203,7 @@ def make_hvp(
     layout: ParamLayout | None = None,
     method: Method = "fwd_rev",
     eps: float | None = None,
-) -> Callable[[Tensor], Tensor]:
+) -> HVPOperator:
     """The deterministic operator v ↦ H v for the mean loss over every example of ``batches``.
 
     The batches are materialised into a list once; each call averages the per-batch HVPs weighted
@@ -164,7 +215,8 @@ def make_hvp(
         batches: a list (or iterable) of batches; a single batch must be wrapped as ``[batch]``.
 
     Returns:
-        A callable ``[N]`` or ``[K, N]`` -> same shape.
+        An :class:`HVPOperator`: callable ``[N]`` or ``[K, N]`` -> same shape, and a
+        :class:`~lightning_sketch.linalg.LinearOperator` (``matmat``, ``@``, ``.T``).
 
     Raises:
         SketchInputError: for an empty or non-list ``batches``.
@@ -178,19 +230,7 @@ def make_hvp(
         >>> torch.allclose(op(torch.eye(2, dtype=torch.float64)), 2 * X.T @ X / 6)
         True
     """
-    layout = _prepare(model, layout, method)
-    batch_list = F.as_batch_list(batches)
-    sizes = [F.batch_size(b) for b in batch_list]
-    total = sum(sizes)
-
-    def matvec(v: Tensor) -> Tensor:
-        out = None
-        for b, size in zip(batch_list, sizes):
-            h = hvp(model, loss_fn, b, v, layout=layout, method=method, eps=eps) * (size / total)
-            out = h if out is None else out + h
-        return out
-
-    return matvec
+    return HVPOperator(model, loss_fn, batches, layout=layout, method=method, eps=eps)
 
 
 def loss_grad(
@@ -268,14 +308,14 @@ def sketched_hvp(
     layout = _prepare(model, layout, method)
     F.check_sketch(sketch, layout)
     _check_vec(v, sketch.sketch_dim, "v", "D")
+    phi = sketch.op
     if mode == "explicit":
-        return sketch.apply(hvp(model, loss_fn, batch, sketch.transpose(v), layout=layout, method=method))
+        return (phi @ HVPOperator(model, loss_fn, [batch], layout=layout, method=method) @ phi.T)(v)
     selected, fixed = F.split_state(model, layout)
     loss = _mean_loss(model, loss_fn, batch, fixed)
 
     def lifted(omega: Tensor) -> Tensor:
-        delta = layout.unflatten(sketch.transpose(omega))
-        return loss({n: selected[n] + delta[n] for n in layout.names})
+        return loss(F.lift(selected, layout, phi.T, omega))
 
     omega0 = torch.zeros(sketch.sketch_dim, dtype=v.dtype, device=v.device)
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):

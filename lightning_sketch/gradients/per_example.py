@@ -104,9 +104,10 @@ def _implicit(
     module = F._LossModule(model, loss_fn)
     loss_one = _example_loss(module, fixed)
 
+    lift_op = sketch.op.T
+
     def lifted(omega: Tensor, example: F.Batch) -> Tensor:
-        delta = layout.unflatten(sketch.transpose(omega))
-        return loss_one({n: selected[n] + delta[n] for n in layout.names}, example)
+        return loss_one(F.lift(selected, layout, lift_op, omega), example)
 
     p0 = next(iter(selected.values()))
     omega0 = torch.zeros(sketch.sketch_dim, dtype=p0.dtype, device=p0.device)
@@ -137,7 +138,7 @@ def sketch_gradients(
       the paper finds it the faster one (Table 4).
     - ``"implicit"`` (eq. 4): ∇_ω ℓ(θ0 + Φᵀω) at ω = 0, vmapped over examples; never forms an
       N-dimensional per-example gradient.
-    - ``"factorized"``: only for ``sketch.kind == "per_layer"``; one ordinary forward and
+    - ``"factorized"``: only for sketches with ``supports_factorized`` (``per_layer``); one ordinary forward and
       backward of the summed loss with :class:`~lightning_sketch.gradients.GradientCapture`
       hooks computing (L δ_b)(R x_b)ᵀ per layer (Choe et al. 2024). Uses
       ``torch.autograd.grad``, so ``.grad`` is untouched.
@@ -195,8 +196,8 @@ def sketch_gradients(
         if capture_support(model, layout).unsupported:
             mode = "explicit"  # parameters no hook sees (parametrisations): vmap over the whole model
         else:
-            mode = "factorized" if sketch.kind == "per_layer" else "hooks"
-    if mode == "factorized" and sketch.kind != "per_layer":
+            mode = "factorized" if sketch.supports_factorized else "hooks"
+    if mode == "factorized" and not sketch.supports_factorized:
         raise SketchConfigError(
             f"mode='factorized' needs a kind='per_layer' sketch, got {sketch.kind!r}; use mode='hooks' or 'auto'."
         )

@@ -42,6 +42,7 @@ from torch.nn.utils import parametrize
 
 from lightning_sketch.exceptions import SketchConfigError, SubspaceError, UnsupportedModelError
 from lightning_sketch.layout import ParamLayout
+from lightning_sketch.linalg import FunctionOperator, LinearOperator
 from lightning_sketch.sketches import Sketch, make
 
 __all__ = ["ATTR", "Subspace"]
@@ -237,12 +238,16 @@ class Subspace(nn.Module):
         key = (id(self.omega), self.omega._version, self._active, torch.is_grad_enabled())
         if self._scope is not None and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        delta = self.sketch.transpose(self._omega_eff())
-        if self._scale != 1.0:
-            delta = delta * self._scale
+        delta = self.lift_operator()(self._omega_eff())
         if self._scope is not None:
             self._cache = (key, delta)
         return delta
+
+    def lift_operator(self) -> LinearOperator:
+        """P with θ = θ0 + Pω before SAID scalars: Φᵀ, or √(D/N)·Φᵀ when normalised (``[N, D]``)."""
+        sk = self.sketch  # read at each call (not cached): Φᵀ goes through sketch.transpose
+        lift = FunctionOperator((self.layout.dim, sk.sketch_dim), sk.transpose, lambda v: sk.apply(v))
+        return lift * self._scale if self._scale != 1.0 else lift
 
     def _delta(self, index: int) -> Tensor:
         lay = self.layout

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError
+from lightning_sketch.linalg import LinearOperator
 
 __all__ = ["Sketch", "derive_seed", "next_pow2"]
 
@@ -86,6 +87,20 @@ class Sketch(ABC):
     OPTIONS: ClassVar[dict[str, Any]] = {}
     #: kinds whose D may exceed N (none by default).
     ALLOW_EXPANSION: ClassVar[bool] = False
+    #: capability: Φ is block diagonal over parameter tensors with Kronecker blocks, so per-example
+    #: sketches can be formed inside backward hooks without per-example gradients
+    #: (``sketch_gradients(mode="factorized")``, the LoGra factorisation of Choe et al. 2024).
+    supports_factorized: ClassVar[bool] = False
+
+    @classmethod
+    def layout_options(cls, layout: Any) -> dict[str, Any]:
+        """Options this kind takes from a :class:`~lightning_sketch.layout.ParamLayout` (none by default).
+
+        Lets a caller that knows only the kind and the layout build the sketch,
+        ``make(kind, layout.dim, D, seed, **sketch_class(kind).layout_options(layout))``, without
+        special-casing kinds by name.
+        """
+        return {}
 
     def __init__(self, dim: int, sketch_dim: int, seed: int = 0, **options: Any) -> None:
         dim = _check_int("dim", dim)
@@ -230,6 +245,26 @@ class Sketch(ABC):
         out = self._transpose(y.reshape(-1, self.sketch_dim))
         return out.reshape(*lead, self.dim)
 
+    @property
+    def op(self) -> LinearOperator:
+        """Φ as a :class:`~lightning_sketch.linalg.LinearOperator` of shape ``(D, N)``; ``op.T`` is Φᵀ.
+
+        The same object on every access, so ``s.op @ H @ s.op.T`` is recognised as symmetric.
+
+        Example:
+            >>> import torch
+            >>> from lightning_sketch.sketches import make
+            >>> s = make("dense", dim=6, sketch_dim=3, seed=0)
+            >>> x = torch.randn(6, dtype=torch.float64)
+            >>> s.op.shape, torch.equal(s.op @ x, s.apply(x))
+            ((3, 6), True)
+        """
+        op = self._cache.get("operator")
+        if op is None:
+            op = _SketchOperator(self)
+            self._cache["operator"] = op
+        return op
+
     def to_dense(self, dtype: torch.dtype = torch.float64) -> Tensor:
         """The ``[D, N]`` matrix of Φ, by applying it to the identity (small N only; for tests)."""
         eye = torch.eye(self.dim, dtype=dtype)
@@ -247,3 +282,20 @@ class Sketch(ABC):
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}(dim={self.dim}, sketch_dim={self.sketch_dim}, seed={self.seed}{opts})"
+
+
+class _SketchOperator(LinearOperator):
+    """Φ of a sketch as a linear operator: rows through ``apply``, the adjoint through ``transpose``."""
+
+    def __init__(self, sketch: Sketch) -> None:
+        super().__init__((sketch.sketch_dim, sketch.dim))
+        self.sketch = sketch
+
+    def _rows(self, v: Tensor) -> Tensor:
+        return self.sketch.apply(v)
+
+    def _adjoint_rows(self, w: Tensor) -> Tensor:
+        return self.sketch.transpose(w)
+
+    def __repr__(self) -> str:
+        return f"Φ[{self.sketch!r}]"

@@ -138,6 +138,12 @@ class PerLayerSketch(Sketch):
 
     kind: ClassVar[str] = "per_layer"
     OPTIONS: ClassVar[dict[str, Any]] = {"shapes": None, "inner": "qk"}
+    supports_factorized: ClassVar[bool] = True
+
+    @classmethod
+    def layout_options(cls, layout: Any) -> dict[str, Any]:
+        """``{"shapes": ...}``: Φ is block diagonal over the layout's tensors (scalars as ``[1]``)."""
+        return {"shapes": [list(s) or [1] for s in layout.shapes]}
 
     def _validate_options(self, options: dict[str, Any]) -> None:
         if options["inner"] not in ("qk", "dense"):
@@ -271,4 +277,4 @@ class PerLayerSketch(Sketch):
         """
 
         layout = ParamLayout.from_module(module) if layout is None else layout
-        return cls(layout.dim, sketch_dim, seed, shapes=[list(s) or [1] for s in layout.shapes], inner=inner)
+        return cls(layout.dim, sketch_dim, seed, inner=inner, **cls.layout_options(layout))

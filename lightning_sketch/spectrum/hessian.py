@@ -4,7 +4,8 @@ The loss is L(θ) = the mean of the per-example losses ``loss_fn(model, batch)``
 of the fixed list of probe batches (as :func:`lightning_sketch.gradients.make_hvp` defines it). Two operators (arXiv 2402.03994, eq. 10):
 
 - exact: v ↦ H v on R^N;
-- sketched: v ↦ Φ H Φᵀ v on R^D (``sketch.apply ∘ hvp ∘ sketch.transpose``), so the Krylov
+- sketched: v ↦ Φ H Φᵀ v on R^D (``sketch.op @ H @ sketch.op.T``, composed
+  :class:`~lightning_sketch.linalg.LinearOperator`), so the Krylov
   iteration stores D-dimensional vectors only; its top eigenvalues estimate H's (Table 7).
 
 HVPs come from :mod:`lightning_sketch.gradients`; nothing here writes ``.grad`` or changes the
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from lightning_sketch.exceptions import SketchConfigError, SpectrumError
 from lightning_sketch.gradients.hvp import loss_grad, make_hvp
 from lightning_sketch.layout import ParamLayout
+from lightning_sketch.linalg import LinearOperator
 from lightning_sketch.sketches import Sketch, derive_seed, make
 from lightning_sketch.spectrum.lanczos import Which, lanczos
 
@@ -72,6 +74,8 @@ class HessianOperator:
     Attributes:
         matvec: the operator; input/output in any float dtype (computed in the parameters' dtype,
             returned in the input's dtype).
+        operator: the underlying :class:`~lightning_sketch.linalg.LinearOperator` (H or Φ H Φᵀ,
+            in the parameters' dtype, without ``reduce``).
         dim: N (exact) or D (sketched).
         sketch: the sketch Φ, or None for the exact operator.
         num_matvecs: HVPs evaluated so far.
@@ -81,6 +85,7 @@ class HessianOperator:
     dim: int
     sketch: Sketch | None
     num_matvecs: int = 0
+    operator: LinearOperator | None = field(default=None, repr=False)
 
     def __call__(self, v: Tensor) -> Tensor:
         self.num_matvecs += 1
@@ -130,18 +135,19 @@ def hessian_operator(
     batches = _check_batches(batches)
     layout = _layout(model, layout)
     sk = resolve_sketch(sketch, layout.dim)
-    hvp = make_hvp(model, loss_fn, batches, layout=layout, method=method)
+    hess = make_hvp(model, loss_fn, batches, layout=layout, method=method)
+    op = hess if sk is None else sk.op @ hess @ sk.op.T  # eq. 10: Φ H Φᵀ
     pdtype = _param_dtype(model)
     device = next(iter(model.parameters())).device
 
     def matvec(v: Tensor) -> Tensor:
         x = v.to(dtype=pdtype, device=device)
-        out = sk.apply(hvp(sk.transpose(x))) if sk is not None else hvp(x)
+        out = op(x)
         if reduce is not None:
             out = reduce(out)
         return out.to(dtype=v.dtype, device=v.device)
 
-    return HessianOperator(matvec, sk.sketch_dim if sk is not None else layout.dim, sk)
+    return HessianOperator(matvec, op.shape[0], sk, operator=op)
 
 
 def probe_gradient(
