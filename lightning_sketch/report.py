@@ -1,7 +1,7 @@
 """A self-contained HTML report of a run directory (``lightning-sketch report RUN_DIR``).
 
 The report gathers what the callbacks and the CLI left under ``RUN_DIR`` and embeds every figure
-as a base64 PNG (matplotlib, Agg backend, no global pyplot state), so the single HTML file can be
+as a base64 PNG (drawn by :mod:`lightning_sketch.plots`: own Agg canvas, no global pyplot state), so the single HTML file can be
 mailed or opened offline. Sections, each present only when its data exist (otherwise the report
 says what it looked for):
 
@@ -40,9 +40,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lightning_sketch import _safeio as sio
+from lightning_sketch import plots
 from lightning_sketch._version import __version__
 from lightning_sketch.exceptions import LightningSketchError, StoreCorruptError, StoreNotFoundError
 from lightning_sketch.spectrum.snapshot import FORMAT, load_index, load_snapshot
@@ -118,23 +117,7 @@ def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> dict[str,
 
 def _png(fig: Any) -> dict[str, Any]:
     """The figure as an embedded base64 PNG block."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return {"kind": "img", "data": base64.b64encode(buf.getvalue()).decode("ascii")}
-
-
-def _figure(w: float, h: float) -> Any:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(w, h))
-
-
-def _plain(text: Any) -> str:
-    """Text from a file for a legend label: ``$`` escaped, so matplotlib never parses it as mathtext."""
-    return str(text).replace("\\", "\\\\").replace("$", r"\$")
+    return {"kind": "img", "data": base64.b64encode(plots.png_bytes(fig, dpi=90, tight=True)).decode("ascii")}
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -192,19 +175,7 @@ def _metrics_section(root: Path) -> list[dict[str, Any]]:
         keys = [k for k in sorted(series) if not k.startswith("hessian/")][:8]
         if not keys:
             continue
-        fig = _figure(9, 3.2)
-        axes = [fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)]
-        for k in keys:  # losses left, accuracies right; other scalars (e.g. intrinsic/d) only in the table
-            if "loss" not in k and "acc" not in k:
-                continue
-            ax = axes[1] if "acc" in k else axes[0]
-            xs, ys = zip(*series[k])
-            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=_plain(k))
-        for ax, title in zip(axes, ("losses", "accuracies")):
-            ax.set_xlabel("step")
-            ax.set_title(title)
-            if ax.lines:
-                ax.legend(fontsize=7)
+        fig = plots.metrics_figure(series, keys)
         last = [[k, series[k][-1][0], series[k][-1][1]] for k in keys]
         parts += [_p("From ", code=_rel(f, root), suffix="."), _png(fig),
                   _table(["metric", "last step", "last value"], last)]
@@ -285,35 +256,6 @@ def _check_queries(data: dict[str, Any]) -> None:
         raise StoreCorruptError("its records lack the query/label/proponents/opponents fields of the format")
 
 
-def _image(img: Any) -> np.ndarray | None:
-    if img is None:
-        return None
-    arr = np.asarray(img, dtype=float)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3):
-        arr = np.moveaxis(arr, 0, -1).squeeze()
-    if arr.ndim not in (2, 3) or arr.size > 1 << 20 or not np.isfinite(arr).all():
-        raise ValueError(f"image of shape {arr.shape} is not a picture")
-    return arr
-
-
-def _picture_row(fig: Any, rows: int, r: int, rec: dict[str, Any], cols: int) -> None:
-    cells = [("query", rec.get("image"), f"query {rec['query']}\nlabel {rec['label']} pred {rec.get('prediction')}")]
-    cells += [("+", e.get("image"), f"+ id {e['id']} y={e['label']}\n{e['score']:.3g}") for e in rec["proponents"]]
-    cells += [("-", e.get("image"), f"- id {e['id']} y={e['label']}\n{e['score']:.3g}") for e in rec["opponents"]]
-    for c, (kind, img, title) in enumerate(cells[:cols]):
-        ax = fig.add_subplot(rows, cols, r * cols + c + 1)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        arr = _image(img)
-        if arr is not None:
-            ax.imshow(arr, cmap="gray_r")
-        color = {"query": "black", "+": "tab:green", "-": "tab:red"}[kind]
-        ax.set_title(title, fontsize=7, color=color, parse_math=False)
-        for side in ax.spines.values():
-            side.set_edgecolor(color)
-            side.set_linewidth(2)
-
-
 def _attribution_section(root: Path, queries: str | Path | None) -> list[dict[str, Any]]:
     files = [Path(queries)] if queries is not None else _find(root, "*.json")
     found: list[tuple[Path, dict[str, Any] | Exception]] = []
@@ -354,13 +296,7 @@ def _attribution_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[st
     parts = [_h3(f"{_rel(f, root)}: method ", code=str(data.get("method")),
                  suffix=f", {len(data['queries'])} queries, k={data.get('k')}")]
     if any(r.get("image") is not None for r in recs):
-        k = max(len(r["proponents"]) + len(r["opponents"]) for r in recs)
-        cols = 1 + k
-        fig = _figure(1.25 * cols, 1.6 * len(recs))
-        for r, rec in enumerate(recs):
-            _picture_row(fig, len(recs), r, rec, cols)
-        fig.subplots_adjust(hspace=0.9)
-        parts.append(_png(fig))
+        parts.append(_png(plots.attribution_figure(recs)))
     rows = []
     for rec in recs:
         for kind in ("proponents", "opponents"):
@@ -402,31 +338,7 @@ def _spectrum_section(root: Path) -> list[dict[str, Any]]:
 
 
 def _spectrum_figures(root: Path, d: Path, entries: list[dict[str, Any]], snaps: list[tuple[int, Any]]) -> list[Any]:
-    k = max(len(s["eigenvalues"]) for _, s in snaps)
-    fig = _figure(10, 3.4)
-    ax = fig.add_subplot(1, 2, 1)
-    steps = [st for st, _ in snaps]
-    for i in range(k):
-        vals = [float(s["eigenvalues"][i]) if i < len(s["eigenvalues"]) else np.nan for _, s in snaps]
-        ax.plot(steps, vals, marker="o", ms=3, label=f"λ{i + 1}" if i < 5 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("eigenvalue")
-    ax.set_title("top eigenvalues over training")
-    ax.legend(fontsize=7)
-    ax2 = fig.add_subplot(1, 2, 2)
-    with_density = [(st, s) for st, s in snaps if "density" in s and "density_grid" in s]
-    chosen = with_density if len(with_density) <= 4 else [with_density[i] for i in
-                                                           np.linspace(0, len(with_density) - 1, 4).astype(int)]
-    for st, s in chosen:
-        ax2.plot(s["density_grid"].numpy(), s["density"].numpy(), label=f"step {st}")
-    ax2.set_title("spectral density (SLQ)" if chosen else "no density recorded")
-    ax2.set_xlabel("eigenvalue")
-    if chosen:
-        top = max(float(s["density"].max()) for _, s in chosen)
-        if np.isfinite(top) and top > 0:
-            ax2.set_yscale("log")
-            ax2.set_ylim(top * 1e-6, top * 2)  # six decades: Gaussian tails below are noise
-        ax2.legend(fontsize=7)
+    fig = plots.spectrum_figure(snaps)
     names = sorted({n for e in entries for n, v in (e.get("scalars") or {}).items() if isinstance(v, (int, float))})
     names = names[:9]
     rows = [[e["step"], *[(e.get("scalars") or {}).get(n) for n in names]] for e in entries]
@@ -465,27 +377,8 @@ def _intrinsic_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[str,
     facts = [[k, v] for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None][:16]
     parts.append(_h3(f"{_rel(f, root)}: D* = {d_star}"))
     if pts:
-        fig = _figure(9, 3.2)
-        ax = fig.add_subplot(1, 2, 1)
-        ax.plot([h["d"] for h in pts], [h["metric"] for h in pts], "o-")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("active dimension d")
-        ax.set_ylabel("monitored metric")
         target = data.get("target", (data.get("search") or {}).get("target"))
-        if num(target):
-            ax.axhline(target, color="tab:red", ls="--", label="target")
-        if num(d_star):
-            ax.axvline(d_star, color="tab:green", ls=":", label=_plain(f"D* = {d_star}"))
-        ax.legend(fontsize=7)
-        ax.set_title("metric against d")
-        steps = [h.get("step") for h in pts]
-        if all(num(s) for s in steps):
-            ax2 = fig.add_subplot(1, 2, 2)
-            ax2.step(steps, [h["d"] for h in pts], where="post")
-            ax2.set_yscale("log", base=2)
-            ax2.set_xlabel("step")
-            ax2.set_ylabel("d")
-            ax2.set_title("d over the single run")
+        fig = plots.intrinsic_figure(pts, target, d_star)
         parts.append(_png(fig))
         parts.append(_table(["round", "step", "d", "metric", "action"],
                             [[h.get("round"), h.get("step"), h["d"], h["metric"], h.get("action")] for h in pts], left=0))

@@ -8,7 +8,7 @@ Layer order (lower layers never import higher ones; see docs/design.md):
 2. numerics: ``gradients``, ``store``, ``data``, ``testing``
 3. analyses: ``spectrum``, ``intrinsic``, ``attribution``
 4. adapters and reporting: ``callbacks``, ``cli``, ``cli_commands``, ``demo``,
-   ``demo_text``, ``report``
+   ``demo_text``, ``report``, ``plots``
 5. the package root ``lightning_sketch/__init__.py`` (re-exports only)
 
 Layers 0-3 are pure PyTorch: they never import Lightning. Every import counts, including those
@@ -43,6 +43,7 @@ LAYERS = {
     "lightning_sketch.demo": 4,
     "lightning_sketch.demo_text": 4,
     "lightning_sketch.report": 4,
+    "lightning_sketch.plots": 4,
     "lightning_sketch": 5,
 }
 ADAPTER_ONLY = ("lightning", "pytorch_lightning")

@@ -13,7 +13,6 @@ module's train/eval mode is restored, and the global RNG streams are forked and 
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable
@@ -27,10 +26,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sketch._safeio import atomic_write
 from lightning_sketch.callbacks._progress import progress_bar
 from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_sketch.layout import ParamLayout
+from lightning_sketch.plots import save_png, spectrum_history_figure
 from lightning_sketch.sketches import KINDS, derive_seed, make
 from lightning_sketch.spectrum.monitor import spectrum_snapshot
 from lightning_sketch.spectrum.snapshot import SnapshotWriter, load_snapshot
@@ -362,45 +361,13 @@ class HessianSpectrum(Callback):
 
     # ------------------------------------------------------------------ plot
     def plot_history(self, path: str | os.PathLike[str]) -> Path:
-        """Eigenvalue trajectories (left) and SLQ densities (right) as a PNG (Agg, no pyplot state)."""
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(11, 4))
-        FigureCanvasAgg(fig)
-        ax1, ax2 = fig.subplots(1, 2)
-        steps = [e["step"] for e in self.history]
-        k = max(len(e["eigenvalues"]) for e in self.history)
-        for i in range(k):
-            xs = [s for s, e in zip(steps, self.history) if len(e["eigenvalues"]) > i]
-            ys = [e["eigenvalues"][i] for e in self.history if len(e["eigenvalues"]) > i]
-            ax1.plot(xs, ys, marker="o", ms=3, lw=1, label=f"λ{i + 1}" if i < 5 else None)
-        ax1.set_xlabel("global step")
-        ax1.set_ylabel("eigenvalue of Φ H Φᵀ")
-        ax1.set_title("Top Hessian eigenvalues")
-        ax1.legend(fontsize=7)
-        cmap = matplotlib.colormaps["viridis"]
-        drawn = 0
+        """Eigenvalue trajectories (left) and SLQ densities (right) as a PNG (:mod:`lightning_sketch.plots`)."""
+        densities = []
         for j, e in enumerate(self.history):
             if not e.get("file") or not Path(e["file"]).is_file():
                 continue
             snap = load_snapshot(e["file"])
-            if "density" not in snap:
-                continue
-            color = cmap(j / max(1, len(self.history) - 1))
-            ax2.plot(snap["density_grid"].numpy(), snap["density"].numpy(), color=color, lw=1, label=f"step {e['step']}")
-            drawn += 1
-        ax2.set_yscale("log")
-        ax2.set_ylim(bottom=1e-5)
-        ax2.set_xlabel("eigenvalue")
-        ax2.set_title("SLQ spectral density" if drawn else "SLQ spectral density (off)")
-        if drawn:
-            ax2.legend(fontsize=6)
-        fig.tight_layout()
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        atomic_write(out, [buf.getbuffer()], what="spectrum plot")  # never written through a planted symlink
-        return out
+            if "density" in snap:
+                densities.append((j, snap["density_grid"].numpy(), snap["density"].numpy()))
+        fig = spectrum_history_figure(self.history, densities)
+        return save_png(fig, path, dpi=100, what="spectrum plot")  # never written through a planted symlink

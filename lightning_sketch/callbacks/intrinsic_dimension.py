@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,7 +60,7 @@ from lightning_sketch.exceptions import (
     UnsupportedStrategyError,
 )
 from lightning_sketch.intrinsic import Action, DoublingSearch, Subspace
-from lightning_sketch.intrinsic.plot import plot_search
+from lightning_sketch.plots import plot_search
 from lightning_sketch.sketches import KINDS, sketch_class
 
 try:
@@ -329,10 +327,8 @@ class IntrinsicDimension(Callback):
             )
         self._write(trainer)
         if self.plot and trainer.is_global_zero and self.dirpath is not None and self.history:
-            # drawn in a private temporary folder, then renamed over the target: never through a planted link
-            with tempfile.TemporaryDirectory(dir=self.dirpath, prefix=".plot-") as tmp:
-                plot_search(self.history, self.target, Path(tmp) / "plot.png")
-                os.replace(Path(tmp) / "plot.png", Path(self.dirpath) / "intrinsic_dimension.png")
+            # written atomically (plots.save_png): never through a planted link
+            plot_search(self.history, self.target, Path(self.dirpath) / "intrinsic_dimension.png")
 
     def _metric(self, trainer: Trainer) -> float:
         value = trainer.callback_metrics.get(self.monitor)

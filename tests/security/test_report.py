@@ -49,6 +49,16 @@ def test_strings_from_every_file_kind_are_escaped(tmp_path):
     assert "k=&lt;script&gt;" in text
 
 
+def test_hostile_run_name_is_escaped(tmp_path):
+    """The run directory's own name (title, heading) goes through Jinja2 autoescaping too."""
+    run = tmp_path / '<script>alert(1)<"x">&amp;'
+    run.mkdir()
+    text = build_report(run)
+    _no_live_markup(text)
+    assert "<title>lightning_sketch report: &lt;script&gt;alert(1)&lt;&#34;x&#34;&gt;&amp;amp;</title>" in text
+    assert "&lt;script&gt;alert(1)" in text.split("<h1>")[1]
+
+
 def test_mathtext_labels_are_plain_text(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib
 import pytest
 
-from lightning_sketch.intrinsic.plot import plot_search
+from lightning_sketch.plots import plot_search
 
 
 def test_plot_search_writes_a_png_without_switching_the_backend(tmp_path, monkeypatch):
