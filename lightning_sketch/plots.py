@@ -13,8 +13,9 @@ package or the callbacks.
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "intrinsic_figure",
     "metrics_figure",
     "plain",
+    "plain_text",
     "plot_search",
     "png_bytes",
     "save_png",
@@ -60,6 +62,15 @@ def save_png(fig: Any, path: str | Path, dpi: int = 100, what: str = "plot") -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, [png_bytes(fig, dpi)], what=what)
     return out
+
+
+@contextlib.contextmanager
+def plain_text() -> Iterator[None]:
+    """A context in which matplotlib draws text without TeX (``text.usetex`` off), whatever the user set."""
+    import matplotlib
+
+    with matplotlib.rc_context({"text.usetex": False}):
+        yield
 
 
 def plain(text: Any) -> str:

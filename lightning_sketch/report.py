@@ -400,12 +400,11 @@ def build_report(run_dir: str | Path, queries: str | Path | None = None) -> str:
         StoreCorruptError: if ``queries`` is not a query result or fails its checksum.
     """
     import jinja2
-    import matplotlib
 
     root = Path(run_dir)
     if not root.is_dir():
         raise StoreNotFoundError(f"Run directory {str(root)!r} does not exist; pass the run's trainer.default_root_dir.")
-    with matplotlib.rc_context({"text.usetex": False}):
+    with plots.plain_text():
         sections = [
             ("metrics", "Training metrics", _metrics_section(root)),
             ("store", "Sketch store", _store_section(root)),

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from lightning_sketch.exceptions import SketchInputError, SpectrumError
+from lightning_sketch.store.views import tracin_scale
 
 __all__ = [
     "arnoldi_features",
@@ -75,9 +76,7 @@ def tracin_features(slices: Sequence[Tensor], lrs: Sequence[float]) -> Tensor:
         _check_2d(f"slices[{i}]", s)
         if tuple(s.shape) != shape:
             raise SketchInputError(f"`slices[{i}]` has shape {tuple(s.shape)}, expected {shape} like slices[0].")
-        if not math.isfinite(float(lr)) or float(lr) < 0:
-            raise SketchInputError(f"`lrs[{i}]` must be a finite learning rate >= 0, got {lr!r}.")
-        out.append(s * math.sqrt(float(lr)))
+        out.append(s * tracin_scale(lr, f"`lrs[{i}]`"))
     return torch.cat(out, dim=1)
 
 

@@ -1,7 +1,8 @@
 """Progress bars for the callbacks' long passes (sketching a dataset, Krylov iterations).
 
-Shown on global rank zero only, and only when the trainer has a progress bar enabled; tqdm comes
-with Lightning (its own progress bar uses it), so this adds no dependency.
+Shown on global rank zero only, and only when the trainer has a progress bar enabled. tqdm is the
+library's one progress-bar package (also used by ``store.index`` for large index builds); Lightning
+depends on it and its own progress bar uses it.
 """
 
 from __future__ import annotations

@@ -89,22 +89,23 @@ PROGRESS_MIN_ROWS = 100_000
 
 @contextlib.contextmanager
 def _stages(kind: str, n: int, show: bool) -> Iterator[Callable[[str], None]]:
-    """A transient rich progress bar over the build stages (k-means training, adding rows).
+    """A transient tqdm progress bar over the build stages (k-means training, adding rows).
 
     FAISS trains and adds in single native calls with no progress hook, so the bar advances per
-    stage (with elapsed time) rather than per row; it is drawn only when ``show``.
+    stage (with elapsed time) rather than per row; it is drawn only when ``show``. tqdm is the
+    library's one progress-bar package (a dependency of Lightning, whose own bar uses it).
     """
     if not show:
         yield lambda stage: None
         return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from tqdm.auto import tqdm  # on use: only large builds draw a bar
 
     stages = 2 if kind in ("ivf", "ivfpq") else 1
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task(f"building {kind} index over {n:,} rows", total=stages)
+    with tqdm(total=stages, desc=f"building {kind} index over {n:,} rows", unit="stage", leave=False) as bar:
 
         def advance(stage: str) -> None:
-            bar.update(task, advance=1, description=f"building {kind} index over {n:,} rows: {stage} done")
+            bar.set_description(f"building {kind} index over {n:,} rows: {stage} done", refresh=False)
+            bar.update(1)
 
         yield advance
 

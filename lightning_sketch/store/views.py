@@ -25,9 +25,32 @@ from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import atomic_write
 from lightning_sketch.store._validate import as_rows
 
-__all__ = ["StoreViews"]
+__all__ = ["StoreViews", "tracin_scale"]
 
 Weights = str | Mapping[str, float]
+
+
+def tracin_scale(w: Any, what: str, hint: str = "") -> float:
+    """√w_t, the scale of checkpoint t's slice in the TracIn-CP concatenation (Pruthi et al. 2020, eq. 3).
+
+    The one place the TracIn weighting is computed: :class:`StoreViews` (``"tracin"`` view and
+    :meth:`StoreViews.concat_queries`) and :func:`lightning_sketch.attribution.tracin_features` use it,
+    so the inner product of two concatenations is Σ_t w_t ⟨a_t, b_t⟩ with w_t = η_t by default.
+
+    Raises:
+        SketchInputError: ``w`` is None, not a number, not finite or negative (``what`` names it).
+
+    Example:
+        >>> tracin_scale(0.25, "lr")
+        0.5
+    """
+    try:
+        value = float(w) if w is not None and not isinstance(w, (bool, str)) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise SketchInputError(f"{what} must be a finite learning rate >= 0, got {w!r}{hint}.")
+    return math.sqrt(value)
 
 
 class StoreViews:
@@ -93,12 +116,10 @@ class StoreViews:
             if weights not in ("sqrt_lr", "sqrt_weight", "uniform"):
                 raise SketchInputError(f"`weights` must be sqrt_lr/sqrt_weight/uniform or a mapping, got {weights!r}.")
             w = 1.0 if weights == "uniform" else c["weight"] if weights == "sqrt_weight" and c["weight"] is not None else c["lr"]
-            if w is None or w < 0:
-                raise SketchInputError(
-                    f"Checkpoint {c['name']!r} has lr={c['lr']}, weight={c['weight']}: TracIn weights={weights!r} "
-                    f"needs a non-negative value; add_checkpoint(..., lr=...) or pass weights='uniform'."
-                )
-            out.append(math.sqrt(w))
+            out.append(tracin_scale(
+                w, f"TracIn weights={weights!r}: checkpoint {c['name']!r} (lr={c['lr']}, weight={c['weight']})",
+                "; add_checkpoint(..., lr=...) or pass weights='uniform'",
+            ))
         return out
 
     def concat_queries(self, queries: Mapping[str, Any] | Sequence[Any], weights: Weights = "sqrt_lr") -> np.ndarray:
