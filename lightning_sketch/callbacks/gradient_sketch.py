@@ -72,11 +72,11 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
 from lightning_sketch.callbacks._progress import progress_iter as _progress
 from lightning_sketch.data import default_ids
 from lightning_sketch.exceptions import (
-    NonFiniteGradientError,
     SketchConfigError,
     SketchInputError,
     StoreWriteError,
 )
+from lightning_sketch.store import finite_rows
 
 __all__ = ["GradientSketch"]
 
@@ -522,15 +522,11 @@ class GradientSketch(Callback):
     def _append(self, ids: Tensor, rows: Tensor, name: str, trainer: Trainer, defer: bool = False) -> None:
         rows = rows.detach().to("cpu", torch.float32)
         ids = ids.cpu()
-        finite = torch.isfinite(rows).all(dim=1)
-        if not bool(finite.all()):
-            bad = ids[~finite.cpu()][:5].tolist()
-            if self.nan_policy == "raise":
-                raise NonFiniteGradientError(
-                    f"GradientSketch: non-finite per-example gradients for example ids {bad} at step "
-                    f"{trainer.global_step}; fix the loss/data or pass nan_policy='skip' to drop and count them."
-                )
+        # raised here, at the training step; the store drops and counts the rows in its manifest
+        finite = finite_rows(ids.numpy(), rows.numpy(), self.nan_policy, f"at step {trainer.global_step}")
+        if not finite.all():
             self.skipped_nonfinite += int((~finite).sum())
+            bad = ids.numpy()[~finite][:5].tolist()
             log.warning("GradientSketch skipped %d non-finite rows (ids %s...)", int((~finite).sum()), bad)
         if defer:  # inline mode: one store append per slice instead of one per step
             self._inline_buf.setdefault(name, []).append((ids, rows))

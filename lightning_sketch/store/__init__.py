@@ -7,10 +7,14 @@
 
 from __future__ import annotations
 
+from lightning_sketch.store._validate import finite_rows
 from lightning_sketch.store.index import INDEX_KINDS, default_params, exact_topk
 from lightning_sketch.store.inspect import inspect_store
 from lightning_sketch.store.manifest import FORMAT_VERSION
 from lightning_sketch.store.shards import shard_path
 from lightning_sketch.store.store import SketchStore
 
-__all__ = ["FORMAT_VERSION", "INDEX_KINDS", "SketchStore", "default_params", "exact_topk", "inspect_store", "shard_path"]
+__all__ = [
+    "FORMAT_VERSION", "INDEX_KINDS", "SketchStore", "default_params", "exact_topk", "finite_rows", "inspect_store",
+    "shard_path",
+]

@@ -10,14 +10,35 @@ import torch
 
 from lightning_sketch.exceptions import (
     LayoutMismatchError,
+    NonFiniteGradientError,
     SketchConfigError,
     SketchInputError,
     SketchMismatchError,
 )
 
-__all__ = ["as_ids", "as_rows", "layout_info", "spec_dict", "compare_spec", "compare_layout"]
+__all__ = ["as_ids", "as_rows", "finite_rows", "layout_info", "spec_dict", "compare_spec", "compare_layout"]
 
 _INT64_MAX = np.iinfo(np.int64).max
+
+
+def finite_rows(ids: np.ndarray, rows: np.ndarray, policy: str, where: str) -> np.ndarray:
+    """The one non-finite row check: ``bool[n]``, True for rows of ``rows [n, D]`` without NaN/inf.
+
+    Used by :meth:`SketchStore.append` (which drops and counts the others in the manifest) and by the
+    :class:`~lightning_sketch.callbacks.GradientSketch` callback (which raises at the training step).
+
+    Raises:
+        NonFiniteGradientError: some row is non-finite and ``policy == "raise"``; the message names
+            up to five example ids and ``where`` (e.g. ``"at step 2"``).
+    """
+    finite = np.isfinite(rows).all(axis=1)
+    if policy == "raise" and not finite.all():
+        raise NonFiniteGradientError(
+            f"{int((~finite).sum())} row(s) are NaN/inf (non-finite per-example gradients) for example ids "
+            f"{np.asarray(ids)[~finite][:5].tolist()} {where}; fix the loss/data or pass nan_policy='skip' to "
+            f"drop and count them."
+        )
+    return finite
 
 
 def as_ids(ids: Any, name: str = "ids") -> np.ndarray:

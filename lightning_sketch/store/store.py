@@ -27,7 +27,6 @@ from lightning_sketch._version import __version__
 from lightning_sketch.exceptions import (
     DuplicateIdError,
     LayoutMismatchError,
-    NonFiniteGradientError,
     SketchConfigError,
     SketchInputError,
     StoreConflictError,
@@ -42,6 +41,7 @@ from lightning_sketch.store._validate import (
     as_rows,
     compare_layout,
     compare_spec,
+    finite_rows,
     layout_info,
     spec_dict,
 )
@@ -314,13 +314,8 @@ class SketchStore(StoreViews, ShardMixin, SnapshotMixin):
         if on_duplicate not in ("raise", "skip") or policy not in ("raise", "skip"):
             raise SketchInputError(f"`on_duplicate`/`nan_policy` must be 'raise' or 'skip'; got {on_duplicate}/{policy}.")
         skips = self._pending_skips.setdefault(checkpoint, {"nonfinite": 0, "duplicates": 0, "ids": []})
-        finite = np.isfinite(rows).all(axis=1)
+        finite = finite_rows(idx, rows, policy, f"in `vectors` for checkpoint {checkpoint!r}")
         if not finite.all():
-            if policy == "raise":
-                raise NonFiniteGradientError(
-                    f"{int((~finite).sum())} row(s) of `vectors` are NaN/inf (ids {idx[~finite][:5].tolist()}…) "
-                    f"for checkpoint {checkpoint!r}; pass nan_policy='skip' to drop and count them."
-                )
             skips["nonfinite"] += int((~finite).sum())
             skips["ids"] = (skips["ids"] + idx[~finite].tolist())[:1000]
             idx, rows = idx[finite], rows[finite]
