@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from lightning_sketch.attribution import curvature as CV
-from lightning_sketch.attribution._stored import _eval_mode, load_weights, swapped_weights
+from lightning_sketch.attribution._stored import load_weights, swapped_weights
 from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError, SpectrumError
+from lightning_sketch.gradients import eval_mode
 
 __all__ = ["ScoringEngine", "SliceWeight"]
 
@@ -173,7 +174,7 @@ class ScoringEngine:
             from lightning_sketch.spectrum import hessian_eigs
 
             saved = None if self.current_weights else load_weights(self.runs[0], self.checkpoints[-1], self.layout)
-            with swapped_weights(self.model, saved), _eval_mode(self.model):
+            with swapped_weights(self.model, saved), eval_mode(self.model):
                 res = hessian_eigs(
                     self.model, self.loss_fn, list(batches), k=k, sketch=self.sketch, which="LA", layout=self.layout
                 )

@@ -23,10 +23,10 @@ from lightning_sketch._safeio import load_torch_file
 from lightning_sketch.attribution import scores as S
 from lightning_sketch.exceptions import (
     LayoutMismatchError,
-    SketchConfigError,
     StoreCorruptError,
     StoreNotFoundError,
 )
+from lightning_sketch.gradients import module_loss_fn
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -102,19 +102,10 @@ def _lr(entry: dict[str, Any]) -> float | None:
     return None if lr is None else float(lr)
 
 
-def _method_loss(model: nn.Module, name: str) -> LossFn:
-    if not callable(getattr(model, name, None)):
-        raise SketchConfigError(
-            f"No `loss_fn` given and {type(model).__name__} has no `{name}(batch)` method returning "
-            f"per-example losses [B]; pass `loss_fn(module, batch) -> Tensor[B]`."
-        )
-    return lambda module, batch: getattr(module, name)(batch)
-
-
 def negative_margin_of(model: nn.Module) -> LossFn:
     """``loss_fn`` returning −``module.per_example_margin(batch)`` (TRAK's query output, negated)."""
-    _method_loss(model, "per_example_margin")
-    return lambda module, batch: -module.per_example_margin(batch)
+    margin = module_loss_fn(model, method="per_example_margin")
+    return lambda module, batch: -margin(module, batch)
 
 
 def negative_margin(logits_fn: Callable[[nn.Module, Any], tuple[Tensor, Tensor]]) -> LossFn:
@@ -131,17 +122,6 @@ def negative_margin(logits_fn: Callable[[nn.Module, Any], tuple[Tensor, Tensor]]
         return -S.classification_margin(logits, y)
 
     return loss
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _checkpoints(store: Any) -> list[dict[str, Any]]:

@@ -34,8 +34,6 @@ from lightning_sketch.attribution import curvature as CV
 from lightning_sketch.attribution._engine import ScoringEngine
 from lightning_sketch.attribution._stored import (
     Run,
-    _eval_mode,
-    _method_loss,
     _sketch_and_layout,
     load_weights,
     negative_margin,
@@ -49,7 +47,7 @@ from lightning_sketch.exceptions import (
     SketchInputError,
     StoreNotFoundError,
 )
-from lightning_sketch.gradients import sketch_gradients
+from lightning_sketch.gradients import eval_mode, module_loss_fn, sketch_gradients
 
 __all__ = [
     "DAMPING_RATIO_GRID",
@@ -182,7 +180,7 @@ class Attributor(ScoringEngine):
             self.runs[0].explicit_weights = True
         self.models = models if len(models) == len(stores) else models * len(stores)
         self.model = models[0]
-        self.loss_fn = loss_fn if loss_fn is not None else _method_loss(self.model, "per_example_loss")
+        self.loss_fn = module_loss_fn(self.model, loss_fn, who="Attributor ")
         self.store = self.runs[0].store
         # Each run is read with its own sketch and layout (runs trained with different seeds may
         # have been sketched with different seeds too): a score only pairs a run's rows with queries
@@ -270,7 +268,7 @@ class Attributor(ScoringEngine):
                     f"No saved weights for checkpoint {name!r} of run {rn.root}; multi-checkpoint methods and "
                     f"ensembles need GradientSketch(save_weights=True), `weights_dir`, or `current_weights=True`."
                 )
-            with swapped_weights(model, saved), _eval_mode(model):
+            with swapped_weights(model, saved), eval_mode(model):
                 mode = "auto"  # factorised for per_layer, module hooks otherwise, vmap only where hooks cannot see
                 q = sketch_gradients(
                     model, self.query_loss_fn, batch, sketch, mode=mode, layout=layout,

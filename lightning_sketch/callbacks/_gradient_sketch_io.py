@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError
 from lightning_sketch.sketches import KINDS
@@ -76,21 +76,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
-
-
-class _eval_mode:
-    """Switch every submodule to eval (dropout off) and restore each module's own mode."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __enter__(self) -> None:
-        self.modes = {m: m.training for m in self.module.modules()}
-        self.module.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, mode in self.modes.items():
-            m.training = mode
 
 
 class _rng_guard:

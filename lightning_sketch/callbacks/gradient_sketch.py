@@ -63,7 +63,6 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
     _check_no_padding,
     _check_types,
     _current_lr,
-    _eval_mode,
     _open_store,
     _rng_guard,
     _save_weights,
@@ -76,6 +75,8 @@ from lightning_sketch.exceptions import (
     SketchInputError,
     StoreWriteError,
 )
+from lightning_sketch.gradients import eval_mode as _eval_mode
+from lightning_sketch.gradients import module_loss_fn
 from lightning_sketch.store import finite_rows
 
 __all__ = ["GradientSketch"]
@@ -258,11 +259,7 @@ class GradientSketch(Callback):
         from lightning_sketch.gradients import ParamLayout
         from lightning_sketch.sketches import make, sketch_class
 
-        if self.loss_fn is None and not callable(getattr(pl_module, "per_example_loss", None)):
-            raise SketchConfigError(
-                f"GradientSketch needs per-example losses: give {type(pl_module).__name__} a "
-                f"`per_example_loss(batch) -> Tensor[B]` method or pass `loss_fn(module, batch)`."
-            )
+        self._loss_fn(pl_module)  # fail at setup, not at the first slice
         self.layout = ParamLayout.from_module(pl_module, include=self.include, exclude=self.exclude)
         self.support = _check_support(pl_module, self.layout, self.exclude)
         options = sketch_class(self.sketch_kind).layout_options(self.layout)
@@ -548,9 +545,7 @@ class GradientSketch(Callback):
         return _as_ids(self.ids_fn(batch) if self.ids_fn is not None else default_ids(batch, self.id_key))
 
     def _loss_fn(self, pl_module: LightningModule) -> Callable[[nn.Module, Any], Tensor]:
-        if self.loss_fn is not None:
-            return self.loss_fn
-        return lambda module, batch: module.per_example_loss(batch)
+        return module_loss_fn(pl_module, self.loss_fn, who="GradientSketch ")
 
     def _attribution_loader(self, trainer: Trainer) -> Any:
         if self.attribution_dataloader is not None:

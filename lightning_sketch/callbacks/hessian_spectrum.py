@@ -28,6 +28,7 @@ from typing_extensions import override
 
 from lightning_sketch.callbacks._progress import progress_bar
 from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError, UnsupportedStrategyError
+from lightning_sketch.gradients import module_loss_fn, train_mode
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.plots import save_png, spectrum_history_figure
 from lightning_sketch.sketches import KINDS, derive_seed, make
@@ -200,21 +201,15 @@ class HessianSpectrum(Callback):
                 f"HessianSpectrum with {type(trainer.strategy).__name__} needs hvp_method='finite_difference' "
                 f"(got {self.hvp_method!r}): sharded parameters break double-backward and forward-mode HVPs."
             )
-        if self.loss_fn is None and not callable(getattr(pl_module, "per_example_loss", None)):
-            raise UnsupportedModelError(
-                f"HessianSpectrum needs per-example losses: define `per_example_loss(self, batch) -> Tensor[B]` on "
-                f"{type(pl_module).__name__}, or pass `loss_fn=lambda module, batch: ...` to HessianSpectrum."
-            )
+        self._loss_fn(pl_module)  # fail at setup, not at the first snapshot
         base = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hessian_spectrum")
         self._dir = Path(trainer.strategy.broadcast(base))
         if trainer.is_global_zero and self._writer is None:
             # one writer per directory for the whole fit: a second run into it fails here, not mid-way
             self._writer = SnapshotWriter(self._dir)
 
-    def _loss_fn(self) -> Callable[[Any, Any], Tensor]:
-        if self.loss_fn is not None:
-            return self.loss_fn
-        return lambda module, batch: module.per_example_loss(batch)
+    def _loss_fn(self, pl_module: LightningModule) -> Callable[[Any, Any], Tensor]:
+        return module_loss_fn(pl_module, self.loss_fn, who="HessianSpectrum ", error=UnsupportedModelError)
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fix the probe set, the parameter layout and Φ (once per fit)."""
@@ -289,7 +284,6 @@ class HessianSpectrum(Callback):
 
     def snapshot(self, trainer: Trainer, pl_module: LightningModule, step: int) -> dict[str, Any]:
         """Run one snapshot now (all ranks), log it, write its file (rank 0) and record it."""
-        was_training = pl_module.training
         world = trainer.world_size
         ddp_reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if world > 1 else None
         bar = progress_bar(trainer, self._expected_matvecs(), f"HessianSpectrum step {step}", unit="HVP")
@@ -303,10 +297,9 @@ class HessianSpectrum(Callback):
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "hessian_spectrum", f"step{step}"))
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                pl_module.train(self.mode == "train")
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), train_mode(pl_module, self.mode == "train"):
                 snap = spectrum_snapshot(
-                    pl_module, self._loss_fn(), self._probe, k=min(self.k, self._op_dim()), sketch=self._sketch,
+                    pl_module, self._loss_fn(pl_module), self._probe, k=min(self.k, self._op_dim()), sketch=self._sketch,
                     num_iter=self._num_iter(), method=self.hvp_method, layout=self._layout, generator=gen,
                     density=self.density, density_runs=self.density_runs,
                     density_iter=min(self.density_iter, self._op_dim()), trace=self.trace,
@@ -314,7 +307,6 @@ class HessianSpectrum(Callback):
                     dtype=getattr(torch, self.dtype), reduce=reduce,
                 )
         finally:
-            pl_module.train(was_training)
             if bar is not None:
                 bar.close()
         scalars = snap.scalars()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_sketch.gradients._functional import module_loss_fn
 from lightning_sketch.gradients.hvp import HVPOperator, hvp, loss_grad, make_hvp, sketched_hvp
+from lightning_sketch.gradients.loss import PerExampleLoss, eval_mode, module_loss_fn, train_mode
 from lightning_sketch.gradients.per_example import finite_mask, per_example_grads, sketch_gradients
 from lightning_sketch.layout import ParamLayout
 
@@ -18,7 +18,9 @@ __all__ = [
     "GradientCapture",
     "HVPOperator",
     "ParamLayout",
+    "PerExampleLoss",
     "capture_support",
+    "eval_mode",
     "finite_mask",
     "hvp",
     "loss_grad",
@@ -27,6 +29,7 @@ __all__ = [
     "per_example_grads",
     "sketch_gradients",
     "sketched_hvp",
+    "train_mode",
 ]
 
 

@@ -7,18 +7,18 @@ without copying the model or touching its ``.grad``, parameters or train/eval mo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError, UnsupportedModelError
+from lightning_sketch.gradients.loss import LossFn
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.linalg import LinearOperator
 from lightning_sketch.sketches.base import Sketch
 
-LossFn = Callable[[nn.Module, Any], Tensor]
 Batch = Any
 
 _PREFIX = "model."
@@ -189,22 +189,3 @@ def as_batch_list(batches: Iterable[Batch]) -> list[Batch]:
     if not out:
         raise SketchInputError("`batches` is empty; pass at least one batch.")
     return out
-
-
-def module_loss_fn(module: nn.Module, loss_fn: LossFn | None = None) -> LossFn:
-    """``loss_fn`` if given, else ``lambda m, batch: m.per_example_loss(batch)``: per-example losses
-    through the module's own convention and batch structure (what the callbacks use).
-
-    Raises:
-        SketchConfigError: if neither is available.
-    """
-    if loss_fn is not None:
-        if not callable(loss_fn):
-            raise SketchConfigError(f"`loss_fn` must be callable(module, batch) -> Tensor[B], got {loss_fn!r}.")
-        return loss_fn
-    if not callable(getattr(module, "per_example_loss", None)):
-        raise SketchConfigError(
-            f"{type(module).__name__} has no `per_example_loss(batch) -> Tensor[B]` method; add one (unreduced "
-            f"losses, e.g. F.cross_entropy(..., reduction='none')) or pass `loss_fn(module, batch)`."
-        )
-    return lambda m, batch: m.per_example_loss(batch)
