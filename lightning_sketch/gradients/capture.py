@@ -267,16 +267,14 @@ class GradientCapture:
         layout: ParamLayout | None = None,
         loss_scale: Literal["mean", "sum"] = "mean",
     ) -> None:
-        from lightning_sketch.sketches.per_layer import PerLayerSketch
-
         if loss_scale not in ("mean", "sum"):
             raise SketchConfigError(f"`loss_scale` must be 'mean' or 'sum', got {loss_scale!r}.")
         layout = F.resolve_layout(model, layout)
-        self._factorized = isinstance(sketch, PerLayerSketch)
         if sketch is not None:
             F.check_sketch(sketch, layout)
+        self._factorized = sketch is not None and sketch.supports_factorized
         if self._factorized:
-            expected = [list(s) or [1] for s in layout.shapes]
+            expected = sketch.layout_options(layout)["shapes"]
             if sketch.options["shapes"] != expected:
                 raise SketchConfigError(
                     f"The per_layer sketch's `shapes` {sketch.options['shapes']} differ from the layout's {expected}; "

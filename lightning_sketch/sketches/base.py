@@ -87,7 +87,8 @@ class Sketch(ABC):
     OPTIONS: ClassVar[dict[str, Any]] = {}
     #: kinds whose D may exceed N (none by default).
     ALLOW_EXPANSION: ClassVar[bool] = False
-    #: capability: Φ is block diagonal over parameter tensors with Kronecker blocks, so per-example
+    #: capability: Φ is block diagonal over parameter tensors with Kronecker blocks (exposed as
+    #: ``blocks``, one per tensor of the layout, and the option ``shapes``), so per-example
     #: sketches can be formed inside backward hooks without per-example gradients
     #: (``sketch_gradients(mode="factorized")``, the LoGra factorisation of Choe et al. 2024).
     supports_factorized: ClassVar[bool] = False
