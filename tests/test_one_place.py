@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "lightning_sketch"
@@ -56,6 +57,13 @@ def test_plotting_in_one_module_and_backend_never_switched():
 def test_one_progress_library():
     trees = _trees()
     assert not [f for f, t in trees.items() if "rich" in _imported(t)]
+    assert [f for f, t in trees.items() if "tqdm" in _imported(t)]
+    # tomllib is Python >= 3.11 and the package supports 3.10: read the [project] dependencies list by hand
+    block = re.search(r"^dependencies = \[(.*?)^\]", (PKG.parent / "pyproject.toml").read_text(), re.S | re.M)
+    deps = re.findall(r'^\s*"([^"]+)"', block.group(1), re.M)
+    names = {re.split(r"[<>=!\[; ]", d, maxsplit=1)[0].lower() for d in deps}
+    assert {"torch", "lightning", "jinja2"} <= names
+    assert "tqdm" in names and "rich" not in names  # the declared dependencies tell the truth
 
 
 def test_per_example_loss_is_looked_up_in_one_place():
