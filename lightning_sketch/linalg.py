@@ -176,7 +176,7 @@ class DenseOperator(LinearOperator):
         if not isinstance(matrix, Tensor) or matrix.ndim != 2:
             got = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
             raise SketchInputError(f"DenseOperator takes a 2-D tensor, got {got}.")
-        super().__init__(tuple(matrix.shape), matrix.dtype)
+        super().__init__((matrix.shape[0], matrix.shape[1]), matrix.dtype)
         self.matrix = matrix
 
     def _rows(self, v: Tensor) -> Tensor:

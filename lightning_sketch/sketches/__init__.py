@@ -66,7 +66,9 @@ def make(kind: str, dim: int, sketch_dim: int | None, seed: int = 0, **options: 
         >>> make(**s.spec) == s
         True
     """
-    return sketch_class(kind)(dim, sketch_dim, seed, **options)
+    # None reaches only IdentitySketch (whose `sketch_dim` is `int | None`); other kinds reject it
+    # with a SketchConfigError.
+    return sketch_class(kind)(dim, sketch_dim, seed, **options)  # type: ignore[arg-type]
 
 
 def __getattr__(name: str) -> Any:

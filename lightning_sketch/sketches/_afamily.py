@@ -87,6 +87,15 @@ class PreconditionedSketch(Sketch):
     OPTIONS: ClassVar[dict[str, Any]] = {"preconditioner": "hadamard", "max_block": 32}
     TWO_PASS: ClassVar[bool] = True
 
+    # Persistent state, set in ``_build``.
+    _n_pad: int
+    _shapes: tuple[int, ...]
+    _rows: tuple[int, ...]
+    _order: Tensor | None
+    _scale: float
+    _passes: tuple[str, ...]
+    _tensors: dict[str, Tensor]
+
     def _validate_options(self, options: dict[str, Any]) -> None:
         pc = options["preconditioner"]
         if pc not in PRECONDITIONERS:

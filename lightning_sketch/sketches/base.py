@@ -93,6 +93,15 @@ class Sketch(ABC):
     #: (``sketch_gradients(mode="factorized")``, the LoGra factorisation of Choe et al. 2024).
     supports_factorized: ClassVar[bool] = False
 
+    # Instance state, set once in ``__init__``/``_build`` through ``object.__setattr__`` (the
+    # instance is frozen afterwards); declared here for the type checker.
+    _dim: int
+    _sketch_dim: int
+    _seed: int
+    _options: dict[str, Any]
+    _cache: dict[Any, Any]
+    _frozen: bool
+
     @classmethod
     def layout_options(cls, layout: Any) -> dict[str, Any]:
         """Options this kind takes from a :class:`~lightning_sketch.layout.ParamLayout` (none by default).
@@ -154,7 +163,7 @@ class Sketch(ABC):
     def _transpose(self, y: Tensor) -> Tensor:
         """``[B, D] -> [B, N]``: the exact adjoint, by the VJP of the linear map ``_apply``."""
         zeros = torch.zeros(y.shape[0], self.dim, dtype=y.dtype, device=y.device)
-        _, vjp_fn = torch.func.vjp(self._apply, zeros)
+        vjp_fn = torch.func.vjp(self._apply, zeros)[1]
         return vjp_fn(y)[0]
 
     def _state_tensors(self) -> dict[str, Tensor]:

@@ -39,6 +39,9 @@ class DenseSketch(Sketch):
     kind: ClassVar[str] = "dense"
     OPTIONS: ClassVar[dict[str, Any]] = {"chunked": False, "block_rows": 256, "max_bytes": DEFAULT_MAX_BYTES}
 
+    # Persistent state, set in ``_build``: the ``[D, N]`` matrix, or None when ``chunked``.
+    _matrix: Tensor | None
+
     def _validate_options(self, options: dict[str, Any]) -> None:
         if not isinstance(options["chunked"], bool):
             raise SketchConfigError(f"`chunked` must be a bool, got {options['chunked']!r}.")

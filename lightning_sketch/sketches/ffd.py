@@ -50,6 +50,12 @@ class FFDSketch(Sketch):
     kind: ClassVar[str] = "ffd"
     OPTIONS: ClassVar[dict[str, Any]] = {"max_block": 32}
 
+    # Persistent state, set in ``_build``.
+    _n_pad: int
+    _nb: int
+    _n_factors: int
+    _tensors: dict[str, Tensor]
+
     def _validate_options(self, options: dict[str, Any]) -> None:
         check_max_block(options["max_block"])
         d = self.sketch_dim

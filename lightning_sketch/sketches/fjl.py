@@ -53,6 +53,12 @@ class FJLSketch(Sketch):
     kind: ClassVar[str] = "fjl"
     OPTIONS: ClassVar[dict[str, Any]] = {"nnz_per_row": 8, "max_block": 32}
 
+    # Persistent state, set in ``_build``.
+    _n_pad: int
+    _n_factors: int
+    _scale: float
+    _tensors: dict[str, Tensor]
+
     def _validate_options(self, options: dict[str, Any]) -> None:
         k = options["nnz_per_row"]
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:

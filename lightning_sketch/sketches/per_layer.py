@@ -138,6 +138,10 @@ class PerLayerSketch(Sketch):
 
     kind: ClassVar[str] = "per_layer"
     OPTIONS: ClassVar[dict[str, Any]] = {"shapes": None, "inner": "qk"}
+
+    # Persistent state, set in ``_build``: the diagonal blocks and the output columns they use.
+    _blocks: tuple[LayerBlock, ...]
+    _used: int
     supports_factorized: ClassVar[bool] = True
 
     @classmethod

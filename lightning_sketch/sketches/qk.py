@@ -64,6 +64,14 @@ class QKSketch(Sketch):
     kind: ClassVar[str] = "qk"
     OPTIONS: ClassVar[dict[str, Any]] = {"max_block": 32}
 
+    # Persistent state, set in ``_build``.
+    _n_pad: int
+    _d_pad: int
+    _splits: tuple[int, ...]
+    _order: Tensor
+    _tensors: dict[str, Tensor]
+    _scale: float
+
     def _validate_options(self, options: dict[str, Any]) -> None:
         check_max_block(options["max_block"])
 
