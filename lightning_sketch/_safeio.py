@@ -292,7 +292,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def atomic_write(
-    path: str | os.PathLike, chunks: Iterable[bytes], *, fsync: bool = True, what: str = "file"
+    path: str | os.PathLike, chunks: Iterable[bytes | memoryview], *, fsync: bool = True, what: str = "file"
 ) -> tuple[str, int]:
     """Write ``chunks`` to ``path`` atomically; return ``(sha256 hex, size in bytes)``.
 

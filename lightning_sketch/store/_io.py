@@ -54,7 +54,7 @@ def npy_bytes(array: np.ndarray) -> Iterable[bytes]:
         yield flat[start : start + _CHUNK].tobytes()
 
 
-def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes], *, fsync: bool = True) -> tuple[str, int]:
+def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], *, fsync: bool = True) -> tuple[str, int]:
     """Write ``chunks`` to ``path`` atomically; return ``(sha256 hex, size in bytes)``.
 
     See :func:`lightning_sketch._safeio.atomic_write`: on any ``OSError`` the temporary file is
@@ -72,7 +72,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> tuple[str, int]:
     return _store_write(path, [sio.dump_checked_json(obj)], True, "store manifest")
 
 
-def _store_write(path: str | os.PathLike, chunks: Iterable[bytes], fsync: bool, what: str) -> tuple[str, int]:
+def _store_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], fsync: bool, what: str) -> tuple[str, int]:
     try:
         return sio.atomic_write(path, chunks, fsync=fsync, what=what)
     except StoreWriteError as err:

@@ -18,7 +18,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -133,7 +133,7 @@ def _num(v: Any, none: bool = True) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _file_entry(e: Any) -> bool:
+def _file_entry(e: Any) -> TypeGuard[dict[str, Any]]:
     """A manifest file entry: a relative path of safe parts (no '..', not absolute), size and sha256."""
     return (isinstance(e, dict) and isinstance(e.get("file"), str) and all(_PART.match(p) for p in e["file"].split("/"))
             and _int(e.get("bytes")) and isinstance(e.get("sha256"), str) and bool(_SHA.match(e["sha256"])))

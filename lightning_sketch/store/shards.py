@@ -15,7 +15,7 @@ from typing import Any
 from lightning_sketch.exceptions import DuplicateIdError, SketchInputError, SketchMismatchError
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._validate import compare_layout, compare_spec
-from lightning_sketch.store.snapshot import _recount
+from lightning_sketch.store.snapshot import SnapshotMixin, _recount
 
 __all__ = ["ShardMixin", "shard_path"]
 
@@ -27,7 +27,7 @@ def shard_path(path: str | Path, rank: int) -> Path:
     return Path(path) / "shards" / f"rank{rank}"
 
 
-class ShardMixin:
+class ShardMixin(SnapshotMixin):
     """Mixin of :class:`~lightning_sketch.store.SketchStore`: per-rank shards and their merge."""
 
     @classmethod

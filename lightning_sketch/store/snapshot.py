@@ -13,11 +13,12 @@ import numpy as np
 
 from lightning_sketch.exceptions import SketchInputError, StoreCorruptError
 from lightning_sketch.store import manifest as mf
+from lightning_sketch.store._state import StoreState
 
 __all__ = ["SnapshotMixin"]
 
 
-class SnapshotMixin:
+class SnapshotMixin(StoreState):
     """Snapshot facts, integrity, rollback and refresh (state lives in ``SketchStore``)."""
 
     # ------------------------------------------------------------------ snapshot facts

@@ -24,6 +24,7 @@ from lightning_sketch.store import index as ix
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import atomic_write
 from lightning_sketch.store._validate import as_rows
+from lightning_sketch.store.snapshot import SnapshotMixin
 
 __all__ = ["StoreViews", "tracin_scale"]
 
@@ -53,7 +54,7 @@ def tracin_scale(w: Any, what: str, hint: str = "") -> float:
     return math.sqrt(value)
 
 
-class StoreViews:
+class StoreViews(SnapshotMixin):
     """Mixin: reading rows, building indexes and searching (state lives in ``SketchStore``)."""
 
     # ------------------------------------------------------------------ rows
@@ -317,7 +318,7 @@ class StoreViews:
             return {"kind": kind, "view": view, "params": full, "rows": len(ids)}
         gen = self.generation + 1
         name = f"index-{view}-{kind}-g{gen:06d}-{secrets.token_hex(4)}.faiss"
-        sha, size = atomic_write(self.path / name, [memoryview(faiss.serialize_index(index))])
+        sha, size = atomic_write(self.path / name, [faiss.serialize_index(index).data])
         entry = {
             "file": name, "bytes": size, "sha256": sha, "kind": kind, "view": view, "params": full,
             "rows": len(ids), "generation": gen, "data_generation": self._data_generation(view),
