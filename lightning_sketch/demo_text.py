@@ -137,18 +137,23 @@ class FortunesDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Read, split and tokenise the texts (idempotent)."""
+        self._datasets()
+
+    def _datasets(self) -> dict[str, TensorDataset]:
+        """The tokenised ``train`` and ``val`` splits, built on first use."""
         if self._splits is not None:
-            return
+            return self._splits
         from transformers import AutoTokenizer
 
         h = self.hparams
         per = fortunes_texts(
-            list(h.categories), h.per_class_train + h.per_class_val, h.max_chars, h.seed, h.fortune_dir
+            list(h["categories"]), h["per_class_train"] + h["per_class_val"], h["max_chars"], h["seed"],
+            h["fortune_dir"],
         )
-        tok = AutoTokenizer.from_pretrained(minilm_path(h.model_path))
+        tok = AutoTokenizer.from_pretrained(minilm_path(h["model_path"]))
         splits = {
-            "train": [p for c in per for p in c[: h.per_class_train]],
-            "val": [p for c in per for p in c[h.per_class_train :]],
+            "train": [p for c in per for p in c[: h["per_class_train"]]],
+            "val": [p for c in per for p in c[h["per_class_train"] :]],
         }
         self._splits = {}
         for name, pairs in splits.items():
@@ -157,16 +162,16 @@ class FortunesDataModule(pl.LightningDataModule):
                 list(texts),
                 padding="max_length",
                 truncation=True,
-                max_length=h.max_length,
+                max_length=h["max_length"],
                 return_tensors="pt",
             )
             self._splits[name] = TensorDataset(enc["input_ids"], enc["attention_mask"], torch.tensor(labels))
+        return self._splits
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        ds = IndexedDataset(self._splits[split], names=("input_ids", "attention_mask", "y"))
-        gen = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle, generator=gen)
+        ds = IndexedDataset(self._datasets()[split], names=("input_ids", "attention_mask", "y"))
+        gen = torch.Generator().manual_seed(self.hparams["seed"]) if shuffle else None
+        return DataLoader(ds, batch_size=self.hparams["batch_size"], shuffle=shuffle, generator=gen)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches (own seeded generator)."""
@@ -231,4 +236,4 @@ class MiniLMClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Trainable parameters only: under IntrinsicDimension that is ω alone.
-        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams["lr"])

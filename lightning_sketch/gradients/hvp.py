@@ -83,7 +83,8 @@ def _hvp_dict(
         return {n: torch.zeros_like(theta[n]) if h is None else h.detach() for n, h in zip(leaves, hv)}
     p0 = next(iter(theta.values()))
     step = _DEFAULT_EPS.get(p0.dtype, 1e-2) if eps is None else float(eps)
-    norm = torch.sqrt(sum((t.double() ** 2).sum() for t in v.values()))
+    squares = [(t.double() ** 2).sum() for t in v.values()]
+    norm = torch.sqrt(sum(squares[1:], squares[0]))
     if norm == 0:
         return {n: torch.zeros_like(t) for n, t in theta.items()}
     t = step / float(norm)
@@ -184,11 +185,13 @@ class HVPOperator(LinearOperator):
 
     def _apply(self, v: Tensor) -> Tensor:
         total = sum(self.sizes)
-        out = None
-        for b, size in zip(self.batches, self.sizes):
-            h = hvp(self.model, self.loss_fn, b, v, layout=self.layout, method=self.method, eps=self.eps)
-            h = h * (size / total)
-            out = h if out is None else out + h
+        terms = (
+            hvp(self.model, self.loss_fn, b, v, layout=self.layout, method=self.method, eps=self.eps) * (size / total)
+            for b, size in zip(self.batches, self.sizes)
+        )
+        out = next(terms)  # as_batch_list refused an empty list
+        for h in terms:
+            out = out + h
         return out
 
     def __call__(self, v: Tensor) -> Tensor:
@@ -257,11 +260,14 @@ def loss_grad(
     sizes = [F.batch_size(b) for b in batch_list]
     total = sum(sizes)
     selected, fixed = F.split_state(model, layout)
-    out = None
     with torch.enable_grad():
-        for b, size in zip(batch_list, sizes):
-            g = layout.flatten(grad(_mean_loss(model, loss_fn, b, fixed))(selected)) * (size / total)
-            out = g if out is None else out + g
+        terms = (
+            layout.flatten(grad(_mean_loss(model, loss_fn, b, fixed))(selected)) * (size / total)
+            for b, size in zip(batch_list, sizes)
+        )
+        out = next(terms)  # as_batch_list refused an empty list
+        for g in terms:
+            out = out + g
     return out
 
 

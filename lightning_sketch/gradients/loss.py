@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -84,7 +84,8 @@ def module_loss_fn(
 
 
 def _per_example_loss(module: nn.Module, batch: Any) -> Tensor:
-    return module.per_example_loss(batch)
+    # module_loss_fn returns this only for a module with a callable `per_example_loss`.
+    return cast(PerExampleLoss, module).per_example_loss(batch)
 
 
 @contextmanager

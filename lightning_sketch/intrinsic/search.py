@@ -44,9 +44,7 @@ def _check_dims(d_min: Any, d_max: Any) -> tuple[int, int]:
     return d_min, d_max
 
 
-def _check_float(name: str, v: Any, allow_none: bool = False) -> float | None:
-    if v is None and allow_none:
-        return None
+def _check_float(name: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise SubspaceError(f"`{name}` must be a finite number, got {v!r}.")
     return float(v)

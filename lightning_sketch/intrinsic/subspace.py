@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,8 @@ ATTR = "intrinsic_subspace"
 
 class _Offset(nn.Module):
     """Parametrisation of tensor ``index``: θ_i = θ0_i + (λ_i ·) slice_i(Φᵀω)."""
+
+    _sub: Subspace
 
     def __init__(self, sub: Subspace, index: int) -> None:
         super().__init__()
@@ -85,6 +87,8 @@ class Subspace(nn.Module):
         >>> sub.set_active(4); sub.num_trainable
         4
     """
+
+    active_mask: Tensor  # registered buffer, [D - m] bool
 
     def __init__(
         self,
@@ -200,7 +204,8 @@ class Subspace(nn.Module):
             path, _, attr = name.rpartition(".")
             owner = module.get_submodule(path)
             parametrize.register_parametrization(owner, attr, _Offset(sub, i), unsafe=True)
-            owner.parametrizations[attr].original.requires_grad_(False)
+            plist = cast(nn.ModuleDict, owner.parametrizations)[attr]
+            cast(parametrize.ParametrizationList, plist).original.requires_grad_(False)
             parts = path.split(".") if path else []
             hooked.update(".".join(parts[:k]) for k in range(len(parts) + 1))
         for path in sorted(hooked):

@@ -84,6 +84,15 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _entry_ok(e: Any) -> bool:
+    """A well-formed snapshot entry of the index (step, file, bytes, sha256, scalars)."""
+    return (
+        isinstance(e, dict) and isinstance(e.get("step"), int) and not isinstance(e["step"], bool)
+        and e["step"] >= 0 and e.get("file") == snapshot_name(e["step"]) and isinstance(e.get("sha256"), str)
+        and isinstance(e.get("bytes"), int) and isinstance(e.get("scalars", {}), dict)
+    )
+
+
 def _read_index(root: Path) -> tuple[int, list[dict[str, Any]]]:
     """``(generation, entries)`` of ``root/index.json`` (``(0, [])`` if absent), verified."""
     path = root / INDEX
@@ -95,12 +104,13 @@ def _read_index(root: Path) -> tuple[int, list[dict[str, Any]]]:
         raise StoreFormatError(f"Spectrum index {path} has format {fmt!r}, expected {FORMAT!r}.")
     body = sio.verify_checked(data, path=path, what="spectrum index")
     entries, gen = body.get("snapshots"), body.get("generation", 0)
-    ok = isinstance(entries, list) and isinstance(gen, int) and not isinstance(gen, bool)
-    for e in entries if ok else []:
-        ok = ok and isinstance(e, dict) and isinstance(e.get("step"), int) and not isinstance(e["step"], bool) \
-            and e["step"] >= 0 and e.get("file") == snapshot_name(e["step"]) and isinstance(e.get("sha256"), str) \
-            and isinstance(e.get("bytes"), int) and isinstance(e.get("scalars", {}), dict)
-    if not ok or len({e["step"] for e in entries}) != len(entries):
+    if (
+        not isinstance(entries, list)
+        or not isinstance(gen, int)
+        or isinstance(gen, bool)
+        or not all(_entry_ok(e) for e in entries)
+        or len({e["step"] for e in entries}) != len(entries)
+    ):
         raise StoreCorruptError(
             f"Spectrum index {path} has malformed snapshot entries (step, file, bytes, sha256); it was edited. "
             f"Restore it from the run that wrote it."
@@ -176,7 +186,8 @@ class SnapshotWriter:
             payload["eigenvectors"] = payload["eigenvectors"].astype(np.float32)
         payload["meta"] = np.array(json.dumps(meta, allow_nan=True))
         buf = io.BytesIO()
-        np.savez(buf, **payload)
+        # numpy's stub lets `**payload` fill savez's keyword `allow_pickle: bool`; the keys are array names.
+        np.savez(buf, **payload)  # type: ignore[arg-type]
         sha, size = sio.atomic_write(self.root / name, [buf.getbuffer()], what="spectrum snapshot")
         entries = [e for e in entries if e["step"] != int(step)]
         entries.append({"step": int(step), "file": name, "bytes": size, "sha256": sha,
