@@ -265,5 +265,8 @@ class DigitsClassifier(pl.LightningModule):
         # Only trainable parameters: under IntrinsicDimension that is ω alone.
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.SGD(
-            params, lr=self.hparams["lr"], momentum=self.hparams["momentum"], weight_decay=self.hparams["weight_decay"]
+            params,
+            lr=self.hparams["lr"],
+            momentum=self.hparams["momentum"],
+            weight_decay=self.hparams["weight_decay"],
         )

@@ -24,7 +24,9 @@ def _as_tensor(name: str, x: object) -> Tensor:
         try:
             x = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError) as err:
-            raise SketchInputError(f"`{name}` must be a tensor (or array-like), got {type(x).__name__}.") from err
+            raise SketchInputError(
+                f"`{name}` must be a tensor (or array-like), got {type(x).__name__}."
+            ) from err
     return x
 
 
@@ -85,7 +87,9 @@ def lds(
     """
     if reduction not in ("mean", "none"):
         raise SketchInputError(f"`reduction` must be 'mean' or 'none', got {reduction!r}.")
-    scores, masks, outputs = (_as_tensor(n, v) for n, v in (("scores", scores), ("masks", masks), ("outputs", outputs)))
+    scores, masks, outputs = (
+        _as_tensor(n, v) for n, v in (("scores", scores), ("masks", masks), ("outputs", outputs))
+    )
     if scores.ndim != 2:
         raise SketchInputError(f"`scores` must be [Q, T], got shape {tuple(scores.shape)}.")
     q, t = scores.shape
@@ -204,7 +208,9 @@ def mislabel_detection_curve(
     si, fl = _self_influence_and_labels(self_influence, is_flipped)
     fr = [float(f) for f in fractions]
     if not fr or any(not (0.0 <= f <= 1.0) for f in fr):
-        raise SketchInputError(f"`fractions` must be a non-empty sequence of values in [0, 1], got {list(fractions)}.")
+        raise SketchInputError(
+            f"`fractions` must be a non-empty sequence of values in [0, 1], got {list(fractions)}."
+        )
     order = torch.argsort(-si.to(torch.float64), stable=True)
     found = torch.cumsum(fl[order].to(torch.float64), 0)
     found = torch.cat([torch.zeros(1, dtype=torch.float64), found])

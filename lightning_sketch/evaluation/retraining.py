@@ -88,7 +88,9 @@ def _tensors(name: str, data: Any) -> tuple[Tensor, Tensor]:
     else:
         raise SketchInputError(f"`{name}` must be (X, y) tensors or a map-style dataset of (x, y) items.")
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise SketchInputError(f"`{name}`: X and y must have the same, non-zero length, got {x.shape[0]} and {y.shape[0]}.")
+        raise SketchInputError(
+            f"`{name}`: X and y must have the same, non-zero length, got {x.shape[0]} and {y.shape[0]}."
+        )
     return x, y
 
 
@@ -156,7 +158,9 @@ def train_subsets(
 
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     if rows.ndim != 2 or len(init_seeds) != rows.shape[0]:
-        raise SketchInputError(f"`rows` must be [M, k] with M = len(init_seeds) = {len(init_seeds)}, got {tuple(rows.shape)}.")
+        raise SketchInputError(
+            f"`rows` must be [M, k] with M = len(init_seeds) = {len(init_seeds)}, got {tuple(rows.shape)}."
+        )
     models = []
     for s in init_seeds:
         with torch.random.fork_rng(devices=[]):
@@ -178,7 +182,9 @@ def train_subsets(
             raise SketchConfigError("Give `order_seed` or `orders` (the minibatch orders).")
         orders = _orders(n_models, k, epochs, int(order_seed))
     elif tuple(orders.shape) != (epochs, n_models, k):
-        raise SketchInputError(f"`orders` must be [epochs, M, k] = [{epochs}, {n_models}, {k}], got {tuple(orders.shape)}.")
+        raise SketchInputError(
+            f"`orders` must be [epochs, M, k] = [{epochs}, {n_models}, {k}], got {tuple(orders.shape)}."
+        )
     with torch.no_grad():
         for e in range(epochs):
             idx = rows.gather(1, orders[e])
@@ -251,7 +257,8 @@ def subset_retraining(
     """
     if n_seeds < 1 or epochs < 1 or batch_size < 1 or lr <= 0:
         raise SketchConfigError(
-            f"Need n_seeds >= 1, epochs >= 1, batch_size >= 1 and lr > 0, got {n_seeds}, {epochs}, {batch_size}, {lr}."
+            f"Need n_seeds >= 1, epochs >= 1, batch_size >= 1 and lr > 0, got {n_seeds}, {epochs}, "
+            f"{batch_size}, {lr}."
         )
     x, y = _tensors("train", train)
     xq, yq = _tensors("queries", queries)
@@ -261,7 +268,12 @@ def subset_retraining(
     else:
         masks = torch.as_tensor(masks).bool()
         sizes = masks.sum(1)
-        if masks.ndim != 2 or masks.shape[1] != t or not bool((sizes == sizes[0]).all()) or int(sizes[0]) == 0:
+        if (
+            masks.ndim != 2
+            or masks.shape[1] != t
+            or not bool((sizes == sizes[0]).all())
+            or int(sizes[0]) == 0
+        ):
             raise SketchInputError(
                 f"`masks` must be [S, T={t}] bool with the same non-zero number of examples per row, got "
                 f"{tuple(masks.shape)}."

@@ -1,4 +1,6 @@
-"""Per-example gradients, sketched gradients and (sketched) Hessian-vector products (arXiv 2402.03994, eqs. 4-5 and 10, Listings 6-7).
+"""Per-example gradients, sketched gradients and (sketched) Hessian-vector products.
+
+arXiv 2402.03994, eqs. 4-5 and 10, Listings 6-7.
 
 Pure PyTorch (``torch.func``); no Lightning import. ``loss_fn(module, batch) -> Tensor[B]``
 returns per-example losses everywhere; the model is flattened by a :class:`ParamLayout`.

@@ -80,7 +80,9 @@ def split_state(model: nn.Module, layout: ParamLayout) -> tuple[dict[str, Tensor
     return selected, fixed
 
 
-def lift(theta0: dict[str, Tensor], layout: ParamLayout, lift_op: LinearOperator, omega: Tensor) -> dict[str, Tensor]:
+def lift(
+    theta0: dict[str, Tensor], layout: ParamLayout, lift_op: LinearOperator, omega: Tensor
+) -> dict[str, Tensor]:
     """θ0 + Pω per tensor (``lift_op`` is P, e.g. ``sketch.op.T`` for the subspace θ0 + Φᵀω of eq. 4).
 
     The one implementation of the implicit lift: the implicit per-example sketches, the implicit
@@ -126,7 +128,8 @@ def batch_size(batch: Batch) -> int:
     sizes = {t.shape[0] for t in _leaves(batch) if t.ndim >= 1}
     if len(sizes) != 1:
         raise SketchInputError(
-            f"Every tensor in `batch` must share the leading (batch) dimension B; found sizes {sorted(sizes)}."
+            "Every tensor in `batch` must share the leading (batch) dimension B; found sizes "
+            f"{sorted(sizes)}."
         )
     size = sizes.pop()
     if size == 0:
@@ -183,7 +186,8 @@ def as_batch_list(batches: Iterable[Batch]) -> list[Batch]:
     """A fixed list of batches; a lone Tensor or dict is refused (wrap it in a list)."""
     if isinstance(batches, (Tensor, Mapping)) or not isinstance(batches, (Sequence, Iterable)):
         raise SketchInputError(
-            f"`batches` must be a list of batches, got {type(batches).__name__}; wrap a single batch as [batch]."
+            f"`batches` must be a list of batches, got {type(batches).__name__}; wrap a single batch as "
+            "[batch]."
         )
     out = list(batches)
     if not out:

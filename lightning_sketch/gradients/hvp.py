@@ -1,4 +1,6 @@
-"""Hessian-vector products of the mean per-example loss, exact and sketched (arXiv 2402.03994, eq. 10, Listing 7).
+"""Hessian-vector products of the mean per-example loss, exact and sketched.
+
+arXiv 2402.03994, eq. 10, Listing 7.
 
 ``H`` is the Hessian, with respect to the layout's parameters, of L(θ) = mean_b ℓ(θ; x_b) over a
 batch (or, in :func:`make_hvp` and :func:`loss_grad`, over every example of a fixed list of
@@ -61,7 +63,8 @@ def _check_vec(v: Tensor, n: int, name: str, letter: str) -> None:
     if not isinstance(v, Tensor) or not v.is_floating_point() or v.ndim not in (1, 2) or v.shape[-1] != n:
         shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
         raise SketchInputError(
-            f"`{name}` must be a real floating tensor [{letter}] or [K, {letter}] with {letter} = {n}, got {shape}."
+            f"`{name}` must be a real floating tensor [{letter}] or [K, {letter}] with {letter} = {n}, got "
+            f"{shape}."
         )
 
 
@@ -186,7 +189,8 @@ class HVPOperator(LinearOperator):
     def _apply(self, v: Tensor) -> Tensor:
         total = sum(self.sizes)
         terms = (
-            hvp(self.model, self.loss_fn, b, v, layout=self.layout, method=self.method, eps=self.eps) * (size / total)
+            hvp(self.model, self.loss_fn, b, v, layout=self.layout, method=self.method, eps=self.eps)
+            * (size / total)
             for b, size in zip(self.batches, self.sizes)
         )
         out = next(terms)  # as_batch_list refused an empty list

@@ -71,12 +71,15 @@ def module_loss_fn(
     """
     if loss_fn is not None:
         if not callable(loss_fn):
-            raise SketchConfigError(f"`loss_fn` must be callable(module, batch) -> Tensor[B], got {loss_fn!r}.")
+            raise SketchConfigError(
+                f"`loss_fn` must be callable(module, batch) -> Tensor[B], got {loss_fn!r}."
+            )
         return loss_fn
     if not callable(getattr(module, method, None)):
         raise error(
-            f"{who}needs per-example losses: {type(module).__name__} has no `{method}(batch) -> Tensor[B]` method; "
-            f"add one (unreduced, e.g. F.cross_entropy(..., reduction='none')) or pass `loss_fn(module, batch)`."
+            f"{who}needs per-example losses: {type(module).__name__} has no `{method}(batch) -> Tensor[B]` "
+            "method; add one (unreduced, e.g. F.cross_entropy(..., reduction='none')) or pass "
+            "`loss_fn(module, batch)`."
         )
     if method == "per_example_loss":
         return _per_example_loss

@@ -1,9 +1,9 @@
 """Per-example gradients and their sketches (arXiv 2402.03994, eqs. 4–5, Listing 6).
 
 Per-example gradients use ``torch.func``: ``vmap(grad(ℓ))`` over examples with the model called
-through ``functional_call`` (the ``torch.func`` per-sample-gradient recipe), in chunks of ``chunk_size`` examples so that at
-most ``chunk_size × N`` gradient entries exist at once. Non-selected parameters are held fixed;
-buffers pass through unchanged.
+through ``functional_call`` (the ``torch.func`` per-sample-gradient recipe), in chunks of
+``chunk_size`` examples so that at most ``chunk_size × N`` gradient entries exist at once.
+Non-selected parameters are held fixed; buffers pass through unchanged.
 
 Dropout in train mode: ``vmap`` runs with ``randomness="different"``, so every example draws its
 own mask from the global RNG (as a loop over examples would, though not with the same masks).
@@ -138,8 +138,8 @@ def sketch_gradients(
       the paper finds it the faster one (Table 4).
     - ``"implicit"`` (eq. 4): ∇_ω ℓ(θ0 + Φᵀω) at ω = 0, vmapped over examples; never forms an
       N-dimensional per-example gradient.
-    - ``"factorized"``: only for sketches with ``supports_factorized`` (``per_layer``); one ordinary forward and
-      backward of the summed loss with :class:`~lightning_sketch.gradients.GradientCapture`
+    - ``"factorized"``: only for sketches with ``supports_factorized`` (``per_layer``); one ordinary
+      forward and backward of the summed loss with :class:`~lightning_sketch.gradients.GradientCapture`
       hooks computing (L δ_b)(R x_b)ᵀ per layer (Choe et al. 2024). Uses
       ``torch.autograd.grad``, so ``.grad`` is untouched.
     - ``"hooks"``: like ``"explicit"`` (per-example gradients ``[chunk, N]``, then
@@ -199,7 +199,8 @@ def sketch_gradients(
             mode = "factorized" if sketch.supports_factorized else "hooks"
     if mode == "factorized" and not sketch.supports_factorized:
         raise SketchConfigError(
-            f"mode='factorized' needs a kind='per_layer' sketch, got {sketch.kind!r}; use mode='hooks' or 'auto'."
+            f"mode='factorized' needs a kind='per_layer' sketch, got {sketch.kind!r}; use mode='hooks' or "
+            "'auto'."
         )
     if mode in ("factorized", "hooks"):
         from lightning_sketch.gradients.capture import hooked_sketch

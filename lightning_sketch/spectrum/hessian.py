@@ -1,7 +1,8 @@
 """Hessian operators over a fixed probe set, and the ``hessian_eigs`` entry point.
 
 The loss is L(θ) = the mean of the per-example losses ``loss_fn(model, batch)`` over every example
-of the fixed list of probe batches (as :func:`lightning_sketch.gradients.make_hvp` defines it). Two operators (arXiv 2402.03994, eq. 10):
+of the fixed list of probe batches (as :func:`lightning_sketch.gradients.make_hvp` defines it). Two
+operators (arXiv 2402.03994, eq. 10):
 
 - exact: v ↦ H v on R^N;
 - sketched: v ↦ Φ H Φᵀ v on R^D (``sketch.op @ H @ sketch.op.T``, composed
@@ -30,7 +31,14 @@ from lightning_sketch.linalg import LinearOperator
 from lightning_sketch.sketches import Sketch, derive_seed, make
 from lightning_sketch.spectrum.lanczos import Which, lanczos
 
-__all__ = ["HessianEigs", "HessianOperator", "hessian_eigs", "hessian_operator", "probe_gradient", "resolve_sketch"]
+__all__ = [
+    "HessianEigs",
+    "HessianOperator",
+    "hessian_eigs",
+    "hessian_operator",
+    "probe_gradient",
+    "resolve_sketch",
+]
 
 HvpMethod = Literal["fwd_rev", "double_backward", "finite_difference"]
 Reduce = Callable[[Tensor], Tensor]
@@ -218,7 +226,9 @@ def hessian_eigs(
     dtype: torch.dtype = torch.float64,
     reduce: Reduce | None = None,
 ) -> HessianEigs:
-    """Top-k eigenpairs of the Hessian of the probe-set loss, exact or sketched (arXiv 2402.03994, eq. 10; Sec. 5.5).
+    """Top-k eigenpairs of the Hessian of the probe-set loss, exact or sketched.
+
+    arXiv 2402.03994, eq. 10; Sec. 5.5.
 
     Runs :func:`~lightning_sketch.spectrum.lanczos` with full re-orthogonalisation on v ↦ H v
     (``sketch=None``) or on v ↦ Φ H Φᵀ v, storing only D-dimensional Krylov vectors.

@@ -112,8 +112,8 @@ def _read_index(root: Path) -> tuple[int, list[dict[str, Any]]]:
         or len({e["step"] for e in entries}) != len(entries)
     ):
         raise StoreCorruptError(
-            f"Spectrum index {path} has malformed snapshot entries (step, file, bytes, sha256); it was edited. "
-            f"Restore it from the run that wrote it."
+            f"Spectrum index {path} has malformed snapshot entries (step, file, bytes, sha256); it was "
+            "edited. Restore it from the run that wrote it."
         )
     return gen, sorted(entries, key=lambda e: e["step"])
 
@@ -163,7 +163,9 @@ class SnapshotWriter:
             raise
 
     def write(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Write one snapshot file and add (or replace) its entry in ``index.json``; see :func:`save_snapshot`.
+        """Write one snapshot file and add (or replace) its entry in ``index.json``.
+
+        See :func:`save_snapshot`.
 
         Raises:
             StoreConflictError: the index changed on disk since this writer last wrote it, or the lock
@@ -176,8 +178,9 @@ class SnapshotWriter:
         gen, entries = _read_index(self.root)
         if gen != self._generation:
             raise StoreConflictError(
-                f"Spectrum index {str(self.root / INDEX)!r} moved from generation {self._generation} to {gen} behind "
-                f"this writer: another run writes this directory. Nothing was published; give each run its own dirpath."
+                f"Spectrum index {str(self.root / INDEX)!r} moved from generation {self._generation} to "
+                f"{gen} behind this writer: another run writes this directory. Nothing was published; give "
+                "each run its own dirpath."
             )
         name = snapshot_name(step)
         meta = {**meta, "step": int(step), "format": FORMAT}
@@ -263,18 +266,23 @@ def load_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     p = Path(path)
     if not os.path.lexists(p):
-        raise StoreNotFoundError(f"Spectrum snapshot {p} does not exist; list snapshots with load_index(dirpath).")
+        raise StoreNotFoundError(
+            f"Spectrum snapshot {p} does not exist; list snapshots with load_index(dirpath)."
+        )
     root = p.parent
     real = sio.confined(root, p.name, what="spectrum snapshot")
     _, entries = _read_index(root)
     entry = next((e for e in entries if e["file"] == p.name), None)
     if entries and entry is None:
-        raise StoreCorruptError(f"Spectrum snapshot {p} is not listed in {root / INDEX}; it does not belong to this run.")
+        raise StoreCorruptError(
+            f"Spectrum snapshot {p} is not listed in {root / INDEX}; it does not belong to this run."
+        )
     raw = sio.read_capped(real, entry["bytes"] if entry else SNAPSHOT_CAP, what="spectrum snapshot")
     if entry is not None and (len(raw) != entry["bytes"] or sio.sha256_bytes(raw) != entry["sha256"]):
         raise StoreCorruptError(
-            f"Spectrum snapshot {p} fails its checksum in {INDEX} ({len(raw)} bytes, index records {entry['bytes']}): "
-            f"it is truncated, corrupted or was swapped in from another step or run. Delete it or restore it."
+            f"Spectrum snapshot {p} fails its checksum in {INDEX} ({len(raw)} bytes, index records "
+            f"{entry['bytes']}): it is truncated, corrupted or was swapped in from another step or run. "
+            "Delete it or restore it."
         )
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as data:
@@ -282,7 +290,9 @@ def load_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
             meta = json.loads(str(data["meta"]))
     except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile, zlib.error, RuntimeError,
             NotImplementedError, UnicodeDecodeError, MemoryError) as err:
-        raise StoreCorruptError(f"Spectrum snapshot {p} is unreadable ({err}); delete it and its index entry.") from err
+        raise StoreCorruptError(
+            f"Spectrum snapshot {p} is unreadable ({err}); delete it and its index entry."
+        ) from err
     _check_snapshot(p, out, meta, entry)
     out["meta"] = meta
     return out
@@ -293,15 +303,18 @@ def _check_snapshot(p: Path, arrays: dict[str, Tensor], meta: Any, entry: dict[s
     if not isinstance(meta, dict) or meta.get("format", FORMAT) != FORMAT or (
         _FILE.match(p.name) and step != int(p.name[5:-4])
     ) or (entry is not None and step != entry["step"]):
-        raise StoreCorruptError(f"Spectrum snapshot {p} records step {step!r}, not the step of its name/index entry: "
-                                f"it was renamed or swapped in. Delete it or restore the original.")
+        raise StoreCorruptError(
+            f"Spectrum snapshot {p} records step {step!r}, not the step of its name/index entry: it was "
+            "renamed or swapped in. Delete it or restore the original."
+        )
     vals = arrays.get("eigenvalues")
     if vals is None or vals.ndim != 1:
         raise StoreCorruptError(f"Spectrum snapshot {p} has no 1-D `eigenvalues` array.")
     vecs = arrays.get("eigenvectors")
     if vecs is not None and (vecs.ndim != 2 or vecs.shape[0] != len(vals)):
-        raise StoreCorruptError(f"Spectrum snapshot {p}: eigenvectors {tuple(vecs.shape)} do not match {len(vals)} "
-                                f"eigenvalues.")
+        raise StoreCorruptError(
+            f"Spectrum snapshot {p}: eigenvectors {tuple(vecs.shape)} do not match {len(vals)} eigenvalues."
+        )
 
 
 def top_eigenpairs_from_snapshot(path: str | os.PathLike[str], with_meta: bool = False) -> tuple[Any, ...]:

@@ -1,4 +1,6 @@
-"""Crash-safe, FAISS-searchable storage of sketched per-example gradients (arXiv 2402.03994 Sec. 5.2; TracIn, Pruthi et al. 2020).
+"""Crash-safe, FAISS-searchable storage of sketched per-example gradients.
+
+arXiv 2402.03994 Sec. 5.2; TracIn, Pruthi et al. 2020.
 
 ``SketchStore.create`` / ``SketchStore.open`` a store directory, ``add_checkpoint`` + ``append`` +
 ``commit`` rows, then ``search`` (flat, ivf, ivfpq, hnsw; exact re-ranking) or ``search_exact``.
@@ -15,6 +17,12 @@ from lightning_sketch.store.shards import shard_path
 from lightning_sketch.store.store import SketchStore
 
 __all__ = [
-    "FORMAT_VERSION", "INDEX_KINDS", "SketchStore", "default_params", "exact_topk", "finite_rows", "inspect_store",
+    "FORMAT_VERSION",
+    "INDEX_KINDS",
+    "SketchStore",
+    "default_params",
+    "exact_topk",
+    "finite_rows",
+    "inspect_store",
     "shard_path",
 ]

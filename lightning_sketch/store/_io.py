@@ -54,7 +54,9 @@ def npy_bytes(array: np.ndarray) -> Iterable[bytes]:
         yield flat[start : start + _CHUNK].tobytes()
 
 
-def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], *, fsync: bool = True) -> tuple[str, int]:
+def atomic_write(
+    path: str | os.PathLike, chunks: Iterable[bytes | memoryview], *, fsync: bool = True
+) -> tuple[str, int]:
     """Write ``chunks`` to ``path`` atomically; return ``(sha256 hex, size in bytes)``.
 
     See :func:`lightning_sketch._safeio.atomic_write`: on any ``OSError`` the temporary file is
@@ -68,19 +70,24 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], 
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> tuple[str, int]:
-    """Atomically write ``obj`` as indented JSON carrying its own sha256 (:func:`~lightning_sketch._safeio.dump_checked_json`)."""
+    """Atomically write ``obj`` as indented JSON carrying its own sha256.
+
+    See :func:`~lightning_sketch._safeio.dump_checked_json`.
+    """
     return _store_write(path, [sio.dump_checked_json(obj)], True, "store manifest")
 
 
-def _store_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], fsync: bool, what: str) -> tuple[str, int]:
+def _store_write(
+    path: str | os.PathLike, chunks: Iterable[bytes | memoryview], fsync: bool, what: str
+) -> tuple[str, int]:
     try:
         return sio.atomic_write(path, chunks, fsync=fsync, what=what)
     except StoreWriteError as err:
         cause = err.__cause__
         reason = "disk full (ENOSPC)" if getattr(cause, "errno", None) == errno.ENOSPC else str(cause)
         raise StoreWriteError(
-            f"Could not write {what} {str(path)!r}: {reason}. The last committed state is intact; free space (or "
-            f"fix permissions) and call commit() again: the uncommitted buffer is kept."
+            f"Could not write {what} {str(path)!r}: {reason}. The last committed state is intact; free space "
+            "(or fix permissions) and call commit() again: the uncommitted buffer is kept."
         ) from cause
 
 

@@ -35,8 +35,8 @@ def finite_rows(ids: np.ndarray, rows: np.ndarray, policy: str, where: str) -> n
     if policy == "raise" and not finite.all():
         raise NonFiniteGradientError(
             f"{int((~finite).sum())} row(s) are NaN/inf (non-finite per-example gradients) for example ids "
-            f"{np.asarray(ids)[~finite][:5].tolist()} {where}; fix the loss/data or pass nan_policy='skip' to "
-            f"drop and count them."
+            f"{np.asarray(ids)[~finite][:5].tolist()} {where}; fix the loss/data or pass nan_policy='skip' "
+            "to drop and count them."
         )
     return finite
 
@@ -54,7 +54,9 @@ def as_ids(ids: Any, name: str = "ids") -> np.ndarray:
     """
     if isinstance(ids, torch.Tensor):
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise SketchInputError(f"`{name}` must hold integers, got a tensor of dtype {ids.dtype}; use .long().")
+            raise SketchInputError(
+                f"`{name}` must hold integers, got a tensor of dtype {ids.dtype}; use .long()."
+            )
         ids = ids.detach().cpu().numpy()
     try:
         arr = np.asarray(ids)
@@ -119,7 +121,9 @@ def spec_dict(spec: Any) -> dict[str, Any] | None:
     if hasattr(spec, "spec") and isinstance(spec.spec, dict):
         spec = spec.spec
     if not isinstance(spec, dict):
-        raise SketchConfigError(f"`spec` must be a Sketch, its `.spec` dict or None, got {type(spec).__name__}.")
+        raise SketchConfigError(
+            f"`spec` must be a Sketch, its `.spec` dict or None, got {type(spec).__name__}."
+        )
     try:
         return json.loads(json.dumps(spec, allow_nan=False))
     except (TypeError, ValueError) as err:
@@ -141,15 +145,17 @@ def layout_info(layout: Any, fingerprint: Any) -> tuple[dict[str, Any] | None, s
     elif isinstance(layout, dict):
         as_dict, own = layout, layout.get("fingerprint")
     else:
-        raise SketchConfigError(f"`layout` must be a ParamLayout, a dict or None, got {type(layout).__name__}.")
+        raise SketchConfigError(
+            f"`layout` must be a ParamLayout, a dict or None, got {type(layout).__name__}."
+        )
     if fingerprint is not None and hasattr(fingerprint, "fingerprint"):
         fingerprint = fingerprint.fingerprint()
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise SketchConfigError(f"`layout_fingerprint` must be a str, got {type(fingerprint).__name__}.")
     if own is not None and fingerprint is not None and own != fingerprint:
         raise LayoutMismatchError(
-            f"`layout_fingerprint` {fingerprint[:12]}… disagrees with the layout's own fingerprint {own[:12]}…; "
-            f"pass only one of them."
+            f"`layout_fingerprint` {fingerprint[:12]}… disagrees with the layout's own fingerprint "
+            f"{own[:12]}…; pass only one of them."
         )
     if as_dict is not None:
         as_dict = spec_dict(as_dict)
@@ -186,8 +192,8 @@ def compare_layout(stored: str | None, given: Any, where: str) -> None:
         return
     if stored is None:
         raise LayoutMismatchError(
-            f"{where} records no parameter layout, so the model's layout {fingerprint[:12]}… cannot be checked; "
-            f"open it without `layout_fingerprint`."
+            f"{where} records no parameter layout, so the model's layout {fingerprint[:12]}… cannot be "
+            "checked; open it without `layout_fingerprint`."
         )
     if stored != fingerprint:
         raise LayoutMismatchError(

@@ -28,7 +28,15 @@ import torch
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError
 
-__all__ = ["INDEX_KINDS", "build_index", "default_params", "exact_topk", "rerank", "search_index", "to_device"]
+__all__ = [
+    "INDEX_KINDS",
+    "build_index",
+    "default_params",
+    "exact_topk",
+    "rerank",
+    "search_index",
+    "to_device",
+]
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 
@@ -51,8 +59,8 @@ def default_params(kind: str, n: int, d: int, **overrides: Any) -> dict[str, Any
 
     IVF: ``nlist ≈ 2√n`` lists capped so each has ≥ 39 training points, ``nprobe = 32`` (at most
     ``nlist``): at 10^6 sketches of real gradients this gave recall@10 0.963 at 11.6 ms per query on
-    2 cores (``benchmarks/scale.py``); IVF-PQ: ``m`` = the largest divisor of ``d`` up to ``d/16`` sub-quantisers of
-    ``nbits ≤ 8`` (fewer bits when ``n`` is small); HNSW: ``M = 32``, ``efSearch = 128``.
+    2 cores (``benchmarks/scale.py``); IVF-PQ: ``m`` = the largest divisor of ``d`` up to ``d/16``
+    sub-quantisers of ``nbits ≤ 8`` (fewer bits when ``n`` is small); HNSW: ``M = 32``, ``efSearch = 128``.
 
     Raises:
         SketchConfigError: unknown kind or parameter name.
@@ -202,8 +210,8 @@ def search_index(index: faiss.Index, queries: Any, k: int) -> tuple[np.ndarray, 
     if not np.isfinite(q).all():
         bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
         raise SketchInputError(
-            f"Query rows {bad[:5].tolist()} contain NaN/inf (e.g. a non-finite loss or input), so no neighbour can "
-            f"be ranked; fix or drop those queries."
+            f"Query rows {bad[:5].tolist()} contain NaN/inf (e.g. a non-finite loss or input), so no "
+            "neighbour can be ranked; fix or drop those queries."
         )
     return index.search(q, int(k))
 
@@ -274,13 +282,17 @@ def exact_topk(
         >>> i.tolist(), s.tolist()
         ([[11, 12]], [[2.0, 1.0]])
     """
-    q = torch.as_tensor(queries.detach().cpu() if isinstance(queries, torch.Tensor) else np.asarray(queries), dtype=dtype)
+    q = torch.as_tensor(
+        queries.detach().cpu() if isinstance(queries, torch.Tensor) else np.asarray(queries), dtype=dtype
+    )
     ids_t = torch.from_numpy(np.array(ids, dtype=np.int64))
     best_s = torch.full((q.shape[0], 0), float("-inf"), dtype=dtype)
     best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64)
     for start in range(0, len(ids_t), chunk):
         part = vectors[start : start + chunk]
-        block = part.to(dtype) if isinstance(part, torch.Tensor) else torch.tensor(np.asarray(part), dtype=dtype)
+        block = (
+            part.to(dtype) if isinstance(part, torch.Tensor) else torch.tensor(np.asarray(part), dtype=dtype)
+        )
         s = torch.cat([best_s, q @ block.T], dim=1)
         i = torch.cat([best_i, ids_t[start : start + chunk].expand(q.shape[0], -1)], dim=1)
         best_s, pos = torch.topk(s, min(k, s.shape[1]), dim=1)

@@ -60,8 +60,16 @@ def inspect_store(path: str | Path, verify: bool = True) -> dict[str, Any]:
         view_rows = rows if entry["view"] == "tracin" else sum(
             s["rows"] for s in manifest["segments"] if s["checkpoint"] == entry["view"]
         )
-        indexes.append({"name": key, "view": entry["view"], "kind": entry["kind"], "rows": entry["rows"],
-                        "bytes": entry["bytes"], "current": entry["view"] == "tracin" or entry["rows"] == view_rows})
+        indexes.append(
+            {
+                "name": key,
+                "view": entry["view"],
+                "kind": entry["kind"],
+                "rows": entry["rows"],
+                "bytes": entry["bytes"],
+                "current": entry["view"] == "tracin" or entry["rows"] == view_rows,
+            }
+        )
     return {
         "path": str(path),
         "format_version": manifest["format_version"],
@@ -73,7 +81,10 @@ def inspect_store(path: str | Path, verify: bool = True) -> dict[str, Any]:
         "sketch_dim": manifest["sketch_dim"],
         "rows": rows,
         "checkpoints": [
-            {k: c.get(k) for k in ("name", "step", "lr", "weight", "rows", "skipped_nonfinite", "skipped_duplicates")}
+            {
+                k: c.get(k)
+                for k in ("name", "step", "lr", "weight", "rows", "skipped_nonfinite", "skipped_duplicates")
+            }
             for c in manifest["checkpoints"]
         ],
         "segments": len(manifest["segments"]),

@@ -118,8 +118,8 @@ _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 
 def _bad(path: Path, what: str) -> StoreCorruptError:
     return StoreCorruptError(
-        f"{str(path)!r}: {what}; the manifest was edited or corrupted. Restore it from a backup (segment files "
-        f"are left untouched)."
+        f"{str(path)!r}: {what}; the manifest was edited or corrupted. Restore it from a backup (segment "
+        "files are left untouched)."
     )
 
 
@@ -135,8 +135,9 @@ def _num(v: Any, none: bool = True) -> bool:
 
 def _file_entry(e: Any) -> TypeGuard[dict[str, Any]]:
     """A manifest file entry: a relative path of safe parts (no '..', not absolute), size and sha256."""
-    return (isinstance(e, dict) and isinstance(e.get("file"), str) and all(_PART.match(p) for p in e["file"].split("/"))
-            and _int(e.get("bytes")) and isinstance(e.get("sha256"), str) and bool(_SHA.match(e["sha256"])))
+    return (isinstance(e, dict) and isinstance(e.get("file"), str)
+            and all(_PART.match(p) for p in e["file"].split("/")) and _int(e.get("bytes"))
+            and isinstance(e.get("sha256"), str) and bool(_SHA.match(e["sha256"])))
 
 
 def _validate(data: dict[str, Any], path: Path) -> None:
@@ -144,9 +145,9 @@ def _validate(data: dict[str, Any], path: Path) -> None:
     names = []
     for c in data["checkpoints"]:
         if not (isinstance(c, dict) and isinstance(c.get("name"), str) and _NAME.match(c["name"])
-                and c["name"] not in RESERVED and (c.get("step") is None or _int(c["step"])) and _num(c.get("lr"))
-                and _num(c.get("weight")) and _int(c.get("rows")) and _int(c.get("generation", 0))
-                and isinstance(c.get("meta", {}), dict)):
+                and c["name"] not in RESERVED and (c.get("step") is None or _int(c["step"]))
+                and _num(c.get("lr")) and _num(c.get("weight")) and _int(c.get("rows"))
+                and _int(c.get("generation", 0)) and isinstance(c.get("meta", {}), dict)):
             raise _bad(path, f"checkpoint record {str(c)[:200]} is malformed (name, step, lr, weight, rows)")
         names.append(c["name"])
     if len(set(names)) != len(names):
@@ -155,20 +156,25 @@ def _validate(data: dict[str, Any], path: Path) -> None:
         if not (isinstance(seg, dict) and isinstance(seg.get("checkpoint"), str) and _int(seg.get("rank"))
                 and _int(seg.get("generation")) and _int(seg.get("rows")) and _file_entry(seg.get("vectors"))
                 and _file_entry(seg.get("ids"))):
-            raise _bad(path, f"segment record {str(seg)[:200]} is malformed (checkpoint, rank, generation, rows, files)")
+            raise _bad(
+                path,
+                f"segment record {str(seg)[:200]} is malformed (checkpoint, rank, generation, rows, files)",
+            )
     for key, e in data["indexes"].items():
         if not (isinstance(key, str) and _file_entry(e) and e.get("kind") in ("flat", "ivf", "ivfpq", "hnsw")
-                and isinstance(e.get("view"), str) and isinstance(e.get("params"), dict) and _int(e.get("rows"))
-                and _int(e.get("generation")) and _int(e.get("data_generation"))
+                and isinstance(e.get("view"), str) and isinstance(e.get("params"), dict)
+                and _int(e.get("rows")) and _int(e.get("generation")) and _int(e.get("data_generation"))
                 and key == f"{e['view']}:{e['kind']}"):
             raise _bad(path, f"index record {key!r} is malformed")
-    for name, e in data.get("weights", {}).items() if isinstance(data.get("weights", {}), dict) else [(None, None)]:
+    weights = data.get("weights", {}).items() if isinstance(data.get("weights", {}), dict) else [(None, None)]
+    for name, e in weights:
         if not (isinstance(name, str) and _NAME.match(name) and _file_entry(e) and _int(e.get("generation"))
                 and (e.get("layout_fingerprint") is None or isinstance(e["layout_fingerprint"], str))):
             raise _bad(path, f"weights record {name!r} is malformed")
     for s in data.get("skips", []) if isinstance(data.get("skips", []), list) else [None]:
         if not (isinstance(s, dict) and isinstance(s.get("checkpoint"), str) and _int(s.get("generation"))
-                and _int(s.get("nonfinite")) and _int(s.get("duplicates")) and isinstance(s.get("ids", []), list)):
+                and _int(s.get("nonfinite")) and _int(s.get("duplicates"))
+                and isinstance(s.get("ids", []), list)):
             raise _bad(path, f"skip record {str(s)[:200]} is malformed")
     for key in ("merged_shards", "merged_skips"):
         val = data.get(key, {})
@@ -184,15 +190,19 @@ def _consistent(data: dict[str, Any], path: Path) -> None:
     gen = data["generation"]
     for seg in data["segments"]:
         if seg["checkpoint"] not in names:
-            raise _bad(path, f"segment {seg['vectors']['file']!r} belongs to checkpoint {seg['checkpoint']!r}, which the "
-                             f"manifest does not declare")
+            raise _bad(
+                path,
+                f"segment {seg['vectors']['file']!r} belongs to checkpoint {seg['checkpoint']!r}, which the "
+                "manifest does not declare",
+            )
         if seg["generation"] > gen:
             raise _bad(path, f"segment {seg['vectors']['file']!r} has generation {seg['generation']} > {gen}")
     for c in data["checkpoints"]:
         held = sum(s["rows"] for s in data["segments"] if s["checkpoint"] == c["name"])
         if held != c["rows"]:
             raise StoreCorruptError(
-                f"{str(path)!r}: checkpoint {c['name']!r} records {c['rows']} rows but its segments hold {held}."
+                f"{str(path)!r}: checkpoint {c['name']!r} records {c['rows']} rows but its segments hold "
+                f"{held}."
             )
     for e in list(data["indexes"].values()) + list(data.get("weights", {}).values()):
         if e["generation"] > gen:
@@ -224,13 +234,15 @@ def load_manifest(directory: str | Path, *, strict: bool = True) -> dict[str, An
     path = directory / MANIFEST
     if not os.path.lexists(path):
         raise StoreNotFoundError(
-            f"No sketch store at {str(directory)!r}: {MANIFEST!r} is missing. If this directory held a store, "
-            f"its manifest was deleted and the store cannot be read; otherwise create one with "
-            f"SketchStore.create."
+            f"No sketch store at {str(directory)!r}: {MANIFEST!r} is missing. If this directory held a "
+            "store, its manifest was deleted and the store cannot be read; otherwise create one with "
+            "SketchStore.create."
         )
     data = read_json(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise StoreCorruptError(f"{str(path)!r} is not a lightning_sketch store manifest (bad 'format' field).")
+        raise StoreCorruptError(
+            f"{str(path)!r} is not a lightning_sketch store manifest (bad 'format' field)."
+        )
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise StoreFormatError(
@@ -248,12 +260,14 @@ def load_manifest(directory: str | Path, *, strict: bool = True) -> dict[str, An
         raise StoreCorruptError(f"{str(path)!r}: dtype {data['dtype']!r} is not one of {DTYPES}.")
     spec = data.get("spec")
     if spec is not None and not isinstance(spec, dict):
-        raise StoreCorruptError(f"{str(path)!r}: field 'spec' must be a dict or null, got {spec!r}; the manifest was edited.")
+        raise StoreCorruptError(
+            f"{str(path)!r}: field 'spec' must be a dict or null, got {spec!r}; the manifest was edited."
+        )
     if "spec_sha256" in data and data["spec_sha256"] != spec_sha256(spec):
         raise StoreCorruptError(
-            f"{str(path)!r}: the sketch spec {spec!r} does not match the checksum recorded when the store was "
-            f"created (spec_sha256); the spec was edited by hand. Rows were written with the original sketch, so "
-            f"restore the original spec, or write a new store with the sketch you want."
+            f"{str(path)!r}: the sketch spec {spec!r} does not match the checksum recorded when the store "
+            "was created (spec_sha256); the spec was edited by hand. Rows were written with the original "
+            "sketch, so restore the original spec, or write a new store with the sketch you want."
         )
     if not _int(data["generation"]) or data["sketch_dim"] < 1 or not (
         data.get("layout_fingerprint") is None or isinstance(data["layout_fingerprint"], str)
@@ -315,7 +329,9 @@ def check_file(directory: Path, entry: dict[str, Any], *, full: bool) -> None:
             )
 
 
-def load_npy(directory: Path, entry: dict[str, Any], *, rows: int, width: int | None, dtype: str) -> np.ndarray:
+def load_npy(
+    directory: Path, entry: dict[str, Any], *, rows: int, width: int | None, dtype: str
+) -> np.ndarray:
     """Memory-map a verified ``.npy`` data file and check its shape and dtype against the manifest.
 
     Raises:

@@ -1,9 +1,10 @@
 """DDP shards of a store: each rank writes ``<store>/shards/rank<r>/``, rank 0 merges.
 
-The merge (the FAISS wiki's recipe for merging indexes built in several processes) adds each shard's committed,
-checksummed segments to the main manifest *by reference* (segment files are immutable, so no data
-is copied), after checking spec, layout, dtype and that example ids are globally unique. Merging
-is idempotent: the main manifest records how many segments of each shard it already holds.
+The merge (the FAISS wiki's recipe for merging indexes built in several processes) adds each
+shard's committed, checksummed segments to the main manifest *by reference* (segment files are
+immutable, so no data is copied), after checking spec, layout, dtype and that example ids are
+globally unique. Merging is idempotent: the main manifest records how many segments of each shard
+it already holds.
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ class ShardMixin(SnapshotMixin):
 
     def _merge_into(self, new: dict[str, Any], root: Path) -> int:
         merged_rows = 0
-        for shard_dir in sorted(root.glob("rank*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1):
+        for shard_dir in sorted(
+            root.glob("rank*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1
+        ):
             if not (shard_dir / mf.MANIFEST).exists():
                 continue
             shard = type(self).open(shard_dir, verify="full")
@@ -116,7 +119,8 @@ class ShardMixin(SnapshotMixin):
                 if clash:
                     raise DuplicateIdError(
                         f"Shard {shard_dir.name} holds id(s) {clash[:5]} already present in checkpoint "
-                        f"{seg['checkpoint']!r}; DDP ranks must append global dataset indices, each exactly once."
+                        f"{seg['checkpoint']!r}; DDP ranks must append global dataset indices, each exactly "
+                        "once."
                     )
                 seen.update(ids.tolist())
                 rel = shard_dir.relative_to(self.path).as_posix()
@@ -126,8 +130,11 @@ class ShardMixin(SnapshotMixin):
                 entry["generation"] = new["generation"] + 1
                 new["segments"].append(entry)
                 merged_rows += seg["rows"]
-            for s in shard._manifest.get("skips", [])[new.setdefault("merged_skips", {}).get(shard_dir.name, 0):]:
-                new.setdefault("skips", []).append({**s, "generation": new["generation"] + 1, "shard": shard_dir.name})
+            skips_done = new.setdefault("merged_skips", {}).get(shard_dir.name, 0)
+            for s in shard._manifest.get("skips", [])[skips_done:]:
+                new.setdefault("skips", []).append(
+                    {**s, "generation": new["generation"] + 1, "shard": shard_dir.name}
+                )
             new["merged_skips"][shard_dir.name] = len(shard._manifest.get("skips", []))
             new["merged_shards"][shard_dir.name] = len(shard._manifest["segments"])
             shard.close()

@@ -93,8 +93,14 @@ class SnapshotMixin(StoreState):
             SketchInputError: ``generation`` is negative or beyond the current one.
         """
         self._require_writer()
-        if isinstance(generation, bool) or not isinstance(generation, int) or not 0 <= generation <= self.generation:
-            raise SketchInputError(f"`generation` must be an int in [0, {self.generation}], got {generation!r}.")
+        if (
+            isinstance(generation, bool)
+            or not isinstance(generation, int)
+            or not 0 <= generation <= self.generation
+        ):
+            raise SketchInputError(
+                f"`generation` must be an int in [0, {self.generation}], got {generation!r}."
+            )
         new = copy.deepcopy(self._manifest)
         new["segments"] = [s for s in new["segments"] if s["generation"] <= generation]
         new["checkpoints"] = [c for c in new["checkpoints"] if c.get("generation", 0) <= generation]
@@ -102,7 +108,9 @@ class SnapshotMixin(StoreState):
         new["indexes"] = {k: v for k, v in new["indexes"].items() if v["generation"] <= generation}
         new["weights"] = {k: v for k, v in new.get("weights", {}).items() if v["generation"] <= generation}
         for name in new["merged_shards"]:  # keep shard merges idempotent after a rollback
-            new["merged_shards"][name] = sum(s["vectors"]["file"].startswith(f"shards/{name}/") for s in new["segments"])
+            new["merged_shards"][name] = sum(
+                s["vectors"]["file"].startswith(f"shards/{name}/") for s in new["segments"]
+            )
             new.setdefault("merged_skips", {})[name] = sum(s.get("shard") == name for s in new["skips"])
         new["generation"] = self.generation + 1
         _recount(new)
@@ -141,7 +149,11 @@ class SnapshotMixin(StoreState):
         keep = {e["file"] for e in _file_entries(self._manifest)}
         removed = []
         for p in sorted(self.path.iterdir()):
-            if p.is_file() and p.name not in keep and (p.name.startswith(("seg-", "index-")) or ".tmp-" in p.name):
+            if (
+                p.is_file()
+                and p.name not in keep
+                and (p.name.startswith(("seg-", "index-")) or ".tmp-" in p.name)
+            ):
                 p.unlink()
                 removed.append(p.name)
         return removed
@@ -168,8 +180,8 @@ class SnapshotMixin(StoreState):
         for a, b in zip(counted["checkpoints"], self._manifest["checkpoints"]):
             if a["rows"] != b["rows"]:
                 raise StoreCorruptError(
-                    f"{str(self.path / mf.MANIFEST)!r}: checkpoint {b['name']!r} records {b['rows']} rows but its "
-                    f"segments hold {a['rows']}."
+                    f"{str(self.path / mf.MANIFEST)!r}: checkpoint {b['name']!r} records {b['rows']} rows "
+                    f"but its segments hold {a['rows']}."
                 )
         for seg in self._manifest["segments"]:
             self._load(seg["ids"], seg["rows"], None, "int64")

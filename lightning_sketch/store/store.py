@@ -116,7 +116,9 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, ShardMixin, SnapshotMix
         spec_d = spec_dict(spec)
         width = sketch_dim if spec_d is None else spec_d.get("sketch_dim", sketch_dim)
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise SketchConfigError(f"Store row width D must be a positive int (spec['sketch_dim']), got {width!r}.")
+            raise SketchConfigError(
+                f"Store row width D must be a positive int (spec['sketch_dim']), got {width!r}."
+            )
         layout_d, fingerprint = layout_info(layout, layout_fingerprint)
         if (path / mf.MANIFEST).exists():
             if not exist_ok:
@@ -197,7 +199,9 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, ShardMixin, SnapshotMix
     def close(self) -> None:
         """Release the writer lock. Uncommitted rows are dropped (call :meth:`commit` first)."""
         if self._buffer:
-            log.warning("Closing store %s with %d uncommitted rows; they are dropped.", self.path, self.pending_rows)
+            log.warning(
+                "Closing store %s with %d uncommitted rows; they are dropped.", self.path, self.pending_rows
+            )
         self._buffer.clear()
         if self._lock is not None:
             self._lock.release()
@@ -212,7 +216,9 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, ShardMixin, SnapshotMix
     # ------------------------------------------------------------------ writing
     def _require_writer(self) -> None:
         if self.mode != "a" or self._lock is None:
-            raise StoreWriteError(f"Store {str(self.path)!r} is open read-only (or closed); open it with mode='a'.")
+            raise StoreWriteError(
+                f"Store {str(self.path)!r} is open read-only (or closed); open it with mode='a'."
+            )
 
     # ------------------------------------------------------------------ publishing
     def _check_generation(self) -> None:
@@ -223,8 +229,9 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, ShardMixin, SnapshotMix
         if disk != self._manifest["generation"]:
             raise StoreConflictError(
                 f"Store {str(self.path)!r} is at generation {disk} on disk but this writer loaded generation "
-                f"{self._manifest['generation']}: another writer committed meanwhile (was .writer.lock deleted?). "
-                f"Nothing was published and the other writer's rows are intact; reopen the store and append again."
+                f"{self._manifest['generation']}: another writer committed meanwhile (was .writer.lock "
+                "deleted?). Nothing was published and the other writer's rows are intact; reopen the store "
+                "and append again."
             )
 
     def _publish(self, new: dict[str, Any]) -> None:

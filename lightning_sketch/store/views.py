@@ -2,8 +2,8 @@
 
 Views: a checkpoint name gives that checkpoint's rows ``[n_t, D]``; ``"tracin"`` gives, for the ids
 present in every checkpoint, the concatenation along D of √w_t-scaled slices ``[n, T·D]``, so one
-inner product is the TracIn-CP score Σ_t w_t ⟨Φg_t(z), Φg_t(z')⟩ (arXiv 2402.03994 Sec. 5.2; Pruthi et al. 2020)
-with w_t = η_t by default (``weights="sqrt_lr"``).
+inner product is the TracIn-CP score Σ_t w_t ⟨Φg_t(z), Φg_t(z')⟩ (arXiv 2402.03994 Sec. 5.2;
+Pruthi et al. 2020) with w_t = η_t by default (``weights="sqrt_lr"``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class StoreViews(SnapshotMixin):
     def _segments(self, checkpoint: str) -> list[dict[str, Any]]:
         if checkpoint not in self.checkpoints:
             raise SketchInputError(
-                f"Unknown or uncommitted checkpoint {checkpoint!r}; committed checkpoints: {self.checkpoints}."
+                f"Unknown or uncommitted checkpoint {checkpoint!r}; committed checkpoints: "
+                f"{self.checkpoints}."
             )
         return [s for s in self._manifest["segments"] if s["checkpoint"] == checkpoint]
 
@@ -70,18 +71,25 @@ class StoreViews(SnapshotMixin):
             if len(self.checkpoints) == 1:
                 return self.checkpoints[0]
             raise SketchInputError(
-                f"`checkpoint` is required: the store has checkpoints {self.checkpoints}; pass one of them or "
-                f"'tracin' for the learning-rate-weighted concatenation."
+                f"`checkpoint` is required: the store has checkpoints {self.checkpoints}; pass one of them "
+                "or 'tracin' for the learning-rate-weighted concatenation."
             )
         if checkpoint != "tracin" and checkpoint not in self.checkpoints:
-            raise SketchInputError(f"Unknown checkpoint {checkpoint!r}; committed checkpoints: {self.checkpoints}.")
+            raise SketchInputError(
+                f"Unknown checkpoint {checkpoint!r}; committed checkpoints: {self.checkpoints}."
+            )
         return checkpoint
 
     def ids(self, checkpoint: str | None = None) -> np.ndarray:
-        """Committed example ids ``[n]`` int64 of a checkpoint, in append order ("tracin": sorted common ids)."""
+        """Committed example ids ``[n]`` int64 of a checkpoint, in append order.
+
+        ``"tracin"``: the sorted ids common to every checkpoint.
+        """
         return self._view(self._view_name(checkpoint))[0]
 
-    def vectors(self, checkpoint: str | None = None, as_torch: bool = False, weights: Weights = "sqrt_lr") -> Any:
+    def vectors(
+        self, checkpoint: str | None = None, as_torch: bool = False, weights: Weights = "sqrt_lr"
+    ) -> Any:
         """Committed rows ``[n, D]`` of a checkpoint in the storage dtype, aligned with :meth:`ids`.
 
         A single-segment checkpoint is returned as a read-only memory map; several segments are
@@ -115,15 +123,24 @@ class StoreViews(SnapshotMixin):
                 out.append(float(weights[c["name"]]))
                 continue
             if weights not in ("sqrt_lr", "sqrt_weight", "uniform"):
-                raise SketchInputError(f"`weights` must be sqrt_lr/sqrt_weight/uniform or a mapping, got {weights!r}.")
-            w = 1.0 if weights == "uniform" else c["weight"] if weights == "sqrt_weight" and c["weight"] is not None else c["lr"]
-            out.append(tracin_scale(
-                w, f"TracIn weights={weights!r}: checkpoint {c['name']!r} (lr={c['lr']}, weight={c['weight']})",
-                "; add_checkpoint(..., lr=...) or pass weights='uniform'",
-            ))
+                raise SketchInputError(
+                    f"`weights` must be sqrt_lr/sqrt_weight/uniform or a mapping, got {weights!r}."
+                )
+            if weights == "uniform":
+                w = 1.0
+            elif weights == "sqrt_weight" and c["weight"] is not None:
+                w = c["weight"]
+            else:
+                w = c["lr"]
+            what = (
+                f"TracIn weights={weights!r}: checkpoint {c['name']!r} (lr={c['lr']}, weight={c['weight']})"
+            )
+            out.append(tracin_scale(w, what, "; add_checkpoint(..., lr=...) or pass weights='uniform'"))
         return out
 
-    def concat_queries(self, queries: Mapping[str, Any] | Sequence[Any], weights: Weights = "sqrt_lr") -> np.ndarray:
+    def concat_queries(
+        self, queries: Mapping[str, Any] | Sequence[Any], weights: Weights = "sqrt_lr"
+    ) -> np.ndarray:
         """Query sketches per checkpoint -> ``[Q, T·D]`` float32 rows matching :meth:`concat_vectors`.
 
         Args:
@@ -132,9 +149,15 @@ class StoreViews(SnapshotMixin):
         names = self.checkpoints
         parts = [queries[n] for n in names] if isinstance(queries, Mapping) else list(queries)
         if len(parts) != len(names):
-            raise SketchInputError(f"`queries` needs one [Q, D] block per checkpoint ({len(names)}), got {len(parts)}.")
-        blocks = [as_rows(p, self.sketch_dim, f"queries[{n!r}]").astype(np.float32) for p, n in zip(parts, names)]
-        return np.ascontiguousarray(np.hstack([b * s for b, s in zip(blocks, self._scales(weights))]), np.float32)
+            raise SketchInputError(
+                f"`queries` needs one [Q, D] block per checkpoint ({len(names)}), got {len(parts)}."
+            )
+        blocks = [
+            as_rows(p, self.sketch_dim, f"queries[{n!r}]").astype(np.float32) for p, n in zip(parts, names)
+        ]
+        return np.ascontiguousarray(
+            np.hstack([b * s for b, s in zip(blocks, self._scales(weights))]), np.float32
+        )
 
     def _view(self, view: str, weights: Weights = "sqrt_lr") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         key = ("view", view, repr(weights) if view == "tracin" else None, self.generation)
@@ -154,7 +177,11 @@ class StoreViews(SnapshotMixin):
             segs = self._segments(view)
             id_parts = [self._load(s["ids"], s["rows"], None, "int64") for s in segs]
             vec_parts = [self._load(s["vectors"], s["rows"], self.sketch_dim, self.dtype) for s in segs]
-            ids = np.asarray(id_parts[0]) if len(segs) == 1 else np.concatenate(id_parts or [np.zeros(0, np.int64)])
+            ids = (
+                np.asarray(id_parts[0])
+                if len(segs) == 1
+                else np.concatenate(id_parts or [np.zeros(0, np.int64)])
+            )
             if len(segs) == 1:
                 vecs = vec_parts[0]
             else:
@@ -169,8 +196,8 @@ class StoreViews(SnapshotMixin):
         n = len(data[0])
         if n == 0:
             raise SketchInputError(
-                f"Store {str(self.path)!r} has no committed rows in view {view!r}; append rows and commit() before "
-                f"searching."
+                f"Store {str(self.path)!r} has no committed rows in view {view!r}; append rows and commit() "
+                "before searching."
             )
         width = data[1].shape[1]
         q = as_rows(queries, width, "queries").astype(np.float32)
@@ -248,8 +275,11 @@ class StoreViews(SnapshotMixin):
             return self._cache[key]
         ids, vecs, _ = self._view(view, weights)
         entry = self._manifest["indexes"].get(f"{view}:{kind}")
-        if entry and entry["rows"] == len(ids) and entry["data_generation"] == self._data_generation(view) and (
-            view != "tracin" or entry.get("weights") == repr(weights)
+        if (
+            entry
+            and entry["rows"] == len(ids)
+            and entry["data_generation"] == self._data_generation(view)
+            and (view != "tracin" or entry.get("weights") == repr(weights))
         ):
             index = self._read_index(entry)
         else:
@@ -271,7 +301,9 @@ class StoreViews(SnapshotMixin):
         try:
             index = faiss.read_index(str(real))
         except RuntimeError as err:
-            raise StoreCorruptError(f"FAISS cannot read index file {str(self.path / entry['file'])!r}: {err}") from err
+            raise StoreCorruptError(
+                f"FAISS cannot read index file {str(self.path / entry['file'])!r}: {err}"
+            ) from err
         ix.set_search_params(index, entry["kind"], entry["params"])
         return index
 

@@ -50,7 +50,9 @@ class WeightsMixin(SnapshotMixin):
         try:
             rel = directory.resolve().relative_to(root.resolve()).as_posix()
         except ValueError:
-            raise SketchInputError(f"Weights directory {str(directory)!r} must lie inside the run directory {str(root)!r}.") from None
+            raise SketchInputError(
+                f"Weights directory {str(directory)!r} must lie inside the run directory {str(root)!r}."
+            ) from None
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -84,7 +86,8 @@ class WeightsMixin(SnapshotMixin):
         if entry is None:
             raise StoreNotFoundError(
                 f"Store {str(self.path)!r} records no saved weights for checkpoint {name!r} (recorded: "
-                f"{sorted(self._manifest.get('weights', {}))}); write them with GradientSketch(save_weights=True)."
+                f"{sorted(self._manifest.get('weights', {}))}); write them with "
+                "GradientSketch(save_weights=True)."
             )
         root = self.path.parent
         path = root / entry["file"]
@@ -92,20 +95,23 @@ class WeightsMixin(SnapshotMixin):
         try:
             raw = sio.read_capped(real, entry["bytes"], what="weights file")
         except StoreNotFoundError as err:
-            raise StoreNotFoundError(f"Weights file {str(path)!r} recorded for checkpoint {name!r} is missing; restore "
-                                     f"it or re-run with save_weights=True.") from err
+            raise StoreNotFoundError(
+                f"Weights file {str(path)!r} recorded for checkpoint {name!r} is missing; restore it or "
+                "re-run with save_weights=True."
+            ) from err
         if len(raw) != entry["bytes"] or sio.sha256_bytes(raw) != entry["sha256"]:
             raise StoreCorruptError(
-                f"Weights file {str(path)!r} of checkpoint {name!r} fails its checksum ({len(raw)} bytes, manifest "
-                f"records {entry['bytes']}): it is corrupted, truncated, or a file from another checkpoint or run. "
-                f"Restore the original file."
+                f"Weights file {str(path)!r} of checkpoint {name!r} fails its checksum ({len(raw)} bytes, "
+                f"manifest records {entry['bytes']}): it is corrupted, truncated, or a file from another "
+                "checkpoint or run. Restore the original file."
             )
         for fp, where in ((entry.get("layout_fingerprint"), "recorded with the weights"),
                           (self.layout_fingerprint, "of the store")):
             if layout_fingerprint is not None and fp is not None and fp != layout_fingerprint:
                 raise LayoutMismatchError(
-                    f"Weights of checkpoint {name!r} were saved for parameter layout {fp[:12]}… ({where}) but the model "
-                    f"has layout {layout_fingerprint[:12]}…; use the architecture the run was trained with."
+                    f"Weights of checkpoint {name!r} were saved for parameter layout {fp[:12]}… ({where}) "
+                    f"but the model has layout {layout_fingerprint[:12]}…; use the architecture the run was "
+                    "trained with."
                 )
         saved = sio.load_torch_bytes(raw, what=f"weights file {str(path)!r}")
         if not isinstance(saved, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

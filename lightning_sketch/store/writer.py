@@ -27,7 +27,12 @@ class WriterMixin(SnapshotMixin):
     """Checkpoints, buffered rows, commits and resume points (state lives in ``SketchStore``)."""
 
     def add_checkpoint(
-        self, name: str, step: int | None = None, lr: float | None = None, weight: float | None = None, **meta: Any
+        self,
+        name: str,
+        step: int | None = None,
+        lr: float | None = None,
+        weight: float | None = None,
+        **meta: Any,
     ) -> None:
         """Declare checkpoint ``name`` (training step, learning rate η_t, optional TracIn weight).
 
@@ -40,7 +45,9 @@ class WriterMixin(SnapshotMixin):
         self._require_writer()
         mf.check_checkpoint_name(name)
         for key, val in (("lr", lr), ("weight", weight)):
-            if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float)) or not np.isfinite(val)):
+            if val is not None and (
+                isinstance(val, bool) or not isinstance(val, (int, float)) or not np.isfinite(val)
+            ):
                 raise SketchInputError(f"`{key}` must be a finite number or None, got {val!r}.")
         record = {"name": name, "step": None if step is None else int(step), "lr": lr, "weight": weight}
         for c in self._manifest["checkpoints"] + self._pending_ckpts:
@@ -58,17 +65,21 @@ class WriterMixin(SnapshotMixin):
         if checkpoint is None:
             if len(names) == 1:
                 return names[0]
-            raise SketchInputError(f"`checkpoint` is required when the store has {len(names)} checkpoints {names}.")
+            raise SketchInputError(
+                f"`checkpoint` is required when the store has {len(names)} checkpoints {names}."
+            )
         if checkpoint not in names:
             raise SketchInputError(
-                f"Unknown checkpoint {checkpoint!r}; call add_checkpoint({checkpoint!r}, step=..., lr=...) first "
-                f"(known: {names})."
+                f"Unknown checkpoint {checkpoint!r}; call add_checkpoint({checkpoint!r}, step=..., lr=...) "
+                f"first (known: {names})."
             )
         return checkpoint
 
     def _idset(self, checkpoint: str) -> set[int]:
         if checkpoint not in self._idsets:
-            self._idsets[checkpoint] = set(self.ids(checkpoint).tolist()) if checkpoint in self.checkpoints else set()
+            self._idsets[checkpoint] = (
+                set(self.ids(checkpoint).tolist()) if checkpoint in self.checkpoints else set()
+            )
         return self._idsets[checkpoint]
 
     def append(
@@ -111,7 +122,9 @@ class WriterMixin(SnapshotMixin):
             raise SketchInputError(f"`ids` has {len(idx)} entries but `vectors` has {len(rows)} rows.")
         policy = nan_policy or self._manifest.get("nan_policy", "raise")
         if on_duplicate not in ("raise", "skip") or policy not in ("raise", "skip"):
-            raise SketchInputError(f"`on_duplicate`/`nan_policy` must be 'raise' or 'skip'; got {on_duplicate}/{policy}.")
+            raise SketchInputError(
+                f"`on_duplicate`/`nan_policy` must be 'raise' or 'skip'; got {on_duplicate}/{policy}."
+            )
         skips = self._pending_skips.setdefault(checkpoint, {"nonfinite": 0, "duplicates": 0, "ids": []})
         finite = finite_rows(idx, rows, policy, f"in `vectors` for checkpoint {checkpoint!r}")
         if not finite.all():
@@ -126,17 +139,22 @@ class WriterMixin(SnapshotMixin):
         if dup.any():
             if on_duplicate == "raise":
                 raise DuplicateIdError(
-                    f"Example id(s) {idx[dup][:5].tolist()} already appended to checkpoint {checkpoint!r}; ids must "
-                    f"be unique per checkpoint. Pass on_duplicate='skip' when re-appending after a resume."
+                    f"Example id(s) {idx[dup][:5].tolist()} already appended to checkpoint {checkpoint!r}; "
+                    "ids must be unique per checkpoint. Pass on_duplicate='skip' when re-appending after a "
+                    "resume."
                 )
             skips["duplicates"] += int(dup.sum())
             idx, rows = idx[~dup], rows[~dup]
         with np.errstate(over="ignore"):
             stored = rows.astype(self.dtype)
         if self.dtype == "float16" and not np.isfinite(stored).all():
-            raise SketchInputError("`vectors` exceed the float16 range (±65504); create the store with dtype='float32'.")
+            raise SketchInputError(
+                "`vectors` exceed the float16 range (±65504); create the store with dtype='float32'."
+            )
         if len(idx):
-            self._buffer.setdefault((checkpoint, int(rank)), []).append((idx.copy(), np.ascontiguousarray(stored)))
+            self._buffer.setdefault((checkpoint, int(rank)), []).append(
+                (idx.copy(), np.ascontiguousarray(stored))
+            )
             seen.update(idx.tolist())
         return int(len(idx))
 
@@ -151,8 +169,13 @@ class WriterMixin(SnapshotMixin):
                 the buffer is kept, so commit can be retried.
         """
         self._require_writer()
-        if not self._buffer and not self._pending_ckpts and not self._pending_weights and not self._pending_mark \
-                and not any(s["nonfinite"] or s["duplicates"] for s in self._pending_skips.values()):
+        if (
+            not self._buffer
+            and not self._pending_ckpts
+            and not self._pending_weights
+            and not self._pending_mark
+            and not any(s["nonfinite"] or s["duplicates"] for s in self._pending_skips.values())
+        ):
             return self.generation
         self._check_generation()  # before writing anything: another writer's files are never touched
         new = copy.deepcopy(self._manifest)
@@ -171,7 +194,12 @@ class WriterMixin(SnapshotMixin):
                 ids = np.concatenate([p[0] for p in parts])
                 vecs = np.concatenate([p[1] for p in parts])
                 stem = f"seg-{ckpt}-r{rank}-g{gen:06d}-{token}"
-                entry: dict[str, Any] = {"checkpoint": ckpt, "rank": rank, "generation": gen, "rows": len(ids)}
+                entry: dict[str, Any] = {
+                    "checkpoint": ckpt,
+                    "rank": rank,
+                    "generation": gen,
+                    "rows": len(ids),
+                }
                 for key, suffix, arr in (("vectors", ".npy", vecs), ("ids", ".ids.npy", ids)):
                     sha, size = atomic_write(self.path / (stem + suffix), npy_bytes(arr))
                     written.append(self.path / (stem + suffix))
@@ -207,7 +235,7 @@ class WriterMixin(SnapshotMixin):
         return self._manifest.get("checkpointed_generation")
 
     def mark_resume_point(self) -> int:
-        """Record (and commit) that a training checkpoint now references this store; returns the generation."""
+        """Record (and commit) that a training checkpoint now references this store; return the generation."""
         self._require_writer()
         self._pending_mark = True
         return self.commit()
