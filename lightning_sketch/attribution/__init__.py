@@ -1,4 +1,6 @@
-"""Training data attribution on stored gradient sketches (arXiv 2402.03994 Sec. 5.2; TracIn, Pruthi et al. 2020; TRAK, Park et al. 2023).
+"""Training data attribution on stored gradient sketches.
+
+arXiv 2402.03994 Sec. 5.2; TracIn (Pruthi et al. 2020); TRAK (Park et al. 2023).
 
 Sign convention, everywhere: a **positive** score means that training on the example lowers the
 query's loss (raises its margin, for TRAK); opponents are the most negative scores.

@@ -76,7 +76,9 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 def resolve_label_sampler(
     module: nn.Module, loss_fn: LossFn, probe: Any | None = None
 ) -> tuple[LabelSampler | None, str]:
-    """How to draw targets from the model: ``(sampler or None, kind)``, ``sampler(module, batch, gen) -> batch``.
+    """How to draw targets from the model: ``(sampler or None, kind)``.
+
+    ``sampler(module, batch, gen) -> batch`` returns the batch with sampled targets.
 
     Sampling happens outside any ``vmap`` or hook pass (one plain forward under ``no_grad``), so the
     per-example gradients of ``loss_fn`` on the returned batch are taken as usual. ``kind`` is
@@ -103,7 +105,8 @@ def resolve_label_sampler(
     logits_of = _logits_fn(module)
     if not isinstance(probe, Mapping) or "y" not in probe:
         return None, (
-            f"{type(module).__name__} has no `sample_labels(batch, generator)` and its batches are not mappings "
+            f"{type(module).__name__} has no `sample_labels(batch, generator)` and its batches are not "
+            "mappings "
             f"with integer targets 'y'"
         )
     y = probe["y"]
@@ -130,9 +133,9 @@ def resolve_label_sampler(
     return sampler, "sampled"
 
 
-def _logits_fn(module: nn.Module) -> Callable[[nn.Module, Any], Tensor] | None:
+def _logits_fn(module: nn.Module) -> Callable[[nn.Module, Any], Tensor]:
     if callable(getattr(module, "per_example_logits", None)):
-        return lambda mod, batch: mod.per_example_logits(batch)
+        return lambda mod, batch: mod.per_example_logits(batch)  # type: ignore[operator]  # checked callable
     return lambda mod, batch: mod(batch["x"])
 
 
@@ -159,7 +162,9 @@ def accumulate_fisher(
 # ---------------------------------------------------------------------------- files
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
-        raise StoreCorruptError(f"Invalid curvature slice name {name!r}: only letters, digits, '_', '.', '-'.")
+        raise StoreCorruptError(
+            f"Invalid curvature slice name {name!r}: only letters, digits, '_', '.', '-'."
+        )
     return name
 
 
@@ -183,10 +188,17 @@ def write_curvature(
     np.save(buf, m.numpy(), allow_pickle=False)
     digest, _ = atomic_write(folder / f"{name}.npy", [buf.getvalue()], what="curvature matrix")
     meta = {
-        "format": _FORMAT, "slice": name, "count": int(count), "estimator": str(estimator),
-        "dim": int(m.shape[0]), "spec": dict(spec), "sha256": digest,
+        "format": _FORMAT,
+        "slice": name,
+        "count": int(count),
+        "estimator": str(estimator),
+        "dim": int(m.shape[0]),
+        "spec": dict(spec),
+        "sha256": digest,
     }
-    atomic_write(folder / f"{name}.json", [json.dumps(meta, sort_keys=True).encode()], what="curvature sidecar")
+    atomic_write(
+        folder / f"{name}.json", [json.dumps(meta, sort_keys=True).encode()], what="curvature sidecar"
+    )
     return folder / f"{name}.npy"
 
 
@@ -195,7 +207,9 @@ def curvature_slices(run_dir: str | Path) -> list[str]:
     folder = Path(run_dir) / CURVATURE_DIR
     if not folder.is_dir() or folder.is_symlink():
         return []
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json") and _NAME_RE.match(p.name[:-5]))
+    return sorted(
+        p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json") and _NAME_RE.match(p.name[:-5])
+    )
 
 
 def read_curvature(run_dir: str | Path, name: str, spec: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
@@ -217,7 +231,8 @@ def read_curvature(run_dir: str | Path, name: str, spec: Mapping[str, Any]) -> t
         raise StoreCorruptError(f"{side} has an invalid dim {dim!r}.")
     if dict(meta.get("spec") or {}) != dict(spec):
         raise StoreCorruptError(
-            f"The curvature of slice {name!r} was sketched with {meta.get('spec')}, the store with {dict(spec)}; "
+            f"The curvature of slice {name!r} was sketched with {meta.get('spec')}, the store with "
+            f"{dict(spec)}; "
             f"it belongs to another run."
         )
     path = confined(root, f"{CURVATURE_DIR}/{name}.npy", what="curvature matrix")

@@ -30,8 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_sketch.attribution import curvature as CV
-from lightning_sketch.attribution._engine import ScoringEngine
+from lightning_sketch.attribution._engine import _CURVED, ScoringEngine
 from lightning_sketch.attribution._stored import (
     Run,
     _sketch_and_layout,
@@ -63,7 +62,6 @@ log = logging.getLogger(__name__)
 METHODS = ("grad_dot", "tracin", "grad_cos", "trak", "fisher_if", "arnoldi_if")
 Method = Literal["auto", "grad_dot", "tracin", "grad_cos", "trak", "fisher_if", "arnoldi_if"]
 LossFn = Callable[[nn.Module, Any], Tensor]
-_CURVED = ("trak", "fisher_if")
 
 #: Automatic damping of ``trak`` and ``fisher_if``: λ_c = ρ · tr(K_c)/T_c with ρ = 10^-0.5, where
 #: tr(K_c)/T_c is the mean squared sketched per-example gradient norm of slice c (the trace of the
@@ -169,13 +167,17 @@ class Attributor(ScoringEngine):
         stores = list(store) if isinstance(store, (list, tuple)) else [store]
         if not stores:
             raise SketchConfigError("`store` is an empty list; pass at least one run directory.")
-        models = list(model) if isinstance(model, (list, tuple)) else [model]
+        models: list[nn.Module] = [model] if isinstance(model, nn.Module) else list(model)
         if len(models) not in (1, len(stores)):
-            raise SketchConfigError(f"Pass one model or one per run: got {len(models)} models for {len(stores)} runs.")
+            raise SketchConfigError(
+                f"Pass one model or one per run: got {len(models)} models for {len(stores)} runs."
+            )
         self.runs: list[Run] = [open_run(s) for s in stores]
         if weights_dir is not None:
             if len(self.runs) > 1:
-                raise SketchConfigError("`weights_dir` applies to a single run; ensembles use each run's weights/.")
+                raise SketchConfigError(
+                    "`weights_dir` applies to a single run; ensembles use each run's weights/."
+                )
             self.runs[0].weights_dir = Path(weights_dir)
             self.runs[0].explicit_weights = True
         self.models = models if len(models) == len(stores) else models * len(stores)
@@ -191,17 +193,23 @@ class Attributor(ScoringEngine):
         self.sketch, self.layout = pairs[0]
         for run in self.runs:
             if not run.names:
-                raise StoreNotFoundError("A store holds no checkpoint slice; run the GradientSketch callback first.")
+                raise StoreNotFoundError(
+                    "A store holds no checkpoint slice; run the GradientSketch callback first."
+                )
         if method == "arnoldi_if" and len(self.runs) > 1:
-            raise SketchConfigError("method='arnoldi_if' takes one run (its eigenpairs belong to one sketch); "
-                                    "use fisher_if or trak for ensembles.")
+            raise SketchConfigError(
+                "method='arnoldi_if' takes one run (its eigenpairs belong to one sketch); "
+                "use fisher_if or trak for ensembles."
+            )
         if method == "auto":
             method = "fisher_if" if all(self._has_curvature(r, r.names) for r in self.runs) else "trak"
         self.method: str = method
         self.damping = None if damping is None else float(damping)
         self.damping_ratio = DEFAULT_DAMPING_RATIO if damping_ratio is None else float(damping_ratio)
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise SketchConfigError(f"`rank` must be a positive int or None (the full D-dimensional inverse), got {rank!r}.")
+            raise SketchConfigError(
+                f"`rank` must be a positive int or None (the full D-dimensional inverse), got {rank!r}."
+            )
         self.rank = rank
         self.chunk_size = chunk_size
         self.index_kind = index
@@ -214,7 +222,8 @@ class Attributor(ScoringEngine):
             missing = [str(r.root) for r in self.runs if not self._has_curvature(r, self.checkpoints)]
             if missing:
                 raise StoreNotFoundError(
-                    f"method='fisher_if' needs the curvature files that GradientSketch(curvature='fisher') writes; "
+                    "method='fisher_if' needs the curvature files that "
+                    "GradientSketch(curvature='fisher') writes; "
                     f"missing in {missing}. Use method='trak', or re-run with the default curvature='fisher'."
                 )
         self._ids = torch.from_numpy(union_ids(self.runs, [self.checkpoints] * len(self.runs)))
@@ -225,32 +234,10 @@ class Attributor(ScoringEngine):
         if method == "arnoldi_if":
             self._eig = self._eigenpairs(eigenpairs, snapshot, hessian_batches, arnoldi_k)
 
-    # ------------------------------------------------------------------ set-up helpers
-    @staticmethod
-    def _has_curvature(run: Run, names: Sequence[str]) -> bool:
-        return run.root is not None and set(names) <= set(CV.curvature_slices(run.root))
-
-    def _select(self, checkpoints: Sequence[str] | None) -> list[str]:
-        if checkpoints is None:
-            common = [n for n in self.runs[0].names if all(n in r.names for r in self.runs)]
-            if not common:
-                common = self.runs[0].names  # ensembles of runs with different slice names: by position
-            checkpoints = common if self.method in ("tracin", "grad_cos", *_CURVED) else common[-1:]
-            if not all(set(checkpoints) <= set(r.names) for r in self.runs):
-                raise SketchConfigError(
-                    "The runs of the ensemble hold different slice names; pass `checkpoints` present in every run."
-                )
-        checkpoints = list(checkpoints)
-        unknown = [c for c in checkpoints if any(c not in r.names for r in self.runs)]
-        if unknown or not checkpoints:
-            raise SketchConfigError(f"`checkpoints` {checkpoints} not all in the store's {self.runs[0].names}.")
-        return checkpoints
-
     @property
     def ids(self) -> Tensor:
         """``[T]`` example ids (sorted ascending) in the order of the score columns."""
         return self._ids
-
 
     # ------------------------------------------------------------------ query gradients
     def query_sketches(self, batch: Any, run: int = 0) -> list[Tensor]:
@@ -263,27 +250,39 @@ class Attributor(ScoringEngine):
         out = []
         for name in self.checkpoints:
             saved = None if self.current_weights else load_weights(rn, name, layout)
-            if saved is None and not self.current_weights and (len(self.checkpoints) > 1 or len(self.runs) > 1):
+            if (
+                saved is None
+                and not self.current_weights
+                and (len(self.checkpoints) > 1 or len(self.runs) > 1)
+            ):
                 raise StoreNotFoundError(
-                    f"No saved weights for checkpoint {name!r} of run {rn.root}; multi-checkpoint methods and "
-                    f"ensembles need GradientSketch(save_weights=True), `weights_dir`, or `current_weights=True`."
+                    f"No saved weights for checkpoint {name!r} of run {rn.root}; multi-checkpoint "
+                    "methods and "
+                    "ensembles need GradientSketch(save_weights=True), `weights_dir`, or "
+                    "`current_weights=True`."
                 )
             with swapped_weights(model, saved), eval_mode(model):
-                mode = "auto"  # factorised for per_layer, module hooks otherwise, vmap only where hooks cannot see
+                # mode="auto": factorised for per_layer, module hooks otherwise,
+                # vmap only where hooks cannot see
                 q = sketch_gradients(
-                    model, self.query_loss_fn, batch, sketch, mode=mode, layout=layout,
+                    model,
+                    self.query_loss_fn,
+                    batch,
+                    sketch,
+                    mode="auto",
+                    layout=layout,
                     chunk_size=self.chunk_size,
                 )
             q = q.detach().to(torch.float64)
             if not bool(torch.isfinite(q).all()):
                 bad = (~torch.isfinite(q).all(dim=1)).nonzero().flatten()[:5].tolist()
                 raise SketchInputError(
-                    f"The gradients of queries {bad} are NaN or infinite at checkpoint {name!r}; check the query "
+                    f"The gradients of queries {bad} are NaN or infinite at checkpoint {name!r}; check "
+                    "the query "
                     f"inputs (NaN/inf values) and labels."
                 )
             out.append(q)
         return out
-
 
     def scores(self, batch: Any) -> Tensor:
         """Dense ``[Q, T]`` scores of every query against every stored example (float64).
@@ -318,7 +317,10 @@ class Attributor(ScoringEngine):
         if self.method == "grad_dot" and len(self.runs) == 1 and hasattr(self.store, "search"):
             q = self.query_sketches(batch)[-1]
             s, i = self.store.search(
-                (sign * q).to(torch.float32).numpy(), k, checkpoint=self.checkpoints[-1], index=self.index_kind
+                (sign * q).to(torch.float32).numpy(),
+                k,
+                checkpoint=self.checkpoints[-1],
+                index=self.index_kind,
             )
             s, i = torch.as_tensor(np.asarray(s), dtype=torch.float64), torch.as_tensor(np.asarray(i))
             return i.to(torch.long), sign * s
@@ -332,23 +334,6 @@ class Attributor(ScoringEngine):
             ids_out.append(self._ids[pos])
             s_out.append(sign * top)
         return torch.cat(ids_out), torch.cat(s_out)
-
-    def self_influence(self) -> tuple[Tensor, Tensor]:
-        """Self-influence score(x, x) of every stored example, for mislabel detection.
-
-        Large values flag examples whose own gradient is large and unexplained by the others
-        (e.g. flipped labels). ``grad_cos`` is constant by construction, so it uses ``tracin``.
-
-        Returns:
-            ``(ids [T], scores [T] float64)``, in :attr:`ids` order, averaged over the runs.
-        """
-        vals = torch.zeros(len(self._ids), dtype=torch.float64)
-        for r in range(len(self.runs)):
-            for w in self._weights(r):
-                pos = self._positions(r, w.name)
-                for sl, g in self.runs[r].iter_blocks(w.name):
-                    vals.index_add_(0, pos[sl], w.quad(g))
-        return self._ids, vals / len(self.runs)
 
     # ------------------------------------------------------------------ damping
     def tune_damping(
@@ -370,11 +355,13 @@ class Attributor(ScoringEngine):
             SketchConfigError: if the method has no damping, or ``objective``/``val_batches`` is missing.
         """
         if self.method not in _CURVED:
-            raise SketchConfigError(f"tune_damping applies to method='trak' or 'fisher_if', not {self.method!r}.")
+            raise SketchConfigError(
+                f"tune_damping applies to method='trak' or 'fisher_if', not {self.method!r}."
+            )
         if objective is None or val_batches is None:
             raise SketchConfigError(
-                "tune_damping needs `val_batches` and an `objective` (e.g. a validation LDS); without a ground "
-                f"truth the automatic ratio {DEFAULT_DAMPING_RATIO:.3g} is already in use."
+                "tune_damping needs `val_batches` and an `objective` (e.g. a validation LDS); without a "
+                f"ground truth the automatic ratio {DEFAULT_DAMPING_RATIO:.3g} is already in use."
             )
         cands = list(DAMPING_RATIO_GRID) if candidates is None else [float(c) for c in candidates]
         if not cands or any(not math.isfinite(c) or c <= 0 for c in cands):
