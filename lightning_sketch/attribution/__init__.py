@@ -14,6 +14,7 @@ from __future__ import annotations
 from lightning_sketch.attribution.query import (
     DAMPING_RATIO_GRID,
     DEFAULT_DAMPING_RATIO,
+    DEFAULT_MARGIN_DAMPING_RATIO,
     METHODS,
     Attributor,
     negative_margin,
@@ -33,6 +34,7 @@ from lightning_sketch.attribution.scores import (
 __all__ = [
     "DAMPING_RATIO_GRID",
     "DEFAULT_DAMPING_RATIO",
+    "DEFAULT_MARGIN_DAMPING_RATIO",
     "METHODS",
     "Attributor",
     "arnoldi_features",

@@ -8,6 +8,8 @@ store, never all at once. The mixin reads the Attributor's state (``runs``, ``sk
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +25,29 @@ from lightning_sketch.gradients import eval_mode
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches import Sketch
 
-__all__ = ["ScoringEngine", "SliceWeight"]
+__all__ = [
+    "DAMPING_RATIO_GRID",
+    "DEFAULT_DAMPING_RATIO",
+    "DEFAULT_MARGIN_DAMPING_RATIO",
+    "ScoringEngine",
+    "SliceWeight",
+]
 
+log = logging.getLogger("lightning_sketch.attribution.query")  # the Attributor's logger, as before
+
+#: Automatic damping of ``trak`` and ``fisher_if``: λ_c = ρ · tr(K_c)/T_c with ρ = 10^-0.5, where
+#: tr(K_c)/T_c is the mean squared sketched per-example gradient norm of slice c (the trace of the
+#: average per-example curvature). It does not depend on the sketch dimension D, which the LDS optimum
+#: did not either, unlike the mean eigenvalue tr(K_c)/D. Read off the LDS-versus-λ curves of
+#: ``benchmarks/damping_study.py`` (digits MLP and CNN, D = 256 and 1024, 1 and 5 models); see
+#: benchmarks/RESULTS.md and docs/attribution.md.
+DEFAULT_DAMPING_RATIO = 10.0**-0.5
+#: Automatic damping ratio of ``trak`` on TRAK's margin kernel Φᵀ∇m∇mᵀΦ (what ``GradientSketch``
+#: gathers by default): the LDS optimum sits at ρ = 1 on both benchmark tasks (digits MLP and CNN,
+#: 1 and 5 models, chosen on the validation split), half a decade above the Fisher's.
+DEFAULT_MARGIN_DAMPING_RATIO = 1.0
+#: Candidate ratios ρ for :meth:`Attributor.tune_damping`.
+DAMPING_RATIO_GRID = tuple(float(10.0**e) for e in np.arange(-4.0, 3.01, 0.5))
 #: methods with a per-slice curvature inverse (and a damping).
 _CURVED = ("trak", "fisher_if")
 
@@ -67,6 +90,7 @@ class ScoringEngine:
     loss_fn: Callable[[nn.Module, Any], Tensor]
     checkpoints: list[str]
     method: str
+    kernel: str | None
     damping: float | None
     damping_ratio: float
     rank: int | None
@@ -89,8 +113,20 @@ class ScoringEngine:
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
-    def _has_curvature(run: Run, names: Sequence[str]) -> bool:
-        return run.root is not None and set(names) <= set(CV.curvature_slices(run.root))
+    def _estimators(run: Run, names: Sequence[str]) -> set[str | None]:
+        """The curvature estimators recorded for slices ``names`` of ``run`` (``None``: no file)."""
+        if run.root is None:
+            return {None}
+        return {CV.curvature_estimator(run.root, n) for n in names}
+
+    @classmethod
+    def _curvature_kind(cls, run: Run, names: Sequence[str]) -> str | None:
+        """``"margin"`` or ``"fisher"`` when every slice of ``names`` holds that kernel, else ``None``."""
+        est = cls._estimators(run, names)
+        if None in est:
+            return None
+        margin = {CV.is_margin_estimator(e) for e in est}
+        return None if len(margin) != 1 else ("margin" if margin == {True} else "fisher")
 
     def _select(self, checkpoints: Sequence[str] | None) -> list[str]:
         if checkpoints is None:
@@ -114,7 +150,7 @@ class ScoringEngine:
     # ------------------------------------------------------------------ per-slice weights
     def _kernel(self, r: int, name: str) -> tuple[Tensor, int]:
         """``(K [D, D] float64, T)``: the slice's kernel and the number of examples summed into it."""
-        if self.method == "fisher_if":
+        if self.kernel in ("fisher", "margin"):
             root = self.runs[r].root
             if root is None:
                 raise SketchConfigError(
@@ -298,3 +334,54 @@ class ScoringEngine:
                 f"the same sketch spec."
             )
         return values, vectors
+
+    # ------------------------------------------------------------------ damping
+    def tune_damping(
+        self,
+        val_batches: Iterable[Any] | None = None,
+        candidates: Sequence[float] | None = None,
+        objective: Callable[[Tensor], float] | None = None,
+    ) -> float:
+        """Choose the damping ratio ρ (λ_c = ρ · tr(K_c)/T_c) that maximises ``objective``; returns it.
+
+        For users who have a ground truth: ``objective(scores [Q, T]) -> float`` (higher is better)
+        is evaluated on the scores of ``val_batches`` for every candidate ratio (default
+        :data:`DAMPING_RATIO_GRID`), e.g. the LDS of validation queries against retrained models
+        (:func:`lightning_sketch.evaluation.lds`). Without a ground truth, keep the automatic
+        ratio :data:`DEFAULT_DAMPING_RATIO` (nothing to call). Sets :attr:`damping_ratio` and clears
+        an absolute :attr:`damping`.
+
+        Raises:
+            SketchConfigError: if the method has no damping, or ``objective``/``val_batches`` is missing.
+        """
+        if self.method not in _CURVED:
+            raise SketchConfigError(
+                f"tune_damping applies to method='trak' or 'fisher_if', not {self.method!r}."
+            )
+        if objective is None or val_batches is None:
+            raise SketchConfigError(
+                "tune_damping needs `val_batches` and an `objective` (e.g. a validation LDS); without a "
+                f"ground truth the automatic ratio {DEFAULT_DAMPING_RATIO:.3g} is already in use."
+            )
+        cands = list(DAMPING_RATIO_GRID) if candidates is None else [float(c) for c in candidates]
+        if not cands or any(not math.isfinite(c) or c <= 0 for c in cands):
+            raise SketchConfigError(f"damping `candidates` must be finite ratios > 0, got {cands}.")
+        sketches = [self._all_query_sketches(b) for b in val_batches]  # once: only λ changes
+        saved = (self.damping, self.damping_ratio)
+        values = []
+        try:
+            self.damping = None
+            for rho in cands:
+                self.damping_ratio = rho
+                s = []
+                for qs in sketches:
+                    out = torch.zeros(qs[0][0].shape[0], len(self._ids), dtype=torch.float64)
+                    s.append(self._accumulate(qs, out))
+                values.append(float(objective(torch.cat(s))))
+        except Exception:
+            self.damping, self.damping_ratio = saved
+            raise
+        best = cands[int(np.nanargmax(values))]
+        self.damping, self.damping_ratio = None, best
+        log.info("damping ratio chosen: %.3g (objective %.4g)", best, float(np.nanmax(values)))
+        return best

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +30,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_sketch.attribution._engine import _CURVED, ScoringEngine
+from lightning_sketch.attribution import curvature as CV
+from lightning_sketch.attribution._engine import (
+    _CURVED,
+    DAMPING_RATIO_GRID,
+    DEFAULT_DAMPING_RATIO,
+    DEFAULT_MARGIN_DAMPING_RATIO,
+    ScoringEngine,
+)
 from lightning_sketch.attribution._stored import (
     Run,
     _sketch_and_layout,
@@ -51,6 +58,7 @@ from lightning_sketch.gradients import eval_mode, module_loss_fn, sketch_gradien
 __all__ = [
     "DAMPING_RATIO_GRID",
     "DEFAULT_DAMPING_RATIO",
+    "DEFAULT_MARGIN_DAMPING_RATIO",
     "METHODS",
     "Attributor",
     "negative_margin",
@@ -63,15 +71,6 @@ METHODS = ("grad_dot", "tracin", "grad_cos", "trak", "fisher_if", "arnoldi_if")
 Method = Literal["auto", "grad_dot", "tracin", "grad_cos", "trak", "fisher_if", "arnoldi_if"]
 LossFn = Callable[[nn.Module, Any], Tensor]
 
-#: Automatic damping of ``trak`` and ``fisher_if``: λ_c = ρ · tr(K_c)/T_c with ρ = 10^-0.5, where
-#: tr(K_c)/T_c is the mean squared sketched per-example gradient norm of slice c (the trace of the
-#: average per-example curvature). It does not depend on the sketch dimension D, which the LDS optimum
-#: did not either, unlike the mean eigenvalue tr(K_c)/D. Read off the LDS-versus-λ curves of
-#: ``benchmarks/damping_study.py`` (digits MLP and CNN, D = 256 and 1024, 1 and 5 models); see
-#: benchmarks/RESULTS.md and docs/attribution.md.
-DEFAULT_DAMPING_RATIO = 10.0**-0.5
-#: Candidate ratios ρ for :meth:`Attributor.tune_damping`.
-DAMPING_RATIO_GRID = tuple(float(10.0**e) for e in np.arange(-4.0, 3.01, 0.5))
 
 
 
@@ -80,12 +79,16 @@ class Attributor(ScoringEngine):
 
     Methods (``method``):
 
-    - ``"auto"`` (default): ``fisher_if`` when every run holds the sampled-label curvature that
-      ``GradientSketch`` gathers by default, else ``trak``.
+    - ``"auto"`` (default): ``fisher_if`` when every run holds only the sampled-label Fisher
+      (``GradientSketch(curvature="fisher")``), else ``trak`` (on TRAK's margin kernel, which
+      ``GradientSketch`` gathers by default for classifiers).
     - ``fisher_if``: influence functions with the sketched Gauss–Newton / true Fisher of sampled
       labels, Σ_c q_cᵀ (Φ F_c Φᵀ + λ_c I)⁻¹ g_c / C (Koh & Liang 2017; Grosse et al. 2023 use the
       same sampled-label curvature in EK-FAC), averaged over the slices like TRAK's ensemble.
-    - ``trak``: (GᵀG + λI)⁻¹ per slice with G the stored gradients (Park et al. 2023).
+    - ``trak``: TRAK (Park et al. 2023): Σ_c q_cᵀ (K_c + λ_c I)⁻¹ g_c / C with K_c = Σ_t φ_t φ_tᵀ the
+      kernel of the sketched margin gradients φ_t of the training examples, gathered during fit
+      (the stored loss gradients are g_t = −(1 − p_t) φ_t, TRAK's out-to-loss weighting). Runs
+      without that kernel use K_c = GᵀG of the stored loss gradients (:attr:`kernel` says which).
     - ``tracin``: Σ_c η_c ⟨Φg_c(z), Φg_c(x)⟩ (Pruthi et al. 2020); ``grad_cos``: its cosine;
       ``grad_dot``: the last slice only.
     - ``arnoldi_if``: Σ_i λ_i⁻¹⟨u_i, Φg(z)⟩⟨u_i, Φg(x)⟩ over the top eigenpairs of the sketched
@@ -93,7 +96,8 @@ class Attributor(ScoringEngine):
 
     Damping (``trak``, ``fisher_if``): with ``damping=None`` each slice uses
     λ_c = ``damping_ratio`` · tr(K_c)/T_c, T_c the examples summed into the slice's kernel K_c (default
-    ratio :data:`DEFAULT_DAMPING_RATIO`); an explicit
+    ratio :data:`DEFAULT_MARGIN_DAMPING_RATIO` on the margin kernel, :data:`DEFAULT_DAMPING_RATIO`
+    on the others); an explicit
     ``damping`` is an absolute λ for every slice. :meth:`tune_damping` picks the ratio on a
     user-supplied objective (e.g. a validation LDS).
 
@@ -115,7 +119,8 @@ class Attributor(ScoringEngine):
             ``arnoldi_if``). Less accurate than the full inverse at its best damping, but nearly
             insensitive to λ (benchmarks/RESULTS.md); ``None`` (default) keeps all D.
         query_loss_fn: the queries' per-example "loss"; default ``loss_fn``, or for ``trak`` and
-            ``fisher_if`` the negative margin when the model defines ``per_example_margin(batch)``.
+            ``fisher_if`` the negative margin: the model's ``per_example_margin(batch)``, or the
+            logits' margin when the runs' kernel was built from it (classification convention).
         checkpoints: names of the slices to use (default: all for ``tracin``, ``grad_cos``,
             ``trak``, ``fisher_if``; the last for ``grad_dot`` and ``arnoldi_if``); every run must
             hold them.
@@ -133,7 +138,7 @@ class Attributor(ScoringEngine):
     Raises:
         SketchConfigError: for an unknown method or a bad argument.
         LayoutMismatchError: if a model's parameter layout differs from a store's.
-        StoreNotFoundError: for ``fisher_if`` on a run without curvature files.
+        StoreNotFoundError: for ``fisher_if`` on a run without sampled-label Fisher files.
 
     Example:
         >>> # see tests/attribution/test_attributor.py, examples/attribution_digits.py and README.md
@@ -202,10 +207,10 @@ class Attributor(ScoringEngine):
                 "use fisher_if or trak for ensembles."
             )
         if method == "auto":
-            method = "fisher_if" if all(self._has_curvature(r, r.names) for r in self.runs) else "trak"
+            kinds = {self._curvature_kind(r, r.names) for r in self.runs}
+            method = "fisher_if" if kinds == {"fisher"} else "trak"
         self.method: str = method
         self.damping = None if damping is None else float(damping)
-        self.damping_ratio = DEFAULT_DAMPING_RATIO if damping_ratio is None else float(damping_ratio)
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise SketchConfigError(
                 f"`rank` must be a positive int or None (the full D-dimensional inverse), got {rank!r}."
@@ -214,18 +219,34 @@ class Attributor(ScoringEngine):
         self.chunk_size = chunk_size
         self.index_kind = index
         self.current_weights = bool(current_weights)
-        if query_loss_fn is None and method in _CURVED and hasattr(self.model, "per_example_margin"):
-            query_loss_fn = negative_margin_of(self.model)
-        self.query_loss_fn = query_loss_fn if query_loss_fn is not None else self.loss_fn
         self.checkpoints = self._select(checkpoints)
-        if method == "fisher_if":
-            missing = [str(r.root) for r in self.runs if not self._has_curvature(r, self.checkpoints)]
-            if missing:
-                raise StoreNotFoundError(
-                    "method='fisher_if' needs the curvature files that "
-                    "GradientSketch(curvature='fisher') writes; "
-                    f"missing in {missing}. Use method='trak', or re-run with the default curvature='fisher'."
-                )
+        estimators = [self._estimators(r, self.checkpoints) for r in self.runs]
+        kinds = {self._curvature_kind(r, self.checkpoints) for r in self.runs}
+        if method == "fisher_if" and kinds != {"fisher"}:
+            missing = [
+                str(r.root) for r in self.runs if self._curvature_kind(r, self.checkpoints) != "fisher"
+            ]
+            raise StoreNotFoundError(
+                "method='fisher_if' needs the sampled-label Fisher that GradientSketch(curvature='fisher') "
+                f"writes; {missing} hold none (or TRAK's margin kernel). Use method='trak', or re-run "
+                "with curvature='fisher'."
+            )
+        #: the per-slice kernel K_c of ``trak``/``fisher_if``: ``"margin"`` (TRAK's kernel of margin
+        #: gradients, gathered during fit), ``"fisher"`` (sampled-label Fisher) or ``"gradients"``
+        #: (GᵀG of the stored loss gradients, when the runs hold no margin kernel); ``None`` otherwise.
+        self.kernel: str | None = None
+        if method == "trak":
+            self.kernel = "margin" if kinds == {"margin"} else "gradients"
+        elif method == "fisher_if":
+            self.kernel = "fisher"
+        auto_ratio = DEFAULT_MARGIN_DAMPING_RATIO if self.kernel == "margin" else DEFAULT_DAMPING_RATIO
+        self.damping_ratio = auto_ratio if damping_ratio is None else float(damping_ratio)
+        if query_loss_fn is None and method in _CURVED:
+            if callable(getattr(self.model, "per_example_margin", None)):
+                query_loss_fn = negative_margin_of(self.model)
+            elif all(e == {"margin-logits"} for e in estimators):  # the classification convention held
+                query_loss_fn = CV.logits_margin_loss(self.model)
+        self.query_loss_fn = query_loss_fn if query_loss_fn is not None else self.loss_fn
         self._ids = torch.from_numpy(union_ids(self.runs, [self.checkpoints] * len(self.runs)))
         self._pos_cache: dict[tuple[int, str], Tensor] = {}
         self._eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
@@ -334,54 +355,3 @@ class Attributor(ScoringEngine):
             ids_out.append(self._ids[pos])
             s_out.append(sign * top)
         return torch.cat(ids_out), torch.cat(s_out)
-
-    # ------------------------------------------------------------------ damping
-    def tune_damping(
-        self,
-        val_batches: Iterable[Any] | None = None,
-        candidates: Sequence[float] | None = None,
-        objective: Callable[[Tensor], float] | None = None,
-    ) -> float:
-        """Choose the damping ratio ρ (λ_c = ρ · tr(K_c)/T_c) that maximises ``objective``; returns it.
-
-        For users who have a ground truth: ``objective(scores [Q, T]) -> float`` (higher is better)
-        is evaluated on the scores of ``val_batches`` for every candidate ratio (default
-        :data:`DAMPING_RATIO_GRID`), e.g. the LDS of validation queries against retrained models
-        (:func:`lightning_sketch.evaluation.lds`). Without a ground truth, keep the automatic
-        ratio :data:`DEFAULT_DAMPING_RATIO` (nothing to call). Sets :attr:`damping_ratio` and clears
-        an absolute :attr:`damping`.
-
-        Raises:
-            SketchConfigError: if the method has no damping, or ``objective``/``val_batches`` is missing.
-        """
-        if self.method not in _CURVED:
-            raise SketchConfigError(
-                f"tune_damping applies to method='trak' or 'fisher_if', not {self.method!r}."
-            )
-        if objective is None or val_batches is None:
-            raise SketchConfigError(
-                "tune_damping needs `val_batches` and an `objective` (e.g. a validation LDS); without a "
-                f"ground truth the automatic ratio {DEFAULT_DAMPING_RATIO:.3g} is already in use."
-            )
-        cands = list(DAMPING_RATIO_GRID) if candidates is None else [float(c) for c in candidates]
-        if not cands or any(not math.isfinite(c) or c <= 0 for c in cands):
-            raise SketchConfigError(f"damping `candidates` must be finite ratios > 0, got {cands}.")
-        sketches = [self._all_query_sketches(b) for b in val_batches]  # once: only λ changes
-        saved = (self.damping, self.damping_ratio)
-        values = []
-        try:
-            self.damping = None
-            for rho in cands:
-                self.damping_ratio = rho
-                s = []
-                for qs in sketches:
-                    out = torch.zeros(qs[0][0].shape[0], len(self._ids), dtype=torch.float64)
-                    s.append(self._accumulate(qs, out))
-                values.append(float(objective(torch.cat(s))))
-        except Exception:
-            self.damping, self.damping_ratio = saved
-            raise
-        best = cands[int(np.nanargmax(values))]
-        self.damping, self.damping_ratio = None, best
-        log.info("damping ratio chosen: %.3g (objective %.4g)", best, float(np.nanmax(values)))
-        return best
