@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _attr_tasks as T  # noqa: E402
 
-from lightning_sketch.attribution import DAMPING_RATIO_GRID, DEFAULT_DAMPING_RATIO, Attributor  # noqa: E402
+from lightning_sketch.attribution import DAMPING_RATIO_GRID, Attributor  # noqa: E402
+from lightning_sketch.exceptions import StoreNotFoundError  # noqa: E402
 from lightning_sketch.attribution.scores import damping_loo_errors  # noqa: E402
 
 
@@ -44,22 +45,31 @@ def curve(att: Attributor, batch, masks, outputs) -> list[float]:
     return values
 
 
+CURVATURE = "auto"  # GradientSketch(curvature=...) of the runs; --curvature sets it
+
+
 def _setup(task_name: str, D: int, n_runs: int, out: Path):
     """``(splits, ground truth, runs)``: n_runs default-callback runs of the task at D (reused if present)."""
     task = T.get_task(task_name)
-    runs = T.fit_runs(task, n_runs, out / f"{task_name}_D{D}", callback_kwargs={}, sketch_dim=D, reuse=True)
+    kw = {} if CURVATURE == "auto" else {"curvature": CURVATURE}
+    folder = out / (f"{task_name}_D{D}" + ("" if CURVATURE == "auto" else f"_{CURVATURE}"))
+    runs = T.fit_runs(task, n_runs, folder, callback_kwargs=kw, sketch_dim=D, reuse=True)
     return T.splits(task), T.ground_truth(task), runs
 
 
 def study(task_name: str, D: int, n_runs: int, out: Path) -> dict:
     sp, gt, runs = _setup(task_name, D, n_runs, out)
     qb, vb = T.dict_batch(*sp.query), T.dict_batch(*sp.val)
-    res: dict = {"task": task_name, "D": D, "grid": list(DAMPING_RATIO_GRID), "auto_ratio": DEFAULT_DAMPING_RATIO}
-    auto_i = int(np.argmin([abs(np.log10(g / DEFAULT_DAMPING_RATIO)) for g in DAMPING_RATIO_GRID]))
+    res: dict = {"task": task_name, "D": D, "grid": list(DAMPING_RATIO_GRID), "curvature": CURVATURE}
     default_att = Attributor(runs[0][0], runs[0][1])
     res["default_method"] = default_att.method
     res["default_lds_1"] = T.lds_ci(default_att.scores(qb), gt.masks, gt.query_outputs, n_boot=1)[0]
     for method in ("trak", "fisher_if"):
+        try:
+            Attributor(runs[0][0], runs[0][1], method=method)
+        except StoreNotFoundError:  # fisher_if needs curvature="fisher" runs
+            print(f"{task_name} D={D} {method}: not available on these runs (curvature={CURVATURE})")
+            continue
         singles_q, singles_v = [], []
         for run_dir, module in runs:
             att = Attributor(run_dir, module, method=method)
@@ -68,16 +78,19 @@ def study(task_name: str, D: int, n_runs: int, out: Path) -> dict:
         ens = Attributor([r for r, _ in runs], runs[0][1], method=method)
         ens_q = curve(ens, qb, gt.masks, gt.query_outputs)
         ens_v = curve(ens, vb, gt.masks, gt.val_outputs)
+        auto_ratio = Attributor(runs[0][0], runs[0][1], method=method).damping_ratio  # the automatic ρ
+        auto_i = int(np.argmin([abs(np.log10(g / auto_ratio)) for g in DAMPING_RATIO_GRID]))
         one_q, one_v = np.mean(singles_q, 0), np.mean(singles_v, 0)
         tuned1, tuned5 = int(np.argmax(one_v)), int(np.argmax(ens_v))
         res[method] = {
+            "kernel": ens.kernel, "auto_ratio": auto_ratio,
             "curve_1": one_q.tolist(), "curve_5": list(ens_q),
             "auto_1": float(one_q[auto_i]), "auto_5": float(ens_q[auto_i]),
             "val_tuned_ratio_1": DAMPING_RATIO_GRID[tuned1], "val_tuned_1": float(one_q[tuned1]),
             "val_tuned_ratio_5": DAMPING_RATIO_GRID[tuned5], "val_tuned_5": float(ens_q[tuned5]),
             "best_1": float(one_q.max()), "best_5": float(max(ens_q)),
         }
-        print(f"{task_name} D={D} {method:9s} auto(ρ={DEFAULT_DAMPING_RATIO:.3g}) 1: {one_q[auto_i]:.3f} 5: "
+        print(f"{task_name} D={D} {method:9s} [{ens.kernel} kernel] auto(ρ={auto_ratio:.3g}) 1: {one_q[auto_i]:.3f} 5: "
               f"{ens_q[auto_i]:.3f} | val-tuned 1: {one_q[tuned1]:.3f} (ρ={DAMPING_RATIO_GRID[tuned1]:.3g}) "
               f"5: {ens_q[tuned5]:.3f} (ρ={DAMPING_RATIO_GRID[tuned5]:.3g})", flush=True)
         print("   curve 1:", " ".join(f"{v:.3f}" for v in one_q), flush=True)
@@ -165,7 +178,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--defaults", action="store_true", help="only the defaults' LDS (reuses the runs)")
     p.add_argument("--split", choices=("query", "val"), default="query", help="--arnoldi: split scored")
     p.add_argument("--ranks", default="50,100,none", help="--arnoldi: ranks of the fisher_if λ-curves")
+    p.add_argument("--curvature", default="auto", choices=("auto", "margin", "fisher", "none"),
+                   help="GradientSketch(curvature=...) of the runs (auto: the callback's default)")
     a = p.parse_args(argv)
+    global CURVATURE
+    CURVATURE = a.curvature
     torch.set_num_threads(a.threads)
     t0 = time.time()
     if a.arnoldi:

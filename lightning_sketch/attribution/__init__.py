@@ -1,4 +1,6 @@
-"""Training data attribution on stored gradient sketches (arXiv 2402.03994 Sec. 5.2; TracIn, Pruthi et al. 2020; TRAK, Park et al. 2023).
+"""Training data attribution on stored gradient sketches.
+
+arXiv 2402.03994 Sec. 5.2; TracIn (Pruthi et al. 2020); TRAK (Park et al. 2023).
 
 Sign convention, everywhere: a **positive** score means that training on the example lowers the
 query's loss (raises its margin, for TRAK); opponents are the most negative scores.
@@ -12,6 +14,7 @@ from __future__ import annotations
 from lightning_sketch.attribution.query import (
     DAMPING_RATIO_GRID,
     DEFAULT_DAMPING_RATIO,
+    DEFAULT_MARGIN_DAMPING_RATIO,
     METHODS,
     Attributor,
     negative_margin,
@@ -31,6 +34,7 @@ from lightning_sketch.attribution.scores import (
 __all__ = [
     "DAMPING_RATIO_GRID",
     "DEFAULT_DAMPING_RATIO",
+    "DEFAULT_MARGIN_DAMPING_RATIO",
     "METHODS",
     "Attributor",
     "arnoldi_features",

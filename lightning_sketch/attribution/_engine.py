@@ -8,20 +8,48 @@ store, never all at once. The mixin reads the Attributor's state (``runs``, ``sk
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_sketch.attribution import curvature as CV
-from lightning_sketch.attribution._stored import load_weights, swapped_weights
+from lightning_sketch.attribution._stored import Run, load_weights, swapped_weights
 from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError, SpectrumError
 from lightning_sketch.gradients import eval_mode
+from lightning_sketch.layout import ParamLayout
+from lightning_sketch.sketches import Sketch
 
-__all__ = ["ScoringEngine", "SliceWeight"]
+__all__ = [
+    "DAMPING_RATIO_GRID",
+    "DEFAULT_DAMPING_RATIO",
+    "DEFAULT_MARGIN_DAMPING_RATIO",
+    "ScoringEngine",
+    "SliceWeight",
+]
+
+log = logging.getLogger("lightning_sketch.attribution.query")  # the Attributor's logger, as before
+
+#: Automatic damping of ``trak`` and ``fisher_if``: λ_c = ρ · tr(K_c)/T_c with ρ = 10^-0.5, where
+#: tr(K_c)/T_c is the mean squared sketched per-example gradient norm of slice c (the trace of the
+#: average per-example curvature). It does not depend on the sketch dimension D, which the LDS optimum
+#: did not either, unlike the mean eigenvalue tr(K_c)/D. Read off the LDS-versus-λ curves of
+#: ``benchmarks/damping_study.py`` (digits MLP and CNN, D = 256 and 1024, 1 and 5 models); see
+#: benchmarks/RESULTS.md and docs/attribution.md.
+DEFAULT_DAMPING_RATIO = 10.0**-0.5
+#: Automatic damping ratio of ``trak`` on TRAK's margin kernel Φᵀ∇m∇mᵀΦ (what ``GradientSketch``
+#: gathers by default): the LDS optimum sits at ρ = 1 on both benchmark tasks (digits MLP and CNN,
+#: 1 and 5 models, chosen on the validation split), half a decade above the Fisher's.
+DEFAULT_MARGIN_DAMPING_RATIO = 1.0
+#: Candidate ratios ρ for :meth:`Attributor.tune_damping`.
+DAMPING_RATIO_GRID = tuple(float(10.0**e) for e in np.arange(-4.0, 3.01, 0.5))
+#: methods with a per-slice curvature inverse (and a damping).
+_CURVED = ("trak", "fisher_if")
 
 #: bytes of float64 scores held per query chunk (``[Q_chunk, T]``).
 _SCORE_BYTES = 1 << 27
@@ -38,19 +66,43 @@ class SliceWeight:
     lam: float = 0.0
 
     def apply(self, q: Tensor) -> Tensor:
-        if self.U is None:
+        if self.U is None or self.s is None:
             return q * self.scale
         return ((q @ self.U) / (self.s + self.lam)) @ self.U.T * self.scale
 
     def quad(self, g: Tensor) -> Tensor:
-        if self.U is None:
+        if self.U is None or self.s is None:
             return (g * g).sum(1) * self.scale
         return ((g @ self.U) ** 2 / (self.s + self.lam)).sum(1) * self.scale
 
 
-
 class ScoringEngine:
     """Streaming scores, self-influence and per-slice weights (mixed into the Attributor)."""
+
+    # The host's state (set by ``Attributor.__init__``), declared here for readers and type checkers.
+    runs: list[Run]
+    models: list[nn.Module]
+    model: nn.Module
+    sketches: list[Sketch]
+    sketch: Sketch
+    layouts: list[ParamLayout]
+    layout: ParamLayout
+    loss_fn: Callable[[nn.Module, Any], Tensor]
+    checkpoints: list[str]
+    method: str
+    kernel: str | None
+    damping: float | None
+    damping_ratio: float
+    rank: int | None
+    current_weights: bool
+    _ids: Tensor
+    _eig: tuple[Tensor, Tensor] | None
+    _pos_cache: dict[tuple[int, str], Tensor]
+    _eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]]
+    _norms: Tensor | None
+
+    def query_sketches(self, batch: Any, run: int = 0) -> list[Tensor]:  # implemented by the host
+        raise NotImplementedError
 
     def _positions(self, r: int, name: str) -> Tensor:
         key = (r, name)
@@ -59,11 +111,52 @@ class ScoringEngine:
             self._pos_cache[key] = torch.from_numpy(np.searchsorted(self._ids.numpy(), ids).astype(np.int64))
         return self._pos_cache[key]
 
+    # ------------------------------------------------------------------ set-up helpers
+    @staticmethod
+    def _estimators(run: Run, names: Sequence[str]) -> set[str | None]:
+        """The curvature estimators recorded for slices ``names`` of ``run`` (``None``: no file)."""
+        if run.root is None:
+            return {None}
+        return {CV.curvature_estimator(run.root, n) for n in names}
+
+    @classmethod
+    def _curvature_kind(cls, run: Run, names: Sequence[str]) -> str | None:
+        """``"margin"`` or ``"fisher"`` when every slice of ``names`` holds that kernel, else ``None``."""
+        est = cls._estimators(run, names)
+        if None in est:
+            return None
+        margin = {CV.is_margin_estimator(e) for e in est}
+        return None if len(margin) != 1 else ("margin" if margin == {True} else "fisher")
+
+    def _select(self, checkpoints: Sequence[str] | None) -> list[str]:
+        if checkpoints is None:
+            common = [n for n in self.runs[0].names if all(n in r.names for r in self.runs)]
+            if not common:
+                common = self.runs[0].names  # ensembles of runs with different slice names: by position
+            checkpoints = common if self.method in ("tracin", "grad_cos", *_CURVED) else common[-1:]
+            if not all(set(checkpoints) <= set(r.names) for r in self.runs):
+                raise SketchConfigError(
+                    "The runs of the ensemble hold different slice names; pass `checkpoints` present in "
+                    "every run."
+                )
+        checkpoints = list(checkpoints)
+        unknown = [c for c in checkpoints if any(c not in r.names for r in self.runs)]
+        if unknown or not checkpoints:
+            raise SketchConfigError(
+                f"`checkpoints` {checkpoints} not all in the store's {self.runs[0].names}."
+            )
+        return checkpoints
+
     # ------------------------------------------------------------------ per-slice weights
     def _kernel(self, r: int, name: str) -> tuple[Tensor, int]:
         """``(K [D, D] float64, T)``: the slice's kernel and the number of examples summed into it."""
-        if self.method == "fisher_if":
-            K, meta = CV.read_curvature(self.runs[r].root, name, self.sketches[r].spec)
+        if self.kernel in ("fisher", "margin"):
+            root = self.runs[r].root
+            if root is None:
+                raise SketchConfigError(
+                    "fisher_if needs a run directory with curvature/; pass the run's path."
+                )
+            K, meta = CV.read_curvature(root, name, self.sketches[r].spec)
             return K, int(meta["count"])
         D = self.sketches[r].sketch_dim
         K, T = torch.zeros(D, D, dtype=torch.float64), 0
@@ -93,19 +186,29 @@ class ScoringEngine:
                     f"Checkpoints {missing} record no learning rate, which {self.method} weights by; use "
                     f"grad_dot, trak or fisher_if, or write the slices with their lr."
                 )
-            return [SliceWeight(n, run.lrs[n]) for n in self.checkpoints]
+            return [SliceWeight(n, float(run.lrs[n] or 0.0)) for n in self.checkpoints]
         if self.method == "arnoldi_if":
+            assert self._eig is not None  # set in __init__ for arnoldi_if
             values, vectors = self._eig
             keep = values > 0
             if not bool(keep.any()):
-                raise SpectrumError(f"No positive eigenvalue among {values.tolist()}; arnoldi_if needs positive curvature.")
-            return [SliceWeight(self.checkpoints[-1], 1.0, values[keep].to(torch.float64), vectors[:, keep].to(torch.float64))]
+                raise SpectrumError(
+                    f"No positive eigenvalue among {values.tolist()}; arnoldi_if needs positive curvature."
+                )
+            return [
+                SliceWeight(
+                    self.checkpoints[-1],
+                    1.0,
+                    values[keep].to(torch.float64),
+                    vectors[:, keep].to(torch.float64),
+                )
+            ]
         out = []
         for n in self.checkpoints:
             s, U, scale = self._eigh(r, n)
             lam = self.damping if self.damping is not None else self.damping_ratio * scale
             if self.rank is not None:  # project on the top-`rank` curvature directions (eigh is ascending)
-                s, U = s[-self.rank:], U[:, -self.rank:]
+                s, U = s[-self.rank :], U[:, -self.rank :]
             if lam <= 0:  # an all-zero kernel (no rows): fall back to an identity weight
                 lam = 1.0
             out.append(SliceWeight(n, 1.0 / C, s, U, lam))
@@ -124,22 +227,43 @@ class ScoringEngine:
                 for sl, g in self.runs[r].iter_blocks(w.name):
                     target.index_add_(1, pos[sl], a @ g.T)
             if self.method == "grad_cos":
-                qn = sum(w.scale * (qs[r][self.checkpoints.index(w.name)] ** 2).sum(1) for w in weights).sqrt()
+                qn = torch.stack(
+                    [w.scale * (qs[r][self.checkpoints.index(w.name)] ** 2).sum(1) for w in weights]
+                )
+                qn = qn.sum(0).sqrt()
                 tn = self._tracin_norms(r)
                 target /= qn.clamp_min(1e-300)[:, None] * tn.clamp_min(1e-300)[None, :]
                 out += target
         out /= R
         return out
 
+    def self_influence(self) -> tuple[Tensor, Tensor]:
+        """Self-influence score(x, x) of every stored example, for mislabel detection.
+
+        Large values flag examples whose own gradient is large and unexplained by the others
+        (e.g. flipped labels). ``grad_cos`` is constant by construction, so it uses ``tracin``.
+
+        Returns:
+            ``(ids [T], scores [T] float64)``, in :attr:`ids` order, averaged over the runs.
+        """
+        vals = torch.zeros(len(self._ids), dtype=torch.float64)
+        for r in range(len(self.runs)):
+            for w in self._weights(r):
+                pos = self._positions(r, w.name)
+                for sl, g in self.runs[r].iter_blocks(w.name):
+                    vals.index_add_(0, pos[sl], w.quad(g))
+        return self._ids, vals / len(self.runs)
+
     def _tracin_norms(self, r: int) -> Tensor:
         if self._norms is None:
-            self._norms = torch.zeros(len(self.runs), len(self._ids), dtype=torch.float64)
+            norms = torch.zeros(len(self.runs), len(self._ids), dtype=torch.float64)
             for rr in range(len(self.runs)):
                 for n in self.checkpoints:
                     pos = self._positions(rr, n)
+                    lr = float(self.runs[rr].lrs[n] or 0.0)  # _weights refuses slices without an lr first
                     for sl, g in self.runs[rr].iter_blocks(n):
-                        self._norms[rr].index_add_(0, pos[sl], self.runs[rr].lrs[n] * (g * g).sum(1))
-            self._norms = self._norms.sqrt()
+                        norms[rr].index_add_(0, pos[sl], lr * (g * g).sum(1))
+            self._norms = norms.sqrt()
         return self._norms[r]
 
     def _all_query_sketches(self, batch: Any) -> list[list[Tensor]]:
@@ -173,10 +297,20 @@ class ScoringEngine:
         elif batches is not None:
             from lightning_sketch.spectrum import hessian_eigs
 
-            saved = None if self.current_weights else load_weights(self.runs[0], self.checkpoints[-1], self.layout)
+            saved = (
+                None
+                if self.current_weights
+                else load_weights(self.runs[0], self.checkpoints[-1], self.layout)
+            )
             with swapped_weights(self.model, saved), eval_mode(self.model):
                 res = hessian_eigs(
-                    self.model, self.loss_fn, list(batches), k=k, sketch=self.sketch, which="LA", layout=self.layout
+                    self.model,
+                    self.loss_fn,
+                    list(batches),
+                    k=k,
+                    sketch=self.sketch,
+                    which="LA",
+                    layout=self.layout,
                 )
             values, vectors = torch.as_tensor(res.eigenvalues), torch.as_tensor(res.eigenvectors)
         else:
@@ -186,10 +320,68 @@ class ScoringEngine:
             )
         if vectors.ndim == 2 and vectors.shape[0] != D and vectors.shape[1] == D:
             vectors = vectors.T  # accept [k, D] rows as well as [D, k] columns
-        if vectors.ndim != 2 or vectors.shape[0] != D or values.ndim != 1 or values.shape[0] != vectors.shape[1]:
+        if (
+            vectors.ndim != 2
+            or vectors.shape[0] != D
+            or values.ndim != 1
+            or values.shape[0] != vectors.shape[1]
+        ):
             raise SpectrumError(
-                f"Eigenvectors must be D={D}-dimensional (sketched with the store's sketch) with one eigenvalue "
-                f"each, got shapes {tuple(values.shape)} and {tuple(vectors.shape)}; compute the spectrum with "
+                f"Eigenvectors must be D={D}-dimensional (sketched with the store's sketch) with one "
+                "eigenvalue "
+                f"each, got shapes {tuple(values.shape)} and {tuple(vectors.shape)}; compute the "
+                "spectrum with "
                 f"the same sketch spec."
             )
         return values, vectors
+
+    # ------------------------------------------------------------------ damping
+    def tune_damping(
+        self,
+        val_batches: Iterable[Any] | None = None,
+        candidates: Sequence[float] | None = None,
+        objective: Callable[[Tensor], float] | None = None,
+    ) -> float:
+        """Choose the damping ratio ρ (λ_c = ρ · tr(K_c)/T_c) that maximises ``objective``; returns it.
+
+        For users who have a ground truth: ``objective(scores [Q, T]) -> float`` (higher is better)
+        is evaluated on the scores of ``val_batches`` for every candidate ratio (default
+        :data:`DAMPING_RATIO_GRID`), e.g. the LDS of validation queries against retrained models
+        (:func:`lightning_sketch.evaluation.lds`). Without a ground truth, keep the automatic
+        ratio :data:`DEFAULT_DAMPING_RATIO` (nothing to call). Sets :attr:`damping_ratio` and clears
+        an absolute :attr:`damping`.
+
+        Raises:
+            SketchConfigError: if the method has no damping, or ``objective``/``val_batches`` is missing.
+        """
+        if self.method not in _CURVED:
+            raise SketchConfigError(
+                f"tune_damping applies to method='trak' or 'fisher_if', not {self.method!r}."
+            )
+        if objective is None or val_batches is None:
+            raise SketchConfigError(
+                "tune_damping needs `val_batches` and an `objective` (e.g. a validation LDS); without a "
+                f"ground truth the automatic ratio {DEFAULT_DAMPING_RATIO:.3g} is already in use."
+            )
+        cands = list(DAMPING_RATIO_GRID) if candidates is None else [float(c) for c in candidates]
+        if not cands or any(not math.isfinite(c) or c <= 0 for c in cands):
+            raise SketchConfigError(f"damping `candidates` must be finite ratios > 0, got {cands}.")
+        sketches = [self._all_query_sketches(b) for b in val_batches]  # once: only λ changes
+        saved = (self.damping, self.damping_ratio)
+        values = []
+        try:
+            self.damping = None
+            for rho in cands:
+                self.damping_ratio = rho
+                s = []
+                for qs in sketches:
+                    out = torch.zeros(qs[0][0].shape[0], len(self._ids), dtype=torch.float64)
+                    s.append(self._accumulate(qs, out))
+                values.append(float(objective(torch.cat(s))))
+        except Exception:
+            self.damping, self.damping_ratio = saved
+            raise
+        best = cands[int(np.nanargmax(values))]
+        self.damping, self.damping_ratio = None, best
+        log.info("damping ratio chosen: %.3g (objective %.4g)", best, float(np.nanmax(values)))
+        return best

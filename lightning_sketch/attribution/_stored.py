@@ -75,6 +75,7 @@ def open_run(store: Any) -> Run:
     """Resolve a store object, a store directory or a GradientSketch run directory into a :class:`Run`."""
     from lightning_sketch.store import SketchStore
 
+    root: Path | None
     if isinstance(store, (str, Path)):
         path = Path(store)
         if not path.exists():
@@ -188,7 +189,8 @@ def load_weights(run: Run, name: str, layout: Any) -> dict[str, Tensor] | None:
         tuple(saved[n].shape) != tuple(shapes[n]) for n in shapes
     ):
         raise LayoutMismatchError(
-            f"Saved weights of checkpoint {name!r} hold parameters {sorted(saved)[:5]}... (names or shapes) that "
+            f"Saved weights of checkpoint {name!r} hold parameters {sorted(saved)[:5]}... (names or "
+            "shapes) that "
             f"differ from the model's layout; use the architecture the run was trained with."
         )
     return saved
@@ -206,7 +208,9 @@ def swapped_weights(model: nn.Module, saved: dict[str, Tensor] | None):
         with torch.no_grad():
             for n, t in saved.items():
                 if tuple(t.shape) != tuple(params[n].shape):
-                    raise LayoutMismatchError(f"Saved weight {n!r} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}.")
+                    raise LayoutMismatchError(
+                        f"Saved weight {n!r} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}."
+                    )
                 params[n].copy_(t)
         yield
     finally:

@@ -1,13 +1,24 @@
-"""Sketched curvature for influence: the Fisher / Gauss–Newton of sampled labels, F = Σ_t ĝ_t ĝ_tᵀ.
+"""Sketched curvature for influence, gathered during fit: TRAK's margin kernel or a sampled-label Fisher.
 
-Why sampled labels. For a per-example loss that is a negative log-likelihood −log p_θ(y | x), the
+Both are ``[D, D]`` second moments K = Σ_t φ_t φ_tᵀ of per-example sketched gradients φ_t = Φ∇(·),
+independent of N and of T; they differ in what is differentiated.
+
+**TRAK's margin kernel** (estimators ``"margin"``, ``"margin-logits"``; ``GradientSketch``'s default
+for classifiers): φ_t = Φ∇m_t with m the margin log p_y − log(1 − p_y) (Park et al. 2023). For the
+cross-entropy the stored loss gradient is g_t = −(1 − p_t)∇m_t, so TRAK's score
+φ(z)ᵀ(Σφφᵀ)⁻¹φ_t(1 − p_t) is q(z)ᵀ(K + λI)⁻¹g_t up to sign: the rows carry TRAK's out-to-loss
+weighting and only the kernel has to be gathered. The margin comes from the module's
+``per_example_margin(batch)`` or, under the classification convention below, from the logits
+(:func:`resolve_margin_loss`).
+
+**The sampled-label Fisher** (estimator ``"sampled"``; ``curvature="fisher"``). For a per-example
+loss that is a negative log-likelihood −log p_θ(y | x), the
 gradient with a label drawn from the model's own predictive distribution, ĝ = ∇_θ[−log p_θ(ŷ | x)]
 with ŷ ~ p_θ(· | x), satisfies E_ŷ[ĝ ĝᵀ] = Jᵀ(diag p − p pᵀ)J, the Gauss–Newton matrix of the
-cross-entropy (Martens 2020, §9). The *empirical* Fisher Σ_t g_t g_tᵀ with the true labels, which
-is TRAK's kernel GᵀG, vanishes on well-fitted examples and is a poor curvature estimate late in
-training (Kunstner et al. 2019). Kronfluence's EK-FAC factors use sampled labels for the same
-reason (Grosse et al. 2023). Here the sampled gradients are sketched with the store's Φ, so the
-curvature is the ``[D, D]`` matrix Φ F Φᵀ = Σ_t (Φĝ_t)(Φĝ_t)ᵀ, independent of N and of T.
+cross-entropy (Martens 2020, §9). The *empirical* Fisher Σ_t g_t g_tᵀ with the true labels (the
+kernel GᵀG of the stored rows) vanishes on well-fitted examples and is a poor curvature estimate
+late in training (Kunstner et al. 2019). Kronfluence's EK-FAC factors use sampled labels for the
+same reason (Grosse et al. 2023).
 
 How labels are sampled (one protocol, :func:`resolve_sampled_loss`):
 
@@ -45,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sketch._safeio import atomic_write, confined, read_capped, read_json, sha256_bytes
+from lightning_sketch.attribution.scores import classification_margin
 from lightning_sketch.exceptions import (
     SketchConfigError,
     StoreCorruptError,
@@ -54,7 +66,12 @@ from lightning_sketch.exceptions import (
 __all__ = [
     "CURVATURE_DIR",
     "LabelSampler",
+    "CURVATURE_KINDS",
     "accumulate_fisher",
+    "curvature_estimator",
+    "is_margin_estimator",
+    "logits_margin_loss",
+    "resolve_margin_loss",
     "curvature_slices",
     "read_curvature",
     "resolve_label_sampler",
@@ -76,7 +93,9 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 def resolve_label_sampler(
     module: nn.Module, loss_fn: LossFn, probe: Any | None = None
 ) -> tuple[LabelSampler | None, str]:
-    """How to draw targets from the model: ``(sampler or None, kind)``, ``sampler(module, batch, gen) -> batch``.
+    """How to draw targets from the model: ``(sampler or None, kind)``.
+
+    ``sampler(module, batch, gen) -> batch`` returns the batch with sampled targets.
 
     Sampling happens outside any ``vmap`` or hook pass (one plain forward under ``no_grad``), so the
     per-example gradients of ``loss_fn`` on the returned batch are taken as usual. ``kind`` is
@@ -98,28 +117,10 @@ def resolve_label_sampler(
     own = getattr(module, "sample_labels", None)
     if callable(own):
         return (lambda mod, batch, gen: mod.sample_labels(batch, gen)), "sampled"
-    if probe is None:
-        return None, "no probe batch to check the classification convention"
+    why = _classification_convention(module, loss_fn, probe, "`sample_labels(batch, generator)`")
+    if why is not None:
+        return None, why
     logits_of = _logits_fn(module)
-    if not isinstance(probe, Mapping) or "y" not in probe:
-        return None, (
-            f"{type(module).__name__} has no `sample_labels(batch, generator)` and its batches are not mappings "
-            f"with integer targets 'y'"
-        )
-    y = probe["y"]
-    if not isinstance(y, Tensor) or y.ndim != 1 or y.is_floating_point():
-        return None, "batch['y'] is not an integer tensor [B]"
-    with torch.no_grad():
-        try:
-            logits = logits_of(module, probe)
-            own_loss = loss_fn(module, probe)
-        except Exception as err:  # a model outside the convention: fall back, say why
-            return None, f"the classification convention does not apply ({type(err).__name__}: {err})"
-        if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != y.shape[0]:
-            return None, "the model's output is not [B, K] logits"
-        ce = F.cross_entropy(logits.float(), y.to(logits.device), reduction="none")
-        if own_loss.shape != ce.shape or not torch.allclose(own_loss.float(), ce, rtol=1e-4, atol=1e-5):
-            return None, "per_example_loss is not the cross-entropy of the model's logits"
 
     def sampler(mod: nn.Module, batch: Any, gen: torch.Generator) -> Any:
         with torch.no_grad():
@@ -130,9 +131,75 @@ def resolve_label_sampler(
     return sampler, "sampled"
 
 
-def _logits_fn(module: nn.Module) -> Callable[[nn.Module, Any], Tensor] | None:
+def _classification_convention(module: nn.Module, loss_fn: LossFn, probe: Any | None, own: str) -> str | None:
+    """``None`` if ``probe`` and ``module`` follow the classification convention, else why not.
+
+    The convention: ``probe`` is a mapping with integer targets ``"y"`` ``[B]``, the module gives
+    logits ``[B, K]`` (``per_example_logits(batch)`` or ``module(batch["x"])``), and ``loss_fn`` is
+    their cross-entropy (checked on ``probe`` under ``no_grad``). ``own`` names the module method
+    that would have made the convention unnecessary (for the message).
+    """
+    if probe is None:
+        return "no probe batch to check the classification convention"
+    if not isinstance(probe, Mapping) or "y" not in probe:
+        return (
+            f"{type(module).__name__} has no {own} and its batches are not mappings with integer "
+            "targets 'y'"
+        )
+    y = probe["y"]
+    if not isinstance(y, Tensor) or y.ndim != 1 or y.is_floating_point():
+        return "batch['y'] is not an integer tensor [B]"
+    with torch.no_grad():
+        try:
+            logits = _logits_fn(module)(module, probe)
+            own_loss = loss_fn(module, probe)
+        except Exception as err:  # a model outside the convention: fall back, say why
+            return f"the classification convention does not apply ({type(err).__name__}: {err})"
+        if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != y.shape[0]:
+            return "the model's output is not [B, K] logits"
+        ce = F.cross_entropy(logits.float(), y.to(logits.device), reduction="none")
+        if own_loss.shape != ce.shape or not torch.allclose(own_loss.float(), ce, rtol=1e-4, atol=1e-5):
+            return "per_example_loss is not the cross-entropy of the model's logits"
+    return None
+
+
+def logits_margin_loss(module: nn.Module) -> LossFn:
+    """−m per example ``[B]``, m = z_y − logsumexp_{j≠y} z_j the TRAK margin of the convention's logits."""
+    logits_of = _logits_fn(module)
+    return lambda mod, batch: -classification_margin(logits_of(mod, batch), batch["y"])
+
+
+def resolve_margin_loss(
+    module: nn.Module, loss_fn: LossFn, probe: Any | None = None
+) -> tuple[LossFn | None, str]:
+    """The per-example −margin whose gradients form TRAK's kernel: ``(loss or None, estimator)``.
+
+    1. the module's ``per_example_margin(batch) -> [B]`` (estimator ``"margin"``);
+    2. the classification convention (see :func:`resolve_label_sampler`), with TRAK's margin
+       m = log p_y − log(1 − p_y) of the logits (estimator ``"margin-logits"``);
+    3. otherwise ``None`` and a sentence saying why.
+
+    Example:
+        >>> class M(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__(); self.net = nn.Linear(3, 4)
+        ...     def forward(self, x): return self.net(x)
+        ...     def per_example_loss(self, b): return F.cross_entropy(self(b["x"]), b["y"], reduction="none")
+        >>> m = M(); b = {"x": torch.randn(5, 3), "y": torch.tensor([0, 1, 2, 3, 0])}
+        >>> fn, kind = resolve_margin_loss(m, lambda mod, bb: mod.per_example_loss(bb), b)
+        >>> kind, fn(m, b).shape
+        ('margin-logits', torch.Size([5]))
+    """
+    if callable(getattr(module, "per_example_margin", None)):
+        return (lambda mod, batch: -mod.per_example_margin(batch)), "margin"  # type: ignore[operator]
+    why = _classification_convention(module, loss_fn, probe, "`per_example_margin(batch)`")
+    if why is not None:
+        return None, why
+    return logits_margin_loss(module), "margin-logits"
+
+def _logits_fn(module: nn.Module) -> Callable[[nn.Module, Any], Tensor]:
     if callable(getattr(module, "per_example_logits", None)):
-        return lambda mod, batch: mod.per_example_logits(batch)
+        return lambda mod, batch: mod.per_example_logits(batch)  # type: ignore[operator]  # checked callable
     return lambda mod, batch: mod(batch["x"])
 
 
@@ -159,7 +226,9 @@ def accumulate_fisher(
 # ---------------------------------------------------------------------------- files
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
-        raise StoreCorruptError(f"Invalid curvature slice name {name!r}: only letters, digits, '_', '.', '-'.")
+        raise StoreCorruptError(
+            f"Invalid curvature slice name {name!r}: only letters, digits, '_', '.', '-'."
+        )
     return name
 
 
@@ -183,10 +252,17 @@ def write_curvature(
     np.save(buf, m.numpy(), allow_pickle=False)
     digest, _ = atomic_write(folder / f"{name}.npy", [buf.getvalue()], what="curvature matrix")
     meta = {
-        "format": _FORMAT, "slice": name, "count": int(count), "estimator": str(estimator),
-        "dim": int(m.shape[0]), "spec": dict(spec), "sha256": digest,
+        "format": _FORMAT,
+        "slice": name,
+        "count": int(count),
+        "estimator": str(estimator),
+        "dim": int(m.shape[0]),
+        "spec": dict(spec),
+        "sha256": digest,
     }
-    atomic_write(folder / f"{name}.json", [json.dumps(meta, sort_keys=True).encode()], what="curvature sidecar")
+    atomic_write(
+        folder / f"{name}.json", [json.dumps(meta, sort_keys=True).encode()], what="curvature sidecar"
+    )
     return folder / f"{name}.npy"
 
 
@@ -195,7 +271,9 @@ def curvature_slices(run_dir: str | Path) -> list[str]:
     folder = Path(run_dir) / CURVATURE_DIR
     if not folder.is_dir() or folder.is_symlink():
         return []
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json") and _NAME_RE.match(p.name[:-5]))
+    return sorted(
+        p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json") and _NAME_RE.match(p.name[:-5])
+    )
 
 
 def read_curvature(run_dir: str | Path, name: str, spec: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
@@ -217,7 +295,8 @@ def read_curvature(run_dir: str | Path, name: str, spec: Mapping[str, Any]) -> t
         raise StoreCorruptError(f"{side} has an invalid dim {dim!r}.")
     if dict(meta.get("spec") or {}) != dict(spec):
         raise StoreCorruptError(
-            f"The curvature of slice {name!r} was sketched with {meta.get('spec')}, the store with {dict(spec)}; "
+            f"The curvature of slice {name!r} was sketched with {meta.get('spec')}, the store with "
+            f"{dict(spec)}; "
             f"it belongs to another run."
         )
     path = confined(root, f"{CURVATURE_DIR}/{name}.npy", what="curvature matrix")
@@ -239,8 +318,34 @@ def read_curvature(run_dir: str | Path, name: str, spec: Mapping[str, Any]) -> t
     return m, meta
 
 
+#: the values of ``GradientSketch(curvature=...)``.
+CURVATURE_KINDS = ("auto", "margin", "fisher", "none")
+
+
 def check_curvature_arg(curvature: str) -> str:
-    """Validate the ``curvature`` argument of the callback (``"fisher"`` or ``"none"``)."""
-    if curvature not in ("fisher", "none"):
-        raise SketchConfigError(f"`curvature` must be 'fisher' or 'none', got {curvature!r}.")
+    """Validate the ``curvature`` argument of the callback (one of :data:`CURVATURE_KINDS`)."""
+    if curvature not in CURVATURE_KINDS:
+        raise SketchConfigError(f"`curvature` must be one of {CURVATURE_KINDS}, got {curvature!r}.")
     return curvature
+
+
+def is_margin_estimator(estimator: Any) -> bool:
+    """Whether a sidecar's ``estimator`` names TRAK's margin kernel (else a Fisher estimate)."""
+    return isinstance(estimator, str) and estimator.startswith("margin")
+
+
+def curvature_estimator(run_dir: str | Path, name: str) -> str | None:
+    """The ``estimator`` in slice ``name``'s sidecar, or ``None`` when the slice has no curvature.
+
+    Reads only the small JSON sidecar (confined, capped); :func:`read_curvature` verifies the matrix.
+    """
+    name = _check_name(name)
+    side = Path(run_dir) / CURVATURE_DIR / f"{name}.json"
+    if not side.exists():
+        return None
+    safe = confined(Path(run_dir), f"{CURVATURE_DIR}/{name}.json", what="curvature sidecar")
+    meta = read_json(safe, what="curvature sidecar", cap=_JSON_CAP)
+    estimator = meta.get("estimator") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or not isinstance(estimator, str):
+        raise StoreCorruptError(f"{side} is not a curvature sidecar.")
+    return estimator

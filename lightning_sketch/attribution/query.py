@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sketch.attribution import curvature as CV
-from lightning_sketch.attribution._engine import ScoringEngine
+from lightning_sketch.attribution._engine import (
+    _CURVED,
+    DAMPING_RATIO_GRID,
+    DEFAULT_DAMPING_RATIO,
+    DEFAULT_MARGIN_DAMPING_RATIO,
+    ScoringEngine,
+)
 from lightning_sketch.attribution._stored import (
     Run,
     _sketch_and_layout,
@@ -52,6 +58,7 @@ from lightning_sketch.gradients import eval_mode, module_loss_fn, sketch_gradien
 __all__ = [
     "DAMPING_RATIO_GRID",
     "DEFAULT_DAMPING_RATIO",
+    "DEFAULT_MARGIN_DAMPING_RATIO",
     "METHODS",
     "Attributor",
     "negative_margin",
@@ -63,17 +70,7 @@ log = logging.getLogger(__name__)
 METHODS = ("grad_dot", "tracin", "grad_cos", "trak", "fisher_if", "arnoldi_if")
 Method = Literal["auto", "grad_dot", "tracin", "grad_cos", "trak", "fisher_if", "arnoldi_if"]
 LossFn = Callable[[nn.Module, Any], Tensor]
-_CURVED = ("trak", "fisher_if")
 
-#: Automatic damping of ``trak`` and ``fisher_if``: λ_c = ρ · tr(K_c)/T_c with ρ = 10^-0.5, where
-#: tr(K_c)/T_c is the mean squared sketched per-example gradient norm of slice c (the trace of the
-#: average per-example curvature). It does not depend on the sketch dimension D, which the LDS optimum
-#: did not either, unlike the mean eigenvalue tr(K_c)/D. Read off the LDS-versus-λ curves of
-#: ``benchmarks/damping_study.py`` (digits MLP and CNN, D = 256 and 1024, 1 and 5 models); see
-#: benchmarks/RESULTS.md and docs/attribution.md.
-DEFAULT_DAMPING_RATIO = 10.0**-0.5
-#: Candidate ratios ρ for :meth:`Attributor.tune_damping`.
-DAMPING_RATIO_GRID = tuple(float(10.0**e) for e in np.arange(-4.0, 3.01, 0.5))
 
 
 
@@ -82,12 +79,16 @@ class Attributor(ScoringEngine):
 
     Methods (``method``):
 
-    - ``"auto"`` (default): ``fisher_if`` when every run holds the sampled-label curvature that
-      ``GradientSketch`` gathers by default, else ``trak``.
+    - ``"auto"`` (default): ``fisher_if`` when every run holds only the sampled-label Fisher
+      (``GradientSketch(curvature="fisher")``), else ``trak`` (on TRAK's margin kernel, which
+      ``GradientSketch`` gathers by default for classifiers).
     - ``fisher_if``: influence functions with the sketched Gauss–Newton / true Fisher of sampled
       labels, Σ_c q_cᵀ (Φ F_c Φᵀ + λ_c I)⁻¹ g_c / C (Koh & Liang 2017; Grosse et al. 2023 use the
       same sampled-label curvature in EK-FAC), averaged over the slices like TRAK's ensemble.
-    - ``trak``: (GᵀG + λI)⁻¹ per slice with G the stored gradients (Park et al. 2023).
+    - ``trak``: TRAK (Park et al. 2023): Σ_c q_cᵀ (K_c + λ_c I)⁻¹ g_c / C with K_c = Σ_t φ_t φ_tᵀ the
+      kernel of the sketched margin gradients φ_t of the training examples, gathered during fit
+      (the stored loss gradients are g_t = −(1 − p_t) φ_t, TRAK's out-to-loss weighting). Runs
+      without that kernel use K_c = GᵀG of the stored loss gradients (:attr:`kernel` says which).
     - ``tracin``: Σ_c η_c ⟨Φg_c(z), Φg_c(x)⟩ (Pruthi et al. 2020); ``grad_cos``: its cosine;
       ``grad_dot``: the last slice only.
     - ``arnoldi_if``: Σ_i λ_i⁻¹⟨u_i, Φg(z)⟩⟨u_i, Φg(x)⟩ over the top eigenpairs of the sketched
@@ -95,7 +96,8 @@ class Attributor(ScoringEngine):
 
     Damping (``trak``, ``fisher_if``): with ``damping=None`` each slice uses
     λ_c = ``damping_ratio`` · tr(K_c)/T_c, T_c the examples summed into the slice's kernel K_c (default
-    ratio :data:`DEFAULT_DAMPING_RATIO`); an explicit
+    ratio :data:`DEFAULT_MARGIN_DAMPING_RATIO` on the margin kernel, :data:`DEFAULT_DAMPING_RATIO`
+    on the others); an explicit
     ``damping`` is an absolute λ for every slice. :meth:`tune_damping` picks the ratio on a
     user-supplied objective (e.g. a validation LDS).
 
@@ -117,7 +119,8 @@ class Attributor(ScoringEngine):
             ``arnoldi_if``). Less accurate than the full inverse at its best damping, but nearly
             insensitive to λ (benchmarks/RESULTS.md); ``None`` (default) keeps all D.
         query_loss_fn: the queries' per-example "loss"; default ``loss_fn``, or for ``trak`` and
-            ``fisher_if`` the negative margin when the model defines ``per_example_margin(batch)``.
+            ``fisher_if`` the negative margin: the model's ``per_example_margin(batch)``, or the
+            logits' margin when the runs' kernel was built from it (classification convention).
         checkpoints: names of the slices to use (default: all for ``tracin``, ``grad_cos``,
             ``trak``, ``fisher_if``; the last for ``grad_dot`` and ``arnoldi_if``); every run must
             hold them.
@@ -135,7 +138,7 @@ class Attributor(ScoringEngine):
     Raises:
         SketchConfigError: for an unknown method or a bad argument.
         LayoutMismatchError: if a model's parameter layout differs from a store's.
-        StoreNotFoundError: for ``fisher_if`` on a run without curvature files.
+        StoreNotFoundError: for ``fisher_if`` on a run without sampled-label Fisher files.
 
     Example:
         >>> # see tests/attribution/test_attributor.py, examples/attribution_digits.py and README.md
@@ -169,13 +172,17 @@ class Attributor(ScoringEngine):
         stores = list(store) if isinstance(store, (list, tuple)) else [store]
         if not stores:
             raise SketchConfigError("`store` is an empty list; pass at least one run directory.")
-        models = list(model) if isinstance(model, (list, tuple)) else [model]
+        models: list[nn.Module] = [model] if isinstance(model, nn.Module) else list(model)
         if len(models) not in (1, len(stores)):
-            raise SketchConfigError(f"Pass one model or one per run: got {len(models)} models for {len(stores)} runs.")
+            raise SketchConfigError(
+                f"Pass one model or one per run: got {len(models)} models for {len(stores)} runs."
+            )
         self.runs: list[Run] = [open_run(s) for s in stores]
         if weights_dir is not None:
             if len(self.runs) > 1:
-                raise SketchConfigError("`weights_dir` applies to a single run; ensembles use each run's weights/.")
+                raise SketchConfigError(
+                    "`weights_dir` applies to a single run; ensembles use each run's weights/."
+                )
             self.runs[0].weights_dir = Path(weights_dir)
             self.runs[0].explicit_weights = True
         self.models = models if len(models) == len(stores) else models * len(stores)
@@ -191,32 +198,55 @@ class Attributor(ScoringEngine):
         self.sketch, self.layout = pairs[0]
         for run in self.runs:
             if not run.names:
-                raise StoreNotFoundError("A store holds no checkpoint slice; run the GradientSketch callback first.")
+                raise StoreNotFoundError(
+                    "A store holds no checkpoint slice; run the GradientSketch callback first."
+                )
         if method == "arnoldi_if" and len(self.runs) > 1:
-            raise SketchConfigError("method='arnoldi_if' takes one run (its eigenpairs belong to one sketch); "
-                                    "use fisher_if or trak for ensembles.")
+            raise SketchConfigError(
+                "method='arnoldi_if' takes one run (its eigenpairs belong to one sketch); "
+                "use fisher_if or trak for ensembles."
+            )
         if method == "auto":
-            method = "fisher_if" if all(self._has_curvature(r, r.names) for r in self.runs) else "trak"
+            kinds = {self._curvature_kind(r, r.names) for r in self.runs}
+            method = "fisher_if" if kinds == {"fisher"} else "trak"
         self.method: str = method
         self.damping = None if damping is None else float(damping)
-        self.damping_ratio = DEFAULT_DAMPING_RATIO if damping_ratio is None else float(damping_ratio)
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise SketchConfigError(f"`rank` must be a positive int or None (the full D-dimensional inverse), got {rank!r}.")
+            raise SketchConfigError(
+                f"`rank` must be a positive int or None (the full D-dimensional inverse), got {rank!r}."
+            )
         self.rank = rank
         self.chunk_size = chunk_size
         self.index_kind = index
         self.current_weights = bool(current_weights)
-        if query_loss_fn is None and method in _CURVED and hasattr(self.model, "per_example_margin"):
-            query_loss_fn = negative_margin_of(self.model)
-        self.query_loss_fn = query_loss_fn if query_loss_fn is not None else self.loss_fn
         self.checkpoints = self._select(checkpoints)
-        if method == "fisher_if":
-            missing = [str(r.root) for r in self.runs if not self._has_curvature(r, self.checkpoints)]
-            if missing:
-                raise StoreNotFoundError(
-                    f"method='fisher_if' needs the curvature files that GradientSketch(curvature='fisher') writes; "
-                    f"missing in {missing}. Use method='trak', or re-run with the default curvature='fisher'."
-                )
+        estimators = [self._estimators(r, self.checkpoints) for r in self.runs]
+        kinds = {self._curvature_kind(r, self.checkpoints) for r in self.runs}
+        if method == "fisher_if" and kinds != {"fisher"}:
+            missing = [
+                str(r.root) for r in self.runs if self._curvature_kind(r, self.checkpoints) != "fisher"
+            ]
+            raise StoreNotFoundError(
+                "method='fisher_if' needs the sampled-label Fisher that GradientSketch(curvature='fisher') "
+                f"writes; {missing} hold none (or TRAK's margin kernel). Use method='trak', or re-run "
+                "with curvature='fisher'."
+            )
+        #: the per-slice kernel K_c of ``trak``/``fisher_if``: ``"margin"`` (TRAK's kernel of margin
+        #: gradients, gathered during fit), ``"fisher"`` (sampled-label Fisher) or ``"gradients"``
+        #: (GᵀG of the stored loss gradients, when the runs hold no margin kernel); ``None`` otherwise.
+        self.kernel: str | None = None
+        if method == "trak":
+            self.kernel = "margin" if kinds == {"margin"} else "gradients"
+        elif method == "fisher_if":
+            self.kernel = "fisher"
+        auto_ratio = DEFAULT_MARGIN_DAMPING_RATIO if self.kernel == "margin" else DEFAULT_DAMPING_RATIO
+        self.damping_ratio = auto_ratio if damping_ratio is None else float(damping_ratio)
+        if query_loss_fn is None and method in _CURVED:
+            if callable(getattr(self.model, "per_example_margin", None)):
+                query_loss_fn = negative_margin_of(self.model)
+            elif all(e == {"margin-logits"} for e in estimators):  # the classification convention held
+                query_loss_fn = CV.logits_margin_loss(self.model)
+        self.query_loss_fn = query_loss_fn if query_loss_fn is not None else self.loss_fn
         self._ids = torch.from_numpy(union_ids(self.runs, [self.checkpoints] * len(self.runs)))
         self._pos_cache: dict[tuple[int, str], Tensor] = {}
         self._eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
@@ -225,32 +255,10 @@ class Attributor(ScoringEngine):
         if method == "arnoldi_if":
             self._eig = self._eigenpairs(eigenpairs, snapshot, hessian_batches, arnoldi_k)
 
-    # ------------------------------------------------------------------ set-up helpers
-    @staticmethod
-    def _has_curvature(run: Run, names: Sequence[str]) -> bool:
-        return run.root is not None and set(names) <= set(CV.curvature_slices(run.root))
-
-    def _select(self, checkpoints: Sequence[str] | None) -> list[str]:
-        if checkpoints is None:
-            common = [n for n in self.runs[0].names if all(n in r.names for r in self.runs)]
-            if not common:
-                common = self.runs[0].names  # ensembles of runs with different slice names: by position
-            checkpoints = common if self.method in ("tracin", "grad_cos", *_CURVED) else common[-1:]
-            if not all(set(checkpoints) <= set(r.names) for r in self.runs):
-                raise SketchConfigError(
-                    "The runs of the ensemble hold different slice names; pass `checkpoints` present in every run."
-                )
-        checkpoints = list(checkpoints)
-        unknown = [c for c in checkpoints if any(c not in r.names for r in self.runs)]
-        if unknown or not checkpoints:
-            raise SketchConfigError(f"`checkpoints` {checkpoints} not all in the store's {self.runs[0].names}.")
-        return checkpoints
-
     @property
     def ids(self) -> Tensor:
         """``[T]`` example ids (sorted ascending) in the order of the score columns."""
         return self._ids
-
 
     # ------------------------------------------------------------------ query gradients
     def query_sketches(self, batch: Any, run: int = 0) -> list[Tensor]:
@@ -263,27 +271,39 @@ class Attributor(ScoringEngine):
         out = []
         for name in self.checkpoints:
             saved = None if self.current_weights else load_weights(rn, name, layout)
-            if saved is None and not self.current_weights and (len(self.checkpoints) > 1 or len(self.runs) > 1):
+            if (
+                saved is None
+                and not self.current_weights
+                and (len(self.checkpoints) > 1 or len(self.runs) > 1)
+            ):
                 raise StoreNotFoundError(
-                    f"No saved weights for checkpoint {name!r} of run {rn.root}; multi-checkpoint methods and "
-                    f"ensembles need GradientSketch(save_weights=True), `weights_dir`, or `current_weights=True`."
+                    f"No saved weights for checkpoint {name!r} of run {rn.root}; multi-checkpoint "
+                    "methods and "
+                    "ensembles need GradientSketch(save_weights=True), `weights_dir`, or "
+                    "`current_weights=True`."
                 )
             with swapped_weights(model, saved), eval_mode(model):
-                mode = "auto"  # factorised for per_layer, module hooks otherwise, vmap only where hooks cannot see
+                # mode="auto": factorised for per_layer, module hooks otherwise,
+                # vmap only where hooks cannot see
                 q = sketch_gradients(
-                    model, self.query_loss_fn, batch, sketch, mode=mode, layout=layout,
+                    model,
+                    self.query_loss_fn,
+                    batch,
+                    sketch,
+                    mode="auto",
+                    layout=layout,
                     chunk_size=self.chunk_size,
                 )
             q = q.detach().to(torch.float64)
             if not bool(torch.isfinite(q).all()):
                 bad = (~torch.isfinite(q).all(dim=1)).nonzero().flatten()[:5].tolist()
                 raise SketchInputError(
-                    f"The gradients of queries {bad} are NaN or infinite at checkpoint {name!r}; check the query "
+                    f"The gradients of queries {bad} are NaN or infinite at checkpoint {name!r}; check "
+                    "the query "
                     f"inputs (NaN/inf values) and labels."
                 )
             out.append(q)
         return out
-
 
     def scores(self, batch: Any) -> Tensor:
         """Dense ``[Q, T]`` scores of every query against every stored example (float64).
@@ -318,7 +338,10 @@ class Attributor(ScoringEngine):
         if self.method == "grad_dot" and len(self.runs) == 1 and hasattr(self.store, "search"):
             q = self.query_sketches(batch)[-1]
             s, i = self.store.search(
-                (sign * q).to(torch.float32).numpy(), k, checkpoint=self.checkpoints[-1], index=self.index_kind
+                (sign * q).to(torch.float32).numpy(),
+                k,
+                checkpoint=self.checkpoints[-1],
+                index=self.index_kind,
             )
             s, i = torch.as_tensor(np.asarray(s), dtype=torch.float64), torch.as_tensor(np.asarray(i))
             return i.to(torch.long), sign * s
@@ -332,69 +355,3 @@ class Attributor(ScoringEngine):
             ids_out.append(self._ids[pos])
             s_out.append(sign * top)
         return torch.cat(ids_out), torch.cat(s_out)
-
-    def self_influence(self) -> tuple[Tensor, Tensor]:
-        """Self-influence score(x, x) of every stored example, for mislabel detection.
-
-        Large values flag examples whose own gradient is large and unexplained by the others
-        (e.g. flipped labels). ``grad_cos`` is constant by construction, so it uses ``tracin``.
-
-        Returns:
-            ``(ids [T], scores [T] float64)``, in :attr:`ids` order, averaged over the runs.
-        """
-        vals = torch.zeros(len(self._ids), dtype=torch.float64)
-        for r in range(len(self.runs)):
-            for w in self._weights(r):
-                pos = self._positions(r, w.name)
-                for sl, g in self.runs[r].iter_blocks(w.name):
-                    vals.index_add_(0, pos[sl], w.quad(g))
-        return self._ids, vals / len(self.runs)
-
-    # ------------------------------------------------------------------ damping
-    def tune_damping(
-        self,
-        val_batches: Iterable[Any] | None = None,
-        candidates: Sequence[float] | None = None,
-        objective: Callable[[Tensor], float] | None = None,
-    ) -> float:
-        """Choose the damping ratio ρ (λ_c = ρ · tr(K_c)/T_c) that maximises ``objective``; returns it.
-
-        For users who have a ground truth: ``objective(scores [Q, T]) -> float`` (higher is better)
-        is evaluated on the scores of ``val_batches`` for every candidate ratio (default
-        :data:`DAMPING_RATIO_GRID`), e.g. the LDS of validation queries against retrained models
-        (:func:`lightning_sketch.evaluation.lds`). Without a ground truth, keep the automatic
-        ratio :data:`DEFAULT_DAMPING_RATIO` (nothing to call). Sets :attr:`damping_ratio` and clears
-        an absolute :attr:`damping`.
-
-        Raises:
-            SketchConfigError: if the method has no damping, or ``objective``/``val_batches`` is missing.
-        """
-        if self.method not in _CURVED:
-            raise SketchConfigError(f"tune_damping applies to method='trak' or 'fisher_if', not {self.method!r}.")
-        if objective is None or val_batches is None:
-            raise SketchConfigError(
-                "tune_damping needs `val_batches` and an `objective` (e.g. a validation LDS); without a ground "
-                f"truth the automatic ratio {DEFAULT_DAMPING_RATIO:.3g} is already in use."
-            )
-        cands = list(DAMPING_RATIO_GRID) if candidates is None else [float(c) for c in candidates]
-        if not cands or any(not math.isfinite(c) or c <= 0 for c in cands):
-            raise SketchConfigError(f"damping `candidates` must be finite ratios > 0, got {cands}.")
-        sketches = [self._all_query_sketches(b) for b in val_batches]  # once: only λ changes
-        saved = (self.damping, self.damping_ratio)
-        values = []
-        try:
-            self.damping = None
-            for rho in cands:
-                self.damping_ratio = rho
-                s = []
-                for qs in sketches:
-                    out = torch.zeros(qs[0][0].shape[0], len(self._ids), dtype=torch.float64)
-                    s.append(self._accumulate(qs, out))
-                values.append(float(objective(torch.cat(s))))
-        except Exception:
-            self.damping, self.damping_ratio = saved
-            raise
-        best = cands[int(np.nanargmax(values))]
-        self.damping, self.damping_ratio = None, best
-        log.info("damping ratio chosen: %.3g (objective %.4g)", best, float(np.nanmax(values)))
-        return best

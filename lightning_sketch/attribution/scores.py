@@ -75,7 +75,9 @@ def tracin_features(slices: Sequence[Tensor], lrs: Sequence[float]) -> Tensor:
     for i, (s, lr) in enumerate(zip(slices, lrs)):
         _check_2d(f"slices[{i}]", s)
         if tuple(s.shape) != shape:
-            raise SketchInputError(f"`slices[{i}]` has shape {tuple(s.shape)}, expected {shape} like slices[0].")
+            raise SketchInputError(
+                f"`slices[{i}]` has shape {tuple(s.shape)}, expected {shape} like slices[0]."
+            )
         out.append(s * tracin_scale(lr, f"`lrs[{i}]`"))
     return torch.cat(out, dim=1)
 
@@ -229,7 +231,8 @@ def classification_margin(logits: Tensor, targets: Tensor) -> Tensor:
     """
     if logits.ndim != 2 or targets.ndim != 1 or targets.shape[0] != logits.shape[0]:
         raise SketchInputError(
-            f"`logits` must be [B, K] and `targets` [B], got {tuple(logits.shape)} and {tuple(targets.shape)}."
+            f"`logits` must be [B, K] and `targets` [B], got {tuple(logits.shape)} and "
+            f"{tuple(targets.shape)}."
         )
     correct = logits.gather(1, targets.long()[:, None]).squeeze(1)
     others = logits.scatter(1, targets.long()[:, None], float("-inf"))

@@ -56,6 +56,7 @@ from lightning_sketch.attribution.curvature import (
     accumulate_fisher,
     check_curvature_arg,
     resolve_label_sampler,
+    resolve_margin_loss,
     write_curvature,
 )
 from lightning_sketch.callbacks._gradient_sketch_io import (
@@ -116,11 +117,14 @@ class GradientSketch(Callback):
             without shuffling and with ``drop_last=False``, same batch size and collate function).
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]``; default ``pl_module.per_example_loss(batch)``.
         ids_fn: ``ids_fn(batch) -> Tensor[B]`` int64 example ids; default ``batch[id_key]``.
-        curvature: checkpoint mode: ``"fisher"`` (default) also sketches the gradients of labels
-            sampled from the model over the attribution set at every slice and writes the ``[D, D]``
-            curvature Σ ĝĝᵀ to ``<dirpath>/curvature/`` (one extra per-example gradient pass per
-            slice; :mod:`lightning_sketch.attribution.curvature`), which the Attributor's default
-            method ``fisher_if`` needs; ``"none"`` skips it. Inline mode gathers none.
+        curvature: checkpoint mode: the ``[D, D]`` kernel written to ``<dirpath>/curvature/`` at
+            every slice (one extra per-example gradient pass over the attribution set;
+            :mod:`lightning_sketch.attribution.curvature`). ``"margin"``: TRAK's kernel Σ φφᵀ of the
+            sketched gradients φ of the margin (the module's ``per_example_margin`` or, for
+            classifiers, log p_y − log(1 − p_y) of the logits), used by the Attributor's default
+            ``trak``; ``"fisher"``: the Fisher Σ ĝĝᵀ of labels sampled from the model, used by
+            ``fisher_if``; ``"auto"`` (default): ``"margin"`` where a margin is defined, else
+            ``"fisher"``; ``"none"`` skips it. Inline mode gathers none.
 
     Raises:
         SketchConfigError: on invalid arguments (checked in ``__init__``) or a module without a loss.
@@ -150,7 +154,7 @@ class GradientSketch(Callback):
         attribution_dataloader: Any = None,
         loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
         ids_fn: Callable[[Any], Tensor] | None = None,
-        curvature: Literal["fisher", "none"] = "fisher",
+        curvature: Literal["auto", "margin", "fisher", "none"] = "auto",
     ) -> None:
         if mode not in ("checkpoint", "inline"):
             raise SketchConfigError(f"`mode` must be 'checkpoint' or 'inline', got {mode!r}.")
@@ -375,35 +379,30 @@ class GradientSketch(Callback):
                 seen += len(rows)
         if not seen:
             rank_zero_warn(f"GradientSketch: the attribution set is empty; checkpoint {name!r} holds no rows.")
-        if self.curvature == "fisher":
+        if self.curvature != "none":
             self._gather_curvature(trainer, pl_module, name, loader, loss_fn)
         self._finish_slice(trainer, pl_module, name, step)
 
-    def _gather_curvature(self, trainer: Trainer, pl_module: LightningModule, name: str, loader: Any, loss_fn: Any) -> None:
-        """Σ_t (Φĝ_t)(Φĝ_t)ᵀ over the attribution set with labels sampled from the model (eval mode)."""
+    def _gather_curvature(
+        self, trainer: Trainer, pl_module: LightningModule, name: str, loader: Any, loss_fn: Any
+    ) -> None:
+        """Σ_t φ_t φ_tᵀ over the attribution set (eval mode), φ_t the sketched gradient of the
+        example's −margin (TRAK's kernel) or of its loss at a label sampled from the model (Fisher)."""
         from lightning_sketch.gradients import sketch_gradients
         from lightning_sketch.sketches import derive_seed
 
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "curvature", f"{name}/rank{trainer.global_rank}"))
         D = self.sketch.sketch_dim
         acc = torch.zeros(D, D, dtype=torch.float64)
-        count, sampler, estimator = 0, None, "sampled"
+        count, row_loss, transform, estimator = 0, None, None, ""
         with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             for batch in loader:
                 batch = _to_device(batch, pl_module.device)
-                if sampler is None:
-                    sampler, estimator = resolve_label_sampler(pl_module, loss_fn, batch)
-                    if sampler is None:
-                        rank_zero_warn(
-                            f"GradientSketch: cannot sample labels ({estimator}); the curvature of {name!r} is the "
-                            f"empirical Fisher. Define `sample_labels(batch, generator) -> batch` on the module."
-                        )
-                        estimator = f"empirical: {estimator}"
-                        sampler = lambda mod, b, g: b  # noqa: E731 - the true labels
-                sampled = sampler(pl_module, batch, gen)
+                if row_loss is None:
+                    row_loss, transform, estimator = self._curvature_rows(pl_module, loss_fn, batch, name)
                 rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
-                    pl_module, loss_fn, sampled, self.sketch, mode="auto" if self._hooks else "explicit",
-                    layout=self.layout, chunk_size=self.chunk_size,
+                    pl_module, row_loss, transform(pl_module, batch, gen), self.sketch,
+                    mode="auto" if self._hooks else "explicit", layout=self.layout, chunk_size=self.chunk_size,
                 ), self.support, self.exclude)
                 count += accumulate_fisher([rows], D, out=acc)[1]
         if trainer.world_size > 1:  # every rank saw its own share of the attribution set
@@ -411,6 +410,27 @@ class GradientSketch(Callback):
             count = int(trainer.strategy.reduce(torch.tensor(float(count), device=pl_module.device), reduce_op="sum"))
         if trainer.is_global_zero:
             write_curvature(self.dirpath, name, acc, count, self.sketch.spec, estimator)
+
+    def _curvature_rows(self, pl_module: LightningModule, loss_fn: Any, batch: Any, name: str) -> tuple[Any, Any, str]:
+        """``(row loss, batch transform, estimator)`` of the kernel, decided on the first batch."""
+        keep = lambda mod, b, g: b  # noqa: E731 - the batch as it is
+        if self.curvature in ("auto", "margin"):
+            margin_loss, why = resolve_margin_loss(pl_module, loss_fn, batch)
+            if margin_loss is not None:
+                return margin_loss, keep, why
+            if self.curvature == "margin":
+                rank_zero_warn(
+                    f"GradientSketch: no margin ({why}); the curvature of {name!r} is the Fisher of sampled "
+                    f"labels. Define `per_example_margin(batch) -> Tensor[B]` on the module."
+                )
+        sampler, estimator = resolve_label_sampler(pl_module, loss_fn, batch)
+        if sampler is None:
+            rank_zero_warn(
+                f"GradientSketch: cannot sample labels ({estimator}); the curvature of {name!r} is the "
+                f"empirical Fisher. Define `sample_labels(batch, generator) -> batch` on the module."
+            )
+            return loss_fn, keep, f"empirical: {estimator}"
+        return loss_fn, sampler, estimator
 
     def _finish_slice(self, trainer: Trainer, pl_module: LightningModule, name: str, step: int) -> None:
         if name not in self._slices:

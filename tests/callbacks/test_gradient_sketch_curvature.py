@@ -1,4 +1,6 @@
-"""GradientSketch's default sampled-label curvature: written per slice, verified, used by the default Attributor."""
+"""GradientSketch's sampled-label curvature (curvature="fisher"): written per slice, verified, used by fisher_if.
+
+The default kernel (TRAK's margin kernel) is tested in tests/attribution/test_margin_kernel.py."""
 
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ def _fit(root, callbacks, epochs=2):
     return model, x, y
 
 
-def test_default_callback_writes_curvature_and_the_default_attributor_uses_it(tmp_path):
-    cb = GradientSketch(dirpath=str(tmp_path / "run"), sketch_kind="affd", sketch_dim=16)
+def test_fisher_curvature_is_written_and_the_default_attributor_uses_it(tmp_path):
+    cb = GradientSketch(dirpath=str(tmp_path / "run"), sketch_kind="affd", sketch_dim=16, curvature="fisher")
     model, x, y = _fit(tmp_path, [cb])
     store = SketchStore.open(tmp_path / "run" / "store")
     names, spec = list(store.checkpoints), dict(store.manifest["spec"])
@@ -42,7 +44,8 @@ def test_default_callback_writes_curvature_and_the_default_attributor_uses_it(tm
 
 
 def test_curvature_pass_leaves_training_unchanged(tmp_path):
-    with_cb, _, _ = _fit(tmp_path / "a", [GradientSketch(dirpath=str(tmp_path / "a" / "run"), sketch_dim=16)])
+    with_cb, _, _ = _fit(tmp_path / "a", [GradientSketch(dirpath=str(tmp_path / "a" / "run"), sketch_dim=16,
+                                                         curvature="fisher")])
     without, _, _ = _fit(tmp_path / "b", [GradientSketch(dirpath=str(tmp_path / "b" / "run"), sketch_dim=16,
                                                          curvature="none")])
     plain, _, _ = _fit(tmp_path / "c", [])

@@ -37,7 +37,7 @@ def test_query_json_matches_in_process_attributor(tiny_run):
 
     assert tiny_run["query"]["returncode"] == 0, tiny_run["query"]["stderr"][-3000:]
     result = json.loads((tiny_run["root"] / "query.json").read_text())
-    assert result["method"] == "fisher_if" and result["k"] == 4  # the default: the run holds curvature
+    assert result["method"] == "trak" and result["k"] == 4  # the default: the run holds the margin kernel
     assert [q["query"] for q in result["queries"]] == [0, 3, 5]
     model = DigitsClassifier(hidden=32)
     model.load_state_dict(torch.load(tiny_run["ckpt"], map_location="cpu", weights_only=False)["state_dict"])
@@ -159,7 +159,7 @@ def test_query_ensemble_arnoldi_and_damping_from_the_cli(tiny_run):
     single = json.loads((tiny_run["root"] / "query.json").read_text())
     ens = json.loads(tiny_run["query_ensemble"]["stdout"])
     # an ensemble of one run twice is that run: same ids and scores as the single-run default query
-    assert ens["method"] == "fisher_if" and isinstance(ens["store"], list) and len(ens["store"]) == 2
+    assert ens["method"] == "trak" and isinstance(ens["store"], list) and len(ens["store"]) == 2
     for rec, ref in zip(ens["queries"], [single["queries"][0], single["queries"][1]]):
         assert [e["id"] for e in rec["proponents"]] == [e["id"] for e in ref["proponents"]]
         for a, b in zip(rec["proponents"], ref["proponents"]):
