@@ -42,6 +42,7 @@ the module's train/eval mode is restored.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -214,7 +215,13 @@ class GradientSketch(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(dirpath=self.dirpath, mode=self.mode, sketch_kind=self.sketch_kind)
+        # Lightning reads it on every hook call (profiler names): cached per (dirpath, mode, kind).
+        ident = (self.dirpath, self.mode, self.sketch_kind)
+        cached = self.__dict__.get("_state_key")
+        if cached is None or cached[0] != ident:
+            cached = (ident, self._generate_state_key(dirpath=self.dirpath, mode=self.mode, sketch_kind=self.sketch_kind))
+            self._state_key = cached
+        return cached[1]
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -456,7 +463,7 @@ class GradientSketch(Callback):
             self._pending_rows = _vmap_guard(lambda: sketch_gradients(
                 pl_module, self._loss_fn(pl_module), batch, self.sketch, mode="explicit", layout=self.layout,
                 chunk_size=self.chunk_size,
-            ), self.support, self.exclude)
+            ), self.support, self.exclude) * self._lr
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -467,8 +474,11 @@ class GradientSketch(Callback):
         scale = float(trainer.accumulate_grad_batches)
         if self._scaler is not None:  # 16-mixed: the backward ran on the scaled loss
             scale /= float(self._scaler.get_scale())
+        check = not self._checked_sum and trainer.accumulate_grad_batches == 1
         try:
-            rows = cap.sketches()
+            # One multiplication of the [B, D] rows: B (mean loss), accumulation, 1/scaler and, except on
+            # the first step (whose unweighted rows are checked against .grad), the learning rate.
+            rows = cap.sketches(scale=scale if check else scale * self._lr)
         except SketchInputError:
             rank_zero_warn(
                 "GradientSketch inline: the backward of this step reached no hooked module, so no rows were "
@@ -479,10 +489,11 @@ class GradientSketch(Callback):
         if self._scaler is not None and not bool(torch.isfinite(rows).all()):
             self.skipped_overflow_steps += 1  # the scaler skips this optimizer step as well
             return
-        self._pending_rows = rows * scale
-        if not self._checked_sum and trainer.accumulate_grad_batches == 1:
+        if check:
             self._checked_sum = True
-            self._check_rows_sum(pl_module, self._pending_rows, 1.0 if self._scaler is None else scale)
+            self._check_rows_sum(pl_module, rows, 1.0 if self._scaler is None else scale)
+            rows = rows * self._lr
+        self._pending_rows = rows  # weighted by this step's learning rate
 
     def _check_rows_sum(self, pl_module: LightningModule, rows: Tensor, grad_scale: float) -> None:
         """First step: the mean of the rows must be the sketch of the batch gradient in ``.grad``
@@ -517,7 +528,7 @@ class GradientSketch(Callback):
         if rows is None:
             return
         name = self._inline_slice(trainer)
-        self._append(self._batch_ids, rows.detach() * self._lr, name, trainer, defer=True)
+        self._append(self._batch_ids, rows, name, trainer, defer=True)
         self._pending_rows = None
         self._last_step_done = trainer.global_step
 
@@ -525,8 +536,13 @@ class GradientSketch(Callback):
     def _append(self, ids: Tensor, rows: Tensor, name: str, trainer: Trainer, defer: bool = False) -> None:
         rows = rows.detach().to("cpu", torch.float32)
         ids = ids.cpu()
-        finite = torch.isfinite(rows).all(dim=1)
-        if not bool(finite.all()):
+        # One reduction decides the common case: a non-finite entry makes the sum non-finite (an
+        # overflowing sum of finite rows only sends us to the exact per-row test below).
+        if math.isfinite(float(rows.sum())):
+            finite = None
+        else:
+            finite = torch.isfinite(rows).all(dim=1)
+        if finite is not None and not bool(finite.all()):
             bad = ids[~finite.cpu()][:5].tolist()
             if self.nan_policy == "raise":
                 raise NonFiniteGradientError(
