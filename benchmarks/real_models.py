@@ -335,6 +335,12 @@ def fixed_batch(parts, args, emit):
     measure("checkpoint affd", lambda: paired(
         lambda: sketch_gradients(module, loss_fn, batch, affd, mode="auto", layout=layout), fwd_bwd, args.reps))
 
+    # what checkpoint affd cannot avoid: applying the whole-model sketch to the [T, N] per-example gradients
+    from lightning_sketch.gradients._functional import batch_size
+
+    rows = torch.randn(batch_size(batch), layout.dim, device=args.device, dtype=params[0].dtype)
+    measure("  of which: affd.apply([T, N]) alone", lambda: paired(lambda: affd.apply(rows), fwd_bwd, args.reps))
+    del rows
     v = torch.randn(layout.dim, device=args.device, dtype=params[0].dtype)
     vs = layout.unflatten(v)
     vlist = [vs[n] for n in layout.names]

@@ -681,15 +681,17 @@ def hooked_sketch(
     sketch: Sketch | None,
     layout: ParamLayout,
     chunk_size: int | None = None,
+    capture: GradientCapture | None = None,
 ) -> Tensor:
     """Per-example sketches (or gradients, ``sketch=None``) through :class:`GradientCapture`:
     per chunk of examples, one forward and ``torch.autograd.grad`` of the summed per-example
-    losses (no ``.grad`` written). ``[B, D]`` (or ``[B, N]``)."""
+    losses (no ``.grad`` written). ``[B, D]`` (or ``[B, N]``). ``capture``: a
+    ``GradientCapture(model, sketch, layout, loss_scale="sum")`` to reuse (built if None)."""
     size = F.batch_size(batch)
     chunk = F.check_chunk_size(chunk_size, size)
     own = dict(model.named_parameters())
     params = [own[n] for n in layout.names]
-    cap = GradientCapture(model, sketch, layout, loss_scale="sum")
+    cap = GradientCapture(model, sketch, layout, loss_scale="sum") if capture is None else capture
     parts = []
     for start in range(0, size, chunk):
         sub = batch if chunk == size else F.slice_batch(batch, start, min(start + chunk, size))
