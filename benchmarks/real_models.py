@@ -151,8 +151,20 @@ PARTS = {"transformer": transformer_parts, "cnn": cnn_parts, "minilm": minilm_pa
 
 
 # --------------------------------------------------------------------------- peak memory
+_START = {"rss": None}
+
+
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field))
+    except (OSError, StopIteration):
+        return None
+
+
 def reset_peak() -> None:
     """Start a new peak-memory window (Linux: resets VmHWM; CUDA: the allocator's peak)."""
+    _START["rss"] = _status_mib("VmRSS")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -164,13 +176,11 @@ def reset_peak() -> None:
 
 def peak_mib() -> str:
     """Peak RSS (MiB) since :func:`reset_peak` (``ru_maxrss``, the process-wide peak, where VmHWM is absent)."""
-    rss = None
-    try:
-        with open("/proc/self/status") as f:
-            rss = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
-    except (OSError, StopIteration):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = f"peak RSS {rss:,.0f} MiB"
+    rss = _status_mib("VmHWM")
+    if rss is None:
+        out = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB (process)"
+    else:  # the peak, and how far it rose above the RSS held when the window opened
+        out = f"peak RSS {rss:,.0f} MiB (+{rss - (_START['rss'] or rss):,.0f})"
     if torch.cuda.is_available():
         out += f", CUDA {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB"
     return out
@@ -371,6 +381,9 @@ def fixed_batch(parts, args, emit):
 
     measure("sketched_hvp affd (double_backward)", lambda: paired(sk("double_backward"), fwd_bwd, args.reps))
     measure("sketched/raw (affd, dbl-bwd)", lambda: paired(sk("double_backward"), raw_hvp, args.reps))
+    # the sketch itself inside a sketched HVP: Φ(Φᵀw), so that "sketched/raw" minus this is the library's overhead
+    measure("  of which: affd Φ(Φᵀw) alone / raw HVP", lambda: paired(
+        lambda: affd.apply(affd.transpose(w)), raw_hvp, args.reps))
     measure("sketched_hvp affd (fwd_rev)", lambda: paired(sk("fwd_rev"), fwd_bwd, args.reps))
 
     # a spectrum snapshot (k=10, --hvps Lanczos steps, no density) against as many plain fwd+bwd and raw HVPs
