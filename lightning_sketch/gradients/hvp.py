@@ -8,19 +8,19 @@ batches, so batches weigh by their size). No weight decay term is added. Three m
 - ``"fwd_rev"``: forward-over-reverse, ``jvp(grad(L))`` (default; paper Listing 7).
 - ``"double_backward"``: reverse-over-reverse with ``torch.autograd.grad(create_graph=True)``;
   for ops without forward-mode AD.
-
-Which to use (docs/measurements.md, "Hessian-vector products"): both do the same matrix
-multiplications, but forward-over-reverse pushes a tangent through every op of the forward *and*
-of the backward, and PyTorch's forward-mode formulas for LayerNorm, softmax and the losses are
-decomposed into several elementwise kernels (plus materialised zero tangents and functorch's
-per-op checks). On CPU, transformers (the demo Transformer: 1.25x per HVP) and the small CNN
-measured here run faster with ``"double_backward"``, which ``HessianSpectrum`` uses by default;
-prefer it unless an op lacks a double backward. ``"fwd_rev"`` stays the default here for the
-paper's recipe and is required by ``sketched_hvp(mode="implicit")``.
 - ``"finite_difference"``: central difference (∇L(θ + t v) − ∇L(θ − t v)) / 2t with
   t = ``eps`` / ‖v‖, so the parameters move by ``eps`` in norm; bias O(eps²), round-off
   O(ε_mach/eps). Default ``eps``: 1e-3 for float32 (1e-3 relative error measured, docs/measurements.md),
   1e-5 for float64, 1e-2 for half types. Works with anything that has a plain gradient.
+
+Which exact method to use (docs/measurements.md, "Hessian-vector products"): both do the same matrix
+multiplications, but forward-over-reverse pushes a tangent through every op of the forward *and*
+of the backward, and PyTorch's forward-mode formulas for LayerNorm, softmax and the losses are
+decomposed into several elementwise kernels (plus materialised zero tangents and functorch's
+per-op checks). On CPU, transformers (the demo Transformer: 1.17-1.25x per HVP) and the small CNN
+measured there run faster with ``"double_backward"``, which ``HessianSpectrum`` uses by default;
+prefer it unless an op lacks a double backward. ``"fwd_rev"`` stays the default here for the
+paper's recipe and is required by ``sketched_hvp(mode="implicit")``.
 
 Fused attention kernels (flash/efficient SDPA) have neither forward-mode nor double-backward
 derivatives, so every HVP runs under ``sdpa_kernel(SDPBackend.MATH)`` (PyTorch issue #116350);
