@@ -180,7 +180,7 @@ def peak_mib() -> str:
     if rss is None:
         out = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB (process)"
     else:  # the peak, and how far it rose above the RSS held when the window opened
-        out = f"peak RSS {rss:,.0f} MiB (+{rss - (_START['rss'] or rss):,.0f})"
+        out = f"peak RSS {rss:,.0f} MiB (+{max(0.0, rss - (_START['rss'] or rss)):,.0f})"
     if torch.cuda.is_available():
         out += f", CUDA {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB"
     return out

@@ -500,16 +500,24 @@ class GradientSketch(Callback):
         (the sketch is linear). A gap means a parameter is used outside the module that owns it
         (invisible to hooks) or the training loss is not the mean of ``per_example_loss``."""
         own = dict(pl_module.named_parameters())
-        grads = {n: own[n].grad if own[n].grad is not None else torch.zeros_like(own[n]) for n in self.layout.names}
-        flat = self.layout.flatten({n: g.detach().to(rows.dtype) * grad_scale for n, g in grads.items()})
-        ref = self.sketch.apply(flat)
         got = rows.mean(0)
         blocks = getattr(self.sketch, "blocks", None)
         if blocks is None:
-            parts = [("all sketched parameters", ref, got)]
-        else:
-            parts = [(self.layout.names[b.index], ref[b.out_offset : b.out_offset + b.out_dim],
-                      got[b.out_offset : b.out_offset + b.out_dim]) for b in blocks]
+            grads = {n: own[n].grad if own[n].grad is not None else torch.zeros_like(own[n]) for n in self.layout.names}
+            flat = self.layout.flatten({n: g.detach().to(rows.dtype) * grad_scale for n, g in grads.items()})
+            parts = [("all sketched parameters", self.sketch.apply(flat), got)]
+        else:  # per_layer: each block's sketch L G Rᵀ of its own .grad, with no N-long copy of the gradient
+            parts = []
+            for b in blocks:
+                name, sl = self.layout.names[b.index], slice(b.out_offset, b.out_offset + b.out_dim)
+                g = own[name].grad
+                if g is None:
+                    parts.append((name, torch.zeros_like(got[sl]), got[sl]))
+                    continue
+                g = g.detach().to(rows.dtype)
+                L, R = self.sketch.factors(b, g)
+                ref = L @ g.reshape(-1) if R is None else (L @ g.reshape(b.rows, b.cols) @ R.T).reshape(-1)
+                parts.append((name, ref * grad_scale, got[sl]))
         bad = [n for n, r, g in parts if float((r - g).norm()) > 0.05 * float(r.norm()) + 1e-12]
         if bad:
             rank_zero_warn(
