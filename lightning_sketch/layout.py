@@ -169,7 +169,7 @@ class ParamLayout:
             raise SketchInputError(f"`vec` must have last dimension N = {self.dim}, got {shape}.")
         lead = vec.shape[:-1]
         parts = torch.split(vec, list(self.numels), dim=-1)
-        return {n: p.reshape(*lead, *s) for n, s, p in zip(self.names, self.shapes, parts)}
+        return {n: p.reshape((*lead, *s)) for n, s, p in zip(self.names, self.shapes, parts)}  # (): a scalar
 
     def params(self, module: nn.Module) -> dict[str, Tensor]:
         """Detached views of ``module``'s selected parameters, keyed by name, in layout order.

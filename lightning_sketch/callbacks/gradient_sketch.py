@@ -42,6 +42,7 @@ the module's train/eval mode is restored.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -218,7 +219,13 @@ class GradientSketch(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(dirpath=self.dirpath, mode=self.mode, sketch_kind=self.sketch_kind)
+        # Lightning reads it on every hook call (profiler names): cached per (dirpath, mode, kind).
+        ident = (self.dirpath, self.mode, self.sketch_kind)
+        cached = self.__dict__.get("_state_key")
+        if cached is None or cached[0] != ident:
+            cached = (ident, self._generate_state_key(dirpath=self.dirpath, mode=self.mode, sketch_kind=self.sketch_kind))
+            self._state_key = cached
+        return cached[1]
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -470,7 +477,7 @@ class GradientSketch(Callback):
             self._pending_rows = _vmap_guard(lambda: sketch_gradients(
                 pl_module, self._loss_fn(pl_module), batch, self.sketch, mode="explicit", layout=self.layout,
                 chunk_size=self.chunk_size,
-            ), self.support, self.exclude)
+            ), self.support, self.exclude) * self._lr
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -481,8 +488,11 @@ class GradientSketch(Callback):
         scale = float(trainer.accumulate_grad_batches)
         if self._scaler is not None:  # 16-mixed: the backward ran on the scaled loss
             scale /= float(self._scaler.get_scale())
+        check = not self._checked_sum and trainer.accumulate_grad_batches == 1
         try:
-            rows = cap.sketches()
+            # One multiplication of the [B, D] rows: B (mean loss), accumulation, 1/scaler and, except on
+            # the first step (whose unweighted rows are checked against .grad), the learning rate.
+            rows = cap.sketches(scale=scale if check else scale * self._lr)
         except SketchInputError:
             rank_zero_warn(
                 "GradientSketch inline: the backward of this step reached no hooked module, so no rows were "
@@ -493,26 +503,35 @@ class GradientSketch(Callback):
         if self._scaler is not None and not bool(torch.isfinite(rows).all()):
             self.skipped_overflow_steps += 1  # the scaler skips this optimizer step as well
             return
-        self._pending_rows = rows * scale
-        if not self._checked_sum and trainer.accumulate_grad_batches == 1:
+        if check:
             self._checked_sum = True
-            self._check_rows_sum(pl_module, self._pending_rows, 1.0 if self._scaler is None else scale)
+            self._check_rows_sum(pl_module, rows, 1.0 if self._scaler is None else scale)
+            rows = rows * self._lr
+        self._pending_rows = rows  # weighted by this step's learning rate
 
     def _check_rows_sum(self, pl_module: LightningModule, rows: Tensor, grad_scale: float) -> None:
         """First step: the mean of the rows must be the sketch of the batch gradient in ``.grad``
         (the sketch is linear). A gap means a parameter is used outside the module that owns it
         (invisible to hooks) or the training loss is not the mean of ``per_example_loss``."""
         own = dict(pl_module.named_parameters())
-        grads = {n: own[n].grad if own[n].grad is not None else torch.zeros_like(own[n]) for n in self.layout.names}
-        flat = self.layout.flatten({n: g.detach().to(rows.dtype) * grad_scale for n, g in grads.items()})
-        ref = self.sketch.apply(flat)
         got = rows.mean(0)
         blocks = getattr(self.sketch, "blocks", None)
         if blocks is None:
-            parts = [("all sketched parameters", ref, got)]
-        else:
-            parts = [(self.layout.names[b.index], ref[b.out_offset : b.out_offset + b.out_dim],
-                      got[b.out_offset : b.out_offset + b.out_dim]) for b in blocks]
+            grads = {n: own[n].grad if own[n].grad is not None else torch.zeros_like(own[n]) for n in self.layout.names}
+            flat = self.layout.flatten({n: g.detach().to(rows.dtype) * grad_scale for n, g in grads.items()})
+            parts = [("all sketched parameters", self.sketch.apply(flat), got)]
+        else:  # per_layer: each block's sketch L G Rᵀ of its own .grad, with no N-long copy of the gradient
+            parts = []
+            for b in blocks:
+                name, sl = self.layout.names[b.index], slice(b.out_offset, b.out_offset + b.out_dim)
+                g = own[name].grad
+                if g is None:
+                    parts.append((name, torch.zeros_like(got[sl]), got[sl]))
+                    continue
+                g = g.detach().to(rows.dtype)
+                L, R = self.sketch.factors(b, g)
+                ref = L @ g.reshape(-1) if R is None else (L @ g.reshape(b.rows, b.cols) @ R.T).reshape(-1)
+                parts.append((name, ref * grad_scale, got[sl]))
         bad = [n for n, r, g in parts if float((r - g).norm()) > 0.05 * float(r.norm()) + 1e-12]
         if bad:
             rank_zero_warn(
@@ -531,7 +550,7 @@ class GradientSketch(Callback):
         if rows is None:
             return
         name = self._inline_slice(trainer)
-        self._append(self._batch_ids, rows.detach() * self._lr, name, trainer, defer=True)
+        self._append(self._batch_ids, rows, name, trainer, defer=True)
         self._pending_rows = None
         self._last_step_done = trainer.global_step
 
@@ -539,9 +558,13 @@ class GradientSketch(Callback):
     def _append(self, ids: Tensor, rows: Tensor, name: str, trainer: Trainer, defer: bool = False) -> None:
         rows = rows.detach().to("cpu", torch.float32)
         ids = ids.cpu()
-        # raised here, at the training step; the store drops and counts the rows in its manifest
-        finite = finite_rows(ids.numpy(), rows.numpy(), self.nan_policy, f"at step {trainer.global_step}")
-        if not finite.all():
+        # One reduction decides the common case: a non-finite entry makes the sum non-finite (an
+        # overflowing sum of finite rows only sends us to the exact per-row test). The per-row test
+        # is the store's (raised here, at the training step; the store counts dropped rows).
+        finite = None
+        if not math.isfinite(float(rows.sum())):
+            finite = finite_rows(ids.numpy(), rows.numpy(), self.nan_policy, f"at step {trainer.global_step}")
+        if finite is not None and not finite.all():
             self.skipped_nonfinite += int((~finite).sum())
             bad = ids.numpy()[~finite][:5].tolist()
             log.warning("GradientSketch skipped %d non-finite rows (ids %s...)", int((~finite).sum()), bad)

@@ -341,13 +341,22 @@ class GradientCapture:
                 "No per-example sketches yet: run a forward and a backward (with grad enabled) of the batch loss "
                 "inside the `with GradientCapture(...)` block first."
             )
-        return self._buffer * float(self._buffer.shape[0]) if self._scale == "mean" else self._buffer
+        return self._buffer
 
-    def sketches(self) -> Tensor:
+    def _factor(self, scale: float) -> float:
+        """The one multiplier of the raw buffer: B for ``loss_scale="mean"``, times the caller's ``scale``."""
+        return float(scale) * (float(self._buffer.shape[0]) if self._scale == "mean" else 1.0)
+
+    def sketches(self, scale: float = 1.0) -> Tensor:
         """``[B, D]`` per-example sketched gradients accumulated by the backward passes so far.
 
         Float32 for half-precision models (mixed precision accumulates in float32), else the
         parameters' dtype.
+
+        Args:
+            scale: a factor applied to the rows in the same single multiplication as the
+                ``loss_scale`` rescaling (after the whole-model sketch, on ``[B, D]``); the
+                callbacks pass the learning rate and gradient-accumulation factor here.
 
         Raises:
             SketchInputError: if no backward pass reached a hooked module yet, or ``sketch=None``.
@@ -355,17 +364,23 @@ class GradientCapture:
         if self._sketch is None:
             raise SketchInputError("This GradientCapture has no sketch (sketch=None); call grads() instead.")
         raw = self._raw()
-        return raw if self._factorized else self._sketch.apply(raw)
+        if not self._factorized:
+            raw = self._sketch.apply(raw)  # linear: scaling [B, D] after it is cheaper than [B, N] before
+        factor = self._factor(scale)
+        return raw if factor == 1.0 else raw * factor
 
-    def grads(self) -> Tensor:
-        """``[B, N]`` per-example gradients in layout order (not for a ``per_layer`` sketch).
+    def grads(self, scale: float = 1.0) -> Tensor:
+        """``[B, N]`` per-example gradients in layout order (not for a ``per_layer`` sketch),
+        times ``scale`` (as in :meth:`sketches`).
 
         Raises:
             SketchInputError: if nothing was captured yet or the capture is factorised.
         """
         if self._factorized:
             raise SketchInputError("A per_layer GradientCapture never forms per-example gradients; call sketches().")
-        return self._raw()
+        raw = self._raw()
+        factor = self._factor(scale)
+        return raw if factor == 1.0 else raw * factor
 
     # ----------------------------------------------------------------- accumulation
     def _out(self, size: int, like: Tensor) -> Tensor:
@@ -389,8 +404,8 @@ class GradientCapture:
         if self._factorized:
             block = self._sketch.blocks[idx]
             L, R = self._sketch.factors(block, out)
-            left = a @ L[:, row : row + a.shape[-1]].T
-            sk = torch.einsum("bto,bti->boi", left, c @ R.T).reshape(a.shape[0], block.out_dim)
+            left = a @ L[:, row : row + a.shape[-1]].T  # [B, T, d_o]
+            sk = torch.bmm(left.transpose(1, 2), c @ R.T).reshape(a.shape[0], block.out_dim)
             out[:, block.out_offset : block.out_offset + block.out_dim] += sk
         else:
             off, numel = self._layout.offsets[idx], self._layout.numels[idx]
@@ -429,7 +444,7 @@ class GradientCapture:
             block = self._sketch.blocks[idx]
             L, R = self._sketch.factors(block, out)
             left = L.T[ids]  # [B, T, d_o]: the columns of L picked by the tokens
-            sk = torch.einsum("bto,bti->boi", left, delta @ R.T).reshape(size, block.out_dim)
+            sk = torch.bmm(left.transpose(1, 2), delta @ R.T).reshape(size, block.out_dim)
             out[:, block.out_offset : block.out_offset + block.out_dim] += sk
         else:
             off, numel = self._layout.offsets[idx], self._layout.numels[idx]
@@ -664,15 +679,17 @@ def hooked_sketch(
     sketch: Sketch | None,
     layout: ParamLayout,
     chunk_size: int | None = None,
+    capture: GradientCapture | None = None,
 ) -> Tensor:
     """Per-example sketches (or gradients, ``sketch=None``) through :class:`GradientCapture`:
     per chunk of examples, one forward and ``torch.autograd.grad`` of the summed per-example
-    losses (no ``.grad`` written). ``[B, D]`` (or ``[B, N]``)."""
+    losses (no ``.grad`` written). ``[B, D]`` (or ``[B, N]``). ``capture``: a
+    ``GradientCapture(model, sketch, layout, loss_scale="sum")`` to reuse (built if None)."""
     size = F.batch_size(batch)
     chunk = F.check_chunk_size(chunk_size, size)
     own = dict(model.named_parameters())
     params = [own[n] for n in layout.names]
-    cap = GradientCapture(model, sketch, layout, loss_scale="sum")
+    cap = GradientCapture(model, sketch, layout, loss_scale="sum") if capture is None else capture
     parts = []
     for start in range(0, size, chunk):
         sub = batch if chunk == size else F.slice_batch(batch, start, min(start + chunk, size))

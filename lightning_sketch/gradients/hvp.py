@@ -15,6 +15,15 @@ batches, so batches weigh by their size). No weight decay term is added. Three m
   O(ε_mach/eps). Default ``eps``: 1e-3 for float32 (1e-3 relative error measured, docs/measurements.md),
   1e-5 for float64, 1e-2 for half types. Works with anything that has a plain gradient.
 
+Which exact method to use (docs/measurements.md, "Hessian-vector products"): both do the same matrix
+multiplications, but forward-over-reverse pushes a tangent through every op of the forward *and*
+of the backward, and PyTorch's forward-mode formulas for LayerNorm, softmax and the losses are
+decomposed into several elementwise kernels (plus materialised zero tangents and functorch's
+per-op checks). On CPU, transformers (the demo Transformer: 1.17-1.25x per HVP) and the small CNN
+measured there run faster with ``"double_backward"``, which ``HessianSpectrum`` uses by default;
+prefer it unless an op lacks a double backward. ``"fwd_rev"`` stays the default here for the
+paper's recipe and is required by ``sketched_hvp(mode="implicit")``.
+
 Fused attention kernels (flash/efficient SDPA) have neither forward-mode nor double-backward
 derivatives, so every HVP runs under ``sdpa_kernel(SDPBackend.MATH)`` (PyTorch issue #116350);
 the math kernel computes the same function.
@@ -79,10 +88,20 @@ def _hvp_dict(
         return jvp(grad(loss), (theta,), (v,))[1]
     if method == "double_backward":
         leaves = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
-        g = torch.autograd.grad(loss(leaves), list(leaves.values()), create_graph=True)
-        hv = torch.autograd.grad(
-            g, list(leaves.values()), grad_outputs=[v[n] for n in leaves], allow_unused=True
-        )
+        g = torch.autograd.grad(loss(leaves), list(leaves.values()), create_graph=True, allow_unused=True)
+        # A parameter the loss does not use has no gradient, and one it uses linearly has a constant
+        # gradient: neither contributes to H v (its rows of H are zero), and autograd refuses both.
+        pairs = [(gi, v[n]) for n, gi in zip(leaves, g) if gi is not None and gi.requires_grad]
+        hv: list[Tensor | None] = [None] * len(leaves)
+        if pairs:
+            hv = list(
+                torch.autograd.grad(
+                    [gi for gi, _ in pairs],
+                    list(leaves.values()),
+                    grad_outputs=[w for _, w in pairs],
+                    allow_unused=True,
+                )
+            )
         return {n: torch.zeros_like(theta[n]) if h is None else h.detach() for n, h in zip(leaves, hv)}
     p0 = next(iter(theta.values()))
     step = _DEFAULT_EPS.get(p0.dtype, 1e-2) if eps is None else float(eps)
@@ -288,7 +307,8 @@ def sketched_hvp(
     """Φ H Φᵀ v, the sketched HVP (arXiv 2402.03994, eq. 10), ``[D]`` or ``[K, D]`` -> same shape.
 
     ``method`` (explicit mode only) picks the exact HVP of the lifted direction, as in :func:`hvp`;
-    ``"double_backward"`` is the faster one on CPU transformers (benchmarks/real_models.py).
+    ``"double_backward"`` is the faster one on the CPU models of benchmarks/real_models.py (see
+    the module docstring for why).
 
     ``"explicit"``: lift t = Φᵀ v, forward-over-reverse HVP at θ0, apply Φ. ``"implicit"``: the
     forward-over-reverse HVP of ω ↦ L(θ0 + Φᵀω) at ω = 0 in direction v (paper Listing 7).

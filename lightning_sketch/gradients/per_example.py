@@ -190,13 +190,16 @@ def sketch_gradients(
     chunk = F.check_chunk_size(chunk_size, size)
     if mode == "implicit":
         return _implicit(model, loss_fn, batch, sketch, layout, chunk)
+    capture = None
     if mode == "auto":
-        from lightning_sketch.gradients.capture import capture_support
+        from lightning_sketch.exceptions import UnsupportedModelError
+        from lightning_sketch.gradients.capture import GradientCapture
 
-        if capture_support(model, layout).unsupported:
-            mode = "explicit"  # parameters no hook sees (parametrisations): vmap over the whole model
-        else:
+        try:  # one plan of the model's modules, reused by hooked_sketch
+            capture = GradientCapture(model, sketch, layout, loss_scale="sum")
             mode = "factorized" if sketch.supports_factorized else "hooks"
+        except UnsupportedModelError:
+            mode = "explicit"  # parameters no hook sees (parametrisations): vmap over the whole model
     if mode == "factorized" and not sketch.supports_factorized:
         raise SketchConfigError(
             f"mode='factorized' needs a kind='per_layer' sketch, got {sketch.kind!r}; use mode='hooks' or "
@@ -205,7 +208,7 @@ def sketch_gradients(
     if mode in ("factorized", "hooks"):
         from lightning_sketch.gradients.capture import hooked_sketch
 
-        return hooked_sketch(model, loss_fn, batch, sketch, layout, chunk_size=chunk)
+        return hooked_sketch(model, loss_fn, batch, sketch, layout, chunk_size=chunk, capture=capture)
     parts = []
     for start in range(0, size, chunk):
         sub = F.slice_batch(batch, start, min(start + chunk, size))

@@ -142,6 +142,24 @@ def test_whole_model_sketch_through_hooks():
     torch.testing.assert_close(cap.sketches(), ref, atol=TOL, rtol=TOL)
 
 
+def test_scale_is_one_multiplication_of_the_exact_rows():
+    """sketches(scale=s) / grads(scale=s) are s times the exact per-example rows, for every path."""
+    model, batch, _ = cases()["embed"]
+    layout = ParamLayout.from_module(model)
+    g = per_example_grads(model, xent, batch)
+    dense = make("dense", dim=layout.dim, sketch_dim=6, seed=0)
+    per_layer = PerLayerSketch.for_module(model, sketch_dim=12)
+    for sketch, ref in ((None, g), (dense, dense.apply(g)), (per_layer, per_layer.apply(g))):
+        for scale_mode in ("mean", "sum"):
+            with GradientCapture(model, sketch, loss_scale=scale_mode) as cap:
+                losses = xent(model, batch)
+                (losses.mean() if scale_mode == "mean" else losses.sum()).backward()
+            read = cap.grads if sketch is None else cap.sketches
+            torch.testing.assert_close(read(), ref, atol=TOL, rtol=TOL)
+            torch.testing.assert_close(read(scale=-2.5), -2.5 * ref, atol=TOL, rtol=TOL)
+        model.zero_grad()
+
+
 class Folding(nn.Module):
     """The second Linear sees [2B, 3]: not batch-first, so the capture must refuse it."""
 

@@ -207,3 +207,42 @@ def test_sketched_hvp_methods_agree():
     torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
     with pytest.raises(SketchConfigError, match="implicit"):
         sketched_hvp(model, loss_fn, (x, y), s, v, mode="implicit", method="double_backward")
+
+
+class _Unused(nn.Module):
+    """A pooler the loss never uses (Hugging Face's BertPooler under a mean-pooling head) and a
+    shift that enters the loss linearly (constant gradient, zero Hessian rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.pooler = nn.Linear(2, 2)
+        self.shift = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("method", ["double_backward", "fwd_rev"])
+def test_hvp_with_unused_and_linear_parameters(method):
+    """Every method returns zeros for the unused/linear parameters' entries and the exact H v elsewhere."""
+    torch.manual_seed(0)
+    model = _Unused().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+
+    def loss_fn(m, b):
+        return m(b).pow(2).sum(-1) + m.shift
+
+    layout = ParamLayout.from_module(model)
+    v = torch.randn(layout.dim, dtype=torch.float64)
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+
+    def flat_loss(flat):
+        params = layout.unflatten(flat)
+        return (functional_call(model, params, (x,)).pow(2).sum(-1) + params["shift"]).mean()
+
+    H = torch.autograd.functional.hessian(flat_loss, layout.flatten(theta))
+    got = hvp(model, loss_fn, x, v, method=method)
+    torch.testing.assert_close(got, H @ v, atol=1e-12, rtol=1e-10)
+    pooler = layout.unflatten(got)
+    assert not pooler["pooler.weight"].any() and not pooler["pooler.bias"].any() and not pooler["shift"].any()
