@@ -163,7 +163,7 @@ def make_callbacks(name, tmp, monitor, higher):
         return [GradientSketch(dirpath=f"{tmp}/affd", sketch_kind="affd", sketch_dim=1024, mode="inline",
                                save_weights=False)]
     if name == "intrinsic":
-        return [IntrinsicDimension(kind="affd", sketch_dim=1024, mode="fixed", monitor=monitor,
+        return [IntrinsicDimension(sketch_kind="affd", sketch_dim=1024, mode="fixed", monitor=monitor,
                                    higher_is_better=higher, dirpath=tmp, plot=False)]
     raise ValueError(name)
 

@@ -105,7 +105,7 @@ def callbacks(root: Path, mode: str) -> list:
                             every_n_steps=None, num_iter=8, probe_batches=1, density=False, plot=False,
                             dirpath=str(root / "spectrum")),
         ]
-    return [IntrinsicDimension(kind="affd", sketch_dim=64, seed=4, d_min=4, monitor="val_acc", delta=0.05,
+    return [IntrinsicDimension(sketch_kind="affd", sketch_dim=64, seed=4, d_min=4, monitor="val_acc", delta=0.05,
                                target=1.5, dirpath=str(root / "intrinsic"), stop_when_done=False)]
 
 
