@@ -13,11 +13,10 @@ module's train/eval mode is restored, and the global RNG streams are forked and 
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -27,6 +26,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sketch.callbacks._progress import progress_bar
+from lightning_sketch.callbacks._spectrum_options import SpectrumNumerics, merge_flat_numerics
 from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_sketch.gradients import module_loss_fn, train_mode
 from lightning_sketch.layout import ParamLayout
@@ -35,9 +35,7 @@ from lightning_sketch.sketches import KINDS, derive_seed, make
 from lightning_sketch.spectrum.monitor import spectrum_snapshot
 from lightning_sketch.spectrum.snapshot import SnapshotWriter, load_snapshot
 
-__all__ = ["PAPER_STEPS", "HessianSpectrum"]
-
-log = logging.getLogger(__name__)
+__all__ = ["PAPER_STEPS", "HessianSpectrum", "SpectrumNumerics"]
 
 #: the paper's explicit snapshot steps (App. B.8), besides "every 1,000 steps".
 PAPER_STEPS: tuple[int, ...] = (0, 10, 50, 100, 150, 200, 250, 500)
@@ -61,23 +59,17 @@ class HessianSpectrum(Callback):
         seed: seed of Φ and of the callback's own generators (start and probe vectors).
         every_n_steps: also snapshot when ``global_step % every_n_steps == 0`` (None: off).
         at_steps: explicit snapshot steps (default: the paper's 0, 10, 50, ..., 500).
-        num_iter: Lanczos steps per snapshot (default ``min(D, max(4k, 40))``).
         probe_batches: number of batches of the train dataloader forming the fixed probe set.
         density: also compute an SLQ spectral density (``density_runs × density_iter`` HVPs).
-        density_runs: SLQ probe vectors.
-        density_iter: Lanczos steps per SLQ probe.
         trace: also estimate the trace of Φ H Φᵀ by Hutch++ (``trace_matvecs`` HVPs).
-        trace_matvecs: HVPs of the trace estimate.
+        numerics: the numerical settings, a :class:`SpectrumNumerics` (Lanczos steps ``num_iter``,
+            ``hvp_method``, Krylov ``dtype``, module ``mode``, ``outlier_threshold``, ``density_runs``,
+            ``density_iter``, ``trace_matvecs``); default ``SpectrumNumerics()``. In YAML a mapping
+            ``numerics: {num_iter: 40}``.
         dirpath: directory of the snapshot files; default
             ``<trainer.log_dir or default_root_dir>/hessian_spectrum``. Rank 0 locks it for the whole
             fit (:class:`~lightning_sketch.spectrum.snapshot.SnapshotWriter`): a second run into the
             same directory fails at ``setup`` with ``StoreWriteError``.
-        hvp_method: ``"double_backward"``, ``"fwd_rev"`` or ``"finite_difference"`` (the only one
-            allowed under FSDP/DeepSpeed).
-        dtype: dtype of the (D-dimensional) Krylov vectors; HVPs run in the module's own dtype.
-        mode: module mode during the HVPs (``"eval"`` turns dropout off so that every matvec sees
-            the same loss); the original mode is restored.
-        outlier_threshold: an eigenvalue is an outlier when λ_n/λ_1 exceeds it (paper: 0.2).
         plot: draw ``spectrum.png`` (trajectories and densities) at the end of ``fit``.
         loss_fn: ``loss_fn(module, batch) -> [B]`` per-example losses; default
             ``pl_module.per_example_loss(batch)``. Not settable from YAML.
@@ -87,6 +79,8 @@ class HessianSpectrum(Callback):
             trainable), as in ``GradientSketch(include=...)``; with the same patterns and sketch
             spec the snapshots match a gradient store's layout (``arnoldi_if``).
         exclude: fnmatch patterns of parameters to leave out (held fixed in the HVPs).
+        **flat_numerics: deprecated: the fields of ``numerics`` as keyword arguments
+            (``num_iter=40``); they warn and may not be combined with ``numerics``.
 
     Raises:
         SketchConfigError: on invalid arguments.
@@ -103,23 +97,17 @@ class HessianSpectrum(Callback):
         seed: int = 0,
         every_n_steps: int | None = 1000,
         at_steps: list[int] | None = None,
-        num_iter: int | None = None,
         probe_batches: int = 4,
         density: bool = True,
-        density_runs: int = 4,
-        density_iter: int = 40,
         trace: bool = False,
-        trace_matvecs: int = 30,
+        numerics: SpectrumNumerics | None = None,
         dirpath: str | None = None,
-        hvp_method: Literal["double_backward", "fwd_rev", "finite_difference"] = "double_backward",
-        dtype: Literal["float32", "float64"] = "float64",
-        mode: Literal["eval", "train"] = "eval",
-        outlier_threshold: float = 0.2,
         plot: bool = True,
         loss_fn: Callable[[Any, Any], Tensor] | None = None,
         probe_dataloader: Any = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        **flat_numerics: Any,
     ) -> None:
         super().__init__()
         for name, pats in (("include", include), ("exclude", exclude)):
@@ -130,11 +118,8 @@ class HessianSpectrum(Callback):
         _check_pos("k", k)
         _check_pos("sketch_dim", sketch_dim)
         _check_pos("every_n_steps", every_n_steps, allow_none=True)
-        _check_pos("num_iter", num_iter, allow_none=True)
         _check_pos("probe_batches", probe_batches)
-        _check_pos("density_runs", density_runs)
-        _check_pos("density_iter", density_iter)
-        _check_pos("trace_matvecs", trace_matvecs, minimum=6)
+        self.numerics = merge_flat_numerics(numerics, flat_numerics)
         if sketch_kind is not None and sketch_kind not in KINDS:
             raise SketchConfigError(f"`sketch_kind` must be one of {sorted(KINDS)} or None, got {sketch_kind!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -144,29 +129,15 @@ class HessianSpectrum(Callback):
         steps = list(PAPER_STEPS) if at_steps is None else list(at_steps)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
             raise SketchConfigError(f"`at_steps` must be a list of ints >= 0, got {at_steps!r}.")
-        if hvp_method not in ("double_backward", "fwd_rev", "finite_difference"):
-            raise SketchConfigError(
-                f"`hvp_method` must be 'double_backward', 'fwd_rev' or 'finite_difference', got {hvp_method!r}."
-            )
-        if dtype not in ("float32", "float64"):
-            raise SketchConfigError(f"`dtype` must be 'float32' or 'float64', got {dtype!r}.")
-        if mode not in ("eval", "train"):
-            raise SketchConfigError(f"`mode` must be 'eval' or 'train', got {mode!r}.")
         for name, flag in (("density", density), ("trace", trace), ("plot", plot)):
             if not isinstance(flag, bool):
                 raise SketchConfigError(f"`{name}` must be a bool, got {flag!r}.")
-        if isinstance(outlier_threshold, bool) or not isinstance(outlier_threshold, (int, float)) \
-                or not 0 < outlier_threshold < 1:
-            raise SketchConfigError(f"`outlier_threshold` must be in (0, 1), got {outlier_threshold!r}.")
         if loss_fn is not None and not callable(loss_fn):
             raise SketchConfigError(f"`loss_fn` must be callable(module, batch) -> [B], got {type(loss_fn).__name__}.")
         self.k, self.sketch_kind, self.sketch_dim, self.seed = k, sketch_kind, sketch_dim, seed
-        self.every_n_steps, self.at_steps, self.num_iter = every_n_steps, sorted(set(steps)), num_iter
-        self.probe_batches, self.density, self.density_runs, self.density_iter = (
-            probe_batches, density, density_runs, density_iter)
-        self.trace, self.trace_matvecs, self.dirpath = trace, trace_matvecs, dirpath
-        self.hvp_method, self.dtype, self.mode = hvp_method, dtype, mode
-        self.outlier_threshold, self.plot = outlier_threshold, plot
+        self.every_n_steps, self.at_steps = every_n_steps, sorted(set(steps))
+        self.probe_batches, self.density, self.trace = probe_batches, density, trace
+        self.dirpath, self.plot = dirpath, plot
         self.loss_fn, self.probe_dataloader = loss_fn, probe_dataloader
         self.include, self.exclude = include, exclude
         self.history: list[dict[str, Any]] = []
@@ -196,10 +167,10 @@ class HessianSpectrum(Callback):
             return
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)) and self.hvp_method != "finite_difference":
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)) and self.numerics.hvp_method != "finite_difference":
             raise UnsupportedStrategyError(
                 f"HessianSpectrum with {type(trainer.strategy).__name__} needs hvp_method='finite_difference' "
-                f"(got {self.hvp_method!r}): sharded parameters break double-backward and forward-mode HVPs."
+                f"(got {self.numerics.hvp_method!r}): sharded parameters break double-backward and forward-mode HVPs."
             )
         self._loss_fn(pl_module)  # fail at setup, not at the first snapshot
         base = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hessian_spectrum")
@@ -297,14 +268,14 @@ class HessianSpectrum(Callback):
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "hessian_spectrum", f"step{step}"))
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad(), train_mode(pl_module, self.mode == "train"):
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), train_mode(pl_module, self.numerics.mode == "train"):
                 snap = spectrum_snapshot(
                     pl_module, self._loss_fn(pl_module), self._probe, k=min(self.k, self._op_dim()), sketch=self._sketch,
-                    num_iter=self._num_iter(), method=self.hvp_method, layout=self._layout, generator=gen,
-                    density=self.density, density_runs=self.density_runs,
-                    density_iter=min(self.density_iter, self._op_dim()), trace=self.trace,
-                    trace_matvecs=self.trace_matvecs, threshold=self.outlier_threshold,
-                    dtype=getattr(torch, self.dtype), reduce=reduce,
+                    num_iter=self._num_iter(), method=self.numerics.hvp_method, layout=self._layout, generator=gen,
+                    density=self.density, density_runs=self.numerics.density_runs,
+                    density_iter=min(self.numerics.density_iter, self._op_dim()), trace=self.trace,
+                    trace_matvecs=self.numerics.trace_matvecs, threshold=self.numerics.outlier_threshold,
+                    dtype=getattr(torch, self.numerics.dtype), reduce=reduce,
                 )
         finally:
             if bar is not None:
@@ -316,7 +287,7 @@ class HessianSpectrum(Callback):
             if self._writer is None:  # snapshot() called outside fit
                 self._writer = SnapshotWriter(self._dir)
             meta = {"sketch_spec": snap.sketch_spec, "scalars": scalars, "which": "LA",
-                    "num_matvecs": snap.num_matvecs, "hvp_method": self.hvp_method, "world_size": world,
+                    "num_matvecs": snap.num_matvecs, "hvp_method": self.numerics.hvp_method, "world_size": world,
                     "probe_batches": len(self._probe or []), "layout_fingerprint": self._layout.fingerprint()}
             entry["file"] = str(self._writer.write(step, snap.arrays(), meta))
         for logger in trainer.loggers:
@@ -333,13 +304,13 @@ class HessianSpectrum(Callback):
         """Matvecs of one snapshot (Lanczos, density, trace, plus the probe gradient): the bar's total."""
         dim = self._op_dim()
         lanczos = self._num_iter() or min(dim, max(4 * self.k, 40))
-        density = self.density_runs * min(self.density_iter, dim) if self.density else 0
-        return lanczos + density + (self.trace_matvecs if self.trace else 0) + 1
+        density = self.numerics.density_runs * min(self.numerics.density_iter, dim) if self.density else 0
+        return lanczos + density + (self.numerics.trace_matvecs if self.trace else 0) + 1
 
     def _num_iter(self) -> int | None:
-        if self.num_iter is None:
+        if self.numerics.num_iter is None:
             return None
-        return min(self.num_iter, self._op_dim())
+        return min(self.numerics.num_iter, self._op_dim())
 
     # ------------------------------------------------------------------ state
     @override

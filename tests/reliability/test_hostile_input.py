@@ -19,7 +19,7 @@ from exact_refs import loop_grads
 from torch import nn
 
 from lightning_sketch.attribution import Attributor
-from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension
+from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension, SpectrumNumerics
 from lightning_sketch.exceptions import (
     DuplicateIdError,
     LayoutMismatchError,
@@ -76,7 +76,7 @@ def _sorted(store: SketchStore, name: str):
         (GradientSketch, dict(dirpath="d", id_key=3), SketchConfigError, "`id_key` must be a str"),
         (GradientSketch, dict(dirpath="d", save_weights="yes"), SketchConfigError, "`save_weights` must be a bool"),
         (GradientSketch, dict(dirpath="d", sketch_dim="1024"), SketchConfigError, "`sketch_dim` must be a positive int"),
-        (HessianSpectrum, dict(outlier_threshold="0.2"), SketchConfigError, "`outlier_threshold` must be in"),
+        (SpectrumNumerics, dict(outlier_threshold="0.2"), SketchConfigError, "`outlier_threshold` must be in"),
         (HessianSpectrum, dict(at_steps=5), SketchConfigError, "`at_steps` must be a list"),
         (HessianSpectrum, dict(plot="no"), SketchConfigError, "`plot` must be a bool"),
         (HessianSpectrum, dict(k=2.0), SketchConfigError, "`k` must be an int"),
@@ -246,7 +246,8 @@ def test_batch_size_one_and_a_last_batch_of_one(tmp_path):
     ckpt = _gs(tmp_path / "c", sketch_kind="identity", sketch_dim=123, every_n_epochs=1)
     inline = _gs(tmp_path / "i", sketch_kind="per_layer", sketch_dim=16, mode="inline", seed=3)
     probe = next(iter(loader(9, 1, dtype=torch.float64)))  # one example
-    spec = _hs(sketch_kind="identity", sketch_dim=123, k=3, num_iter=123, at_steps=[2], probe_dataloader=[probe])
+    spec = _hs(sketch_kind="identity", sketch_dim=123, k=3, numerics=SpectrumNumerics(num_iter=123), at_steps=[2],
+               probe_dataloader=[probe])
     model = Tiny(dtype=torch.float64)
     trainer(tmp_path, [rec, ckpt, inline, spec], max_epochs=1).fit(model, loader(9, 4, dtype=torch.float64))
     assert inline._inline_fast and [len(b["y"]) for _, _, b in rec.steps] == [4, 4, 1]
@@ -308,7 +309,7 @@ def test_batchnorm_and_dropout_are_handled_in_eval_mode_or_refused(tmp_path):
     assert SketchStore.open(tmp_path / "i" / "run" / "store").num_rows == 32
     # the spectrum refuses train-mode BatchNorm (batch statistics couple the examples) ...
     with pytest.raises(UnsupportedModelError, match=r"BatchNorm module\(s\) \['net.1'\] are in train mode"):
-        trainer(tmp_path, [_hs(mode="train")], max_steps=1).fit(BNDrop(), loader())
+        trainer(tmp_path, [_hs(numerics=SpectrumNumerics(mode="train"))], max_steps=1).fit(BNDrop(), loader())
     # ... and works in its default eval mode
     cb = _hs()
     trainer(tmp_path, [cb], max_steps=1).fit(BNDrop(), loader())
