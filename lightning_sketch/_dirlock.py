@@ -22,23 +22,25 @@ class DirLock:
         StoreWriteError: another process holds the lock, or the lock file cannot be created.
     """
 
-    def __init__(self, directory: str | os.PathLike, name: str = ".writer.lock", *, what: str = "directory") -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], name: str = ".writer.lock", *, what: str = "directory"
+    ) -> None:
         self.path = Path(directory) / name
         self.what = what
         try:
-            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                                           0o644)
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+            self._fd: int | None = os.open(self.path, flags, 0o644)
         except OSError as err:
-            raise StoreWriteError(f"Cannot create the writer lock {str(self.path)!r} ({err.strerror}); check that "
-                                  f"the {what} is writable and the lock is a plain file.") from err
+            raise StoreWriteError(f"Cannot create the writer lock {str(self.path)!r} ({err.strerror}); check "
+                                  f"that the {what} is writable and the lock is a plain file.") from err
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             os.close(self._fd)
             self._fd = None
             raise StoreWriteError(
-                f"Another process holds the writer lock {str(self.path)!r}: a {what} has one writer at a time. Wait "
-                f"for the other run to finish, or write to another directory."
+                f"Another process holds the writer lock {str(self.path)!r}: a {what} has one writer at a "
+                "time. Wait for the other run to finish, or write to another directory."
             ) from err
         self._ino = os.fstat(self._fd).st_ino
 
@@ -49,15 +51,17 @@ class DirLock:
     def check(self) -> None:
         """Raise :class:`StoreConflictError` if the lock file on disk is no longer ours."""
         if self._fd is None:
-            raise StoreWriteError(f"The writer lock {str(self.path)!r} was released; reopen the {self.what} to write.")
+            raise StoreWriteError(f"The writer lock {str(self.path)!r} was released; reopen the {self.what} "
+                                  "to write.")
         try:
             ino = os.stat(self.path, follow_symlinks=False).st_ino
         except OSError:
             ino = None
         if ino != self._ino:
             raise StoreConflictError(
-                f"The writer lock {str(self.path)!r} was deleted or replaced while this writer held it, so another "
-                f"writer may be active in the {self.what}; nothing was published. Stop the other writer and reopen."
+                f"The writer lock {str(self.path)!r} was deleted or replaced while this writer held it, so "
+                f"another writer may be active in the {self.what}; nothing was published. Stop the other "
+                "writer and reopen."
             )
 
     def release(self) -> None:

@@ -127,7 +127,8 @@ def _metrics_section(root: Path) -> list[dict[str, Any]]:
 def _store_section(root: Path) -> list[dict[str, Any]]:
     stores = [p.parent for p in _find(root, "manifest.json")]
     if not stores:
-        return [_absent("No sketch store (no manifest.json) in this run: the GradientSketch callback was not used.")]
+        return [_absent("No sketch store (no manifest.json) in this run: the GradientSketch callback was not "
+                        "used.")]
     parts: list[dict[str, Any]] = []
     for s in stores:
         try:
@@ -137,17 +138,21 @@ def _store_section(root: Path) -> list[dict[str, Any]]:
             continue
         spec = info.get("spec") or {}
         ok = info["health"]["ok"]
-        status = {"cls": "ok", "text": "OK"} if ok else {"cls": "bad", "text": f"INCONSISTENT: {info['health']['error']}"}
+        bad = {"cls": "bad", "text": f"INCONSISTENT: {info['health']['error']}"}
+        status = {"cls": "ok", "text": "OK"} if ok else bad
         summary = [
             ["path", _rel(s, root)], ["health", status], ["rows", info["rows"]],
-            ["sketch kind", spec.get("kind")], ["N (parameters)", spec.get("dim")], ["D (sketch_dim)", info["sketch_dim"]],
-            ["seed", spec.get("seed")], ["dtype", info["dtype"]], ["size on disk (bytes)", info["size_bytes"]],
+            ["sketch kind", spec.get("kind")], ["N (parameters)", spec.get("dim")],
+            ["D (sketch_dim)", info["sketch_dim"]], ["seed", spec.get("seed")], ["dtype", info["dtype"]],
+            ["size on disk (bytes)", info["size_bytes"]],
             ["bytes per row", info.get("bytes_per_row")],
-            ["indexes", ", ".join(f"{e['kind']}({e['view']})" for e in info["indexes"]) or "none (flat search)"],
+            ["indexes",
+             ", ".join(f"{e['kind']}({e['view']})" for e in info["indexes"]) or "none (flat search)"],
         ]
         ckpts = _table(["checkpoint", "step", "lr", "rows"],
                        [[c["name"], c.get("step"), c.get("lr"), c.get("rows")] for c in info["checkpoints"]])
-        parts += [_h3(_rel(s, root)), _table(["field", "value"], summary, left=2), _p("Checkpoint slices:"), ckpts]
+        parts += [_h3(_rel(s, root)), _table(["field", "value"], summary, left=2), _p("Checkpoint slices:"),
+                  ckpts]
     return parts
 
 
@@ -160,7 +165,8 @@ def _load_query_file(root: Path, f: Path, explicit: bool) -> dict[str, Any] | No
     raw = sio.read_capped(f, _QUERY_CAP, what=what) if explicit else _read(root, f, _QUERY_CAP, what)
     # A damaged query result must be reported, not skipped as "some other JSON": a file is one when it
     # says so anywhere (one flipped byte cannot erase both markers) or is named like one.
-    meant = explicit or f.name.startswith("quer") or b"lightning_sketch.query/" in raw or b'"proponents"' in raw
+    meant = (explicit or f.name.startswith("quer") or b"lightning_sketch.query/" in raw
+             or b'"proponents"' in raw)
     try:
         data = sio.read_json_bytes(raw, path=f, what=what)
     except StoreCorruptError as err:
@@ -172,7 +178,8 @@ def _load_query_file(root: Path, f: Path, explicit: bool) -> dict[str, Any] | No
     if not isinstance(data, dict) or data.get("format") != _QUERY_FORMAT:
         if meant:
             raise StoreCorruptError(f"{what} {str(f)!r} is not a {_QUERY_FORMAT} document (it was damaged or "
-                                    f"edited); write it with `lightning-sketch query --format json --output FILE`.")
+                                    "edited); write it with `lightning-sketch query --format json --output "
+                                    "FILE`.")
         return None
     return sio.verify_checked(data, path=f, what=what)
 
@@ -190,8 +197,8 @@ def _check_queries(data: dict[str, Any]) -> None:
         for kind in ("proponents", "opponents"):
             es = rec.get(kind) if isinstance(rec, dict) else None
             ok = ok and isinstance(es, list) and all(
-                isinstance(e, dict) and num(e.get("id"), False) and num(e.get("score"), False) and num(e.get("label"))
-                for e in es)
+                isinstance(e, dict) and num(e.get("id"), False) and num(e.get("score"), False)
+                and num(e.get("label")) for e in es)
         if not ok:
             break
     if not ok:
@@ -228,7 +235,8 @@ def _attribution_section(root: Path, queries: str | Path | None) -> list[dict[st
         try:
             parts += _attribution_file(root, f, data)
         except (StoreCorruptError, KeyError, TypeError, ValueError, IndexError) as err:
-            parts.append(_bad(f"{_rel(f, root)} is not a valid query result ({err}); re-run lightning-sketch query."))
+            parts.append(_bad(f"{_rel(f, root)} is not a valid query result ({err}); re-run lightning-sketch "
+                              "query."))
     return parts
 
 
@@ -243,7 +251,8 @@ def _attribution_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[st
     for rec in recs:
         for kind in ("proponents", "opponents"):
             for rank, e in enumerate(rec[kind], 1):
-                rows.append([rec["query"], rec["label"], kind[:-1], rank, e["id"], e["label"], float(e["score"])])
+                rows.append([rec["query"], rec["label"], kind[:-1], rank, e["id"], e["label"],
+                             float(e["score"])])
     parts.append(_table(["query", "label", "kind", "rank", "train id", "train label", "score"], rows, left=0))
     return parts
 
@@ -252,14 +261,15 @@ def _spectrum_section(root: Path) -> list[dict[str, Any]]:
     dirs, parts = [], []
     for idx in _find(root, "index.json"):
         try:
-            data = sio.read_json_bytes(_read(root, idx, sio.JSON_CAP, "spectrum index"), path=idx, what="spectrum index")
+            raw = _read(root, idx, sio.JSON_CAP, "spectrum index")
+            data = sio.read_json_bytes(raw, path=idx, what="spectrum index")
         except LightningSketchError:
             continue
         if isinstance(data, dict) and data.get("format") == FORMAT:
             dirs.append(idx.parent)
     if not dirs:
-        return [_absent("No Hessian spectrum snapshots (index.json in the lightning_sketch.spectrum/v1 format) "
-                        "in this run: the HessianSpectrum callback was not used.")]
+        return [_absent("No Hessian spectrum snapshots (index.json in the lightning_sketch.spectrum/v1 "
+                        "format) in this run: the HessianSpectrum callback was not used.")]
     for d in dirs:
         try:
             entries = load_index(d)
@@ -279,27 +289,33 @@ def _spectrum_section(root: Path) -> list[dict[str, Any]]:
     return parts
 
 
-def _spectrum_figures(root: Path, d: Path, entries: list[dict[str, Any]], snaps: list[tuple[int, Any]]) -> list[Any]:
+def _spectrum_figures(
+    root: Path, d: Path, entries: list[dict[str, Any]], snaps: list[tuple[int, Any]]
+) -> list[Any]:
     fig = plots.spectrum_figure(snaps)
-    names = sorted({n for e in entries for n, v in (e.get("scalars") or {}).items() if isinstance(v, (int, float))})
+    names = sorted({n for e in entries for n, v in (e.get("scalars") or {}).items()
+                    if isinstance(v, (int, float))})
     names = names[:9]
     rows = [[e["step"], *[(e.get("scalars") or {}).get(n) for n in names]] for e in entries]
     conv = [[st, int(s["converged"].sum()) if "converged" in s else None, len(s["eigenvalues"]),
-             float(s["residuals"].max()) if "residuals" in s and len(s["residuals"]) else None] for st, s in snaps]
-    return [_h3(f"{_rel(d, root)}: {len(snaps)} snapshots"), _png(fig), _table(["step", *names], rows, left=0),
+             float(s["residuals"].max()) if "residuals" in s and len(s["residuals"]) else None]
+            for st, s in snaps]
+    return [_h3(f"{_rel(d, root)}: {len(snaps)} snapshots"), _png(fig),
+            _table(["step", *names], rows, left=0),
             _table(["step", "converged", "k", "max residual"], conv, left=0)]
 
 
 def _intrinsic_section(root: Path) -> list[dict[str, Any]]:
     files = _find(root, "intrinsic_dimension.json")
     if not files:
-        return [_absent("No intrinsic_dimension.json in this run: the IntrinsicDimension callback was not used.")]
+        return [_absent("No intrinsic_dimension.json in this run: the IntrinsicDimension callback was not "
+                        "used.")]
     parts: list[dict[str, Any]] = []
     for f in files:
         try:
             raw = _read(root, f, sio.JSON_CAP, "intrinsic-dimension state")
-            data = sio.verify_checked(sio.read_json_bytes(raw, path=f, what="intrinsic-dimension state"), path=f,
-                                      what="intrinsic-dimension state")
+            what = "intrinsic-dimension state"
+            data = sio.verify_checked(sio.read_json_bytes(raw, path=f, what=what), path=f, what=what)
             parts += _intrinsic_file(root, f, data)
         except LightningSketchError as err:
             parts.append(_bad(f"{_rel(f, root)} is refused: {err}"))
@@ -322,8 +338,8 @@ def _intrinsic_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[str,
         target = data.get("target", (data.get("search") or {}).get("target"))
         fig = plots.intrinsic_figure(pts, target, d_star)
         parts.append(_png(fig))
-        parts.append(_table(["round", "step", "d", "metric", "action"],
-                            [[h.get("round"), h.get("step"), h["d"], h["metric"], h.get("action")] for h in pts], left=0))
+        rows = [[h.get("round"), h.get("step"), h["d"], h["metric"], h.get("action")] for h in pts]
+        parts.append(_table(["round", "step", "d", "metric", "action"], rows, left=0))
     else:
         parts.append(_absent("The file holds no (d, metric) history."))
     parts.append(_table(["field", "value"], facts, left=2))

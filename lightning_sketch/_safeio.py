@@ -93,7 +93,8 @@ def dump_checked_json(obj: dict[str, Any], indent: int | None = 1) -> bytes:
     """
     body = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
     digest = hashlib.sha256(_canonical(body)).hexdigest()
-    return json.dumps({**body, CHECKSUM_KEY: digest}, indent=indent, sort_keys=True, allow_nan=False).encode() + b"\n"
+    text = json.dumps({**body, CHECKSUM_KEY: digest}, indent=indent, sort_keys=True, allow_nan=False)
+    return text.encode() + b"\n"
 
 
 def verify_checked(obj: Any, *, path: str | os.PathLike, what: str, required: bool = True) -> dict[str, Any]:
@@ -133,7 +134,9 @@ def load_checked_json(
     return verify_checked(read_json(path, what=what, cap=cap), path=path, what=what, required=required)
 
 
-def write_checked_json(path: str | os.PathLike, obj: dict[str, Any], *, what: str = "file") -> tuple[str, int]:
+def write_checked_json(
+    path: str | os.PathLike[str], obj: dict[str, Any], *, what: str = "file"
+) -> tuple[str, int]:
     """Atomically write ``obj`` as self-checksummed JSON (:func:`dump_checked_json`, :func:`atomic_write`).
 
     Raises:
@@ -206,8 +209,8 @@ def atomic_write(
                 pass
         reason = "disk full (ENOSPC)" if err.errno == errno.ENOSPC else str(err)
         raise StoreWriteError(
-            f"Could not write {what} {str(path)!r}: {reason}. The previous version of the file is intact and no "
-            f"temporary file is left; free space (or fix permissions) and retry."
+            f"Could not write {what} {str(path)!r}: {reason}. The previous version of the file is intact and "
+            "no temporary file is left; free space (or fix permissions) and retry."
         ) from err
     return digest.hexdigest(), size
 

@@ -48,8 +48,8 @@ def confined(root: str | os.PathLike, rel: Any, *, what: str) -> Path:
         lightning_sketch.exceptions.UnsafeFileError: x path '../etc/passwd' ...
     """
     if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel:
-        raise UnsafeFileError(f"{what} path {rel!r} is not a plain relative file name; the file that names it "
-                              f"was edited or corrupted. Restore the run directory from a trusted copy.")
+        raise UnsafeFileError(f"{what} path {rel!r} is not a plain relative file name; the file that names "
+                              "it was edited or corrupted. Restore the run directory from a trusted copy.")
     parts = rel.split("/")
     if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise UnsafeFileError(
@@ -83,7 +83,9 @@ def open_regular(path: str | os.PathLike, *, what: str, follow: bool = True) -> 
         raise StoreNotFoundError(f"{what} {str(path)!r} does not exist.") from err
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise UnsafeFileError(f"{what} {str(path)!r} is a symlink; it is refused. Replace it by the file.") from err
+            raise UnsafeFileError(
+                f"{what} {str(path)!r} is a symlink; it is refused. Replace it by the file."
+            ) from err
         raise UnsafeFileError(f"{what} {str(path)!r} cannot be opened ({err.strerror}).") from err
     try:
         mode = os.fstat(fd).st_mode
@@ -95,8 +97,8 @@ def open_regular(path: str | os.PathLike, *, what: str, follow: bool = True) -> 
         kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
                 "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
         raise UnsafeFileError(
-            f"{what} {str(path)!r} is {kind}, not a regular file; it is refused (reading it could hang or never "
-            f"end). Replace it by the file the run wrote."
+            f"{what} {str(path)!r} is {kind}, not a regular file; it is refused (reading it could hang or "
+            "never end). Replace it by the file the run wrote."
         )
     return fd
 
@@ -119,8 +121,8 @@ def read_capped(path: str | os.PathLike, cap: int, *, what: str, follow: bool = 
             total += len(block)
             if total > cap:
                 raise UnsafeFileError(
-                    f"{what} {str(path)!r} holds more than {cap} bytes, more than any file of this kind the library "
-                    f"writes; it is refused. Restore it from the run that wrote it."
+                    f"{what} {str(path)!r} holds more than {cap} bytes, more than any file of this kind the "
+                    "library writes; it is refused. Restore it from the run that wrote it."
                 )
     finally:
         os.close(fd)
@@ -147,8 +149,8 @@ def read_json_bytes(raw: bytes, *, path: str | os.PathLike, what: str) -> Any:
         return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise StoreCorruptError(
-            f"{what} {str(path)!r} is not valid JSON ({str(err)[:200]}); it is truncated or corrupted. Restore it "
-            f"from a backup or re-run the step that wrote it."
+            f"{what} {str(path)!r} is not valid JSON ({str(err)[:200]}); it is truncated or corrupted. "
+            "Restore it from a backup or re-run the step that wrote it."
         ) from err
 
 

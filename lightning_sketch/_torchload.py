@@ -79,11 +79,11 @@ def _torch_load(fh: Any, what: str) -> Any:
         detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()
         reason = (detail[0] if detail else str(err))[:300]
         raise CheckpointLoadError(
-            f"Refused to load {what}: it holds objects the safe loader (torch.load with "
-            f"weights_only=True) does not rebuild, because unpickling them can run arbitrary code ({reason}). "
-            f"A checkpoint written by this library and Lightning loads safely; if the file comes from elsewhere, "
-            f"do not trust it. If you wrote it yourself with custom objects, re-save just its state_dict "
-            f"(tensors) with torch.save and pass that file."
+            f"Refused to load {what}: it holds objects the safe loader (torch.load with weights_only=True) "
+            f"does not rebuild, because unpickling them can run arbitrary code ({reason}). A checkpoint "
+            "written by this library and Lightning loads safely; if the file comes from elsewhere, do not "
+            "trust it. If you wrote it yourself with custom objects, re-save just its state_dict (tensors) "
+            "with torch.save and pass that file."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
             UnicodeDecodeError, zipfile.BadZipFile, MemoryError, OverflowError) as err:

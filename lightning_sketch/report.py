@@ -1,9 +1,9 @@
 """A self-contained HTML report of a run directory (``lightning-sketch report RUN_DIR``).
 
 The report gathers what the callbacks and the CLI left under ``RUN_DIR`` and embeds every figure
-as a base64 PNG (drawn by :mod:`lightning_sketch.plots`: own Agg canvas, no global pyplot state), so the single HTML file can be
-mailed or opened offline. Sections, each present only when its data exist (otherwise the report
-says what it looked for):
+as a base64 PNG (drawn by :mod:`lightning_sketch.plots`: own Agg canvas, no global pyplot state), so
+the single HTML file can be mailed or opened offline. Sections, each present only when its data
+exist (otherwise the report says what it looked for):
 
 - **Training metrics**: curves from Lightning's CSV logger (``metrics.csv``).
 - **Sketch store**: :func:`~lightning_sketch.store.inspect_store` of every store found
@@ -49,7 +49,8 @@ from lightning_sketch.exceptions import StoreNotFoundError
 __all__ = ["build_report", "write_report"]
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;\
+max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #bbb}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
 th{background:#f0f0f0}td.l,th.l{text-align:left}.absent{color:#888;font-style:italic}
@@ -60,20 +61,28 @@ nav a{margin-right:1em}code{background:#f4f4f4;padding:0 3px}
 _TEMPLATE = """<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
 <title>lightning_sketch report: {{ name }}</title><style>{{ css|safe }}</style></head><body>
 {%- macro cell(tag, c, j, left) -%}
-<{{ tag }}{% if j < left %} class="l"{% endif %}>{% if c is mapping %}<span class="{{ c.cls }}">{{ c.text }}</span>{% else %}{{ c }}{% endif %}</{{ tag }}>
+<{{ tag }}{% if j < left %} class="l"{% endif %}>\
+{% if c is mapping %}<span class="{{ c.cls }}">{{ c.text }}</span>{% else %}{{ c }}{% endif %}</{{ tag }}>
 {%- endmacro -%}
 {%- macro render(b) -%}
-{%- if b.kind == "p" -%}<p{% if b.cls %} class="{{ b.cls }}"{% endif %}>{{ b.text }}{% if b.code %}<code>{{ b.code }}</code>{% endif %}{{ b.suffix }}</p>
-{%- elif b.kind == "h3" -%}<h3>{{ b.text }}{% if b.code %}<code>{{ b.code }}</code>{% endif %}{{ b.suffix }}</h3>
+{%- if b.kind == "p" -%}<p{% if b.cls %} class="{{ b.cls }}"{% endif %}>\
+{{ b.text }}{% if b.code %}<code>{{ b.code }}</code>{% endif %}{{ b.suffix }}</p>
+{%- elif b.kind == "h3" -%}\
+<h3>{{ b.text }}{% if b.code %}<code>{{ b.code }}</code>{% endif %}{{ b.suffix }}</h3>
 {%- elif b.kind == "img" -%}<img alt="figure" src="data:image/png;base64,{{ b.data }}">
-{%- elif b.kind == "sign" -%}<p>Score sign: <b>positive</b> = training on the example lowers the query's loss (proponent, green); <b>negative</b> = it raises it (opponent, red).</p>
-{%- elif b.kind == "table" -%}<table><tr>{% for h in b.header %}{{ cell("th", h, loop.index0, b.left) }}{% endfor %}</tr>
-{%- for r in b.rows %}<tr>{% for c in r %}{{ cell("td", c, loop.index0, b.left) }}{% endfor %}</tr>{% endfor %}</table>
+{%- elif b.kind == "sign" -%}<p>Score sign: <b>positive</b> = training on the example lowers the \
+query's loss (proponent, green); <b>negative</b> = it raises it (opponent, red).</p>
+{%- elif b.kind == "table" -%}\
+<table><tr>{% for h in b.header %}{{ cell("th", h, loop.index0, b.left) }}{% endfor %}</tr>
+{%- for r in b.rows %}<tr>{% for c in r %}{{ cell("td", c, loop.index0, b.left) }}{% endfor %}</tr>\
+{% endfor %}</table>
 {%- endif -%}
 {%- endmacro -%}
 <h1>lightning_sketch report: <code>{{ root }}</code></h1>
-<p>Generated {{ when }} by lightning_sketch {{ version }}.</p><nav>{% for s in sections %}<a href="#{{ s.id }}">{{ s.title }}</a>{% endfor %}</nav>
-{%- for s in sections %}<section id="{{ s.id }}"><h2>{{ s.title }}</h2>{% for b in s.blocks %}{{ render(b) }}{% endfor %}</section>{% endfor %}
+<p>Generated {{ when }} by lightning_sketch {{ version }}.</p>\
+<nav>{% for s in sections %}<a href="#{{ s.id }}">{{ s.title }}</a>{% endfor %}</nav>
+{%- for s in sections %}<section id="{{ s.id }}"><h2>{{ s.title }}</h2>\
+{% for b in s.blocks %}{{ render(b) }}{% endfor %}</section>{% endfor %}
 </body></html>
 """
 
@@ -93,7 +102,8 @@ def build_report(run_dir: str | Path, queries: str | Path | None = None) -> str:
 
     root = Path(run_dir)
     if not root.is_dir():
-        raise StoreNotFoundError(f"Run directory {str(root)!r} does not exist; pass the run's trainer.default_root_dir.")
+        raise StoreNotFoundError(f"Run directory {str(root)!r} does not exist; pass the run's "
+                                 "trainer.default_root_dir.")
     with plots.plain_text():
         sections = [
             ("metrics", "Training metrics", _metrics_section(root)),
@@ -111,8 +121,10 @@ def build_report(run_dir: str | Path, queries: str | Path | None = None) -> str:
     )
 
 
-def write_report(run_dir: str | Path, output: str | Path | None = None, queries: str | Path | None = None) -> Path:
-    """Write :func:`build_report` to ``output`` (default ``run_dir/report.html``) atomically; returns the path.
+def write_report(
+    run_dir: str | Path, output: str | Path | None = None, queries: str | Path | None = None
+) -> Path:
+    """Write :func:`build_report` to ``output`` (default ``run_dir/report.html``) atomically; return its path.
 
     Raises:
         StoreWriteError: the report cannot be written (e.g. disk full); no partial file is left.

@@ -1,6 +1,7 @@
 """Lightning callbacks: thin adapters over the pure-PyTorch packages.
 
-- :class:`GradientSketch`: streams per-example gradient sketches into a :class:`~lightning_sketch.store.SketchStore`.
+- :class:`GradientSketch`: streams per-example gradient sketches into a
+  :class:`~lightning_sketch.store.SketchStore`.
 - :class:`HessianSpectrum`: snapshots of the top Hessian eigenvalues and the spectral density
   (numerical settings in the :class:`SpectrumNumerics` option group).
 - :class:`IntrinsicDimension`: subspace training θ = θ0 + Φᵀω and the paper's doubling search.

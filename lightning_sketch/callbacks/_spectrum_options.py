@@ -71,7 +71,8 @@ class SpectrumNumerics:
         _check_int("trace_matvecs", self.trace_matvecs, minimum=6)
         if self.hvp_method not in ("double_backward", "fwd_rev", "finite_difference"):
             raise SketchConfigError(
-                f"`hvp_method` must be 'double_backward', 'fwd_rev' or 'finite_difference', got {self.hvp_method!r}."
+                "`hvp_method` must be 'double_backward', 'fwd_rev' or 'finite_difference', got "
+                f"{self.hvp_method!r}."
             )
         if self.dtype not in ("float32", "float64"):
             raise SketchConfigError(f"`dtype` must be 'float32' or 'float64', got {self.dtype!r}.")
@@ -96,10 +97,12 @@ def merge_flat_numerics(numerics: SpectrumNumerics | None, flat: dict[str, Any])
         return numerics if numerics is not None else SpectrumNumerics()
     if numerics is not None:
         raise SketchConfigError(
-            f"Pass the numerical settings once: either `numerics` or the deprecated keyword arguments {sorted(flat)}."
+            "Pass the numerical settings once: either `numerics` or the deprecated keyword arguments "
+            f"{sorted(flat)}."
         )
     rank_zero_deprecation(
         f"HessianSpectrum({', '.join(f'{k}=...' for k in sorted(flat))}) is deprecated; pass "
-        f"numerics=SpectrumNumerics({', '.join(f'{k}=...' for k in sorted(flat))}) (in YAML: a `numerics:` mapping)."
+        f"numerics=SpectrumNumerics({', '.join(f'{k}=...' for k in sorted(flat))}) (in YAML: a `numerics:` "
+        "mapping)."
     )
     return SpectrumNumerics(**flat)

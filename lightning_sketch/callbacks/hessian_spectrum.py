@@ -1,4 +1,6 @@
-"""HessianSpectrum: snapshots of the top Hessian eigenvalues during training (arXiv 2402.03994, eq. 10; Sec. 5.5).
+"""HessianSpectrum: snapshots of the top Hessian eigenvalues during training.
+
+arXiv 2402.03994, eq. 10; Sec. 5.5.
 
 A thin Lightning adapter over :func:`lightning_sketch.spectrum.spectrum_snapshot`: on a schedule of
 ``trainer.global_step`` values it runs Lanczos (full re-orthogonalisation) on the sketched
@@ -45,7 +47,8 @@ def _check_pos(name: str, value: Any, allow_none: bool = False, minimum: int = 1
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SketchConfigError(f"`{name}` must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}.")
+        raise SketchConfigError(f"`{name}` must be an int >= {minimum}{' or None' if allow_none else ''}, "
+                                f"got {value!r}.")
 
 
 class HessianSpectrum(Callback):
@@ -111,9 +114,11 @@ class HessianSpectrum(Callback):
     ) -> None:
         super().__init__()
         for name, pats in (("include", include), ("exclude", exclude)):
-            if pats is not None and (not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) for p in pats)):
+            if pats is not None and (not isinstance(pats, (list, tuple))
+                                     or not all(isinstance(p, str) for p in pats)):
                 raise SketchConfigError(
-                    f"`{name}` must be None or a list of fnmatch patterns (str), got {pats!r}; write [{pats!r}] for one."
+                    f"`{name}` must be None or a list of fnmatch patterns (str), got {pats!r}; write "
+                    f"[{pats!r}] for one."
                 )
         _check_pos("k", k)
         _check_pos("sketch_dim", sketch_dim)
@@ -121,7 +126,8 @@ class HessianSpectrum(Callback):
         _check_pos("probe_batches", probe_batches)
         self.numerics = merge_flat_numerics(numerics, flat_numerics)
         if sketch_kind is not None and sketch_kind not in KINDS:
-            raise SketchConfigError(f"`sketch_kind` must be one of {sorted(KINDS)} or None, got {sketch_kind!r}.")
+            raise SketchConfigError(f"`sketch_kind` must be one of {sorted(KINDS)} or None, got "
+                                    f"{sketch_kind!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise SketchConfigError(f"`seed` must be an int, got {seed!r}.")
         if at_steps is not None and not isinstance(at_steps, (list, tuple)):
@@ -133,7 +139,8 @@ class HessianSpectrum(Callback):
             if not isinstance(flag, bool):
                 raise SketchConfigError(f"`{name}` must be a bool, got {flag!r}.")
         if loss_fn is not None and not callable(loss_fn):
-            raise SketchConfigError(f"`loss_fn` must be callable(module, batch) -> [B], got {type(loss_fn).__name__}.")
+            raise SketchConfigError("`loss_fn` must be callable(module, batch) -> [B], got "
+                                    f"{type(loss_fn).__name__}.")
         self.k, self.sketch_kind, self.sketch_dim, self.seed = k, sketch_kind, sketch_dim, seed
         self.every_n_steps, self.at_steps = every_n_steps, sorted(set(steps))
         self.probe_batches, self.density, self.trace = probe_batches, density, trace
@@ -152,7 +159,9 @@ class HessianSpectrum(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(sketch_kind=self.sketch_kind, sketch_dim=self.sketch_dim, seed=self.seed, k=self.k)
+        return self._generate_state_key(
+            sketch_kind=self.sketch_kind, sketch_dim=self.sketch_dim, seed=self.seed, k=self.k
+        )
 
     def should_run(self, step: int) -> bool:
         """Whether ``global_step == step`` is a snapshot step (and not already done)."""
@@ -167,10 +176,12 @@ class HessianSpectrum(Callback):
             return
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)) and self.numerics.hvp_method != "finite_difference":
+        sharded = isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
+        if sharded and self.numerics.hvp_method != "finite_difference":
             raise UnsupportedStrategyError(
-                f"HessianSpectrum with {type(trainer.strategy).__name__} needs hvp_method='finite_difference' "
-                f"(got {self.numerics.hvp_method!r}): sharded parameters break double-backward and forward-mode HVPs."
+                f"HessianSpectrum with {type(trainer.strategy).__name__} needs "
+                f"hvp_method='finite_difference' (got {self.numerics.hvp_method!r}): sharded parameters "
+                "break double-backward and forward-mode HVPs."
             )
         self._loss_fn(pl_module)  # fail at setup, not at the first snapshot
         base = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hessian_spectrum")
@@ -189,7 +200,9 @@ class HessianSpectrum(Callback):
             return
         loader = self.probe_dataloader if self.probe_dataloader is not None else trainer.train_dataloader
         if loader is None:
-            raise UnsupportedModelError("HessianSpectrum found no train dataloader; pass `probe_dataloader=`.")
+            raise UnsupportedModelError(
+                "HessianSpectrum found no train dataloader; pass `probe_dataloader=`."
+            )
         probe: list[Any] = []
         # Iterating a shuffling DataLoader draws from the global RNG: fork it so training is unchanged.
         with torch.random.fork_rng(devices=[]):
@@ -198,7 +211,8 @@ class HessianSpectrum(Callback):
                 if len(probe) >= self.probe_batches:
                     break
         if not probe:
-            raise UnsupportedModelError("HessianSpectrum's probe dataloader is empty; it needs at least one batch.")
+            raise UnsupportedModelError("HessianSpectrum's probe dataloader is empty; it needs at least one "
+                                        "batch.")
         self._probe = probe
         self._layout = ParamLayout.from_module(pl_module, include=self.include, exclude=self.exclude)
         n = self._layout.dim
@@ -215,7 +229,9 @@ class HessianSpectrum(Callback):
 
     # ------------------------------------------------------------------ hooks
     @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._maybe_snapshot(trainer, pl_module)
 
     @override
@@ -268,14 +284,16 @@ class HessianSpectrum(Callback):
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "hessian_spectrum", f"step{step}"))
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad(), train_mode(pl_module, self.numerics.mode == "train"):
+            num = self.numerics
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                    train_mode(pl_module, num.mode == "train"):
                 snap = spectrum_snapshot(
-                    pl_module, self._loss_fn(pl_module), self._probe, k=min(self.k, self._op_dim()), sketch=self._sketch,
-                    num_iter=self._num_iter(), method=self.numerics.hvp_method, layout=self._layout, generator=gen,
-                    density=self.density, density_runs=self.numerics.density_runs,
-                    density_iter=min(self.numerics.density_iter, self._op_dim()), trace=self.trace,
-                    trace_matvecs=self.numerics.trace_matvecs, threshold=self.numerics.outlier_threshold,
-                    dtype=getattr(torch, self.numerics.dtype), reduce=reduce,
+                    pl_module, self._loss_fn(pl_module), self._probe, k=min(self.k, self._op_dim()),
+                    sketch=self._sketch, num_iter=self._num_iter(), method=num.hvp_method,
+                    layout=self._layout, generator=gen, density=self.density, density_runs=num.density_runs,
+                    density_iter=min(num.density_iter, self._op_dim()), trace=self.trace,
+                    trace_matvecs=num.trace_matvecs, threshold=num.outlier_threshold,
+                    dtype=getattr(torch, num.dtype), reduce=reduce,
                 )
         finally:
             if bar is not None:
@@ -287,7 +305,8 @@ class HessianSpectrum(Callback):
             if self._writer is None:  # snapshot() called outside fit
                 self._writer = SnapshotWriter(self._dir)
             meta = {"sketch_spec": snap.sketch_spec, "scalars": scalars, "which": "LA",
-                    "num_matvecs": snap.num_matvecs, "hvp_method": self.numerics.hvp_method, "world_size": world,
+                    "num_matvecs": snap.num_matvecs, "hvp_method": self.numerics.hvp_method,
+                    "world_size": world,
                     "probe_batches": len(self._probe or []), "layout_fingerprint": self._layout.fingerprint()}
             entry["file"] = str(self._writer.write(step, snap.arrays(), meta))
         for logger in trainer.loggers:
@@ -324,7 +343,7 @@ class HessianSpectrum(Callback):
 
     # ------------------------------------------------------------------ plot
     def plot_history(self, path: str | os.PathLike[str]) -> Path:
-        """Eigenvalue trajectories (left) and SLQ densities (right) as a PNG (:mod:`lightning_sketch.plots`)."""
+        """Eigenvalue trajectories (left) and SLQ densities (right) as a PNG (``plots``)."""
         densities = []
         for j, e in enumerate(self.history):
             if not e.get("file") or not Path(e["file"]).is_file():

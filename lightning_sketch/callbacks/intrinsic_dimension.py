@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_sketch._safeio import DirLock, write_checked_json
@@ -59,6 +59,7 @@ from lightning_sketch.callbacks._intrinsic_support import (
     _check_strategy,
     _check_types,
     _disk_sha,
+    _resolve_sketch_kind,
     measure_reference_score,
 )
 from lightning_sketch.exceptions import StoreConflictError, SubspaceError
@@ -130,17 +131,7 @@ class IntrinsicDimension(Callback):
         kind: str | None = None,
     ) -> None:
         super().__init__()
-        if kind is not None:
-            if sketch_kind != "affd" and sketch_kind != kind:
-                raise SubspaceError(
-                    f"Pass the sketch kind once: `sketch_kind`={sketch_kind!r} and its deprecated alias "
-                    f"`kind`={kind!r} disagree."
-                )
-            rank_zero_deprecation(
-                "IntrinsicDimension(kind=...) is deprecated; use `sketch_kind`, as GradientSketch and "
-                "HessianSpectrum do (in YAML: `sketch_kind: ...`)."
-            )
-            sketch_kind = kind
+        sketch_kind = _resolve_sketch_kind(sketch_kind, kind)
         sketch_class(sketch_kind)  # an unknown kind fails here, not at setup
         if mode not in ("search", "fixed"):
             raise SubspaceError(f"`mode` must be 'search' or 'fixed', got {mode!r}.")
@@ -149,10 +140,12 @@ class IntrinsicDimension(Callback):
                 raise SubspaceError(f"`{name}` must be a positive int, got {v!r}.")
         if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= sketch_dim):
             raise SubspaceError(f"`d` must be None or an int in [1, sketch_dim={sketch_dim}], got {d!r}.")
-        if eval_every_n_steps is not None and (not isinstance(eval_every_n_steps, int) or eval_every_n_steps < 1):
-            raise SubspaceError(f"`eval_every_n_steps` must be None or a positive int, got {eval_every_n_steps!r}.")
-        _check_types(sketch_kind, monitor, target, reference_score, target_fraction,
-                     said=said, normalize=normalize, higher_is_better=higher_is_better, stop_when_done=stop_when_done)
+        every = eval_every_n_steps
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise SubspaceError("`eval_every_n_steps` must be None or a positive int, got "
+                                f"{eval_every_n_steps!r}.")
+        _check_types(sketch_kind, monitor, target, reference_score, target_fraction, said=said,
+                     normalize=normalize, higher_is_better=higher_is_better, stop_when_done=stop_when_done)
         if not 0 < target_fraction <= 1:
             raise SubspaceError(f"`target_fraction` must be in (0, 1], got {target_fraction!r}.")
         if target is None and reference_score is not None:
@@ -171,7 +164,8 @@ class IntrinsicDimension(Callback):
         self.sketch_kind, self.sketch_dim, self.seed = sketch_kind, sketch_dim, seed
         self.said, self.normalize = said, normalize
         self.mode, self.d_min, self.d, self.monitor = mode, d_min, d, monitor
-        self.higher_is_better, self.eval_every_n_steps, self.delta = higher_is_better, eval_every_n_steps, delta
+        self.higher_is_better, self.eval_every_n_steps = higher_is_better, eval_every_n_steps
+        self.delta = delta
         self.target, self.reference_score, self.stop_when_done = target, reference_score, stop_when_done
         self.include, self.exclude, self.dirpath, self.plot = include, exclude, dirpath, plot
         self.search: DoublingSearch | None = None
@@ -190,7 +184,9 @@ class IntrinsicDimension(Callback):
     @override
     def state_key(self) -> str:
         # `kind=` (not `sketch_kind=`): the key of checkpoints written before the rename, so they still resume
-        return self._generate_state_key(kind=self.sketch_kind, sketch_dim=self.sketch_dim, seed=self.seed, mode=self.mode)
+        return self._generate_state_key(
+            kind=self.sketch_kind, sketch_dim=self.sketch_dim, seed=self.seed, mode=self.mode
+        )
 
     @property
     def d_star(self) -> int | None:
@@ -216,7 +212,8 @@ class IntrinsicDimension(Callback):
             SubspaceError: before ``setup`` attached the subspace.
         """
         if self._subspace is None:
-            raise SubspaceError("No subspace yet: `projection_checksum` is available after the trainer's setup.")
+            raise SubspaceError("No subspace yet: `projection_checksum` is available after the trainer's "
+                                "setup.")
         return self._subspace.projection_checksum()
 
     # ----------------------------------------------------------------- hooks
@@ -229,14 +226,16 @@ class IntrinsicDimension(Callback):
                 pl_module, kind=self.sketch_kind, sketch_dim=self.sketch_dim, seed=self.seed, said=self.said,
                 normalize=self.normalize, include=self.include, exclude=self.exclude,
             )
-            rank_zero_info(f"IntrinsicDimension: N={sub.layout.dim} reparametrised as θ0 + Φᵀω, {sub.extra_repr()}")
+            rank_zero_info(f"IntrinsicDimension: N={sub.layout.dim} reparametrised as θ0 + Φᵀω, "
+                           f"{sub.extra_repr()}")
         self._subspace = sub
         sub.set_active(self.active)
         search = self.search
         if stage == "fit" and search is not None and search.rounds == 0 and search.previous is None:
             # Listing 9 compares the first round with metric(θ0): validate the whole set before training.
             if trainer.num_sanity_val_steps not in (-1, math.inf):
-                rank_zero_info("IntrinsicDimension: num_sanity_val_steps=-1 so that the search starts from metric(θ0).")
+                rank_zero_info("IntrinsicDimension: num_sanity_val_steps=-1 so that the search starts from "
+                               "metric(θ0).")
             trainer.num_sanity_val_steps = math.inf
         if self.dirpath is None:
             self.dirpath = trainer.log_dir or trainer.default_root_dir
@@ -244,7 +243,9 @@ class IntrinsicDimension(Callback):
         if stage == "fit" and trainer.is_global_zero and self._lock is None:
             # one writer per directory for the whole fit; a second run into it fails here (issue 11)
             Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-            self._lock = DirLock(self.dirpath, ".intrinsic_dimension.lock", what="intrinsic-dimension directory")
+            self._lock = DirLock(
+                self.dirpath, ".intrinsic_dimension.lock", what="intrinsic-dimension directory"
+            )
             self._seen = _disk_sha(Path(self.dirpath) / _STATE)
 
     @override
@@ -301,7 +302,9 @@ class IntrinsicDimension(Callback):
                 self.status, self.reached = "done", True
             elif self.target is not None:
                 self.reached = False
-        self.history.append({"step": step, "d": d_round, "metric": metric, "action": action.value, "next_d": self.active})
+        self.history.append(
+            {"step": step, "d": d_round, "metric": metric, "action": action.value, "next_d": self.active}
+        )
         if self.status != "running" and self.stop_when_done:
             trainer.should_stop = True
         scalars = {"intrinsic/d": float(d_round), "intrinsic/metric": metric}
@@ -334,7 +337,8 @@ class IntrinsicDimension(Callback):
         if value is None:
             raise SubspaceError(
                 f"`monitor`={self.monitor!r} was not logged by validation; logged metrics: "
-                f"{sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) in validation_step."
+                f"{sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) in "
+                "validation_step."
             )
         return float(trainer.strategy.broadcast(float(value), src=0))
 
@@ -371,8 +375,8 @@ class IntrinsicDimension(Callback):
             self._lock.check()
             if _disk_sha(path) != self._seen:
                 raise StoreConflictError(
-                    f"{str(path)!r} changed on disk since this run last wrote it: another run writes the same "
-                    f"directory. Nothing was written; give each run its own `dirpath`."
+                    f"{str(path)!r} changed on disk since this run last wrote it: another run writes the "
+                    "same directory. Nothing was written; give each run its own `dirpath`."
                 )
         # unique O_EXCL temp file + rename, never through a planted symlink; carries its own sha256
         self._seen, _ = write_checked_json(path, self.summary(), what="intrinsic-dimension state")
