@@ -140,7 +140,7 @@ def _store_section(root: Path) -> list[dict[str, Any]]:
         ok = info["health"]["ok"]
         bad = {"cls": "bad", "text": f"INCONSISTENT: {info['health']['error']}"}
         status = {"cls": "ok", "text": "OK"} if ok else bad
-        summary = [
+        summary: list[list[Any]] = [
             ["path", _rel(s, root)], ["health", status], ["rows", info["rows"]],
             ["sketch kind", spec.get("kind")], ["N (parameters)", spec.get("dim")],
             ["D (sketch_dim)", info["sketch_dim"]], ["seed", spec.get("seed")], ["dtype", info["dtype"]],
@@ -191,7 +191,7 @@ def _check_queries(data: dict[str, Any]) -> None:
 
     recs = data.get("queries")
     ok = isinstance(recs, list)
-    for rec in recs if ok else []:
+    for rec in recs if isinstance(recs, list) else []:
         ok = ok and isinstance(rec, dict) and num(rec.get("query"), False) and num(rec.get("label")) \
             and num(rec.get("prediction"))
         for kind in ("proponents", "opponents"):
@@ -228,12 +228,12 @@ def _attribution_section(root: Path, queries: str | Path | None) -> list[dict[st
         return [_absent("No attribution query results in this run (write them with "
                         "`lightning-sketch query ... --format json --output RUN_DIR/query.json`).")]
     parts: list[dict[str, Any]] = [{"kind": "sign"}]
-    for f, data in found:
-        if isinstance(data, Exception):
-            parts.append(_bad(f"{_rel(f, root)} is refused: {data}"))
+    for f, doc in found:
+        if isinstance(doc, Exception):
+            parts.append(_bad(f"{_rel(f, root)} is refused: {doc}"))
             continue
         try:
-            parts += _attribution_file(root, f, data)
+            parts += _attribution_file(root, f, doc)
         except (StoreCorruptError, KeyError, TypeError, ValueError, IndexError) as err:
             parts.append(_bad(f"{_rel(f, root)} is not a valid query result ({err}); re-run lightning-sketch "
                               "query."))

@@ -115,7 +115,7 @@ def _cli_class() -> type:
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})
             with warnings.catch_warnings():  # `args` is how a console entry point passes argv
                 warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-                super().__init__(args=args, run=run, **kwargs)
+                super().__init__(args=None if args is None else list(args), run=run, **kwargs)
 
         def instantiate_classes(self) -> None:
             try:

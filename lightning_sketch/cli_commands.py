@@ -20,7 +20,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from lightning_sketch.exceptions import (
     SketchInputError,
     StoreNotFoundError,
 )
+
+if TYPE_CHECKING:  # the attribution package itself is imported on use (it pulls in torch and FAISS)
+    from lightning_sketch.attribution.query import Method
 
 __all__ = ["PROG", "find_stores", "format_inspect", "load_checkpoint_into", "run_inspect", "run_query"]
 
@@ -98,10 +101,10 @@ def _query_batch(args: argparse.Namespace, model: Any, datamodule: Any) -> tuple
                         f"`--inputs` {str(path)!r} is an .npz without an array 'x' (it has {loaded.files}); "
                         "save the inputs as x=[Q, ...] (and optionally labels y=[Q])."
                     )
-                x, y = loaded["x"], (loaded["y"] if "y" in loaded.files else None)
+                arr, y = loaded["x"], (loaded["y"] if "y" in loaded.files else None)
             else:
-                x, y = loaded, None
-            x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+                arr, y = loaded, None
+            x = torch.as_tensor(np.asarray(arr, dtype=np.float32))
         except (ValueError, OSError, EOFError) as err:
             raise SketchInputError(
                 f"`--inputs` {str(path)!r} is not a readable numeric .npy/.npz array ({err}); pass inputs "
@@ -211,7 +214,8 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
     model, datamodule = loaded[0]
     models = [m for m, _ in loaded]
     batch, qids = _query_batch(args, model, datamodule)
-    method = getattr(args, "method", "auto")
+    # argparse's `choices` restricts --method to ("auto", *METHODS)
+    method = cast("Method", getattr(args, "method", "auto"))
     extra: dict[str, Any] = {}
     if method == "arnoldi_if":
         if getattr(args, "snapshot", None):

@@ -193,11 +193,10 @@ class HessianSpectrum(Callback):
     def _loss_fn(self, pl_module: LightningModule) -> Callable[[Any, Any], Tensor]:
         return module_loss_fn(pl_module, self.loss_fn, who="HessianSpectrum ", error=UnsupportedModelError)
 
-    def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Fix the probe set, the parameter layout and Φ (once per fit)."""
-
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> list[Any]:
+        """Fix the probe set, the parameter layout and Φ (once per fit); return the probe set."""
         if self._probe is not None:
-            return
+            return self._probe
         loader = self.probe_dataloader if self.probe_dataloader is not None else trainer.train_dataloader
         if loader is None:
             raise UnsupportedModelError(
@@ -226,6 +225,7 @@ class HessianSpectrum(Callback):
                 rank_zero_warn(f"HessianSpectrum: sketch_dim={d} > N={n}; using sketch_dim={n}.")
                 d = n
             self._sketch = make(self.sketch_kind, n, d, seed=self.seed)
+        return probe
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -261,7 +261,8 @@ class HessianSpectrum(Callback):
             self._writer = None
 
     def _maybe_snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run:
+        # Trainer sets fast_dev_run in __init__ (_init_debugging_flags) without declaring it on the class
+        if trainer.sanity_checking or trainer.fast_dev_run:  # type: ignore[attr-defined]
             return
         step = int(trainer.global_step)
         if not self.should_run(step):
@@ -271,6 +272,7 @@ class HessianSpectrum(Callback):
 
     def snapshot(self, trainer: Trainer, pl_module: LightningModule, step: int) -> dict[str, Any]:
         """Run one snapshot now (all ranks), log it, write its file (rank 0) and record it."""
+        probe = self._prepare(trainer, pl_module)
         world = trainer.world_size
         ddp_reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if world > 1 else None
         bar = progress_bar(trainer, self._expected_matvecs(), f"HessianSpectrum step {step}", unit="HVP")
@@ -288,7 +290,7 @@ class HessianSpectrum(Callback):
             with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
                     train_mode(pl_module, num.mode == "train"):
                 snap = spectrum_snapshot(
-                    pl_module, self._loss_fn(pl_module), self._probe, k=min(self.k, self._op_dim()),
+                    pl_module, self._loss_fn(pl_module), probe, k=min(self.k, self._op_dim()),
                     sketch=self._sketch, num_iter=self._num_iter(), method=num.hvp_method,
                     layout=self._layout, generator=gen, density=self.density, density_runs=num.density_runs,
                     density_iter=min(num.density_iter, self._op_dim()), trace=self.trace,
@@ -307,7 +309,7 @@ class HessianSpectrum(Callback):
             meta = {"sketch_spec": snap.sketch_spec, "scalars": scalars, "which": "LA",
                     "num_matvecs": snap.num_matvecs, "hvp_method": self.numerics.hvp_method,
                     "world_size": world,
-                    "probe_batches": len(self._probe or []), "layout_fingerprint": self._layout.fingerprint()}
+                    "probe_batches": len(probe), "layout_fingerprint": self._layout.fingerprint()}
             entry["file"] = str(self._writer.write(step, snap.arrays(), meta))
         for logger in trainer.loggers:
             logger.log_metrics({f"hessian/{k}": v for k, v in scalars.items()}, step=step)
@@ -352,4 +354,5 @@ class HessianSpectrum(Callback):
             if "density" in snap:
                 densities.append((j, snap["density_grid"].numpy(), snap["density"].numpy()))
         fig = spectrum_history_figure(self.history, densities)
-        return save_png(fig, path, dpi=100, what="spectrum plot")  # never written through a planted symlink
+        # written atomically (plots.save_png): never through a planted symlink
+        return save_png(fig, Path(path), dpi=100, what="spectrum plot")

@@ -169,7 +169,7 @@ class IntrinsicDimension(Callback):
         self.target, self.reference_score, self.stop_when_done = target, reference_score, stop_when_done
         self.include, self.exclude, self.dirpath, self.plot = include, exclude, dirpath, plot
         self.search: DoublingSearch | None = None
-        if mode == "search":
+        if mode == "search" and target is not None:  # (search mode without a target was refused above)
             self.search = DoublingSearch(d_min, sketch_dim, delta, float(target), higher_is_better)
         self.history: list[dict[str, Any]] = []
         self.status = "running"
