@@ -104,7 +104,8 @@ class GradientSketch(Callback):
         mode: ``"checkpoint"`` (slices of the attribution set) or ``"inline"`` (the trained batches).
         every_n_epochs: checkpoint mode: take a slice every n epochs (default 1 when ``every_n_steps`` is
             None). Ignored, with a warning, in inline mode and when ``every_n_steps`` is set.
-        every_n_steps: checkpoint mode: take a slice every n optimizer steps instead.
+        every_n_steps: checkpoint mode: take a slice every n optimizer steps instead (ignored, with a
+            warning, in inline mode).
         include: fnmatch patterns of parameter names to sketch (default all trainable).
         exclude: fnmatch patterns of parameter names to leave out.
         id_key: batch entry holding the example ids.
@@ -625,16 +626,19 @@ def _resolve_every_n_epochs(mode: str, every_n_epochs: int | None, every_n_steps
     """The epoch cadence to use: 1 by default in checkpoint mode; a value that would be ignored warns once."""
     if mode == "checkpoint" and every_n_epochs is None and every_n_steps is None:
         return 1
-    if every_n_epochs is not None and mode == "inline":
+    if mode == "inline" and (every_n_epochs is not None or every_n_steps is not None):
+        name, n = (("every_n_epochs", every_n_epochs) if every_n_epochs is not None
+                   else ("every_n_steps", every_n_steps))
         rank_zero_warn(
-            f"GradientSketch(every_n_epochs={every_n_epochs}) is ignored in inline mode, which sketches every "
-            f"trained batch into one slice per epoch. Drop `every_n_epochs`, or use mode='checkpoint' to sketch "
-            f"the attribution set every n epochs."
+            f"GradientSketch({name}={n}) is ignored in inline mode, which sketches every trained batch into "
+            f"one slice per epoch. Drop `{name}`, or use mode='checkpoint' to sketch the attribution set on "
+            f"that schedule."
         )
     elif every_n_epochs is not None and every_n_steps is not None:
         rank_zero_warn(
-            f"GradientSketch(every_n_epochs={every_n_epochs}) is ignored because every_n_steps={every_n_steps} "
-            f"is set: slices are taken every {every_n_steps} optimizer steps. Set only one of them."
+            f"GradientSketch(every_n_epochs={every_n_epochs}) is ignored because "
+            f"every_n_steps={every_n_steps} is set: slices are taken every {every_n_steps} optimizer steps. "
+            f"Set only one of them."
         )
     return every_n_epochs
 

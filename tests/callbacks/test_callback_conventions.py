@@ -44,6 +44,11 @@ def test_every_n_epochs_ignored_in_inline_mode_warns():
         GradientSketch(dirpath="d", mode="inline", every_n_epochs=2)
 
 
+def test_every_n_steps_ignored_in_inline_mode_warns():
+    with pytest.warns(UserWarning, match=r"every_n_steps=3\) is ignored in inline mode"):
+        GradientSketch(dirpath="d", mode="inline", every_n_steps=3)
+
+
 def test_every_n_epochs_ignored_beside_every_n_steps_warns():
     with pytest.warns(UserWarning, match=r"every_n_epochs=1\) is ignored because every_n_steps=5.*only one"):
         GradientSketch(dirpath="d", every_n_epochs=1, every_n_steps=5)
