@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -174,8 +175,6 @@ class HessianSpectrum(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
         sharded = isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
         if sharded and self.numerics.hvp_method != "finite_difference":
             raise UnsupportedStrategyError(

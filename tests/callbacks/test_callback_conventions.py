@@ -123,15 +123,20 @@ def test_lightning_cli_reads_the_shipped_spectrum_config(tmp_path):
 
 
 # ---------------------------------------------------------------------------- attributes
-@pytest.mark.parametrize("mode", ["checkpoint", "inline"])
+@pytest.mark.parametrize("mode", ["checkpoint", "inline", "intrinsic"])
 def test_every_attribute_is_declared_in_init(tmp_path, mode):
     """A fit adds no attribute that ``__init__`` did not declare (Lightning's own callbacks do the same)."""
     x, y, _ = blobs(n=16)
-    callbacks = [
-        GradientSketch(dirpath=str(tmp_path / "gs"), sketch_kind="dense", sketch_dim=8, mode=mode, curvature="none"),
-        HessianSpectrum(k=2, sketch_kind="dense", sketch_dim=8, at_steps=[1], every_n_steps=None, probe_batches=1,
-                        density=False, plot=False, dirpath=str(tmp_path / "hs")),
-    ]
+    if mode == "intrinsic":  # reparametrises the model, so it runs on its own
+        callbacks = [IntrinsicDimension(sketch_kind="dense", sketch_dim=8, mode="fixed", target=2.0, plot=False,
+                                        dirpath=str(tmp_path / "id"))]
+    else:
+        callbacks = [
+            GradientSketch(dirpath=str(tmp_path / "gs"), sketch_kind="dense", sketch_dim=8, mode=mode,
+                           curvature="none"),
+            HessianSpectrum(k=2, sketch_kind="dense", sketch_dim=8, at_steps=[1], every_n_steps=None,
+                            probe_batches=1, density=False, plot=False, dirpath=str(tmp_path / "hs")),
+        ]
     declared = [set(vars(cb)) for cb in callbacks]
     Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
             enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
