@@ -238,7 +238,7 @@ def make_callbacks(name, tmp, monitor, higher, steps, hvps):
         return [HessianSpectrum(k=10, sketch_kind="affd", sketch_dim=1024, every_n_steps=None, at_steps=[steps],
                                 num_iter=hvps, probe_batches=1, density=False, dirpath=f"{tmp}/hs", plot=False)]
     if name == "intrinsic":
-        return [IntrinsicDimension(kind="affd", sketch_dim=1024, mode="fixed", monitor=monitor,
+        return [IntrinsicDimension(sketch_kind="affd", sketch_dim=1024, mode="fixed", monitor=monitor,
                                    higher_is_better=higher, dirpath=tmp, plot=False)]
     raise ValueError(name)
 

@@ -14,7 +14,7 @@ accuracy reached at each d) and the callback's ``intrinsic_dimension.json`` unde
 The same search runs through the CLI: ``lightning-sketch fit --config configs/intrinsic.yaml``.
 
 Usage:
-    python examples/intrinsic_digits.py [--out runs/intrinsic_digits] [--kind affd]
+    python examples/intrinsic_digits.py [--out runs/intrinsic_digits] [--sketch-kind affd]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def trainer(out: Path, max_steps: int, callbacks: list, c: int) -> pl.Trainer:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/intrinsic_digits")
-    p.add_argument("--kind", default="affd")
+    p.add_argument("--sketch-kind", default="affd")
     p.add_argument("--sketch-dim", type=int, default=4096)
     p.add_argument("--d-min", type=int, default=16)
     p.add_argument("--delta", type=float, default=0.05)
@@ -65,7 +65,7 @@ def main() -> None:
 
     pl.seed_everything(0, verbose=False)
     search = IntrinsicDimension(
-        kind=args.kind, sketch_dim=args.sketch_dim, seed=0, mode="search", d_min=args.d_min,
+        sketch_kind=args.sketch_kind, sketch_dim=args.sketch_dim, seed=0, mode="search", d_min=args.d_min,
         monitor="val_acc", delta=args.delta, reference_score=ref, target_fraction=0.9,
         dirpath=str(out / "search"),
     )
@@ -79,7 +79,7 @@ def main() -> None:
     if search.d_star and search.d_star >= 2:
         pl.seed_everything(0, verbose=False)
         check = IntrinsicDimension(
-            kind=args.kind, sketch_dim=args.sketch_dim, seed=0, mode="fixed", d=search.d_star // 2,
+            sketch_kind=args.sketch_kind, sketch_dim=args.sketch_dim, seed=0, mode="fixed", d=search.d_star // 2,
             monitor="val_acc", target=search.target, dirpath=str(out / "verify"),
         )
         trainer(out / "verify", steps, [check], args.c).fit(DigitsClassifier(), datamodule=DigitsDataModule())

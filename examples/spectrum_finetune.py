@@ -20,7 +20,7 @@ import time
 import lightning.pytorch as pl
 import torch
 
-from lightning_sketch.callbacks import HessianSpectrum
+from lightning_sketch.callbacks import HessianSpectrum, SpectrumNumerics
 from lightning_sketch.demo import DigitsClassifier, DigitsDataModule
 from lightning_sketch.spectrum import load_index
 
@@ -34,8 +34,8 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     start = time.perf_counter()
     spectrum = HessianSpectrum(
-        k=10, sketch_kind="affd", sketch_dim=1024, seed=0, every_n_steps=100, num_iter=30,
-        probe_batches=4, density=True, density_runs=2, density_iter=20, trace=True, trace_matvecs=12,
+        k=10, sketch_kind="affd", sketch_dim=1024, seed=0, every_n_steps=100, probe_batches=4, density=True,
+        trace=True, numerics=SpectrumNumerics(num_iter=30, density_runs=2, density_iter=20, trace_matvecs=12),
     )
     trainer = pl.Trainer(
         max_steps=args.steps, accelerator="cpu", default_root_dir=args.out, logger=False,

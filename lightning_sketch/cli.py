@@ -115,7 +115,7 @@ def _cli_class() -> type:
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})
             with warnings.catch_warnings():  # `args` is how a console entry point passes argv
                 warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-                super().__init__(args=args, run=run, **kwargs)
+                super().__init__(args=None if args is None else list(args), run=run, **kwargs)
 
         def instantiate_classes(self) -> None:
             try:
@@ -179,13 +179,16 @@ def _expand_one(value: str, seen: tuple[Path, ...]) -> list[str]:
         return ["--config", value]
     base = (path.parent / str(cfg.pop("base_config"))).resolve()
     if base in seen or base == path.resolve():
-        raise SketchConfigError(f"`base_config` of {str(path)!r} forms a cycle through {str(base)!r}; remove one.")
+        raise SketchConfigError(
+            f"`base_config` of {str(path)!r} forms a cycle through {str(base)!r}; remove one."
+        )
     if not base.is_file():
         raise SketchConfigError(
             f"`base_config` of {str(path)!r} names {str(base)!r}, which does not exist; give a path relative "
             f"to the config file."
         )
-    return [*_expand_one(str(base), (*seen, path.resolve())), "--config", yaml.safe_dump(cfg, sort_keys=False)]
+    parents = _expand_one(str(base), (*seen, path.resolve()))
+    return [*parents, "--config", yaml.safe_dump(cfg, sort_keys=False)]
 
 
 def _parsing_settings() -> None:
@@ -247,32 +250,41 @@ def _own_parser() -> argparse.ArgumentParser:
                        description="Top proponents (score > 0: training on them lowers the query's loss) and "
                        "opponents of test examples, through the Attributor on a run's sketch store.")
     q.add_argument("--store", required=True, action="append",
-                   help="store directory or GradientSketch run directory (holding store/); repeat it for an ensemble "
-                   "of runs, whose scores are averaged")
+                   help="store directory or GradientSketch run directory (holding store/); repeat it for an "
+                   "ensemble of runs, whose scores are averaged")
     q.add_argument("--ckpt", required=True, action="append",
                    help="Lightning checkpoint (.ckpt) of the trained model; once, or once per --store")
     q.add_argument("--config", required=True, action="append",
                    help="the LightningCLI config(s) of the run (repeat for several files)")
     src = q.add_mutually_exclusive_group(required=True)
     src.add_argument("--ids", type=_parse_ids, help="comma-separated example ids of --split, e.g. 0,1,2")
-    src.add_argument("--inputs", help=".npy inputs [Q, ...] (labels: the model's predictions) or .npz with x and y")
-    q.add_argument("--split", choices=("test", "val", "train"), default="test", help="split the --ids refer to")
-    q.add_argument("--k", type=_positive_int, default=5, help="proponents and opponents per query (default 5)")
+    src.add_argument("--inputs",
+                     help=".npy inputs [Q, ...] (labels: the model's predictions) or .npz with x and y")
+    q.add_argument("--split", choices=("test", "val", "train"), default="test",
+                   help="split the --ids refer to")
+    q.add_argument("--k", type=_positive_int, default=5,
+                   help="proponents and opponents per query (default 5)")
     q.add_argument("--method", choices=("auto", *METHODS), default="auto",
-                   help="attribution method (default auto: fisher_if when the runs hold curvature, else trak)")
-    q.add_argument("--damping", type=float, default=None, help="absolute damping λ for trak/fisher_if (default: automatic)")
+                   help="attribution method (default auto: fisher_if when the runs hold curvature, else "
+                   "trak)")
+    q.add_argument("--damping", type=float, default=None,
+                   help="absolute damping λ for trak/fisher_if (default: automatic)")
     q.add_argument("--damping-ratio", type=float, default=None,
-                   help="damping as a multiple of tr(K)/T, each slice's mean squared per-example gradient norm (default: automatic)")
-    q.add_argument("--snapshot", default=None, help="arnoldi_if: a HessianSpectrum snapshot taken with the store's sketch")
+                   help="damping as a multiple of tr(K)/T, each slice's mean squared per-example gradient "
+                   "norm (default: automatic)")
+    q.add_argument("--snapshot", default=None,
+                   help="arnoldi_if: a HessianSpectrum snapshot taken with the store's sketch")
     q.add_argument("--probe", type=_positive_int, default=256,
-                   help="arnoldi_if without --snapshot: training examples whose Hessian is taken (default 256)")
+                   help="arnoldi_if without --snapshot: training examples whose Hessian is taken "
+                   "(default 256)")
     q.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
     q.add_argument("--output", help="write to this file instead of stdout")
     r = sub.add_parser("report", help="self-contained HTML report of a run directory")
     r.add_argument("run_dir", help="the run directory (trainer.default_root_dir)")
     r.add_argument("--output", default=None, help="HTML file to write (default RUN_DIR/report.html)")
-    r.add_argument("--queries", default=None, help="query results (JSON from `query --format json`) to picture; "
-                   "default: every such JSON file found in RUN_DIR")
+    r.add_argument("--queries", default=None,
+                   help="query results (JSON from `query --format json`) to picture; default: every such "
+                   "JSON file found in RUN_DIR")
     i = sub.add_parser("inspect", help="a sketch store's manifest and health")
     i.add_argument("dir", help="store directory (or a run directory holding stores)")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -20,7 +20,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from lightning_sketch.exceptions import (
     StoreNotFoundError,
 )
 
+if TYPE_CHECKING:  # the attribution package itself is imported on use (it pulls in torch and FAISS)
+    from lightning_sketch.attribution.query import Method
+
 __all__ = ["PROG", "find_stores", "format_inspect", "load_checkpoint_into", "run_inspect", "run_query"]
 
 PROG = "lightning-sketch"
@@ -42,7 +45,9 @@ def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 1,2,3, got {text!r}"
+        ) from None
     if not ids:
         raise argparse.ArgumentTypeError("expected at least one id, e.g. --ids 0,1,2")
     return ids
@@ -86,30 +91,33 @@ def _query_batch(args: argparse.Namespace, model: Any, datamodule: Any) -> tuple
     if args.inputs is not None:
         path = Path(args.inputs)
         if not path.is_file():
-            raise SketchInputError(f"`--inputs` file {str(path)!r} does not exist; pass a .npy array of inputs [Q, ...].")
+            raise SketchInputError(f"`--inputs` file {str(path)!r} does not exist; pass a .npy array of "
+                                   "inputs [Q, ...].")
         try:
             loaded = np.load(path, allow_pickle=False)
             if isinstance(loaded, np.lib.npyio.NpzFile):
                 if "x" not in loaded.files:
                     raise SketchInputError(
-                        f"`--inputs` {str(path)!r} is an .npz without an array 'x' (it has {loaded.files}); save the "
-                        f"inputs as x=[Q, ...] (and optionally labels y=[Q])."
+                        f"`--inputs` {str(path)!r} is an .npz without an array 'x' (it has {loaded.files}); "
+                        "save the inputs as x=[Q, ...] (and optionally labels y=[Q])."
                     )
-                x, y = loaded["x"], (loaded["y"] if "y" in loaded.files else None)
+                arr, y = loaded["x"], (loaded["y"] if "y" in loaded.files else None)
             else:
-                x, y = loaded, None
-            x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+                arr, y = loaded, None
+            x = torch.as_tensor(np.asarray(arr, dtype=np.float32))
         except (ValueError, OSError, EOFError) as err:
             raise SketchInputError(
-                f"`--inputs` {str(path)!r} is not a readable numeric .npy/.npz array ({err}); pass inputs [Q, ...]."
+                f"`--inputs` {str(path)!r} is not a readable numeric .npy/.npz array ({err}); pass inputs "
+                "[Q, ...]."
             ) from None
         try:
             with torch.no_grad():
                 pred = model(x).argmax(-1)
         except (RuntimeError, ValueError, IndexError) as err:
             raise SketchInputError(
-                f"`--inputs` of shape {tuple(x.shape)} do not fit the model ({str(err).splitlines()[0][:200]}); pass "
-                f"an array [Q, ...] shaped like one batch of the training inputs."
+                f"`--inputs` of shape {tuple(x.shape)} do not fit the model "
+                f"({str(err).splitlines()[0][:200]}); pass an array [Q, ...] shaped like one batch of the "
+                "training inputs."
             ) from None
         if y is None:  # attribute the model's own prediction
             y = pred
@@ -122,7 +130,8 @@ def _query_batch(args: argparse.Namespace, model: Any, datamodule: Any) -> tuple
     n = len(ds)
     bad = [i for i in args.ids if not 0 <= i < n]
     if bad:
-        raise SketchInputError(f"`--ids` {bad} are outside the {args.split} split's range [0, {n}); pick ids below {n}.")
+        raise SketchInputError(f"`--ids` {bad} are outside the {args.split} split's range [0, {n}); pick ids "
+                               f"below {n}.")
     return default_collate([ds[i] for i in args.ids]), list(args.ids)
 
 
@@ -137,22 +146,25 @@ def load_checkpoint_into(model: Any, path: str | Path) -> None:
 
     ckpt = load_torch_file(path, what="`--ckpt` checkpoint")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    tensors = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    if not state or not tensors:
         raise CheckpointLoadError(
-            f"`--ckpt` {str(path)!r} holds no state_dict of tensors; pass the Lightning checkpoint (.ckpt) of the run."
+            f"`--ckpt` {str(path)!r} holds no state_dict of tensors; pass the Lightning checkpoint (.ckpt) "
+            "of the run."
         )
     try:
         model.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as err:
         raise LayoutMismatchError(
-            f"`--ckpt` {str(path)!r} does not fit the model built from `--config` ({str(err).splitlines()[0][:300]}); "
-            f"pass the checkpoint written by the run with this config."
+            f"`--ckpt` {str(path)!r} does not fit the model built from `--config` "
+            f"({str(err).splitlines()[0][:300]}); pass the checkpoint written by the run with this config."
         ) from None
 
 
 def _load_model(build_from_config: Callable[[Sequence[str]], tuple[Any, Any]], config: Any, ckpt_path: str):
     if not Path(ckpt_path).is_file():
-        raise SketchInputError(f"`--ckpt` {ckpt_path!r} does not exist; pass the Lightning checkpoint of the run.")
+        raise SketchInputError(f"`--ckpt` {ckpt_path!r} does not exist; pass the Lightning checkpoint of the "
+                               "run.")
     model, datamodule = build_from_config(config)
     load_checkpoint_into(model, ckpt_path)
     model.eval()
@@ -165,7 +177,8 @@ def _predictions(model: Any, batch: Any) -> list[int] | None:
 
     try:
         with torch.no_grad():
-            out = model.per_example_logits(batch) if hasattr(model, "per_example_logits") else model(batch["x"])
+            logits = getattr(model, "per_example_logits", None)
+            out = logits(batch) if logits is not None else model(batch["x"])
     except Exception:  # not a {"x": ...} classifier: the table shows no prediction
         return None
     return out.argmax(-1).tolist() if isinstance(out, torch.Tensor) and out.ndim == 2 else None
@@ -191,14 +204,18 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
     ckpts = list(args.ckpt) if isinstance(args.ckpt, (list, tuple)) else [args.ckpt]
     for st in stores:
         if not Path(st).exists():
-            raise StoreNotFoundError(f"No sketch store at {st!r}: `--store` must be a store or run directory.")
+            raise StoreNotFoundError(
+                f"No sketch store at {st!r}: `--store` must be a store or run directory."
+            )
     if len(ckpts) not in (1, len(stores)):
-        raise SketchInputError(f"Give one --ckpt, or one per --store: got {len(ckpts)} for {len(stores)} stores.")
+        raise SketchInputError(f"Give one --ckpt, or one per --store: got {len(ckpts)} for {len(stores)} "
+                               "stores.")
     loaded = [_load_model(build_from_config, args.config, c) for c in ckpts]
     model, datamodule = loaded[0]
     models = [m for m, _ in loaded]
     batch, qids = _query_batch(args, model, datamodule)
-    method = getattr(args, "method", "auto")
+    # argparse's `choices` restricts --method to ("auto", *METHODS)
+    method = cast("Method", getattr(args, "method", "auto"))
     extra: dict[str, Any] = {}
     if method == "arnoldi_if":
         if getattr(args, "snapshot", None):
@@ -223,7 +240,8 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
         rows = []
         for i, s in zip(ids.tolist(), scores.tolist()):
             y = _item_field(train_ds[i], "y") if train_ds is not None else None
-            rows.append({"id": int(i), "score": float(s), "label": None if y is None or np.ndim(y) != 0 else int(y)})
+            label = None if y is None or np.ndim(y) != 0 else int(y)
+            rows.append({"id": int(i), "score": float(s), "label": label})
         return rows
 
     with_images = args.inputs is None and datamodule is not None
@@ -270,18 +288,21 @@ def _as_csv(result: dict[str, Any]) -> str:
     for rec in result["queries"]:
         for kind in ("proponents", "opponents"):
             for rank, e in enumerate(rec[kind], 1):
-                w.writerow([rec["query"], rec["label"], kind[:-1], rank, e["id"], e["label"], f"{e['score']:.6g}"])
+                w.writerow([rec["query"], rec["label"], kind[:-1], rank, e["id"], e["label"],
+                            f"{e['score']:.6g}"])
     return buf.getvalue()
 
 
 def _as_table(result: dict[str, Any]) -> str:
     lines = [f"method: {result['method']}  (score > 0: training on the example lowers the query's loss)"]
     for rec in result["queries"]:
-        lines.append(f"\nquery {rec['query']} ({result['split']})  label={rec['label']}  prediction={rec['prediction']}")
+        lines.append(f"\nquery {rec['query']} ({result['split']})  label={rec['label']}  "
+                     f"prediction={rec['prediction']}")
         lines.append(f"  {'kind':<10} {'rank':>4} {'train_id':>8} {'label':>5} {'score':>12}")
         for kind in ("proponents", "opponents"):
             for rank, e in enumerate(rec[kind], 1):
-                lines.append(f"  {kind[:-1]:<10} {rank:>4} {e['id']:>8} {str(e['label']):>5} {e['score']:>12.5g}")
+                lines.append(f"  {kind[:-1]:<10} {rank:>4} {e['id']:>8} {str(e['label']):>5} "
+                             f"{e['score']:>12.5g}")
     return "\n".join(lines) + "\n"
 
 
@@ -317,14 +338,15 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"seed={spec.get('seed')} dtype={info['dtype']}",
         f"size on disk: {_human_bytes(info['size_bytes'])}" + (f" ({bpr:.0f} B per row)" if bpr else ""),
         f"format:       v{info['format_version']} (library {info.get('library_version')}), generation "
-        f"{info['generation']}, {info['segments']} segments, layout {str(info.get('layout_fingerprint'))[:12]}",
+        f"{info['generation']}, {info['segments']} segments, layout "
+        f"{str(info.get('layout_fingerprint'))[:12]}",
         f"checkpoints:  {len(info['checkpoints'])}",
     ]
     for c in info["checkpoints"]:
         lines.append(f"  - {c['name']}: step={c.get('step')} lr={c.get('lr')} rows={c.get('rows')}")
     idx = info.get("indexes") or []
-    lines.append("indexes:      " + (", ".join(f"{e['kind']} on {e['view']} ({e['rows']} rows"
-                                               f"{'' if e['current'] else ', stale'})" for e in idx) or "none (flat search)"))
+    names = [f"{e['kind']} on {e['view']} ({e['rows']} rows{'' if e['current'] else ', stale'})" for e in idx]
+    lines.append("indexes:      " + (", ".join(names) or "none (flat search)"))
     return "\n".join(lines) + "\n"
 
 
@@ -340,5 +362,6 @@ def run_inspect(args: argparse.Namespace) -> int:
         sys.stdout.write("\n".join(format_inspect(i) for i in infos))
     bad = [i for i in infos if not i["health"]["ok"]]
     for i in bad:
-        print(f"{PROG} inspect: error: store at {i['path']} is inconsistent: {i['health']['error']}", file=sys.stderr)
+        print(f"{PROG} inspect: error: store at {i['path']} is inconsistent: {i['health']['error']}",
+              file=sys.stderr)
     return 1 if bad else 0

@@ -1,9 +1,9 @@
 """A self-contained HTML report of a run directory (``lightning-sketch report RUN_DIR``).
 
 The report gathers what the callbacks and the CLI left under ``RUN_DIR`` and embeds every figure
-as a base64 PNG (drawn by :mod:`lightning_sketch.plots`: own Agg canvas, no global pyplot state), so the single HTML file can be
-mailed or opened offline. Sections, each present only when its data exist (otherwise the report
-says what it looked for):
+as a base64 PNG (drawn by :mod:`lightning_sketch.plots`: own Agg canvas, no global pyplot state), so
+the single HTML file can be mailed or opened offline. Sections, each present only when its data
+exist (otherwise the report says what it looked for):
 
 - **Training metrics**: curves from Lightning's CSV logger (``metrics.csv``).
 - **Sketch store**: :func:`~lightning_sketch.store.inspect_store` of every store found
@@ -31,28 +31,26 @@ Example:
 
 from __future__ import annotations
 
-import base64
-import csv
 import datetime as _dt
-import io
-import logging
-import os
 from pathlib import Path
-from typing import Any
 
 from lightning_sketch import _safeio as sio
 from lightning_sketch import plots
+from lightning_sketch._report_sections import (
+    _attribution_section,
+    _intrinsic_section,
+    _metrics_section,
+    _spectrum_section,
+    _store_section,
+)
 from lightning_sketch._version import __version__
-from lightning_sketch.exceptions import LightningSketchError, StoreCorruptError, StoreNotFoundError
-from lightning_sketch.spectrum.snapshot import FORMAT, load_index, load_snapshot
-from lightning_sketch.store import inspect_store
+from lightning_sketch.exceptions import StoreNotFoundError
 
 __all__ = ["build_report", "write_report"]
 
-log = logging.getLogger(__name__)
-
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;\
+max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #bbb}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
 th{background:#f0f0f0}td.l,th.l{text-align:left}.absent{color:#888;font-style:italic}
@@ -63,329 +61,30 @@ nav a{margin-right:1em}code{background:#f4f4f4;padding:0 3px}
 _TEMPLATE = """<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
 <title>lightning_sketch report: {{ name }}</title><style>{{ css|safe }}</style></head><body>
 {%- macro cell(tag, c, j, left) -%}
-<{{ tag }}{% if j < left %} class="l"{% endif %}>{% if c is mapping %}<span class="{{ c.cls }}">{{ c.text }}</span>{% else %}{{ c }}{% endif %}</{{ tag }}>
+<{{ tag }}{% if j < left %} class="l"{% endif %}>\
+{% if c is mapping %}<span class="{{ c.cls }}">{{ c.text }}</span>{% else %}{{ c }}{% endif %}</{{ tag }}>
 {%- endmacro -%}
 {%- macro render(b) -%}
-{%- if b.kind == "p" -%}<p{% if b.cls %} class="{{ b.cls }}"{% endif %}>{{ b.text }}{% if b.code %}<code>{{ b.code }}</code>{% endif %}{{ b.suffix }}</p>
-{%- elif b.kind == "h3" -%}<h3>{{ b.text }}{% if b.code %}<code>{{ b.code }}</code>{% endif %}{{ b.suffix }}</h3>
+{%- if b.kind == "p" -%}<p{% if b.cls %} class="{{ b.cls }}"{% endif %}>\
+{{ b.text }}{% if b.code %}<code>{{ b.code }}</code>{% endif %}{{ b.suffix }}</p>
+{%- elif b.kind == "h3" -%}\
+<h3>{{ b.text }}{% if b.code %}<code>{{ b.code }}</code>{% endif %}{{ b.suffix }}</h3>
 {%- elif b.kind == "img" -%}<img alt="figure" src="data:image/png;base64,{{ b.data }}">
-{%- elif b.kind == "sign" -%}<p>Score sign: <b>positive</b> = training on the example lowers the query's loss (proponent, green); <b>negative</b> = it raises it (opponent, red).</p>
-{%- elif b.kind == "table" -%}<table><tr>{% for h in b.header %}{{ cell("th", h, loop.index0, b.left) }}{% endfor %}</tr>
-{%- for r in b.rows %}<tr>{% for c in r %}{{ cell("td", c, loop.index0, b.left) }}{% endfor %}</tr>{% endfor %}</table>
+{%- elif b.kind == "sign" -%}<p>Score sign: <b>positive</b> = training on the example lowers the \
+query's loss (proponent, green); <b>negative</b> = it raises it (opponent, red).</p>
+{%- elif b.kind == "table" -%}\
+<table><tr>{% for h in b.header %}{{ cell("th", h, loop.index0, b.left) }}{% endfor %}</tr>
+{%- for r in b.rows %}<tr>{% for c in r %}{{ cell("td", c, loop.index0, b.left) }}{% endfor %}</tr>\
+{% endfor %}</table>
 {%- endif -%}
 {%- endmacro -%}
 <h1>lightning_sketch report: <code>{{ root }}</code></h1>
-<p>Generated {{ when }} by lightning_sketch {{ version }}.</p><nav>{% for s in sections %}<a href="#{{ s.id }}">{{ s.title }}</a>{% endfor %}</nav>
-{%- for s in sections %}<section id="{{ s.id }}"><h2>{{ s.title }}</h2>{% for b in s.blocks %}{{ render(b) }}{% endfor %}</section>{% endfor %}
+<p>Generated {{ when }} by lightning_sketch {{ version }}.</p>\
+<nav>{% for s in sections %}<a href="#{{ s.id }}">{{ s.title }}</a>{% endfor %}</nav>
+{%- for s in sections %}<section id="{{ s.id }}"><h2>{{ s.title }}</h2>\
+{% for b in s.blocks %}{{ render(b) }}{% endfor %}</section>{% endfor %}
 </body></html>
 """
-
-_MAX_QUERIES = 6
-#: read caps (bytes): larger files are refused, never read to the end.
-_CSV_CAP = 256 << 20
-_QUERY_CAP = 64 << 20
-
-
-# ---------------------------------------------------------------------------- blocks
-def _p(text: str, cls: str | None = None, code: str | None = None, suffix: str = "") -> dict[str, Any]:
-    return {"kind": "p", "text": text, "cls": cls, "code": code, "suffix": suffix}
-
-
-def _absent(text: str) -> dict[str, Any]:
-    return _p(text, "absent")
-
-
-def _bad(text: str) -> dict[str, Any]:
-    return _p(text, "bad")
-
-
-def _h3(text: str, code: str | None = None, suffix: str = "") -> dict[str, Any]:
-    return {"kind": "h3", "text": text, "code": code, "suffix": suffix}
-
-
-def _fmt(v: Any) -> Any:
-    if isinstance(v, dict):
-        return v
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "" if v is None else str(v)
-
-
-def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> dict[str, Any]:
-    return {"kind": "table", "header": header, "rows": [[_fmt(v) for v in r] for r in rows], "left": left}
-
-
-def _png(fig: Any) -> dict[str, Any]:
-    """The figure as an embedded base64 PNG block."""
-    return {"kind": "img", "data": base64.b64encode(plots.png_bytes(fig, dpi=90, tight=True)).decode("ascii")}
-
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
-
-
-def _find(root: Path, pattern: str) -> list[Path]:
-    """Files matching ``pattern`` under ``root`` (no shard folders, symlinked folders not followed)."""
-    import fnmatch
-
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        rel = Path(dirpath).relative_to(root)
-        if "shards" in rel.parts:
-            dirnames[:] = []
-            continue
-        dirnames.sort()
-        out += [Path(dirpath) / f for f in filenames if fnmatch.fnmatch(f, pattern)]
-    return sorted(out)
-
-
-def _read(root: Path, path: Path, cap: int, what: str) -> bytes:
-    """Bytes of a run file: confined to ``root``, a regular file, at most ``cap`` bytes read."""
-    real = sio.confined(root, path.relative_to(root).as_posix(), what=what)
-    return sio.read_capped(real, cap, what=what)
-
-
-# ---------------------------------------------------------------------------- sections
-def _metrics_section(root: Path) -> list[dict[str, Any]]:
-    files = _find(root, "metrics.csv")
-    if not files:
-        return [_absent("No Lightning CSV logger output (metrics.csv) in this run.")]
-    parts: list[dict[str, Any]] = []
-    for f in files[-2:]:
-        try:
-            text = _read(root, f, _CSV_CAP, "metrics file").decode("utf-8", errors="replace")
-            rows = list(csv.DictReader(io.StringIO(text, newline="")))
-        except (LightningSketchError, csv.Error) as err:
-            parts.append(_bad(f"{_rel(f, root)} is unreadable: {err}"))
-            continue
-        series: dict[str, list[tuple[float, float]]] = {}
-        for r in rows:
-            step = r.get("step")
-            for k, v in r.items():
-                if not isinstance(k, str) or k in ("step", "epoch") or not v or step in (None, ""):
-                    continue
-                try:
-                    x, y = float(step), float(v)
-                except (TypeError, ValueError):
-                    continue
-                series.setdefault(k, []).append((x, y))
-        keys = [k for k in sorted(series) if not k.startswith("hessian/")][:8]
-        if not keys:
-            continue
-        fig = plots.metrics_figure(series, keys)
-        last = [[k, series[k][-1][0], series[k][-1][1]] for k in keys]
-        parts += [_p("From ", code=_rel(f, root), suffix="."), _png(fig),
-                  _table(["metric", "last step", "last value"], last)]
-    return parts or [_absent("metrics.csv files hold no numeric metrics.")]
-
-
-def _store_section(root: Path) -> list[dict[str, Any]]:
-    stores = [p.parent for p in _find(root, "manifest.json")]
-    if not stores:
-        return [_absent("No sketch store (no manifest.json) in this run: the GradientSketch callback was not used.")]
-    parts: list[dict[str, Any]] = []
-    for s in stores:
-        try:
-            info = inspect_store(s)
-        except LightningSketchError as err:
-            parts.append(_bad(f"{_rel(s, root)}: {err}"))
-            continue
-        spec = info.get("spec") or {}
-        ok = info["health"]["ok"]
-        status = {"cls": "ok", "text": "OK"} if ok else {"cls": "bad", "text": f"INCONSISTENT: {info['health']['error']}"}
-        summary = [
-            ["path", _rel(s, root)], ["health", status], ["rows", info["rows"]],
-            ["sketch kind", spec.get("kind")], ["N (parameters)", spec.get("dim")], ["D (sketch_dim)", info["sketch_dim"]],
-            ["seed", spec.get("seed")], ["dtype", info["dtype"]], ["size on disk (bytes)", info["size_bytes"]],
-            ["bytes per row", info.get("bytes_per_row")],
-            ["indexes", ", ".join(f"{e['kind']}({e['view']})" for e in info["indexes"]) or "none (flat search)"],
-        ]
-        ckpts = _table(["checkpoint", "step", "lr", "rows"],
-                       [[c["name"], c.get("step"), c.get("lr"), c.get("rows")] for c in info["checkpoints"]])
-        parts += [_h3(_rel(s, root)), _table(["field", "value"], summary, left=2), _p("Checkpoint slices:"), ckpts]
-    return parts
-
-
-_QUERY_FORMAT = "lightning_sketch.query/v1"
-
-
-def _load_query_file(root: Path, f: Path, explicit: bool) -> dict[str, Any] | None:
-    """A query-result document, verified; None if ``f`` is another kind of JSON (directory scan)."""
-    what = "`queries` file" if explicit else "query result"
-    raw = sio.read_capped(f, _QUERY_CAP, what=what) if explicit else _read(root, f, _QUERY_CAP, what)
-    # A damaged query result must be reported, not skipped as "some other JSON": a file is one when it
-    # says so anywhere (one flipped byte cannot erase both markers) or is named like one.
-    meant = explicit or f.name.startswith("quer") or b"lightning_sketch.query/" in raw or b'"proponents"' in raw
-    try:
-        data = sio.read_json_bytes(raw, path=f, what=what)
-    except StoreCorruptError as err:
-        if explicit:
-            raise StoreNotFoundError(f"`queries` file {str(f)!r} is not readable JSON ({err}).") from None
-        if meant:
-            raise
-        return None
-    if not isinstance(data, dict) or data.get("format") != _QUERY_FORMAT:
-        if meant:
-            raise StoreCorruptError(f"{what} {str(f)!r} is not a {_QUERY_FORMAT} document (it was damaged or "
-                                    f"edited); write it with `lightning-sketch query --format json --output FILE`.")
-        return None
-    return sio.verify_checked(data, path=f, what=what)
-
-
-def _check_queries(data: dict[str, Any]) -> None:
-    """Structure of a verified query document (it may still come from a hostile writer)."""
-    def num(v: Any, none: bool = True) -> bool:
-        return (v is None and none) or (isinstance(v, (int, float)) and not isinstance(v, bool))
-
-    recs = data.get("queries")
-    ok = isinstance(recs, list)
-    for rec in recs if ok else []:
-        ok = ok and isinstance(rec, dict) and num(rec.get("query"), False) and num(rec.get("label")) \
-            and num(rec.get("prediction"))
-        for kind in ("proponents", "opponents"):
-            es = rec.get(kind) if isinstance(rec, dict) else None
-            ok = ok and isinstance(es, list) and all(
-                isinstance(e, dict) and num(e.get("id"), False) and num(e.get("score"), False) and num(e.get("label"))
-                for e in es)
-        if not ok:
-            break
-    if not ok:
-        raise StoreCorruptError("its records lack the query/label/proponents/opponents fields of the format")
-
-
-def _attribution_section(root: Path, queries: str | Path | None) -> list[dict[str, Any]]:
-    files = [Path(queries)] if queries is not None else _find(root, "*.json")
-    found: list[tuple[Path, dict[str, Any] | Exception]] = []
-    for f in files:
-        try:
-            data = _load_query_file(root, f, explicit=queries is not None)
-        except StoreCorruptError as err:
-            if queries is not None:
-                raise
-            found.append((f, err))
-            continue
-        except LightningSketchError as err:  # a link out of the run, a FIFO, a device: refused, reported
-            if queries is not None:
-                raise
-            if f.name.startswith(("query", "queries")):
-                found.append((f, err))
-            continue
-        if data is not None:
-            found.append((f, data))
-    if not found:
-        return [_absent("No attribution query results in this run (write them with "
-                        "`lightning-sketch query ... --format json --output RUN_DIR/query.json`).")]
-    parts: list[dict[str, Any]] = [{"kind": "sign"}]
-    for f, data in found:
-        if isinstance(data, Exception):
-            parts.append(_bad(f"{_rel(f, root)} is refused: {data}"))
-            continue
-        try:
-            parts += _attribution_file(root, f, data)
-        except (StoreCorruptError, KeyError, TypeError, ValueError, IndexError) as err:
-            parts.append(_bad(f"{_rel(f, root)} is not a valid query result ({err}); re-run lightning-sketch query."))
-    return parts
-
-
-def _attribution_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
-    _check_queries(data)
-    recs = data["queries"][:_MAX_QUERIES]
-    parts = [_h3(f"{_rel(f, root)}: method ", code=str(data.get("method")),
-                 suffix=f", {len(data['queries'])} queries, k={data.get('k')}")]
-    if any(r.get("image") is not None for r in recs):
-        parts.append(_png(plots.attribution_figure(recs)))
-    rows = []
-    for rec in recs:
-        for kind in ("proponents", "opponents"):
-            for rank, e in enumerate(rec[kind], 1):
-                rows.append([rec["query"], rec["label"], kind[:-1], rank, e["id"], e["label"], float(e["score"])])
-    parts.append(_table(["query", "label", "kind", "rank", "train id", "train label", "score"], rows, left=0))
-    return parts
-
-
-def _spectrum_section(root: Path) -> list[dict[str, Any]]:
-    dirs, parts = [], []
-    for idx in _find(root, "index.json"):
-        try:
-            data = sio.read_json_bytes(_read(root, idx, sio.JSON_CAP, "spectrum index"), path=idx, what="spectrum index")
-        except LightningSketchError:
-            continue
-        if isinstance(data, dict) and data.get("format") == FORMAT:
-            dirs.append(idx.parent)
-    if not dirs:
-        return [_absent("No Hessian spectrum snapshots (index.json in the lightning_sketch.spectrum/v1 format) "
-                        "in this run: the HessianSpectrum callback was not used.")]
-    for d in dirs:
-        try:
-            entries = load_index(d)
-        except LightningSketchError as err:
-            parts.append(_bad(f"{_rel(d, root)}: {err}"))
-            continue
-        snaps = []
-        for e in entries:
-            try:
-                snaps.append((e["step"], load_snapshot(d / e["file"])))
-            except LightningSketchError as err:  # one bad snapshot is reported, the others still drawn
-                parts.append(_bad(f"{_rel(d, root)}: snapshot at step {e['step']} is refused: {err}"))
-        if not snaps:
-            parts.append(_absent(f"{_rel(d, root)}: index without readable snapshots."))
-            continue
-        parts += _spectrum_figures(root, d, entries, snaps)
-    return parts
-
-
-def _spectrum_figures(root: Path, d: Path, entries: list[dict[str, Any]], snaps: list[tuple[int, Any]]) -> list[Any]:
-    fig = plots.spectrum_figure(snaps)
-    names = sorted({n for e in entries for n, v in (e.get("scalars") or {}).items() if isinstance(v, (int, float))})
-    names = names[:9]
-    rows = [[e["step"], *[(e.get("scalars") or {}).get(n) for n in names]] for e in entries]
-    conv = [[st, int(s["converged"].sum()) if "converged" in s else None, len(s["eigenvalues"]),
-             float(s["residuals"].max()) if "residuals" in s and len(s["residuals"]) else None] for st, s in snaps]
-    return [_h3(f"{_rel(d, root)}: {len(snaps)} snapshots"), _png(fig), _table(["step", *names], rows, left=0),
-            _table(["step", "converged", "k", "max residual"], conv, left=0)]
-
-
-def _intrinsic_section(root: Path) -> list[dict[str, Any]]:
-    files = _find(root, "intrinsic_dimension.json")
-    if not files:
-        return [_absent("No intrinsic_dimension.json in this run: the IntrinsicDimension callback was not used.")]
-    parts: list[dict[str, Any]] = []
-    for f in files:
-        try:
-            raw = _read(root, f, sio.JSON_CAP, "intrinsic-dimension state")
-            data = sio.verify_checked(sio.read_json_bytes(raw, path=f, what="intrinsic-dimension state"), path=f,
-                                      what="intrinsic-dimension state")
-            parts += _intrinsic_file(root, f, data)
-        except LightningSketchError as err:
-            parts.append(_bad(f"{_rel(f, root)} is refused: {err}"))
-        except (KeyError, TypeError, ValueError) as err:
-            parts.append(_bad(f"{_rel(f, root)} is not a valid intrinsic-dimension state ({err})."))
-    return parts
-
-
-def _intrinsic_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
-    def num(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    parts: list[dict[str, Any]] = []
-    hist = data.get("history") or (data.get("search") or {}).get("history") or []
-    pts = [h for h in hist if isinstance(h, dict) and num(h.get("metric")) and num(h.get("d")) and h["d"] > 0]
-    d_star = data.get("d_star", (data.get("search") or {}).get("d_star"))
-    facts = [[k, v] for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None][:16]
-    parts.append(_h3(f"{_rel(f, root)}: D* = {d_star}"))
-    if pts:
-        target = data.get("target", (data.get("search") or {}).get("target"))
-        fig = plots.intrinsic_figure(pts, target, d_star)
-        parts.append(_png(fig))
-        parts.append(_table(["round", "step", "d", "metric", "action"],
-                            [[h.get("round"), h.get("step"), h["d"], h["metric"], h.get("action")] for h in pts], left=0))
-    else:
-        parts.append(_absent("The file holds no (d, metric) history."))
-    parts.append(_table(["field", "value"], facts, left=2))
-    return parts
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -403,7 +102,8 @@ def build_report(run_dir: str | Path, queries: str | Path | None = None) -> str:
 
     root = Path(run_dir)
     if not root.is_dir():
-        raise StoreNotFoundError(f"Run directory {str(root)!r} does not exist; pass the run's trainer.default_root_dir.")
+        raise StoreNotFoundError(f"Run directory {str(root)!r} does not exist; pass the run's "
+                                 "trainer.default_root_dir.")
     with plots.plain_text():
         sections = [
             ("metrics", "Training metrics", _metrics_section(root)),
@@ -421,8 +121,10 @@ def build_report(run_dir: str | Path, queries: str | Path | None = None) -> str:
     )
 
 
-def write_report(run_dir: str | Path, output: str | Path | None = None, queries: str | Path | None = None) -> Path:
-    """Write :func:`build_report` to ``output`` (default ``run_dir/report.html``) atomically; returns the path.
+def write_report(
+    run_dir: str | Path, output: str | Path | None = None, queries: str | Path | None = None
+) -> Path:
+    """Write :func:`build_report` to ``output`` (default ``run_dir/report.html``) atomically; return its path.
 
     Raises:
         StoreWriteError: the report cannot be written (e.g. disk full); no partial file is left.

@@ -2,7 +2,8 @@
 
 Layer order (lower layers never import higher ones; see docs/design.md):
 
-0. base: ``exceptions``, ``_version``, ``_safeio`` (confined file I/O), ``layout`` (``ParamLayout``),
+0. base: ``exceptions``, ``_version``, ``_safeio`` (confined file I/O; with ``_safepaths``, ``_dirlock``,
+   ``_torchload``), ``layout`` (``ParamLayout``),
    ``linalg`` (``LinearOperator``)
 1. sketches: the random maps Φ
 2. numerics: ``gradients``, ``store``, ``data``, ``testing``
@@ -27,6 +28,9 @@ LAYERS = {
     "lightning_sketch.exceptions": 0,
     "lightning_sketch._version": 0,
     "lightning_sketch._safeio": 0,
+    "lightning_sketch._safepaths": 0,
+    "lightning_sketch._dirlock": 0,
+    "lightning_sketch._torchload": 0,
     "lightning_sketch.layout": 0,
     "lightning_sketch.linalg": 0,
     "lightning_sketch.sketches": 1,
@@ -43,6 +47,7 @@ LAYERS = {
     "lightning_sketch.demo": 4,
     "lightning_sketch.demo_text": 4,
     "lightning_sketch.report": 4,
+    "lightning_sketch._report_sections": 4,
     "lightning_sketch.plots": 4,
     "lightning_sketch": 5,
 }

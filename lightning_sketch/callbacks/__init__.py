@@ -1,7 +1,9 @@
 """Lightning callbacks: thin adapters over the pure-PyTorch packages.
 
-- :class:`GradientSketch`: streams per-example gradient sketches into a :class:`~lightning_sketch.store.SketchStore`.
-- :class:`HessianSpectrum`: snapshots of the top Hessian eigenvalues and the spectral density.
+- :class:`GradientSketch`: streams per-example gradient sketches into a
+  :class:`~lightning_sketch.store.SketchStore`.
+- :class:`HessianSpectrum`: snapshots of the top Hessian eigenvalues and the spectral density
+  (numerical settings in the :class:`SpectrumNumerics` option group).
 - :class:`IntrinsicDimension`: subspace training θ = θ0 + Φᵀω and the paper's doubling search.
 
 The classes are imported on first access so that ``lightning_sketch.callbacks.X`` class paths in
@@ -17,6 +19,7 @@ _CALLBACKS = {
     "GradientSketch": "gradient_sketch",
     "HessianSpectrum": "hessian_spectrum",
     "IntrinsicDimension": "intrinsic_dimension",
+    "SpectrumNumerics": "hessian_spectrum",
 }
 
 __all__ = list(_CALLBACKS)

@@ -104,8 +104,10 @@ class GradientSketch(Callback):
         sketch_dim: D, the sketch dimension (``None`` only with ``"identity"``: D = N).
         seed: sketch seed (the sketch is rebuilt from its spec; nothing random is drawn from global RNG).
         mode: ``"checkpoint"`` (slices of the attribution set) or ``"inline"`` (the trained batches).
-        every_n_epochs: checkpoint mode: take a slice every n epochs (ignored if ``every_n_steps``).
-        every_n_steps: checkpoint mode: take a slice every n optimizer steps instead.
+        every_n_epochs: checkpoint mode: take a slice every n epochs (default 1 when ``every_n_steps`` is
+            None). Ignored, with a warning, in inline mode and when ``every_n_steps`` is set.
+        every_n_steps: checkpoint mode: take a slice every n optimizer steps instead (ignored, with a
+            warning, in inline mode).
         include: fnmatch patterns of parameter names to sketch (default all trainable).
         exclude: fnmatch patterns of parameter names to leave out.
         id_key: batch entry holding the example ids.
@@ -143,7 +145,7 @@ class GradientSketch(Callback):
         sketch_dim: int | None = 1024,
         seed: int = 0,
         mode: Literal["checkpoint", "inline"] = "checkpoint",
-        every_n_epochs: int | None = 1,
+        every_n_epochs: int | None = None,
         every_n_steps: int | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
@@ -169,8 +171,7 @@ class GradientSketch(Callback):
                 continue
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise SketchConfigError(f"`{name}` must be a positive int{' or None' if name != 'sketch_dim' else ''}, got {val!r}.")
-        if mode == "checkpoint" and every_n_epochs is None and every_n_steps is None:
-            raise SketchConfigError("Checkpoint mode needs `every_n_epochs` or `every_n_steps`; set one of them.")
+        every_n_epochs = _resolve_every_n_epochs(mode, every_n_epochs, every_n_steps)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise SketchConfigError(f"`seed` must be an int, got {seed!r}.")
         _check_types(dirpath, sketch_kind, include, exclude, id_key, save_weights)
@@ -214,6 +215,11 @@ class GradientSketch(Callback):
         self._checked_sum = False
         self._hooks = True
         self._inline_fast = False
+        # inline mode, per training step (set in on_train_batch_start)
+        self._lr = 1.0
+        self._pending_rows: Tensor | None = None
+        self._batch_ids: Tensor | None = None
+        self._capture_tool: Any = None
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -567,7 +573,7 @@ class GradientSketch(Callback):
         if finite is not None and not finite.all():
             self.skipped_nonfinite += int((~finite).sum())
             bad = ids.numpy()[~finite][:5].tolist()
-            log.warning("GradientSketch skipped %d non-finite rows (ids %s...)", int((~finite).sum()), bad)
+            rank_zero_warn(f"GradientSketch skipped {int((~finite).sum())} non-finite rows (ids {bad}...)")
         if defer:  # inline mode: one store append per slice instead of one per step
             self._inline_buf.setdefault(name, []).append((ids, rows))
             return
@@ -615,6 +621,10 @@ class GradientSketch(Callback):
         if trainer.world_size > 1:  # every rank runs this hook; record each shard's generation
             gens = trainer.strategy.all_gather(torch.tensor([self._generation], dtype=torch.long))
             self._generations = [int(g) for g in gens.reshape(-1).tolist()]
+        # Lightning collects every callback's state_dict() *before* it calls on_save_checkpoint
+        # (CheckpointConnector.dump_checkpoint), so the entry it stored predates the commit above and
+        # holds the previous generation(s). Replace it: a resume must roll the store back to the
+        # generation committed with this checkpoint, not to the one before.
         checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
 
     @override
@@ -653,6 +663,27 @@ class GradientSketch(Callback):
         if self.store is not None:
             self.store.close()
             self.store = None
+
+
+def _resolve_every_n_epochs(mode: str, every_n_epochs: int | None, every_n_steps: int | None) -> int | None:
+    """The epoch cadence to use: 1 by default in checkpoint mode; a value that would be ignored warns once."""
+    if mode == "checkpoint" and every_n_epochs is None and every_n_steps is None:
+        return 1
+    if mode == "inline" and (every_n_epochs is not None or every_n_steps is not None):
+        name, n = (("every_n_epochs", every_n_epochs) if every_n_epochs is not None
+                   else ("every_n_steps", every_n_steps))
+        rank_zero_warn(
+            f"GradientSketch({name}={n}) is ignored in inline mode, which sketches every trained batch into "
+            f"one slice per epoch. Drop `{name}`, or use mode='checkpoint' to sketch the attribution set on "
+            f"that schedule."
+        )
+    elif every_n_epochs is not None and every_n_steps is not None:
+        rank_zero_warn(
+            f"GradientSketch(every_n_epochs={every_n_epochs}) is ignored because "
+            f"every_n_steps={every_n_steps} is set: slices are taken every {every_n_steps} optimizer steps. "
+            f"Set only one of them."
+        )
+    return every_n_epochs
 
 
 def _check_support(pl_module: nn.Module, layout: Any, exclude: list[str] | None) -> Any:

@@ -1,4 +1,6 @@
-"""HessianSpectrum: snapshots of the top Hessian eigenvalues during training (arXiv 2402.03994, eq. 10; Sec. 5.5).
+"""HessianSpectrum: snapshots of the top Hessian eigenvalues during training.
+
+arXiv 2402.03994, eq. 10; Sec. 5.5.
 
 A thin Lightning adapter over :func:`lightning_sketch.spectrum.spectrum_snapshot`: on a schedule of
 ``trainer.global_step`` values it runs Lanczos (full re-orthogonalisation) on the sketched
@@ -13,20 +15,21 @@ module's train/eval mode is restored, and the global RNG streams are forked and 
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_sketch.callbacks._progress import progress_bar
+from lightning_sketch.callbacks._spectrum_options import SpectrumNumerics, merge_flat_numerics
 from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_sketch.gradients import module_loss_fn, train_mode
 from lightning_sketch.layout import ParamLayout
@@ -35,9 +38,7 @@ from lightning_sketch.sketches import KINDS, derive_seed, make
 from lightning_sketch.spectrum.monitor import spectrum_snapshot
 from lightning_sketch.spectrum.snapshot import SnapshotWriter, load_snapshot
 
-__all__ = ["PAPER_STEPS", "HessianSpectrum"]
-
-log = logging.getLogger(__name__)
+__all__ = ["PAPER_STEPS", "HessianSpectrum", "SpectrumNumerics"]
 
 #: the paper's explicit snapshot steps (App. B.8), besides "every 1,000 steps".
 PAPER_STEPS: tuple[int, ...] = (0, 10, 50, 100, 150, 200, 250, 500)
@@ -47,7 +48,8 @@ def _check_pos(name: str, value: Any, allow_none: bool = False, minimum: int = 1
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SketchConfigError(f"`{name}` must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}.")
+        raise SketchConfigError(f"`{name}` must be an int >= {minimum}{' or None' if allow_none else ''}, "
+                                f"got {value!r}.")
 
 
 class HessianSpectrum(Callback):
@@ -61,23 +63,17 @@ class HessianSpectrum(Callback):
         seed: seed of Φ and of the callback's own generators (start and probe vectors).
         every_n_steps: also snapshot when ``global_step % every_n_steps == 0`` (None: off).
         at_steps: explicit snapshot steps (default: the paper's 0, 10, 50, ..., 500).
-        num_iter: Lanczos steps per snapshot (default ``min(D, max(4k, 40))``).
         probe_batches: number of batches of the train dataloader forming the fixed probe set.
         density: also compute an SLQ spectral density (``density_runs × density_iter`` HVPs).
-        density_runs: SLQ probe vectors.
-        density_iter: Lanczos steps per SLQ probe.
         trace: also estimate the trace of Φ H Φᵀ by Hutch++ (``trace_matvecs`` HVPs).
-        trace_matvecs: HVPs of the trace estimate.
+        numerics: the numerical settings, a :class:`SpectrumNumerics` (Lanczos steps ``num_iter``,
+            ``hvp_method``, Krylov ``dtype``, module ``mode``, ``outlier_threshold``, ``density_runs``,
+            ``density_iter``, ``trace_matvecs``); default ``SpectrumNumerics()``. In YAML a mapping
+            ``numerics: {num_iter: 40}``.
         dirpath: directory of the snapshot files; default
             ``<trainer.log_dir or default_root_dir>/hessian_spectrum``. Rank 0 locks it for the whole
             fit (:class:`~lightning_sketch.spectrum.snapshot.SnapshotWriter`): a second run into the
             same directory fails at ``setup`` with ``StoreWriteError``.
-        hvp_method: ``"double_backward"``, ``"fwd_rev"`` or ``"finite_difference"`` (the only one
-            allowed under FSDP/DeepSpeed).
-        dtype: dtype of the (D-dimensional) Krylov vectors; HVPs run in the module's own dtype.
-        mode: module mode during the HVPs (``"eval"`` turns dropout off so that every matvec sees
-            the same loss); the original mode is restored.
-        outlier_threshold: an eigenvalue is an outlier when λ_n/λ_1 exceeds it (paper: 0.2).
         plot: draw ``spectrum.png`` (trajectories and densities) at the end of ``fit``.
         loss_fn: ``loss_fn(module, batch) -> [B]`` per-example losses; default
             ``pl_module.per_example_loss(batch)``. Not settable from YAML.
@@ -87,6 +83,8 @@ class HessianSpectrum(Callback):
             trainable), as in ``GradientSketch(include=...)``; with the same patterns and sketch
             spec the snapshots match a gradient store's layout (``arnoldi_if``).
         exclude: fnmatch patterns of parameters to leave out (held fixed in the HVPs).
+        **flat_numerics: deprecated: the fields of ``numerics`` as keyword arguments
+            (``num_iter=40``); they warn and may not be combined with ``numerics``.
 
     Raises:
         SketchConfigError: on invalid arguments.
@@ -103,40 +101,34 @@ class HessianSpectrum(Callback):
         seed: int = 0,
         every_n_steps: int | None = 1000,
         at_steps: list[int] | None = None,
-        num_iter: int | None = None,
         probe_batches: int = 4,
         density: bool = True,
-        density_runs: int = 4,
-        density_iter: int = 40,
         trace: bool = False,
-        trace_matvecs: int = 30,
+        numerics: SpectrumNumerics | None = None,
         dirpath: str | None = None,
-        hvp_method: Literal["double_backward", "fwd_rev", "finite_difference"] = "double_backward",
-        dtype: Literal["float32", "float64"] = "float64",
-        mode: Literal["eval", "train"] = "eval",
-        outlier_threshold: float = 0.2,
         plot: bool = True,
         loss_fn: Callable[[Any, Any], Tensor] | None = None,
         probe_dataloader: Any = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        **flat_numerics: Any,
     ) -> None:
         super().__init__()
         for name, pats in (("include", include), ("exclude", exclude)):
-            if pats is not None and (not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) for p in pats)):
+            if pats is not None and (not isinstance(pats, (list, tuple))
+                                     or not all(isinstance(p, str) for p in pats)):
                 raise SketchConfigError(
-                    f"`{name}` must be None or a list of fnmatch patterns (str), got {pats!r}; write [{pats!r}] for one."
+                    f"`{name}` must be None or a list of fnmatch patterns (str), got {pats!r}; write "
+                    f"[{pats!r}] for one."
                 )
         _check_pos("k", k)
         _check_pos("sketch_dim", sketch_dim)
         _check_pos("every_n_steps", every_n_steps, allow_none=True)
-        _check_pos("num_iter", num_iter, allow_none=True)
         _check_pos("probe_batches", probe_batches)
-        _check_pos("density_runs", density_runs)
-        _check_pos("density_iter", density_iter)
-        _check_pos("trace_matvecs", trace_matvecs, minimum=6)
+        self.numerics = merge_flat_numerics(numerics, flat_numerics)
         if sketch_kind is not None and sketch_kind not in KINDS:
-            raise SketchConfigError(f"`sketch_kind` must be one of {sorted(KINDS)} or None, got {sketch_kind!r}.")
+            raise SketchConfigError(f"`sketch_kind` must be one of {sorted(KINDS)} or None, got "
+                                    f"{sketch_kind!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise SketchConfigError(f"`seed` must be an int, got {seed!r}.")
         if at_steps is not None and not isinstance(at_steps, (list, tuple)):
@@ -144,29 +136,16 @@ class HessianSpectrum(Callback):
         steps = list(PAPER_STEPS) if at_steps is None else list(at_steps)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
             raise SketchConfigError(f"`at_steps` must be a list of ints >= 0, got {at_steps!r}.")
-        if hvp_method not in ("double_backward", "fwd_rev", "finite_difference"):
-            raise SketchConfigError(
-                f"`hvp_method` must be 'double_backward', 'fwd_rev' or 'finite_difference', got {hvp_method!r}."
-            )
-        if dtype not in ("float32", "float64"):
-            raise SketchConfigError(f"`dtype` must be 'float32' or 'float64', got {dtype!r}.")
-        if mode not in ("eval", "train"):
-            raise SketchConfigError(f"`mode` must be 'eval' or 'train', got {mode!r}.")
         for name, flag in (("density", density), ("trace", trace), ("plot", plot)):
             if not isinstance(flag, bool):
                 raise SketchConfigError(f"`{name}` must be a bool, got {flag!r}.")
-        if isinstance(outlier_threshold, bool) or not isinstance(outlier_threshold, (int, float)) \
-                or not 0 < outlier_threshold < 1:
-            raise SketchConfigError(f"`outlier_threshold` must be in (0, 1), got {outlier_threshold!r}.")
         if loss_fn is not None and not callable(loss_fn):
-            raise SketchConfigError(f"`loss_fn` must be callable(module, batch) -> [B], got {type(loss_fn).__name__}.")
+            raise SketchConfigError("`loss_fn` must be callable(module, batch) -> [B], got "
+                                    f"{type(loss_fn).__name__}.")
         self.k, self.sketch_kind, self.sketch_dim, self.seed = k, sketch_kind, sketch_dim, seed
-        self.every_n_steps, self.at_steps, self.num_iter = every_n_steps, sorted(set(steps)), num_iter
-        self.probe_batches, self.density, self.density_runs, self.density_iter = (
-            probe_batches, density, density_runs, density_iter)
-        self.trace, self.trace_matvecs, self.dirpath = trace, trace_matvecs, dirpath
-        self.hvp_method, self.dtype, self.mode = hvp_method, dtype, mode
-        self.outlier_threshold, self.plot = outlier_threshold, plot
+        self.every_n_steps, self.at_steps = every_n_steps, sorted(set(steps))
+        self.probe_batches, self.density, self.trace = probe_batches, density, trace
+        self.dirpath, self.plot = dirpath, plot
         self.loss_fn, self.probe_dataloader = loss_fn, probe_dataloader
         self.include, self.exclude = include, exclude
         self.history: list[dict[str, Any]] = []
@@ -181,7 +160,9 @@ class HessianSpectrum(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(sketch_kind=self.sketch_kind, sketch_dim=self.sketch_dim, seed=self.seed, k=self.k)
+        return self._generate_state_key(
+            sketch_kind=self.sketch_kind, sketch_dim=self.sketch_dim, seed=self.seed, k=self.k
+        )
 
     def should_run(self, step: int) -> bool:
         """Whether ``global_step == step`` is a snapshot step (and not already done)."""
@@ -194,12 +175,12 @@ class HessianSpectrum(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)) and self.hvp_method != "finite_difference":
+        sharded = isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
+        if sharded and self.numerics.hvp_method != "finite_difference":
             raise UnsupportedStrategyError(
-                f"HessianSpectrum with {type(trainer.strategy).__name__} needs hvp_method='finite_difference' "
-                f"(got {self.hvp_method!r}): sharded parameters break double-backward and forward-mode HVPs."
+                f"HessianSpectrum with {type(trainer.strategy).__name__} needs "
+                f"hvp_method='finite_difference' (got {self.numerics.hvp_method!r}): sharded parameters "
+                "break double-backward and forward-mode HVPs."
             )
         self._loss_fn(pl_module)  # fail at setup, not at the first snapshot
         base = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hessian_spectrum")
@@ -211,14 +192,15 @@ class HessianSpectrum(Callback):
     def _loss_fn(self, pl_module: LightningModule) -> Callable[[Any, Any], Tensor]:
         return module_loss_fn(pl_module, self.loss_fn, who="HessianSpectrum ", error=UnsupportedModelError)
 
-    def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Fix the probe set, the parameter layout and Φ (once per fit)."""
-
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> list[Any]:
+        """Fix the probe set, the parameter layout and Φ (once per fit); return the probe set."""
         if self._probe is not None:
-            return
+            return self._probe
         loader = self.probe_dataloader if self.probe_dataloader is not None else trainer.train_dataloader
         if loader is None:
-            raise UnsupportedModelError("HessianSpectrum found no train dataloader; pass `probe_dataloader=`.")
+            raise UnsupportedModelError(
+                "HessianSpectrum found no train dataloader; pass `probe_dataloader=`."
+            )
         probe: list[Any] = []
         # Iterating a shuffling DataLoader draws from the global RNG: fork it so training is unchanged.
         with torch.random.fork_rng(devices=[]):
@@ -227,7 +209,8 @@ class HessianSpectrum(Callback):
                 if len(probe) >= self.probe_batches:
                     break
         if not probe:
-            raise UnsupportedModelError("HessianSpectrum's probe dataloader is empty; it needs at least one batch.")
+            raise UnsupportedModelError("HessianSpectrum's probe dataloader is empty; it needs at least one "
+                                        "batch.")
         self._probe = probe
         self._layout = ParamLayout.from_module(pl_module, include=self.include, exclude=self.exclude)
         n = self._layout.dim
@@ -241,10 +224,13 @@ class HessianSpectrum(Callback):
                 rank_zero_warn(f"HessianSpectrum: sketch_dim={d} > N={n}; using sketch_dim={n}.")
                 d = n
             self._sketch = make(self.sketch_kind, n, d, seed=self.seed)
+        return probe
 
     # ------------------------------------------------------------------ hooks
     @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._maybe_snapshot(trainer, pl_module)
 
     @override
@@ -274,7 +260,8 @@ class HessianSpectrum(Callback):
             self._writer = None
 
     def _maybe_snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run:
+        # Trainer sets fast_dev_run in __init__ (_init_debugging_flags) without declaring it on the class
+        if trainer.sanity_checking or trainer.fast_dev_run:  # type: ignore[attr-defined]
             return
         step = int(trainer.global_step)
         if not self.should_run(step):
@@ -284,6 +271,7 @@ class HessianSpectrum(Callback):
 
     def snapshot(self, trainer: Trainer, pl_module: LightningModule, step: int) -> dict[str, Any]:
         """Run one snapshot now (all ranks), log it, write its file (rank 0) and record it."""
+        probe = self._prepare(trainer, pl_module)
         world = trainer.world_size
         ddp_reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if world > 1 else None
         bar = progress_bar(trainer, self._expected_matvecs(), f"HessianSpectrum step {step}", unit="HVP")
@@ -297,14 +285,16 @@ class HessianSpectrum(Callback):
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "hessian_spectrum", f"step{step}"))
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad(), train_mode(pl_module, self.mode == "train"):
+            num = self.numerics
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                    train_mode(pl_module, num.mode == "train"):
                 snap = spectrum_snapshot(
-                    pl_module, self._loss_fn(pl_module), self._probe, k=min(self.k, self._op_dim()), sketch=self._sketch,
-                    num_iter=self._num_iter(), method=self.hvp_method, layout=self._layout, generator=gen,
-                    density=self.density, density_runs=self.density_runs,
-                    density_iter=min(self.density_iter, self._op_dim()), trace=self.trace,
-                    trace_matvecs=self.trace_matvecs, threshold=self.outlier_threshold,
-                    dtype=getattr(torch, self.dtype), reduce=reduce,
+                    pl_module, self._loss_fn(pl_module), probe, k=min(self.k, self._op_dim()),
+                    sketch=self._sketch, num_iter=self._num_iter(), method=num.hvp_method,
+                    layout=self._layout, generator=gen, density=self.density, density_runs=num.density_runs,
+                    density_iter=min(num.density_iter, self._op_dim()), trace=self.trace,
+                    trace_matvecs=num.trace_matvecs, threshold=num.outlier_threshold,
+                    dtype=getattr(torch, num.dtype), reduce=reduce,
                 )
         finally:
             if bar is not None:
@@ -316,8 +306,9 @@ class HessianSpectrum(Callback):
             if self._writer is None:  # snapshot() called outside fit
                 self._writer = SnapshotWriter(self._dir)
             meta = {"sketch_spec": snap.sketch_spec, "scalars": scalars, "which": "LA",
-                    "num_matvecs": snap.num_matvecs, "hvp_method": self.hvp_method, "world_size": world,
-                    "probe_batches": len(self._probe or []), "layout_fingerprint": self._layout.fingerprint()}
+                    "num_matvecs": snap.num_matvecs, "hvp_method": self.numerics.hvp_method,
+                    "world_size": world,
+                    "probe_batches": len(probe), "layout_fingerprint": self._layout.fingerprint()}
             entry["file"] = str(self._writer.write(step, snap.arrays(), meta))
         for logger in trainer.loggers:
             logger.log_metrics({f"hessian/{k}": v for k, v in scalars.items()}, step=step)
@@ -333,13 +324,13 @@ class HessianSpectrum(Callback):
         """Matvecs of one snapshot (Lanczos, density, trace, plus the probe gradient): the bar's total."""
         dim = self._op_dim()
         lanczos = self._num_iter() or min(dim, max(4 * self.k, 40))
-        density = self.density_runs * min(self.density_iter, dim) if self.density else 0
-        return lanczos + density + (self.trace_matvecs if self.trace else 0) + 1
+        density = self.numerics.density_runs * min(self.numerics.density_iter, dim) if self.density else 0
+        return lanczos + density + (self.numerics.trace_matvecs if self.trace else 0) + 1
 
     def _num_iter(self) -> int | None:
-        if self.num_iter is None:
+        if self.numerics.num_iter is None:
             return None
-        return min(self.num_iter, self._op_dim())
+        return min(self.numerics.num_iter, self._op_dim())
 
     # ------------------------------------------------------------------ state
     @override
@@ -353,7 +344,7 @@ class HessianSpectrum(Callback):
 
     # ------------------------------------------------------------------ plot
     def plot_history(self, path: str | os.PathLike[str]) -> Path:
-        """Eigenvalue trajectories (left) and SLQ densities (right) as a PNG (:mod:`lightning_sketch.plots`)."""
+        """Eigenvalue trajectories (left) and SLQ densities (right) as a PNG (``plots``)."""
         densities = []
         for j, e in enumerate(self.history):
             if not e.get("file") or not Path(e["file"]).is_file():
@@ -362,4 +353,5 @@ class HessianSpectrum(Callback):
             if "density" in snap:
                 densities.append((j, snap["density_grid"].numpy(), snap["density"].numpy()))
         fig = spectrum_history_figure(self.history, densities)
-        return save_png(fig, path, dpi=100, what="spectrum plot")  # never written through a planted symlink
+        # written atomically (plots.save_png): never through a planted symlink
+        return save_png(fig, Path(path), dpi=100, what="spectrum plot")

@@ -45,50 +45,39 @@ Lightning does not replay it on resume, so that search round would be lost (test
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
-from lightning_sketch._safeio import DirLock, file_sha256, write_checked_json
-from lightning_sketch.exceptions import (
-    StoreConflictError,
-    StoreNotFoundError,
-    SubspaceError,
-    UnsupportedStrategyError,
+from lightning_sketch._safeio import DirLock, write_checked_json
+from lightning_sketch.callbacks._intrinsic_support import (
+    _check_omega_in_optimizer,
+    _check_strategy,
+    _check_types,
+    _disk_sha,
+    _resolve_sketch_kind,
+    measure_reference_score,
 )
+from lightning_sketch.exceptions import StoreConflictError, SubspaceError
 from lightning_sketch.intrinsic import Action, DoublingSearch, Subspace
 from lightning_sketch.plots import plot_search
-from lightning_sketch.sketches import KINDS, sketch_class
-
-try:
-    from typing_extensions import override
-except ImportError:  # pragma: no cover
-    def override(f):
-        return f
+from lightning_sketch.sketches import sketch_class
 
 __all__ = ["IntrinsicDimension", "measure_reference_score"]
 
-log = logging.getLogger(__name__)
-
 _STATE = "intrinsic_dimension.json"
-
-
-def _disk_sha(path: Path) -> str | None:
-    """sha256 of the state file on disk now (None when absent)."""
-    try:
-        return file_sha256(path, what="intrinsic-dimension state")[0]
-    except StoreNotFoundError:
-        return None
 
 
 class IntrinsicDimension(Callback):
     """Train in a random subspace θ = θ0 + Φᵀω and find the intrinsic dimension D* in one run.
 
     Args:
-        kind: sketch kind of Φ (``affd`` default; ``dense`` for small models; ``ffd``, ``afjl``, ``qk``, ...).
+        sketch_kind: sketch kind of Φ (``affd`` default; ``dense`` for small models; ``ffd``, ``afjl``,
+            ``qk``, ...); the same argument name as in ``GradientSketch`` and ``HessianSpectrum``.
         sketch_dim: D (D_max in search mode): the size of the drawn projection, SAID scalars included.
         seed: seed of Φ (identical Φ on every rank and after a resume).
         said: one learned scalar per parameter tensor (structure-aware intrinsic dimension).
@@ -110,15 +99,16 @@ class IntrinsicDimension(Callback):
             locks it for the fit (``.intrinsic_dimension.lock``; a second run fails at ``setup``) and
             refuses to write if the file changed behind it (``StoreConflictError``).
         plot: also save ``intrinsic_dimension.png`` (metric against steps and against d) at the end of fit.
+        kind: deprecated alias of ``sketch_kind`` (warns; an error if a non-default ``sketch_kind`` differs).
 
     Raises:
         SubspaceError: for an invalid argument combination (e.g. search mode without a target).
-        SketchConfigError: for an unknown sketch ``kind``.
+        SketchConfigError: for an unknown ``sketch_kind``.
     """
 
     def __init__(
         self,
-        kind: str = "affd",
+        sketch_kind: str = "affd",
         sketch_dim: int = 1024,
         seed: int = 0,
         said: bool = False,
@@ -138,9 +128,11 @@ class IntrinsicDimension(Callback):
         exclude: list[str] | None = None,
         dirpath: str | None = None,
         plot: bool = True,
+        kind: str | None = None,
     ) -> None:
         super().__init__()
-        sketch_class(kind)  # an unknown kind fails here, not at setup
+        sketch_kind = _resolve_sketch_kind(sketch_kind, kind)
+        sketch_class(sketch_kind)  # an unknown kind fails here, not at setup
         if mode not in ("search", "fixed"):
             raise SubspaceError(f"`mode` must be 'search' or 'fixed', got {mode!r}.")
         for name, v in (("sketch_dim", sketch_dim), ("d_min", d_min)):
@@ -148,10 +140,12 @@ class IntrinsicDimension(Callback):
                 raise SubspaceError(f"`{name}` must be a positive int, got {v!r}.")
         if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= sketch_dim):
             raise SubspaceError(f"`d` must be None or an int in [1, sketch_dim={sketch_dim}], got {d!r}.")
-        if eval_every_n_steps is not None and (not isinstance(eval_every_n_steps, int) or eval_every_n_steps < 1):
-            raise SubspaceError(f"`eval_every_n_steps` must be None or a positive int, got {eval_every_n_steps!r}.")
-        _check_types(kind, monitor, target, reference_score, target_fraction,
-                     said=said, normalize=normalize, higher_is_better=higher_is_better, stop_when_done=stop_when_done)
+        every = eval_every_n_steps
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise SubspaceError("`eval_every_n_steps` must be None or a positive int, got "
+                                f"{eval_every_n_steps!r}.")
+        _check_types(sketch_kind, monitor, target, reference_score, target_fraction, said=said,
+                     normalize=normalize, higher_is_better=higher_is_better, stop_when_done=stop_when_done)
         if not 0 < target_fraction <= 1:
             raise SubspaceError(f"`target_fraction` must be in (0, 1], got {target_fraction!r}.")
         if target is None and reference_score is not None:
@@ -167,13 +161,15 @@ class IntrinsicDimension(Callback):
                 raise SubspaceError(f"`d_min` must be <= `sketch_dim` (got {d_min} > {sketch_dim}).")
         if target is not None and not math.isfinite(target):
             raise SubspaceError(f"`target` must be finite, got {target!r}.")
-        self.kind, self.sketch_dim, self.seed, self.said, self.normalize = kind, sketch_dim, seed, said, normalize
+        self.sketch_kind, self.sketch_dim, self.seed = sketch_kind, sketch_dim, seed
+        self.said, self.normalize = said, normalize
         self.mode, self.d_min, self.d, self.monitor = mode, d_min, d, monitor
-        self.higher_is_better, self.eval_every_n_steps, self.delta = higher_is_better, eval_every_n_steps, delta
+        self.higher_is_better, self.eval_every_n_steps = higher_is_better, eval_every_n_steps
+        self.delta = delta
         self.target, self.reference_score, self.stop_when_done = target, reference_score, stop_when_done
         self.include, self.exclude, self.dirpath, self.plot = include, exclude, dirpath, plot
         self.search: DoublingSearch | None = None
-        if mode == "search":
+        if mode == "search" and target is not None:  # (search mode without a target was refused above)
             self.search = DoublingSearch(d_min, sketch_dim, delta, float(target), higher_is_better)
         self.history: list[dict[str, Any]] = []
         self.status = "running"
@@ -187,7 +183,10 @@ class IntrinsicDimension(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(kind=self.kind, sketch_dim=self.sketch_dim, seed=self.seed, mode=self.mode)
+        # `kind=` (not `sketch_kind=`): the key of checkpoints written before the rename, so they still resume
+        return self._generate_state_key(
+            kind=self.sketch_kind, sketch_dim=self.sketch_dim, seed=self.seed, mode=self.mode
+        )
 
     @property
     def d_star(self) -> int | None:
@@ -213,32 +212,30 @@ class IntrinsicDimension(Callback):
             SubspaceError: before ``setup`` attached the subspace.
         """
         if self._subspace is None:
-            raise SubspaceError("No subspace yet: `projection_checksum` is available after the trainer's setup.")
+            raise SubspaceError("No subspace yet: `projection_checksum` is available after the trainer's "
+                                "setup.")
         return self._subspace.projection_checksum()
 
     # ----------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
-            raise UnsupportedStrategyError(
-                f"IntrinsicDimension does not support {strategy}: θ = θ0 + Φᵀω needs the whole flattened "
-                f"model on every rank; use strategy='ddp' (ω is tiny, so DDP traffic is O(D))."
-            )
+        _check_strategy(trainer.strategy)
         sub = Subspace.of(pl_module)
         if sub is None:  # idempotent: setup runs for fit, validate, test and predict
             sub = Subspace.attach(
-                pl_module, kind=self.kind, sketch_dim=self.sketch_dim, seed=self.seed, said=self.said,
+                pl_module, kind=self.sketch_kind, sketch_dim=self.sketch_dim, seed=self.seed, said=self.said,
                 normalize=self.normalize, include=self.include, exclude=self.exclude,
             )
-            log.info("IntrinsicDimension: N=%d reparametrised as θ0 + Φᵀω, %s", sub.layout.dim, sub.extra_repr())
+            rank_zero_info(f"IntrinsicDimension: N={sub.layout.dim} reparametrised as θ0 + Φᵀω, "
+                           f"{sub.extra_repr()}")
         self._subspace = sub
         sub.set_active(self.active)
         search = self.search
         if stage == "fit" and search is not None and search.rounds == 0 and search.previous is None:
             # Listing 9 compares the first round with metric(θ0): validate the whole set before training.
             if trainer.num_sanity_val_steps not in (-1, math.inf):
-                log.info("IntrinsicDimension: num_sanity_val_steps=-1 so that the search starts from metric(θ0).")
+                rank_zero_info("IntrinsicDimension: num_sanity_val_steps=-1 so that the search starts from "
+                               "metric(θ0).")
             trainer.num_sanity_val_steps = math.inf
         if self.dirpath is None:
             self.dirpath = trainer.log_dir or trainer.default_root_dir
@@ -246,7 +243,9 @@ class IntrinsicDimension(Callback):
         if stage == "fit" and trainer.is_global_zero and self._lock is None:
             # one writer per directory for the whole fit; a second run into it fails here (issue 11)
             Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-            self._lock = DirLock(self.dirpath, ".intrinsic_dimension.lock", what="intrinsic-dimension directory")
+            self._lock = DirLock(
+                self.dirpath, ".intrinsic_dimension.lock", what="intrinsic-dimension directory"
+            )
             self._seen = _disk_sha(Path(self.dirpath) / _STATE)
 
     @override
@@ -303,7 +302,9 @@ class IntrinsicDimension(Callback):
                 self.status, self.reached = "done", True
             elif self.target is not None:
                 self.reached = False
-        self.history.append({"step": step, "d": d_round, "metric": metric, "action": action.value, "next_d": self.active})
+        self.history.append(
+            {"step": step, "d": d_round, "metric": metric, "action": action.value, "next_d": self.active}
+        )
         if self.status != "running" and self.stop_when_done:
             trainer.should_stop = True
         scalars = {"intrinsic/d": float(d_round), "intrinsic/metric": metric}
@@ -321,9 +322,10 @@ class IntrinsicDimension(Callback):
             if self.target is not None:
                 self.reached = False
         if self.search is not None and not any(h["action"] != "baseline" for h in self.history):
-            log.warning(
-                "IntrinsicDimension: no validation round ran during fit, so the search never started (d = %d). "
-                "Check the val_dataloader (empty?) and val_check_interval / check_val_every_n_epoch.", self.active
+            rank_zero_warn(
+                f"IntrinsicDimension: no validation round ran during fit, so the search never started "
+                f"(d = {self.active}). Check the val_dataloader (empty?) and val_check_interval / "
+                f"check_val_every_n_epoch."
             )
         self._write(trainer)
         if self.plot and trainer.is_global_zero and self.dirpath is not None and self.history:
@@ -335,7 +337,8 @@ class IntrinsicDimension(Callback):
         if value is None:
             raise SubspaceError(
                 f"`monitor`={self.monitor!r} was not logged by validation; logged metrics: "
-                f"{sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) in validation_step."
+                f"{sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) in "
+                "validation_step."
             )
         return float(trainer.strategy.broadcast(float(value), src=0))
 
@@ -372,8 +375,8 @@ class IntrinsicDimension(Callback):
             self._lock.check()
             if _disk_sha(path) != self._seen:
                 raise StoreConflictError(
-                    f"{str(path)!r} changed on disk since this run last wrote it: another run writes the same "
-                    f"directory. Nothing was written; give each run its own `dirpath`."
+                    f"{str(path)!r} changed on disk since this run last wrote it: another run writes the "
+                    "same directory. Nothing was written; give each run its own `dirpath`."
                 )
         # unique O_EXCL temp file + rename, never through a planted symlink; carries its own sha256
         self._seen, _ = write_checked_json(path, self.summary(), what="intrinsic-dimension state")
@@ -400,77 +403,3 @@ class IntrinsicDimension(Callback):
         self._last_round_step = int(state_dict.get("last_round_step", 0))
         if self._subspace is not None:
             self._subspace.set_active(self.active)
-
-
-def _check_omega_in_optimizer(trainer: Trainer, sub: Subspace) -> None:
-    """ω (and the SAID scalars) must be in an optimizer, else the search trains nothing.
-
-    ``configure_optimizers`` over a submodule (``SGD(self.model.parameters())``, as Lightning's own
-    ``LightningTransformer``) leaves ω, which lives on the LightningModule, outside the optimizer.
-    Without LR schedulers ω is added to the first optimizer as a new parameter group with that
-    optimizer's defaults (and a warning); with schedulers (whose per-group state would not match)
-    the fit is refused with the change to make.
-    """
-    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-
-    wanted = [p for p in sub.parameters() if p.requires_grad]
-    held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-    missing = [p for p in wanted if id(p) not in held]
-    if not missing:
-        return
-    names = [n for n, p in sub.named_parameters() if any(p is m for m in missing)]
-    if not trainer.optimizers:
-        raise SubspaceError("IntrinsicDimension: the module configured no optimizer, so ω would never be trained.")
-    if trainer.lr_scheduler_configs or len(trainer.optimizers) > 1:
-        raise SubspaceError(
-            f"IntrinsicDimension: the subspace coordinates {names} (intrinsic_subspace.*) are in no optimizer, so "
-            f"the search would train nothing. configure_optimizers must build the optimizer from self.parameters() "
-            f"(not a submodule's, e.g. self.model.parameters()), or add self.intrinsic_subspace.parameters()."
-        )
-    opt = trainer.optimizers[0]
-    opt.add_param_group({"params": missing})
-    rank_zero_warn(
-        f"IntrinsicDimension: the subspace coordinates {names} were in no optimizer (configure_optimizers uses a "
-        f"submodule's parameters); added them to {type(opt).__name__} as a parameter group with its defaults "
-        f"(lr={opt.defaults.get('lr')}). Build the optimizer from self.parameters() to choose their settings."
-    )
-
-
-def _check_types(kind: Any, monitor: Any, target: Any, reference_score: Any, fraction: Any, **flags: Any) -> None:
-    if kind not in KINDS:
-        raise SubspaceError(f"`kind` must be one of {sorted(KINDS)}, got {kind!r}.")
-    if not isinstance(monitor, str) or not monitor:
-        raise SubspaceError(f"`monitor` must be the name (str) of a logged validation metric, got {monitor!r}.")
-    for name, value in (("target", target), ("reference_score", reference_score), ("target_fraction", fraction)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise SubspaceError(f"`{name}` must be a number{'' if name == 'target_fraction' else ' or None'}, got {value!r}.")
-    for name, flag in flags.items():
-        if not isinstance(flag, bool):
-            raise SubspaceError(f"`{name}` must be a bool, got {flag!r}.")
-
-
-def measure_reference_score(
-    trainer: Trainer,
-    model: LightningModule,
-    monitor: str = "val_acc",
-    **fit_kwargs: Any,
-) -> float:
-    """The full fine-tuning score the search's target is a fraction of: ``fit`` then ``validate``.
-
-    Args:
-        trainer: a Trainer for the ordinary (full-parameter) training run.
-        model: the LightningModule, with no IntrinsicDimension callback on ``trainer``.
-        monitor: the validation metric to read.
-        **fit_kwargs: passed to ``trainer.fit`` (``datamodule=`` or ``train_dataloaders=``/``val_dataloaders=``).
-
-    Raises:
-        SubspaceError: if ``monitor`` is not among the validation results.
-    """
-    trainer.fit(model, **fit_kwargs)
-    val_kwargs = {k: v for k, v in fit_kwargs.items() if k in ("datamodule", "val_dataloaders")}
-    if "val_dataloaders" in val_kwargs:
-        val_kwargs["dataloaders"] = val_kwargs.pop("val_dataloaders")
-    results = trainer.validate(model, verbose=False, **val_kwargs)
-    if not results or monitor not in results[0]:
-        raise SubspaceError(f"`monitor`={monitor!r} not in the validation results {results}; log it in validation_step.")
-    return float(results[0][monitor])

@@ -217,8 +217,7 @@ def test_argument_and_module_validation(tmp_path):
         GradientSketch(dirpath="d", sketch_dim=0)
     with pytest.raises(SketchConfigError, match="`every_n_steps` must be a positive int or None"):
         GradientSketch(dirpath="d", every_n_steps=-2)
-    with pytest.raises(SketchConfigError, match="needs `every_n_epochs` or `every_n_steps`"):
-        GradientSketch(dirpath="d", every_n_epochs=None)
+    assert GradientSketch(dirpath="d", every_n_epochs=None).every_n_epochs == 1  # the checkpoint-mode default
     with pytest.raises(SketchConfigError, match="`seed` must be an int"):
         GradientSketch(dirpath="d", seed=1.5)
 

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sketch.callbacks import HessianSpectrum
+from lightning_sketch.callbacks import HessianSpectrum, SpectrumNumerics
 from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_sketch.spectrum import load_index, load_snapshot, top_eigenpairs_from_snapshot
 
@@ -74,9 +74,10 @@ def _trainer(tmp_path, callbacks, max_steps, logger=False):
 
 def _callback(**kw) -> HessianSpectrum:
     args = {"k": 3, "sketch_kind": "dense", "sketch_dim": 32, "at_steps": [0, 2, 5], "every_n_steps": None,
-            "num_iter": 8, "probe_batches": 2, "density_runs": 2, "density_iter": 6, "trace": True,
-            "trace_matvecs": 6}
-    args.update(kw)
+            "probe_batches": 2, "trace": True}
+    numerics = {"num_iter": 8, "density_runs": 2, "density_iter": 6, "trace_matvecs": 6}
+    numerics.update({k: kw.pop(k) for k in list(kw) if k in numerics or k in ("hvp_method", "dtype", "mode")})
+    args.update(kw, numerics=SpectrumNumerics(**numerics))
     return HessianSpectrum(**args)
 
 
@@ -129,7 +130,8 @@ def test_training_is_not_disturbed(tmp_path):
     torch.manual_seed(0)
     watched = TinyModule()
     cb = CheckingSpectrum(k=2, sketch_kind="dense", sketch_dim=16, at_steps=[0, 3, 6], every_n_steps=None,
-                          num_iter=6, density=True, density_runs=1, density_iter=6, probe_batches=1, plot=False)
+                          numerics=SpectrumNumerics(num_iter=6, density_runs=1, density_iter=6), density=True,
+                          probe_batches=1, plot=False)
     _trainer(tmp_path / "b", [cb], 6).fit(watched, _loader())
     assert cb.checked == 3
     for a, b in zip(plain.parameters(), watched.parameters()):
@@ -195,8 +197,9 @@ def test_refuses_fsdp_without_finite_difference():
     ],
 )
 def test_argument_errors(kw, match):
+    numerics = {k: kw.pop(k) for k in list(kw) if k in SpectrumNumerics.__dataclass_fields__}
     with pytest.raises(SketchConfigError, match=match):
-        HessianSpectrum(**kw)
+        HessianSpectrum(**kw, numerics=SpectrumNumerics(**numerics) if numerics else None)
 
 
 def test_default_schedule_is_the_papers():

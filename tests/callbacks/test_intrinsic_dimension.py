@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -14,8 +15,6 @@ from lightning_sketch.callbacks import IntrinsicDimension
 from lightning_sketch.callbacks.intrinsic_dimension import measure_reference_score
 from lightning_sketch.exceptions import SketchConfigError, SubspaceError, UnsupportedStrategyError
 from lightning_sketch.intrinsic import Subspace
-
-
 
 
 def _blobs(n: int, seed: int):
@@ -66,7 +65,7 @@ def _trainer(tmp_path, max_steps, callbacks, **kw):
 @pytest.mark.parametrize("sanity", [0, 2])
 def test_search_measures_the_baseline_itself(tmp_path, sanity):
     """Listing 9 starts from metric(θ0): recorded whatever num_sanity_val_steps the Trainer was given."""
-    cb = IntrinsicDimension(kind="dense", sketch_dim=64, seed=0, d_min=1, delta=0.05, target=0.9, dirpath=str(tmp_path))
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=64, seed=0, d_min=1, delta=0.05, target=0.9, dirpath=str(tmp_path))
     model = Blobs()
     x, y = _blobs(256, 2)
     with torch.no_grad():
@@ -79,7 +78,7 @@ def test_search_measures_the_baseline_itself(tmp_path, sanity):
 
 
 def test_search_finds_d_star_writes_json_and_trains_only_omega(tmp_path):
-    cb = IntrinsicDimension(kind="dense", sketch_dim=64, seed=0, d_min=1, delta=0.05, target=0.9, dirpath=str(tmp_path))
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=64, seed=0, d_min=1, delta=0.05, target=0.9, dirpath=str(tmp_path))
     model = Blobs()
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = _trainer(tmp_path, 400, [cb])
@@ -106,7 +105,7 @@ def test_search_finds_d_star_writes_json_and_trains_only_omega(tmp_path):
 
 def _search_cb():
     # delta = 1 forces a doubling after every round, so the run is mid-search at any checkpoint
-    return IntrinsicDimension(kind="dense", sketch_dim=64, seed=3, d_min=1, delta=1.0, target=0.999, plot=False)
+    return IntrinsicDimension(sketch_kind="dense", sketch_dim=64, seed=3, d_min=1, delta=1.0, target=0.999, plot=False)
 
 
 def test_resume_mid_search_continues_with_same_d_and_omega(tmp_path):
@@ -142,7 +141,7 @@ def test_resume_mid_search_continues_with_same_d_and_omega(tmp_path):
 def test_fixed_mode_verification_run_and_reference_helper(tmp_path):
     ref = measure_reference_score(_trainer(tmp_path / "ref", 24, []), Blobs(), monitor="val_acc")
     assert 0.0 <= ref <= 1.0
-    cb = IntrinsicDimension(kind="dense", sketch_dim=64, mode="fixed", d=1, reference_score=ref,
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=64, mode="fixed", d=1, reference_score=ref,
                             target_fraction=0.99, stop_when_done=False, dirpath=str(tmp_path), plot=False)
     _trainer(tmp_path, 8, [cb]).fit(Blobs())
     assert cb.active == 1 and cb.subspace.active == 1 and cb.target == pytest.approx(0.99 * ref)
@@ -155,7 +154,7 @@ def test_fixed_mode_verification_run_and_reference_helper(tmp_path):
 
 
 def test_setup_is_idempotent_and_validate_after_fit_works(tmp_path):
-    cb = IntrinsicDimension(kind="dense", sketch_dim=32, mode="fixed")
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=32, mode="fixed")
     model = Blobs()
     trainer = _trainer(tmp_path, 4, [cb])
     trainer.fit(model)
@@ -184,20 +183,62 @@ def test_argument_errors(kwargs, match):
 
 def test_unknown_kind_fails_at_construction():
     with pytest.raises(SketchConfigError, match="Unknown sketch kind"):
-        IntrinsicDimension(kind="fastfood", target=0.9)
+        IntrinsicDimension(sketch_kind="fastfood", target=0.9)
 
 
 def test_missing_monitor_and_unsupported_strategy(tmp_path):
-    cb = IntrinsicDimension(kind="dense", sketch_dim=16, target=0.9, monitor="val_nope")
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, target=0.9, monitor="val_nope")
     with pytest.raises(SubspaceError, match="val_nope"):
         _trainer(tmp_path, 8, [cb]).fit(Blobs())
 
-    class FakeFSDPStrategy:
-        pass
-
-    class T:
-        strategy = FakeFSDPStrategy()
+    from lightning.pytorch.strategies import FSDPStrategy
 
     with pytest.raises(UnsupportedStrategyError, match="FSDP"):
-        IntrinsicDimension(kind="dense", sketch_dim=16, target=0.9).setup(T(), Blobs(), "fit")
+        IntrinsicDimension(sketch_kind="dense", sketch_dim=16, target=0.9).setup(
+            SimpleNamespace(strategy=FSDPStrategy()), Blobs(), "fit")
+
+
+def test_strategies_are_checked_by_type_not_by_name():
+    """A DDP strategy passes whatever its class is called; a renamed FSDP subclass is still refused."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from lightning_sketch.callbacks._intrinsic_support import _check_strategy
+
+    class FSDPLookingDDP(DDPStrategy):  # the name alone used to be refused
+        pass
+
+    class Sharded(FSDPStrategy):  # the name alone used to pass
+        pass
+
+    _check_strategy(DDPStrategy())
+    _check_strategy(FSDPLookingDDP())
+    with pytest.raises(UnsupportedStrategyError, match="Sharded"):
+        _check_strategy(Sharded())
+
+
+def test_kind_is_a_deprecated_alias_of_sketch_kind():
+    with pytest.warns(DeprecationWarning, match="use `sketch_kind`"):
+        cb = IntrinsicDimension(kind="dense", sketch_dim=16, target=0.9)
+    assert cb.sketch_kind == "dense"
+    with pytest.raises(SubspaceError, match="disagree"):
+        IntrinsicDimension(kind="dense", sketch_kind="qk", sketch_dim=16, target=0.9)
+    # the state key keeps its old form, so checkpoints written before the rename still resume
+    assert "'kind': 'dense'" in cb.state_key
+
+
+def test_warnings_come_from_rank_zero_only(tmp_path, monkeypatch):
+    """The 'no validation round' warning goes through rank_zero_warn: silent on other ranks."""
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero
+
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, target=0.9, dirpath=str(tmp_path), plot=False)
+    trainer = SimpleNamespace(is_global_zero=False)  # rank 0 alone writes files
+    monkeypatch.setattr(rank_zero.rank_zero_only, "rank", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cb.on_train_end(trainer, Blobs())
+    monkeypatch.setattr(rank_zero.rank_zero_only, "rank", 0)
+    with pytest.warns(UserWarning, match="no validation round ran"):
+        cb.on_train_end(trainer, Blobs())
 

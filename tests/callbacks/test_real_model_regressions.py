@@ -214,7 +214,7 @@ def test_intrinsic_dimension_with_submodule_optimizer(tmp_path):
     """LightningTransformer-style SGD(self.model.parameters()): ω used to stay outside the optimizer."""
     seed_everything(0)
     module = SeqModule(submodule_optimizer=True, lr=0.5)
-    cb = IntrinsicDimension(kind="dense", sketch_dim=32, mode="fixed", monitor="val_acc", dirpath=str(tmp_path), plot=False)
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=32, mode="fixed", monitor="val_acc", dirpath=str(tmp_path), plot=False)
     with pytest.warns(UserWarning, match="were in no optimizer"):
         _trainer(tmp_path, [cb], max_steps=3, limit_val_batches=1, num_sanity_val_steps=0).fit(
             module, _loader(), _loader())
@@ -222,7 +222,7 @@ def test_intrinsic_dimension_with_submodule_optimizer(tmp_path):
     assert cb.status == "finished"  # fixed mode without target no longer ends "running"
     seed_everything(0)
     module = SeqModule(submodule_optimizer=True, scheduler=True)
-    cb = IntrinsicDimension(kind="dense", sketch_dim=32, mode="fixed", monitor="val_acc", dirpath=str(tmp_path), plot=False)
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=32, mode="fixed", monitor="val_acc", dirpath=str(tmp_path), plot=False)
     with pytest.raises(SubspaceError, match=r"in no optimizer.*self\.parameters\(\)"):
         _trainer(tmp_path, [cb], max_steps=3).fit(module, _loader())
 
@@ -230,7 +230,7 @@ def test_intrinsic_dimension_with_submodule_optimizer(tmp_path):
 def test_fixed_mode_with_unreached_target_reports_not_reached(tmp_path):
     seed_everything(0)
     module = SeqModule()
-    cb = IntrinsicDimension(kind="dense", sketch_dim=16, mode="fixed", monitor="val_acc", target=2.0,
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, mode="fixed", monitor="val_acc", target=2.0,
                             dirpath=str(tmp_path), plot=False)
     _trainer(tmp_path, [cb], max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=1).fit(
         module, _loader(), _loader())
@@ -311,7 +311,7 @@ def test_mixed_precision_every_callback(tmp_path, precision):
     assert float((a - b).norm() / a.norm()) < 0.1
     # the second model is a fresh IntrinsicDimension-free run: subspace training under mixed precision
     seed_everything(0)
-    cb = IntrinsicDimension(kind="dense", sketch_dim=16, mode="fixed", monitor="val_acc", dirpath=str(tmp_path), plot=False)
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, mode="fixed", monitor="val_acc", dirpath=str(tmp_path), plot=False)
     module = SeqModule()
     _trainer(tmp_path, [cb], max_steps=2, precision=precision, limit_val_batches=1, num_sanity_val_steps=0).fit(
         module, _loader(), _loader())

@@ -35,12 +35,13 @@ trainer:
         dirpath: ${{trainer.default_root_dir}}/spectrum
         k: 3
         sketch_dim: 64
-        num_iter: 12
         at_steps: [0, 6]
         every_n_steps: null
         probe_batches: 1
-        density_runs: 1
-        density_iter: 8
+        numerics:
+          num_iter: 12
+          density_runs: 1
+          density_iter: 8
 model:
   init_args:
     hidden: 32

@@ -155,7 +155,7 @@ def test_disk_full_in_the_spectrum_callback_is_typed_and_leaves_no_debris(tmp_pa
 
 # ---------------------------------------------------------------------------- intrinsic dimension
 def _idim(d: Path) -> IntrinsicDimension:
-    return IntrinsicDimension(kind="dense", sketch_dim=16, d_min=4, monitor="val_acc", target=2.0, plot=False,
+    return IntrinsicDimension(sketch_kind="dense", sketch_dim=16, d_min=4, monitor="val_acc", target=2.0, plot=False,
                               stop_when_done=False, dirpath=str(d))
 
 

@@ -100,7 +100,7 @@ def fit_b(out: Path, devices: int) -> dict:
               num_sanity_val_steps=-1)
     if devices > 1:
         kw.update(strategy="ddp", use_distributed_sampler=False)
-    cb = IntrinsicDimension(kind="affd", sketch_dim=64, seed=4, d_min=4, monitor="val_acc", delta=0.5, target=1.5,
+    cb = IntrinsicDimension(sketch_kind="affd", sketch_dim=64, seed=4, d_min=4, monitor="val_acc", delta=0.5, target=1.5,
                             dirpath=str(out / "intrinsic"), stop_when_done=False)
     trace = OmegaTrace()
     model = Tiny(dtype=torch.float64)

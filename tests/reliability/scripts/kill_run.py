@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_sketch.spectrum.snapshot as snapshot_mod
 import lightning_sketch.store.store as store_mod
-from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension
+from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension, SpectrumNumerics
 
 MAX_STEPS = 12
 
@@ -102,10 +102,10 @@ def callbacks(root: Path, mode: str) -> list:
             GradientSketch(dirpath=str(root / "attr_inline"), sketch_kind="per_layer", sketch_dim=24, seed=2,
                            mode="inline", save_weights=False),
             HessianSpectrum(k=2, sketch_kind="dense", sketch_dim=16, seed=3, at_steps=[0, 3, 6, 9, 12],
-                            every_n_steps=None, num_iter=8, probe_batches=1, density=False, plot=False,
-                            dirpath=str(root / "spectrum")),
+                            every_n_steps=None, numerics=SpectrumNumerics(num_iter=8), probe_batches=1,
+                            density=False, plot=False, dirpath=str(root / "spectrum")),
         ]
-    return [IntrinsicDimension(kind="affd", sketch_dim=64, seed=4, d_min=4, monitor="val_acc", delta=0.05,
+    return [IntrinsicDimension(sketch_kind="affd", sketch_dim=64, seed=4, d_min=4, monitor="val_acc", delta=0.05,
                                target=1.5, dirpath=str(root / "intrinsic"), stop_when_done=False)]
 
 

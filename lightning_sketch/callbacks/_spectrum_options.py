@@ -1,0 +1,108 @@
+"""``SpectrumNumerics``: the numerical settings of :class:`~lightning_sketch.callbacks.HessianSpectrum`.
+
+An option group (a dataclass, which ``LightningCLI``/jsonargparse reads as a nested mapping), so the
+callback keeps a short signature::
+
+    HessianSpectrum(k=10, numerics=SpectrumNumerics(num_iter=40, density_iter=30))
+
+    # YAML
+    init_args:
+      k: 10
+      numerics:
+        num_iter: 40
+        density_iter: 30
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
+
+from lightning_sketch.exceptions import SketchConfigError
+
+__all__ = ["SpectrumNumerics"]
+
+
+def _check_int(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SketchConfigError(
+            f"`{name}` must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}."
+        )
+
+
+@dataclass(frozen=True)
+class SpectrumNumerics:
+    """How each Hessian snapshot is computed (the defaults follow arXiv 2402.03994, App. B.8).
+
+    Args:
+        num_iter: Lanczos steps per snapshot (default ``min(D, max(4k, 40))``).
+        hvp_method: ``"double_backward"``, ``"fwd_rev"`` or ``"finite_difference"`` (the only one
+            allowed under FSDP/DeepSpeed).
+        dtype: dtype of the (D-dimensional) Krylov vectors; HVPs run in the module's own dtype.
+        mode: module mode during the HVPs (``"eval"`` turns dropout off so that every matvec sees
+            the same loss); the original mode is restored.
+        outlier_threshold: an eigenvalue is an outlier when λ_n/λ_1 exceeds it (paper: 0.2).
+        density_runs: SLQ probe vectors of the spectral density (``HessianSpectrum(density=True)``).
+        density_iter: Lanczos steps per SLQ probe.
+        trace_matvecs: HVPs of the Hutch++ trace estimate (``HessianSpectrum(trace=True)``).
+
+    Raises:
+        SketchConfigError: on an invalid value.
+    """
+
+    num_iter: int | None = None
+    hvp_method: Literal["double_backward", "fwd_rev", "finite_difference"] = "double_backward"
+    dtype: Literal["float32", "float64"] = "float64"
+    mode: Literal["eval", "train"] = "eval"
+    outlier_threshold: float = 0.2
+    density_runs: int = 4
+    density_iter: int = 40
+    trace_matvecs: int = 30
+
+    def __post_init__(self) -> None:
+        _check_int("num_iter", self.num_iter, allow_none=True)
+        _check_int("density_runs", self.density_runs)
+        _check_int("density_iter", self.density_iter)
+        _check_int("trace_matvecs", self.trace_matvecs, minimum=6)
+        if self.hvp_method not in ("double_backward", "fwd_rev", "finite_difference"):
+            raise SketchConfigError(
+                "`hvp_method` must be 'double_backward', 'fwd_rev' or 'finite_difference', got "
+                f"{self.hvp_method!r}."
+            )
+        if self.dtype not in ("float32", "float64"):
+            raise SketchConfigError(f"`dtype` must be 'float32' or 'float64', got {self.dtype!r}.")
+        if self.mode not in ("eval", "train"):
+            raise SketchConfigError(f"`mode` must be 'eval' or 'train', got {self.mode!r}.")
+        t = self.outlier_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
+            raise SketchConfigError(f"`outlier_threshold` must be in (0, 1), got {t!r}.")
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(SpectrumNumerics))
+
+
+def merge_flat_numerics(numerics: SpectrumNumerics | None, flat: dict[str, Any]) -> SpectrumNumerics:
+    """``numerics`` updated with the deprecated flat keyword arguments (``HessianSpectrum(num_iter=...)``)."""
+    unknown = sorted(set(flat) - _FIELDS)
+    if unknown:
+        raise TypeError(f"HessianSpectrum() got unexpected keyword argument(s) {unknown}.")
+    if numerics is not None and not isinstance(numerics, SpectrumNumerics):
+        raise SketchConfigError(f"`numerics` must be a SpectrumNumerics, got {type(numerics).__name__}.")
+    if not flat:
+        return numerics if numerics is not None else SpectrumNumerics()
+    if numerics is not None:
+        raise SketchConfigError(
+            "Pass the numerical settings once: either `numerics` or the deprecated keyword arguments "
+            f"{sorted(flat)}."
+        )
+    rank_zero_deprecation(
+        f"HessianSpectrum({', '.join(f'{k}=...' for k in sorted(flat))}) is deprecated; pass "
+        f"numerics=SpectrumNumerics({', '.join(f'{k}=...' for k in sorted(flat))}) (in YAML: a `numerics:` "
+        "mapping)."
+    )
+    return SpectrumNumerics(**flat)

@@ -1,0 +1,146 @@
+"""The three callbacks follow Lightning's own conventions (issue 13, part 5).
+
+One argument name for the sketch kind, option groups that LightningCLI reads from YAML, warnings on
+rank zero only, a warning when ``every_n_epochs`` has no effect, and every attribute declared in
+``__init__``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+from attribution.attr_helpers import TinyClassifier, blobs, loader
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import rank_zero
+
+from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension, SpectrumNumerics
+from lightning_sketch.exceptions import SketchConfigError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_the_shipped_configs_use_the_current_argument_names():
+    import dataclasses
+    import inspect
+
+    import yaml
+
+    for cls in (GradientSketch, HessianSpectrum, IntrinsicDimension):
+        assert "sketch_kind" in inspect.signature(cls.__init__).parameters, cls.__name__
+    numerics = {f.name for f in dataclasses.fields(SpectrumNumerics)}
+    for cfg in sorted(CONFIGS.glob("*.yaml")):
+        for cb in (yaml.safe_load(cfg.read_text()).get("trainer") or {}).get("callbacks") or []:
+            args = set(cb.get("init_args") or {})
+            assert "kind" not in args, cfg.name  # the deprecated alias of sketch_kind
+            if cb["class_path"].endswith("HessianSpectrum"):
+                assert not args & numerics, (cfg.name, args & numerics)  # they belong under `numerics:`
+
+
+# ---------------------------------------------------------------------------- every_n_epochs
+def test_every_n_epochs_ignored_in_inline_mode_warns():
+    with pytest.warns(UserWarning, match=r"every_n_epochs=2\) is ignored in inline mode.*mode='checkpoint'"):
+        GradientSketch(dirpath="d", mode="inline", every_n_epochs=2)
+
+
+def test_every_n_steps_ignored_in_inline_mode_warns():
+    with pytest.warns(UserWarning, match=r"every_n_steps=3\) is ignored in inline mode"):
+        GradientSketch(dirpath="d", mode="inline", every_n_steps=3)
+
+
+def test_every_n_epochs_ignored_beside_every_n_steps_warns():
+    with pytest.warns(UserWarning, match=r"every_n_epochs=1\) is ignored because every_n_steps=5.*only one"):
+        GradientSketch(dirpath="d", every_n_epochs=1, every_n_steps=5)
+
+
+def test_every_n_epochs_defaults_quietly():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert GradientSketch(dirpath="d").every_n_epochs == 1
+        assert GradientSketch(dirpath="d", every_n_steps=5).every_n_epochs is None
+        assert GradientSketch(dirpath="d", mode="inline").every_n_epochs is None
+
+
+def test_every_n_epochs_warning_is_rank_zero_only(monkeypatch):
+    monkeypatch.setattr(rank_zero.rank_zero_only, "rank", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GradientSketch(dirpath="d", mode="inline", every_n_epochs=2)
+
+
+# ---------------------------------------------------------------------------- option groups
+def test_flat_numerics_are_a_deprecated_alias_of_the_group():
+    with pytest.warns(DeprecationWarning, match=r"numerics=SpectrumNumerics\(density_runs=\.\.\., num_iter=\.\.\.\)"):
+        cb = HessianSpectrum(num_iter=12, density_runs=2)
+    assert cb.numerics == SpectrumNumerics(num_iter=12, density_runs=2)
+    with pytest.raises(SketchConfigError, match="once"):
+        HessianSpectrum(num_iter=12, numerics=SpectrumNumerics())
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        HessianSpectrum(num_iters=12)
+    with pytest.raises(SketchConfigError, match="`trace_matvecs` must be an int >= 6"):
+        SpectrumNumerics(trace_matvecs=3)
+
+
+def _parse(tmp_path, text: str) -> list:
+    from lightning_sketch.cli import _cli_class, _import_callbacks, _parsing_settings, expand_base_configs
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"base_config: {CONFIGS / 'base.yaml'}\n{text}")
+    _import_callbacks()
+    _parsing_settings()
+    args = expand_base_configs(["--config", str(cfg), f"--trainer.default_root_dir={tmp_path}"])
+    cli = _cli_class()(args=args, run=False, save_config_callback=None)
+    return cli.trainer.callbacks
+
+
+def test_lightning_cli_reads_the_option_group_and_the_alias(tmp_path):
+    text = """trainer:
+  callbacks:
+    - class_path: lightning_sketch.callbacks.HessianSpectrum
+      init_args:
+        sketch_kind: dense
+        numerics:
+          num_iter: 12
+          dtype: float32
+    - class_path: lightning_sketch.callbacks.IntrinsicDimension
+      init_args:
+        kind: dense
+        mode: fixed
+"""
+    with pytest.warns(DeprecationWarning, match="IntrinsicDimension.kind="):
+        callbacks = _parse(tmp_path, text)
+    (spec,) = [c for c in callbacks if isinstance(c, HessianSpectrum)]
+    (intr,) = [c for c in callbacks if isinstance(c, IntrinsicDimension)]
+    assert spec.numerics == SpectrumNumerics(num_iter=12, dtype="float32") and spec.sketch_kind == "dense"
+    assert intr.sketch_kind == "dense"
+
+
+def test_lightning_cli_reads_the_shipped_spectrum_config(tmp_path):
+    text = (CONFIGS / "spectrum.yaml").read_text().replace("base_config: base.yaml\n", "")
+    (spec,) = [c for c in _parse(tmp_path, text) if isinstance(c, HessianSpectrum)]
+    assert spec.numerics.num_iter == 40 and spec.numerics.density_iter == 30 and spec.trace
+
+
+# ---------------------------------------------------------------------------- attributes
+@pytest.mark.parametrize("mode", ["checkpoint", "inline", "intrinsic"])
+def test_every_attribute_is_declared_in_init(tmp_path, mode):
+    """A fit adds no attribute that ``__init__`` did not declare (Lightning's own callbacks do the same)."""
+    x, y, _ = blobs(n=16)
+    if mode == "intrinsic":  # reparametrises the model, so it runs on its own
+        callbacks = [IntrinsicDimension(sketch_kind="dense", sketch_dim=8, mode="fixed", target=2.0, plot=False,
+                                        dirpath=str(tmp_path / "id"))]
+    else:
+        callbacks = [
+            GradientSketch(dirpath=str(tmp_path / "gs"), sketch_kind="dense", sketch_dim=8, mode=mode,
+                           curvature="none"),
+            HessianSpectrum(k=2, sketch_kind="dense", sketch_dim=8, at_steps=[1], every_n_steps=None,
+                            probe_batches=1, density=False, plot=False, dirpath=str(tmp_path / "hs")),
+        ]
+    declared = [set(vars(cb)) for cb in callbacks]
+    Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+            enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
+            callbacks=callbacks).fit(TinyClassifier(), loader(x, y))
+    lightning_adds = {"log", "log_dict"}  # Trainer attaches the module's logging methods to every callback
+    for cb, before in zip(callbacks, declared):
+        assert set(vars(cb)) - before - lightning_adds == set(), type(cb).__name__
