@@ -191,7 +191,7 @@ def resolve_margin_loss(
         ('margin-logits', torch.Size([5]))
     """
     if callable(getattr(module, "per_example_margin", None)):
-        return (lambda mod, batch: -mod.per_example_margin(batch)), "margin"  # type: ignore[operator]
+        return (lambda mod, batch: -mod.per_example_margin(batch)), "margin"
     why = _classification_convention(module, loss_fn, probe, "`per_example_margin(batch)`")
     if why is not None:
         return None, why
