@@ -24,6 +24,7 @@ from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError, 
 from lightning_sketch.gradients import eval_mode
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches import Sketch
+from lightning_sketch.spectrum import hessian_eigs, top_eigenpairs_from_snapshot
 
 __all__ = [
     "DAMPING_RATIO_GRID",
@@ -280,9 +281,7 @@ class ScoringEngine:
         if eigenpairs is not None:
             values, vectors = (torch.as_tensor(t) for t in eigenpairs)
         elif snapshot is not None:
-            from lightning_sketch import spectrum
-
-            values, vectors, spec, meta = spectrum.top_eigenpairs_from_snapshot(snapshot, with_meta=True)
+            values, vectors, spec, meta = top_eigenpairs_from_snapshot(snapshot, with_meta=True)
             if spec is not None and dict(spec) != dict(self.sketch.spec):
                 raise SpectrumError(
                     f"The spectrum snapshot {snapshot} was sketched with {spec}, the store with "
@@ -295,8 +294,6 @@ class ScoringEngine:
                     f"HessianSpectrum the same include=/exclude= as GradientSketch."
                 )
         elif batches is not None:
-            from lightning_sketch.spectrum import hessian_eigs
-
             saved = (
                 None
                 if self.current_weights

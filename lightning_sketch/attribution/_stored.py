@@ -26,7 +26,9 @@ from lightning_sketch.exceptions import (
     StoreCorruptError,
     StoreNotFoundError,
 )
-from lightning_sketch.gradients import module_loss_fn
+from lightning_sketch.gradients import ParamLayout, module_loss_fn
+from lightning_sketch.sketches import make
+from lightning_sketch.store import SketchStore
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -73,8 +75,6 @@ class Run:
 
 def open_run(store: Any) -> Run:
     """Resolve a store object, a store directory or a GradientSketch run directory into a :class:`Run`."""
-    from lightning_sketch.store import SketchStore
-
     root: Path | None
     if isinstance(store, (str, Path)):
         path = Path(store)
@@ -131,9 +131,6 @@ def _checkpoints(store: Any) -> list[dict[str, Any]]:
 
 
 def _sketch_and_layout(store: Any, model: nn.Module) -> tuple[Any, Any]:
-    from lightning_sketch.gradients import ParamLayout
-    from lightning_sketch.sketches import make
-
     manifest = store.manifest
     spec = dict(manifest["spec"])
     stored = manifest.get("layout")

@@ -8,8 +8,7 @@ returns per-example losses everywhere; the model is flattened by a :class:`Param
 
 from __future__ import annotations
 
-from typing import Any
-
+from lightning_sketch.gradients.capture import CaptureSupport, GradientCapture, capture_support
 from lightning_sketch.gradients.hvp import HVPOperator, hvp, loss_grad, make_hvp, sketched_hvp
 from lightning_sketch.gradients.loss import PerExampleLoss, eval_mode, module_loss_fn, train_mode
 from lightning_sketch.gradients.per_example import finite_mask, per_example_grads, sketch_gradients
@@ -33,12 +32,3 @@ __all__ = [
     "sketched_hvp",
     "train_mode",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # The hook-based fast path is imported on first use.
-    if name in ("GradientCapture", "CaptureSupport", "capture_support"):
-        from lightning_sketch.gradients import capture
-
-        return getattr(capture, name)
-    raise AttributeError(f"module 'lightning_sketch.gradients' has no attribute {name!r}")

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from lightning_sketch.exceptions import SketchConfigError
+from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError
 from lightning_sketch.gradients import _functional as F
+from lightning_sketch.gradients.capture import GradientCapture, hooked_sketch
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches.base import Sketch
 
@@ -192,9 +193,6 @@ def sketch_gradients(
         return _implicit(model, loss_fn, batch, sketch, layout, chunk)
     capture = None
     if mode == "auto":
-        from lightning_sketch.exceptions import UnsupportedModelError
-        from lightning_sketch.gradients.capture import GradientCapture
-
         try:  # one plan of the model's modules, reused by hooked_sketch
             capture = GradientCapture(model, sketch, layout, loss_scale="sum")
             mode = "factorized" if sketch.supports_factorized else "hooks"
@@ -206,8 +204,6 @@ def sketch_gradients(
             "'auto'."
         )
     if mode in ("factorized", "hooks"):
-        from lightning_sketch.gradients.capture import hooked_sketch
-
         return hooked_sketch(model, loss_fn, batch, sketch, layout, chunk_size=chunk, capture=capture)
     parts = []
     for start in range(0, size, chunk):
