@@ -112,7 +112,8 @@ class _GradientSketchBase(Callback):
         for name, parts in self._inline_buf.items():
             ids = torch.cat([i for i, _ in parts])
             rows = torch.cat([r for _, r in parts])
-            self.store.append(ids, rows, checkpoint=name, rank=trainer.global_rank, nan_policy=self.nan_policy)
+            self.store.append(ids, rows, checkpoint=name, rank=trainer.global_rank,
+                              nan_policy=self.nan_policy)
         self._inline_buf = {}
 
     def _commit(self, trainer: Trainer) -> None:

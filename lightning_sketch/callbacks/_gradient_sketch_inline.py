@@ -38,7 +38,9 @@ class _InlineMixin(_GradientSketchBase):
         return name
 
     @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._skip(trainer) or self.mode != "inline":
             return
         self._lr = _current_lr(trainer)
@@ -118,11 +120,11 @@ class _InlineMixin(_GradientSketchBase):
         bad = [n for n, r, g in parts if float((r - g).norm()) > 0.05 * float(r.norm()) + 1e-12]
         if bad:
             rank_zero_warn(
-                f"GradientSketch inline: the captured per-example gradients of {bad[:8]} do not add up to the "
-                f"batch gradient in .grad. Either the training loss is not the mean of per_example_loss over "
-                f"the batch, or these parameters are used outside the forward of the module that owns them "
-                f"(invisible to hooks; tie weights by sharing the Parameter between modules instead). Leave "
-                f"them out with GradientSketch(..., exclude=[...]) or use mode='checkpoint'."
+                f"GradientSketch inline: the captured per-example gradients of {bad[:8]} do not add up to "
+                f"the batch gradient in .grad. Either the training loss is not the mean of per_example_loss "
+                f"over the batch, or these parameters are used outside the forward of the module that owns "
+                f"them (invisible to hooks; tie weights by sharing the Parameter between modules instead). "
+                f"Leave them out with GradientSketch(..., exclude=[...]) or use mode='checkpoint'."
             )
 
     def _inline_end(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:

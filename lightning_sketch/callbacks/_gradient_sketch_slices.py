@@ -68,7 +68,9 @@ class _SlicesMixin(_GradientSketchBase):
                 self._append(self._ids(batch), rows, name, trainer)
                 seen += len(rows)
         if not seen:
-            rank_zero_warn(f"GradientSketch: the attribution set is empty; checkpoint {name!r} holds no rows.")
+            rank_zero_warn(
+                f"GradientSketch: the attribution set is empty; checkpoint {name!r} holds no rows."
+            )
         if self.curvature != "none":
             self._gather_curvature(trainer, pl_module, name, loader, loss_fn)
         self._finish_slice(trainer, pl_module, name, step)
@@ -95,14 +97,15 @@ class _SlicesMixin(_GradientSketchBase):
                 row_loss, transform, _ = kernel
                 rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
                     pl_module, row_loss, transform(pl_module, batch, gen), self.sketch,
-                    mode="auto" if self._hooks else "explicit", layout=self.layout, chunk_size=self.chunk_size,
+                    mode="auto" if self._hooks else "explicit", layout=self.layout,
+                    chunk_size=self.chunk_size,
                 ), self.support, self.exclude)
                 count += accumulate_fisher([rows], D, out=acc)[1]
         estimator = "" if kernel is None else kernel[2]
         if trainer.world_size > 1:  # every rank saw its own share of the attribution set
             acc = trainer.strategy.reduce(acc.to(pl_module.device), reduce_op="sum").cpu()
-            total = trainer.strategy.reduce(torch.tensor(float(count), device=pl_module.device), reduce_op="sum")
-            count = int(total)
+            total = torch.tensor(float(count), device=pl_module.device)
+            count = int(trainer.strategy.reduce(total, reduce_op="sum"))
         if trainer.is_global_zero:
             write_curvature(self.dirpath, name, acc, count, self.sketch.spec, estimator)
 
@@ -156,4 +159,5 @@ class _SlicesMixin(_GradientSketchBase):
             # Subset by position needs a sized, map-style dataset (len() raises otherwise, as it always did)
             n = len(cast(Sized, dataset))
             dataset = Subset(dataset, list(range(trainer.global_rank, n, trainer.world_size)))
-        return DataLoader(dataset, batch_size=batch_size or 1, shuffle=False, drop_last=False, collate_fn=collate)
+        return DataLoader(dataset, batch_size=batch_size or 1, shuffle=False, drop_last=False,
+                          collate_fn=collate)

@@ -135,7 +135,8 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             if val is None and (name != "sketch_dim" or sketch_kind == "identity"):
                 continue
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise SketchConfigError(f"`{name}` must be a positive int{' or None' if name != 'sketch_dim' else ''}, got {val!r}.")
+                or_none = " or None" if name != "sketch_dim" else ""
+                raise SketchConfigError(f"`{name}` must be a positive int{or_none}, got {val!r}.")
         every_n_epochs = _resolve_every_n_epochs(mode, every_n_epochs, every_n_steps)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise SketchConfigError(f"`seed` must be an int, got {seed!r}.")
@@ -194,7 +195,8 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         ident = (self.dirpath, self.mode, self.sketch_kind)
         cached = self.__dict__.get("_state_key")
         if cached is None or cached[0] != ident:
-            cached = (ident, self._generate_state_key(dirpath=self.dirpath, mode=self.mode, sketch_kind=self.sketch_kind))
+            key = self._generate_state_key(dirpath=self.dirpath, mode=self.mode, sketch_kind=self.sketch_kind)
+            cached = (ident, key)
             self._state_key = cached
         return cached[1]
 
@@ -262,14 +264,15 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             orphans = self.store.num_rows
             self.store.rollback(0)
             rank_zero_warn(
-                f"GradientSketch: discarded {orphans} orphan rows in {str(self.store_path)!r}: they were written by a "
-                f"run that stopped before its first checkpoint, so no checkpoint can resume them. This fit rewrites "
-                f"the store from the start."
+                f"GradientSketch: discarded {orphans} orphan rows in {str(self.store_path)!r}: they were "
+                f"written by a run that stopped before its first checkpoint, so no checkpoint can resume "
+                f"them. This fit rewrites the store from the start."
             )
         elif self.store.num_rows and trainer.world_size == 1:
             raise StoreWriteError(
-                f"The store {str(self.store_path)!r} already holds {self.store.num_rows} rows and this fit does "
-                f"not resume from a checkpoint; resume with `trainer.fit(..., ckpt_path=...)` or use a new dirpath."
+                f"The store {str(self.store_path)!r} already holds {self.store.num_rows} rows and this fit "
+                f"does not resume from a checkpoint; resume with `trainer.fit(..., ckpt_path=...)` or use a "
+                f"new dirpath."
             )
         self._hooks = not self.support.unsupported
         self._inline_fast = self.mode == "inline" and self._hooks  # rows from the training backward
@@ -310,7 +313,9 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
 
     # ------------------------------------------------------------------ checkpoints and fit end
     @override
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self.store is None:
             return
         self._commit(trainer)
