@@ -186,6 +186,8 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self._pending_rows: Tensor | None = None
         self._batch_ids: Tensor | None = None
         self._capture_tool: Any = None
+        #: state_key's cache: ((dirpath, mode, sketch_kind), key)
+        self._state_key: tuple[tuple[str, str, str], str] | None = None
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -193,7 +195,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def state_key(self) -> str:
         # Lightning reads it on every hook call (profiler names): cached per (dirpath, mode, kind).
         ident = (self.dirpath, self.mode, self.sketch_kind)
-        cached = self.__dict__.get("_state_key")
+        cached = self._state_key
         if cached is None or cached[0] != ident:
             key = self._generate_state_key(dirpath=self.dirpath, mode=self.mode, sketch_kind=self.sketch_kind)
             cached = (ident, key)
