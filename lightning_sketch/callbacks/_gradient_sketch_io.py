@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sized
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, cast
 
 import torch
 from lightning.pytorch import Trainer
@@ -81,12 +84,16 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 class _rng_guard:
     """Fork the global CPU (and CUDA) RNG streams so that nothing we run can advance them."""
 
+    _ctx: AbstractContextManager[Any]
+
     def __enter__(self) -> None:
         self._ctx = torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None)
         self._ctx.__enter__()
 
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._ctx.__exit__(exc_type, exc, tb)
 
 
 def _check_types(dirpath: Any, kind: Any, include: Any, exclude: Any, id_key: Any, save_weights: Any) -> None:
@@ -97,12 +104,17 @@ def _check_types(dirpath: Any, kind: Any, include: Any, exclude: Any, id_key: An
     if kind not in KINDS:
         raise SketchConfigError(f"`sketch_kind` must be one of {sorted(KINDS)}, got {kind!r}.")
     for name, pats in (("include", include), ("exclude", exclude)):
-        if pats is not None and (not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) for p in pats)):
+        if pats is None:
+            continue
+        if not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) for p in pats):
             raise SketchConfigError(
-                f"`{name}` must be None or a list of fnmatch patterns (str), got {pats!r}; write [{pats!r}] for one."
+                f"`{name}` must be None or a list of fnmatch patterns (str), got {pats!r}; "
+                f"write [{pats!r}] for one."
             )
     if not isinstance(id_key, str):
-        raise SketchConfigError(f"`id_key` must be a str (the batch entry holding example ids), got {id_key!r}.")
+        raise SketchConfigError(
+            f"`id_key` must be a str (the batch entry holding example ids), got {id_key!r}."
+        )
     if not isinstance(save_weights, bool):
         raise SketchConfigError(f"`save_weights` must be a bool, got {save_weights!r}.")
 
@@ -114,23 +126,26 @@ def _check_no_padding(loader: Any) -> None:
     sampler = getattr(loader, "sampler", None)
     if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
         return
-    n, world = len(sampler.dataset), sampler.num_replicas
+    # DistributedSampler takes len() of its dataset when it is built, so the dataset is sized here
+    n, world = len(cast(Sized, sampler.dataset)), sampler.num_replicas
     if n % world:
         raise SketchConfigError(
-            f"GradientSketch(mode='inline') under DDP: the DistributedSampler pads the {n} training examples to "
-            f"{sampler.total_size} for {world} ranks, so {sampler.total_size - n} example id(s) would be sketched on "
-            f"two ranks in one epoch and the shard merge would fail. Use a training set whose size is divisible by "
-            f"the world size, or Trainer(use_distributed_sampler=False) with DistributedSampler(..., drop_last=True)."
+            f"GradientSketch(mode='inline') under DDP: the DistributedSampler pads the {n} training examples "
+            f"to {sampler.total_size} for {world} ranks, so {sampler.total_size - n} example id(s) would be "
+            f"sketched on two ranks in one epoch and the shard merge would fail. Use a training set whose "
+            f"size is divisible by the world size, or Trainer(use_distributed_sampler=False) with "
+            f"DistributedSampler(..., drop_last=True)."
         )
 
 
 def _as_ids(ids: Any) -> Tensor:
-    """``[B]`` int64 example ids; floating or bool ids raise SketchInputError (a cast would merge examples)."""
+    """``[B]`` int64 example ids; floating or bool ids raise SketchInputError (a cast would merge
+    examples)."""
 
     ids = torch.as_tensor(ids)
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise SketchInputError(
-            f"`ids_fn` must return integer example ids [B], got dtype {ids.dtype}; casting would silently merge "
-            f"examples (0.5 -> 0). Return the dataset indices as an int64 tensor."
+            f"`ids_fn` must return integer example ids [B], got dtype {ids.dtype}; casting would silently "
+            f"merge examples (0.5 -> 0). Return the dataset indices as an int64 tensor."
         )
     return ids.to(torch.long)

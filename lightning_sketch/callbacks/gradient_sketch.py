@@ -41,61 +41,26 @@ the module's train/eval mode is restored.
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from typing_extensions import override
 
-from lightning_sketch.attribution.curvature import (
-    accumulate_fisher,
-    check_curvature_arg,
-    resolve_label_sampler,
-    resolve_margin_loss,
-    write_curvature,
-)
-from lightning_sketch.callbacks._gradient_sketch_io import (
-    _as_ids,
-    _check_no_padding,
-    _check_types,
-    _current_lr,
-    _open_store,
-    _rng_guard,
-    _save_weights,
-    _to_device,
-)
-from lightning_sketch.callbacks._progress import progress_iter as _progress
-from lightning_sketch.data import default_ids
-from lightning_sketch.exceptions import (
-    SketchConfigError,
-    SketchInputError,
-    StoreWriteError,
-)
-from lightning_sketch.gradients import eval_mode as _eval_mode
-from lightning_sketch.gradients import module_loss_fn
-from lightning_sketch.store import finite_rows
+from lightning_sketch.attribution.curvature import check_curvature_arg
+from lightning_sketch.callbacks._gradient_sketch_base import _check_support
+from lightning_sketch.callbacks._gradient_sketch_inline import _InlineMixin
+from lightning_sketch.callbacks._gradient_sketch_io import _check_no_padding, _check_types, _open_store
+from lightning_sketch.callbacks._gradient_sketch_slices import _SlicesMixin
+from lightning_sketch.exceptions import SketchConfigError, StoreWriteError
 
 __all__ = ["GradientSketch"]
 
-#: inline mode commits early once this many bytes of rows are buffered.
-_INLINE_BUFFER_BYTES = 256 * 2**20
 
-log = logging.getLogger(__name__)
-
-try:  # Lightning >= 2.x ships typing_extensions.override
-    from typing_extensions import override
-except ImportError:  # pragma: no cover
-    def override(f):
-        return f
-
-
-class GradientSketch(Callback):
+class GradientSketch(_SlicesMixin, _InlineMixin):
     """Sketch per-example gradients during training and store them for attribution queries.
 
     Args:
@@ -170,7 +135,8 @@ class GradientSketch(Callback):
             if val is None and (name != "sketch_dim" or sketch_kind == "identity"):
                 continue
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise SketchConfigError(f"`{name}` must be a positive int{' or None' if name != 'sketch_dim' else ''}, got {val!r}.")
+                or_none = " or None" if name != "sketch_dim" else ""
+                raise SketchConfigError(f"`{name}` must be a positive int{or_none}, got {val!r}.")
         every_n_epochs = _resolve_every_n_epochs(mode, every_n_epochs, every_n_steps)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise SketchConfigError(f"`seed` must be an int, got {seed!r}.")
@@ -220,6 +186,8 @@ class GradientSketch(Callback):
         self._pending_rows: Tensor | None = None
         self._batch_ids: Tensor | None = None
         self._capture_tool: Any = None
+        #: state_key's cache: ((dirpath, mode, sketch_kind), key)
+        self._state_key: tuple[tuple[str, str, str], str] | None = None
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -227,9 +195,10 @@ class GradientSketch(Callback):
     def state_key(self) -> str:
         # Lightning reads it on every hook call (profiler names): cached per (dirpath, mode, kind).
         ident = (self.dirpath, self.mode, self.sketch_kind)
-        cached = self.__dict__.get("_state_key")
+        cached = self._state_key
         if cached is None or cached[0] != ident:
-            cached = (ident, self._generate_state_key(dirpath=self.dirpath, mode=self.mode, sketch_kind=self.sketch_kind))
+            key = self._generate_state_key(dirpath=self.dirpath, mode=self.mode, sketch_kind=self.sketch_kind)
+            cached = (ident, key)
             self._state_key = cached
         return cached[1]
 
@@ -259,16 +228,6 @@ class GradientSketch(Callback):
             )
 
     # ------------------------------------------------------------------ setup
-    @property
-    def store_path(self) -> Path:
-        """``<dirpath>/store``."""
-        return Path(self.dirpath) / "store"
-
-    @property
-    def weights_path(self) -> Path:
-        """``<dirpath>/weights``."""
-        return Path(self.dirpath) / "weights"
-
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.store is not None:
@@ -307,14 +266,15 @@ class GradientSketch(Callback):
             orphans = self.store.num_rows
             self.store.rollback(0)
             rank_zero_warn(
-                f"GradientSketch: discarded {orphans} orphan rows in {str(self.store_path)!r}: they were written by a "
-                f"run that stopped before its first checkpoint, so no checkpoint can resume them. This fit rewrites "
-                f"the store from the start."
+                f"GradientSketch: discarded {orphans} orphan rows in {str(self.store_path)!r}: they were "
+                f"written by a run that stopped before its first checkpoint, so no checkpoint can resume "
+                f"them. This fit rewrites the store from the start."
             )
         elif self.store.num_rows and trainer.world_size == 1:
             raise StoreWriteError(
-                f"The store {str(self.store_path)!r} already holds {self.store.num_rows} rows and this fit does "
-                f"not resume from a checkpoint; resume with `trainer.fit(..., ckpt_path=...)` or use a new dirpath."
+                f"The store {str(self.store_path)!r} already holds {self.store.num_rows} rows and this fit "
+                f"does not resume from a checkpoint; resume with `trainer.fit(..., ckpt_path=...)` or use a "
+                f"new dirpath."
             )
         self._hooks = not self.support.unsupported
         self._inline_fast = self.mode == "inline" and self._hooks  # rows from the training backward
@@ -329,19 +289,11 @@ class GradientSketch(Callback):
         if self.store is not None and self.mode == "inline" and trainer.world_size > 1:
             _check_no_padding(trainer.train_dataloader)
 
-    # ------------------------------------------------------------------ checkpoint mode
-    def _due_epoch(self, trainer: Trainer) -> bool:
-        return (
-            self.mode == "checkpoint"
-            and self.every_n_steps is None
-            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        )
-
-    def _skip(self, trainer: Trainer) -> bool:
-        return trainer.sanity_checking or bool(trainer.fast_dev_run) or self.store is None
-
+    # ------------------------------------------------------------------ per-step and per-epoch hooks
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._skip(trainer):
             return
         if self.mode == "inline":
@@ -356,263 +308,16 @@ class GradientSketch(Callback):
         if self._skip(trainer):
             return
         if self.mode == "inline":
-            name = f"epoch-{trainer.current_epoch}"
-            if self.save_weights and trainer.is_global_zero and name in self._slices:
-                # end-of-epoch weights: where tracin/trak queries of this slice take their gradients
-                _save_weights(self.store, self.weights_path / f"{name}.pt", self.layout.params(pl_module),
-                              self.layout.fingerprint())
-            # Inline rows are committed with Lightning checkpoints and at fit end (a crash loses only
-            # rows after the last checkpoint, which a resume re-writes anyway); commit earlier only
-            # when the buffer grows large, so the per-step cost stays an in-memory append.
-            self._flush(trainer)
-            if self.store.pending_rows * self.sketch.sketch_dim * 4 > _INLINE_BUFFER_BYTES:
-                self._commit(trainer)
+            self._inline_epoch_end(trainer, pl_module)
             return
         if self._due_epoch(trainer) and trainer.global_step > self._last_step_done:
             self._take_slice(trainer, pl_module)
 
-    def _take_slice(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from lightning_sketch.gradients import sketch_gradients
-
-        step = trainer.global_step
-        name = f"step-{step}"
-        self.store.add_checkpoint(name, step=step, lr=_current_lr(trainer), weight=None, epoch=trainer.current_epoch)
-        loader = self._attribution_loader(trainer)
-        loss_fn = self._loss_fn(pl_module)
-        bar = _progress(trainer, loader, f"GradientSketch {name}")
-        seen = 0
-        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
-            for batch in bar:
-                batch = _to_device(batch, pl_module.device)
-                rows = _vmap_guard(lambda b=batch: sketch_gradients(
-                    pl_module, loss_fn, b, self.sketch, mode="auto" if self._hooks else "explicit",
-                    layout=self.layout, chunk_size=self.chunk_size,
-                ), self.support, self.exclude)
-                self._append(self._ids(batch), rows, name, trainer)
-                seen += len(rows)
-        if not seen:
-            rank_zero_warn(f"GradientSketch: the attribution set is empty; checkpoint {name!r} holds no rows.")
-        if self.curvature != "none":
-            self._gather_curvature(trainer, pl_module, name, loader, loss_fn)
-        self._finish_slice(trainer, pl_module, name, step)
-
-    def _gather_curvature(
-        self, trainer: Trainer, pl_module: LightningModule, name: str, loader: Any, loss_fn: Any
+    # ------------------------------------------------------------------ checkpoints and fit end
+    @override
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Σ_t φ_t φ_tᵀ over the attribution set (eval mode), φ_t the sketched gradient of the
-        example's −margin (TRAK's kernel) or of its loss at a label sampled from the model (Fisher)."""
-        from lightning_sketch.gradients import sketch_gradients
-        from lightning_sketch.sketches import derive_seed
-
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, "curvature", f"{name}/rank{trainer.global_rank}"))
-        D = self.sketch.sketch_dim
-        acc = torch.zeros(D, D, dtype=torch.float64)
-        count, row_loss, transform, estimator = 0, None, None, ""
-        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
-            for batch in loader:
-                batch = _to_device(batch, pl_module.device)
-                if row_loss is None:
-                    row_loss, transform, estimator = self._curvature_rows(pl_module, loss_fn, batch, name)
-                rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
-                    pl_module, row_loss, transform(pl_module, batch, gen), self.sketch,
-                    mode="auto" if self._hooks else "explicit", layout=self.layout, chunk_size=self.chunk_size,
-                ), self.support, self.exclude)
-                count += accumulate_fisher([rows], D, out=acc)[1]
-        if trainer.world_size > 1:  # every rank saw its own share of the attribution set
-            acc = trainer.strategy.reduce(acc.to(pl_module.device), reduce_op="sum").cpu()
-            count = int(trainer.strategy.reduce(torch.tensor(float(count), device=pl_module.device), reduce_op="sum"))
-        if trainer.is_global_zero:
-            write_curvature(self.dirpath, name, acc, count, self.sketch.spec, estimator)
-
-    def _curvature_rows(self, pl_module: LightningModule, loss_fn: Any, batch: Any, name: str) -> tuple[Any, Any, str]:
-        """``(row loss, batch transform, estimator)`` of the kernel, decided on the first batch."""
-        keep = lambda mod, b, g: b  # noqa: E731 - the batch as it is
-        if self.curvature in ("auto", "margin"):
-            margin_loss, why = resolve_margin_loss(pl_module, loss_fn, batch)
-            if margin_loss is not None:
-                return margin_loss, keep, why
-            if self.curvature == "margin":
-                rank_zero_warn(
-                    f"GradientSketch: no margin ({why}); the curvature of {name!r} is the Fisher of sampled "
-                    f"labels. Define `per_example_margin(batch) -> Tensor[B]` on the module."
-                )
-        sampler, estimator = resolve_label_sampler(pl_module, loss_fn, batch)
-        if sampler is None:
-            rank_zero_warn(
-                f"GradientSketch: cannot sample labels ({estimator}); the curvature of {name!r} is the "
-                f"empirical Fisher. Define `sample_labels(batch, generator) -> batch` on the module."
-            )
-            return loss_fn, keep, f"empirical: {estimator}"
-        return loss_fn, sampler, estimator
-
-    def _finish_slice(self, trainer: Trainer, pl_module: LightningModule, name: str, step: int) -> None:
-        if name not in self._slices:
-            self._slices.append(name)
-        self._last_step_done = step
-        if self.save_weights and trainer.is_global_zero:
-            _save_weights(self.store, self.weights_path / f"{name}.pt", self.layout.params(pl_module),
-                          self.layout.fingerprint())
-        self._commit(trainer)
-
-    # ------------------------------------------------------------------ inline mode
-    def _inline_slice(self, trainer: Trainer) -> str:
-        name = f"epoch-{trainer.current_epoch}"
-        if not self._slices or self._slices[-1] != name:
-            self.store.add_checkpoint(name, step=None, lr=1.0, weight=None, lr_weighted=True, epoch=trainer.current_epoch)
-            if name not in self._slices:
-                self._slices.append(name)
-        return name
-
-    @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._skip(trainer) or self.mode != "inline":
-            return
-        self._lr = _current_lr(trainer)
-        self._pending_rows = None
-        self._batch_ids = self._ids(batch)
-        if self._hooks:
-            self._capture = self._capture_tool
-            self._capture.batch_size = int(self._batch_ids.shape[0])
-            self._capture.__enter__()
-            return
-        from lightning_sketch.gradients import sketch_gradients
-
-        # Parameters no hook sees (parametrised models): per-example gradients of this batch at this
-        # step's weights by vmap over the whole model, before the step, in eval mode.
-        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
-            self._pending_rows = _vmap_guard(lambda: sketch_gradients(
-                pl_module, self._loss_fn(pl_module), batch, self.sketch, mode="explicit", layout=self.layout,
-                chunk_size=self.chunk_size,
-            ), self.support, self.exclude) * self._lr
-
-    @override
-    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._capture is None:
-            return
-        cap, self._capture = self._capture, None
-        cap.__exit__(None, None, None)
-        scale = float(trainer.accumulate_grad_batches)
-        if self._scaler is not None:  # 16-mixed: the backward ran on the scaled loss
-            scale /= float(self._scaler.get_scale())
-        check = not self._checked_sum and trainer.accumulate_grad_batches == 1
-        try:
-            # One multiplication of the [B, D] rows: B (mean loss), accumulation, 1/scaler and, except on
-            # the first step (whose unweighted rows are checked against .grad), the learning rate.
-            rows = cap.sketches(scale=scale if check else scale * self._lr)
-        except SketchInputError:
-            rank_zero_warn(
-                "GradientSketch inline: the backward of this step reached no hooked module, so no rows were "
-                "written for it; inline mode needs the training loss to be computed from the module's forward "
-                "with gradients enabled."
-            )
-            return
-        if self._scaler is not None and not bool(torch.isfinite(rows).all()):
-            self.skipped_overflow_steps += 1  # the scaler skips this optimizer step as well
-            return
-        if check:
-            self._checked_sum = True
-            self._check_rows_sum(pl_module, rows, 1.0 if self._scaler is None else scale)
-            rows = rows * self._lr
-        self._pending_rows = rows  # weighted by this step's learning rate
-
-    def _check_rows_sum(self, pl_module: LightningModule, rows: Tensor, grad_scale: float) -> None:
-        """First step: the mean of the rows must be the sketch of the batch gradient in ``.grad``
-        (the sketch is linear). A gap means a parameter is used outside the module that owns it
-        (invisible to hooks) or the training loss is not the mean of ``per_example_loss``."""
-        own = dict(pl_module.named_parameters())
-        got = rows.mean(0)
-        blocks = getattr(self.sketch, "blocks", None)
-        if blocks is None:
-            grads = {n: own[n].grad if own[n].grad is not None else torch.zeros_like(own[n]) for n in self.layout.names}
-            flat = self.layout.flatten({n: g.detach().to(rows.dtype) * grad_scale for n, g in grads.items()})
-            parts = [("all sketched parameters", self.sketch.apply(flat), got)]
-        else:  # per_layer: each block's sketch L G Rᵀ of its own .grad, with no N-long copy of the gradient
-            parts = []
-            for b in blocks:
-                name, sl = self.layout.names[b.index], slice(b.out_offset, b.out_offset + b.out_dim)
-                g = own[name].grad
-                if g is None:
-                    parts.append((name, torch.zeros_like(got[sl]), got[sl]))
-                    continue
-                g = g.detach().to(rows.dtype)
-                L, R = self.sketch.factors(b, g)
-                ref = L @ g.reshape(-1) if R is None else (L @ g.reshape(b.rows, b.cols) @ R.T).reshape(-1)
-                parts.append((name, ref * grad_scale, got[sl]))
-        bad = [n for n, r, g in parts if float((r - g).norm()) > 0.05 * float(r.norm()) + 1e-12]
-        if bad:
-            rank_zero_warn(
-                f"GradientSketch inline: the captured per-example gradients of {bad[:8]} do not add up to the "
-                f"batch gradient in .grad. Either the training loss is not the mean of per_example_loss over the "
-                f"batch, or these parameters are used outside the forward of the module that owns them (invisible "
-                f"to hooks; tie weights by sharing the Parameter between modules instead). Leave them out with "
-                f"GradientSketch(..., exclude=[...]) or use mode='checkpoint'."
-            )
-
-    def _inline_end(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
-        if self._capture is not None:  # backward was skipped (e.g. a None loss): release the hooks
-            self._capture.__exit__(None, None, None)
-            self._capture = None
-        rows = getattr(self, "_pending_rows", None)
-        if rows is None:
-            return
-        name = self._inline_slice(trainer)
-        self._append(self._batch_ids, rows, name, trainer, defer=True)
-        self._pending_rows = None
-        self._last_step_done = trainer.global_step
-
-    # ------------------------------------------------------------------ plumbing
-    def _append(self, ids: Tensor, rows: Tensor, name: str, trainer: Trainer, defer: bool = False) -> None:
-        rows = rows.detach().to("cpu", torch.float32)
-        ids = ids.cpu()
-        # One reduction decides the common case: a non-finite entry makes the sum non-finite (an
-        # overflowing sum of finite rows only sends us to the exact per-row test). The per-row test
-        # is the store's (raised here, at the training step; the store counts dropped rows).
-        finite = None
-        if not math.isfinite(float(rows.sum())):
-            finite = finite_rows(ids.numpy(), rows.numpy(), self.nan_policy, f"at step {trainer.global_step}")
-        if finite is not None and not finite.all():
-            self.skipped_nonfinite += int((~finite).sum())
-            bad = ids.numpy()[~finite][:5].tolist()
-            rank_zero_warn(f"GradientSketch skipped {int((~finite).sum())} non-finite rows (ids {bad}...)")
-        if defer:  # inline mode: one store append per slice instead of one per step
-            self._inline_buf.setdefault(name, []).append((ids, rows))
-            return
-        self.store.append(ids, rows, checkpoint=name, rank=trainer.global_rank, nan_policy=self.nan_policy)
-
-    def _flush(self, trainer: Trainer) -> None:
-        for name, parts in self._inline_buf.items():
-            ids = torch.cat([i for i, _ in parts])
-            rows = torch.cat([r for _, r in parts])
-            self.store.append(ids, rows, checkpoint=name, rank=trainer.global_rank, nan_policy=self.nan_policy)
-        self._inline_buf = {}
-
-    def _commit(self, trainer: Trainer) -> None:
-        self._flush(trainer)
-        self._generation = self.store.commit()
-
-    def _ids(self, batch: Any) -> Tensor:
-        return _as_ids(self.ids_fn(batch) if self.ids_fn is not None else default_ids(batch, self.id_key))
-
-    def _loss_fn(self, pl_module: LightningModule) -> Callable[[nn.Module, Any], Tensor]:
-        return module_loss_fn(pl_module, self.loss_fn, who="GradientSketch ")
-
-    def _attribution_loader(self, trainer: Trainer) -> Any:
-        if self.attribution_dataloader is not None:
-            return self.attribution_dataloader
-        train = trainer.train_dataloader
-        if isinstance(train, DataLoader):
-            dataset, batch_size, collate = train.dataset, train.batch_size, train.collate_fn
-        else:
-            raise SketchConfigError(
-                "GradientSketch cannot rebuild the attribution set from a non-DataLoader train loader "
-                f"({type(train).__name__}); pass `attribution_dataloader`."
-            )
-        if trainer.world_size > 1:  # each rank sketches its own share, ids stay global
-            dataset = Subset(dataset, list(range(trainer.global_rank, len(dataset), trainer.world_size)))
-        return DataLoader(dataset, batch_size=batch_size or 1, shuffle=False, drop_last=False, collate_fn=collate)
-
-    @override
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.store is None:
             return
         self._commit(trainer)
@@ -684,51 +389,3 @@ def _resolve_every_n_epochs(mode: str, every_n_epochs: int | None, every_n_steps
             f"Set only one of them."
         )
     return every_n_epochs
-
-
-def _check_support(pl_module: nn.Module, layout: Any, exclude: list[str] | None) -> Any:
-    """Setup-time check of the per-example gradient paths: log the modules covered, warn once about
-    the per-module fallback, refuse modules no path serves with ``exclude=`` advice."""
-    from lightning_sketch.gradients.capture import capture_support
-
-    support = capture_support(pl_module, layout)
-    if support.unsupported:
-        rank_zero_warn(
-            "GradientSketch: no hook path covers "
-            + "; ".join(f"{n or '<root>'} ({r})" for n, r in support.unsupported.items())
-            + f", so per-example gradients use vmap over the whole model (slower; inline mode then takes them "
-            f"in eval mode before the step). To keep the hook path: GradientSketch(..., "
-            f"exclude={_advice(support, exclude)!r})."
-        )
-        return support
-    log.info("GradientSketch: %s", support.summary().replace("\n", "; "))
-    if support.fallback:
-        slow = support.fallback_params()
-        rank_zero_warn(
-            "GradientSketch: these modules are not on the hook fast path and go through a per-module "
-            f"torch.func fallback (one extra forward+backward of each): {support.summary().splitlines()[1]}. "
-            f"Exact for modules that treat examples independently; random ones (dropout inside) are recomputed "
-            f"with other masks. To skip them: GradientSketch(..., exclude={list(exclude or []) + slow!r})."
-        )
-    return support
-
-
-def _advice(support: Any, exclude: list[str] | None) -> list[str]:
-    names = [p for n in support.unsupported for p in support.params.get(n, [])]
-    return list(exclude or []) + names
-
-
-def _vmap_guard(fn: Callable[[], Tensor], support: Any, exclude: list[str] | None) -> Tensor:
-    """Run the whole-model vmap path; turn a failure inside the model's forward into advice."""
-    from lightning_sketch.exceptions import LightningSketchError, UnsupportedModelError
-
-    try:
-        return fn()
-    except LightningSketchError:
-        raise
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise UnsupportedModelError(
-            f"GradientSketch: vmap over the whole model failed ({type(err).__name__}: {str(err)[:300]}). It is only "
-            f"used because no hook path covers {sorted(support.unsupported)}; leave those parameters out with "
-            f"GradientSketch(..., exclude={_advice(support, exclude)!r})."
-        ) from err

@@ -1,0 +1,176 @@
+"""Private base of :class:`~lightning_sketch.callbacks.gradient_sketch.GradientSketch`.
+
+The attributes ``GradientSketch.__init__`` sets, declared once for the checkpoint-mode and inline-mode
+mixins (``_gradient_sketch_slices``, ``_gradient_sketch_inline``), the row plumbing both modes share
+(``_append`` / ``_flush`` / ``_commit``) and the setup-time support check with its ``exclude=`` advice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_sketch.callbacks._gradient_sketch_io import _as_ids
+from lightning_sketch.data import default_ids
+from lightning_sketch.gradients import module_loss_fn
+from lightning_sketch.store import finite_rows
+
+# The logger of the public module: its records keep the name they had before this module was split out.
+log = logging.getLogger("lightning_sketch.callbacks.gradient_sketch")
+
+
+class _GradientSketchBase(Callback):
+    """What the mixins of ``GradientSketch`` share: its attributes (all set in its ``__init__``) and the
+    plumbing that turns sketched rows into store appends."""
+
+    # arguments (see GradientSketch.__init__)
+    dirpath: str
+    sketch_kind: str
+    sketch_dim: int | None
+    seed: int
+    mode: str
+    every_n_epochs: int | None
+    every_n_steps: int | None
+    include: list[str] | None
+    exclude: list[str] | None
+    id_key: str
+    nan_policy: str
+    dtype: str
+    chunk_size: int | None
+    save_weights: bool
+    attribution_dataloader: Any
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None
+    ids_fn: Callable[[Any], Tensor] | None
+    curvature: str
+    # state
+    _last_step_done: int
+    _slices: list[str]
+    _generation: int | None
+    _resume_generation: int | None
+    _generations: list[int] | None
+    _resume_generations: list[int] | None
+    store: Any
+    sketch: Any
+    layout: Any
+    _capture: Any
+    _inline_buf: dict[str, list[tuple[Tensor, Tensor]]]
+    skipped_nonfinite: int
+    skipped_overflow_steps: int
+    support: Any
+    _scaler: Any
+    _checked_sum: bool
+    _hooks: bool
+    _inline_fast: bool
+    # inline mode, per training step
+    _lr: float
+    _pending_rows: Tensor | None
+    _batch_ids: Tensor | None
+    _capture_tool: Any
+
+    @property
+    def store_path(self) -> Path:
+        """``<dirpath>/store``."""
+        return Path(self.dirpath) / "store"
+
+    @property
+    def weights_path(self) -> Path:
+        """``<dirpath>/weights``."""
+        return Path(self.dirpath) / "weights"
+
+    def _skip(self, trainer: Trainer) -> bool:
+        # Trainer sets fast_dev_run in __init__ (_init_debugging_flags) without declaring it on the class
+        fast_dev_run = trainer.fast_dev_run  # type: ignore[attr-defined]
+        return trainer.sanity_checking or bool(fast_dev_run) or self.store is None
+
+    def _append(self, ids: Tensor, rows: Tensor, name: str, trainer: Trainer, defer: bool = False) -> None:
+        rows = rows.detach().to("cpu", torch.float32)
+        ids = ids.cpu()
+        # One reduction decides the common case: a non-finite entry makes the sum non-finite (an
+        # overflowing sum of finite rows only sends us to the exact per-row test). The per-row test
+        # is the store's (raised here, at the training step; the store counts dropped rows).
+        finite = None
+        if not math.isfinite(float(rows.sum())):
+            finite = finite_rows(ids.numpy(), rows.numpy(), self.nan_policy, f"at step {trainer.global_step}")
+        if finite is not None and not finite.all():
+            self.skipped_nonfinite += int((~finite).sum())
+            bad = ids.numpy()[~finite][:5].tolist()
+            rank_zero_warn(f"GradientSketch skipped {int((~finite).sum())} non-finite rows (ids {bad}...)")
+        if defer:  # inline mode: one store append per slice instead of one per step
+            self._inline_buf.setdefault(name, []).append((ids, rows))
+            return
+        self.store.append(ids, rows, checkpoint=name, rank=trainer.global_rank, nan_policy=self.nan_policy)
+
+    def _flush(self, trainer: Trainer) -> None:
+        for name, parts in self._inline_buf.items():
+            ids = torch.cat([i for i, _ in parts])
+            rows = torch.cat([r for _, r in parts])
+            self.store.append(ids, rows, checkpoint=name, rank=trainer.global_rank,
+                              nan_policy=self.nan_policy)
+        self._inline_buf = {}
+
+    def _commit(self, trainer: Trainer) -> None:
+        self._flush(trainer)
+        self._generation = self.store.commit()
+
+    def _ids(self, batch: Any) -> Tensor:
+        return _as_ids(self.ids_fn(batch) if self.ids_fn is not None else default_ids(batch, self.id_key))
+
+    def _loss_fn(self, pl_module: LightningModule) -> Callable[[nn.Module, Any], Tensor]:
+        return module_loss_fn(pl_module, self.loss_fn, who="GradientSketch ")
+
+
+def _check_support(pl_module: nn.Module, layout: Any, exclude: list[str] | None) -> Any:
+    """Setup-time check of the per-example gradient paths: log the modules covered, warn once about
+    the per-module fallback, refuse modules no path serves with ``exclude=`` advice."""
+    from lightning_sketch.gradients.capture import capture_support
+
+    support = capture_support(pl_module, layout)
+    if support.unsupported:
+        rank_zero_warn(
+            "GradientSketch: no hook path covers "
+            + "; ".join(f"{n or '<root>'} ({r})" for n, r in support.unsupported.items())
+            + ", so per-example gradients use vmap over the whole model (slower; inline mode then takes "
+            f"them in eval mode before the step). To keep the hook path: GradientSketch(..., "
+            f"exclude={_advice(support, exclude)!r})."
+        )
+        return support
+    log.info("GradientSketch: %s", support.summary().replace("\n", "; "))
+    if support.fallback:
+        slow = support.fallback_params()
+        rank_zero_warn(
+            "GradientSketch: these modules are not on the hook fast path and go through a per-module "
+            f"torch.func fallback (one extra forward+backward of each): {support.summary().splitlines()[1]}. "
+            f"Exact for modules that treat examples independently; random ones (dropout inside) are "
+            f"recomputed with other masks. To skip them: "
+            f"GradientSketch(..., exclude={list(exclude or []) + slow!r})."
+        )
+    return support
+
+
+def _advice(support: Any, exclude: list[str] | None) -> list[str]:
+    names = [p for n in support.unsupported for p in support.params.get(n, [])]
+    return list(exclude or []) + names
+
+
+def _vmap_guard(fn: Callable[[], Tensor], support: Any, exclude: list[str] | None) -> Tensor:
+    """Run the whole-model vmap path; turn a failure inside the model's forward into advice."""
+    from lightning_sketch.exceptions import LightningSketchError, UnsupportedModelError
+
+    try:
+        return fn()
+    except LightningSketchError:
+        raise
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise UnsupportedModelError(
+            f"GradientSketch: vmap over the whole model failed ({type(err).__name__}: {str(err)[:300]}). "
+            f"It is only used because no hook path covers {sorted(support.unsupported)}; leave those "
+            f"parameters out with GradientSketch(..., exclude={_advice(support, exclude)!r})."
+        ) from err

@@ -1,0 +1,155 @@
+"""Inline mode of :class:`~lightning_sketch.callbacks.gradient_sketch.GradientSketch` (private mixin).
+
+The per-example gradients of each trained batch, taken from the training backward by
+:class:`~lightning_sketch.gradients.GradientCapture` hooks (or, for parameters no hook sees, by vmap
+over the whole model before the step), weighted by the step's learning rate and buffered into the
+slice ``epoch-<e>``; the buffer is flushed at every epoch end and committed with Lightning checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_sketch.callbacks._gradient_sketch_base import _GradientSketchBase, _vmap_guard
+from lightning_sketch.callbacks._gradient_sketch_io import _current_lr, _rng_guard, _save_weights
+from lightning_sketch.exceptions import SketchInputError
+from lightning_sketch.gradients import eval_mode as _eval_mode
+
+#: inline mode commits early once this many bytes of rows are buffered.
+_INLINE_BUFFER_BYTES = 256 * 2**20
+
+
+class _InlineMixin(_GradientSketchBase):
+    """Inline-mode per-step hooks and the per-epoch slice they buffer into."""
+
+    def _inline_slice(self, trainer: Trainer) -> str:
+        name = f"epoch-{trainer.current_epoch}"
+        if not self._slices or self._slices[-1] != name:
+            self.store.add_checkpoint(name, step=None, lr=1.0, weight=None, lr_weighted=True,
+                                      epoch=trainer.current_epoch)
+            if name not in self._slices:
+                self._slices.append(name)
+        return name
+
+    @override
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._skip(trainer) or self.mode != "inline":
+            return
+        self._lr = _current_lr(trainer)
+        self._pending_rows = None
+        self._batch_ids = self._ids(batch)
+        if self._hooks:
+            self._capture = self._capture_tool
+            self._capture.batch_size = int(self._batch_ids.shape[0])
+            self._capture.__enter__()
+            return
+        from lightning_sketch.gradients import sketch_gradients
+
+        # Parameters no hook sees (parametrised models): per-example gradients of this batch at this
+        # step's weights by vmap over the whole model, before the step, in eval mode.
+        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+            self._pending_rows = _vmap_guard(lambda: sketch_gradients(
+                pl_module, self._loss_fn(pl_module), batch, self.sketch, mode="explicit", layout=self.layout,
+                chunk_size=self.chunk_size,
+            ), self.support, self.exclude) * self._lr
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._capture is None:
+            return
+        cap, self._capture = self._capture, None
+        cap.__exit__(None, None, None)
+        scale = float(trainer.accumulate_grad_batches)
+        if self._scaler is not None:  # 16-mixed: the backward ran on the scaled loss
+            scale /= float(self._scaler.get_scale())
+        check = not self._checked_sum and trainer.accumulate_grad_batches == 1
+        try:
+            # One multiplication of the [B, D] rows: B (mean loss), accumulation, 1/scaler and, except on
+            # the first step (whose unweighted rows are checked against .grad), the learning rate.
+            rows = cap.sketches(scale=scale if check else scale * self._lr)
+        except SketchInputError:
+            rank_zero_warn(
+                "GradientSketch inline: the backward of this step reached no hooked module, so no rows were "
+                "written for it; inline mode needs the training loss to be computed from the module's "
+                "forward with gradients enabled."
+            )
+            return
+        if self._scaler is not None and not bool(torch.isfinite(rows).all()):
+            self.skipped_overflow_steps += 1  # the scaler skips this optimizer step as well
+            return
+        if check:
+            self._checked_sum = True
+            self._check_rows_sum(pl_module, rows, 1.0 if self._scaler is None else scale)
+            rows = rows * self._lr
+        self._pending_rows = rows  # weighted by this step's learning rate
+
+    def _check_rows_sum(self, pl_module: LightningModule, rows: Tensor, grad_scale: float) -> None:
+        """First step: the mean of the rows must be the sketch of the batch gradient in ``.grad``
+        (the sketch is linear). A gap means a parameter is used outside the module that owns it
+        (invisible to hooks) or the training loss is not the mean of ``per_example_loss``."""
+        own = dict(pl_module.named_parameters())
+        got = rows.mean(0)
+        blocks = getattr(self.sketch, "blocks", None)
+        if blocks is None:
+            grads: dict[str, Tensor] = {}
+            for n in self.layout.names:
+                grad = own[n].grad
+                grads[n] = grad if grad is not None else torch.zeros_like(own[n])
+            flat = self.layout.flatten({n: g.detach().to(rows.dtype) * grad_scale for n, g in grads.items()})
+            parts = [("all sketched parameters", self.sketch.apply(flat), got)]
+        else:  # per_layer: each block's sketch L G Rᵀ of its own .grad, with no N-long copy of the gradient
+            parts = []
+            for b in blocks:
+                name, sl = self.layout.names[b.index], slice(b.out_offset, b.out_offset + b.out_dim)
+                g = own[name].grad
+                if g is None:
+                    parts.append((name, torch.zeros_like(got[sl]), got[sl]))
+                    continue
+                g = g.detach().to(rows.dtype)
+                L, R = self.sketch.factors(b, g)
+                ref = L @ g.reshape(-1) if R is None else (L @ g.reshape(b.rows, b.cols) @ R.T).reshape(-1)
+                parts.append((name, ref * grad_scale, got[sl]))
+        bad = [n for n, r, g in parts if float((r - g).norm()) > 0.05 * float(r.norm()) + 1e-12]
+        if bad:
+            rank_zero_warn(
+                f"GradientSketch inline: the captured per-example gradients of {bad[:8]} do not add up to "
+                f"the batch gradient in .grad. Either the training loss is not the mean of per_example_loss "
+                f"over the batch, or these parameters are used outside the forward of the module that owns "
+                f"them (invisible to hooks; tie weights by sharing the Parameter between modules instead). "
+                f"Leave them out with GradientSketch(..., exclude=[...]) or use mode='checkpoint'."
+            )
+
+    def _inline_end(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        if self._capture is not None:  # backward was skipped (e.g. a None loss): release the hooks
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+        rows = getattr(self, "_pending_rows", None)
+        if rows is None:
+            return
+        ids = self._batch_ids
+        assert ids is not None  # rows are pending only after on_train_batch_start set this batch's ids
+        name = self._inline_slice(trainer)
+        self._append(ids, rows, name, trainer, defer=True)
+        self._pending_rows = None
+        self._last_step_done = trainer.global_step
+
+    def _inline_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        name = f"epoch-{trainer.current_epoch}"
+        if self.save_weights and trainer.is_global_zero and name in self._slices:
+            # end-of-epoch weights: where tracin/trak queries of this slice take their gradients
+            _save_weights(self.store, self.weights_path / f"{name}.pt", self.layout.params(pl_module),
+                          self.layout.fingerprint())
+        # Inline rows are committed with Lightning checkpoints and at fit end (a crash loses only
+        # rows after the last checkpoint, which a resume re-writes anyway); commit earlier only
+        # when the buffer grows large, so the per-step cost stays an in-memory append.
+        self._flush(trainer)
+        if self.store.pending_rows * self.sketch.sketch_dim * 4 > _INLINE_BUFFER_BYTES:
+            self._commit(trainer)

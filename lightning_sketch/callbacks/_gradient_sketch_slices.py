@@ -1,0 +1,163 @@
+"""Checkpoint mode of :class:`~lightning_sketch.callbacks.gradient_sketch.GradientSketch` (private mixin).
+
+A slice ``step-<global_step>``: the sketched per-example gradients of the whole attribution set at the
+current weights, in eval mode, with the current learning rate; then, unless ``curvature="none"``, one
+extra pass for the ``[D, D]`` curvature kernel of the slice (TRAK's margin kernel or a Fisher).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sized
+from typing import Any, cast
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.utils.data import DataLoader, Subset
+
+from lightning_sketch.attribution.curvature import (
+    LabelSampler,
+    LossFn,
+    accumulate_fisher,
+    resolve_label_sampler,
+    resolve_margin_loss,
+    write_curvature,
+)
+from lightning_sketch.callbacks._gradient_sketch_base import _GradientSketchBase, _vmap_guard
+from lightning_sketch.callbacks._gradient_sketch_io import (
+    _current_lr,
+    _rng_guard,
+    _save_weights,
+    _to_device,
+)
+from lightning_sketch.callbacks._progress import progress_iter as _progress
+from lightning_sketch.exceptions import SketchConfigError
+from lightning_sketch.gradients import eval_mode as _eval_mode
+
+
+class _SlicesMixin(_GradientSketchBase):
+    """Checkpoint-mode slices of the attribution set, with their curvature pass."""
+
+    def _due_epoch(self, trainer: Trainer) -> bool:
+        n = self.every_n_epochs  # an int whenever every_n_steps is None: __init__ resolves None to 1 then
+        return (
+            self.mode == "checkpoint"
+            and self.every_n_steps is None
+            and n is not None
+            and (trainer.current_epoch + 1) % n == 0
+        )
+
+    def _take_slice(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning_sketch.gradients import sketch_gradients
+
+        step = trainer.global_step
+        name = f"step-{step}"
+        self.store.add_checkpoint(name, step=step, lr=_current_lr(trainer), weight=None,
+                                  epoch=trainer.current_epoch)
+        loader = self._attribution_loader(trainer)
+        loss_fn = self._loss_fn(pl_module)
+        bar = _progress(trainer, loader, f"GradientSketch {name}")
+        seen = 0
+        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+            for batch in bar:
+                batch = _to_device(batch, pl_module.device)
+                rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
+                    pl_module, loss_fn, batch, self.sketch, mode="auto" if self._hooks else "explicit",
+                    layout=self.layout, chunk_size=self.chunk_size,
+                ), self.support, self.exclude)
+                self._append(self._ids(batch), rows, name, trainer)
+                seen += len(rows)
+        if not seen:
+            rank_zero_warn(
+                f"GradientSketch: the attribution set is empty; checkpoint {name!r} holds no rows."
+            )
+        if self.curvature != "none":
+            self._gather_curvature(trainer, pl_module, name, loader, loss_fn)
+        self._finish_slice(trainer, pl_module, name, step)
+
+    def _gather_curvature(
+        self, trainer: Trainer, pl_module: LightningModule, name: str, loader: Any, loss_fn: LossFn
+    ) -> None:
+        """Σ_t φ_t φ_tᵀ over the attribution set (eval mode), φ_t the sketched gradient of the
+        example's −margin (TRAK's kernel) or of its loss at a label sampled from the model (Fisher)."""
+        from lightning_sketch.gradients import sketch_gradients
+        from lightning_sketch.sketches import derive_seed
+
+        seed = derive_seed(self.seed, "curvature", f"{name}/rank{trainer.global_rank}")
+        gen = torch.Generator().manual_seed(seed)
+        D = self.sketch.sketch_dim
+        acc = torch.zeros(D, D, dtype=torch.float64)
+        count = 0
+        kernel: tuple[LossFn, LabelSampler, str] | None = None  # decided on the first batch
+        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+            for batch in loader:
+                batch = _to_device(batch, pl_module.device)
+                if kernel is None:
+                    kernel = self._curvature_rows(pl_module, loss_fn, batch, name)
+                row_loss, transform, _ = kernel
+                rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
+                    pl_module, row_loss, transform(pl_module, batch, gen), self.sketch,
+                    mode="auto" if self._hooks else "explicit", layout=self.layout,
+                    chunk_size=self.chunk_size,
+                ), self.support, self.exclude)
+                count += accumulate_fisher([rows], D, out=acc)[1]
+        estimator = "" if kernel is None else kernel[2]
+        if trainer.world_size > 1:  # every rank saw its own share of the attribution set
+            acc = trainer.strategy.reduce(acc.to(pl_module.device), reduce_op="sum").cpu()
+            total = torch.tensor(float(count), device=pl_module.device)
+            count = int(trainer.strategy.reduce(total, reduce_op="sum"))
+        if trainer.is_global_zero:
+            write_curvature(self.dirpath, name, acc, count, self.sketch.spec, estimator)
+
+    def _curvature_rows(
+        self, pl_module: LightningModule, loss_fn: LossFn, batch: Any, name: str
+    ) -> tuple[LossFn, LabelSampler, str]:
+        """``(row loss, batch transform, estimator)`` of the kernel, decided on the first batch."""
+
+        def keep(mod: Any, b: Any, g: torch.Generator) -> Any:  # the batch as it is
+            return b
+
+        if self.curvature in ("auto", "margin"):
+            margin_loss, why = resolve_margin_loss(pl_module, loss_fn, batch)
+            if margin_loss is not None:
+                return margin_loss, keep, why
+            if self.curvature == "margin":
+                rank_zero_warn(
+                    f"GradientSketch: no margin ({why}); the curvature of {name!r} is the Fisher of sampled "
+                    f"labels. Define `per_example_margin(batch) -> Tensor[B]` on the module."
+                )
+        sampler, estimator = resolve_label_sampler(pl_module, loss_fn, batch)
+        if sampler is None:
+            rank_zero_warn(
+                f"GradientSketch: cannot sample labels ({estimator}); the curvature of {name!r} is the "
+                f"empirical Fisher. Define `sample_labels(batch, generator) -> batch` on the module."
+            )
+            return loss_fn, keep, f"empirical: {estimator}"
+        return loss_fn, sampler, estimator
+
+    def _finish_slice(self, trainer: Trainer, pl_module: LightningModule, name: str, step: int) -> None:
+        if name not in self._slices:
+            self._slices.append(name)
+        self._last_step_done = step
+        if self.save_weights and trainer.is_global_zero:
+            _save_weights(self.store, self.weights_path / f"{name}.pt", self.layout.params(pl_module),
+                          self.layout.fingerprint())
+        self._commit(trainer)
+
+    def _attribution_loader(self, trainer: Trainer) -> Any:
+        if self.attribution_dataloader is not None:
+            return self.attribution_dataloader
+        train = trainer.train_dataloader
+        if isinstance(train, DataLoader):
+            dataset, batch_size, collate = train.dataset, train.batch_size, train.collate_fn
+        else:
+            raise SketchConfigError(
+                "GradientSketch cannot rebuild the attribution set from a non-DataLoader train loader "
+                f"({type(train).__name__}); pass `attribution_dataloader`."
+            )
+        if trainer.world_size > 1:  # each rank sketches its own share, ids stay global
+            # Subset by position needs a sized, map-style dataset (len() raises otherwise, as it always did)
+            n = len(cast(Sized, dataset))
+            dataset = Subset(dataset, list(range(trainer.global_rank, n, trainer.world_size)))
+        return DataLoader(dataset, batch_size=batch_size or 1, shuffle=False, drop_last=False,
+                          collate_fn=collate)
