@@ -20,7 +20,9 @@ from torch import Tensor, nn
 
 from lightning_sketch.callbacks._gradient_sketch_io import _as_ids
 from lightning_sketch.data import default_ids
+from lightning_sketch.exceptions import LightningSketchError, UnsupportedModelError
 from lightning_sketch.gradients import module_loss_fn
+from lightning_sketch.gradients.capture import capture_support
 from lightning_sketch.store import finite_rows
 
 # The logger of the public module: its records keep the name they had before this module was split out.
@@ -130,7 +132,6 @@ class _GradientSketchBase(Callback):
 def _check_support(pl_module: nn.Module, layout: Any, exclude: list[str] | None) -> Any:
     """Setup-time check of the per-example gradient paths: log the modules covered, warn once about
     the per-module fallback, refuse modules no path serves with ``exclude=`` advice."""
-    from lightning_sketch.gradients.capture import capture_support
 
     support = capture_support(pl_module, layout)
     if support.unsupported:
@@ -162,7 +163,6 @@ def _advice(support: Any, exclude: list[str] | None) -> list[str]:
 
 def _vmap_guard(fn: Callable[[], Tensor], support: Any, exclude: list[str] | None) -> Tensor:
     """Run the whole-model vmap path; turn a failure inside the model's forward into advice."""
-    from lightning_sketch.exceptions import LightningSketchError, UnsupportedModelError
 
     try:
         return fn()

@@ -20,6 +20,7 @@ from lightning_sketch.callbacks._gradient_sketch_base import _GradientSketchBase
 from lightning_sketch.callbacks._gradient_sketch_io import _current_lr, _rng_guard, _save_weights
 from lightning_sketch.exceptions import SketchInputError
 from lightning_sketch.gradients import eval_mode as _eval_mode
+from lightning_sketch.gradients import sketch_gradients
 
 #: inline mode commits early once this many bytes of rows are buffered.
 _INLINE_BUFFER_BYTES = 256 * 2**20
@@ -51,7 +52,6 @@ class _InlineMixin(_GradientSketchBase):
             self._capture.batch_size = int(self._batch_ids.shape[0])
             self._capture.__enter__()
             return
-        from lightning_sketch.gradients import sketch_gradients
 
         # Parameters no hook sees (parametrised models): per-example gradients of this batch at this
         # step's weights by vmap over the whole model, before the step, in eval mode.

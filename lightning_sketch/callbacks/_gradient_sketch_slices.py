@@ -33,6 +33,8 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
 from lightning_sketch.callbacks._progress import progress_iter as _progress
 from lightning_sketch.exceptions import SketchConfigError
 from lightning_sketch.gradients import eval_mode as _eval_mode
+from lightning_sketch.gradients import sketch_gradients
+from lightning_sketch.sketches import derive_seed
 
 
 class _SlicesMixin(_GradientSketchBase):
@@ -48,8 +50,6 @@ class _SlicesMixin(_GradientSketchBase):
         )
 
     def _take_slice(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from lightning_sketch.gradients import sketch_gradients
-
         step = trainer.global_step
         name = f"step-{step}"
         self.store.add_checkpoint(name, step=step, lr=_current_lr(trainer), weight=None,
@@ -80,9 +80,6 @@ class _SlicesMixin(_GradientSketchBase):
     ) -> None:
         """Σ_t φ_t φ_tᵀ over the attribution set (eval mode), φ_t the sketched gradient of the
         example's −margin (TRAK's kernel) or of its loss at a label sampled from the model (Fisher)."""
-        from lightning_sketch.gradients import sketch_gradients
-        from lightning_sketch.sketches import derive_seed
-
         seed = derive_seed(self.seed, "curvature", f"{name}/rank{trainer.global_rank}")
         gen = torch.Generator().manual_seed(seed)
         D = self.sketch.sketch_dim

@@ -56,6 +56,8 @@ from lightning_sketch.callbacks._gradient_sketch_inline import _InlineMixin
 from lightning_sketch.callbacks._gradient_sketch_io import _check_no_padding, _check_types, _open_store
 from lightning_sketch.callbacks._gradient_sketch_slices import _SlicesMixin
 from lightning_sketch.exceptions import SketchConfigError, StoreWriteError
+from lightning_sketch.gradients import GradientCapture, ParamLayout
+from lightning_sketch.sketches import make, sketch_class
 
 __all__ = ["GradientSketch"]
 
@@ -232,9 +234,6 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.store is not None:
             return
-        from lightning_sketch.gradients import ParamLayout
-        from lightning_sketch.sketches import make, sketch_class
-
         self._loss_fn(pl_module)  # fail at setup, not at the first slice
         self.layout = ParamLayout.from_module(pl_module, include=self.include, exclude=self.exclude)
         self.support = _check_support(pl_module, self.layout, self.exclude)
@@ -279,8 +278,6 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self._hooks = not self.support.unsupported
         self._inline_fast = self.mode == "inline" and self._hooks  # rows from the training backward
         if self._inline_fast:
-            from lightning_sketch.gradients import GradientCapture
-
             self._capture_tool = GradientCapture(pl_module, self.sketch, self.layout)
             self._scaler = getattr(trainer.precision_plugin, "scaler", None)
 
