@@ -4,7 +4,8 @@
   :class:`~lightning_sketch.store.SketchStore`.
 - :class:`HessianSpectrum`: snapshots of the top Hessian eigenvalues and the spectral density
   (numerical settings in the :class:`SpectrumNumerics` option group).
-- :class:`IntrinsicDimension`: subspace training θ = θ0 + Φᵀω and the paper's doubling search.
+- :class:`IntrinsicDimension`: subspace training θ = θ0 + Φᵀω and the paper's doubling search
+  (its settings in the :class:`SearchCriteria` option group).
 
 The classes are imported on first access so that ``lightning_sketch.callbacks.X`` class paths in
 LightningCLI configs resolve without importing the other callbacks' dependencies.
@@ -19,6 +20,7 @@ _CALLBACKS = {
     "GradientSketch": "gradient_sketch",
     "HessianSpectrum": "hessian_spectrum",
     "IntrinsicDimension": "intrinsic_dimension",
+    "SearchCriteria": "intrinsic_dimension",
     "SpectrumNumerics": "hessian_spectrum",
 }
 

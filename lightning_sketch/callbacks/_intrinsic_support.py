@@ -89,19 +89,12 @@ def _check_omega_in_optimizer(trainer: Trainer, sub: Subspace) -> None:
     )
 
 
-def _check_types(
-    sketch_kind: Any, monitor: Any, target: Any, reference_score: Any, fraction: Any, **flags: Any
-) -> None:
+def _check_types(sketch_kind: Any, monitor: Any, **flags: Any) -> None:
     if sketch_kind not in KINDS:
         raise SubspaceError(f"`sketch_kind` must be one of {sorted(KINDS)}, got {sketch_kind!r}.")
     if not isinstance(monitor, str) or not monitor:
         raise SubspaceError("`monitor` must be the name (str) of a logged validation metric, got "
                             f"{monitor!r}.")
-    numbers = (("target", target), ("reference_score", reference_score), ("target_fraction", fraction))
-    for name, value in numbers:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise SubspaceError(f"`{name}` must be a "
-                                f"number{'' if name == 'target_fraction' else ' or None'}, got {value!r}.")
     for name, flag in flags.items():
         if not isinstance(flag, bool):
             raise SubspaceError(f"`{name}` must be a bool, got {flag!r}.")

@@ -16,7 +16,8 @@ is broadcast anyway, so every rank takes the same decision).
 of size ``sketch_dim`` = D_max; after each round, stop (``trainer.should_stop``) once the metric
 reaches the target, double d (unmasking coordinates; learned values are kept) when the round
 gained less than ``delta``, fail when d cannot grow. The target is ``target`` if given, else
-``target_fraction × reference_score`` (90% of the full fine-tuning score by default). To measure
+``target_fraction × reference_score`` (90% of the full fine-tuning score by default). These five
+settings form the :class:`SearchCriteria` option group (``criteria:`` in YAML). To measure
 the reference yourself, run a plain fit first (:func:`measure_reference_score`). The metric at θ0
 seeds the search (Listing 9's ``previous = metric(θ0)``): the callback measures it with Lightning's
 sanity check over the whole validation set, so in search mode it sets ``num_sanity_val_steps=-1``
@@ -26,8 +27,8 @@ says so.
 
 **Fixed mode**: plain subspace training at active size ``d``; with a ``target`` it records whether
 the target was reached. This is the **verification run** that removes the factor-2 ambiguity of
-D*: train with ``mode="fixed", d=D*//2`` for as many steps as the search took; if the target is not
-reached, D_int lies in (D*/2, D*].
+D*: train with ``mode="fixed", d=D*//2, criteria=SearchCriteria(target=...)`` for as many steps as
+the search took; if the target is not reached, D_int lies in (D*/2, D*].
 
 **Outputs**: ``callback.d_star`` (None until found), ``callback.history`` (dicts with step, d,
 metric, action), metrics ``intrinsic/d``, ``intrinsic/metric`` and ``intrinsic/d_star`` through
@@ -62,12 +63,13 @@ from lightning_sketch.callbacks._intrinsic_support import (
     _resolve_sketch_kind,
     measure_reference_score,
 )
+from lightning_sketch.callbacks._search_options import SearchCriteria, merge_flat_criteria
 from lightning_sketch.exceptions import StoreConflictError, SubspaceError
 from lightning_sketch.intrinsic import Action, DoublingSearch, Subspace
 from lightning_sketch.plots import plot_search
 from lightning_sketch.sketches import sketch_class
 
-__all__ = ["IntrinsicDimension", "measure_reference_score"]
+__all__ = ["IntrinsicDimension", "SearchCriteria", "measure_reference_score"]
 
 _STATE = "intrinsic_dimension.json"
 
@@ -83,15 +85,14 @@ class IntrinsicDimension(Callback):
         said: one learned scalar per parameter tensor (structure-aware intrinsic dimension).
         normalize: scale Φᵀ by √(D/N) for unit-norm columns (Li et al. 2018).
         mode: ``"search"`` (doubling search) or ``"fixed"`` (train at active size ``d``).
-        d_min: first active size of the search.
         d: active size in fixed mode (default: all of ``sketch_dim``).
         monitor: name of the validation metric the module logs, e.g. ``"val_acc"``.
         higher_is_better: direction of ``monitor`` (False for a loss).
         eval_every_n_steps: c, the minimum optimiser steps per round; None: every validation run is a round.
-        delta: minimum gain of ``monitor`` per round below which d doubles (metric units).
-        target: absolute value of ``monitor`` that counts as solved; overrides the fraction.
-        target_fraction: target = target_fraction × reference_score when ``target`` is None.
-        reference_score: the full fine-tuning score (see :func:`measure_reference_score`).
+        criteria: the search's settings, a :class:`SearchCriteria`: first active size ``d_min``,
+            minimum gain per round ``delta`` (in units of ``monitor``) and the target (``target``,
+            or ``target_fraction`` × ``reference_score``); default ``SearchCriteria()``, which has no
+            target (enough for fixed mode only). In YAML a mapping ``criteria: {target: 0.9}``.
         stop_when_done: set ``trainer.should_stop`` when the target is reached or the search fails.
         include: fnmatch patterns of the parameters to reparametrise (default: all trainable).
         exclude: fnmatch patterns of parameters to leave as they are (they stay trainable).
@@ -100,6 +101,8 @@ class IntrinsicDimension(Callback):
             refuses to write if the file changed behind it (``StoreConflictError``).
         plot: also save ``intrinsic_dimension.png`` (metric against steps and against d) at the end of fit.
         kind: deprecated alias of ``sketch_kind`` (warns; an error if a non-default ``sketch_kind`` differs).
+        **flat_criteria: deprecated: the fields of ``criteria`` as keyword arguments (``target=0.9``);
+            they warn and may not be combined with ``criteria``.
 
     Raises:
         SubspaceError: for an invalid argument combination (e.g. search mode without a target).
@@ -114,62 +117,56 @@ class IntrinsicDimension(Callback):
         said: bool = False,
         normalize: bool = True,
         mode: Literal["search", "fixed"] = "search",
-        d_min: int = 16,
         d: int | None = None,
         monitor: str = "val_acc",
         higher_is_better: bool = True,
         eval_every_n_steps: int | None = None,
-        delta: float = 0.01,
-        target: float | None = None,
-        target_fraction: float = 0.9,
-        reference_score: float | None = None,
+        criteria: SearchCriteria | None = None,
         stop_when_done: bool = True,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         dirpath: str | None = None,
         plot: bool = True,
         kind: str | None = None,
+        **flat_criteria: Any,
     ) -> None:
         super().__init__()
         sketch_kind = _resolve_sketch_kind(sketch_kind, kind)
+        self.criteria = merge_flat_criteria(criteria, flat_criteria)
         sketch_class(sketch_kind)  # an unknown kind fails here, not at setup
         if mode not in ("search", "fixed"):
             raise SubspaceError(f"`mode` must be 'search' or 'fixed', got {mode!r}.")
-        for name, v in (("sketch_dim", sketch_dim), ("d_min", d_min)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SubspaceError(f"`{name}` must be a positive int, got {v!r}.")
+        if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1:
+            raise SubspaceError(f"`sketch_dim` must be a positive int, got {sketch_dim!r}.")
         if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= sketch_dim):
             raise SubspaceError(f"`d` must be None or an int in [1, sketch_dim={sketch_dim}], got {d!r}.")
         every = eval_every_n_steps
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise SubspaceError("`eval_every_n_steps` must be None or a positive int, got "
                                 f"{eval_every_n_steps!r}.")
-        _check_types(sketch_kind, monitor, target, reference_score, target_fraction, said=said,
-                     normalize=normalize, higher_is_better=higher_is_better, stop_when_done=stop_when_done)
-        if not 0 < target_fraction <= 1:
-            raise SubspaceError(f"`target_fraction` must be in (0, 1], got {target_fraction!r}.")
-        if target is None and reference_score is not None:
-            target = target_fraction * reference_score
+        _check_types(sketch_kind, monitor, said=said, normalize=normalize, higher_is_better=higher_is_better,
+                     stop_when_done=stop_when_done)
+        target, d_min = self.criteria.resolved_target, self.criteria.d_min
         if mode == "search":
             if target is None:
                 raise SubspaceError(
-                    "Search mode needs a target: pass `target=` (absolute) or `reference_score=` (the full "
-                    "fine-tuning score; target = target_fraction x reference_score). Measure it with "
-                    "lightning_sketch.callbacks.intrinsic_dimension.measure_reference_score."
+                    "Search mode needs a target: pass criteria=SearchCriteria(target=...) (absolute) or "
+                    "SearchCriteria(reference_score=...) (the full fine-tuning score; target = "
+                    "target_fraction x reference_score); in YAML a `criteria:` mapping. Measure the "
+                    "reference with lightning_sketch.callbacks.intrinsic_dimension.measure_reference_score."
                 )
             if d_min > sketch_dim:
-                raise SubspaceError(f"`d_min` must be <= `sketch_dim` (got {d_min} > {sketch_dim}).")
-        if target is not None and not math.isfinite(target):
-            raise SubspaceError(f"`target` must be finite, got {target!r}.")
+                raise SubspaceError(f"`d_min` must be <= `sketch_dim` (got {d_min} > {sketch_dim}): lower "
+                                    "`criteria.d_min` or raise `sketch_dim`.")
         self.sketch_kind, self.sketch_dim, self.seed = sketch_kind, sketch_dim, seed
         self.said, self.normalize = said, normalize
-        self.mode, self.d_min, self.d, self.monitor = mode, d_min, d, monitor
+        self.mode, self.d, self.monitor = mode, d, monitor
         self.higher_is_better, self.eval_every_n_steps = higher_is_better, eval_every_n_steps
-        self.delta = delta
-        self.target, self.reference_score, self.stop_when_done = target, reference_score, stop_when_done
+        self.stop_when_done = stop_when_done
         self.include, self.exclude, self.dirpath, self.plot = include, exclude, dirpath, plot
         self.search: DoublingSearch | None = None
         if mode == "search" and target is not None:  # (search mode without a target was refused above)
+            delta = self.criteria.delta
             self.search = DoublingSearch(d_min, sketch_dim, delta, float(target), higher_is_better)
         self.history: list[dict[str, Any]] = []
         self.status = "running"
@@ -187,6 +184,26 @@ class IntrinsicDimension(Callback):
         return self._generate_state_key(
             kind=self.sketch_kind, sketch_dim=self.sketch_dim, seed=self.seed, mode=self.mode
         )
+
+    @property
+    def target(self) -> float | None:
+        """The resolved target: ``criteria.target``, else ``target_fraction × reference_score`` (or None)."""
+        return self.criteria.resolved_target
+
+    @property
+    def d_min(self) -> int:
+        """``criteria.d_min``, the first active size of the search."""
+        return self.criteria.d_min
+
+    @property
+    def delta(self) -> float:
+        """``criteria.delta``, the minimum gain per round below which d doubles."""
+        return self.criteria.delta
+
+    @property
+    def reference_score(self) -> float | None:
+        """``criteria.reference_score``, the full fine-tuning score (or None)."""
+        return self.criteria.reference_score
 
     @property
     def d_star(self) -> int | None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sketch.callbacks import IntrinsicDimension
+from lightning_sketch.callbacks import IntrinsicDimension, SearchCriteria
 from lightning_sketch.callbacks.intrinsic_dimension import measure_reference_score
 from lightning_sketch.exceptions import SketchConfigError, SubspaceError, UnsupportedStrategyError
 from lightning_sketch.intrinsic import Subspace
@@ -65,7 +65,8 @@ def _trainer(tmp_path, max_steps, callbacks, **kw):
 @pytest.mark.parametrize("sanity", [0, 2])
 def test_search_measures_the_baseline_itself(tmp_path, sanity):
     """Listing 9 starts from metric(θ0): recorded whatever num_sanity_val_steps the Trainer was given."""
-    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=64, seed=0, d_min=1, delta=0.05, target=0.9, dirpath=str(tmp_path))
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=64, seed=0, dirpath=str(tmp_path),
+                            criteria=SearchCriteria(d_min=1, delta=0.05, target=0.9))
     model = Blobs()
     x, y = _blobs(256, 2)
     with torch.no_grad():
@@ -78,7 +79,8 @@ def test_search_measures_the_baseline_itself(tmp_path, sanity):
 
 
 def test_search_finds_d_star_writes_json_and_trains_only_omega(tmp_path):
-    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=64, seed=0, d_min=1, delta=0.05, target=0.9, dirpath=str(tmp_path))
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=64, seed=0, dirpath=str(tmp_path),
+                            criteria=SearchCriteria(d_min=1, delta=0.05, target=0.9))
     model = Blobs()
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = _trainer(tmp_path, 400, [cb])
@@ -105,7 +107,8 @@ def test_search_finds_d_star_writes_json_and_trains_only_omega(tmp_path):
 
 def _search_cb():
     # delta = 1 forces a doubling after every round, so the run is mid-search at any checkpoint
-    return IntrinsicDimension(sketch_kind="dense", sketch_dim=64, seed=3, d_min=1, delta=1.0, target=0.999, plot=False)
+    return IntrinsicDimension(sketch_kind="dense", sketch_dim=64, seed=3, plot=False,
+                              criteria=SearchCriteria(d_min=1, delta=1.0, target=0.999))
 
 
 def test_resume_mid_search_continues_with_same_d_and_omega(tmp_path):
@@ -141,8 +144,9 @@ def test_resume_mid_search_continues_with_same_d_and_omega(tmp_path):
 def test_fixed_mode_verification_run_and_reference_helper(tmp_path):
     ref = measure_reference_score(_trainer(tmp_path / "ref", 24, []), Blobs(), monitor="val_acc")
     assert 0.0 <= ref <= 1.0
-    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=64, mode="fixed", d=1, reference_score=ref,
-                            target_fraction=0.99, stop_when_done=False, dirpath=str(tmp_path), plot=False)
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=64, mode="fixed", d=1,
+                            criteria=SearchCriteria(reference_score=ref, target_fraction=0.99),
+                            stop_when_done=False, dirpath=str(tmp_path), plot=False)
     _trainer(tmp_path, 8, [cb]).fit(Blobs())
     assert cb.active == 1 and cb.subspace.active == 1 and cb.target == pytest.approx(0.99 * ref)
     assert cb.reached is (cb.history[-1]["metric"] >= cb.target)
@@ -169,11 +173,10 @@ def test_setup_is_idempotent_and_validate_after_fit_works(tmp_path):
         ({"mode": "grid"}, "`mode` must be"),
         ({"sketch_dim": 0}, "`sketch_dim` must be a positive int"),
         ({"mode": "fixed", "d": 99, "sketch_dim": 8}, "`d` must be None or an int"),
-        ({"eval_every_n_steps": 0, "target": 1.0}, "`eval_every_n_steps`"),
-        ({"target_fraction": 1.5, "target": 1.0}, "`target_fraction`"),
+        ({"eval_every_n_steps": 0, "criteria": SearchCriteria(target=1.0)}, "`eval_every_n_steps`"),
         ({}, "Search mode needs a target"),
-        ({"d_min": 64, "sketch_dim": 8, "target": 1.0}, "`d_min` must be <="),
-        ({"target": float("nan")}, "`target` must be finite"),
+        ({"sketch_dim": 8, "criteria": SearchCriteria(d_min=64, target=1.0)}, "`d_min` must be <="),
+        ({"criteria": {"target": 1.0}}, "`criteria` must be a SearchCriteria"),
     ],
 )
 def test_argument_errors(kwargs, match):
@@ -181,20 +184,75 @@ def test_argument_errors(kwargs, match):
         IntrinsicDimension(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"target_fraction": 1.5}, r"`target_fraction` must be in \(0, 1\]"),
+        ({"target_fraction": 0}, r"`target_fraction` must be in \(0, 1\]"),
+        ({"target": float("nan")}, "`target` must be finite"),
+        ({"target": True}, "`target` must be a number or None"),
+        ({"reference_score": "0.9"}, "`reference_score` must be a number or None"),
+        ({"reference_score": float("inf")}, "`reference_score` must be finite"),
+        ({"delta": -0.1}, "`delta` must be >= 0"),
+        ({"delta": None}, "`delta` must be a number"),
+        ({"d_min": 0}, "`d_min` must be a positive int"),
+        ({"d_min": 2.0}, "`d_min` must be a positive int"),
+    ],
+)
+def test_search_criteria_validate_their_values(kwargs, match):
+    with pytest.raises(SubspaceError, match=match):
+        SearchCriteria(**kwargs)
+
+
+def test_search_criteria_resolve_the_target():
+    assert SearchCriteria().resolved_target is None
+    assert SearchCriteria(reference_score=0.8).resolved_target == pytest.approx(0.72)
+    assert SearchCriteria(target=0.5, reference_score=0.8).resolved_target == 0.5  # the absolute target wins
+
+
+def test_flat_search_keywords_are_a_deprecated_alias_of_the_group():
+    with pytest.warns(DeprecationWarning, match=r"criteria=SearchCriteria\(d_min=\.\.\., delta=\.\.\., "
+                                                r"reference_score=\.\.\.\)"):
+        flat = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, d_min=2, delta=0.1, reference_score=0.8)
+    group = IntrinsicDimension(sketch_kind="dense", sketch_dim=16,
+                               criteria=SearchCriteria(d_min=2, delta=0.1, reference_score=0.8))
+    assert flat.criteria == group.criteria
+    assert flat.search == group.search and flat.state_key == group.state_key
+    assert (flat.target, flat.d_min, flat.delta, flat.reference_score) == (pytest.approx(0.72), 2, 0.1, 0.8)
+    with pytest.raises(SubspaceError, match="once"):
+        IntrinsicDimension(target=0.9, criteria=SearchCriteria(target=0.9))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        IntrinsicDimension(criteria=SearchCriteria(target=0.9), targett=0.9)
+    with pytest.warns(DeprecationWarning), pytest.raises(SubspaceError, match="`delta` must be >= 0"):
+        IntrinsicDimension(target=0.9, delta=-1.0)
+
+
+def test_checkpoint_of_the_flat_form_resumes_into_the_group_form(tmp_path):
+    """Checkpoints written before the option group (flat keywords) restore into a callback built with it."""
+    with pytest.warns(DeprecationWarning):
+        old = IntrinsicDimension(sketch_kind="dense", sketch_dim=64, seed=3, d_min=1, delta=1.0, target=0.999,
+                                 plot=False, dirpath=str(tmp_path / "old"))
+    _trainer(tmp_path / "old", 12, [old]).fit(Blobs())
+    new = _search_cb()
+    assert new.state_key == old.state_key
+    new.load_state_dict(old.state_dict())
+    assert new.search == old.search and new.history == old.history and new.active == old.active
+
+
 def test_unknown_kind_fails_at_construction():
     with pytest.raises(SketchConfigError, match="Unknown sketch kind"):
-        IntrinsicDimension(sketch_kind="fastfood", target=0.9)
+        IntrinsicDimension(sketch_kind="fastfood", criteria=SearchCriteria(target=0.9))
 
 
 def test_missing_monitor_and_unsupported_strategy(tmp_path):
-    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, target=0.9, monitor="val_nope")
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, criteria=SearchCriteria(target=0.9), monitor="val_nope")
     with pytest.raises(SubspaceError, match="val_nope"):
         _trainer(tmp_path, 8, [cb]).fit(Blobs())
 
     from lightning.pytorch.strategies import FSDPStrategy
 
     with pytest.raises(UnsupportedStrategyError, match="FSDP"):
-        IntrinsicDimension(sketch_kind="dense", sketch_dim=16, target=0.9).setup(
+        IntrinsicDimension(sketch_kind="dense", sketch_dim=16, criteria=SearchCriteria(target=0.9)).setup(
             SimpleNamespace(strategy=FSDPStrategy()), Blobs(), "fit")
 
 
@@ -218,10 +276,10 @@ def test_strategies_are_checked_by_type_not_by_name():
 
 def test_kind_is_a_deprecated_alias_of_sketch_kind():
     with pytest.warns(DeprecationWarning, match="use `sketch_kind`"):
-        cb = IntrinsicDimension(kind="dense", sketch_dim=16, target=0.9)
+        cb = IntrinsicDimension(kind="dense", sketch_dim=16, criteria=SearchCriteria(target=0.9))
     assert cb.sketch_kind == "dense"
     with pytest.raises(SubspaceError, match="disagree"):
-        IntrinsicDimension(kind="dense", sketch_kind="qk", sketch_dim=16, target=0.9)
+        IntrinsicDimension(kind="dense", sketch_kind="qk", sketch_dim=16, criteria=SearchCriteria(target=0.9))
     # the state key keeps its old form, so checkpoints written before the rename still resume
     assert "'kind': 'dense'" in cb.state_key
 
@@ -232,7 +290,8 @@ def test_warnings_come_from_rank_zero_only(tmp_path, monkeypatch):
 
     from lightning.pytorch.utilities import rank_zero
 
-    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, target=0.9, dirpath=str(tmp_path), plot=False)
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, criteria=SearchCriteria(target=0.9),
+                            dirpath=str(tmp_path), plot=False)
     trainer = SimpleNamespace(is_global_zero=False)  # rank 0 alone writes files
     monkeypatch.setattr(rank_zero.rank_zero_only, "rank", 1)
     with warnings.catch_warnings():

@@ -1,0 +1,113 @@
+"""``SearchCriteria``: the search settings of :class:`~lightning_sketch.callbacks.IntrinsicDimension`.
+
+An option group (a dataclass, which ``LightningCLI``/jsonargparse reads as a nested mapping), so the
+callback keeps a short signature::
+
+    IntrinsicDimension(sketch_dim=4096, criteria=SearchCriteria(d_min=16, delta=0.05, reference_score=0.98))
+
+    # YAML
+    init_args:
+      sketch_dim: 4096
+      criteria:
+        d_min: 16
+        delta: 0.05
+        target_fraction: 0.9
+        reference_score: 0.98
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
+
+from lightning_sketch.exceptions import SubspaceError
+
+__all__ = ["SearchCriteria"]
+
+
+def _check_number(name: str, value: Any, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SubspaceError(f"`{name}` must be a number{' or None' if allow_none else ''}, got {value!r}.")
+    if not math.isfinite(value):
+        raise SubspaceError(f"`{name}` must be finite, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class SearchCriteria:
+    """Where the doubling search starts, when it doubles d and when it is done (arXiv 2402.03994, Listing 9).
+
+    The search starts at ``d_min`` active coordinates, doubles d after a round that gained less than
+    ``delta`` and stops once the metric reaches the target: ``target`` if given, else
+    ``target_fraction × reference_score``. In fixed mode only the target is used (to record whether
+    it was reached); ``d_min`` and ``delta`` apply to search mode.
+
+    Args:
+        d_min: first active size of the search (a positive int, at most the callback's ``sketch_dim``).
+        delta: minimum gain of the monitored metric per round below which d doubles (metric units, >= 0).
+        target: absolute value of the metric that counts as solved; overrides the fraction.
+        target_fraction: target = target_fraction × reference_score when ``target`` is None, in (0, 1].
+        reference_score: the full fine-tuning score (see
+            :func:`~lightning_sketch.callbacks.intrinsic_dimension.measure_reference_score`).
+
+    Raises:
+        SubspaceError: on an invalid value.
+    """
+
+    d_min: int = 16
+    delta: float = 0.01
+    target: float | None = None
+    target_fraction: float = 0.9
+    reference_score: float | None = None
+
+    def __post_init__(self) -> None:
+        d_min = self.d_min
+        if isinstance(d_min, bool) or not isinstance(d_min, int) or d_min < 1:
+            raise SubspaceError(f"`d_min` must be a positive int, got {d_min!r}.")
+        _check_number("delta", self.delta, allow_none=False)
+        if self.delta < 0:
+            raise SubspaceError(f"`delta` must be >= 0 (a gain in metric units), got {self.delta!r}.")
+        _check_number("target", self.target, allow_none=True)
+        _check_number("reference_score", self.reference_score, allow_none=True)
+        _check_number("target_fraction", self.target_fraction, allow_none=False)
+        if not 0 < self.target_fraction <= 1:
+            raise SubspaceError(f"`target_fraction` must be in (0, 1], got {self.target_fraction!r}.")
+
+    @property
+    def resolved_target(self) -> float | None:
+        """``target``, else ``target_fraction × reference_score``, else None (no target)."""
+        if self.target is not None:
+            return self.target
+        if self.reference_score is not None:
+            return self.target_fraction * self.reference_score
+        return None
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(SearchCriteria))
+
+
+def merge_flat_criteria(criteria: SearchCriteria | None, flat: dict[str, Any]) -> SearchCriteria:
+    """``criteria`` built from the deprecated flat keyword arguments (``IntrinsicDimension(target=...)``)."""
+    unknown = sorted(set(flat) - _FIELDS)
+    if unknown:
+        raise TypeError(f"IntrinsicDimension() got unexpected keyword argument(s) {unknown}.")
+    if criteria is not None and not isinstance(criteria, SearchCriteria):
+        raise SubspaceError(f"`criteria` must be a SearchCriteria, got {type(criteria).__name__}.")
+    if not flat:
+        return criteria if criteria is not None else SearchCriteria()
+    if criteria is not None:
+        raise SubspaceError(
+            "Pass the search settings once: either `criteria` or the deprecated keyword arguments "
+            f"{sorted(flat)}."
+        )
+    names = ", ".join(f"{k}=..." for k in sorted(flat))
+    rank_zero_deprecation(
+        f"IntrinsicDimension({names}) is deprecated; pass criteria=SearchCriteria({names}) (in YAML: a "
+        "`criteria:` mapping)."
+    )
+    return SearchCriteria(**flat)
