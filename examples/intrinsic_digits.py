@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from lightning_sketch.callbacks import IntrinsicDimension
+from lightning_sketch.callbacks import IntrinsicDimension, SearchCriteria
 from lightning_sketch.callbacks.intrinsic_dimension import measure_reference_score
 from lightning_sketch.demo import DigitsClassifier, DigitsDataModule
 from lightning_sketch.plots import plot_search
@@ -65,8 +65,8 @@ def main() -> None:
 
     pl.seed_everything(0, verbose=False)
     search = IntrinsicDimension(
-        sketch_kind=args.sketch_kind, sketch_dim=args.sketch_dim, seed=0, mode="search", d_min=args.d_min,
-        monitor="val_acc", delta=args.delta, reference_score=ref, target_fraction=0.9,
+        sketch_kind=args.sketch_kind, sketch_dim=args.sketch_dim, seed=0, mode="search", monitor="val_acc",
+        criteria=SearchCriteria(d_min=args.d_min, delta=args.delta, reference_score=ref, target_fraction=0.9),
         dirpath=str(out / "search"),
     )
     t = trainer(out / "search", args.max_steps, [search], args.c)
@@ -80,7 +80,7 @@ def main() -> None:
         pl.seed_everything(0, verbose=False)
         check = IntrinsicDimension(
             sketch_kind=args.sketch_kind, sketch_dim=args.sketch_dim, seed=0, mode="fixed", d=search.d_star // 2,
-            monitor="val_acc", target=search.target, dirpath=str(out / "verify"),
+            monitor="val_acc", criteria=SearchCriteria(target=search.target), dirpath=str(out / "verify"),
         )
         trainer(out / "verify", steps, [check], args.c).fit(DigitsClassifier(), datamodule=DigitsDataModule())
         best = max(h["metric"] for h in check.history)
