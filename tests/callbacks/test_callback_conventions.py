@@ -15,7 +15,13 @@ from attribution.attr_helpers import TinyClassifier, blobs, loader
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero
 
-from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension, SpectrumNumerics
+from lightning_sketch.callbacks import (
+    GradientSketch,
+    HessianSpectrum,
+    IntrinsicDimension,
+    SearchCriteria,
+    SpectrumNumerics,
+)
 from lightning_sketch.exceptions import SketchConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -30,12 +36,15 @@ def test_the_shipped_configs_use_the_current_argument_names():
     for cls in (GradientSketch, HessianSpectrum, IntrinsicDimension):
         assert "sketch_kind" in inspect.signature(cls.__init__).parameters, cls.__name__
     numerics = {f.name for f in dataclasses.fields(SpectrumNumerics)}
+    criteria = {f.name for f in dataclasses.fields(SearchCriteria)}
     for cfg in sorted(CONFIGS.glob("*.yaml")):
         for cb in (yaml.safe_load(cfg.read_text()).get("trainer") or {}).get("callbacks") or []:
             args = set(cb.get("init_args") or {})
             assert "kind" not in args, cfg.name  # the deprecated alias of sketch_kind
             if cb["class_path"].endswith("HessianSpectrum"):
                 assert not args & numerics, (cfg.name, args & numerics)  # they belong under `numerics:`
+            if cb["class_path"].endswith("IntrinsicDimension"):
+                assert not args & criteria, (cfg.name, args & criteria)  # they belong under `criteria:`
 
 
 # ---------------------------------------------------------------------------- every_n_epochs
@@ -122,13 +131,50 @@ def test_lightning_cli_reads_the_shipped_spectrum_config(tmp_path):
     assert spec.numerics.num_iter == 40 and spec.numerics.density_iter == 30 and spec.trace
 
 
+def test_lightning_cli_reads_the_search_criteria_group(tmp_path):
+    text = """trainer:
+  callbacks:
+    - class_path: lightning_sketch.callbacks.IntrinsicDimension
+      init_args:
+        sketch_kind: dense
+        sketch_dim: 64
+        criteria:
+          d_min: 4
+          delta: 0.05
+          reference_score: 0.8
+"""
+    (intr,) = [c for c in _parse(tmp_path, text) if isinstance(c, IntrinsicDimension)]
+    assert intr.criteria == SearchCriteria(d_min=4, delta=0.05, reference_score=0.8)
+    assert intr.search is not None and intr.search.d == 4 and intr.target == pytest.approx(0.72)
+    with pytest.raises(SystemExit):  # the group's own validation refuses the config at parse time
+        _parse(tmp_path, text.replace("delta: 0.05", "delta: -1.0"))
+    with pytest.raises(SystemExit):  # flat keys are Python-only aliases: in YAML they go under `criteria:`
+        flat = text.replace(
+            "        criteria:\n          d_min: 4\n", "        d_min: 4\n        criteria:\n")
+        _parse(tmp_path, flat)
+
+
+@pytest.mark.parametrize("name, d_min, delta, target", [("intrinsic.yaml", 16, 0.05, 0.9 * 0.98),
+                                                         ("minilm.yaml", 64, 0.02, 0.9 * 0.9375)])
+def test_lightning_cli_reads_the_shipped_intrinsic_configs(tmp_path, name, d_min, delta, target):
+    import yaml
+
+    cfg = yaml.safe_load((CONFIGS / name).read_text())
+    (cb,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("IntrinsicDimension")]
+    text = yaml.safe_dump({"trainer": {"callbacks": [cb]}}).replace("${seed_everything}", "0")
+    (intr,) = [c for c in _parse(tmp_path, text) if isinstance(c, IntrinsicDimension)]
+    assert (intr.d_min, intr.delta, intr.target) == (d_min, delta, pytest.approx(target))
+    assert intr.search is not None and intr.search.d_max == intr.sketch_dim
+
+
 # ---------------------------------------------------------------------------- attributes
 @pytest.mark.parametrize("mode", ["checkpoint", "inline", "intrinsic"])
 def test_every_attribute_is_declared_in_init(tmp_path, mode):
     """A fit adds no attribute that ``__init__`` did not declare (Lightning's own callbacks do the same)."""
     x, y, _ = blobs(n=16)
     if mode == "intrinsic":  # reparametrises the model, so it runs on its own
-        callbacks = [IntrinsicDimension(sketch_kind="dense", sketch_dim=8, mode="fixed", target=2.0, plot=False,
+        callbacks = [IntrinsicDimension(sketch_kind="dense", sketch_dim=8, mode="fixed", plot=False,
+                                        criteria=SearchCriteria(target=2.0),
                                         dirpath=str(tmp_path / "id"))]
     else:
         callbacks = [

@@ -245,7 +245,8 @@ def test_unknown_kind_fails_at_construction():
 
 
 def test_missing_monitor_and_unsupported_strategy(tmp_path):
-    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, criteria=SearchCriteria(target=0.9), monitor="val_nope")
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, criteria=SearchCriteria(target=0.9),
+                            monitor="val_nope")
     with pytest.raises(SubspaceError, match="val_nope"):
         _trainer(tmp_path, 8, [cb]).fit(Blobs())
 
