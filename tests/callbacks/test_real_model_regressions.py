@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension
+from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension, SearchCriteria
 from lightning_sketch.data import IndexedDataset
 from lightning_sketch.exceptions import SubspaceError
 from lightning_sketch.gradients import ParamLayout, per_example_grads
@@ -230,8 +230,8 @@ def test_intrinsic_dimension_with_submodule_optimizer(tmp_path):
 def test_fixed_mode_with_unreached_target_reports_not_reached(tmp_path):
     seed_everything(0)
     module = SeqModule()
-    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, mode="fixed", monitor="val_acc", target=2.0,
-                            dirpath=str(tmp_path), plot=False)
+    cb = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, mode="fixed", monitor="val_acc",
+                            criteria=SearchCriteria(target=2.0), dirpath=str(tmp_path), plot=False)
     _trainer(tmp_path, [cb], max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=1).fit(
         module, _loader(), _loader())
     assert cb.status == "not_reached" and cb.reached is False

@@ -19,7 +19,13 @@ from exact_refs import loop_grads
 from torch import nn
 
 from lightning_sketch.attribution import Attributor
-from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension, SpectrumNumerics
+from lightning_sketch.callbacks import (
+    GradientSketch,
+    HessianSpectrum,
+    IntrinsicDimension,
+    SearchCriteria,
+    SpectrumNumerics,
+)
 from lightning_sketch.exceptions import (
     DuplicateIdError,
     LayoutMismatchError,
@@ -124,7 +130,7 @@ def test_nan_validation_metric_stops_the_search(tmp_path):
         def validation_step(self, batch, batch_idx):
             self.log("val_acc", torch.tensor(float("nan")))
 
-    cb = IntrinsicDimension(sketch_kind="affd", sketch_dim=16, d_min=2, target=0.9)
+    cb = IntrinsicDimension(sketch_kind="affd", sketch_dim=16, criteria=SearchCriteria(d_min=2, target=0.9))
     with pytest.raises(SubspaceError, match="`metric` must be a finite number, got nan"):
         trainer(tmp_path, [cb], max_steps=4, val_check_interval=2, check_val_every_n_epoch=None).fit(
             NanVal(), loader(), loader(8, seed=2))
@@ -145,7 +151,8 @@ def test_empty_datasets(tmp_path):
     trainer(tmp_path, [cb], max_epochs=1).fit(Tiny(), loader(0))
     assert SketchStore.open(tmp_path / "b" / "run" / "store").num_rows == 0
 
-    cb = IntrinsicDimension(sketch_kind="affd", sketch_dim=16, d_min=2, target=0.9, dirpath=str(tmp_path / "c"))
+    cb = IntrinsicDimension(sketch_kind="affd", sketch_dim=16, criteria=SearchCriteria(d_min=2, target=0.9),
+                            dirpath=str(tmp_path / "c"))
     with pytest.warns(UserWarning, match="no validation round ran"):  # rank_zero_warn: once, from rank 0
         trainer(tmp_path, [cb], max_steps=4, val_check_interval=2, check_val_every_n_epoch=None).fit(
             Tiny(), loader(), loader(0))
@@ -344,7 +351,8 @@ def test_bf16_mixed_training_sketches_in_float32(tmp_path):
     trainer(tmp_path / "ref", [ref], max_steps=1).fit(Tiny(), loader())
     np.testing.assert_allclose(spec.history[0]["eigenvalues"], ref.history[0]["eigenvalues"], rtol=1e-6)
     # subspace training under bf16 autocast: ω stays a float32 parameter and trains
-    cb = IntrinsicDimension(sketch_kind="affd", sketch_dim=16, d_min=2, target=0.99, dirpath=str(tmp_path / "id"))
+    cb = IntrinsicDimension(sketch_kind="affd", sketch_dim=16, criteria=SearchCriteria(d_min=2, target=0.99),
+                            dirpath=str(tmp_path / "id"))
     trainer(tmp_path / "id", [cb], max_steps=4, val_check_interval=2, check_val_every_n_epoch=None,
             precision="bf16-mixed").fit(Tiny(), loader(), loader(8, seed=2))
     omega = cb.subspace.omega.detach()

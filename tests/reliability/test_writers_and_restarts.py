@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from _common import Data, Tiny, loader, trainer
 
 from lightning_sketch import _safeio as sio
-from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension
+from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension, SearchCriteria
 from lightning_sketch.exceptions import StoreConflictError, StoreWriteError
 from lightning_sketch.spectrum.snapshot import SnapshotWriter, load_index, load_snapshot
 from lightning_sketch.store import SketchStore
@@ -155,7 +155,8 @@ def test_disk_full_in_the_spectrum_callback_is_typed_and_leaves_no_debris(tmp_pa
 
 # ---------------------------------------------------------------------------- intrinsic dimension
 def _idim(d: Path) -> IntrinsicDimension:
-    return IntrinsicDimension(sketch_kind="dense", sketch_dim=16, d_min=4, monitor="val_acc", target=2.0, plot=False,
+    return IntrinsicDimension(sketch_kind="dense", sketch_dim=16, monitor="val_acc",
+                              criteria=SearchCriteria(d_min=4, target=2.0), plot=False,
                               stop_when_done=False, dirpath=str(d))
 
 

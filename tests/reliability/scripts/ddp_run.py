@@ -26,7 +26,7 @@ import torch
 from _common import Data, Tiny, loader, trainer
 from lightning.pytorch import Callback
 
-from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension
+from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension, SearchCriteria
 from lightning_sketch.intrinsic import Subspace
 
 SNAP_STEPS = [0, 5]
@@ -100,7 +100,8 @@ def fit_b(out: Path, devices: int) -> dict:
               num_sanity_val_steps=-1)
     if devices > 1:
         kw.update(strategy="ddp", use_distributed_sampler=False)
-    cb = IntrinsicDimension(sketch_kind="affd", sketch_dim=64, seed=4, d_min=4, monitor="val_acc", delta=0.5, target=1.5,
+    cb = IntrinsicDimension(sketch_kind="affd", sketch_dim=64, seed=4, monitor="val_acc",
+                            criteria=SearchCriteria(d_min=4, delta=0.5, target=1.5),
                             dirpath=str(out / "intrinsic"), stop_when_done=False)
     trace = OmegaTrace()
     model = Tiny(dtype=torch.float64)

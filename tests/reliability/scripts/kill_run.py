@@ -40,7 +40,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_sketch.spectrum.snapshot as snapshot_mod
 import lightning_sketch.store.store as store_mod
-from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension, SpectrumNumerics
+from lightning_sketch.callbacks import (
+    GradientSketch,
+    HessianSpectrum,
+    IntrinsicDimension,
+    SearchCriteria,
+    SpectrumNumerics,
+)
 
 MAX_STEPS = 12
 
@@ -105,8 +111,9 @@ def callbacks(root: Path, mode: str) -> list:
                             every_n_steps=None, numerics=SpectrumNumerics(num_iter=8), probe_batches=1,
                             density=False, plot=False, dirpath=str(root / "spectrum")),
         ]
-    return [IntrinsicDimension(sketch_kind="affd", sketch_dim=64, seed=4, d_min=4, monitor="val_acc", delta=0.05,
-                               target=1.5, dirpath=str(root / "intrinsic"), stop_when_done=False)]
+    return [IntrinsicDimension(sketch_kind="affd", sketch_dim=64, seed=4, monitor="val_acc",
+                               criteria=SearchCriteria(d_min=4, delta=0.05, target=1.5),
+                               dirpath=str(root / "intrinsic"), stop_when_done=False)]
 
 
 def main(root: Path, mode: str, kill: str | None = None, resume: bool = False) -> dict:
