@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strate
 from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation, rank_zero_warn
 
 from lightning_sketch._safeio import file_sha256
+from lightning_sketch.callbacks._search_options import SearchCriteria
 from lightning_sketch.exceptions import StoreNotFoundError, SubspaceError, UnsupportedStrategyError
 from lightning_sketch.intrinsic import Subspace
 from lightning_sketch.sketches import KINDS
@@ -127,3 +128,39 @@ def measure_reference_score(
         raise SubspaceError(f"`monitor`={monitor!r} not in the validation results {results}; log it in "
                             "validation_step.")
     return float(results[0][monitor])
+
+
+def _check_init_args(
+    criteria: SearchCriteria,
+    sketch_kind: str,
+    sketch_dim: int,
+    mode: str,
+    d: int | None,
+    monitor: str,
+    eval_every_n_steps: int | None,
+    **flags: bool,
+) -> None:
+    """IntrinsicDimension's argument checks that span several arguments (raised in ``__init__``)."""
+    if mode not in ("search", "fixed"):
+        raise SubspaceError(f"`mode` must be 'search' or 'fixed', got {mode!r}.")
+    if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1:
+        raise SubspaceError(f"`sketch_dim` must be a positive int, got {sketch_dim!r}.")
+    if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= sketch_dim):
+        raise SubspaceError(f"`d` must be None or an int in [1, sketch_dim={sketch_dim}], got {d!r}.")
+    every = eval_every_n_steps
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise SubspaceError("`eval_every_n_steps` must be None or a positive int, got "
+                            f"{eval_every_n_steps!r}.")
+    _check_types(sketch_kind, monitor, **flags)
+    target, d_min = criteria.resolved_target, criteria.d_min
+    if mode == "search":
+        if target is None:
+            raise SubspaceError(
+                "Search mode needs a target: pass criteria=SearchCriteria(target=...) (absolute) or "
+                "SearchCriteria(reference_score=...) (the full fine-tuning score; target = "
+                "target_fraction x reference_score); in YAML a `criteria:` mapping. Measure the "
+                "reference with lightning_sketch.callbacks.intrinsic_dimension.measure_reference_score."
+            )
+        if d_min > sketch_dim:
+            raise SubspaceError(f"`d_min` must be <= `sketch_dim` (got {d_min} > {sketch_dim}): lower "
+                                "`criteria.d_min` or raise `sketch_dim`.")

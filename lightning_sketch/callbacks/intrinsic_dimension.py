@@ -56,9 +56,9 @@ from typing_extensions import override
 
 from lightning_sketch._safeio import DirLock, write_checked_json
 from lightning_sketch.callbacks._intrinsic_support import (
+    _check_init_args,
     _check_omega_in_optimizer,
     _check_strategy,
-    _check_types,
     _disk_sha,
     _resolve_sketch_kind,
     measure_reference_score,
@@ -134,30 +134,10 @@ class IntrinsicDimension(Callback):
         sketch_kind = _resolve_sketch_kind(sketch_kind, kind)
         self.criteria = merge_flat_criteria(criteria, flat_criteria)
         sketch_class(sketch_kind)  # an unknown kind fails here, not at setup
-        if mode not in ("search", "fixed"):
-            raise SubspaceError(f"`mode` must be 'search' or 'fixed', got {mode!r}.")
-        if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1:
-            raise SubspaceError(f"`sketch_dim` must be a positive int, got {sketch_dim!r}.")
-        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= sketch_dim):
-            raise SubspaceError(f"`d` must be None or an int in [1, sketch_dim={sketch_dim}], got {d!r}.")
-        every = eval_every_n_steps
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise SubspaceError("`eval_every_n_steps` must be None or a positive int, got "
-                                f"{eval_every_n_steps!r}.")
-        _check_types(sketch_kind, monitor, said=said, normalize=normalize, higher_is_better=higher_is_better,
-                     stop_when_done=stop_when_done)
+        _check_init_args(self.criteria, sketch_kind, sketch_dim, mode, d, monitor, eval_every_n_steps,
+                         said=said, normalize=normalize, higher_is_better=higher_is_better,
+                         stop_when_done=stop_when_done)
         target, d_min = self.criteria.resolved_target, self.criteria.d_min
-        if mode == "search":
-            if target is None:
-                raise SubspaceError(
-                    "Search mode needs a target: pass criteria=SearchCriteria(target=...) (absolute) or "
-                    "SearchCriteria(reference_score=...) (the full fine-tuning score; target = "
-                    "target_fraction x reference_score); in YAML a `criteria:` mapping. Measure the "
-                    "reference with lightning_sketch.callbacks.intrinsic_dimension.measure_reference_score."
-                )
-            if d_min > sketch_dim:
-                raise SubspaceError(f"`d_min` must be <= `sketch_dim` (got {d_min} > {sketch_dim}): lower "
-                                    "`criteria.d_min` or raise `sketch_dim`.")
         self.sketch_kind, self.sketch_dim, self.seed = sketch_kind, sketch_dim, seed
         self.said, self.normalize = said, normalize
         self.mode, self.d, self.monitor = mode, d, monitor
