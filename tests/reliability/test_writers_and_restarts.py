@@ -8,16 +8,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _common import Data, Tiny, loader, trainer  # tests/reliability/scripts is on pytest's pythonpath
 from lightning.pytorch import Callback
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-from _common import Data, Tiny, loader, trainer
 
 from lightning_sketch import _safeio as sio
 from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension, SearchCriteria
