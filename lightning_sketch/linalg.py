@@ -64,13 +64,22 @@ class LinearOperator:
         self.symmetric = bool(symmetric)
 
     # ----------------------------------------------------------------- subclass hooks
+    # The base class is the interface only: a subclass that does not define these hooks is a
+    # configuration mistake, reported as such (the hooks are not abstract methods so that the base
+    # constructor's own checks stay testable).
     def _rows(self, v: Tensor) -> Tensor:
-        raise NotImplementedError
+        raise SketchConfigError(
+            f"{type(self).__name__} defines no action: implement `_rows(V [K, N]) -> [K, M]` in the "
+            "subclass, or build a FunctionOperator."
+        )
 
     def _adjoint_rows(self, w: Tensor) -> Tensor:
         if self.symmetric:
             return self._rows(w)
-        raise NotImplementedError(f"{type(self).__name__} has no adjoint.")
+        raise SketchConfigError(
+            f"{type(self).__name__} has no adjoint: implement `_adjoint_rows(W [K, M]) -> [K, N]`, pass "
+            "`adjoint_rows` to FunctionOperator, or declare the operator symmetric."
+        )
 
     # ----------------------------------------------------------------- application
     def _check(self, x: Any, n: int, what: str) -> None:

@@ -158,3 +158,18 @@ def test_lift_is_theta0_plus_lift_operator():
     omega = torch.randn(5, dtype=D64, generator=_gen(11))
     lifted = F.lift(theta0, layout, s.op.T, omega)
     torch.testing.assert_close(layout.flatten(lifted), layout.flatten(theta0) + s.to_dense().T @ omega)
+
+
+def test_missing_hooks_are_typed_errors_with_advice():
+    bare = LinearOperator((2, 3))
+    with pytest.raises(SketchConfigError, match="defines no action"):
+        bare.matvec(torch.ones(3, dtype=D64))
+
+    class RowsOnly(LinearOperator):
+        def _rows(self, v):
+            return v[:, :2]
+
+    op = RowsOnly((2, 3))
+    torch.testing.assert_close(op.matvec(torch.arange(3.0, dtype=D64)), torch.tensor([0.0, 1.0], dtype=D64))
+    with pytest.raises(SketchConfigError, match="has no adjoint"):
+        op.T.matvec(torch.ones(2, dtype=D64))

@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -102,8 +102,9 @@ class ScoringEngine:
     _eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]]
     _norms: Tensor | None
 
-    def query_sketches(self, batch: Any, run: int = 0) -> list[Tensor]:  # implemented by the host
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the host's method (Attributor.query_sketches), declared for type checkers
+
+        def query_sketches(self, batch: Any, run: int = 0) -> list[Tensor]: ...
 
     def _positions(self, r: int, name: str) -> Tensor:
         key = (r, name)
