@@ -17,13 +17,11 @@ callback keeps a short signature::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
-
+from lightning_sketch.callbacks._option_groups import merge_flat_options
 from lightning_sketch.exceptions import SubspaceError
 
 __all__ = ["SearchCriteria"]
@@ -88,26 +86,9 @@ class SearchCriteria:
         return None
 
 
-_FIELDS = frozenset(f.name for f in dataclasses.fields(SearchCriteria))
-
-
 def merge_flat_criteria(criteria: SearchCriteria | None, flat: dict[str, Any]) -> SearchCriteria:
-    """``criteria`` built from the deprecated flat keyword arguments (``IntrinsicDimension(target=...)``)."""
-    unknown = sorted(set(flat) - _FIELDS)
-    if unknown:
-        raise TypeError(f"IntrinsicDimension() got unexpected keyword argument(s) {unknown}.")
-    if criteria is not None and not isinstance(criteria, SearchCriteria):
-        raise SubspaceError(f"`criteria` must be a SearchCriteria, got {type(criteria).__name__}.")
-    if not flat:
-        return criteria if criteria is not None else SearchCriteria()
-    if criteria is not None:
-        raise SubspaceError(
-            "Pass the search settings once: either `criteria` or the deprecated keyword arguments "
-            f"{sorted(flat)}."
-        )
-    names = ", ".join(f"{k}=..." for k in sorted(flat))
-    rank_zero_deprecation(
-        f"IntrinsicDimension({names}) is deprecated; pass criteria=SearchCriteria({names}) (in YAML: a "
-        "`criteria:` mapping)."
+    """``criteria``, or one built from the deprecated flat keyword arguments (``IntrinsicDimension(...)``)."""
+    return merge_flat_options(
+        SearchCriteria, criteria, flat, owner="IntrinsicDimension", arg="criteria", what="search settings",
+        error=SubspaceError,
     )
-    return SearchCriteria(**flat)

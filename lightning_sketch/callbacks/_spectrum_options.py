@@ -15,12 +15,10 @@ callback keeps a short signature::
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
-
+from lightning_sketch.callbacks._option_groups import merge_flat_options
 from lightning_sketch.exceptions import SketchConfigError
 
 __all__ = ["SpectrumNumerics"]
@@ -83,26 +81,9 @@ class SpectrumNumerics:
             raise SketchConfigError(f"`outlier_threshold` must be in (0, 1), got {t!r}.")
 
 
-_FIELDS = frozenset(f.name for f in dataclasses.fields(SpectrumNumerics))
-
-
 def merge_flat_numerics(numerics: SpectrumNumerics | None, flat: dict[str, Any]) -> SpectrumNumerics:
-    """``numerics`` updated with the deprecated flat keyword arguments (``HessianSpectrum(num_iter=...)``)."""
-    unknown = sorted(set(flat) - _FIELDS)
-    if unknown:
-        raise TypeError(f"HessianSpectrum() got unexpected keyword argument(s) {unknown}.")
-    if numerics is not None and not isinstance(numerics, SpectrumNumerics):
-        raise SketchConfigError(f"`numerics` must be a SpectrumNumerics, got {type(numerics).__name__}.")
-    if not flat:
-        return numerics if numerics is not None else SpectrumNumerics()
-    if numerics is not None:
-        raise SketchConfigError(
-            "Pass the numerical settings once: either `numerics` or the deprecated keyword arguments "
-            f"{sorted(flat)}."
-        )
-    rank_zero_deprecation(
-        f"HessianSpectrum({', '.join(f'{k}=...' for k in sorted(flat))}) is deprecated; pass "
-        f"numerics=SpectrumNumerics({', '.join(f'{k}=...' for k in sorted(flat))}) (in YAML: a `numerics:` "
-        "mapping)."
+    """``numerics``, or one built from the deprecated flat keyword arguments (``HessianSpectrum(...)``)."""
+    return merge_flat_options(
+        SpectrumNumerics, numerics, flat, owner="HessianSpectrum", arg="numerics", what="numerical settings",
+        error=SketchConfigError,
     )
-    return SpectrumNumerics(**flat)
