@@ -115,16 +115,14 @@ class ScoringEngine:
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
-    def _estimators(run: Run, names: Sequence[str]) -> set[str | None]:
-        """The curvature estimators recorded for slices ``names`` of ``run`` (``None``: no file)."""
-        if run.root is None:
-            return {None}
-        return {CV.curvature_estimator(run.root, n) for n in names}
+    def _estimators(run: Run) -> dict[str, str | None]:
+        """Slice name → the curvature estimator its sidecar records (``None``: no file); one read each."""
+        root = run.root
+        return {n: None if root is None else CV.curvature_estimator(root, n) for n in run.names}
 
-    @classmethod
-    def _curvature_kind(cls, run: Run, names: Sequence[str]) -> str | None:
-        """``"margin"`` or ``"fisher"`` when every slice of ``names`` holds that kernel, else ``None``."""
-        est = cls._estimators(run, names)
+    @staticmethod
+    def _curvature_kind(est: set[str | None]) -> str | None:
+        """``"margin"`` or ``"fisher"`` when every estimator in ``est`` is that kernel, else ``None``."""
         if None in est:
             return None
         margin = {CV.is_margin_estimator(e) for e in est}

@@ -65,16 +65,16 @@ from lightning_sketch.exceptions import (
 
 __all__ = [
     "CURVATURE_DIR",
-    "LabelSampler",
     "CURVATURE_KINDS",
+    "LabelSampler",
     "accumulate_fisher",
     "curvature_estimator",
+    "curvature_slices",
     "is_margin_estimator",
     "logits_margin_loss",
-    "resolve_margin_loss",
-    "curvature_slices",
     "read_curvature",
     "resolve_label_sampler",
+    "resolve_margin_loss",
     "write_curvature",
 ]
 

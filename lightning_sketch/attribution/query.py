@@ -206,8 +206,9 @@ class Attributor(ScoringEngine):
                 "method='arnoldi_if' takes one run (its eigenpairs belong to one sketch); "
                 "use fisher_if or trak for ensembles."
             )
+        run_estimators = [self._estimators(r) for r in self.runs]
         if method == "auto":
-            kinds = {self._curvature_kind(r, r.names) for r in self.runs}
+            kinds = {self._curvature_kind(set(e.values())) for e in run_estimators}
             method = "fisher_if" if kinds == {"fisher"} else "trak"
         self.method: str = method
         self.damping = None if damping is None else float(damping)
@@ -220,12 +221,11 @@ class Attributor(ScoringEngine):
         self.index_kind = index
         self.current_weights = bool(current_weights)
         self.checkpoints = self._select(checkpoints)
-        estimators = [self._estimators(r, self.checkpoints) for r in self.runs]
-        kinds = {self._curvature_kind(r, self.checkpoints) for r in self.runs}
+        estimators = [{e[n] for n in self.checkpoints} for e in run_estimators]
+        run_kinds = [self._curvature_kind(e) for e in estimators]
+        kinds = set(run_kinds)
         if method == "fisher_if" and kinds != {"fisher"}:
-            missing = [
-                str(r.root) for r in self.runs if self._curvature_kind(r, self.checkpoints) != "fisher"
-            ]
+            missing = [str(r.root) for r, k in zip(self.runs, run_kinds) if k != "fisher"]
             raise StoreNotFoundError(
                 "method='fisher_if' needs the sampled-label Fisher that GradientSketch(curvature='fisher') "
                 f"writes; {missing} hold none (or TRAK's margin kernel). Use method='trak', or re-run "
