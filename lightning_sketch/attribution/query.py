@@ -20,7 +20,6 @@ opponents are the most negative scores.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -65,7 +64,6 @@ __all__ = [
     "negative_margin_of",
 ]
 
-log = logging.getLogger(__name__)
 
 METHODS = ("grad_dot", "tracin", "grad_cos", "trak", "fisher_if", "arnoldi_if")
 Method = Literal["auto", "grad_dot", "tracin", "grad_cos", "trak", "fisher_if", "arnoldi_if"]
