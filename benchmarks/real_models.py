@@ -386,18 +386,23 @@ def fixed_batch(parts, args, emit):
         lambda: affd.apply(affd.transpose(w)), raw_hvp, args.reps))
     measure("sketched_hvp affd (fwd_rev)", lambda: paired(sk("fwd_rev"), fwd_bwd, args.reps))
 
-    # a spectrum snapshot (k=10, --hvps Lanczos steps, no density) against as many plain fwd+bwd and raw HVPs
-    def snapshot():
+    # a spectrum snapshot (k=10, --hvps Lanczos steps, no density) against as many plain fwd+bwd and raw HVPs;
+    # cache_graph=True (the default) reuses the graph of the gradient across the HVPs, False rebuilds it per HVP
+    def snapshot(cache_graph=True):
         clock = _clock()
         t = clock()
         spectrum_snapshot(module, loss_fn, [batch], k=10, sketch=affd, num_iter=args.hvps, method="double_backward",
-                          layout=layout, density=False)
+                          layout=layout, density=False, cache_graph=cache_graph)
         return clock() - t
 
     snap = measure(f"spectrum snapshot k=10, {args.hvps} HVPs s", snapshot)
+    nocache = measure("  the same, cache_graph=False s", lambda: snapshot(False))
     if isinstance(snap, float):
-        emit(f"snapshot / {args.hvps} fwd+bwd", snap / (args.hvps * timeit(fwd_bwd, args.reps)), "")
-        emit(f"snapshot / {args.hvps} raw HVPs", snap / (args.hvps * timeit(raw_hvp, args.reps)), "")
+        fb, raw = timeit(fwd_bwd, args.reps), timeit(raw_hvp, args.reps)
+        emit(f"snapshot / {args.hvps} fwd+bwd", snap / (args.hvps * fb), "")
+        emit(f"snapshot / {args.hvps} raw HVPs", snap / (args.hvps * raw), "")
+        if isinstance(nocache, float):
+            emit(f"snapshot cache_graph=False / {args.hvps} fwd+bwd", nocache / (args.hvps * fb), "")
     del base
 
 

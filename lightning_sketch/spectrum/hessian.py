@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sketch.exceptions import SketchConfigError, SpectrumError
-from lightning_sketch.gradients.hvp import loss_grad, make_hvp
+from lightning_sketch.gradients.hvp import HVPOperator, loss_grad, make_hvp
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.linalg import LinearOperator
 from lightning_sketch.sketches import Sketch, derive_seed, make
@@ -87,6 +87,7 @@ class HessianOperator:
         dim: N (exact) or D (sketched).
         sketch: the sketch Φ, or None for the exact operator.
         num_matvecs: HVPs evaluated so far.
+        hvp: the exact HVP operator H inside ``operator`` (its cached graph is freed by :meth:`release`).
     """
 
     matvec: Callable[[Tensor], Tensor]
@@ -94,10 +95,16 @@ class HessianOperator:
     sketch: Sketch | None
     num_matvecs: int = 0
     operator: LinearOperator | None = field(default=None, repr=False)
+    hvp: HVPOperator | None = field(default=None, repr=False)
 
     def __call__(self, v: Tensor) -> Tensor:
         self.num_matvecs += 1
         return self.matvec(v)
+
+    def release(self) -> None:
+        """Free the cached graph of ∇L (``cache_graph=True``); later matvecs rebuild it."""
+        if self.hvp is not None:
+            self.hvp.clear()
 
 
 def _layout(model: nn.Module, layout: Any) -> Any:
@@ -120,6 +127,7 @@ def hessian_operator(
     layout: Any = None,
     method: HvpMethod = "double_backward",
     reduce: Reduce | None = None,
+    cache_graph: bool = True,
 ) -> HessianOperator:
     """The exact (v ↦ H v) or sketched (v ↦ Φ H Φᵀ v) Hessian operator of the probe-set loss.
 
@@ -131,6 +139,10 @@ def hessian_operator(
         layout: a :class:`~lightning_sketch.gradients.ParamLayout` (default: all trainable params).
         method: HVP method of :func:`lightning_sketch.gradients.make_hvp`.
         reduce: applied to every matvec output (e.g. a DDP all-reduce mean).
+        cache_graph: with ``"double_backward"``, keep the graph of ∇L over the probe set between
+            matvecs (each HVP is then one backward pass; the graph's memory is held until
+            :meth:`HessianOperator.release` or a parameter change); see
+            :class:`~lightning_sketch.gradients.HVPOperator`.
 
     Returns:
         A :class:`HessianOperator` counting its matvecs.
@@ -143,7 +155,7 @@ def hessian_operator(
     batches = _check_batches(batches)
     layout = _layout(model, layout)
     sk = resolve_sketch(sketch, layout.dim)
-    hess = make_hvp(model, loss_fn, batches, layout=layout, method=method)
+    hess = make_hvp(model, loss_fn, batches, layout=layout, method=method, cache_graph=cache_graph)
     op = hess if sk is None else sk.op @ hess @ sk.op.T  # eq. 10: Φ H Φᵀ
     pdtype = _param_dtype(model)
     device = next(iter(model.parameters())).device
@@ -155,7 +167,7 @@ def hessian_operator(
             out = reduce(out)
         return out.to(dtype=v.dtype, device=v.device)
 
-    return HessianOperator(matvec, op.shape[0], sk, operator=op)
+    return HessianOperator(matvec, op.shape[0], sk, operator=op, hvp=hess)
 
 
 def probe_gradient(
@@ -225,6 +237,7 @@ def hessian_eigs(
     tol: float = 1e-6,
     dtype: torch.dtype = torch.float64,
     reduce: Reduce | None = None,
+    cache_graph: bool = True,
 ) -> HessianEigs:
     """Top-k eigenpairs of the Hessian of the probe-set loss, exact or sketched.
 
@@ -250,6 +263,8 @@ def hessian_eigs(
         tol: relative residual tolerance for ``converged``.
         dtype: Krylov-vector dtype (HVPs run in the parameters' dtype).
         reduce: applied to every matvec output (DDP all-reduce mean).
+        cache_graph: keep the graph of ∇L between the HVPs of this call (``"double_backward"``
+            only; freed before returning); see :func:`hessian_operator`.
 
     Returns:
         A :class:`HessianEigs`.
@@ -258,12 +273,17 @@ def hessian_eigs(
         SpectrumError: on ``k > dim``, a bad ``which`` or ``num_iter``, or empty ``batches``.
         SketchConfigError: on a sketch that does not match the model.
     """
-    op = hessian_operator(model, loss_fn, batches, sketch, layout=layout, method=method, reduce=reduce)
+    op = hessian_operator(
+        model, loss_fn, batches, sketch, layout=layout, method=method, reduce=reduce, cache_graph=cache_graph
+    )
     # A stream of its own (as the callbacks do): seeding with the raw user seed would make the start
     # vector equal torch.manual_seed(seed); torch.randn(N), correlated with the user's own draws.
     gen = torch.Generator().manual_seed(derive_seed(int(seed), "hessian_eigs", "start"))
     start = time.perf_counter()
-    res = lanczos(op, op.dim, k, num_iter=num_iter, which=which, generator=gen, dtype=dtype, v0=v0, tol=tol)
+    try:
+        res = lanczos(op, op.dim, k, num_iter=num_iter, which=which, generator=gen, dtype=dtype, v0=v0, tol=tol)
+    finally:
+        op.release()
     seconds = time.perf_counter() - start
     spec = op.sketch.spec if op.sketch is not None else None
     return HessianEigs(

@@ -100,6 +100,7 @@ def spectrum_snapshot(
     tol: float = 1e-6,
     dtype: torch.dtype = torch.float64,
     reduce: Reduce | None = None,
+    cache_graph: bool = True,
 ) -> SpectrumSnapshot:
     """Top-k eigenpairs, summary statistics and (optionally) density and trace of the probe Hessian.
 
@@ -122,6 +123,8 @@ def spectrum_snapshot(
         tol: relative residual tolerance of the converged flags.
         dtype: Krylov dtype.
         reduce: applied to every matvec and to the gradient (DDP all-reduce mean).
+        cache_graph: keep the graph of ∇L over the probe set for all the snapshot's HVPs
+            (``"double_backward"`` only; each HVP is then one backward pass; freed before returning).
 
     Returns:
         A :class:`SpectrumSnapshot`.
@@ -130,14 +133,19 @@ def spectrum_snapshot(
         SpectrumError: on bad ``k``/``num_iter`` or empty ``batches``.
     """
     start = time.perf_counter()
-    op = hessian_operator(model, loss_fn, batches, sketch, layout=layout, method=method, reduce=reduce)
-    eigs = lanczos(op, op.dim, k, num_iter=num_iter, which="LA", generator=generator, dtype=dtype, tol=tol)
+    op = hessian_operator(
+        model, loss_fn, batches, sketch, layout=layout, method=method, reduce=reduce, cache_graph=cache_graph
+    )
+    try:
+        eigs = lanczos(op, op.dim, k, num_iter=num_iter, which="LA", generator=generator, dtype=dtype, tol=tol)
+        dens = None
+        if density:
+            dens = slq_density(op, op.dim, density_runs, density_iter, generator=generator, dtype=dtype)
+        tr = hutchpp(op, op.dim, trace_matvecs, generator=generator, dtype=dtype) if trace else None
+    finally:
+        op.release()
     grad = probe_gradient(model, loss_fn, batches, op.sketch, layout=layout, reduce=reduce).to(dtype)
     smallest = float(eigs.ritz_values.min())
     summary = summarize(eigs.eigenvalues, eigs.eigenvectors, grad, smallest=smallest, threshold=threshold)
-    dens = None
-    if density:
-        dens = slq_density(op, op.dim, density_runs, density_iter, generator=generator, dtype=dtype)
-    tr = hutchpp(op, op.dim, trace_matvecs, generator=generator, dtype=dtype) if trace else None
     spec = op.sketch.spec if op.sketch is not None else None
     return SpectrumSnapshot(eigs, summary, dens, tr, op.num_matvecs, time.perf_counter() - start, spec)

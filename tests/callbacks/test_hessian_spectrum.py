@@ -164,6 +164,21 @@ def test_every_n_steps_and_exact_operator(tmp_path):
     assert snap["meta"]["sketch_spec"] is None and snap["eigenvectors"].shape == (3, 67)
 
 
+def test_cache_graph_off_gives_the_same_snapshots(tmp_path):
+    """The default keeps the graph of ∇L for a snapshot's HVPs; turning it off recomputes the graph per HVP.
+    The operator is the same (eval mode, fixed probe set), so the snapshots agree to round-off."""
+    runs = []
+    for cache in (True, False):
+        torch.manual_seed(0)
+        cb = _callback(at_steps=[0, 3], density=False, trace=False, plot=False, dirpath=str(tmp_path / f"s{cache}"))
+        cb.numerics = SpectrumNumerics(num_iter=8, cache_graph=cache)
+        _trainer(tmp_path / str(cache), [cb], 3).fit(TinyModule(), _loader())
+        runs.append(torch.tensor([e["eigenvalues"] for e in cb.history], dtype=torch.float64))
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-7)
+    with pytest.raises(SketchConfigError, match="cache_graph"):
+        SpectrumNumerics(cache_graph="yes")
+
+
 def test_missing_per_example_loss(tmp_path):
     with pytest.raises(UnsupportedModelError, match="per_example_loss"):
         _trainer(tmp_path, [_callback()], 1).fit(NoPerExample(), _loader())

@@ -246,3 +246,69 @@ def test_hvp_with_unused_and_linear_parameters(method):
     torch.testing.assert_close(got, H @ v, atol=1e-12, rtol=1e-10)
     pooler = layout.unflatten(got)
     assert not pooler["pooler.weight"].any() and not pooler["pooler.bias"].any() and not pooler["shift"].any()
+
+
+# --------------------------------------------------------------------------- cached graph of ∇L
+@pytest.mark.parametrize("case", ["mlp_case", "block_case"])
+def test_cached_graph_equals_exact_hessian(case, request):
+    """cache_graph=True gives H v (and H V) equal to the torch.func / plain-autograd reference, on two
+    batches of unequal size, built once for every call at the same parameters."""
+    model, loss_fn, (x, y) = request.getfixturevalue(case)
+    layout = ParamLayout.from_module(model)
+    batches = [(x[:1], y[:1]), (x[1:], y[1:])]
+    V = torch.randn(3, layout.dim, dtype=torch.float64)
+    ref = ref_hvp(model, loss_fn, batches, layout, V)
+    op = make_hvp(model, loss_fn, batches, method="double_backward", cache_graph=True)
+    torch.testing.assert_close(op(V), ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(op(V[1]), ref[1], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(op(V.float()), ref.float(), atol=1e-5, rtol=1e-4)  # any float dtype in, same out
+    assert op(V.float()).dtype == torch.float32
+    assert op.graph is not None and op.graph.builds == 1
+
+
+def test_cached_graph_rebuilds_when_parameters_buffers_or_mode_change(mlp_case):
+    """An in-place parameter update (an optimizer step), load_state_dict and a mode flip each rebuild the
+    graph, so the cached operator is always the Hessian at the current parameters."""
+    model, loss_fn, batch = mlp_case
+    layout = ParamLayout.from_module(model)
+    op = make_hvp(model, loss_fn, [batch], method="double_backward", cache_graph=True)
+    v = torch.randn(layout.dim, dtype=torch.float64)
+    before = op(v)
+    torch.optim.SGD(model.parameters(), lr=0.5).zero_grad()
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    after = op(v)
+    assert op.graph.builds == 2 and not torch.allclose(before, after)
+    torch.testing.assert_close(after, ref_hvp(model, loss_fn, [batch], layout, v[None])[0], atol=1e-10, rtol=1e-10)
+    state = {k: t.clone() * 0.5 for k, t in model.state_dict().items()}
+    model.load_state_dict(state)
+    torch.testing.assert_close(op(v), ref_hvp(model, loss_fn, [batch], layout, v[None])[0], atol=1e-10, rtol=1e-10)
+    assert op.graph.builds == 3
+    model.eval()
+    op(v)
+    assert op.graph.builds == 4
+    op.clear()
+    op(v)
+    assert op.graph.builds == 5
+
+
+def test_cached_graph_leaves_model_untouched_and_handles_unused_parameters():
+    torch.manual_seed(0)
+    model = _Unused().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+
+    def loss_fn(m, b):
+        return m(b).pow(2).sum(-1) + m.shift
+
+    layout = ParamLayout.from_module(model)
+    v = torch.randn(layout.dim, dtype=torch.float64)
+    op = make_hvp(model, loss_fn, [x], method="double_backward", cache_graph=True)
+    torch.testing.assert_close(op(v), hvp(model, loss_fn, x, v, method="double_backward"), atol=1e-12, rtol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not p.requires_grad or p.is_leaf for p in model.parameters())
+
+
+def test_cache_graph_is_ignored_by_other_methods(mlp_case):
+    model, loss_fn, batch = mlp_case
+    assert make_hvp(model, loss_fn, [batch], method="fwd_rev", cache_graph=True).graph is None
+    assert make_hvp(model, loss_fn, [batch], method="double_backward").graph is None
