@@ -28,7 +28,9 @@ Separately, on one fixed batch (eval mode, so every method sees the same loss):
   ``torch.autograd.grad(create_graph=True)`` double-backward HVP, all over one forward+backward;
 - a ``HessianSpectrum``-style snapshot (``spectrum_snapshot``, k=10, ``--hvps`` Lanczos steps, no
   density) against the same number of plain forward+backward passes over the probe batch, and against
-  the same number of raw HVPs (what the snapshot adds beyond its HVPs).
+  the same number of raw HVPs (what the snapshot adds beyond its HVPs); with the graph of ∇L kept across
+  the HVPs (``cache_graph=True``, the default) and without it; and once more on ``HessianSpectrum``'s
+  default probe set (4 batches of the training batch size) against 80 forward+backward passes over it.
 
 Peak memory: per configuration, the process's peak resident set size during that fit or measurement
 (Linux: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss``, the
@@ -311,7 +313,7 @@ def paired(fn, base, reps):
 
 def fixed_batch(parts, args, emit):
     """Every fixed-batch figure, passed to ``emit(name, value, peak memory)`` as soon as it is measured."""
-    from lightning_sketch.gradients import ParamLayout, hvp, sketch_gradients, sketched_hvp
+    from lightning_sketch.gradients import ParamLayout, hvp, make_hvp, sketch_gradients, sketched_hvp
     from lightning_sketch.sketches import make
     from lightning_sketch.sketches.per_layer import PerLayerSketch
     from lightning_sketch.spectrum.monitor import spectrum_snapshot
@@ -370,6 +372,9 @@ def fixed_batch(parts, args, emit):
         return lambda: hvp(module, loss_fn, batch, v, method=method, layout=layout)
 
     measure("raw double-backward HVP", lambda: paired(raw_hvp, fwd_bwd, args.reps))
+    kept = make_hvp(module, loss_fn, [batch], layout=layout, method="double_backward", cache_graph=True)
+    measure("HVP through the kept graph", lambda: paired(lambda: kept(v), fwd_bwd, args.reps))
+    kept.clear()
     measure("hvp double_backward", lambda: paired(lib("double_backward"), fwd_bwd, args.reps))
     measure("library/raw (exact dbl-bwd)", lambda: paired(lib("double_backward"), raw_hvp, args.reps))
     measure("hvp fwd_rev", lambda: paired(lib("fwd_rev"), fwd_bwd, args.reps))
@@ -388,21 +393,31 @@ def fixed_batch(parts, args, emit):
 
     # a spectrum snapshot (k=10, --hvps Lanczos steps, no density) against as many plain fwd+bwd and raw HVPs;
     # cache_graph=True (the default) reuses the graph of the gradient across the HVPs, False rebuilds it per HVP
-    def snapshot(cache_graph=True):
+    def snapshot(probe, cache_graph=True):
         clock = _clock()
         t = clock()
-        spectrum_snapshot(module, loss_fn, [batch], k=10, sketch=affd, num_iter=args.hvps, method="double_backward",
+        spectrum_snapshot(module, loss_fn, probe, k=10, sketch=affd, num_iter=args.hvps, method="double_backward",
                           layout=layout, density=False, cache_graph=cache_graph)
         return clock() - t
 
-    snap = measure(f"spectrum snapshot k=10, {args.hvps} HVPs s", snapshot)
-    nocache = measure("  the same, cache_graph=False s", lambda: snapshot(False))
+    snap = measure(f"spectrum snapshot k=10, {args.hvps} HVPs s", lambda: snapshot([batch]))
+    nocache = measure("  the same, cache_graph=False s", lambda: snapshot([batch], False))
     if isinstance(snap, float):
         fb, raw = timeit(fwd_bwd, args.reps), timeit(raw_hvp, args.reps)
         emit(f"snapshot / {args.hvps} fwd+bwd", snap / (args.hvps * fb), "")
         emit(f"snapshot / {args.hvps} raw HVPs", snap / (args.hvps * raw), "")
         if isinstance(nocache, float):
             emit(f"snapshot cache_graph=False / {args.hvps} fwd+bwd", nocache / (args.hvps * fb), "")
+    # HessianSpectrum's default probe set: probe_batches=4 batches of the training batch size
+    probe = [{k: t.to(args.device) if isinstance(t, torch.Tensor) else t for k, t in b.items()}
+             for b, _ in zip(loader_fn(), range(4))]
+
+    def probe_fwd_bwd():
+        return [torch.autograd.grad(loss_fn(module, b).mean(), params, allow_unused=True) for b in probe]
+
+    snap4 = measure(f"snapshot, default probe set ({len(probe)} batches) s", lambda: snapshot(probe))
+    if isinstance(snap4, float):
+        emit(f"snapshot (default probe) / {args.hvps} fwd+bwd", snap4 / (args.hvps * timeit(probe_fwd_bwd, args.reps)), "")
     del base
 
 

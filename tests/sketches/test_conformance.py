@@ -82,6 +82,13 @@ def test_chunked_fast_path_equals_autograd_path(kind):
     fast = sketch.apply(x)
     slow = sketch.apply(x.clone().requires_grad_(True))
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-10, atol=1e-12)
+    # the transpose's buffered path (several chunks of [N_p] rows) against its autograd path, and the
+    # adjoint identity <Φx, y> = <x, Φᵀy> against the (checked) apply
+    y = torch.randn(70, 300, dtype=torch.float64)
+    fast_t = sketch.transpose(y)
+    torch.testing.assert_close(fast_t, sketch.transpose(y.clone().requires_grad_(True)).detach(), rtol=1e-10,
+                               atol=1e-12)
+    torch.testing.assert_close((fast * y).sum(1), (x * fast_t).sum(1), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize(("kind", "opts"), RANDOM_PARAMS)
