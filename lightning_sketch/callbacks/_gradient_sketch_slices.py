@@ -33,7 +33,7 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
 from lightning_sketch.callbacks._progress import progress_iter as _progress
 from lightning_sketch.exceptions import SketchConfigError
 from lightning_sketch.gradients import eval_mode as _eval_mode
-from lightning_sketch.gradients import sketch_gradients
+from lightning_sketch.gradients import GradientCapture, sketch_gradients
 from lightning_sketch.sketches import derive_seed
 
 
@@ -49,6 +49,10 @@ class _SlicesMixin(_GradientSketchBase):
             and (trainer.current_epoch + 1) % n == 0
         )
 
+    def _slice_capture(self, pl_module: LightningModule) -> GradientCapture | None:
+        """One capture for a whole pass over the attribution set (its plan and buffer reused)."""
+        return GradientCapture(pl_module, self.sketch, self.layout, loss_scale="sum") if self._hooks else None
+
     def _take_slice(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
         name = f"step-{step}"
@@ -58,12 +62,13 @@ class _SlicesMixin(_GradientSketchBase):
         loss_fn = self._loss_fn(pl_module)
         bar = _progress(trainer, loader, f"GradientSketch {name}")
         seen = 0
+        cap = self._slice_capture(pl_module)
         with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             for batch in bar:
                 batch = _to_device(batch, pl_module.device)
                 rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
                     pl_module, loss_fn, batch, self.sketch, mode="auto" if self._hooks else "explicit",
-                    layout=self.layout, chunk_size=self.chunk_size,
+                    layout=self.layout, chunk_size=self.chunk_size, capture=cap,
                 ), self.support, self.exclude)
                 self._append(self._ids(batch), rows, name, trainer)
                 seen += len(rows)
@@ -86,6 +91,7 @@ class _SlicesMixin(_GradientSketchBase):
         acc = torch.zeros(D, D, dtype=torch.float64)
         count = 0
         kernel: tuple[LossFn, LabelSampler, str] | None = None  # decided on the first batch
+        cap = self._slice_capture(pl_module)
         with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             for batch in loader:
                 batch = _to_device(batch, pl_module.device)
@@ -95,7 +101,7 @@ class _SlicesMixin(_GradientSketchBase):
                 rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
                     pl_module, row_loss, transform(pl_module, batch, gen), self.sketch,
                     mode="auto" if self._hooks else "explicit", layout=self.layout,
-                    chunk_size=self.chunk_size,
+                    chunk_size=self.chunk_size, capture=cap,
                 ), self.support, self.exclude)
                 count += accumulate_fisher([rows], D, out=acc)[1]
         estimator = "" if kernel is None else kernel[2]

@@ -50,7 +50,7 @@ class _FallbackHooks(_CaptureKernels):
             saved = (_detach_tree(args), _detach_tree(kwargs))
             for i, leaf in enumerate(leaves):
                 if isinstance(leaf, Tensor) and leaf.requires_grad:
-                    leaf.register_hook(self._fallback_grad(module, local, saved, i))
+                    self._watch(leaf, self._fallback_grad(module, local, saved, i))
 
         return forward_hook
 

@@ -64,7 +64,7 @@ class _MHAReader(_CaptureKernels):
                     if bid is not None:
                         self._add_vector(bid[0], delta.sum(1), offset=bid[1])
 
-                out.register_hook(grad_hook)
+                self._watch(out, grad_hook)
                 return out
 
             return linear

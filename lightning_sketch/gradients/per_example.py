@@ -130,6 +130,7 @@ def sketch_gradients(
     mode: Literal["explicit", "implicit", "factorized", "hooks", "auto"] = "explicit",
     layout: ParamLayout | None = None,
     chunk_size: int | None = None,
+    capture: GradientCapture | None = None,
 ) -> Tensor:
     """Sketched per-example gradients Φ g_b, ``[B, D]`` (arXiv 2402.03994, eqs. 4–5, Listing 6).
 
@@ -160,6 +161,9 @@ def sketch_gradients(
         mode: see above.
         layout: which parameters (default: all trainable ones).
         chunk_size: examples per ``vmap`` call (explicit/implicit).
+        capture: the hook modes: a ``GradientCapture(model, sketch, layout, loss_scale="sum")`` to
+            reuse across calls (one plan of the modules, and its ``[B, N]`` buffer refilled instead
+            of allocated per call); built per call when None.
 
     Returns:
         ``[B, D]`` in the parameters' dtype.
@@ -191,10 +195,10 @@ def sketch_gradients(
     chunk = F.check_chunk_size(chunk_size, size)
     if mode == "implicit":
         return _implicit(model, loss_fn, batch, sketch, layout, chunk)
-    capture = None
     if mode == "auto":
         try:  # one plan of the model's modules, reused by hooked_sketch
-            capture = GradientCapture(model, sketch, layout, loss_scale="sum")
+            if capture is None:
+                capture = GradientCapture(model, sketch, layout, loss_scale="sum")
             mode = "factorized" if sketch.supports_factorized else "hooks"
         except UnsupportedModelError:
             mode = "explicit"  # parameters no hook sees (parametrisations): vmap over the whole model

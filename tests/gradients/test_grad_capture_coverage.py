@@ -306,3 +306,72 @@ def test_hugging_face_bert_without_vmap():
     torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-8)
     sk = PerLayerSketch.for_module(model, 40, layout=layout)
     torch.testing.assert_close(sketch_gradients(model, loss_fn, batch, sk, mode="factorized"), sk.apply(ref), atol=1e-9, rtol=1e-8)
+
+
+# --------------------------------------------------------------------------- backward stopped at the hooks
+class InplaceNet(nn.Module):
+    """Conv and Linear outputs modified in place afterwards (ReLU(inplace=True), as torchvision's ResNets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(3 * 5 * 5, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv(x)).flatten(1)
+        return self.head(torch.tanh(self.fc(h)))
+
+
+def _xent(m, b):
+    return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
+def _param_grad_calls(model):
+    """Counts how often autograd computes a gradient for any parameter (leaf hooks fire then)."""
+    calls = []
+    handles = [p.register_hook(lambda g: calls.append(1)) for p in model.parameters()]
+    return calls, handles
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_hooks_stop_the_backward_at_their_outputs_unless_modified_in_place(inplace):
+    """The hook path differentiates with respect to the hooked outputs, so autograd never forms the batch's
+    parameter gradients; when an output was changed in place afterwards it differentiates with respect to
+    the parameters instead. Either way the rows equal the vmap reference in float64."""
+    torch.manual_seed(3)
+    model = (InplaceNet() if inplace else nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                                                         nn.Linear(75, 4), nn.Tanh(), nn.Linear(4, 3))).double()
+    batch = (torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    layout = ParamLayout.from_module(model)
+    ref = per_example_grads(model, _xent, batch, layout=layout)
+    calls, handles = _param_grad_calls(model)
+    sketch = make("dense", layout.dim, 16, seed=1)
+    got = sketch_gradients(model, _xent, batch, sketch, mode="hooks", layout=layout)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(got, sketch.apply(ref), **TOL)
+    assert (len(calls) > 0) == inplace
+
+
+def test_a_reused_capture_refills_its_buffer_and_never_overwrites_what_it_handed_out():
+    """One GradientCapture over several batches (as a checkpoint slice uses it): each batch's rows equal a
+    fresh capture's, and rows handed out earlier (sketches, or grads that alias the buffer) stay intact."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    layout = ParamLayout.from_module(model)
+    batches = [(torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(3)]
+    sketch = make("affd", layout.dim, 8, seed=2)
+    cap = GradientCapture(model, sketch, layout, loss_scale="sum")
+    kept = [sketch_gradients(model, _xent, b, sketch, mode="auto", layout=layout, capture=cap) for b in batches]
+    for b, rows in zip(batches, kept):
+        torch.testing.assert_close(rows, sketch.apply(per_example_grads(model, _xent, b, layout=layout)), **TOL)
+    grads = []
+    for b in batches:  # sketches() releases the buffer for reuse, then grads() hands it out as it is
+        with cap, torch.enable_grad():
+            torch.autograd.grad(_xent(model, b).sum(), list(model.parameters()))
+        cap.sketches()
+        grads.append(cap.grads())
+    for b, g in zip(batches, grads):
+        torch.testing.assert_close(g, per_example_grads(model, _xent, b, layout=layout), **TOL)
