@@ -32,8 +32,8 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
 )
 from lightning_sketch.callbacks._progress import progress_iter as _progress
 from lightning_sketch.exceptions import SketchConfigError
-from lightning_sketch.gradients import eval_mode as _eval_mode
 from lightning_sketch.gradients import GradientCapture, sketch_gradients
+from lightning_sketch.gradients import eval_mode as _eval_mode
 from lightning_sketch.sketches import derive_seed
 
 

@@ -144,7 +144,8 @@ class _CaptureKernels:
             rows, width = self._layout.shapes[idx]
             example = torch.arange(size, device=ids.device).unsqueeze(1).expand_as(ids)
             # scatter-add straight into the buffer (no dense [B, rows, width] temporary)
-            out[:, off : off + numel].view(size, rows, width).index_put_((example, ids), delta, accumulate=True)
+            rows_view = out[:, off : off + numel].view(size, rows, width)
+            rows_view.index_put_((example, ids), delta, accumulate=True)
 
     # ----------------------------------------------------------------- fast-path hooks
     @staticmethod

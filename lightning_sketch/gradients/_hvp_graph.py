@@ -57,7 +57,9 @@ class GraphHVP:
     Shapes: ``[N] -> [N]`` in the layout's order, in the parameters' dtype.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: F.LossFn, batches: list[F.Batch], layout: ParamLayout) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: F.LossFn, batches: list[F.Batch], layout: ParamLayout
+    ) -> None:
         self.model, self.loss_fn, self.batches, self.layout = model, loss_fn, batches, layout
         self._key: tuple[Any, ...] | None = None
         self._leaves: list[Tensor] = []
@@ -104,6 +106,10 @@ class GraphHVP:
             return torch.zeros_like(row)
         parts = self.layout.unflatten(row.to(self._leaves[0].dtype))
         outs = [parts[self.layout.names[i]] for i in self._index]
-        hv = torch.autograd.grad(self._grads, self._leaves, grad_outputs=outs, retain_graph=True, allow_unused=True)
-        flat = {n: torch.zeros_like(t) if h is None else h for n, t, h in zip(self.layout.names, self._leaves, hv)}
+        hv = torch.autograd.grad(
+            self._grads, self._leaves, grad_outputs=outs, retain_graph=True, allow_unused=True
+        )
+        flat = {
+            n: torch.zeros_like(t) if h is None else h for n, t, h in zip(self.layout.names, self._leaves, hv)
+        }
         return self.layout.flatten(flat).to(row.dtype)

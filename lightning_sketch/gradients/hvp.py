@@ -276,7 +276,9 @@ def make_hvp(
         >>> torch.allclose(op(torch.eye(2, dtype=torch.float64)), 2 * X.T @ X / 6)
         True
     """
-    return HVPOperator(model, loss_fn, batches, layout=layout, method=method, eps=eps, cache_graph=cache_graph)
+    return HVPOperator(
+        model, loss_fn, batches, layout=layout, method=method, eps=eps, cache_graph=cache_graph
+    )
 
 
 def loss_grad(

@@ -281,7 +281,9 @@ def hessian_eigs(
     gen = torch.Generator().manual_seed(derive_seed(int(seed), "hessian_eigs", "start"))
     start = time.perf_counter()
     try:
-        res = lanczos(op, op.dim, k, num_iter=num_iter, which=which, generator=gen, dtype=dtype, v0=v0, tol=tol)
+        res = lanczos(
+            op, op.dim, k, num_iter=num_iter, which=which, generator=gen, dtype=dtype, v0=v0, tol=tol
+        )
     finally:
         op.release()
     seconds = time.perf_counter() - start

@@ -137,7 +137,9 @@ def spectrum_snapshot(
         model, loss_fn, batches, sketch, layout=layout, method=method, reduce=reduce, cache_graph=cache_graph
     )
     try:
-        eigs = lanczos(op, op.dim, k, num_iter=num_iter, which="LA", generator=generator, dtype=dtype, tol=tol)
+        eigs = lanczos(
+            op, op.dim, k, num_iter=num_iter, which="LA", generator=generator, dtype=dtype, tol=tol
+        )
         dens = None
         if density:
             dens = slq_density(op, op.dim, density_runs, density_iter, generator=generator, dtype=dtype)
