@@ -235,10 +235,11 @@ def make_callbacks(name, tmp, monitor, higher, steps, hvps):
         return [GradientSketch(dirpath=f"{tmp}/ck_{kind}", sketch_kind=kind, sketch_dim=1024, mode="checkpoint",
                                every_n_epochs=None, every_n_steps=steps, curvature="none", save_weights=False)]
     if name == "hessian":
-        from lightning_sketch.callbacks import HessianSpectrum
+        from lightning_sketch.callbacks import HessianSpectrum, SpectrumNumerics
 
         return [HessianSpectrum(k=10, sketch_kind="affd", sketch_dim=1024, every_n_steps=None, at_steps=[steps],
-                                num_iter=hvps, probe_batches=1, density=False, dirpath=f"{tmp}/hs", plot=False)]
+                                numerics=SpectrumNumerics(num_iter=hvps), probe_batches=1, density=False,
+                                dirpath=f"{tmp}/hs", plot=False)]
     if name == "intrinsic":
         return [IntrinsicDimension(sketch_kind="affd", sketch_dim=1024, mode="fixed", monitor=monitor,
                                    higher_is_better=higher, dirpath=tmp, plot=False)]
