@@ -62,6 +62,7 @@ from lightning_sketch.sketches._kron import (
     hadamard,
     kron_apply,
     kron_apply_into,
+    kron_apply_into_lead,
     kron_shapes,
     prefix_rows,
     uses_autograd,
@@ -196,6 +197,14 @@ class PreconditionedSketch(Sketch):
             w = kron_apply(u, self._factors("t1", x, restrict=True)) * g
         return self._restrict(w) * self._scale
 
+    def _lead(self) -> int | None:
+        """How many slices of the first Kronecker axis hold the N real coordinates (the rest is zero
+        padding), when fewer than all; else None."""
+        if not self._shapes or self._shapes[0] < 2 or self._n_pad == self.dim:
+            return None
+        lead = -(-self.dim // (self._n_pad // self._shapes[0]))
+        return lead if lead < self._shapes[0] else None
+
     def _restrict(self, w: Tensor) -> Tensor:
         """R_D: the first D coordinates, or the balanced set of ``kron_orthogonal``."""
         return w[:, : self.sketch_dim] if self._order is None else w[:, self._order.to(w.device)]
@@ -210,17 +219,22 @@ class PreconditionedSketch(Sketch):
         g = self.state("gauss", x)
         f1 = self._factors("t1", x, restrict=not self.TWO_PASS)
         f2 = self._factors("t2", x, restrict=True) if self.TWO_PASS else None
+        lead = self._lead()
+        if lead is not None and f1[0].shape[0] < lead:
+            lead = None  # a restricted F_0 shrinks the rows more when applied first
+        # the zero padding fills the last slices of the first axis: the trailing factors skip them
+        width = n_pad if lead is None else lead * (n_pad // self._shapes[0])
         for start in range(0, m, rows):
             xc = x[start : start + rows]
             r = xc.shape[0]
-            u = work[0][: r * n_pad].view(r, n_pad)
-            if n_pad > n:
+            u = work[0][: r * width].view(r, width)
+            if width > n:
                 u[:, n:].zero_()
             if signs is None:
                 u[:, :n].copy_(xc)
             else:
                 torch.mul(xc, signs[:n], out=u[:, :n])
-            v = kron_apply_into(u, f1, work)
+            v = kron_apply_into(u, f1, work) if lead is None else kron_apply_into_lead(u, f1, work, lead)
             if f2 is not None:
                 v.mul_(g)
                 v = kron_apply_into(v, f2, work)
@@ -274,6 +288,9 @@ class PreconditionedSketch(Sketch):
         order = None if self._order is None else self._order.to(y.device)
         f2 = self._factors("t2", y, restrict=True, transpose=True) if self.TWO_PASS else None
         f1 = self._factors("t1", y, restrict=not self.TWO_PASS, transpose=True)
+        lead = self._lead()
+        # only the first `lead` output slices of the first axis reach the N real coordinates
+        f1_out = f1 if lead is None else [f1[0][:lead], *f1[1:]]
         for start in range(0, m, rows):
             yc = y[start : start + rows] * self._scale
             r = yc.shape[0]
@@ -289,7 +306,7 @@ class PreconditionedSketch(Sketch):
                 v.mul_(g)
             else:
                 v.mul_(g[:d_prime])
-            u = kron_apply_into(v, f1, work)[:, :n]
+            u = kron_apply_into(v, f1_out, work)[:, :n]
             if signs is None:
                 out[start : start + r].copy_(u)
             else:

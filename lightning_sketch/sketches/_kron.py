@@ -33,6 +33,7 @@ __all__ = [
     "hadamard",
     "kron_apply",
     "kron_apply_into",
+    "kron_apply_into_lead",
     "kron_shapes",
     "prefix_rows",
     "uses_autograd",
@@ -264,3 +265,39 @@ def kron_apply_into(x: Tensor, factors: Sequence[Tensor], work: tuple[Tensor, Te
         k ^= 1
         pre *= r
     return y.view(m, math.prod(f.shape[0] for f in factors))
+
+
+def kron_apply_into_lead(
+    x: Tensor, factors: Sequence[Tensor], work: tuple[Tensor, Tensor], lead: int
+) -> Tensor:
+    """:func:`kron_apply_into` for inputs that are zero beyond the first ``lead`` slices of axis 0.
+
+    ``x [M, lead · Π_{i>0} c_i]`` holds only those slices (e.g. an N-vector zero-padded to N_p, with
+    ``lead = ceil(N / Π_{i>0} c_i)``); the result is ``(F_0 ⊗ … ⊗ F_{K-1})`` applied to the full,
+    zero-extended rows, ``[M, Π r_i]``. The trailing factors run on the ``lead`` slices only and then
+    ``F_0[:, :lead]``: with the CNN's N = 151,498 padded to 2^18 (``lead`` 5 of 8) that skips 37% of
+    the multiply-adds that :func:`kron_apply_into` spends on zeros. Same buffers and aliasing rules.
+
+    Example:
+        >>> fs = [torch.randn(4, 4, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)]
+        >>> x = torch.randn(2, 6, dtype=torch.float64)             # 2 of the 4 leading slices
+        >>> full = torch.cat([x, x.new_zeros(2, 6)], dim=1)           # zero-extended to 12
+        >>> work = (torch.empty(2 * 12, dtype=torch.float64), torch.empty(2 * 12, dtype=torch.float64))
+        >>> _ = work[0][:12].copy_(x.reshape(-1))
+        >>> out = kron_apply_into_lead(work[0][:12].view(2, 6), fs, work, lead=2)
+        >>> torch.allclose(out, kron_apply(full, fs))
+        True
+    """
+    m = x.shape[0]
+    f0 = factors[0]
+    post = math.prod(f.shape[1] for f in factors[1:])
+    if len(factors) == 1:
+        y = x.reshape(m * lead, 1)
+    else:
+        y = kron_apply_into(x.reshape(m * lead, post), factors[1:], work)
+    rows = y.shape[1]
+    other = work[1] if y.data_ptr() == work[0].data_ptr() else work[0]
+    out = other[: m * f0.shape[0] * rows].view(m, f0.shape[0], rows)
+    torch.matmul(f0[:, :lead], y.view(m, lead, rows), out=out)
+    return out.view(m, f0.shape[0] * rows)
+

@@ -91,6 +91,22 @@ def test_chunked_fast_path_equals_autograd_path(kind):
     torch.testing.assert_close((fast * y).sum(1), (x * fast_t).sum(1), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("kind", ["affd", "afjl", "affd-kron_orthogonal", "afjl-kron_orthogonal"])
+def test_padding_skip_equals_the_full_transform(kind):
+    """N = 20,000 pads to 2^15 = 32 x 32 x 32, so only 20 of the first axis's 32 slices hold data: the
+    buffered apply/transpose skip the other 12 (kron_apply_into_lead). They must equal the out-of-place
+    autograd path, which transforms the whole padded vector, over 150 rows (two row chunks)."""
+    opts = {"preconditioner": "kron_orthogonal"} if kind.endswith("kron_orthogonal") else {}
+    sketch = make(kind.split("-")[0], 20_000, 300, seed=5, **opts)
+    assert sketch._lead() == 20
+    x = torch.randn(150, 20_000, dtype=torch.float64)
+    torch.testing.assert_close(sketch.apply(x), sketch.apply(x.clone().requires_grad_(True)).detach(),
+                               rtol=1e-10, atol=1e-12)
+    y = torch.randn(150, 300, dtype=torch.float64)
+    torch.testing.assert_close(sketch.transpose(y), sketch.transpose(y.clone().requires_grad_(True)).detach(),
+                               rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize(("kind", "opts"), RANDOM_PARAMS)
 def test_seed0_uncorrelated_with_global_manual_seed(kind, opts):
     """Seeds (docs/design.md, "Seeds"): seed=0 must not replay torch.manual_seed(0)'s stream."""
