@@ -22,8 +22,8 @@ every configuration). Ratios are medians over rounds of the time paired with tha
 
 Separately, on one fixed batch (eval mode, so every method sees the same loss):
 
-- checkpoint mode's cost: ``sketch_gradients(mode="auto")`` (what a slice runs per batch) against a
-  plain forward + backward of the same T examples;
+- checkpoint mode's cost: ``sketch_gradients(mode="auto")`` with one ``GradientCapture`` reused across
+  calls (what a slice runs per batch) against a plain forward + backward of the same T examples;
 - HVPs: the library's ``hvp`` (double_backward, fwd_rev) and ``sketched_hvp`` against a raw
   ``torch.autograd.grad(create_graph=True)`` double-backward HVP, all over one forward+backward;
 - a ``HessianSpectrum``-style snapshot (``spectrum_snapshot``, k=10, ``--hvps`` Lanczos steps, no
@@ -314,7 +314,9 @@ def paired(fn, base, reps):
 
 def fixed_batch(parts, args, emit):
     """Every fixed-batch figure, passed to ``emit(name, value, peak memory)`` as soon as it is measured."""
-    from lightning_sketch.gradients import ParamLayout, hvp, make_hvp, sketch_gradients, sketched_hvp
+    from lightning_sketch.gradients import (
+        GradientCapture, ParamLayout, hvp, make_hvp, sketch_gradients, sketched_hvp,
+    )
     from lightning_sketch.sketches import make
     from lightning_sketch.sketches.per_layer import PerLayerSketch
     from lightning_sketch.spectrum.monitor import spectrum_snapshot
@@ -343,10 +345,14 @@ def fixed_batch(parts, args, emit):
     base = measure("fwd+bwd s", lambda: timeit(fwd_bwd, args.reps))
     pl_sketch = PerLayerSketch.for_module(module, 1024, layout=layout)
     affd = make("affd", layout.dim, 1024, seed=0)
-    measure("checkpoint per_layer", lambda: paired(
-        lambda: sketch_gradients(module, loss_fn, batch, pl_sketch, mode="auto", layout=layout), fwd_bwd, args.reps))
-    measure("checkpoint affd", lambda: paired(
-        lambda: sketch_gradients(module, loss_fn, batch, affd, mode="auto", layout=layout), fwd_bwd, args.reps))
+    # as GradientSketch's slice loop: one GradientCapture per pass over the attribution set, reused per batch
+    caps = {id(sk): GradientCapture(module, sk, layout, loss_scale="sum") for sk in (pl_sketch, affd)}
+
+    def slice_batch(sk):
+        return lambda: sketch_gradients(module, loss_fn, batch, sk, mode="auto", layout=layout, capture=caps[id(sk)])
+
+    measure("checkpoint per_layer", lambda: paired(slice_batch(pl_sketch), fwd_bwd, args.reps))
+    measure("checkpoint affd", lambda: paired(slice_batch(affd), fwd_bwd, args.reps))
 
     # what checkpoint affd cannot avoid: applying the whole-model sketch to the [T, N] per-example gradients
     from lightning_sketch.gradients._functional import batch_size
