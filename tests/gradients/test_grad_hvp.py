@@ -312,3 +312,25 @@ def test_cache_graph_is_ignored_by_other_methods(mlp_case):
     model, loss_fn, batch = mlp_case
     assert make_hvp(model, loss_fn, [batch], method="fwd_rev", cache_graph=True).graph is None
     assert make_hvp(model, loss_fn, [batch], method="double_backward").graph is None
+
+
+def test_cached_graph_out_of_device_memory_falls_back_to_recomputing(mlp_case, monkeypatch):
+    """When building the kept graph raises the allocator's OutOfMemoryError, the operator warns once, drops
+    the cache and keeps returning the exact H v by recomputing the graph per HVP."""
+    from lightning_sketch.gradients._hvp_graph import GraphHVP
+
+    model, loss_fn, batch = mlp_case
+    layout = ParamLayout.from_module(model)
+    op = make_hvp(model, loss_fn, [batch], method="double_backward", cache_graph=True)
+
+    def no_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(GraphHVP, "_build", no_memory)
+    v = torch.randn(layout.dim, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="does not fit in device memory"):
+        got = op(v)
+    assert op.graph is None
+    ref = ref_hvp(model, loss_fn, [batch], layout, v[None])[0]
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(op(v), ref, atol=1e-10, rtol=1e-10)
