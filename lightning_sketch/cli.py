@@ -265,8 +265,8 @@ def _own_parser() -> argparse.ArgumentParser:
     q.add_argument("--k", type=_positive_int, default=5,
                    help="proponents and opponents per query (default 5)")
     q.add_argument("--method", choices=("auto", *METHODS), default="auto",
-                   help="attribution method (default auto: fisher_if when the runs hold curvature, else "
-                   "trak)")
+                   help="attribution method (default auto: fisher_if when every run holds only the "
+                   "sampled-label Fisher, else trak, on the margin kernel when the runs hold it)")
     q.add_argument("--damping", type=float, default=None,
                    help="absolute damping λ for trak/fisher_if (default: automatic)")
     q.add_argument("--damping-ratio", type=float, default=None,
