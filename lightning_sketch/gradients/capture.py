@@ -241,8 +241,11 @@ def hooked_sketch(
 ) -> Tensor:
     """Per-example sketches (or gradients, ``sketch=None``) through :class:`GradientCapture`:
     per chunk of examples, one forward and ``torch.autograd.grad`` of the summed per-example
-    losses (no ``.grad`` written). ``[B, D]`` (or ``[B, N]``). ``capture``: a
-    ``GradientCapture(model, sketch, layout, loss_scale="sum")`` to reuse (built if None)."""
+    losses with respect to the hooked outputs (:meth:`GradientCapture.grad_targets`; the parameters
+    when one was modified in place), so no ``.grad`` is written and no batch gradient is formed.
+    ``[B, D]`` (or ``[B, N]``). ``capture``: a ``GradientCapture(model, sketch, layout,
+    loss_scale="sum")`` to reuse, with its buffer (built if None). Reentrant activation checkpointing
+    (``use_reentrant=True``) refuses ``autograd.grad`` in torch itself; the non-reentrant kind works."""
     size = F.batch_size(batch)
     chunk = F.check_chunk_size(chunk_size, size)
     own = dict(model.named_parameters())
