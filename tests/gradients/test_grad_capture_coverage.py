@@ -375,3 +375,31 @@ def test_a_reused_capture_refills_its_buffer_and_never_overwrites_what_it_handed
         grads.append(cap.grads())
     for b, g in zip(batches, grads):
         torch.testing.assert_close(g, per_example_grads(model, _xent, b, layout=layout), **TOL)
+
+
+def test_hooks_under_non_reentrant_activation_checkpointing_equal_the_plain_model():
+    """A block under torch.utils.checkpoint(use_reentrant=False) (as Hugging Face's gradient checkpointing
+    can be configured): the backward stopped at the hooked outputs still reaches the checkpointed layer,
+    and the rows equal the same model's without checkpointing (vmap reference)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, ckpt: bool) -> None:
+            super().__init__()
+            self.a, self.b, self.head, self.ckpt = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3), ckpt
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            block = lambda t: torch.tanh(self.b(t))  # noqa: E731
+            h = checkpoint(block, h, use_reentrant=False) if self.ckpt else block(h)
+            return self.head(h)
+
+    torch.manual_seed(6)
+    plain = Net(False).double()
+    ckpt = Net(True).double()
+    ckpt.load_state_dict(plain.state_dict())
+    batch = (torch.randn(5, 5, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    layout = ParamLayout.from_module(plain)
+    sketch = make("dense", layout.dim, 8, seed=0)
+    ref = sketch.apply(per_example_grads(plain, _xent, batch, layout=layout))
+    torch.testing.assert_close(sketch_gradients(ckpt, _xent, batch, sketch, mode="hooks", layout=layout), ref, **TOL)
