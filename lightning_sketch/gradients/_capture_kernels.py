@@ -38,39 +38,52 @@ class _CaptureKernels:
     _buffer: Tensor | None
     #: True while the fallback runs its own forward/backward of a module (the hooks ignore it).
     _busy: bool
+    batch_size: int | None
     #: The previous batch's buffer, when nothing handed out aliases it: refilled with zeros instead of
     #: allocating afresh (on CPU a fresh [B, N] buffer costs its page faults: 27 ms at 16 x 1.7M).
     _spare: Tensor | None
-    #: Every tensor a gradient hook was put on since the last reset, with its autograd version then.
+    #: Whether :meth:`grads` handed out the current buffer itself (it must then never become spare).
+    _lent: bool
+    #: Whether hooked tensors are recorded (only for :func:`hooked_sketch`'s own backward: recording
+    #: keeps them alive, which an ordinary training backward must not pay for).
+    _track: bool
+    #: Every tensor a gradient hook was put on since the last reset (while ``_track``), with its
+    #: autograd version then.
     _watched: list[tuple[Tensor, int]]
 
     def _watch(self, t: Tensor, hook: Callable[[Tensor], None]) -> None:
-        """Put ``hook`` on ``t``'s gradient and remember ``t`` (see :meth:`grad_targets`)."""
+        """Put ``hook`` on ``t``'s gradient and, while tracking, remember ``t`` (:meth:`_grad_targets`)."""
         t.register_hook(hook)
-        self._watched.append((t, t._version))
+        if self._track:
+            self._watched.append((t, t._version))
 
-    def grad_targets(self) -> list[Tensor] | None:
-        """The hooked tensors, when a backward may stop at them, else None.
+    def _grad_targets(self) -> list[Tensor] | None:
+        """The recorded hooked tensors, when a backward may stop at them, else None.
 
         Differentiating the loss with respect to these (instead of the parameters) fires every hook
         while autograd skips the batch's parameter gradients (``Xᵀ δ`` per layer), which the capture
-        does not use. None when nothing was hooked, or when a hooked tensor was modified in place
-        afterwards (e.g. ``ReLU(inplace=True)``): its gradient as an input would then be that of the
-        new value, so the caller must differentiate with respect to the parameters.
+        does not use. None when nothing was recorded; when a hooked tensor was modified in place
+        afterwards (e.g. ``ReLU(inplace=True)``: its gradient as an input would then be that of the
+        new value); or when the tensors hold more entries than the larger of N and the capture's own
+        buffer, because autograd returns one gradient per target: stopping there must not hold more
+        memory than the parameter gradients (or the per-example rows) it replaces.
         """
         if not self._watched or any(t._version != v for t, v in self._watched):
             return None
         seen: dict[int, Tensor] = {}
         for t, _ in self._watched:
             seen.setdefault(id(t), t)
-        return list(seen.values())
+        targets = list(seen.values())
+        width = self._per_layer.sketch_dim if self._per_layer is not None else self._layout.dim
+        budget = max(self._layout.dim, (self.batch_size or 1) * width)
+        return targets if sum(t.numel() for t in targets) <= budget else None
 
     # ----------------------------------------------------------------- accumulation
     def _out(self, size: int, like: Tensor) -> Tensor:
         if self._buffer is None:
             dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
             width = self._per_layer.sketch_dim if self._per_layer is not None else self._layout.dim
-            spare, self._spare = self._spare, None
+            spare, self._spare, self._lent = self._spare, None, False
             if spare is not None and spare.shape == (size, width) and spare.dtype == dtype and (
                 spare.device == like.device
             ):

@@ -111,7 +111,8 @@ def check_losses(losses: Any, batch_size: int) -> Tensor:
 
 
 # ----------------------------------------------------------------- batches
-def _leaves(batch: Batch) -> list[Tensor]:
+def batch_leaves(batch: Batch) -> list[Tensor]:
+    """The tensors of a batch (a Tensor, a dict or a tuple/list of tensors)."""
     if isinstance(batch, Tensor):
         return [batch]
     if isinstance(batch, Mapping):
@@ -125,7 +126,7 @@ def _leaves(batch: Batch) -> list[Tensor]:
 
 def batch_size(batch: Batch) -> int:
     """B, the shared leading dimension of every tensor with ``ndim >= 1`` in ``batch``."""
-    sizes = {t.shape[0] for t in _leaves(batch) if t.ndim >= 1}
+    sizes = {t.shape[0] for t in batch_leaves(batch) if t.ndim >= 1}
     if len(sizes) != 1:
         raise SketchInputError(
             "Every tensor in `batch` must share the leading (batch) dimension B; found sizes "

@@ -12,9 +12,10 @@ The price is memory: the graph of ∇L over every probe example stays alive betw
 activations of one training step with ``create_graph=True`` over the whole probe set) until
 :meth:`GraphHVP.clear` or until the parameters change.
 
-Staleness: the graph is keyed on each parameter's and buffer's storage and autograd version
-counter (bumped by every in-place write, e.g. ``optimizer.step()`` or ``load_state_dict``) and on
-every module's train/eval flag; a change rebuilds it. Writes through ``param.data`` bypass the
+Staleness: the graph is keyed on each parameter's, buffer's and batch tensor's storage and autograd
+version counter (bumped by every in-place write, e.g. ``optimizer.step()`` or ``load_state_dict``) and
+on every module's train/eval flag; a change rebuilds it. Plain tensor attributes and Python values
+that the forward reads are outside the key. Writes through ``param.data`` bypass the
 version counter, so whoever writes that way must call :meth:`GraphHVP.clear`.
 
 Written by hand because neither ``torch.func`` (functional transforms rebuild the graph per call)
@@ -36,9 +37,10 @@ from lightning_sketch.layout import ParamLayout
 __all__ = ["GraphHVP"]
 
 
-def _state_key(model: nn.Module) -> tuple[Any, ...]:
-    """What the graph depends on besides the batches: storage, in-place version and mode."""
-    tensors = [*model.parameters(), *model.buffers()]
+def _state_key(model: nn.Module, batches: list[F.Batch]) -> tuple[Any, ...]:
+    """What the graph depends on: the storage, in-place version and shape of every parameter, buffer
+    and batch tensor, and every module's mode."""
+    tensors = [*model.parameters(), *model.buffers(), *(t for b in batches for t in F.batch_leaves(b))]
     return (
         tuple((t.data_ptr(), t._version, t.shape) for t in tensors),
         tuple(m.training for m in model.modules()),
@@ -90,13 +92,13 @@ class GraphHVP:
         self._index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self._grads = [grads[i] for i in self._index]
         self._leaves = leaves
-        self._key = _state_key(self.model)
+        self._key = _state_key(self.model, self.batches)
         self.builds += 1
 
     def __call__(self, v: Tensor) -> Tensor:
         """H v for ``v`` ``[N]`` or ``[K, N]`` (rows one after another)."""
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            if self._key is None or self._key != _state_key(self.model):
+            if self._key is None or self._key != _state_key(self.model, self.batches):
                 self._build()
             rows = [self._one(r) for r in (v if v.ndim == 2 else v.unsqueeze(0))]
         return torch.stack(rows) if v.ndim == 2 else rows[0]

@@ -128,7 +128,9 @@ class GradientCapture(_MHAReader, _FallbackHooks):
         self._buffer: Tensor | None = None
         self._busy = False
         self._watched: list[tuple[Tensor, int]] = []
+        self._track = False
         self._spare: Tensor | None = None
+        self._lent = False
         #: B of the batch observed next (set by the caller). An ``nn.Embedding`` called with a
         #: leading dimension of 1 while B > 1 (Hugging Face position ids ``[1, T]``, broadcast
         #: later) is then fed its ids expanded to ``[B, T]``: the same output values, but the
@@ -207,7 +209,7 @@ class GradientCapture(_MHAReader, _FallbackHooks):
             raw = self._sketch.apply(raw)  # linear: scaling [B, D] after it is cheaper than [B, N] before
         factor = self._factor(scale)
         out = raw if factor == 1.0 else raw * factor
-        if out.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr():
+        if not self._lent and out.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr():
             self._spare = buffer  # nothing handed out aliases it: the next batch refills it
         return out
 
@@ -225,7 +227,7 @@ class GradientCapture(_MHAReader, _FallbackHooks):
         raw = self._raw()
         factor = self._factor(scale)
         if factor == 1.0:
-            self._spare = None  # handed out: never refilled behind the caller's back
+            self._spare, self._lent = None, True  # handed out: never refilled behind the caller's back
             return raw
         return raw * factor
 
@@ -256,10 +258,16 @@ def hooked_sketch(
         sub = batch if chunk == size else F.slice_batch(batch, start, min(start + chunk, size))
         cap.batch_size = min(chunk, size - start)
         with cap, torch.enable_grad():
-            losses = F.check_losses(loss_fn(model, sub), min(chunk, size - start))
-            # Stopping the backward at the hooked outputs skips the batch's parameter gradients (unused
-            # here): checkpoint slices of the demo Transformer 1.37x -> see docs/measurements.md.
-            targets = cap.grad_targets()
+            cap._track = True
+            try:
+                losses = F.check_losses(loss_fn(model, sub), min(chunk, size - start))
+                # Stopping the backward at the hooked outputs skips the batch's parameter gradients
+                # (unused here): docs/measurements.md, "Per-example gradients".
+                targets = cap._grad_targets()
+            finally:
+                cap._track = False
+            cap._watched = []
             torch.autograd.grad(losses.sum(), targets if targets is not None else params, allow_unused=True)
+            del targets
         parts.append(cap.grads() if sketch is None else cap.sketches())
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

@@ -195,6 +195,14 @@ def sketch_gradients(
     chunk = F.check_chunk_size(chunk_size, size)
     if mode == "implicit":
         return _implicit(model, loss_fn, batch, sketch, layout, chunk)
+    if capture is not None and (
+        capture._model is not model or capture._sketch is not sketch or capture._scale != "sum"
+        or capture._layout.names != layout.names or capture._layout.shapes != layout.shapes
+    ):
+        raise SketchConfigError(
+            "`capture` must be GradientCapture(model, sketch, layout, loss_scale='sum') for this very model, "
+            "sketch and layout; pass capture=None to build one per call."
+        )
     if mode == "auto":
         try:  # one plan of the model's modules, reused by hooked_sketch
             if capture is None:

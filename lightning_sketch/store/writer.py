@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lightning_sketch.exceptions import DuplicateIdError, SketchInputError, StoreWriteError
+from lightning_sketch.exceptions import DuplicateIdError, SketchInputError
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import atomic_write, npy_bytes
 from lightning_sketch.store._validate import as_ids, as_rows, finite_rows, spec_dict
@@ -204,16 +204,17 @@ class WriterMixin(SnapshotMixin):
             # dominate a commit of many small segments (an epoch each in inline mode), and the disk
             # serves concurrent flushes together. All are done before the manifest names them.
             with ThreadPoolExecutor(max_workers=min(8, len(jobs) or 1)) as pool:
-                futures = [pool.submit(atomic_write, path, npy_bytes(arr)) for _, _, path, arr in jobs]
-                errors: list[StoreWriteError] = []
-                for (entry, key, path, _), fut in zip(jobs, futures):
-                    try:
-                        sha, size = fut.result()
-                    except StoreWriteError as err:
-                        errors.append(err)
-                        continue
-                    written.append(path)
-                    entry[key] = {"file": path.name, "bytes": size, "sha256": sha}
+                futures = [pool.submit(_write_npy, path, arr) for _, _, path, arr in jobs]
+            # the pool has finished every job: record all files written before raising any error
+            errors: list[BaseException] = []
+            for (entry, key, path, _), fut in zip(jobs, futures):
+                err = fut.exception()
+                if err is not None:
+                    errors.append(err)
+                    continue
+                sha, size = fut.result()
+                written.append(path)
+                entry[key] = {"file": path.name, "bytes": size, "sha256": sha}
             if errors:
                 raise errors[0]
             for ckpt, s in self._pending_skips.items():
@@ -221,7 +222,7 @@ class WriterMixin(SnapshotMixin):
                     new.setdefault("skips", []).append({"generation": gen, "checkpoint": ckpt, **s})
             _recount(new)
             self._publish(new)
-        except StoreWriteError:
+        except BaseException:  # disk full, or anything else: no file of this generation is left behind
             for p in written:
                 p.unlink(missing_ok=True)
             raise
@@ -250,3 +251,9 @@ class WriterMixin(SnapshotMixin):
         self._require_writer()
         self._pending_mark = True
         return self.commit()
+
+
+def _write_npy(path: Path, arr: np.ndarray) -> tuple[str, int]:
+    """One segment file (run on a commit's worker thread, so any error lands in its future)."""
+    return atomic_write(path, npy_bytes(arr))
+

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_sketch.exceptions import SketchConfigError
 from lightning_sketch.gradients import GradientCapture, ParamLayout, per_example_grads, sketch_gradients
 from lightning_sketch.gradients.capture import capture_support
 from lightning_sketch.sketches import make
@@ -403,3 +404,51 @@ def test_hooks_under_non_reentrant_activation_checkpointing_equal_the_plain_mode
     sketch = make("dense", layout.dim, 8, seed=0)
     ref = sketch.apply(per_example_grads(plain, _xent, batch, layout=layout))
     torch.testing.assert_close(sketch_gradients(ckpt, _xent, batch, sketch, mode="hooks", layout=layout), ref, **TOL)
+
+
+def test_rows_from_grads_survive_a_later_sketches_call_and_the_next_batch():
+    """grads() hands out the buffer itself; a later sketches() on the same batch must not release it for
+    reuse, or the next batch would overwrite the rows the caller holds."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    layout = ParamLayout.from_module(model)
+    cap = GradientCapture(model, make("dense", layout.dim, 5, seed=0), layout, loss_scale="sum")
+    x1, x2 = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    loss = lambda m, b: m(b).pow(2).sum(-1)  # noqa: E731
+    with cap:
+        loss(model, x1).sum().backward()
+    g1 = cap.grads()
+    cap.sketches()
+    with cap:
+        loss(model, x2).sum().backward()
+    torch.testing.assert_close(g1, per_example_grads(model, loss, x1, layout=layout), **TOL)
+
+
+def test_an_ordinary_backward_inside_the_capture_keeps_no_hooked_output_alive():
+    """Only hooked_sketch's own backward records the hooked outputs; inside a training-style backward (the
+    inline callback's) the capture must not hold them, so they are freed as before."""
+    import weakref
+
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    layout = ParamLayout.from_module(model)
+    cap = GradientCapture(model, PerLayerSketch.for_module(model, 8, layout=layout), layout)
+    refs = []
+    model[0].register_forward_hook(lambda m, a, out: refs.append(weakref.ref(out)))
+    with cap:
+        model(torch.randn(5, 4)).pow(2).mean().backward()
+        assert cap._watched == []
+    assert refs and refs[0]() is None
+
+
+def test_sketch_gradients_refuses_a_capture_built_for_something_else():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    layout = ParamLayout.from_module(model)
+    sketch = make("dense", layout.dim, 5, seed=0)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    loss = lambda m, b: m(b).pow(2).sum(-1)  # noqa: E731
+    for cap in (GradientCapture(model, sketch, layout, loss_scale="mean"),
+                GradientCapture(model, make("dense", layout.dim, 5, seed=1), layout, loss_scale="sum")):
+        with pytest.raises(SketchConfigError, match="capture"):
+            sketch_gradients(model, loss, x, sketch, mode="auto", layout=layout, capture=cap)

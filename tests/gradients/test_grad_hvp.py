@@ -334,3 +334,25 @@ def test_cached_graph_out_of_device_memory_falls_back_to_recomputing(mlp_case, m
     ref = ref_hvp(model, loss_fn, [batch], layout, v[None])[0]
     torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(op(v), ref, atol=1e-10, rtol=1e-10)
+
+
+def test_cached_graph_rebuilds_when_a_probe_batch_changes_in_place():
+    """The kept graph is keyed on the batch tensors too: editing a target in place (not saved by autograd)
+    must not leave a stale H, and editing an input that autograd saved must not break later calls."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(6, dtype=torch.float64)
+
+    def loss_fn(m, b):
+        return (m(b[0]).squeeze(-1) - b[1]) ** 4
+
+    layout = ParamLayout.from_module(model)
+    op = make_hvp(model, loss_fn, [(x, y)], method="double_backward", cache_graph=True)
+    v = torch.randn(layout.dim, dtype=torch.float64)
+    op(v)
+    y.add_(1.0)
+    torch.testing.assert_close(op(v), ref_hvp(model, loss_fn, [(x, y)], layout, v[None])[0], atol=1e-10, rtol=1e-10)
+    x.mul_(0.5)
+    torch.testing.assert_close(op(v), ref_hvp(model, loss_fn, [(x, y)], layout, v[None])[0], atol=1e-10, rtol=1e-10)
+    assert op.graph.builds == 3

@@ -153,3 +153,30 @@ def test_disk_full_on_manifest_write(built, monkeypatch):
     monkeypatch.undo()
     assert SketchStore.open(root, verify="full").num_rows == 400
     assert sorted(p.name for p in root.iterdir()) == files_before  # new segments were removed again
+
+
+def test_any_error_in_a_concurrent_commit_leaves_no_file_of_that_generation(built, monkeypatch):
+    """Segment files are written on worker threads; an error that is not a disk error (here a ValueError
+    from the serialiser on one of six files) must still remove every file the other workers wrote."""
+    from lightning_sketch.store import writer as writer_mod
+
+    root, _, x = built
+    files_before = sorted(p.name for p in root.iterdir())
+    store = SketchStore.open(root, mode="a")
+    for name in ("d", "e", "f"):
+        store.add_checkpoint(name, step=2, lr=0.1)
+        store.append(np.arange(400, 410), x[:10], checkpoint=name)
+    real, calls = writer_mod.npy_bytes, {"n": 0}
+
+    def flaky(arr):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise ValueError("serialiser failed (simulated)")
+        return real(arr)
+
+    monkeypatch.setattr(writer_mod, "npy_bytes", flaky)
+    with pytest.raises(ValueError, match="simulated"):
+        store.commit()
+    monkeypatch.undo()
+    assert sorted(p.name for p in root.iterdir()) == files_before
+    assert store.commit() > 0 and SketchStore.open(root, verify="full").num_rows == 430
