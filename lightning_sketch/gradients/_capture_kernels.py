@@ -8,7 +8,7 @@ the fallback), embedding rows; plus the fast-path forward hooks that feed them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, cast
 
 import torch
@@ -22,6 +22,34 @@ from lightning_sketch.sketches.base import Sketch
 from lightning_sketch.sketches.per_layer import PerLayerSketch
 
 ForwardHook = Callable[[nn.Module, tuple[Any, ...], Any], None]
+
+
+def _earliest(tensors: Iterable[Tensor]) -> list[Tensor]:
+    """The tensors from whose ``grad_fn`` no other tensor's ``grad_fn`` is reachable.
+
+    One iterative depth-first pass over the autograd graph below them, memoised per node (written by
+    hand: ``torch.autograd.graph`` has no reachability query).
+    """
+    tensors = list(tensors)
+    marked = {id(t.grad_fn) for t in tensors if t.grad_fn is not None}
+    below: dict[int, bool] = {}  # node id -> some marked node lies strictly below it
+
+    def reaches(root: Any) -> bool:
+        stack: list[tuple[Any, bool]] = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            key = id(node)
+            if key in below and not expanded:
+                continue
+            nexts = [n for n, _ in node.next_functions if n is not None]
+            if expanded:
+                below[key] = any(id(n) in marked or below.get(id(n), False) for n in nexts)
+                continue
+            stack.append((node, True))
+            stack.extend((n, False) for n in nexts if id(n) not in below)
+        return below[id(root)]
+
+    return [t for t in tensors if t.grad_fn is None or not reaches(t.grad_fn)]
 
 
 class _CaptureKernels:
@@ -64,16 +92,18 @@ class _CaptureKernels:
         while autograd skips the batch's parameter gradients (``Xᵀ δ`` per layer), which the capture
         does not use. None when nothing was recorded; when a hooked tensor was modified in place
         afterwards (e.g. ``ReLU(inplace=True)``: its gradient as an input would then be that of the
-        new value); or when the tensors hold more entries than the larger of N and the capture's own
+        new value); or when the targets hold more entries than the larger of N and the capture's own
         buffer, because autograd returns one gradient per target: stopping there must not hold more
         memory than the parameter gradients (or the per-example rows) it replaces.
+
+        Only the earliest hooked tensors are returned (those from which no other hooked tensor is
+        reachable in the autograd graph): every later one lies on a path from the loss to one of them,
+        so the backward still passes, and fires the hook, at each; autograd returns (and holds) the
+        gradients of the few earliest only.
         """
         if not self._watched or any(t._version != v for t, v in self._watched):
             return None
-        seen: dict[int, Tensor] = {}
-        for t, _ in self._watched:
-            seen.setdefault(id(t), t)
-        targets = list(seen.values())
+        targets = _earliest({id(t): t for t, _ in self._watched}.values())
         width = self._per_layer.sketch_dim if self._per_layer is not None else self._layout.dim
         budget = max(self._layout.dim, (self.batch_size or 1) * width)
         return targets if sum(t.numel() for t in targets) <= budget else None

@@ -452,3 +452,47 @@ def test_sketch_gradients_refuses_a_capture_built_for_something_else():
                 GradientCapture(model, make("dense", layout.dim, 5, seed=1), layout, loss_scale="sum")):
         with pytest.raises(SketchConfigError, match="capture"):
             sketch_gradients(model, loss, x, sketch, mode="auto", layout=layout, capture=cap)
+
+
+class Branches(nn.Module):
+    """Two branches from the input (no hooked tensor below either), a module used twice, and a join."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right = nn.Linear(4, 5), nn.Linear(4, 5)
+        self.mid = nn.Linear(5, 5)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        a = torch.tanh(self.mid(torch.tanh(self.mid(torch.tanh(self.left(x))))))
+        b = torch.tanh(self.right(x))
+        return self.head(torch.cat([a, b], dim=-1))
+
+
+def test_the_backward_stops_at_the_earliest_hooked_outputs_of_every_branch():
+    """_grad_targets keeps only the hooked tensors below which no other hooked tensor lies (here the two
+    branch inputs' outputs), and the rows still equal the vmap reference with no parameter gradient."""
+    torch.manual_seed(10)
+    model = Branches().double()
+    batch = (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    layout = ParamLayout.from_module(model)
+    sketch = make("dense", layout.dim, 12, seed=3)
+    cap = GradientCapture(model, sketch, layout, loss_scale="sum")
+    cap.batch_size = 5
+    with cap, torch.enable_grad():
+        cap._track = True
+        out = model(batch[0])
+        targets = cap._grad_targets()
+        cap._track = False
+        assert targets is not None and len(cap._watched) == 5
+        left, right = model.left(batch[0]), model.right(batch[0])
+        assert sorted(t.shape[-1] for t in targets) == [5, 5] and len(targets) == 2
+        torch.testing.assert_close(sorted(targets, key=lambda t: float(t.sum())),
+                                   sorted([left, right], key=lambda t: float(t.sum())))
+        del out
+    calls, handles = _param_grad_calls(model)
+    got = sketch_gradients(model, _xent, batch, sketch, mode="hooks", layout=layout)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(got, sketch.apply(per_example_grads(model, _xent, batch, layout=layout)), **TOL)
+    assert not calls
