@@ -8,11 +8,12 @@ the fallback), embedding rows; plus the fast-path forward hooks that feed them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as TF
 
 from lightning_sketch.exceptions import SketchInputError
@@ -24,14 +25,13 @@ from lightning_sketch.sketches.per_layer import PerLayerSketch
 ForwardHook = Callable[[nn.Module, tuple[Any, ...], Any], None]
 
 
-def _earliest(tensors: Iterable[Tensor]) -> list[Tensor]:
-    """The tensors from whose ``grad_fn`` no other tensor's ``grad_fn`` is reachable.
+def _earliest(edges: list[GradientEdge]) -> list[GradientEdge]:
+    """The edges from whose node no other edge's node is reachable in the autograd graph.
 
-    One iterative depth-first pass over the autograd graph below them, memoised per node (written by
-    hand: ``torch.autograd.graph`` has no reachability query).
+    One iterative depth-first pass over the graph below them, memoised per node (written by hand:
+    ``torch.autograd.graph`` has no reachability query).
     """
-    tensors = list(tensors)
-    marked = {id(t.grad_fn) for t in tensors if t.grad_fn is not None}
+    marked = {id(e.node) for e in edges}
     below: dict[int, bool] = {}  # node id -> some marked node lies strictly below it
 
     def reaches(root: Any) -> bool:
@@ -49,7 +49,7 @@ def _earliest(tensors: Iterable[Tensor]) -> list[Tensor]:
             stack.extend((n, False) for n in nexts if id(n) not in below)
         return below[id(root)]
 
-    return [t for t in tensors if t.grad_fn is None or not reaches(t.grad_fn)]
+    return [e for e in edges if not reaches(e.node)]
 
 
 class _CaptureKernels:
@@ -72,41 +72,42 @@ class _CaptureKernels:
     _spare: Tensor | None
     #: Whether :meth:`grads` handed out the current buffer itself (it must then never become spare).
     _lent: bool
-    #: Whether hooked tensors are recorded (only for :func:`hooked_sketch`'s own backward: recording
-    #: keeps them alive, which an ordinary training backward must not pay for).
+    #: Whether hooked tensors are recorded (only for :func:`hooked_sketch`'s own backward).
     _track: bool
-    #: Every tensor a gradient hook was put on since the last reset (while ``_track``), with its
-    #: autograd version then.
-    _watched: list[tuple[Tensor, int]]
+    #: The gradient edge (autograd node, output index) of every tensor a hook was put on since the last
+    #: reset while ``_track``, with the tensor's size; None for a leaf (no edge to stop at). Edges, not
+    #: tensors: they keep no activation alive, and an in-place change of the tensor afterwards
+    #: (``ReLU(inplace=True)``) does not move them, so they name exactly the gradient the hook sees.
+    _watched: list[tuple[GradientEdge, int] | None]
 
     def _watch(self, t: Tensor, hook: Callable[[Tensor], None]) -> None:
-        """Put ``hook`` on ``t``'s gradient and, while tracking, remember ``t`` (:meth:`_grad_targets`)."""
+        """Put ``hook`` on ``t``'s gradient and, while tracking, record its edge (:meth:`_grad_targets`)."""
         t.register_hook(hook)
         if self._track:
-            self._watched.append((t, t._version))
+            # a leaf has no edge to stop at: differentiate w.r.t. the parameters then
+            self._watched.append(None if t.grad_fn is None else (get_gradient_edge(t), t.numel()))
 
-    def _grad_targets(self) -> list[Tensor] | None:
-        """The recorded hooked tensors, when a backward may stop at them, else None.
+    def _grad_targets(self) -> list[GradientEdge] | None:
+        """Gradient edges a backward may stop at while still firing every hook, else None.
 
         Differentiating the loss with respect to these (instead of the parameters) fires every hook
         while autograd skips the batch's parameter gradients (``Xᵀ δ`` per layer), which the capture
-        does not use. None when nothing was recorded; when a hooked tensor was modified in place
-        afterwards (e.g. ``ReLU(inplace=True)``: its gradient as an input would then be that of the
-        new value); or when the targets hold more entries than the larger of N and the capture's own
-        buffer, because autograd returns one gradient per target: stopping there must not hold more
-        memory than the parameter gradients (or the per-example rows) it replaces.
-
-        Only the earliest hooked tensors are returned (those from which no other hooked tensor is
-        reachable in the autograd graph): every later one lies on a path from the loss to one of them,
-        so the backward still passes, and fires the hook, at each; autograd returns (and holds) the
-        gradients of the few earliest only.
+        does not use. Only the earliest hooked edges are returned (those below which no other hooked
+        edge lies in the autograd graph): every later one is on a path from the loss to one of them, so
+        the backward passes, and fires the hook, at each; autograd returns (and holds) the gradients of
+        the earliest only. None when nothing was recorded, when a hooked tensor is a leaf, or when those
+        gradients would hold more entries than the larger of N and the capture's own buffer (stopping
+        there must not take more memory than the parameter gradients or rows it replaces).
         """
-        if not self._watched or any(t._version != v for t, v in self._watched):
+        if not self._watched or any(w is None for w in self._watched):
             return None
-        targets = _earliest({id(t): t for t, _ in self._watched}.values())
+        watched = cast("list[tuple[GradientEdge, int]]", self._watched)
+        sizes = {(id(e.node), e.output_nr): (e, n) for e, n in watched}
+        targets = _earliest([e for e, _ in sizes.values()])
         width = self._per_layer.sketch_dim if self._per_layer is not None else self._layout.dim
         budget = max(self._layout.dim, (self.batch_size or 1) * width)
-        return targets if sum(t.numel() for t in targets) <= budget else None
+        held = sum(sizes[(id(e.node), e.output_nr)][1] for e in targets)
+        return targets if held <= budget else None
 
     # ----------------------------------------------------------------- accumulation
     def _out(self, size: int, like: Tensor) -> Tensor:

@@ -49,6 +49,7 @@ from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError, UnsupportedModelError
 from lightning_sketch.gradients import _functional as F
@@ -127,7 +128,7 @@ class GradientCapture(_MHAReader, _FallbackHooks):
         self._handles: list[Any] = []
         self._buffer: Tensor | None = None
         self._busy = False
-        self._watched: list[tuple[Tensor, int]] = []
+        self._watched: list[tuple[GradientEdge, int] | None] = []
         self._track = False
         self._spare: Tensor | None = None
         self._lent = False
@@ -243,8 +244,8 @@ def hooked_sketch(
 ) -> Tensor:
     """Per-example sketches (or gradients, ``sketch=None``) through :class:`GradientCapture`:
     per chunk of examples, one forward and ``torch.autograd.grad`` of the summed per-example
-    losses with respect to the hooked outputs (:meth:`GradientCapture.grad_targets`; the parameters
-    when one was modified in place), so no ``.grad`` is written and no batch gradient is formed.
+    losses with respect to the earliest hooked outputs' gradient edges (the parameters when a hooked
+    tensor is a leaf), so no ``.grad`` is written and no batch gradient is formed.
     ``[B, D]`` (or ``[B, N]``). ``capture``: a ``GradientCapture(model, sketch, layout,
     loss_scale="sum")`` to reuse, with its buffer (built if None). Reentrant activation checkpointing
     (``use_reentrant=True``) refuses ``autograd.grad`` in torch itself; the non-reentrant kind works."""
@@ -267,7 +268,10 @@ def hooked_sketch(
             finally:
                 cap._track = False
             cap._watched = []
-            torch.autograd.grad(losses.sum(), targets if targets is not None else params, allow_unused=True)
+            if targets is None:
+                torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            else:
+                torch.autograd.grad(losses.sum(), targets, allow_unused=True)
             del targets
         parts.append(cap.grads() if sketch is None else cap.sketches())
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
