@@ -52,6 +52,8 @@ class SpectrumNumerics:
             snapshot and run one backward pass per HVP (1.7-1.9x cheaper HVPs on the models of
             benchmarks/real_models.py); the graph (about one ``create_graph`` training step over the
             whole probe set) is held during the snapshot only. Set False when that memory is tight.
+            With ``mode="train"`` the kept graph fixes one dropout mask for all of a snapshot's HVPs
+            (one consistent operator); without it every HVP draws its own.
 
     Raises:
         SketchConfigError: on an invalid value.

@@ -190,21 +190,21 @@ class WriterMixin(SnapshotMixin):
             new["checkpointed_generation"] = gen
         written: list[Path] = []
         token = secrets.token_hex(4)  # unique file names: a racing writer can never replace our files
-        jobs: list[tuple[dict[str, Any], str, Path, np.ndarray]] = []
+        jobs: list[tuple[dict[str, Any], str, Path, list[np.ndarray]]] = []
         for (ckpt, rank), parts in sorted(self._buffer.items()):
-            ids = np.concatenate([p[0] for p in parts])
-            vecs = np.concatenate([p[1] for p in parts])
             stem = f"seg-{ckpt}-r{rank}-g{gen:06d}-{token}"
-            entry: dict[str, Any] = {"checkpoint": ckpt, "rank": rank, "generation": gen, "rows": len(ids)}
+            rows = sum(len(p[0]) for p in parts)
+            entry: dict[str, Any] = {"checkpoint": ckpt, "rank": rank, "generation": gen, "rows": rows}
             new["segments"].append(entry)
-            jobs += [(entry, key, self.path / (stem + suffix), arr)
-                     for key, suffix, arr in (("vectors", ".npy", vecs), ("ids", ".ids.npy", ids))]
+            # the pieces are joined on the worker, one segment at a time per thread (not all up front)
+            jobs += [(entry, key, self.path / (stem + suffix), [p[i] for p in parts])
+                     for key, suffix, i in (("vectors", ".npy", 1), ("ids", ".ids.npy", 0))]
         try:
             # Each file is written, fsync-ed and renamed on its own thread: the fsyncs (not the bytes)
             # dominate a commit of many small segments (an epoch each in inline mode), and the disk
             # serves concurrent flushes together. All are done before the manifest names them.
             with ThreadPoolExecutor(max_workers=min(8, len(jobs) or 1)) as pool:
-                futures = [pool.submit(_write_npy, path, arr) for _, _, path, arr in jobs]
+                futures = [pool.submit(_write_npy, path, pieces) for _, _, path, pieces in jobs]
             # the pool has finished every job: record all files written before raising any error
             errors: list[BaseException] = []
             for (entry, key, path, _), fut in zip(jobs, futures):
@@ -253,7 +253,8 @@ class WriterMixin(SnapshotMixin):
         return self.commit()
 
 
-def _write_npy(path: Path, arr: np.ndarray) -> tuple[str, int]:
-    """One segment file (run on a commit's worker thread, so any error lands in its future)."""
-    return atomic_write(path, npy_bytes(arr))
+def _write_npy(path: Path, pieces: list[np.ndarray]) -> tuple[str, int]:
+    """One segment file from its buffered pieces (run on a commit's worker thread, so any error lands in
+    its future)."""
+    return atomic_write(path, npy_bytes(np.concatenate(pieces)))
 
