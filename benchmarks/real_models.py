@@ -278,19 +278,9 @@ def _clock():
 
 def timeit(fn, reps):
     """Median seconds of ``fn``: CPU time on CPU (see ``CPU``), wall time on CUDA."""
-    cuda = torch.cuda.is_available()
-    clock = _clock()
+    cuda, clock = torch.cuda.is_available(), _clock()
     fn()  # warm-up
-    out = []
-    for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-        t = clock()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        out.append(clock() - t)
-    return statistics.median(out)
+    return statistics.median(_once(fn, clock, cuda) for _ in range(reps))
 
 
 def _once(fn, clock, cuda):
