@@ -122,11 +122,9 @@ class ScoringEngine:
 
     @staticmethod
     def _curvature_kind(est: set[str | None]) -> str | None:
-        """``"margin"`` or ``"fisher"`` when every estimator in ``est`` is that kernel, else ``None``."""
-        if None in est:
-            return None
-        margin = {CV.is_margin_estimator(e) for e in est}
-        return None if len(margin) != 1 else ("margin" if margin == {True} else "fisher")
+        """The kernel every estimator in ``est`` names (:func:`~.curvature.kernel_kind`), else ``None``."""
+        kinds = {CV.kernel_kind(e) for e in est}
+        return None if len(kinds) != 1 else kinds.pop()
 
     def _select(self, checkpoints: Sequence[str] | None) -> list[str]:
         if checkpoints is None:
@@ -150,7 +148,7 @@ class ScoringEngine:
     # ------------------------------------------------------------------ per-slice weights
     def _kernel(self, r: int, name: str) -> tuple[Tensor, int]:
         """``(K [D, D] float64, T)``: the slice's kernel and the number of examples summed into it."""
-        if self.kernel in ("fisher", "margin"):
+        if self.kernel in ("fisher", "margin", "gauss-newton", "empirical"):
             root = self.runs[r].root
             if root is None:
                 raise SketchConfigError(

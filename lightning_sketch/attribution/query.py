@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_sketch.attribution import curvature as CV
 from lightning_sketch.attribution._engine import (
     _CURVED,
     DAMPING_RATIO_GRID,
@@ -47,6 +46,7 @@ from lightning_sketch.attribution._stored import (
     swapped_weights,
     union_ids,
 )
+from lightning_sketch.attribution.task import AttributionTask, resolve_task
 from lightning_sketch.exceptions import (
     SketchConfigError,
     SketchInputError,
@@ -161,6 +161,7 @@ class Attributor(ScoringEngine):
         current_weights: bool = False,
         damping_ratio: float | None = None,
         rank: int | None = None,
+        task: AttributionTask | None = None,
     ) -> None:
         if method != "auto" and method not in METHODS:
             raise SketchConfigError(f"`method` must be 'auto' or one of {METHODS}, got {method!r}.")
@@ -204,6 +205,14 @@ class Attributor(ScoringEngine):
                 "method='arnoldi_if' takes one run (its eigenpairs belong to one sketch); "
                 "use fisher_if or trak for ensembles."
             )
+        if task is not None and not isinstance(task, AttributionTask):
+            raise SketchConfigError(
+                "`task` must be a lightning_sketch.attribution.AttributionTask or None, got "
+                f"{type(task).__name__}."
+            )
+        #: the attribution task (loss, query measurement, kernel): given, or recognised from the model
+        #: and the first query batch when the query needs it (:func:`~.task.resolve_task`).
+        self.task: AttributionTask | None = task
         run_estimators = [self._estimators(r) for r in self.runs]
         if method == "auto":
             kinds = {self._curvature_kind(set(e.values())) for e in run_estimators}
@@ -222,29 +231,34 @@ class Attributor(ScoringEngine):
         estimators = [{e[n] for n in self.checkpoints} for e in run_estimators]
         run_kinds = [self._curvature_kind(e) for e in estimators]
         kinds = set(run_kinds)
-        if method == "fisher_if" and kinds != {"fisher"}:
-            missing = [str(r.root) for r, k in zip(self.runs, run_kinds) if k != "fisher"]
+        if method == "fisher_if" and not kinds <= {"fisher", "empirical"}:
+            missing = [str(r.root) for r, k in zip(self.runs, run_kinds) if k not in ("fisher", "empirical")]
             raise StoreNotFoundError(
                 "method='fisher_if' needs the sampled-label Fisher that GradientSketch(curvature='fisher') "
                 f"writes; {missing} hold none (or TRAK's margin kernel). Use method='trak', or re-run "
                 "with curvature='fisher'."
             )
-        #: the per-slice kernel K_c of ``trak``/``fisher_if``: ``"margin"`` (TRAK's kernel of margin
-        #: gradients, gathered during fit), ``"fisher"`` (sampled-label Fisher) or ``"gradients"``
-        #: (GᵀG of the stored loss gradients, when the runs hold no margin kernel); ``None`` otherwise.
+        #: the per-slice kernel K_c of ``trak``/``fisher_if``, gathered during fit: ``"margin"``
+        #: (TRAK's kernel of margin gradients), ``"gauss-newton"`` (of the model's output: regressions,
+        #: language models), ``"fisher"`` (sampled-label Fisher), ``"empirical"`` (the empirical
+        #: Fisher, for models whose task was not recognised), or ``"gradients"`` (GᵀG of the stored
+        #: loss gradients, when the runs hold no common kernel); ``None`` for the other methods.
         self.kernel: str | None = None
         if method == "trak":
-            self.kernel = "margin" if kinds == {"margin"} else "gradients"
+            one = next(iter(kinds)) if len(kinds) == 1 else None
+            self.kernel = one if one is not None else "gradients"
         elif method == "fisher_if":
-            self.kernel = "fisher"
+            self.kernel = "fisher" if kinds == {"fisher"} else "empirical"
         auto_ratio = DEFAULT_MARGIN_DAMPING_RATIO if self.kernel == "margin" else DEFAULT_DAMPING_RATIO
         self.damping_ratio = auto_ratio if damping_ratio is None else float(damping_ratio)
         if query_loss_fn is None and method in _CURVED:
             if callable(getattr(self.model, "per_example_margin", None)):
                 query_loss_fn = negative_margin_of(self.model)
-            elif all(e == {"margin-logits"} for e in estimators):  # the classification convention held
-                query_loss_fn = CV.logits_margin_loss(self.model)
-        self.query_loss_fn = query_loss_fn if query_loss_fn is not None else self.loss_fn
+        #: the queries' per-example function (minus the measurement); ``None`` until the first query
+        #: when it comes from the recognised task (a margin kernel recorded from the model's logits).
+        self.query_loss_fn: LossFn | None = query_loss_fn
+        if query_loss_fn is None and not (method in _CURVED and self.kernel == "margin"):
+            self.query_loss_fn = self.loss_fn
         self._ids = torch.from_numpy(union_ids(self.runs, [self.checkpoints] * len(self.runs)))
         self._pos_cache: dict[tuple[int, str], Tensor] = {}
         self._eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
@@ -285,7 +299,7 @@ class Attributor(ScoringEngine):
                 # vmap only where hooks cannot see
                 q = sketch_gradients(
                     model,
-                    self.query_loss_fn,
+                    self._query_loss(batch),
                     batch,
                     sketch,
                     mode="auto",
@@ -302,6 +316,21 @@ class Attributor(ScoringEngine):
                 )
             out.append(q)
         return out
+
+    def _query_loss(self, batch: Any) -> LossFn:
+        """The queries' function: explicit, else the margin of the recognised task (margin kernels)."""
+        if self.query_loss_fn is not None:
+            return self.query_loss_fn
+        task = self.task if self.task is not None else resolve_task(self.model, batch, self.loss_fn)
+        if not task.kernel.startswith("margin"):
+            raise SketchConfigError(
+                f"The runs hold TRAK's margin kernel, but the queries' task is not a classification "
+                f"({task.describe()}). Pass query batches with integer labels, `query_loss_fn`, or "
+                f"`task=`."
+            )
+        self.task = task
+        self.query_loss_fn = task.query_loss
+        return task.query_loss
 
     def scores(self, batch: Any) -> Tensor:
         """Dense ``[Q, T]`` scores of every query against every stored example (float64).

@@ -52,7 +52,9 @@ class _GradientSketchBase(Callback):
     loss_fn: Callable[[nn.Module, Any], Tensor] | None
     ids_fn: Callable[[Any], Tensor] | None
     curvature: str
+    task: Any
     # state
+    _task: Any
     _last_step_done: int
     _slices: list[str]
     _generation: int | None

@@ -7,22 +7,17 @@ extra pass for the ``[D, D]`` curvature kernel of the slice (TRAK's margin kerne
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sized
 from typing import Any, cast
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_sketch.attribution.curvature import (
-    LabelSampler,
-    LossFn,
-    accumulate_fisher,
-    resolve_label_sampler,
-    resolve_margin_loss,
-    write_curvature,
-)
+from lightning_sketch.attribution.curvature import LossFn, accumulate_fisher, write_curvature
+from lightning_sketch.attribution.task import AttributionTask, resolve_task
 from lightning_sketch.callbacks._gradient_sketch_base import _GradientSketchBase, _vmap_guard
 from lightning_sketch.callbacks._gradient_sketch_io import (
     _current_lr,
@@ -83,60 +78,55 @@ class _SlicesMixin(_GradientSketchBase):
     def _gather_curvature(
         self, trainer: Trainer, pl_module: LightningModule, name: str, loader: Any, loss_fn: LossFn
     ) -> None:
-        """Σ_t φ_t φ_tᵀ over the attribution set (eval mode), φ_t the sketched gradient of the
-        example's −margin (TRAK's kernel) or of its loss at a label sampled from the model (Fisher)."""
+        """K = Σ_t Σ_terms w φ_t φ_tᵀ over the attribution set (eval mode), φ_t the sketched gradient
+        of the task's kernel functions (:mod:`lightning_sketch.attribution.task`): the margin for
+        classifiers (TRAK's kernel), the prediction for regressions (Gauss–Newton), sampled
+        completions for language models; the empirical Fisher when the task has none."""
         seed = derive_seed(self.seed, "curvature", f"{name}/rank{trainer.global_rank}")
         gen = torch.Generator().manual_seed(seed)
         D = self.sketch.sketch_dim
         acc = torch.zeros(D, D, dtype=torch.float64)
         count = 0
-        kernel: tuple[LossFn, LabelSampler, str] | None = None  # decided on the first batch
+        task: AttributionTask | None = None
         cap = self._slice_capture(pl_module)
         with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             for batch in loader:
                 batch = _to_device(batch, pl_module.device)
-                if kernel is None:
-                    kernel = self._curvature_rows(pl_module, loss_fn, batch, name)
-                row_loss, transform, _ = kernel
-                rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
-                    pl_module, row_loss, transform(pl_module, batch, gen), self.sketch,
-                    mode="auto" if self._hooks else "explicit", layout=self.layout,
-                    chunk_size=self.chunk_size, capture=cap,
-                ), self.support, self.exclude)
-                count += accumulate_fisher([rows], D, out=acc)[1]
-        estimator = "" if kernel is None else kernel[2]
+                if task is None:
+                    task = self._resolved_task(pl_module, loss_fn, batch)
+                terms = task.kernel_terms(pl_module, batch, gen) if task.kernel_terms is not None else [
+                    (loss_fn, batch, 1.0)]
+                n_batch = 0
+                for fn, term_batch, weight in terms:
+                    rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
+                        pl_module, fn, term_batch, self.sketch,
+                        mode="auto" if self._hooks else "explicit", layout=self.layout,
+                        chunk_size=self.chunk_size, capture=cap,
+                    ), self.support, self.exclude)
+                    n_batch = accumulate_fisher([rows * math.sqrt(weight)], D, out=acc)[1]
+                count += n_batch
+        estimator = "" if task is None else task.kernel
         if trainer.world_size > 1:  # every rank saw its own share of the attribution set
             acc = trainer.strategy.reduce(acc.to(pl_module.device), reduce_op="sum").cpu()
             total = torch.tensor(float(count), device=pl_module.device)
             count = int(trainer.strategy.reduce(total, reduce_op="sum"))
         if trainer.is_global_zero:
-            write_curvature(self.dirpath, name, acc, count, self.sketch.spec, estimator)
+            write_curvature(self.dirpath, name, acc, count, self.sketch.spec, estimator,
+                            task=None if task is None else task.kind)
 
-    def _curvature_rows(
-        self, pl_module: LightningModule, loss_fn: LossFn, batch: Any, name: str
-    ) -> tuple[LossFn, LabelSampler, str]:
-        """``(row loss, batch transform, estimator)`` of the kernel, decided on the first batch."""
-
-        def keep(mod: Any, b: Any, g: torch.Generator) -> Any:  # the batch as it is
-            return b
-
-        if self.curvature in ("auto", "margin"):
-            margin_loss, why = resolve_margin_loss(pl_module, loss_fn, batch)
-            if margin_loss is not None:
-                return margin_loss, keep, why
-            if self.curvature == "margin":
-                rank_zero_warn(
-                    f"GradientSketch: no margin ({why}); the curvature of {name!r} is the Fisher of sampled "
-                    f"labels. Define `per_example_margin(batch) -> Tensor[B]` on the module."
-                )
-        sampler, estimator = resolve_label_sampler(pl_module, loss_fn, batch)
-        if sampler is None:
-            rank_zero_warn(
-                f"GradientSketch: cannot sample labels ({estimator}); the curvature of {name!r} is the "
-                f"empirical Fisher. Define `sample_labels(batch, generator) -> batch` on the module."
-            )
-            return loss_fn, keep, f"empirical: {estimator}"
-        return loss_fn, sampler, estimator
+    def _resolved_task(self, pl_module: LightningModule, loss_fn: LossFn, batch: Any) -> AttributionTask:
+        """The attribution task, decided once per fit on the first batch and said once (rank zero)."""
+        if self._task is None:
+            task = self.task if self.task is not None else resolve_task(pl_module, batch, loss_fn)
+            if self.curvature == "fisher":
+                task = task.as_fisher()
+            self._task = task
+            no_margin = self.curvature == "margin" and not task.kernel.startswith("margin")
+            if task.kernel == "empirical" or no_margin:
+                rank_zero_warn(f"GradientSketch: {task.describe()}.")
+            else:
+                rank_zero_info(f"GradientSketch: {task.describe()}.")
+        return self._task
 
     def _finish_slice(self, trainer: Trainer, pl_module: LightningModule, name: str, step: int) -> None:
         if name not in self._slices:

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_sketch.attribution.curvature import check_curvature_arg
+from lightning_sketch.attribution.task import AttributionTask
 from lightning_sketch.callbacks._gradient_sketch_base import _check_support
 from lightning_sketch.callbacks._gradient_sketch_inline import _InlineMixin
 from lightning_sketch.callbacks._gradient_sketch_io import _check_no_padding, _check_types, _open_store
@@ -88,13 +89,16 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]``; default ``pl_module.per_example_loss(batch)``.
         ids_fn: ``ids_fn(batch) -> Tensor[B]`` int64 example ids; default ``batch[id_key]``.
         curvature: checkpoint mode: the ``[D, D]`` kernel written to ``<dirpath>/curvature/`` at
-            every slice (one extra per-example gradient pass over the attribution set;
-            :mod:`lightning_sketch.attribution.curvature`). ``"margin"``: TRAK's kernel Σ φφᵀ of the
-            sketched gradients φ of the margin (the module's ``per_example_margin`` or, for
-            classifiers, log p_y − log(1 − p_y) of the logits), used by the Attributor's default
-            ``trak``; ``"fisher"``: the Fisher Σ ĝĝᵀ of labels sampled from the model, used by
-            ``fisher_if``; ``"auto"`` (default): ``"margin"`` where a margin is defined, else
-            ``"fisher"``; ``"none"`` skips it. Inline mode gathers none.
+            every slice (one extra per-example gradient pass over the attribution set, S passes for
+            a sampled kernel; :mod:`lightning_sketch.attribution.task`). ``"auto"`` (default): the
+            task's kernel: TRAK's margin kernel for classifiers, the Gauss–Newton kernel of the
+            prediction for regressions, the sampled softmax Gauss–Newton for language models, the
+            empirical Fisher (with one warning saying what to add) otherwise; ``"margin"``: the
+            same, warning when the task has no margin; ``"fisher"``: the Fisher of labels sampled
+            from the model where the task can draw them; ``"none"`` skips it. Inline mode gathers none.
+        task: the :class:`~lightning_sketch.attribution.AttributionTask` (loss, query measurement,
+            kernel); default: recognised from the module and the first batch
+            (:func:`~lightning_sketch.attribution.task.resolve_task`), and said once in the log.
 
     Raises:
         SketchConfigError: on invalid arguments (checked in ``__init__``) or a module without a loss.
@@ -125,6 +129,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
         ids_fn: Callable[[Any], Tensor] | None = None,
         curvature: Literal["auto", "margin", "fisher", "none"] = "auto",
+        task: AttributionTask | None = None,
     ) -> None:
         if mode not in ("checkpoint", "inline"):
             raise SketchConfigError(f"`mode` must be 'checkpoint' or 'inline', got {mode!r}.")
@@ -161,6 +166,13 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self.loss_fn = loss_fn
         self.ids_fn = ids_fn
         self.curvature = check_curvature_arg(curvature)
+        if task is not None and not isinstance(task, AttributionTask):
+            raise SketchConfigError(
+                "`task` must be a lightning_sketch.attribution.AttributionTask or None, got "
+                f"{type(task).__name__}."
+            )
+        self.task = task
+        self._task: AttributionTask | None = None  # resolved on the first slice's curvature pass
         # state
         self._last_step_done = -1
         self._slices: list[str] = []
@@ -234,6 +246,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.store is not None:
             return
+        self._task = None
         self._loss_fn(pl_module)  # fail at setup, not at the first slice
         self.layout = ParamLayout.from_module(pl_module, include=self.include, exclude=self.exclude)
         self.support = _check_support(pl_module, self.layout, self.exclude)

@@ -16,9 +16,9 @@ from torch import nn
 from lightning_sketch.attribution import DEFAULT_DAMPING_RATIO, Attributor, _stored
 from lightning_sketch.attribution.curvature import (
     read_curvature,
-    resolve_label_sampler,
     write_curvature,
 )
+from lightning_sketch.attribution.task import resolve_task
 from lightning_sketch.exceptions import (
     SketchConfigError,
     SketchInputError,
@@ -211,16 +211,17 @@ def test_sampled_labels_give_the_gauss_newton_matrix(two_models):
     (model, x, y), _ = two_models
     xb = x[:3]
     batch = full_batch(xb, y[:3])
-    sampler, kind = resolve_label_sampler(model, loss_fn, batch)
-    assert kind == "sampled"
+    task = resolve_task(model, batch, loss_fn).as_fisher()
+    assert task.kernel == "sampled"
     layout = ParamLayout.from_module(model)
     ident = make("identity", layout.dim, layout.dim, seed=0)
     gen = torch.Generator().manual_seed(0)
     n = 3000
     acc = torch.zeros(layout.dim, layout.dim, dtype=torch.float64)
     for _ in range(n // 3):
-        g = sketch_gradients(model, loss_fn, sampler(model, batch, gen), ident, layout=layout)
-        acc += g.T @ g
+        ((fn, drawn, w),) = task.kernel_terms(model, batch, gen)
+        g = sketch_gradients(model, fn, drawn, ident, layout=layout)
+        acc += w * g.T @ g
     acc /= n // 3
     # exact GGN: Σ_b J_bᵀ (diag p_b − p_b p_bᵀ) J_b
     params = layout.flatten(layout.params(model))
@@ -235,26 +236,19 @@ def test_sampled_labels_give_the_gauss_newton_matrix(two_models):
     assert rel < 0.1, rel
 
 
-def test_models_outside_the_convention_fall_back_with_a_reason():
-    class Reg(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 1)
-
-        def per_example_loss(self, b):
-            return (self.lin(b["x"]).squeeze(1) - b["y"]) ** 2
-
-    b = {"x": torch.randn(4, 3), "y": torch.randn(4)}
-    fn, why = resolve_label_sampler(Reg(), loss_fn, b)
-    assert fn is None and "integer" in why
-
+def test_models_outside_the_conventions_fall_back_with_a_reason():
     class NotCE(TinyClassifier):
+        per_example_margin = None
+
         def per_example_loss(self, batch):
             return F.cross_entropy(self(batch["x"]), batch["y"], reduction="none", label_smoothing=0.2)
 
     xb, yb, _ = blobs(n=6)
-    fn, why = resolve_label_sampler(NotCE(), loss_fn, full_batch(xb, yb))
-    assert fn is None and "not the cross-entropy" in why
+    task = resolve_task(NotCE(), full_batch(xb, yb), loss_fn)
+    assert task.kernel == "empirical" and task.kernel_terms is None
+    assert "cross-entropy" in task.reason and "per_example_margin" in task.reason
+    task = resolve_task(NotCE(), {"x": xb}, loss_fn=lambda m, b: m(b["x"]).sum(1))
+    assert task.kernel == "empirical" and "no targets" in task.reason
 
 
 def test_rank_keeps_the_top_curvature_directions(tmp_path, two_models):

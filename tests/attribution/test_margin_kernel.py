@@ -21,9 +21,9 @@ from lightning_sketch.attribution import (
 from lightning_sketch.attribution.curvature import (
     curvature_estimator,
     read_curvature,
-    resolve_margin_loss,
     write_curvature,
 )
+from lightning_sketch.attribution.task import resolve_task
 from lightning_sketch.callbacks import GradientSketch
 from lightning_sketch.exceptions import SketchConfigError, StoreNotFoundError
 from lightning_sketch.gradients import ParamLayout
@@ -107,8 +107,8 @@ def test_fisher_option_keeps_the_sampled_label_fisher_and_fisher_if(tmp_path):
     assert {curvature_estimator(run, n) for n in names} == {"sampled"}
     att = Attributor(run, model)
     assert (att.method, att.kernel, att.damping_ratio) == ("fisher_if", "fisher", DEFAULT_DAMPING_RATIO)
-    trak = Attributor(run, model, method="trak")  # no margin kernel: GᵀG of the stored gradients
-    assert (trak.kernel, trak.damping_ratio) == ("gradients", DEFAULT_DAMPING_RATIO)
+    trak = Attributor(run, model, method="trak")  # trak inverts the kernel the run gathered
+    assert (trak.kernel, trak.damping_ratio) == ("fisher", DEFAULT_DAMPING_RATIO)
 
 
 def _synthetic_run(root, estimator, T=20, seed=0):
@@ -141,20 +141,20 @@ def test_fisher_if_refuses_a_margin_kernel_and_mixed_ensembles_fall_back_to_grad
     assert Attributor(tmp_path / "a", model, damping_ratio=0.1).damping_ratio == 0.1
 
 
-def test_resolve_margin_loss_protocol():
+def test_the_recognised_task_measures_the_margin():
     x, y, _ = blobs(n=6)
     b = full_batch(x, y)
     own = TinyClassifier()
-    fn, kind = resolve_margin_loss(own, lambda m, bb: m.per_example_loss(bb), b)
-    assert kind == "margin"
-    torch.testing.assert_close(fn(own, b), -_ref_margin(own, b))
+    task = resolve_task(own, b)
+    assert (task.kind, task.kernel) == ("custom", "margin")
+    torch.testing.assert_close(task.query_loss(own, b), -_ref_margin(own, b))
     conv = NoMarginClassifier()
-    fn, kind = resolve_margin_loss(conv, lambda m, bb: m.per_example_loss(bb), b)
-    assert kind == "margin-logits"
-    torch.testing.assert_close(fn(conv, b), -_ref_margin(conv, b))
+    task = resolve_task(conv, b)
+    assert (task.kind, task.kernel) == ("classification", "margin-logits")
+    torch.testing.assert_close(task.query_loss(conv, b), -_ref_margin(conv, b))
     # a loss that is not the cross-entropy of the logits: no margin, and the reason
-    fn, why = resolve_margin_loss(conv, lambda m, bb: m.per_example_loss(bb) * 2, b)
-    assert fn is None and "cross-entropy" in why
+    task = resolve_task(conv, b, loss_fn=lambda m, bb: m.per_example_loss(bb) * 2)
+    assert task.kernel == "empirical" and "cross-entropy" in task.reason
 
 
 def test_curvature_argument_is_checked():

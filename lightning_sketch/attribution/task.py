@@ -1,0 +1,503 @@
+"""What attribution differentiates: the task protocol, and the recognition of the common cases.
+
+Every attribution method needs three per-example functions of a batch (in the spirit of the ``Task``
+of Kronfluence, Grosse et al. 2023, where the user states them once):
+
+- the **training loss** ℓ(x) ``[B]``, unreduced: the stored rows are g = Φ∇ℓ;
+- the **query measurement** f(z) ``[B]`` whose change is attributed: scores are
+  q(z)ᵀ M g(x) with q = Φ∇(−f), so a positive score means that training on x *raised* f(z);
+- the **kernel** K = E Σ_t φ_t φ_tᵀ of the curvature-weighted inverse M = (K + λI)⁻¹ of ``trak``:
+  φ_t = Φ∇k_t for one or several per-example functions k (the Gauss–Newton / TRAK kernel of the
+  model's output; Park et al. 2023, §3; Martens 2020, §9).
+
+:class:`AttributionTask` holds the three and a sentence saying why they were chosen. Users with an
+unusual model subclass it (or pass ``loss_fn``/``per_example_margin``/``sample_labels``);
+:func:`resolve_task` recognises, with no user code, from the module's own ``per_example_loss`` on one
+batch:
+
+- ``classification``: an output ``[B, C]`` (C ≥ 2) whose cross-entropy against integer targets
+  ``[B]`` is the loss. Measurement: TRAK's margin m = log p_y − log(1 − p_y); kernel: of ∇m.
+- ``binary``: an output ``[B]`` or ``[B, 1]`` whose BCE-with-logits against 0/1 targets is the loss.
+  Measurement: the signed logit (2y − 1)·z, which is m again; kernel: of ∇z.
+- ``regression``: a float output of the targets' shape whose squared error (times a constant) is the
+  loss. Measurement: −ℓ (the query's negative error); kernel: the Gauss–Newton Σ_o ∇f_o∇f_oᵀ.
+- ``language_model``: logits ``[B, L, V]`` whose token cross-entropy against ``labels`` ``[B, L]``
+  (−100 ignored; shifted by one as in Hugging Face, or not; summed or averaged over tokens) is the
+  loss. Measurement: the log-probability of the completion (−ℓ); kernel: the softmax Gauss–Newton,
+  from S completions drawn from the model per example (E_ŷ[ĝĝᵀ] = Σ_positions Jᵀ(diag p − ppᵀ)J).
+
+The output is found wherever the loss computes it: every submodule's output during one call of
+``per_example_loss`` is a candidate (the model needs no ``forward`` of its own), and the last one
+that passes a check wins. Module methods take precedence: ``per_example_margin(batch)`` (a custom
+margin; kernel of its gradients), then ``sample_labels(batch, generator) -> batch`` (a custom
+likelihood; sampled Fisher). When nothing applies the kernel is the empirical Fisher of the
+stored loss gradients, and :attr:`AttributionTask.reason` says what to add.
+
+Why the Gauss–Newton of the *output* (not the empirical Fisher GᵀG of the stored rows): the loss
+gradient is g = ℓ'(f)∇f, so GᵀG weights each example by its squared residual ℓ'(f)² and late in
+training is dominated by the few unfitted examples (Kunstner et al. 2019); the kernel of ∇f (or of
+∇m for classifiers, whose g = −(1 − p)∇m) weights every example alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_sketch.attribution.scores import classification_margin
+from lightning_sketch.exceptions import SketchConfigError
+
+__all__ = [
+    "TASK_KINDS",
+    "AttributionTask",
+    "LossFn",
+    "resolve_task",
+]
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+#: a per-example function, the batch it is evaluated on and its weight w: K += w·Σ_t φ_tφ_tᵀ with
+#: φ_t = Φ∇ fn(module, batch)_t.
+KernelTerm = tuple[LossFn, Any, float]
+
+#: the kinds :func:`resolve_task` recognises (``"custom"``: module methods; ``"empirical"``: none).
+TASK_KINDS = ("classification", "binary", "regression", "language_model", "custom", "empirical")
+#: sampled kernel terms per example for sampled Gauss–Newton kernels (language models,
+#: ``sample_labels``): the relative error of the sampled kernel falls as 1/√S (benchmarks/RESULTS.md,
+#: "Kernels for every task").
+DEFAULT_KERNEL_SAMPLES = 4
+#: at most this many outputs get one exact Gauss–Newton term each (multi-output regression);
+#: more are estimated with ``DEFAULT_KERNEL_SAMPLES`` Rademacher combinations.
+_MAX_EXACT_OUTPUTS = 8
+_TARGET_KEYS = ("y", "labels", "label", "target", "targets")
+_RTOL, _ATOL = 1e-4, 1e-5
+
+
+@dataclass
+class AttributionTask:
+    """The per-example functions attribution differentiates (see the module docstring).
+
+    Args:
+        kind: one of :data:`TASK_KINDS` (informational; the functions decide the maths).
+        loss: ``loss(module, batch) -> [B]``, the training loss whose sketched gradients are stored.
+        query_loss: ``(module, batch) -> [B]``, minus the query measurement (q = Φ∇ query_loss).
+        kernel_terms: ``(module, batch, generator) -> [(fn, batch', w), ...]``: K gathers
+            w·Σ_t φ_tφ_tᵀ with φ = Φ∇fn on batch' for each term (w = 1/S for S samples of an
+            expectation, 1 for exact terms); ``None``: the empirical Fisher (the stored rows).
+        kernel: the estimator name recorded with each slice's kernel (``"margin-logits"``,
+            ``"margin"``, ``"gauss-newton"``, ``"sampled"``, ``"empirical"``).
+        reason: one sentence saying what was recognised, or what to add for a better kernel.
+
+    Example:
+        >>> class Reg(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__(); self.net = nn.Linear(3, 1)
+        ...     def per_example_loss(self, b): return (self.net(b["x"]).squeeze(-1) - b["y"]) ** 2
+        >>> m, b = Reg(), {"x": torch.randn(4, 3), "y": torch.randn(4)}
+        >>> task = resolve_task(m, b)
+        >>> task.kind, task.kernel
+        ('regression', 'gauss-newton')
+        >>> [(fn(m, bb).shape, w) for fn, bb, w in task.kernel_terms(m, b, torch.Generator())]
+        [(torch.Size([4]), 1.0)]
+    """
+
+    kind: str
+    loss: LossFn
+    query_loss: LossFn
+    kernel_terms: Callable[[nn.Module, Any, torch.Generator], list[KernelTerm]] | None
+    kernel: str
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+    #: the sampled-label Fisher's kernel terms, where the task can draw labels (``as_fisher``).
+    fisher_terms: Callable[[nn.Module, Any, torch.Generator], list[KernelTerm]] | None = None
+
+    def describe(self) -> str:
+        """One line for logs and reports: the task, its kernel and why."""
+        return f"task {self.kind!r}, kernel {self.kernel!r}: {self.reason}"
+
+    def as_fisher(self) -> AttributionTask:
+        """The same task with the Fisher of labels sampled from the model as its kernel (queries then
+        measure −loss); unchanged where the kernel already is a Fisher or no labels can be drawn."""
+        if self.fisher_terms is None:
+            return self
+        return replace(self, kernel_terms=self.fisher_terms, fisher_terms=None, kernel="sampled",
+                       query_loss=self.loss, reason=self.reason + "; the kernel is the sampled-label Fisher")
+
+
+# ---------------------------------------------------------------------------- batch access
+def _target(batch: Any) -> tuple[Any, Tensor] | None:
+    """``(key, targets)`` of a mapping (first of :data:`_TARGET_KEYS`) or ``(1, batch[1])`` of a tuple."""
+    if isinstance(batch, Mapping):
+        for k in _TARGET_KEYS:
+            if isinstance(batch.get(k), Tensor):
+                return k, batch[k]
+        return None
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        return 1, batch[1]
+    return None
+
+
+def _with_target(batch: Any, key: Any, value: Tensor) -> Any:
+    if isinstance(batch, Mapping):
+        return {**batch, key: value}
+    items = list(batch)
+    items[key] = value
+    return type(batch)(items) if isinstance(batch, tuple) else items
+
+
+def _as_output(obj: Any) -> Tensor | None:
+    if isinstance(obj, Tensor):
+        return obj
+    logits = getattr(obj, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(obj, Mapping) and isinstance(obj.get("logits"), Tensor):
+        return obj["logits"]
+    if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], Tensor):
+        return obj[0]
+    return None
+
+
+@dataclass(frozen=True)
+class _Tap:
+    """The ``call``-th output of submodule ``name`` ('' = the module itself) during one loss call."""
+
+    name: str
+    call: int
+
+    def __call__(self, loss_fn: LossFn, module: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(output, loss)``: runs ``loss_fn`` once, capturing the output through a forward hook."""
+        box: list[Any] = []
+        sub = module.get_submodule(self.name) if self.name else module
+        handle = sub.register_forward_hook(lambda m, i, o: box.append(o))
+        try:
+            loss = loss_fn(module, batch)
+        finally:
+            handle.remove()
+        if len(box) <= self.call or _as_output(box[self.call]) is None:
+            raise SketchConfigError(
+                f"The output of {self.name or 'the model'!r} recognised at setup was not computed by "
+                "this batch's loss; pass an explicit `task=` (lightning_sketch.attribution.AttributionTask)."
+            )
+        out = _as_output(box[self.call])
+        assert out is not None
+        return out, loss
+
+
+def _candidates(module: nn.Module, loss_fn: LossFn, batch: Any) -> tuple[list[tuple[_Tap, Tensor]], Tensor]:
+    """Every submodule output computed by one ``loss_fn`` call, latest first, and the losses ``[B]``."""
+    seen: list[tuple[str, Any]] = []
+    handles = []
+    for name, sub in module.named_modules():
+        handles.append(sub.register_forward_hook(lambda m, i, o, _n=name: seen.append((_n, o))))
+    try:
+        with torch.no_grad():
+            loss = loss_fn(module, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    calls: dict[str, int] = {}
+    out: list[tuple[_Tap, Tensor]] = []
+    for name, obj in seen:
+        idx = calls.get(name, 0)
+        calls[name] = idx + 1
+        t = _as_output(obj)
+        if t is not None and t.is_floating_point():
+            out.append((_Tap(name, idx), t.detach()))
+    return out[::-1], loss.detach()
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=_RTOL, atol=_ATOL))
+
+
+# ---------------------------------------------------------------------------- the checks
+def _is_classification(out: Tensor, y: Tensor, loss: Tensor) -> bool:
+    B = y.shape[0]
+    if y.ndim != 1 or y.is_floating_point() or out.ndim != 2 or out.shape[0] != B or out.shape[1] < 2:
+        return False
+    if int(y.min()) < 0 or int(y.max()) >= out.shape[1]:
+        return False
+    return _close(loss, F.cross_entropy(out.double(), y.to(out.device), reduction="none"))
+
+
+def _binary_targets(y: Tensor) -> Tensor | None:
+    yy = y.reshape(y.shape[0], -1)
+    if yy.shape[1] != 1 or not bool(((yy == 0) | (yy == 1)).all()):
+        return None
+    return yy[:, 0].double()
+
+
+def _is_binary(out: Tensor, y: Tensor, loss: Tensor) -> bool:
+    B = y.shape[0]
+    t = _binary_targets(y)
+    if t is None or out.shape[0] != B or out.numel() != B:
+        return False
+    bce = F.binary_cross_entropy_with_logits(out.reshape(B).double(), t.to(out.device), reduction="none")
+    return _close(loss, bce)
+
+
+def _regression_scale(out: Tensor, y: Tensor, loss: Tensor) -> float | None:
+    """c > 0 with loss = c·Σ_o (f_o − y_o)² on every example, else None."""
+    B = y.shape[0]
+    if not y.is_floating_point() or out.shape[0] != B or out.numel() != y.numel():
+        return None
+    se = ((out.reshape(B, -1).double() - y.reshape(B, -1).double().to(out.device)) ** 2).sum(1)
+    keep = se > 1e-12
+    if not bool(keep.any()) or loss.shape != se.shape:
+        return None
+    c = loss.double()[keep] / se[keep]
+    c0 = float(c.mean())
+    if c0 <= 0 or not _close(loss.double(), c0 * se):
+        return None
+    return c0
+
+
+def _token_ce(out: Tensor, labels: Tensor, shift: bool) -> tuple[Tensor, Tensor]:
+    """Per-example summed token cross-entropy ``[B]`` and valid-token counts ``[B]`` (−100 ignored)."""
+    if shift:
+        out, labels = out[:, :-1], labels[:, 1:]
+    B, L, V = out.shape
+    ce = F.cross_entropy(out.reshape(-1, V).double(), labels.reshape(-1).to(out.device), ignore_index=-100,
+                         reduction="none").view(B, L)
+    return ce.sum(1), (labels != -100).sum(1).to(ce.dtype)
+
+
+def _lm_convention(out: Tensor, y: Tensor, loss: Tensor) -> dict[str, Any] | None:
+    if out.ndim != 3 or y.ndim != 2 or y.is_floating_point() or out.shape[:2] != y.shape:
+        return None
+    valid = y[y != -100]
+    if valid.numel() == 0 or int(valid.min()) < 0 or int(valid.max()) >= out.shape[2]:
+        return None
+    for shift in (True, False):
+        total, n = _token_ce(out, y, shift)
+        if _close(loss, total):
+            return {"shift": shift, "reduction": "sum"}
+        if _close(loss, total / n.clamp_min(1)):
+            return {"shift": shift, "reduction": "mean"}
+    return None
+
+
+# ---------------------------------------------------------------------------- the tasks
+def _classification(loss_fn: LossFn, tap: _Tap, key: Any, binary: bool) -> AttributionTask:
+    def margin(module: nn.Module, batch: Any) -> Tensor:
+        out, _ = tap(loss_fn, module, batch)
+        y = _target(batch)
+        assert y is not None  # checked on the probe batch
+        if binary:
+            B = out.shape[0]
+            sign = 2.0 * y[1].reshape(B).to(out.dtype) - 1.0
+            return sign * out.reshape(B)
+        return classification_margin(out, y[1])
+
+    def neg_margin(module: nn.Module, batch: Any) -> Tensor:
+        return -margin(module, batch)
+
+    def fisher(module: nn.Module, batch: Any, gen: torch.Generator) -> list[KernelTerm]:
+        found = _target(batch)
+        assert found is not None
+        key_, y = found
+        with torch.no_grad():
+            out, _ = tap(loss_fn, module, batch)
+            if binary:
+                p1 = torch.sigmoid(out.reshape(out.shape[0]).detach().double()).cpu()
+                drawn = torch.bernoulli(p1, generator=gen).reshape(y.shape)
+            else:
+                p = torch.softmax(out.detach().double(), dim=-1).cpu()
+                drawn = torch.multinomial(p, 1, generator=gen)[:, 0]
+        return [(loss_fn, _with_target(batch, key_, drawn.to(y.device, y.dtype)), 1.0)]
+
+    where = f"the output of {tap.name!r}" if tap.name else "the model's output"
+    what = "BCE-with-logits" if binary else "cross-entropy"
+    return AttributionTask(
+        kind="binary" if binary else "classification",
+        loss=loss_fn,
+        query_loss=neg_margin,
+        kernel_terms=lambda m, b, g: [(neg_margin, b, 1.0)],
+        kernel="margin-logits",
+        reason=(f"the loss is the {what} of {where}: TRAK's margin kernel, and queries measure the "
+                "margin log p_y/(1 − p_y)"),
+        details={"output": tap.name, "call": tap.call, "target": str(key)},
+        fisher_terms=fisher,
+    )
+
+
+def _regression(loss_fn: LossFn, tap: _Tap, key: Any, outputs: int, scale: float | None,
+                samples: int) -> AttributionTask:
+    def output(module: nn.Module, batch: Any) -> Tensor:
+        out, _ = tap(loss_fn, module, batch)
+        return out.reshape(out.shape[0], -1)
+
+    def combination(s: Tensor) -> LossFn:  # sᵀf: E_s[(sᵀ∇f)(sᵀ∇f)ᵀ] = Σ_o ∇f_o∇f_oᵀ for s = ±1
+        def fn(m: nn.Module, b: Any) -> Tensor:
+            f = output(m, b)
+            return f @ s.to(f.dtype).to(f.device)
+
+        return fn
+
+    def terms(module: nn.Module, batch: Any, gen: torch.Generator) -> list[KernelTerm]:
+        if outputs <= _MAX_EXACT_OUTPUTS:  # one exact term per output: s = e_o
+            eye = torch.eye(outputs, dtype=torch.float64)
+            return [(combination(eye[o]), batch, 1.0) for o in range(outputs)]
+        signs = [(torch.randint(0, 2, (outputs,), generator=gen) * 2 - 1).double() for _ in range(samples)]
+        return [(combination(s), batch, 1.0 / samples) for s in signs]
+
+    where = f"the output of {tap.name!r}" if tap.name else "the model's output"
+    how = ("the squared error" if scale is not None else
+           "a function (not the squared error) of")
+    return AttributionTask(
+        kind="regression",
+        loss=loss_fn,
+        query_loss=loss_fn,
+        kernel_terms=terms,
+        kernel="gauss-newton",
+        reason=(f"the loss is {how} {where} against float targets: the Gauss–Newton kernel Σ∇f∇fᵀ of "
+                "the prediction, and queries measure −loss"),
+        details={"output": tap.name, "call": tap.call, "target": str(key), "outputs": outputs},
+    )
+
+
+def _language_model(loss_fn: LossFn, tap: _Tap, key: Any, conv: dict[str, Any],
+                    samples: int) -> AttributionTask:
+    shift = bool(conv["shift"])
+
+    def terms(module: nn.Module, batch: Any, gen: torch.Generator) -> list[KernelTerm]:
+        found = _target(batch)
+        assert found is not None
+        labels = found[1]
+        with torch.no_grad():
+            out, _ = tap(loss_fn, module, batch)
+            logits = out[:, :-1] if shift else out
+            p = torch.softmax(logits.detach().double(), dim=-1).cpu()
+            B, L, V = p.shape
+        result = []
+        for _ in range(samples):
+            drawn = torch.multinomial(p.reshape(-1, V), 1, generator=gen).view(B, L)
+            drawn = drawn.to(labels.device, labels.dtype)
+            new = labels.clone()
+            target = new[:, 1:] if shift else new
+            keep = target != -100
+            target[keep] = drawn[keep]
+            result.append((loss_fn, _with_target(batch, found[0], new), 1.0 / samples))
+        return result
+
+    return AttributionTask(
+        kind="language_model",
+        loss=loss_fn,
+        query_loss=loss_fn,
+        kernel_terms=terms,
+        kernel="gauss-newton-sampled",
+        reason=(f"the loss is the token cross-entropy ({conv['reduction']} over tokens"
+                f"{', shifted by one' if shift else ''}) of the logits against {key!r}: the softmax "
+                f"Gauss–Newton kernel from {samples} sampled completions per example, and queries "
+                "measure the log-probability of their completion (−loss)"),
+        details={"output": tap.name, "call": tap.call, "target": str(key), **conv, "samples": samples},
+    )
+
+
+def _user_sampled(loss_fn: LossFn, samples: int) -> AttributionTask:
+    def terms(module: nn.Module, batch: Any, gen: torch.Generator) -> list[KernelTerm]:
+        with torch.no_grad():
+            drawn = [module.sample_labels(batch, gen) for _ in range(samples)]  # type: ignore[operator]
+        return [(loss_fn, b, 1.0 / samples) for b in drawn]
+
+    return AttributionTask(
+        kind="custom", loss=loss_fn, query_loss=loss_fn, kernel_terms=terms, kernel="sampled",
+        fisher_terms=terms,
+        reason=f"the module's sample_labels(batch, generator): the Fisher of {samples} sampled labels",
+        details={"samples": samples},
+    )
+
+
+def _user_margin(loss_fn: LossFn) -> AttributionTask:
+    def neg_margin(module: nn.Module, batch: Any) -> Tensor:
+        return -module.per_example_margin(batch)  # type: ignore[operator]
+
+    return AttributionTask(
+        kind="custom", loss=loss_fn, query_loss=neg_margin,
+        kernel_terms=lambda m, b, g: [(neg_margin, b, 1.0)], kernel="margin",
+        reason="the module's per_example_margin(batch): the kernel of its gradients, and queries measure it",
+    )
+
+
+def _empirical(loss_fn: LossFn, why: str) -> AttributionTask:
+    return AttributionTask(
+        kind="empirical", loss=loss_fn, query_loss=loss_fn, kernel_terms=None, kernel="empirical",
+        reason=(f"{why}; the kernel falls back to the empirical Fisher of the stored loss gradients, "
+                "which over-weights unfitted examples. Return the model's output from a submodule "
+                "the loss calls (logits for a classifier or language model, the prediction for a "
+                "regression), or define per_example_margin(batch) or sample_labels(batch, generator), "
+                "or pass task=AttributionTask(...)"),
+    )
+
+
+def resolve_task(
+    module: nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None = None,
+    kernel_samples: int = DEFAULT_KERNEL_SAMPLES,
+) -> AttributionTask:
+    """Recognise the attribution task of ``module`` from one ``batch`` (see the module docstring).
+
+    Args:
+        module: the model; its ``per_example_loss(batch)`` is used unless ``loss_fn`` is given.
+        batch: one training batch, as the dataloader yields it (used under ``no_grad``).
+        loss_fn: ``loss_fn(module, batch) -> [B]`` per-example losses.
+        kernel_samples: sampled kernel terms per example for sampled kernels (language models,
+            ``sample_labels``, regressions with more than 8 outputs).
+
+    Returns:
+        The :class:`AttributionTask`; never raises for an unrecognised model (the empirical task
+        says why in :attr:`AttributionTask.reason`).
+
+    Raises:
+        SketchConfigError: without ``loss_fn`` and ``per_example_loss``, or for ``kernel_samples < 1``.
+    """
+    from lightning_sketch.gradients import module_loss_fn
+
+    if isinstance(kernel_samples, bool) or not isinstance(kernel_samples, int) or kernel_samples < 1:
+        raise SketchConfigError(f"`kernel_samples` must be a positive int, got {kernel_samples!r}.")
+    loss = module_loss_fn(module, loss_fn)
+    if callable(getattr(module, "sample_labels", None)):
+        return _user_sampled(loss, kernel_samples)
+    found_task = _recognise(module, batch, loss, kernel_samples)
+    if callable(getattr(module, "per_example_margin", None)):
+        return replace(_user_margin(loss), fisher_terms=found_task.fisher_terms)
+    return found_task
+
+
+def _recognise(module: nn.Module, batch: Any, loss: LossFn, kernel_samples: int) -> AttributionTask:
+    found = _target(batch)
+    if found is None:
+        return _empirical(loss, "the batches carry no targets under 'y', 'labels', 'label', 'target' "
+                                "or 'targets' (nor a tuple's second item)")
+    key, y = found
+    try:
+        cands, values = _candidates(module, loss, batch)
+    except Exception as err:  # a model outside every convention: fall back, say why
+        why = f"the loss could not be evaluated on a probe batch ({type(err).__name__}: {err})"
+        return _empirical(loss, why)
+    values = values.reshape(-1)
+    if values.shape[0] != y.shape[0]:
+        why = f"per_example_loss returned {values.shape[0]} values for {y.shape[0]} targets"
+        return _empirical(loss, why)
+    for tap, out in cands:
+        if _is_classification(out, y, values):
+            return _classification(loss, tap, key, binary=False)
+        if _is_binary(out, y, values):
+            return _classification(loss, tap, key, binary=True)
+        conv = _lm_convention(out, y, values)
+        if conv is not None:
+            return _language_model(loss, tap, key, conv, kernel_samples)
+        if y.is_floating_point():
+            scale = _regression_scale(out, y, values)
+            if scale is not None:
+                outputs = out.numel() // out.shape[0]
+                return _regression(loss, tap, key, outputs, scale, kernel_samples)
+    return _empirical(loss, "no output computed by the loss is the logits of a cross-entropy, the logit "
+                            "of a BCE, the prediction of a squared error or the logits of a token "
+                            "cross-entropy against the batch's targets")
