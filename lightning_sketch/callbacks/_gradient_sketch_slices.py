@@ -114,6 +114,13 @@ class _SlicesMixin(_GradientSketchBase):
             write_curvature(self.dirpath, name, acc, count, self.sketch.spec, estimator,
                             task=None if task is None else task.kind)
 
+    def _decide_task(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Resolve the task on the first batch of the attribution set (no RNG stream advances)."""
+        with _eval_mode(pl_module), _rng_guard():
+            for batch in self._attribution_loader(trainer):
+                self._resolved_task(pl_module, self._loss_fn(pl_module), _to_device(batch, pl_module.device))
+                break
+
     def _resolved_task(self, pl_module: LightningModule, loss_fn: LossFn, batch: Any) -> AttributionTask:
         """The attribution task, decided once per fit on the first batch and said once (rank zero)."""
         if self._task is None:
