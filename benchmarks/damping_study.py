@@ -9,7 +9,6 @@ a slice every epoch, sampled-label curvature on), then, through the public API o
 - the ratio a user with a ground truth would pick on the *validation* split
   (``tune_damping(objective=validation LDS)``) and its LDS on the queries;
 - the default (``Attributor(run, model)``, no argument) and the automatic ratio of each method;
-- what the leave-one-coordinate-out proxy of the previous release would have chosen.
 
 Run: ``python benchmarks/damping_study.py [--tasks digits_mlp,digits_cnn] [--dims 256,1024]``.
 """
@@ -30,7 +29,6 @@ import _attr_tasks as T  # noqa: E402
 
 from lightning_sketch.attribution import DAMPING_RATIO_GRID, Attributor  # noqa: E402
 from lightning_sketch.exceptions import StoreNotFoundError  # noqa: E402
-from lightning_sketch.attribution.scores import damping_loo_errors  # noqa: E402
 
 
 def curve(att: Attributor, batch, masks, outputs) -> list[float]:
@@ -95,15 +93,6 @@ def study(task_name: str, D: int, n_runs: int, out: Path) -> dict:
               f"5: {ens_q[tuned5]:.3f} (ρ={DAMPING_RATIO_GRID[tuned5]:.3g})", flush=True)
         print("   curve 1:", " ".join(f"{v:.3f}" for v in one_q), flush=True)
         print("   curve 5:", " ".join(f"{v:.3f}" for v in ens_q), flush=True)
-    # The previous release's proxy: leave-one-coordinate-out ridge error, on the last slice of run 0.
-    att = Attributor(runs[0][0], runs[0][1], method="trak")
-    last = att.checkpoints[-1]
-    G = torch.cat([g for _, g in att.runs[0].iter_blocks(last)])
-    mean = float((G * G).sum()) / D
-    errs = damping_loo_errors(G, att.query_sketches(vb)[-1], [r * mean for r in DAMPING_RATIO_GRID])
-    res["loo_ratio"] = DAMPING_RATIO_GRID[int(torch.argmin(errs))]
-    res["loo_errors"] = errs.tolist()
-    print(f"   LOO proxy picks ρ={res['loo_ratio']:.3g} (errors {' '.join(f'{e:.3g}' for e in errs.tolist())})")
     return res
 
 

@@ -6,45 +6,34 @@ Sign convention, everywhere: a **positive** score means that training on the exa
 query's loss (raises its margin, for TRAK); opponents are the most negative scores.
 
 - :class:`Attributor`: queries (``top_k``, ``scores``, ``self_influence``) against a store.
-- :mod:`lightning_sketch.attribution.scores`: the maths, as pure functions.
+- :mod:`lightning_sketch.attribution.task`: what is differentiated (loss, query measurement, kernel).
+- :mod:`lightning_sketch.attribution.scores`: the per-slice maths, as pure functions.
+- :mod:`lightning_sketch.attribution.damping`: the automatic damping and its diagnostics.
 """
 
 from __future__ import annotations
 
-from lightning_sketch.attribution.query import (
+from lightning_sketch.attribution.damping import (
     DAMPING_RATIO_GRID,
     DEFAULT_DAMPING_RATIO,
     DEFAULT_MARGIN_DAMPING_RATIO,
-    METHODS,
-    Attributor,
-    negative_margin,
-    negative_margin_of,
 )
-from lightning_sketch.attribution.scores import (
-    arnoldi_features,
-    classification_margin,
-    damping_loo_errors,
-    dot_scores,
-    lds,
-    normalize_rows,
-    tracin_features,
-    trak_preconditioner,
-)
+from lightning_sketch.attribution.query import METHODS, Attributor, negative_margin, negative_margin_of
+from lightning_sketch.attribution.scores import SliceWeight, block_scores, classification_margin, kernel_eigh
+from lightning_sketch.attribution.task import AttributionTask, resolve_task
 
 __all__ = [
     "DAMPING_RATIO_GRID",
     "DEFAULT_DAMPING_RATIO",
     "DEFAULT_MARGIN_DAMPING_RATIO",
     "METHODS",
+    "AttributionTask",
     "Attributor",
-    "arnoldi_features",
+    "SliceWeight",
+    "block_scores",
     "classification_margin",
-    "damping_loo_errors",
-    "dot_scores",
-    "lds",
+    "kernel_eigh",
     "negative_margin",
     "negative_margin_of",
-    "normalize_rows",
-    "tracin_features",
-    "trak_preconditioner",
+    "resolve_task",
 ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,61 +19,23 @@ from torch import Tensor, nn
 
 from lightning_sketch.attribution import curvature as CV
 from lightning_sketch.attribution._stored import Run, load_weights, swapped_weights
+from lightning_sketch.attribution.damping import DAMPING_RATIO_GRID, default_ratio
+from lightning_sketch.attribution.scores import SliceWeight, block_scores, kernel_eigh
 from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError, SpectrumError
 from lightning_sketch.gradients import eval_mode
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches import Sketch
 from lightning_sketch.spectrum import hessian_eigs, top_eigenpairs_from_snapshot
 
-__all__ = [
-    "DAMPING_RATIO_GRID",
-    "DEFAULT_DAMPING_RATIO",
-    "DEFAULT_MARGIN_DAMPING_RATIO",
-    "ScoringEngine",
-    "SliceWeight",
-]
+__all__ = ["ScoringEngine"]
 
 log = logging.getLogger("lightning_sketch.attribution.query")  # the Attributor's logger, as before
 
-#: Automatic damping of ``trak`` and ``fisher_if``: λ_c = ρ · tr(K_c)/T_c with ρ = 10^-0.5, where
-#: tr(K_c)/T_c is the mean squared sketched per-example gradient norm of slice c (the trace of the
-#: average per-example curvature). It does not depend on the sketch dimension D, which the LDS optimum
-#: did not either, unlike the mean eigenvalue tr(K_c)/D. Read off the LDS-versus-λ curves of
-#: ``benchmarks/damping_study.py`` (digits MLP and CNN, D = 256 and 1024, 1 and 5 models); see
-#: benchmarks/RESULTS.md and docs/attribution.md.
-DEFAULT_DAMPING_RATIO = 10.0**-0.5
-#: Automatic damping ratio of ``trak`` on TRAK's margin kernel Φᵀ∇m∇mᵀΦ (what ``GradientSketch``
-#: gathers by default): the LDS optimum sits at ρ = 1 on both benchmark tasks (digits MLP and CNN,
-#: 1 and 5 models, chosen on the validation split), half a decade above the Fisher's.
-DEFAULT_MARGIN_DAMPING_RATIO = 1.0
-#: Candidate ratios ρ for :meth:`Attributor.tune_damping`.
-DAMPING_RATIO_GRID = tuple(float(10.0**e) for e in np.arange(-4.0, 3.01, 0.5))
 #: methods with a per-slice curvature inverse (and a damping).
 _CURVED = ("trak", "fisher_if")
 
 #: bytes of float64 scores held per query chunk (``[Q_chunk, T]``).
 _SCORE_BYTES = 1 << 27
-
-
-@dataclass
-class SliceWeight:
-    """One slice's query weight M: a scalar, or ``(s, U, λ)`` meaning U diag(1/(s + λ)) Uᵀ · scale."""
-
-    name: str
-    scale: float
-    s: Tensor | None = None
-    U: Tensor | None = None
-    lam: float = 0.0
-
-    def apply(self, q: Tensor) -> Tensor:
-        if self.U is None or self.s is None:
-            return q * self.scale
-        return ((q @ self.U) / (self.s + self.lam)) @ self.U.T * self.scale
-
-    def quad(self, g: Tensor) -> Tensor:
-        if self.U is None or self.s is None:
-            return (g * g).sum(1) * self.scale
-        return ((g @ self.U) ** 2 / (self.s + self.lam)).sum(1) * self.scale
 
 
 class ScoringEngine:
@@ -164,19 +125,23 @@ class ScoringEngine:
         return K, T
 
     def _eigh(self, r: int, name: str) -> tuple[Tensor, Tensor, float]:
-        """``(eigenvalues, eigenvectors, scale)`` of the slice's kernel; scale = tr(K)/T, the damping unit."""
+        """``(eigenvalues, eigenvectors, unit)`` of the slice's kernel; unit = tr(K)/T, the damping unit."""
         key = (r, name)
         if key not in self._eig_cache:
-            K, T = self._kernel(r, name)
-            s, U = torch.linalg.eigh(K)
-            scale = float(K.trace()) / max(T, 1)
-            self._eig_cache[key] = (s.clamp_min(0), U, scale)
+            self._eig_cache[key] = kernel_eigh(*self._kernel(r, name))
         return self._eig_cache[key]
+
+    def slice_damping(self, r: int, name: str) -> float:
+        """The λ of slice ``name`` of run ``r`` (``trak``/``fisher_if``): the explicit ``damping``, else
+        ``damping_ratio`` · tr(K)/T; 1 for an all-zero kernel."""
+        _, _, unit = self._eigh(r, name)
+        lam = self.damping if self.damping is not None else self.damping_ratio * unit
+        return lam if lam > 0 else 1.0
 
     def _weights(self, r: int) -> list[SliceWeight]:
         run, C = self.runs[r], len(self.checkpoints)
         if self.method in ("grad_dot",):
-            return [SliceWeight(self.checkpoints[-1], 1.0)]
+            return [SliceWeight.identity(self.checkpoints[-1], 1.0)]
         if self.method in ("tracin", "grad_cos"):
             missing = [n for n in self.checkpoints if run.lrs[n] is None]
             if missing:
@@ -184,32 +149,14 @@ class ScoringEngine:
                     f"Checkpoints {missing} record no learning rate, which {self.method} weights by; use "
                     f"grad_dot, trak or fisher_if, or write the slices with their lr."
                 )
-            return [SliceWeight(n, float(run.lrs[n] or 0.0)) for n in self.checkpoints]
+            return [SliceWeight.identity(n, float(run.lrs[n] or 0.0)) for n in self.checkpoints]
         if self.method == "arnoldi_if":
             assert self._eig is not None  # set in __init__ for arnoldi_if
-            values, vectors = self._eig
-            keep = values > 0
-            if not bool(keep.any()):
-                raise SpectrumError(
-                    f"No positive eigenvalue among {values.tolist()}; arnoldi_if needs positive curvature."
-                )
-            return [
-                SliceWeight(
-                    self.checkpoints[-1],
-                    1.0,
-                    values[keep].to(torch.float64),
-                    vectors[:, keep].to(torch.float64),
-                )
-            ]
+            return [SliceWeight.eigen(self.checkpoints[-1], *self._eig)]
         out = []
         for n in self.checkpoints:
-            s, U, scale = self._eigh(r, n)
-            lam = self.damping if self.damping is not None else self.damping_ratio * scale
-            if self.rank is not None:  # project on the top-`rank` curvature directions (eigh is ascending)
-                s, U = s[-self.rank :], U[:, -self.rank :]
-            if lam <= 0:  # an all-zero kernel (no rows): fall back to an identity weight
-                lam = 1.0
-            out.append(SliceWeight(n, 1.0 / C, s, U, lam))
+            s, U, _ = self._eigh(r, n)
+            out.append(SliceWeight.damped_inverse(n, s, U, self.slice_damping(r, n), 1.0 / C, rank=self.rank))
         return out
 
     # ------------------------------------------------------------------ scoring engine
@@ -223,7 +170,7 @@ class ScoringEngine:
                 a = w.apply(qs[r][self.checkpoints.index(w.name)])
                 pos = self._positions(r, w.name)
                 for sl, g in self.runs[r].iter_blocks(w.name):
-                    target.index_add_(1, pos[sl], a @ g.T)
+                    target.index_add_(1, pos[sl], block_scores(a, g))
             if self.method == "grad_cos":
                 qn = torch.stack(
                     [w.scale * (qs[r][self.checkpoints.index(w.name)] ** 2).sum(1) for w in weights]
@@ -342,8 +289,8 @@ class ScoringEngine:
         is evaluated on the scores of ``val_batches`` for every candidate ratio (default
         :data:`DAMPING_RATIO_GRID`), e.g. the LDS of validation queries against retrained models
         (:func:`lightning_sketch.evaluation.lds`). Without a ground truth, keep the automatic
-        ratio :data:`DEFAULT_DAMPING_RATIO` (nothing to call). Sets :attr:`damping_ratio` and clears
-        an absolute :attr:`damping`.
+        ratio (:func:`~lightning_sketch.attribution.damping.default_ratio`; nothing to call). Sets
+        :attr:`damping_ratio` and clears an absolute :attr:`damping`.
 
         Raises:
             SketchConfigError: if the method has no damping, or ``objective``/``val_batches`` is missing.
@@ -355,7 +302,7 @@ class ScoringEngine:
         if objective is None or val_batches is None:
             raise SketchConfigError(
                 "tune_damping needs `val_batches` and an `objective` (e.g. a validation LDS); without a "
-                f"ground truth the automatic ratio {DEFAULT_DAMPING_RATIO:.3g} is already in use."
+                f"ground truth the automatic ratio {default_ratio(self.kernel):.3g} is already in use."
             )
         cands = list(DAMPING_RATIO_GRID) if candidates is None else [float(c) for c in candidates]
         if not cands or any(not math.isfinite(c) or c <= 0 for c in cands):

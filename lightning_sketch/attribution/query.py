@@ -29,13 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_sketch.attribution._engine import (
-    _CURVED,
-    DAMPING_RATIO_GRID,
-    DEFAULT_DAMPING_RATIO,
-    DEFAULT_MARGIN_DAMPING_RATIO,
-    ScoringEngine,
-)
+from lightning_sketch.attribution._engine import _CURVED, ScoringEngine
 from lightning_sketch.attribution._stored import (
     Run,
     _sketch_and_layout,
@@ -46,6 +40,7 @@ from lightning_sketch.attribution._stored import (
     swapped_weights,
     union_ids,
 )
+from lightning_sketch.attribution.damping import default_ratio
 from lightning_sketch.attribution.task import AttributionTask, resolve_task
 from lightning_sketch.exceptions import (
     SketchConfigError,
@@ -55,9 +50,6 @@ from lightning_sketch.exceptions import (
 from lightning_sketch.gradients import eval_mode, module_loss_fn, sketch_gradients
 
 __all__ = [
-    "DAMPING_RATIO_GRID",
-    "DEFAULT_DAMPING_RATIO",
-    "DEFAULT_MARGIN_DAMPING_RATIO",
     "METHODS",
     "Attributor",
     "negative_margin",
@@ -249,8 +241,7 @@ class Attributor(ScoringEngine):
             self.kernel = one if one is not None else "gradients"
         elif method == "fisher_if":
             self.kernel = "fisher" if kinds == {"fisher"} else "empirical"
-        auto_ratio = DEFAULT_MARGIN_DAMPING_RATIO if self.kernel == "margin" else DEFAULT_DAMPING_RATIO
-        self.damping_ratio = auto_ratio if damping_ratio is None else float(damping_ratio)
+        self.damping_ratio = default_ratio(self.kernel) if damping_ratio is None else float(damping_ratio)
         if query_loss_fn is None and method in _CURVED:
             if callable(getattr(self.model, "per_example_margin", None)):
                 query_loss_fn = negative_margin_of(self.model)

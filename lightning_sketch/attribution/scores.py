@@ -1,224 +1,154 @@
-"""Attribution scores on sketched gradients: pure functions, no state, no Lightning.
+"""The attribution maths, per checkpoint slice: pure functions and one small value class, no state.
 
-Shape letters: T training examples, Q queries, D sketch dimension, C checkpoints, k eigenpairs.
+Shape letters: T training examples, B a block of stored rows, Q queries, D sketch dimension, k
+eigenpairs.
 
 **Sign convention (one, everywhere).** A *positive* score means that training on the example
-lowers the query's loss (for TRAK: raises the query's margin). A gradient step θ' = θ − η g(x)
-changes the query loss by ≈ −η ⟨g(z), g(x)⟩, so every score here is an inner product between the
-query's and the training example's (preconditioned) loss gradients, and "opponents" are the most
-negative scores.
+raises the query's measurement (lowers its loss; raises its margin for TRAK). A gradient step
+θ' = θ − η g(x) changes the query loss by ≈ −η ⟨g(z), g(x)⟩, so every score is a (preconditioned)
+inner product between the query's and the training example's sketched gradients; "opponents" are
+the most negative scores.
 
-Every method reduces to one inner product between a query feature vector and a training feature
-vector, so a single FAISS inner-product search serves all of them:
+Every method is, per slice c, a bilinear form q_c(z)ᵀ M_c g_c(x) (the streaming engine behind
+:class:`~lightning_sketch.attribution.Attributor` sums it over slices and averages over runs):
 
-- ``grad_dot`` / ``tracin`` (TracIn-CP, Pruthi et al. 2020): Σ_t η_t ⟨Φg_t(z), Φg_t(x)⟩ is the inner
-  product of the concatenations [√η_1 Φg_1, …, √η_C Φg_C] (:func:`tracin_features`).
-- ``grad_cos``: the same with both sides unit-normalised (:func:`normalize_rows`).
-- ``trak`` (Park et al. 2023, eq. 3 with the (1 − p) weighting): per checkpoint,
-  ⟨(GᵀG + λI)⁻¹ Φg(z), Φg(x)⟩ with G the ``[T, D]`` stored sketched gradients, averaged over
-  checkpoints; the preconditioner is applied to the query only (:func:`trak_preconditioner`).
-- ``arnoldi_if`` (Schioppa et al. 2022 with the paper's sketched eigenvectors, arXiv 2402.03994 eq. 10):
-  Σ_i λ_i⁻¹ ⟨u_i, Φg(z)⟩⟨u_i, Φg(x)⟩ over the top-k positive eigenpairs of Φ H Φᵀ
-  (:func:`arnoldi_features`).
+- ``grad_dot`` / ``tracin`` (TracIn-CP, Pruthi et al. 2020, eq. 3): M_c = η_c I
+  (:meth:`SliceWeight.identity`); ``grad_cos`` divides by both feature norms.
+- ``trak`` / ``fisher_if`` (Park et al. 2023, §3; Koh & Liang 2017): M_c = (K_c + λ_c I)⁻¹ / C for
+  the slice's kernel K_c = U diag(s) Uᵀ (:func:`kernel_eigh`, :meth:`SliceWeight.damped_inverse`).
+- ``arnoldi_if`` (Schioppa et al. 2022, eq. 5, with the sketched eigenvectors of arXiv 2402.03994
+  eq. 10): M = U diag(1/s) Uᵀ over the top positive eigenpairs (:meth:`SliceWeight.eigen`).
+
+A block of stored rows ``g [B, D]`` then contributes :func:`block_scores` ``(M q, g)`` to the
+``[Q, T]`` scores, and :meth:`SliceWeight.quad` its self-influence g M gᵀ.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lightning_sketch.exceptions import SketchInputError, SpectrumError
-from lightning_sketch.store.views import tracin_scale
 
 __all__ = [
-    "arnoldi_features",
+    "SliceWeight",
+    "block_scores",
     "classification_margin",
-    "damping_loo_errors",
-    "dot_scores",
-    "lds",
-    "normalize_rows",
-    "tracin_features",
-    "trak_preconditioner",
+    "kernel_eigh",
 ]
 
 
-def _check_2d(name: str, x: Tensor) -> None:
-    if not isinstance(x, Tensor) or x.ndim != 2 or not x.is_floating_point():
-        got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-        raise SketchInputError(f"`{name}` must be a 2-D floating tensor, got {got}.")
+@dataclass(frozen=True)
+class SliceWeight:
+    """One slice's query weight M, a ``[D, D]`` operator kept in factored form.
 
-
-def tracin_features(slices: Sequence[Tensor], lrs: Sequence[float]) -> Tensor:
-    """Concatenate per-checkpoint sketches scaled by √η_t: ``C × [R, D] -> [R, C·D]``.
-
-    The inner product of two such rows is Σ_t η_t ⟨a_t, b_t⟩, the TracIn-CP score (Pruthi et al.
-    2020, eq. 3) of two sketched gradients.
-
-    Raises:
-        SketchInputError: on an empty list, mismatched shapes, or lrs of the wrong length or sign.
+    ``s is None``: M = scale · I. Otherwise M = scale · U diag(1/(s + λ)) Uᵀ with ``U [D, r]`` and
+    ``s [r]`` (r ≤ D; the complement of U is dropped), float64.
 
     Example:
-        >>> a = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 0.0]])]
-        >>> f = tracin_features(a, [0.25, 4.0])
-        >>> f.tolist(), float(f[0] @ f[0])  # 0.25 * 5 + 4 * 9
-        ([[0.5, 1.0, 6.0, 0.0]], 37.25)
+        >>> f64 = torch.float64
+        >>> w = SliceWeight.damped_inverse(
+        ...     "c0", torch.tensor([3.0, 1.0], dtype=f64), torch.eye(2, dtype=f64), lam=1.0, scale=2.0)
+        >>> w.apply(torch.tensor([[4.0, 4.0]], dtype=f64)).tolist()  # 2 · [4/(3+1), 4/(1+1)]
+        [[2.0, 4.0]]
+        >>> w.quad(torch.tensor([[2.0, 0.0]], dtype=f64)).tolist()  # 2 · 2²/(3+1)
+        [2.0]
     """
-    if len(slices) == 0:
-        raise SketchInputError("`slices` is empty; the store holds no checkpoint slice to attribute with.")
-    if len(lrs) != len(slices):
-        raise SketchInputError(f"`lrs` must have one entry per slice ({len(slices)}), got {len(lrs)}.")
-    shape = tuple(slices[0].shape)
-    out = []
-    for i, (s, lr) in enumerate(zip(slices, lrs)):
-        _check_2d(f"slices[{i}]", s)
-        if tuple(s.shape) != shape:
-            raise SketchInputError(
-                f"`slices[{i}]` has shape {tuple(s.shape)}, expected {shape} like slices[0]."
+
+    name: str
+    scale: float
+    s: Tensor | None = None
+    U: Tensor | None = None
+    lam: float = 0.0
+
+    @classmethod
+    def identity(cls, name: str, scale: float) -> SliceWeight:
+        """M = scale · I (TracIn's η_c, or 1 for ``grad_dot``)."""
+        return cls(name, float(scale))
+
+    @classmethod
+    def damped_inverse(cls, name: str, s: Tensor, U: Tensor, lam: float, scale: float = 1.0,
+                       rank: int | None = None) -> SliceWeight:
+        """M = scale · (K + λI)⁻¹ for K = U diag(s) Uᵀ (eigenvalues ascending, as ``torch.linalg.eigh``);
+        ``rank``: keep the top ``rank`` directions only.
+
+        Raises:
+            SketchInputError: for a negative or non-finite λ, or mismatched shapes.
+        """
+        if not lam >= 0 or lam == float("inf"):
+            raise SketchInputError(f"The damping λ must be finite and >= 0, got {lam!r}.")
+        if s.ndim != 1 or U.ndim != 2 or U.shape[1] != s.shape[0]:
+            raise SketchInputError(f"Need s [r] and U [D, r], got {tuple(s.shape)} and {tuple(U.shape)}.")
+        if rank is not None:
+            s, U = s[-rank:], U[:, -rank:]
+        return cls(name, float(scale), s.to(torch.float64), U.to(torch.float64), float(lam))
+
+    @classmethod
+    def eigen(cls, name: str, values: Tensor, vectors: Tensor) -> SliceWeight:
+        """M = Σ_i u_i u_iᵀ / λ_i over the strictly positive eigenpairs (``values [k]``, ``vectors [D, k]``).
+
+        Raises:
+            SpectrumError: when no eigenvalue is positive or the shapes disagree.
+        """
+        if vectors.ndim != 2 or values.ndim != 1 or values.shape[0] != vectors.shape[1]:
+            raise SpectrumError(
+                f"Eigenpairs must be values [k] and vectors [D, k] (columns), got {tuple(values.shape)} and "
+                f"{tuple(vectors.shape)}."
             )
-        out.append(s * tracin_scale(lr, f"`lrs[{i}]`"))
-    return torch.cat(out, dim=1)
+        keep = values > 0
+        if not bool(keep.any()):
+            raise SpectrumError(
+                f"No positive eigenvalue among {values.tolist()}; arnoldi_if needs positive curvature."
+            )
+        return cls(name, 1.0, values[keep].to(torch.float64), vectors[:, keep].to(torch.float64), 0.0)
+
+    def apply(self, q: Tensor) -> Tensor:
+        """``[Q, D] -> [Q, D]``: M q (M is symmetric)."""
+        if self.U is None or self.s is None:
+            return q * self.scale
+        return ((q @ self.U) / (self.s + self.lam)) @ self.U.T * self.scale
+
+    def quad(self, g: Tensor) -> Tensor:
+        """``[B, D] -> [B]``: gᵀ M g per row (self-influence)."""
+        if self.U is None or self.s is None:
+            return (g * g).sum(1) * self.scale
+        return ((g @ self.U) ** 2 / (self.s + self.lam)).sum(1) * self.scale
 
 
-def normalize_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """Unit-normalise every row of ``[R, F]`` (zero rows stay zero), for ``grad_cos``.
+def kernel_eigh(K: Tensor, count: int) -> tuple[Tensor, Tensor, float]:
+    """``(s [D] ascending, clamped ≥ 0; U [D, D]; tr(K)/T)`` of a symmetric PSD kernel ``[D, D]``.
+
+    ``count`` is T, the examples summed into K; tr(K)/T is the mean squared per-example sketched
+    gradient norm, the unit of the automatic damping (:mod:`lightning_sketch.attribution.damping`).
 
     Example:
-        >>> normalize_rows(torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)).tolist()
-        [[0.6, 0.8], [0.0, 0.0]]
+        >>> s, U, unit = kernel_eigh(torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64)), 5)
+        >>> s.tolist(), unit
+        ([1.0, 4.0], 1.0)
     """
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    K = K.to(torch.float64)
+    s, U = torch.linalg.eigh(K)
+    return s.clamp_min(0), U, float(K.trace()) / max(int(count), 1)
 
 
-def dot_scores(queries: Tensor, train: Tensor) -> Tensor:
-    """All inner products ``[Q, F] × [T, F] -> [Q, T]`` (the exact reference for every search).
+def block_scores(weighted_queries: Tensor, rows: Tensor) -> Tensor:
+    """``[Q, D] × [B, D] -> [Q, B]``: the scores of a block of stored rows, (M q)ᵀ g.
 
     Raises:
-        SketchInputError: when the feature dimensions differ.
+        SketchInputError: when the sketch dimensions differ.
 
     Example:
-        >>> dot_scores(torch.eye(2), torch.tensor([[1.0, 2.0]])).tolist()
+        >>> block_scores(torch.eye(2, dtype=torch.float64), torch.tensor([[1.0, 2.0]])).tolist()
         [[1.0], [2.0]]
     """
-    _check_2d("queries", queries)
-    _check_2d("train", train)
-    if queries.shape[1] != train.shape[1]:
+    if weighted_queries.shape[-1] != rows.shape[-1]:
         raise SketchInputError(
-            f"Query features have dimension {queries.shape[1]} but stored features {train.shape[1]}; "
-            f"compute the queries with the store's sketch and checkpoints."
+            f"Query features have dimension {weighted_queries.shape[-1]} but stored rows {rows.shape[-1]}; "
+            "compute the queries with the store's sketch."
         )
-    return queries @ train.to(queries.dtype).T
-
-
-def trak_preconditioner(grads: Tensor, damping: float) -> Tensor:
-    """The TRAK kernel inverse (GᵀG + λI)⁻¹ as a ``[D, D]`` matrix, computed in float64.
-
-    ``grads`` are the ``[T, D]`` stored sketched loss gradients of one checkpoint. For a
-    cross-entropy loss with p the probability of the correct class and m = log p − log(1 − p) the
-    TRAK margin, ∇ℓ = −(1 − p)∇m exactly, so the stored loss gradients already carry TRAK's (1 − p)
-    weighting, and GᵀG is the (1 − p)²-weighted feature kernel (a Gauss–Newton / Fisher form).
-
-    Raises:
-        SketchInputError: if ``damping`` is negative, or zero with a singular GᵀG.
-
-    Example:
-        >>> g = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-        >>> [round(v, 6) for v in trak_preconditioner(g, 1.0).diagonal().tolist()]
-        [0.2, 0.5]
-    """
-    _check_2d("grads", grads)
-    if not math.isfinite(float(damping)) or damping < 0:
-        raise SketchInputError(f"`damping` must be a finite value >= 0, got {damping!r}.")
-    g = grads.to(torch.float64)
-    kernel = g.T @ g
-    kernel.diagonal().add_(float(damping))
-    chol, info = torch.linalg.cholesky_ex(kernel)
-    if int(info) != 0:
-        raise SketchInputError(
-            f"GᵀG + λI is singular with `damping`={damping} (T={g.shape[0]} rows, D={g.shape[1]}); "
-            f"pass a positive damping or let the Attributor tune it."
-        )
-    return torch.cholesky_inverse(chol)
-
-
-def damping_loo_errors(grads: Tensor, queries: Tensor, candidates: Sequence[float]) -> Tensor:
-    """Leave-one-coordinate-out error of the TRAK ridge problem for each damping candidate: ``[L]``.
-
-    TRAK's score vector τ(z) = G (GᵀG + λI)⁻¹ q is the ridge-regression solution of
-    min_w ‖Gᵀw − q‖² + λ‖w‖², which explains the query's sketch q (``[D]``) by the training sketches.
-    The D coordinates of a random sketch are exchangeable, so they act as D samples of that
-    regression and the closed-form leave-one-out residual e_j / (1 − H_jj), with the hat matrix
-    H = GᵀG (GᵀG + λI)⁻¹, measures on held-out coordinates how well a damping generalises. This is
-    the cheap held-out proxy used to choose λ without retraining; it sums the squared LOO residuals
-    over ``queries`` ``[Q, D]`` (each normalised to unit norm so no query dominates).
-
-    Raises:
-        SketchInputError: on shape mismatches or a non-positive candidate.
-
-    Example:
-        >>> g = torch.randn(50, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        >>> err = damping_loo_errors(g, g[:5], [1e-3, 1e3])
-        >>> bool(err[0] < err[1])  # queries in the training span: small damping explains them
-        True
-    """
-    _check_2d("grads", grads)
-    _check_2d("queries", queries)
-    if grads.shape[1] != queries.shape[1]:
-        raise SketchInputError(f"`queries` have D={queries.shape[1]} but `grads` have D={grads.shape[1]}.")
-    if any((not math.isfinite(float(c))) or c <= 0 for c in candidates):
-        raise SketchInputError(f"damping `candidates` must be finite and > 0, got {list(candidates)}.")
-    g = grads.to(torch.float64)
-    q = normalize_rows(queries.to(torch.float64))
-    evals, evecs = torch.linalg.eigh(g.T @ g)
-    evals = evals.clamp_min(0)
-    qu = q @ evecs  # [Q, D] in the eigenbasis
-    errs = []
-    for lam in candidates:
-        shrink = evals / (evals + float(lam))  # eigenvalues of H
-        resid = q - (qu * shrink) @ evecs.T  # (I - H) q
-        h_diag = (evecs**2 * shrink).sum(dim=1)  # diag(H)
-        loo = resid / (1.0 - h_diag).clamp_min(1e-12)
-        errs.append((loo**2).sum())
-    return torch.stack(errs)
-
-
-def arnoldi_features(sketches: Tensor, eigenvalues: Tensor, eigenvectors: Tensor) -> Tensor:
-    """Project sketches on the top eigenvectors and scale by λ^{-1/2}: ``[R, D] -> [R, k]``.
-
-    For eigenpairs (λ_i, u_i) of the sketched Hessian Φ H Φᵀ (u_i of dimension D), the inner
-    product of two such rows is Σ_i λ_i⁻¹ ⟨u_i, a⟩⟨u_i, b⟩, the Arnoldi influence score
-    (Schioppa et al. 2022, eq. 5) in the sketch space. Only strictly positive eigenvalues are used;
-    pass them as ``eigenvalues`` ``[k]`` with ``eigenvectors`` ``[D, k]`` (columns).
-
-    Raises:
-        SpectrumError: if no eigenvalue is positive or the shapes disagree.
-
-    Example:
-        >>> u = torch.eye(3)[:, :2]
-        >>> arnoldi_features(torch.tensor([[2.0, 3.0, 5.0]]), torch.tensor([4.0, 1.0]), u).tolist()
-        [[1.0, 3.0]]
-    """
-    _check_2d("sketches", sketches)
-    if eigenvectors.ndim != 2 or eigenvectors.shape[0] != sketches.shape[1]:
-        raise SpectrumError(
-            f"`eigenvectors` must be [D={sketches.shape[1]}, k] (columns), got {tuple(eigenvectors.shape)}; "
-            f"they must come from the sketched Hessian of the store's sketch."
-        )
-    if eigenvalues.ndim != 1 or eigenvalues.shape[0] != eigenvectors.shape[1]:
-        raise SpectrumError(
-            f"`eigenvalues` must be [k={eigenvectors.shape[1]}], got {tuple(eigenvalues.shape)}."
-        )
-    keep = eigenvalues > 0
-    if not bool(keep.any()):
-        raise SpectrumError(
-            f"No positive eigenvalue among {eigenvalues.tolist()}; arnoldi_if needs the top (largest "
-            f"algebraic) eigenpairs of a Hessian with positive curvature."
-        )
-    lam = eigenvalues[keep].to(sketches.dtype)
-    u = eigenvectors[:, keep].to(sketches.dtype)
-    return (sketches @ u) / lam.sqrt()
+    return weighted_queries @ rows.to(weighted_queries.dtype).T
 
 
 def classification_margin(logits: Tensor, targets: Tensor) -> Tensor:
@@ -237,49 +167,3 @@ def classification_margin(logits: Tensor, targets: Tensor) -> Tensor:
     correct = logits.gather(1, targets.long()[:, None]).squeeze(1)
     others = logits.scatter(1, targets.long()[:, None], float("-inf"))
     return correct - torch.logsumexp(others, dim=1)
-
-
-def lds(scores: Tensor, masks: Tensor, outputs: Tensor) -> Tensor:
-    """Linear datamodeling score per query (Park et al. 2023, Def. 2.3): ``[Q]``.
-
-    Args:
-        scores: ``[Q, T]`` attribution scores (positive = helpful).
-        masks: ``[M, T]`` 0/1 subset membership of the M retrained models.
-        outputs: ``[M, Q]`` the model output (margin) of each retrained model on each query.
-
-    Returns:
-        ``[Q]`` Spearman correlations between the predicted group effects ``masks @ scores.T`` and
-        the actual outputs, per query (NaN where a column is constant).
-
-    Example:
-        >>> s = torch.tensor([[1.0, 0.0, -1.0]])
-        >>> m = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1]])
-        >>> round(float(lds(s, m, torch.tensor([[3.0], [2.0], [1.0]]))[0]), 6)
-        1.0
-    """
-    pred = masks.to(torch.float64) @ scores.to(torch.float64).T  # [M, Q]
-    return _spearman_columns(pred, outputs.to(torch.float64))
-
-
-def _rank(x: Tensor) -> Tensor:
-    # Average ranks for ties, column-wise, [M, Q].
-    order = x.argsort(dim=0)
-    ranks = torch.empty_like(x)
-    ar = torch.arange(x.shape[0], dtype=x.dtype)[:, None].expand_as(x)
-    ranks.scatter_(0, order, ar)
-    # ties: average ranks of equal values (rare for continuous outputs; handled exactly)
-    for j in range(x.shape[1]):
-        col = x[:, j]
-        uniq, inv, counts = torch.unique(col, return_inverse=True, return_counts=True)
-        if bool((counts > 1).any()):
-            sums = torch.zeros_like(uniq).scatter_add_(0, inv, ranks[:, j])
-            ranks[:, j] = (sums / counts.to(x.dtype))[inv]
-    return ranks
-
-
-def _spearman_columns(a: Tensor, b: Tensor) -> Tensor:
-    ra, rb = _rank(a), _rank(b)
-    ra = ra - ra.mean(0)
-    rb = rb - rb.mean(0)
-    denom = ra.norm(dim=0) * rb.norm(dim=0)
-    return (ra * rb).sum(0) / denom

@@ -1,10 +1,9 @@
-"""Pure score functions against exact references (float64)."""
+"""The per-slice maths (scores.py) against dense float64 references written out here."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from scipy.stats import spearmanr
 
 from lightning_sketch.attribution import scores as S
 from lightning_sketch.exceptions import SketchInputError, SpectrumError
@@ -16,90 +15,46 @@ def _rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
 
 
-def test_tracin_features_inner_product_is_lr_weighted_sum():
-    a = [_rand(3, 5, seed=1), _rand(3, 5, seed=2), _rand(3, 5, seed=3)]
-    b = [_rand(4, 5, seed=4), _rand(4, 5, seed=5), _rand(4, 5, seed=6)]
-    lrs = [0.5, 0.1, 0.02]
-    got = S.dot_scores(S.tracin_features(a, lrs), S.tracin_features(b, lrs))
-    want = sum(lr * at @ bt.T for lr, at, bt in zip(lrs, a, b))
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+def test_identity_weight_is_the_lr_weighted_dot_product():
+    q, g = _rand(3, 5, seed=1), _rand(4, 5, seed=2)
+    w = S.SliceWeight.identity("c", 0.25)
+    torch.testing.assert_close(S.block_scores(w.apply(q), g), 0.25 * q @ g.T)
+    torch.testing.assert_close(w.quad(g), 0.25 * (g * g).sum(1))
+    with pytest.raises(SketchInputError, match="dimension 5 but stored rows 6"):
+        S.block_scores(q, _rand(2, 6))
 
 
-def test_tracin_features_errors():
-    with pytest.raises(SketchInputError, match="`slices` is empty"):
-        S.tracin_features([], [])
-    with pytest.raises(SketchInputError, match="one entry per slice"):
-        S.tracin_features([_rand(2, 3)], [0.1, 0.2])
-    with pytest.raises(SketchInputError, match="expected"):
-        S.tracin_features([_rand(2, 3), _rand(2, 4)], [0.1, 0.2])
-    with pytest.raises(SketchInputError, match="finite learning rate"):
-        S.tracin_features([_rand(2, 3)], [-1.0])
-    with pytest.raises(SketchInputError, match="2-D floating"):
-        S.tracin_features([torch.zeros(3, dtype=torch.long)], [1.0])
+def test_damped_inverse_is_the_dense_damped_kernel_inverse():
+    G = _rand(40, 6)
+    K = G.T @ G
+    s, U, unit = S.kernel_eigh(K, 40)
+    assert unit == pytest.approx(float((G * G).sum()) / 40)  # tr(K)/T
+    w = S.SliceWeight.damped_inverse("c", s, U, lam=0.3, scale=0.5)
+    M = 0.5 * torch.linalg.inv(K + 0.3 * torch.eye(6, dtype=DT))
+    q, g = _rand(3, 6, seed=1), _rand(5, 6, seed=2)
+    torch.testing.assert_close(S.block_scores(w.apply(q), g), q @ M @ g.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.quad(g), torch.einsum("bd,de,be->b", g, M, g), rtol=1e-10, atol=1e-12)
+    # rank r keeps the top r eigen-directions only: U_r diag(1/(s_r + λ)) U_rᵀ
+    evals, evecs = torch.linalg.eigh(K)
+    top = evecs[:, -2:]
+    Mr = top @ torch.diag(1 / (evals[-2:] + 0.3)) @ top.T
+    wr = S.SliceWeight.damped_inverse("c", s, U, lam=0.3, rank=2)
+    torch.testing.assert_close(wr.apply(q), q @ Mr, rtol=1e-10, atol=1e-12)
+    with pytest.raises(SketchInputError, match="λ must be finite"):
+        S.SliceWeight.damped_inverse("c", s, U, lam=-1.0)
 
 
-def test_dot_scores_dimension_mismatch():
-    with pytest.raises(SketchInputError, match="Query features have dimension 3"):
-        S.dot_scores(_rand(2, 3), _rand(4, 5))
-
-
-def test_normalize_rows_gives_cosine():
-    a, b = _rand(3, 7, seed=1), _rand(5, 7, seed=2)
-    got = S.dot_scores(S.normalize_rows(a), S.normalize_rows(b))
-    want = torch.nn.functional.cosine_similarity(a[:, None], b[None], dim=-1)
-    torch.testing.assert_close(got, want)
-
-
-def test_trak_preconditioner_is_damped_kernel_inverse():
-    g = _rand(40, 6)
-    got = S.trak_preconditioner(g, 0.3)
-    want = torch.linalg.inv(g.T @ g + 0.3 * torch.eye(6, dtype=DT))
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    with pytest.raises(SketchInputError, match="`damping` must be"):
-        S.trak_preconditioner(g, -1.0)
-    with pytest.raises(SketchInputError, match="singular"):
-        S.trak_preconditioner(torch.zeros(5, 3, dtype=DT), 0.0)
-
-
-def test_damping_loo_errors_match_brute_force_refits():
-    g, q = _rand(12, 7, seed=1), _rand(2, 7, seed=2)
-    lams = [0.05, 1.0, 20.0]
-    got = S.damping_loo_errors(g, q, lams)
-    qn = S.normalize_rows(q)
-    for li, lam in enumerate(lams):
-        total = 0.0
-        for qi in qn:
-            for j in range(7):  # refit the ridge problem without coordinate j, predict it
-                keep = [c for c in range(7) if c != j]
-                X, y = g.T[keep], qi[keep]  # [D-1, T]
-                w = torch.linalg.solve(X.T @ X + lam * torch.eye(12, dtype=DT), X.T @ y)
-                total += float((qi[j] - g.T[j] @ w) ** 2)
-        assert got[li].item() == pytest.approx(total, rel=1e-8)
-    with pytest.raises(SketchInputError, match="candidates"):
-        S.damping_loo_errors(g, q, [0.0])
-    with pytest.raises(SketchInputError, match="D=5"):
-        S.damping_loo_errors(g, _rand(2, 5), [1.0])
-
-
-def test_arnoldi_features_match_eigen_sum():
-    a, b = _rand(3, 6, seed=1), _rand(4, 6, seed=2)
-    m = _rand(6, 6, seed=3)
-    vals, vecs = torch.linalg.eigh(m @ m.T)
-    vals, vecs = vals.flip(0)[:4], vecs.flip(1)[:, :4]
-    got = S.dot_scores(S.arnoldi_features(a, vals, vecs), S.arnoldi_features(b, vals, vecs))
-    want = torch.zeros(3, 4, dtype=DT)
-    for i in range(4):
-        want += torch.outer(a @ vecs[:, i], b @ vecs[:, i]) / vals[i]
-    torch.testing.assert_close(got, want)
-    # non-positive eigenvalues are dropped
-    f = S.arnoldi_features(a, torch.tensor([2.0, -1.0], dtype=DT), vecs[:, :2])
-    assert f.shape == (3, 1)
+def test_eigen_weight_is_the_arnoldi_sum_over_positive_eigenpairs():
+    vecs = torch.linalg.qr(_rand(5, 5))[0]
+    vals = torch.tensor([4.0, 2.0, -1.0], dtype=DT)
+    w = S.SliceWeight.eigen("c", vals, vecs[:, :3])
+    a, b = _rand(2, 5, seed=1), _rand(3, 5, seed=2)
+    want = sum((a @ vecs[:, i])[:, None] * (b @ vecs[:, i])[None, :] / vals[i] for i in range(2))
+    torch.testing.assert_close(S.block_scores(w.apply(a), b), want, rtol=1e-10, atol=1e-12)
     with pytest.raises(SpectrumError, match="No positive eigenvalue"):
-        S.arnoldi_features(a, torch.tensor([-2.0], dtype=DT), vecs[:, :1])
-    with pytest.raises(SpectrumError, match="must be \\[D=6, k\\]"):
-        S.arnoldi_features(a, vals, vecs.T[:, :3])
-    with pytest.raises(SpectrumError, match="`eigenvalues` must be"):
-        S.arnoldi_features(a, vals[:2], vecs)
+        S.SliceWeight.eigen("c", torch.tensor([-2.0], dtype=DT), vecs[:, :1])
+    with pytest.raises(SpectrumError, match="values \\[k\\] and vectors \\[D, k\\]"):
+        S.SliceWeight.eigen("c", vals[:2], vecs[:, :3])
 
 
 def test_classification_margin_is_log_odds():
@@ -123,16 +78,3 @@ def test_loss_gradient_is_minus_one_minus_p_times_margin_gradient():
     torch.testing.assert_close(g_loss, -(1 - p) * g_margin)
 
 
-def test_lds_matches_scipy_spearman():
-    scores = _rand(4, 20, seed=1)
-    masks = (torch.rand(15, 20, generator=torch.Generator().manual_seed(2)) < 0.5).to(DT)
-    outputs = _rand(15, 4, seed=3)
-    got = S.lds(scores, masks, outputs)
-    pred = masks @ scores.T
-    for j in range(4):
-        assert got[j].item() == pytest.approx(spearmanr(pred[:, j], outputs[:, j])[0], abs=1e-12)
-    # ties are averaged as scipy does
-    tied = torch.tensor([[1.0, 1.0, 2.0]], dtype=DT)
-    m = torch.eye(3, dtype=DT)
-    out = torch.tensor([[1.0], [2.0], [3.0]], dtype=DT)
-    assert S.lds(tied, m, out)[0].item() == pytest.approx(spearmanr([1, 1, 2], [1, 2, 3])[0])
