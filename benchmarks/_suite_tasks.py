@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -451,8 +452,11 @@ _LIB_HASH: str | None = None
 def library_hash() -> str:
     """SHA-256 of what a fit's stored rows depend on and attribution-time changes do not:
     lightning_sketch/callbacks/*.py, attribution/task.py and attribution/curvature.py (the fit
-    cache key; sketches/ and store/ are taken as fixed). Taken once per process."""
+    cache key; sketches/ and store/ are taken as fixed). Taken once per process; the environment
+    variable ``SUITE_LIB_HASH`` pins it (to score fits made before a later library change)."""
     global _LIB_HASH
+    if _LIB_HASH is None and os.environ.get("SUITE_LIB_HASH"):  # reuse fits made by an earlier library
+        _LIB_HASH = os.environ["SUITE_LIB_HASH"]
     if _LIB_HASH is None:
         h = hashlib.sha256()
         pkg = REPO / "lightning_sketch"
