@@ -142,7 +142,7 @@ def load_checked_json(
 
 def write_checked_json(
     path: str | os.PathLike[str], obj: dict[str, Any], *, what: str = "file",
-    before_replace: Callable[[], None] | None = None,
+    before_replace: Callable[[], object] | None = None,
 ) -> tuple[str, int]:
     """Atomically write ``obj`` as self-checksummed JSON (:func:`dump_checked_json`, :func:`atomic_write`).
 
@@ -171,7 +171,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def atomic_write(
     path: str | os.PathLike, chunks: Iterable[bytes | memoryview], *, fsync: bool = True, what: str = "file",
-    before_replace: Callable[[], None] | None = None, root: str | os.PathLike | None = None,
+    before_replace: Callable[[], object] | None = None, root: str | os.PathLike | None = None,
 ) -> tuple[str, int]:
     """Write ``chunks`` to ``path`` atomically; return ``(sha256 hex, size in bytes)``.
 
@@ -186,7 +186,8 @@ def atomic_write(
             refuse files reached through links (:func:`confined`).
         before_replace: called after the bytes are on disk and immediately before the rename, e.g. a
             writer's lock and generation check (:meth:`DirLock.check`); whatever it raises is raised
-            unchanged, the temporary file is removed and ``path`` keeps its old content.
+            unchanged, the temporary file is removed and ``path`` keeps its old content; what it
+            returns is ignored.
 
     Raises:
         StoreWriteError: the write, fsync or rename failed (e.g. ``ENOSPC``, disk full).

@@ -70,7 +70,7 @@ def atomic_write(
 
 
 def write_json_atomic(
-    path: str | os.PathLike, obj: Any, *, before_replace: Callable[[], None] | None = None
+    path: str | os.PathLike, obj: Any, *, before_replace: Callable[[], object] | None = None
 ) -> tuple[str, int]:
     """Atomically write ``obj`` as indented JSON carrying its own sha256.
 
@@ -82,7 +82,7 @@ def write_json_atomic(
 
 def _store_write(
     path: str | os.PathLike, chunks: Iterable[bytes | memoryview], fsync: bool, what: str,
-    before_replace: Callable[[], None] | None = None,
+    before_replace: Callable[[], object] | None = None,
 ) -> tuple[str, int]:
     try:
         return sio.atomic_write(path, chunks, fsync=fsync, what=what, before_replace=before_replace)
