@@ -70,10 +70,10 @@ def build(root: Path, T: int) -> None:
         store.append(np.arange(T), rows, checkpoint=name)
         store.save_weights(name, {n: t.detach().clone() for n, t in layout.params(model).items()}, root / "weights",
                            layout.fingerprint())
+        A = torch.randn(D, 2 * D, dtype=torch.float64)
+        write_curvature(root, name, A @ A.T, T, sketch.spec, "synthetic", store=store)
         store.commit()
         del rows
-        A = torch.randn(D, 2 * D, dtype=torch.float64)
-        write_curvature(root, name, A @ A.T, T, sketch.spec, "synthetic")
     store.close()
     (root / "done").touch()
 

@@ -22,6 +22,9 @@ class DirLock:
         StoreWriteError: another process holds the lock, or the lock file cannot be created.
     """
 
+    #: the open lock file; ``None`` once released, or when ``__init__`` failed before opening it.
+    _fd: int | None = None
+
     def __init__(
         self, directory: str | os.PathLike[str], name: str = ".writer.lock", *, what: str = "directory"
     ) -> None:

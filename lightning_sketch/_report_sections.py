@@ -23,6 +23,9 @@ from lightning_sketch.store import inspect_store
 
 #: at most this many query records are drawn.
 _MAX_QUERIES = 6
+#: at most this many training examples (proponents and opponents together) are drawn per query, whatever
+#: k the query was run with; the table lists them all.
+_MAX_PICTURES = 10
 #: read caps (bytes): larger files are refused, never read to the end.
 _CSV_CAP = 256 << 20
 _QUERY_CAP = 64 << 20
@@ -134,7 +137,7 @@ def _store_section(root: Path) -> list[dict[str, Any]]:
         try:
             info = inspect_store(s)
         except LightningSketchError as err:
-            parts.append(_bad(f"{_rel(s, root)}: {err}"))
+            parts.append(_damaged(s / "manifest.json", root, err))
             continue
         spec = info.get("spec") or {}
         ok = info["health"]["ok"]
@@ -246,7 +249,14 @@ def _attribution_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[st
     parts = [_h3(f"{_rel(f, root)}: method ", code=str(data.get("method")),
                  suffix=f", {len(data['queries'])} queries, k={data.get('k')}")]
     if any(r.get("image") is not None for r in recs):
-        parts.append(_png(plots.attribution_figure(recs)))
+        drawn = [_fewer_pictures(r) for r in recs]
+        omitted = sum(len(r["proponents"]) + len(r["opponents"]) for r in recs) - sum(
+            len(r["proponents"]) + len(r["opponents"]) for r in drawn)
+        parts.append(_png(plots.attribution_figure(drawn)))
+        if omitted:
+            parts.append(_p(f"Pictures show at most {_MAX_PICTURES} training examples per query (the top "
+                            f"proponents and opponents); {omitted} more are omitted from the pictures and "
+                            "listed in the table below."))
     rows = []
     for rec in recs:
         for kind in ("proponents", "opponents"):
@@ -257,24 +267,49 @@ def _attribution_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[st
     return parts
 
 
+def _fewer_pictures(rec: dict[str, Any]) -> dict[str, Any]:
+    """``rec`` with at most :data:`_MAX_PICTURES` proponents and opponents together: half each, the
+    unused share of one side going to the other."""
+    props, opps = rec["proponents"], rec["opponents"]
+    n_opp = min(len(opps), max(_MAX_PICTURES // 2, _MAX_PICTURES - len(props)))
+    n_prop = min(len(props), _MAX_PICTURES - n_opp)
+    return {**rec, "proponents": props[:n_prop], "opponents": opps[:n_opp]}
+
+
+def _damaged(f: Path, root: Path, err: Exception) -> dict[str, Any]:
+    """The block saying that a section's file exists but fails its checks."""
+    return _bad(f"damaged: {_rel(f, root)}: {err}")
+
+
 def _spectrum_section(root: Path) -> list[dict[str, Any]]:
     dirs, parts = [], []
     for idx in _find(root, "index.json"):
         try:
             raw = _read(root, idx, sio.JSON_CAP, "spectrum index")
+        except LightningSketchError as err:  # a link out of the run, a FIFO, a device, oversized
+            parts.append(_damaged(idx, root, err))
+            continue
+        # an index.json is a spectrum index when it says so, or is named so beside step_*.npz snapshots
+        meant = b"lightning_sketch.spectrum/" in raw or b'"snapshots"' in raw or any(
+            idx.parent.glob("step_*.npz"))
+        try:
             data = sio.read_json_bytes(raw, path=idx, what="spectrum index")
-        except LightningSketchError:
+        except LightningSketchError as err:
+            if meant:
+                parts.append(_damaged(idx, root, err))
             continue
         if isinstance(data, dict) and data.get("format") == FORMAT:
             dirs.append(idx.parent)
-    if not dirs:
+        elif meant:
+            parts.append(_damaged(idx, root, StoreCorruptError(f"format is not {FORMAT!r}")))
+    if not dirs and not parts:
         return [_absent("No Hessian spectrum snapshots (index.json in the lightning_sketch.spectrum/v1 "
                         "format) in this run: the HessianSpectrum callback was not used.")]
     for d in dirs:
         try:
             entries = load_index(d)
         except LightningSketchError as err:
-            parts.append(_bad(f"{_rel(d, root)}: {err}"))
+            parts.append(_damaged(d / "index.json", root, err))
             continue
         snaps = []
         for e in entries:

@@ -40,7 +40,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +55,19 @@ from lightning_sketch._safepaths import (
     read_json_bytes,
 )
 from lightning_sketch._torchload import load_torch_bytes, load_torch_file
-from lightning_sketch.exceptions import StoreCorruptError, StoreWriteError
+from lightning_sketch.exceptions import (
+    LightningSketchError,
+    StoreCorruptError,
+    StoreWriteError,
+    UnsafeFileError,
+)
 
 __all__ = [
     "CHECKSUM_KEY",
     "JSON_CAP",
     "DirLock",
     "atomic_write",
+    "check_write_dir",
     "confined",
     "dump_checked_json",
     "file_sha256",
@@ -135,14 +141,16 @@ def load_checked_json(
 
 
 def write_checked_json(
-    path: str | os.PathLike[str], obj: dict[str, Any], *, what: str = "file"
+    path: str | os.PathLike[str], obj: dict[str, Any], *, what: str = "file",
+    before_replace: Callable[[], object] | None = None,
 ) -> tuple[str, int]:
     """Atomically write ``obj`` as self-checksummed JSON (:func:`dump_checked_json`, :func:`atomic_write`).
 
     Raises:
         StoreWriteError: the write failed (disk full); the previous file is intact, no debris left.
+        StoreConflictError: raised by ``before_replace`` (see :func:`atomic_write`).
     """
-    return atomic_write(path, [dump_checked_json(obj)], what=what)
+    return atomic_write(path, [dump_checked_json(obj)], what=what, before_replace=before_replace)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -162,7 +170,8 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def atomic_write(
-    path: str | os.PathLike, chunks: Iterable[bytes | memoryview], *, fsync: bool = True, what: str = "file"
+    path: str | os.PathLike, chunks: Iterable[bytes | memoryview], *, fsync: bool = True, what: str = "file",
+    before_replace: Callable[[], object] | None = None, root: str | os.PathLike | None = None,
 ) -> tuple[str, int]:
     """Write ``chunks`` to ``path`` atomically; return ``(sha256 hex, size in bytes)``.
 
@@ -171,10 +180,22 @@ def atomic_write(
     over ``path`` (a symlink at ``path`` is replaced, not written through) and the directory is
     fsync-ed. On any ``OSError`` the temporary file is removed and ``path`` keeps its old content.
 
+    Args:
+        root: the run directory ``path`` must lie in; a folder between ``root`` and ``path`` that is a
+            symlink is refused before anything is written (:func:`check_write_dir`), as readers
+            refuse files reached through links (:func:`confined`).
+        before_replace: called after the bytes are on disk and immediately before the rename, e.g. a
+            writer's lock and generation check (:meth:`DirLock.check`); whatever it raises is raised
+            unchanged, the temporary file is removed and ``path`` keeps its old content; what it
+            returns is ignored.
+
     Raises:
         StoreWriteError: the write, fsync or rename failed (e.g. ``ENOSPC``, disk full).
+        UnsafeFileError: with ``root``, ``path`` is outside it or reached through a symlinked folder.
     """
     path = Path(path)
+    if root is not None:
+        check_write_dir(root, path.parent, what=what)
     digest = hashlib.sha256()
     size = 0
     fd, tmp = -1, None
@@ -192,10 +213,19 @@ def atomic_write(
         os.close(fd)
         fd = -1
         os.chmod(tmp, 0o644)
+        if before_replace is not None:
+            try:
+                before_replace()
+            except BaseException:
+                os.unlink(tmp)
+                tmp = None
+                raise
         os.replace(tmp, path)
         tmp = None
         if fsync:
             fsync_dir(path.parent)
+    except LightningSketchError:  # a typed error (a failed lock check) is raised as it is
+        raise
     except OSError as err:
         if fd >= 0:
             try:
@@ -213,6 +243,44 @@ def atomic_write(
             "no temporary file is left; free space (or fix permissions) and retry."
         ) from err
     return digest.hexdigest(), size
+
+
+def check_write_dir(root: str | os.PathLike, directory: str | os.PathLike, *, what: str = "file") -> Path:
+    """Refuse to write into ``directory`` unless it lies in ``root`` without any symlinked folder between.
+
+    ``root`` itself may be a link (the user chose it); every folder below it down to ``directory`` must
+    be a real directory, so a link planted in a run directory never redirects a write elsewhere.
+
+    Raises:
+        UnsafeFileError: ``directory`` is outside ``root`` or one of its folders below ``root`` is a symlink.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> (d / "sub").mkdir(); os.symlink(tempfile.mkdtemp(), d / "link")
+        >>> check_write_dir(d, d / "sub") == d / "sub"
+        True
+        >>> check_write_dir(d, d / "link")
+        Traceback (most recent call last):
+        ...
+        lightning_sketch.exceptions.UnsafeFileError: ... is a symlink ...
+    """
+    root, directory = Path(os.path.abspath(root)), Path(os.path.abspath(directory))
+    try:
+        parts = directory.relative_to(root).parts
+    except ValueError:
+        raise UnsafeFileError(f"Cannot write {what} into {str(directory)!r}: it is outside the run directory "
+                              f"{str(root)!r}.") from None
+    current = root
+    for part in parts:
+        current = current / part
+        if part == ".." or os.path.islink(current):
+            raise UnsafeFileError(
+                f"Cannot write {what}: {str(current)!r} is a symlink (or '..') inside the run directory "
+                f"{str(root)!r}, so the write could land outside it; it is refused. Replace the link by a "
+                "real folder."
+            )
+    return directory
 
 
 def file_sha256(path: str | os.PathLike, *, what: str = "file", follow: bool = True) -> tuple[str, int]:

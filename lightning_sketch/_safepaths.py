@@ -2,13 +2,15 @@
 
 :func:`confined` keeps a path named inside a file under its run directory; :func:`open_regular`
 refuses devices, FIFOs and directories; :func:`read_capped` counts its cap from the bytes read;
-:func:`read_json` refuses NaN/Infinity. Import these from :mod:`lightning_sketch._safeio`.
+:func:`read_json` refuses non-finite numbers
+(NaN, Infinity, 1e999). Import these from :mod:`lightning_sketch._safeio`.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -140,13 +142,25 @@ def read_json(path: str | os.PathLike, *, what: str, cap: int = JSON_CAP, follow
 
 
 def read_json_bytes(raw: bytes, *, path: str | os.PathLike, what: str) -> Any:
-    """Parse JSON bytes read from ``path`` (NaN/Infinity literals refused).
+    """Parse JSON bytes read from ``path``; non-finite numbers are refused.
+
+    ``NaN``/``Infinity`` literals and numbers that overflow a float (``1e999``) would parse to
+    nan/inf, which no writer of this library produces and which break the canonical JSON a
+    checksum is recomputed from, so they are refused like any other corruption.
 
     Raises:
-        StoreCorruptError: not UTF-8 JSON.
+        StoreCorruptError: not UTF-8 JSON, or it holds a non-finite number.
+
+    Example:
+        >>> read_json_bytes(b'{"a": 1.5}', path="x.json", what="doc")
+        {'a': 1.5}
+        >>> read_json_bytes(b'{"a": 1e999}', path="x.json", what="doc")
+        Traceback (most recent call last):
+        ...
+        lightning_sketch.exceptions.StoreCorruptError: doc 'x.json' is not valid JSON (non-finite ...
     """
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise StoreCorruptError(
             f"{what} {str(path)!r} is not valid JSON ({str(err)[:200]}); it is truncated or corrupted. "
@@ -156,3 +170,10 @@ def read_json_bytes(raw: bytes, *, path: str | os.PathLike, what: str) -> Any:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"non-finite constant {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite number {text[:40]} is not allowed")
+    return value

@@ -17,6 +17,8 @@ import argparse
 import csv
 import io
 import json
+import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -161,10 +163,29 @@ def load_checkpoint_into(model: Any, path: str | Path) -> None:
         ) from None
 
 
+def _what_is(path: str | os.PathLike[str]) -> str:
+    """What is at ``path`` when it is not a regular file, for messages ("does not exist", "is a FIFO")."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist" if not os.path.lexists(path) else "is a broken symlink"
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO, not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a file"
+    return "is not a regular file"
+
+
 def _load_model(build_from_config: Callable[[Sequence[str]], tuple[Any, Any]], config: Any, ckpt_path: str):
     if not Path(ckpt_path).is_file():
-        raise SketchInputError(f"`--ckpt` {ckpt_path!r} does not exist; pass the Lightning checkpoint of the "
-                               "run.")
+        raise SketchInputError(f"`--ckpt` {ckpt_path!r} {_what_is(ckpt_path)}; pass the Lightning checkpoint "
+                               "(a regular .ckpt file) of the run.")
     model, datamodule = build_from_config(config)
     load_checkpoint_into(model, ckpt_path)
     model.eval()

@@ -79,7 +79,8 @@ class ScoringEngine:
     def _estimators(run: Run) -> dict[str, str | None]:
         """Slice name → the curvature estimator its sidecar records (``None``: no file); one read each."""
         root = run.root
-        return {n: None if root is None else CV.curvature_estimator(root, n) for n in run.names}
+        return {n: None if root is None else CV.curvature_estimator(root, n, store=run.store)
+                for n in run.names}
 
     @staticmethod
     def _curvature_kind(est: set[str | None]) -> str | None:
@@ -115,7 +116,7 @@ class ScoringEngine:
                 raise SketchConfigError(
                     "fisher_if needs a run directory with curvature/; pass the run's path."
                 )
-            K, meta = CV.read_curvature(root, name, self.sketches[r].spec)
+            K, meta = CV.read_curvature(root, name, self.sketches[r].spec, store=self.runs[r].store)
             return K, int(meta["count"])
         D = self.sketches[r].sketch_dim
         K, T = torch.zeros(D, D, dtype=torch.float64), 0

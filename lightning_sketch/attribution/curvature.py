@@ -17,11 +17,17 @@ Every kernel is a ``[D, D]`` second moment K = Σ_t w φ_t φ_tᵀ of per-exampl
 - ``"empirical..."``: the empirical Fisher Σ g gᵀ of the stored loss gradients, for tasks that were
   not recognised; it vanishes on well-fitted examples (Kunstner et al. 2019).
 
-Files: one ``<run>/curvature/<slice>.npy`` (float64 ``[D, D]``, written with ``allow_pickle=False``)
-per checkpoint slice, and ``<run>/curvature/<slice>.json`` with the slice name, sketch spec,
+Files: one ``<run>/curvature/<slice>-<token>.npy`` (float64 ``[D, D]``, written with
+``allow_pickle=False``) per checkpoint slice, and ``<run>/curvature/<slice>-<token>.json`` with the
+slice name, sketch spec,
 number of examples, the estimator and the SHA-256 of the ``.npy`` bytes, both written atomically
-through :mod:`lightning_sketch._safeio`. :func:`read_curvature` treats both as untrusted: confined to
-the run's ``curvature/`` folder, regular files only, size capped, checksum, shape, symmetry and
+through :mod:`lightning_sketch._safeio` and recorded with their size and SHA-256 in the run's store
+manifest (:meth:`~lightning_sketch.store.SketchStore.record_curvature`), committed with the slice;
+``<token>`` is fresh for every write, so writing a slice's curvature again never replaces the files
+of the committed record before the new one is committed.
+:func:`read_curvature` treats both as untrusted: only files the manifest lists are read (a file it
+does not list, left by a killed run, is ignored; one it lists but that is missing or changed is
+refused), confined to the run directory, regular files only, size capped, shape, symmetry and
 finiteness verified, typed errors otherwise.
 """
 
@@ -30,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import secrets
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,12 +45,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_sketch._safeio import atomic_write, confined, read_capped, read_json, sha256_bytes
+from lightning_sketch._safeio import atomic_write, read_json_bytes, sha256_bytes
 from lightning_sketch.exceptions import (
     SketchConfigError,
     StoreCorruptError,
+    StoreNotFoundError,
     StoreWriteError,
 )
+from lightning_sketch.store import SketchStore
 
 __all__ = [
     "CURVATURE_DIR",
@@ -59,6 +68,8 @@ __all__ = [
 
 #: sub-folder of a GradientSketch run directory holding the per-slice curvature files.
 CURVATURE_DIR = "curvature"
+#: sub-folder of a GradientSketch run directory holding its store.
+STORE_DIR = "store"
 _FORMAT = "lightning_sketch.curvature/v1"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 #: JSON sidecars are tiny; a larger file is refused before parsing.
@@ -98,14 +109,31 @@ def _check_name(name: str) -> str:
 
 def write_curvature(
     run_dir: str | Path, name: str, matrix: Tensor, count: int, spec: Mapping[str, Any], estimator: str,
-    task: str | None = None,
+    task: str | None = None, store: Any = None,
 ) -> Path:
-    """Write one slice's ``[D, D]`` curvature and its checksummed sidecar atomically; returns the .npy path.
+    """Write one slice's ``[D, D]`` curvature and its sidecar atomically and record both in the store's
+    manifest; returns the .npy path.
+
+    Args:
+        store: the run's writable :class:`~lightning_sketch.store.SketchStore` (``<run_dir>/store``):
+            the files are recorded in it and committed with its next :meth:`commit`, and its lock and
+            generation are checked right before each file is renamed into place. ``None`` opens
+            ``<run_dir>/store`` for writing, records and commits at once (the store must not be held
+            by another writer).
 
     Raises:
         StoreWriteError: when the files cannot be written (disk full, permissions): nothing partial stays.
+        StoreConflictError: another writer took the store's lock or committed meanwhile; nothing of
+            this slice is renamed into place after that.
+        UnsafeFileError: ``<run_dir>/curvature`` is a symlink.
+        StoreNotFoundError: ``store`` is ``None`` and ``<run_dir>/store`` holds no store.
     """
     name = _check_name(name)
+    if store is None:
+        with SketchStore.open(Path(run_dir) / STORE_DIR, mode="a", verify="size") as own:
+            path = write_curvature(run_dir, name, matrix, count, spec, estimator, task=task, store=own)
+            own.commit()
+        return path
     folder = Path(run_dir) / CURVATURE_DIR
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -115,7 +143,11 @@ def write_curvature(
     m = 0.5 * (m + m.T)
     buf = io.BytesIO()
     np.save(buf, m.numpy(), allow_pickle=False)
-    digest, _ = atomic_write(folder / f"{name}.npy", [buf.getvalue()], what="curvature matrix")
+    check = store.check_writer
+    stem = f"{name}-{secrets.token_hex(4)}"  # fresh names: a committed record's files are never replaced
+    npy, side = folder / f"{stem}.npy", folder / f"{stem}.json"
+    digest, size = atomic_write(npy, [buf.getvalue()], what="curvature matrix", root=run_dir,
+                                before_replace=check)
     meta = {
         "format": _FORMAT,
         "slice": name,
@@ -126,36 +158,68 @@ def write_curvature(
         "spec": dict(spec),
         "sha256": digest,
     }
-    atomic_write(
-        folder / f"{name}.json", [json.dumps(meta, sort_keys=True).encode()], what="curvature sidecar"
-    )
-    return folder / f"{name}.npy"
+    side_sha, side_size = atomic_write(side, [json.dumps(meta, sort_keys=True).encode()],
+                                       what="curvature sidecar", root=run_dir, before_replace=check)
+    store.record_curvature(name, {"matrix": (npy, digest, size), "sidecar": (side, side_sha, side_size)})
+    return npy
 
 
-def curvature_slices(run_dir: str | Path) -> list[str]:
-    """Names of the slices that have a curvature sidecar in ``<run_dir>/curvature`` (sorted)."""
-    folder = Path(run_dir) / CURVATURE_DIR
-    if not folder.is_dir() or folder.is_symlink():
-        return []
-    return sorted(
-        p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json") and _NAME_RE.match(p.name[:-5])
-    )
+def _run_store(run_dir: str | Path, store: Any) -> Any:
+    """The store whose manifest lists the run's curvature files (``None``: the run has no store)."""
+    if store is not None:
+        return store
+    path = Path(run_dir) / STORE_DIR
+    if not (path / "manifest.json").exists():
+        return None
+    return SketchStore.open(path, verify="size")
 
 
-def read_curvature(run_dir: str | Path, name: str, spec: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-    """Read and verify one slice's curvature: ``([D, D] float64, metadata)``.
+def curvature_slices(run_dir: str | Path, store: Any = None) -> list[str]:
+    """Names of the slices whose curvature the run's store records (sorted; files it does not list are
+    ignored). ``store`` defaults to ``<run_dir>/store``."""
+    st = _run_store(run_dir, store)
+    return [] if st is None else list(st.curvature_slices)
 
-    Raises:
-        StoreNotFoundError: when the slice has no curvature file.
-        StoreCorruptError: on a checksum, format, shape, spec, symmetry or finiteness mismatch.
-        UnsafeFileError: for a path that is not a regular file inside the run's ``curvature/`` folder.
-    """
-    name = _check_name(name)
-    root = Path(run_dir)
-    side = confined(root, f"{CURVATURE_DIR}/{name}.json", what="curvature sidecar")
-    meta = read_json(side, what="curvature sidecar", cap=_JSON_CAP)
+
+def _verified_sidecar(
+    run_dir: str | Path, name: str, store: Any
+) -> tuple[Any, Path, dict[str, Any]] | None:
+    """``(store, path, sidecar)`` of a recorded slice, checked against the manifest (``None``: unrecorded)."""
+    st = _run_store(run_dir, store)
+    if st is None or not st.has_curvature(name):
+        return None
+    side, raw = st.curvature_bytes(name, "sidecar")
+    if len(raw) > _JSON_CAP:
+        raise StoreCorruptError(f"{side} holds more than {_JSON_CAP} bytes; it is not a curvature sidecar.")
+    meta = read_json_bytes(raw, path=side, what="curvature sidecar")
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("slice") != name:
         raise StoreCorruptError(f"{side} is not the curvature sidecar of slice {name!r}.")
+    return st, side, meta
+
+
+def read_curvature(
+    run_dir: str | Path, name: str, spec: Mapping[str, Any], store: Any = None
+) -> tuple[Tensor, dict[str, Any]]:
+    """Read and verify one slice's curvature: ``([D, D] float64, metadata)``.
+
+    Both files must be the ones the store's manifest records (size and sha256); ``store`` defaults to
+    ``<run_dir>/store`` opened read-only.
+
+    Raises:
+        StoreNotFoundError: when the store records no curvature for the slice (a file on disk that the
+            manifest does not list is ignored), or the run has no store.
+        StoreCorruptError: a recorded file is missing or fails its checksum (the message names it); or
+            a format, shape, spec, symmetry or finiteness mismatch.
+        UnsafeFileError: for a path that is not a regular file inside the run directory.
+    """
+    name = _check_name(name)
+    found = _verified_sidecar(run_dir, name, store)
+    if found is None:
+        raise StoreNotFoundError(
+            f"The run {str(run_dir)!r} records no curvature for slice {name!r} in its store's manifest; "
+            "re-run GradientSketch with curvature enabled."
+        )
+    st, side, meta = found
     dim = meta.get("dim")
     if not isinstance(dim, int) or not 1 <= dim <= 1 << 16:
         raise StoreCorruptError(f"{side} has an invalid dim {dim!r}.")
@@ -165,10 +229,11 @@ def read_curvature(run_dir: str | Path, name: str, spec: Mapping[str, Any]) -> t
             f"{dict(spec)}; "
             f"it belongs to another run."
         )
-    path = confined(root, f"{CURVATURE_DIR}/{name}.npy", what="curvature matrix")
-    data = read_capped(path, dim * dim * 8 + 4096, what="curvature matrix")
-    if sha256_bytes(data) != meta.get("sha256"):
-        raise StoreCorruptError(f"{path} fails its SHA-256 check: the file was changed or damaged.")
+    path, data = st.curvature_bytes(name, "matrix")
+    if len(data) > dim * dim * 8 + 4096 or sha256_bytes(data) != meta.get("sha256"):
+        raise StoreCorruptError(
+            f"{path} fails its SHA-256 check against {side}: the file was changed or damaged."
+        )
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as err:
@@ -222,18 +287,21 @@ def is_margin_estimator(estimator: Any) -> bool:
     return isinstance(estimator, str) and estimator.startswith("margin")
 
 
-def curvature_estimator(run_dir: str | Path, name: str) -> str | None:
-    """The ``estimator`` in slice ``name``'s sidecar, or ``None`` when the slice has no curvature.
+def curvature_estimator(run_dir: str | Path, name: str, store: Any = None) -> str | None:
+    """The ``estimator`` in slice ``name``'s sidecar, or ``None`` when the store records no curvature for it.
 
-    Reads only the small JSON sidecar (confined, capped); :func:`read_curvature` verifies the matrix.
+    Reads only the small JSON sidecar, checked against the manifest; :func:`read_curvature` verifies
+    the matrix. ``store`` defaults to ``<run_dir>/store``.
+
+    Raises:
+        StoreCorruptError: the recorded sidecar is missing, fails its checksum or is not a sidecar.
     """
     name = _check_name(name)
-    side = Path(run_dir) / CURVATURE_DIR / f"{name}.json"
-    if not side.exists():
+    found = _verified_sidecar(run_dir, name, store)
+    if found is None:
         return None
-    safe = confined(Path(run_dir), f"{CURVATURE_DIR}/{name}.json", what="curvature sidecar")
-    meta = read_json(safe, what="curvature sidecar", cap=_JSON_CAP)
-    estimator = meta.get("estimator") if isinstance(meta, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or not isinstance(estimator, str):
+    _, side, meta = found
+    estimator = meta.get("estimator")
+    if not isinstance(estimator, str):
         raise StoreCorruptError(f"{side} is not a curvature sidecar.")
     return estimator

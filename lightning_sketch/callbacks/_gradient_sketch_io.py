@@ -51,6 +51,12 @@ class _RankZero:
     def save_weights(self, *args: Any, **kwargs: Any) -> Any:
         return self.main.save_weights(*args, **kwargs)  # recorded in the main store, committed at the merge
 
+    def record_curvature(self, *args: Any, **kwargs: Any) -> None:
+        self.main.record_curvature(*args, **kwargs)  # curvature files are the main store's, like weights
+
+    def check_writer(self) -> None:
+        self.main.check_writer()
+
     def close(self) -> None:
         self.shard.close()
         self.main.close()

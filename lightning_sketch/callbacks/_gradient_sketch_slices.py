@@ -112,7 +112,7 @@ class _SlicesMixin(_GradientSketchBase):
             count = int(trainer.strategy.reduce(total, reduce_op="sum"))
         if trainer.is_global_zero:
             write_curvature(self.dirpath, name, acc, count, self.sketch.spec, estimator,
-                            task=None if task is None else task.kind)
+                            task=None if task is None else task.kind, store=self.store)
 
     def _decide_task(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Resolve the task on the first batch of the attribution set (no RNG stream advances)."""

@@ -368,15 +368,23 @@ class IntrinsicDimension(Callback):
             return
         path = Path(self.dirpath) / _STATE
         path.parent.mkdir(parents=True, exist_ok=True)
-        if self._lock is not None:  # generation check: the file is still the one this writer last saw
-            self._lock.check()
+        lock = self._lock
+
+        def check() -> None:  # generation check: the file is still the one this writer last saw
+            if lock is None:
+                return
+            lock.check()
             if _disk_sha(path) != self._seen:
                 raise StoreConflictError(
                     f"{str(path)!r} changed on disk since this run last wrote it: another run writes the "
                     "same directory. Nothing was written; give each run its own `dirpath`."
                 )
-        # unique O_EXCL temp file + rename, never through a planted symlink; carries its own sha256
-        self._seen, _ = write_checked_json(path, self.summary(), what="intrinsic-dimension state")
+
+        check()
+        # unique O_EXCL temp file + rename, never through a planted symlink; carries its own sha256;
+        # checked again right before the rename
+        self._seen, _ = write_checked_json(path, self.summary(), what="intrinsic-dimension state",
+                                           before_replace=check)
 
     # ----------------------------------------------------------------- checkpoints
     @override

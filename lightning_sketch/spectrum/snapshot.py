@@ -172,6 +172,36 @@ class SnapshotWriter:
                 file was replaced (another writer got in); nothing is published.
             StoreWriteError: disk full or another write error; no temporary file is left.
         """
+        gen, entries = self._check()
+        name = snapshot_name(step)
+        meta = {**meta, "step": int(step), "format": FORMAT}
+        payload = {k: _np(v) for k, v in arrays.items()}
+        if "eigenvectors" in payload:
+            payload["eigenvectors"] = payload["eigenvectors"].astype(np.float32)
+        payload["meta"] = np.array(json.dumps(meta, allow_nan=True))
+        buf = io.BytesIO()
+        # numpy's stub lets `**payload` fill savez's keyword `allow_pickle: bool`; the keys are array names.
+        np.savez(buf, **payload)  # type: ignore[arg-type]
+        sha, size = sio.atomic_write(self.root / name, [buf.getbuffer()], what="spectrum snapshot",
+                                     before_replace=self._check)
+        entries = [e for e in entries if e["step"] != int(step)]
+        entries.append({"step": int(step), "file": name, "bytes": size, "sha256": sha,
+                        "scalars": _finite(meta.get("scalars", {}))})
+        entries.sort(key=lambda e: e["step"])
+        doc = {"format": FORMAT, "generation": gen + 1, "snapshots": entries}
+        sio.atomic_write(self.root / INDEX, [sio.dump_checked_json(doc)], what="spectrum index",
+                         before_replace=self._check)
+        self._generation = gen + 1
+        return self.root / name
+
+    def _check(self) -> tuple[int, list[dict[str, Any]]]:
+        """``(generation, entries)`` of the index on disk, after checking that this writer may still publish:
+        its lock file is the one it took and the index is at the generation it last wrote. Run before a
+        snapshot is written and again right before each rename (snapshot file, then index).
+
+        Raises:
+            StoreWriteError: the writer is closed. StoreConflictError: another writer got in.
+        """
         if self._lock is None:
             raise StoreWriteError(f"The snapshot writer of {str(self.root)!r} is closed.")
         self._lock.check()
@@ -182,24 +212,7 @@ class SnapshotWriter:
                 f"{gen} behind this writer: another run writes this directory. Nothing was published; give "
                 "each run its own dirpath."
             )
-        name = snapshot_name(step)
-        meta = {**meta, "step": int(step), "format": FORMAT}
-        payload = {k: _np(v) for k, v in arrays.items()}
-        if "eigenvectors" in payload:
-            payload["eigenvectors"] = payload["eigenvectors"].astype(np.float32)
-        payload["meta"] = np.array(json.dumps(meta, allow_nan=True))
-        buf = io.BytesIO()
-        # numpy's stub lets `**payload` fill savez's keyword `allow_pickle: bool`; the keys are array names.
-        np.savez(buf, **payload)  # type: ignore[arg-type]
-        sha, size = sio.atomic_write(self.root / name, [buf.getbuffer()], what="spectrum snapshot")
-        entries = [e for e in entries if e["step"] != int(step)]
-        entries.append({"step": int(step), "file": name, "bytes": size, "sha256": sha,
-                        "scalars": _finite(meta.get("scalars", {}))})
-        entries.sort(key=lambda e: e["step"])
-        doc = {"format": FORMAT, "generation": gen + 1, "snapshots": entries}
-        sio.atomic_write(self.root / INDEX, [sio.dump_checked_json(doc)], what="spectrum index")
-        self._generation = gen + 1
-        return self.root / name
+        return gen, entries
 
     def close(self) -> None:
         """Release the directory lock (idempotent)."""

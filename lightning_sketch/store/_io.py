@@ -13,14 +13,14 @@ from __future__ import annotations
 import errno
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lightning_sketch import _safeio as sio
-from lightning_sketch.exceptions import StoreWriteError
+from lightning_sketch.exceptions import StoreConflictError, StoreWriteError
 
 __all__ = [
     "WriterLock",
@@ -69,19 +69,25 @@ def atomic_write(
     return _store_write(path, chunks, fsync, "store file")
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> tuple[str, int]:
+def write_json_atomic(
+    path: str | os.PathLike, obj: Any, *, before_replace: Callable[[], object] | None = None
+) -> tuple[str, int]:
     """Atomically write ``obj`` as indented JSON carrying its own sha256.
 
-    See :func:`~lightning_sketch._safeio.dump_checked_json`.
+    See :func:`~lightning_sketch._safeio.dump_checked_json`; ``before_replace`` runs right before the
+    rename (:func:`~lightning_sketch._safeio.atomic_write`).
     """
-    return _store_write(path, [sio.dump_checked_json(obj)], True, "store manifest")
+    return _store_write(path, [sio.dump_checked_json(obj)], True, "store manifest", before_replace)
 
 
 def _store_write(
-    path: str | os.PathLike, chunks: Iterable[bytes | memoryview], fsync: bool, what: str
+    path: str | os.PathLike, chunks: Iterable[bytes | memoryview], fsync: bool, what: str,
+    before_replace: Callable[[], object] | None = None,
 ) -> tuple[str, int]:
     try:
-        return sio.atomic_write(path, chunks, fsync=fsync, what=what)
+        return sio.atomic_write(path, chunks, fsync=fsync, what=what, before_replace=before_replace)
+    except StoreConflictError:
+        raise
     except StoreWriteError as err:
         cause = err.__cause__
         reason = "disk full (ENOSPC)" if getattr(cause, "errno", None) == errno.ENOSPC else str(cause)

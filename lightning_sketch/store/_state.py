@@ -38,6 +38,8 @@ class StoreState:
     _pending_ckpts: list[dict[str, Any]]
     _pending_skips: dict[str, dict[str, Any]]
     _pending_weights: dict[str, dict[str, Any]]
+    #: curvature records of slices (``{"matrix": entry, "sidecar": entry}``) waiting for the next commit.
+    _pending_curvature: dict[str, dict[str, Any]]
     _pending_mark: bool
     #: ids per checkpoint (committed and buffered), for the duplicate check.
     _idsets: dict[str, set[int]]
@@ -80,6 +82,9 @@ class StoreState:
 
         # Defined by WeightsMixin (weights.py).
         def load_weights(self, name: str, layout_fingerprint: str | None = None) -> dict[str, Any]: ...
+
+        # Defined by CurvatureMixin (curvature.py).
+        def _verify_curvature(self) -> None: ...
 
         # Defined by StoreViews (views.py).
         def ids(self, checkpoint: str | None = None) -> np.ndarray: ...

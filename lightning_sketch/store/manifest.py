@@ -4,7 +4,9 @@ A store directory holds ``manifest.json`` and immutable data files. The manifest
 current snapshot (``generation``), the sketch ``spec``, the parameter ``layout`` and its
 ``layout_fingerprint``, the storage ``dtype`` and ``sketch_dim`` D, the checkpoints (name, step,
 learning rate η_t, weight, rows, skipped counts), every segment (vectors file and ids file with
-row count, byte size and sha256) and every persisted FAISS index (kind, params, file, sha256).
+row count, byte size and sha256), every persisted FAISS index (kind, params, file, sha256), the
+saved weights and the curvature files of the slices (``curvature``: per slice, the ``matrix`` and
+``sidecar`` files in the run directory with size and sha256).
 Files not named in the manifest (an interrupted commit's leftovers) are invisible to readers.
 
 Format version 1 is the only one this library reads or writes.
@@ -171,6 +173,11 @@ def _validate(data: dict[str, Any], path: Path) -> None:
         if not (isinstance(name, str) and _NAME.match(name) and _file_entry(e) and _int(e.get("generation"))
                 and (e.get("layout_fingerprint") is None or isinstance(e["layout_fingerprint"], str))):
             raise _bad(path, f"weights record {name!r} is malformed")
+    curvature = data.get("curvature", {})
+    for name, e in curvature.items() if isinstance(curvature, dict) else [(None, None)]:
+        if not (isinstance(name, str) and _NAME.match(name) and isinstance(e, dict)
+                and _int(e.get("generation")) and all(_file_entry(e.get(p)) for p in ("matrix", "sidecar"))):
+            raise _bad(path, f"curvature record {name!r} is malformed")
     for s in data.get("skips", []) if isinstance(data.get("skips", []), list) else [None]:
         if not (isinstance(s, dict) and isinstance(s.get("checkpoint"), str) and _int(s.get("generation"))
                 and _int(s.get("nonfinite")) and _int(s.get("duplicates"))
@@ -204,7 +211,8 @@ def _consistent(data: dict[str, Any], path: Path) -> None:
                 f"{str(path)!r}: checkpoint {c['name']!r} records {c['rows']} rows but its segments hold "
                 f"{held}."
             )
-    for e in list(data["indexes"].values()) + list(data.get("weights", {}).values()):
+    for e in (list(data["indexes"].values()) + list(data.get("weights", {}).values())
+              + [{"file": c["matrix"]["file"], **c} for c in data.get("curvature", {}).values()]):
         if e["generation"] > gen:
             raise _bad(path, f"file {e['file']!r} has generation {e['generation']} > {gen}")
 

@@ -107,6 +107,8 @@ class SnapshotMixin(StoreState):
         new["skips"] = [s for s in new.get("skips", []) if s["generation"] <= generation]
         new["indexes"] = {k: v for k, v in new["indexes"].items() if v["generation"] <= generation}
         new["weights"] = {k: v for k, v in new.get("weights", {}).items() if v["generation"] <= generation}
+        new["curvature"] = {k: v for k, v in new.get("curvature", {}).items()
+                            if v["generation"] <= generation}
         for name in new["merged_shards"]:  # keep shard merges idempotent after a rollback
             new["merged_shards"][name] = sum(
                 s["vectors"]["file"].startswith(f"shards/{name}/") for s in new["segments"]
@@ -120,6 +122,7 @@ class SnapshotMixin(StoreState):
         self._pending_ckpts.clear()
         self._pending_skips.clear()
         self._pending_weights.clear()
+        self._pending_curvature.clear()
         self._idsets.clear()
         self._cache.clear()
 
@@ -188,6 +191,7 @@ class SnapshotMixin(StoreState):
             self._load(seg["vectors"], seg["rows"], self.sketch_dim, self.dtype)
         for name in self._manifest.get("weights", {}):  # files beside the store, in the run directory
             self.load_weights(name)
+        self._verify_curvature()
 
     def _load(self, entry: dict[str, Any], rows: int, width: int | None, dtype: str) -> np.ndarray:
         if entry["file"] not in self._verified and self._verify != "size":

@@ -10,6 +10,7 @@ write their own shard (:meth:`SketchStore.open_shard`) that rank 0 merges (:meth
 This module opens, creates, closes and publishes; the rest of the class comes from mixins on the
 shared :class:`~lightning_sketch.store._state.StoreState`: :mod:`~lightning_sketch.store.writer`
 (checkpoints, append, commit), :mod:`~lightning_sketch.store.weights` (model weights),
+:mod:`~lightning_sketch.store.curvature` (curvature files of the slices),
 :mod:`~lightning_sketch.store.snapshot` (facts, integrity, rollback), :mod:`~lightning_sketch.store.shards`
 (DDP shards) and :mod:`~lightning_sketch.store.views` (views, indexes, search).
 
@@ -30,6 +31,7 @@ from lightning_sketch.exceptions import SketchConfigError, StoreConflictError, S
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import WriterLock, write_json_atomic
 from lightning_sketch.store._validate import compare_layout, compare_spec, layout_info, spec_dict
+from lightning_sketch.store.curvature import CurvatureMixin
 from lightning_sketch.store.shards import ShardMixin
 from lightning_sketch.store.snapshot import SnapshotMixin, _data_bytes
 from lightning_sketch.store.views import StoreViews
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 _AUTO_FULL_VERIFY_BYTES = 1 << 30
 
 
-class SketchStore(StoreViews, WriterMixin, WeightsMixin, ShardMixin, SnapshotMixin):
+class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMixin, SnapshotMixin):
     """A directory of committed sketch rows, one slice per training checkpoint.
 
     Build one with :meth:`create` or :meth:`open`, never directly.
@@ -74,6 +76,7 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, ShardMixin, SnapshotMix
         self._pending_ckpts: list[dict[str, Any]] = []
         self._pending_skips: dict[str, dict[str, Any]] = {}
         self._pending_weights: dict[str, dict[str, Any]] = {}
+        self._pending_curvature: dict[str, dict[str, Any]] = {}
         self._pending_mark = False
         self._idsets: dict[str, set[int]] = {}
         self._cache: dict[Any, Any] = {}
@@ -234,7 +237,22 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, ShardMixin, SnapshotMix
                 "and append again."
             )
 
-    def _publish(self, new: dict[str, Any]) -> None:
-        """Atomically replace the manifest by ``new`` if the on-disk generation is still the loaded one."""
+    def check_writer(self) -> None:
+        """Raise unless this store may publish now: open for writing, its lock file still the one it took,
+        and the manifest on disk still at the generation it loaded. Writers of files recorded in the
+        manifest (curvature) call it right before their rename.
+
+        Raises:
+            StoreWriteError: read-only or closed. StoreConflictError: another writer got in.
+        """
+        self._require_writer()
         self._check_generation()
-        write_json_atomic(self.path / mf.MANIFEST, new)
+
+    def _publish(self, new: dict[str, Any]) -> None:
+        """Atomically replace the manifest by ``new`` if the on-disk generation is still the loaded one.
+
+        The generation and lock are checked before the new manifest is written and again right before
+        its rename, so a writer whose lock was stolen meanwhile never replaces the other's manifest.
+        """
+        self._check_generation()
+        write_json_atomic(self.path / mf.MANIFEST, new, before_replace=self._check_generation)

@@ -41,6 +41,7 @@ class WeightsMixin(SnapshotMixin):
 
         Raises:
             SketchInputError: unsafe checkpoint name, or ``directory`` outside the run directory.
+            UnsafeFileError: ``directory`` is reached through a symlinked folder of the run directory.
             StoreWriteError: the write failed (disk full); no file is left behind.
         """
         self._require_writer()
@@ -59,7 +60,8 @@ class WeightsMixin(SnapshotMixin):
             raise StoreWriteError(f"Cannot create the weights directory {str(directory)!r}: {err}.") from err
         buf = io.BytesIO()
         torch.save({n: t.detach().cpu().clone() for n, t in tensors.items()}, buf)
-        sha, size = sio.atomic_write(directory / f"{name}.pt", [buf.getbuffer()], what="weights file")
+        sha, size = sio.atomic_write(directory / f"{name}.pt", [buf.getbuffer()], what="weights file",
+                                     root=root)
         file = f"{name}.pt" if rel == "." else f"{rel}/{name}.pt"
         self._pending_weights[name] = {"file": file, "bytes": size, "sha256": sha,
                                        "layout_fingerprint": layout_fingerprint or self.layout_fingerprint}

@@ -174,6 +174,7 @@ class WriterMixin(SnapshotMixin):
             not self._buffer
             and not self._pending_ckpts
             and not self._pending_weights
+            and not self._pending_curvature
             and not self._pending_mark
             and not any(s["nonfinite"] or s["duplicates"] for s in self._pending_skips.values())
         ):
@@ -186,6 +187,9 @@ class WriterMixin(SnapshotMixin):
         if self._pending_weights:
             new["weights"] = {**new.get("weights", {}),
                               **{n: {**e, "generation": gen} for n, e in self._pending_weights.items()}}
+        if self._pending_curvature:
+            new["curvature"] = {**new.get("curvature", {}),
+                                **{n: {**e, "generation": gen} for n, e in self._pending_curvature.items()}}
         if self._pending_mark:
             new["checkpointed_generation"] = gen
         written: list[Path] = []
@@ -231,6 +235,7 @@ class WriterMixin(SnapshotMixin):
         self._pending_ckpts.clear()
         self._pending_skips.clear()
         self._pending_weights.clear()
+        self._pending_curvature.clear()
         self._pending_mark = False
         self._cache.clear()
         self._verified.update(str(p.name) for p in written)

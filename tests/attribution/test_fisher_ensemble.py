@@ -67,7 +67,7 @@ def _run(root, model, x, y, ids=None, n_slices=2, curvature=True, sketch_seed=3)
         Fc = Fc @ Fc.T
         Fs.append(Fc)
         if curvature:
-            write_curvature(root, name, Fc, len(y), sketch.spec, "sampled")
+            write_curvature(root, name, Fc, len(y), sketch.spec, "sampled", store=store)
     store.commit()
     store.close()
     return sketch, rows, Fs
@@ -186,7 +186,8 @@ def test_curvature_files_are_verified(tmp_path, two_models):
     m, meta = read_curvature(tmp_path, "step-0", sketch.spec)
     torch.testing.assert_close(m, 0.5 * (Fs[0] + Fs[0].T))
     assert meta["count"] == len(y) and meta["estimator"] == "sampled"
-    npy = tmp_path / "curvature" / "step-0.npy"
+    recorded = SketchStore.open(tmp_path / "store").manifest["curvature"]
+    npy = tmp_path / recorded["step-0"]["matrix"]["file"]
     data = bytearray(npy.read_bytes())
     data[-9] ^= 0x01
     npy.write_bytes(bytes(data))
@@ -196,7 +197,7 @@ def test_curvature_files_are_verified(tmp_path, two_models):
         read_curvature(tmp_path, "step-1", {**sketch.spec, "seed": 99})
     with pytest.raises(StoreCorruptError, match="Invalid curvature slice name"):
         read_curvature(tmp_path, "../step-1", sketch.spec)
-    side = tmp_path / "curvature" / "step-1.json"
+    side = tmp_path / recorded["step-1"]["sidecar"]["file"]
     meta1 = json.loads(side.read_text())
     side.unlink()
     outside = Path(tempfile.mkdtemp()) / "elsewhere.json"  # a valid sidecar, outside the run directory

@@ -124,7 +124,7 @@ def _synthetic_run(root, estimator, T=20, seed=0):
     store.save_weights("s0", {n: t.detach().clone() for n, t in layout.params(model).items()}, root / "weights",
                        layout.fingerprint())
     A = torch.randn(D, 2 * D, generator=g, dtype=torch.float64)
-    write_curvature(root, "s0", A @ A.T, T, sketch.spec, estimator)
+    write_curvature(root, "s0", A @ A.T, T, sketch.spec, estimator, store=store)
     store.commit()
     store.close()
     return model

@@ -26,6 +26,7 @@ trainer:
         dirpath: ${{trainer.default_root_dir}}/checkpoints
         save_last: true
         save_top_k: 0
+        every_n_epochs: 1
     - class_path: lightning_sketch.callbacks.GradientSketch
       init_args:
         dirpath: ${{trainer.default_root_dir}}/sketch

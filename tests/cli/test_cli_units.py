@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import numpy as np
 import pytest
@@ -56,6 +57,20 @@ def test_shipped_configs_chain_to_base():
         assert expanded[1] == str((CONFIGS / "base.yaml").resolve())
 
 
+def test_shipped_configs_save_last_ckpt_every_epoch():
+    """``lightning-sketch query --ckpt .../last.ckpt`` needs a last.ckpt during fit too, not only at its end."""
+    from cli_helpers import CONFIGS
+
+    found = 0
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        for cb in (yaml.safe_load(path.read_text()).get("trainer") or {}).get("callbacks") or []:
+            if cb["class_path"].endswith("ModelCheckpoint"):
+                found += 1
+                args = cb["init_args"]
+                assert args.get("save_last") is True and args.get("every_n_epochs") == 1, path.name
+    assert found >= 2
+
+
 # ---------------------------------------------------------------------------- argument parsing and output
 def test_argument_types():
     assert cli._parse_ids("1, 2,3") == [1, 2, 3]
@@ -73,6 +88,14 @@ def test_query_input_and_ckpt_errors(tmp_path):
                                           "--config", "c.yaml", "--ids", "0"])
     with pytest.raises(SketchInputError, match="`--ckpt` .* does not exist"):
         cli_commands.run_query(args, cli.build_from_config)
+    os.mkfifo(tmp_path / "fifo.ckpt")
+    for path, what in ((tmp_path / "fifo.ckpt", "is a FIFO"), (tmp_path, "is a directory"),
+                       ("/dev/null", "is a device")):
+        args = cli._own_parser().parse_args(["query", "--store", str(tmp_path / "store"), "--ckpt", str(path),
+                                              "--config", "c.yaml", "--ids", "0"])
+        with pytest.raises(SketchInputError, match=f"`--ckpt` .* {what}, not a file") as err:
+            cli_commands.run_query(args, cli.build_from_config)
+        assert "does not exist" not in str(err.value)
     args = cli._own_parser().parse_args(["query", "--store", "s", "--ckpt", "c", "--config", "c",
                                           "--inputs", str(tmp_path / "no.npy")])
     with pytest.raises(SketchInputError, match="`--inputs` file .* does not exist"):

@@ -282,3 +282,109 @@ def test_hessian_eigs_start_vector_has_its_own_stream(monkeypatch):
     start = torch.randn(seen["n"], generator=torch.Generator().manual_seed(seen["seed"]))
     torch.manual_seed(5)
     assert not torch.allclose(start, torch.randn(seen["n"]))  # no longer the user's own first draw
+
+
+# ---------------------------------------------------------------------------- lock stolen right before a publish
+def _steal_at(monkeypatch, prefix: str, thief) -> list:
+    """Run ``thief()`` (another writer getting in) when the next temporary file named ``prefix...`` is
+    created: after this writer's checks at the start of its write, before its rename."""
+    real, done = sio.tempfile.mkstemp, []
+
+    def mkstemp(*args, **kwargs):
+        if not done and str(kwargs.get("prefix", "")).startswith(prefix):
+            done.append(True)
+            thief()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sio.tempfile, "mkstemp", mkstemp)
+    return done
+
+
+def test_store_lock_stolen_between_segments_and_manifest(tmp_path, monkeypatch):
+    path = tmp_path / "s"
+    a = SketchStore.create(path, SPEC)
+    a.add_checkpoint("c", step=0, lr=0.1)
+    a.commit()
+
+    def thief():
+        (path / ".writer.lock").unlink()
+        b = SketchStore.open(path, mode="a")
+        b.append([7, 8], _rows(2, 5), checkpoint="c")
+        b.commit()  # acknowledged
+        b.close()
+
+    a.append([0, 1], _rows(2, 0), checkpoint="c")
+    stolen = _steal_at(monkeypatch, "manifest.json.tmp-", thief)
+    with pytest.raises(StoreConflictError):
+        a.commit()
+    monkeypatch.undo()
+    a.close()
+    assert stolen
+    reread = SketchStore.open(path)
+    reread.verify()
+    assert reread.ids("c").tolist() == [7, 8]
+    _no_debris(path)
+
+
+@pytest.mark.parametrize("prefix", ["step_00000004.npz.tmp-", "index.json.tmp-"])
+def test_spectrum_lock_stolen_right_before_a_publish(tmp_path, monkeypatch, prefix):
+    """The writer checked its lock before the snapshot; another writer gets in before the snapshot's or
+    the index's rename: neither is published and the other writer's snapshot stays listed and intact."""
+    a = SnapshotWriter(tmp_path)
+    a.write(0, _snap(5.0), {})
+
+    def thief():
+        (tmp_path / ".writer.lock").unlink()
+        b = SnapshotWriter(tmp_path)
+        b.write(4, _snap(7.0), {})  # acknowledged
+        b.close()
+
+    stolen = _steal_at(monkeypatch, prefix, thief)
+    with pytest.raises(StoreConflictError):
+        a.write(4, _snap(99.0), {})
+    monkeypatch.undo()
+    a.close()
+    assert stolen and [e["step"] for e in load_index(tmp_path)] == [0, 4]
+    assert load_snapshot(tmp_path / "step_00000004.npz")["eigenvalues"][0] == 7.0
+    _no_debris(tmp_path)
+
+
+def test_intrinsic_state_lock_stolen_right_before_its_rename(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    d = tmp_path / "idim"
+    d.mkdir()
+    cb = _idim(d)
+    cb._lock = sio.DirLock(d, ".intrinsic_dimension.lock")
+    cb._seen = None
+    state = d / "intrinsic_dimension.json"
+
+    def thief():
+        (d / ".intrinsic_dimension.lock").unlink()
+        sio.write_checked_json(state, {"by": "other run"})  # acknowledged
+
+    stolen = _steal_at(monkeypatch, "intrinsic_dimension.json.tmp-", thief)
+    with pytest.raises(StoreConflictError):
+        cb._write(SimpleNamespace(is_global_zero=True))
+    monkeypatch.undo()
+    cb._release()
+    assert stolen and sio.load_checked_json(state, what="state") == {"by": "other run"}
+    _no_debris(d)
+
+
+def test_a_symlinked_folder_in_the_run_is_refused_for_writes(tmp_path):
+    """Readers refuse files reached through a link; writers refuse to write through one, even a link that
+    stays inside the run directory."""
+    from lightning_sketch.exceptions import UnsafeFileError
+
+    run = tmp_path / "run"
+    store = SketchStore.create(run / "store", SPEC)
+    store.add_checkpoint("c", step=0, lr=0.1)
+    (run / "real").mkdir()
+    os.symlink(run / "real", run / "weights")
+    with pytest.raises(UnsafeFileError, match="symlink"):
+        store.save_weights("c", {"w": torch.ones(2)}, run / "weights")
+    assert list((run / "real").iterdir()) == []
+    store.save_weights("c", {"w": torch.ones(2)}, run / "real")  # a real folder is fine
+    store.commit()
+    store.close()

@@ -130,3 +130,48 @@ def test_write_report_replaces_a_planted_symlink_instead_of_writing_through_it(t
     out = write_report(run)
     assert victim.read_text() == "keep me" and not out.is_symlink() and "<!DOCTYPE html>" in out.read_text()
     assert [p.name for p in run.iterdir()] == ["report.html"]  # no temporary file left
+
+
+def _section(text: str, sid: str) -> str:
+    return text.split(f'<section id="{sid}">')[1].split("</section>")[0]
+
+
+@pytest.mark.parametrize("damage", ["edited", "overflow", "truncated"])
+def test_a_damaged_spectrum_index_is_named_and_the_rest_rendered(tmp_path, damage):
+    from lightning_sketch.spectrum.snapshot import save_snapshot
+
+    run = tmp_path / "run"
+    for step in (0, 5):
+        save_snapshot(run / "spectrum", step, {"eigenvalues": torch.tensor([3.0 + step, 1.0], dtype=torch.float64),
+                                               "eigenvectors": torch.eye(2, 4)}, {"scalars": {"lambda_max": 3.0}})
+    write_checked_json(run / "intrinsic_dimension.json", {"d_star": 32, "target": 0.9,
+                                                          "history": [{"d": 4, "metric": 0.5}]})
+    index = run / "spectrum" / "index.json"
+    raw = index.read_bytes()
+    index.write_bytes({"edited": raw.replace(b'"generation": 2', b'"generation": 7'),
+                       "overflow": raw.replace(b'"generation": 2', b'"generation": 1e999'),
+                       "truncated": raw[: len(raw) // 2]}[damage])
+    text = build_report(run)
+    spectrum = _section(text, "spectrum")
+    assert re.search(r"damaged: spectrum/index\.json: .*(checksum|non-finite|not valid JSON)", spectrum), spectrum
+    assert "callback was not used" not in spectrum
+    assert "D* = 32" in _section(text, "intrinsic")  # the other sections are still rendered
+
+
+def test_pictures_are_capped_whatever_k(tmp_path):
+    """``query --k 1000`` then ``report``: ten pictures per query, the rest listed, in seconds."""
+    run = tmp_path / "run"
+    run.mkdir()
+    k = 1000
+    rec = {"query": 0, "label": 1, "prediction": 1, "image": [[0.0, 1.0], [1.0, 0.0]],
+           "proponents": [{"id": i, "score": 1.0 / (i + 1), "label": 1, "image": [[1.0, 0.0], [0.0, 1.0]]}
+                          for i in range(k)],
+           "opponents": [{"id": k + i, "score": -1.0 / (i + 1), "label": 2, "image": [[0.0, 0.0], [1.0, 1.0]]}
+                         for i in range(k)]}
+    write_checked_json(run / "query.json", _query_doc(k=k, queries=[rec, {**rec, "query": 1}]))
+    start = time.perf_counter()
+    text = build_report(run)
+    assert time.perf_counter() - start < 60
+    attribution = _section(text, "attribution")
+    assert "at most 10 training examples per query" in attribution and f"{2 * (2 * k - 10)} more" in attribution
+    assert attribution.count("<tr>") == 1 + 2 * 2 * k  # the table still lists every example

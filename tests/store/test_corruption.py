@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from store_helpers import clustered
 
+from lightning_sketch import _safeio as sio
 from lightning_sketch.exceptions import StoreCorruptError, StoreNotFoundError, StoreWriteError
 from lightning_sketch.store import SketchStore, inspect_store
 from lightning_sketch.store import _io
@@ -91,6 +92,26 @@ def test_manifest_damage(built):
     manifest.unlink()
     with pytest.raises(StoreNotFoundError, match="'manifest.json' is missing"):
         SketchStore.open(root)
+
+
+@pytest.mark.parametrize("number", [b"1e999", b"-1e400", b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_json_numbers_are_typed_corruption(built, number, tmp_path):
+    """A number that parses to inf/nan would break the checksum's canonical JSON (a ValueError traceback
+    in open, inspect, query and report): every reader refuses it as corruption."""
+    root, _, _ = built
+    manifest = root / "manifest.json"
+    text = manifest.read_bytes()
+    assert b'"meta": {}' in text
+    manifest.write_bytes(text.replace(b'"meta": {}', b'"meta": {"epoch": ' + number + b"}"))
+    with pytest.raises(StoreCorruptError, match="manifest.json.*non-finite"):
+        SketchStore.open(root)
+    with pytest.raises(StoreCorruptError, match="non-finite"):
+        inspect_store(root)
+    state = tmp_path / "state.json"
+    sio.write_checked_json(state, {"metric": 0.5})
+    state.write_bytes(state.read_bytes().replace(b"0.5", number))
+    with pytest.raises(StoreCorruptError, match="state.json.*non-finite"):
+        sio.load_checked_json(state, what="state")
 
 
 def test_edited_row_count_is_inconsistent(built):

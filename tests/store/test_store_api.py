@@ -276,3 +276,22 @@ def test_prune_removes_only_unreferenced_files(tmp_path, spec):
     np.testing.assert_array_equal(reopened.vectors(), x[:60])
     with pytest.raises(StoreWriteError, match="read-only"):
         reopened.prune()
+
+
+def test_a_lock_that_could_not_be_created_is_collected_silently(tmp_path, monkeypatch):
+    """``DirLock.__del__`` after a failed ``__init__`` (no lock file opened) reports nothing."""
+    import gc
+    import sys
+
+    from lightning_sketch._safeio import DirLock
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    try:
+        DirLock(tmp_path / "missing" / "dir")
+    except StoreWriteError as err:
+        assert "Cannot create the writer lock" in str(err)
+    else:
+        raise AssertionError("DirLock in a missing directory must fail")
+    gc.collect()
+    assert [str(s.exc_value) for s in seen] == []

@@ -1,0 +1,123 @@
+"""Curvature files beside a store: each slice's kernel matrix and sidecar, checksummed in the manifest.
+
+Mixin of :class:`~lightning_sketch.store.SketchStore`. The ``[D, D]`` curvature of a checkpoint
+slice (:mod:`lightning_sketch.attribution.curvature`) decides the attribution kernel, so editing,
+swapping or deleting one of its files must not go unnoticed. Its two files (a matrix ``.npy`` and
+a ``.json`` sidecar under ``curvature/`` in the run directory, the store's parent folder) are
+recorded under the manifest's ``curvature`` field with their size and sha256, committed with the next manifest
+generation, and read back only through :meth:`CurvatureMixin.curvature_bytes`, which refuses a file
+that is missing or fails its checksum. A file on disk that the manifest does not list (written by a
+run killed before its commit, or left by a rollback) is ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning_sketch import _safeio as sio
+from lightning_sketch.exceptions import SketchInputError, StoreCorruptError, StoreNotFoundError
+from lightning_sketch.store import manifest as mf
+from lightning_sketch.store.snapshot import SnapshotMixin
+
+__all__ = ["CURVATURE_PARTS", "CurvatureMixin"]
+
+#: the files of one slice's curvature record: the matrix (``.npy``) and its sidecar (``.json``).
+CURVATURE_PARTS = ("matrix", "sidecar")
+#: largest curvature file read (a float64 [65536, 65536] matrix would be 32 GiB; the sidecar is tiny).
+_CAP = 1 << 36
+
+
+class CurvatureMixin(SnapshotMixin):
+    """Recording and verified reading of per-slice curvature files (state lives in ``SketchStore``)."""
+
+    def record_curvature(self, name: str, files: dict[str, tuple[Path, str, int]]) -> None:
+        """Record slice ``name``'s curvature files, committed with the next :meth:`commit`.
+
+        Args:
+            name: the checkpoint slice.
+            files: ``{"matrix": (path, sha256, bytes), "sidecar": (path, sha256, bytes)}`` as returned by
+                :func:`~lightning_sketch._safeio.atomic_write`; paths lie in the run directory.
+
+        Raises:
+            SketchInputError: unsafe name, other parts than :data:`CURVATURE_PARTS`, or a path outside
+                the run directory.
+            StoreWriteError: the store is read-only.
+        """
+        self._require_writer()
+        mf.check_checkpoint_name(name)
+        if set(files) != set(CURVATURE_PARTS):
+            raise SketchInputError(f"`files` must name {CURVATURE_PARTS}, got {sorted(files)}.")
+        root = self.path.parent.resolve()
+        entry: dict[str, Any] = {}
+        for part, (path, sha, size) in files.items():
+            try:
+                rel = Path(path).resolve().relative_to(root).as_posix()
+            except ValueError:
+                raise SketchInputError(
+                    f"Curvature file {str(path)!r} must lie inside the run directory {str(root)!r}."
+                ) from None
+            entry[part] = {"file": rel, "bytes": int(size), "sha256": str(sha)}
+        self._pending_curvature[name] = entry
+
+    @property
+    def curvature_slices(self) -> list[str]:
+        """Slices whose curvature files the committed manifest records (sorted)."""
+        return sorted(self._manifest.get("curvature", {}))
+
+    def has_curvature(self, name: str) -> bool:
+        """Whether the committed manifest records curvature files for slice ``name``."""
+        return name in self._manifest.get("curvature", {})
+
+    def curvature_bytes(self, name: str, part: str) -> tuple[Path, bytes]:
+        """``(path, content)`` of one recorded curvature file of slice ``name``, verified.
+
+        Args:
+            name: the checkpoint slice.
+            part: ``"matrix"`` or ``"sidecar"``.
+
+        Raises:
+            StoreNotFoundError: the manifest records no curvature for ``name`` (an unlisted file on disk
+                is ignored).
+            StoreCorruptError: the recorded file is missing, or its size or sha256 differs (the message
+                names the file).
+            UnsafeFileError: the recorded path leaves the run directory or is not a regular file.
+        """
+        entry = self._manifest.get("curvature", {}).get(name)
+        if entry is None:
+            raise StoreNotFoundError(
+                f"Store {str(self.path)!r} records no curvature for slice {name!r} (recorded: "
+                f"{self.curvature_slices}); a curvature file the manifest does not list is ignored."
+            )
+        if part not in CURVATURE_PARTS:
+            raise SketchInputError(f"`part` must be one of {CURVATURE_PARTS}, got {part!r}.")
+        e = entry[part]
+        root = self.path.parent
+        path = root / e["file"]
+        real = sio.confined(root, e["file"], what=f"curvature {part}")
+        try:
+            fd = sio.open_regular(real, what=f"curvature {part}")
+        except StoreNotFoundError as err:
+            raise StoreCorruptError(
+                f"Curvature {part} {str(path)!r} of slice {name!r} is recorded in the store's manifest but "
+                "missing: the curvature was deleted. Restore the file, or re-run the fit that wrote it."
+            ) from err
+        try:
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        raw = b"" if size != e["bytes"] else sio.read_capped(real, min(size, _CAP), what=f"curvature {part}")
+        if size != e["bytes"] or len(raw) != e["bytes"] or sio.sha256_bytes(raw) != e["sha256"]:
+            raise StoreCorruptError(
+                f"Curvature {part} {str(path)!r} of slice {name!r} fails its SHA-256 checksum "
+                f"({size} bytes, manifest records {e['bytes']}): it was edited, damaged or swapped with "
+                "another slice's. Restore the original file."
+            )
+        return path, raw
+
+    def _verify_curvature(self) -> None:
+        """Check every recorded curvature file (:meth:`curvature_bytes`), for :meth:`verify`."""
+        for name in self.curvature_slices:
+            for part in CURVATURE_PARTS:
+                self.curvature_bytes(name, part)
