@@ -55,6 +55,8 @@ class _GradientSketchBase(Callback):
     task: Any
     # state
     _task: Any
+    #: checkpoint mode: the first examples of the attribution set, saved once as ``weights/probe.pt``.
+    _probe: dict[str, Tensor] | None
     _last_step_done: int
     _slices: list[str]
     _generation: int | None

@@ -17,7 +17,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sketch.callbacks._gradient_sketch_base import _GradientSketchBase, _vmap_guard
-from lightning_sketch.callbacks._gradient_sketch_io import _current_lr, _rng_guard, _save_weights
+from lightning_sketch.callbacks._gradient_sketch_io import (
+    _current_lr,
+    _rng_guard,
+    _save_weights,
+    _slice_state,
+)
 from lightning_sketch.exceptions import SketchInputError
 from lightning_sketch.gradients import eval_mode as _eval_mode
 from lightning_sketch.gradients import sketch_gradients
@@ -145,7 +150,7 @@ class _InlineMixin(_GradientSketchBase):
         name = f"epoch-{trainer.current_epoch}"
         if self.save_weights and trainer.is_global_zero and name in self._slices:
             # end-of-epoch weights: where tracin/trak queries of this slice take their gradients
-            _save_weights(self.store, self.weights_path / f"{name}.pt", self.layout.params(pl_module),
+            _save_weights(self.store, self.weights_path / f"{name}.pt", _slice_state(pl_module, self.layout),
                           self.layout.fingerprint())
         # Inline rows are committed with Lightning checkpoints and at fit end (a crash loses only
         # rows after the last checkpoint, which a resume re-writes anyway); commit earlier only
