@@ -173,6 +173,8 @@ def _vmap_guard(fn: Callable[[], Tensor], support: Any, exclude: list[str] | Non
     except LightningSketchError:
         raise
     except (RuntimeError, TypeError, ValueError) as err:
+        if not support.unsupported:  # the hook path ran: an error of the model's own forward
+            raise
         raise UnsupportedModelError(
             f"GradientSketch: vmap over the whole model failed ({type(err).__name__}: {str(err)[:300]}). "
             f"It is only used because no hook path covers {sorted(support.unsupported)}; leave those "
