@@ -110,7 +110,9 @@ class _FallbackHooks(_CaptureKernels):
 
         return grad_hook
 
-    def _fallback_error(self, module: nn.Module, local: dict[str, int], err: Exception) -> UnsupportedModelError:
+    def _fallback_error(
+        self, module: nn.Module, local: dict[str, int], err: Exception
+    ) -> UnsupportedModelError:
         names = [self._layout.names[i] for i in local.values()]
         return UnsupportedModelError(
             f"The per-module per-example gradient fallback of {type(module).__name__} failed "
@@ -119,7 +121,9 @@ class _FallbackHooks(_CaptureKernels):
         )
 
     # ----------------------------------------------------------------- recurrent layers
-    def _rnn_hook(self, owner: nn.RNNBase, local: dict[str, int], expected: dict[str, Tensor]) -> FallbackHook:
+    def _rnn_hook(
+        self, owner: nn.RNNBase, local: dict[str, int], expected: dict[str, Tensor]
+    ) -> FallbackHook:
         def forward_hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> None:

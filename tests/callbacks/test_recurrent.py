@@ -83,7 +83,8 @@ def _stored(path, name):
 
 
 @pytest.mark.parametrize("mode", ["checkpoint", "inline"])
-@pytest.mark.parametrize(("cell", "batch_first"), [("gru", True), ("gru", False), ("lstm", True), ("lstm", False)])
+@pytest.mark.parametrize(("cell", "batch_first"),
+                         [("gru", True), ("gru", False), ("lstm", True), ("lstm", False)])
 def test_recurrent_rows_equal_loop_gradients(tmp_path, cell, batch_first, mode):
     seed_everything(0)
     x, y = _data()
