@@ -119,6 +119,20 @@ class _SlicesMixin(_GradientSketchBase):
             write_curvature(self.dirpath, name, acc, count, self.sketch.spec, estimator,
                             task=None if task is None else task.kind)
 
+    def _preflight(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Sketch the first batch of the attribution set once before training (rows discarded), so
+        that a model the per-example paths cannot serve (a packed sequence into a recurrent layer,
+        a failing per-module fallback) is refused at the start of fit, not after the first epoch."""
+        loss_fn = self._loss_fn(pl_module)
+        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+            for batch in self._attribution_loader(trainer):
+                batch = _to_device(batch, pl_module.device)
+                _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
+                    pl_module, loss_fn, batch, self.sketch, mode="auto" if self._hooks else "explicit",
+                    layout=self.layout, chunk_size=self.chunk_size, capture=self._slice_capture(pl_module),
+                ), self.support, self.exclude)
+                break
+
     def _decide_task(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Resolve the task on the first batch of the attribution set (no RNG stream advances)."""
         with _eval_mode(pl_module), _rng_guard():

@@ -304,6 +304,8 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.store is not None and self.mode == "inline" and trainer.world_size > 1:
             _check_no_padding(trainer.train_dataloader)
+        if self.store is not None and self.mode == "checkpoint" and self.support.fallback:
+            self._preflight(trainer, pl_module)  # a fallback module that fails is refused now
         if self.store is not None and self.mode == "checkpoint" and self.curvature != "none":
             self._decide_task(trainer, pl_module)  # said at the start of fit, not after an epoch
 

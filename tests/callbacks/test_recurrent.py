@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_sketch.attribution import Attributor
 from lightning_sketch.callbacks import GradientSketch
 from lightning_sketch.data import IndexedDataset
+from lightning_sketch.exceptions import UnsupportedModelError
 from lightning_sketch.gradients import ParamLayout
 from lightning_sketch.sketches import make
 from lightning_sketch.store import SketchStore
@@ -118,3 +119,27 @@ def test_recurrent_rows_equal_loop_gradients(tmp_path, cell, batch_first, mode):
         for j, i in enumerate(batch["index"].tolist()):
             key = i if step < 3 else (1, i)
             torch.testing.assert_close(got[key], want[j], rtol=1e-5, atol=1e-6)
+
+
+class Packed(RecurrentClassifier):
+    """Packs its (equal-length) sequences before the LSTM, which the per-example loop cannot split."""
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        lengths = torch.full((h.shape[0],), h.shape[1], dtype=torch.long)
+        packed = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True)
+        return self.head(self.rnn(packed)[1][0][-1])
+
+
+def test_packed_sequences_are_refused_before_training(tmp_path):
+    seed_everything(0)
+    x, y = _data()
+    loader = DataLoader(IndexedDataset(TensorDataset(x, y), names=("x", "y")), batch_size=4)
+    module = Packed("lstm", batch_first=True)
+    cb = GradientSketch(dirpath=str(tmp_path / "run"), sketch_kind="dense", sketch_dim=8, curvature="none")
+    trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                      enable_model_summary=False, accelerator="cpu", callbacks=[cb], default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="fallback"), pytest.raises(
+            UnsupportedModelError, match=r"(?s)PackedSequence.*Pad the sequences.*exclude=\['rnn.weight_ih_l0'"):
+        trainer.fit(module, loader)
+    assert trainer.global_step == 0  # refused at the start of fit, not after an epoch
