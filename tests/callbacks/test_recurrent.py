@@ -138,8 +138,9 @@ def test_packed_sequences_are_refused_before_training(tmp_path):
     module = Packed("lstm", batch_first=True)
     cb = GradientSketch(dirpath=str(tmp_path / "run"), sketch_kind="dense", sketch_dim=8, curvature="none")
     trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                      enable_model_summary=False, accelerator="cpu", callbacks=[cb], default_root_dir=tmp_path)
-    with pytest.warns(UserWarning, match="fallback"), pytest.raises(
-            UnsupportedModelError, match=r"(?s)PackedSequence.*Pad the sequences.*exclude=\['rnn.weight_ih_l0'"):
+                      enable_model_summary=False, accelerator="cpu", callbacks=[cb],
+                      default_root_dir=tmp_path)
+    refused = r"(?s)PackedSequence.*Pad the sequences.*exclude=\['rnn.weight_ih_l0'"
+    with pytest.warns(UserWarning, match="fallback"), pytest.raises(UnsupportedModelError, match=refused):
         trainer.fit(module, loader)
     assert trainer.global_step == 0  # refused at the start of fit, not after an epoch
