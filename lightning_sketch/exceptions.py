@@ -13,6 +13,7 @@ __all__ = [
     "SketchMemoryError",
     "SketchMismatchError",
     "LayoutMismatchError",
+    "SliceMismatchError",
     "StoreNotFoundError",
     "StoreCorruptError",
     "StoreFormatError",
@@ -52,6 +53,11 @@ class SketchMismatchError(LightningSketchError, ValueError):
 
 class LayoutMismatchError(LightningSketchError, ValueError):
     """A model's parameter layout (names, shapes, order) differs from the one data was written with."""
+
+
+class SliceMismatchError(LayoutMismatchError):
+    """The model given for stored data does not reproduce it: the recomputed sketched gradients of
+    stored training examples differ from their stored rows (another model, loss or sketch)."""
 
 
 class StoreNotFoundError(LightningSketchError, FileNotFoundError):

@@ -8,6 +8,7 @@ in blocks (``iter_blocks``) so that no method needs all rows in memory at once.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,21 +19,25 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from lightning_sketch._safeio import load_torch_file
 from lightning_sketch.attribution import scores as S
 from lightning_sketch.exceptions import (
     LayoutMismatchError,
+    SliceMismatchError,
     StoreCorruptError,
     StoreNotFoundError,
 )
-from lightning_sketch.gradients import ParamLayout, module_loss_fn
+from lightning_sketch.gradients import ParamLayout, eval_mode, module_loss_fn, sketch_gradients
 from lightning_sketch.sketches import make
 from lightning_sketch.store import SketchStore
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
-__all__ = ["Run", "negative_margin", "negative_margin_of", "open_run"]
+__all__ = ["Run", "negative_margin", "negative_margin_of", "open_run", "verify_runs"]
+
+log = logging.getLogger("lightning_sketch.attribution")
 
 #: sub-folders of a GradientSketch run directory.
 STORE_DIR = "store"
@@ -40,6 +45,14 @@ WEIGHTS_DIR = "weights"
 
 #: rows read per block when streaming a checkpoint slice (float64 block of 32 MiB at D = 1024).
 BLOCK_ROWS = 4096
+
+#: name of the probe record (``weights/probe.pt``): ids and inputs of a few training examples.
+PROBE = "probe"
+
+#: largest ‖recomputed − stored‖_F / ‖stored‖_F over the probe examples that :func:`verify_runs`
+#: accepts: float32 rows are reproduced to ~1e-6, float16 ones to ~1e-3; a model with other weights
+#: or BatchNorm statistics misses by 1e-1 and more.
+VERIFY_RTOL = 1e-2
 
 
 @dataclass
@@ -155,7 +168,10 @@ def _sketch_and_layout(store: Any, model: nn.Module) -> tuple[Any, Any]:
 
 
 def load_weights(run: Run, name: str, layout: Any) -> dict[str, Tensor] | None:
-    """The parameters saved at slice ``name``, verified against the store (``None`` when none were saved).
+    """The state saved at slice ``name``, verified against the store (``None`` when none were saved).
+
+    ``{name: tensor}``: the layout's parameters, and (runs written since buffers are saved) every
+    other trainable parameter and every persistent buffer of the model.
 
     Weights recorded in the store's manifest are read through ``store.load_weights`` (checksum,
     slice name and layout fingerprint checked, no pickle). A ``weights_dir`` the user named
@@ -182,7 +198,7 @@ def load_weights(run: Run, name: str, layout: Any) -> dict[str, Tensor] | None:
     if saved is None:
         return None
     shapes = dict(zip(layout.names, layout.shapes))
-    if not isinstance(saved, dict) or set(saved) != set(shapes) or any(
+    if not isinstance(saved, dict) or not set(shapes) <= set(saved) or any(
         tuple(saved[n].shape) != tuple(shapes[n]) for n in shapes
     ):
         raise LayoutMismatchError(
@@ -194,29 +210,152 @@ def load_weights(run: Run, name: str, layout: Any) -> dict[str, Tensor] | None:
 
 
 @contextmanager
-def swapped_weights(model: nn.Module, saved: dict[str, Tensor] | None):
-    """Temporarily copy ``saved`` into the model's parameters (restored on exit, even on error)."""
+def swapped_weights(model: nn.Module, saved: dict[str, Tensor] | None) -> Iterator[None]:
+    """Temporarily copy ``saved`` into the model's parameters and buffers (restored on exit, even
+    on error), so that eval mode uses the slice's BatchNorm statistics, not the current ones.
+
+    Raises:
+        LayoutMismatchError: a saved name the model has no parameter or buffer of, or a shape differs.
+    """
     if saved is None:
         yield
         return
-    params = dict(model.named_parameters())
-    backup = {n: params[n].detach().clone() for n in saved}
+    state: dict[str, Tensor] = {n: b for n, b in model.named_buffers() if b is not None}
+    state.update(dict(model.named_parameters()))
+    unknown = sorted(set(saved) - set(state))
+    if unknown:
+        raise LayoutMismatchError(
+            f"The saved slice holds {unknown[:5]} ({len(unknown)} parameter(s) or buffer(s)) that the model "
+            "does not have; pass a model of the architecture the run was trained with."
+        )
+    for n, t in saved.items():
+        if tuple(t.shape) != tuple(state[n].shape):
+            raise LayoutMismatchError(
+                f"Saved weight {n!r} has shape {tuple(t.shape)}, the model {tuple(state[n].shape)}."
+            )
+    backup = {n: state[n].detach().clone() for n in saved}
     try:
         with torch.no_grad():
             for n, t in saved.items():
-                if tuple(t.shape) != tuple(params[n].shape):
-                    raise LayoutMismatchError(
-                        f"Saved weight {n!r} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}."
-                    )
-                params[n].copy_(t)
+                state[n].copy_(t)
         yield
     finally:
         with torch.no_grad():
             for n, t in backup.items():
-                params[n].copy_(t)
+                state[n].copy_(t)
 
 
 def union_ids(runs: Sequence[Run], names: Sequence[Sequence[str]]) -> np.ndarray:
     """Sorted union of the example ids over the given runs and their slices."""
     parts = [run.ids(n) for run, ns in zip(runs, names) for n in ns]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+
+def probe_batch(saved: dict[str, Tensor]) -> tuple[Tensor, Any]:
+    """``(ids [k], batch or None)`` from a probe record (the inverse of the callback's encoding:
+    ``batch.tensor``, ``batch.dict.<key>``, ``batch.tuple.<i>``, ``batch.list.<i>``).
+
+    Raises:
+        StoreCorruptError: the record holds no ``ids`` or an unknown key.
+    """
+    ids = saved.get("ids")
+    if ids is None or ids.ndim != 1:
+        raise StoreCorruptError("The probe record (weights/probe.pt) holds no 1-D `ids` tensor.")
+    parts = {k: v for k, v in saved.items() if k != "ids"}
+    if not parts:
+        return ids, None
+    if set(parts) == {"batch.tensor"}:
+        return ids, parts["batch.tensor"]
+    split = [k.split(".", 2) for k in parts]
+    kinds = {p[1] for p in split if len(p) == 3 and p[0] == "batch"}
+    bad = len(kinds) != 1 or any(len(p) != 3 for p in split) or not kinds <= {"dict", "tuple", "list"}
+    kind = kinds.pop() if not bad else ""
+    if kind == "dict":
+        return ids, {p[2]: v for p, v in zip(split, parts.values())}
+    if not bad and all(p[2].isdigit() for p in split) and sorted(int(p[2]) for p in split) == list(
+        range(len(split))
+    ):
+        items = [parts[f"batch.{kind}.{i}"] for i in range(len(split))]
+        return ids, tuple(items) if kind == "tuple" else items
+    raise StoreCorruptError(f"The probe record (weights/probe.pt) holds unknown entries {sorted(parts)[:5]}.")
+
+
+def verify_runs(
+    runs: Sequence[Run],
+    models: Sequence[nn.Module],
+    sketches: Sequence[Any],
+    layouts: Sequence[Any],
+    loss_fn: LossFn,
+    checkpoints: Sequence[str],
+    *,
+    current_weights: bool = False,
+    rtol: float = VERIFY_RTOL,
+) -> None:
+    """Check that each run's model reproduces the stored rows of the run's probe examples.
+
+    A checkpoint-mode run keeps the ids and inputs of a few training examples (``weights/probe.pt``);
+    at every slice in use their sketched loss gradients are recomputed as a query would be (the
+    slice's saved parameters and buffers swapped in, eval mode) and compared with their stored rows.
+    A model that is not the trained architecture (other frozen weights, other non-persistent
+    buffers), another ``loss_fn`` or another sketch would otherwise give silently wrong scores.
+
+    Skipped, with one info line: runs without a probe (written before probes were kept, inline
+    runs, ``save_weights=False``), probes holding only ids (inputs that are not tensors), and
+    ``current_weights=True`` (the slices are then not queried at their own weights). Inline slices
+    (rows weighted by the step's learning rate, in train mode) are never compared.
+
+    Raises:
+        SliceMismatchError: the relative error over the probe examples exceeds ``rtol`` at a slice.
+    """
+    if current_weights:
+        log.info("Attributor: current_weights=True, so the stored slices are not verified against the model.")
+        return
+    for run, model, sketch, layout in zip(runs, models, sketches, layouts):
+        where = str(run.root) if run.root is not None else "the given store"
+        has = getattr(run.store, "has_weights", None)
+        if has is None or not has(PROBE):
+            log.info(
+                "Attributor: run %s keeps no probe examples (weights/probe.pt; written by checkpoint-mode "
+                "GradientSketch runs with save_weights=True), so its slices are not verified against "
+                "the model.",
+                where,
+            )
+            continue
+        ids, batch = probe_batch(run.store.load_weights(PROBE))
+        if batch is None:
+            log.info("Attributor: the probe of run %s holds ids only (inputs that are not tensors); "
+                     "its slices are not verified against the model.", where)
+            continue
+        info = {c["name"]: c for c in _checkpoints(run.store)}
+        for name in checkpoints:
+            if info.get(name, {}).get("lr_weighted"):
+                continue
+            _verify_slice(run, name, model, sketch, layout, loss_fn, ids, batch, rtol, where)
+
+
+def _verify_slice(run: Run, name: str, model: nn.Module, sketch: Any, layout: Any, loss_fn: LossFn,
+                  ids: Tensor, batch: Any, rtol: float, where: str) -> None:
+    stored_ids = run.ids(name)
+    pos = {int(i): p for p, i in enumerate(stored_ids)}
+    keep = [j for j, i in enumerate(ids.tolist()) if int(i) in pos]
+    if not keep:
+        return
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sub = pytree.tree_map(lambda v: v[keep].to(device) if isinstance(v, Tensor) else v, batch)
+    rows = np.asarray(run.store.vectors(name)[[pos[int(ids[j])] for j in keep]], dtype=np.float64)
+    stored = torch.from_numpy(rows)
+    saved = load_weights(run, name, layout)
+    with swapped_weights(model, saved), eval_mode(model), torch.enable_grad():
+        got = sketch_gradients(model, loss_fn, sub, sketch, mode="auto", layout=layout)
+    got = got.detach().to("cpu", torch.float64)
+    err = float((got - stored).norm()) / max(float(stored.norm()), 1e-30)
+    if not err <= rtol:  # NaN fails too
+        raise SliceMismatchError(
+            f"The model given to Attributor does not reproduce the stored gradients of run {where} at slice "
+            f"{name!r}: recomputed for {len(keep)} of its training examples (ids {ids[keep].tolist()}), they "
+            f"differ from the stored rows by a relative error of {err:.3g} (tolerance {rtol:g}), so every "
+            "score would be wrong. Pass the model the run was trained with (the same architecture, the "
+            "same frozen weights and buffers: the run restores only trainable parameters and persistent "
+            "buffers), the same loss_fn as GradientSketch and the same include=/exclude=. "
+            "Attributor(..., verify=False) skips this check."
+        )

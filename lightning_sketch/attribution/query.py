@@ -39,6 +39,7 @@ from lightning_sketch.attribution._stored import (
     open_run,
     swapped_weights,
     union_ids,
+    verify_runs,
 )
 from lightning_sketch.attribution.damping import default_ratio
 from lightning_sketch.attribution.task import AttributionTask, resolve_task
@@ -124,10 +125,14 @@ class Attributor(ScoringEngine):
         index: FAISS index kind for single-run ``grad_dot`` searches through the store's own index
             (``"flat"`` exact; ``"ivf"``, ``"ivfpq"``, ``"hnsw"`` approximate, re-ranked exactly).
         current_weights: take every slice's query gradients at the model's current weights.
+        verify: recompute the stored rows of each run's probe examples with ``model`` at every slice in
+            use and raise :class:`~lightning_sketch.exceptions.SliceMismatchError` when they differ
+            (:func:`~lightning_sketch.attribution._stored.verify_runs`; runs without probe are skipped).
 
     Raises:
         SketchConfigError: for an unknown method or a bad argument.
         LayoutMismatchError: if a model's parameter layout differs from a store's.
+        SliceMismatchError: if a model does not reproduce a run's stored probe rows (``verify``).
         StoreNotFoundError: for ``fisher_if`` on a run without sampled-label Fisher files.
 
     Example:
@@ -154,6 +159,7 @@ class Attributor(ScoringEngine):
         damping_ratio: float | None = None,
         rank: int | None = None,
         task: AttributionTask | None = None,
+        verify: bool = True,
     ) -> None:
         if method != "auto" and method not in METHODS:
             raise SketchConfigError(f"`method` must be 'auto' or one of {METHODS}, got {method!r}.")
@@ -220,6 +226,9 @@ class Attributor(ScoringEngine):
         self.index_kind = index
         self.current_weights = bool(current_weights)
         self.checkpoints = self._select(checkpoints)
+        if verify:
+            verify_runs(self.runs, self.models, self.sketches, self.layouts, self.loss_fn, self.checkpoints,
+                        current_weights=self.current_weights)
         estimators = [{e[n] for n in self.checkpoints} for e in run_estimators]
         run_kinds = [self._curvature_kind(e) for e in estimators]
         kinds = set(run_kinds)

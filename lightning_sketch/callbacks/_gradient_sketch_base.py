@@ -55,6 +55,8 @@ class _GradientSketchBase(Callback):
     task: Any
     # state
     _task: Any
+    #: checkpoint mode: the first examples of the attribution set, saved once as ``weights/probe.pt``.
+    _probe: dict[str, Tensor] | None
     _last_step_done: int
     _slices: list[str]
     _generation: int | None
@@ -171,6 +173,8 @@ def _vmap_guard(fn: Callable[[], Tensor], support: Any, exclude: list[str] | Non
     except LightningSketchError:
         raise
     except (RuntimeError, TypeError, ValueError) as err:
+        if not support.unsupported:  # the hook path ran: an error of the model's own forward
+            raise
         raise UnsupportedModelError(
             f"GradientSketch: vmap over the whole model failed ({type(err).__name__}: {str(err)[:300]}). "
             f"It is only used because no hook path covers {sorted(support.unsupported)}; leave those "

@@ -11,11 +11,15 @@ from typing import Any, cast
 
 import torch
 from lightning.pytorch import Trainer
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError
 from lightning_sketch.sketches import KINDS
 from lightning_sketch.store import SketchStore
+
+#: training examples whose inputs a checkpoint-mode run keeps in ``weights/probe.pt`` so that the
+#: Attributor can check that the model it is given reproduces their stored rows.
+PROBE_EXAMPLES = 4
 
 
 # ---------------------------------------------------------------------- helpers
@@ -57,6 +61,9 @@ class _RankZero:
     def check_writer(self) -> None:
         self.main.check_writer()
 
+    def has_weights(self, name: str) -> bool:
+        return bool(self.main.has_weights(name))
+
     def close(self) -> None:
         self.shard.close()
         self.main.close()
@@ -65,6 +72,51 @@ class _RankZero:
 def _current_lr(trainer: Trainer) -> float:
     opts = trainer.optimizers
     return float(opts[0].param_groups[0]["lr"]) if opts else 1.0
+
+
+def _slice_state(module: nn.Module, layout: Any) -> dict[str, Tensor]:
+    """What a slice needs to be recomputed later: the sketched parameters, every other trainable
+    parameter (their values shape the sketched gradients too) and every persistent buffer
+    (BatchNorm's ``running_mean``/``running_var``/``num_batches_tracked``, which eval mode uses).
+
+    Frozen parameters are left out (training does not change them); non-persistent buffers too
+    (they are not part of the module's state).
+    """
+    out: dict[str, Tensor] = dict(layout.params(module))
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            out.setdefault(name, p)
+    for prefix, sub in module.named_modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                out.setdefault(f"{prefix}.{name}" if prefix else name, buf)
+    return out
+
+
+def _probe_batch(batch: Any, ids: Tensor, size: int = PROBE_EXAMPLES) -> dict[str, Tensor]:
+    """The first ``size`` examples of a batch as a flat dict of CPU tensors (``weights/probe.pt``).
+
+    ``ids`` always; the inputs too when the batch is a tensor, or a dict / tuple / list of tensors
+    sharing the leading dimension B, encoded as ``batch.tensor``, ``batch.dict.<key>``,
+    ``batch.tuple.<i>`` or ``batch.list.<i>`` (:func:`lightning_sketch.attribution._stored.probe_batch`
+    rebuilds it). Anything else (strings, nested structures) cannot be stored as tensors: ids only.
+    """
+    n = int(ids.shape[0])
+    k = min(size, n)
+    out = {"ids": ids[:k].detach().cpu().clone()}
+    if isinstance(batch, Tensor):
+        items: list[tuple[str, Any]] = [("batch.tensor", batch)]
+    elif isinstance(batch, dict) and all(isinstance(key, str) for key in batch):
+        items = [(f"batch.dict.{key}", v) for key, v in batch.items()]
+    elif isinstance(batch, (tuple, list)):
+        kind = "tuple" if isinstance(batch, tuple) else "list"
+        items = [(f"batch.{kind}.{i}", v) for i, v in enumerate(batch)]
+    else:
+        return out
+    if not items or not all(isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == n for _, v in items):
+        return out
+    out.update({key: v[:k].detach().cpu().clone() for key, v in items})
+    return out
 
 
 def _save_weights(store: Any, path: Path, params: dict[str, Tensor], layout_fingerprint: str) -> None:

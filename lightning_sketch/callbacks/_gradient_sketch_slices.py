@@ -16,13 +16,16 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 
+from lightning_sketch.attribution._stored import PROBE
 from lightning_sketch.attribution.curvature import LossFn, accumulate_fisher, write_curvature
 from lightning_sketch.attribution.task import AttributionTask, resolve_task
 from lightning_sketch.callbacks._gradient_sketch_base import _GradientSketchBase, _vmap_guard
 from lightning_sketch.callbacks._gradient_sketch_io import (
     _current_lr,
+    _probe_batch,
     _rng_guard,
     _save_weights,
+    _slice_state,
     _to_device,
 )
 from lightning_sketch.callbacks._progress import progress_iter as _progress
@@ -60,6 +63,8 @@ class _SlicesMixin(_GradientSketchBase):
         cap = self._slice_capture(pl_module)
         with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             for batch in bar:
+                if self._probe is None and self.save_weights and trainer.is_global_zero:
+                    self._probe = _probe_batch(batch, self._ids(batch))
                 batch = _to_device(batch, pl_module.device)
                 rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
                     pl_module, loss_fn, batch, self.sketch, mode="auto" if self._hooks else "explicit",
@@ -114,6 +119,20 @@ class _SlicesMixin(_GradientSketchBase):
             write_curvature(self.dirpath, name, acc, count, self.sketch.spec, estimator,
                             task=None if task is None else task.kind, store=self.store)
 
+    def _preflight(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Sketch the first batch of the attribution set once before training (rows discarded), so
+        that a model the per-example paths cannot serve (a packed sequence into a recurrent layer,
+        a failing per-module fallback) is refused at the start of fit, not after the first epoch."""
+        loss_fn = self._loss_fn(pl_module)
+        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+            for batch in self._attribution_loader(trainer):
+                batch = _to_device(batch, pl_module.device)
+                _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
+                    pl_module, loss_fn, batch, self.sketch, mode="auto" if self._hooks else "explicit",
+                    layout=self.layout, chunk_size=self.chunk_size, capture=self._slice_capture(pl_module),
+                ), self.support, self.exclude)
+                break
+
     def _decide_task(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Resolve the task on the first batch of the attribution set (no RNG stream advances)."""
         with _eval_mode(pl_module), _rng_guard():
@@ -140,8 +159,12 @@ class _SlicesMixin(_GradientSketchBase):
             self._slices.append(name)
         self._last_step_done = step
         if self.save_weights and trainer.is_global_zero:
-            _save_weights(self.store, self.weights_path / f"{name}.pt", self.layout.params(pl_module),
-                          self.layout.fingerprint())
+            fp = self.layout.fingerprint()
+            state = _slice_state(pl_module, self.layout)
+            _save_weights(self.store, self.weights_path / f"{name}.pt", state, fp)
+            if self._probe is not None and not self.store.has_weights(PROBE):
+                # written once per run: the examples are the same at every slice of the attribution set
+                _save_weights(self.store, self.weights_path / f"{PROBE}.pt", self._probe, fp)
         self._commit(trainer)
 
     def _attribution_loader(self, trainer: Trainer) -> Any:

@@ -28,7 +28,11 @@ reduction="none")``). Example ids come from ``batch[id_key]`` (wrap the dataset 
 :class:`~lightning_sketch.data.IndexedDataset`) or ``ids_fn(batch)``.
 
 Layout on disk: ``<dirpath>/store`` (the :class:`SketchStore`) and ``<dirpath>/weights/<slice>.pt``
-(the selected parameters at each slice, for multi-checkpoint queries; ``save_weights=False`` skips).
+(the trainable parameters and persistent buffers at each slice, for multi-checkpoint queries;
+``save_weights=False`` skips). Checkpoint mode also keeps ``<dirpath>/weights/probe.pt``: the ids
+and inputs of the first few examples of the attribution set, with which the
+:class:`~lightning_sketch.attribution.Attributor` checks that the model it is given reproduces
+their stored rows.
 
 Resumability: the store is committed in ``on_save_checkpoint`` and its generation is saved in the
 Lightning checkpoint; on resume the store is rolled back to that generation, so rows written after
@@ -82,8 +86,8 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         nan_policy: ``"skip"`` drops (and counts) rows with NaN/inf gradients; ``"raise"`` stops.
         dtype: storage dtype of the rows, ``"float32"`` or ``"float16"``.
         chunk_size: examples per ``vmap`` call when computing per-example gradients.
-        save_weights: save the sketched parameters at every slice (needed by ``tracin``/``trak``
-            queries over several checkpoints).
+        save_weights: save the trainable parameters and persistent buffers at every slice (needed by
+            ``tracin``/``trak`` queries over several checkpoints), and the probe examples.
         attribution_dataloader: checkpoint mode: what to sketch (default: the train dataset, in order,
             without shuffling and with ``drop_last=False``, same batch size and collate function).
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]``; default ``pl_module.per_example_loss(batch)``.
@@ -173,6 +177,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             )
         self.task = task
         self._task: AttributionTask | None = None  # resolved on the first slice's curvature pass
+        self._probe: dict[str, Tensor] | None = None
         # state
         self._last_step_done = -1
         self._slices: list[str] = []
@@ -247,6 +252,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         if stage != "fit" or self.store is not None:
             return
         self._task = None
+        self._probe = None
         self._loss_fn(pl_module)  # fail at setup, not at the first slice
         self.layout = ParamLayout.from_module(pl_module, include=self.include, exclude=self.exclude)
         self.support = _check_support(pl_module, self.layout, self.exclude)
@@ -298,6 +304,8 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.store is not None and self.mode == "inline" and trainer.world_size > 1:
             _check_no_padding(trainer.train_dataloader)
+        if self.store is not None and self.mode == "checkpoint" and self.support.fallback:
+            self._preflight(trainer, pl_module)  # a fallback module that fails is refused now
         if self.store is not None and self.mode == "checkpoint" and self.curvature != "none":
             self._decide_task(trainer, pl_module)  # said at the start of fit, not after an epoch
 

@@ -23,6 +23,9 @@ Fast path (t: positions, summed; every module must take batch-first inputs):
   runs, the capture routes ``torch.nn.functional.linear`` through a reader that records the
   projections' inputs and output gradients (packed, split and separate projection weights).
 
+Recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``, batch-first or not) go through a
+per-example loop of that module alone (``_capture_fallback``).
+
 Every other module owning selected parameters falls back **per module**: its forward inputs are
 saved and, when its output gradient δ arrives, ``vmap(grad(⟨module(x_b; θ_m), δ_b⟩))`` over the
 examples gives the per-example gradients of that module's own parameters only (one extra forward
@@ -53,7 +56,7 @@ from torch.autograd.graph import GradientEdge
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError, UnsupportedModelError
 from lightning_sketch.gradients import _functional as F
-from lightning_sketch.gradients._capture_fallback import _FallbackHooks
+from lightning_sketch.gradients._capture_fallback import _FallbackHooks, rnn_cudnn_off
 from lightning_sketch.gradients._capture_mha import _MHAReader
 from lightning_sketch.gradients._capture_plan import CaptureSupport, _plan, capture_support
 from lightning_sketch.layout import ParamLayout
@@ -148,6 +151,10 @@ class GradientCapture(_MHAReader, _FallbackHooks):
             elif kind == "fallback":
                 params = self._own_params(module, local)
                 hook = self._fallback_hook(module, local, params)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            elif kind == "rnn":
+                params = self._own_params(module, local)
+                hook = self._rnn_hook(cast(nn.RNNBase, module), local, params)
                 self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
             else:
                 self._handles.append(module.register_forward_hook(self._make_hook(module, kind, local)))
@@ -258,7 +265,7 @@ def hooked_sketch(
     for start in range(0, size, chunk):
         sub = batch if chunk == size else F.slice_batch(batch, start, min(start + chunk, size))
         cap.batch_size = min(chunk, size - start)
-        with cap, torch.enable_grad():
+        with cap, torch.enable_grad(), rnn_cudnn_off(model):
             cap._track = True
             try:
                 losses = F.check_losses(loss_fn(model, sub), min(chunk, size - start))

@@ -4,6 +4,8 @@ hooks: ordinary autograd per example on the same forward, or ``per_example_grads
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -283,6 +285,19 @@ def test_inline_first_step_sum_check_names_invisible_parameters(tmp_path):
     cb = GradientSketch(dirpath=str(tmp_path / "f"), sketch_kind="per_layer", sketch_dim=16, mode="inline")
     with pytest.warns(UserWarning, match=r"\['emb.weight'\] do not add up"):
         _trainer(tmp_path, [cb], max_steps=1).fit(Functional(), _loader())
+
+
+@pytest.mark.parametrize("kind", ["per_layer", "dense"])
+def test_inline_sum_check_is_quiet_on_conv_before_batchnorm(tmp_path, kind):
+    """Train-mode BatchNorm makes the conv bias's batch gradient ~0 (its per-example contributions
+    cancel): that is no gap, while the invisible parameter above still is one."""
+    seed_everything(0)
+    cb = GradientSketch(dirpath=str(tmp_path / "bn"), sketch_kind=kind, sketch_dim=32, mode="inline")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [cb], max_steps=2).fit(BNNet(), _images())
+    assert cb._checked_sum
+    assert not [w for w in caught if "do not add up" in str(w.message)]
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
