@@ -64,10 +64,10 @@ class KillAt(Callback):
         if where == "commit":
             original = store_mod.write_json_atomic
 
-            def write_json_atomic(path, obj):
+            def write_json_atomic(path, obj, **kw):
                 if self.current >= self.step:
                     die()
-                return original(path, obj)
+                return original(path, obj, **kw)
 
             store_mod.write_json_atomic = write_json_atomic
         elif where == "snapshot":
