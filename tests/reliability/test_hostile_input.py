@@ -40,6 +40,7 @@ from lightning_sketch.exceptions import (
 )
 from lightning_sketch.gradients import ParamLayout
 from lightning_sketch.sketches import make
+from lightning_sketch.sketches.per_layer import PerLayerSketch
 from lightning_sketch.spectrum import load_snapshot
 from lightning_sketch.store import SketchStore, inspect_store
 
@@ -263,7 +264,7 @@ def test_batch_size_one_and_a_last_batch_of_one(tmp_path):
     assert ids.tolist() == list(range(9))
     np.testing.assert_allclose(vecs, exact.float().numpy(), rtol=1e-5, atol=1e-6)
     layout = ParamLayout.from_module(model)
-    sketch = make("per_layer", layout.dim, 16, seed=3, shapes=[list(s) for s in layout.shapes])
+    sketch = make("per_layer", layout.dim, 16, seed=3, **PerLayerSketch.layout_options(layout))
     got = dict(zip(*_sorted(SketchStore.open(tmp_path / "i" / "run" / "store"), "epoch-0")))
     for params, lr, batch in rec.steps:
         want = lr * sketch.apply(_grads_at(params, batch, dtype=torch.float64))
@@ -339,7 +340,7 @@ def test_bf16_mixed_training_sketches_in_float32(tmp_path):
     np.testing.assert_allclose(vecs, _grads_at(saved, _full(32)).numpy(), rtol=1e-5, atol=1e-6)
     # inline rows come from the bf16 training backward: finite, within bf16 accuracy of float32
     layout = ParamLayout.from_module(model)
-    sketch = make("per_layer", layout.dim, 16, seed=3, shapes=[list(s) for s in layout.shapes])
+    sketch = make("per_layer", layout.dim, 16, seed=3, **PerLayerSketch.layout_options(layout))
     got = dict(zip(*_sorted(SketchStore.open(tmp_path / "i" / "run" / "store"), "epoch-0")))
     for params, lr, batch in rec.steps:
         want = lr * sketch.apply(_grads_at(params, batch))
