@@ -88,7 +88,8 @@ EXAMPLE_LINE = re.compile(r"^\s*>>>(?!\s*(#|$))", re.MULTILINE)
 
 def modules_with_examples() -> set[str]:
     """The package's modules whose source contains a ``>>>`` example line."""
-    return {_module_name(p) for p in PACKAGE_DIR.rglob("*.py") if EXAMPLE_LINE.search(p.read_text(encoding="utf-8"))}
+    paths = PACKAGE_DIR.rglob("*.py")
+    return {_module_name(p) for p in paths if EXAMPLE_LINE.search(p.read_text(encoding="utf-8"))}
 
 
 def test_doctest_modules_are_listed() -> None:
@@ -105,6 +106,7 @@ def test_doctest_modules_are_listed() -> None:
 )
 def test_module_doctests(name: str) -> None:
     module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    result = doctest.testmod(module, optionflags=flags, verbose=False)
     assert result.attempted > 0, f"{name} holds `>>>` but doctest collected no example from it"
     assert result.failed == 0, f"{result.failed} doctest(s) failed in {name}"

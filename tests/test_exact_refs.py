@@ -31,7 +31,8 @@ def test_dense_hessian_equals_the_closed_form_of_least_squares():
     # ℓ_b = ½ (w·x_b + c − y_b)²: H = mean_b [x_b; 1][x_b; 1]ᵀ over the examples of every batch.
     g = torch.Generator().manual_seed(1)
     model = nn.Linear(4, 1).double()
-    x, y = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randn(9, generator=g, dtype=torch.float64)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(9, generator=g, dtype=torch.float64)
 
     def loss_fn(m, batch):
         xb, yb = batch
@@ -42,7 +43,8 @@ def test_dense_hessian_equals_the_closed_form_of_least_squares():
     torch.testing.assert_close(dense_hessian(model, loss_fn, batches), z.T @ z / 9, rtol=1e-12, atol=1e-12)
     # a layout selects θ; parameters outside it are held fixed
     layout = ParamLayout(("bias",), ((1,),))
-    torch.testing.assert_close(dense_hessian(model, loss_fn, batches, layout), torch.ones(1, 1, dtype=torch.float64))
+    want = torch.ones(1, 1, dtype=torch.float64)
+    torch.testing.assert_close(dense_hessian(model, loss_fn, batches, layout), want)
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -222,8 +222,8 @@ class PerLayerSketch(Sketch):
         version = options["split_version"]
         if isinstance(version, bool) or version not in SPLIT_VERSIONS:
             raise SketchConfigError(
-                f"`split_version` must be one of {list(SPLIT_VERSIONS)}, got {version!r}; omit it to rebuild a "
-                f"spec recorded without it, or use {LATEST_SPLIT_VERSION} for a new sketch."
+                f"`split_version` must be one of {list(SPLIT_VERSIONS)}, got {version!r}; omit it to rebuild "
+                f"a spec recorded without it, or use {LATEST_SPLIT_VERSION} for a new sketch."
             )
         shapes = options["shapes"]
         if shapes is None:

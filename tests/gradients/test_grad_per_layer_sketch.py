@@ -163,11 +163,13 @@ def test_version_1_spec_rebuilds_the_recorded_map(spec, pairs, head, total):
 
 
 def test_version_1_prime_split_is_kept():
-    spec = {"kind": "per_layer", "dim": 61 * 32, "sketch_dim": 61, "seed": 0, "shapes": [[61, 32]], "inner": "qk"}
+    spec = {"kind": "per_layer", "dim": 61 * 32, "sketch_dim": 61, "seed": 0, "shapes": [[61, 32]],
+            "inner": "qk"}
     s = make(**spec)
     assert [(b.d_o, b.d_i) for b in s.blocks] == [(61, 1)]
     y = s.apply(torch.arange(61 * 32, dtype=torch.float64).cos())
-    assert y[:4].tolist() == [-0.19343852313774101, 0.6850999334299919, 0.9971381447988419, 0.32796492905251207]
+    assert y[:4].tolist() == [-0.19343852313774101, 0.6850999334299919, 0.9971381447988419,
+                              0.32796492905251207]
     assert y.sum().item() == 25.669988678804863
 
 
@@ -183,7 +185,8 @@ def test_version_2_spec_records_the_field_and_round_trips():
 def test_layout_builders_use_the_latest_split():
     model = nn.Sequential(nn.Linear(64, 61, bias=False))
     layout = ParamLayout.from_module(model)
-    assert PerLayerSketch.layout_options(layout) == {"shapes": [[61, 64]], "split_version": LATEST_SPLIT_VERSION}
+    want = {"shapes": [[61, 64]], "split_version": LATEST_SPLIT_VERSION}
+    assert PerLayerSketch.layout_options(layout) == want
     s = PerLayerSketch.for_module(model, 61)
     assert s.options["split_version"] == LATEST_SPLIT_VERSION == 2
     assert [(b.d_o, b.d_i) for b in s.blocks] == [(6, 10)]
