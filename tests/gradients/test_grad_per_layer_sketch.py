@@ -45,11 +45,13 @@ def test_contract(inner, sketch_dim):
     assert s.state_bytes == 4 * sum(b.L.numel() + (0 if b.R is None else b.R.numel()) for b in s.blocks)
 
 
+@pytest.mark.parametrize("split_version", [1, 2])
 @pytest.mark.parametrize("inner", ["qk", "dense"])
-def test_public_conformance_suite(inner):
+def test_public_conformance_suite(inner, split_version):
     from lightning_sketch.testing import check_sketch
 
-    results = check_sketch(make("per_layer", N, 20, seed=7, shapes=SHAPES, inner=inner))
+    sketch = make("per_layer", N, 20, seed=7, shapes=SHAPES, inner=inner, split_version=split_version)
+    results = check_sketch(sketch)
     assert all(results.values()), results
 
 
