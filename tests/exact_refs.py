@@ -2,6 +2,9 @@
 
 :func:`loop_grads` is THE per-example gradient reference: one example at a time, plain
 ``torch.autograd.grad`` on the module's real parameters, no ``torch.func``, no hooks, no sketching.
+
+:func:`dense_hessian` is THE dense Hessian reference: ``torch.func.hessian`` of the mean
+per-example loss as a function of the flat parameter vector θ (the layout's order).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lightning_sketch.layout import ParamLayout
 
 
 def _example(batch: Any, i: int) -> Any:
@@ -47,3 +53,48 @@ def loop_grads(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], ba
         loss = loss_fn(model, _example(batch, i)).sum()
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
     return torch.stack(rows)
+
+
+class _LossOf(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``, so that ``functional_call`` substitutes the
+    model's parameters (and the loss sees them, e.g. ``m.shift``) for the length of one call."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch).reshape(-1)
+
+
+def dense_hessian(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Sequence[Any],
+    layout: Any = None,
+) -> Tensor:
+    """Dense ``[N, N]`` Hessian of the mean per-example loss over every example of ``batches``.
+
+    H = ∇²_θ (1/B) Σ_b ℓ(θ; z_b) by ``torch.func.hessian`` of the loss of the flat θ. Parameters
+    outside ``layout`` are held at their values. Scaled dot-product attention runs on its math
+    kernel (the fused kernels have no double backward).
+
+    Args:
+        model: the module (nothing is written to it).
+        loss_fn: per-example losses ``[B]`` of ``loss_fn(model, batch)``.
+        batches: the batches whose examples the mean runs over (unequal sizes are weighted by size).
+        layout: a ``ParamLayout`` selecting and ordering θ (default: every trainable parameter).
+    """
+    layout = ParamLayout.from_module(model) if layout is None else layout
+    wrapper = _LossOf(model, loss_fn)
+    fixed = {f"model.{n}": p.detach() for n, p in model.named_parameters() if n not in layout.names}
+    theta0 = layout.flatten(layout.params(model)).detach()
+
+    def mean_loss(theta: Tensor) -> Tensor:
+        params = {**fixed, **{f"model.{n}": t for n, t in layout.unflatten(theta).items()}}
+        losses = [torch.func.functional_call(wrapper, params, (b,)) for b in batches]
+        return torch.cat(losses).mean()
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.hessian(mean_loss)(theta0)

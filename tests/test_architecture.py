@@ -1,16 +1,21 @@
 """The package's import graph: layers that hold, and no cycle (checked with ``ast``, nothing imported).
 
-Layer order (lower layers never import higher ones; see docs/design.md):
+Layer order (lower layers never import higher ones; the table in docs/design.md, "Layers", which
+``test_design_table_agrees`` keeps equal to ``LAYERS``):
 
 0. base: ``exceptions``, ``_version``, ``_safeio`` (confined file I/O; with ``_safepaths``, ``_dirlock``,
    ``_torchload``), ``layout`` (``ParamLayout``),
    ``linalg`` (``LinearOperator``)
 1. sketches: the random maps Φ
 2. numerics: ``gradients``, ``store``, ``data``, ``testing``
-3. analyses: ``spectrum``, ``intrinsic``, ``attribution``
+3. analyses: ``spectrum``, ``intrinsic``, ``attribution``, ``evaluation``
 4. adapters and reporting: ``callbacks``, ``cli``, ``cli_commands``, ``demo``,
    ``demo_text``, ``report``, ``plots``
 5. the package root ``lightning_sketch/__init__.py`` (re-exports only)
+
+``LAYERS`` is explicit: a key is a top-level module, a subpackage (covering the modules inside it)
+or the package root (covering ``lightning_sketch/__init__.py`` only). A module that none covers has
+no layer, so a new module or subpackage fails ``test_every_module_has_a_layer`` until it is placed.
 
 Layers 0-3 are pure PyTorch: they never import Lightning. Every import counts, including those
 inside functions (an upward import is upward wherever it is written).
@@ -19,10 +24,16 @@ inside functions (an upward import is upward wherever it is written).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "lightning_sketch"
+DESIGN = ROOT / "docs" / "design.md"
+
+PACKAGE = "lightning_sketch"
 
 LAYERS = {
     "lightning_sketch.exceptions": 0,
@@ -41,6 +52,7 @@ LAYERS = {
     "lightning_sketch.spectrum": 3,
     "lightning_sketch.intrinsic": 3,
     "lightning_sketch.attribution": 3,
+    "lightning_sketch.evaluation": 3,
     "lightning_sketch.callbacks": 4,
     "lightning_sketch.cli": 4,
     "lightning_sketch.cli_commands": 4,
@@ -49,7 +61,7 @@ LAYERS = {
     "lightning_sketch.report": 4,
     "lightning_sketch._report_sections": 4,
     "lightning_sketch.plots": 4,
-    "lightning_sketch": 5,
+    PACKAGE: 5,
 }
 ADAPTER_ONLY = ("lightning", "pytorch_lightning")
 
@@ -65,13 +77,19 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
 
 
-def layer(module: str) -> int:
-    """The layer of the longest prefix of ``module`` in LAYERS."""
+def _subpackage(module: str) -> str | None:
+    """``lightning_sketch.<sub>`` for a module inside a subpackage, else None."""
     parts = module.split(".")
-    for i in range(len(parts), 0, -1):
-        key = ".".join(parts[:i])
-        if key in LAYERS:
-            return LAYERS[key]
+    return ".".join(parts[:2]) if len(parts) > 2 else None
+
+
+def layer(module: str) -> int:
+    """The layer of ``module``: its own entry in LAYERS, else its subpackage's (never the root's)."""
+    if module in LAYERS:
+        return LAYERS[module]
+    sub = _subpackage(module)
+    if sub is not None and sub in LAYERS:
+        return LAYERS[sub]
     raise AssertionError(f"{module} has no layer: add it to LAYERS in tests/test_architecture.py")
 
 
@@ -109,8 +127,49 @@ def _graph() -> tuple[dict[str, set[str]], list[tuple[str, str, int]]]:
 
 
 def test_every_module_has_a_layer():
+    missing = []
     for name in _modules():
-        layer(name)
+        try:
+            layer(name)
+        except AssertionError:
+            missing.append(name)
+    assert not missing, f"modules without a layer (add them to LAYERS): {missing}"
+
+
+def test_every_layers_entry_is_a_module_or_subpackage():
+    modules = _modules()
+    stale = [key for key in LAYERS if key not in modules]
+    assert not stale, f"LAYERS names modules that do not exist: {stale}"
+    nested = [key for key in LAYERS if key.count(".") > 1]
+    assert not nested, f"LAYERS keys are top-level modules or subpackages, got {nested}"
+
+
+def design_layers() -> dict[str, int]:
+    """``{module or subpackage: layer}`` from the Layers table of docs/design.md.
+
+    A row reads ``| N. title | `name`, `sub/*`, ... | may import |``; in the modules column a
+    backticked lower-case name is a top-level module, ``name/*`` a subpackage and ``lightning_sketch``
+    the package root; CamelCase names (classes, in parentheses) are skipped.
+    """
+    out: dict[str, int] = {}
+    for line in DESIGN.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"\|\s*(\d+)\.[^|]*\|([^|]*)\|", line)
+        if not m:
+            continue
+        for token in re.findall(r"`([^`]+)`", m.group(2)):
+            if token == PACKAGE:
+                name = PACKAGE
+            elif re.fullmatch(r"[a-z_][a-z0-9_]*(/\*)?", token):
+                name = f"{PACKAGE}.{token.removesuffix('/*')}"
+            else:
+                continue
+            assert name not in out, f"{name} appears twice in the design table"
+            out[name] = int(m.group(1))
+    return out
+
+
+def test_design_table_agrees():
+    assert design_layers() == LAYERS
 
 
 def test_no_upward_import():
@@ -175,3 +234,6 @@ def test_the_checks_can_fail():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
     assert layer("lightning_sketch.sketches.affd") < layer("lightning_sketch.gradients.hvp")
     assert layer("lightning_sketch.callbacks.gradient_sketch") > layer("lightning_sketch.attribution.query")
+    for unplaced in ("lightning_sketch.newmodule", "lightning_sketch.newpkg.mod", "lightning_sketch.newpkg"):
+        with pytest.raises(AssertionError, match="has no layer"):
+            layer(unplaced)

@@ -1,13 +1,15 @@
 """The LinearOperator algebra (lightning_sketch.linalg) against dense float64 matrices.
 
 Φ H Φᵀ (arXiv 2402.03994, eq. 10) built by composing operators is compared with Φ_dense H_dense
-Φ_denseᵀ, where H_dense comes independently from ``torch.func.hessian`` of the flattened loss.
+Φ_denseᵀ, where H_dense comes independently from ``torch.func.hessian`` of the flattened loss
+(``exact_refs.dense_hessian``).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from exact_refs import dense_hessian
 from torch import nn
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError
@@ -117,24 +119,10 @@ def _case():
     return model, (x, y)
 
 
-def _dense_hessian(model, batches):
-    """H of the mean per-example loss over all examples, by torch.func.hessian of the flat θ."""
-    layout = ParamLayout.from_module(model)
-    theta0 = layout.flatten({n: p.detach() for n, p in model.named_parameters()})
-    total = sum(len(b[1]) for b in batches)
-
-    def loss(theta):
-        params = layout.unflatten(theta)
-        out = [torch.func.functional_call(model, params, (x,)).sub(y).pow(2).sum() for x, y in batches]
-        return sum(out) / total
-
-    return torch.func.hessian(loss)(theta0)
-
-
 def test_sketched_hessian_operator_matches_dense_reference():
     model, batch = _case()
     batches = [(batch[0][:4], batch[1][:4]), (batch[0][4:], batch[1][4:])]
-    h_dense = _dense_hessian(model, batches)
+    h_dense = dense_hessian(model, _loss_fn, batches)
     hess = make_hvp(model, _loss_fn, batches)
     assert isinstance(hess, HVPOperator) and hess.symmetric and hess.shape == h_dense.shape
     torch.testing.assert_close(hess.to_dense(), h_dense)
@@ -147,7 +135,7 @@ def test_sketched_hessian_operator_matches_dense_reference():
     torch.testing.assert_close(spectral.to_dense(), p @ h_dense @ p.T)
     v = torch.randn(6, dtype=D64, generator=_gen(10))
     torch.testing.assert_close(sketched_hvp(model, _loss_fn, batches[0], s, v),
-                               p @ _dense_hessian(model, batches[:1]) @ p.T @ v)
+                               p @ dense_hessian(model, _loss_fn, batches[:1]) @ p.T @ v)
 
 
 def test_lift_is_theta0_plus_lift_operator():

@@ -20,10 +20,28 @@ E[RᵀR] = I, L and R independent, so E‖Φx‖² = ‖x‖².
 
 Allocation of D (deterministic, documented): block b gets a target t_b from the largest-remainder
 rounding of D·n_b/N with a floor of 1 (so ``sketch_dim`` must be at least the number of tensors).
-Blocks are visited in order; each realises r_b ≤ min(t_b + carry, n_b) (for matrices, the
-factor pair d_o ≤ out, d_i ≤ in with the largest product, ties to the most balanced) and passes
-the shortfall on as carry. A final carry goes to 1-D blocks with room; whatever still remains
-becomes **zero output columns** at the end (they carry no information and do not bias norms).
+Blocks are visited in order; each realises r_b ≤ min(t_b + carry, n_b) and passes the shortfall on
+as carry. A final carry goes to 1-D blocks with room; whatever still remains becomes **zero output
+columns** at the end (they carry no information and do not bias norms).
+
+A matrix block's factor pair d_o ≤ out, d_i ≤ in with d_o·d_i ≤ t is chosen by the option
+``split_version``:
+
+- ``1``: the largest product, ties to the most balanced. A prime t then splits as 1 × t, and a
+  rank-one gradient δxᵀ (a Linear layer's per-example gradient) is seen through a single
+  direction on one side: the relative spread of ‖Φ_b δxᵀ‖² roughly doubles from t = 60 to t = 61.
+- ``2``: the largest product with both factors at least m = min(out, in, max(2, ⌈⌊√t⌋ / 2⌉))
+  (m = 1 for t < 4), ties to the most balanced. The aspect ratio stays within about 4 where the
+  matrix allows it, and neither factor is 1 when t ≥ 4 and the matrix has at least two rows and
+  two columns. For rank-one δxᵀ, ‖Φ_b δxᵀ‖² = ‖Lδ‖²·‖Rx‖², whose relative variance under
+  Gaussian factors is (1 + 2/d_o)(1 + 2/d_i) − 1: 2.1 for 1 × 61 against 0.6 for 6 × 10. The
+  few dims a prime t leaves unused (t − d_o·d_i) pass on as carry like any shortfall.
+
+A spec without ``split_version`` means 1, and a version-1 sketch's spec omits the field, so a
+stored spec that lacks it rebuilds the identical map and compares equal to the rebuilt sketch's
+spec. :meth:`PerLayerSketch.layout_options` and :meth:`PerLayerSketch.for_module`, the builders
+the callbacks use, select :data:`LATEST_SPLIT_VERSION`; a direct ``make("per_layer", ...)`` without
+the option cannot be told apart from such a stored spec and gets version 1.
 """
 
 from __future__ import annotations
@@ -40,7 +58,12 @@ from lightning_sketch.exceptions import SketchConfigError
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches.base import Sketch
 
-__all__ = ["LayerBlock", "PerLayerSketch"]
+__all__ = ["LATEST_SPLIT_VERSION", "LayerBlock", "PerLayerSketch", "SPLIT_VERSIONS"]
+
+#: the factor-pair rules a spec may name (module docstring); 1 is implied when the field is absent.
+SPLIT_VERSIONS: tuple[int, ...] = (1, 2)
+#: the rule new sketches built from a layout use.
+LATEST_SPLIT_VERSION = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,13 +118,40 @@ def _largest_remainder(total: int, weights: Sequence[int]) -> list[int]:
     return [b + 1 for b in base]
 
 
-def _factor_pair(target: int, rows: int, cols: int) -> tuple[int, int]:
+def _factor_pair(target: int, rows: int, cols: int, version: int) -> tuple[int, int]:
+    """``(d_o, d_i)`` with ``d_o <= rows``, ``d_i <= cols``, ``d_o * d_i <= target`` by rule ``version``."""
+    return _factor_pair_v1(target, rows, cols) if version == 1 else _factor_pair_v2(target, rows, cols)
+
+
+def _factor_pair_v1(target: int, rows: int, cols: int) -> tuple[int, int]:
+    """The largest product, ties to the most balanced (a prime target gives 1 × target)."""
     best = (1, 1)
     for d_o in range(1, min(rows, target) + 1):
         d_i = min(cols, target // d_o)
         cand, cur = d_o * d_i, best[0] * best[1]
         if cand > cur or (cand == cur and abs(math.log(d_o / d_i)) < abs(math.log(best[0] / best[1]))):
             best = (d_o, d_i)
+    return best
+
+
+def _factor_pair_v2(target: int, rows: int, cols: int) -> tuple[int, int]:
+    """The largest product with both factors at least ``m``, ties to the most balanced (then the
+    smaller ``d_o``); ``m = min(rows, cols, max(2, ⌈isqrt(target) / 2⌉))`` for ``target >= 4``, else 1.
+
+    The floor keeps the aspect ratio d_i/d_o within about 4 when the matrix allows it (so a prime
+    target does not split as 1 × target); a pair with both factors ``>= m`` always exists.
+
+    Example:
+        >>> _factor_pair_v2(61, 64, 64), _factor_pair_v2(60, 64, 64), _factor_pair_v2(5, 8, 8)
+        ((6, 10), (6, 10), (2, 2))
+    """
+    m = min(rows, cols, max(2, (math.isqrt(target) + 1) // 2)) if target >= 4 else 1
+    best, key = (m, m), (0, 0)
+    for d_o in range(m, min(rows, target // m) + 1):
+        d_i = min(cols, target // d_o)
+        cand = (d_o * d_i, -abs(d_o - d_i))  # for equal products, closer factors are more balanced
+        if d_i >= m and cand > key:
+            best, key = (d_o, d_i), cand
     return best
 
 
@@ -123,6 +173,9 @@ class PerLayerSketch(Sketch):
         shapes: the layout's tensor shapes in order (JSON list of lists; their numels must sum to
             ``dim``); default: one vector block ``[[dim]]``.
         inner: ``"qk"`` (Haar rows) or ``"dense"`` (Gaussian) factors.
+        split_version: the factor-pair rule of matrix blocks, 1 (absent from the spec) or 2
+            (module docstring); :meth:`layout_options` and :meth:`for_module` choose
+            :data:`LATEST_SPLIT_VERSION`.
 
     Persistent memory: Σ (d_o·out + d_i·in) floats.
 
@@ -131,13 +184,17 @@ class PerLayerSketch(Sketch):
         >>> s = PerLayerSketch(3 * 4 + 3, 5, seed=0, shapes=[[3, 4], [3]])
         >>> [(b.d_o, b.d_i) for b in s.blocks]
         [(1, 3), (2, 1)]
+        >>> [(b.d_o, b.d_i) for b in PerLayerSketch(61 * 32, 61, shapes=[[61, 32]]).blocks]
+        [(61, 1)]
+        >>> [(b.d_o, b.d_i) for b in PerLayerSketch(61 * 32, 61, shapes=[[61, 32]], split_version=2).blocks]
+        [(6, 10)]
         >>> x = torch.randn(15, dtype=torch.float64)
         >>> torch.allclose(s.apply(x), s.to_dense() @ x)
         True
     """
 
     kind: ClassVar[str] = "per_layer"
-    OPTIONS: ClassVar[dict[str, Any]] = {"shapes": None, "inner": "qk"}
+    OPTIONS: ClassVar[dict[str, Any]] = {"shapes": None, "inner": "qk", "split_version": 1}
 
     # Persistent state, set in ``_build``: the diagonal blocks and the output columns they use.
     _blocks: tuple[LayerBlock, ...]
@@ -146,12 +203,28 @@ class PerLayerSketch(Sketch):
 
     @classmethod
     def layout_options(cls, layout: Any) -> dict[str, Any]:
-        """``{"shapes": ...}``: Φ is block diagonal over the layout's tensors (scalars as ``[1]``)."""
-        return {"shapes": [list(s) or [1] for s in layout.shapes]}
+        """``{"shapes": ..., "split_version": LATEST_SPLIT_VERSION}``: Φ is block diagonal over the
+        layout's tensors (scalars as ``[1]``), with the latest factor-pair rule."""
+        return {"shapes": [list(s) or [1] for s in layout.shapes], "split_version": LATEST_SPLIT_VERSION}
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """As :attr:`Sketch.spec`, without ``split_version`` when it is 1 (the meaning of its absence),
+        so a version-1 sketch has the same spec as before the field existed."""
+        spec = super().spec
+        if spec["split_version"] == 1:
+            del spec["split_version"]
+        return spec
 
     def _validate_options(self, options: dict[str, Any]) -> None:
         if options["inner"] not in ("qk", "dense"):
             raise SketchConfigError(f"`inner` must be 'qk' or 'dense', got {options['inner']!r}.")
+        version = options["split_version"]
+        if isinstance(version, bool) or version not in SPLIT_VERSIONS:
+            raise SketchConfigError(
+                f"`split_version` must be one of {list(SPLIT_VERSIONS)}, got {version!r}; omit it to rebuild "
+                f"a spec recorded without it, or use {LATEST_SPLIT_VERSION} for a new sketch."
+            )
         shapes = options["shapes"]
         if shapes is None:
             shapes = [[self.dim]]
@@ -189,7 +262,7 @@ class PerLayerSketch(Sketch):
         for shape, n, t in zip(shapes, numels, targets):
             want = min(t + carry, n)
             if len(shape) >= 2:
-                d_o, d_i = _factor_pair(want, shape[0], n // shape[0])
+                d_o, d_i = _factor_pair(want, shape[0], n // shape[0], self.options["split_version"])
             else:
                 d_o, d_i = want, 1
             plan.append([d_o, d_i])
@@ -274,7 +347,8 @@ class PerLayerSketch(Sketch):
         inner: str = "qk",
         layout: Any = None,
     ) -> PerLayerSketch:
-        """The per-layer sketch over ``layout`` (default: all trainable parameters of ``module``).
+        """The per-layer sketch over ``layout`` (default: all trainable parameters of ``module``), with
+        the options of :meth:`layout_options` (the latest ``split_version``).
 
         Raises:
             SketchConfigError: for a bad ``sketch_dim`` or ``inner``.

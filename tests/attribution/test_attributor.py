@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from attr_helpers import TinyClassifier, blobs, full_batch, loop_grads
+from exact_refs import dense_hessian
 from torch import nn
 
 from lightning_sketch.attribution import DEFAULT_DAMPING_RATIO, Attributor, negative_margin
@@ -144,14 +145,7 @@ def test_arnoldi_if_matches_exact_hessian_eigenpairs(tmp_path, trained):
     path, _ = _store(tmp_path, model, x, y)
     probe = full_batch(x, y)
     att = Attributor(path, model, method="arnoldi_if", hessian_batches=[probe], arnoldi_k=5)
-    layout = ParamLayout.from_module(model)
-    params = layout.params(model)
-
-    def mean_loss(vec):
-        logits = torch.func.functional_call(model, layout.unflatten(vec), (probe["x"],))
-        return torch.nn.functional.cross_entropy(logits, probe["y"])
-
-    H = torch.func.hessian(mean_loss)(layout.flatten(params))
+    H = dense_hessian(model, loss_fn, [probe])
     vals, vecs = torch.linalg.eigh(H)
     vals, vecs = vals.flip(0)[:5], vecs.flip(1)[:, :5]
     torch.testing.assert_close(att._eig[0].to(torch.float64), vals, rtol=1e-6, atol=1e-8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from exact_refs import dense_hessian
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -28,13 +29,6 @@ def _flat_loss(model, loss_fn, batches, layout):
     return flat_loss, layout.flatten(layout.params(model))
 
 
-def exact_hessian(model, loss_fn, batches, layout):
-    """Dense [N, N] Hessian of the mean per-example loss over all examples, by torch.func.hessian."""
-    flat_loss, theta0 = _flat_loss(model, loss_fn, batches, layout)
-    with sdpa_kernel(SDPBackend.MATH):
-        return torch.func.hessian(flat_loss)(theta0)
-
-
 def ref_hvp(model, loss_fn, batches, layout, V):
     """Rows of ``V [K, N]`` times H, by plain-autograd double backward on the flat vector.
 
@@ -52,7 +46,7 @@ def ref_hvp(model, loss_fn, batches, layout, V):
 def test_reference_hvp_agrees_with_torch_func(mlp_case):
     model, loss_fn, batch = mlp_case
     layout = ParamLayout.from_module(model)
-    H = exact_hessian(model, loss_fn, [batch], layout)
+    H = dense_hessian(model, loss_fn, [batch], layout)
     eye = torch.eye(layout.dim, dtype=torch.float64)
     torch.testing.assert_close(ref_hvp(model, loss_fn, [batch], layout, eye), H, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(H, H.T, atol=1e-12, rtol=0)
@@ -78,7 +72,7 @@ def test_hvp_matches_hessian(case, method, request):
     ref = ref_hvp(model, loss_fn, [batch], layout, v)
     if case == "mlp_case":
         torch.testing.assert_close(
-            ref, v @ exact_hessian(model, loss_fn, [batch], layout).T, atol=1e-12, rtol=1e-12
+            ref, v @ dense_hessian(model, loss_fn, [batch], layout).T, atol=1e-12, rtol=1e-12
         )
     got = hvp(model, loss_fn, batch, v, method=method)
     tol = FD_TOL if method == "finite_difference" else 1e-10
@@ -105,7 +99,7 @@ def test_make_hvp_averages_batches(mlp_case):
     model, loss_fn, (x, y) = mlp_case
     layout = ParamLayout.from_module(model)
     batches = [(x[:2], y[:2]), (x[2:], y[2:])]  # unequal sizes: weighted by size
-    H = exact_hessian(model, loss_fn, batches, layout)
+    H = dense_hessian(model, loss_fn, batches, layout)
     v = torch.randn(layout.dim, dtype=torch.float64)
     op = make_hvp(model, loss_fn, batches, method="double_backward")
     torch.testing.assert_close(op(v), H @ v, atol=1e-10, rtol=1e-10)
@@ -236,13 +230,7 @@ def test_hvp_with_unused_and_linear_parameters(method):
 
     layout = ParamLayout.from_module(model)
     v = torch.randn(layout.dim, dtype=torch.float64)
-    theta = {n: p.detach() for n, p in model.named_parameters()}
-
-    def flat_loss(flat):
-        params = layout.unflatten(flat)
-        return (functional_call(model, params, (x,)).pow(2).sum(-1) + params["shift"]).mean()
-
-    H = torch.autograd.functional.hessian(flat_loss, layout.flatten(theta))
+    H = dense_hessian(model, loss_fn, [x], layout)
     if method == "kept_graph":
         got = make_hvp(model, loss_fn, [x], method="double_backward", cache_graph=True)(v)
     else:

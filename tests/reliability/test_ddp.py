@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 import torch
 from _common import HERE, Tiny, clean_env, dataset, free_port
-from torch.func import functional_call, hessian
+from exact_refs import dense_hessian
 from torch.utils.data import default_collate
 
-from lightning_sketch.gradients import ParamLayout
 from lightning_sketch.intrinsic import Subspace
 from lightning_sketch.sketches import make
 from lightning_sketch.spectrum import load_snapshot
@@ -87,24 +86,12 @@ def test_gradient_sketch_shards_merge_to_the_single_process_store(runs, which):
 
 
 def _exact_sketched_hessian_eigs(weights: dict, spec: dict, ids: list[int], k: int) -> torch.Tensor:
-    """Top-k eigenvalues of Φ H Φᵀ, H the float64 Hessian (torch.func) of the mean loss over ``ids``."""
+    """Top-k eigenvalues of Φ H Φᵀ, H the float64 ``dense_hessian`` of the mean loss over ``ids``."""
     model = Tiny(dtype=torch.float64)
     model.load_state_dict(weights)
     ds = dataset(32, 1, torch.float64)
     batch = default_collate([ds[i] for i in ids])
-    layout = ParamLayout.from_module(model)
-    names, shapes = layout.names, layout.shapes
-
-    def loss(flat):
-        params, start = {}, 0
-        for n, s in zip(names, shapes):
-            size = int(np.prod(s))
-            params[n] = flat[start : start + size].reshape(s)
-            start += size
-        return functional_call(model, params, (batch["x"],)).log_softmax(-1).gather(1, batch["y"][:, None]).mean().neg()
-
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    h = hessian(loss)(flat)
+    h = dense_hessian(model, lambda m, b: m.per_example_loss(b), [batch])
     phi = make(**spec).to_dense(torch.float64)
     return torch.linalg.eigvalsh(phi @ h @ phi.T).flip(0)[:k]
 

@@ -13,9 +13,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from _common import Tiny, loader, trainer
-from exact_refs import loop_grads
+from exact_refs import dense_hessian, loop_grads
 from torch import nn
 
 from lightning_sketch.attribution import Attributor
@@ -40,6 +39,7 @@ from lightning_sketch.exceptions import (
 )
 from lightning_sketch.gradients import ParamLayout
 from lightning_sketch.sketches import make
+from lightning_sketch.sketches.per_layer import PerLayerSketch
 from lightning_sketch.spectrum import load_snapshot
 from lightning_sketch.store import SketchStore, inspect_store
 
@@ -263,7 +263,7 @@ def test_batch_size_one_and_a_last_batch_of_one(tmp_path):
     assert ids.tolist() == list(range(9))
     np.testing.assert_allclose(vecs, exact.float().numpy(), rtol=1e-5, atol=1e-6)
     layout = ParamLayout.from_module(model)
-    sketch = make("per_layer", layout.dim, 16, seed=3, shapes=[list(s) for s in layout.shapes])
+    sketch = make("per_layer", layout.dim, 16, seed=3, **PerLayerSketch.layout_options(layout))
     got = dict(zip(*_sorted(SketchStore.open(tmp_path / "i" / "run" / "store"), "epoch-0")))
     for params, lr, batch in rec.steps:
         want = lr * sketch.apply(_grads_at(params, batch, dtype=torch.float64))
@@ -273,19 +273,7 @@ def test_batch_size_one_and_a_last_batch_of_one(tmp_path):
     params = rec.steps[2][0]
     m = Tiny(dtype=torch.float64)
     m.load_state_dict(params, strict=False)
-    flat = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
-    names = [n for n, _ in m.named_parameters()]
-    shapes = [p.shape for p in m.parameters()]
-
-    def loss(v):
-        out, start = {}, 0
-        for n, s in zip(names, shapes):
-            out[n] = v[start : start + s.numel()].reshape(s)
-            start += s.numel()
-        logits = torch.func.functional_call(m, out, (probe["x"],))
-        return F.cross_entropy(logits, probe["y"])
-
-    eig = torch.linalg.eigvalsh(torch.func.hessian(loss)(flat)).flip(0)[:3]
+    eig = torch.linalg.eigvalsh(dense_hessian(m, lambda mod, b: mod.per_example_loss(b), [probe])).flip(0)[:3]
     torch.testing.assert_close(torch.tensor(spec.history[0]["eigenvalues"], dtype=torch.float64), eig,
                                rtol=1e-6, atol=1e-9)
 
@@ -339,7 +327,7 @@ def test_bf16_mixed_training_sketches_in_float32(tmp_path):
     np.testing.assert_allclose(vecs, _grads_at(saved, _full(32)).numpy(), rtol=1e-5, atol=1e-6)
     # inline rows come from the bf16 training backward: finite, within bf16 accuracy of float32
     layout = ParamLayout.from_module(model)
-    sketch = make("per_layer", layout.dim, 16, seed=3, shapes=[list(s) for s in layout.shapes])
+    sketch = make("per_layer", layout.dim, 16, seed=3, **PerLayerSketch.layout_options(layout))
     got = dict(zip(*_sorted(SketchStore.open(tmp_path / "i" / "run" / "store"), "epoch-0")))
     for params, lr, batch in rec.steps:
         want = lr * sketch.apply(_grads_at(params, batch))

@@ -1,4 +1,4 @@
-"""Float64 MLPs and their exact Hessians (torch.func.hessian), computed once per test session.
+"""Float64 MLPs and their exact Hessians (``exact_refs.dense_hessian``), computed once per test session.
 
 ``mlp_case`` (N = 3,004) is the Lanczos-vs-eigvalsh reference used with dense matvecs;
 ``small_case`` (N = 278) drives the real HVP path (each HVP of the larger one costs ~0.2-1 s here).
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from exact_refs import dense_hessian, loop_grads
 from torch import Tensor, nn
-from torch.func import functional_call
 
 
 @dataclass
@@ -41,21 +41,9 @@ def _build(widths: tuple[int, ...] = (20, 64, 24, 4), seed: int = 7) -> MLPCase:
     x = torch.randn(32, widths[0], generator=g, dtype=torch.float64)
     y = torch.randint(0, widths[-1], (32,), generator=g)
     batches = [(x[:16], y[:16]), (x[16:], y[16:])]
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(flat: Tensor) -> Tensor:
-        params, off = {}, 0
-        for n, s in zip(names, shapes):
-            params[n] = flat[off : off + s.numel()].reshape(s)
-            off += s.numel()
-        return torch.stack([per_example_ce(lambda inp: functional_call(model, params, (inp,)), b).mean()
-                            for b in batches]).mean()
-
-    h = torch.func.hessian(loss)(theta)
+    h = dense_hessian(model, per_example_ce, batches)
     h = 0.5 * (h + h.T)
-    grad = torch.func.grad(loss)(theta)
+    grad = loop_grads(model, per_example_ce, (x, y)).mean(0)
     return MLPCase(model, batches, h, torch.linalg.eigvalsh(h), grad, per_example_ce)
 
 
