@@ -243,11 +243,46 @@ def _attribution_section(root: Path, queries: str | Path | None) -> list[dict[st
     return parts
 
 
+def _damping_line(d: Any) -> dict[str, Any] | None:
+    """One paragraph on the damping of a query result (``Attributor.damping_info``), or None.
+
+    The document is untrusted: only finite numbers and short known strings are shown."""
+    if not isinstance(d, dict) or d.get("rule") is None:
+        return None
+
+    def num(key: str, src: Any = d) -> float | None:
+        v = src.get(key) if isinstance(src, dict) else None
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    kernel = d.get("kernel") if d.get("kernel") in ("margin", "gauss-newton", "fisher", "empirical",
+                                                    "gradients") else "?"
+    lams = [num("lambda", x) for x in d.get("slices", []) if isinstance(x, dict)] if isinstance(
+        d.get("slices"), list) else []
+    lams = [v for v in lams if v is not None]
+    text = f"Damping on the {kernel} kernel: "
+    ratio, frac = num("ratio"), num("d_eff_fraction")
+    text += f"ratio {ratio:.3g} of each slice's tr(K)/T" if ratio is not None else "an absolute λ"
+    if lams:
+        text += f", λ from {min(lams):.3g} to {max(lams):.3g} over {len(lams)} slices"
+    if frac is not None:
+        text += f"; the damped inverse resolves {100 * frac:.0f}% of each kernel's directions (median)"
+    ov = d.get("top_k_overlap")
+    lo, hi = num("lambda/sqrt10", ov), num("lambda*sqrt10", ov)
+    if lo is not None and hi is not None:
+        text += (f". Top-k proponents kept when λ is divided / multiplied by √10: {100 * lo:.0f}% / "
+                 f"{100 * hi:.0f}%" + (" (the ranking depends on the damping; tune it with a ground truth "
+                                       "if you have one)" if min(lo, hi) < 0.7 else ""))
+    return _p(text + ".")
+
+
 def _attribution_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     _check_queries(data)
     recs = data["queries"][:_MAX_QUERIES]
     parts = [_h3(f"{_rel(f, root)}: method ", code=str(data.get("method")),
                  suffix=f", {len(data['queries'])} queries, k={data.get('k')}")]
+    damping = _damping_line(data.get("damping"))
+    if damping is not None:
+        parts.append(damping)
     if any(r.get("image") is not None for r in recs):
         drawn = [_fewer_pictures(r) for r in recs]
         omitted = sum(len(r["proponents"]) + len(r["opponents"]) for r in recs) - sum(

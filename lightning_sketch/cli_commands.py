@@ -287,6 +287,8 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
         "split": args.split if args.inputs is None else "inputs",
         "store": str(stores[0]) if len(stores) == 1 else [str(s) for s in stores],
         "ckpt": str(ckpts[0]) if len(ckpts) == 1 else [str(c) for c in ckpts], "k": k, "queries": records,
+        # how the damping was set and how much the top k depends on it (Attributor.damping_info)
+        "damping": attributor.damping_info(batch, k=k),
     }
     text = {"json": _as_json, "csv": _as_csv, "table": _as_table}[args.format](result)
     if args.output:
@@ -315,7 +317,17 @@ def _as_csv(result: dict[str, Any]) -> str:
 
 
 def _as_table(result: dict[str, Any]) -> str:
-    lines = [f"method: {result['method']}  (score > 0: training on the example lowers the query's loss)"]
+    d = result.get("damping") or {}
+    # trak/fisher_if on a margin kernel measure the query's margin; every other case its loss
+    sign = "raises the query's margin" if d.get("kernel") == "margin" else "lowers the query's loss"
+    lines = [f"method: {result['method']}  (score > 0: training on the example {sign})"]
+    if d.get("rule") is not None:
+        ov = d.get("top_k_overlap") or {}
+        lams = [x["lambda"] for x in d.get("slices", [])]
+        lo, hi = ov.get("lambda/sqrt10", float("nan")), ov.get("lambda*sqrt10", float("nan"))
+        lines.append(f"damping: {d['kernel']} kernel, ratio {d['ratio']:.3g} of tr(K)/T, λ {min(lams):.3g}–"
+                     f"{max(lams):.3g}; top-k kept at λ/√10, λ·√10: {lo:.0%}, {hi:.0%}"
+                     if d.get("ratio") is not None and lams else f"damping: {d.get('damping')}")
     for rec in result["queries"]:
         lines.append(f"\nquery {rec['query']} ({result['split']})  label={rec['label']}  "
                      f"prediction={rec['prediction']}")

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_sketch.attribution import curvature as CV
 from lightning_sketch.attribution._stored import Run, load_weights, swapped_weights
-from lightning_sketch.attribution.damping import DAMPING_RATIO_GRID, default_ratio
+from lightning_sketch.attribution.damping import DAMPING_RATIO_GRID, default_ratio, effective_dimension
 from lightning_sketch.attribution.scores import SliceWeight, block_scores, kernel_eigh
 from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError, SpectrumError
 from lightning_sketch.gradients import eval_mode
@@ -62,6 +62,9 @@ class ScoringEngine:
     _pos_cache: dict[tuple[int, str], Tensor]
     _eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]]
     _norms: Tensor | None
+    _count_cache: dict[tuple[int, str], int]
+    #: multiplies every slice's λ (1 except inside :meth:`damping_info`'s sensitivity check)
+    _lambda_factor: float = 1.0
 
     if TYPE_CHECKING:  # the host's method (Attributor.query_sketches), declared for type checkers
 
@@ -129,7 +132,9 @@ class ScoringEngine:
         """``(eigenvalues, eigenvectors, unit)`` of the slice's kernel; unit = tr(K)/T, the damping unit."""
         key = (r, name)
         if key not in self._eig_cache:
-            self._eig_cache[key] = kernel_eigh(*self._kernel(r, name))
+            K, T = self._kernel(r, name)
+            self._count_cache[key] = T
+            self._eig_cache[key] = kernel_eigh(K, T)
         return self._eig_cache[key]
 
     def slice_damping(self, r: int, name: str) -> float:
@@ -137,7 +142,7 @@ class ScoringEngine:
         ``damping_ratio`` · tr(K)/T; 1 for an all-zero kernel."""
         _, _, unit = self._eigh(r, name)
         lam = self.damping if self.damping is not None else self.damping_ratio * unit
-        return lam if lam > 0 else 1.0
+        return (lam if lam > 0 else 1.0) * self._lambda_factor
 
     def _weights(self, r: int) -> list[SliceWeight]:
         run, C = self.runs[r], len(self.checkpoints)
@@ -278,6 +283,72 @@ class ScoringEngine:
         return values, vectors
 
     # ------------------------------------------------------------------ damping
+    def damping_info(self, batch: Any | None = None, k: int = 10) -> dict[str, Any]:
+        """How each slice's λ was set, and how much the answer depends on it (JSON-ready).
+
+        For ``trak``/``fisher_if``: ``rule`` (text), ``ratio`` ρ or the absolute ``damping``, and per
+        slice of every run ``lambda``, ``unit`` = tr(K_c)/T_c, ``T``, ``rank`` (of K_c) and
+        ``d_eff`` = Σ s_i/(s_i + λ) (:func:`~lightning_sketch.attribution.damping.effective_dimension`),
+        with ``d_eff_fraction`` = median d_eff/rank over slices. With a query ``batch``, also
+        ``top_k_overlap``: the mean fraction of each query's top-``k`` proponents that stay in the
+        top ``k`` when every λ is divided (``"lambda/sqrt10"``) or multiplied (``"lambda*sqrt10"``)
+        by √10 — near 1 the ranking does not hinge on the damping; well below 1 it does, and a
+        ground truth (:meth:`tune_damping`) is worth having. Other methods: ``{"method", "rule":
+        None}``.
+
+        Example (``tests/attribution/test_damping.py`` runs it)::
+
+            info = attributor.damping_info(queries)
+            info["slices"][0]["lambda"], info["top_k_overlap"]["lambda*sqrt10"]
+        """
+        if self.method not in _CURVED:
+            return {"method": self.method, "kernel": self.kernel, "rule": None}
+        slices = []
+        for r in range(len(self.runs)):
+            for n in self.checkpoints:
+                s, _, unit = self._eigh(r, n)
+                lam = self.slice_damping(r, n)
+                rank = int((s > 1e-10 * float(s.max().clamp_min(1e-300))).sum()) if s.numel() else 0
+                slices.append({"run": r, "slice": n, "lambda": lam, "unit": unit, "T": self._count(r, n),
+                               "rank": rank, "d_eff": effective_dimension(s, lam)})
+        fr = [x["d_eff"] / x["rank"] for x in slices if x["rank"] > 0]
+        out: dict[str, Any] = {
+            "method": self.method, "kernel": self.kernel,
+            "rule": ("absolute damping for every slice" if self.damping is not None else
+                     "lambda_c = ratio * tr(K_c)/T_c"),
+            "ratio": None if self.damping is not None else self.damping_ratio,
+            "damping": self.damping, "slices": slices,
+            "d_eff_fraction": float(np.median(fr)) if fr else None,
+        }
+        if batch is not None:
+            out["top_k_overlap"] = self._damping_sensitivity(batch, k)
+        return out
+
+    def _count(self, r: int, name: str) -> int:
+        self._eigh(r, name)  # reads the kernel once, with its count
+        return self._count_cache[(r, name)]
+
+    def _damping_sensitivity(self, batch: Any, k: int) -> dict[str, float]:
+        """Mean top-k overlap of the proponents at λ/√10 and λ·√10 with those at λ (same query sketches)."""
+        qs = self._all_query_sketches(batch)
+        k = max(1, min(int(k), len(self._ids)))
+
+        def top(factor: float) -> Tensor:
+            self._lambda_factor = factor
+            try:
+                out = torch.zeros(qs[0][0].shape[0], len(self._ids), dtype=torch.float64)
+                return self._accumulate(qs, out).topk(k, dim=1).indices
+            finally:
+                self._lambda_factor = 1.0
+
+        ref = top(1.0)
+        res = {}
+        for label, f in (("lambda/sqrt10", 10**-0.5), ("lambda*sqrt10", 10**0.5)):
+            other = top(f)
+            same = [len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ref, other)]
+            res[label] = float(np.mean(same))
+        return res
+
     def tune_damping(
         self,
         val_batches: Iterable[Any] | None = None,

@@ -262,6 +262,7 @@ class Attributor(ScoringEngine):
         self._ids = torch.from_numpy(union_ids(self.runs, [self.checkpoints] * len(self.runs)))
         self._pos_cache: dict[tuple[int, str], Tensor] = {}
         self._eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
+        self._count_cache: dict[tuple[int, str], int] = {}
         self._norms: Tensor | None = None
         self._eig: tuple[Tensor, Tensor] | None = None
         if method == "arnoldi_if":

@@ -57,6 +57,12 @@ def test_query_json_matches_in_process_attributor(tiny_run):
         assert [e["label"] for e in rec["proponents"]] == train_labels[pro_ids[q]].tolist()
         # pictures of the query and of every listed training example (8x8 digits)
         assert len(rec["image"]) == 8 and all(len(e["image"]) == 8 for e in rec["proponents"] + rec["opponents"])
+    # how the damping was set, as the in-process Attributor reports it for the same queries
+    want = att.damping_info(batch, k=4)
+    got = result["damping"]
+    assert (got["kernel"], got["ratio"]) == (want["kernel"], want["ratio"]) == ("margin", want["ratio"])
+    assert [s["lambda"] for s in got["slices"]] == pytest.approx([s["lambda"] for s in want["slices"]], rel=1e-9)
+    assert got["top_k_overlap"] == pytest.approx(want["top_k_overlap"], abs=1e-12)
 
 
 def test_query_inputs_csv_to_stdout(tiny_run):
@@ -73,6 +79,7 @@ def test_query_inputs_csv_to_stdout(tiny_run):
 def test_report_sections(tiny_run):
     assert tiny_run["report"]["returncode"] == 0, tiny_run["report"]["stderr"][-3000:]
     text = tiny_run["html"].read_text()
+    assert "Damping on the margin kernel: ratio" in text  # the query result's damping, summarised
     for section in ('id="metrics"', 'id="store"', 'id="attribution"', 'id="spectrum"', 'id="intrinsic"'):
         assert section in text
     assert text.count("data:image/png;base64,") >= 3  # metrics curves, attribution pictures, spectrum
