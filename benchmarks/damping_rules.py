@@ -8,6 +8,11 @@ sketch dimension D), with one free constant c:
                                           own EK-FAC eigenvalues)
 * ``pr``        λ = c · Σs²/Σs           (eigenvalue mean weighted by eigenvalue: tr(K)/participation ratio)
 * ``deff``      λ with d_eff(λ) = Σ s/(s+λ) = c · rank(K)  (a fraction of the resolved directions)
+* ``fit``       λ = c · (tr(K)/T) / f,  f = tr(GᵀG)/tr(K) on margin kernels (G the stored loss
+                gradients −(1 − p)φ: f is the mean squared residual (1 − p)², how far from fitted the
+                training set is; a well-fitted set has a small true Hessian Σ p(1 − p)φφᵀ next to
+                K = Σ φφᵀ), f = 1 on the other kernels (their K is the loss's Gauss–Newton)
+* ``fit_sqrt``  the same with √f
 
 For each task of ``_suite_tasks`` whose Lightning runs are cached (``attr_suite.py`` fits them), each
 rule and each constant: LDS on the val and query splits with 1 model (mean over runs) and the
@@ -44,6 +49,8 @@ GRIDS = {
     "mean_eig": [float(10.0**e) for e in np.arange(-3.0, 5.01, 0.5)],
     "pr": [float(10.0**e) for e in np.arange(-5.0, 2.01, 0.5)],
     "deff": [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+    "fit": [float(10.0**e) for e in np.arange(-4.0, 3.01, 0.5)],
+    "fit_sqrt": [float(10.0**e) for e in np.arange(-4.0, 3.01, 0.5)],
 }
 
 
@@ -64,10 +71,14 @@ def deff_lambda(s: torch.Tensor, target: float) -> float:
     return math.exp(0.5 * (lo + hi))
 
 
-def rule_lambda(rule: str, c: float, s: torch.Tensor, T: int, D: int) -> float:
+def rule_lambda(rule: str, c: float, s: torch.Tensor, T: int, D: int, f: float = 1.0) -> float:
     tr = float(s.sum())
     if tr <= 0:
         return 1.0
+    if rule == "fit":
+        return c * tr / T / f
+    if rule == "fit_sqrt":
+        return c * tr / T / math.sqrt(f)
     if rule == "trace":
         return c * tr / T
     if rule == "mean_eig":
@@ -100,7 +111,16 @@ def scores_with(att, qs, lam_of) -> torch.Tensor:
         del att.slice_damping
 
 
-def run_task(name: str) -> dict:
+def fit_ratio(att, r: int, name: str, T: int) -> float:
+    """tr(GᵀG)/tr(K) of the slice on margin kernels (the mean squared residual), else 1."""
+    if att.kernel != "margin":
+        return 1.0
+    s, _, _ = att._eigh(r, name)
+    gg = sum(float((g.double() ** 2).sum()) for _, g in att.runs[r].iter_blocks(name))
+    return max(gg / max(float(s.sum()), 1e-300), 1e-12)
+
+
+def run_task(name: str, rules: list[str]) -> dict:
     from lightning_sketch.attribution import Attributor
 
     t = S.get_task(name)
@@ -112,18 +132,20 @@ def run_task(name: str) -> dict:
     qs = {k: [a._all_query_sketches(b) for a in atts] for k, b in batches.items()}
     D = atts[0].sketches[0].sketch_dim
     counts = [{n: a._kernel(0, n)[1] for n in a.checkpoints} for a in atts]  # T_c per slice (read once)
+    fits = [{n: fit_ratio(a, 0, n, c[n]) for n in a.checkpoints} for a, c in zip(atts, counts)]
     res: dict = {"task": name, "kernel": atts[0].kernel, "stats": [slice_stats(a, 0, c) for a, c in zip(atts, counts)],
-                 "rules": {}}
-    for rule, grid in GRIDS.items():
+                 "fit_ratio": [list(f.values()) for f in fits], "rules": {}}
+    for rule in rules:
+        grid = GRIDS[rule]
         rows = []
         for c in grid:
             row = {"c": c}
             for split in ("query", "val"):
                 per = []
-                for a, q, cnt in zip(atts, qs[split], counts):
-                    def lam_of(r, n, a=a, cnt=cnt):
+                for a, q, cnt, fr in zip(atts, qs[split], counts, fits):
+                    def lam_of(r, n, a=a, cnt=cnt, fr=fr):
                         s, _, _ = a._eigh(r, n)
-                        return rule_lambda(rule, c, s, cnt[n], D)
+                        return rule_lambda(rule, c, s, cnt[n], D, fr[n])
                     per.append(scores_with(a, q, lam_of))
                 row[f"{split}_1"] = float(np.mean([S.lds_of(x, gt, split) for x in per]))
                 row[f"{split}_5"] = S.lds_of(torch.stack(per).mean(0), gt, split)
@@ -138,7 +160,10 @@ def run_task(name: str) -> dict:
 def choose(results: dict) -> dict:
     """Per rule: the constant maximising the worst task's (val LDS − best val LDS of that task)."""
     out = {}
-    for rule in GRIDS:
+    rules = sorted({k for r in results.values() for k in r["rules"]}, key=list(GRIDS).index)
+    for rule in rules:
+        if any(rule not in r["rules"] for r in results.values()):
+            continue
         best_c, best_worst = None, -np.inf
         for i, c in enumerate(GRIDS[rule]):
             gaps = []
@@ -164,6 +189,7 @@ def choose(results: dict) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", default=",".join(S.TASKS))
+    p.add_argument("--rules", default=",".join(GRIDS))
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     path = S.SUITE / "damping_rules.json"
@@ -171,8 +197,13 @@ def main(argv=None) -> None:
     up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     for name in a.tasks.split(","):
         t0 = time.perf_counter()
-        results[name] = run_task(name)
-        results[name]["seconds"] = time.perf_counter() - t0
+        res = run_task(name, a.rules.split(","))
+        res["seconds"] = time.perf_counter() - t0
+        # re-read: another process may have added tasks or rules meanwhile; keep what it measured
+        results = json.loads(path.read_text()) if path.exists() else {}
+        if name in results:
+            res["rules"] = {**results[name]["rules"], **res["rules"]}
+        results[name] = res
         path.write_text(json.dumps(results, indent=1))
     chosen = choose(results)
     (S.SUITE / "damping_rules_chosen.json").write_text(json.dumps(chosen, indent=1))

@@ -256,9 +256,9 @@ def _damping_line(d: Any) -> dict[str, Any] | None:
 
     kernel = d.get("kernel") if d.get("kernel") in ("margin", "gauss-newton", "fisher", "empirical",
                                                     "gradients") else "?"
-    lams = [num("lambda", x) for x in d.get("slices", []) if isinstance(x, dict)] if isinstance(
+    raw = [num("lambda", x) for x in d.get("slices", []) if isinstance(x, dict)] if isinstance(
         d.get("slices"), list) else []
-    lams = [v for v in lams if v is not None]
+    lams = [v for v in raw if v is not None]
     text = f"Damping on the {kernel} kernel: "
     ratio, frac = num("ratio"), num("d_eff_fraction")
     text += f"ratio {ratio:.3g} of each slice's tr(K)/T" if ratio is not None else "an absolute λ"

@@ -303,7 +303,7 @@ class ScoringEngine:
         """
         if self.method not in _CURVED:
             return {"method": self.method, "kernel": self.kernel, "rule": None}
-        slices = []
+        slices: list[dict[str, Any]] = []
         for r in range(len(self.runs)):
             for n in self.checkpoints:
                 s, _, unit = self._eigh(r, n)
