@@ -21,6 +21,7 @@ opponents are the most negative scores.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_sketch.attribution import curvature as CV
 from lightning_sketch.attribution._engine import _CURVED, ScoringEngine
 from lightning_sketch.attribution._stored import (
     Run,
@@ -248,6 +250,8 @@ class Attributor(ScoringEngine):
         if method == "trak":
             one = next(iter(kinds)) if len(kinds) == 1 else None
             self.kernel = one if one is not None else "gradients"
+            if self.kernel == "gradients":
+                _warn_unrecorded_curvature(self.runs)
         elif method == "fisher_if":
             self.kernel = "fisher" if kinds == {"fisher"} else "empirical"
         self.damping_ratio = default_ratio(self.kernel) if damping_ratio is None else float(damping_ratio)
@@ -383,3 +387,16 @@ class Attributor(ScoringEngine):
             ids_out.append(self._ids[pos])
             s_out.append(sign * top)
         return torch.cat(ids_out), torch.cat(s_out)
+
+
+def _warn_unrecorded_curvature(runs: list[Run]) -> None:
+    """Warn when a run directory holds curvature files that its store manifest does not record."""
+    stray = [str(r.root) for r in runs if r.root is not None and not CV.curvature_slices(r.root)
+             and any((Path(r.root) / "curvature").glob("*.npy"))]
+    if stray:
+        warnings.warn(
+            f"{stray} hold curvature files that their store manifests do not record (a killed write, or "
+            "a run written by an earlier version of lightning_sketch); they are ignored and trak inverts "
+            "GᵀG of the stored loss gradients (kernel='gradients'). Re-run the fit to gather the kernel.",
+            stacklevel=3,
+        )

@@ -5,6 +5,8 @@ after the store's lock was taken by another writer."""
 
 from __future__ import annotations
 
+import warnings
+import shutil
 import hashlib
 import json
 import os
@@ -44,7 +46,7 @@ def _file(root, name, part="sidecar"):
     return root / SketchStore.open(root / "store").manifest["curvature"][name][part]["file"]
 
 
-def _run(root, names=("s0", "s1"), estimator="margin"):
+def _run(root, names=("s0", "s1"), estimator="margin", curvature=True):
     """A run directory with stored rows, weights and a committed margin kernel per slice."""
     torch.manual_seed(0)
     model = TinyClassifier().double()
@@ -57,7 +59,8 @@ def _run(root, names=("s0", "s1"), estimator="margin"):
         store.append(torch.arange(T), torch.randn(T, D, generator=g, dtype=torch.float64), checkpoint=name)
         store.save_weights(name, {n: t.detach().clone() for n, t in layout.params(model).items()},
                            root / "weights", layout.fingerprint())
-        write_curvature(root, name, _kernel(i), T, sketch.spec, estimator, store=store)
+        if curvature:
+            write_curvature(root, name, _kernel(i), T, sketch.spec, estimator, store=store)
         store.commit()
     store.close()
     return model, sketch.spec
@@ -129,6 +132,20 @@ def test_an_uncommitted_curvature_file_is_ignored(tmp_path):
     assert inspect_store(tmp_path / "store")["health"]["ok"]
     # a curvature file with no store record never decides the kernel
     assert Attributor(tmp_path, model).kernel == "gradients"
+
+
+def test_curvature_files_no_manifest_records_are_ignored_with_a_warning(tmp_path):
+    """A run whose manifest records no curvature at all, but whose folder holds curvature files (copied
+    in, or written by an earlier version): trak falls back to GᵀG and says why."""
+    _run(tmp_path / "a", names=("s0",))
+    model, _ = _run(tmp_path / "b", names=("s0",), curvature=False)
+    shutil.copytree(tmp_path / "a" / "curvature", tmp_path / "b" / "curvature")
+    with pytest.warns(UserWarning, match="do not record"):
+        att = Attributor(tmp_path / "b", model)
+    assert att.kernel == "gradients"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Attributor(tmp_path / "a", model)  # recorded: no warning
 
 
 def test_rollback_forgets_the_curvature_of_rolled_back_slices(tmp_path):
