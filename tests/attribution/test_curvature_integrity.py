@@ -5,11 +5,11 @@ after the store's lock was taken by another writer."""
 
 from __future__ import annotations
 
-import warnings
-import shutil
 import hashlib
 import json
 import os
+import shutil
+import warnings
 
 import numpy as np
 import pytest
