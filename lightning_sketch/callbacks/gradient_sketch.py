@@ -73,7 +73,8 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     Args:
         dirpath: run directory; the store goes to ``<dirpath>/store``, weights to ``<dirpath>/weights``.
         sketch_kind: sketch family (``"affd"``, ``"dense"``, ``"per_layer"`` for the inline fast path, ...).
-        sketch_dim: D, the sketch dimension (``None`` only with ``"identity"``: D = N).
+        sketch_dim: D, the sketch dimension (``None`` only with ``"identity"``: D = N). A D larger than
+            the N sketched parameters is capped at N with a warning (small models work with the default).
         seed: sketch seed (the sketch is rebuilt from its spec; nothing random is drawn from global RNG).
         mode: ``"checkpoint"`` (slices of the attribution set) or ``"inline"`` (the trained batches).
         every_n_epochs: checkpoint mode: take a slice every n epochs (default 1 when ``every_n_steps`` is
@@ -257,6 +258,10 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self.layout = ParamLayout.from_module(pl_module, include=self.include, exclude=self.exclude)
         self.support = _check_support(pl_module, self.layout, self.exclude)
         options = sketch_class(self.sketch_kind).layout_options(self.layout)
+        if self.sketch_dim is not None and self.sketch_dim > self.layout.dim:
+            rank_zero_warn(f"GradientSketch: sketch_dim={self.sketch_dim} > N={self.layout.dim}; using "
+                           f"sketch_dim={self.layout.dim}.")
+            self.sketch_dim = self.layout.dim
         self.sketch = make(self.sketch_kind, self.layout.dim, self.sketch_dim, self.seed, **options)
         self.dirpath = trainer.strategy.broadcast(self.dirpath)
         self.store = _open_store(self, trainer)

@@ -210,8 +210,10 @@ def test_other_architecture_and_hand_edited_spec(tmp_path):
 
 # ------------------------------------------------------------------ sizes
 def test_sketch_dim_larger_than_the_model(tmp_path):
-    with pytest.raises(SketchConfigError, match=r"`sketch_dim` must be <= `dim` \(got 1000000 > 123\)"):
-        trainer(tmp_path, [_gs(tmp_path, sketch_dim=10**6)], max_steps=1).fit(Tiny(), loader())
+    gs = _gs(tmp_path, sketch_dim=10**6)  # capped at N with a warning, as HessianSpectrum
+    with pytest.warns(UserWarning, match="sketch_dim=1000000 > N=123; using sketch_dim=123"):
+        trainer(tmp_path, [gs], max_steps=1).fit(Tiny(), loader())
+    assert gs.sketch.sketch_dim == 123
     with pytest.raises(SketchConfigError, match=r"got 1000000 > 123"):
         cb = IntrinsicDimension(sketch_kind="affd", sketch_dim=10**6, mode="fixed")
         trainer(tmp_path, [cb], max_steps=1, limit_val_batches=0).fit(Tiny(), loader())
