@@ -16,7 +16,6 @@ from __future__ import annotations
 from lightning_sketch.attribution.damping import (
     DAMPING_RATIO_GRID,
     DEFAULT_DAMPING_RATIO,
-    DEFAULT_MARGIN_DAMPING_RATIO,
 )
 from lightning_sketch.attribution.query import METHODS, Attributor, negative_margin, negative_margin_of
 from lightning_sketch.attribution.scores import SliceWeight, block_scores, classification_margin, kernel_eigh
@@ -25,7 +24,6 @@ from lightning_sketch.attribution.task import AttributionTask, resolve_task
 __all__ = [
     "DAMPING_RATIO_GRID",
     "DEFAULT_DAMPING_RATIO",
-    "DEFAULT_MARGIN_DAMPING_RATIO",
     "METHODS",
     "AttributionTask",
     "Attributor",

@@ -19,7 +19,12 @@ from torch import Tensor, nn
 
 from lightning_sketch.attribution import curvature as CV
 from lightning_sketch.attribution._stored import Run, load_weights, swapped_weights
-from lightning_sketch.attribution.damping import DAMPING_RATIO_GRID, default_ratio, effective_dimension
+from lightning_sketch.attribution.damping import (
+    DAMPING_RATIO_GRID,
+    DEFAULT_DAMPING_RATIO,
+    effective_dimension,
+    residual_scale,
+)
 from lightning_sketch.attribution.scores import SliceWeight, block_scores, kernel_eigh
 from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError, SpectrumError
 from lightning_sketch.gradients import eval_mode
@@ -63,6 +68,7 @@ class ScoringEngine:
     _eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]]
     _norms: Tensor | None
     _count_cache: dict[tuple[int, str], int]
+    _residual_cache: dict[tuple[int, str], float]
     #: multiplies every slice's λ (1 except inside :meth:`damping_info`'s sensitivity check)
     _lambda_factor: float = 1.0
 
@@ -129,7 +135,7 @@ class ScoringEngine:
         return K, T
 
     def _eigh(self, r: int, name: str) -> tuple[Tensor, Tensor, float]:
-        """``(eigenvalues, eigenvectors, unit)`` of the slice's kernel; unit = tr(K)/T, the damping unit."""
+        """``(eigenvalues, eigenvectors, tr(K)/T)`` of the slice's kernel."""
         key = (r, name)
         if key not in self._eig_cache:
             K, T = self._kernel(r, name)
@@ -137,11 +143,29 @@ class ScoringEngine:
             self._eig_cache[key] = kernel_eigh(K, T)
         return self._eig_cache[key]
 
+    def _residual(self, r: int, name: str) -> float:
+        """√(tr(GᵀG)/tr(K)) of a margin-kernel slice (the RMS residual 1 − p of its examples), else 1.
+
+        One pass over the slice's stored rows G (``[T, D]``), cached: the cost of scoring one query."""
+        if self.kernel != "margin":
+            return 1.0
+        key = (r, name)
+        if key not in self._residual_cache:
+            s, _, _ = self._eigh(r, name)
+            gg = sum(float((g.to(torch.float64) ** 2).sum()) for _, g in self.runs[r].iter_blocks(name))
+            self._residual_cache[key] = residual_scale(gg, float(s.sum()))
+        return self._residual_cache[key]
+
+    def damping_unit(self, r: int, name: str) -> float:
+        """The unit of ``damping_ratio`` at slice ``name`` of run ``r``: tr(K)/T, divided on a margin
+        kernel by the slice's RMS residual (:func:`~lightning_sketch.attribution.damping.residual_scale`)."""
+        _, _, unit = self._eigh(r, name)
+        return unit / self._residual(r, name)
+
     def slice_damping(self, r: int, name: str) -> float:
         """The λ of slice ``name`` of run ``r`` (``trak``/``fisher_if``): the explicit ``damping``, else
-        ``damping_ratio`` · tr(K)/T; 1 for an all-zero kernel."""
-        _, _, unit = self._eigh(r, name)
-        lam = self.damping if self.damping is not None else self.damping_ratio * unit
+        ``damping_ratio`` × :meth:`damping_unit`; 1 for an all-zero kernel."""
+        lam = self.damping if self.damping is not None else self.damping_ratio * self.damping_unit(r, name)
         return (lam if lam > 0 else 1.0) * self._lambda_factor
 
     def _weights(self, r: int) -> list[SliceWeight]:
@@ -287,7 +311,9 @@ class ScoringEngine:
         """How each slice's λ was set, and how much the answer depends on it (JSON-ready).
 
         For ``trak``/``fisher_if``: ``rule`` (text), ``ratio`` ρ or the absolute ``damping``, and per
-        slice of every run ``lambda``, ``unit`` = tr(K_c)/T_c, ``T``, ``rank`` (of K_c) and
+        slice of every run ``lambda``, ``unit`` (:meth:`damping_unit`; λ = ratio · unit),
+        ``trace_over_T`` = tr(K_c)/T_c, ``residual`` (the RMS residual of a margin kernel, else 1),
+        ``T``, ``rank`` (of K_c) and
         ``d_eff`` = Σ s_i/(s_i + λ) (:func:`~lightning_sketch.attribution.damping.effective_dimension`),
         with ``d_eff_fraction`` = median d_eff/rank over slices. With a query ``batch``, also
         ``top_k_overlap``: the mean fraction of each query's top-``k`` proponents that stay in the
@@ -306,15 +332,18 @@ class ScoringEngine:
         slices: list[dict[str, Any]] = []
         for r in range(len(self.runs)):
             for n in self.checkpoints:
-                s, _, unit = self._eigh(r, n)
-                lam = self.slice_damping(r, n)
+                s, _, _ = self._eigh(r, n)
+                lam, unit = self.slice_damping(r, n), self.damping_unit(r, n)
                 rank = int((s > 1e-10 * float(s.max().clamp_min(1e-300))).sum()) if s.numel() else 0
                 slices.append({"run": r, "slice": n, "lambda": lam, "unit": unit, "T": self._count(r, n),
-                               "rank": rank, "d_eff": effective_dimension(s, lam)})
+                               "trace_over_T": float(s.sum()) / max(self._count(r, n), 1),
+                               "residual": self._residual(r, n), "rank": rank,
+                               "d_eff": effective_dimension(s, lam)})
         fr = [x["d_eff"] / x["rank"] for x in slices if x["rank"] > 0]
         out: dict[str, Any] = {
             "method": self.method, "kernel": self.kernel,
             "rule": ("absolute damping for every slice" if self.damping is not None else
+                     "lambda_c = ratio * tr(K_c)/T_c / residual_c" if self.kernel == "margin" else
                      "lambda_c = ratio * tr(K_c)/T_c"),
             "ratio": None if self.damping is not None else self.damping_ratio,
             "damping": self.damping, "slices": slices,
@@ -355,13 +384,13 @@ class ScoringEngine:
         candidates: Sequence[float] | None = None,
         objective: Callable[[Tensor], float] | None = None,
     ) -> float:
-        """Choose the damping ratio ρ (λ_c = ρ · tr(K_c)/T_c) that maximises ``objective``; returns it.
+        """Choose the ratio ρ (λ_c = ρ · :meth:`damping_unit`) that maximises ``objective``; returns it.
 
         For users who have a ground truth: ``objective(scores [Q, T]) -> float`` (higher is better)
         is evaluated on the scores of ``val_batches`` for every candidate ratio (default
         :data:`DAMPING_RATIO_GRID`), e.g. the LDS of validation queries against retrained models
         (:func:`lightning_sketch.evaluation.lds`). Without a ground truth, keep the automatic
-        ratio (:func:`~lightning_sketch.attribution.damping.default_ratio`; nothing to call). Sets
+        ratio (:data:`~lightning_sketch.attribution.damping.DEFAULT_DAMPING_RATIO`; nothing to call). Sets
         :attr:`damping_ratio` and clears an absolute :attr:`damping`.
 
         Raises:
@@ -374,7 +403,7 @@ class ScoringEngine:
         if objective is None or val_batches is None:
             raise SketchConfigError(
                 "tune_damping needs `val_batches` and an `objective` (e.g. a validation LDS); without a "
-                f"ground truth the automatic ratio {default_ratio(self.kernel):.3g} is already in use."
+                f"ground truth the automatic ratio {DEFAULT_DAMPING_RATIO:.3g} is already in use."
             )
         cands = list(DAMPING_RATIO_GRID) if candidates is None else [float(c) for c in candidates]
         if not cands or any(not math.isfinite(c) or c <= 0 for c in cands):

@@ -1,12 +1,23 @@
-"""The damping λ of ``trak`` / ``fisher_if``: the automatic rule, its defaults and its diagnostics.
+"""The damping λ of ``trak`` / ``fisher_if``: the automatic rule, its default and its diagnostics.
 
-Each slice c inverts K_c + λ_c I, K_c the slice's ``[D, D]`` kernel (of T_c examples). Without a
-ground truth the library sets λ_c = ρ · tr(K_c)/T_c: tr(K_c)/T_c is the mean squared sketched
-per-example gradient norm (of the kernel's functions: the margin, the prediction, ...), the trace
-of the average per-example curvature, so the rule follows each slice's curvature as it shrinks
-during training and does not depend on the sketch dimension D. The ratio ρ is
-:data:`DEFAULT_MARGIN_DAMPING_RATIO` on TRAK's margin kernel and :data:`DEFAULT_DAMPING_RATIO` on
-the others; benchmarks/RESULTS.md gives the measurements behind both.
+Each slice c inverts K_c + λ_c I, K_c the slice's ``[D, D]`` kernel summed over T_c examples. Without
+a ground truth the library sets
+
+    λ_c = ρ · u_c,   u_c = tr(K_c)/T_c / r_c,   ρ = DEFAULT_DAMPING_RATIO = 10^-0.5,
+
+where tr(K_c)/T_c is the mean squared sketched per-example gradient (of the kernel's functions: the
+margin, the prediction, ...): the trace of the average per-example kernel, which follows each slice's
+curvature as it grows or shrinks during training and does not depend on the sketch dimension D. On
+TRAK's margin kernel r_c (:func:`residual_scale`) is the RMS residual 1 − p of the slice's examples,
+read off the stored rows: the loss's curvature Σ_t p_t(1 − p_t)φ_tφ_tᵀ is smaller than K_c = Σ_t φ_tφ_tᵀ
+on a well-fitted set, so the regularisation training applies is larger in K's units. On the
+Gauss–Newton and Fisher kernels (which are the loss's curvature) r_c = 1.
+
+How ρ and the unit were chosen: on the seven-task suite of ``benchmarks/attr_suite.py`` (binary and
+10-class classifiers, regression, T = 300 to 5,000, label noise, a sequence model, a causal language
+model), ``benchmarks/damping_rules.py`` measures the LDS of every candidate rule over a grid of its
+constant; the constant is chosen on the *validation* queries to maximise the worst task's LDS relative
+to that task's best, and reported on held-out queries (``benchmarks/RESULTS.md``, "Damping rules").
 """
 
 from __future__ import annotations
@@ -18,27 +29,15 @@ from torch import Tensor
 __all__ = [
     "DAMPING_RATIO_GRID",
     "DEFAULT_DAMPING_RATIO",
-    "DEFAULT_MARGIN_DAMPING_RATIO",
-    "default_ratio",
+    "RESIDUAL_FLOOR",
     "effective_dimension",
+    "residual_scale",
 ]
 
-#: ρ on the Gauss–Newton, Fisher and empirical kernels and on GᵀG.
+#: ρ of the automatic damping λ_c = ρ · u_c, on every kernel (u_c: :func:`residual_scale`).
 DEFAULT_DAMPING_RATIO = 10.0**-0.5
-#: ρ on TRAK's margin kernel (classifiers).
-DEFAULT_MARGIN_DAMPING_RATIO = 1.0
 #: Candidate ratios ρ for :meth:`~lightning_sketch.attribution.Attributor.tune_damping`: 10^-4 … 10^3.
 DAMPING_RATIO_GRID = tuple(float(10.0**e) for e in np.arange(-4.0, 3.01, 0.5))
-
-
-def default_ratio(kernel: str | None) -> float:
-    """The automatic ρ for a kernel kind (``Attributor.kernel``).
-
-    Example:
-        >>> default_ratio("margin"), round(default_ratio("gauss-newton"), 4)
-        (1.0, 0.3162)
-    """
-    return DEFAULT_MARGIN_DAMPING_RATIO if kernel == "margin" else DEFAULT_DAMPING_RATIO
 
 
 def effective_dimension(s: Tensor, lam: float) -> float:
@@ -50,3 +49,26 @@ def effective_dimension(s: Tensor, lam: float) -> float:
     """
     s = s.to(torch.float64).clamp_min(0)
     return float((s / (s + lam)).sum()) if lam > 0 else float((s > 0).sum())
+
+
+#: bounds of :func:`residual_scale`: at most a 1000-fold damping for a perfectly fitted training set
+RESIDUAL_FLOOR = 1e-3
+
+
+def residual_scale(grad_trace: float, kernel_trace: float) -> float:
+    """r = √(tr(GᵀG)/tr(K)), clipped to [10⁻³, 1]: the RMS residual of a margin-kernel slice.
+
+    On TRAK's margin kernel K = Σ_t φ_tφ_tᵀ (φ_t the sketched margin gradients) the stored loss
+    gradients are g_t = −(1 − p_t)φ_t, so tr(GᵀG)/tr(K) is the ‖φ‖²-weighted mean of (1 − p_t)².
+    The loss's true curvature is Σ_t p_t(1 − p_t)φ_tφ_tᵀ: on a well-fitted training set (small
+    residuals) it is much smaller than K, so the regularisation that training applies, measured in
+    K's units, is larger by about 1/r. The automatic λ on the margin kernel is therefore
+    ρ · tr(K)/T / r. ``grad_trace`` = Σ_t ‖g_t‖², ``kernel_trace`` = tr(K).
+
+    Example:
+        >>> residual_scale(1.0, 100.0), residual_scale(0.0, 1.0), residual_scale(5.0, 1.0)
+        (0.1, 0.001, 1.0)
+    """
+    if not kernel_trace > 0:
+        return 1.0
+    return float(min(1.0, max(RESIDUAL_FLOOR, (max(grad_trace, 0.0) / kernel_trace) ** 0.5)))

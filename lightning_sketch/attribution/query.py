@@ -43,7 +43,7 @@ from lightning_sketch.attribution._stored import (
     union_ids,
     verify_runs,
 )
-from lightning_sketch.attribution.damping import default_ratio
+from lightning_sketch.attribution.damping import DEFAULT_DAMPING_RATIO
 from lightning_sketch.attribution.task import AttributionTask, resolve_task
 from lightning_sketch.exceptions import (
     SketchConfigError,
@@ -87,12 +87,13 @@ class Attributor(ScoringEngine):
     - ``arnoldi_if``: Σ_i λ_i⁻¹⟨u_i, Φg(z)⟩⟨u_i, Φg(x)⟩ over the top eigenpairs of the sketched
       Hessian at the last slice (Schioppa et al. 2022).
 
-    Damping (``trak``, ``fisher_if``): with ``damping=None`` each slice uses
-    λ_c = ``damping_ratio`` · tr(K_c)/T_c, T_c the examples summed into the slice's kernel K_c (default
-    ratio :data:`DEFAULT_MARGIN_DAMPING_RATIO` on the margin kernel, :data:`DEFAULT_DAMPING_RATIO`
-    on the others); an explicit
-    ``damping`` is an absolute λ for every slice. :meth:`tune_damping` picks the ratio on a
-    user-supplied objective (e.g. a validation LDS).
+    Damping (``trak``, ``fisher_if``): with ``damping=None`` each slice uses λ_c = ``damping_ratio`` ·
+    u_c (:meth:`damping_unit`): u_c = tr(K_c)/T_c, T_c the examples summed into the slice's kernel K_c,
+    divided on TRAK's margin kernel by the RMS residual of the slice's examples (a well-fitted set
+    is damped more); default ratio :data:`DEFAULT_DAMPING_RATIO` = 10^-0.5
+    (:mod:`~lightning_sketch.attribution.damping` says how it was chosen). :meth:`damping_info` reports
+    each λ and how much the top-k depends on it. An explicit ``damping`` is an absolute λ for every
+    slice; :meth:`tune_damping` picks the ratio on a user-supplied objective (e.g. a validation LDS).
 
     Ensembles: pass a list of runs (``GradientSketch`` run directories or stores) and either one
     model (its architecture; each run's saved slice weights are loaded into it) or one model per
@@ -106,7 +107,7 @@ class Attributor(ScoringEngine):
             ``model.per_example_loss(batch)``.
         method: ``"auto"`` or one of :data:`METHODS`.
         damping: absolute λ for ``trak``/``fisher_if``; ``None`` = automatic (see above).
-        damping_ratio: ρ of the automatic damping (default :data:`DEFAULT_DAMPING_RATIO`).
+        damping_ratio: ρ of the automatic damping (default :data:`DEFAULT_DAMPING_RATIO` = 10^-0.5).
         rank: ``trak``/``fisher_if`` only: keep the top ``rank`` eigen-directions of each slice's
             kernel, M = U_r diag(1/(s_r + λ)) U_rᵀ (the complement is dropped, as in
             ``arnoldi_if``). Less accurate than the full inverse at its best damping, but nearly
@@ -254,7 +255,7 @@ class Attributor(ScoringEngine):
                 _warn_unrecorded_curvature(self.runs)
         elif method == "fisher_if":
             self.kernel = "fisher" if kinds == {"fisher"} else "empirical"
-        self.damping_ratio = default_ratio(self.kernel) if damping_ratio is None else float(damping_ratio)
+        self.damping_ratio = DEFAULT_DAMPING_RATIO if damping_ratio is None else float(damping_ratio)
         if query_loss_fn is None and method in _CURVED:
             if callable(getattr(self.model, "per_example_margin", None)):
                 query_loss_fn = negative_margin_of(self.model)
@@ -267,6 +268,7 @@ class Attributor(ScoringEngine):
         self._pos_cache: dict[tuple[int, str], Tensor] = {}
         self._eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
         self._count_cache: dict[tuple[int, str], int] = {}
+        self._residual_cache: dict[tuple[int, str], float] = {}
         self._norms: Tensor | None = None
         self._eig: tuple[Tensor, Tensor] | None = None
         if method == "arnoldi_if":

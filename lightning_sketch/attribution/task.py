@@ -68,7 +68,7 @@ KernelTerm = tuple[LossFn, Any, float]
 TASK_KINDS = ("classification", "binary", "regression", "language_model", "custom", "empirical")
 #: sampled kernel terms per example for sampled Gauss–Newton kernels (language models,
 #: ``sample_labels``): the relative error of the sampled kernel falls as 1/√S (benchmarks/RESULTS.md,
-#: "Kernels for every task").
+#: "Language-model kernel: sampled completions").
 DEFAULT_KERNEL_SAMPLES = 4
 #: at most this many outputs get one exact Gauss–Newton term each (multi-output regression);
 #: more are estimated with ``DEFAULT_KERNEL_SAMPLES`` Rademacher combinations.

@@ -15,7 +15,6 @@ from lightning.pytorch import Trainer, seed_everything
 
 from lightning_sketch.attribution import (
     DEFAULT_DAMPING_RATIO,
-    DEFAULT_MARGIN_DAMPING_RATIO,
     Attributor,
 )
 from lightning_sketch.attribution.curvature import (
@@ -87,12 +86,13 @@ def test_default_callback_gathers_the_margin_kernel_and_trak_uses_it(tmp_path, c
     torch.testing.assert_close(G[-1], (1 - p)[:, None] * rows, rtol=1e-3, atol=1e-5)
 
     att = Attributor(run, model)  # nothing else passed
-    assert (att.method, att.kernel, att.damping_ratio) == ("trak", "margin", DEFAULT_MARGIN_DAMPING_RATIO)
+    assert (att.method, att.kernel, att.damping_ratio) == ("trak", "margin", DEFAULT_DAMPING_RATIO)
     # Single-slice reference: q (K + λI)⁻¹ Gᵀ, λ = ρ tr(K)/T, queries = margin gradients.
     last = Attributor(run, model, checkpoints=[names[-1]], method="trak")
     q = full_batch(x[:4], y[:4])
     qs = loop_grads(m64, lambda mod, b: -_ref_margin(mod, b), full_batch(x[:4].double(), y[:4]), layout=layout) @ phi.T
-    lam = DEFAULT_MARGIN_DAMPING_RATIO * float(K.trace()) / len(y)
+    r = min(1.0, max(1e-3, (float((G[-1] ** 2).sum()) / float(K.trace())) ** 0.5))  # RMS residual
+    lam = DEFAULT_DAMPING_RATIO * float(K.trace()) / len(y) / r
     want = qs @ torch.linalg.solve(K + lam * torch.eye(D, dtype=torch.float64), G[-1].T)
     torch.testing.assert_close(last.scores(q), want, rtol=2e-3, atol=1e-6 * float(want.abs().max()))
 
