@@ -45,7 +45,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _attr_tasks as A  # noqa: E402
 from _attr_tasks import CACHE, lds_ci  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -105,11 +106,7 @@ def get_task(task: str | SuiteTask) -> SuiteTask:
     return TASKS[task]
 
 
-class Splits(NamedTuple):
-    train: tuple[Tensor, Tensor]
-    query: tuple[Tensor, Tensor]
-    val: tuple[Tensor, Tensor]
-    flipped: Tensor  # [n_train] bool
+Splits = A.Splits  # train / query / val pairs and the flipped-label mask, as the digits benchmarks
 
 
 # ---------------------------------------------------------------------- data

@@ -120,6 +120,16 @@ def fit_ratio(att, r: int, name: str, T: int) -> float:
     return max(gg / max(float(s.sum()), 1e-300), 1e-12)
 
 
+def save(name: str, res: dict) -> None:
+    """Merge ``res`` into damping_rules.json (re-read first: other processes may have added to it)."""
+    path = S.SUITE / "damping_rules.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if name in results:
+        res = {**res, "rules": {**results[name]["rules"], **res["rules"]}}
+    results[name] = res
+    path.write_text(json.dumps(results, indent=1))
+
+
 def run_task(name: str, rules: list[str]) -> dict:
     from lightning_sketch.attribution import Attributor
 
@@ -151,6 +161,7 @@ def run_task(name: str, rules: list[str]) -> dict:
                 row[f"{split}_5"] = S.lds_of(torch.stack(per).mean(0), gt, split)
             rows.append(row)
         res["rules"][rule] = rows
+        save(name, res)  # after every rule: a long run keeps what it measured
         best = max(rows, key=lambda x: x["query_5"])
         print(f"[{name}] {rule:9s} best c {best['c']:.3g}: query LDS 1 {best['query_1']:.3f} 5 {best['query_5']:.3f}",
               flush=True)
@@ -160,6 +171,10 @@ def run_task(name: str, rules: list[str]) -> dict:
 def choose(results: dict) -> dict:
     """Per rule: the constant maximising the worst task's (val LDS − best val LDS of that task)."""
     out = {}
+    for r in results.values():  # on kernels other than the margin's, f = 1: fit rules are the trace rule
+        if r["kernel"] != "margin" and "trace" in r["rules"]:
+            for k in ("fit", "fit_sqrt"):
+                r["rules"].setdefault(k, r["rules"]["trace"])
     rules = sorted({k for r in results.values() for k in r["rules"]}, key=list(GRIDS).index)
     for rule in rules:
         if any(rule not in r["rules"] for r in results.values()):
@@ -199,12 +214,8 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         res = run_task(name, a.rules.split(","))
         res["seconds"] = time.perf_counter() - t0
-        # re-read: another process may have added tasks or rules meanwhile; keep what it measured
-        results = json.loads(path.read_text()) if path.exists() else {}
-        if name in results:
-            res["rules"] = {**results[name]["rules"], **res["rules"]}
-        results[name] = res
-        path.write_text(json.dumps(results, indent=1))
+        save(name, res)
+    results = json.loads(path.read_text())
     chosen = choose(results)
     (S.SUITE / "damping_rules_chosen.json").write_text(json.dumps(chosen, indent=1))
     names = list(results)

@@ -54,15 +54,18 @@ def rnn_cudnn_off(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
 class _FallbackHooks(_CaptureKernels):
     """The hooks of modules that go through ``torch.func`` one module at a time."""
 
+    def _skip(self, module: nn.Module, expected: dict[str, Tensor]) -> bool:
+        """A forward to ignore: inside our own recomputation, with swapped parameters, or without grad."""
+        return (self._busy or any(_attr(module, n) is not p for n, p in expected.items())
+                or not torch.is_grad_enabled())
+
     def _fallback_hook(
         self, owner: nn.Module, local: dict[str, int], expected: dict[str, Tensor]
     ) -> FallbackHook:
         def forward_hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> None:
-            if self._busy or any(_attr(module, n) is not p for n, p in expected.items()):
-                return
-            if not torch.is_grad_enabled():
+            if self._skip(module, expected):
                 return
             leaves = pytree.tree_leaves(output)
             saved = (_detach_tree(args), _detach_tree(kwargs))
@@ -127,9 +130,7 @@ class _FallbackHooks(_CaptureKernels):
         def forward_hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> None:
-            if self._busy or any(_attr(module, n) is not p for n, p in expected.items()):
-                return
-            if not torch.is_grad_enabled():
+            if self._skip(module, expected):
                 return
             x = args[0] if args else kwargs.get("input")
             hx = args[1] if len(args) > 1 else kwargs.get("hx")
