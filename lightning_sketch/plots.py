@@ -38,6 +38,26 @@ __all__ = [
 ]
 
 
+#: eigenvalue trajectories named one by one in a legend; more share one "top k" entry.
+_NAMED_EIGENVALUES = 10
+
+
+def _eigenvalue_styles(k: int) -> list[dict[str, Any]]:
+    """Line label and colour for each of ``k`` eigenvalue trajectories, largest first.
+
+    Up to :data:`_NAMED_EIGENVALUES` lines get one legend entry each (``λ1`` ... ``λk``), so the
+    legend names every line drawn. Beyond that the default colour cycle would repeat, so the lines
+    are shaded along a colormap (darkest = λ1) and one entry says ``top k``.
+    """
+    if k <= _NAMED_EIGENVALUES:
+        return [{"label": f"λ{i + 1}"} for i in range(k)]
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    return [{"label": f"top {k} (dark: λ1)" if i == 0 else None, "color": cmap(0.9 * i / (k - 1))}
+            for i in range(k)]
+
+
 def figure(width: float, height: float) -> Any:
     """A new Figure (inches) attached to its own Agg canvas."""
     # matplotlib on first use: importing it costs about a second and only drawing needs it.
@@ -148,14 +168,14 @@ def spectrum_history_figure(
     ax1, ax2 = fig.subplots(1, 2)
     steps = [e["step"] for e in history]
     k = max(len(e["eigenvalues"]) for e in history)
-    for i in range(k):
+    for i, style in enumerate(_eigenvalue_styles(k)):
         xs = [s for s, e in zip(steps, history) if len(e["eigenvalues"]) > i]
         ys = [e["eigenvalues"][i] for e in history if len(e["eigenvalues"]) > i]
-        ax1.plot(xs, ys, marker="o", ms=3, lw=1, label=f"λ{i + 1}" if i < 5 else None)
+        ax1.plot(xs, ys, marker="o", ms=3, lw=1, **style)
     ax1.set_xlabel("global step")
     ax1.set_ylabel("eigenvalue of Φ H Φᵀ")
     ax1.set_title("Top Hessian eigenvalues")
-    ax1.legend(fontsize=7)
+    ax1.legend(fontsize=7, ncol=2 if k > 5 else 1)
     cmap = matplotlib.colormaps["viridis"]
     for j, grid, dens in densities:
         color = cmap(j / max(1, len(history) - 1))
@@ -240,13 +260,13 @@ def spectrum_figure(snaps: Sequence[tuple[int, Mapping[str, Any]]]) -> Any:
     fig = figure(10, 3.4)
     ax = fig.add_subplot(1, 2, 1)
     steps = [st for st, _ in snaps]
-    for i in range(k):
+    for i, style in enumerate(_eigenvalue_styles(k)):
         vals = [float(s["eigenvalues"][i]) if i < len(s["eigenvalues"]) else np.nan for _, s in snaps]
-        ax.plot(steps, vals, marker="o", ms=3, label=f"λ{i + 1}" if i < 5 else None)
+        ax.plot(steps, vals, marker="o", ms=3, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("eigenvalue")
     ax.set_title("top eigenvalues over training")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2 if k > 5 else 1)
     ax2 = fig.add_subplot(1, 2, 2)
     with_density = [(st, s) for st, s in snaps if "density" in s and "density_grid" in s]
     chosen = with_density

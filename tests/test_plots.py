@@ -28,3 +28,33 @@ def test_plot_search_writes_a_png_without_switching_the_backend(tmp_path, monkey
 @pytest.mark.parametrize("target", [None, 0.5])
 def test_plot_search_with_an_empty_history(tmp_path, target):
     assert plot_search([], target, tmp_path / "empty.png").exists()
+
+
+def _legend_of_left_axes(fig):
+    ax = fig.axes[0]
+    return ax, [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+@pytest.mark.parametrize("k", [3, 10])
+def test_eigenvalue_legends_name_every_line_drawn(k):
+    import torch
+
+    from lightning_sketch.plots import spectrum_figure, spectrum_history_figure
+
+    vals = [torch.linspace(k, 1, k) * (1 + st) for st in range(3)]
+    fig = spectrum_figure([(st, {"eigenvalues": v}) for st, v in enumerate(vals)])
+    ax, texts = _legend_of_left_axes(fig)
+    assert len(ax.get_lines()) == k and texts == [f"λ{i + 1}" for i in range(k)]
+    fig = spectrum_history_figure([{"step": st, "eigenvalues": v.tolist()} for st, v in enumerate(vals)], [])
+    ax, texts = _legend_of_left_axes(fig)
+    assert len(ax.get_lines()) == k and texts == [f"λ{i + 1}" for i in range(k)]
+
+
+def test_eigenvalue_legend_says_top_k_once_beyond_ten_lines():
+    import torch
+
+    from lightning_sketch.plots import spectrum_figure
+
+    fig = spectrum_figure([(st, {"eigenvalues": torch.linspace(20, 1, 20)}) for st in range(3)])
+    ax, texts = _legend_of_left_axes(fig)
+    assert len(ax.get_lines()) == 20 and texts == ["top 20 (dark: λ1)"]

@@ -267,6 +267,19 @@ class ScoringEngine:
                     f"The spectrum snapshot {snapshot} covers other parameters than the store; give "
                     f"HessianSpectrum the same include=/exclude= as GradientSketch."
                 )
+            snap_step, name = meta.get("step"), self.checkpoints[-1]
+            last_step = self.runs[0].steps.get(name)
+            if snap_step is not None and last_step is not None and int(snap_step) != last_step:
+                import warnings
+
+                warnings.warn(
+                    f"The spectrum snapshot {snapshot} was taken at step {int(snap_step)}, the last "
+                    f"stored slice {name!r} at step {last_step}; arnoldi_if pairs that slice's "
+                    f"gradients with this curvature. Take a spectrum snapshot at step {last_step} "
+                    f"(HessianSpectrum(at_steps=[{last_step}])).",
+                    UserWarning,
+                    stacklevel=3,
+                )
         elif batches is not None:
             saved = (
                 None

@@ -65,6 +65,8 @@ class Run:
     names: list[str]
     lrs: dict[str, float | None]
     explicit_weights: bool = False
+    #: slice name → the training step its rows were taken at (``None`` where the store has none)
+    steps: dict[str, int | None] = field(default_factory=dict)
     _ids: dict[str, np.ndarray] = field(default_factory=dict)
 
     def ids(self, name: str) -> np.ndarray:
@@ -108,6 +110,7 @@ def open_run(store: Any) -> Run:
         weights_dir=weights if weights is not None and weights.is_dir() else None,
         names=[c["name"] for c in cks],
         lrs={c["name"]: _lr(c) for c in cks},
+        steps={c["name"]: None if c.get("step") is None else int(c["step"]) for c in cks},
     )
 
 

@@ -1,7 +1,7 @@
 """Intrinsic dimension: subspace training θ = θ0 + Φᵀω and the paper's single-run doubling search.
 
-- :class:`Subspace`: ``Subspace.attach(module, kind="affd", sketch_dim=D, seed=0, said=False)``
-  reparametrises a module so that ω ∈ R^D is its only trainable tensor (Li et al. 2018).
+- :class:`Subspace`: ``Subspace.attach(module, kind="affd", sketch_dim=D, seed=0, said=False,
+  normalize=True)`` reparametrises a module so that ω ∈ R^D is its only trainable tensor (Li et al. 2018).
 - :class:`DoublingSearch`: the single-run search of arXiv 2402.03994 (Listing 9) as a state machine.
 - :func:`binary_search_dimension`: the classic one-run-per-d search, for comparison.
 """

@@ -126,7 +126,7 @@ class Subspace(nn.Module):
         sketch_dim: int = 1024,
         seed: int = 0,
         said: bool = False,
-        normalize: bool = False,
+        normalize: bool = True,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
         **options: Any,
@@ -140,7 +140,9 @@ class Subspace(nn.Module):
             sketch_dim: D, the number of trainable scalars (ω, plus the SAID scalars), D_max of a search.
             seed: seed of Φ; the same seed gives the same Φ in every process.
             said: add one learned scalar per tensor (structure-aware intrinsic dimension).
-            normalize: scale Φᵀ by √(D/N) for unit-norm columns (Li et al.); False uses Φᵀ as is.
+            normalize: scale Φᵀ by √(D/N) for unit-norm columns (Li et al.), so a step in ω moves θ
+                about as far whatever N and D are; the default, as in the IntrinsicDimension
+                callback. False uses Φᵀ as is.
             include: keep only parameters whose names match one of these patterns.
             exclude: drop parameters matching one of these patterns.
             **options: kind-specific sketch options.

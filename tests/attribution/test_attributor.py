@@ -159,6 +159,31 @@ def test_arnoldi_if_matches_exact_hessian_eigenpairs(tmp_path, trained):
         Attributor(path, model, method="arnoldi_if", eigenpairs=(torch.ones(2), torch.ones(7, 2)))
 
 
+def test_arnoldi_if_snapshot_from_another_step_warns_once(tmp_path, trained):
+    import warnings
+
+    from lightning_sketch.spectrum.snapshot import save_snapshot
+
+    model, x, y, _ = trained
+    path, sketch = _store(tmp_path, model, x, y, lrs=(0.1, 0.1))  # slices c0 (step 0), c1 (step 1)
+    D = sketch.sketch_dim
+    pairs = {"eigenvalues": torch.tensor([2.0, 1.0]), "eigenvectors": torch.eye(D)[:2]}
+    spec = dict(sketch.spec)
+    save_snapshot(tmp_path / "spec", 7, pairs, {"sketch_spec": spec})
+    with pytest.warns(UserWarning) as rec:
+        att = Attributor(path, model, method="arnoldi_if", snapshot=tmp_path / "spec")
+    msgs = [str(w.message) for w in rec if "spectrum snapshot" in str(w.message)]
+    assert len(msgs) == 1
+    assert "step 7" in msgs[0] and "step 1" in msgs[0] and "at_steps=[1]" in msgs[0]
+    assert att._eig[0].tolist() == [2.0, 1.0]  # still used
+    assert att.scores(full_batch(x[:2], y[:2])).shape == (2, len(y))
+    save_snapshot(tmp_path / "spec2", 1, pairs, {"sketch_spec": spec})
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        Attributor(path, model, method="arnoldi_if", snapshot=tmp_path / "spec2")
+    assert not [w for w in rec if "spectrum snapshot" in str(w.message)]  # same step: silent
+
+
 def test_self_influence_ranks_flipped_labels_high(tmp_path):
     model, x, y, flipped = _trained(seed=1, flip=0.1, steps=100, n=90)
     path, _ = _store(tmp_path, model, x, y, kind="affd", sketch_dim=64)

@@ -64,6 +64,23 @@ def test_grad_omega_equals_sketch_of_ordinary_grad(kind, normalize):
     assert all(p.grad is None for n, p in net.named_parameters() if "original" in n)
 
 
+
+def test_attach_normalizes_by_default_like_the_callback():
+    """Subspace.attach and IntrinsicDimension both scale Φᵀ by √(D/N) unless told normalize=False."""
+    import inspect
+
+    from lightning_sketch.callbacks import IntrinsicDimension
+
+    callback_default = inspect.signature(IntrinsicDimension).parameters["normalize"].default
+    assert inspect.signature(Subspace.attach).parameters["normalize"].default is callback_default is True
+    plain = Subspace.attach(_mlp(), kind="dense", sketch_dim=8, seed=2, normalize=False)
+    sub = Subspace.attach(_mlp(), kind="dense", sketch_dim=8, seed=2)
+    assert sub.normalize and sub.spec["normalize"] is True
+    with torch.no_grad():
+        plain.omega.fill_(0.5)
+        sub.omega.fill_(0.5)
+    torch.testing.assert_close(sub.delta(), math.sqrt(8 / sub.layout.dim) * plain.delta())
+
 def test_only_omega_trainable_and_optimizer_over_parameters_trains_it():
     net = _mlp()
     sub = Subspace.attach(net, kind="dense", sketch_dim=8)
