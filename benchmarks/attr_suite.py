@@ -133,6 +133,8 @@ def part_default(t, sp, gt, runs) -> dict:
         s5 = ens.scores(qb) if ens is not None else s1[0]
     _check_ids(singles[0], t.n_train)
     _SHARED.update({"task": t.name, "singles": singles, "ens": ens})
+    # how sure the default says it is (Attributor.damping_info): run 0, the query split, k = 10
+    info = singles[0].damping_info(qb, k=10) if hasattr(singles[0], "damping_info") else {}
     one = [S.lds_of(s, gt) for s in s1]
     five = S.evaluate(s5, None, gt)["query"]
     return {
@@ -141,6 +143,8 @@ def part_default(t, sp, gt, runs) -> dict:
         "method_5": ens.method if ens else None, "kernel_5": ens.kernel if ens else None,
         "damping_ratio_5": ens.damping_ratio if ens else None,
         "n_checkpoints": len(singles[0].checkpoints),
+        "top_k_overlap": info.get("top_k_overlap"), "d_eff_fraction": info.get("d_eff_fraction"),
+        "residual_last": (info.get("slices") or [{}])[-1].get("residual"),
         "query_warnings": S.summarise_warnings(cw.items),
     }
 
@@ -345,7 +349,8 @@ def run_task(name: str, a, parts) -> dict:
         if "error" not in r:
             if p in ("default", "kf"):
                 extra = (f"  method={r['method']} kernel={r['kernel']} ratio={r['damping_ratio']:.3g} "
-                         f"query warnings={r['query_warnings']['total']}") if p == "default" else ""
+                         f"query warnings={r['query_warnings']['total']} top-10 overlap at λ/√10, λ√10: "
+                         f"{r.get('top_k_overlap')}") if p == "default" else ""
                 print(f"[{name}] {p:8s} LDS 1 model {r['lds_1']:.3f}  {a.runs} models {r['lds_5'][0]:.3f} "
                       f"[{r['lds_5'][1]:.3f}, {r['lds_5'][2]:.3f}]{extra}  ({res['timings'][f'{p}_s']:.0f} s)",
                       flush=True)
