@@ -261,7 +261,8 @@ def _damping_line(d: Any) -> dict[str, Any] | None:
     lams = [v for v in raw if v is not None]
     text = f"Damping on the {kernel} kernel: "
     ratio, frac = num("ratio"), num("d_eff_fraction")
-    text += f"ratio {ratio:.3g} of each slice's tr(K)/T" if ratio is not None else "an absolute λ"
+    unit = "tr(K)/T divided by its RMS residual 1 − p" if kernel == "margin" else "tr(K)/T"
+    text += f"ratio {ratio:.3g} of each slice's {unit}" if ratio is not None else "an absolute λ"
     if lams:
         text += f", λ from {min(lams):.3g} to {max(lams):.3g} over {len(lams)} slices"
     if frac is not None:

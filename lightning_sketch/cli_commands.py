@@ -321,11 +321,15 @@ def _as_table(result: dict[str, Any]) -> str:
     # trak/fisher_if on a margin kernel measure the query's margin; every other case its loss
     sign = "raises the query's margin" if d.get("kernel") == "margin" else "lowers the query's loss"
     lines = [f"method: {result['method']}  (score > 0: training on the example {sign})"]
+    if result["method"] in ("trak", "fisher_if"):
+        lines.append("  ranks by counterfactual effect (what retraining without the example would change), "
+                     "not by similarity: for look-alike training examples use --method grad_cos")
     if d.get("rule") is not None:
         ov = d.get("top_k_overlap") or {}
         lams = [x["lambda"] for x in d.get("slices", [])]
         lo, hi = ov.get("lambda/sqrt10", float("nan")), ov.get("lambda*sqrt10", float("nan"))
-        lines.append(f"damping: {d['kernel']} kernel, ratio {d['ratio']:.3g} of tr(K)/T, λ {min(lams):.3g}–"
+        unit = "tr(K)/T/r (r: RMS residual)" if d["kernel"] == "margin" else "tr(K)/T"
+        lines.append(f"damping: {d['kernel']} kernel, ratio {d['ratio']:.3g} of {unit}, λ {min(lams):.3g}–"
                      f"{max(lams):.3g}; top-k kept at λ/√10, λ·√10: {lo:.0%}, {hi:.0%}"
                      if d.get("ratio") is not None and lams else f"damping: {d.get('damping')}")
     for rec in result["queries"]:

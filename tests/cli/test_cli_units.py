@@ -110,6 +110,14 @@ def test_output_formats_and_main_usage(capsys):
         "query,query_label,kind,rank,train_id,train_label,score", "4,1,proponent,1,7,1,2.5", "4,1,opponent,1,9,3,-1"]
     table = cli_commands._as_table(result)
     assert "query 4 (test)" in table and "proponent     1        7" in table
+    assert "lowers the query's loss" in table and "counterfactual" not in table
+    # trak on the margin kernel: the sign sentence names the margin, the ranking's meaning, and λ
+    trak = {**result, "method": "trak", "damping": {
+        "kernel": "margin", "rule": "r", "ratio": 0.316, "slices": [{"lambda": 2.0}, {"lambda": 5.0}],
+        "top_k_overlap": {"lambda/sqrt10": 0.8, "lambda*sqrt10": 0.6}}}
+    table = cli_commands._as_table(trak)
+    assert "raises the query's margin" in table and "counterfactual" in table and "--method grad_cos" in table
+    assert "ratio 0.316 of tr(K)/T/r (r: RMS residual), λ 2–5; top-k kept at λ/√10, λ·√10: 80%, 60%" in table
     from lightning_sketch._safeio import verify_checked
 
     assert verify_checked(json.loads(cli_commands._as_json(result)), path="-", what="query result") == result
