@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 from collections.abc import Sized
 from contextlib import AbstractContextManager
@@ -13,9 +14,10 @@ import torch
 from lightning.pytorch import Trainer
 from torch import Tensor, nn
 
-from lightning_sketch.exceptions import SketchConfigError, SketchInputError
+from lightning_sketch.exceptions import SketchConfigError, SketchInputError, StoreNotFoundError
 from lightning_sketch.sketches import KINDS
 from lightning_sketch.store import SketchStore
+from lightning_sketch.store.manifest import MANIFEST
 
 #: training examples whose inputs a checkpoint-mode run keeps in ``weights/probe.pt`` so that the
 #: Attributor can check that the model it is given reproduces their stored rows.
@@ -23,6 +25,80 @@ PROBE_EXAMPLES = 4
 
 
 # ---------------------------------------------------------------------- helpers
+def _state_ident(key: Any) -> dict[str, Any] | None:
+    """The fields of a ``GradientSketch{...}`` state key, or None for another callback's key.
+
+    Both key forms parse: ``{'name', 'mode', 'sketch_kind'}`` and the absolute-path form
+    ``{'dirpath', 'mode', 'sketch_kind'}`` that older checkpoints hold.
+    """
+    prefix = "GradientSketch"
+    if not isinstance(key, str) or not key.startswith(prefix + "{"):
+        return None
+    try:
+        fields = ast.literal_eval(key[len(prefix):])
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(fields, dict) or not {"mode", "sketch_kind"} <= fields.keys():
+        return None
+    return fields
+
+
+def _adopt_state(states: dict[Any, Any], cb: Any) -> None:
+    """File the callback's state under ``cb.state_key`` when the checkpoint holds it under another key.
+
+    Lightning looks a callback's state up by its exact ``state_key``. A checkpoint can hold this
+    callback's state under another one: written with the absolute-dirpath key, or by a run whose
+    sketch directory has another name. Among the GradientSketch entries of the same mode and sketch
+    kind, the one written for this very dirpath is taken, else the one whose directory has the same
+    name, else the only one; when the choice is ambiguous nothing is moved (no state is guessed).
+    """
+    if cb.state_key in states:
+        return
+    same = [(k, f) for k, f in ((k, _state_ident(k)) for k in states)
+            if f is not None and f["mode"] == cb.mode and f["sketch_kind"] == cb.sketch_kind]
+    name = Path(cb.dirpath).name
+    for pick in (
+        [k for k, f in same if f.get("dirpath") == cb.dirpath],
+        [k for k, f in same if Path(str(f.get("dirpath", ""))).name == name or f.get("name") == name],
+        [k for k, _ in same],
+    ):
+        if len(pick) == 1:
+            states[cb.state_key] = states.pop(pick[0])
+            return
+        if pick:
+            return
+
+
+def _store_gone(cb: Any, trainer: Trainer, dir_created: bool) -> StoreNotFoundError:
+    """Remove the empty store this setup created in place of the run's missing one; the error to raise.
+
+    Only the manifest written by ``setup`` goes, and the directory if ``setup`` created it and it
+    holds nothing else than its released writer lock, so that restoring the run's store does not
+    land on top of an empty one.
+    """
+    path = cb.store_path
+    if cb.store is not None:
+        cb.store.close()
+        cb.store = None
+    if trainer.is_global_zero:
+        try:
+            (path / MANIFEST).unlink(missing_ok=True)
+            left = list(path.iterdir()) if dir_created else []
+            if all(p.name == ".writer.lock" and p.is_file() for p in left):  # released by close()
+                for p in left:
+                    p.unlink()
+                if dir_created:
+                    path.rmdir()
+        except OSError:
+            pass  # left as it is: the error below is what matters
+    return StoreNotFoundError(
+        f"GradientSketch resumes from a checkpoint that records rows committed to the store "
+        f"{str(path)!r}, but no store is there (no {MANIFEST}): the run's store was deleted, or not "
+        f"copied or moved with the run. Restore that store directory, or start a fresh run without "
+        f"`ckpt_path` (with a new dirpath)."
+    )
+
+
 def _open_store(cb: Any, trainer: Trainer) -> Any:
     kwargs = {"spec": cb.sketch.spec, "layout": cb.layout, "dtype": cb.dtype, "nan_policy": cb.nan_policy}
     if trainer.world_size == 1:

@@ -46,6 +46,7 @@ the module's train/eval mode is restored.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -58,11 +59,18 @@ from lightning_sketch.attribution.curvature import check_curvature_arg
 from lightning_sketch.attribution.task import AttributionTask
 from lightning_sketch.callbacks._gradient_sketch_base import _check_support
 from lightning_sketch.callbacks._gradient_sketch_inline import _InlineMixin
-from lightning_sketch.callbacks._gradient_sketch_io import _check_no_padding, _check_types, _open_store
+from lightning_sketch.callbacks._gradient_sketch_io import (
+    _adopt_state,
+    _check_no_padding,
+    _check_types,
+    _open_store,
+    _store_gone,
+)
 from lightning_sketch.callbacks._gradient_sketch_slices import _SlicesMixin
 from lightning_sketch.exceptions import SketchConfigError, StoreWriteError
 from lightning_sketch.gradients import GradientCapture, ParamLayout
 from lightning_sketch.sketches import make, sketch_class
+from lightning_sketch.store.manifest import MANIFEST
 
 __all__ = ["GradientSketch"]
 
@@ -208,16 +216,24 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self._capture_tool: Any = None
         #: state_key's cache: ((dirpath, mode, sketch_kind), key)
         self._state_key: tuple[tuple[str, str, str], str] | None = None
+        #: set by setup: None when the store existed, else whether its directory was created too
+        self._created_store: bool | None = None
 
     # ------------------------------------------------------------------ identity / state
     @property
     @override
     def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint: the store directory's name, mode and kind.
+
+        Not the absolute dirpath, so a run directory that is copied or moved still resumes; two
+        GradientSketch callbacks of one trainer need directories of different names.
+        """
         # Lightning reads it on every hook call (profiler names): cached per (dirpath, mode, kind).
         ident = (self.dirpath, self.mode, self.sketch_kind)
         cached = self._state_key
         if cached is None or cached[0] != ident:
-            key = self._generate_state_key(dirpath=self.dirpath, mode=self.mode, sketch_kind=self.sketch_kind)
+            key = self._generate_state_key(name=Path(self.dirpath).name, mode=self.mode,
+                                           sketch_kind=self.sketch_kind)
             cached = (ident, key)
             self._state_key = cached
         return cached[1]
@@ -232,6 +248,22 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             "dirpath": self.dirpath,
             "spec": None if self.sketch is None else self.sketch.spec,
         }
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Runs before Lightning hands out the states by exact key: a state under an earlier key form
+        # (the absolute dirpath) or another directory name is filed under this callback's key.
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict):
+            return
+        _adopt_state(states, self)
+        state = states.get(self.state_key) or {}
+        committed = state.get("generation") is not None or bool(state.get("slices"))
+        if committed and self.store is not None and self._created_store is not None:
+            # setup made an empty store where the checkpoint's rows should be: refuse before training
+            raise _store_gone(self, trainer, self._created_store)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -264,6 +296,11 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             self.sketch_dim = self.layout.dim
         self.sketch = make(self.sketch_kind, self.layout.dim, self.sketch_dim, self.seed, **options)
         self.dirpath = trainer.strategy.broadcast(self.dirpath)
+        path = self.store_path
+        # rank 0 creates the store: its view decides, on every rank
+        self._created_store = trainer.strategy.broadcast(
+            None if (path / MANIFEST).exists() else not path.exists()
+        )
         self.store = _open_store(self, trainer)
 
     @override

@@ -252,3 +252,74 @@ def test_ddp_ranks_write_shards_that_merge_to_the_single_process_store(tmp_path)
     sketch = make("affd", layout.dim, 16, seed=0)
     want = sketch.apply(_grads_at(weights, full_batch(x, y)).double()).float()
     np.testing.assert_allclose(vecs, want.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def _fit_run(run, epochs, ckpt_path=None, mode="checkpoint"):
+    """One seeded fit whose checkpoints and store live under the run directory ``run``."""
+    x, y = _data()
+    seed_everything(3)
+    model = TinyClassifier()
+    cb = GradientSketch(dirpath=str(run / "sketch"), sketch_kind="affd", sketch_dim=32, mode=mode,
+                        every_n_steps=2 if mode == "checkpoint" else None)
+    mc = ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, save_top_k=0)
+    _trainer(run, [cb, mc], max_epochs=epochs, enable_checkpointing=True).fit(
+        model, loader(x, y), ckpt_path=ckpt_path
+    )
+    return cb
+
+
+def _assert_same_store(a_path, b_path):
+    a, b = SketchStore.open(a_path), SketchStore.open(b_path)
+    assert a.checkpoints == b.checkpoints and a.checkpoints
+    assert a.num_rows == b.num_rows
+    for name in a.checkpoints:
+        ia, va = _rows(a_path, name)
+        ib, vb = _rows(b_path, name)
+        assert ia.tolist() == ib.tolist()
+        np.testing.assert_array_equal(va, vb)
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "inline"])
+def test_a_moved_run_directory_resumes_to_the_uninterrupted_store(tmp_path, mode):
+    _fit_run(tmp_path / "ref", 2, mode=mode)
+    _fit_run(tmp_path / "runs" / "a", 1, mode=mode)
+    moved = tmp_path / "runs" / "b"
+    (tmp_path / "runs" / "a").rename(moved)
+    cb = _fit_run(moved, 2, ckpt_path=str(moved / "checkpoints" / "last.ckpt"), mode=mode)
+    assert cb._last_step_done >= 0 or mode == "inline"
+    _assert_same_store(tmp_path / "ref" / "sketch" / "store", moved / "sketch" / "store")
+
+
+def test_a_checkpoint_under_the_path_keyed_state_resumes(tmp_path):
+    """Checkpoints whose callback state sits under the dirpath-keyed name still resume, moved or not."""
+    _fit_run(tmp_path / "ref", 2)
+    _fit_run(tmp_path / "a", 1)
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    (key,) = [k for k in state["callbacks"] if str(k).startswith("GradientSketch")]
+    old = "GradientSketch" + repr({"dirpath": str(tmp_path / "a" / "sketch"), "mode": "checkpoint",
+                                   "sketch_kind": "affd"})
+    state["callbacks"][old] = state["callbacks"].pop(key)
+    torch.save(state, ckpt)
+    moved = tmp_path / "b"
+    (tmp_path / "a").rename(moved)
+    _fit_run(moved, 2, ckpt_path=str(moved / "checkpoints" / "last.ckpt"))
+    _assert_same_store(tmp_path / "ref" / "sketch" / "store", moved / "sketch" / "store")
+
+
+def test_resume_without_the_store_names_the_missing_store(tmp_path):
+    from lightning_sketch.exceptions import StoreNotFoundError
+
+    _fit_run(tmp_path / "a", 1)
+    store = tmp_path / "a" / "sketch" / "store"
+    (store / "manifest.json").unlink()
+    with pytest.raises(StoreNotFoundError, match="store") as err:
+        _fit_run(tmp_path / "a", 2, ckpt_path=str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
+    assert str(store) in str(err.value) and "ckpt_path" in str(err.value)
+    assert not (store / "manifest.json").exists()  # no empty store left where the run's store belongs
+    # the whole store directory gone: the same error
+    import shutil
+    shutil.rmtree(store)
+    with pytest.raises(StoreNotFoundError):
+        _fit_run(tmp_path / "a", 2, ckpt_path=str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
+    assert not store.exists()
