@@ -241,8 +241,8 @@ def test_progress_bar_counts_every_matvec(tmp_path, capsys):
 
 
 def test_unconverged_snapshots_warn_once_per_fit(tmp_path):
-    """Three snapshots with only k = 3 Lanczos steps all miss the tolerance: one warning, naming the first step,
-    the converged count, the largest relative residual and the options to change."""
+    """Three snapshots with only k = 3 Lanczos steps all miss the tolerance: one warning, naming the
+    first step, the converged count, the largest relative residual and the options to change."""
     torch.manual_seed(0)
     cb = _callback(num_iter=3, plot=False, density=False, trace=False)
     with warnings.catch_warnings(record=True) as caught:
@@ -284,4 +284,5 @@ def test_converged_snapshots_stop_early_and_record_the_steps(tmp_path):
     _trainer(tmp_path / "full", [full], 1).fit(TinyModule(), _loader())
     assert full.history[0]["scalars"]["lanczos_matvecs"] == 32
     lam = torch.tensor(full.history[0]["eigenvalues"])
-    torch.testing.assert_close(torch.tensor(cb.history[0]["eigenvalues"]), lam, rtol=0, atol=1e-2 * float(lam[0]))
+    got = torch.tensor(cb.history[0]["eigenvalues"])
+    torch.testing.assert_close(got, lam, rtol=0, atol=1e-2 * float(lam[0]))
