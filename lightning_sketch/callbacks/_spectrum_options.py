@@ -38,7 +38,15 @@ class SpectrumNumerics:
     """How each Hessian snapshot is computed (the defaults follow arXiv 2402.03994, App. B.8).
 
     Args:
-        num_iter: Lanczos steps per snapshot (default ``min(D, max(4k, 40))``).
+        num_iter: most Lanczos steps per snapshot (default ``min(D, max(4k, 40))``).
+        tol: convergence tolerance of the top-k Ritz pairs, relative to the largest |Ritz value|
+            (≈ λ_max): a pair is converged when its residual ‖Hy − θy‖ ≤ tol·|λ_max|, i.e. it is an exact
+            eigenpair of a Hessian perturbed by that relative amount; its eigenvalue is then off by
+            at most that much (typically by its square over the spectral gap). The snapshot's
+            ``converged`` flags use it, and a fit whose snapshots miss it warns once.
+        stop_early: end a snapshot's Lanczos as soon as all k pairs meet ``tol`` instead of always
+            running ``num_iter`` steps (the steps taken are a prefix of the full run, so an
+            unconverged snapshot is unchanged).
         hvp_method: ``"double_backward"``, ``"fwd_rev"`` or ``"finite_difference"`` (the only one
             allowed under FSDP/DeepSpeed).
         dtype: dtype of the (D-dimensional) Krylov vectors; HVPs run in the module's own dtype.
@@ -60,6 +68,8 @@ class SpectrumNumerics:
     """
 
     num_iter: int | None = None
+    tol: float = 1e-3
+    stop_early: bool = True
     hvp_method: Literal["double_backward", "fwd_rev", "finite_difference"] = "double_backward"
     dtype: Literal["float32", "float64"] = "float64"
     mode: Literal["eval", "train"] = "eval"
@@ -79,6 +89,10 @@ class SpectrumNumerics:
                 "`hvp_method` must be 'double_backward', 'fwd_rev' or 'finite_difference', got "
                 f"{self.hvp_method!r}."
             )
+        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 < self.tol < 1:
+            raise SketchConfigError(f"`tol` must be in (0, 1), got {self.tol!r}.")
+        if not isinstance(self.stop_early, bool):
+            raise SketchConfigError(f"`stop_early` must be True or False, got {self.stop_early!r}.")
         if not isinstance(self.cache_graph, bool):
             raise SketchConfigError(f"`cache_graph` must be True or False, got {self.cache_graph!r}.")
         if self.dtype not in ("float32", "float64"):

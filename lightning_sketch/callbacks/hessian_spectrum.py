@@ -9,6 +9,11 @@ operator v ↦ Φ H Φᵀ v over a probe set fixed at the start of training, log
 :mod:`lightning_sketch.spectrum.snapshot`) and draws the eigenvalue trajectories and densities at
 the end of ``fit``.
 
+Each snapshot's Lanczos stops once its top-k Ritz pairs have converged (residual ≤ ``tol``·|λ_max|,
+``SpectrumNumerics``), or after ``num_iter`` steps; the residuals, flags and the steps taken are in
+the snapshot file and logged. A fit in which some snapshot's pairs did not converge warns once (rank
+zero), naming the first such step and what to change.
+
 It never changes training: HVPs use ``torch.func``/``autograd.grad`` (``.grad`` untouched), the
 module's train/eval mode is restored, and the global RNG streams are forked and restored.
 """
@@ -66,9 +71,10 @@ class HessianSpectrum(Callback):
         probe_batches: number of batches of the train dataloader forming the fixed probe set.
         density: also compute an SLQ spectral density (``density_runs × density_iter`` HVPs).
         trace: also estimate the trace of Φ H Φᵀ by Hutch++ (``trace_matvecs`` HVPs).
-        numerics: the numerical settings, a :class:`SpectrumNumerics` (Lanczos steps ``num_iter``,
-            ``hvp_method``, Krylov ``dtype``, module ``mode``, ``outlier_threshold``, ``density_runs``,
-            ``density_iter``, ``trace_matvecs``); default ``SpectrumNumerics()``. In YAML a mapping
+        numerics: the numerical settings, a :class:`SpectrumNumerics` (most Lanczos steps
+            ``num_iter``, convergence ``tol`` and ``stop_early``, ``hvp_method``, Krylov ``dtype``,
+            module ``mode``, ``outlier_threshold``, ``density_runs``, ``density_iter``,
+            ``trace_matvecs``); default ``SpectrumNumerics()``. In YAML a mapping
             ``numerics: {num_iter: 40}``.
         dirpath: directory of the snapshot files; default
             ``<trainer.log_dir or default_root_dir>/hessian_spectrum``. Rank 0 locks it for the whole
@@ -155,6 +161,7 @@ class HessianSpectrum(Callback):
         self._layout: Any = None
         self._dir: Path | None = None
         self._writer: SnapshotWriter | None = None
+        self._warned_unconverged = False
 
     # ------------------------------------------------------------------ policy
     @property
@@ -175,6 +182,7 @@ class HessianSpectrum(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._warned_unconverged = False
         sharded = isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
         if sharded and self.numerics.hvp_method != "finite_difference":
             raise UnsupportedStrategyError(
@@ -295,18 +303,21 @@ class HessianSpectrum(Callback):
                     density_iter=min(num.density_iter, self._op_dim()), trace=self.trace,
                     trace_matvecs=num.trace_matvecs, threshold=num.outlier_threshold,
                     dtype=getattr(torch, num.dtype), reduce=reduce, cache_graph=num.cache_graph,
+                    tol=num.tol, tol_scale="norm", stop_early=num.stop_early,
                 )
         finally:
             if bar is not None:
                 bar.close()
         scalars = snap.scalars()
+        self._warn_unconverged(snap, step)
         entry = {"step": step, "eigenvalues": snap.eigs.eigenvalues.tolist(), "scalars": scalars,
                  "file": None}
         if trainer.is_global_zero and self._dir is not None:
             if self._writer is None:  # snapshot() called outside fit
                 self._writer = SnapshotWriter(self._dir)
             meta = {"sketch_spec": snap.sketch_spec, "scalars": scalars, "which": "LA",
-                    "num_matvecs": snap.num_matvecs, "hvp_method": self.numerics.hvp_method,
+                    "num_matvecs": snap.num_matvecs, "lanczos_matvecs": snap.eigs.num_matvecs,
+                    "tol": self.numerics.tol, "tol_scale": "norm", "hvp_method": self.numerics.hvp_method,
                     "world_size": world,
                     "probe_batches": len(probe), "layout_fingerprint": self._layout.fingerprint()}
             entry["file"] = str(self._writer.write(step, snap.arrays(), meta))
@@ -316,6 +327,23 @@ class HessianSpectrum(Callback):
         self._last_step = step
         trainer.strategy.barrier()
         return entry
+
+    def _warn_unconverged(self, snap: Any, step: int) -> None:
+        """Warn (rank zero, once per fit) when this snapshot's top-k pairs missed ``numerics.tol``."""
+        conv = snap.eigs.converged
+        if self._warned_unconverged or bool(conv.all()):
+            return
+        self._warned_unconverged = True
+        k, steps = int(conv.numel()), snap.eigs.num_matvecs
+        worst = float(snap.relative_residuals().max())
+        more = (f"raise `numerics.num_iter` (SpectrumNumerics(num_iter=...), now {steps}; at most "
+                f"D={self._op_dim()}) or " if steps < self._op_dim() else "")
+        rank_zero_warn(
+            f"HessianSpectrum: at step {step} only {int(conv.sum())} of {k} top eigenpairs converged after "
+            f"{steps} Lanczos steps (largest relative residual {worst:.3g} > tol={self.numerics.tol:g}); "
+            f"their eigenvalues are approximate. To converge, {more}ask for fewer eigenpairs (`k`). "
+            "Warned once per fit; every snapshot logs hessian/converged and hessian/max_rel_residual."
+        )
 
     def _op_dim(self) -> int:
         return self._sketch.sketch_dim if self._sketch is not None else self._layout.dim

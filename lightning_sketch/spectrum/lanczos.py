@@ -21,10 +21,11 @@ from torch import Tensor
 
 from lightning_sketch.exceptions import SpectrumError
 
-__all__ = ["KrylovResult", "Which", "arnoldi", "lanczos", "lanczos_tridiagonal"]
+__all__ = ["KrylovResult", "TolScale", "Which", "arnoldi", "lanczos", "lanczos_tridiagonal"]
 
 Which = Literal["LA", "SA", "LM"]
 _WHICH = ("LA", "SA", "LM")
+TolScale = Literal["value", "norm"]
 
 
 @dataclass
@@ -36,8 +37,9 @@ class KrylovResult:
             ascending, LM: descending magnitude). Complex for :func:`arnoldi`.
         eigenvectors: ``[k, n]`` Ritz vectors as rows (unit norm).
         residuals: ``[k]`` residual norms ‖A y − θ y‖ = |β_m s_{m,i}|.
-        converged: ``[k]`` bool, ``residual <= tol · max(|θ|, tiny)``.
-        num_matvecs: matvecs spent.
+        converged: ``[k]`` bool, ``residual <= tol · max(|θ|, tiny)`` (``tol_scale="value"``) or
+            ``residual <= tol · max_j |θ_j|`` over all Ritz values (``tol_scale="norm"``).
+        num_matvecs: matvecs spent (= Lanczos steps m; fewer than ``num_iter`` after an early stop).
         ritz_values: ``[m]`` all Ritz values of the projected matrix (ascending, real for
             Lanczos), e.g. to read the most negative one for RNEG.
         ritz_residuals: ``[m]`` residual norms of all Ritz values, same order.
@@ -130,6 +132,7 @@ def lanczos_tridiagonal(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    should_stop: Callable[[Tensor, Tensor], bool] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """The Lanczos tridiagonalisation V A Vᵀ ≈ T_m of a symmetric operator.
 
@@ -143,6 +146,9 @@ def lanczos_tridiagonal(
         dtype: dtype of the Krylov vectors and T (float64 by default: the vectors are small in
             sketch space and the recurrence is sensitive to rounding).
         device: device of the Krylov vectors.
+        should_stop: called after step j (j + 1 matvecs) with ``(alpha[: j + 1], beta[: j + 1])``
+            unless that step broke down; True ends the iteration there (m = j + 1). It sees only T,
+            which is built from the (reduced) matvecs, so every DDP rank takes the same decision.
 
     Returns:
         ``(alpha [m], beta [m], V [m, n], num_matvecs)``: the diagonal, the off-diagonal
@@ -179,7 +185,12 @@ def lanczos_tridiagonal(
         beta[j] = b
         if j + 1 == num_iter:
             break
-        if b <= 1e-10 * max(float(scale), 1e-300):
+        breakdown = bool(b <= 1e-10 * max(float(scale), 1e-300))
+        # after a breakdown the basis spans an invariant subspace that may miss the wanted
+        # eigenvalues: never stop there, continue from a fresh direction
+        if not breakdown and should_stop is not None and should_stop(alpha[: j + 1], beta[: j + 1]):
+            return alpha[: j + 1], beta[: j + 1], basis[: j + 1], j + 1
+        if breakdown:
             beta[j] = 0.0
             nxt = _fresh_direction(basis[: j + 1], generator)
             if nxt is None:
@@ -213,6 +224,9 @@ def lanczos(
     *,
     v0: Tensor | None = None,
     tol: float = 1e-6,
+    tol_scale: TolScale = "value",
+    stop_early: bool = False,
+    check_every: int = 2,
 ) -> KrylovResult:
     """Top-k Ritz pairs of a symmetric operator by Lanczos with full re-orthogonalisation.
 
@@ -232,14 +246,23 @@ def lanczos(
         device: device of the Krylov basis.
         v0: optional ``[n]`` start vector (e.g. a warm start).
         tol: relative residual tolerance of the ``converged`` flags.
+        tol_scale: what ``tol`` is relative to: ``"value"``, each pair's own |θ_i|; ``"norm"``,
+            the largest |θ| of all Ritz values (an estimate of ‖A‖, from below), so ``tol`` bounds the
+            relative backward error of each pair (it is an exact eigenpair of some A + E with
+            ‖E‖ = residual) and small eigenvalues among the k are not held to a stricter standard.
+        stop_early: stop as soon as all k selected pairs are ``converged`` (checked every
+            ``check_every`` steps once there are k Ritz values), never after more than ``num_iter``
+            steps. The steps taken are a prefix of the fixed-``num_iter`` run, so when the pairs do
+            not converge the result is the same as with ``stop_early=False``.
+        check_every: steps between convergence checks (each an m × m eigen-decomposition of T_m).
 
     Returns:
         A :class:`KrylovResult` with ``eigenvalues [k]``, ``eigenvectors [k, n]``,
-        ``residuals [k]``, ``converged [k]``.
+        ``residuals [k]``, ``converged [k]``; ``num_matvecs`` is the number of steps taken.
 
     Raises:
-        SpectrumError: on ``k > dim``, an unknown ``which``, a bad ``num_iter``, a bad ``v0``, or a
-            matvec returning the wrong shape or non-finite values.
+        SpectrumError: on ``k > dim``, an unknown ``which``, a bad ``num_iter``, a bad ``v0``, a bad
+            ``tol_scale`` or ``check_every``, or a matvec returning the wrong shape or non-finite values.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64))
@@ -249,6 +272,19 @@ def lanczos(
         [50.0, 49.0, 48.0]
     """
     m = _check_args(dim, k, num_iter, which)
+    if tol_scale not in ("value", "norm"):
+        raise SpectrumError(f"`tol_scale` must be 'value' or 'norm', got {tol_scale!r}.")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise SpectrumError(f"`check_every` must be a positive int, got {check_every!r}.")
+
+    def should_stop(alpha: Tensor, beta: Tensor) -> bool:
+        steps = alpha.shape[0]
+        if steps < k or steps % check_every:
+            return False
+        theta, s = _ritz(alpha, beta)
+        idx = _select(theta, k, which)
+        return bool(_converged(theta, (beta[-1] * s[-1, :]).abs(), idx, tol, tol_scale, dtype).all())
+
     alpha, beta, basis, used = lanczos_tridiagonal(
         matvec,
         dim,
@@ -258,16 +294,32 @@ def lanczos(
         generator=generator,
         dtype=dtype,
         device=device,
+        should_stop=should_stop if stop_early else None,
     )
-    t = torch.diag(alpha) + torch.diag(beta[:-1], 1) + torch.diag(beta[:-1], -1)
-    theta, s = torch.linalg.eigh(t)
+    theta, s = _ritz(alpha, beta)
     ritz_res = (beta[-1] * s[-1, :]).abs()
     idx = _select(theta, k, which)
     vecs = (s[:, idx].T.to(basis.device)) @ basis
     vals = theta[idx]
     res = ritz_res[idx]
-    conv = res <= tol * vals.abs().clamp_min(torch.finfo(dtype).tiny)
+    conv = _converged(theta, ritz_res, idx, tol, tol_scale, dtype)
     return KrylovResult(vals, vecs, res, conv, used, theta, ritz_res)
+
+
+def _ritz(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigen-pairs (ascending) of the tridiagonal T: diagonal ``alpha``, off-diagonal ``beta[:-1]``."""
+    t = torch.diag(alpha) + torch.diag(beta[:-1], 1) + torch.diag(beta[:-1], -1)
+    theta, s = torch.linalg.eigh(t)
+    return theta, s
+
+
+def _converged(
+    theta: Tensor, ritz_res: Tensor, idx: Tensor, tol: float, tol_scale: str, dtype: torch.dtype
+) -> Tensor:
+    """``[k]`` flags of the selected pairs ``idx``: residual within ``tol`` of |θ_i| or of max |θ|."""
+    tiny = torch.finfo(dtype).tiny
+    scale = theta[idx].abs() if tol_scale == "value" else theta.abs().max().expand(idx.shape[0])
+    return ritz_res[idx] <= tol * scale.clamp_min(tiny)
 
 
 def arnoldi(

@@ -4,7 +4,9 @@
 Lanczos for the top-k eigenpairs (full re-orthogonalisation), optionally an SLQ density and a
 Hutch++ trace, the probe-set gradient (sketched) for the gradient–outlier alignment, and the
 paper's summary statistics (arXiv 2402.03994 Sec. 5.5, Fig. 2). The number of matvecs is fixed by
-the arguments (no data-dependent stopping), so every DDP rank runs the same sequence of collective reductions.
+the arguments, or, with ``stop_early=True``, by the convergence of the top-k Ritz pairs; that test
+reads only the tridiagonal T, which is built from all-reduced matvecs, so every DDP rank stops at the
+same step and runs the same sequence of collective reductions.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 from lightning_sketch.sketches import Sketch
 from lightning_sketch.spectrum.density import SpectralDensity, TraceEstimate, hutchpp, slq_density
 from lightning_sketch.spectrum.hessian import HvpMethod, Reduce, hessian_operator, probe_gradient
-from lightning_sketch.spectrum.lanczos import KrylovResult, lanczos
+from lightning_sketch.spectrum.lanczos import KrylovResult, TolScale, lanczos
 from lightning_sketch.spectrum.stats import SpectrumSummary, summarize
 
 __all__ = ["SpectrumSnapshot", "spectrum_snapshot"]
@@ -35,7 +37,8 @@ class SpectrumSnapshot:
         summary: λ_max, λ_min, RNEG, outlier count, gradient–outlier alignment.
         density: the SLQ density, or None.
         trace: the Hutch++ trace estimate of Φ H Φᵀ (of H when exact), or None.
-        num_matvecs: HVPs spent in total (Lanczos + density + trace).
+        num_matvecs: HVPs spent in total (Lanczos + density + trace); the Lanczos share is
+            ``eigs.num_matvecs``.
         seconds: wall time.
         sketch_spec: the sketch's spec, or None.
     """
@@ -57,13 +60,20 @@ class SpectrumSnapshot:
             "outliers": float(self.summary.outliers),
             "alignment": self.summary.alignment,
             "converged": float(self.eigs.converged.sum()),
+            "max_rel_residual": float(self.relative_residuals().max()),
             "matvecs": float(self.num_matvecs),
+            "lanczos_matvecs": float(self.eigs.num_matvecs),
             "seconds": self.seconds,
         }
         if self.trace is not None:
             out["trace"] = self.trace.trace
             out["trace_stderr"] = self.trace.stderr
         return out
+
+    def relative_residuals(self) -> Tensor:
+        """``[k]`` residual norms over the largest |Ritz value| (≈ ‖Φ H Φᵀ‖): relative backward errors."""
+        scale = self.eigs.ritz_values.abs().max().clamp_min(torch.finfo(self.eigs.residuals.dtype).tiny)
+        return self.eigs.residuals / scale
 
     def arrays(self) -> dict[str, Tensor]:
         """The arrays written to the snapshot file (see :mod:`lightning_sketch.spectrum.snapshot`)."""
@@ -98,6 +108,8 @@ def spectrum_snapshot(
     trace_matvecs: int = 30,
     threshold: float = 0.2,
     tol: float = 1e-6,
+    tol_scale: TolScale = "value",
+    stop_early: bool = False,
     dtype: torch.dtype = torch.float64,
     reduce: Reduce | None = None,
     cache_graph: bool = True,
@@ -121,6 +133,10 @@ def spectrum_snapshot(
         trace_matvecs: matvecs of the trace estimate.
         threshold: outlier threshold on λ_n/λ_1.
         tol: relative residual tolerance of the converged flags.
+        tol_scale: ``"value"`` (residual ≤ tol·|θ_i|) or ``"norm"`` (residual ≤ tol·max|θ|), see
+            :func:`~lightning_sketch.spectrum.lanczos`.
+        stop_early: end Lanczos once all k pairs are converged (at most ``num_iter`` steps; the
+            same result as the full run when they never are).
         dtype: Krylov dtype.
         reduce: applied to every matvec and to the gradient (DDP all-reduce mean).
         cache_graph: keep the graph of ∇L over the probe set for all the snapshot's HVPs
@@ -138,7 +154,8 @@ def spectrum_snapshot(
     )
     try:
         eigs = lanczos(
-            op, op.dim, k, num_iter=num_iter, which="LA", generator=generator, dtype=dtype, tol=tol
+            op, op.dim, k, num_iter=num_iter, which="LA", generator=generator, dtype=dtype, tol=tol,
+            tol_scale=tol_scale, stop_early=stop_early,
         )
         dens = None
         if density:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -237,3 +238,51 @@ def test_progress_bar_counts_every_matvec(tmp_path, capsys):
     total = 8 + 2 * 6 + 6 + 1  # num_iter + density_runs * density_iter + trace_matvecs + probe gradient
     assert "HessianSpectrum step 0" in err
     assert f"0/{total} " in err  # the bar's total is the snapshot's matvec count
+
+
+def test_unconverged_snapshots_warn_once_per_fit(tmp_path):
+    """Three snapshots with only k = 3 Lanczos steps all miss the tolerance: one warning, naming the
+    first step, the converged count, the largest relative residual and the options to change."""
+    torch.manual_seed(0)
+    cb = _callback(num_iter=3, plot=False, density=False, trace=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [cb], 5).fit(TinyModule(), _loader())
+    msgs = [str(w.message) for w in caught if "eigenpairs converged" in str(w.message)]
+    assert [e["step"] for e in cb.history] == [0, 2, 5]
+    assert all(e["scalars"]["converged"] < 3 for e in cb.history)
+    assert len(msgs) == 1
+    first = cb.history[0]["scalars"]
+    assert "at step 0 only" in msgs[0] and f"{int(first['converged'])} of 3" in msgs[0]
+    assert f"{first['max_rel_residual']:.3g}" in msgs[0] and "tol=0.001" in msgs[0]
+    assert "num_iter" in msgs[0] and "`k`" in msgs[0]
+    # a second fit with the same callback warns again (its new snapshot step 6)
+    cb.at_steps = [0, 2, 5, 6]
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        _trainer(tmp_path / "second", [cb], 7).fit(TinyModule(), _loader())
+    assert sum("eigenpairs converged" in str(w.message) for w in again) == 1
+
+
+def test_converged_snapshots_stop_early_and_record_the_steps(tmp_path):
+    torch.manual_seed(0)
+    cb = _callback(num_iter=32, plot=False, density=False, trace=False, at_steps=[0])
+    cb.numerics = SpectrumNumerics(num_iter=32, tol=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [cb], 1).fit(TinyModule(), _loader())
+    assert not [w for w in caught if "eigenpairs converged" in str(w.message)]
+    s = cb.history[0]["scalars"]
+    assert s["converged"] == 3 and s["max_rel_residual"] <= 1e-2
+    assert s["lanczos_matvecs"] == s["matvecs"] < 32
+    meta = load_snapshot(cb.history[0]["file"])["meta"]
+    assert meta["lanczos_matvecs"] == s["lanczos_matvecs"] and meta["tol"] == 1e-2
+    # the same snapshot without early stopping: 32 steps, the same top eigenvalues to the tolerance
+    full = _callback(num_iter=32, plot=False, density=False, trace=False, at_steps=[0])
+    full.numerics = SpectrumNumerics(num_iter=32, tol=1e-2, stop_early=False)
+    torch.manual_seed(0)
+    _trainer(tmp_path / "full", [full], 1).fit(TinyModule(), _loader())
+    assert full.history[0]["scalars"]["lanczos_matvecs"] == 32
+    lam = torch.tensor(full.history[0]["eigenvalues"])
+    got = torch.tensor(cb.history[0]["eigenvalues"])
+    torch.testing.assert_close(got, lam, rtol=0, atol=1e-2 * float(lam[0]))

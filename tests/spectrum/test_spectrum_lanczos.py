@@ -132,3 +132,57 @@ def test_matvec_errors():
         lanczos(lambda v: v[:3], 5, 1, num_iter=2)
     with pytest.raises(SpectrumError, match="non-finite"):
         lanczos(lambda v: v * float("nan"), 5, 1, num_iter=2)
+
+
+def _sym_with_spectrum(lam: torch.Tensor, seed: int = 11) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(lam.numel(), lam.numel(), generator=_gen(seed), dtype=torch.float64))
+    a = q @ torch.diag(lam) @ q.T
+    return 0.5 * (a + a.T)
+
+
+def test_stop_early_on_well_separated_top_spectrum():
+    n, k = 200, 3
+    bulk = torch.rand(n - k, generator=_gen(5), dtype=torch.float64)
+    a = _sym_with_spectrum(torch.cat([torch.tensor([50.0, 30.0, 15.0], dtype=torch.float64), bulk]))
+    exact = torch.linalg.eigvalsh(a).flip(0)[:k]
+    calls = []
+
+    def op(v):
+        calls.append(1)
+        return a @ v
+
+    full = lanczos(lambda v: a @ v, n, k, num_iter=80, generator=_gen(), tol=1e-8, tol_scale="norm")
+    res = lanczos(op, n, k, num_iter=80, generator=_gen(), tol=1e-8, tol_scale="norm", stop_early=True)
+    assert res.num_matvecs == len(calls) < 80
+    assert bool(res.converged.all())
+    torch.testing.assert_close(res.eigenvalues, exact, rtol=0, atol=1e-6)
+    assert float(res.residuals.max()) <= 1e-8 * 50.0 * (1 + 1e-12)
+    # the early stop is a prefix of the full run: the Ritz values agree with it too
+    torch.testing.assert_close(res.eigenvalues, full.eigenvalues, rtol=0, atol=1e-6)
+
+
+def test_stop_early_runs_to_the_maximum_on_a_clustered_top():
+    n, k = 300, 5
+    top = 10.0 + 1e-4 * torch.arange(k + 5, dtype=torch.float64)  # ten eigenvalues within 1e-3
+    a = _sym_with_spectrum(torch.cat([top, torch.linspace(0.0, 9.9, n - k - 5, dtype=torch.float64)]), seed=3)
+    full = lanczos(lambda v: a @ v, n, k, num_iter=30, generator=_gen(), tol=1e-6, tol_scale="norm")
+    res = lanczos(lambda v: a @ v, n, k, num_iter=30, generator=_gen(), tol=1e-6, tol_scale="norm",
+                  stop_early=True)
+    assert not bool(res.converged.all())
+    assert res.num_matvecs == full.num_matvecs == 30
+    # not converged: bit-for-bit the fixed-step result
+    assert torch.equal(res.eigenvalues, full.eigenvalues) and torch.equal(res.residuals, full.residuals)
+    assert torch.equal(res.eigenvectors, full.eigenvectors)
+
+
+def test_tol_scale_norm_flags_against_the_largest_ritz_value(mlp_case):
+    h = mlp_case.hessian
+    res = lanczos(lambda v: h @ v, h.shape[0], 10, num_iter=20, generator=_gen(), tol=1e-3, tol_scale="norm")
+    scale = res.ritz_values.abs().max()
+    assert torch.equal(res.converged, res.residuals <= 1e-3 * scale)
+
+
+@pytest.mark.parametrize("kw", [{"tol_scale": "max"}, {"check_every": 0}, {"check_every": True}])
+def test_stop_arguments_are_checked(kw):
+    with pytest.raises(SpectrumError):
+        lanczos(lambda v: v, 10, 2, **kw)

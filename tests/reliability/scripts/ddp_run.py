@@ -26,7 +26,13 @@ import torch
 from _common import Data, Tiny, loader, trainer
 from lightning.pytorch import Callback
 
-from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension, SearchCriteria
+from lightning_sketch.callbacks import (
+    GradientSketch,
+    HessianSpectrum,
+    IntrinsicDimension,
+    SearchCriteria,
+    SpectrumNumerics,
+)
 from lightning_sketch.intrinsic import Subspace
 
 SNAP_STEPS = [0, 5]
@@ -76,7 +82,9 @@ def fit_a(out: Path, devices: int) -> dict:
     counting = CountingLoss()
     spec_cb = HessianSpectrum(k=4, sketch_kind="affd", sketch_dim=32, seed=3, at_steps=SNAP_STEPS, every_n_steps=None,
                               probe_batches=2, density=False, trace=False, plot=False, dirpath=str(out / "spectrum"),
-                              loss_fn=counting)
+                              loss_fn=counting,
+                              # early stopping on, tight enough for the exact-eigenvalue check (rtol 1e-6)
+                              numerics=SpectrumNumerics(tol=1e-8))
     ckpt_cb = GradientSketch(dirpath=str(out / "attr_ckpt"), sketch_kind="affd", sketch_dim=24, seed=1,
                              every_n_steps=3, save_weights=False)
     inline_cb = GradientSketch(dirpath=str(out / "attr_inline"), sketch_kind="per_layer", sketch_dim=40, seed=2,
