@@ -35,7 +35,7 @@ def tracin_scale(w: Any, what: str, hint: str = "") -> float:
     """√w_t, the scale of checkpoint t's slice in the TracIn-CP concatenation (Pruthi et al. 2020, eq. 3).
 
     The one place the TracIn weighting is computed: :class:`StoreViews` (``"tracin"`` view and
-    :meth:`StoreViews.concat_queries`) and :func:`lightning_sketch.attribution.tracin_features` use it,
+    :meth:`StoreViews.concat_queries`) use it,
     so the inner product of two concatenations is Σ_t w_t ⟨a_t, b_t⟩ with w_t = η_t by default.
 
     Raises:
