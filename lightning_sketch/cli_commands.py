@@ -114,7 +114,8 @@ def _query_batch(args: argparse.Namespace, model: Any, datamodule: Any) -> tuple
             ) from None
         try:
             with torch.no_grad():
-                pred = model(x).argmax(-1)
+                logits = model(x)
+                pred = logits.argmax(-1)
         except (RuntimeError, ValueError, IndexError) as err:
             raise SketchInputError(
                 f"`--inputs` of shape {tuple(x.shape)} do not fit the model "
@@ -125,6 +126,8 @@ def _query_batch(args: argparse.Namespace, model: Any, datamodule: Any) -> tuple
             y = pred
         elif np.shape(y) != (len(x),):
             raise SketchInputError(f"`--inputs` labels y must have shape [{len(x)}], got {np.shape(y)}.")
+        else:
+            y = _class_labels(np.asarray(y), int(logits.shape[-1]), path)
         batch = {"x": x, "y": torch.as_tensor(np.asarray(y), dtype=torch.long), "index": torch.arange(len(x))}
         return batch, list(range(len(x)))
     datamodule.setup("test" if args.split == "test" else "fit")
@@ -135,6 +138,31 @@ def _query_batch(args: argparse.Namespace, model: Any, datamodule: Any) -> tuple
         raise SketchInputError(f"`--ids` {bad} are outside the {args.split} split's range [0, {n}); pick ids "
                                f"below {n}.")
     return default_collate([ds[i] for i in args.ids]), list(args.ids)
+
+
+def _class_labels(y: np.ndarray, classes: int, path: Path) -> np.ndarray:
+    """``--inputs`` labels as int64 class indices in ``[0, classes)``, refused rather than truncated.
+
+    Raises:
+        SketchInputError: non-numeric or non-integer labels, or labels outside ``[0, classes)``.
+    """
+    if y.dtype.kind not in "biuf":
+        raise SketchInputError(
+            f"`--inputs` {str(path)!r} labels y have dtype {y.dtype}; save integer class labels y=[Q]."
+        )
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        bad = y[~(np.isfinite(y) & (y == np.round(y)))][:5].tolist()
+        raise SketchInputError(
+            f"`--inputs` {str(path)!r} labels y hold non-integer values {bad}; save integer class labels "
+            f"in [0, {classes}) (not scores or probabilities)."
+        )
+    if y.size and (y.min() < 0 or y.max() >= classes):
+        bad = y[(y < 0) | (y >= classes)][:5].tolist()
+        raise SketchInputError(
+            f"`--inputs` {str(path)!r} labels y {bad} are outside the model's classes [0, {classes}); "
+            f"save labels between 0 and {classes - 1}."
+        )
+    return y.astype(np.int64)
 
 
 def load_checkpoint_into(model: Any, path: str | Path) -> None:

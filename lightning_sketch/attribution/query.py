@@ -44,8 +44,9 @@ from lightning_sketch.attribution._stored import (
     verify_runs,
 )
 from lightning_sketch.attribution.damping import DEFAULT_DAMPING_RATIO
-from lightning_sketch.attribution.task import AttributionTask, resolve_task
+from lightning_sketch.attribution.task import AttributionTask, check_query_targets, resolve_task
 from lightning_sketch.exceptions import (
+    LightningSketchError,
     SketchConfigError,
     SketchInputError,
     StoreNotFoundError,
@@ -284,7 +285,9 @@ class Attributor(ScoringEngine):
         """The query's sketched gradients at each slice in use of run ``run``: ``C × [Q, D]`` (float64).
 
         Raises:
-            SketchInputError: if a query gradient is NaN or infinite (e.g. NaN inputs).
+            SketchInputError: if a query gradient is NaN or infinite (e.g. NaN inputs), or if the
+                query's loss fails on ``batch`` (missing keys, wrong dtypes or shapes for the model),
+                or if a classification's targets are floats with non-integer values.
         """
         model, rn, sketch, layout = self.models[run], self.runs[run], self.sketches[run], self.layouts[run]
         out = []
@@ -302,11 +305,14 @@ class Attributor(ScoringEngine):
                     "`current_weights=True`."
                 )
             with swapped_weights(model, saved), eval_mode(model):
+                query_loss = self._query_loss(batch)
+                if self.task is not None:
+                    check_query_targets(self.task, batch)
                 # mode="auto": factorised for per_layer, module hooks otherwise,
                 # vmap only where hooks cannot see
                 q = sketch_gradients(
                     model,
-                    self._query_loss(batch),
+                    _checked_query_loss(query_loss, batch),
                     batch,
                     sketch,
                     mode="auto",
@@ -402,3 +408,44 @@ def _warn_unrecorded_curvature(runs: list[Run]) -> None:
             "GᵀG of the stored loss gradients (kernel='gradients'). Re-run the fit to gather the kernel.",
             stacklevel=3,
         )
+
+
+def _describe_batch(batch: Any) -> str:
+    """A short account of a batch's structure: keys or positions with tensor shapes and dtypes."""
+
+    def leaf(v: Any) -> str:
+        if isinstance(v, Tensor):
+            return f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+        return type(v).__name__
+
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{k!r}: {leaf(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return f"{type(batch).__name__} [" + ", ".join(leaf(v) for v in batch) + "]"
+    return leaf(batch)
+
+
+def _checked_query_loss(loss_fn: LossFn, batch: Any) -> LossFn:
+    """``loss_fn`` whose failures on the query ``batch`` are raised as :class:`SketchInputError`.
+
+    The user's model and loss see the query batch here, so a ``KeyError``, ``IndexError``,
+    ``TypeError`` or ``RuntimeError`` raised inside them means the batch does not look like a
+    training batch (a missing key, float labels, a wrong feature width). The library's own typed
+    errors, out-of-memory and ``NotImplementedError`` pass through unchanged.
+    """
+
+    def checked(module: nn.Module, b: Any) -> Tensor:
+        try:
+            return loss_fn(module, b)
+        except (LightningSketchError, torch.OutOfMemoryError, NotImplementedError):
+            raise
+        except (KeyError, IndexError, TypeError, RuntimeError) as err:
+            first = (str(err).splitlines() or [""])[0][:300]
+            raise SketchInputError(
+                f"The query's loss failed on the query batch {_describe_batch(batch)} "
+                f"({type(err).__name__}: {first}). A query batch must look like a training batch: the "
+                "same keys, the same input feature shapes and dtypes, and integer class labels where the "
+                "loss expects them."
+            ) from err
+
+    return checked

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sketch.attribution.scores import classification_margin
-from lightning_sketch.exceptions import SketchConfigError
+from lightning_sketch.exceptions import SketchConfigError, SketchInputError
 
 __all__ = [
     "TASK_KINDS",
@@ -280,6 +280,32 @@ def _lm_convention(out: Tensor, y: Tensor, loss: Tensor) -> dict[str, Any] | Non
         if _close(loss, total / n.clamp_min(1)):
             return {"shift": shift, "reduction": "mean"}
     return None
+
+
+def check_query_targets(task: AttributionTask, batch: Any) -> None:
+    """Refuse non-integer float targets in a query batch of a classification task.
+
+    The margin and the cross-entropy index the logits by the label, so a float label such as 1.7
+    would otherwise be truncated to class 1 without a word.
+
+    Raises:
+        SketchInputError: if ``task.kind`` is ``"classification"`` and the batch's targets are a
+            floating tensor holding a non-integer value.
+    """
+    if task.kind != "classification":
+        return
+    found = _target(batch)
+    if found is None or not found[1].is_floating_point():
+        return
+    key, y = found
+    frac = y != y.round()
+    if bool(frac.any()):
+        bad = y[frac].flatten()[:5].tolist()
+        raise SketchInputError(
+            f"The query batch's targets {key!r} ({y.dtype}) hold non-integer values {bad}, but the task "
+            "is a classification whose targets are class indices; pass integer class labels (torch.long), "
+            "as in the training batches, instead of scores or probabilities."
+        )
 
 
 # ---------------------------------------------------------------------------- the tasks

@@ -349,3 +349,77 @@ def test_bf16_mixed_training_sketches_in_float32(tmp_path):
     assert omega.dtype == torch.float32 and torch.isfinite(omega).all() and omega.abs().max() > 0
     # the search measures metric(θ0) before training (step 0), then one round every 2 steps
     assert [h["step"] for h in cb.history] == [0, 2, 4] and cb.history[0]["action"] == "baseline"
+
+
+# ------------------------------------------------------------------ query batches unlike a training batch
+def test_query_batches_unlike_a_training_batch_raise_typed_errors(tmp_path):
+    trainer(tmp_path, [_gs(tmp_path)], max_epochs=1).fit(Tiny(), loader())
+    good = _full(4, seed=5)
+    hostile = [
+        ({"inputs": good["x"], "y": good["y"]}, r"\{'inputs': \(4, 6\) float32, 'y': \(4,\) int64\}.*KeyError"),
+        ({**good, "x": torch.randn(4, 5)}, r"'x': \(4, 5\) float32.*RuntimeError"),
+        ({**good, "y": good["y"] + 7}, r"IndexError|RuntimeError"),  # labels beyond the 3 classes
+        ((good["x"], good["y"]), r"tuple \[\(4, 6\) float32, \(4,\) int64\]"),
+    ]
+    for method in ("grad_dot", "trak"):
+        attr = Attributor(tmp_path / "run", Tiny(), method=method)
+        want = attr.scores(good)  # trak recognises the queries' task on this first batch
+        for batch, match in hostile:
+            for action in (lambda b: attr.scores(b), lambda b: attr.top_k(b, k=3), lambda b: attr.query_sketches(b)):
+                with pytest.raises(SketchInputError, match=match) as err:
+                    action(batch)
+                assert "must look like a training batch" in str(err.value)
+                assert isinstance(err.value.__cause__, (KeyError, IndexError, TypeError, RuntimeError))
+        torch.testing.assert_close(attr.scores(good), want)  # a good batch still answers afterwards
+    # float labels to a cross-entropy: the user's loss refuses them, and the error says so
+    attr = Attributor(tmp_path / "run", Tiny(), method="grad_dot")
+    with pytest.raises(SketchInputError, match="integer class labels"):
+        attr.scores({**good, "y": good["y"].float() + 0.5})
+
+
+def test_float_class_labels_of_a_classification_query_are_refused_not_truncated(tmp_path):
+    trainer(tmp_path, [_gs(tmp_path)], max_epochs=1).fit(Tiny(), loader())
+    good = _full(4, seed=5)
+    attr = Attributor(tmp_path / "run", Tiny(), method="trak")
+    want = attr.scores(good)
+    assert attr.task is not None and attr.task.kind == "classification"
+    with pytest.raises(SketchInputError, match=r"targets 'y' \(torch.float32\) hold non-integer values \[0\.5"):
+        attr.scores({**good, "y": good["y"].float() + 0.5})
+    # integer-valued float labels pass this check; this model's cross-entropy then refuses them
+    with pytest.raises(SketchInputError, match="loss failed on the query batch .*'y': \\(4,\\) float32"):
+        attr.scores({**good, "y": good["y"].float()})
+    torch.testing.assert_close(attr.scores(good), want)
+    # a loss that casts its labels itself would truncate 0.5 to class 0 without the check
+    attr = Attributor(tmp_path / "run", CastingTiny(), method="trak")
+    torch.testing.assert_close(attr.scores(good), want)
+    torch.testing.assert_close(attr.scores({**good, "y": good["y"].float()}), want)
+    with pytest.raises(SketchInputError, match="non-integer values"):
+        attr.scores({**good, "y": good["y"].float() + 0.5})
+
+
+class CastingTiny(Tiny):
+    def per_example_loss(self, batch):
+        return nn.functional.cross_entropy(self(batch["x"]), batch["y"].long(), reduction="none")
+
+
+def test_cli_inputs_labels_must_be_integer_classes_of_the_model(tmp_path):
+    from lightning_sketch import cli, cli_commands
+
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    model = Tiny()
+
+    def batch(y):
+        path = tmp_path / "q.npz"
+        np.savez(path, x=x, y=y)
+        args = cli._own_parser().parse_args(["query", "--store", "s", "--ckpt", "c", "--config", "c",
+                                              "--inputs", str(path)])
+        return cli_commands._query_batch(args, model, None)[0]
+
+    for y, match in ((np.array([0, 1, 3, 2]), r"labels y \[3\] are outside the model's classes \[0, 3\)"),
+                     (np.array([0, -1, 1, 2]), r"labels y \[-1\] are outside"),
+                     (np.array([0.0, 1.5, 1.0, 2.0]), r"non-integer values \[1\.5\].*in \[0, 3\)"),
+                     (np.array(["a", "b", "c", "d"]), "save integer class labels")):
+        with pytest.raises(SketchInputError, match=match):
+            batch(y)
+    got = batch(np.array([0.0, 1.0, 2.0, 1.0]))
+    assert got["y"].dtype == torch.long and got["y"].tolist() == [0, 1, 2, 1]
