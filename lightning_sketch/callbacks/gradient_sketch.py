@@ -322,7 +322,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             self._resume_generation = None
         elif self.store.num_rows and trainer.world_size == 1 and self.store.resume_point is None:
             # Rows of a run killed before its first Lightning checkpoint: no checkpoint can resume them,
-            # and this fit re-writes them from step 0, so they are discarded (issue 11, finding 9).
+            # and this fit re-writes them from step 0, so they are discarded.
             orphans = self.store.num_rows
             self.store.rollback(0)
             rank_zero_warn(

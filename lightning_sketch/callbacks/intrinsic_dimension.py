@@ -238,7 +238,7 @@ class IntrinsicDimension(Callback):
             self.dirpath = trainer.log_dir or trainer.default_root_dir
         self.dirpath = trainer.strategy.broadcast(self.dirpath)
         if stage == "fit" and trainer.is_global_zero and self._lock is None:
-            # one writer per directory for the whole fit; a second run into it fails here (issue 11)
+            # one writer per directory for the whole fit; a second run into it fails here
             Path(self.dirpath).mkdir(parents=True, exist_ok=True)
             self._lock = DirLock(
                 self.dirpath, ".intrinsic_dimension.lock", what="intrinsic-dimension directory"
