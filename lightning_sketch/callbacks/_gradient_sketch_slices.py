@@ -66,10 +66,7 @@ class _SlicesMixin(_GradientSketchBase):
                 if self._probe is None and self.save_weights and trainer.is_global_zero:
                     self._probe = _probe_batch(batch, self._ids(batch))
                 batch = _to_device(batch, pl_module.device)
-                rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
-                    pl_module, loss_fn, batch, self.sketch, mode="auto" if self._hooks else "explicit",
-                    layout=self.layout, chunk_size=self.chunk_size, capture=cap,
-                ), self.support, self.exclude)
+                rows = self._sketch_rows(pl_module, loss_fn, batch, cap)
                 self._append(self._ids(batch), rows, name, trainer)
                 seen += len(rows)
         if not seen:
@@ -103,11 +100,7 @@ class _SlicesMixin(_GradientSketchBase):
                     (loss_fn, batch, 1.0)]
                 n_batch = 0
                 for fn, term_batch, weight in terms:
-                    rows = _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
-                        pl_module, fn, term_batch, self.sketch,
-                        mode="auto" if self._hooks else "explicit", layout=self.layout,
-                        chunk_size=self.chunk_size, capture=cap,
-                    ), self.support, self.exclude)
+                    rows = self._sketch_rows(pl_module, fn, term_batch, cap)
                     n_batch = accumulate_fisher([rows * math.sqrt(weight)], D, out=acc)[1]
                 count += n_batch
         estimator = "" if task is None else task.kernel
@@ -119,25 +112,27 @@ class _SlicesMixin(_GradientSketchBase):
             write_curvature(self.dirpath, name, acc, count, self.sketch.spec, estimator,
                             task=None if task is None else task.kind, store=self.store)
 
-    def _preflight(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Sketch the first batch of the attribution set once before training (rows discarded), so
-        that a model the per-example paths cannot serve (a packed sequence into a recurrent layer,
-        a failing per-module fallback) is refused at the start of fit, not after the first epoch."""
+    def _sketch_rows(self, pl_module: LightningModule, fn: LossFn, batch: Any, cap: Any) -> Any:
+        """``[B, D]`` sketched per-example gradients of ``fn`` on ``batch`` (the slice's one call)."""
+        return _vmap_guard(lambda: sketch_gradients(
+            pl_module, fn, batch, self.sketch, mode="auto" if self._hooks else "explicit",
+            layout=self.layout, chunk_size=self.chunk_size, capture=cap,
+        ), self.support, self.exclude)
+
+    def _start_checks(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """On the first batch of the attribution set, before training (eval mode, no RNG stream
+        advances): sketch it once when a module takes a fallback path (rows discarded), so that a
+        model those paths cannot serve (a packed sequence into a recurrent layer, a failing
+        per-module fallback) is refused at the start of fit, not after the first epoch; and decide
+        the attribution task, so that it is said at the start of fit."""
         loss_fn = self._loss_fn(pl_module)
         with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             for batch in self._attribution_loader(trainer):
                 batch = _to_device(batch, pl_module.device)
-                _vmap_guard(lambda: sketch_gradients(  # noqa: B023 - called at once
-                    pl_module, loss_fn, batch, self.sketch, mode="auto" if self._hooks else "explicit",
-                    layout=self.layout, chunk_size=self.chunk_size, capture=self._slice_capture(pl_module),
-                ), self.support, self.exclude)
-                break
-
-    def _decide_task(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Resolve the task on the first batch of the attribution set (no RNG stream advances)."""
-        with _eval_mode(pl_module), _rng_guard():
-            for batch in self._attribution_loader(trainer):
-                self._resolved_task(pl_module, self._loss_fn(pl_module), _to_device(batch, pl_module.device))
+                if self.support.fallback:
+                    self._sketch_rows(pl_module, loss_fn, batch, self._slice_capture(pl_module))
+                if self.curvature != "none":
+                    self._resolved_task(pl_module, loss_fn, batch)
                 break
 
     def _resolved_task(self, pl_module: LightningModule, loss_fn: LossFn, batch: Any) -> AttributionTask:

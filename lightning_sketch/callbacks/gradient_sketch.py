@@ -346,10 +346,10 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.store is not None and self.mode == "inline" and trainer.world_size > 1:
             _check_no_padding(trainer.train_dataloader)
-        if self.store is not None and self.mode == "checkpoint" and self.support.fallback:
-            self._preflight(trainer, pl_module)  # a fallback module that fails is refused now
-        if self.store is not None and self.mode == "checkpoint" and self.curvature != "none":
-            self._decide_task(trainer, pl_module)  # said at the start of fit, not after an epoch
+        if self.store is not None and self.mode == "checkpoint" and (
+            self.support.fallback or self.curvature != "none"
+        ):
+            self._start_checks(trainer, pl_module)  # fallback refusals and the task, before training
 
     # ------------------------------------------------------------------ per-step and per-epoch hooks
     @override
