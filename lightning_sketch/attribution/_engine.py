@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -69,8 +70,6 @@ class ScoringEngine:
     _norms: Tensor | None
     _count_cache: dict[tuple[int, str], int]
     _residual_cache: dict[tuple[int, str], float]
-    #: multiplies every slice's λ (1 except inside :meth:`damping_info`'s sensitivity check)
-    _lambda_factor: float = 1.0
 
     if TYPE_CHECKING:  # the host's method (Attributor.query_sketches), declared for type checkers
 
@@ -166,7 +165,7 @@ class ScoringEngine:
         """The λ of slice ``name`` of run ``r`` (``trak``/``fisher_if``): the explicit ``damping``, else
         ``damping_ratio`` × :meth:`damping_unit`; 1 for an all-zero kernel."""
         lam = self.damping if self.damping is not None else self.damping_ratio * self.damping_unit(r, name)
-        return (lam if lam > 0 else 1.0) * self._lambda_factor
+        return lam if lam > 0 else 1.0
 
     def _weights(self, r: int) -> list[SliceWeight]:
         run, C = self.runs[r], len(self.checkpoints)
@@ -270,8 +269,6 @@ class ScoringEngine:
             snap_step, name = meta.get("step"), self.checkpoints[-1]
             last_step = self.runs[0].steps.get(name)
             if snap_step is not None and last_step is not None and int(snap_step) != last_step:
-                import warnings
-
                 warnings.warn(
                     f"The spectrum snapshot {snapshot} was taken at step {int(snap_step)}, the last "
                     f"stored slice {name!r} at step {last_step}; arnoldi_if pairs that slice's "
@@ -345,11 +342,11 @@ class ScoringEngine:
         slices: list[dict[str, Any]] = []
         for r in range(len(self.runs)):
             for n in self.checkpoints:
-                s, _, _ = self._eigh(r, n)
+                s, _, trace_over_t = self._eigh(r, n)
                 lam, unit = self.slice_damping(r, n), self.damping_unit(r, n)
                 rank = int((s > 1e-10 * float(s.max().clamp_min(1e-300))).sum()) if s.numel() else 0
                 slices.append({"run": r, "slice": n, "lambda": lam, "unit": unit, "T": self._count(r, n),
-                               "trace_over_T": float(s.sum()) / max(self._count(r, n), 1),
+                               "trace_over_T": trace_over_t,
                                "residual": self._residual(r, n), "rank": rank,
                                "d_eff": effective_dimension(s, lam)})
         fr = [x["d_eff"] / x["rank"] for x in slices if x["rank"] > 0]
@@ -375,13 +372,18 @@ class ScoringEngine:
         qs = self._all_query_sketches(batch)
         k = max(1, min(int(k), len(self._ids)))
 
-        def top(factor: float) -> Tensor:
-            self._lambda_factor = factor
+        saved = (self.damping, self.damping_ratio)
+
+        def top(factor: float) -> Tensor:  # every slice's λ times `factor`: the ratio, or the absolute λ
+            if saved[0] is not None:
+                self.damping = saved[0] * factor
+            else:
+                self.damping_ratio = saved[1] * factor
             try:
                 out = torch.zeros(qs[0][0].shape[0], len(self._ids), dtype=torch.float64)
                 return self._accumulate(qs, out).topk(k, dim=1).indices
             finally:
-                self._lambda_factor = 1.0
+                self.damping, self.damping_ratio = saved
 
         ref = top(1.0)
         res = {}

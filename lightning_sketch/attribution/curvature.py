@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sketch._safeio import atomic_write, read_json_bytes, sha256_bytes
+from lightning_sketch.attribution._stored import STORE_DIR
 from lightning_sketch.exceptions import (
     SketchConfigError,
     StoreCorruptError,
@@ -68,8 +69,6 @@ __all__ = [
 
 #: sub-folder of a GradientSketch run directory holding the per-slice curvature files.
 CURVATURE_DIR = "curvature"
-#: sub-folder of a GradientSketch run directory holding its store.
-STORE_DIR = "store"
 _FORMAT = "lightning_sketch.curvature/v1"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 #: JSON sidecars are tiny; a larger file is refused before parsing.

@@ -399,8 +399,9 @@ class Attributor(ScoringEngine):
 
 def _warn_unrecorded_curvature(runs: list[Run]) -> None:
     """Warn when a run directory holds curvature files that its store manifest does not record."""
-    stray = [str(r.root) for r in runs if r.root is not None and not CV.curvature_slices(r.root)
-             and any((Path(r.root) / "curvature").glob("*.npy"))]
+    stray = [str(r.root) for r in runs
+             if r.root is not None and not CV.curvature_slices(r.root, store=r.store)
+             and any((Path(r.root) / CV.CURVATURE_DIR).glob("*.npy"))]
     if stray:
         warnings.warn(
             f"{stray} hold curvature files that their store manifests do not record (a killed write, or "
