@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -304,7 +303,3 @@ def sha256_bytes(data: bytes) -> str:
     """sha256 hex of ``data``."""
     return hashlib.sha256(data).hexdigest()
 
-
-def bytes_reader(data: bytes) -> io.BytesIO:
-    """A seekable in-memory reader over bytes already read and verified (for ``np.load``/``torch.load``)."""
-    return io.BytesIO(data)

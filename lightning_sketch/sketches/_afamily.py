@@ -160,9 +160,6 @@ class PreconditionedSketch(Sketch):
             out.append(f.T if transpose else f)
         return out
 
-    def _last(self) -> str:
-        return self._passes[-1]
-
     # ------------------------------------------------------------------ apply
     def _apply(self, x: Tensor) -> Tensor:
         dtype = x.dtype
