@@ -374,7 +374,7 @@ def test_the_per_example_logits_fix_is_warned_once_per_fit(tmp_path):
     b = _masked_batch(24)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        _fit(tmp_path, MaskedEncoder(), _Dicts(**b), [GradientSketch(dirpath=str(tmp_path / "run"), sketch_dim=8)],
-             epochs=2)
+        _fit(tmp_path, MaskedEncoder(), _Dicts(**b),
+             [GradientSketch(dirpath=str(tmp_path / "run"), sketch_dim=8)], epochs=2)
     mine = [w for w in seen if "empirical Fisher" in str(w.message)]
     assert len(mine) == 1 and "per_example_logits(batch) -> [B, C]" in str(mine[0].message)

@@ -268,7 +268,7 @@ def test_tied_weights_refusal_names_the_exclude_that_works():
     with pytest.raises(UnsupportedModelError, match=r"\['0.weight', '2.weight'\]") as err:
         Subspace.attach(tied, kind="dense", sketch_dim=4, exclude=["2.bias"])
     suggested = ast.literal_eval(re.search(r"exclude=(\[[^\]]*\])", str(err.value)).group(1))
-    assert suggested == ["2.bias", "0.weight"]  # the given patterns kept, the shared tensor's first name added
+    assert suggested == ["2.bias", "0.weight"]  # given patterns kept, the shared tensor's first name added
     sub = Subspace.attach(tied, kind="dense", sketch_dim=2, exclude=suggested)
     assert sub.layout.names == ("0.bias",)
     assert tied[0].weight is tied[2].weight  # still one tensor, left out of the subspace
