@@ -183,8 +183,8 @@ class Subspace(nn.Module):
             raise UnsupportedModelError(
                 f"Tied (shared) parameters {tied} cannot be reparametrised independently (one tensor would "
                 f"get two offsets). Leave the shared tensor out of the subspace with "
-                f"exclude={given + shared!r} (IntrinsicDimension(exclude=...) or Subspace.attach(exclude=...)), "
-                f"or untie the weights."
+                f"exclude={given + shared!r} (IntrinsicDimension(exclude=...) or "
+                "Subspace.attach(exclude=...)), or untie the weights."
             )
         m = len(layout.names) if said else 0
         if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim <= m:
