@@ -188,6 +188,23 @@ class _Tap:
         return out, loss
 
 
+@dataclass(frozen=True)
+class _LogitsTap:
+    """The module's own ``per_example_logits(batch) -> [B, C]`` as the classifier's output."""
+
+    name: str = "per_example_logits"
+    call: int = 0
+
+    def __call__(self, loss_fn: LossFn, module: nn.Module, batch: Any) -> tuple[Tensor, None]:
+        out = module.per_example_logits(batch)  # type: ignore[operator]
+        if not isinstance(out, Tensor):
+            raise SketchConfigError(
+                "per_example_logits(batch) must return the logits [B, C] as a Tensor, got "
+                f"{type(out).__name__}."
+            )
+        return out, None
+
+
 def _candidates(module: nn.Module, loss_fn: LossFn, batch: Any) -> tuple[list[tuple[_Tap, Tensor]], Tensor]:
     """Every submodule output computed by one ``loss_fn`` call, latest first, and the losses ``[B]``."""
     seen: list[tuple[str, Any]] = []
@@ -309,7 +326,7 @@ def check_query_targets(task: AttributionTask, batch: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- the tasks
-def _classification(loss_fn: LossFn, tap: _Tap, key: Any, binary: bool) -> AttributionTask:
+def _classification(loss_fn: LossFn, tap: _Tap | _LogitsTap, key: Any, binary: bool) -> AttributionTask:
     def margin(module: nn.Module, batch: Any) -> Tensor:
         out, _ = tap(loss_fn, module, batch)
         y = _target(batch)
@@ -337,7 +354,10 @@ def _classification(loss_fn: LossFn, tap: _Tap, key: Any, binary: bool) -> Attri
                 drawn = torch.multinomial(p, 1, generator=gen)[:, 0]
         return [(loss_fn, _with_target(batch, key_, drawn.to(y.device, y.dtype)), 1.0)]
 
-    where = f"the output of {tap.name!r}" if tap.name else "the model's output"
+    if isinstance(tap, _LogitsTap):
+        where = "the module's per_example_logits(batch)"
+    else:
+        where = f"the output of {tap.name!r}" if tap.name else "the model's output"
     what = "BCE-with-logits" if binary else "cross-entropy"
     return AttributionTask(
         kind="binary" if binary else "classification",
@@ -372,7 +392,10 @@ def _regression(loss_fn: LossFn, tap: _Tap, key: Any, outputs: int, scale: float
         signs = [(torch.randint(0, 2, (outputs,), generator=gen) * 2 - 1).double() for _ in range(samples)]
         return [(combination(s), batch, 1.0 / samples) for s in signs]
 
-    where = f"the output of {tap.name!r}" if tap.name else "the model's output"
+    if isinstance(tap, _LogitsTap):
+        where = "the module's per_example_logits(batch)"
+    else:
+        where = f"the output of {tap.name!r}" if tap.name else "the model's output"
     how = ("the squared error" if scale is not None else
            "a function (not the squared error) of")
     return AttributionTask(
@@ -450,14 +473,29 @@ def _user_margin(loss_fn: LossFn) -> AttributionTask:
     )
 
 
-def _empirical(loss_fn: LossFn, why: str) -> AttributionTask:
+def _fix(key: Any, y: Tensor | None) -> str:
+    """What to add, for the targets the batch carries: the change that restores the best kernel."""
+    where = f"batch[{key!r}]"
+    if y is not None and not y.is_floating_point() and y.ndim == 1:  # class indices: a classifier
+        return (f"Define per_example_logits(batch) -> [B, C], the logits whose cross-entropy against {where} "
+                "is the loss (for a forward that takes several inputs, e.g. forward(x, mask), or returns a "
+                "dict): that restores TRAK's margin kernel. Or define per_example_margin(batch), or pass "
+                "task=AttributionTask(...)")
+    if y is not None and y.is_floating_point():  # a regression, or a likelihood of its own
+        return ("Return the prediction from a submodule the loss calls when the loss is a squared error (the "
+                "Gauss–Newton kernel), define per_example_margin(batch), define sample_labels(batch, "
+                f"generator) -> batch with {where} drawn from the model when the loss is a likelihood of "
+                "another kind (the sampled Fisher), or pass task=AttributionTask(...)")
+    return ("Return the model's output from a submodule the loss calls (logits for a classifier or language "
+            "model, the prediction for a regression), or define per_example_margin(batch) or "
+            "sample_labels(batch, generator), or pass task=AttributionTask(...)")
+
+
+def _empirical(loss_fn: LossFn, why: str, key: Any = None, y: Tensor | None = None) -> AttributionTask:
     return AttributionTask(
         kind="empirical", loss=loss_fn, query_loss=loss_fn, kernel_terms=None, kernel="empirical",
-        reason=(f"{why}; the kernel falls back to the empirical Fisher of the stored loss gradients, "
-                "which over-weights unfitted examples. Return the model's output from a submodule "
-                "the loss calls (logits for a classifier or language model, the prediction for a "
-                "regression), or define per_example_margin(batch) or sample_labels(batch, generator), "
-                "or pass task=AttributionTask(...)"),
+        reason=(f"{why}; the kernel falls back to the empirical Fisher of the stored loss gradients "
+                f"(not TRAK's margin kernel), which over-weights unfitted examples. {_fix(key, y)}"),
     )
 
 
@@ -506,11 +544,25 @@ def _recognise(module: nn.Module, batch: Any, loss: LossFn, kernel_samples: int)
         cands, values = _candidates(module, loss, batch)
     except Exception as err:  # a model outside every convention: fall back, say why
         why = f"the loss could not be evaluated on a probe batch ({type(err).__name__}: {err})"
-        return _empirical(loss, why)
+        return _empirical(loss, why, key, y)
     values = values.reshape(-1)
     if values.shape[0] != y.shape[0]:
         why = f"per_example_loss returned {values.shape[0]} values for {y.shape[0]} targets"
-        return _empirical(loss, why)
+        return _empirical(loss, why, key, y)
+    note = ""
+    if callable(getattr(module, "per_example_logits", None)):  # the module's own logits come first
+        try:
+            with torch.no_grad():
+                logits, _ = _LogitsTap()(loss, module, batch)
+        except Exception as err:
+            note = f"; per_example_logits(batch) failed ({type(err).__name__}: {err})"
+        else:
+            if _is_classification(logits, y, values):
+                return _classification(loss, _LogitsTap(), key, binary=False)
+            if _is_binary(logits, y, values):
+                return _classification(loss, _LogitsTap(), key, binary=True)
+            note = (f"; the cross-entropy of per_example_logits(batch) {tuple(logits.shape)} against "
+                    f"batch[{key!r}] is not the loss")
     for tap, out in cands:
         if _is_classification(out, y, values):
             return _classification(loss, tap, key, binary=False)
@@ -526,4 +578,4 @@ def _recognise(module: nn.Module, batch: Any, loss: LossFn, kernel_samples: int)
                 return _regression(loss, tap, key, outputs, scale, kernel_samples)
     return _empirical(loss, "no output computed by the loss is the logits of a cross-entropy, the logit "
                             "of a BCE, the prediction of a squared error or the logits of a token "
-                            "cross-entropy against the batch's targets")
+                            f"cross-entropy against the batch's targets{note}", key, y)

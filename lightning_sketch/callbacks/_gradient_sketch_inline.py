@@ -26,6 +26,7 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
 from lightning_sketch.exceptions import SketchInputError
 from lightning_sketch.gradients import eval_mode as _eval_mode
 from lightning_sketch.gradients import sketch_gradients
+from lightning_sketch.gradients.sharded import gathered, whole
 
 #: inline mode commits early once this many bytes of rows are buffered.
 _INLINE_BUFFER_BYTES = 256 * 2**20
@@ -60,7 +61,7 @@ class _InlineMixin(_GradientSketchBase):
 
         # Parameters no hook sees (parametrised models): per-example gradients of this batch at this
         # step's weights by vmap over the whole model, before the step, in eval mode.
-        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+        with gathered(pl_module), _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             self._pending_rows = _vmap_guard(lambda: sketch_gradients(
                 pl_module, self._loss_fn(pl_module), batch, self.sketch, mode="explicit", layout=self.layout,
                 chunk_size=self.chunk_size,
@@ -102,14 +103,17 @@ class _InlineMixin(_GradientSketchBase):
         (invisible to hooks) or the training loss is not the mean of ``per_example_loss``."""
         own = dict(pl_module.named_parameters())
         got = rows.mean(0)
+        trainer = pl_module.trainer
+        if trainer.world_size > 1:  # DDP and FSDP2 average .grad over the ranks (equal local batches)
+            got = trainer.strategy.reduce(got, reduce_op="mean")
         blocks = getattr(self.sketch, "blocks", None)
         # (name, sketch of its .grad, mean of its rows, mean norm of its per-example rows)
         parts: list[tuple[str, Tensor, Tensor, float]] = []
         if blocks is None:
             grads: dict[str, Tensor] = {}
             for n in self.layout.names:
-                grad = own[n].grad
-                grads[n] = grad if grad is not None else torch.zeros_like(own[n])
+                grad = own[n].grad  # whole(): under FSDP2 .grad is the rank's DTensor shard
+                grads[n] = whole(grad) if grad is not None else torch.zeros_like(whole(own[n]))
             flat = self.layout.flatten({n: g.detach().to(rows.dtype) * grad_scale for n, g in grads.items()})
             parts.append(("all sketched parameters", self.sketch.apply(flat), got,
                           float(rows.norm(dim=1).mean())))
@@ -121,7 +125,7 @@ class _InlineMixin(_GradientSketchBase):
                 if g is None:
                     parts.append((name, torch.zeros_like(got[sl]), got[sl], size))
                     continue
-                g = g.detach().to(rows.dtype)
+                g = whole(g).detach().to(rows.dtype)
                 L, R = self.sketch.factors(b, g)
                 ref = L @ g.reshape(-1) if R is None else (L @ g.reshape(b.rows, b.cols) @ R.T).reshape(-1)
                 parts.append((name, ref * grad_scale, got[sl], size))

@@ -32,6 +32,7 @@ from lightning_sketch.callbacks._progress import progress_iter as _progress
 from lightning_sketch.exceptions import SketchConfigError
 from lightning_sketch.gradients import GradientCapture, sketch_gradients
 from lightning_sketch.gradients import eval_mode as _eval_mode
+from lightning_sketch.gradients.sharded import gathered
 from lightning_sketch.sketches import derive_seed
 
 
@@ -60,8 +61,9 @@ class _SlicesMixin(_GradientSketchBase):
         loss_fn = self._loss_fn(pl_module)
         bar = _progress(trainer, loader, f"GradientSketch {name}")
         seen = 0
-        cap = self._slice_capture(pl_module)
-        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+        # gathered: under FSDP2 one all-gather per pass, then plain whole parameters and no collective
+        with gathered(pl_module), _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+            cap = self._slice_capture(pl_module)
             for batch in bar:
                 if self._probe is None and self.save_weights and trainer.is_global_zero:
                     self._probe = _probe_batch(batch, self._ids(batch))
@@ -90,8 +92,8 @@ class _SlicesMixin(_GradientSketchBase):
         acc = torch.zeros(D, D, dtype=torch.float64)
         count = 0
         task: AttributionTask | None = None
-        cap = self._slice_capture(pl_module)
-        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+        with gathered(pl_module), _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+            cap = self._slice_capture(pl_module)
             for batch in loader:
                 batch = _to_device(batch, pl_module.device)
                 if task is None:
@@ -126,7 +128,7 @@ class _SlicesMixin(_GradientSketchBase):
         per-module fallback) is refused at the start of fit, not after the first epoch; and decide
         the attribution task, so that it is said at the start of fit."""
         loss_fn = self._loss_fn(pl_module)
-        with _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
+        with gathered(pl_module), _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             for batch in self._attribution_loader(trainer):
                 batch = _to_device(batch, pl_module.device)
                 if self.support.fallback:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation, rank_zero_warn
 
 from lightning_sketch._safeio import file_sha256
@@ -47,11 +47,18 @@ def _resolve_sketch_kind(sketch_kind: str, kind: str | None) -> str:
 
 
 def _check_strategy(strategy: Strategy) -> None:
-    """Refuse sharded strategies (by type, so that subclasses are caught and DDP is not)."""
-    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+    """Refuse sharded strategies at setup (by type, so that subclasses are caught and DDP is not).
+
+    ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` or tensor parallelism) is refused too: its
+    ``configure_model`` runs after this setup and would shard the reparametrised tensors, while
+    θ = θ0 + Φᵀω needs the whole flattened θ on every rank. Sharding would save nothing worth having
+    here: ω (D numbers) is the only trained tensor, so DDP holds no optimizer state beyond O(D).
+    """
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
         raise UnsupportedStrategyError(
             f"IntrinsicDimension does not support {type(strategy).__name__}: θ = θ0 + Φᵀω needs the whole "
-            f"flattened model on every rank; use strategy='ddp' (ω is tiny, so DDP traffic is O(D))."
+            f"flattened model on every rank; use strategy='ddp' (ω is tiny, so DDP traffic is O(D)) and "
+            f"drop the fully_shard/parallelize_module calls from configure_model."
         )
 
 

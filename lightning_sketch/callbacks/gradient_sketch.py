@@ -67,6 +67,7 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
     _store_gone,
 )
 from lightning_sketch.callbacks._gradient_sketch_slices import _SlicesMixin
+from lightning_sketch.callbacks._strategy import check_model_parallel
 from lightning_sketch.exceptions import SketchConfigError, StoreWriteError
 from lightning_sketch.gradients import GradientCapture, ParamLayout
 from lightning_sketch.sketches import make, sketch_class
@@ -286,6 +287,8 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             return
         self._task = None
         self._probe = None
+        # FSDP2 passes (whole parameters are gathered per pass); tensor parallelism is refused here
+        check_model_parallel(trainer.strategy, "GradientSketch")
         self._loss_fn(pl_module)  # fail at setup, not at the first slice
         self.layout = ParamLayout.from_module(pl_module, include=self.include, exclude=self.exclude)
         self.support = _check_support(pl_module, self.layout, self.exclude)

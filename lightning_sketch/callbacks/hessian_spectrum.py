@@ -28,15 +28,17 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_sketch.callbacks._progress import progress_bar
 from lightning_sketch.callbacks._spectrum_options import SpectrumNumerics, merge_flat_numerics
+from lightning_sketch.callbacks._strategy import check_model_parallel
 from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError, UnsupportedStrategyError
 from lightning_sketch.gradients import module_loss_fn, train_mode
+from lightning_sketch.gradients.sharded import gathered
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.plots import save_png, spectrum_history_figure
 from lightning_sketch.sketches import KINDS, derive_seed, make
@@ -183,19 +185,26 @@ class HessianSpectrum(Callback):
         if stage != "fit":
             return
         self._warned_unconverged = False
-        sharded = isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
-        if sharded and self.numerics.hvp_method != "finite_difference":
-            raise UnsupportedStrategyError(
-                f"HessianSpectrum with {type(trainer.strategy).__name__} needs "
-                f"hvp_method='finite_difference' (got {self.numerics.hvp_method!r}): sharded parameters "
-                "break double-backward and forward-mode HVPs."
-            )
+        self._check_strategy(trainer.strategy)
         self._loss_fn(pl_module)  # fail at setup, not at the first snapshot
         base = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hessian_spectrum")
         self._dir = Path(trainer.strategy.broadcast(base))
         if trainer.is_global_zero and self._writer is None:
             # one writer per directory for the whole fit: a second run into it fails here, not mid-way
             self._writer = SnapshotWriter(self._dir)
+
+    def _check_strategy(self, strategy: Strategy) -> None:
+        """Refuse, at setup, the strategies whose parameters the HVPs cannot read (by type, so DDP passes)."""
+        if check_model_parallel(strategy, "HessianSpectrum"):
+            return  # FSDP2: every snapshot gathers the whole parameters (gradients.sharded.gathered)
+        sharded = isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy))
+        if sharded and self.numerics.hvp_method != "finite_difference":
+            raise UnsupportedStrategyError(
+                f"HessianSpectrum with {type(strategy).__name__} needs "
+                f"hvp_method='finite_difference' (got {self.numerics.hvp_method!r}): sharded parameters "
+                "break double-backward and forward-mode HVPs. With FSDP2 (ModelParallelStrategy and "
+                "fully_shard) every hvp_method works."
+            )
 
     def _loss_fn(self, pl_module: LightningModule) -> Callable[[Any, Any], Tensor]:
         return module_loss_fn(pl_module, self.loss_fn, who="HessianSpectrum ", error=UnsupportedModelError)
@@ -294,7 +303,8 @@ class HessianSpectrum(Callback):
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
         try:
             num = self.numerics
-            with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+            # gathered: under FSDP2 the HVPs run on whole, plain parameters (one copy per rank)
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), gathered(pl_module), \
                     train_mode(pl_module, num.mode == "train"):
                 snap = spectrum_snapshot(
                     pl_module, self._loss_fn(pl_module), probe, k=min(self.k, self._op_dim()),

@@ -177,9 +177,14 @@ class Subspace(nn.Module):
             all_names.setdefault(id(p), []).append(name)
         tied = [names for names in all_names.values() if len(names) > 1 and set(names) & set(layout.names)]
         if tied:
+            # the layout lists a shared tensor once, under its first name: leaving that name out suffices
+            shared = [n for names in tied for n in names if n in layout.names]
+            given = [] if exclude is None else [exclude] if isinstance(exclude, str) else list(exclude)
             raise UnsupportedModelError(
-                f"Tied (shared) parameters {tied} cannot be reparametrised independently; untie them or "
-                f"exclude them with `exclude=[...]`."
+                f"Tied (shared) parameters {tied} cannot be reparametrised independently (one tensor would "
+                f"get two offsets). Leave the shared tensor out of the subspace with "
+                f"exclude={given + shared!r} (IntrinsicDimension(exclude=...) or "
+                "Subspace.attach(exclude=...)), or untie the weights."
             )
         m = len(layout.names) if said else 0
         if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim <= m:

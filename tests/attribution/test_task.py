@@ -306,3 +306,75 @@ def test_an_explicit_task_is_used_and_checked():
                            query_loss=lambda m, b: -m(b["x"]), kernel_terms=None, kernel="empirical",
                            reason="given")
     assert GradientSketch(dirpath="unused", sketch_dim=8, task=task).task is task
+
+
+# ---------------------------------------------------------------------------- the fallback names its fix
+class MaskedEncoder(_Base):
+    """``forward(x, mask) -> (pooled, logits)``, the pooled output first (as encoders return it): no
+    output the loss computes is recognised as the logits, so the task falls back."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(6, 12)
+        self.head = nn.Parameter(0.3 * torch.randn(12, 3))
+
+    def forward(self, x, mask):
+        pooled = torch.tanh(self.enc(x)) * mask[:, None]
+        return pooled, pooled @ self.head
+
+    def per_example_loss(self, batch):
+        return F.cross_entropy(self(batch["x"], batch["mask"])[1], batch["y"], reduction="none")
+
+
+class MaskedEncoderWithLogits(MaskedEncoder):
+    def per_example_logits(self, batch):
+        return self(batch["x"], batch["mask"])[1]
+
+
+def _masked_batch(n=8):
+    x, y, _ = blobs(n=n)
+    return {"x": x, "mask": (torch.arange(n) % 4 != 3).float(), "y": y}
+
+
+def test_unrecognised_classifier_names_per_example_logits_and_it_restores_the_margin_kernel():
+    b = _masked_batch()
+    task = resolve_task(MaskedEncoder(), b)
+    assert (task.kind, task.kernel) == ("empirical", "empirical")
+    assert "empirical Fisher" in task.reason and "per_example_logits(batch) -> [B, C]" in task.reason
+    assert "batch['y']" in task.reason and "margin kernel" in task.reason
+    assert "sample_labels" not in task.reason  # class labels: the logits are the fix, not a likelihood
+
+    model = MaskedEncoderWithLogits()
+    fixed = resolve_task(model, b)
+    assert (fixed.kind, fixed.kernel) == ("classification", "margin-logits")
+    assert "per_example_logits" in fixed.reason
+    logp = torch.log_softmax(model(b["x"], b["mask"])[1].double(), -1)[torch.arange(8), b["y"]]
+    margin = logp - torch.log1p(-logp.exp())  # log p_y − log(1 − p_y), independently
+    torch.testing.assert_close(fixed.query_loss(model, b).double(), -margin, rtol=1e-4, atol=1e-5)
+
+
+def test_per_example_logits_that_are_not_the_losss_logits_are_named_in_the_fallback():
+    class Wrong(MaskedEncoder):
+        def per_example_logits(self, batch):
+            return -self(batch["x"], batch["mask"])[1]
+
+    task = resolve_task(Wrong(), _masked_batch())
+    assert task.kind == "empirical"
+    assert "per_example_logits(batch) (8, 3) against batch['y'] is not the loss" in task.reason
+
+
+def test_float_targets_name_sample_labels_for_a_likelihood_of_another_kind():
+    reg, (x, y) = Regressor(), _regression_data(8)
+    task = resolve_task(reg, {"x": x, "y": y}, loss_fn=lambda m, b: (m(b["x"]) - b["y"]).abs())  # L1
+    assert "sample_labels(batch, generator)" in task.reason and "per_example_logits" not in task.reason
+
+
+def test_the_per_example_logits_fix_is_warned_once_per_fit(tmp_path):
+    b = _masked_batch(24)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _fit(tmp_path, MaskedEncoder(), _Dicts(**b),
+             [GradientSketch(dirpath=str(tmp_path / "run"), sketch_dim=8)], epochs=2)
+    mine = [w for w in seen if "empirical Fisher" in str(w.message)]
+    assert len(mine) == 1 and "per_example_logits(batch) -> [B, C]" in str(mine[0].message)

@@ -257,3 +257,18 @@ def test_module_to_dtype_and_deepcopy_after_attach():
     assert twin_sub is not sub and twin_sub.active == 4
     _loss(twin, x, y).backward()
     assert torch.all(twin_sub.omega.grad[4:] == 0) and sub.omega.grad.dtype == torch.float32
+
+
+def test_tied_weights_refusal_names_the_exclude_that_works():
+    import ast
+    import re
+
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(UnsupportedModelError, match=r"\['0.weight', '2.weight'\]") as err:
+        Subspace.attach(tied, kind="dense", sketch_dim=4, exclude=["2.bias"])
+    suggested = ast.literal_eval(re.search(r"exclude=(\[[^\]]*\])", str(err.value)).group(1))
+    assert suggested == ["2.bias", "0.weight"]  # given patterns kept, the shared tensor's first name added
+    sub = Subspace.attach(tied, kind="dense", sketch_dim=2, exclude=suggested)
+    assert sub.layout.names == ("0.bias",)
+    assert tied[0].weight is tied[2].weight  # still one tensor, left out of the subspace
