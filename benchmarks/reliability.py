@@ -12,7 +12,15 @@ hostile run directories handled.
 2. **SIGKILLs.** ``tests/store/_procs.py crash`` forks a committing store writer per seed and
    kills it at a random time; each store is then reopened, fully verified and its rows compared
    with the acknowledged commits (rows lost = acknowledged rows missing).
-3. Prints one Markdown table per part, with ``uptime`` load averages.
+3. **Lightning-level SIGKILLs** (``--lightning-kills N``): ``tests/reliability/scripts/lightning_kill.py``
+   runs each configuration (GradientSketch checkpoint mode + HessianSpectrum, GradientSketch inline
+   mode + HessianSpectrum, IntrinsicDimension; checkpoints at epoch end, every 3 steps with a
+   resumable loader, every 3 steps with a plain loader) once uninterrupted, counting its events; then
+   N seeded draws of (configuration, event kind, occurrence) are killed there and continued from the
+   latest checkpoint (else a fresh fit). Counted: continued runs, acknowledged rows lost, rows
+   duplicated, temporary files left, and for the exactly resumable configuration runs equal to the
+   uninterrupted one.
+4. Prints one Markdown table per part, with ``uptime`` load averages. Parts with a count of 0 are skipped.
 """
 
 from __future__ import annotations
@@ -83,19 +91,80 @@ def kills(n: int) -> list[str]:
             "| commits in flight that landed whole |", "|---|---|---|---|", f"| {n} | {survived} | {lost} | {extra} |"]
 
 
+def lightning_kills(n: int, seed: int = 0) -> list[str]:
+    import random
+
+    sys.path.insert(0, str(REPO / "tests" / "reliability" / "scripts"))
+    root = Path(tempfile.mkdtemp())
+    code = (f"import sys, json; sys.path.insert(0, {str(REPO / 'tests/reliability/scripts')!r}); "
+            "import lightning_kill as lk; from pathlib import Path; "
+            f"print(json.dumps({{c: lk.run(Path({str(root)!r}) / ('ref-' + c), c, count=True) "
+            "for c in lk.CONFIGS}))")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    refs = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                     timeout=3600).stdout.strip().splitlines()[-1])
+    rng = random.Random(seed)
+    draws = []
+    for i in range(n):
+        config = rng.choice(sorted(refs))
+        kind = rng.choice(sorted(refs[config]["counts"]))
+        n_th = rng.randint(1, refs[config]["counts"][kind])
+        draws.append((f"{root / str(i)}:{config}:{kind}:{n_th}", config))
+    out = subprocess.run([sys.executable, str(REPO / "tests/reliability/scripts/lightning_kill.py"), "fork",
+                          *[j for j, _ in draws]], capture_output=True, text=True, env=env, timeout=36000)
+    status = json.loads(out.stdout.strip().splitlines()[-1])
+    import lightning_kill as lk
+
+    rows: dict[str, list[int]] = {}
+    for job, config in draws:
+        r = rows.setdefault(config, [0] * 8)
+        st = status[job]
+        r[0] += 1
+        r[1] += st["killed"] == -9
+        if st["continued"] != 0:
+            errors = [p.read_text()[:300] for p in Path(job.split(":")[0]).glob("*.error")]
+            print("  ! not continued:", job, *errors, file=sys.stderr)
+            continue
+        r[2] += 1
+        got = json.loads((Path(job.split(":")[0]) / "continued.json").read_text())
+        res = lk.compare(got, refs[config], exact=config.endswith("-mid"))
+        r[3] += res["lost"]
+        r[4] += res["duplicated"]
+        r[5] += res["tmp_files"]
+        if config.endswith("-mid"):
+            r[6] += 1
+            r[7] += not (res["ref_lost"] or res["different"] or res["other"])
+            if res["ref_lost"] or res["different"] or res["other"]:
+                print("  ! differs from the uninterrupted run:", job, res, file=sys.stderr)
+    lines = ["| configuration | killed runs | died by SIGKILL | continued | acknowledged rows lost "
+             "| rows duplicated | temp files left | equal to uninterrupted (exact configs) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for config in sorted(rows):
+        r = rows[config]
+        eq = f"{r[7]} / {r[6]}" if r[6] else "n/a"
+        lines.append(f"| {config} | {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {eq} |")
+    tot = [sum(r[i] for r in rows.values()) for i in range(8)]
+    lines.append(f"| all | {tot[0]} | {tot[1]} | {tot[2]} | {tot[3]} | {tot[4]} | {tot[5]} "
+                 f"| {tot[7]} / {tot[6]} |")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--flips", type=int, default=60)
     p.add_argument("--cuts", type=int, default=10)
     p.add_argument("--kills", type=int, default=20)
+    p.add_argument("--lightning-kills", type=int, default=0)
     args = p.parse_args()
     print(f"load average before: {load()}")
-    t = time.perf_counter()
-    print("\n".join(sweeps(args.flips, args.cuts)))
-    print(f"\n({time.perf_counter() - t:.0f} s; load average {load()})\n")
-    t = time.perf_counter()
-    print("\n".join(kills(args.kills)))
-    print(f"\n({time.perf_counter() - t:.0f} s; load average {load()})")
+    parts = [(args.flips or args.cuts, lambda: sweeps(args.flips, args.cuts)),
+             (args.kills, lambda: kills(args.kills)),
+             (args.lightning_kills, lambda: lightning_kills(args.lightning_kills))]
+    for count, part in parts:
+        if count:
+            t = time.perf_counter()
+            print("\n".join(part()))
+            print(f"\n({time.perf_counter() - t:.0f} s; load average {load()})\n")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ import errno
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -77,6 +79,7 @@ __all__ = [
     "read_capped",
     "read_json",
     "read_json_bytes",
+    "sweep_temp_files",
     "verify_checked",
     "write_checked_json",
 ]
@@ -166,6 +169,50 @@ def fsync_dir(path: str | os.PathLike) -> None:
             raise
     finally:
         os.close(fd)
+
+
+#: the temporary names :func:`atomic_write` creates: ``<target name>.tmp-`` and mkstemp's 8 random characters.
+_TEMP_NAME = re.compile(r"(?P<target>.+)\.tmp-[a-z0-9_]{8}")
+
+
+def sweep_temp_files(directory: str | os.PathLike, targets: Iterable[str] | None = None) -> list[str]:
+    """Delete the temporary files a killed :func:`atomic_write` left in ``directory``; return their names.
+
+    Only the caller may write ``directory`` (it holds the directory's writer lock), so no write of
+    another process is in flight there. Removed: regular files (never a symlink or anything else,
+    not followed) directly in ``directory`` whose name is ``<target>.tmp-`` plus mkstemp's 8
+    characters, with ``<target>`` in ``targets`` when given. A missing directory removes nothing.
+
+    Raises:
+        StoreWriteError: a temporary file could not be removed (permissions).
+    """
+    wanted = None if targets is None else set(targets)
+    removed = []
+    try:
+        entries = list(os.scandir(os.fspath(directory)))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as err:
+        raise StoreWriteError(
+            f"Cannot list {os.fspath(directory)!r} to remove temporary files: {err}."
+        ) from err
+    for entry in sorted(entries, key=lambda e: e.name):
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match is None or (wanted is not None and match["target"] not in wanted):
+            continue
+        try:
+            if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+                continue
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise StoreWriteError(
+                f"Cannot remove the temporary file {entry.path!r} an interrupted write left behind: {err}. "
+                "Fix the directory's permissions or delete the file."
+            ) from err
+        removed.append(entry.name)
+    return removed
 
 
 def atomic_write(

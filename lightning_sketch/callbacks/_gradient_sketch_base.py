@@ -115,11 +115,32 @@ class _GradientSketchBase(Callback):
         self.store.append(ids, rows, checkpoint=name, rank=trainer.global_rank, nan_policy=self.nan_policy)
 
     def _flush(self, trainer: Trainer) -> None:
+        """Move the inline buffer (rows ``[B, D]`` float32 per slice) into the store's buffer.
+
+        An example trained more than once within one epoch keeps the row of its first step in that
+        epoch; the later rows are skipped and counted as ``skipped_duplicates`` of the slice. This
+        happens when Lightning replays batches of an epoch on resume (from a checkpoint saved mid-epoch
+        with a train loader that cannot resume mid-epoch, or saved in ``on_train_epoch_end``) or
+        when the sampler draws with replacement.
+        """
         for name, parts in self._inline_buf.items():
             ids = torch.cat([i for i, _ in parts])
             rows = torch.cat([r for _, r in parts])
-            self.store.append(ids, rows, checkpoint=name, rank=trainer.global_rank,
-                              nan_policy=self.nan_policy)
+            kept = self.store.append(ids, rows, checkpoint=name, rank=trainer.global_rank,
+                                     on_duplicate="skip", nan_policy=self.nan_policy)
+            nonfinite = 0 if self.nan_policy == "raise" else int((~torch.isfinite(rows).all(dim=1)).sum())
+            repeated = len(ids) - kept - nonfinite
+            if repeated > 0:
+                rank_zero_warn(
+                    f"GradientSketch inline: {repeated} rows of examples already sketched in slice {name!r} "
+                    f"were skipped (counted as skipped_duplicates in the store manifest); each example keeps "
+                    f"the row of its first training step in an epoch. Examples are trained twice in an epoch "
+                    f"when Lightning replays batches on resume (a checkpoint saved mid-epoch with a train "
+                    f"loader without state_dict/load_state_dict, or saved at on_train_epoch_end) or when the "
+                    f"sampler draws with replacement. For rows equal to an uninterrupted run's, save "
+                    f"checkpoints on the last batch of an epoch (ModelCheckpoint(every_n_train_steps=<steps "
+                    f"per epoch>)) or give the train loader state_dict/load_state_dict."
+                )
         self._inline_buf = {}
 
     def _commit(self, trainer: Trainer) -> None:

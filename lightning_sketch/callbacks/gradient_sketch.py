@@ -55,7 +55,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_sketch.attribution.curvature import check_curvature_arg
+from lightning_sketch._safeio import sweep_temp_files
+from lightning_sketch.attribution.curvature import CURVATURE_DIR, check_curvature_arg
 from lightning_sketch.attribution.task import AttributionTask
 from lightning_sketch.callbacks._gradient_sketch_base import _check_support
 from lightning_sketch.callbacks._gradient_sketch_inline import _InlineMixin
@@ -219,6 +220,9 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self._state_key: tuple[tuple[str, str, str], str] | None = None
         #: set by setup: None when the store existed, else whether its directory was created too
         self._created_store: bool | None = None
+        #: a Lightning checkpoint saved this run's first state; the store's resume point is recorded once
+        #: a later hook shows that the checkpoint file was written (see _confirm_checkpoint)
+        self._checkpoint_pending = False
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -305,6 +309,9 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             None if (path / MANIFEST).exists() else not path.exists()
         )
         self.store = _open_store(self, trainer)
+        if trainer.is_global_zero:  # the store's lock is held: no other writer of this run directory is live
+            for folder in (self.weights_path, Path(self.dirpath) / CURVATURE_DIR):
+                sweep_temp_files(folder)  # left by a killed run (the store folder is swept when locked)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -355,6 +362,26 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             self._start_checks(trainer, pl_module)  # fallback refusals and the task, before training
 
     # ------------------------------------------------------------------ per-step and per-epoch hooks
+    def _confirm_checkpoint(self) -> None:
+        """Record the store's resume point once the first Lightning checkpoint that refers to it exists.
+
+        ``on_save_checkpoint`` runs before Lightning writes the checkpoint file; a process killed in
+        between leaves no checkpoint, so the rows it committed must stay orphans that a fresh fit
+        discards. Lightning writes the file synchronously after the hook, so any later hook of this
+        callback (the next batch, the next save, the end of the fit) proves the file was written.
+        """
+        if self._checkpoint_pending and self.store is not None:
+            self._checkpoint_pending = False
+            if self.store.resume_point is None:
+                self.store.mark_resume_point()
+
+    @override
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._confirm_checkpoint()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -370,6 +397,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._confirm_checkpoint()
         if self._skip(trainer):
             return
         if self.mode == "inline":
@@ -385,9 +413,10 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     ) -> None:
         if self.store is None:
             return
+        self._confirm_checkpoint()  # a save that calls this hook again has written its previous file
         self._commit(trainer)
         if self.store.resume_point is None:  # rows a checkpoint can resume are no orphans (see on_fit_start)
-            self._generation = self.store.mark_resume_point()
+            self._checkpoint_pending = True
         if trainer.world_size > 1:  # every rank runs this hook; record each shard's generation
             gens = trainer.strategy.all_gather(torch.tensor([self._generation], dtype=torch.long))
             self._generations = [int(g) for g in gens.reshape(-1).tolist()]
@@ -405,6 +434,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             self._capture.__exit__(None, None, None)
             self._capture = None
         self._commit(trainer)
+        self._checkpoint_pending = False
         if self.store.resume_point is None:  # a finished run's rows are no orphans either
             self._generation = self.store.mark_resume_point()
         if trainer.world_size > 1:

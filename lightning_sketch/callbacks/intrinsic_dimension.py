@@ -54,7 +54,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_sketch._safeio import DirLock, write_checked_json
+from lightning_sketch._safeio import DirLock, sweep_temp_files, write_checked_json
 from lightning_sketch.callbacks._intrinsic_support import (
     _check_init_args,
     _check_omega_in_optimizer,
@@ -244,6 +244,7 @@ class IntrinsicDimension(Callback):
                 self.dirpath, ".intrinsic_dimension.lock", what="intrinsic-dimension directory"
             )
             self._seen = _disk_sha(Path(self.dirpath) / _STATE)
+            sweep_temp_files(self.dirpath, targets=[_STATE])  # left by a killed run; the lock is ours now
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -158,6 +158,7 @@ class SnapshotWriter:
         self._lock: sio.DirLock | None = sio.DirLock(self.root, what="spectrum snapshot directory")
         try:
             self._generation, _ = _read_index(self.root)
+            sio.sweep_temp_files(self.root)  # left by a killed writer; this one holds the lock now
         except LightningSketchError:
             self.close()
             raise

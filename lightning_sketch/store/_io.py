@@ -120,7 +120,9 @@ class WriterLock(sio.DirLock):
 
     Only one process may append to a store (or to one shard) at a time; readers take no lock.
     The lock is released when :meth:`release` is called or the process dies; :meth:`check`
-    detects a lock file deleted or replaced behind the holder's back.
+    detects a lock file deleted or replaced behind the holder's back. Once it holds the lock, the
+    writer removes the temporary files a killed writer left in the directory
+    (:func:`~lightning_sketch._safeio.sweep_temp_files`).
 
     Raises:
         StoreWriteError: another process already holds the lock.
@@ -134,3 +136,8 @@ class WriterLock(sio.DirLock):
                 f"{err} Open the store with mode='r' to read, or give each DDP rank its own shard "
                 f"(SketchStore.open_shard)."
             ) from err.__cause__
+        try:
+            sio.sweep_temp_files(directory)
+        except StoreWriteError:
+            self.release()
+            raise
