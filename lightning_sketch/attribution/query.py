@@ -330,6 +330,43 @@ class Attributor(ScoringEngine):
             out.append(q)
         return out
 
+    def view(self, method: Method) -> Attributor:
+        """The same runs, models, slices and query function scored by another ``method``: a second
+        view of the same queries whose :meth:`top_k` accepts this Attributor's
+        :meth:`all_query_sketches` (``sketches=``), so the query gradients are taken once for both.
+
+        The view measures what this Attributor's queries measure (on TRAK's margin kernel, the
+        margin m; the cross-entropy's gradient is −(1 − p)∇m, so a ``grad_cos`` view of margin
+        sketches is the cosine of the loss gradients, and a ``tracin`` view ranks like TracIn on the
+        loss). It is not verified again (same models and slices), and it uses the same slices even
+        where ``method`` would select others by default (a ``grad_cos`` view of ``arnoldi_if`` is the
+        cosine at the last slice).
+
+        Raises:
+            SketchConfigError: for an unknown method, or ``"arnoldi_if"`` beside another method (its
+                eigenpairs are computed for one method at a time; build an Attributor for it).
+        """
+        if method == "arnoldi_if" and self._eig is None:
+            raise SketchConfigError(
+                "A view cannot use method='arnoldi_if' (it needs the Hessian's eigenpairs); build an "
+                "Attributor(method='arnoldi_if') with `snapshot=` or `hessian_batches=`."
+            )
+        multi = len(self.runs) > 1
+        other = Attributor(
+            [r.store for r in self.runs] if multi else self.runs[0].store,
+            self.models if multi else self.model,
+            loss_fn=self.loss_fn, method=method, damping=self.damping, damping_ratio=self.damping_ratio,
+            query_loss_fn=self.query_loss_fn, checkpoints=self.checkpoints,
+            eigenpairs=self._eig if method == "arnoldi_if" else None, chunk_size=self.chunk_size,
+            index=self.index_kind, current_weights=self.current_weights,
+            rank=self.rank if method in _CURVED else None, task=self.task, verify=False,
+        )
+        for mine, theirs in zip(self.runs, other.runs):
+            theirs.weights_dir, theirs.explicit_weights = mine.weights_dir, mine.explicit_weights
+        # the same query function, also where it is resolved at the first query (margin kernels)
+        other.query_loss_fn = self.query_loss_fn
+        return other
+
     def _query_loss(self, batch: Any) -> LossFn:
         """The queries' function: explicit, else the margin of the recognised task (margin kernels)."""
         if self.query_loss_fn is not None:
@@ -345,38 +382,45 @@ class Attributor(ScoringEngine):
         self.query_loss_fn = task.query_loss
         return task.query_loss
 
-    def scores(self, batch: Any) -> Tensor:
+    def scores(self, batch: Any, sketches: list[list[Tensor]] | None = None) -> Tensor:
         """Dense ``[Q, T]`` scores of every query against every stored example (float64).
 
         Columns follow :attr:`ids`. Positive = training on the example lowers the query's loss.
+        ``sketches`` (:meth:`all_query_sketches`) stand for ``batch`` (then pass ``batch=None``).
         """
-        qs = self._all_query_sketches(batch)
+        qs = self._sketches_of(batch, sketches)
         Q = qs[0][0].shape[0]
         out = torch.zeros(Q, len(self._ids), dtype=torch.float64)
         for sl in self._chunks(Q):
             self._accumulate([[q[sl] for q in run_q] for run_q in qs], out[sl])
         return out
 
-    def top_k(self, batch: Any, k: int = 10, opponents: bool = False) -> tuple[Tensor, Tensor]:
+    def top_k(
+        self, batch: Any, k: int = 10, opponents: bool = False, sketches: list[list[Tensor]] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The ``k`` strongest proponents (or opponents: most negative scores) of each query.
 
         Exact: scores are streamed over the stored rows in blocks and reduced to the top ``k``
         per query chunk. A single-run ``grad_dot`` query goes through the store's FAISS index
-        instead (``index=``), whose approximate hits the store re-ranks exactly.
+        instead (``index=``), whose approximate hits the store re-ranks exactly. ``sketches``
+        (:meth:`all_query_sketches`, ``R × C × [Q, D]``) stand for ``batch`` (then pass ``batch=None``):
+        the proponents, the opponents, :meth:`damping_info` and a :meth:`view` then share one
+        computation of the query gradients.
 
         Returns:
             ``(ids [Q, k] int64, scores [Q, k] float64)``, strongest first; opponent scores keep
             their true (negative) sign.
 
         Raises:
-            SketchConfigError: if ``k`` is not in ``[1, T]``.
+            SketchConfigError: if ``k`` is not in ``[1, T]``, or ``sketches`` do not fit the runs.
         """
         T = len(self._ids)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T:
             raise SketchConfigError(f"`k` must be an int in [1, {T}] (stored examples), got {k!r}.")
         sign = -1.0 if opponents else 1.0
+        qs = self._sketches_of(batch, sketches)
         if self.method == "grad_dot" and len(self.runs) == 1 and hasattr(self.store, "search"):
-            q = self.query_sketches(batch)[-1]
+            q = qs[0][-1]
             s, i = self.store.search(
                 (sign * q).to(torch.float32).numpy(),
                 k,
@@ -385,7 +429,6 @@ class Attributor(ScoringEngine):
             )
             s, i = torch.as_tensor(np.asarray(s), dtype=torch.float64), torch.as_tensor(np.asarray(i))
             return i.to(torch.long), sign * s
-        qs = self._all_query_sketches(batch)
         Q = qs[0][0].shape[0]
         ids_out, s_out = [], []
         for sl in self._chunks(Q):
