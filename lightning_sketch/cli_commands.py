@@ -281,7 +281,8 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
         damping=getattr(args, "damping", None), damping_ratio=getattr(args, "damping_ratio", None), **extra,
     )
     k = min(args.k, len(attributor.ids))
-    # the query gradients are taken once, for both rankings, the damping's sensitivity and the view
+    # the query gradients are taken once for both rankings, the damping's sensitivity and a view that
+    # measures the same function
     qs = attributor.all_query_sketches(batch)
     preds = _predictions(model, batch)
     train_ds = _dataset(datamodule, "train") if datamodule is not None else None
@@ -295,10 +296,10 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
             rows.append({"id": int(i), "score": float(s), "label": label})
         return rows
 
-    def ranking(att: Any) -> list[dict[str, Any]]:
+    def ranking(att: Any, sketches: Any) -> list[dict[str, Any]]:
         """Per query: its top-k proponents and opponents under ``att`` (with pictures of image inputs)."""
-        pro_ids, pro_scores = att.top_k(None, k=k, sketches=qs)
-        opp_ids, opp_scores = att.top_k(None, k=k, opponents=True, sketches=qs)
+        pro_ids, pro_scores = att.top_k(None, k=k, sketches=sketches)
+        opp_ids, opp_scores = att.top_k(None, k=k, opponents=True, sketches=sketches)
         out = []
         for q in range(len(qids)):
             rec = {"proponents": entries(pro_ids[q], pro_scores[q]),
@@ -320,7 +321,7 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
                                  query_labels if preds is not None else None, preds)
 
     records = []
-    for q, (qid, ranked) in enumerate(zip(qids, ranking(attributor))):
+    for q, (qid, ranked) in enumerate(zip(qids, ranking(attributor, qs))):
         rec: dict[str, Any] = {"query": qid, "label": query_labels[q],
                                "prediction": None if preds is None else int(preds[q]), **ranked}
         if with_images:
@@ -332,13 +333,18 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
     second = None
     if view_method is not None and view_method != attributor.method:
         view = attributor.view(cast("Method", view_method))
-        view_recs = ranking(view)
-        second = {"method": view.method, "meaning": meaning(view.method, damping.get("kernel")),
+        # the view's own query gradients only where it measures another function (margin vs loss)
+        shared = view.shares_queries(attributor)
+        view_recs = ranking(view, qs if shared else view.all_query_sketches(batch))
+        second = {"method": view.method, "meaning": meaning(view.method, view.query_function),
+                  "query_function": view.query_function, "shares_query_sketches": shared,
                   "summary": summary(view_recs),
                   "queries": [{"query": qid, **r} for qid, r in zip(qids, view_recs)]}
     result = {
         "format": "lightning_sketch.query/v1", "method": attributor.method,
-        "meaning": meaning(attributor.method, damping.get("kernel")), "summary": summary(records),
+        "meaning": meaning(attributor.method, attributor.query_function),
+        "query_function": attributor.query_function,
+        "summary": summary(records),
         "split": args.split if args.inputs is None else "inputs",
         "store": str(stores[0]) if len(stores) == 1 else [str(s) for s in stores],
         "ckpt": str(ckpts[0]) if len(ckpts) == 1 else [str(c) for c in ckpts], "k": k, "queries": records,
@@ -403,8 +409,11 @@ def _summary_line(method: str, s: dict[str, Any] | None) -> str:
 
 def _as_table(result: dict[str, Any]) -> str:
     d = result.get("damping") or {}
-    # trak/fisher_if on a margin kernel measure the query's margin; every other case its loss
-    sign = "raises the query's margin" if d.get("kernel") == "margin" else "lowers the query's loss"
+    # trak/fisher_if on classifiers measure the query's margin; the other methods its loss
+    measure = (result.get("meaning") or {}).get("measure") or (
+        "margin" if d.get("kernel") == "margin" else "loss")
+    sign = {"margin": "raises the query's margin", "loss": "lowers the query's loss"}.get(
+        measure, "lowers the query's query_loss_fn")
     second: dict[str, Any] = result.get("second_view") or {}
     lines = [f"method: {result['method']}  (score > 0: training on the example {sign})"]
     lines += _meaning_lines(result.get("meaning"))

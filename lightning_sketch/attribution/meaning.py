@@ -18,7 +18,7 @@ Two families rank differently, and a user reading a top-k list has to know which
 share the query's label, and the "hubs" that are top proponents of many queries.
 
 Example:
-    >>> m = meaning("trak", kernel="margin")
+    >>> m = meaning("trak", measure="margin")
     >>> m["family"], m["proponent"].split(";")[0]
     ('counterfactual', "removing it from training would lower this query's margin the most")
     >>> s = proponent_summary([[3, 4], [3, 5]], [[1, 2], [1, 1]], query_labels=[1, 1])
@@ -34,12 +34,13 @@ from typing import Any
 
 from lightning_sketch.exceptions import SketchConfigError
 
-__all__ = ["METHOD_MEANINGS", "default_second_view", "meaning", "proponent_summary"]
+__all__ = ["MEASURES", "METHOD_MEANINGS", "default_second_view", "meaning", "proponent_summary"]
 
 #: method -> (family, what the score approximates, what a proponent is, what an opponent is).
-#: ``{gain}``/``{undo}`` are filled by :func:`meaning` with the query's measurement: "raise the query's
-#: margin"/"lower this query's margin" on TRAK's margin kernel, else "lower the query's loss"/"raise
-#: this query's loss".
+#: ``{gain}``/``{undo}`` are filled by :func:`meaning` with the query's measurement: "raise this query's
+#: margin"/"lower this query's margin" where the queries measure their margin (``trak`` and
+#: ``fisher_if`` on classifiers), "lower this query's loss"/"raise this query's loss" where they measure
+#: their loss.
 METHOD_MEANINGS: dict[str, tuple[str, str, str, str]] = {
     "trak": (
         "counterfactual",
@@ -94,30 +95,36 @@ _MEASURES = {
                "gain_noun": "query's margin higher"},
     "loss": {"gain": "lower this query's loss", "undo": "raise this query's loss",
              "gain_noun": "query's loss lower"},
+    "given": {"gain": "lower this query's query_loss_fn", "undo": "raise this query's query_loss_fn",
+              "gain_noun": "query's query_loss_fn lower"},
 }
+#: what :func:`meaning` accepts as ``measure`` (:attr:`Attributor.query_function`).
+MEASURES = tuple(_MEASURES)
 
 
-def meaning(method: str, kernel: str | None = None) -> dict[str, str]:
+def meaning(method: str, measure: str = "loss") -> dict[str, str]:
     """What ``method``'s score, proponents and opponents mean (JSON-ready strings).
 
     Args:
         method: one of :data:`~lightning_sketch.attribution.METHODS`.
-        kernel: the Attributor's :attr:`~lightning_sketch.attribution.Attributor.kernel`; on TRAK's
-            ``"margin"`` kernel the queries' measurement is their margin, otherwise their loss.
+        measure: what the queries measure, one of :data:`MEASURES`: the Attributor's
+            :attr:`~lightning_sketch.attribution.Attributor.query_function` (``"margin"``,
+            ``"loss"``, or ``"given"`` for a ``query_loss_fn``).
 
     Returns:
         ``{"method", "family", "measure", "score", "proponent", "opponent"}``: ``family`` is
-        ``"counterfactual"``, ``"training path"`` or ``"similarity"``; ``measure`` ``"margin"`` or
-        ``"loss"``.
+        ``"counterfactual"``, ``"training path"`` or ``"similarity"``.
 
     Raises:
-        SketchConfigError: for a method without an entry in :data:`METHOD_MEANINGS`.
+        SketchConfigError: for a method without an entry in :data:`METHOD_MEANINGS`, or an unknown
+            ``measure``.
     """
     if method not in METHOD_MEANINGS:
         raise SketchConfigError(f"No meaning is recorded for method {method!r}; pass one of "
                                 f"{sorted(METHOD_MEANINGS)}.")
+    if measure not in _MEASURES:
+        raise SketchConfigError(f"`measure` must be one of {MEASURES}, got {measure!r}.")
     family, score, pro, opp = METHOD_MEANINGS[method]
-    measure = "margin" if kernel == "margin" else "loss"
     words = _MEASURES[measure]
     return {"method": method, "family": family, "measure": measure, "score": score.format(**words),
             "proponent": pro.format(**words), "opponent": opp.format(**words)}

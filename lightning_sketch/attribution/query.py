@@ -257,14 +257,20 @@ class Attributor(ScoringEngine):
         elif method == "fisher_if":
             self.kernel = "fisher" if kinds == {"fisher"} else "empirical"
         self.damping_ratio = DEFAULT_DAMPING_RATIO if damping_ratio is None else float(damping_ratio)
+        #: which query function the scores measure: ``"given"`` (``query_loss_fn``), ``"margin"`` (the
+        #: model's ``per_example_margin``, or the recognised task's margin) or ``"loss"`` (``loss_fn``).
+        self.query_function: str = "given" if query_loss_fn is not None else "loss"
         if query_loss_fn is None and method in _CURVED:
             if callable(getattr(self.model, "per_example_margin", None)):
                 query_loss_fn = negative_margin_of(self.model)
+                self.query_function = "margin"
         #: the queries' per-example function (minus the measurement); ``None`` until the first query
         #: when it comes from the recognised task (a margin kernel recorded from the model's logits).
         self.query_loss_fn: LossFn | None = query_loss_fn
         if query_loss_fn is None and not (method in _CURVED and self.kernel == "margin"):
             self.query_loss_fn = self.loss_fn
+        elif query_loss_fn is None:
+            self.query_function = "margin"
         self._ids = torch.from_numpy(union_ids(self.runs, [self.checkpoints] * len(self.runs)))
         self._pos_cache: dict[tuple[int, str], Tensor] = {}
         self._eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
@@ -331,20 +337,20 @@ class Attributor(ScoringEngine):
         return out
 
     def view(self, method: Method) -> Attributor:
-        """The same runs, models, slices and query function scored by another ``method``: a second
-        view of the same queries whose :meth:`top_k` accepts this Attributor's
-        :meth:`all_query_sketches` (``sketches=``), so the query gradients are taken once for both.
+        """The same runs, models and slices scored by another ``method``: a second view of the queries.
 
-        The view measures what this Attributor's queries measure (on TRAK's margin kernel, the
-        margin m; the cross-entropy's gradient is −(1 − p)∇m, so a ``grad_cos`` view of margin
-        sketches is the cosine of the loss gradients, and a ``tracin`` view ranks like TracIn on the
-        loss). It is not verified again (same models and slices), and it uses the same slices even
-        where ``method`` would select others by default (a ``grad_cos`` view of ``arnoldi_if`` is the
-        cosine at the last slice).
+        The view scores what an ``Attributor(method=method)`` of these runs would (its own query
+        function: the margin for ``trak``/``fisher_if`` where the model has one, else the loss), on
+        this Attributor's slices, without verifying the models again. Where both measure the same
+        function (:meth:`shares_queries`), pass this Attributor's :meth:`all_query_sketches` as the
+        view's ``sketches=``; otherwise the view needs its own (once). The margin and the loss
+        differ in more than scale over several slices: ∇ℓ = −(1 − p_c)∇m at slice c, and 1 − p_c
+        shrinks as training fits the query (benchmarks/RESULTS.md, "What a proponent means").
+        A view of ``arnoldi_if`` beside another method is refused (it needs the Hessian's
+        eigenpairs); a view of a ``grad_cos`` default with ``trak`` uses all the default's slices.
 
         Raises:
-            SketchConfigError: for an unknown method, or ``"arnoldi_if"`` beside another method (its
-                eigenpairs are computed for one method at a time; build an Attributor for it).
+            SketchConfigError: for an unknown method, or ``"arnoldi_if"`` beside another method.
         """
         if method == "arnoldi_if" and self._eig is None:
             raise SketchConfigError(
@@ -356,16 +362,28 @@ class Attributor(ScoringEngine):
             [r.store for r in self.runs] if multi else self.runs[0].store,
             self.models if multi else self.model,
             loss_fn=self.loss_fn, method=method, damping=self.damping, damping_ratio=self.damping_ratio,
-            query_loss_fn=self.query_loss_fn, checkpoints=self.checkpoints,
-            eigenpairs=self._eig if method == "arnoldi_if" else None, chunk_size=self.chunk_size,
-            index=self.index_kind, current_weights=self.current_weights,
+            query_loss_fn=self.query_loss_fn if self.query_function == "given" else None,
+            checkpoints=self.checkpoints, eigenpairs=self._eig if method == "arnoldi_if" else None,
+            chunk_size=self.chunk_size, index=self.index_kind, current_weights=self.current_weights,
             rank=self.rank if method in _CURVED else None, task=self.task, verify=False,
         )
         for mine, theirs in zip(self.runs, other.runs):
             theirs.weights_dir, theirs.explicit_weights = mine.weights_dir, mine.explicit_weights
-        # the same query function, also where it is resolved at the first query (margin kernels)
-        other.query_loss_fn = self.query_loss_fn
+        if other.shares_queries(self) and self.query_loss_fn is not None:
+            other.query_loss_fn = self.query_loss_fn
         return other
+
+    def shares_queries(self, other: Attributor) -> bool:
+        """Whether ``other``'s :meth:`all_query_sketches` are this Attributor's: the same runs, slices
+        and query function (:attr:`query_function`; a ``"given"`` one must be the same object)."""
+        pairs = zip(self.runs, other.runs)
+        same_runs = len(self.runs) == len(other.runs) and all(
+            a.store is b.store or (a.root is not None and a.root == b.root) for a, b in pairs)
+        same_models = all(a is b for a, b in zip(self.models, other.models))
+        return (same_runs and same_models and self.checkpoints == other.checkpoints
+                and self.current_weights == other.current_weights
+                and self.query_function == other.query_function
+                and (self.query_function != "given" or self.query_loss_fn is other.query_loss_fn))
 
     def _query_loss(self, batch: Any) -> LossFn:
         """The queries' function: explicit, else the margin of the recognised task (margin kernels)."""

@@ -6,6 +6,7 @@ import pytest
 
 from lightning_sketch.attribution import METHODS
 from lightning_sketch.attribution.meaning import (
+    MEASURES,
     METHOD_MEANINGS,
     default_second_view,
     meaning,
@@ -17,17 +18,19 @@ from lightning_sketch.exceptions import SketchConfigError
 def test_every_method_has_one_meaning_and_the_measure_follows_the_kernel():
     assert set(METHOD_MEANINGS) == set(METHODS)
     for m in METHODS:
-        for kernel in (None, "margin", "gradients"):
-            text = meaning(m, kernel)
+        for measure in MEASURES:
+            text = meaning(m, measure)
             assert text["method"] == m and all(text[f] for f in ("score", "proponent", "opponent"))
             assert "{" not in " ".join(text.values())  # every placeholder filled
     assert "margin" in meaning("trak", "margin")["proponent"]
-    assert "loss" in meaning("trak", "gradients")["proponent"]
+    assert "loss" in meaning("trak")["proponent"] and "query_loss_fn" in meaning("trak", "given")["proponent"]
     assert meaning("trak")["family"] == "counterfactual" and meaning("grad_cos")["family"] == "similarity"
     assert [default_second_view(m) for m in METHODS] == [
         None if m in ("grad_dot", "tracin", "grad_cos") else "grad_cos" for m in METHODS]
     with pytest.raises(SketchConfigError, match="No meaning is recorded for method 'nope'"):
         meaning("nope")
+    with pytest.raises(SketchConfigError, match="`measure` must be one of"):
+        meaning("trak", "gradients")
 
 
 def test_proponent_summary_against_a_hand_count():
