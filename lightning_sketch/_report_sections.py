@@ -330,10 +330,10 @@ def _summary_block(method: Any, recs: list[dict[str, Any]], data: dict[str, Any]
                           [r.get("label") for r in qs] if classes else None, preds if classes else None)
     text = f"{method}: "
     if s["label_agreement"] is not None:
-        text += (f"{100 * s['label_agreement']:.0f}% of the top proponents share the query's label "
+        text += (f"{100 * s['label_agreement']:.1f}% of the top proponents share the query's label "
                  f"({s['label_agreement_queries']} labelled queries")
         if s["label_agreement_correct"] is not None:
-            text += (f"; {100 * s['label_agreement_correct']:.0f}% over the {s['correct_queries']} correctly "
+            text += (f"; {100 * s['label_agreement_correct']:.1f}% over the {s['correct_queries']} correctly "
                      "classified")
         text += "). "
     hubs = ", ".join(f"id {h['id']} in {h['queries']} queries" for h in s["hubs"])

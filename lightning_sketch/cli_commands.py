@@ -396,10 +396,10 @@ def _summary_line(method: str, s: dict[str, Any] | None) -> str:
     parts = []
     if s.get("label_agreement") is not None:
         n, c = s["label_agreement_queries"], s["correct_queries"]
-        text = (f"{s['label_agreement']:.0%} of top-k proponents share the query's label "
+        text = (f"{s['label_agreement']:.1%} of top-k proponents share the query's label "
                 f"({n} {'query' if n == 1 else 'queries'}")
         if s.get("label_agreement_correct") is not None:
-            text += f"; {s['label_agreement_correct']:.0%} over the {c} correctly classified"
+            text += f"; {s['label_agreement_correct']:.1%} over the {c} correctly classified"
         parts.append(text + ")")
     hubs = ", ".join(f"id {h['id']} ×{h['queries']}" for h in s.get("hubs") or [])
     parts.append(f"hubs (proponents of several queries): {hubs or 'none'}; {s['distinct']} distinct ids in "

@@ -53,9 +53,9 @@ def test_both_rankings_their_meanings_and_statistics(tmp_path, monkeypatch):
     assert "What this ranking means (counterfactual)" in text and "Second view (similarity)" in text
     # trak: both queries have proponent labels 1,2,3,1,1,1: 4 of 6 agree with query 0 (label 1), 1 of 6 with
     # query 1 (label 2) -> 5/12; the correctly classified query 0 alone: 4/6. Hubs: ids 10, 30, 40, 50.
-    assert "trak: 42% of the top proponents share the query&#39;s label (2 labelled queries; 67% over" in text
+    assert "trak: 41.7% of the top proponents share the query&#39;s label (2 labelled queries; 66.7%" in text
     assert "hubs): id 10 in 2 queries, id 30 in 2 queries, id 40 in 2 queries, id 50 in 2 queries" in text
-    assert "grad_cos: 100% of the top proponents share" in text and "hubs): none; 12 distinct ids" in text
+    assert "grad_cos: 100.0% of the top proponents share" in text and "hubs): none; 12 distinct ids" in text
     # one row of pictures per query and ranking, each at most ten training examples, labelled by method
     assert [r["view"] for r in drawn[0]] == ["trak", "grad_cos", "trak", "grad_cos"]
     assert all(len(r["proponents"]) + len(r["opponents"]) <= 10 for r in drawn[0])

@@ -19,7 +19,7 @@ share the query's label, and the "hubs" that are top proponents of many queries.
 
 Example:
     >>> m = meaning("trak", measure="margin")
-    >>> m["family"], m["proponent"].split(";")[0]
+    >>> m["family"], m["proponent"].split(" (")[0]
     ('counterfactual', "removing it from training would lower this query's margin the most")
     >>> s = proponent_summary([[3, 4], [3, 5]], [[1, 2], [1, 1]], query_labels=[1, 1])
     >>> s["label_agreement"], s["hubs"]

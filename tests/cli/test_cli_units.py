@@ -136,9 +136,9 @@ def test_output_formats_and_main_usage(capsys):
     assert f"  proponent: {meaning('grad_cos', 'margin')['proponent']}\n" in table
     assert "proponent     1        7     1          2.5  |            8     1          0.9" in table
     assert "opponent      1        9     3           -1  |            5     2         -0.7" in table
-    assert "trak: 0% of top-k proponents share the query's label (1 query; 0% over the 1 correctly " in table
+    assert "trak: 0.0% of top-k proponents share the query's label (1 query; 0.0% over the 1 correctly " in table
     assert "hubs (proponents of several queries): id 7 ×2;" in table
-    assert "grad_cos: 100% of top-k proponents" in table and "hubs (proponents of several queries): none" in table
+    assert "grad_cos: 100.0% of top-k proponents" in table and "hubs (proponents of several queries): none" in table
     assert cli_commands._as_csv(both).splitlines()[1:] == [
         "4,1,proponent,1,7,1,2.5,trak", "4,1,opponent,1,9,3,-1,trak",
         "4,1,proponent,1,8,1,0.9,grad_cos", "4,1,opponent,1,5,2,-0.7,grad_cos"]
