@@ -350,7 +350,8 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
         "ckpt": str(ckpts[0]) if len(ckpts) == 1 else [str(c) for c in ckpts], "k": k, "queries": records,
         # how the damping was set and how much the top k depends on it (Attributor.damping_info)
         "damping": damping,
-        # the same queries ranked by a second method (`--also`), from the same query sketches
+        # the same queries ranked by a second method (`--also`); `shares_query_sketches` says whether its
+        # query gradients were the default's (same query function) or its own
         "second_view": second,
     }
     text = {"json": _as_json, "csv": _as_csv, "table": _as_table}[args.format](result)
