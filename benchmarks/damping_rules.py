@@ -139,7 +139,7 @@ def run_task(name: str, rules: list[str]) -> dict:
     runs, _ = S.fit_runs(t, 5)
     atts = [Attributor(r, m, method="trak") for r, m in runs]
     batches = {"query": S.dict_batch(t, *sp.query), "val": S.dict_batch(t, *sp.val)}
-    qs = {k: [a._all_query_sketches(b) for a in atts] for k, b in batches.items()}
+    qs = {k: [a.all_query_sketches(b) for a in atts] for k, b in batches.items()}
     D = atts[0].sketches[0].sketch_dim
     counts = [{n: a._kernel(0, n)[1] for n in a.checkpoints} for a in atts]  # T_c per slice (read once)
     fits = [{n: fit_ratio(a, 0, n, c[n]) for n in a.checkpoints} for a, c in zip(atts, counts)]

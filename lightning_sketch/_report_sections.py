@@ -276,30 +276,125 @@ def _damping_line(d: Any) -> dict[str, Any] | None:
     return _p(text + ".")
 
 
+def _check_view(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The document's ``second_view`` block after a structure check (``None`` when absent).
+
+    Raises:
+        StoreCorruptError: the block is not a method with one record per query, in the same order.
+    """
+    view = data.get("second_view")
+    if view is None:
+        return None
+    bad = StoreCorruptError("its second_view is not a method with one record of proponents/opponents per "
+                            "query, in the order of the queries")
+    if not isinstance(view, dict) or not isinstance(view.get("queries"), list):
+        raise bad
+    recs: list[Any] = view["queries"]
+    ok = isinstance(view.get("method"), str) and len(recs) == len(data["queries"])
+    if ok:
+        try:
+            _check_queries({"queries": [{"label": None, "prediction": None, **r} if isinstance(r, dict) else r
+                                        for r in recs]})
+        except StoreCorruptError:
+            ok = False
+    if not ok or [r["query"] for r in recs] != [r["query"] for r in data["queries"]]:
+        raise bad
+    return view
+
+
+def _meaning_block(block: dict[str, Any], kernel: Any, second: bool) -> dict[str, Any]:
+    """What the ranking of ``block`` (the document or its second view) means, from the library's
+    table (never from the file's text): its ``method`` and the ``query_function`` it measured."""
+    from lightning_sketch.attribution.meaning import MEASURES, METHOD_MEANINGS, meaning
+
+    role = "Second view" if second else "What this ranking means"
+    method, measure = block.get("method"), block.get("query_function")
+    if not isinstance(method, str) or method not in METHOD_MEANINGS:
+        return _p(f"{role}: no meaning is recorded for method ", code=str(method), suffix=".")
+    if not isinstance(measure, str) or measure not in MEASURES:  # documents without the field
+        measure = "margin" if kernel == "margin" and method in ("trak", "fisher_if") else "loss"
+    m = meaning(method, measure)
+    return _p(f"{role} ({m['family']}): score = {m['score']}. Proponent: {m['proponent']}. "
+              f"Opponent: {m['opponent']}. Method ", code=method, suffix=".")
+
+
+def _summary_block(method: Any, recs: list[dict[str, Any]], data: dict[str, Any]) -> dict[str, Any]:
+    """Label agreement and hubs of one ranking, recomputed from the records (not read from the file)."""
+    from lightning_sketch.attribution.meaning import proponent_summary
+
+    qs = data["queries"]
+    preds = [r.get("prediction") for r in qs]
+    classes = all(isinstance(p, int) for p in preds)  # the CLI records predictions of classifiers only
+    s = proponent_summary([[int(e["id"]) for e in r["proponents"]] for r in recs],
+                          [[e["label"] for e in r["proponents"]] for r in recs] if classes else None,
+                          [r.get("label") for r in qs] if classes else None, preds if classes else None)
+    text = f"{method}: "
+    if s["label_agreement"] is not None:
+        text += (f"{100 * s['label_agreement']:.1f}% of the top proponents share the query's label "
+                 f"({s['label_agreement_queries']} labelled queries")
+        if s["label_agreement_correct"] is not None:
+            text += (f"; {100 * s['label_agreement_correct']:.1f}% over the {s['correct_queries']} correctly "
+                     "classified")
+        text += "). "
+    hubs = ", ".join(f"id {h['id']} in {h['queries']} queries" for h in s["hubs"])
+    text += (f"Proponents of several queries (hubs): {hubs or 'none'}; {s['distinct']} distinct ids in "
+             f"{s['pairs']} proponent places.")
+    return _p(text)
+
+
 def _attribution_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     _check_queries(data)
-    recs = data["queries"][:_MAX_QUERIES]
+    view = _check_view(data)
+    damping = data.get("damping")
+    kernel = damping.get("kernel") if isinstance(damping, dict) else None
     parts = [_h3(f"{_rel(f, root)}: method ", code=str(data.get("method")),
-                 suffix=f", {len(data['queries'])} queries, k={data.get('k')}")]
-    damping = _damping_line(data.get("damping"))
-    if damping is not None:
-        parts.append(damping)
+                 suffix=f", {len(data['queries'])} queries, k={data.get('k')}"
+                 + (f", second view {view['method']}" if view is not None else "")),
+             _meaning_block(data, kernel, second=False)]
+    if view is not None:
+        parts.append(_meaning_block(view, kernel, second=True))
+    parts.append(_summary_block(data.get("method"), data["queries"], data))
+    if view is not None:
+        parts.append(_summary_block(view["method"], view["queries"], data))
+    damping_p = _damping_line(damping)
+    if damping_p is not None:
+        parts.append(damping_p)
+    # with a second view each query takes two rows of pictures: half as many queries are drawn
+    n_drawn = _MAX_QUERIES if view is None else _MAX_QUERIES // 2
+    recs = data["queries"][:n_drawn]
+    rankings = [(str(data.get("method")), recs)]
+    if view is not None:
+        rankings.append((view["method"], view["queries"][:n_drawn]))
     if any(r.get("image") is not None for r in recs):
-        drawn = [_fewer_pictures(r) for r in recs]
-        omitted = sum(len(r["proponents"]) + len(r["opponents"]) for r in recs) - sum(
-            len(r["proponents"]) + len(r["opponents"]) for r in drawn)
-        parts.append(_png(plots.attribution_figure(drawn)))
+        rows, omitted = [], 0
+        for q, rec in enumerate(recs):
+            for method, ranked in rankings:
+                full = {**rec, "proponents": ranked[q]["proponents"], "opponents": ranked[q]["opponents"],
+                        "view": method if view is not None else None}
+                drawn = _fewer_pictures(full)
+                omitted += len(full["proponents"]) + len(full["opponents"]) - len(drawn["proponents"]) - len(
+                    drawn["opponents"])
+                rows.append(drawn)
+        parts.append(_png(plots.attribution_figure(rows)))
         if omitted:
-            parts.append(_p(f"Pictures show at most {_MAX_PICTURES} training examples per query (the top "
-                            f"proponents and opponents); {omitted} more are omitted from the pictures and "
-                            "listed in the table below."))
-    rows = []
-    for rec in recs:
-        for kind in ("proponents", "opponents"):
-            for rank, e in enumerate(rec[kind], 1):
-                rows.append([rec["query"], rec["label"], kind[:-1], rank, e["id"], e["label"],
-                             float(e["score"])])
-    parts.append(_table(["query", "label", "kind", "rank", "train id", "train label", "score"], rows, left=0))
+            parts.append(_p(f"Pictures show at most {_MAX_PICTURES} training examples per query"
+                            + (" and ranking" if view is not None else "")
+                            + f" (the top proponents and opponents); {omitted} more are omitted from the "
+                            "pictures and listed in the table below."))
+        if len(data["queries"]) > n_drawn:
+            parts.append(_p(f"Pictures and the table show the first {n_drawn} of {len(data['queries'])} "
+                            "queries."))
+    elif len(data["queries"]) > n_drawn:
+        parts.append(_p(f"The table shows the first {n_drawn} of {len(data['queries'])} queries."))
+    rows_t = []
+    for method, ranked in rankings:
+        for rec, r in zip(recs, ranked):
+            for kind in ("proponents", "opponents"):
+                for rank, e in enumerate(r[kind], 1):
+                    rows_t.append([rec["query"], rec["label"], kind[:-1], rank, e["id"], e["label"],
+                                   float(e["score"]), method])
+    header = ["query", "label", "kind", "rank", "train id", "train label", "score", "method"]
+    parts.append(_table(header, rows_t, left=0))
     return parts
 
 

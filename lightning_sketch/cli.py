@@ -267,6 +267,11 @@ def _own_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=("auto", *METHODS), default="auto",
                    help="attribution method (default auto: fisher_if when every run holds only the "
                    "sampled-label Fisher, else trak, on the margin kernel when the runs hold it)")
+    q.add_argument("--also", choices=("auto", "none", *(m for m in METHODS if m != "arnoldi_if")),
+                   default="auto",
+                   help="a second ranking of the same queries, printed beside the first (default auto: "
+                   "grad_cos, the similarity view, beside the counterfactual methods trak, fisher_if and "
+                   "arnoldi_if; none beside tracin, grad_dot and grad_cos)")
     q.add_argument("--damping", type=float, default=None,
                    help="absolute damping λ for trak/fisher_if (default: automatic)")
     q.add_argument("--damping-ratio", type=float, default=None,

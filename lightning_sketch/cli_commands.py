@@ -248,6 +248,7 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
     """
     # Imported on use: torch and FAISS cost seconds, which `--help` and `inspect` should not pay.
     from lightning_sketch.attribution import Attributor
+    from lightning_sketch.attribution.meaning import default_second_view, meaning, proponent_summary
 
     stores = list(args.store) if isinstance(args.store, (list, tuple)) else [args.store]
     ckpts = list(args.ckpt) if isinstance(args.ckpt, (list, tuple)) else [args.ckpt]
@@ -280,10 +281,12 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
         damping=getattr(args, "damping", None), damping_ratio=getattr(args, "damping_ratio", None), **extra,
     )
     k = min(args.k, len(attributor.ids))
-    pro_ids, pro_scores = attributor.top_k(batch, k=k)
-    opp_ids, opp_scores = attributor.top_k(batch, k=k, opponents=True)
+    # the query gradients are taken once for both rankings, the damping's sensitivity and a view that
+    # measures the same function
+    qs = attributor.all_query_sketches(batch)
     preds = _predictions(model, batch)
     train_ds = _dataset(datamodule, "train") if datamodule is not None else None
+    with_images = args.inputs is None and datamodule is not None
 
     def entries(ids: Any, scores: Any) -> list[dict[str, Any]]:
         rows = []
@@ -293,30 +296,63 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
             rows.append({"id": int(i), "score": float(s), "label": label})
         return rows
 
-    with_images = args.inputs is None and datamodule is not None
+    def ranking(att: Any, sketches: Any) -> list[dict[str, Any]]:
+        """Per query: its top-k proponents and opponents under ``att`` (with pictures of image inputs)."""
+        pro_ids, pro_scores = att.top_k(None, k=k, sketches=sketches)
+        opp_ids, opp_scores = att.top_k(None, k=k, opponents=True, sketches=sketches)
+        out = []
+        for q in range(len(qids)):
+            rec = {"proponents": entries(pro_ids[q], pro_scores[q]),
+                   "opponents": entries(opp_ids[q], opp_scores[q])}
+            if with_images:
+                for kind in ("proponents", "opponents"):
+                    pics = _images(datamodule, "train", [e["id"] for e in rec[kind]])
+                    for e, pic in zip(rec[kind], pics or [None] * len(rec[kind])):
+                        e["image"] = pic
+            out.append(rec)
+        return out
+
+    query_labels = [_scalar_label(batch, q) for q in range(len(qids))]
+
+    def summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Label agreement of the proponents (classifiers: the model predicts classes) and the hubs."""
+        labels = [[e["label"] for e in r["proponents"]] for r in recs] if preds is not None else None
+        return proponent_summary([[e["id"] for e in r["proponents"]] for r in recs], labels,
+                                 query_labels if preds is not None else None, preds)
+
     records = []
-    for q, qid in enumerate(qids):
-        rec: dict[str, Any] = {
-            "query": qid,
-            "label": _scalar_label(batch, q),
-            "prediction": None if preds is None else int(preds[q]),
-            "proponents": entries(pro_ids[q], pro_scores[q]),
-            "opponents": entries(opp_ids[q], opp_scores[q]),
-        }
+    for q, (qid, ranked) in enumerate(zip(qids, ranking(attributor, qs))):
+        rec: dict[str, Any] = {"query": qid, "label": query_labels[q],
+                               "prediction": None if preds is None else int(preds[q]), **ranked}
         if with_images:
             rec["image"] = (_images(datamodule, args.split, [qid]) or [None])[0]
-            for kind in ("proponents", "opponents"):
-                pics = _images(datamodule, "train", [e["id"] for e in rec[kind]])
-                for e, pic in zip(rec[kind], pics or [None] * len(rec[kind])):
-                    e["image"] = pic
         records.append(rec)
+    damping = attributor.damping_info(None, k=k, sketches=qs)
+    also = getattr(args, "also", "auto")
+    view_method = {"auto": default_second_view(attributor.method), "none": None}.get(also, also)
+    second = None
+    if view_method is not None and view_method != attributor.method:
+        view = attributor.view(cast("Method", view_method))
+        # the view's own query gradients only where it measures another function (margin vs loss)
+        shared = view.shares_queries(attributor)
+        view_recs = ranking(view, qs if shared else view.all_query_sketches(batch))
+        second = {"method": view.method, "meaning": meaning(view.method, view.query_function),
+                  "query_function": view.query_function, "shares_query_sketches": shared,
+                  "summary": summary(view_recs),
+                  "queries": [{"query": qid, **r} for qid, r in zip(qids, view_recs)]}
     result = {
         "format": "lightning_sketch.query/v1", "method": attributor.method,
+        "meaning": meaning(attributor.method, attributor.query_function),
+        "query_function": attributor.query_function,
+        "summary": summary(records),
         "split": args.split if args.inputs is None else "inputs",
         "store": str(stores[0]) if len(stores) == 1 else [str(s) for s in stores],
         "ckpt": str(ckpts[0]) if len(ckpts) == 1 else [str(c) for c in ckpts], "k": k, "queries": records,
         # how the damping was set and how much the top k depends on it (Attributor.damping_info)
-        "damping": attributor.damping_info(batch, k=k),
+        "damping": damping,
+        # the same queries ranked by a second method (`--also`); `shares_query_sketches` says whether its
+        # query gradients were the default's (same query function) or its own
+        "second_view": second,
     }
     text = {"json": _as_json, "csv": _as_csv, "table": _as_table}[args.format](result)
     if args.output:
@@ -335,23 +371,58 @@ def _as_json(result: dict[str, Any]) -> str:
 def _as_csv(result: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["query", "query_label", "kind", "rank", "train_id", "train_label", "score"])
-    for rec in result["queries"]:
-        for kind in ("proponents", "opponents"):
-            for rank, e in enumerate(rec[kind], 1):
-                w.writerow([rec["query"], rec["label"], kind[:-1], rank, e["id"], e["label"],
-                            f"{e['score']:.6g}"])
+    w.writerow(["query", "query_label", "kind", "rank", "train_id", "train_label", "score", "method"])
+    second = result.get("second_view") or None
+    for q, rec in enumerate(result["queries"]):
+        views = [(result["method"], rec)] + ([(second["method"], second["queries"][q])] if second else [])
+        for method, view in views:
+            for kind in ("proponents", "opponents"):
+                for rank, e in enumerate(view[kind], 1):
+                    w.writerow([rec["query"], rec["label"], kind[:-1], rank, e["id"], e["label"],
+                                f"{e['score']:.6g}", method])
     return buf.getvalue()
+
+
+def _meaning_lines(m: dict[str, Any] | None, indent: str = "  ") -> list[str]:
+    if not m:
+        return []
+    return [f"{indent}score: {m['score']}", f"{indent}proponent: {m['proponent']}",
+            f"{indent}opponent: {m['opponent']}"]
+
+
+def _summary_line(method: str, s: dict[str, Any] | None) -> str:
+    """One footer line: how often proponents share the query's label, and the hubs."""
+    if not s:
+        return f"{method}: no summary"
+    parts = []
+    if s.get("label_agreement") is not None:
+        n, c = s["label_agreement_queries"], s["correct_queries"]
+        text = (f"{s['label_agreement']:.1%} of top-k proponents share the query's label "
+                f"({n} {'query' if n == 1 else 'queries'}")
+        if s.get("label_agreement_correct") is not None:
+            text += f"; {s['label_agreement_correct']:.1%} over the {c} correctly classified"
+        parts.append(text + ")")
+    hubs = ", ".join(f"id {h['id']} ×{h['queries']}" for h in s.get("hubs") or [])
+    parts.append(f"hubs (proponents of several queries): {hubs or 'none'}; {s['distinct']} distinct ids in "
+                 f"{s['pairs']} proponent slots")
+    return f"{method}: " + "; ".join(parts)
 
 
 def _as_table(result: dict[str, Any]) -> str:
     d = result.get("damping") or {}
-    # trak/fisher_if on a margin kernel measure the query's margin; every other case its loss
-    sign = "raises the query's margin" if d.get("kernel") == "margin" else "lowers the query's loss"
+    # trak/fisher_if on classifiers measure the query's margin; the other methods its loss
+    measure = (result.get("meaning") or {}).get("measure") or (
+        "margin" if d.get("kernel") == "margin" else "loss")
+    sign = {"margin": "raises the query's margin", "loss": "lowers the query's loss"}.get(
+        measure, "lowers the query's query_loss_fn")
+    second: dict[str, Any] = result.get("second_view") or {}
     lines = [f"method: {result['method']}  (score > 0: training on the example {sign})"]
-    if result["method"] in ("trak", "fisher_if"):
-        lines.append("  ranks by counterfactual effect (what retraining without the example would change), "
-                     "not by similarity: for look-alike training examples use --method grad_cos")
+    lines += _meaning_lines(result.get("meaning"))
+    if second:
+        lines.append(f"second view: {second['method']}  (right-hand columns)")
+        lines += _meaning_lines(second.get("meaning"))
+    elif (result.get("meaning") or {}).get("family") == "counterfactual":
+        lines.append("  for look-alike training examples (the similarity view) add --also grad_cos")
     if d.get("rule") is not None:
         ov = d.get("top_k_overlap") or {}
         lams = [x["lambda"] for x in d.get("slices", [])]
@@ -360,14 +431,27 @@ def _as_table(result: dict[str, Any]) -> str:
         lines.append(f"damping: {d['kernel']} kernel, ratio {d['ratio']:.3g} of {unit}, λ {min(lams):.3g}–"
                      f"{max(lams):.3g}; top-k kept at λ/√10, λ·√10: {lo:.0%}, {hi:.0%}"
                      if d.get("ratio") is not None and lams else f"damping: {d.get('damping')}")
-    for rec in result["queries"]:
+    views = second["queries"] if second else [None] * len(result["queries"])
+    for rec, other in zip(result["queries"], views):
         lines.append(f"\nquery {rec['query']} ({result['split']})  label={rec['label']}  "
                      f"prediction={rec['prediction']}")
-        lines.append(f"  {'kind':<10} {'rank':>4} {'train_id':>8} {'label':>5} {'score':>12}")
+        head = f"  {'kind':<10} {'rank':>4} {'train_id':>8} {'label':>5} {'score':>12}"
+        if other is not None:
+            head += f"  | {str(second.get('method')) + ' id':>12} {'label':>5} {'score':>12}"
+        lines.append(head)
         for kind in ("proponents", "opponents"):
             for rank, e in enumerate(rec[kind], 1):
-                lines.append(f"  {kind[:-1]:<10} {rank:>4} {e['id']:>8} {str(e['label']):>5} "
-                             f"{e['score']:>12.5g}")
+                row = f"  {kind[:-1]:<10} {rank:>4} {e['id']:>8} {str(e['label']):>5} {e['score']:>12.5g}"
+                if other is not None and rank <= len(other[kind]):
+                    o = other[kind][rank - 1]
+                    row += f"  | {o['id']:>12} {str(o['label']):>5} {o['score']:>12.5g}"
+                lines.append(row)
+    summaries = [(result["method"], result.get("summary"))]
+    if second:
+        summaries.append((second["method"], second.get("summary")))
+    if any(s for _, s in summaries):
+        lines.append("")
+        lines += [_summary_line(m, s) for m, s in summaries]
     return "\n".join(lines) + "\n"
 
 

@@ -222,6 +222,8 @@ def _image(img: Any) -> np.ndarray | None:
 
 def _picture_row(fig: Any, rows: int, r: int, rec: Mapping[str, Any], cols: int) -> None:
     head = f"query {rec['query']}\nlabel {rec['label']} pred {rec.get('prediction')}"
+    if rec.get("view") is not None:  # one of several rankings of the query: name its method
+        head = f"{rec['view']}: {head}"
     cells = [("query", rec.get("image"), head)]
     for sign, kind in (("+", "proponents"), ("-", "opponents")):
         cells += [(sign, e.get("image"), f"{sign} id {e['id']} y={e['label']}\n{e['score']:.3g}")
@@ -242,6 +244,9 @@ def _picture_row(fig: Any, rows: int, r: int, rec: Mapping[str, Any], cols: int)
 
 def attribution_figure(recs: Sequence[Mapping[str, Any]]) -> Any:
     """One row per query: its picture, then its proponents (green) and opponents (red).
+
+    A record with a ``"view"`` (a method name) is one of several rankings of its query; the name
+    heads its row.
 
     Raises:
         ValueError: an ``image`` that is not a finite 2-D/3-D picture of at most 2^20 values.

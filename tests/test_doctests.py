@@ -27,6 +27,7 @@ DOCTEST_MODULES = [
     "lightning_sketch.attribution._stored",
     "lightning_sketch.attribution.curvature",
     "lightning_sketch.attribution.damping",
+    "lightning_sketch.attribution.meaning",
     "lightning_sketch.attribution.scores",
     "lightning_sketch.attribution.task",
     "lightning_sketch.callbacks.gradient_sketch",

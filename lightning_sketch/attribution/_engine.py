@@ -240,8 +240,43 @@ class ScoringEngine:
             self._norms = norms.sqrt()
         return self._norms[r]
 
-    def _all_query_sketches(self, batch: Any) -> list[list[Tensor]]:
+    def all_query_sketches(self, batch: Any) -> list[list[Tensor]]:
+        """The query's sketched gradients of every run: ``R × C × [Q, D]`` (float64), R runs, C slices.
+
+        Compute them once and pass them as ``sketches=`` to :meth:`top_k`, :meth:`scores` and
+        :meth:`damping_info` (and to a :meth:`view` of the same runs) instead of the batch, so that the
+        query gradients are not taken again for every answer.
+        """
         return [self.query_sketches(batch, run=r) for r in range(len(self.runs))]
+
+    def _sketches_of(self, batch: Any, sketches: list[list[Tensor]] | None) -> list[list[Tensor]]:
+        """``sketches`` after a shape check, else :meth:`all_query_sketches` of ``batch``.
+
+        Raises:
+            SketchConfigError: neither is given, or ``sketches`` is not ``R × C × [Q, D]`` for this
+                Attributor's runs, slices and sketch dimensions.
+        """
+        if sketches is None:
+            if batch is None:
+                raise SketchConfigError("Pass a query batch, or its `sketches` from "
+                                        "all_query_sketches(batch).")
+            return self.all_query_sketches(batch)
+        R, C = len(self.runs), len(self.checkpoints)
+        ok = isinstance(sketches, (list, tuple)) and len(sketches) == R and all(
+            isinstance(run_q, (list, tuple)) and len(run_q) == C for run_q in sketches)
+        shapes = set()
+        for r, run_q in enumerate(sketches if ok else []):
+            for q in run_q:
+                good = isinstance(q, Tensor) and q.ndim == 2 and q.shape[1] == self.sketches[r].sketch_dim
+                ok = ok and good
+                shapes.add(q.shape[0] if good else -1)
+        if not ok or len(shapes) != 1:
+            raise SketchConfigError(
+                f"`sketches` must be {R} run(s) × {C} slice(s) ({self.checkpoints}) of [Q, D] query "
+                "sketches with one Q, as all_query_sketches(batch) of an Attributor (or of its view) over "
+                "the same runs and slices returns."
+            )
+        return [[q.to(torch.float64) for q in run_q] for run_q in sketches]
 
     def _chunks(self, Q: int) -> Iterable[slice]:
         step = max(1, _SCORE_BYTES // (8 * max(1, len(self._ids))))
@@ -317,7 +352,9 @@ class ScoringEngine:
         return values, vectors
 
     # ------------------------------------------------------------------ damping
-    def damping_info(self, batch: Any | None = None, k: int = 10) -> dict[str, Any]:
+    def damping_info(
+        self, batch: Any | None = None, k: int = 10, sketches: list[list[Tensor]] | None = None
+    ) -> dict[str, Any]:
         """How each slice's λ was set, and how much the answer depends on it (JSON-ready).
 
         For ``trak``/``fisher_if``: ``rule`` (text), ``ratio`` ρ or the absolute ``damping``, and per
@@ -329,8 +366,8 @@ class ScoringEngine:
         ``top_k_overlap``: the mean fraction of each query's top-``k`` proponents that stay in the
         top ``k`` when every λ is divided (``"lambda/sqrt10"``) or multiplied (``"lambda*sqrt10"``)
         by √10 — near 1 the ranking does not hinge on the damping; well below 1 it does, and a
-        ground truth (:meth:`tune_damping`) is worth having. Other methods: ``{"method", "rule":
-        None}``.
+        ground truth (:meth:`tune_damping`) is worth having; ``sketches`` (from
+        :meth:`all_query_sketches`) stand for the batch. Other methods: ``{"method", "rule": None}``.
 
         Example (``tests/attribution/test_damping.py`` runs it)::
 
@@ -359,17 +396,16 @@ class ScoringEngine:
             "damping": self.damping, "slices": slices,
             "d_eff_fraction": float(np.median(fr)) if fr else None,
         }
-        if batch is not None:
-            out["top_k_overlap"] = self._damping_sensitivity(batch, k)
+        if batch is not None or sketches is not None:
+            out["top_k_overlap"] = self._damping_sensitivity(self._sketches_of(batch, sketches), k)
         return out
 
     def _count(self, r: int, name: str) -> int:
         self._eigh(r, name)  # reads the kernel once, with its count
         return self._count_cache[(r, name)]
 
-    def _damping_sensitivity(self, batch: Any, k: int) -> dict[str, float]:
+    def _damping_sensitivity(self, qs: list[list[Tensor]], k: int) -> dict[str, float]:
         """Mean top-k overlap of the proponents at λ/√10 and λ·√10 with those at λ (same query sketches)."""
-        qs = self._all_query_sketches(batch)
         k = max(1, min(int(k), len(self._ids)))
 
         saved = (self.damping, self.damping_ratio)
@@ -423,7 +459,7 @@ class ScoringEngine:
         cands = list(DAMPING_RATIO_GRID) if candidates is None else [float(c) for c in candidates]
         if not cands or any(not math.isfinite(c) or c <= 0 for c in cands):
             raise SketchConfigError(f"damping `candidates` must be finite ratios > 0, got {cands}.")
-        sketches = [self._all_query_sketches(b) for b in val_batches]  # once: only λ changes
+        sketches = [self.all_query_sketches(b) for b in val_batches]  # once: only λ changes
         saved = (self.damping, self.damping_ratio)
         values = []
         try:

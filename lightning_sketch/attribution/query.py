@@ -257,14 +257,20 @@ class Attributor(ScoringEngine):
         elif method == "fisher_if":
             self.kernel = "fisher" if kinds == {"fisher"} else "empirical"
         self.damping_ratio = DEFAULT_DAMPING_RATIO if damping_ratio is None else float(damping_ratio)
+        #: which query function the scores measure: ``"given"`` (``query_loss_fn``), ``"margin"`` (the
+        #: model's ``per_example_margin``, or the recognised task's margin) or ``"loss"`` (``loss_fn``).
+        self.query_function: str = "given" if query_loss_fn is not None else "loss"
         if query_loss_fn is None and method in _CURVED:
             if callable(getattr(self.model, "per_example_margin", None)):
                 query_loss_fn = negative_margin_of(self.model)
+                self.query_function = "margin"
         #: the queries' per-example function (minus the measurement); ``None`` until the first query
         #: when it comes from the recognised task (a margin kernel recorded from the model's logits).
         self.query_loss_fn: LossFn | None = query_loss_fn
         if query_loss_fn is None and not (method in _CURVED and self.kernel == "margin"):
             self.query_loss_fn = self.loss_fn
+        elif query_loss_fn is None:
+            self.query_function = "margin"
         self._ids = torch.from_numpy(union_ids(self.runs, [self.checkpoints] * len(self.runs)))
         self._pos_cache: dict[tuple[int, str], Tensor] = {}
         self._eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
@@ -330,6 +336,55 @@ class Attributor(ScoringEngine):
             out.append(q)
         return out
 
+    def view(self, method: Method) -> Attributor:
+        """The same runs, models and slices scored by another ``method``: a second view of the queries.
+
+        The view scores what an ``Attributor(method=method)`` of these runs would (its own query
+        function: the margin for ``trak``/``fisher_if`` where the model has one, else the loss), on
+        this Attributor's slices, without verifying the models again. Where both measure the same
+        function (:meth:`shares_queries`), pass this Attributor's :meth:`all_query_sketches` as the
+        view's ``sketches=``; otherwise the view needs its own (once). The margin and the loss
+        differ in more than scale over several slices: ∇ℓ = −(1 − p_c)∇m at slice c, and 1 − p_c
+        shrinks as training fits the query (benchmarks/RESULTS.md, "What a proponent means").
+        A view of ``arnoldi_if`` beside another method is refused (it needs the Hessian's
+        eigenpairs); a view of a ``grad_cos`` default with ``trak`` uses all the default's slices.
+
+        Raises:
+            SketchConfigError: for an unknown method, or ``"arnoldi_if"`` beside another method.
+        """
+        if method == "arnoldi_if" and self._eig is None:
+            raise SketchConfigError(
+                "A view cannot use method='arnoldi_if' (it needs the Hessian's eigenpairs); build an "
+                "Attributor(method='arnoldi_if') with `snapshot=` or `hessian_batches=`."
+            )
+        multi = len(self.runs) > 1
+        other = Attributor(
+            [r.store for r in self.runs] if multi else self.runs[0].store,
+            self.models if multi else self.model,
+            loss_fn=self.loss_fn, method=method, damping=self.damping, damping_ratio=self.damping_ratio,
+            query_loss_fn=self.query_loss_fn if self.query_function == "given" else None,
+            checkpoints=self.checkpoints, eigenpairs=self._eig if method == "arnoldi_if" else None,
+            chunk_size=self.chunk_size, index=self.index_kind, current_weights=self.current_weights,
+            rank=self.rank if method in _CURVED else None, task=self.task, verify=False,
+        )
+        for mine, theirs in zip(self.runs, other.runs):
+            theirs.weights_dir, theirs.explicit_weights = mine.weights_dir, mine.explicit_weights
+        if other.shares_queries(self) and self.query_loss_fn is not None:
+            other.query_loss_fn = self.query_loss_fn
+        return other
+
+    def shares_queries(self, other: Attributor) -> bool:
+        """Whether ``other``'s :meth:`all_query_sketches` are this Attributor's: the same runs, slices
+        and query function (:attr:`query_function`; a ``"given"`` one must be the same object)."""
+        pairs = zip(self.runs, other.runs)
+        same_runs = len(self.runs) == len(other.runs) and all(
+            a.store is b.store or (a.root is not None and a.root == b.root) for a, b in pairs)
+        same_models = all(a is b for a, b in zip(self.models, other.models))
+        return (same_runs and same_models and self.checkpoints == other.checkpoints
+                and self.current_weights == other.current_weights
+                and self.query_function == other.query_function
+                and (self.query_function != "given" or self.query_loss_fn is other.query_loss_fn))
+
     def _query_loss(self, batch: Any) -> LossFn:
         """The queries' function: explicit, else the margin of the recognised task (margin kernels)."""
         if self.query_loss_fn is not None:
@@ -345,38 +400,45 @@ class Attributor(ScoringEngine):
         self.query_loss_fn = task.query_loss
         return task.query_loss
 
-    def scores(self, batch: Any) -> Tensor:
+    def scores(self, batch: Any, sketches: list[list[Tensor]] | None = None) -> Tensor:
         """Dense ``[Q, T]`` scores of every query against every stored example (float64).
 
         Columns follow :attr:`ids`. Positive = training on the example lowers the query's loss.
+        ``sketches`` (:meth:`all_query_sketches`) stand for ``batch`` (then pass ``batch=None``).
         """
-        qs = self._all_query_sketches(batch)
+        qs = self._sketches_of(batch, sketches)
         Q = qs[0][0].shape[0]
         out = torch.zeros(Q, len(self._ids), dtype=torch.float64)
         for sl in self._chunks(Q):
             self._accumulate([[q[sl] for q in run_q] for run_q in qs], out[sl])
         return out
 
-    def top_k(self, batch: Any, k: int = 10, opponents: bool = False) -> tuple[Tensor, Tensor]:
+    def top_k(
+        self, batch: Any, k: int = 10, opponents: bool = False, sketches: list[list[Tensor]] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The ``k`` strongest proponents (or opponents: most negative scores) of each query.
 
         Exact: scores are streamed over the stored rows in blocks and reduced to the top ``k``
         per query chunk. A single-run ``grad_dot`` query goes through the store's FAISS index
-        instead (``index=``), whose approximate hits the store re-ranks exactly.
+        instead (``index=``), whose approximate hits the store re-ranks exactly. ``sketches``
+        (:meth:`all_query_sketches`, ``R × C × [Q, D]``) stand for ``batch`` (then pass ``batch=None``):
+        the proponents, the opponents, :meth:`damping_info` and a :meth:`view` then share one
+        computation of the query gradients.
 
         Returns:
             ``(ids [Q, k] int64, scores [Q, k] float64)``, strongest first; opponent scores keep
             their true (negative) sign.
 
         Raises:
-            SketchConfigError: if ``k`` is not in ``[1, T]``.
+            SketchConfigError: if ``k`` is not in ``[1, T]``, or ``sketches`` do not fit the runs.
         """
         T = len(self._ids)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T:
             raise SketchConfigError(f"`k` must be an int in [1, {T}] (stored examples), got {k!r}.")
         sign = -1.0 if opponents else 1.0
+        qs = self._sketches_of(batch, sketches)
         if self.method == "grad_dot" and len(self.runs) == 1 and hasattr(self.store, "search"):
-            q = self.query_sketches(batch)[-1]
+            q = qs[0][-1]
             s, i = self.store.search(
                 (sign * q).to(torch.float32).numpy(),
                 k,
@@ -385,7 +447,6 @@ class Attributor(ScoringEngine):
             )
             s, i = torch.as_tensor(np.asarray(s), dtype=torch.float64), torch.as_tensor(np.asarray(i))
             return i.to(torch.long), sign * s
-        qs = self._all_query_sketches(batch)
         Q = qs[0][0].shape[0]
         ids_out, s_out = [], []
         for sl in self._chunks(Q):

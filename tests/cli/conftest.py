@@ -87,6 +87,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     calls = {
         "query": [*q, "--ids", "0,3,5", "--k", "4", "--format", "json", "--output", str(root / "query.json")],
         "query_csv": [*q, "--inputs", str(inputs), "--k", "3", "--format", "csv", "--method", "grad_dot"],
+        "query_table": [*q, "--ids", "0,3", "--k", "3", "--also", "tracin"],
         "query_ensemble": ["query", "--store", str(root / "sketch"), "--store", str(root / "sketch"), "--ckpt", str(ckpt),
                            "--config", str(cfg), "--ids", "0,3", "--k", "4", "--format", "json"],
         "query_arnoldi": [*q, "--ids", "0", "--k", "3", "--format", "json", "--method", "arnoldi_if", "--probe", "32"],

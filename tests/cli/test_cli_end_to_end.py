@@ -63,6 +63,63 @@ def test_query_json_matches_in_process_attributor(tiny_run):
     assert (got["kernel"], got["ratio"]) == (want["kernel"], want["ratio"]) == ("margin", want["ratio"])
     assert [s["lambda"] for s in got["slices"]] == pytest.approx([s["lambda"] for s in want["slices"]], rel=1e-9)
     assert got["top_k_overlap"] == pytest.approx(want["top_k_overlap"], abs=1e-12)
+    # what a proponent means, and the default second view: grad_cos beside trak, whose top k is that of an
+    # independent grad_cos Attributor
+    from lightning_sketch.attribution.meaning import meaning
+
+    assert result["meaning"] == meaning("trak", "margin")
+    view = result["second_view"]
+    assert view["method"] == "grad_cos" and view["meaning"] == meaning("grad_cos", "loss")
+    cos = Attributor(tiny_run["root"] / "sketch", model, method="grad_cos")
+    for opponents, kind in ((False, "proponents"), (True, "opponents")):
+        ids, scores = cos.top_k(batch, k=4, opponents=opponents)
+        for q, rec in enumerate(view["queries"]):
+            assert rec["query"] == result["queries"][q]["query"]
+            assert [e["id"] for e in rec[kind]] == ids[q].tolist()
+            assert [e["score"] for e in rec[kind]] == pytest.approx(scores[q].tolist(), rel=1e-6, abs=1e-9)
+            assert [e["label"] for e in rec[kind]] == train_labels[ids[q]].tolist()
+    # the label agreement of each ranking, counted here by hand from the records
+    for doc in (result, {**view, "queries": [{**r, "label": p["label"]} for r, p in zip(view["queries"],
+                                                                                        result["queries"])]}):
+        pairs = [(e["label"], r["label"]) for r in doc["queries"] for e in r["proponents"]]
+        assert doc["summary"]["label_agreement"] == pytest.approx(sum(a == b for a, b in pairs) / len(pairs))
+        assert doc["summary"]["pairs"] == 3 * 4
+
+
+def test_query_table_prints_meaning_second_view_and_statistics(tiny_run):
+    from lightning_sketch.attribution.meaning import meaning
+
+    out = tiny_run["query_table"]
+    assert out["returncode"] == 0, out["stderr"][-3000:]
+    text = out["stdout"]
+    assert f"  proponent: {meaning('trak', 'margin')['proponent']}" in text
+    assert "second view: tracin" in text and f"  proponent: {meaning('tracin', 'loss')['proponent']}" in text
+    assert text.count(" tracin id ") == 2  # one header per query, the view's columns beside the default's
+    assert "trak: " in text and "tracin: " in text and "of top-k proponents share the query's label (2 queries" in text
+
+
+def test_query_takes_the_query_gradients_once(tiny_run, tmp_path, monkeypatch):
+    from lightning_sketch import cli, cli_commands
+    from lightning_sketch.attribution import Attributor
+
+    calls = []
+    original = Attributor.query_sketches
+
+    def spy(self, batch, run=0):
+        calls.append(self.method)
+        return original(self, batch, run=run)
+
+    monkeypatch.setattr(Attributor, "query_sketches", spy)
+    out = tmp_path / "q.json"
+    args = cli._own_parser().parse_args([
+        "query", "--store", str(tiny_run["root"] / "sketch"), "--ckpt", str(tiny_run["ckpt"]), "--config",
+        str(tiny_run["cfg"]), "--ids", "0,3", "--k", "3", "--format", "json", "--output", str(out)])
+    assert cli_commands.run_query(args, cli.build_from_config) == 0
+    doc = json.loads(out.read_text())
+    # proponents, opponents and the damping's sensitivity share one computation; the grad_cos view measures
+    # the loss, not the margin, and takes its own once
+    assert calls == ["trak", "grad_cos"] and doc["damping"]["top_k_overlap"]
+    assert doc["second_view"]["method"] == "grad_cos" and doc["second_view"]["shares_query_sketches"] is False
 
 
 def test_query_inputs_csv_to_stdout(tiny_run):

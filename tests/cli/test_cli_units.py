@@ -107,17 +107,41 @@ def test_output_formats_and_main_usage(capsys):
         {"query": 4, "label": 1, "prediction": 1,
          "proponents": [{"id": 7, "score": 2.5, "label": 1}], "opponents": [{"id": 9, "score": -1.0, "label": 3}]}]}
     assert cli_commands._as_csv(result).splitlines() == [
-        "query,query_label,kind,rank,train_id,train_label,score", "4,1,proponent,1,7,1,2.5", "4,1,opponent,1,9,3,-1"]
+        "query,query_label,kind,rank,train_id,train_label,score,method", "4,1,proponent,1,7,1,2.5,tracin",
+        "4,1,opponent,1,9,3,-1,tracin"]
     table = cli_commands._as_table(result)
     assert "query 4 (test)" in table and "proponent     1        7" in table
     assert "lowers the query's loss" in table and "counterfactual" not in table
     # trak on the margin kernel: the sign sentence names the margin, the ranking's meaning, and λ
-    trak = {**result, "method": "trak", "damping": {
+    from lightning_sketch.attribution.meaning import meaning
+
+    trak = {**result, "method": "trak", "meaning": meaning("trak", "margin"), "damping": {
         "kernel": "margin", "rule": "r", "ratio": 0.316, "slices": [{"lambda": 2.0}, {"lambda": 5.0}],
         "top_k_overlap": {"lambda/sqrt10": 0.8, "lambda*sqrt10": 0.6}}}
     table = cli_commands._as_table(trak)
-    assert "raises the query's margin" in table and "counterfactual" in table and "--method grad_cos" in table
+    assert "raises the query's margin" in table and "--also grad_cos" in table
+    assert f"  proponent: {meaning('trak', 'margin')['proponent']}\n" in table
     assert "ratio 0.316 of tr(K)/T/r (r: RMS residual), λ 2–5; top-k kept at λ/√10, λ·√10: 80%, 60%" in table
+    # a second view: its columns beside the first, its meaning and both summaries in the footer
+    second = {"method": "grad_cos", "meaning": meaning("grad_cos", "margin"),
+              "summary": {"label_agreement": 1.0, "label_agreement_queries": 1, "label_agreement_correct": 1.0,
+                          "correct_queries": 1, "hubs": [], "distinct": 1, "pairs": 1},
+              "queries": [{"query": 4, "proponents": [{"id": 8, "score": 0.9, "label": 1}],
+                           "opponents": [{"id": 5, "score": -0.7, "label": 2}]}]}
+    both = {**trak, "second_view": second, "summary": {
+        "label_agreement": 0.0, "label_agreement_queries": 1, "label_agreement_correct": 0.0, "correct_queries": 1,
+        "hubs": [{"id": 7, "queries": 2}], "distinct": 1, "pairs": 1}}
+    table = cli_commands._as_table(both)
+    assert "second view: grad_cos" in table and "--also" not in table
+    assert f"  proponent: {meaning('grad_cos', 'margin')['proponent']}\n" in table
+    assert "proponent     1        7     1          2.5  |            8     1          0.9" in table
+    assert "opponent      1        9     3           -1  |            5     2         -0.7" in table
+    assert "trak: 0.0% of top-k proponents share the query's label (1 query; 0.0% over the 1 correctly " in table
+    assert "hubs (proponents of several queries): id 7 ×2;" in table
+    assert "grad_cos: 100.0% of top-k proponents" in table and "hubs (proponents of several queries): none" in table
+    assert cli_commands._as_csv(both).splitlines()[1:] == [
+        "4,1,proponent,1,7,1,2.5,trak", "4,1,opponent,1,9,3,-1,trak",
+        "4,1,proponent,1,8,1,0.9,grad_cos", "4,1,opponent,1,5,2,-0.7,grad_cos"]
     from lightning_sketch._safeio import verify_checked
 
     assert verify_checked(json.loads(cli_commands._as_json(result)), path="-", what="query result") == result
