@@ -90,8 +90,10 @@ def build(root: Path) -> Path:
         "mode": "search", "status": "done", "d_star": 32, "target": 0.9, "history": [
             {"round": 1, "step": 5, "d": 16, "metric": 0.6, "action": "double"},
             {"round": 2, "step": 9, "d": 32, "metric": 0.93, "action": "done"}]})
+    manifest = SketchStore.open(run / "store").manifest
     sio.write_checked_json(run / "query.json", {
         "format": "lightning_sketch.query/v1", "method": "tracin", "split": "test", "store": "s", "ckpt": "c", "k": 2,
+        "stores": [{"run_id": manifest["run_id"], "generation": manifest["generation"]}],
         "queries": [{"query": 0, "label": 1, "prediction": 1,
                      "proponents": [{"id": 3, "score": 0.5, "label": 1}, {"id": 5, "score": 0.25, "label": 1}],
                      "opponents": [{"id": 4, "score": -0.5, "label": 0}, {"id": 2, "score": -0.125, "label": 0}]}]})
