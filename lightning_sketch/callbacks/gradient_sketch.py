@@ -55,6 +55,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -413,9 +414,12 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         # holds the previous generation(s). Replace it: a resume must roll the store back to the
         # generation committed with this checkpoint, not to the one before.
         # The digest of the weights and optimizer states this checkpoint holds: Lightning writes the
-        # file after this hook, so the file's own hash cannot be recorded inside it.
-        checkpoint.setdefault("callbacks", {})[self.state_key] = {
-            **self.state_dict(), CHECKPOINT_DIGEST_KEY: checkpoint_digest(checkpoint)}
+        # file after this hook, so the file's own hash cannot be recorded inside it. Sharded strategies
+        # (FSDP, DeepSpeed) hand each rank a partial checkpoint, so only whole ones get a digest.
+        state = self.state_dict()
+        if isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            state[CHECKPOINT_DIGEST_KEY] = checkpoint_digest(checkpoint)
+        checkpoint.setdefault("callbacks", {})[self.state_key] = state
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
