@@ -172,8 +172,8 @@ class Attributor(ScoringEngine):
             if val is not None and (isinstance(val, bool) or not isinstance(val, numbers.Real)
                                     or not math.isfinite(float(val)) or val <= 0):
                 raise SketchConfigError(
-                    f"`{name}` must be a number > 0 or None (automatic), got {val!r} "
-                    f"({type(val).__name__}); pass e.g. {name}=0.1, not a string."
+                    f"`{name}` must be > 0 or None (automatic), got {val!r} ({type(val).__name__}); pass a "
+                    f"number such as {name}=0.1."
                 )
         for name, val, low in (("arnoldi_k", arnoldi_k, 1), ("chunk_size", chunk_size, 1)):
             if not (val is None and name == "chunk_size") and (

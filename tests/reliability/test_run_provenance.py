@@ -193,3 +193,34 @@ def test_attributor_refuses_wrongly_typed_arguments():
                {"verify": "yes"}):
         with pytest.raises(SketchConfigError, match=next(iter(kw))):
             Attributor("/nonexistent-run", torch.nn.Linear(2, 2), **kw)
+
+
+@pytest.mark.slow
+def test_intrinsic_dimension_resume_refuses_another_runs_state_file(tmp_path):
+    from _common import Data
+
+    from lightning_sketch.callbacks import IntrinsicDimension, SearchCriteria
+
+    def idim(d: Path) -> IntrinsicDimension:
+        return IntrinsicDimension(sketch_kind="dense", sketch_dim=16, monitor="val_acc",
+                                  criteria=SearchCriteria(d_min=4, target=2.0), plot=False,
+                                  stop_when_done=False, dirpath=str(d))
+
+    def fit(d: Path, steps: int, ckpt_path: str | None = None) -> None:
+        trainer(tmp_path, [idim(d), ModelCheckpoint(dirpath=str(d / "ckpt"), save_last=True, save_top_k=0,
+                                                   every_n_train_steps=2)],
+                max_steps=steps, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                enable_checkpointing=True).fit(Tiny(), datamodule=Data(16, 8), ckpt_path=ckpt_path)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    fit(a, 4)
+    fit(b, 4)
+    state = sio.load_checked_json(a / "intrinsic_dimension.json", what="state")
+    assert state["run_id"] != sio.load_checked_json(b / "intrinsic_dimension.json", what="state")["run_id"]
+    shutil.copy(b / "intrinsic_dimension.json", a / "intrinsic_dimension.json")  # intact, another run's
+    with pytest.raises(RunMismatchError, match="intrinsic-dimension directory is another run's"):
+        fit(a, 6, ckpt_path=str(a / "ckpt" / "last.ckpt"))
+    shutil.copy(b / "ckpt" / "last.ckpt", tmp_path / "b.ckpt")
+    shutil.rmtree(b / "ckpt")
+    fit(b, 6, ckpt_path=str(tmp_path / "b.ckpt"))  # its own directory: resumes
+    assert sio.load_checked_json(b / "intrinsic_dimension.json", what="state")["run_id"] != state["run_id"]
