@@ -230,27 +230,23 @@ def _load_model(build_from_config: Callable[[Sequence[str]], tuple[Any, Any]], c
     return model, datamodule, ckpt
 
 
-def _check_runs(stores: list[str], ckpts: list[str], loaded: list[Any]) -> list[dict[str, Any]]:
+def _check_runs(manifests: list[dict[str, Any]], stores: list[str], ckpts: list[str],
+                loaded: list[Any]) -> list[dict[str, Any]]:
     """Each store's ``run_id`` and ``generation``, after checking it against the checkpoint given for it.
 
-    A store older than the generation its checkpoint committed, or of another run than the checkpoint
-    recorded, is refused. One ``--ckpt`` for several stores only gives the architecture, so it is
-    compared with none of them.
+    ``manifests`` are those of the stores the answers come from (the Attributor's). A store older than
+    the generation its checkpoint committed, or of another run than the checkpoint recorded, is
+    refused. One ``--ckpt`` for several stores only gives the architecture, so it is compared with none.
 
     Raises:
         RunMismatchError: a store of another run, or an older copy of the store.
     """
-    from lightning_sketch.store import SketchStore
     from lightning_sketch.store.provenance import check_checkpoint_store
 
-    out = []
-    for i, st in enumerate(stores):
-        path = Path(st) / "store" if (Path(st) / "store").is_dir() else Path(st)
-        manifest = SketchStore.open(path, verify="size").manifest
-        if len(ckpts) == len(stores):
-            check_checkpoint_store(loaded[i][2], manifest, store=path, ckpt=ckpts[i])
-        out.append({"run_id": manifest.get("run_id"), "generation": manifest["generation"]})
-    return out
+    if len(ckpts) == len(stores):
+        for manifest, st, ckpt, (_, _, checkpoint) in zip(manifests, stores, ckpts, loaded):
+            check_checkpoint_store(checkpoint, manifest, store=st, ckpt=ckpt)
+    return [{"run_id": m.get("run_id"), "generation": m["generation"]} for m in manifests]
 
 
 def _predictions(model: Any, batch: Any) -> list[int] | None:
@@ -293,7 +289,6 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
         raise SketchInputError(f"Give one --ckpt, or one per --store: got {len(ckpts)} for {len(stores)} "
                                "stores.")
     loaded = [_load_model(build_from_config, args.config, c) for c in ckpts]
-    runs = _check_runs(stores, ckpts, loaded)
     model, datamodule, _ = loaded[0]
     models = [m for m, _, _ in loaded]
     batch, qids = _query_batch(args, model, datamodule)
@@ -313,6 +308,8 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
         stores if len(stores) > 1 else stores[0], models if len(models) > 1 else model, method=method,
         damping=getattr(args, "damping", None), damping_ratio=getattr(args, "damping_ratio", None), **extra,
     )
+    # the stores answered from, checked against their checkpoints before any answer is computed
+    runs = _check_runs([r.store.manifest for r in attributor.runs], stores, ckpts, loaded)
     k = min(args.k, len(attributor.ids))
     pro_ids, pro_scores = attributor.top_k(batch, k=k)
     opp_ids, opp_scores = attributor.top_k(batch, k=k, opponents=True)

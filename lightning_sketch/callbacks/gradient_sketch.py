@@ -452,6 +452,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Keep the last committed state; drop the uncommitted buffer and release the writer lock.
         self._inline_buf = {}
+        unguard_checkpoint_io(trainer)
         if self._capture is not None:
             self._capture.__exit__(None, None, None)
             self._capture = None

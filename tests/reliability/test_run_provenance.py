@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_sketch import _safeio as sio
 from lightning_sketch.callbacks import GradientSketch, HessianSpectrum
-from lightning_sketch.cli_commands import load_checkpoint_into
+from lightning_sketch.cli_commands import _check_runs, load_checkpoint_into
 from lightning_sketch.exceptions import (
     CheckpointLoadError,
     RunMismatchError,
@@ -162,6 +162,14 @@ def test_query_loader_refuses_a_flipped_checkpoint_before_any_answer(runs, tmp_p
     other = SketchStore.open(runs["b"] / "store").manifest
     with pytest.raises(RunMismatchError, match="belongs to run"):
         check_checkpoint_store(loaded, other, store=runs["b"] / "store", ckpt="last.ckpt")
+    # what `query` runs on the Attributor's stores before computing answers
+    current = SketchStore.open(store).manifest
+    assert _check_runs([current], [str(store)], ["last.ckpt"], [(model, None, loaded)]) == [
+        {"run_id": current["run_id"], "generation": current["generation"]}]
+    with pytest.raises(RunMismatchError, match="older than generation"):
+        _check_runs([old], [str(store)], ["last.ckpt"], [(model, None, loaded)])
+    # one --ckpt for an ensemble of two stores gives the architecture only: not compared
+    assert len(_check_runs([old, other], ["s1", "s2"], ["last.ckpt"], [(model, None, loaded)])) == 2
 
 
 # ---------------------------------------------------------------------------- readers without a checkpoint
