@@ -1,7 +1,7 @@
 """Figures of docs/reliability.md (issue 11): corruptions detected per file kind, SIGKILLs survived,
 hostile run directories handled.
 
-    PYTHONPATH=$PWD python benchmarks/reliability.py [--flips 60] [--cuts 10] [--kills 20]
+    PYTHONPATH=$PWD python benchmarks/reliability.py [--flips 60] [--cuts 10] [--kills 20] [--lightning-kills N] [--only PART]
 
 1. **Corruption sweeps.** ``tests/security/runkit.py`` writes a complete run directory (store
    manifest, segments, FAISS index, weights, spectrum index and snapshots, intrinsic-dimension
@@ -9,10 +9,15 @@ hostile run directories handled.
    ``--cuts`` random truncations are applied one at a time and every reader of that file kind is
    run: each outcome is the reference answer ("same"), a typed library error ("detected"), a
    silently different answer, or an untyped exception.
-2. **SIGKILLs.** ``tests/store/_procs.py crash`` forks a committing store writer per seed and
+2. **Older and foreign files.** For every file kind, the run's files are replaced by intact copies
+   of an older generation of the same run (the copies ``runkit.build`` keeps of the files a later
+   publish replaced) or of another run (a second ``runkit.build`` with other weights, rows and
+   spectra), one kind at a time, and every reader of that kind, plus the check a resume or
+   ``query --ckpt`` makes against the checkpoint, is classified the same way.
+3. **SIGKILLs.** ``tests/store/_procs.py crash`` forks a committing store writer per seed and
    kills it at a random time; each store is then reopened, fully verified and its rows compared
    with the acknowledged commits (rows lost = acknowledged rows missing).
-3. **Lightning-level SIGKILLs** (``--lightning-kills N``): ``tests/reliability/scripts/lightning_kill.py``
+4. **Lightning-level SIGKILLs** (``--lightning-kills N``): ``tests/reliability/scripts/lightning_kill.py``
    runs each configuration (GradientSketch checkpoint mode + HessianSpectrum, GradientSketch inline
    mode + HessianSpectrum, IntrinsicDimension; checkpoints at epoch end, every 3 steps with a
    resumable loader, every 3 steps with a plain loader) once uninterrupted, counting its events; then
@@ -20,7 +25,8 @@ hostile run directories handled.
    latest checkpoint (else a fresh fit). Counted: continued runs, acknowledged rows lost, rows
    duplicated, temporary files left, and for the exactly resumable configuration runs equal to the
    uninterrupted one.
-4. Prints one Markdown table per part, with ``uptime`` load averages. Parts with a count of 0 are skipped.
+5. Prints one Markdown table per part, with ``uptime`` load averages (``--only PART`` runs one part;
+   parts with a count of 0 are skipped).
 """
 
 from __future__ import annotations
@@ -59,6 +65,29 @@ def sweeps(flips: int, cuts: int) -> list[str]:
                      f"{len(out['silent'])} | {len(out['untyped'])} |")
         for bad in out["silent"][:3] + out["untyped"][:3]:
             print("  !", bad, file=sys.stderr)
+    return lines
+
+
+def swaps() -> list[str]:
+    import runkit
+
+    run = runkit.build(Path(tempfile.mkdtemp()))
+    other = runkit.build(Path(tempfile.mkdtemp()), variant=1)
+    refs = {kind: [r(run) for r in readers] for kind, readers in runkit.SWAP_READERS.items()}
+    lines = ["| file kind | readers | older generation: detected / harmless / silent / untyped "
+             "| other run: detected / harmless / silent / untyped |", "|---|---|---|---|"]
+    for kind in runkit.KINDS:
+        cells = []
+        for source in (run.parent / "older", other):
+            out = runkit.swap_sweep(run, kind, refs[kind], source)
+            if out is None:
+                cells.append("no older version (immutable file)")
+                continue
+            cells.append(f"{out['typed']} / {out['same']} / {len(out['silent'])} / {len(out['untyped'])}")
+            for bad in out["silent"] + out["untyped"]:
+                print("  !", bad, file=sys.stderr)
+        names = ", ".join(r.__name__.strip("_") for r in runkit.SWAP_READERS[kind])
+        lines.append(f"| {kind} | {names} | {cells[0]} | {cells[1]} |")
     return lines
 
 
@@ -155,16 +184,20 @@ def main() -> None:
     p.add_argument("--cuts", type=int, default=10)
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--lightning-kills", type=int, default=0)
+    p.add_argument("--only", choices=("sweeps", "swaps", "kills", "lightning_kills"), default=None,
+                   help="run one part")
     args = p.parse_args()
     print(f"load average before: {load()}")
-    parts = [(args.flips or args.cuts, lambda: sweeps(args.flips, args.cuts)),
-             (args.kills, lambda: kills(args.kills)),
-             (args.lightning_kills, lambda: lightning_kills(args.lightning_kills))]
-    for count, part in parts:
-        if count:
-            t = time.perf_counter()
-            print("\n".join(part()))
-            print(f"\n({time.perf_counter() - t:.0f} s; load average {load()})\n")
+    parts = {"sweeps": (args.flips or args.cuts, lambda: sweeps(args.flips, args.cuts)),
+             "swaps": (1, swaps),
+             "kills": (args.kills, lambda: kills(args.kills)),
+             "lightning_kills": (args.lightning_kills, lambda: lightning_kills(args.lightning_kills))}
+    for name, (count, part) in parts.items():
+        if args.only not in (None, name) or not count:
+            continue
+        t = time.perf_counter()
+        print("\n".join(part()))
+        print(f"\n({time.perf_counter() - t:.0f} s; load average {load()})\n")
 
 
 if __name__ == "__main__":

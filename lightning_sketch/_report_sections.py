@@ -17,9 +17,15 @@ from typing import Any
 
 from lightning_sketch import _safeio as sio
 from lightning_sketch import plots
-from lightning_sketch.exceptions import LightningSketchError, StoreCorruptError, StoreNotFoundError
+from lightning_sketch.exceptions import (
+    LightningSketchError,
+    RunMismatchError,
+    StoreCorruptError,
+    StoreNotFoundError,
+)
 from lightning_sketch.spectrum.snapshot import FORMAT, load_index, load_snapshot
 from lightning_sketch.store import inspect_store
+from lightning_sketch.store.manifest import load_manifest
 
 #: at most this many query records are drawn.
 _MAX_QUERIES = 6
@@ -237,6 +243,8 @@ def _attribution_section(root: Path, queries: str | Path | None) -> list[dict[st
             continue
         try:
             parts += _attribution_file(root, f, doc)
+        except RunMismatchError as err:
+            parts.append(_bad(f"{_rel(f, root)} is refused: {err}"))
         except (StoreCorruptError, KeyError, TypeError, ValueError, IndexError) as err:
             parts.append(_bad(f"{_rel(f, root)} is not a valid query result ({err}); re-run lightning-sketch "
                               "query."))
@@ -342,8 +350,51 @@ def _summary_block(method: Any, recs: list[dict[str, Any]], data: dict[str, Any]
     return _p(text)
 
 
+def _check_query_runs(root: Path, data: dict[str, Any]) -> None:
+    """Refuse a query result that was not answered from the store of this run as it is now.
+
+    The result records each store's ``run_id`` and ``generation`` (field ``stores``); a store of the
+    run directory whose manifest reads (a damaged one is the store section's to report) must be one
+    of them, at the same generation.
+
+    Raises:
+        RunMismatchError: the result was answered from another run's store, or from an older or newer
+            generation of this one (a stale result, or an older copy of the store put back).
+    """
+    stores = [p.parent for p in _find(root, "manifest.json")]
+    manifests = []
+    for s in stores:
+        try:
+            manifests.append((s, load_manifest(s)))
+        except LightningSketchError:
+            continue
+    if not manifests:
+        return
+    recorded = data.get("stores")
+    if not isinstance(recorded, list) or not all(isinstance(r, dict) for r in recorded):
+        raise RunMismatchError(
+            "it records no run id and generation of the store it was answered from (field 'stores'), so it "
+            "cannot be matched with this run's store; re-run `lightning-sketch query --format json`."
+        )
+    for s, m in manifests:
+        same = [r for r in recorded if r.get("run_id") == m.get("run_id")]
+        if not same:
+            raise RunMismatchError(
+                f"it was answered from the store of another run ({[r.get('run_id') for r in recorded]}), not "
+                f"from {_rel(s, root)} (run {m.get('run_id')!r}); re-run `lightning-sketch query` "
+                "on this run."
+            )
+        if all(r.get("generation") != m["generation"] for r in same):
+            raise RunMismatchError(
+                f"it is stale: it was answered at generation {same[0].get('generation')!r} of "
+                f"{_rel(s, root)}, "
+                f"which is now at generation {m['generation']}; re-run `lightning-sketch query` on this run."
+            )
+
+
 def _attribution_file(root: Path, f: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     _check_queries(data)
+    _check_query_runs(root, data)
     view = _check_view(data)
     damping = data.get("damping")
     kernel = damping.get("kernel") if isinstance(damping, dict) else None

@@ -41,6 +41,7 @@ import os
 import re
 import stat
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,9 @@ __all__ = [
     "CHECKSUM_KEY",
     "JSON_CAP",
     "DirLock",
+    "RUN_ID_KEY",
     "atomic_write",
+    "check_run_id",
     "check_write_dir",
     "confined",
     "dump_checked_json",
@@ -75,6 +78,7 @@ __all__ = [
     "load_checked_json",
     "load_torch_bytes",
     "load_torch_file",
+    "new_run_id",
     "open_regular",
     "read_capped",
     "read_json",
@@ -86,6 +90,32 @@ __all__ = [
 
 #: the key under which a checked JSON document stores the sha256 of its own canonical content.
 CHECKSUM_KEY = "sha256"
+
+
+# ---------------------------------------------------------------------------- run ids
+#: the key under which every file a writer publishes records the id of the run that wrote it.
+RUN_ID_KEY = "run_id"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_run_id() -> str:
+    """A fresh run id (uuid4, 32 lowercase hex digits), made when a writer creates its directory."""
+    return uuid.uuid4().hex
+
+
+def check_run_id(value: Any, *, path: str | os.PathLike, what: str) -> str | None:
+    """``value`` if it is a run id or ``None`` (a file written before run ids were recorded).
+
+    Raises:
+        StoreCorruptError: anything else (the field was edited).
+    """
+    if value is None or (isinstance(value, str) and _RUN_ID.match(value)):
+        return value
+    raise StoreCorruptError(
+        f"{what} {str(path)!r} records run_id {str(value)[:80]!r}, which is not a run id (32 hex "
+        "digits); the "
+        "file was edited. Restore it from the run that wrote it."
+    )
 
 
 # ---------------------------------------------------------------------------- checksummed JSON

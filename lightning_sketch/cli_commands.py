@@ -165,16 +165,25 @@ def _class_labels(y: np.ndarray, classes: int, path: Path) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def load_checkpoint_into(model: Any, path: str | Path) -> None:
-    """Load a Lightning checkpoint's ``state_dict`` into ``model`` without unpickling code.
+def load_checkpoint_into(model: Any, path: str | Path) -> Any:
+    """Load a Lightning checkpoint's ``state_dict`` into ``model`` without unpickling code; return the
+    loaded checkpoint (its callback states name the run that wrote it).
+
+    The archive's CRC-32s are checked before loading and the weights against the digest the run's
+    ``GradientSketch`` recorded, so a damaged checkpoint is refused before any answer is computed.
 
     Raises:
-        CheckpointLoadError: refused objects (a pickle payload), not a PyTorch file, or no state dict.
+        CheckpointLoadError: refused objects (a pickle payload), not a PyTorch file, a truncated or
+            bit-flipped file, weights that differ from the recorded digest, or no state dict.
         LayoutMismatchError: the checkpoint is of another architecture than the configured model.
     """
     import torch
 
+    from lightning_sketch.store.provenance import check_checkpoint_digest
+
     ckpt = load_torch_file(path, what="`--ckpt` checkpoint")
+    if isinstance(ckpt, dict):
+        check_checkpoint_digest(ckpt, path=path, what="`--ckpt` checkpoint")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     tensors = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
     if not state or not tensors:
@@ -189,6 +198,7 @@ def load_checkpoint_into(model: Any, path: str | Path) -> None:
             f"`--ckpt` {str(path)!r} does not fit the model built from `--config` "
             f"({str(err).splitlines()[0][:300]}); pass the checkpoint written by the run with this config."
         ) from None
+    return ckpt
 
 
 def _what_is(path: str | os.PathLike[str]) -> str:
@@ -215,9 +225,28 @@ def _load_model(build_from_config: Callable[[Sequence[str]], tuple[Any, Any]], c
         raise SketchInputError(f"`--ckpt` {ckpt_path!r} {_what_is(ckpt_path)}; pass the Lightning checkpoint "
                                "(a regular .ckpt file) of the run.")
     model, datamodule = build_from_config(config)
-    load_checkpoint_into(model, ckpt_path)
+    ckpt = load_checkpoint_into(model, ckpt_path)
     model.eval()
-    return model, datamodule
+    return model, datamodule, ckpt
+
+
+def _check_runs(manifests: list[dict[str, Any]], stores: list[str], ckpts: list[str],
+                loaded: list[Any]) -> list[dict[str, Any]]:
+    """Each store's ``run_id`` and ``generation``, after checking it against the checkpoint given for it.
+
+    ``manifests`` are those of the stores the answers come from (the Attributor's). A store older than
+    the generation its checkpoint committed, or of another run than the checkpoint recorded, is
+    refused. One ``--ckpt`` for several stores only gives the architecture, so it is compared with none.
+
+    Raises:
+        RunMismatchError: a store of another run, or an older copy of the store.
+    """
+    from lightning_sketch.store.provenance import check_checkpoint_store
+
+    if len(ckpts) == len(stores):
+        for manifest, st, ckpt, (_, _, checkpoint) in zip(manifests, stores, ckpts, loaded):
+            check_checkpoint_store(checkpoint, manifest, store=st, ckpt=ckpt)
+    return [{"run_id": m.get("run_id"), "generation": m["generation"]} for m in manifests]
 
 
 def _predictions(model: Any, batch: Any) -> list[int] | None:
@@ -261,8 +290,8 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
         raise SketchInputError(f"Give one --ckpt, or one per --store: got {len(ckpts)} for {len(stores)} "
                                "stores.")
     loaded = [_load_model(build_from_config, args.config, c) for c in ckpts]
-    model, datamodule = loaded[0]
-    models = [m for m, _ in loaded]
+    model, datamodule, _ = loaded[0]
+    models = [m for m, _, _ in loaded]
     batch, qids = _query_batch(args, model, datamodule)
     # argparse's `choices` restricts --method to ("auto", *METHODS)
     method = cast("Method", getattr(args, "method", "auto"))
@@ -280,6 +309,8 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
         stores if len(stores) > 1 else stores[0], models if len(models) > 1 else model, method=method,
         damping=getattr(args, "damping", None), damping_ratio=getattr(args, "damping_ratio", None), **extra,
     )
+    # the stores answered from, checked against their checkpoints before any answer is computed
+    runs = _check_runs([r.store.manifest for r in attributor.runs], stores, ckpts, loaded)
     k = min(args.k, len(attributor.ids))
     # the query gradients are taken once for both rankings, the damping's sensitivity and a view that
     # measures the same function
@@ -348,6 +379,9 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
         "split": args.split if args.inputs is None else "inputs",
         "store": str(stores[0]) if len(stores) == 1 else [str(s) for s in stores],
         "ckpt": str(ckpts[0]) if len(ckpts) == 1 else [str(c) for c in ckpts], "k": k, "queries": records,
+        # the run id and generation of each store answered from: `report` refuses this result beside a
+        # store of another run or generation
+        "stores": runs,
         # how the damping was set and how much the top k depends on it (Attributor.damping_info)
         "damping": damping,
         # the same queries ranked by a second method (`--also`); `shares_query_sketches` says whether its

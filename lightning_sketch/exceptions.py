@@ -28,6 +28,7 @@ __all__ = [
     "UnsafeFileError",
     "CheckpointLoadError",
     "StoreConflictError",
+    "RunMismatchError",
 ]
 
 
@@ -119,3 +120,9 @@ class CheckpointLoadError(LightningSketchError, ValueError):
 class StoreConflictError(StoreWriteError):
     """Another writer changed a run directory since this writer loaded it (its generation moved, or
     its lock file was replaced); nothing was published, the other writer's data are intact."""
+
+
+class RunMismatchError(StoreCorruptError):
+    """A run file is intact but is not the one its reader must see: it was written by another run
+    (its ``run_id`` differs from the file or checkpoint that refers to it) or it is older than the
+    generation a checkpoint or a query result recorded (an older copy was put back)."""

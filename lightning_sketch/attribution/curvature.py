@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from lightning_sketch._safeio import atomic_write, read_json_bytes, sha256_bytes
 from lightning_sketch.attribution._stored import STORE_DIR
 from lightning_sketch.exceptions import (
+    RunMismatchError,
     SketchConfigError,
     StoreCorruptError,
     StoreNotFoundError,
@@ -156,6 +157,7 @@ def write_curvature(
         "dim": int(m.shape[0]),
         "spec": dict(spec),
         "sha256": digest,
+        "run_id": store.run_id,  # the store's: a sidecar recorded by another run's manifest is refused
     }
     side_sha, side_size = atomic_write(side, [json.dumps(meta, sort_keys=True).encode()],
                                        what="curvature sidecar", root=run_dir, before_replace=check)
@@ -193,6 +195,13 @@ def _verified_sidecar(
     meta = read_json_bytes(raw, path=side, what="curvature sidecar")
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("slice") != name:
         raise StoreCorruptError(f"{side} is not the curvature sidecar of slice {name!r}.")
+    if meta.get("run_id") != st.run_id:
+        raise RunMismatchError(
+            f"Curvature sidecar {side} was written by run {meta.get('run_id')!r}, but the store that records "
+            f"it belongs to run {st.run_id!r}: the curvature files (and their manifest entry) come "
+            "from another "
+            "run. Restore this run's curvature folder and store together."
+        )
     return st, side, meta
 
 

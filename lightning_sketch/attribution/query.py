@@ -21,6 +21,7 @@ opponents are the most negative scores.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -168,8 +169,23 @@ class Attributor(ScoringEngine):
         if method != "auto" and method not in METHODS:
             raise SketchConfigError(f"`method` must be 'auto' or one of {METHODS}, got {method!r}.")
         for name, val in (("damping", damping), ("damping_ratio", damping_ratio)):
-            if val is not None and (isinstance(val, bool) or not math.isfinite(float(val)) or val <= 0):
-                raise SketchConfigError(f"`{name}` must be > 0 or None (automatic), got {val!r}.")
+            if val is not None and (isinstance(val, bool) or not isinstance(val, numbers.Real)
+                                    or not math.isfinite(float(val)) or val <= 0):
+                raise SketchConfigError(
+                    f"`{name}` must be > 0 or None (automatic), got {val!r} ({type(val).__name__}); pass a "
+                    f"number such as {name}=0.1."
+                )
+        for name, val, low in (("arnoldi_k", arnoldi_k, 1), ("chunk_size", chunk_size, 1)):
+            if not (val is None and name == "chunk_size") and (
+                isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < low
+            ):
+                raise SketchConfigError(
+                    f"`{name}` must be an int >= {low}, got {val!r} ({type(val).__name__})."
+                )
+        if not isinstance(verify, bool):
+            raise SketchConfigError(
+                f"`verify` must be True or False, got {verify!r} ({type(verify).__name__})."
+            )
         stores = list(store) if isinstance(store, (list, tuple)) else [store]
         if not stores:
             raise SketchConfigError("`store` is an empty list; pass at least one run directory.")

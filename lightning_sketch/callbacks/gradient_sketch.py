@@ -37,7 +37,11 @@ their stored rows.
 Resumability: the store is committed in ``on_save_checkpoint`` and its generation is saved in the
 Lightning checkpoint; on resume the store is rolled back to that generation, so rows written after
 the checkpoint are dropped and re-written by the resumed run: a killed-and-resumed run ends with the
-same store as an uninterrupted one. DDP: each rank writes its own shard with global example ids
+same store as an uninterrupted one. The saved state also records the store's ``run_id`` and the
+digest of the checkpoint's weights and optimizer states; a resume refuses a store of another run,
+one older than the checkpoint's generation, a checkpoint whose digest differs and (through the
+strategy's wrapped ``CheckpointIO``) a truncated or bit-flipped checkpoint file, with typed errors
+(see docs/reliability.md). DDP: each rank writes its own shard with global example ids
 (checkpoint mode splits the attribution set across ranks); rank 0 merges at fit end after a barrier.
 The callback never changes training: no ``.grad``, parameter, optimizer-state or RNG change, and
 the module's train/eval mode is restored.
@@ -51,13 +55,16 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_sketch._safeio import sweep_temp_files
+from lightning_sketch._torchload import CHECKPOINT_DIGEST_KEY, checkpoint_digest
 from lightning_sketch.attribution.curvature import CURVATURE_DIR, check_curvature_arg
 from lightning_sketch.attribution.task import AttributionTask
+from lightning_sketch.callbacks._checkpoint_guard import guard_checkpoint_io, unguard_checkpoint_io
 from lightning_sketch.callbacks._gradient_sketch_base import _check_support
 from lightning_sketch.callbacks._gradient_sketch_inline import _InlineMixin
 from lightning_sketch.callbacks._gradient_sketch_io import (
@@ -73,6 +80,7 @@ from lightning_sketch.exceptions import SketchConfigError, StoreWriteError
 from lightning_sketch.gradients import GradientCapture, ParamLayout
 from lightning_sketch.sketches import make, sketch_class
 from lightning_sketch.store.manifest import MANIFEST
+from lightning_sketch.store.provenance import check_checkpoint_digest, check_store_state
 
 __all__ = ["GradientSketch"]
 
@@ -196,6 +204,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self._resume_generation: int | None = None
         self._generations: list[int] | None = None
         self._resume_generations: list[int] | None = None
+        self._run_id: str | None = None
         self.store: Any = None
         self.sketch: Any = None
         self.layout: Any = None
@@ -252,6 +261,9 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             "generations": self._generations,
             "dirpath": self.dirpath,
             "spec": None if self.sketch is None else self.sketch.spec,
+            # the store's run id (one process only: DDP shards have their own); a resume or a query
+            # given this checkpoint refuses a store of another run or older than `generation`
+            "run_id": self._run_id,
         }
 
     @override
@@ -269,6 +281,13 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         if committed and self.store is not None and self._created_store is not None:
             # setup made an empty store where the checkpoint's rows should be: refuse before training
             raise _store_gone(self, trainer, self._created_store)
+        # Lightning restores the model weights (restore_model) before the callbacks (this hook), so a
+        # checkpoint whose weights changed after it was saved is refused here, before training on them.
+        check_checkpoint_digest(checkpoint, path=str(trainer.ckpt_path), what="resume checkpoint")
+        if self.store is not None and trainer.world_size == 1 and state.get("run_id") is not None:
+            check_store_state(self.store.manifest, run_id=state["run_id"], generation=state.get("generation"),
+                              store=self.store_path,
+                              source=f"the resume checkpoint {str(trainer.ckpt_path)!r}")
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -312,6 +331,8 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         if trainer.is_global_zero:  # the store's lock is held: no other writer of this run directory is live
             for folder in (self.weights_path, Path(self.dirpath) / CURVATURE_DIR):
                 sweep_temp_files(folder)  # left by a killed run (the store folder is swept when locked)
+        self._run_id = self.store.run_id if trainer.world_size == 1 else None
+        guard_checkpoint_io(trainer)  # a damaged `ckpt_path` fails typed, before Lightning restores it
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -424,7 +445,13 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         # (CheckpointConnector.dump_checkpoint), so the entry it stored predates the commit above and
         # holds the previous generation(s). Replace it: a resume must roll the store back to the
         # generation committed with this checkpoint, not to the one before.
-        checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
+        # The digest of the weights and optimizer states this checkpoint holds: Lightning writes the
+        # file after this hook, so the file's own hash cannot be recorded inside it. Sharded strategies
+        # (FSDP, DeepSpeed) hand each rank a partial checkpoint, so only whole ones get a digest.
+        state = self.state_dict()
+        if isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            state[CHECKPOINT_DIGEST_KEY] = checkpoint_digest(checkpoint)
+        checkpoint.setdefault("callbacks", {})[self.state_key] = state
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -452,11 +479,13 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             self._capture = None
         self.store.close()
         self.store = None
+        unguard_checkpoint_io(trainer)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Keep the last committed state; drop the uncommitted buffer and release the writer lock.
         self._inline_buf = {}
+        unguard_checkpoint_io(trainer)
         if self._capture is not None:
             self._capture.__exit__(None, None, None)
             self._capture = None

@@ -36,7 +36,12 @@ from typing_extensions import override
 from lightning_sketch.callbacks._progress import progress_bar
 from lightning_sketch.callbacks._spectrum_options import SpectrumNumerics, merge_flat_numerics
 from lightning_sketch.callbacks._strategy import check_model_parallel
-from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError, UnsupportedStrategyError
+from lightning_sketch.exceptions import (
+    RunMismatchError,
+    SketchConfigError,
+    UnsupportedModelError,
+    UnsupportedStrategyError,
+)
 from lightning_sketch.gradients import module_loss_fn, train_mode
 from lightning_sketch.gradients.sharded import gathered
 from lightning_sketch.layout import ParamLayout
@@ -163,6 +168,8 @@ class HessianSpectrum(Callback):
         self._layout: Any = None
         self._dir: Path | None = None
         self._writer: SnapshotWriter | None = None
+        #: (run_id, index generation) of the snapshot directory recorded in the resume checkpoint
+        self._resume_index: tuple[Any, Any] | None = None
         self._warned_unconverged = False
 
     # ------------------------------------------------------------------ policy
@@ -373,12 +380,42 @@ class HessianSpectrum(Callback):
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "last_step": self._last_step, "dirpath": str(self._dir or "")}
+        w = self._writer
+        return {"history": list(self.history), "last_step": self._last_step, "dirpath": str(self._dir or ""),
+                # the snapshot directory this checkpoint was saved with: a resume refuses another run's
+                # index or an older copy of it
+                "run_id": None if w is None else w.run_id,
+                "index_generation": None if w is None else w.generation}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self._last_step = int(state_dict.get("last_step", -1))
+        self._resume_index = (state_dict.get("run_id"), state_dict.get("index_generation"))
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        resume, self._resume_index = self._resume_index, None
+        w = self._writer
+        if w is None or resume is None:
+            return
+        run_id, gen = resume
+        index = self._dir / "index.json" if self._dir is not None else "index.json"
+        if isinstance(gen, int) and w.generation < gen:
+            raise RunMismatchError(
+                f"The spectrum index {str(index)!r} is at generation {w.generation}, older than "
+                f"generation {gen} "
+                f"recorded in the resume checkpoint {str(trainer.ckpt_path)!r}: an older copy of "
+                "the index was "
+                "put back (or it was deleted). Restore the index written with this checkpoint."
+            )
+        if run_id is not None and w.run_id != run_id:
+            raise RunMismatchError(
+                f"The spectrum index {str(index)!r} belongs to run {w.run_id!r}, but the resume checkpoint "
+                f"{str(trainer.ckpt_path)!r} was saved with run {run_id!r}: the snapshot directory "
+                "is another "
+                "run's. Resume with this run's snapshot directory."
+            )
 
     # ------------------------------------------------------------------ plot
     def plot_history(self, path: str | os.PathLike[str]) -> Path:

@@ -54,7 +54,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_sketch._safeio import DirLock, sweep_temp_files, write_checked_json
+from lightning_sketch._safeio import (
+    DirLock,
+    load_checked_json,
+    new_run_id,
+    sweep_temp_files,
+    write_checked_json,
+)
 from lightning_sketch.callbacks._intrinsic_support import (
     _check_init_args,
     _check_omega_in_optimizer,
@@ -64,7 +70,12 @@ from lightning_sketch.callbacks._intrinsic_support import (
     measure_reference_score,
 )
 from lightning_sketch.callbacks._search_options import SearchCriteria, merge_flat_criteria
-from lightning_sketch.exceptions import StoreConflictError, SubspaceError
+from lightning_sketch.exceptions import (
+    LightningSketchError,
+    RunMismatchError,
+    StoreConflictError,
+    SubspaceError,
+)
 from lightning_sketch.intrinsic import Action, DoublingSearch, Subspace
 from lightning_sketch.plots import plot_search
 from lightning_sketch.sketches import sketch_class
@@ -155,6 +166,8 @@ class IntrinsicDimension(Callback):
         self._subspace: Subspace | None = None
         self._lock: DirLock | None = None
         self._seen: str | None = None
+        #: the id recorded in the state file (kept from an existing file, else new); rank 0 only
+        self._run_id: str | None = None
 
     # ----------------------------------------------------------------- identity
     @property
@@ -245,6 +258,7 @@ class IntrinsicDimension(Callback):
             )
             self._seen = _disk_sha(Path(self.dirpath) / _STATE)
             sweep_temp_files(self.dirpath, targets=[_STATE])  # left by a killed run; the lock is ours now
+            self._run_id = _state_run_id(Path(self.dirpath) / _STATE) or new_run_id()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -362,6 +376,7 @@ class IntrinsicDimension(Callback):
             "spec": sub.spec if sub is not None else None,
             "projection_state_bytes": sub.sketch.state_bytes if sub is not None else None,
             "history": self.history,
+            "run_id": self._run_id,
         }
 
     def _write(self, trainer: Trainer) -> None:
@@ -397,10 +412,21 @@ class IntrinsicDimension(Callback):
             "reached": self.reached,
             "last_round_step": self._last_round_step,
             "spec": self._subspace.spec if self._subspace is not None else None,
+            "run_id": self._run_id,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        recorded = state_dict.get("run_id")
+        if recorded is not None and self._run_id is not None and recorded != self._run_id and \
+                self._seen is not None:
+            raise RunMismatchError(
+                f"{str(Path(str(self.dirpath)) / _STATE)!r} belongs to run {self._run_id!r}, but the resume "
+                f"checkpoint was saved with run {recorded!r}: the intrinsic-dimension directory is another "
+                "run's. Resume with this run's directory."
+            )
+        if recorded is not None:
+            self._run_id = recorded
         if state_dict.get("search") is not None and self.mode == "search":
             self.search = DoublingSearch.from_state_dict(state_dict["search"])
         self.history = [dict(h) for h in state_dict.get("history", [])]
@@ -409,3 +435,13 @@ class IntrinsicDimension(Callback):
         self._last_round_step = int(state_dict.get("last_round_step", 0))
         if self._subspace is not None:
             self._subspace.set_active(self.active)
+
+
+def _state_run_id(path: Path) -> str | None:
+    """The ``run_id`` of the state file at ``path`` (None when absent, unreadable or without one)."""
+    try:
+        data = load_checked_json(path, what="intrinsic-dimension state")
+    except LightningSketchError:
+        return None
+    value = data.get("run_id")
+    return value if isinstance(value, str) else None

@@ -21,7 +21,9 @@ Layout of a snapshot directory (written by :class:`~lightning_sketch.callbacks.H
 
 Integrity: the index is self-checksummed and records each snapshot's size and sha256, so a
 flipped byte, a truncated file or a snapshot swapped in from another step or run is refused
-with :class:`~lightning_sketch.exceptions.StoreCorruptError` naming the file. Every file is
+with :class:`~lightning_sketch.exceptions.StoreCorruptError` naming the file. The index and every
+snapshot's ``meta`` record the ``run_id`` made when the index was first written (kept on resume); a
+snapshot whose run id differs from its index's is refused (``RunMismatchError``). Every file is
 written through a fresh ``O_EXCL`` temporary file and ``os.replace`` (never through a planted
 symlink; disk full leaves no debris), and one :class:`SnapshotWriter` per directory holds an
 exclusive lock and checks the index generation before each publish, so two runs into one
@@ -46,6 +48,7 @@ from torch import Tensor
 from lightning_sketch import _safeio as sio
 from lightning_sketch.exceptions import (
     LightningSketchError,
+    RunMismatchError,
     StoreConflictError,
     StoreCorruptError,
     StoreFormatError,
@@ -56,6 +59,7 @@ from lightning_sketch.exceptions import (
 __all__ = [
     "FORMAT",
     "SnapshotWriter",
+    "index_run",
     "load_index",
     "load_snapshot",
     "save_snapshot",
@@ -95,9 +99,25 @@ def _entry_ok(e: Any) -> bool:
 
 def _read_index(root: Path) -> tuple[int, list[dict[str, Any]]]:
     """``(generation, entries)`` of ``root/index.json`` (``(0, [])`` if absent), verified."""
+    gen, entries, _ = _read_index_run(root)
+    return gen, entries
+
+
+def index_run(dirpath: str | os.PathLike[str]) -> tuple[int, str | None]:
+    """``(generation, run_id)`` of ``dirpath/index.json`` (``(0, None)`` if there is none), verified.
+
+    Raises:
+        StoreCorruptError / StoreFormatError / UnsafeFileError: see :func:`load_index`.
+    """
+    gen, _, run_id = _read_index_run(Path(dirpath))
+    return gen, run_id
+
+
+def _read_index_run(root: Path) -> tuple[int, list[dict[str, Any]], str | None]:
+    """``(generation, entries, run_id)`` of ``root/index.json`` (``(0, [], None)`` if absent), verified."""
     path = root / INDEX
     if not os.path.lexists(path):
-        return 0, []
+        return 0, [], None
     data = sio.read_json(sio.confined(root, INDEX, what="spectrum index"), what="spectrum index")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         fmt = data.get("format") if isinstance(data, dict) else None
@@ -115,7 +135,8 @@ def _read_index(root: Path) -> tuple[int, list[dict[str, Any]]]:
             f"Spectrum index {path} has malformed snapshot entries (step, file, bytes, sha256); it was "
             "edited. Restore it from the run that wrote it."
         )
-    return gen, sorted(entries, key=lambda e: e["step"])
+    run_id = sio.check_run_id(body.get(sio.RUN_ID_KEY), path=path, what="spectrum index")
+    return gen, sorted(entries, key=lambda e: e["step"]), run_id
 
 
 def load_index(dirpath: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -157,11 +178,18 @@ class SnapshotWriter:
             raise StoreWriteError(f"Cannot create the spectrum directory {str(self.root)!r}: {err}.") from err
         self._lock: sio.DirLock | None = sio.DirLock(self.root, what="spectrum snapshot directory")
         try:
-            self._generation, _ = _read_index(self.root)
+            self._generation, _, run_id = _read_index_run(self.root)
             sio.sweep_temp_files(self.root)  # left by a killed writer; this one holds the lock now
         except LightningSketchError:
             self.close()
             raise
+        #: the id recorded in the index and in every snapshot: kept from an existing index, else new.
+        self.run_id: str = run_id or sio.new_run_id()
+
+    @property
+    def generation(self) -> int:
+        """The generation of the index this writer last read or wrote."""
+        return self._generation
 
     def write(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> Path:
         """Write one snapshot file and add (or replace) its entry in ``index.json``.
@@ -175,7 +203,7 @@ class SnapshotWriter:
         """
         gen, entries = self._check()
         name = snapshot_name(step)
-        meta = {**meta, "step": int(step), "format": FORMAT}
+        meta = {**meta, "step": int(step), "format": FORMAT, sio.RUN_ID_KEY: self.run_id}
         payload = {k: _np(v) for k, v in arrays.items()}
         if "eigenvectors" in payload:
             payload["eigenvectors"] = payload["eigenvectors"].astype(np.float32)
@@ -189,7 +217,7 @@ class SnapshotWriter:
         entries.append({"step": int(step), "file": name, "bytes": size, "sha256": sha,
                         "scalars": _finite(meta.get("scalars", {}))})
         entries.sort(key=lambda e: e["step"])
-        doc = {"format": FORMAT, "generation": gen + 1, "snapshots": entries}
+        doc = {"format": FORMAT, "generation": gen + 1, "snapshots": entries, sio.RUN_ID_KEY: self.run_id}
         sio.atomic_write(self.root / INDEX, [sio.dump_checked_json(doc)], what="spectrum index",
                          before_replace=self._check)
         self._generation = gen + 1
@@ -285,7 +313,7 @@ def load_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     root = p.parent
     real = sio.confined(root, p.name, what="spectrum snapshot")
-    _, entries = _read_index(root)
+    _, entries, run_id = _read_index_run(root)
     entry = next((e for e in entries if e["file"] == p.name), None)
     if entries and entry is None:
         raise StoreCorruptError(
@@ -308,6 +336,13 @@ def load_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"Spectrum snapshot {p} is unreadable ({err}); delete it and its index entry."
         ) from err
     _check_snapshot(p, out, meta, entry)
+    if entry is not None and meta.get(sio.RUN_ID_KEY) != run_id:
+        raise RunMismatchError(
+            f"Spectrum snapshot {p} was written by run {meta.get(sio.RUN_ID_KEY)!r}, but "
+            f"{root / INDEX} belongs "
+            f"to run {run_id!r}: the index or the snapshot was swapped in from another run. Restore the "
+            "directory from one run."
+        )
     out["meta"] = meta
     return out
 

@@ -6,7 +6,9 @@ current snapshot (``generation``), the sketch ``spec``, the parameter ``layout``
 learning rate η_t, weight, rows, skipped counts), every segment (vectors file and ids file with
 row count, byte size and sha256), every persisted FAISS index (kind, params, file, sha256), the
 saved weights and the curvature files of the slices (``curvature``: per slice, the ``matrix`` and
-``sidecar`` files in the run directory with size and sha256).
+``sidecar`` files in the run directory with size and sha256) and the ``run_id`` made when the store
+was created (every generation keeps it; a checkpoint and a query result record it with the generation
+they saw, so a store of another run or an older copy of this one is refused).
 Files not named in the manifest (an interrupted commit's leftovers) are invisible to readers.
 
 Format version 1 is the only one this library reads or writes.
@@ -86,9 +88,10 @@ def new_manifest(
     nan_policy: str,
     library_version: str,
 ) -> dict[str, Any]:
-    """A fresh, empty manifest (generation 0)."""
+    """A fresh, empty manifest (generation 0) with a new ``run_id``, kept by every later generation."""
     return {
         "format": FORMAT_NAME,
+        "run_id": sio.new_run_id(),
         "format_version": FORMAT_VERSION,
         "library_version": library_version,
         "generation": 0,
@@ -281,6 +284,7 @@ def load_manifest(directory: str | Path, *, strict: bool = True) -> dict[str, An
         data.get("layout_fingerprint") is None or isinstance(data["layout_fingerprint"], str)
     ) or not (data.get("layout") is None or isinstance(data["layout"], dict)):
         raise _bad(path, "field 'generation', 'sketch_dim' or 'layout' is out of range")
+    sio.check_run_id(data.get("run_id"), path=path, what="store manifest")
     _validate(data, path)
     if strict:
         _consistent(data, path)

@@ -33,6 +33,11 @@ class SnapshotMixin(StoreState):
         return self._manifest["generation"]
 
     @property
+    def run_id(self) -> str | None:
+        """The id made when the store was created (32 hex digits; None for a store written without one)."""
+        return self._manifest.get("run_id")
+
+    @property
     def spec(self) -> dict[str, Any] | None:
         """The sketch spec the rows were written with (``make(**spec)`` rebuilds it)."""
         return copy.deepcopy(self._manifest["spec"])

@@ -39,6 +39,8 @@ def test_query_json_matches_in_process_attributor(tiny_run):
     result = json.loads((tiny_run["root"] / "query.json").read_text())
     assert result["method"] == "trak" and result["k"] == 4  # the default: the run holds the margin kernel
     assert [q["query"] for q in result["queries"]] == [0, 3, 5]
+    manifest = json.loads((tiny_run["root"] / "sketch" / "store" / "manifest.json").read_text())
+    assert result["stores"] == [{"run_id": manifest["run_id"], "generation": manifest["generation"]}]
     model = DigitsClassifier(hidden=32)
     model.load_state_dict(torch.load(tiny_run["ckpt"], map_location="cpu", weights_only=False)["state_dict"])
     model.eval()

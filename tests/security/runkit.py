@@ -55,8 +55,15 @@ def data(n: int, seed: int) -> dict:
     return {"x": torch.randn(n, 4, generator=g), "y": torch.arange(n) % 2, "index": torch.arange(n)}
 
 
-def build(root: Path) -> Path:
-    """Write the run directory under ``root/run`` (deterministic) and return its path."""
+def build(root: Path, variant: int = 0) -> Path:
+    """Write the run directory under ``root/run`` (deterministic) and return its path.
+
+    Beside it, ``root/older`` keeps the copies of the files that a later publish of this run
+    replaced (store manifest, spectrum index, intrinsic state, query result: each at an earlier
+    generation), and ``root/checkpoint_state.json`` what a Lightning checkpoint saved at the end of
+    the run records (the run ids and generations of the store and the spectrum index).
+    ``variant`` > 0 builds another run (other weights, rows and spectra).
+    """
     from lightning_sketch.gradients import ParamLayout, sketch_gradients
     from lightning_sketch.sketches import make
     from lightning_sketch.spectrum.snapshot import save_snapshot
@@ -68,33 +75,57 @@ def build(root: Path) -> Path:
     sketch = make("dense", layout.dim, D, seed=0)
     store = SketchStore.create(run / "store", sketch, layout=layout)
     train = data(12, 1)
+    older = root / "older"
     for step, lr in ((1, 0.5), (2, 0.25)):
         with torch.no_grad():
             for p in net.parameters():
-                p.mul_(0.9)
+                p.mul_(0.9 - 0.1 * variant)
         name = f"step-{step}"
         store.add_checkpoint(name, step=step, lr=lr)
         rows = sketch_gradients(net, lambda m, b: m.per_example_loss(b), train, sketch, layout=layout)
         store.append(train["index"], rows, checkpoint=name)
         store.save_weights(name, layout.params(net), run / "weights", layout_fingerprint=layout.fingerprint())
         store.commit()
+        if step == 1:
+            (older / "store").mkdir(parents=True)
+            shutil.copy(run / "store" / "manifest.json", older / "store" / "manifest.json")
     store.build_index("flat", checkpoint="step-2")
     store.mark_resume_point()
     store.close()
     for step in (0, 5):
+        top = 3.0 + step + variant
         save_snapshot(run / "spectrum", step, {
-            "eigenvalues": torch.tensor([3.0 + step, 1.0], dtype=torch.float64),
+            "eigenvalues": torch.tensor([top, 1.0], dtype=torch.float64),
             "residuals": torch.tensor([1e-9, 1e-3], dtype=torch.float64), "converged": torch.tensor([True, False]),
-            "eigenvectors": torch.eye(2, D)}, {"sketch_spec": sketch.spec, "scalars": {"lambda_max": 3.0 + step}})
+            "eigenvectors": torch.eye(2, D)}, {"sketch_spec": sketch.spec, "scalars": {"lambda_max": top}})
+        if step == 0:
+            (older / "spectrum").mkdir()
+            shutil.copy(run / "spectrum" / "index.json", older / "spectrum" / "index.json")
+    intrinsic_id = sio.new_run_id()
+    sio.write_checked_json(older / "intrinsic_dimension.json", {
+        "mode": "search", "status": "running", "d_star": None, "target": 0.9, "run_id": intrinsic_id,
+        "history": [{"round": 1, "step": 5, "d": 16 * (1 + variant), "metric": 0.6, "action": "double"}]})
     sio.write_checked_json(run / "intrinsic_dimension.json", {
-        "mode": "search", "status": "done", "d_star": 32, "target": 0.9, "history": [
-            {"round": 1, "step": 5, "d": 16, "metric": 0.6, "action": "double"},
-            {"round": 2, "step": 9, "d": 32, "metric": 0.93, "action": "done"}]})
-    sio.write_checked_json(run / "query.json", {
-        "format": "lightning_sketch.query/v1", "method": "tracin", "split": "test", "store": "s", "ckpt": "c", "k": 2,
-        "queries": [{"query": 0, "label": 1, "prediction": 1,
-                     "proponents": [{"id": 3, "score": 0.5, "label": 1}, {"id": 5, "score": 0.25, "label": 1}],
-                     "opponents": [{"id": 4, "score": -0.5, "label": 0}, {"id": 2, "score": -0.125, "label": 0}]}]})
+        "mode": "search", "status": "done", "d_star": 32 * (1 + variant), "target": 0.9,
+        "run_id": intrinsic_id,
+        "history": [{"round": 1, "step": 5, "d": 16 * (1 + variant), "metric": 0.6, "action": "double"},
+                    {"round": 2, "step": 9, "d": 32 * (1 + variant), "metric": 0.93, "action": "done"}]})
+    manifest = SketchStore.open(run / "store").manifest
+    for where, gen, score in ((older, manifest["generation"] - 1, 0.375), (run, manifest["generation"], 0.5)):
+        sio.write_checked_json(where / "query.json", {
+            "format": "lightning_sketch.query/v1", "method": "tracin", "split": "test", "store": "s",
+            "ckpt": "c", "k": 2, "stores": [{"run_id": manifest["run_id"], "generation": gen}],
+            "queries": [{"query": 0, "label": 1, "prediction": 1,
+                         "proponents": [{"id": 3, "score": score + variant, "label": 1},
+                                        {"id": 5, "score": 0.25, "label": 1}],
+                         "opponents": [{"id": 4, "score": -0.5, "label": 0},
+                                       {"id": 2, "score": -0.125, "label": 0}]}]})
+    from lightning_sketch.spectrum.snapshot import index_run
+
+    gen, run_id = index_run(run / "spectrum")
+    sio.write_checked_json(root / "checkpoint_state.json", {
+        "store": {"run_id": manifest["run_id"], "generation": manifest["generation"]},
+        "spectrum": {"run_id": run_id, "generation": gen}, "intrinsic": {"run_id": intrinsic_id}})
     return run
 
 
@@ -160,6 +191,28 @@ def _resume_spectrum(run: Path) -> Any:
         writer.close()
 
 
+def _checkpoint_resume(run: Path) -> Any:
+    """What a resume from the run's last checkpoint (or ``query --ckpt``) checks before using the
+    directory: the store and the spectrum index are of the run and generation the checkpoint recorded."""
+    from lightning_sketch.exceptions import RunMismatchError
+    from lightning_sketch.spectrum.snapshot import index_run
+    from lightning_sketch.store import SketchStore
+    from lightning_sketch.store.provenance import check_store_state
+
+    state = sio.load_checked_json(run.parent / "checkpoint_state.json", what="checkpoint state")
+    store = SketchStore.open(run / "store")
+    recorded = state["store"]
+    check_store_state(store.manifest, run_id=recorded["run_id"], generation=recorded["generation"],
+                      store=run / "store", source="the checkpoint")
+    gen, run_id = index_run(run / "spectrum")
+    if gen < state["spectrum"]["generation"] or run_id != state["spectrum"]["run_id"]:
+        raise RunMismatchError("spectrum index of another run or an older generation")
+    intrinsic = sio.load_checked_json(run / "intrinsic_dimension.json", what="intrinsic-dimension state")
+    if intrinsic.get("run_id") != state["intrinsic"]["run_id"]:
+        raise RunMismatchError("intrinsic-dimension state of another run")
+    return store.generation, store.num_rows, gen
+
+
 def _report_section(section: Callable[[Path], list]) -> Callable[[Path], Any]:
     def read(run: Path) -> Any:
         blocks = section(run)
@@ -199,6 +252,42 @@ KINDS: dict[str, tuple[str, list[Callable[[Path], Any]]]] = {
     "intrinsic-dimension state": ("intrinsic_dimension.json", [_intrinsic]),
     "query result": ("query.json", [_query]),
 }
+
+
+#: file kind -> readers for the swap sweeps: every reader of the kind, plus the checkpoint's check where
+#: the kind is part of what a checkpoint records (store, spectrum and intrinsic-dimension files).
+SWAP_READERS: dict[str, list[Callable[[Path], Any]]] = {
+    kind: readers + ([_checkpoint_resume] if pattern.startswith(("store/", "weights/", "spectrum/", "intr"))
+                     else [])
+    for kind, (pattern, readers) in KINDS.items()
+}
+
+
+def swap_sweep(run: Path, kind: str, refs: list[Any], source: Path) -> dict[str, Any] | None:
+    """Replace the files of ``kind`` by their intact copies under ``source`` (another run's directory,
+    or the older copies kept by :func:`build`), matched by sorted order, and classify each reader of
+    :data:`SWAP_READERS` (``refs``: their answers on the intact run). ``None`` when ``source`` holds no
+    file of that kind (immutable files such as segments have no older version)."""
+    pattern, _ = KINDS[kind]
+    files, copies = sorted(run.glob(pattern)), sorted(source.glob(pattern))
+    if not copies:
+        return None
+    originals = {f: f.read_bytes() for f in files}
+    out: dict[str, Any] = {"tried": 0, "same": 0, "typed": 0, "silent": [], "untyped": []}
+    try:
+        for f, c in zip(files, copies):
+            f.write_bytes(c.read_bytes())
+        for reader, ref in zip(SWAP_READERS[kind], refs):
+            outcome, detail = classify(reader, run, ref)
+            out["tried"] += 1
+            if outcome in ("same", "typed"):
+                out[outcome] += 1
+            else:
+                out[outcome].append(f"{kind} from {source.name} {reader.__name__}: {detail}")
+    finally:
+        for f, data in originals.items():
+            f.write_bytes(data)
+    return out
 
 
 def same(a: Any, b: Any) -> bool:
