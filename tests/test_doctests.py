@@ -67,6 +67,7 @@ DOCTEST_MODULES = [
     "lightning_sketch.store.index",
     "lightning_sketch.store.inspect",
     "lightning_sketch.store.manifest",
+    "lightning_sketch.store.rows",
     "lightning_sketch.store.store",
     "lightning_sketch.store.views",
     "lightning_sketch.testing",

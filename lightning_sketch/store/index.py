@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "build_index",
     "default_params",
     "exact_topk",
+    "flat_topk",
     "rerank",
     "search_index",
     "to_device",
@@ -265,6 +267,16 @@ def rerank(
     return out_s, out_i
 
 
+def _as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """``a`` as a ``dtype`` tensor: a zero-copy view of a C-contiguous array of that dtype (read
+    here only, so a read-only memory map is fine), else a converted copy."""
+    if a.flags.c_contiguous and a.dtype == torch.empty(0, dtype=dtype).numpy().dtype:
+        with warnings.catch_warnings():  # torch warns that a read-only array is not writable
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(a)
+    return torch.tensor(a, dtype=dtype)
+
+
 #: largest query-chunk × row-block score matrix :func:`exact_topk` holds (elements).
 _SCORE_ELEMS = 1 << 24
 
@@ -273,6 +285,38 @@ BLOCK_BYTES = 1 << 24
 
 #: rows per ``add`` call when a flat or IVF index is built from a row source.
 _ADD_ROWS = 65_536
+
+
+def flat_topk(queries: Any, vectors: Any, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner products over rows read in blocks: the flat index without a copy of the rows.
+
+    Each block of :data:`BLOCK_BYTES` of rows is searched with ``faiss.knn`` (the kernel of
+    ``IndexFlatIP``; a C-contiguous float32 block, such as a range of a float32 memory map, is not
+    copied) and merged into the running top k; equal scores keep storage order.
+
+    Args:
+        queries: ``[Q, D]``.
+        vectors: ``[n, D]`` rows (array, memory map or row source).
+        ids: ``[n]`` int64 ids of the rows.
+        k: results per query (``1 <= k <= n``).
+
+    Returns:
+        ``(scores [Q, k] float32, ids [Q, k] int64)`` sorted by decreasing score.
+    """
+    q = _f32(queries)
+    ids = np.asarray(ids, dtype=np.int64)
+    n = len(ids)
+    chunk = max(1, BLOCK_BYTES // (4 * max(1, int(vectors.shape[1]))))
+    best_s = np.zeros((q.shape[0], 0), np.float32)
+    best_i = np.zeros((q.shape[0], 0), np.int64)
+    for start in range(0, n, chunk):
+        block = _f32(vectors[start : start + chunk])
+        s, pos = faiss.knn(q, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        s = np.concatenate([best_s, s], axis=1)
+        i = np.concatenate([best_i, ids[start + pos]], axis=1)
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    return best_s, best_i
 
 
 def exact_topk(
@@ -316,14 +360,13 @@ def exact_topk(
             for p in parts]
     for start in range(0, n, chunk):
         part = vectors[start : start + chunk]  # one block of rows: a row source copies only these
-        block = (
-            part.to(dtype) if isinstance(part, torch.Tensor) else torch.tensor(np.asarray(part), dtype=dtype)
-        )
+        block = part.to(dtype) if isinstance(part, torch.Tensor) else _as_tensor(np.asarray(part), dtype)
         block_ids = ids_t[start : start + chunk]
         for j, p in enumerate(parts):
-            best_s, best_i = best[j]
-            s = torch.cat([best_s, q[p] @ block.T], dim=1)
-            i = torch.cat([best_i, block_ids.expand(p.stop - p.start, -1)], dim=1)
+            top_s, top_pos = torch.topk(torch.mm(block, q[p].T), min(k, block.shape[0]), dim=0)
+            top_s, top_pos = top_s.T, top_pos.T  # [Q_chunk, k]: the block's own top k
+            s = torch.cat([best[j][0], top_s], dim=1)
+            i = torch.cat([best[j][1], block_ids[top_pos]], dim=1)
             best_s, pos = torch.topk(s, min(k, s.shape[1]), dim=1)
             best[j] = (best_s, torch.gather(i, 1, pos))
     if not parts:  # no queries

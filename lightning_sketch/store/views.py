@@ -253,8 +253,9 @@ class StoreViews(SnapshotMixin):
 
         Uses the persisted index of this kind (see :meth:`build_index`) when it is current, else builds
         one in memory with default parameters (cached on this object). A ``"flat"`` search on the CPU
-        without such an index streams the stored rows in blocks instead (exact float32 inner
-        products, as FAISS's flat index computes them), holding no second copy of the rows.
+        without such an index searches the stored rows block by block instead
+        (:func:`~lightning_sketch.store.index.flat_topk`: FAISS's flat kernel), holding no second
+        copy of the rows.
 
         Args:
             queries: ``[Q, D]`` (``[Q, T·D]`` for ``"tracin"``, see :meth:`concat_queries`).
@@ -276,7 +277,7 @@ class StoreViews(SnapshotMixin):
         view = self._view_name(checkpoint)
         q, k, (ids, vecs, order) = self._prepare(queries, k, view, weights)
         if index == "flat" and device == "cpu" and not self._has_index(view, index, weights, device):
-            return ix.exact_topk(q, vecs, ids, k, dtype=torch.float32)  # the rows are the flat index
+            return ix.flat_topk(q, vecs, ids, k)  # the stored rows serve as the flat index
         idx = self._index(view, index, weights, device)
         knobs = {"nprobe": nprobe, "ef_search": ef_search}
         if any(v is not None for v in knobs.values()):
