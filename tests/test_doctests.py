@@ -69,6 +69,7 @@ DOCTEST_MODULES = [
     "lightning_sketch.store.inspect",
     "lightning_sketch.store.manifest",
     "lightning_sketch.store.provenance",
+    "lightning_sketch.store.rows",
     "lightning_sketch.store.store",
     "lightning_sketch.store.views",
     "lightning_sketch.testing",

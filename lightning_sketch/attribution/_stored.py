@@ -78,14 +78,21 @@ class Run:
     def iter_blocks(self, name: str, block: int | None = None) -> Iterator[tuple[slice, Tensor]]:
         """``(row slice, rows [b, D] float64)`` blocks of one slice, in storage order.
 
-        A single-segment slice is a read-only memory map, so only one block is copied at a time.
+        The store's row source is read block by block (a memory map, or the memory maps of the
+        slice's segments, never joined), so only one block is copied at a time.
         """
         block = BLOCK_ROWS if block is None else block
-        vecs = self.store.vectors(name)
+        vecs = _rows_of(self.store, name)
         n = vecs.shape[0]
         for s in range(0, n, block):
             e = min(n, s + block)
             yield slice(s, e), torch.from_numpy(np.asarray(vecs[s:e], dtype=np.float64))
+
+
+def _rows_of(store: Any, name: str) -> Any:
+    """The slice's rows ``[n, D]``: the store's row source (:meth:`SketchStore.rows`), else ``vectors``."""
+    rows = getattr(store, "rows", None)
+    return rows(name) if callable(rows) else store.vectors(name)
 
 
 def open_run(store: Any) -> Run:
@@ -345,7 +352,7 @@ def _verify_slice(run: Run, name: str, model: nn.Module, sketch: Any, layout: An
         return
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     sub = pytree.tree_map(lambda v: v[keep].to(device) if isinstance(v, Tensor) else v, batch)
-    rows = np.asarray(run.store.vectors(name)[[pos[int(ids[j])] for j in keep]], dtype=np.float64)
+    rows = np.asarray(_rows_of(run.store, name)[[pos[int(ids[j])] for j in keep]], dtype=np.float64)
     stored = torch.from_numpy(rows)
     saved = load_weights(run, name, layout)
     with swapped_weights(model, saved), eval_mode(model), torch.enable_grad():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "build_index",
     "default_params",
     "exact_topk",
+    "flat_topk",
     "rerank",
     "search_index",
     "to_device",
@@ -119,13 +121,16 @@ def _stages(kind: str, n: int, show: bool) -> Iterator[Callable[[str], None]]:
 
 
 def build_index(
-    kind: str, vectors: np.ndarray, ids: np.ndarray, params: dict[str, Any], progress: bool | None = None
+    kind: str, vectors: Any, ids: np.ndarray, params: dict[str, Any], progress: bool | None = None
 ) -> faiss.Index:
     """Build a FAISS inner-product index of ``kind`` over ``vectors`` [n, D] with external ``ids`` [n].
 
+    Flat and IVF indexes add the rows in blocks (the index holds the one float32 copy); HNSW adds
+    them in one call (a float32 copy beside the index while it is built).
+
     Args:
         kind: one of :data:`INDEX_KINDS`.
-        vectors: ``[n, D]`` array (any float dtype; copied to C-contiguous float32).
+        vectors: ``[n, D]`` array or row source (:mod:`lightning_sketch.store.rows`), any float dtype.
         ids: ``[n]`` int64 example ids.
         params: from :func:`default_params`.
         progress: show a progress display; ``None`` shows it for ``n >= PROGRESS_MIN_ROWS``.
@@ -133,9 +138,10 @@ def build_index(
     Raises:
         SketchInputError: too few rows to train the requested IVF/PQ index.
     """
-    x = _f32(vectors)
+    if not hasattr(vectors, "shape"):
+        vectors = _f32(vectors)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    n, d = x.shape
+    n, d = int(vectors.shape[0]), int(vectors.shape[1])
     if kind == "flat":
         index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     elif kind == "hnsw":
@@ -159,12 +165,17 @@ def build_index(
         index.cp.seed = int(params.get("seed", 0))
         rng = np.random.default_rng(int(params.get("seed", 0)))
         take = min(n, int(params["max_train"]))
-        sample = x if take == n else x[np.sort(rng.choice(n, size=take, replace=False))]
+        sample = vectors[0:n] if take == n else vectors[np.sort(rng.choice(n, size=take, replace=False))]
     with _stages(kind, n, n >= PROGRESS_MIN_ROWS if progress is None else progress) as done:
         if kind in ("ivf", "ivfpq"):
-            index.train(np.ascontiguousarray(sample))
+            index.train(_f32(sample))
+            del sample
             done("training")
-        index.add_with_ids(x, ids)
+        if kind == "hnsw":
+            index.add_with_ids(_f32(vectors[0:n]), ids)
+        else:
+            for s in range(0, n, _ADD_ROWS):
+                index.add_with_ids(_f32(vectors[s : s + _ADD_ROWS]), ids[s : s + _ADD_ROWS])
         done("adding")
     set_search_params(index, kind, params)
     return index
@@ -256,19 +267,73 @@ def rerank(
     return out_s, out_i
 
 
+def _as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """``a`` as a ``dtype`` tensor: a zero-copy view of a C-contiguous array of that dtype (read
+    here only, so a read-only memory map is fine), else a converted copy."""
+    if a.flags.c_contiguous and a.dtype == torch.empty(0, dtype=dtype).numpy().dtype:
+        with warnings.catch_warnings():  # torch warns that a read-only array is not writable
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(a)
+    return torch.tensor(a, dtype=dtype)
+
+
+#: largest query-chunk × row-block score matrix :func:`exact_topk` holds (elements).
+_SCORE_ELEMS = 1 << 24
+
+#: bytes of float32 rows per block that :func:`exact_topk` reads at a time (16,384 rows at D = 256).
+BLOCK_BYTES = 1 << 24
+
+#: rows per ``add`` call when a flat or IVF index is built from a row source.
+_ADD_ROWS = 65_536
+
+
+def flat_topk(queries: Any, vectors: Any, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner products over rows read in blocks: the flat index without a copy of the rows.
+
+    Each block of :data:`BLOCK_BYTES` of rows is searched with ``faiss.knn`` (the kernel of
+    ``IndexFlatIP``; a C-contiguous float32 block, such as a range of a float32 memory map, is not
+    copied) and merged into the running top k; equal scores keep storage order.
+
+    Args:
+        queries: ``[Q, D]``.
+        vectors: ``[n, D]`` rows (array, memory map or row source).
+        ids: ``[n]`` int64 ids of the rows.
+        k: results per query (``1 <= k <= n``).
+
+    Returns:
+        ``(scores [Q, k] float32, ids [Q, k] int64)`` sorted by decreasing score.
+    """
+    q = _f32(queries)
+    ids = np.asarray(ids, dtype=np.int64)
+    n = len(ids)
+    chunk = max(1, BLOCK_BYTES // (4 * max(1, int(vectors.shape[1]))))
+    best_s = np.zeros((q.shape[0], 0), np.float32)
+    best_i = np.zeros((q.shape[0], 0), np.int64)
+    for start in range(0, n, chunk):
+        block = _f32(vectors[start : start + chunk])
+        s, pos = faiss.knn(q, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        s = np.concatenate([best_s, s], axis=1)
+        i = np.concatenate([best_i, ids[start + pos]], axis=1)
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    return best_s, best_i
+
+
 def exact_topk(
     queries: Any,
     vectors: Any,
     ids: np.ndarray,
     k: int,
     dtype: torch.dtype = torch.float64,
-    chunk: int = 65_536,
+    chunk: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-k inner products with :func:`torch.topk`: the exact reference search.
 
     Args:
         queries: ``[Q, D]``.
-        vectors: ``[n, D]`` stored vectors (numpy, memmap or tensor), scanned in ``chunk`` rows.
+        vectors: ``[n, D]`` stored vectors (numpy, memmap, row source or tensor), read in blocks of
+            ``chunk`` rows (default: :data:`BLOCK_BYTES` of float32); queries are scored in chunks
+            so that a score block holds at most 2^24 entries.
         ids: ``[n]`` int64 ids of the rows.
         k: results per query (``k <= n``).
         dtype: accumulation dtype (float64 by default, the exact reference).
@@ -286,15 +351,25 @@ def exact_topk(
         queries.detach().cpu() if isinstance(queries, torch.Tensor) else np.asarray(queries), dtype=dtype
     )
     ids_t = torch.from_numpy(np.array(ids, dtype=np.int64))
-    best_s = torch.full((q.shape[0], 0), float("-inf"), dtype=dtype)
-    best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64)
-    for start in range(0, len(ids_t), chunk):
-        part = vectors[start : start + chunk]
-        block = (
-            part.to(dtype) if isinstance(part, torch.Tensor) else torch.tensor(np.asarray(part), dtype=dtype)
-        )
-        s = torch.cat([best_s, q @ block.T], dim=1)
-        i = torch.cat([best_i, ids_t[start : start + chunk].expand(q.shape[0], -1)], dim=1)
-        best_s, pos = torch.topk(s, min(k, s.shape[1]), dim=1)
-        best_i = torch.gather(i, 1, pos)
-    return best_s.numpy(), best_i.numpy()
+    Q, n = q.shape[0], len(ids_t)
+    if chunk is None:
+        chunk = max(1, BLOCK_BYTES // (4 * max(1, int(vectors.shape[1]))))
+    qstep = max(1, _SCORE_ELEMS // chunk)  # query chunks bound the [Q_chunk, chunk] score block
+    parts = [slice(s, min(Q, s + qstep)) for s in range(0, Q, qstep)]
+    best = [(torch.zeros((p.stop - p.start, 0), dtype=dtype), ids_t[:0].expand(p.stop - p.start, 0))
+            for p in parts]
+    for start in range(0, n, chunk):
+        part = vectors[start : start + chunk]  # one block of rows: a row source copies only these
+        block = part.to(dtype) if isinstance(part, torch.Tensor) else _as_tensor(np.asarray(part), dtype)
+        block_ids = ids_t[start : start + chunk]
+        for j, p in enumerate(parts):
+            top_s, top_pos = torch.topk(torch.mm(block, q[p].T), min(k, block.shape[0]), dim=0)
+            top_s, top_pos = top_s.T, top_pos.T  # [Q_chunk, k]: the block's own top k
+            s = torch.cat([best[j][0], top_s], dim=1)
+            i = torch.cat([best[j][1], block_ids[top_pos]], dim=1)
+            best_s, pos = torch.topk(s, min(k, s.shape[1]), dim=1)
+            best[j] = (best_s, torch.gather(i, 1, pos))
+    if not parts:  # no queries
+        empty = torch.zeros((0, min(k, n)), dtype=dtype)
+        return empty.numpy(), empty.to(torch.int64).numpy()
+    return torch.cat([b[0] for b in best]).numpy(), torch.cat([b[1] for b in best]).numpy()

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -304,11 +305,30 @@ def read_generation(directory: Path) -> Any:
     return data.get("generation") if isinstance(data, dict) else None
 
 
-def check_file(directory: Path, entry: dict[str, Any], *, full: bool) -> None:
+#: a file whose content or inode changed less than this long before it was hashed is hashed again
+#: at every check: a later in-place write within the file system's timestamp granularity could
+#: leave its change time as it was.
+RACY_NS = 2_000_000_000
+
+#: files this process hashed and found matching: (real path, sha256) → (device, inode, size,
+#: mtime_ns, ctime_ns) as they were when hashed.
+_HASHED: dict[tuple[str, str], tuple[int, int, int, int, int]] = {}
+
+
+def _signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def check_file(directory: Path, entry: dict[str, Any], *, full: bool, cached: bool = True) -> None:
     """Check that a data file named by the manifest exists, has its size and (if ``full``) its sha256.
 
     ``entry`` has keys ``file``, ``bytes`` and ``sha256``. The file must resolve inside
     ``directory`` and be a regular file (never a device or FIFO, which could hang a reader).
+
+    A file is hashed once per process: with ``cached``, a file this process already found to match
+    the same sha256 is not hashed again while its device, inode, size, mtime and ctime are unchanged
+    and it had not changed for :data:`RACY_NS` before that hash (any write or replacement since
+    moves its ctime or inode). ``cached=False`` always hashes.
 
     Raises:
         StoreCorruptError: missing, truncated, grown or bit-flipped file (the message names it).
@@ -324,21 +344,29 @@ def check_file(directory: Path, entry: dict[str, Any], *, full: bool) -> None:
             f"Restore the file from a backup or rebuild the store."
         ) from err
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
     finally:
         os.close(fd)
-    if size != entry["bytes"]:
+    if st.st_size != entry["bytes"]:
         raise StoreCorruptError(
-            f"Store file {str(path)!r} has {size} bytes but the manifest records {entry['bytes']}: "
+            f"Store file {str(path)!r} has {st.st_size} bytes but the manifest records {entry['bytes']}: "
             f"it is truncated or was overwritten."
         )
-    if full:
-        digest, _ = file_sha256(real)
-        if digest != entry["sha256"]:
-            raise StoreCorruptError(
-                f"Store file {str(path)!r} fails its sha256 checksum (manifest {entry['sha256'][:12]}…, "
-                f"file {digest[:12]}…): its content is corrupted (bit flip or partial overwrite)."
-            )
+    if not full:
+        return
+    key, sig = (str(real), str(entry["sha256"])), _signature(st)
+    if cached and _HASHED.get(key) == sig:
+        return
+    _HASHED.pop(key, None)
+    started = time.time_ns()
+    digest, _ = file_sha256(real)
+    if digest != entry["sha256"]:
+        raise StoreCorruptError(
+            f"Store file {str(path)!r} fails its sha256 checksum (manifest {entry['sha256'][:12]}…, "
+            f"file {digest[:12]}…): its content is corrupted (bit flip or partial overwrite)."
+        )
+    if max(sig[3], sig[4]) < started - RACY_NS and _signature(os.stat(real)) == sig:
+        _HASHED[key] = sig
 
 
 def load_npy(

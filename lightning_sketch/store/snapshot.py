@@ -175,13 +175,14 @@ class SnapshotMixin(StoreState):
                 self._verified.add(entry["file"])
 
     def verify(self) -> None:
-        """Check every committed file's size and sha256 and the manifest's row counts.
+        """Check every committed file's size and sha256 (hashed now, whatever was hashed before) and
+        the manifest's row counts.
 
         Raises:
             StoreCorruptError: naming the first bad file or inconsistent count.
         """
         for entry in _file_entries(self._manifest):
-            mf.check_file(self.path, entry, full=True)
+            mf.check_file(self.path, entry, full=True, cached=False)
             self._verified.add(entry["file"])
         counted = copy.deepcopy(self._manifest)
         _recount(counted)

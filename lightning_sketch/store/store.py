@@ -170,7 +170,9 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMi
             mode: "r" (any number of readers, no lock) or "a" (the single writer; takes the lock).
             verify: "full" checks every file's sha256 now; "lazy" checks each file's sha256 the first
                 time it is read; "size" checks sizes only; "auto" = full up to 1 GiB, else lazy.
-                Sizes are always checked on open.
+                Sizes are always checked on open. A file is hashed once per process: one this
+                process already verified and that has not changed since (same inode, size, mtime
+                and ctime) is not hashed again (:func:`~lightning_sketch.store.manifest.check_file`).
 
         Raises:
             StoreNotFoundError: no store (or no manifest) at ``path``.

@@ -24,6 +24,7 @@ from lightning_sketch.store import index as ix
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import atomic_write
 from lightning_sketch.store._validate import as_rows
+from lightning_sketch.store.rows import GatheredConcat, RowSource, SegmentedRows
 from lightning_sketch.store.snapshot import SnapshotMixin
 
 __all__ = ["StoreViews", "tracin_scale"]
@@ -93,10 +94,13 @@ class StoreViews(SnapshotMixin):
         """Committed rows ``[n, D]`` of a checkpoint in the storage dtype, aligned with :meth:`ids`.
 
         A single-segment checkpoint is returned as a read-only memory map; several segments are
-        concatenated in memory. ``"tracin"`` gives :meth:`concat_vectors`. ``as_torch`` wraps the
-        result with :func:`torch.from_numpy` (a copy if the array is read-only).
+        concatenated in memory (a copy of the slice: :meth:`rows` reads them without one).
+        ``"tracin"`` gives :meth:`concat_vectors`. ``as_torch`` wraps the result with
+        :func:`torch.from_numpy` (a copy if the array is read-only).
         """
         vecs = self._view(self._view_name(checkpoint), weights)[1]
+        if not isinstance(vecs, np.ndarray):
+            vecs = np.asarray(vecs)
         if as_torch:
             return torch.from_numpy(np.array(vecs) if not vecs.flags.writeable else vecs)
         return vecs
@@ -112,7 +116,17 @@ class StoreViews(SnapshotMixin):
             SketchInputError: no checkpoints, or a checkpoint without the lr/weight asked for.
         """
         ids, vecs, _ = self._view("tracin", weights)
-        return ids, vecs
+        return ids, np.asarray(vecs)
+
+    def rows(self, checkpoint: str | None = None, weights: Weights = "sqrt_lr") -> RowSource:
+        """Committed rows ``[n, width]`` of a view, aligned with :meth:`ids`, without joining segments.
+
+        A read-only memory map (one segment), a :class:`~lightning_sketch.store.rows.SegmentedRows`
+        (several) or, for ``"tracin"``, a :class:`~lightning_sketch.store.rows.GatheredConcat`
+        (``[n, T·D]`` float32). ``rows[s:e]`` and ``rows[positions]`` return arrays that copy only
+        the rows asked for, so a pass in blocks holds one block beside the memory-mapped pages.
+        """
+        return self._view(self._view_name(checkpoint), weights)[1]
 
     def _scales(self, weights: Weights) -> list[float]:
         out = []
@@ -159,20 +173,26 @@ class StoreViews(SnapshotMixin):
             np.hstack([b * s for b, s in zip(blocks, self._scales(weights))]), np.float32
         )
 
-    def _view(self, view: str, weights: Weights = "sqrt_lr") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _view(self, view: str, weights: Weights = "sqrt_lr") -> tuple[np.ndarray, RowSource, np.ndarray]:
+        """``(ids [n] int64, rows [n, width] row source, argsort(ids))`` of a view, cached per generation.
+
+        The rows are never joined: one segment is its memory map, several a :class:`SegmentedRows`
+        over their memory maps, ``"tracin"`` a :class:`GatheredConcat` over the slices. Every segment
+        file of the view is checked (per ``verify``) here, before any row of it is returned.
+        """
         key = ("view", view, repr(weights) if view == "tracin" else None, self.generation)
         if key in self._cache:
             return self._cache[key]
+        vecs: RowSource
         if view == "tracin":
             if not self.checkpoints:
                 raise SketchInputError("The store has no committed checkpoints; append and commit first.")
             slices = [self._view(c) for c in self.checkpoints]
             common = reduce(np.intersect1d, [s[0] for s in slices])
-            blocks = [
-                np.asarray(v[_rows(i, o, common)], dtype=np.float32) * sc
-                for (i, v, o), sc in zip(slices, self._scales(weights))
-            ]
-            ids, vecs = common.astype(np.int64), np.ascontiguousarray(np.hstack(blocks), dtype=np.float32)
+            ids = common.astype(np.int64)
+            vecs = GatheredConcat(
+                [v for _, v, _ in slices], [_rows(i, o, common) for i, _, o in slices], self._scales(weights)
+            )
         else:
             segs = self._segments(view)
             id_parts = [self._load(s["ids"], s["rows"], None, "int64") for s in segs]
@@ -182,10 +202,7 @@ class StoreViews(SnapshotMixin):
                 if len(segs) == 1
                 else np.concatenate(id_parts or [np.zeros(0, np.int64)])
             )
-            if len(segs) == 1:
-                vecs = vec_parts[0]
-            else:
-                vecs = np.concatenate(vec_parts) if segs else np.zeros((0, self.sketch_dim), self.dtype)
+            vecs = vec_parts[0] if len(segs) == 1 else SegmentedRows(vec_parts, self.sketch_dim, self.dtype)
         out = (ids, vecs, np.argsort(ids, kind="stable"))
         self._cache[key] = out
         return out
@@ -235,7 +252,10 @@ class StoreViews(SnapshotMixin):
         """Top-k training examples by inner product with each query, through FAISS.
 
         Uses the persisted index of this kind (see :meth:`build_index`) when it is current, else builds
-        one in memory with default parameters (cached on this object).
+        one in memory with default parameters (cached on this object). A ``"flat"`` search on the CPU
+        without such an index searches the stored rows block by block instead
+        (:func:`~lightning_sketch.store.index.flat_topk`: FAISS's flat kernel), holding no second
+        copy of the rows.
 
         Args:
             queries: ``[Q, D]`` (``[Q, T·D]`` for ``"tracin"``, see :meth:`concat_queries`).
@@ -256,6 +276,8 @@ class StoreViews(SnapshotMixin):
         """
         view = self._view_name(checkpoint)
         q, k, (ids, vecs, order) = self._prepare(queries, k, view, weights)
+        if index == "flat" and device == "cpu" and not self._has_index(view, index, weights, device):
+            return ix.flat_topk(q, vecs, ids, k)  # the stored rows serve as the flat index
         idx = self._index(view, index, weights, device)
         knobs = {"nprobe": nprobe, "ef_search": ef_search}
         if any(v is not None for v in knobs.values()):
@@ -269,18 +291,35 @@ class StoreViews(SnapshotMixin):
         _, cand = ix.search_index(idx, q, kk)
         return ix.rerank(q, cand, lambda c: np.asarray(vecs[_rows(ids, order, c)], dtype=np.float32), k)
 
-    def _index(self, view: str, kind: str, weights: Weights, device: str) -> faiss.Index:
-        key = ("index", view, kind, repr(weights) if view == "tracin" else None, device, self.generation)
-        if key in self._cache:
-            return self._cache[key]
-        ids, vecs, _ = self._view(view, weights)
+    def _index_key(self, view: str, kind: str, weights: Weights, device: str) -> tuple:
+        return ("index", view, kind, repr(weights) if view == "tracin" else None, device, self.generation)
+
+    def _current_entry(self, view: str, kind: str, weights: Weights) -> dict[str, Any] | None:
+        """The persisted index of ``kind`` over ``view`` if it indexes the committed rows, else None."""
         entry = self._manifest["indexes"].get(f"{view}:{kind}")
         if (
             entry
-            and entry["rows"] == len(ids)
+            and entry["rows"] == len(self._view(view, weights)[0])
             and entry["data_generation"] == self._data_generation(view)
             and (view != "tracin" or entry.get("weights") == repr(weights))
         ):
+            return entry
+        return None
+
+    def _has_index(self, view: str, kind: str, weights: Weights, device: str) -> bool:
+        """Whether a FAISS index of ``kind`` is cached on this object or persisted and current."""
+        return (
+            self._index_key(view, kind, weights, device) in self._cache
+            or self._current_entry(view, kind, weights) is not None
+        )
+
+    def _index(self, view: str, kind: str, weights: Weights, device: str) -> faiss.Index:
+        key = self._index_key(view, kind, weights, device)
+        if key in self._cache:
+            return self._cache[key]
+        ids, vecs, _ = self._view(view, weights)
+        entry = self._current_entry(view, kind, weights)
+        if entry is not None:
             index = self._read_index(entry)
         else:
             index = ix.build_index(kind, vecs, ids, ix.default_params(kind, len(ids), vecs.shape[1]))
