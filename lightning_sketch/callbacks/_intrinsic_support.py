@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_sketch._safeio import file_sha256
 from lightning_sketch.callbacks._search_options import SearchCriteria
@@ -28,22 +28,6 @@ def _disk_sha(path: Path) -> str | None:
         return file_sha256(path, what="intrinsic-dimension state")[0]
     except StoreNotFoundError:
         return None
-
-
-def _resolve_sketch_kind(sketch_kind: str, kind: str | None) -> str:
-    """``sketch_kind``, or the value of its deprecated alias ``kind`` (with a deprecation warning)."""
-    if kind is None:
-        return sketch_kind
-    if sketch_kind != "affd" and sketch_kind != kind:
-        raise SubspaceError(
-            f"Pass the sketch kind once: `sketch_kind`={sketch_kind!r} and its deprecated alias "
-            f"`kind`={kind!r} disagree."
-        )
-    rank_zero_deprecation(
-        "IntrinsicDimension(kind=...) is deprecated; use `sketch_kind`, as GradientSketch and "
-        "HessianSpectrum do (in YAML: `sketch_kind: ...`)."
-    )
-    return kind
 
 
 def _check_strategy(strategy: Strategy) -> None:

@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_sketch.callbacks._option_groups import merge_flat_options
 from lightning_sketch.exceptions import SubspaceError
 
 __all__ = ["SearchCriteria"]
@@ -84,11 +83,3 @@ class SearchCriteria:
         if self.reference_score is not None:
             return self.target_fraction * self.reference_score
         return None
-
-
-def merge_flat_criteria(criteria: SearchCriteria | None, flat: dict[str, Any]) -> SearchCriteria:
-    """``criteria``, or one built from the deprecated flat keyword arguments (``IntrinsicDimension(...)``)."""
-    return merge_flat_options(
-        SearchCriteria, criteria, flat, owner="IntrinsicDimension", arg="criteria", what="search settings",
-        error=SubspaceError,
-    )

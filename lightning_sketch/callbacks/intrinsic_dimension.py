@@ -66,10 +66,9 @@ from lightning_sketch.callbacks._intrinsic_support import (
     _check_omega_in_optimizer,
     _check_strategy,
     _disk_sha,
-    _resolve_sketch_kind,
     measure_reference_score,
 )
-from lightning_sketch.callbacks._search_options import SearchCriteria, merge_flat_criteria
+from lightning_sketch.callbacks._search_options import SearchCriteria
 from lightning_sketch.exceptions import (
     LightningSketchError,
     RunMismatchError,
@@ -111,9 +110,6 @@ class IntrinsicDimension(Callback):
             locks it for the fit (``.intrinsic_dimension.lock``; a second run fails at ``setup``) and
             refuses to write if the file changed behind it (``StoreConflictError``).
         plot: also save ``intrinsic_dimension.png`` (metric against steps and against d) at the end of fit.
-        kind: deprecated alias of ``sketch_kind`` (warns; an error if a non-default ``sketch_kind`` differs).
-        **flat_criteria: deprecated: the fields of ``criteria`` as keyword arguments (``target=0.9``);
-            they warn and may not be combined with ``criteria``.
 
     Raises:
         SubspaceError: for an invalid argument combination (e.g. search mode without a target).
@@ -138,12 +134,11 @@ class IntrinsicDimension(Callback):
         exclude: list[str] | None = None,
         dirpath: str | None = None,
         plot: bool = True,
-        kind: str | None = None,
-        **flat_criteria: Any,
     ) -> None:
         super().__init__()
-        sketch_kind = _resolve_sketch_kind(sketch_kind, kind)
-        self.criteria = merge_flat_criteria(criteria, flat_criteria)
+        if criteria is not None and not isinstance(criteria, SearchCriteria):
+            raise SubspaceError(f"`criteria` must be a SearchCriteria, got {type(criteria).__name__}.")
+        self.criteria = criteria if criteria is not None else SearchCriteria()
         sketch_class(sketch_kind)  # an unknown kind fails here, not at setup
         _check_init_args(self.criteria, sketch_kind, sketch_dim, mode, d, monitor, eval_every_n_steps,
                          said=said, normalize=normalize, higher_is_better=higher_is_better,
@@ -173,9 +168,8 @@ class IntrinsicDimension(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # `kind=` (not `sketch_kind=`): the key of checkpoints written before the rename, so they still resume
         return self._generate_state_key(
-            kind=self.sketch_kind, sketch_dim=self.sketch_dim, seed=self.seed, mode=self.mode
+            sketch_kind=self.sketch_kind, sketch_dim=self.sketch_dim, seed=self.seed, mode=self.mode
         )
 
     @property

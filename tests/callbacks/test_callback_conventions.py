@@ -103,7 +103,7 @@ def _parse(tmp_path, text: str) -> list:
     return cli.trainer.callbacks
 
 
-def test_lightning_cli_reads_the_option_group_and_the_alias(tmp_path):
+def test_lightning_cli_reads_the_option_group(tmp_path):
     text = """trainer:
   callbacks:
     - class_path: lightning_sketch.callbacks.HessianSpectrum
@@ -114,11 +114,10 @@ def test_lightning_cli_reads_the_option_group_and_the_alias(tmp_path):
           dtype: float32
     - class_path: lightning_sketch.callbacks.IntrinsicDimension
       init_args:
-        kind: dense
+        sketch_kind: dense
         mode: fixed
 """
-    with pytest.warns(DeprecationWarning, match="IntrinsicDimension.kind="):
-        callbacks = _parse(tmp_path, text)
+    callbacks = _parse(tmp_path, text)
     (spec,) = [c for c in callbacks if isinstance(c, HessianSpectrum)]
     (intr,) = [c for c in callbacks if isinstance(c, IntrinsicDimension)]
     assert spec.numerics == SpectrumNumerics(num_iter=12, dtype="float32") and spec.sketch_kind == "dense"
@@ -148,7 +147,7 @@ def test_lightning_cli_reads_the_search_criteria_group(tmp_path):
     assert intr.search is not None and intr.search.d == 4 and intr.target == pytest.approx(0.72)
     with pytest.raises(SystemExit):  # the group's own validation refuses the config at parse time
         _parse(tmp_path, text.replace("delta: 0.05", "delta: -1.0"))
-    with pytest.raises(SystemExit):  # flat keys are Python-only aliases: in YAML they go under `criteria:`
+    with pytest.raises(SystemExit):  # the search settings go under `criteria:`
         flat = text.replace(
             "        criteria:\n          d_min: 4\n", "        d_min: 4\n        criteria:\n")
         _parse(tmp_path, flat)

@@ -210,33 +210,13 @@ def test_search_criteria_resolve_the_target():
     assert SearchCriteria(target=0.5, reference_score=0.8).resolved_target == 0.5  # the absolute target wins
 
 
-def test_flat_search_keywords_are_a_deprecated_alias_of_the_group():
-    with pytest.warns(DeprecationWarning, match=r"criteria=SearchCriteria\(d_min=\.\.\., delta=\.\.\., "
-                                                r"reference_score=\.\.\.\)"):
-        flat = IntrinsicDimension(sketch_kind="dense", sketch_dim=16, d_min=2, delta=0.1, reference_score=0.8)
-    group = IntrinsicDimension(sketch_kind="dense", sketch_dim=16,
-                               criteria=SearchCriteria(d_min=2, delta=0.1, reference_score=0.8))
-    assert flat.criteria == group.criteria
-    assert flat.search == group.search and flat.state_key == group.state_key
-    assert (flat.target, flat.d_min, flat.delta, flat.reference_score) == (pytest.approx(0.72), 2, 0.1, 0.8)
-    with pytest.raises(SubspaceError, match="once"):
-        IntrinsicDimension(target=0.9, criteria=SearchCriteria(target=0.9))
+def test_criteria_is_the_only_way_to_pass_search_settings():
     with pytest.raises(TypeError, match="unexpected keyword"):
-        IntrinsicDimension(criteria=SearchCriteria(target=0.9), targett=0.9)
-    with pytest.warns(DeprecationWarning), pytest.raises(SubspaceError, match="`delta` must be >= 0"):
-        IntrinsicDimension(target=0.9, delta=-1.0)
-
-
-def test_checkpoint_of_the_flat_form_resumes_into_the_group_form(tmp_path):
-    """Checkpoints written before the option group (flat keywords) restore into a callback built with it."""
-    with pytest.warns(DeprecationWarning):
-        old = IntrinsicDimension(sketch_kind="dense", sketch_dim=64, seed=3, d_min=1, delta=1.0, target=0.999,
-                                 plot=False, dirpath=str(tmp_path / "old"))
-    _trainer(tmp_path / "old", 12, [old]).fit(Blobs())
-    new = _search_cb()
-    assert new.state_key == old.state_key
-    new.load_state_dict(old.state_dict())
-    assert new.search == old.search and new.history == old.history and new.active == old.active
+        IntrinsicDimension(sketch_kind="dense", sketch_dim=16, target=0.9)  # type: ignore[call-arg]
+    with pytest.raises(SubspaceError, match="must be a SearchCriteria"):
+        IntrinsicDimension(sketch_kind="dense", sketch_dim=16, criteria={"target": 0.9})  # type: ignore[arg-type]
+    with pytest.raises(SubspaceError, match="`delta` must be >= 0"):
+        IntrinsicDimension(criteria=SearchCriteria(target=0.9, delta=-1.0))
 
 
 def test_unknown_kind_fails_at_construction():
@@ -275,14 +255,9 @@ def test_strategies_are_checked_by_type_not_by_name():
         _check_strategy(Sharded())
 
 
-def test_kind_is_a_deprecated_alias_of_sketch_kind():
-    with pytest.warns(DeprecationWarning, match="use `sketch_kind`"):
-        cb = IntrinsicDimension(kind="dense", sketch_dim=16, criteria=SearchCriteria(target=0.9))
-    assert cb.sketch_kind == "dense"
-    with pytest.raises(SubspaceError, match="disagree"):
-        IntrinsicDimension(kind="dense", sketch_kind="qk", sketch_dim=16, criteria=SearchCriteria(target=0.9))
-    # the state key keeps its old form, so checkpoints written before the rename still resume
-    assert "'kind': 'dense'" in cb.state_key
+def test_kind_is_no_argument():
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        IntrinsicDimension(kind="dense", sketch_dim=16, criteria=SearchCriteria(target=0.9))  # type: ignore[call-arg]
 
 
 def test_warnings_come_from_rank_zero_only(tmp_path, monkeypatch):
