@@ -205,43 +205,67 @@ def fsync_dir(path: str | os.PathLike) -> None:
 _TEMP_NAME = re.compile(r"(?P<target>.+)\.tmp-[a-z0-9_]{8}")
 
 
-def sweep_temp_files(directory: str | os.PathLike, targets: Iterable[str] | None = None) -> list[str]:
+def sweep_temp_files(
+    directory: str | os.PathLike, targets: Iterable[str] | re.Pattern[str] | None = None
+) -> list[str]:
     """Delete the temporary files a killed :func:`atomic_write` left in ``directory``; return their names.
 
     Only the caller may write ``directory`` (it holds the directory's writer lock), so no write of
     another process is in flight there. Removed: regular files (never a symlink or anything else,
     not followed) directly in ``directory`` whose name is ``<target>.tmp-`` plus mkstemp's 8
-    characters, with ``<target>`` in ``targets`` when given. A missing directory removes nothing.
+    characters, with ``<target>`` in ``targets`` (names, or a pattern a whole name must match) when
+    given. A missing directory, or one that is itself a symlink, removes nothing: the folder is
+    opened without following a link, and its entries are listed and removed through that handle.
 
     Raises:
-        StoreWriteError: a temporary file could not be removed (permissions).
+        StoreWriteError: the directory cannot be listed or a temporary file could not be removed
+            (permissions).
     """
-    wanted = None if targets is None else set(targets)
-    removed = []
+    if targets is None or isinstance(targets, re.Pattern):
+        pattern = targets
+        wanted = None
+    else:
+        pattern, wanted = None, set(targets)
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
-        entries = list(os.scandir(os.fspath(directory)))
+        fd = os.open(os.fspath(directory), flags)
     except (FileNotFoundError, NotADirectoryError):
         return []
     except OSError as err:
+        if err.errno == errno.ELOOP:  # the folder is a symlink: never followed
+            return []
         raise StoreWriteError(
             f"Cannot list {os.fspath(directory)!r} to remove temporary files: {err}."
         ) from err
-    for entry in sorted(entries, key=lambda e: e.name):
-        match = _TEMP_NAME.fullmatch(entry.name)
-        if match is None or (wanted is not None and match["target"] not in wanted):
-            continue
+    removed = []
+    try:
         try:
-            if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
-                continue
-            os.unlink(entry.path)
-        except FileNotFoundError:
-            continue
+            with os.scandir(fd) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
         except OSError as err:
             raise StoreWriteError(
-                f"Cannot remove the temporary file {entry.path!r} an interrupted write left behind: {err}. "
-                "Fix the directory's permissions or delete the file."
+                f"Cannot list {os.fspath(directory)!r} to remove temporary files: {err}."
             ) from err
-        removed.append(entry.name)
+        for entry in entries:
+            match = _TEMP_NAME.fullmatch(entry.name)
+            if match is None or (wanted is not None and match["target"] not in wanted) or (
+                    pattern is not None and pattern.fullmatch(match["target"]) is None):
+                continue
+            try:
+                if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+                    continue
+                os.unlink(entry.name, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                path = os.path.join(os.fspath(directory), entry.name)
+                raise StoreWriteError(
+                    f"Cannot remove the temporary file {path!r} an interrupted write left behind: {err}. "
+                    "Fix the directory's permissions or delete the file."
+                ) from err
+            removed.append(entry.name)
+    finally:
+        os.close(fd)
     return removed
 
 

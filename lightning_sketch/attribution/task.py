@@ -481,6 +481,12 @@ def _fix(key: Any, y: Tensor | None) -> str:
                 "is the loss (for a forward that takes several inputs, e.g. forward(x, mask), or returns a "
                 "dict): that restores TRAK's margin kernel. Or define per_example_margin(batch), or pass "
                 "task=AttributionTask(...)")
+    if y is not None and y.ndim >= 1 and y.shape[0] > 0 and _binary_targets(y) is not None:  # BCE or MSE
+        return (f"Define per_example_logits(batch) -> [B] or [B, 1], the logits whose BCE-with-logits "
+                f"against {where} is the loss (for a forward that takes several inputs or returns a dict): "
+                "that restores the binary margin kernel. For a squared error on these targets, return the "
+                "prediction from a submodule the loss calls (the Gauss–Newton kernel). Or define "
+                "per_example_margin(batch), or pass task=AttributionTask(...)")
     if y is not None and y.is_floating_point():  # a regression, or a likelihood of its own
         return ("Return the prediction from a submodule the loss calls when the loss is a squared error (the "
                 "Gauss–Newton kernel), define per_example_margin(batch), define sample_labels(batch, "

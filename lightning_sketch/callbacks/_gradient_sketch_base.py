@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_sketch.callbacks._gradient_sketch_io import _as_ids
 from lightning_sketch.data import default_ids
-from lightning_sketch.exceptions import LightningSketchError, UnsupportedModelError
+from lightning_sketch.exceptions import DuplicateIdError, LightningSketchError, UnsupportedModelError
 from lightning_sketch.gradients import module_loss_fn
 from lightning_sketch.gradients.capture import capture_support
 from lightning_sketch.store import finite_rows
@@ -68,6 +69,7 @@ class _GradientSketchBase(Callback):
     layout: Any
     _capture: Any
     _inline_buf: dict[str, list[tuple[Tensor, Tensor]]]
+    _replayable: dict[str, tuple[np.ndarray, np.ndarray]]
     skipped_nonfinite: int
     skipped_overflow_steps: int
     support: Any
@@ -117,31 +119,54 @@ class _GradientSketchBase(Callback):
     def _flush(self, trainer: Trainer) -> None:
         """Move the inline buffer (rows ``[B, D]`` float32 per slice) into the store's buffer.
 
-        An example trained more than once within one epoch keeps the row of its first step in that
-        epoch; the later rows are skipped and counted as ``skipped_duplicates`` of the slice. This
-        happens when Lightning replays batches of an epoch on resume (from a checkpoint saved mid-epoch
-        with a train loader that cannot resume mid-epoch, or saved in ``on_train_epoch_end``) or
-        when the sampler draws with replacement.
+        After a resume, Lightning may train again on examples whose rows the resumed slice already
+        holds (it replays the batches of an epoch from its start when the train loader cannot resume
+        mid-epoch, or when the checkpoint was saved in ``on_train_epoch_end``). The first row since
+        the resume of each id committed before it is skipped and counted as ``skipped_duplicates`` of
+        the slice. Any other repeated id (within a batch, or twice since the fit started: broken
+        ``ids_fn``, a sampler drawing with replacement) raises :class:`DuplicateIdError`.
         """
         for name, parts in self._inline_buf.items():
             ids = torch.cat([i for i, _ in parts])
             rows = torch.cat([r for _, r in parts])
-            kept = self.store.append(ids, rows, checkpoint=name, rank=trainer.global_rank,
-                                     on_duplicate="skip", nan_policy=self.nan_policy)
-            nonfinite = 0 if self.nan_policy == "raise" else int((~torch.isfinite(rows).all(dim=1)).sum())
-            repeated = len(ids) - kept - nonfinite
-            if repeated > 0:
+            replayed = torch.from_numpy(self._take_replayed(name, ids.numpy()))
+            if bool(replayed.any()):
+                self.store.append(ids[replayed], rows[replayed], checkpoint=name, rank=trainer.global_rank,
+                                  on_duplicate="skip", nan_policy=self.nan_policy)
                 rank_zero_warn(
-                    f"GradientSketch inline: {repeated} rows of examples already sketched in slice {name!r} "
-                    f"were skipped (counted as skipped_duplicates in the store manifest); each example keeps "
-                    f"the row of its first training step in an epoch. Examples are trained twice in an epoch "
-                    f"when Lightning replays batches on resume (a checkpoint saved mid-epoch with a train "
-                    f"loader without state_dict/load_state_dict, or saved at on_train_epoch_end) or when the "
-                    f"sampler draws with replacement. For rows equal to an uninterrupted run's, save "
-                    f"checkpoints on the last batch of an epoch (ModelCheckpoint(every_n_train_steps=<steps "
-                    f"per epoch>)) or give the train loader state_dict/load_state_dict."
+                    f"GradientSketch inline: {int(replayed.sum())} rows of examples the resumed slice "
+                    f"{name!r} already holds were skipped (counted as skipped_duplicates in the store "
+                    f"manifest): Lightning replayed their batches after the resume. For rows equal to an "
+                    f"uninterrupted run's, save checkpoints on the last batch of an epoch (ModelCheckpoint("
+                    f"every_n_train_steps=<steps per epoch>)) or give the train loader "
+                    f"state_dict/load_state_dict."
                 )
+            fresh = ~replayed
+            try:
+                self.store.append(ids[fresh], rows[fresh], checkpoint=name, rank=trainer.global_rank,
+                                  nan_policy=self.nan_policy)
+            except DuplicateIdError as err:
+                raise DuplicateIdError(
+                    f"GradientSketch inline: an example id was trained twice in slice {name!r} ({err}). "
+                    f"Each example of an epoch needs its own id: check ids_fn / id_key (they must return "
+                    f"dataset indices, not labels), and use a sampler without replacement."
+                ) from err
         self._inline_buf = {}
+
+    def _take_replayed(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Mask ``[B]`` bool of the ``ids`` that are the first occurrence since the resume of an id the
+        resumed slice ``name`` committed before it; those ids are marked as taken."""
+        mask = np.zeros(len(ids), dtype=bool)
+        replay = self._replayable.get(name)
+        if replay is None or not len(replay[0]):
+            return mask
+        committed, taken = replay  # sorted unique int64 ids, and which of them came back already
+        pos = np.minimum(np.searchsorted(committed, ids), len(committed) - 1)
+        for j in np.flatnonzero(committed[pos] == ids):
+            if not taken[pos[j]]:
+                taken[pos[j]] = True
+                mask[j] = True
+        return mask
 
     def _commit(self, trainer: Trainer) -> None:
         self._flush(trainer)

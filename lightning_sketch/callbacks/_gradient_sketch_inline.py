@@ -76,7 +76,8 @@ class _InlineMixin(_GradientSketchBase):
         scale = float(trainer.accumulate_grad_batches)
         if self._scaler is not None:  # 16-mixed: the backward ran on the scaled loss
             scale /= float(self._scaler.get_scale())
-        check = not self._checked_sum and trainer.accumulate_grad_batches == 1
+        check = not self._checked_sum and trainer.accumulate_grad_batches == 1  # the same on every rank
+        rows: Tensor | None
         try:
             # One multiplication of the [B, D] rows: B (mean loss), accumulation, 1/scaler and, except on
             # the first step (whose unweighted rows are checked against .grad), the learning rate.
@@ -87,15 +88,26 @@ class _InlineMixin(_GradientSketchBase):
                 "written for it; inline mode needs the training loss to be computed from the module's "
                 "forward with gradients enabled."
             )
-            return
-        if self._scaler is not None and not bool(torch.isfinite(rows).all()):
+            rows = None
+        overflow = rows is not None and self._scaler is not None and not bool(torch.isfinite(rows).all())
+        if overflow:
             self.skipped_overflow_steps += 1  # the scaler skips this optimizer step as well
-            return
+        usable = rows is not None and not overflow
         if check:
-            self._checked_sum = True
-            self._check_rows_sum(pl_module, rows, 1.0 if self._scaler is None else scale)
-            rows = rows * self._lr
-        self._pending_rows = rows  # weighted by this step's learning rate
+            # The check runs collectives (a reduce, the all-gather of sharded .grad): every rank must take
+            # it at the same step, so one decision is made for all of them, before any rank returns.
+            if trainer.world_size > 1:
+                flag = torch.tensor(1.0 if usable else 0.0, device=pl_module.device)
+                usable_everywhere = float(trainer.strategy.reduce(flag, reduce_op="min")) > 0.5
+            else:
+                usable_everywhere = usable
+            if usable_everywhere and rows is not None:  # rows is not None on every rank then
+                self._checked_sum = True
+                self._check_rows_sum(pl_module, rows, 1.0 if self._scaler is None else scale)
+        if not usable or rows is None:
+            self._pending_rows = None
+            return
+        self._pending_rows = rows * self._lr if check else rows  # weighted by this step's learning rate
 
     def _check_rows_sum(self, pl_module: LightningModule, rows: Tensor, grad_scale: float) -> None:
         """First step: the mean of the rows must be the sketch of the batch gradient in ``.grad``
@@ -112,8 +124,10 @@ class _InlineMixin(_GradientSketchBase):
         if blocks is None:
             grads: dict[str, Tensor] = {}
             for n in self.layout.names:
-                grad = own[n].grad  # whole(): under FSDP2 .grad is the rank's DTensor shard
-                grads[n] = whole(grad) if grad is not None else torch.zeros_like(whole(own[n]))
+                p = own[n]  # whole(): under FSDP2 .grad is the rank's DTensor shard
+                # a DTensor's shape is its global shape: a zero gradient needs no collective
+                grads[n] = whole(p.grad) if p.grad is not None else torch.zeros(
+                    p.shape, dtype=p.dtype, device=p.device)
             flat = self.layout.flatten({n: g.detach().to(rows.dtype) * grad_scale for n, g in grads.items()})
             parts.append(("all sketched parameters", self.sketch.apply(flat), got,
                           float(rows.norm(dim=1).mean())))

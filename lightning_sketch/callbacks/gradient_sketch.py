@@ -53,6 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
@@ -210,6 +211,8 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self.layout: Any = None
         self._capture: Any = None
         self._inline_buf: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        # inline mode after a resume: the ids the last resumed slice holds, which Lightning may replay
+        self._replayable: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.skipped_nonfinite = 0
         #: inline steps whose rows were dropped because the 16-bit gradient scaler overflowed
         #: (the optimizer skips those steps too).
@@ -338,6 +341,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.store is None:
             return
+        self._replayable = {}
         if self._resume_generation is not None:
             gens = self._resume_generations
             if trainer.world_size == 1:
@@ -351,6 +355,11 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
                 )
             self._generation = self._resume_generation
             self._resume_generation = None
+            if self.mode == "inline" and self._slices and self._slices[-1] in self.store.checkpoints:
+                # Lightning replays batches only of the epoch the checkpoint was saved in: the last slice
+                last = self._slices[-1]
+                committed = np.unique(self.store.ids(last))
+                self._replayable[last] = (committed, np.zeros(len(committed), dtype=bool))
         elif self.store.num_rows and trainer.world_size == 1 and self.store.resume_point is None:
             # Rows of a run killed before its first Lightning checkpoint: no checkpoint can resume them,
             # and this fit re-writes them from step 0, so they are discarded.
@@ -388,8 +397,11 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
 
         ``on_save_checkpoint`` runs before Lightning writes the checkpoint file; a process killed in
         between leaves no checkpoint, so the rows it committed must stay orphans that a fresh fit
-        discards. Lightning writes the file synchronously after the hook, so any later hook of this
-        callback (the next batch, the next save, the end of the fit) proves the file was written.
+        discards. With Lightning's default checkpoint IO the file is written before the next hook of
+        this callback (the next batch, the next save, the end of the fit) runs, so reaching that hook
+        shows the file exists. An asynchronous ``CheckpointIO`` (``AsyncCheckpointIO``) writes it in
+        a background thread: the resume point may then be recorded while the file is still being
+        written, and a kill in that window leaves a store that a fresh fit refuses.
         """
         if self._checkpoint_pending and self.store is not None:
             self._checkpoint_pending = False

@@ -30,6 +30,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from lightning_sketch.exceptions import UnsupportedStrategyError
+
 __all__ = ["gathered", "sharded_parameter_names", "whole"]
 
 
@@ -58,20 +60,40 @@ def whole(t: Tensor) -> Tensor:
     return t
 
 
-def _fsdp_hook_ids(module: nn.Module) -> list[tuple[Any, int]]:
-    """(hook dict, hook id) of the forward hooks FSDP2 registered for ``module``'s own state."""
+def _fsdp_hook_ids(module: nn.Module) -> list[tuple[dict[int, Any], int]]:
+    """(hook dict, hook id) of the forward hooks FSDP2 registered for ``module``'s FSDP state.
+
+    A grouped ``fully_shard([a, b])`` shares one state: its hooks on ``a`` and ``b`` are all listed.
+
+    Raises:
+        UnsupportedStrategyError: ``module`` is an ``FSDPModule`` but its forward hooks cannot be
+            found where this torch version keeps them (a forward inside :func:`gathered` would run
+            them, and the gradients through the whole parameters would be lost).
+    """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if not isinstance(module, FSDPModule):
         return []
-    state = fully_shard.state(module)  # type: ignore[attr-defined]  # set by @contract
-    found = []
-    for attr in ("_pre_forward_hook_handle", "_post_forward_hook_handle"):
-        handle = getattr(state, attr, None)
-        for h in getattr(handle, "handles", (handle,)):  # a grouped fully_shard([a, b]) holds one per module
-            hooks = h.hooks_dict_ref() if h is not None else None
-            if h is not None and hooks is not None and h.id in hooks:
-                found.append((hooks, h.id))
+    found: list[tuple[dict[int, Any], int]] = []
+    try:
+        state = fully_shard.state(module)  # type: ignore[attr-defined]  # set by @contract
+        for attr in ("_pre_forward_hook_handle", "_post_forward_hook_handle"):
+            handle = getattr(state, attr)
+            # a grouped fully_shard([a, b]) holds one handle per module, pre and post in one _MultiHandle
+            for h in getattr(handle, "handles", (handle,)):
+                hooks = h.hooks_dict_ref()
+                if hooks is None or h.id not in hooks:
+                    raise AttributeError(f"{attr}: hook {h.id} is not registered on its module")
+                if not any(d is hooks and i == h.id for d, i in found):
+                    found.append((hooks, h.id))
+    except AttributeError as err:
+        raise UnsupportedStrategyError(
+            f"gathered(): cannot find the forward hooks FSDP2 (fully_shard) registered on "
+            f"{type(module).__name__} in torch {torch.__version__} ({err}); without removing them the "
+            f"functional Hessian-vector products would get no gradient. Use strategy='ddp' for this "
+            f"callback, or a torch version whose FSDP2 state keeps _pre_forward_hook_handle and "
+            f"_post_forward_hook_handle."
+        ) from err
     return found
 
 
@@ -85,7 +107,13 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
     Yields:
         ``model`` itself, with each DTensor parameter ``p`` replaced by
         ``nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)`` (same global shape and
-        dtype) and FSDP2's forward hooks removed; both are restored on exit.
+        dtype; one new Parameter per DTensor, shared by every module that holds it, so tied weights
+        stay tied) and FSDP2's forward hooks removed; both are restored on exit. Hooks registered or
+        removed inside the block stay so after it.
+
+    Raises:
+        UnsupportedStrategyError: an FSDP2 module whose forward hooks cannot be found (see
+            :func:`_fsdp_hook_ids`); nothing is changed then.
     """
     dtensor = _dtensor_type()
     swapped: list[tuple[nn.Module, str, Any]] = []
@@ -97,23 +125,35 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
     if not swapped:
         yield model
         return
-    saved_hooks: list[tuple[Any, int, Any]] = []
+    removed: list[tuple[dict[int, Any], int]] = []  # (hook dict, id), each once
+    for module in model.modules():  # before any change: a refusal leaves the model as it was
+        for hooks, hook_id in _fsdp_hook_ids(module):  # a grouped state lists its hooks for each module
+            if not any(d is hooks and i == hook_id for d, i in removed):
+                removed.append((hooks, hook_id))
+    orders = {id(hooks): (hooks, list(hooks)) for hooks, _ in removed}  # each dict's order before
+    taken: dict[tuple[int, int], Any] = {}
     try:
+        whole_params: dict[int, nn.Parameter] = {}  # id(DTensor) -> its whole Parameter
         with torch.no_grad():
             for module, name, p in swapped:
-                full = p.full_tensor().detach().clone()
-                module._parameters[name] = nn.Parameter(full, requires_grad=p.requires_grad)
-        for module in model.modules():
-            for hooks, hook_id in _fsdp_hook_ids(module):
-                saved_hooks.append((hooks, hook_id, dict(hooks)))
-                del hooks[hook_id]
+                if id(p) not in whole_params:
+                    full = p.full_tensor().detach().clone()
+                    whole_params[id(p)] = nn.Parameter(full, requires_grad=p.requires_grad)
+                module._parameters[name] = whole_params[id(p)]
+        for hooks, hook_id in removed:
+            taken[(id(hooks), hook_id)] = hooks.pop(hook_id)
         yield model
     finally:
-        restored: set[int] = set()
-        for hooks, _, before in saved_hooks:
-            if id(hooks) not in restored:  # the dict as it was before the first removal (order kept)
-                restored.add(id(hooks))
-                hooks.clear()
-                hooks.update(before)
+        for key, (hooks, before) in orders.items():
+            # Put back only the hooks taken out, at their old places; a hook registered inside the
+            # block keeps its place after them, one removed inside the block stays removed.
+            now = dict(hooks)
+            hooks.clear()
+            for hook_id in before:
+                if (key, hook_id) in taken:
+                    hooks[hook_id] = taken[(key, hook_id)]
+                elif hook_id in now:
+                    hooks[hook_id] = now.pop(hook_id)
+            hooks.update(now)
         for module, name, p in swapped:
             module._parameters[name] = p

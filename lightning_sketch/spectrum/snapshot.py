@@ -70,6 +70,9 @@ __all__ = [
 FORMAT = "lightning_sketch.spectrum/v1"
 INDEX = "index.json"
 _FILE = re.compile(r"^step_\d{8,}\.npz$")
+#: the files written atomically into a spectrum directory: the index, the snapshots and HessianSpectrum's
+#: plot; only their temporary files are swept (the directory is the user's ``dirpath``).
+_OWN_FILES = re.compile(r"index\.json|step_\d{8,}\.npz|spectrum\.png")
 #: largest snapshot file read without an index entry giving its size (k x D float32 eigenvectors).
 SNAPSHOT_CAP = 4 << 30
 
@@ -179,7 +182,7 @@ class SnapshotWriter:
         self._lock: sio.DirLock | None = sio.DirLock(self.root, what="spectrum snapshot directory")
         try:
             self._generation, _, run_id = _read_index_run(self.root)
-            sio.sweep_temp_files(self.root)  # left by a killed writer; this one holds the lock now
+            sio.sweep_temp_files(self.root, _OWN_FILES)  # left by a killed writer; the lock is ours now
         except LightningSketchError:
             self.close()
             raise

@@ -378,3 +378,32 @@ def test_the_per_example_logits_fix_is_warned_once_per_fit(tmp_path):
              [GradientSketch(dirpath=str(tmp_path / "run"), sketch_dim=8)], epochs=2)
     mine = [w for w in seen if "empirical Fisher" in str(w.message)]
     assert len(mine) == 1 and "per_example_logits(batch) -> [B, C]" in str(mine[0].message)
+
+
+class ShiftedBCE(_Base):
+    """BCE whose logit is a submodule's output plus a bare parameter: no tapped output is the logit."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.shift = nn.Parameter(torch.tensor(0.3))
+
+    def logit(self, x):
+        return self.net(x)[:, 0] + self.shift
+
+    def per_example_loss(self, batch):
+        return F.binary_cross_entropy_with_logits(self.logit(batch["x"]), batch["y"], reduction="none")
+
+
+def test_float_zero_one_targets_name_the_binary_per_example_logits_fix():
+    x, y, _ = blobs(n=8)
+    batch = {"x": x, "y": (y == 1).float()}
+    task = resolve_task(ShiftedBCE(), batch)
+    assert task.kind == "empirical"
+    assert "per_example_logits(batch) -> [B] or [B, 1]" in task.reason and "BCE-with-logits" in task.reason
+
+    class Fixed(ShiftedBCE):
+        def per_example_logits(self, batch):
+            return self.logit(batch["x"])
+
+    assert resolve_task(Fixed(), batch).kind == "binary"  # the fix the message names works

@@ -11,7 +11,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_sketch.attribution import Attributor  # noqa: E402
 from lightning_sketch.callbacks import GradientSketch  # noqa: E402
-from lightning_sketch.exceptions import NonFiniteGradientError, SketchConfigError, StoreWriteError  # noqa: E402
+from lightning_sketch.exceptions import (  # noqa: E402
+    DuplicateIdError,
+    NonFiniteGradientError,
+    SketchConfigError,
+    StoreWriteError,
+)
 from lightning_sketch.gradients import ParamLayout  # noqa: E402
 from lightning_sketch.sketches import make  # noqa: E402
 from lightning_sketch.store import SketchStore  # noqa: E402
@@ -192,6 +197,26 @@ def test_nan_gradients_are_skipped_and_counted_or_raise(tmp_path, policy):
     assert sorted(ids) == [i for i in range(16) if i not in (3, 11)]
     assert np.isfinite(np.asarray(store.vectors("step-2"))).all()
     assert cb.skipped_nonfinite == 2
+
+
+@pytest.mark.parametrize("ids_fn", [lambda b: b["y"], lambda b: b["index"] % 8],
+                         ids=["repeated-within-a-batch", "repeated-across-batches"])
+def test_inline_repeated_ids_without_a_resume_raise(tmp_path, ids_fn):
+    """Ids that repeat in a fit that resumed nothing (labels as ids, a sampler with replacement) are
+    a bug of the ids, not a replay: no row may be dropped silently."""
+    x, y = _data(16)
+    cb = GradientSketch(dirpath=str(tmp_path / "run"), sketch_kind="affd", sketch_dim=8, mode="inline",
+                        ids_fn=ids_fn, save_weights=False, curvature="none")
+    with pytest.raises(DuplicateIdError, match=r"trained twice in slice 'epoch-0'.*check ids_fn"):
+        _trainer(tmp_path, [cb], max_epochs=1).fit(TinyClassifier(), loader(x, y))
+
+
+def test_only_the_first_replay_of_a_committed_id_is_taken():
+    cb = GradientSketch(dirpath="unused", sketch_kind="affd", sketch_dim=8, mode="inline")
+    cb._replayable = {"epoch-1": (np.array([1, 3, 5]), np.zeros(3, dtype=bool))}
+    assert cb._take_replayed("epoch-1", np.array([3, 3, 7, 1])).tolist() == [True, False, False, True]
+    assert cb._take_replayed("epoch-1", np.array([5, 3, 0])).tolist() == [True, False, False]
+    assert cb._take_replayed("epoch-0", np.array([1, 3])).tolist() == [False, False]  # not the resumed slice
 
 
 def test_fresh_fit_into_a_non_empty_store_raises(tmp_path):

@@ -10,6 +10,8 @@ examples at every step; see ``scripts/ddp_run.py``.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -140,3 +142,22 @@ def test_inline_sketching_refuses_a_padding_distributed_sampler(runs):
                                        "DistributedSampler pads the 33 training examples to 34 for 2 ranks")
     assert not (root / "ddp" / "attr_padded" / "store" / "shards").exists() or all(
         SketchStore.open(p).num_rows == 0 for p in (root / "ddp" / "attr_padded" / "store" / "shards").iterdir())
+
+
+def test_first_step_check_waits_for_a_step_without_overflow_on_every_rank(tmp_path):
+    """Rank 0's first-step rows overflow, rank 1's do not (``scripts/ddp_overflow_run.py``): both
+    ranks must put the collective check of the rows against ``.grad`` off to the next step together."""
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen([sys.executable, str(HERE / "ddp_overflow_run.py"), str(tmp_path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # rank 1 is a child of the script: end the whole group
+        _, err = proc.communicate()
+        pytest.fail(f"the DDP run hung (the ranks were in different collectives):\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [{"checked_sum": True, "skipped_overflow_steps": 1},
+                     {"checked_sum": True, "skipped_overflow_steps": 0}]
+    assert "do not add up" not in err  # the step-1 check found the rows equal to .grad
