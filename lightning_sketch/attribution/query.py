@@ -148,7 +148,7 @@ def _check_options(chunk_size: Any, verify: Any, task: Any) -> None:
 class Attributor(ScoringEngine):
     """Attribute queries to training examples through stored sketched gradients.
 
-    Methods (``method``):
+    Methods (``method``: an object of :mod:`~lightning_sketch.attribution.methods`, or its name):
 
     - ``"auto"`` (default): ``fisher_if`` when every run holds only the sampled-label Fisher
       (``GradientSketch(curvature="fisher")``), else ``trak`` (on TRAK's margin kernel, which
@@ -165,7 +165,7 @@ class Attributor(ScoringEngine):
     - ``arnoldi_if``: Σ_i λ_i⁻¹⟨u_i, Φg(z)⟩⟨u_i, Φg(x)⟩ over the top eigenpairs of the sketched
       Hessian at the last slice (Schioppa et al. 2022).
 
-    Damping (``trak``, ``fisher_if``): with ``damping=None`` each slice uses λ_c = ``damping_ratio`` ·
+    Damping (``Trak``, ``FisherIF``): with ``damping=None`` each slice uses λ_c = ``damping_ratio`` ·
     u_c (:meth:`damping_unit`): u_c = tr(K_c)/T_c, T_c the examples summed into the slice's kernel K_c,
     divided on TRAK's margin kernel by the RMS residual of the slice's examples (a well-fitted set
     is damped more); default ratio :data:`DEFAULT_DAMPING_RATIO` = 10^-0.5
