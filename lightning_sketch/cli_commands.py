@@ -329,8 +329,7 @@ def run_query(args: argparse.Namespace, build_from_config: Callable[[Sequence[st
 
     def ranking(att: Any, sketches: Any) -> list[dict[str, Any]]:
         """Per query: its top-k proponents and opponents under ``att`` (with pictures of image inputs)."""
-        pro_ids, pro_scores = att.top_k(None, k=k, sketches=sketches)
-        opp_ids, opp_scores = att.top_k(None, k=k, opponents=True, sketches=sketches)
+        (pro_ids, pro_scores), (opp_ids, opp_scores) = att.proponents_opponents(None, k=k, sketches=sketches)
         out = []
         for q in range(len(qids)):
             rec = {"proponents": entries(pro_ids[q], pro_scores[q]),

@@ -20,12 +20,11 @@ opponents are the most negative scores.
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import numpy as np
 import torch
@@ -45,6 +44,19 @@ from lightning_sketch.attribution._stored import (
     verify_runs,
 )
 from lightning_sketch.attribution.damping import DEFAULT_DAMPING_RATIO
+from lightning_sketch.attribution.methods import (
+    METHODS,
+    ArnoldiIF,
+    AttributionMethod,
+    FisherIF,
+    GradCos,
+    GradDot,
+    TracIn,
+    Trak,
+    _int_at_least,
+    _positive_real,
+    method_from_name,
+)
 from lightning_sketch.attribution.task import AttributionTask, check_query_targets, resolve_task
 from lightning_sketch.exceptions import (
     LightningSketchError,
@@ -62,17 +74,81 @@ __all__ = [
 ]
 
 
-METHODS = ("grad_dot", "tracin", "grad_cos", "trak", "fisher_if", "arnoldi_if")
 Method = Literal["auto", "grad_dot", "tracin", "grad_cos", "trak", "fisher_if", "arnoldi_if"]
+#: what ``Attributor(method=...)`` takes: ``"auto"``, a name of :data:`METHODS` or a method object.
+MethodArg = Union[Method, AttributionMethod]
 LossFn = Callable[[nn.Module, Any], Tensor]
 
+#: the Attributor's shorthand keywords → the method objects' argument names.
+_SHORTHAND = {"damping": "damping", "damping_ratio": "damping_ratio", "rank": "rank", "arnoldi_k": "k",
+              "eigenpairs": "eigenpairs", "snapshot": "snapshot", "hessian_batches": "hessian_batches",
+              "index": "index"}
+_METHOD_TYPES = (GradDot, TracIn, GradCos, Trak, FisherIF, ArnoldiIF)
+_FIELDS = {c.name: tuple(f.name for f in fields(c)) for c in _METHOD_TYPES}
 
+
+def _requested_method(method: Any, shorthand: dict[str, Any]) -> AttributionMethod | dict[str, Any]:
+    """The method object that ``method`` and the shorthand keywords name; for ``"auto"``, the
+    keywords for the ``trak``/``fisher_if`` object that the runs will decide (checked already).
+
+    Raises:
+        SketchConfigError: for an unknown method, a bad argument, a keyword the method does not use,
+            or a keyword beside a method object.
+    """
+    given = {k: v for k, v in shorthand.items() if v is not None}
+    if isinstance(method, _METHOD_TYPES):
+        if given:
+            raise SketchConfigError(
+                f"{sorted(given)} given beside the method object {method!r}; set them on the object "
+                f"(e.g. {type(method).__name__}(...)) and drop the keywords."
+            )
+        return method
+    if "arnoldi_k" in given:
+        _int_at_least("Attributor", "arnoldi_k", given["arnoldi_k"], 1, none_ok=False)
+    kwargs = {_SHORTHAND[k]: v for k, v in given.items()}
+    if isinstance(method, str) and method == "auto":
+        for k in ("damping", "damping_ratio"):  # the type checks first, with the keyword's name
+            _positive_real("Attributor", k, kwargs.get(k))
+        unused = sorted(k for k in given if k not in ("damping", "damping_ratio", "rank"))
+        if unused:
+            raise SketchConfigError(
+                f"{unused} given with method='auto', which chooses trak or fisher_if (they take damping, "
+                "damping_ratio and rank); name the method that uses them, e.g. method=ArnoldiIF(k=...)."
+            )
+        Trak(**kwargs)  # the same checks as FisherIF's
+        return kwargs
+    if not isinstance(method, str) or method not in METHODS:
+        raise SketchConfigError(
+            f"`method` must be 'auto' or one of {METHODS}, or a method object "
+            f"({', '.join(c.__name__ for c in _METHOD_TYPES)}), got {method!r}."
+        )
+    keywords = {k for k, f in _SHORTHAND.items() if f in _FIELDS[method]}
+    unused = sorted(set(given) - keywords)
+    if unused:
+        raise SketchConfigError(
+            f"method={method!r} does not use {unused}; it takes {sorted(keywords) or 'no argument'}."
+        )
+    return method_from_name(method, **kwargs)
+
+
+def _check_options(chunk_size: Any, verify: Any, task: Any) -> None:
+    """Refuse a bad ``chunk_size``, ``verify`` or ``task`` before any run is opened."""
+    _int_at_least("Attributor", "chunk_size", chunk_size, 1, none_ok=True)
+    if not isinstance(verify, bool):
+        raise SketchConfigError(
+            f"`verify` must be True or False, got {verify!r} ({type(verify).__name__})."
+        )
+    if task is not None and not isinstance(task, AttributionTask):
+        raise SketchConfigError(
+            "`task` must be a lightning_sketch.attribution.AttributionTask or None, got "
+            f"{type(task).__name__}."
+        )
 
 
 class Attributor(ScoringEngine):
     """Attribute queries to training examples through stored sketched gradients.
 
-    Methods (``method``):
+    Methods (``method``: an object of :mod:`~lightning_sketch.attribution.methods`, or its name):
 
     - ``"auto"`` (default): ``fisher_if`` when every run holds only the sampled-label Fisher
       (``GradientSketch(curvature="fisher")``), else ``trak`` (on TRAK's margin kernel, which
@@ -89,7 +165,7 @@ class Attributor(ScoringEngine):
     - ``arnoldi_if``: Σ_i λ_i⁻¹⟨u_i, Φg(z)⟩⟨u_i, Φg(x)⟩ over the top eigenpairs of the sketched
       Hessian at the last slice (Schioppa et al. 2022).
 
-    Damping (``trak``, ``fisher_if``): with ``damping=None`` each slice uses λ_c = ``damping_ratio`` ·
+    Damping (``Trak``, ``FisherIF``): with ``damping=None`` each slice uses λ_c = ``damping_ratio`` ·
     u_c (:meth:`damping_unit`): u_c = tr(K_c)/T_c, T_c the examples summed into the slice's kernel K_c,
     divided on TRAK's margin kernel by the RMS residual of the slice's examples (a well-fitted set
     is damped more); default ratio :data:`DEFAULT_DAMPING_RATIO` = 10^-0.5
@@ -107,38 +183,37 @@ class Attributor(ScoringEngine):
         model: the model (or one model per run) whose gradients were stored.
         loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` per-example losses; default
             ``model.per_example_loss(batch)``.
-        method: ``"auto"`` or one of :data:`METHODS`.
-        damping: absolute λ for ``trak``/``fisher_if``; ``None`` = automatic (see above).
-        damping_ratio: ρ of the automatic damping (default :data:`DEFAULT_DAMPING_RATIO` = 10^-0.5).
-        rank: ``trak``/``fisher_if`` only: keep the top ``rank`` eigen-directions of each slice's
-            kernel, M = U_r diag(1/(s_r + λ)) U_rᵀ (the complement is dropped, as in
-            ``arnoldi_if``). Less accurate than the full inverse at its best damping, but nearly
-            insensitive to λ (benchmarks/RESULTS.md); ``None`` (default) keeps all D.
+        method: ``"auto"``, a method object (:class:`~.methods.Trak`, :class:`~.methods.FisherIF`,
+            :class:`~.methods.TracIn`, :class:`~.methods.GradCos`, :class:`~.methods.GradDot`,
+            :class:`~.methods.ArnoldiIF`: each holds the arguments of its method), or one of
+            :data:`METHODS`, shorthand for that object with its defaults (``"trak"`` is ``Trak()``).
         query_loss_fn: the queries' per-example "loss"; default ``loss_fn``, or for ``trak`` and
             ``fisher_if`` the negative margin: the model's ``per_example_margin(batch)``, or the
             logits' margin when the runs' kernel was built from it (classification convention).
         checkpoints: names of the slices to use (default: all for ``tracin``, ``grad_cos``,
             ``trak``, ``fisher_if``; the last for ``grad_dot`` and ``arnoldi_if``); every run must
             hold them.
-        eigenpairs: ``(eigenvalues [k], eigenvectors [D, k])`` of Φ H Φᵀ for ``arnoldi_if``.
-        snapshot: a spectrum snapshot file to read those eigenpairs from (``arnoldi_if``).
-        hessian_batches: probe batches to compute them on demand (``arnoldi_if``).
-        arnoldi_k: eigenpairs computed on demand.
         weights_dir: folder of ``<slice>.pt`` parameter files (default: the run's ``weights/``;
             single-run only).
         chunk_size: examples per ``vmap`` call for the query gradients.
-        index: FAISS index kind for single-run ``grad_dot`` searches through the store's own index
-            (``"flat"`` exact; ``"ivf"``, ``"ivfpq"``, ``"hnsw"`` approximate, re-ranked exactly).
         current_weights: take every slice's query gradients at the model's current weights.
+        task: the attribution task (:class:`~.task.AttributionTask`); default: recognised from the
+            model and the first query batch where the query needs it.
         verify: recompute the stored rows of each run's probe examples with ``model`` at every slice in
             use and raise :class:`~lightning_sketch.exceptions.SliceMismatchError` when they differ
             (:func:`~lightning_sketch.attribution._stored.verify_runs`; runs without probe are skipped).
+        damping, damping_ratio, rank, arnoldi_k, eigenpairs, snapshot, hessian_batches, index:
+            shorthand for the method object's arguments, with a string ``method`` (or ``"auto"``,
+            which takes ``damping``, ``damping_ratio`` and ``rank``): ``method="trak", damping=0.1``
+            is ``method=Trak(damping=0.1)``; ``arnoldi_k`` is ``ArnoldiIF(k=...)``. One that the
+            method does not use, or any of them beside a method object, is refused.
 
     Raises:
         SketchConfigError: for an unknown method or a bad argument.
         LayoutMismatchError: if a model's parameter layout differs from a store's.
         SliceMismatchError: if a model does not reproduce a run's stored probe rows (``verify``).
         StoreNotFoundError: for ``fisher_if`` on a run without sampled-label Fisher files.
+        SpectrumError: for ``arnoldi_if`` without eigenpairs, or with eigenpairs of another sketch.
 
     Example:
         >>> # see tests/attribution/test_attributor.py, examples/attribution_digits.py and README.md
@@ -149,43 +224,67 @@ class Attributor(ScoringEngine):
         store: Any,
         model: nn.Module | Sequence[nn.Module],
         loss_fn: LossFn | None = None,
-        method: Method = "auto",
-        damping: float | None = None,
+        method: MethodArg = "auto",
+        *,
         query_loss_fn: LossFn | None = None,
         checkpoints: Sequence[str] | None = None,
+        weights_dir: str | Path | None = None,
+        chunk_size: int | None = None,
+        current_weights: bool = False,
+        task: AttributionTask | None = None,
+        verify: bool = True,
+        damping: float | None = None,
+        damping_ratio: float | None = None,
+        rank: int | None = None,
+        arnoldi_k: int | None = None,
         eigenpairs: tuple[Tensor, Tensor] | None = None,
         snapshot: str | Path | None = None,
         hessian_batches: Sequence[Any] | None = None,
-        arnoldi_k: int = 20,
-        weights_dir: str | Path | None = None,
-        chunk_size: int | None = None,
-        index: str = "flat",
-        current_weights: bool = False,
-        damping_ratio: float | None = None,
-        rank: int | None = None,
-        task: AttributionTask | None = None,
-        verify: bool = True,
+        index: str | None = None,
     ) -> None:
-        if method != "auto" and method not in METHODS:
-            raise SketchConfigError(f"`method` must be 'auto' or one of {METHODS}, got {method!r}.")
-        for name, val in (("damping", damping), ("damping_ratio", damping_ratio)):
-            if val is not None and (isinstance(val, bool) or not isinstance(val, numbers.Real)
-                                    or not math.isfinite(float(val)) or val <= 0):
-                raise SketchConfigError(
-                    f"`{name}` must be > 0 or None (automatic), got {val!r} ({type(val).__name__}); pass a "
-                    f"number such as {name}=0.1."
-                )
-        for name, val, low in (("arnoldi_k", arnoldi_k, 1), ("chunk_size", chunk_size, 1)):
-            if not (val is None and name == "chunk_size") and (
-                isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < low
-            ):
-                raise SketchConfigError(
-                    f"`{name}` must be an int >= {low}, got {val!r} ({type(val).__name__})."
-                )
-        if not isinstance(verify, bool):
-            raise SketchConfigError(
-                f"`verify` must be True or False, got {verify!r} ({type(verify).__name__})."
-            )
+        requested = _requested_method(method, {
+            "damping": damping, "damping_ratio": damping_ratio, "rank": rank, "arnoldi_k": arnoldi_k,
+            "eigenpairs": eigenpairs, "snapshot": snapshot, "hessian_batches": hessian_batches,
+            "index": index,
+        })
+        _check_options(chunk_size, verify, task)
+        self._open_runs(store, model, loss_fn, weights_dir)
+        #: the attribution task (loss, query measurement, kernel): given, or recognised from the model
+        #: and the first query batch when the query needs it (:func:`~.task.resolve_task`).
+        self.task: AttributionTask | None = task
+        run_estimators = [self._estimators(r) for r in self.runs]
+        if isinstance(requested, dict):  # "auto": the runs' curvature decides
+            kinds = {self._curvature_kind(set(e.values())) for e in run_estimators}
+            requested = method_from_name("fisher_if" if kinds == {"fisher"} else "trak", **requested)
+        self._use_method(requested)
+        self.chunk_size = chunk_size
+        self.current_weights = bool(current_weights)
+        self.checkpoints = self._select(checkpoints)
+        if verify:
+            verify_runs(self.runs, self.models, self.sketches, self.layouts, self.loss_fn, self.checkpoints,
+                        current_weights=self.current_weights)
+        #: the per-slice kernel K_c of ``trak``/``fisher_if``, gathered during fit: ``"margin"``
+        #: (TRAK's kernel of margin gradients), ``"gauss-newton"`` (of the model's output: regressions,
+        #: language models), ``"fisher"`` (sampled-label Fisher), ``"empirical"`` (the empirical
+        #: Fisher, for models whose task was not recognised), or ``"gradients"`` (GᵀG of the stored
+        #: loss gradients, when the runs hold no common kernel); ``None`` for the other methods.
+        self.kernel: str | None = self._kernel_name(run_estimators)
+        self._set_query_function(query_loss_fn)
+        self._ids = torch.from_numpy(union_ids(self.runs, [self.checkpoints] * len(self.runs)))
+        self._pos_cache: dict[tuple[int, str], Tensor] = {}
+        self._eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
+        self._count_cache: dict[tuple[int, str], int] = {}
+        self._residual_cache: dict[tuple[int, str], float] = {}
+        self._norms: Tensor | None = None
+        self._eig: tuple[Tensor, Tensor] | None = None
+        if isinstance(requested, ArnoldiIF):
+            self._eig = self._eigenpairs(requested.eigenpairs, requested.snapshot, requested.hessian_batches,
+                                         requested.k)
+
+    # ------------------------------------------------------------------ set-up steps of __init__
+    def _open_runs(self, store: Any, model: nn.Module | Sequence[nn.Module], loss_fn: LossFn | None,
+                   weights_dir: str | Path | None) -> None:
+        """Open every run and read each with its own sketch and layout (``runs``, ``models``, ...)."""
         stores = list(store) if isinstance(store, (list, tuple)) else [store]
         if not stores:
             raise SketchConfigError("`store` is an empty list; pass at least one run directory.")
@@ -218,84 +317,68 @@ class Attributor(ScoringEngine):
                 raise StoreNotFoundError(
                     "A store holds no checkpoint slice; run the GradientSketch callback first."
                 )
-        if method == "arnoldi_if" and len(self.runs) > 1:
+
+    def _use_method(self, spec: AttributionMethod) -> None:
+        """Set the method's name and its arguments as the attributes the scoring engine reads."""
+        if isinstance(spec, ArnoldiIF) and len(self.runs) > 1:
             raise SketchConfigError(
                 "method='arnoldi_if' takes one run (its eigenpairs belong to one sketch); "
                 "use fisher_if or trak for ensembles."
             )
-        if task is not None and not isinstance(task, AttributionTask):
-            raise SketchConfigError(
-                "`task` must be a lightning_sketch.attribution.AttributionTask or None, got "
-                f"{type(task).__name__}."
-            )
-        #: the attribution task (loss, query measurement, kernel): given, or recognised from the model
-        #: and the first query batch when the query needs it (:func:`~.task.resolve_task`).
-        self.task: AttributionTask | None = task
-        run_estimators = [self._estimators(r) for r in self.runs]
-        if method == "auto":
-            kinds = {self._curvature_kind(set(e.values())) for e in run_estimators}
-            method = "fisher_if" if kinds == {"fisher"} else "trak"
-        self.method: str = method
-        self.damping = None if damping is None else float(damping)
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise SketchConfigError(
-                f"`rank` must be a positive int or None (the full D-dimensional inverse), got {rank!r}."
-            )
-        self.rank = rank
-        self.chunk_size = chunk_size
-        self.index_kind = index
-        self.current_weights = bool(current_weights)
-        self.checkpoints = self._select(checkpoints)
-        if verify:
-            verify_runs(self.runs, self.models, self.sketches, self.layouts, self.loss_fn, self.checkpoints,
-                        current_weights=self.current_weights)
-        estimators = [{e[n] for n in self.checkpoints} for e in run_estimators]
-        run_kinds = [self._curvature_kind(e) for e in estimators]
+        #: the method object in use (``"auto"`` and string shorthands resolved); :meth:`tune_damping`
+        #: changes :attr:`damping_ratio`, not this record of the arguments given.
+        self.method_spec: AttributionMethod = spec
+        #: the method's name, one of :data:`METHODS`.
+        self.method: str = spec.name
+        damped = spec if isinstance(spec, (Trak, FisherIF)) else None
+        self.damping = None if damped is None or damped.damping is None else float(damped.damping)
+        ratio = None if damped is None else damped.damping_ratio
+        self.damping_ratio = DEFAULT_DAMPING_RATIO if ratio is None else float(ratio)
+        self.rank = None if damped is None else damped.rank
+        self.index_kind = spec.index if isinstance(spec, GradDot) else "flat"
+
+    def _kernel_name(self, run_estimators: list[dict[str, str | None]]) -> str | None:
+        """The kernel K_c that ``trak``/``fisher_if`` invert on the slices in use (``None`` otherwise).
+
+        Raises:
+            StoreNotFoundError: for ``fisher_if`` on a run that holds no sampled-label Fisher.
+        """
+        run_kinds = [self._curvature_kind({e[n] for n in self.checkpoints}) for e in run_estimators]
         kinds = set(run_kinds)
-        if method == "fisher_if" and not kinds <= {"fisher", "empirical"}:
-            missing = [str(r.root) for r, k in zip(self.runs, run_kinds) if k not in ("fisher", "empirical")]
-            raise StoreNotFoundError(
-                "method='fisher_if' needs the sampled-label Fisher that GradientSketch(curvature='fisher') "
-                f"writes; {missing} hold none (or TRAK's margin kernel). Use method='trak', or re-run "
-                "with curvature='fisher'."
-            )
-        #: the per-slice kernel K_c of ``trak``/``fisher_if``, gathered during fit: ``"margin"``
-        #: (TRAK's kernel of margin gradients), ``"gauss-newton"`` (of the model's output: regressions,
-        #: language models), ``"fisher"`` (sampled-label Fisher), ``"empirical"`` (the empirical
-        #: Fisher, for models whose task was not recognised), or ``"gradients"`` (GᵀG of the stored
-        #: loss gradients, when the runs hold no common kernel); ``None`` for the other methods.
-        self.kernel: str | None = None
-        if method == "trak":
+        if self.method == "fisher_if":
+            if not kinds <= {"fisher", "empirical"}:
+                missing = [str(r.root) for r, k in zip(self.runs, run_kinds)
+                           if k not in ("fisher", "empirical")]
+                raise StoreNotFoundError(
+                    "method='fisher_if' needs the sampled-label Fisher that "
+                    f"GradientSketch(curvature='fisher') writes; {missing} hold none (or TRAK's margin "
+                    "kernel). Use method='trak', or re-run with curvature='fisher'."
+                )
+            return "fisher" if kinds == {"fisher"} else "empirical"
+        if self.method == "trak":
             one = next(iter(kinds)) if len(kinds) == 1 else None
-            self.kernel = one if one is not None else "gradients"
-            if self.kernel == "gradients":
+            kernel = one if one is not None else "gradients"
+            if kernel == "gradients":
                 _warn_unrecorded_curvature(self.runs)
-        elif method == "fisher_if":
-            self.kernel = "fisher" if kinds == {"fisher"} else "empirical"
-        self.damping_ratio = DEFAULT_DAMPING_RATIO if damping_ratio is None else float(damping_ratio)
+            return kernel
+        return None
+
+    def _set_query_function(self, query_loss_fn: LossFn | None) -> None:
+        """Choose the queries' function: given, the model's margin (``trak``/``fisher_if``), or the loss."""
         #: which query function the scores measure: ``"given"`` (``query_loss_fn``), ``"margin"`` (the
         #: model's ``per_example_margin``, or the recognised task's margin) or ``"loss"`` (``loss_fn``).
         self.query_function: str = "given" if query_loss_fn is not None else "loss"
-        if query_loss_fn is None and method in _CURVED:
+        if query_loss_fn is None and self.method in _CURVED:
             if callable(getattr(self.model, "per_example_margin", None)):
                 query_loss_fn = negative_margin_of(self.model)
                 self.query_function = "margin"
         #: the queries' per-example function (minus the measurement); ``None`` until the first query
         #: when it comes from the recognised task (a margin kernel recorded from the model's logits).
         self.query_loss_fn: LossFn | None = query_loss_fn
-        if query_loss_fn is None and not (method in _CURVED and self.kernel == "margin"):
+        if query_loss_fn is None and not (self.method in _CURVED and self.kernel == "margin"):
             self.query_loss_fn = self.loss_fn
         elif query_loss_fn is None:
             self.query_function = "margin"
-        self._ids = torch.from_numpy(union_ids(self.runs, [self.checkpoints] * len(self.runs)))
-        self._pos_cache: dict[tuple[int, str], Tensor] = {}
-        self._eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
-        self._count_cache: dict[tuple[int, str], int] = {}
-        self._residual_cache: dict[tuple[int, str], float] = {}
-        self._norms: Tensor | None = None
-        self._eig: tuple[Tensor, Tensor] | None = None
-        if method == "arnoldi_if":
-            self._eig = self._eigenpairs(eigenpairs, snapshot, hessian_batches, arnoldi_k)
 
     @property
     def ids(self) -> Tensor:
@@ -352,42 +435,65 @@ class Attributor(ScoringEngine):
             out.append(q)
         return out
 
-    def view(self, method: Method) -> Attributor:
+    def view(self, method: MethodArg) -> Attributor:
         """The same runs, models and slices scored by another ``method``: a second view of the queries.
 
         The view scores what an ``Attributor(method=method)`` of these runs would (its own query
         function: the margin for ``trak``/``fisher_if`` where the model has one, else the loss), on
-        this Attributor's slices, without verifying the models again. Where both measure the same
+        this Attributor's slices, without verifying the models again. A method name keeps this
+        Attributor's arguments where the view's method takes them (the damping and rank between
+        ``trak`` and ``fisher_if``, the index of ``grad_dot``); a method object is used as given.
+        Where both measure the same
         function (:meth:`shares_queries`), pass this Attributor's :meth:`all_query_sketches` as the
         view's ``sketches=``; otherwise the view needs its own (once). The margin and the loss
         differ in more than scale over several slices: ∇ℓ = −(1 − p_c)∇m at slice c, and 1 − p_c
         shrinks as training fits the query (benchmarks/RESULTS.md, "What a proponent means").
-        A view of ``arnoldi_if`` beside another method is refused (it needs the Hessian's
-        eigenpairs); a view of a ``grad_cos`` default with ``trak`` uses all the default's slices.
+        A view of ``arnoldi_if`` needs eigenpairs: this Attributor's, or an :class:`ArnoldiIF` object
+        with a source of its own; a view of a ``grad_cos`` default with ``trak`` uses all the
+        default's slices.
 
         Raises:
-            SketchConfigError: for an unknown method, or ``"arnoldi_if"`` beside another method.
+            SketchConfigError: for an unknown method, or ``"arnoldi_if"`` without eigenpairs.
         """
-        if method == "arnoldi_if" and self._eig is None:
-            raise SketchConfigError(
-                "A view cannot use method='arnoldi_if' (it needs the Hessian's eigenpairs); build an "
-                "Attributor(method='arnoldi_if') with `snapshot=` or `hessian_batches=`."
-            )
+        spec = self._view_spec(method)
         multi = len(self.runs) > 1
         other = Attributor(
             [r.store for r in self.runs] if multi else self.runs[0].store,
             self.models if multi else self.model,
-            loss_fn=self.loss_fn, method=method, damping=self.damping, damping_ratio=self.damping_ratio,
+            loss_fn=self.loss_fn, method=spec,
             query_loss_fn=self.query_loss_fn if self.query_function == "given" else None,
-            checkpoints=self.checkpoints, eigenpairs=self._eig if method == "arnoldi_if" else None,
-            chunk_size=self.chunk_size, index=self.index_kind, current_weights=self.current_weights,
-            rank=self.rank if method in _CURVED else None, task=self.task, verify=False,
+            checkpoints=self.checkpoints, chunk_size=self.chunk_size, current_weights=self.current_weights,
+            task=self.task, verify=False,
         )
         for mine, theirs in zip(self.runs, other.runs):
             theirs.weights_dir, theirs.explicit_weights = mine.weights_dir, mine.explicit_weights
         if other.shares_queries(self) and self.query_loss_fn is not None:
             other.query_loss_fn = self.query_loss_fn
         return other
+
+    def _view_spec(self, method: MethodArg) -> MethodArg:
+        """The method object of a :meth:`view`: an object as given; a name with this one's arguments."""
+        if isinstance(method, ArnoldiIF):
+            sources = (method.eigenpairs, method.snapshot, method.hessian_batches)
+            if all(x is None for x in sources) and self._eig is not None:
+                return ArnoldiIF(k=method.k, eigenpairs=self._eig)
+            return method
+        if isinstance(method, _METHOD_TYPES):
+            return method
+        if method == "arnoldi_if":
+            if self._eig is None:
+                raise SketchConfigError(
+                    "A view cannot use method='arnoldi_if' (it needs the Hessian's eigenpairs); build an "
+                    "Attributor(method=ArnoldiIF(snapshot=...)) or ArnoldiIF(hessian_batches=...), or "
+                    "pass such an object to view()."
+                )
+            return ArnoldiIF(eigenpairs=self._eig)
+        if method in _CURVED and self.method in _CURVED:
+            ratio = None if self.damping is not None else self.damping_ratio
+            return method_from_name(method, damping=self.damping, damping_ratio=ratio, rank=self.rank)
+        if method == "grad_dot":
+            return GradDot(index=self.index_kind)
+        return method  # a name with its defaults ("auto" included); the Attributor checks it
 
     def shares_queries(self, other: Attributor) -> bool:
         """Whether ``other``'s :meth:`all_query_sketches` are this Attributor's: the same runs, slices
@@ -448,30 +554,62 @@ class Attributor(ScoringEngine):
         Raises:
             SketchConfigError: if ``k`` is not in ``[1, T]``, or ``sketches`` do not fit the runs.
         """
+        k = self._checked_k(k)
+        return self._ranked(self._sketches_of(batch, sketches), k, (opponents,))[0]
+
+    def proponents_opponents(
+        self, batch: Any, k: int = 10, sketches: list[list[Tensor]] | None = None
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """The ``k`` proponents and the ``k`` opponents of each query from one pass over the stored rows.
+
+        Equal to ``(top_k(batch, k), top_k(batch, k, opponents=True))``: each query chunk's scores
+        are accumulated once from the streamed rows and both ends are taken from them. A
+        single-run ``grad_dot`` through an approximate FAISS index searches that index twice (its
+        search is the pass). ``sketches`` stand for ``batch`` as in :meth:`top_k`.
+
+        Returns:
+            ``((ids [Q, k] int64, scores [Q, k] float64), (ids, scores))``: proponents, then
+            opponents, each strongest first; opponent scores keep their true (negative) sign.
+
+        Raises:
+            SketchConfigError: if ``k`` is not in ``[1, T]``, or ``sketches`` do not fit the runs.
+        """
+        k = self._checked_k(k)
+        pro, opp = self._ranked(self._sketches_of(batch, sketches), k, (False, True))
+        return pro, opp
+
+    def _checked_k(self, k: Any) -> int:
         T = len(self._ids)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T:
             raise SketchConfigError(f"`k` must be an int in [1, {T}] (stored examples), got {k!r}.")
-        sign = -1.0 if opponents else 1.0
-        qs = self._sketches_of(batch, sketches)
+        return k
+
+    def _ranked(self, qs: list[list[Tensor]], k: int, ends: tuple[bool, ...]) -> list[tuple[Tensor, Tensor]]:
+        """``(ids [Q, k], scores [Q, k])`` per entry of ``ends`` (``True``: opponents), from one pass."""
         if self.method == "grad_dot" and len(self.runs) == 1 and hasattr(self.store, "search"):
-            q = qs[0][-1]
-            s, i = self.store.search(
-                (sign * q).to(torch.float32).numpy(),
-                k,
-                checkpoint=self.checkpoints[-1],
-                index=self.index_kind,
-            )
-            s, i = torch.as_tensor(np.asarray(s), dtype=torch.float64), torch.as_tensor(np.asarray(i))
-            return i.to(torch.long), sign * s
-        Q = qs[0][0].shape[0]
-        ids_out, s_out = [], []
+            found = []
+            for opponents in ends:
+                sign = -1.0 if opponents else 1.0
+                s, i = self.store.search(
+                    (sign * qs[0][-1]).to(torch.float32).numpy(),
+                    k,
+                    checkpoint=self.checkpoints[-1],
+                    index=self.index_kind,
+                )
+                s, i = torch.as_tensor(np.asarray(s), dtype=torch.float64), torch.as_tensor(np.asarray(i))
+                found.append((i.to(torch.long), sign * s))
+            return found
+        Q, T = qs[0][0].shape[0], len(self._ids)
+        parts: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in ends]
         for sl in self._chunks(Q):
             part = torch.zeros(sl.stop - sl.start, T, dtype=torch.float64)
             self._accumulate([[q[sl] for q in run_q] for run_q in qs], part)
-            top, pos = (sign * part).topk(k, dim=1)
-            ids_out.append(self._ids[pos])
-            s_out.append(sign * top)
-        return torch.cat(ids_out), torch.cat(s_out)
+            for (ids_out, s_out), opponents in zip(parts, ends):
+                sign = -1.0 if opponents else 1.0
+                top, pos = (sign * part).topk(k, dim=1)
+                ids_out.append(self._ids[pos])
+                s_out.append(sign * top)
+        return [(torch.cat(ids_out), torch.cat(s_out)) for ids_out, s_out in parts]
 
 
 def _warn_unrecorded_curvature(runs: list[Run]) -> None:
