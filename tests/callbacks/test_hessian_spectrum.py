@@ -75,7 +75,7 @@ def _trainer(tmp_path, callbacks, max_steps, logger=False):
 
 def _callback(**kw) -> HessianSpectrum:
     args = {"k": 3, "sketch_kind": "dense", "sketch_dim": 32, "at_steps": [0, 2, 5], "every_n_steps": None,
-            "probe_batches": 2, "trace": True}
+            "probe_batches": 2, "trace": True, "budget": None}
     numerics = {"num_iter": 8, "density_runs": 2, "density_iter": 6, "trace_matvecs": 6}
     numerics.update({k: kw.pop(k) for k in list(kw) if k in numerics or k in ("hvp_method", "dtype", "mode")})
     args.update(kw, numerics=SpectrumNumerics(**numerics))
@@ -132,7 +132,7 @@ def test_training_is_not_disturbed(tmp_path):
     watched = TinyModule()
     cb = CheckingSpectrum(k=2, sketch_kind="dense", sketch_dim=16, at_steps=[0, 3, 6], every_n_steps=None,
                           numerics=SpectrumNumerics(num_iter=6, density_runs=1, density_iter=6), density=True,
-                          probe_batches=1, plot=False)
+                          probe_batches=1, plot=False, budget=None)
     _trainer(tmp_path / "b", [cb], 6).fit(watched, _loader())
     assert cb.checked == 3
     for a, b in zip(plain.parameters(), watched.parameters()):
