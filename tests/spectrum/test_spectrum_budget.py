@@ -1,4 +1,4 @@
-"""The spectrum budget's arithmetic (``lightning_sketch.spectrum.budget``) and its use by ``spectrum_snapshot``."""
+"""The spectrum budget's arithmetic (``spectrum.budget``) and its use by ``spectrum_snapshot``."""
 
 from __future__ import annotations
 
@@ -131,9 +131,10 @@ def test_snapshot_keeps_to_its_budget(budget):
     plan is known exactly: at most ``budget // 2`` HVPs, at least k Lanczos steps, Lanczos first."""
     model, loss_fn, batches = _problem()
     clock = TickClock(model)
-    snap = spectrum_snapshot(model, loss_fn, batches, k=4, sketch=None, generator=torch.Generator().manual_seed(0),
-                             density=None, density_runs=None, density_iter=None, cache_graph=False,
-                             tol=1e-12, stop_early=True, max_seconds=float(budget), clock=clock)
+    gen = torch.Generator().manual_seed(0)
+    snap = spectrum_snapshot(model, loss_fn, batches, k=4, sketch=None, generator=gen, density=None,
+                             density_runs=None, density_iter=None, cache_graph=False, tol=1e-12,
+                             stop_early=True, max_seconds=float(budget), clock=clock)
     dim = sum(p.numel() for p in model.parameters())
     assert snap.seconds_per_matvec == 2.0
     affordable = budget // 2
@@ -149,8 +150,8 @@ def test_snapshot_keeps_to_its_budget(budget):
 
 def test_snapshot_without_budget_is_unchanged():
     model, loss_fn, batches = _problem()
-    a = spectrum_snapshot(model, loss_fn, batches, k=4, generator=torch.Generator().manual_seed(0), density=True)
-    b = spectrum_snapshot(model, loss_fn, batches, k=4, generator=torch.Generator().manual_seed(0), density=None,
-                          density_runs=None, density_iter=None)
+    a = spectrum_snapshot(model, loss_fn, batches, k=4, generator=torch.Generator().manual_seed(0))
+    b = spectrum_snapshot(model, loss_fn, batches, k=4, generator=torch.Generator().manual_seed(0),
+                          density=None, density_runs=None, density_iter=None)
     assert a.eigs.num_matvecs == b.eigs.num_matvecs == 40 and a.num_matvecs == b.num_matvecs == 40 + 4 * 40
     torch.testing.assert_close(a.eigs.eigenvalues, b.eigs.eigenvalues, rtol=0, atol=0)
