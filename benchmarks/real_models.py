@@ -17,7 +17,8 @@ Four models, each trained with Lightning for a few steps:
 
 ``hessian_default`` is ``HessianSpectrum`` with every default (k = 10, affd D = 1024, the paper's
 snapshot steps, 4 probe batches, density when the budget allows, ``budget=1.0``); its line prints each
-snapshot's HVPs (Lanczos and in all), converged eigenpairs and skipped steps. A configuration whose
+snapshot's HVPs (Lanczos and in all), converged eigenpairs and skipped steps. ``hessian_default_p1``:
+the same on one probe batch; ``hessian_budget3``: the defaults with ``budget=3.0``. A configuration whose
 ``trainer.fit`` raises is reported as refused, with the error. Checkpoint configurations keep their
 weights and slice at every ``steps // 2`` steps; with ``--exactness`` each slice's stored rows of the
 first training batch are compared with ``Attributor.query_sketches`` of a freshly built model (the
@@ -326,7 +327,7 @@ class Timer:
 
 
 CONFIGS = ("inline_per_layer", "inline_affd", "checkpoint_per_layer", "checkpoint_affd", "hessian",
-           "hessian_default", "intrinsic")
+           "hessian_default", "hessian_default_p1", "hessian_budget3", "intrinsic")
 
 
 def make_callbacks(name, tmp, monitor, higher, steps, hvps):
@@ -355,6 +356,14 @@ def make_callbacks(name, tmp, monitor, higher, steps, hvps):
         from lightning_sketch.callbacks import HessianSpectrum
 
         return [HessianSpectrum(dirpath=f"{tmp}/hsd", plot=False)]  # every other argument at its default
+    if name == "hessian_default_p1":  # the defaults on one probe batch: 4x cheaper HVPs, the same budget
+        from lightning_sketch.callbacks import HessianSpectrum
+
+        return [HessianSpectrum(dirpath=f"{tmp}/hsd", plot=False, probe_batches=1)]
+    if name == "hessian_budget3":
+        from lightning_sketch.callbacks import HessianSpectrum
+
+        return [HessianSpectrum(dirpath=f"{tmp}/hsd", plot=False, budget=3.0)]
     if name == "intrinsic":
         return [IntrinsicDimension(sketch_kind="affd", sketch_dim=1024, mode="fixed", monitor=monitor,
                                    higher_is_better=higher, dirpath=tmp, plot=False)]

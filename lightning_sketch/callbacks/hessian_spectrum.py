@@ -96,7 +96,10 @@ class HessianSpectrum(Callback):
             2× a fit without the callback. Each snapshot gets an equal share of what is left; its unset
             counts (``num_iter``, ``density``, ``density_runs``, ``density_iter``) are chosen to fit.
             ``None``: no budget (every snapshot runs ``min(D, max(4k, 40))`` Lanczos steps at most and,
-            unless ``density=False``, 4 density probes of 40 steps).
+            unless ``density=False``, 4 density probes of 40 steps). Every snapshot runs at least k
+            Lanczos steps, and the fit's first always runs (its HVPs measure what an HVP costs), so a fit
+            shorter than about one such snapshot exceeds the budget; later snapshots that the fit's
+            remaining budget cannot pay k HVPs for are skipped (``skipped``).
         numerics: the numerical settings, a :class:`SpectrumNumerics` (most Lanczos steps
             ``num_iter``, convergence ``tol`` and ``stop_early``, ``hvp_method``, Krylov ``dtype``,
             module ``mode``, ``outlier_threshold``, ``density_runs``, ``density_iter``,
@@ -466,7 +469,9 @@ class HessianSpectrum(Callback):
     def _skip(self, trainer: Trainer, step: int, allowance: tuple[float, float]) -> bool:
         """Skip (and say so once per fit) when the fit's budget cannot pay for k HVPs."""
         per = self._per_matvec
-        if self._explicit() or not math.isfinite(per) or allowance[1] >= min(self.k, self._op_dim()) * per:
+        least = min(self.k, self._op_dim()) * per
+        enough = self._explicit() or not math.isfinite(per) or allowance[1] >= least
+        if trainer.strategy.broadcast(bool(enough)):  # rank 0 decides: every rank runs the snapshot or none
             return False
         self.skipped.append(step)
         self._last_step = step
