@@ -376,3 +376,14 @@ def test_budget_argument_errors():
     with pytest.raises(SketchConfigError, match="`density` must be True, False or None"):
         HessianSpectrum(density="yes")
     assert HessianSpectrum(budget=None).budget is None and HessianSpectrum(budget=2).budget == 2.0
+
+
+def test_snapshots_left_counts_the_schedule():
+    """The budget's share divides by the scheduled snapshots left: explicit steps and multiples of
+    ``every_n_steps`` in [step, last], each counted once (a brute-force count is the reference)."""
+    cb = HessianSpectrum(at_steps=[0, 10, 50, 100, 150], every_n_steps=100)
+    for step, last in ((0, 300), (60, 300), (100, 100), (151, 1000), (7, 9)):
+        brute = sum(1 for s in range(step, last + 1) if s in cb.at_steps or s % 100 == 0)
+        assert cb._snapshots_left(step, last) == max(1, brute)
+    only = HessianSpectrum(at_steps=[0, 10, 50], every_n_steps=None)
+    assert only._snapshots_left(0, 40) == 2 and only._snapshots_left(11, 60) == 1
