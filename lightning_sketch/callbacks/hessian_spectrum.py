@@ -17,7 +17,7 @@ zero), naming the first such step and what to change.
 Cost: by default (``budget=1.0``) the snapshots of a fit together take at most about as long as its
 training steps, so the fit takes about twice as long as without the callback. The callback times
 the training steps (``on_train_batch_start`` → ``on_train_batch_end``; before the first step, one
-forward+backward over a probe batch stands in) and each snapshot's HVPs, and
+forward+backward over a probe batch, timed in ``on_train_start``, stands in) and each snapshot's HVPs, and
 :mod:`lightning_sketch.spectrum.budget` turns the share left to a snapshot into HVP counts: Lanczos
 steps for the top-k pairs first, then density probes and steps from what remains (no density when
 nothing does). A snapshot that cannot afford k HVPs from what the whole fit has left is skipped, with
@@ -211,6 +211,7 @@ class HessianSpectrum(Callback):
         self._step_seconds, self._steps_timed = 0.0, 0
         self._step_t0: float | None = None
         self._spent, self._per_matvec, self._fit_start = 0.0, math.nan, 0
+        self._first_step_seconds: float | None = None
         self._warned_skip = self._warned_explicit = False
 
     # ------------------------------------------------------------------ policy
@@ -305,6 +306,12 @@ class HessianSpectrum(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start = int(trainer.global_step)
+        # fast_dev_run: see _maybe_snapshot
+        if self.budget is not None and not trainer.fast_dev_run:  # type: ignore[attr-defined]
+            # Timed here, before any batch: from on_train_batch_start on, other callbacks' hooks (an inline
+            # GradientSketch's capture) would record this forward+backward as part of the training step.
+            probe = self._prepare(trainer, pl_module)
+            self._first_step_seconds = self._probe_step_seconds(pl_module, probe[0])
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -439,7 +446,9 @@ class HessianSpectrum(Callback):
             return None
         if self._steps_timed:
             step_s = self._step_seconds / self._steps_timed
-        else:  # before the first step: one forward+backward over a probe batch stands in for a step
+        elif self._first_step_seconds is not None:  # before the first step, timed in on_train_start
+            step_s = self._first_step_seconds
+        else:  # called outside fit: one forward+backward over a probe batch stands in for a step
             step_s = self._probe_step_seconds(pl_module, probe[0])
         total = float(trainer.estimated_stepping_batches)
         if math.isfinite(total):
