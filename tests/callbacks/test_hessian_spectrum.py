@@ -132,7 +132,7 @@ def test_training_is_not_disturbed(tmp_path):
     watched = TinyModule()
     cb = CheckingSpectrum(k=2, sketch_kind="dense", sketch_dim=16, at_steps=[0, 3, 6], every_n_steps=None,
                           numerics=SpectrumNumerics(num_iter=6, density_runs=1, density_iter=6), density=True,
-                          probe_batches=1, plot=False, budget=None)
+                          probe_batches=1, plot=False)  # default budget: its timing pass must not disturb
     _trainer(tmp_path / "b", [cb], 6).fit(watched, _loader())
     assert cb.checked == 3
     for a, b in zip(plain.parameters(), watched.parameters()):
