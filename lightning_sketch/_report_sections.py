@@ -514,12 +514,14 @@ def _spectrum_figures(
                     if isinstance(v, (int, float))})
     names = names[:9]
     rows = [[e["step"], *[(e.get("scalars") or {}).get(n) for n in names]] for e in entries]
-    conv = [[st, int(s["converged"].sum()) if "converged" in s else None, len(s["eigenvalues"]),
-             float(s["residuals"].max()) if "residuals" in s and len(s["residuals"]) else None]
+    # "k of K converged": the top-K Ritz pairs whose residual met the snapshot's tolerance
+    conv = [[st, f"{int(s['converged'].sum())} of {len(s['eigenvalues'])}" if "converged" in s else None,
+             float(s["residuals"].max()) if "residuals" in s and len(s["residuals"]) else None,
+             s["meta"].get("lanczos_matvecs"), s["meta"].get("num_matvecs")]
             for st, s in snaps]
     return [_h3(f"{_rel(d, root)}: {len(snaps)} snapshots"), _png(fig),
             _table(["step", *names], rows, left=0),
-            _table(["step", "converged", "k", "max residual"], conv, left=0)]
+            _table(["step", "eigenpairs converged", "max residual", "Lanczos HVPs", "HVPs"], conv, left=0)]
 
 
 def _intrinsic_section(root: Path) -> list[dict[str, Any]]:

@@ -59,6 +59,7 @@ DOCTEST_MODULES = [
     "lightning_sketch.sketches.identity",
     "lightning_sketch.sketches.per_layer",
     "lightning_sketch.sketches.qk",
+    "lightning_sketch.spectrum.budget",
     "lightning_sketch.spectrum.density",
     "lightning_sketch.spectrum.lanczos",
     "lightning_sketch.spectrum.snapshot",

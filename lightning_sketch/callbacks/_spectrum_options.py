@@ -38,7 +38,8 @@ class SpectrumNumerics:
     """How each Hessian snapshot is computed (the defaults follow arXiv 2402.03994, App. B.8).
 
     Args:
-        num_iter: most Lanczos steps per snapshot (default ``min(D, max(4k, 40))``).
+        num_iter: most Lanczos steps per snapshot; None (default): ``min(D, max(4k, 40))``, or
+            fewer (at least k) to fit the callback's ``budget``. A number is kept whatever the budget.
         tol: convergence tolerance of the top-k Ritz pairs, relative to the largest |Ritz value|
             (≈ λ_max): a pair is converged when its residual ‖Hy − θy‖ ≤ tol·|λ_max|, i.e. it is an exact
             eigenpair of a Hessian perturbed by that relative amount; its eigenvalue is then off by
@@ -53,8 +54,11 @@ class SpectrumNumerics:
         mode: module mode during the HVPs (``"eval"`` turns dropout off so that every matvec sees
             the same loss); the original mode is restored.
         outlier_threshold: an eigenvalue is an outlier when λ_n/λ_1 exceeds it (paper: 0.2).
-        density_runs: SLQ probe vectors of the spectral density (``HessianSpectrum(density=True)``).
-        density_iter: Lanczos steps per SLQ probe.
+        density_runs: SLQ probe vectors of the spectral density; None (default): as many as the
+            callback's ``budget`` leaves room for, at most 4 (4 with ``budget=None``). A number is kept
+            whatever the budget.
+        density_iter: Lanczos steps per SLQ probe; None (default): 40, or fewer (at least 20) to fit
+            the budget. A number is kept whatever the budget.
         trace_matvecs: HVPs of the Hutch++ trace estimate (``HessianSpectrum(trace=True)``).
         cache_graph: with ``"double_backward"``, build the graph of ∇L over the probe set once per
             snapshot and run one backward pass per HVP (1.7-1.9x cheaper HVPs on the models of
@@ -74,15 +78,15 @@ class SpectrumNumerics:
     dtype: Literal["float32", "float64"] = "float64"
     mode: Literal["eval", "train"] = "eval"
     outlier_threshold: float = 0.2
-    density_runs: int = 4
-    density_iter: int = 40
+    density_runs: int | None = None
+    density_iter: int | None = None
     trace_matvecs: int = 30
     cache_graph: bool = True
 
     def __post_init__(self) -> None:
         _check_int("num_iter", self.num_iter, allow_none=True)
-        _check_int("density_runs", self.density_runs)
-        _check_int("density_iter", self.density_iter)
+        _check_int("density_runs", self.density_runs, allow_none=True)
+        _check_int("density_iter", self.density_iter, allow_none=True)
         _check_int("trace_matvecs", self.trace_matvecs, minimum=6)
         if self.hvp_method not in ("double_backward", "fwd_rev", "finite_difference"):
             raise SketchConfigError(

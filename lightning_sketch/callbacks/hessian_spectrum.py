@@ -14,13 +14,26 @@ Each snapshot's Lanczos stops once its top-k Ritz pairs have converged (residual
 the snapshot file and logged. A fit in which some snapshot's pairs did not converge warns once (rank
 zero), naming the first such step and what to change.
 
+Cost: by default (``budget=1.0``) the snapshots of a fit together take at most about as long as its
+training steps, so the fit takes about twice as long as without the callback. The callback times
+the training steps (``on_train_batch_start`` → ``on_train_batch_end``; before the first step, one
+forward+backward over a probe batch, timed in ``on_train_start``, stands in) and each snapshot's HVPs, and
+:mod:`lightning_sketch.spectrum.budget` turns the share left to a snapshot into HVP counts: Lanczos
+steps for the top-k pairs first, then density probes and steps from what remains (no density when
+nothing does). A snapshot that cannot afford k HVPs from what the whole fit has left is skipped, with
+one warning per fit. Explicit counts (``num_iter``, ``density_runs``, ``density_iter``,
+``density=True``, ``trace=True``) are kept and their snapshots never skipped, with one warning when
+they exceed the budget.
+
 It never changes training: HVPs use ``torch.func``/``autograd.grad`` (``.grad`` untouched), the
 module's train/eval mode is restored, and the global RNG streams are forked and restored.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +60,12 @@ from lightning_sketch.gradients.sharded import gathered
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.plots import save_png, spectrum_history_figure
 from lightning_sketch.sketches import KINDS, derive_seed, make
+from lightning_sketch.spectrum.budget import (
+    DEFAULT_DENSITY_ITER,
+    DEFAULT_DENSITY_RUNS,
+    default_lanczos_steps,
+    snapshot_seconds,
+)
 from lightning_sketch.spectrum.monitor import spectrum_snapshot
 from lightning_sketch.spectrum.snapshot import SnapshotWriter, load_snapshot
 
@@ -76,8 +95,18 @@ class HessianSpectrum(Callback):
         every_n_steps: also snapshot when ``global_step % every_n_steps == 0`` (None: off).
         at_steps: explicit snapshot steps (default: the paper's 0, 10, 50, ..., 500).
         probe_batches: number of batches of the train dataloader forming the fixed probe set.
-        density: also compute an SLQ spectral density (``density_runs × density_iter`` HVPs).
+        density: an SLQ spectral density (``density_runs × density_iter`` HVPs): None (default) when
+            the budget leaves room for it after the top-k pairs, True always, False never.
         trace: also estimate the trace of Φ H Φᵀ by Hutch++ (``trace_matvecs`` HVPs).
+        budget: the snapshots of a fit together may take at most ``budget`` times its training time
+            (the wall time of its training steps, measured): 1.0 (default) keeps the fit within about
+            2× a fit without the callback. Each snapshot gets an equal share of what is left; its unset
+            counts (``num_iter``, ``density``, ``density_runs``, ``density_iter``) are chosen to fit.
+            ``None``: no budget (every snapshot runs ``min(D, max(4k, 40))`` Lanczos steps at most and,
+            unless ``density=False``, 4 density probes of 40 steps). Every snapshot runs at least k
+            Lanczos steps, and the fit's first always runs (its HVPs measure what an HVP costs), so a fit
+            shorter than about one such snapshot exceeds the budget; later snapshots that the fit's
+            remaining budget cannot pay k HVPs for are skipped (``skipped``).
         numerics: the numerical settings, a :class:`SpectrumNumerics` (most Lanczos steps
             ``num_iter``, convergence ``tol`` and ``stop_early``, ``hvp_method``, Krylov ``dtype``,
             module ``mode``, ``outlier_threshold``, ``density_runs``, ``density_iter``,
@@ -115,8 +144,9 @@ class HessianSpectrum(Callback):
         every_n_steps: int | None = 1000,
         at_steps: list[int] | None = None,
         probe_batches: int = 4,
-        density: bool = True,
+        density: bool | None = None,
         trace: bool = False,
+        budget: float | None = 1.0,
         numerics: SpectrumNumerics | None = None,
         dirpath: str | None = None,
         plot: bool = True,
@@ -149,15 +179,25 @@ class HessianSpectrum(Callback):
         steps = list(PAPER_STEPS) if at_steps is None else list(at_steps)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
             raise SketchConfigError(f"`at_steps` must be a list of ints >= 0, got {at_steps!r}.")
-        for name, flag in (("density", density), ("trace", trace), ("plot", plot)):
+        for name, flag in (("trace", trace), ("plot", plot)):
             if not isinstance(flag, bool):
                 raise SketchConfigError(f"`{name}` must be a bool, got {flag!r}.")
+        if density is not None and not isinstance(density, bool):
+            raise SketchConfigError(f"`density` must be True, False or None (when the budget allows), got "
+                                    f"{density!r}.")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget < math.inf):
+            raise SketchConfigError(
+                f"`budget` must be a number > 0 (snapshots' time over training time; 1.0 keeps the fit "
+                f"within about 2x) or None for no budget, got {budget!r}."
+            )
         if loss_fn is not None and not callable(loss_fn):
             raise SketchConfigError("`loss_fn` must be callable(module, batch) -> [B], got "
                                     f"{type(loss_fn).__name__}.")
         self.k, self.sketch_kind, self.sketch_dim, self.seed = k, sketch_kind, sketch_dim, seed
         self.every_n_steps, self.at_steps = every_n_steps, sorted(set(steps))
         self.probe_batches, self.density, self.trace = probe_batches, density, trace
+        self.budget = None if budget is None else float(budget)
         self.dirpath, self.plot = dirpath, plot
         self.loss_fn, self.probe_dataloader = loss_fn, probe_dataloader
         self.include, self.exclude = include, exclude
@@ -171,6 +211,17 @@ class HessianSpectrum(Callback):
         #: (run_id, index generation) of the snapshot directory recorded in the resume checkpoint
         self._resume_index: tuple[Any, Any] | None = None
         self._warned_unconverged = False
+        #: the clock timing training steps and snapshots (seconds, monotonic); tests replace it.
+        self.clock: Callable[[], float] = time.perf_counter
+        self.skipped: list[int] = []
+        self._reset_timing()
+
+    def _reset_timing(self) -> None:
+        self._step_seconds, self._steps_timed = 0.0, 0
+        self._step_t0: float | None = None
+        self._spent, self._per_matvec, self._fit_start = 0.0, math.nan, 0
+        self._first_step_seconds: float | None = None
+        self._warned_skip = self._warned_explicit = False
 
     # ------------------------------------------------------------------ policy
     @property
@@ -192,6 +243,7 @@ class HessianSpectrum(Callback):
         if stage != "fit":
             return
         self._warned_unconverged = False
+        self._reset_timing()
         self._check_strategy(trainer.strategy)
         self._loss_fn(pl_module)  # fail at setup, not at the first snapshot
         base = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hessian_spectrum")
@@ -256,6 +308,26 @@ class HessianSpectrum(Callback):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._maybe_snapshot(trainer, pl_module)
+        self._step_t0 = self.clock()  # after this hook's snapshot: the step's own time starts here
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._step_t0 is not None:
+            self._step_seconds += self.clock() - self._step_t0
+            self._steps_timed += 1
+            self._step_t0 = None
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fit_start = int(trainer.global_step)
+        # fast_dev_run: see _maybe_snapshot
+        if self.budget is not None and not trainer.fast_dev_run:  # type: ignore[attr-defined]
+            # Timed here, before any batch: from on_train_batch_start on, other callbacks' hooks (an inline
+            # GradientSketch's capture) would record this forward+backward as part of the training step.
+            probe = self._prepare(trainer, pl_module)
+            self._first_step_seconds = self._probe_step_seconds(pl_module, probe[0])
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -293,9 +365,16 @@ class HessianSpectrum(Callback):
         self._prepare(trainer, pl_module)
         self.snapshot(trainer, pl_module, step)
 
-    def snapshot(self, trainer: Trainer, pl_module: LightningModule, step: int) -> dict[str, Any]:
-        """Run one snapshot now (all ranks), log it, write its file (rank 0) and record it."""
+    def snapshot(self, trainer: Trainer, pl_module: LightningModule, step: int) -> dict[str, Any] | None:
+        """Run one snapshot now (all ranks), log it, write its file (rank 0) and record it.
+
+        Returns:
+            The history entry, or None when the budget is spent (the step is added to ``skipped``).
+        """
         probe = self._prepare(trainer, pl_module)
+        allowance = self._allowance(trainer, pl_module, step, probe)
+        if allowance is not None and self._skip(trainer, step, allowance):
+            return None
         world = trainer.world_size
         ddp_reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if world > 1 else None
         bar = progress_bar(trainer, self._expected_matvecs(), f"HessianSpectrum step {step}", unit="HVP")
@@ -317,15 +396,23 @@ class HessianSpectrum(Callback):
                     pl_module, self._loss_fn(pl_module), probe, k=min(self.k, self._op_dim()),
                     sketch=self._sketch, num_iter=self._num_iter(), method=num.hvp_method,
                     layout=self._layout, generator=gen, density=self.density, density_runs=num.density_runs,
-                    density_iter=min(num.density_iter, self._op_dim()), trace=self.trace,
+                    density_iter=None if num.density_iter is None else min(num.density_iter, self._op_dim()),
+                    trace=self.trace,
                     trace_matvecs=num.trace_matvecs, threshold=num.outlier_threshold,
                     dtype=getattr(torch, num.dtype), reduce=reduce, cache_graph=num.cache_graph,
                     tol=num.tol, tol_scale="norm", stop_early=num.stop_early,
+                    max_seconds=None if allowance is None else allowance[0], clock=self.clock,
                 )
         finally:
             if bar is not None:
                 bar.close()
         scalars = snap.scalars()
+        self._spent += snap.seconds
+        if math.isfinite(snap.seconds_per_matvec):
+            self._per_matvec = snap.seconds_per_matvec
+        if allowance is not None:
+            scalars["budget_seconds"] = allowance[0]
+            self._warn_explicit(snap, step, allowance[0])
         self._warn_unconverged(snap, step)
         entry = {"step": step, "eigenvalues": snap.eigs.eigenvalues.tolist(), "scalars": scalars,
                  "file": None}
@@ -335,6 +422,8 @@ class HessianSpectrum(Callback):
             meta = {"sketch_spec": snap.sketch_spec, "scalars": scalars, "which": "LA",
                     "num_matvecs": snap.num_matvecs, "lanczos_matvecs": snap.eigs.num_matvecs,
                     "tol": self.numerics.tol, "tol_scale": "norm", "hvp_method": self.numerics.hvp_method,
+                    "budget": self.budget,
+                    "density_runs": 0 if snap.density is None else len(snap.density.nodes),
                     "world_size": world,
                     "probe_batches": len(probe), "layout_fingerprint": self._layout.fingerprint()}
             entry["file"] = str(self._writer.write(step, snap.arrays(), meta))
@@ -355,12 +444,113 @@ class HessianSpectrum(Callback):
         worst = float(snap.relative_residuals().max())
         more = (f"raise `numerics.num_iter` (SpectrumNumerics(num_iter=...), now {steps}; at most "
                 f"D={self._op_dim()}) or " if steps < self._op_dim() else "")
+        if self.budget is not None and self.numerics.num_iter is None and steps < default_lanczos_steps(
+                conv.numel(), self._op_dim()):
+            more = (f"raise `budget` (now {self.budget:g}: it allowed {steps} Lanczos steps), set "
+                    f"`numerics.num_iter` (an explicit count is kept whatever the budget) or ")
         rank_zero_warn(
             f"HessianSpectrum: at step {step} only {int(conv.sum())} of {k} top eigenpairs converged after "
             f"{steps} Lanczos steps (largest relative residual {worst:.3g} > tol={self.numerics.tol:g}); "
             f"their eigenvalues are approximate. To converge, {more}ask for fewer eigenpairs (`k`). "
             "Warned once per fit; every snapshot logs hessian/converged and hessian/max_rel_residual."
         )
+
+    # ------------------------------------------------------------------ budget
+    def _allowance(self, trainer: Trainer, pl_module: LightningModule, step: int,
+                   probe: list[Any]) -> tuple[float, float] | None:
+        """``(seconds for this snapshot, seconds left to the fit's snapshots)`` (rank 0's), or None."""
+        if self.budget is None:
+            return None
+        if self._steps_timed:
+            step_s = self._step_seconds / self._steps_timed
+        elif self._first_step_seconds is not None:  # before the first step, timed in on_train_start
+            step_s = self._first_step_seconds
+        else:  # called outside fit: one forward+backward over a probe batch stands in for a step
+            step_s = self._probe_step_seconds(pl_module, probe[0])
+        total = float(trainer.estimated_stepping_batches)
+        if math.isfinite(total):
+            train_steps, left = max(1.0, total - self._fit_start), self._snapshots_left(step, int(total))
+        else:  # an open-ended fit: the steps up to the next snapshot pay for this one
+            nxt = self._next_step(step)
+            train_steps, left = float(nxt - self._fit_start), 1
+        share = snapshot_seconds(self.budget, step_s, train_steps, self._spent, max(1, left))
+        out = (share, share * max(1, left))
+        return tuple(trainer.strategy.broadcast(out))  # type: ignore[return-value]
+
+    def _probe_step_seconds(self, pl_module: LightningModule, batch: Any) -> float:
+        """Wall time of one forward+backward over ``batch`` (no ``.grad`` written, RNG and mode restored)."""
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        # eval mode: BatchNorm must not update its running statistics outside training
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), train_mode(pl_module, False):
+            t = self.clock()
+            loss = self._loss_fn(pl_module)(pl_module, batch).mean()
+            torch.autograd.grad(loss, params, allow_unused=True)
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)
+            seconds = self.clock() - t
+        self._spent += seconds
+        return seconds
+
+    def _skip(self, trainer: Trainer, step: int, allowance: tuple[float, float]) -> bool:
+        """Skip (and say so once per fit) when the fit's budget cannot pay for k HVPs."""
+        per = self._per_matvec
+        least = min(self.k, self._op_dim()) * per
+        enough = self._explicit() or not math.isfinite(per) or allowance[1] >= least
+        if trainer.strategy.broadcast(bool(enough)):  # rank 0 decides: every rank runs the snapshot or none
+            return False
+        self.skipped.append(step)
+        self._last_step = step
+        if not self._warned_skip:
+            self._warned_skip = True
+            rank_zero_warn(
+                f"HessianSpectrum: skipped the snapshot at step {step}: the budget (budget={self.budget:g}, "
+                f"snapshots together at most {self.budget:g}x the training time) has {allowance[1]:.3g} s "
+                f"left, less than k={self.k} HVPs of {per:.3g} s. Raise `budget`, snapshot less often "
+                "(`at_steps`, `every_n_steps`) or pass budget=None. Warned once per fit; the skipped steps "
+                "are in `HessianSpectrum.skipped`."
+            )
+        return True
+
+    def _explicit(self) -> list[str]:
+        """The counts set explicitly (kept over the budget; such snapshots are never skipped)."""
+        num = self.numerics
+        return [name for name, on in (
+            ("numerics.num_iter", num.num_iter is not None), ("density=True", self.density is True),
+            ("numerics.density_runs", num.density_runs is not None),
+            ("numerics.density_iter", num.density_iter is not None), ("trace=True", self.trace),
+        ) if on]
+
+    def _warn_explicit(self, snap: Any, step: int, allowed: float) -> None:
+        """Warn once per fit when explicit counts made a snapshot exceed its share of the budget."""
+        explicit = self._explicit()
+        if self._warned_explicit or not explicit or snap.seconds <= allowed:
+            return
+        self._warned_explicit = True
+        rank_zero_warn(
+            f"HessianSpectrum: the snapshot at step {step} took {snap.seconds:.3g} s "
+            f"({snap.num_matvecs} HVPs) "
+            f"against the {allowed:.3g} s its share of budget={self.budget:g} allowed, because explicit "
+            f"settings are kept over the budget: {', '.join(explicit)}. Leave them unset to let the budget "
+            "choose, or raise `budget` (None: no budget). Warned once per fit."
+        )
+
+    def _next_step(self, step: int) -> int:
+        later = [s for s in self.at_steps if s > step]
+        if self.every_n_steps is not None:
+            later.append((step // self.every_n_steps + 1) * self.every_n_steps)
+        return min(later) if later else step + 1
+
+    def _snapshots_left(self, step: int, last: int) -> int:
+        """Scheduled snapshot steps in ``[step, last]``."""
+        if last < step:
+            return 1
+        extra = sum(1 for s in self.at_steps if step <= s <= last and (
+            self.every_n_steps is None or s % self.every_n_steps))
+        if self.every_n_steps is None:
+            return max(1, extra)
+        n = self.every_n_steps
+        return max(1, extra + last // n - (step - 1) // n if step > 0 else extra + last // n + 1)
 
     def _op_dim(self) -> int:
         return self._sketch.sketch_dim if self._sketch is not None else self._layout.dim
@@ -369,7 +559,9 @@ class HessianSpectrum(Callback):
         """Matvecs of one snapshot (Lanczos, density, trace, plus the probe gradient): the bar's total."""
         dim = self._op_dim()
         lanczos = self._num_iter() or min(dim, max(4 * self.k, 40))
-        density = self.numerics.density_runs * min(self.numerics.density_iter, dim) if self.density else 0
+        runs = self.numerics.density_runs or DEFAULT_DENSITY_RUNS
+        steps = min(self.numerics.density_iter or DEFAULT_DENSITY_ITER, dim)
+        density = runs * steps if self.density is not False else 0
         return lanczos + density + (self.numerics.trace_matvecs if self.trace else 0) + 1
 
     def _num_iter(self) -> int | None:
@@ -385,12 +577,14 @@ class HessianSpectrum(Callback):
                 # the snapshot directory this checkpoint was saved with: a resume refuses another run's
                 # index or an older copy of it
                 "run_id": None if w is None else w.run_id,
-                "index_generation": None if w is None else w.generation}
+                "index_generation": None if w is None else w.generation,
+                "skipped": list(self.skipped)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self._last_step = int(state_dict.get("last_step", -1))
+        self.skipped = [int(s) for s in state_dict.get("skipped", [])]
         self._resume_index = (state_dict.get("run_id"), state_dict.get("index_generation"))
 
     @override

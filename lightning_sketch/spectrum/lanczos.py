@@ -227,6 +227,7 @@ def lanczos(
     tol_scale: TolScale = "value",
     stop_early: bool = False,
     check_every: int = 2,
+    stop: Callable[[int], bool] | None = None,
 ) -> KrylovResult:
     """Top-k Ritz pairs of a symmetric operator by Lanczos with full re-orthogonalisation.
 
@@ -255,6 +256,8 @@ def lanczos(
             steps. The steps taken are a prefix of the fixed-``num_iter`` run, so when the pairs do
             not converge the result is the same as with ``stop_early=False``.
         check_every: steps between convergence checks (each an m × m eigen-decomposition of T_m).
+        stop: called after each step from the k-th on with the number of steps taken; True ends the
+            iteration there (e.g. a time budget). Under DDP it must decide the same on every rank.
 
     Returns:
         A :class:`KrylovResult` with ``eigenvalues [k]``, ``eigenvectors [k, n]``,
@@ -279,7 +282,11 @@ def lanczos(
 
     def should_stop(alpha: Tensor, beta: Tensor) -> bool:
         steps = alpha.shape[0]
-        if steps < k or steps % check_every:
+        if steps < k:
+            return False
+        if stop is not None and stop(steps):
+            return True
+        if not stop_early or steps % check_every:
             return False
         theta, s = _ritz(alpha, beta)
         idx = _select(theta, k, which)
@@ -294,7 +301,7 @@ def lanczos(
         generator=generator,
         dtype=dtype,
         device=device,
-        should_stop=should_stop if stop_early else None,
+        should_stop=should_stop if stop_early or stop is not None else None,
     )
     theta, s = _ritz(alpha, beta)
     ritz_res = (beta[-1] * s[-1, :]).abs()

@@ -75,7 +75,7 @@ def _trainer(tmp_path, callbacks, max_steps, logger=False):
 
 def _callback(**kw) -> HessianSpectrum:
     args = {"k": 3, "sketch_kind": "dense", "sketch_dim": 32, "at_steps": [0, 2, 5], "every_n_steps": None,
-            "probe_batches": 2, "trace": True}
+            "probe_batches": 2, "trace": True, "budget": None}
     numerics = {"num_iter": 8, "density_runs": 2, "density_iter": 6, "trace_matvecs": 6}
     numerics.update({k: kw.pop(k) for k in list(kw) if k in numerics or k in ("hvp_method", "dtype", "mode")})
     args.update(kw, numerics=SpectrumNumerics(**numerics))
@@ -132,7 +132,7 @@ def test_training_is_not_disturbed(tmp_path):
     watched = TinyModule()
     cb = CheckingSpectrum(k=2, sketch_kind="dense", sketch_dim=16, at_steps=[0, 3, 6], every_n_steps=None,
                           numerics=SpectrumNumerics(num_iter=6, density_runs=1, density_iter=6), density=True,
-                          probe_batches=1, plot=False)
+                          probe_batches=1, plot=False)  # default budget: its timing pass must not disturb
     _trainer(tmp_path / "b", [cb], 6).fit(watched, _loader())
     assert cb.checked == 3
     for a, b in zip(plain.parameters(), watched.parameters()):
@@ -286,3 +286,104 @@ def test_converged_snapshots_stop_early_and_record_the_steps(tmp_path):
     lam = torch.tensor(full.history[0]["eigenvalues"])
     got = torch.tensor(cb.history[0]["eigenvalues"])
     torch.testing.assert_close(got, lam, rtol=0, atol=1e-2 * float(lam[0]))
+
+
+# --------------------------------------------------------------------------- the default budget
+class TickClock:
+    """A clock that advances one unit per forward of the watched module: a training step costs 1, an
+    HVP without the kept graph one per probe batch (the injected clock makes the budget exact)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.now = 0.0
+        module.register_forward_pre_hook(self._tick)
+
+    def _tick(self, *args) -> None:
+        self.now += 1.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _budget_fit(tmp_path, budget, **kw):
+    torch.manual_seed(0)
+    module = TinyModule()
+    args = {"k": 3, "sketch_kind": "dense", "sketch_dim": 32, "at_steps": [0, 10, 20], "every_n_steps": None,
+            "probe_batches": 2, "plot": False, "budget": budget,
+            "numerics": SpectrumNumerics(cache_graph=False, tol=1e-12)}
+    args.update(kw)
+    cb = HessianSpectrum(**args)
+    cb.clock = TickClock(module.net)  # training_step and the HVPs call the net, not the LightningModule
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [cb], 20).fit(module, _loader())
+    return cb, [str(w.message) for w in caught if "HessianSpectrum" in str(w.message)]
+
+
+def test_default_budget_bounds_each_snapshot(tmp_path):
+    """budget=1.0 (the default): 20 training steps of 1 unit give the snapshots 20 units, less the one
+    forward+backward (1 unit) that stands in for a step before the first; an HVP costs 2 units (two
+    probe batches), the probe gradient 2. Step 0 gets (20 - 1) / 3 = 6.33 units: its k = 3 Lanczos
+    steps (6) already exceed it by the end of the gradient (8); step 10 gets (20 - 9) / 2 = 5.5 and the
+    whole fit still has 11 >= 3 HVPs, so k steps again (spent 17); step 20 has 3 units left, less than
+    k HVPs (6): skipped, with one warning."""
+    assert HessianSpectrum().budget == 1.0
+    cb, msgs = _budget_fit(tmp_path, 1.0)
+    assert [e["step"] for e in cb.history] == [0, 10] and cb.skipped == [20]
+    for e, share in zip(cb.history, (19 / 3, 11 / 2)):
+        s = e["scalars"]
+        assert s["budget_seconds"] == pytest.approx(share)
+        assert s["lanczos_matvecs"] == s["matvecs"] == 3  # at least k; nothing left for a density
+        assert s["seconds_per_matvec"] == 2.0 and s["seconds"] == 8.0
+    assert sum("skipped the snapshot at step 20" in m for m in msgs) == 1
+    unconverged = [m for m in msgs if "eigenpairs converged" in m]
+    assert len(unconverged) == 1 and "raise `budget` (now 1: it allowed 3 Lanczos steps)" in unconverged[0]
+    assert not [m for m in msgs if "explicit settings" in m]
+
+
+def test_larger_budget_buys_lanczos_steps_then_density(tmp_path):
+    """budget=5: 100 units. Each snapshot's Lanczos steps follow the rule exactly: at the k-th step
+    (6 units in), the HVPs that fit in the rest of its share, less one for the gradient."""
+    from lightning_sketch.spectrum.budget import affordable_matvecs, lanczos_steps
+
+    cb, _ = _budget_fit(tmp_path, 5.0)
+    assert [e["step"] for e in cb.history] == [0, 10, 20] and cb.skipped == []
+    spent = 1.0  # the stand-in forward+backward before step 0
+    for e, left in zip(cb.history, (3, 2, 1)):
+        s = e["scalars"]
+        share = (100 - spent) / left
+        assert s["budget_seconds"] == pytest.approx(share)
+        steps = lanczos_steps(3 + affordable_matvecs(share - 6, 2.0) - 1, 3, 32)
+        assert s["lanczos_matvecs"] == steps
+        assert s["seconds"] == 2 * s["matvecs"] + 2 <= share + 1e-9  # the snapshot kept to its share
+        spent += s["seconds"]
+    assert spent <= 100
+
+
+def test_explicit_counts_win_over_the_budget_and_warn_once(tmp_path):
+    numerics = SpectrumNumerics(num_iter=12, density_runs=1, density_iter=5, cache_graph=False)
+    cb, msgs = _budget_fit(tmp_path, 1.0, numerics=numerics)
+    assert [e["step"] for e in cb.history] == [0, 10, 20] and cb.skipped == []  # never skipped
+    assert all(e["scalars"]["lanczos_matvecs"] <= 12 and e["scalars"]["matvecs"] > 12 for e in cb.history)
+    explicit = [m for m in msgs if "explicit settings" in m]
+    assert len(explicit) == 1
+    assert "numerics.num_iter, numerics.density_runs, numerics.density_iter" in explicit[0]
+
+
+def test_budget_argument_errors():
+    for bad in (0, -1.0, float("inf"), True, "1"):
+        with pytest.raises(SketchConfigError, match="`budget` must be a number > 0"):
+            HessianSpectrum(budget=bad)
+    with pytest.raises(SketchConfigError, match="`density` must be True, False or None"):
+        HessianSpectrum(density="yes")
+    assert HessianSpectrum(budget=None).budget is None and HessianSpectrum(budget=2).budget == 2.0
+
+
+def test_snapshots_left_counts_the_schedule():
+    """The budget's share divides by the scheduled snapshots left: explicit steps and multiples of
+    ``every_n_steps`` in [step, last], each counted once (a brute-force count is the reference)."""
+    cb = HessianSpectrum(at_steps=[0, 10, 50, 100, 150], every_n_steps=100)
+    for step, last in ((0, 300), (60, 300), (100, 100), (151, 1000), (7, 9)):
+        brute = sum(1 for s in range(step, last + 1) if s in cb.at_steps or s % 100 == 0)
+        assert cb._snapshots_left(step, last) == max(1, brute)
+    only = HessianSpectrum(at_steps=[0, 10, 50], every_n_steps=None)
+    assert only._snapshots_left(0, 40) == 2 and only._snapshots_left(11, 60) == 1

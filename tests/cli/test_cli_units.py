@@ -174,6 +174,7 @@ def test_report_with_spectrum_and_intrinsic(tmp_path):
     spectrum = text.split('<section id="spectrum">')[1].split("</section>")[0]
     assert "3 snapshots" in spectrum and spectrum.count("data:image/png;base64,") == 1
     assert "lambda_max" in spectrum and "rneg" in spectrum and "max residual" in spectrum
+    assert "eigenpairs converged" in spectrum and spectrum.count(">2 of 3<") == 3  # each snapshot's count
     intrinsic = text.split('<section id="intrinsic">')[1].split("</section>")[0]
     assert "D* = 32" in intrinsic and "data:image/png;base64," in intrinsic and ">double<" in intrinsic
     for absent in ("No sketch store", "No attribution query results", "No Lightning CSV logger"):

@@ -116,7 +116,7 @@ def test_two_spectrum_writers_never_mix_or_overwrite(tmp_path):
 
 def _hs(d: Path) -> HessianSpectrum:
     return HessianSpectrum(k=2, sketch_kind="dense", sketch_dim=8, at_steps=[0, 2], every_n_steps=None,
-                           density=False, plot=False, probe_batches=1, dirpath=str(d))
+                           density=False, plot=False, probe_batches=1, dirpath=str(d), budget=None)
 
 
 @pytest.mark.slow  # whole training runs
