@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lightning_sketch.callbacks._option_groups import merge_flat_options
 from lightning_sketch.exceptions import SketchConfigError
 
 __all__ = ["SpectrumNumerics"]
@@ -106,11 +105,3 @@ class SpectrumNumerics:
         t = self.outlier_threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
             raise SketchConfigError(f"`outlier_threshold` must be in (0, 1), got {t!r}.")
-
-
-def merge_flat_numerics(numerics: SpectrumNumerics | None, flat: dict[str, Any]) -> SpectrumNumerics:
-    """``numerics``, or one built from the deprecated flat keyword arguments (``HessianSpectrum(...)``)."""
-    return merge_flat_options(
-        SpectrumNumerics, numerics, flat, owner="HessianSpectrum", arg="numerics", what="numerical settings",
-        error=SketchConfigError,
-    )

@@ -47,7 +47,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sketch.callbacks._progress import progress_bar
-from lightning_sketch.callbacks._spectrum_options import SpectrumNumerics, merge_flat_numerics
+from lightning_sketch.callbacks._spectrum_options import SpectrumNumerics
 from lightning_sketch.callbacks._strategy import check_model_parallel
 from lightning_sketch.exceptions import (
     RunMismatchError,
@@ -125,8 +125,6 @@ class HessianSpectrum(Callback):
             trainable), as in ``GradientSketch(include=...)``; with the same patterns and sketch
             spec the snapshots match a gradient store's layout (``arnoldi_if``).
         exclude: fnmatch patterns of parameters to leave out (held fixed in the HVPs).
-        **flat_numerics: deprecated: the fields of ``numerics`` as keyword arguments
-            (``num_iter=40``); they warn and may not be combined with ``numerics``.
 
     Raises:
         SketchConfigError: on invalid arguments.
@@ -154,7 +152,6 @@ class HessianSpectrum(Callback):
         probe_dataloader: Any = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
-        **flat_numerics: Any,
     ) -> None:
         super().__init__()
         for name, pats in (("include", include), ("exclude", exclude)):
@@ -168,7 +165,9 @@ class HessianSpectrum(Callback):
         _check_pos("sketch_dim", sketch_dim)
         _check_pos("every_n_steps", every_n_steps, allow_none=True)
         _check_pos("probe_batches", probe_batches)
-        self.numerics = merge_flat_numerics(numerics, flat_numerics)
+        if numerics is not None and not isinstance(numerics, SpectrumNumerics):
+            raise SketchConfigError(f"`numerics` must be a SpectrumNumerics, got {type(numerics).__name__}.")
+        self.numerics = numerics if numerics is not None else SpectrumNumerics()
         if sketch_kind is not None and sketch_kind not in KINDS:
             raise SketchConfigError(f"`sketch_kind` must be one of {sorted(KINDS)} or None, got "
                                     f"{sketch_kind!r}.")

@@ -79,14 +79,12 @@ def test_every_n_epochs_warning_is_rank_zero_only(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- option groups
-def test_flat_numerics_are_a_deprecated_alias_of_the_group():
-    with pytest.warns(DeprecationWarning, match=r"numerics=SpectrumNumerics\(density_runs=\.\.\., num_iter=\.\.\.\)"):
-        cb = HessianSpectrum(num_iter=12, density_runs=2)
-    assert cb.numerics == SpectrumNumerics(num_iter=12, density_runs=2)
-    with pytest.raises(SketchConfigError, match="once"):
-        HessianSpectrum(num_iter=12, numerics=SpectrumNumerics())
+def test_numerics_is_the_only_way_to_pass_numerical_settings():
     with pytest.raises(TypeError, match="unexpected keyword"):
-        HessianSpectrum(num_iters=12)
+        HessianSpectrum(num_iter=12)  # type: ignore[call-arg]
+    with pytest.raises(SketchConfigError, match="must be a SpectrumNumerics"):
+        HessianSpectrum(numerics={"num_iter": 12})  # type: ignore[arg-type]
+    assert HessianSpectrum(numerics=SpectrumNumerics(num_iter=12)).numerics.num_iter == 12
     with pytest.raises(SketchConfigError, match="`trace_matvecs` must be an int >= 6"):
         SpectrumNumerics(trace_matvecs=3)
 
