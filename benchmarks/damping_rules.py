@@ -25,18 +25,18 @@ and ‖y‖², with K = U diag(s) Uᵀ and c = Uᵀ Φᵀy:
 
 * ``gcv``       GCV(λ) = T‖(I − H_λ)y‖² / (T − d_eff(λ))², ‖(I − H_λ)y‖² = ‖y‖² − Σ c_i²(s_i + 2λ)/(s_i + λ)²,
                 d_eff = Σ s_i/(s_i + λ). ‖y‖² is not stored (the rows give y_t‖φ_t‖, not y_t): it is
-                max(‖Py‖², T·tr(GᵀG)/tr(K)), ‖Py‖² = Σ c_i²/s_i the part of y in Φ's column space
-                (exact when Φ has full row rank, T ≤ rank K) and T·tr(GᵀG)/tr(K) the estimate with every
-                ‖φ_t‖² at its mean.
+                ‖Py‖² = Σ c_i²/s_i, the part of y in Φ's column space, when Φ has full row rank
+                (rank K ≥ T: then ‖Py‖² = ‖y‖² exactly), else max(‖Py‖², T·tr(GᵀG)/tr(K)), the
+                second the estimate with every ‖φ_t‖² at its mean.
 * ``gcv_py``    the same with ‖y‖² = ‖Py‖² (the part of y that no λ can fit is dropped).
 * ``evidence``  the type-II maximum likelihood of Bayesian ridge regression y ~ N(0, σ²(I + ΦΦᵀ/λ)),
                 σ² profiled out: minimise T·log(‖y‖² − Σ c_i²/(s_i + λ)) + Σ log(1 + s_i/λ).
 * ``press``     the closed-form leave-one-out error of the kernel ridge fit, Σ_t (e_t/(1 − h_tt))²
-                with e = (I − H_λ)y, h_tt = g_tᵀ(K + λI)⁻¹g_t / y_t². y_t² is read as
-                max(‖g_t‖²·T/tr(K), g_tᵀK⁺g_t) (the second is y_t² times the leverage h_tt(0) ≤ 1: a lower
-                bound, exact when Φ has full row rank); rows with g_t = 0 (y_t = 0, φ_t unknown) are left
-                out. Cost O(T·D²) per slice for the rotation GU (one pass); ``PRESS_ROWS`` rows at most
-                (a uniform subset beyond), which bounds it on a large store.
+                with e = (I − H_λ)y, h_tt = g_tᵀ(K + λI)⁻¹g_t / y_t². y_t² is g_tᵀK⁺g_t
+                (y_t² times the leverage h_tt(0): exact when rank K ≥ T), else the larger of that lower
+                bound and ‖g_t‖²·T/tr(K); rows with g_t = 0 (y_t = 0, φ_t unknown) are left out. Cost
+                O(T·D²) per slice for the rotation GU (one pass); ``PRESS_ROWS`` rows at most (a uniform
+                subset beyond), which bounds it on a large store.
 * ``lcurve``    the corner of the L-curve (log‖(I − H_λ)y‖, log‖w_λ‖), w_λ = (K + λI)⁻¹Φᵀy: the
                 point of largest curvature on the grid.
 
@@ -50,8 +50,17 @@ Run (from the repository root, after ``attr_suite.py`` has fitted the runs)::
 
     nice .venv/bin/python benchmarks/damping_rules.py            # all cached tasks
     nice .venv/bin/python benchmarks/damping_rules.py --tasks binary_small,regression
+    # the per-slice procedures without a constant, then the slice profiles of the one-ratio procedures
+    nice .venv/bin/python benchmarks/damping_rules.py --rules gcv,gcv_py,evidence,press,lcurve \
+        --procedures-only-c1
+    nice .venv/bin/python benchmarks/damping_rules.py --rules "" --profiles
+    # table only, adding rules measured earlier on runs with byte-identical rows and kernels
+    nice .venv/bin/python benchmarks/damping_rules.py --rules "" --baseline OLD.json --baseline-tasks ...
 
-Writes ``benchmarks/.cache/suite/damping_rules.json`` and prints a markdown table.
+The cache is ``$ATTR_BENCH_CACHE/suite`` (default ``benchmarks/.cache/suite``); ``SUITE_LIB_HASH``
+pins the fits to score (``_suite_tasks.library_hash``). Writes ``--out`` (default
+``damping_rules.json`` there), ``<out>_chosen.json``, ``damping_profiles_<task>.npz`` (``--profiles``)
+and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -97,7 +106,7 @@ NU_GRID = np.array([float(10.0**e) for e in np.arange(-4.0, 3.001, 0.125)])
 #: rows of a slice that ``press`` reads at most (a uniform subset beyond, seeded)
 PRESS_ROWS = 8192
 #: ν grid of the stored PRESS curves (``--profiles``), wide enough for ρ/r up to 10^3/10^-3
-NU_WIDE = np.array([float(10.0**e) for e in np.arange(-5.0, 7.001, 0.125)])
+NU_WIDE = np.array([float(10.0**e) for e in np.arange(-5.0, 7.001, 0.25)])
 
 
 def rank_of(s: torch.Tensor) -> int:
@@ -167,7 +176,8 @@ def slice_profile(att, r: int, name: str, T: int, press: bool = True, nu_grid: n
         if G.shape[0] > PRESS_ROWS:
             G = G[torch.randperm(G.shape[0], generator=torch.Generator().manual_seed(0))[:PRESS_ROWS]]
         A = G @ U  # [n, D] rows in K's eigenbasis
-        y2 = torch.maximum((A * A).sum(1) / unit, ((A[:, pos] ** 2) / s[pos]).sum(1))
+        y2_pinv = ((A[:, pos] ** 2) / s[pos]).sum(1)
+        y2 = y2_pinv if int(pos.sum()) >= T else torch.maximum((A * A).sum(1) / unit, y2_pinv)
         keep = y2 > 1e-30 * float(y2.max().clamp_min(1e-300))
         A, y2 = A[keep], y2[keep]
         vals = []
@@ -183,13 +193,20 @@ def slice_profile(att, r: int, name: str, T: int, press: bool = True, nu_grid: n
     return out
 
 
+def y_norm2(p: dict) -> float:
+    """‖y‖² of a slice: ‖Py‖² (exact) when Φ has full row rank (rank K ≥ T), else
+    max(‖Py‖², T·tr(GᵀG)/tr(K))."""
+    s = torch.as_tensor(p["s"])
+    return p["yy_py"] if rank_of(s) >= p["T"] else max(p["yy_py"], p["yy_est"])
+
+
 def criterion(proc: str, p: dict, nu_grid: np.ndarray = NU_GRID) -> np.ndarray:
     """The criterion of procedure ``proc`` over ``nu_grid`` (λ = ν·tr(K)/T; lower is better)."""
     s, c2, T = p["s"], p["c2"], p["T"]
     lam = nu_grid[:, None] * p["unit"]  # [L, 1]
     if proc == "press":
         return p["press"]
-    yy = p["yy_py"] if proc == "gcv_py" else max(p["yy_py"], p["yy_est"])
+    yy = p["yy_py"] if proc == "gcv_py" else y_norm2(p)
     if proc in ("gcv", "gcv_py"):
         res = np.maximum(yy - (c2 * (s + 2 * lam) / (s + lam) ** 2).sum(1), 0.0)
         deff = (s / (s + lam)).sum(1)
@@ -261,7 +278,7 @@ def ratio_curve(proc: str, prof: dict, grid: list[float], run: int | None = None
             if not p["unit"] > 0:
                 continue
             nu = rho / prof["residual"][i, j]
-            yy = max(p["yy_py"], p["yy_est"])
+            yy = y_norm2(p)
             if proc == "press":
                 v = _loglog_interp(nu, prof["nu_wide"], prof["press"][i, j]) / yy
             elif proc == "gcv":
@@ -397,8 +414,11 @@ def choose(results: dict) -> dict:
             for k in ("fit", "fit_sqrt"):
                 r["rules"].setdefault(k, r["rules"]["trace"])
     rules = sorted({k for r in results.values() for k in r["rules"]}, key=list(GRIDS).index)
+    everything = results
     for rule in rules:
-        if any(rule not in r["rules"] for r in results.values()):
+        # a rule without a constant may be reported on the tasks it was measured on (the others: "–")
+        results = {n: r for n, r in everything.items() if rule in r["rules"]}
+        if len(results) < len(everything) and len(GRIDS[rule]) > 1:
             continue
         best_c, best_worst = None, -np.inf
 
@@ -436,6 +456,10 @@ def main(argv=None) -> None:
     p.add_argument("--tasks", default=",".join(S.TASKS))
     p.add_argument("--rules", default=",".join(GRIDS))
     p.add_argument("--out", default=str(OUT), help="results JSON (merged per task and rule)")
+    p.add_argument("--baseline", default=None,
+                   help="another results JSON whose rules this file lacks are added for --baseline-tasks "
+                        "(only for runs with byte-identical stored rows and kernels)")
+    p.add_argument("--baseline-tasks", default="")
     p.add_argument("--procedures-only-c1", action="store_true",
                    help="evaluate the per-slice procedures at c = 1 only (the procedure without a constant)")
     p.add_argument("--profiles", action="store_true",
@@ -456,7 +480,15 @@ def main(argv=None) -> None:
         res = run_task(name, a.rules.split(","))
         res["seconds"] = time.perf_counter() - t0
         save(name, res)
-    results = add_ratio_procedures(json.loads(path.read_text()))
+    results = json.loads(path.read_text())
+    if a.baseline:  # rules measured before on runs whose stored rows and kernels are the same files' bytes
+        base = json.loads(Path(a.baseline).read_text())
+        for name in a.baseline_tasks.split(","):
+            if name in base:
+                results.setdefault(name, base[name])
+                for rule, rows in base[name]["rules"].items():
+                    results[name]["rules"].setdefault(rule, rows)
+    results = add_ratio_procedures({k: results[k] for k in S.TASKS if k in results})
     chosen = choose(results)
     path.with_name(path.stem + "_chosen.json").write_text(json.dumps(chosen, indent=1))
     names = list(results)
@@ -466,8 +498,21 @@ def main(argv=None) -> None:
     print("| rule | c | " + " | ".join(names) + " | worst gap |")
     print("|---|---|" + "---|" * len(names) + "---|")
     for rule, ch in chosen.items():
-        cells = [f"{ch['tasks'][n]['query_1']:.3f} / {ch['tasks'][n]['query_5']:.3f}" for n in names]
-        print(f"| {rule} | {ch['c']:.3g} | " + " | ".join(cells) + f" | {ch['worst_query_gap']:.3f} |")
+        cells = [f"{ch['tasks'][n]['query_1']:.3f} / {ch['tasks'][n]['query_5']:.3f}"
+                 if n in ch["tasks"] else "–" for n in names]
+        star = "" if len(ch["tasks"]) == len(names) else " (measured tasks)"
+        print(f"| {rule} | {ch['c']:.3g} | " + " | ".join(cells) + f" | {ch['worst_query_gap']:.3f}{star} |")
+    tops = [" / ".join(f"{max(x[f'query_{m}'] for rr in results[n]['rules'].values() for x in rr):.3f}"
+                       for m in "15") for n in names]
+    print("| best of every rule and constant | – | " + " | ".join(tops) + " | 0 |")
+    ratios = {rule: [results[n]["rules"][rule][0]["rho"] for n in names] for rule in RATIO_PROCEDURES
+              if all(rule in results[n]["rules"] for n in names)}
+    if ratios:
+        print("\nρ chosen by the one-ratio procedures (slices of all runs pooled; per run in the JSON):\n")
+        print("| procedure | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for rule, v in ratios.items():
+            print(f"| {rule} | " + " | ".join(f"{x:.3g}" for x in v) + " |")
 
 
 if __name__ == "__main__":
