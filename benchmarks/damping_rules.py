@@ -480,7 +480,7 @@ def main(argv=None) -> None:
         res = run_task(name, a.rules.split(","))
         res["seconds"] = time.perf_counter() - t0
         save(name, res)
-    results = json.loads(path.read_text())
+    results = json.loads(path.read_text()) if path.exists() else {}
     if a.baseline:  # rules measured before on runs whose stored rows and kernels are the same files' bytes
         base = json.loads(Path(a.baseline).read_text())
         for name in a.baseline_tasks.split(","):
@@ -489,6 +489,8 @@ def main(argv=None) -> None:
                 for rule, rows in base[name]["rules"].items():
                     results[name]["rules"].setdefault(rule, rows)
     results = add_ratio_procedures({k: results[k] for k in S.TASKS if k in results})
+    if not results:
+        return
     chosen = choose(results)
     path.with_name(path.stem + "_chosen.json").write_text(json.dumps(chosen, indent=1))
     names = list(results)
