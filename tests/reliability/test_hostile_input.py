@@ -86,10 +86,10 @@ def _sorted(store: SketchStore, name: str):
         (HessianSpectrum, dict(at_steps=5), SketchConfigError, "`at_steps` must be a list"),
         (HessianSpectrum, dict(plot="no"), SketchConfigError, "`plot` must be a bool"),
         (HessianSpectrum, dict(k=2.0), SketchConfigError, "`k` must be an int"),
-        (IntrinsicDimension, dict(target="0.9"), SubspaceError, "`target` must be a number"),
-        (IntrinsicDimension, dict(target=0.9, monitor=3), SubspaceError, "`monitor` must be the name"),
-        (IntrinsicDimension, dict(target=0.9, said="no"), SubspaceError, "`said` must be a bool"),
-        (IntrinsicDimension, dict(target=0.9, sketch_dim=64.0), SubspaceError, "`sketch_dim` must be a positive int"),
+        (SearchCriteria, dict(target="0.9"), SubspaceError, "`target` must be a number"),
+        (IntrinsicDimension, dict(criteria=SearchCriteria(target=0.9), monitor=3), SubspaceError, "`monitor` must be the name"),
+        (IntrinsicDimension, dict(criteria=SearchCriteria(target=0.9), said="no"), SubspaceError, "`said` must be a bool"),
+        (IntrinsicDimension, dict(criteria=SearchCriteria(target=0.9), sketch_dim=64.0), SubspaceError, "`sketch_dim` must be a positive int"),
     ],
 )
 def test_wrongly_typed_arguments_raise_typed_errors(cls, kwargs, error, match):
