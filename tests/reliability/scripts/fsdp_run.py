@@ -53,6 +53,7 @@ def _spectrum(out: Path, method: str, k: int, counting: CountingLoss) -> Hessian
     return HessianSpectrum(
         k=k, sketch_kind="affd", sketch_dim=32, seed=3, at_steps=SNAP_STEPS, every_n_steps=None,
         probe_batches=2, density=False, trace=False, plot=False, dirpath=str(out / f"spectrum_{method}"),
+        budget=None,  # no time budget: every snapshot in full, comparable with the single-process run
         loss_fn=counting,
         numerics=SpectrumNumerics(tol=1e-8, hvp_method=method),
     )
