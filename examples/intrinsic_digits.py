@@ -29,7 +29,7 @@ import torch
 from lightning_sketch.callbacks import IntrinsicDimension, SearchCriteria
 from lightning_sketch.callbacks.intrinsic_dimension import measure_reference_score
 from lightning_sketch.demo import DigitsClassifier, DigitsDataModule
-from lightning_sketch.plots import plot_search
+from lightning_sketch.report.plots import plot_search
 
 
 def trainer(out: Path, max_steps: int, callbacks: list, c: int) -> pl.Trainer:

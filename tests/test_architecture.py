@@ -3,14 +3,12 @@
 Layer order (lower layers never import higher ones; the table in docs/design.md, "Layers", which
 ``test_design_table_agrees`` keeps equal to ``LAYERS``):
 
-0. base: ``exceptions``, ``_version``, ``_safeio`` (confined file I/O; with ``_safepaths``, ``_dirlock``,
-   ``_torchload``), ``layout`` (``ParamLayout``),
-   ``linalg`` (``LinearOperator``)
+0. base: ``exceptions``, ``_version``, ``io`` (confined file I/O: atomic writes, paths, the lock,
+   the pickle-free torch loader), ``layout`` (``ParamLayout``), ``linalg`` (``LinearOperator``)
 1. sketches: the random maps Φ
 2. numerics: ``gradients``, ``store``, ``data``, ``testing``
 3. analyses: ``spectrum``, ``intrinsic``, ``attribution``, ``evaluation``
-4. adapters and reporting: ``callbacks``, ``cli``, ``cli_commands``, ``demo``,
-   ``demo_text``, ``report``, ``plots``
+4. adapters and reporting: ``callbacks``, ``cli``, ``demo``, ``report`` (with its plots)
 5. the package root ``lightning_sketch/__init__.py`` (re-exports only)
 
 ``LAYERS`` is explicit: a key is a top-level module, a subpackage (covering the modules inside it)
@@ -38,10 +36,7 @@ PACKAGE = "lightning_sketch"
 LAYERS = {
     "lightning_sketch.exceptions": 0,
     "lightning_sketch._version": 0,
-    "lightning_sketch._safeio": 0,
-    "lightning_sketch._safepaths": 0,
-    "lightning_sketch._dirlock": 0,
-    "lightning_sketch._torchload": 0,
+    "lightning_sketch.io": 0,
     "lightning_sketch.layout": 0,
     "lightning_sketch.linalg": 0,
     "lightning_sketch.sketches": 1,
@@ -55,12 +50,8 @@ LAYERS = {
     "lightning_sketch.evaluation": 3,
     "lightning_sketch.callbacks": 4,
     "lightning_sketch.cli": 4,
-    "lightning_sketch.cli_commands": 4,
     "lightning_sketch.demo": 4,
-    "lightning_sketch.demo_text": 4,
     "lightning_sketch.report": 4,
-    "lightning_sketch._report_sections": 4,
-    "lightning_sketch.plots": 4,
     PACKAGE: 5,
 }
 ADAPTER_ONLY = ("lightning", "pytorch_lightning")

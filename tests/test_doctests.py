@@ -21,9 +21,9 @@ import lightning_sketch
 PACKAGE_DIR = Path(lightning_sketch.__file__).parent
 
 DOCTEST_MODULES = [
-    "lightning_sketch._safeio",
-    "lightning_sketch._safepaths",
-    "lightning_sketch._torchload",
+    "lightning_sketch.io.safeio",
+    "lightning_sketch.io.paths",
+    "lightning_sketch.io.torchload",
     "lightning_sketch.attribution._stored",
     "lightning_sketch.attribution.curvature",
     "lightning_sketch.attribution.damping",
@@ -32,7 +32,7 @@ DOCTEST_MODULES = [
     "lightning_sketch.attribution.task",
     "lightning_sketch.callbacks.gradient_sketch",
     "lightning_sketch.cli",
-    "lightning_sketch.cli_commands",
+    "lightning_sketch.cli.commands",
     "lightning_sketch.data",
     "lightning_sketch.demo",
     "lightning_sketch.evaluation.metrics",

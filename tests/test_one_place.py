@@ -1,7 +1,7 @@
-"""One place for each job (issue 13, part 4), checked on the package source with ``ast``.
+"""One place for each job, checked on the package source with ``ast``.
 
-- atomic writes: only :mod:`lightning_sketch._safeio` renames temporary files into place;
-- plotting: only :mod:`lightning_sketch.plots` imports matplotlib, and nothing calls ``matplotlib.use``;
+- atomic writes: only :mod:`lightning_sketch.io.safeio` renames temporary files into place;
+- plotting: only :mod:`lightning_sketch.report.plots` imports matplotlib, and nothing calls ``matplotlib.use``;
 - progress bars: tqdm only (rich is not imported);
 - per-example losses: only :mod:`lightning_sketch.gradients.loss` looks up ``per_example_loss`` on a
   module other than ``self``;
@@ -44,13 +44,13 @@ def _calls(tree: ast.AST, owner: str, attr: str) -> bool:
 
 def test_atomic_renames_only_in_safeio():
     renames = (("os", "replace"), ("os", "rename"), ("tempfile", "mkstemp"))
-    bad = [f for f, t in _trees().items() if f != "_safeio.py" and any(_calls(t, *c) for c in renames)]
-    assert not bad, f"atomic writes outside _safeio: {bad}"
+    bad = [f for f, t in _trees().items() if f != "io/safeio.py" and any(_calls(t, *c) for c in renames)]
+    assert not bad, f"atomic writes outside io/safeio.py: {bad}"
 
 
 def test_plotting_in_one_module_and_backend_never_switched():
     trees = _trees()
-    assert not [f for f, t in trees.items() if "matplotlib" in _imported(t) and f != "plots.py"]
+    assert not [f for f, t in trees.items() if "matplotlib" in _imported(t) and f != "report/plots.py"]
     assert not [f for f, t in trees.items() if _calls(t, "matplotlib", "use")]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib
 import pytest
 
-from lightning_sketch.plots import plot_search
+from lightning_sketch.report.plots import plot_search
 
 
 def test_plot_search_writes_a_png_without_switching_the_backend(tmp_path, monkeypatch):
@@ -39,7 +39,7 @@ def _legend_of_left_axes(fig):
 def test_eigenvalue_legends_name_every_line_drawn(k):
     import torch
 
-    from lightning_sketch.plots import spectrum_figure, spectrum_history_figure
+    from lightning_sketch.report.plots import spectrum_figure, spectrum_history_figure
 
     vals = [torch.linspace(k, 1, k) * (1 + st) for st in range(3)]
     fig = spectrum_figure([(st, {"eigenvalues": v}) for st, v in enumerate(vals)])
@@ -53,7 +53,7 @@ def test_eigenvalue_legends_name_every_line_drawn(k):
 def test_eigenvalue_legend_says_top_k_once_beyond_ten_lines():
     import torch
 
-    from lightning_sketch.plots import spectrum_figure
+    from lightning_sketch.report.plots import spectrum_figure
 
     fig = spectrum_figure([(st, {"eigenvalues": torch.linspace(20, 1, 20)}) for st in range(3)])
     ax, texts = _legend_of_left_axes(fig)

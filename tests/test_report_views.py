@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from markupsafe import escape
 
-from lightning_sketch import plots
-from lightning_sketch._safeio import write_checked_json
+from lightning_sketch.report import plots
+from lightning_sketch.io.safeio import write_checked_json
 from lightning_sketch.attribution.meaning import meaning
 from lightning_sketch.report import build_report
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from lightning_sketch._safeio import sweep_temp_files
+from lightning_sketch.io.safeio import sweep_temp_files
 from lightning_sketch.spectrum.snapshot import SnapshotWriter
 
 

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from lightning_sketch._safeio import load_torch_file
 from lightning_sketch.attribution import scores as S
 from lightning_sketch.exceptions import (
     LayoutMismatchError,
@@ -30,6 +29,7 @@ from lightning_sketch.exceptions import (
     StoreNotFoundError,
 )
 from lightning_sketch.gradients import ParamLayout, eval_mode, module_loss_fn, sketch_gradients
+from lightning_sketch.io.safeio import load_torch_file
 from lightning_sketch.sketches import make
 from lightning_sketch.store import SketchStore
 

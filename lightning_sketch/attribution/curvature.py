@@ -21,7 +21,7 @@ Files: one ``<run>/curvature/<slice>-<token>.npy`` (float64 ``[D, D]``, written 
 ``allow_pickle=False``) per checkpoint slice, and ``<run>/curvature/<slice>-<token>.json`` with the
 slice name, sketch spec,
 number of examples, the estimator and the SHA-256 of the ``.npy`` bytes, both written atomically
-through :mod:`lightning_sketch._safeio` and recorded with their size and SHA-256 in the run's store
+through :mod:`lightning_sketch.io.safeio` and recorded with their size and SHA-256 in the run's store
 manifest (:meth:`~lightning_sketch.store.SketchStore.record_curvature`), committed with the slice;
 ``<token>`` is fresh for every write, so writing a slice's curvature again never replaces the files
 of the committed record before the new one is committed.
@@ -45,7 +45,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_sketch._safeio import atomic_write, read_json_bytes, sha256_bytes
 from lightning_sketch.attribution._stored import STORE_DIR
 from lightning_sketch.exceptions import (
     RunMismatchError,
@@ -54,6 +53,7 @@ from lightning_sketch.exceptions import (
     StoreNotFoundError,
     StoreWriteError,
 )
+from lightning_sketch.io.safeio import atomic_write, read_json_bytes, sha256_bytes
 from lightning_sketch.store import SketchStore
 
 __all__ = [

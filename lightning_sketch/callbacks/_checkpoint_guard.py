@@ -5,7 +5,7 @@ the callbacks' ``setup`` and before any callback sees it, and ``torch.load`` nei
 CRC-32 its zip archive carries nor turns a truncated file into anything but a raw ``OSError`` or
 ``RuntimeError``. So the run's callbacks wrap the strategy's ``CheckpointIO`` in ``setup``
 (:func:`guard_checkpoint_io`): the wrapper checks the file with
-:func:`~lightning_sketch._torchload.check_torch_archive` (every member's CRC, no unpickling) and
+:func:`~lightning_sketch.io.torchload.check_torch_archive` (every member's CRC, no unpickling) and
 then delegates; everything else is delegated unchanged. ``teardown`` puts the original back
 (:func:`unguard_checkpoint_io`).
 """
@@ -18,7 +18,7 @@ from typing import Any
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 
-from lightning_sketch._torchload import check_torch_archive
+from lightning_sketch.io.torchload import check_torch_archive
 
 __all__ = ["guard_checkpoint_io", "unguard_checkpoint_io"]
 

@@ -13,10 +13,10 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_sketch._safeio import file_sha256
 from lightning_sketch.callbacks._search_options import SearchCriteria
 from lightning_sketch.exceptions import StoreNotFoundError, SubspaceError, UnsupportedStrategyError
 from lightning_sketch.intrinsic import Subspace
+from lightning_sketch.io.safeio import file_sha256
 from lightning_sketch.sketches import KINDS
 
 __all__ = ["measure_reference_score"]

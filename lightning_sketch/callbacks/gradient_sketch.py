@@ -61,8 +61,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_sketch._safeio import sweep_temp_files
-from lightning_sketch._torchload import CHECKPOINT_DIGEST_KEY, checkpoint_digest
 from lightning_sketch.attribution.curvature import CURVATURE_DIR, check_curvature_arg
 from lightning_sketch.attribution.task import AttributionTask
 from lightning_sketch.callbacks._checkpoint_guard import guard_checkpoint_io, unguard_checkpoint_io
@@ -79,6 +77,8 @@ from lightning_sketch.callbacks._gradient_sketch_slices import _SlicesMixin
 from lightning_sketch.callbacks._strategy import check_model_parallel
 from lightning_sketch.exceptions import SketchConfigError, StoreWriteError
 from lightning_sketch.gradients import GradientCapture, ParamLayout
+from lightning_sketch.io.safeio import sweep_temp_files
+from lightning_sketch.io.torchload import CHECKPOINT_DIGEST_KEY, checkpoint_digest
 from lightning_sketch.sketches import make, sketch_class
 from lightning_sketch.store.manifest import MANIFEST
 from lightning_sketch.store.provenance import check_checkpoint_digest, check_store_state

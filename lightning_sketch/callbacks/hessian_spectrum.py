@@ -58,7 +58,7 @@ from lightning_sketch.exceptions import (
 from lightning_sketch.gradients import module_loss_fn, train_mode
 from lightning_sketch.gradients.sharded import gathered
 from lightning_sketch.layout import ParamLayout
-from lightning_sketch.plots import save_png, spectrum_history_figure
+from lightning_sketch.report.plots import save_png, spectrum_history_figure
 from lightning_sketch.sketches import KINDS, derive_seed, make
 from lightning_sketch.spectrum.budget import (
     DEFAULT_DENSITY_ITER,

@@ -54,13 +54,6 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_sketch._safeio import (
-    DirLock,
-    load_checked_json,
-    new_run_id,
-    sweep_temp_files,
-    write_checked_json,
-)
 from lightning_sketch.callbacks._intrinsic_support import (
     _check_init_args,
     _check_omega_in_optimizer,
@@ -76,7 +69,14 @@ from lightning_sketch.exceptions import (
     SubspaceError,
 )
 from lightning_sketch.intrinsic import Action, DoublingSearch, Subspace
-from lightning_sketch.plots import plot_search
+from lightning_sketch.io.safeio import (
+    DirLock,
+    load_checked_json,
+    new_run_id,
+    sweep_temp_files,
+    write_checked_json,
+)
+from lightning_sketch.report.plots import plot_search
 from lightning_sketch.sketches import sketch_class
 
 __all__ = ["IntrinsicDimension", "SearchCriteria", "measure_reference_score"]

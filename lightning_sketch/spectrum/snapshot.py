@@ -45,7 +45,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_sketch import _safeio as sio
 from lightning_sketch.exceptions import (
     LightningSketchError,
     RunMismatchError,
@@ -55,6 +54,7 @@ from lightning_sketch.exceptions import (
     StoreNotFoundError,
     StoreWriteError,
 )
+from lightning_sketch.io import safeio as sio
 
 __all__ = [
     "FORMAT",

@@ -5,7 +5,7 @@ Every file the store publishes is written to a fresh temporary file in the same 
 ``fsync``-ed, renamed over its final name with :func:`os.replace` (atomic on POSIX), and then the
 directory itself is ``fsync``-ed so the rename survives a power loss. A reader therefore sees
 either the old file or the complete new one, never a torn write. The primitives live in
-:mod:`lightning_sketch._safeio`, shared with the other writers of a run directory.
+:mod:`lightning_sketch.io.safeio`, shared with the other writers of a run directory.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_sketch import _safeio as sio
 from lightning_sketch.exceptions import StoreConflictError, StoreWriteError
+from lightning_sketch.io import safeio as sio
 
 __all__ = [
     "WriterLock",
@@ -59,7 +59,7 @@ def atomic_write(
 ) -> tuple[str, int]:
     """Write ``chunks`` to ``path`` atomically; return ``(sha256 hex, size in bytes)``.
 
-    See :func:`lightning_sketch._safeio.atomic_write`: on any ``OSError`` the temporary file is
+    See :func:`lightning_sketch.io.safeio.atomic_write`: on any ``OSError`` the temporary file is
     removed and ``path`` keeps its previous content (or stays absent).
 
     Raises:
@@ -74,8 +74,8 @@ def write_json_atomic(
 ) -> tuple[str, int]:
     """Atomically write ``obj`` as indented JSON carrying its own sha256.
 
-    See :func:`~lightning_sketch._safeio.dump_checked_json`; ``before_replace`` runs right before the
-    rename (:func:`~lightning_sketch._safeio.atomic_write`).
+    See :func:`~lightning_sketch.io.safeio.dump_checked_json`; ``before_replace`` runs right before the
+    rename (:func:`~lightning_sketch.io.safeio.atomic_write`).
     """
     return _store_write(path, [sio.dump_checked_json(obj)], True, "store manifest", before_replace)
 
@@ -122,7 +122,7 @@ class WriterLock(sio.DirLock):
     The lock is released when :meth:`release` is called or the process dies; :meth:`check`
     detects a lock file deleted or replaced behind the holder's back. Once it holds the lock, the
     writer removes the temporary files a killed writer left in the directory
-    (:func:`~lightning_sketch._safeio.sweep_temp_files`).
+    (:func:`~lightning_sketch.io.safeio.sweep_temp_files`).
 
     Raises:
         StoreWriteError: another process already holds the lock.

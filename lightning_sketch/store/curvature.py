@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning_sketch import _safeio as sio
 from lightning_sketch.exceptions import SketchInputError, StoreCorruptError, StoreNotFoundError
+from lightning_sketch.io import safeio as sio
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store.snapshot import SnapshotMixin
 
@@ -38,7 +38,7 @@ class CurvatureMixin(SnapshotMixin):
         Args:
             name: the checkpoint slice.
             files: ``{"matrix": (path, sha256, bytes), "sidecar": (path, sha256, bytes)}`` as returned by
-                :func:`~lightning_sketch._safeio.atomic_write`; paths lie in the run directory.
+                :func:`~lightning_sketch.io.safeio.atomic_write`; paths lie in the run directory.
 
         Raises:
             SketchInputError: unsafe name, other parts than :data:`CURVATURE_PARTS`, or a path outside

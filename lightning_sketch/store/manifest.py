@@ -27,7 +27,6 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
-from lightning_sketch import _safeio as sio
 from lightning_sketch.exceptions import (
     LightningSketchError,
     SketchInputError,
@@ -35,6 +34,7 @@ from lightning_sketch.exceptions import (
     StoreFormatError,
     StoreNotFoundError,
 )
+from lightning_sketch.io import safeio as sio
 from lightning_sketch.store._io import file_sha256, read_json
 
 __all__ = [

@@ -3,7 +3,7 @@
 A store's manifest records the ``run_id`` made when the store was created and its ``generation``
 (one more per publish). The :class:`~lightning_sketch.callbacks.GradientSketch` state saved in a
 Lightning checkpoint records the same ``run_id``, the generation it committed with that checkpoint
-and :func:`~lightning_sketch._torchload.checkpoint_digest` of the checkpoint's weights and
+and :func:`~lightning_sketch.io.torchload.checkpoint_digest` of the checkpoint's weights and
 optimizer states. With those, a reader given both a checkpoint and a store refuses:
 
 - a checkpoint whose weights or optimizer states are not the ones it was saved with
@@ -29,9 +29,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lightning_sketch._safeio import check_run_id
-from lightning_sketch._torchload import CHECKPOINT_DIGEST_KEY, checkpoint_digest
 from lightning_sketch.exceptions import CheckpointLoadError, RunMismatchError
+from lightning_sketch.io.safeio import check_run_id
+from lightning_sketch.io.torchload import CHECKPOINT_DIGEST_KEY, checkpoint_digest
 
 __all__ = ["check_checkpoint_digest", "check_checkpoint_store", "check_store_state", "sketch_states"]
 
@@ -53,7 +53,7 @@ def sketch_states(checkpoint: Any) -> list[dict[str, Any]]:
 
 
 def check_checkpoint_digest(checkpoint: dict[str, Any], *, path: str | os.PathLike, what: str) -> None:
-    """Recompute :func:`~lightning_sketch._torchload.checkpoint_digest` and compare it with every digest
+    """Recompute :func:`~lightning_sketch.io.torchload.checkpoint_digest` and compare it with every digest
     a callback recorded in the checkpoint (no recorded digest: nothing to compare).
 
     Raises:

@@ -18,8 +18,8 @@ import faiss
 import numpy as np
 import torch
 
-from lightning_sketch import _safeio as sio
 from lightning_sketch.exceptions import SketchInputError, StoreCorruptError, StoreWriteError
+from lightning_sketch.io import safeio as sio
 from lightning_sketch.store import index as ix
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import atomic_write

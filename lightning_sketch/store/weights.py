@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from lightning_sketch import _safeio as sio
 from lightning_sketch.exceptions import (
     LayoutMismatchError,
     SketchInputError,
@@ -21,6 +20,7 @@ from lightning_sketch.exceptions import (
     StoreNotFoundError,
     StoreWriteError,
 )
+from lightning_sketch.io import safeio as sio
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store.snapshot import SnapshotMixin
 

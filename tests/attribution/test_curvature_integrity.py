@@ -185,7 +185,7 @@ def test_a_stolen_lock_stops_the_curvature_write_before_its_rename(tmp_path, mon
     _, spec = _run(tmp_path, names=("s0",))
     files = sorted(p.name for p in (tmp_path / "curvature").iterdir())
     store = SketchStore.open(tmp_path / "store", mode="a")
-    import lightning_sketch._safeio as sio
+    import lightning_sketch.io.safeio as sio
 
     real = sio.tempfile.mkstemp
     stolen = []

@@ -101,7 +101,8 @@ def test_query_table_prints_meaning_second_view_and_statistics(tiny_run):
 
 
 def test_query_takes_the_query_gradients_once(tiny_run, tmp_path, monkeypatch):
-    from lightning_sketch import cli, cli_commands
+    from lightning_sketch import cli
+    from lightning_sketch.cli import commands as cli_commands
     from lightning_sketch.attribution import Attributor
 
     calls = []

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lightning_sketch import cli, cli_commands
+from lightning_sketch import cli
+from lightning_sketch.cli import commands as cli_commands
 from lightning_sketch.demo import DigitsClassifier, DigitsDataModule
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError, StoreNotFoundError
 from lightning_sketch.report import build_report, write_report
@@ -142,7 +143,7 @@ def test_output_formats_and_main_usage(capsys):
     assert cli_commands._as_csv(both).splitlines()[1:] == [
         "4,1,proponent,1,7,1,2.5,trak", "4,1,opponent,1,9,3,-1,trak",
         "4,1,proponent,1,8,1,0.9,grad_cos", "4,1,opponent,1,5,2,-0.7,grad_cos"]
-    from lightning_sketch._safeio import verify_checked
+    from lightning_sketch.io.safeio import verify_checked
 
     assert verify_checked(json.loads(cli_commands._as_json(result)), path="-", what="query result") == result
     assert cli.main(["--help"]) == 0 and "inspect" in capsys.readouterr().out
@@ -162,7 +163,7 @@ def test_report_with_spectrum_and_intrinsic(tmp_path):
             "converged": torch.tensor([True, True, False]), "eigenvectors": torch.eye(3, 8),
             "density_grid": torch.from_numpy(grid), "density": torch.from_numpy(np.exp(-grid**2) + 1e-6),
         }, {"scalars": {"lambda_max": top, "rneg": 0.1}})
-    from lightning_sketch._safeio import write_checked_json
+    from lightning_sketch.io.safeio import write_checked_json
 
     (run / "intrinsic").mkdir(parents=True)
     write_checked_json(run / "intrinsic" / "intrinsic_dimension.json", ({

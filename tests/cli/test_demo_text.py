@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from lightning_sketch.demo_text import FortunesDataModule, MiniLMClassifier, fortunes_texts, minilm_path
+from lightning_sketch.demo.text import FortunesDataModule, MiniLMClassifier, fortunes_texts, minilm_path
 from lightning_sketch.exceptions import SketchConfigError
 
 

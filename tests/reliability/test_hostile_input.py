@@ -403,7 +403,8 @@ class CastingTiny(Tiny):
 
 
 def test_cli_inputs_labels_must_be_integer_classes_of_the_model(tmp_path):
-    from lightning_sketch import cli, cli_commands
+    from lightning_sketch import cli
+    from lightning_sketch.cli import commands as cli_commands
 
     x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
     model = Tiny()

@@ -17,9 +17,9 @@ from _common import Tiny, loader, trainer  # tests/reliability/scripts is on pyt
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_sketch import _safeio as sio
+from lightning_sketch.io import safeio as sio
 from lightning_sketch.callbacks import GradientSketch, HessianSpectrum
-from lightning_sketch.cli_commands import _check_runs, load_checkpoint_into
+from lightning_sketch.cli.commands import _check_runs, load_checkpoint_into
 from lightning_sketch.exceptions import (
     CheckpointLoadError,
     RunMismatchError,

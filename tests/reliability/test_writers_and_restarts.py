@@ -16,7 +16,7 @@ import torch
 from _common import Data, Tiny, loader, trainer  # tests/reliability/scripts is on pytest's pythonpath
 from lightning.pytorch import Callback
 
-from lightning_sketch import _safeio as sio
+from lightning_sketch.io import safeio as sio
 from lightning_sketch.callbacks import GradientSketch, HessianSpectrum, IntrinsicDimension, SearchCriteria
 from lightning_sketch.exceptions import StoreConflictError, StoreWriteError
 from lightning_sketch.spectrum.snapshot import SnapshotWriter, load_index, load_snapshot

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_sketch import _safeio as sio
+from lightning_sketch.io import safeio as sio
 from lightning_sketch.exceptions import LightningSketchError
 
 D = 8

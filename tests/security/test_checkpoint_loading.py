@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sketch._safeio import load_torch_file
-from lightning_sketch.cli_commands import load_checkpoint_into
+from lightning_sketch.io.safeio import load_torch_file
+from lightning_sketch.cli.commands import load_checkpoint_into
 from lightning_sketch.exceptions import (
     CheckpointLoadError,
     LayoutMismatchError,
@@ -99,7 +99,7 @@ def test_query_inputs_of_the_wrong_shape_or_without_x_give_typed_errors(tmp_path
 
     import numpy as np
 
-    from lightning_sketch.cli_commands import _query_batch
+    from lightning_sketch.cli.commands import _query_batch
     from lightning_sketch.exceptions import SketchInputError
 
     net = _net()

@@ -15,7 +15,7 @@ import pytest
 import runkit
 import torch
 
-from lightning_sketch import _safeio as sio
+from lightning_sketch.io import safeio as sio
 from lightning_sketch.attribution import Attributor
 from lightning_sketch.exceptions import (
     CheckpointLoadError,

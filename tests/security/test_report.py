@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from lightning_sketch._safeio import dump_checked_json, write_checked_json
+from lightning_sketch.io.safeio import dump_checked_json, write_checked_json
 from lightning_sketch.exceptions import StoreCorruptError
 from lightning_sketch.report import build_report, write_report
 

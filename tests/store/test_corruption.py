@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from store_helpers import clustered
 
-from lightning_sketch import _safeio as sio
+from lightning_sketch.io import safeio as sio
 from lightning_sketch.exceptions import StoreCorruptError, StoreNotFoundError, StoreWriteError
 from lightning_sketch.store import SketchStore, inspect_store
 from lightning_sketch.store import _io

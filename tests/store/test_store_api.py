@@ -283,7 +283,7 @@ def test_a_lock_that_could_not_be_created_is_collected_silently(tmp_path, monkey
     import gc
     import sys
 
-    from lightning_sketch._safeio import DirLock
+    from lightning_sketch.io.safeio import DirLock
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)

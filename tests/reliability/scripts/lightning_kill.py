@@ -46,7 +46,7 @@ from lightning.pytorch import Callback, LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-import lightning_sketch._safeio as sio
+import lightning_sketch.io.safeio as sio
 import lightning_sketch.store.store as store_mod
 from lightning_sketch.callbacks import (
     GradientSketch,

@@ -2,7 +2,7 @@
 
 Each ``_*_section(root)`` returns the blocks of one section (paragraphs, tables, embedded PNGs) that
 the report's Jinja2 template renders with autoescaping. Files are read through
-:mod:`lightning_sketch._safeio` (confined to the run directory, regular files only, capped, checksums
+:mod:`lightning_sketch.io.safeio` (confined to the run directory, regular files only, capped, checksums
 verified); a damaged file is reported in its section.
 """
 
@@ -15,14 +15,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning_sketch import _safeio as sio
-from lightning_sketch import plots
 from lightning_sketch.exceptions import (
     LightningSketchError,
     RunMismatchError,
     StoreCorruptError,
     StoreNotFoundError,
 )
+from lightning_sketch.io import safeio as sio
+from lightning_sketch.report import plots
 from lightning_sketch.spectrum.snapshot import FORMAT, load_index, load_snapshot
 from lightning_sketch.store import inspect_store
 from lightning_sketch.store.manifest import load_manifest

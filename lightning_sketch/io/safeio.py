@@ -46,8 +46,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from lightning_sketch._dirlock import DirLock
-from lightning_sketch._safepaths import (
+from lightning_sketch.exceptions import (
+    LightningSketchError,
+    StoreCorruptError,
+    StoreWriteError,
+    UnsafeFileError,
+)
+from lightning_sketch.io.dirlock import DirLock
+from lightning_sketch.io.paths import (
     CHUNK,
     JSON_CAP,
     confined,
@@ -56,13 +62,7 @@ from lightning_sketch._safepaths import (
     read_json,
     read_json_bytes,
 )
-from lightning_sketch._torchload import load_torch_bytes, load_torch_file
-from lightning_sketch.exceptions import (
-    LightningSketchError,
-    StoreCorruptError,
-    StoreWriteError,
-    UnsafeFileError,
-)
+from lightning_sketch.io.torchload import load_torch_bytes, load_torch_file
 
 __all__ = [
     "CHECKSUM_KEY",

@@ -1,4 +1,4 @@
-"""``DirLock``: one writer per directory (part of :mod:`lightning_sketch._safeio`, which re-exports it)."""
+"""``DirLock``: one writer per directory (part of :mod:`lightning_sketch.io.safeio`, which re-exports it)."""
 
 from __future__ import annotations
 

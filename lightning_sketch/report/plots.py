@@ -4,7 +4,7 @@ Figures are :class:`matplotlib.figure.Figure` objects with their own Agg canvas
 (:class:`~matplotlib.backends.backend_agg.FigureCanvasAgg`): no pyplot state, and the process-wide
 backend is never switched (``matplotlib.use`` would change the user's own plots). Text taken from
 files is drawn as plain text (:func:`plain`: no mathtext; ``text.usetex`` is off in the report).
-PNGs reach disk only through :func:`lightning_sketch._safeio.atomic_write` (a fresh ``O_EXCL``
+PNGs reach disk only through :func:`lightning_sketch.io.safeio.atomic_write` (a fresh ``O_EXCL``
 temporary file renamed over the target, never written through a planted symlink).
 
 matplotlib is imported when the first figure is drawn (about a second), never by importing the
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_sketch._safeio import atomic_write
+from lightning_sketch.io.safeio import atomic_write
 
 __all__ = [
     "attribution_figure",

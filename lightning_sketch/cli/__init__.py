@@ -32,7 +32,7 @@ from typing import Any
 
 from lightning_sketch import callbacks
 from lightning_sketch.attribution.query import METHODS
-from lightning_sketch.cli_commands import PROG, _parse_ids, _positive_int, run_inspect, run_query
+from lightning_sketch.cli.commands import PROG, _parse_ids, _positive_int, run_inspect, run_query
 from lightning_sketch.exceptions import LightningSketchError, SketchConfigError
 
 __all__ = ["build_from_config", "expand_base_configs", "main"]  # and SketchCLI, built on first access
@@ -317,7 +317,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LightningSketchError as err:
         print(f"{PROG} {command}: error: {err}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from lightning_sketch._safeio import atomic_write, dump_checked_json, load_torch_file
 from lightning_sketch.exceptions import (
     CheckpointLoadError,
     LayoutMismatchError,
     SketchInputError,
     StoreNotFoundError,
 )
+from lightning_sketch.io.safeio import atomic_write, dump_checked_json, load_torch_file
 
 if TYPE_CHECKING:  # the attribution package itself is imported on use (it pulls in torch and FAISS)
     from lightning_sketch.attribution.query import Method

@@ -1,9 +1,9 @@
-"""Confined paths and capped reads of untrusted run files (part of :mod:`lightning_sketch._safeio`).
+"""Confined paths and capped reads of untrusted run files (part of :mod:`lightning_sketch.io.safeio`).
 
 :func:`confined` keeps a path named inside a file under its run directory; :func:`open_regular`
 refuses devices, FIFOs and directories; :func:`read_capped` counts its cap from the bytes read;
 :func:`read_json` refuses non-finite numbers
-(NaN, Infinity, 1e999). Import these from :mod:`lightning_sketch._safeio`.
+(NaN, Infinity, 1e999). Import these from :mod:`lightning_sketch.io.safeio`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The one reader of ``torch.save`` files: ``torch.load(weights_only=True)``, never a pickle that runs.
 
-Part of :mod:`lightning_sketch._safeio`, which re-exports :func:`load_torch_file` and
+Part of :mod:`lightning_sketch.io.safeio`, which re-exports :func:`load_torch_file` and
 :func:`load_torch_bytes`.
 """
 
@@ -13,8 +13,8 @@ import struct
 import zipfile
 from typing import Any
 
-from lightning_sketch._safepaths import open_regular
 from lightning_sketch.exceptions import CheckpointLoadError
+from lightning_sketch.io.paths import open_regular
 
 __all__ = ["CHECKPOINT_DIGEST_KEY", "check_torch_archive", "checkpoint_digest", "load_torch_bytes",
            "load_torch_file"]

@@ -1,7 +1,7 @@
 """A self-contained HTML report of a run directory (``lightning-sketch report RUN_DIR``).
 
 The report gathers what the callbacks and the CLI left under ``RUN_DIR`` and embeds every figure
-as a base64 PNG (drawn by :mod:`lightning_sketch.plots`: own Agg canvas, no global pyplot state), so
+as a base64 PNG (drawn by :mod:`lightning_sketch.report.plots`: own Agg canvas, no global pyplot state), so
 the single HTML file can be mailed or opened offline. Sections, each present only when its data
 exist (otherwise the report says what it looked for):
 
@@ -18,7 +18,7 @@ exist (otherwise the report says what it looked for):
 
 A run directory is untrusted input: the HTML is rendered by a Jinja2 template with autoescaping
 (every string from a file is escaped), text drawn in figures is plain text (no TeX, no mathtext),
-files are read through :mod:`lightning_sketch._safeio` (confined to ``RUN_DIR``, regular files
+files are read through :mod:`lightning_sketch.io.safeio` (confined to ``RUN_DIR``, regular files
 only, capped reads, checksums verified), and a damaged file is reported in its section instead of
 aborting the report.
 
@@ -34,17 +34,17 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-from lightning_sketch import _safeio as sio
-from lightning_sketch import plots
-from lightning_sketch._report_sections import (
+from lightning_sketch._version import __version__
+from lightning_sketch.exceptions import StoreNotFoundError
+from lightning_sketch.io import safeio as sio
+from lightning_sketch.report import plots
+from lightning_sketch.report.sections import (
     _attribution_section,
     _intrinsic_section,
     _metrics_section,
     _spectrum_section,
     _store_section,
 )
-from lightning_sketch._version import __version__
-from lightning_sketch.exceptions import StoreNotFoundError
 
 __all__ = ["build_report", "write_report"]
 
