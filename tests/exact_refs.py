@@ -98,3 +98,19 @@ def dense_hessian(
 
     with sdpa_kernel(SDPBackend.MATH):
         return torch.func.hessian(mean_loss)(theta0)
+
+
+class TickClock:
+    """An exact clock for time-budget tests: it advances one unit at every forward of ``module``, so a
+    training step costs 1 and an HVP one per probe batch, whatever the machine's load."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.now = 0.0
+        module.register_forward_pre_hook(self._tick)
+
+    def _tick(self, *args: Any) -> None:
+        self.now += 1.0
+
+    def __call__(self) -> float:
+        return self.now
+

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
+from exact_refs import TickClock
 from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -289,19 +290,6 @@ def test_converged_snapshots_stop_early_and_record_the_steps(tmp_path):
 
 
 # --------------------------------------------------------------------------- the default budget
-class TickClock:
-    """A clock that advances one unit per forward of the watched module: a training step costs 1, an
-    HVP without the kept graph one per probe batch (the injected clock makes the budget exact)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.now = 0.0
-        module.register_forward_pre_hook(self._tick)
-
-    def _tick(self, *args) -> None:
-        self.now += 1.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _budget_fit(tmp_path, budget, **kw):

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _common import HERE, Tiny, clean_env, dataset, free_port
+from _common import HERE, Tiny, clean_env, dataset, free_port, two_rank_run_beside
 from exact_refs import dense_hessian
 from torch.utils.data import default_collate
 
@@ -35,27 +35,11 @@ TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "ddp_run.py"), str(root / "ddp"), "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    threads = torch.get_num_threads()
-    try:  # the single-process reference runs here while the DDP job starts up
-        import ddp_run
+    import ddp_run
 
-        single = ddp_run.main(root / "single", 1)
-    finally:
-        torch.set_num_threads(threads)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"the DDP run did not finish within {TIMEOUT_S} s:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"the DDP run failed:\n{out[-4000:]}"
-    ddp = [json.loads((root / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [d["rank"] for d in ddp] == [0, 1] and ddp[0]["world"] == 2 and single["world"] == 1
+    ddp, single, _ = two_rank_run_beside([str(HERE / "ddp_run.py"), str(root / "ddp"), "2"], root / "ddp",
+                                         lambda: ddp_run.main(root / "single", 1), "DDP", TIMEOUT_S)
+    assert single["world"] == 1
     return root, ddp, single
 
 

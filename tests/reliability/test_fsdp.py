@@ -9,14 +9,9 @@ naming DDP. The FSDP2 job runs as a script in a subprocess, as in ``test_ddp.py`
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-import torch
-from _common import HERE, clean_env, free_port
+from _common import HERE, two_rank_run_beside
 
 from lightning_sketch.store import SketchStore, inspect_store
 
@@ -28,27 +23,11 @@ TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "fsdp_run.py"), str(root / "fsdp")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    threads = torch.get_num_threads()
-    try:  # the single-process reference runs here while the FSDP2 job starts up
-        import ddp_run
+    import ddp_run
 
-        single = ddp_run.fit_a(root / "single", 1)
-    finally:
-        torch.set_num_threads(threads)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"the FSDP2 run did not finish within {TIMEOUT_S} s:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"the FSDP2 run failed:\n{out[-4000:]}"
-    fsdp = [json.loads((root / "fsdp" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [d["rank"] for d in fsdp] == [0, 1] and fsdp[0]["world"] == 2 and single["world"] == 1
+    fsdp, single, out = two_rank_run_beside([str(HERE / "fsdp_run.py"), str(root / "fsdp")], root / "fsdp",
+                                            lambda: ddp_run.fit_a(root / "single", 1), "FSDP2", TIMEOUT_S)
+    assert single["world"] == 1
     return root, fsdp, single, out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from exact_refs import TickClock
 from torch import nn
 
 from lightning_sketch.exceptions import SpectrumError
@@ -98,18 +99,6 @@ def test_plan_matvecs():
 
 
 # --------------------------------------------------------------------------- spectrum_snapshot under a budget
-class TickClock:
-    """A clock that advances by one unit at every forward of the watched module: time = forwards."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.now = 0.0
-        module.register_forward_pre_hook(self._tick)
-
-    def _tick(self, *args) -> None:
-        self.now += 1.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _problem():

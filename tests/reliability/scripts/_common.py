@@ -120,3 +120,35 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DDP_ENV}
     env.update({"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}, **extra)
     return env
+
+
+def two_rank_run_beside(script_args: list[str], out: Path, reference: Any, what: str,
+                        timeout_s: float = 240) -> tuple[list[dict[str, Any]], Any, str]:
+    """Start ``script_args`` (a 2-rank job writing ``out/rank{0,1}.json``) in a subprocess, run
+    ``reference()`` (the single-process run) here meanwhile, and return the two ranks' documents,
+    the reference's result and the job's output. Fails the test (never hangs) after ``timeout_s``."""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    proc = subprocess.Popen([sys.executable, *script_args],
+                            env=clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    threads = torch.get_num_threads()
+    try:
+        single = reference()
+    finally:
+        torch.set_num_threads(threads)
+    try:
+        text, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        text, _ = proc.communicate()
+        pytest.fail(f"the {what} run did not finish within {timeout_s} s:\n{text[-4000:]}")
+    assert proc.returncode == 0, f"the {what} run failed:\n{text[-4000:]}"
+    docs = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [d["rank"] for d in docs] == [0, 1] and docs[0]["world"] == 2
+    return docs, single, text
+
