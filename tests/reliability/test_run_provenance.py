@@ -45,7 +45,7 @@ class CopyAt(Callback):
 def _callbacks(run: Path, ckpt_every: int = 2) -> list:
     return [GradientSketch(dirpath=str(run), sketch_kind="affd", sketch_dim=8, every_n_steps=2),
             HessianSpectrum(dirpath=str(run / "spectrum"), every_n_steps=2, k=2, sketch_dim=16,
-                            probe_batches=1),
+                            probe_batches=1, budget=None),  # every snapshot: the index generations are fixed
             ModelCheckpoint(dirpath=str(run / "ckpt"), save_last=True, every_n_train_steps=ckpt_every,
                             save_top_k=0)]
 

@@ -109,7 +109,8 @@ def callbacks(root: Path, mode: str) -> list:
                            mode="inline", save_weights=False),
             HessianSpectrum(k=2, sketch_kind="dense", sketch_dim=16, seed=3, at_steps=[0, 3, 6, 9, 12],
                             every_n_steps=None, numerics=SpectrumNumerics(num_iter=8), probe_batches=1,
-                            density=False, plot=False, dirpath=str(root / "spectrum")),
+                            density=False, plot=False, dirpath=str(root / "spectrum"),
+                            budget=None),  # every snapshot in full: a resumed run must equal the reference
         ]
     return [IntrinsicDimension(sketch_kind="affd", sketch_dim=64, seed=4, monitor="val_acc",
                                criteria=SearchCriteria(d_min=4, delta=0.05, target=1.5),

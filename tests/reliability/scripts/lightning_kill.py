@@ -178,7 +178,8 @@ def callbacks(root: Path, which: str) -> list:
                             mode="inline")
     return [gs, HessianSpectrum(k=2, sketch_kind="dense", sketch_dim=16, seed=3, at_steps=[0, 3, 6, 9, 12],
                                 every_n_steps=None, numerics=SpectrumNumerics(num_iter=8), probe_batches=1,
-                                density=False, plot=False, dirpath=str(root / "spectrum"))]
+                                density=False, plot=False, dirpath=str(root / "spectrum"),
+                                budget=None)]  # every snapshot in full: a resumed run must equal the reference
 
 
 def run(root: Path, config: str, kill: tuple[str, int] | None = None, resume_from: Path | None = None,
