@@ -12,7 +12,9 @@ Fast path (t: positions, summed; every module must take batch-first inputs):
 
 - ``nn.Linear`` on ``[B, in]`` or ``[B, ..., in]`` inputs: G = Σ_t δ_t x_tᵀ; bias Σ_t δ_t.
 - ``nn.Embedding`` (``padding_idx`` rows get no gradient; not ``max_norm``/``scale_grad_by_freq``,
-  which couple examples or write the weight): G = Σ_t e_{id_t} δ_tᵀ.
+  which couple examples or write the weight): G = Σ_t e_{id_t} δ_tᵀ. Ids shared by the batch
+  (positions ``[T]`` or ``[1, T]``, broadcast over it) are fed expanded to ``[B, T]``
+  (``_capture_shared``; :meth:`GradientCapture.probe` tells positions from one id per example).
 - Hugging Face ``Conv1D`` (GPT-2; weight ``[in, out]``): G = Σ_t x_t δ_tᵀ.
 - ``nn.Conv1d`` / ``nn.Conv2d`` (groups = 1, zero padding): the unfolded input plays x.
 - ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` affine parameters:
