@@ -12,8 +12,9 @@ Four models, each trained with Lightning for a few steps:
 - ``lstm``, ``gru``: a next-token language model (embedding 64, one LSTM/GRU layer of 128, linear head
   over the vocabulary) on synthetic tokens;
 - ``gpt``: a GPT-2-style causal LM written here (transformers is not installed): token and learned
-  position embeddings (batch-first position ids), 2 pre-LayerNorm blocks (4-head causal
-  self-attention, GELU MLP of 4x, dropout 0.1), a final LayerNorm and a head tied to the token embedding, on synthetic tokens.
+  position embeddings (nanoGPT's ``wpe(arange(T))``, broadcast over the batch), 2 pre-LayerNorm
+  blocks (4-head causal self-attention, GELU MLP of 4x, dropout 0.1), a final LayerNorm and a head
+  tied to the token embedding, on synthetic tokens.
 
 ``hessian_default`` is ``HessianSpectrum`` with every default (k = 10, affd D = 1024, the paper's
 snapshot steps, 4 probe batches, density when the budget allows, ``budget=1.0``); its line prints each
@@ -239,9 +240,7 @@ class _GPT(nn.Module):
         self.head.weight = self.tok.weight  # tied, as GPT-2
 
     def forward(self, x):
-        # batch-first position ids [B, T] (as GPT2Model's position_ids); nanoGPT's wpe(arange(T)), a [T]
-        # batch, is refused by GradientSketch's hooks ("Hooked layers saw batch sizes B and T")
-        pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        pos = torch.arange(x.shape[1], device=x.device)  # nanoGPT's wpe(arange(T)): [T, d], broadcast
         h = self.drop(self.tok(x) + self.pos(pos))
         return self.head(self.ln(self.blocks(h)))
 

@@ -56,6 +56,9 @@ class _InlineMixin(_GradientSketchBase):
         if self._hooks:
             self._capture = self._capture_tool
             self._capture.batch_size = int(self._batch_ids.shape[0])
+            if not self._capture._probed:  # embeddings shared by the batch (positions): decided once
+                with gathered(pl_module), _rng_guard():
+                    self._capture.probe(self._loss_fn(pl_module), batch)
             self._capture.__enter__()
             return
 

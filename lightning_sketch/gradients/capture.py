@@ -12,7 +12,9 @@ Fast path (t: positions, summed; every module must take batch-first inputs):
 
 - ``nn.Linear`` on ``[B, in]`` or ``[B, ..., in]`` inputs: G = Σ_t δ_t x_tᵀ; bias Σ_t δ_t.
 - ``nn.Embedding`` (``padding_idx`` rows get no gradient; not ``max_norm``/``scale_grad_by_freq``,
-  which couple examples or write the weight): G = Σ_t e_{id_t} δ_tᵀ.
+  which couple examples or write the weight): G = Σ_t e_{id_t} δ_tᵀ. Ids shared by the batch
+  (positions ``[T]`` or ``[1, T]``, broadcast over it) are fed expanded to ``[B, T]``
+  (``_capture_shared``; :meth:`GradientCapture.probe` tells positions from one id per example).
 - Hugging Face ``Conv1D`` (GPT-2; weight ``[in, out]``): G = Σ_t x_t δ_tᵀ.
 - ``nn.Conv1d`` / ``nn.Conv2d`` (groups = 1, zero padding): the unfolded input plays x.
 - ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` affine parameters:
@@ -59,6 +61,7 @@ from lightning_sketch.gradients import _functional as F
 from lightning_sketch.gradients._capture_fallback import _FallbackHooks, rnn_cudnn_off
 from lightning_sketch.gradients._capture_mha import _MHAReader
 from lightning_sketch.gradients._capture_plan import CaptureSupport, _plan, capture_support
+from lightning_sketch.gradients._capture_shared import expanded_ids, probe_shared
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches.base import Sketch
 from lightning_sketch.sketches.per_layer import PerLayerSketch
@@ -135,11 +138,15 @@ class GradientCapture(_MHAReader, _FallbackHooks):
         self._track = False
         self._spare: Tensor | None = None
         self._lent = False
-        #: B of the batch observed next (set by the caller). An ``nn.Embedding`` called with a
-        #: leading dimension of 1 while B > 1 (Hugging Face position ids ``[1, T]``, broadcast
-        #: later) is then fed its ids expanded to ``[B, T]``: the same output values, but the
-        #: output gradient stays per example. Its ``.grad`` is summed in another order (rounding).
+        #: B of the batch observed next (set by the caller). An ``nn.Embedding`` whose ids are shared
+        #: by the batch (positions ``[T]`` or ``[1, T]``, broadcast later) is then fed its ids
+        #: expanded to ``[B, T]``: the same output values, but the output gradient stays per
+        #: example (``_capture_shared``). Its ``.grad`` is summed in another order (rounding).
         self.batch_size: int | None = None
+        #: {id(embedding): its ids [T] are shared by the batch}, from :meth:`probe` (1-D ids of
+        #: length B are taken as one id per example while undecided).
+        self._shared: dict[int, bool] = {}
+        self._probed = False
 
     # ----------------------------------------------------------------- context
     def __enter__(self) -> GradientCapture:  # noqa: PYI034 - typing.Self needs Python 3.11
@@ -164,12 +171,31 @@ class GradientCapture(_MHAReader, _FallbackHooks):
 
     def _expand_ids(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         size = self.batch_size
-        if self._busy or not size or size == 1 or not args or not isinstance(args[0], Tensor):
+        if self._busy or not size or not args or not isinstance(args[0], Tensor):
             return None
-        ids = args[0]
-        if ids.ndim < 2 or ids.shape[0] != 1 or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
             return None
-        return (ids.expand(size, *ids.shape[1:]), *args[1:])
+        ids = expanded_ids(args[0], size, self._shared.get(id(module)))
+        return None if ids is None else (ids, *args[1:])
+
+    def probe(self, loss_fn: F.LossFn, batch: F.Batch) -> None:
+        """Decide, once, which embeddings called with 1-D ids are shared by the batch (positions
+        ``wpe(arange(T))``) from the first two examples of ``batch`` (``_capture_shared``); call it
+        before the first captured forward when T may equal B. Eval mode, RNG forked, nothing kept.
+
+        Raises:
+            UnsupportedModelError: if a shared embedding's output is used other than broadcast
+                over the batch (feeding it ids ``[B, T]`` would change the losses).
+        """
+        if self._probed or F.batch_size(batch) < 2:
+            return
+        embeddings = {n: cast(nn.Embedding, m) for n, m, kind, _ in self._plan if kind == "embedding"}
+        self._busy = True  # this context's own hooks (if entered) ignore the probe's forwards
+        try:
+            self._shared.update(probe_shared(self._model, loss_fn, batch, embeddings))
+        finally:
+            self._busy = False
+        self._probed = True
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
@@ -261,6 +287,7 @@ def hooked_sketch(
     own = dict(model.named_parameters())
     params = [own[n] for n in layout.names]
     cap = GradientCapture(model, sketch, layout, loss_scale="sum") if capture is None else capture
+    cap.probe(loss_fn, batch)
     parts = []
     for start in range(0, size, chunk):
         sub = batch if chunk == size else F.slice_batch(batch, start, min(start + chunk, size))
