@@ -94,12 +94,14 @@ class UnsupportedStrategyError(LightningSketchError, NotImplementedError):
     """A distributed strategy the callback does not support (e.g. FSDP for per-example gradients)."""
 
 
-class SpectrumError(LightningSketchError, ValueError):
-    """Bad arguments to a Krylov solver or spectral estimator."""
+class SpectrumError(SketchConfigError):
+    """Bad arguments to a Krylov solver or spectral estimator (a :class:`SketchConfigError`, as every
+    bad argument is), or an operator it cannot use (non-finite products)."""
 
 
-class SubspaceError(LightningSketchError, ValueError):
-    """Bad use of an intrinsic-dimension subspace (e.g. attaching twice, active size out of range)."""
+class SubspaceError(SketchConfigError):
+    """Bad arguments to, or bad use of, an intrinsic-dimension subspace or search (e.g. attaching
+    twice, active size out of range); a :class:`SketchConfigError`, as every bad argument is."""
 
 
 class SearchFailedError(LightningSketchError, RuntimeError):

@@ -3,8 +3,9 @@
 Layer order (lower layers never import higher ones; the table in docs/design.md, "Layers", which
 ``test_design_table_agrees`` keeps equal to ``LAYERS``):
 
-0. base: ``exceptions``, ``_version``, ``io`` (confined file I/O: atomic writes, paths, the lock,
-   the pickle-free torch loader), ``layout`` (``ParamLayout``), ``linalg`` (``LinearOperator``)
+0. base: ``exceptions``, ``_checks`` (argument checks), ``_version``, ``io`` (confined file I/O:
+   atomic writes, paths, the lock, the pickle-free torch loader), ``layout`` (``ParamLayout``),
+   ``linalg`` (``LinearOperator``)
 1. sketches: the random maps Φ
 2. numerics: ``gradients``, ``store``, ``data``, ``testing``
 3. analyses: ``spectrum``, ``intrinsic``, ``attribution``, ``evaluation``
@@ -35,6 +36,7 @@ PACKAGE = "lightning_sketch"
 
 LAYERS = {
     "lightning_sketch.exceptions": 0,
+    "lightning_sketch._checks": 0,
     "lightning_sketch._version": 0,
     "lightning_sketch.io": 0,
     "lightning_sketch.layout": 0,

@@ -15,8 +15,6 @@ naming the argument to change.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any, ClassVar, Union
 
 from torch import Tensor
 
+from lightning_sketch._checks import finite_positive, one_of, positive_int
 from lightning_sketch.exceptions import SketchConfigError
 from lightning_sketch.store.index import INDEX_KINDS
 
@@ -44,24 +43,13 @@ METHODS = ("grad_dot", "tracin", "grad_cos", "trak", "fisher_if", "arnoldi_if")
 
 
 def _positive_real(owner: str, name: str, val: Any) -> None:
-    """Refuse anything but ``None`` or a finite real > 0 (``bool`` is not a number here)."""
-    if val is not None and (isinstance(val, bool) or not isinstance(val, numbers.Real)
-                            or not math.isfinite(float(val)) or val <= 0):
-        raise SketchConfigError(
-            f"`{name}` must be > 0 or None (automatic), got {val!r} ({type(val).__name__}); pass a "
-            f"number such as {owner}({name}=0.1)."
-        )
+    """Refuse anything but ``None`` (automatic) or a finite real > 0 (``bool`` is not a number here)."""
+    finite_positive(name, val, allow_none=True, hint=f"None is automatic; e.g. {owner}({name}=0.1).")
 
 
 def _int_at_least(owner: str, name: str, val: Any, low: int, none_ok: bool) -> None:
     """Refuse anything but an ``int`` >= ``low`` (or ``None`` where ``none_ok``); ``bool`` is not an int."""
-    if none_ok and val is None:
-        return
-    if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < low:
-        extra = " or None" if none_ok else ""
-        raise SketchConfigError(
-            f"`{name}` of {owner} must be an int >= {low}{extra}, got {val!r} ({type(val).__name__})."
-        )
+    positive_int(name, val, minimum=low, allow_none=none_ok, hint=f"It is an argument of {owner}.")
 
 
 @dataclass(frozen=True)
@@ -78,10 +66,7 @@ class GradDot:
     name: ClassVar[str] = "grad_dot"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.index, str) or self.index not in INDEX_KINDS:
-            raise SketchConfigError(
-                f"`index` of GradDot must be one of {INDEX_KINDS}, got {self.index!r}."
-            )
+        one_of("index", self.index, INDEX_KINDS)
 
 
 @dataclass(frozen=True)
@@ -125,13 +110,8 @@ class _Damped:
                 f"{owner} takes an absolute `damping` or a `damping_ratio` of the automatic damping, not "
                 f"both (got {self.damping!r} and {self.damping_ratio!r}); drop one."
             )
-        rank = self.rank
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral)
-                                 or rank < 1):
-            raise SketchConfigError(
-                f"`rank` must be a positive int or None (the full D-dimensional inverse), got {rank!r} "
-                f"({type(rank).__name__}); e.g. {owner}(rank=50)."
-            )
+        positive_int("rank", self.rank, allow_none=True,
+                     hint=f"None keeps the full D-dimensional inverse; e.g. {owner}(rank=50).")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_sketch._checks import boolean, integer
 from lightning_sketch.attribution import curvature as CV
 from lightning_sketch.attribution._engine import _CURVED, ScoringEngine
 from lightning_sketch.attribution._stored import (
@@ -134,10 +135,7 @@ def _requested_method(method: Any, shorthand: dict[str, Any]) -> AttributionMeth
 def _check_options(chunk_size: Any, verify: Any, task: Any) -> None:
     """Refuse a bad ``chunk_size``, ``verify`` or ``task`` before any run is opened."""
     _int_at_least("Attributor", "chunk_size", chunk_size, 1, none_ok=True)
-    if not isinstance(verify, bool):
-        raise SketchConfigError(
-            f"`verify` must be True or False, got {verify!r} ({type(verify).__name__})."
-        )
+    boolean("verify", verify)
     if task is not None and not isinstance(task, AttributionTask):
         raise SketchConfigError(
             "`task` must be a lightning_sketch.attribution.AttributionTask or None, got "
@@ -580,9 +578,7 @@ class Attributor(ScoringEngine):
 
     def _checked_k(self, k: Any) -> int:
         T = len(self._ids)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T:
-            raise SketchConfigError(f"`k` must be an int in [1, {T}] (stored examples), got {k!r}.")
-        return k
+        return int(integer("k", k, minimum=1, maximum=T, hint=f"The run stores {T} examples."))
 
     def _ranked(self, qs: list[list[Tensor]], k: int, ends: tuple[bool, ...]) -> list[tuple[Tensor, Tensor]]:
         """``(ids [Q, k], scores [Q, k])`` per entry of ``ends`` (``True``: opponents), from one pass."""

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch import Tensor, nn
 
+from lightning_sketch._checks import boolean, one_of, str_list, string
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError, StoreNotFoundError
 from lightning_sketch.sketches import KINDS
 from lightning_sketch.store import SketchStore
@@ -235,22 +236,11 @@ def _check_types(dirpath: Any, kind: Any, include: Any, exclude: Any, id_key: An
 
     if not isinstance(dirpath, (str, os.PathLike)) or not str(dirpath):
         raise SketchConfigError(f"`dirpath` must be a non-empty path string, got {dirpath!r}.")
-    if kind not in KINDS:
-        raise SketchConfigError(f"`sketch_kind` must be one of {sorted(KINDS)}, got {kind!r}.")
+    one_of("sketch_kind", kind, sorted(KINDS))
     for name, pats in (("include", include), ("exclude", exclude)):
-        if pats is None:
-            continue
-        if not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) for p in pats):
-            raise SketchConfigError(
-                f"`{name}` must be None or a list of fnmatch patterns (str), got {pats!r}; "
-                f"write [{pats!r}] for one."
-            )
-    if not isinstance(id_key, str):
-        raise SketchConfigError(
-            f"`id_key` must be a str (the batch entry holding example ids), got {id_key!r}."
-        )
-    if not isinstance(save_weights, bool):
-        raise SketchConfigError(f"`save_weights` must be a bool, got {save_weights!r}.")
+        str_list(name, pats, allow_none=True, hint=f"Patterns are fnmatch strings; write [{pats!r}] for one.")
+    string("id_key", id_key, hint="Name the batch entry holding example ids.")
+    boolean("save_weights", save_weights)
 
 
 def _check_no_padding(loader: Any) -> None:

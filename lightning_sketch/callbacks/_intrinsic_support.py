@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_sketch._checks import boolean, integer, one_of, positive_int
 from lightning_sketch.callbacks._search_options import SearchCriteria
 from lightning_sketch.exceptions import StoreNotFoundError, SubspaceError, UnsupportedStrategyError
 from lightning_sketch.intrinsic import Subspace
@@ -82,14 +83,12 @@ def _check_omega_in_optimizer(trainer: Trainer, sub: Subspace) -> None:
 
 
 def _check_types(sketch_kind: Any, monitor: Any, **flags: Any) -> None:
-    if sketch_kind not in KINDS:
-        raise SubspaceError(f"`sketch_kind` must be one of {sorted(KINDS)}, got {sketch_kind!r}.")
+    one_of("sketch_kind", sketch_kind, sorted(KINDS), error=SubspaceError)
     if not isinstance(monitor, str) or not monitor:
         raise SubspaceError("`monitor` must be the name (str) of a logged validation metric, got "
                             f"{monitor!r}.")
     for name, flag in flags.items():
-        if not isinstance(flag, bool):
-            raise SubspaceError(f"`{name}` must be a bool, got {flag!r}.")
+        boolean(name, flag, error=SubspaceError)
 
 
 def measure_reference_score(
@@ -132,16 +131,11 @@ def _check_init_args(
     **flags: bool,
 ) -> None:
     """IntrinsicDimension's argument checks that span several arguments (raised in ``__init__``)."""
-    if mode not in ("search", "fixed"):
-        raise SubspaceError(f"`mode` must be 'search' or 'fixed', got {mode!r}.")
-    if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1:
-        raise SubspaceError(f"`sketch_dim` must be a positive int, got {sketch_dim!r}.")
-    if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= sketch_dim):
-        raise SubspaceError(f"`d` must be None or an int in [1, sketch_dim={sketch_dim}], got {d!r}.")
-    every = eval_every_n_steps
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise SubspaceError("`eval_every_n_steps` must be None or a positive int, got "
-                            f"{eval_every_n_steps!r}.")
+    one_of("mode", mode, ("search", "fixed"), error=SubspaceError)
+    positive_int("sketch_dim", sketch_dim, error=SubspaceError)
+    integer("d", d, minimum=1, maximum=sketch_dim, allow_none=True, error=SubspaceError,
+            hint="d is at most `sketch_dim`.")
+    positive_int("eval_every_n_steps", eval_every_n_steps, allow_none=True, error=SubspaceError)
     _check_types(sketch_kind, monitor, **flags)
     target, d_min = criteria.resolved_target, criteria.d_min
     if mode == "search":

@@ -17,22 +17,12 @@ callback keeps a short signature::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
+from lightning_sketch._checks import number, positive_int
 from lightning_sketch.exceptions import SubspaceError
 
 __all__ = ["SearchCriteria"]
-
-
-def _check_number(name: str, value: Any, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SubspaceError(f"`{name}` must be a number{' or None' if allow_none else ''}, got {value!r}.")
-    if not math.isfinite(value):
-        raise SubspaceError(f"`{name}` must be finite, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -63,17 +53,11 @@ class SearchCriteria:
     reference_score: float | None = None
 
     def __post_init__(self) -> None:
-        d_min = self.d_min
-        if isinstance(d_min, bool) or not isinstance(d_min, int) or d_min < 1:
-            raise SubspaceError(f"`d_min` must be a positive int, got {d_min!r}.")
-        _check_number("delta", self.delta, allow_none=False)
-        if self.delta < 0:
-            raise SubspaceError(f"`delta` must be >= 0 (a gain in metric units), got {self.delta!r}.")
-        _check_number("target", self.target, allow_none=True)
-        _check_number("reference_score", self.reference_score, allow_none=True)
-        _check_number("target_fraction", self.target_fraction, allow_none=False)
-        if not 0 < self.target_fraction <= 1:
-            raise SubspaceError(f"`target_fraction` must be in (0, 1], got {self.target_fraction!r}.")
+        positive_int("d_min", self.d_min, error=SubspaceError)
+        number("delta", self.delta, low=0, error=SubspaceError, hint="A gain in metric units.")
+        number("target", self.target, allow_none=True, error=SubspaceError)
+        number("reference_score", self.reference_score, allow_none=True, error=SubspaceError)
+        number("target_fraction", self.target_fraction, low=0, high=1, low_open=True, error=SubspaceError)
 
     @property
     def resolved_target(self) -> float | None:

@@ -16,20 +16,11 @@ callback keeps a short signature::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from lightning_sketch.exceptions import SketchConfigError
+from lightning_sketch._checks import boolean, number, one_of, positive_int
 
 __all__ = ["SpectrumNumerics"]
-
-
-def _check_int(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SketchConfigError(
-            f"`{name}` must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}."
-        )
 
 
 @dataclass(frozen=True)
@@ -83,25 +74,14 @@ class SpectrumNumerics:
     cache_graph: bool = True
 
     def __post_init__(self) -> None:
-        _check_int("num_iter", self.num_iter, allow_none=True)
-        _check_int("density_runs", self.density_runs, allow_none=True)
-        _check_int("density_iter", self.density_iter, allow_none=True)
-        _check_int("trace_matvecs", self.trace_matvecs, minimum=6)
-        if self.hvp_method not in ("double_backward", "fwd_rev", "finite_difference"):
-            raise SketchConfigError(
-                "`hvp_method` must be 'double_backward', 'fwd_rev' or 'finite_difference', got "
-                f"{self.hvp_method!r}."
-            )
-        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 < self.tol < 1:
-            raise SketchConfigError(f"`tol` must be in (0, 1), got {self.tol!r}.")
-        if not isinstance(self.stop_early, bool):
-            raise SketchConfigError(f"`stop_early` must be True or False, got {self.stop_early!r}.")
-        if not isinstance(self.cache_graph, bool):
-            raise SketchConfigError(f"`cache_graph` must be True or False, got {self.cache_graph!r}.")
-        if self.dtype not in ("float32", "float64"):
-            raise SketchConfigError(f"`dtype` must be 'float32' or 'float64', got {self.dtype!r}.")
-        if self.mode not in ("eval", "train"):
-            raise SketchConfigError(f"`mode` must be 'eval' or 'train', got {self.mode!r}.")
-        t = self.outlier_threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
-            raise SketchConfigError(f"`outlier_threshold` must be in (0, 1), got {t!r}.")
+        positive_int("num_iter", self.num_iter, allow_none=True)
+        positive_int("density_runs", self.density_runs, allow_none=True)
+        positive_int("density_iter", self.density_iter, allow_none=True)
+        positive_int("trace_matvecs", self.trace_matvecs, minimum=6)
+        one_of("hvp_method", self.hvp_method, ("double_backward", "fwd_rev", "finite_difference"))
+        number("tol", self.tol, low=0, high=1, low_open=True, high_open=True)
+        boolean("stop_early", self.stop_early)
+        boolean("cache_graph", self.cache_graph)
+        one_of("dtype", self.dtype, ("float32", "float64"))
+        one_of("mode", self.mode, ("eval", "train"))
+        number("outlier_threshold", self.outlier_threshold, low=0, high=1, low_open=True, high_open=True)

@@ -61,6 +61,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sketch._checks import integer, one_of, positive_int
 from lightning_sketch.attribution.curvature import CURVATURE_DIR, check_curvature_arg
 from lightning_sketch.attribution.task import AttributionTask
 from lightning_sketch.callbacks._checkpoint_guard import guard_checkpoint_io, unguard_checkpoint_io
@@ -155,22 +156,16 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         curvature: Literal["auto", "margin", "fisher", "none"] = "auto",
         task: AttributionTask | None = None,
     ) -> None:
-        if mode not in ("checkpoint", "inline"):
-            raise SketchConfigError(f"`mode` must be 'checkpoint' or 'inline', got {mode!r}.")
-        if nan_policy not in ("skip", "raise"):
-            raise SketchConfigError(f"`nan_policy` must be 'skip' or 'raise', got {nan_policy!r}.")
-        if dtype not in ("float32", "float16"):
-            raise SketchConfigError(f"`dtype` must be 'float32' or 'float16', got {dtype!r}.")
-        for name, val in (("sketch_dim", sketch_dim), ("every_n_epochs", every_n_epochs),
-                          ("every_n_steps", every_n_steps), ("chunk_size", chunk_size)):
-            if val is None and (name != "sketch_dim" or sketch_kind == "identity"):
-                continue
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                or_none = " or None" if name != "sketch_dim" else ""
-                raise SketchConfigError(f"`{name}` must be a positive int{or_none}, got {val!r}.")
+        one_of("mode", mode, ("checkpoint", "inline"))
+        one_of("nan_policy", nan_policy, ("skip", "raise"))
+        one_of("dtype", dtype, ("float32", "float16"))
+        # sketch_kind="identity" takes sketch_dim=None (D = N)
+        sketch_dim = positive_int("sketch_dim", sketch_dim, allow_none=sketch_kind == "identity")
+        every_n_epochs = positive_int("every_n_epochs", every_n_epochs, allow_none=True)
+        every_n_steps = positive_int("every_n_steps", every_n_steps, allow_none=True)
+        chunk_size = positive_int("chunk_size", chunk_size, allow_none=True)
         every_n_epochs = _resolve_every_n_epochs(mode, every_n_epochs, every_n_steps)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise SketchConfigError(f"`seed` must be an int, got {seed!r}.")
+        seed = integer("seed", seed)
         _check_types(dirpath, sketch_kind, include, exclude, id_key, save_weights)
         self.dirpath = str(dirpath)
         self.sketch_kind = sketch_kind

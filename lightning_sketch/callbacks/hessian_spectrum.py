@@ -46,6 +46,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sketch._checks import boolean, integer, is_int, number, one_of, positive_int, refuse, str_list
 from lightning_sketch.callbacks._progress import progress_bar
 from lightning_sketch.callbacks._spectrum_options import SpectrumNumerics
 from lightning_sketch.callbacks._strategy import check_model_parallel
@@ -73,14 +74,6 @@ __all__ = ["PAPER_STEPS", "HessianSpectrum", "SpectrumNumerics"]
 
 #: the paper's explicit snapshot steps (App. B.8), besides "every 1,000 steps".
 PAPER_STEPS: tuple[int, ...] = (0, 10, 50, 100, 150, 200, 250, 500)
-
-
-def _check_pos(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SketchConfigError(f"`{name}` must be an int >= {minimum}{' or None' if allow_none else ''}, "
-                                f"got {value!r}.")
 
 
 class HessianSpectrum(Callback):
@@ -155,48 +148,33 @@ class HessianSpectrum(Callback):
     ) -> None:
         super().__init__()
         for name, pats in (("include", include), ("exclude", exclude)):
-            if pats is not None and (not isinstance(pats, (list, tuple))
-                                     or not all(isinstance(p, str) for p in pats)):
-                raise SketchConfigError(
-                    f"`{name}` must be None or a list of fnmatch patterns (str), got {pats!r}; write "
-                    f"[{pats!r}] for one."
-                )
-        _check_pos("k", k)
-        _check_pos("sketch_dim", sketch_dim)
-        _check_pos("every_n_steps", every_n_steps, allow_none=True)
-        _check_pos("probe_batches", probe_batches)
+            str_list(name, pats, allow_none=True,
+                     hint=f"Patterns are fnmatch strings; write [{pats!r}] for one.")
+        k = positive_int("k", k)
+        sketch_dim = positive_int("sketch_dim", sketch_dim)
+        every_n_steps = positive_int("every_n_steps", every_n_steps, allow_none=True)
+        probe_batches = positive_int("probe_batches", probe_batches)
         if numerics is not None and not isinstance(numerics, SpectrumNumerics):
             raise SketchConfigError(f"`numerics` must be a SpectrumNumerics, got {type(numerics).__name__}.")
         self.numerics = numerics if numerics is not None else SpectrumNumerics()
-        if sketch_kind is not None and sketch_kind not in KINDS:
-            raise SketchConfigError(f"`sketch_kind` must be one of {sorted(KINDS)} or None, got "
-                                    f"{sketch_kind!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise SketchConfigError(f"`seed` must be an int, got {seed!r}.")
-        if at_steps is not None and not isinstance(at_steps, (list, tuple)):
-            raise SketchConfigError(f"`at_steps` must be a list of ints >= 0, got {at_steps!r}.")
-        steps = list(PAPER_STEPS) if at_steps is None else list(at_steps)
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
-            raise SketchConfigError(f"`at_steps` must be a list of ints >= 0, got {at_steps!r}.")
-        for name, flag in (("trace", trace), ("plot", plot)):
-            if not isinstance(flag, bool):
-                raise SketchConfigError(f"`{name}` must be a bool, got {flag!r}.")
-        if density is not None and not isinstance(density, bool):
-            raise SketchConfigError(f"`density` must be True, False or None (when the budget allows), got "
-                                    f"{density!r}.")
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                                   or not 0 < budget < math.inf):
-            raise SketchConfigError(
-                f"`budget` must be a number > 0 (snapshots' time over training time; 1.0 keeps the fit "
-                f"within about 2x) or None for no budget, got {budget!r}."
-            )
+        one_of("sketch_kind", sketch_kind, sorted(KINDS), allow_none=True)
+        seed = integer("seed", seed)
+        steps = list(PAPER_STEPS) if at_steps is None else at_steps
+        if not isinstance(steps, (list, tuple)) or not all(is_int(s) and s >= 0 for s in steps):
+            raise refuse("at_steps", "a list of non-negative ints", at_steps, allow_none=True)
+        steps = [int(s) for s in steps]
+        trace = boolean("trace", trace)
+        plot = boolean("plot", plot)
+        density = boolean("density", density, allow_none=True, hint="None: when the budget allows.")
+        budget = number("budget", budget, low=0, low_open=True, allow_none=True,
+                        hint="Snapshots' time over training time; 1.0 keeps the fit within about 2x.")
         if loss_fn is not None and not callable(loss_fn):
             raise SketchConfigError("`loss_fn` must be callable(module, batch) -> [B], got "
                                     f"{type(loss_fn).__name__}.")
         self.k, self.sketch_kind, self.sketch_dim, self.seed = k, sketch_kind, sketch_dim, seed
         self.every_n_steps, self.at_steps = every_n_steps, sorted(set(steps))
         self.probe_batches, self.density, self.trace = probe_batches, density, trace
-        self.budget = None if budget is None else float(budget)
+        self.budget = budget
         self.dirpath, self.plot = dirpath, plot
         self.loss_fn, self.probe_dataloader = loss_fn, probe_dataloader
         self.include, self.exclude = include, exclude

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_sketch._checks import boolean, number, positive_int
 from lightning_sketch.exceptions import SearchFailedError, SubspaceError
 
 __all__ = ["Action", "BinarySearchResult", "DoublingSearch", "binary_search_dimension"]
@@ -35,9 +36,8 @@ class Action(str, enum.Enum):
 
 
 def _check_dims(d_min: Any, d_max: Any) -> tuple[int, int]:
-    for name, v in (("d_min", d_min), ("d_max", d_max)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise SubspaceError(f"`{name}` must be a positive int, got {v!r}.")
+    d_min = positive_int("d_min", d_min, error=SubspaceError)
+    d_max = positive_int("d_max", d_max, error=SubspaceError)
     if d_min > d_max:
         raise SubspaceError(f"`d_min` must be <= `d_max` (got {d_min} > {d_max}); lower `d_min` or raise "
                             f"`d_max`.")
@@ -45,9 +45,7 @@ def _check_dims(d_min: Any, d_max: Any) -> tuple[int, int]:
 
 
 def _check_float(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise SubspaceError(f"`{name}` must be a finite number, got {v!r}.")
-    return float(v)
+    return float(number(name, v, error=SubspaceError))
 
 
 @dataclass
@@ -101,12 +99,9 @@ class DoublingSearch:
 
     def __post_init__(self) -> None:
         self.d_min, self.d_max = _check_dims(self.d_min, self.d_max)
-        self.delta = _check_float("delta", self.delta)
-        if self.delta < 0:
-            raise SubspaceError(f"`delta` must be >= 0, got {self.delta}.")
+        self.delta = number("delta", self.delta, low=0, error=SubspaceError, hint="A gain in metric units.")
         self.target = _check_float("target", self.target)
-        if not isinstance(self.higher_is_better, bool):
-            raise SubspaceError(f"`higher_is_better` must be a bool, got {self.higher_is_better!r}.")
+        boolean("higher_is_better", self.higher_is_better, error=SubspaceError)
         self.d = self.d_min
 
     @property

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_sketch._checks import boolean, integer
 from lightning_sketch.exceptions import SketchConfigError, SubspaceError, UnsupportedModelError
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.linalg import FunctionOperator, LinearOperator
@@ -164,8 +165,8 @@ class Subspace(nn.Module):
                 f"{type(module).__name__} already has a subspace attached; call `.detach()` on "
                 f"`module.{ATTR}` first, or attach to a fresh copy of the model."
             )
-        if not isinstance(said, bool) or not isinstance(normalize, bool):
-            raise SubspaceError(f"`said` and `normalize` must be bools, got {said!r} and {normalize!r}.")
+        boolean("said", said, error=SubspaceError)
+        boolean("normalize", normalize, error=SubspaceError)
         layout = ParamLayout.from_module(module, include=include, exclude=exclude)
         if any("parametrizations." in n for n in layout.names):
             raise SubspaceError(
@@ -187,11 +188,8 @@ class Subspace(nn.Module):
                 "Subspace.attach(exclude=...)), or untie the weights."
             )
         m = len(layout.names) if said else 0
-        if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim <= m:
-            raise SubspaceError(
-                f"`sketch_dim` must be an int > {m} (the number of SAID scalars) , got {sketch_dim!r}; "
-                f"raise it or set said=False."
-            )
+        integer("sketch_dim", sketch_dim, minimum=m + 1, error=SubspaceError,
+                hint=f"It must exceed the {m} SAID scalar(s): raise it or set said=False.")
         try:
             sketch = make(kind, layout.dim, sketch_dim - m, seed=seed, **options)
         except SketchConfigError as err:
@@ -319,11 +317,8 @@ class Subspace(nn.Module):
             SubspaceError: unless ``m < d <= D`` (m = number of SAID scalars, 0 without SAID).
         """
         m = self.sketch_dim - self.sketch.sketch_dim
-        if isinstance(d, bool) or not isinstance(d, int) or not m < d <= self.sketch_dim:
-            raise SubspaceError(
-                f"`d` must be an int with {m + 1} <= d <= {self.sketch_dim} (D = sketch_dim"
-                f"{', SAID scalars included' if m else ''}), got {d!r}."
-            )
+        integer("d", d, minimum=m + 1, maximum=self.sketch_dim, error=SubspaceError,
+                hint=f"The upper bound is D = sketch_dim{', SAID scalars included' if m else ''}.")
         self._active = d
         self.active_mask.copy_(torch.arange(self.sketch.sketch_dim, device=self.active_mask.device) < d - m)
         self._cache = None

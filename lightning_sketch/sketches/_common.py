@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_sketch.exceptions import SketchConfigError
+from lightning_sketch._checks import is_int, refuse
 
 __all__ = [
     "WORK_ELEMENTS",
@@ -74,17 +74,9 @@ def check_max_block(value: Any) -> None:
 
     arXiv 2402.03994 caps factors at about 1024 columns; its Listing 4 uses 32.
     """
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < 2
-        or value > 1024
-        or value & (value - 1)
-    ):
-        raise SketchConfigError(
-            f"`max_block` must be a power of two between 2 and 1024 (the paper's cap), got {value!r}; "
-            f"use 32 (the default) or 64."
-        )
+    if not is_int(value) or not 2 <= value <= 1024 or value & (value - 1):
+        raise refuse("max_block", "a power of two between 2 and 1024 (the paper's cap)", value,
+                     hint="Use 32 (the default) or 64.")
 
 
 def rfft_real(x: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lightning_sketch._checks import integer, positive_int
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError
 from lightning_sketch.linalg import LinearOperator
 
@@ -53,14 +54,6 @@ def next_pow2(n: int) -> int:
         (1024, 1024)
     """
     return 1 << max(0, math.ceil(math.log2(n))) if n > 1 else 1
-
-
-def _check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SketchConfigError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
-    if value < minimum:
-        raise SketchConfigError(f"`{name}` must be >= {minimum}, got {value}.")
-    return value
 
 
 class Sketch(ABC):
@@ -113,10 +106,9 @@ class Sketch(ABC):
         return {}
 
     def __init__(self, dim: int, sketch_dim: int, seed: int = 0, **options: Any) -> None:
-        dim = _check_int("dim", dim)
-        sketch_dim = _check_int("sketch_dim", sketch_dim)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise SketchConfigError(f"`seed` must be an int, got {type(seed).__name__} ({seed!r}).")
+        dim = positive_int("dim", dim)
+        sketch_dim = positive_int("sketch_dim", sketch_dim)
+        seed = integer("seed", seed)
         if sketch_dim > dim and not self.ALLOW_EXPANSION:
             raise SketchConfigError(
                 f"`sketch_dim` must be <= `dim` (got {sketch_dim} > {dim}); lower `sketch_dim` "

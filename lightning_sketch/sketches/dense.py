@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_sketch.exceptions import SketchConfigError, SketchMemoryError
+from lightning_sketch._checks import boolean, positive_int
+from lightning_sketch.exceptions import SketchMemoryError
 from lightning_sketch.sketches.base import Sketch
 
 #: default cap on the bytes a materialised dense matrix may take.
@@ -43,12 +44,9 @@ class DenseSketch(Sketch):
     _matrix: Tensor | None
 
     def _validate_options(self, options: dict[str, Any]) -> None:
-        if not isinstance(options["chunked"], bool):
-            raise SketchConfigError(f"`chunked` must be a bool, got {options['chunked']!r}.")
+        boolean("chunked", options["chunked"])
         for name in ("block_rows", "max_bytes"):
-            v = options[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SketchConfigError(f"`{name}` must be a positive int, got {v!r}.")
+            positive_int(name, options[name])
 
     def _block(self, b: int) -> Tensor:
         rows = min(self.options["block_rows"], self.sketch_dim - b * self.options["block_rows"])

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_sketch.exceptions import SketchConfigError
+from lightning_sketch._checks import positive_int
 from lightning_sketch.sketches._common import (
     check_max_block,
     compute_dtype,
@@ -60,9 +60,7 @@ class FJLSketch(Sketch):
     _tensors: dict[str, Tensor]
 
     def _validate_options(self, options: dict[str, Any]) -> None:
-        k = options["nnz_per_row"]
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise SketchConfigError(f"`nnz_per_row` must be a positive int, got {k!r}; the default is 8.")
+        positive_int("nnz_per_row", options["nnz_per_row"], hint="The default is 8.")
         check_max_block(options["max_block"])
 
     def _build(self) -> None:

@@ -54,6 +54,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from lightning_sketch._checks import is_int, one_of, refuse
 from lightning_sketch.exceptions import SketchConfigError
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches.base import Sketch
@@ -217,13 +218,13 @@ class PerLayerSketch(Sketch):
         return spec
 
     def _validate_options(self, options: dict[str, Any]) -> None:
-        if options["inner"] not in ("qk", "dense"):
-            raise SketchConfigError(f"`inner` must be 'qk' or 'dense', got {options['inner']!r}.")
+        one_of("inner", options["inner"], ("qk", "dense"))
         version = options["split_version"]
-        if isinstance(version, bool) or version not in SPLIT_VERSIONS:
-            raise SketchConfigError(
-                f"`split_version` must be one of {list(SPLIT_VERSIONS)}, got {version!r}; omit it to rebuild "
-                f"a spec recorded without it, or use {LATEST_SPLIT_VERSION} for a new sketch."
+        if not (is_int(version) and version in SPLIT_VERSIONS):
+            raise refuse(
+                "split_version", f"one of {list(SPLIT_VERSIONS)}", version,
+                hint=f"Omit it to rebuild a spec recorded without it, or use {LATEST_SPLIT_VERSION} for a "
+                "new sketch.",
             )
         shapes = options["shapes"]
         if shapes is None:
@@ -231,7 +232,7 @@ class PerLayerSketch(Sketch):
         ok = isinstance(shapes, Sequence) and not isinstance(shapes, str) and len(shapes) > 0
         ok = ok and all(
             isinstance(s, Sequence)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in s)
+            and all(is_int(v) and v >= 1 for v in s)
             for s in shapes
         )
         if not ok:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lightning_sketch._checks import number, positive_int
 from lightning_sketch.exceptions import SpectrumError
 
 __all__ = [
@@ -64,15 +65,11 @@ class MatvecPlan:
 
 
 def _nonneg(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-        raise SpectrumError(f"`{name}` must be a finite number >= 0, got {value!r}.")
-    return float(value)
+    return float(number(name, value, low=0, error=SpectrumError))
 
 
 def _pos_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpectrumError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-    return value
+    return int(positive_int(name, value, minimum=minimum, error=SpectrumError))
 
 
 def snapshot_seconds(

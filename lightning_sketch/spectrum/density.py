@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_sketch._checks import positive_int
 from lightning_sketch.exceptions import SpectrumError
 from lightning_sketch.spectrum.lanczos import lanczos_tridiagonal
 
@@ -67,9 +68,7 @@ class TraceEstimate:
 
 
 def _pos_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpectrumError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-    return value
+    return int(positive_int(name, value, minimum=minimum, error=SpectrumError))
 
 
 def gaussian_density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -> Tensor:

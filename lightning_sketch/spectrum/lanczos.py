@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_sketch._checks import integer, one_of, positive_int
 from lightning_sketch.exceptions import SpectrumError
 
 __all__ = ["KrylovResult", "TolScale", "Which", "arnoldi", "lanczos", "lanczos_tridiagonal"]
@@ -55,24 +56,18 @@ class KrylovResult:
 
 
 def _check_args(dim: int, k: int, num_iter: int | None, which: str) -> int:
-    for name, value in (("dim", dim), ("k", k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SpectrumError(f"`{name}` must be a positive int, got {value!r}.")
+    dim = positive_int("dim", dim, error=SpectrumError)
+    k = positive_int("k", k, error=SpectrumError)
     if k > dim:
         raise SpectrumError(
             f"`k` must be <= `dim` (got k={k} > dim={dim}); ask for at most {dim} eigenpairs."
         )
-    if which not in _WHICH:
-        raise SpectrumError(
-            f"`which` must be one of {_WHICH} (largest/smallest algebraic, largest magnitude), got {which!r}."
-        )
+    one_of("which", which, _WHICH, error=SpectrumError,
+           hint="LA/SA: largest/smallest algebraic, LM: largest magnitude.")
     if num_iter is None:
         return min(dim, max(4 * k, 40))
-    if isinstance(num_iter, bool) or not isinstance(num_iter, int) or not k <= num_iter <= dim:
-        raise SpectrumError(
-            f"`num_iter` must be an int with k <= num_iter <= dim (k={k}, dim={dim}), got {num_iter!r}; "
-            f"pass None for the default min(dim, max(4k, 40))."
-        )
+    num_iter = integer("num_iter", num_iter, minimum=k, maximum=dim, error=SpectrumError,
+                       hint="The bounds are [k, dim]; pass None for the default min(dim, max(4k, 40)).")
     return num_iter
 
 
@@ -275,10 +270,8 @@ def lanczos(
         [50.0, 49.0, 48.0]
     """
     m = _check_args(dim, k, num_iter, which)
-    if tol_scale not in ("value", "norm"):
-        raise SpectrumError(f"`tol_scale` must be 'value' or 'norm', got {tol_scale!r}.")
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-        raise SpectrumError(f"`check_every` must be a positive int, got {check_every!r}.")
+    one_of("tol_scale", tol_scale, ("value", "norm"), error=SpectrumError)
+    positive_int("check_every", check_every, error=SpectrumError)
 
     def should_stop(alpha: Tensor, beta: Tensor) -> bool:
         steps = alpha.shape[0]

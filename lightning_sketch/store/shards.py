@@ -13,6 +13,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from lightning_sketch._checks import non_negative_int
 from lightning_sketch.exceptions import DuplicateIdError, SketchInputError, SketchMismatchError
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._validate import compare_layout, compare_spec
@@ -23,8 +24,7 @@ __all__ = ["ShardMixin", "shard_path"]
 
 def shard_path(path: str | Path, rank: int) -> Path:
     """Directory of rank ``rank``'s shard inside store ``path``."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise SketchInputError(f"`rank` must be a non-negative int, got {rank!r}.")
+    rank = non_negative_int("rank", rank, error=SketchInputError)
     return Path(path) / "shards" / f"rank{rank}"
 
 

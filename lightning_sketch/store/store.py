@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lightning_sketch._checks import one_of, positive_int
 from lightning_sketch._version import __version__
 from lightning_sketch.exceptions import SketchConfigError, StoreConflictError, StoreWriteError
 from lightning_sketch.store import manifest as mf
@@ -112,16 +113,11 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMi
             SketchConfigError: bad ``dtype``, ``nan_policy``, spec or D.
         """
         path = Path(path)
-        if dtype not in mf.DTYPES:
-            raise SketchConfigError(f"`dtype` must be one of {mf.DTYPES}, got {dtype!r}.")
-        if nan_policy not in ("raise", "skip"):
-            raise SketchConfigError(f"`nan_policy` must be 'raise' or 'skip', got {nan_policy!r}.")
+        one_of("dtype", dtype, mf.DTYPES)
+        one_of("nan_policy", nan_policy, ("raise", "skip"))
         spec_d = spec_dict(spec)
         width = sketch_dim if spec_d is None else spec_d.get("sketch_dim", sketch_dim)
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise SketchConfigError(
-                f"Store row width D must be a positive int (spec['sketch_dim']), got {width!r}."
-            )
+        width = positive_int("sketch_dim", width, hint="It is the store's row width D (spec['sketch_dim']).")
         layout_d, fingerprint = layout_info(layout, layout_fingerprint)
         if (path / mf.MANIFEST).exists():
             if not exist_ok:

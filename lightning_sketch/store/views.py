@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 import torch
 
+from lightning_sketch._checks import integer
 from lightning_sketch.exceptions import SketchInputError, StoreCorruptError, StoreWriteError
 from lightning_sketch.io import safeio as sio
 from lightning_sketch.store import index as ix
@@ -220,8 +221,7 @@ class StoreViews(SnapshotMixin):
         q = as_rows(queries, width, "queries").astype(np.float32)
         if not np.isfinite(q).all():
             raise SketchInputError("`queries` contain NaN/inf; drop or fix those query sketches.")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-            raise SketchInputError(f"`k` must be an int in [1, {n}] (rows in view {view!r}), got {k!r}.")
+        integer("k", k, minimum=1, maximum=n, error=SketchInputError, hint=f"View {view!r} holds {n} rows.")
         return np.ascontiguousarray(q), int(k), data
 
     def search_exact(

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lightning_sketch._checks import number
 from lightning_sketch.exceptions import DuplicateIdError, SketchInputError
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import atomic_write, npy_bytes
@@ -46,10 +47,7 @@ class WriterMixin(SnapshotMixin):
         self._require_writer()
         mf.check_checkpoint_name(name)
         for key, val in (("lr", lr), ("weight", weight)):
-            if val is not None and (
-                isinstance(val, bool) or not isinstance(val, (int, float)) or not np.isfinite(val)
-            ):
-                raise SketchInputError(f"`{key}` must be a finite number or None, got {val!r}.")
+            number(key, val, allow_none=True, error=SketchInputError)
         record = {"name": name, "step": None if step is None else int(step), "lr": lr, "weight": weight}
         for c in self._manifest["checkpoints"] + self._pending_ckpts:
             if c["name"] == name:

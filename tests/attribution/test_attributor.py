@@ -221,7 +221,7 @@ def test_bad_arguments_raise(tmp_path, trained):
     path, _ = _store(tmp_path, model, x, y)
     with pytest.raises(SketchConfigError, match="`method` must be .auto. or one of"):
         Attributor(path, model, method="magic")
-    with pytest.raises(SketchConfigError, match="`damping` must be > 0"):
+    with pytest.raises(SketchConfigError, match="`damping` must be a number > 0"):
         Attributor(path, model, method="trak", damping=-1.0)
     with pytest.raises(SketchConfigError, match="not all in the store"):
         Attributor(path, model, checkpoints=["nope"])

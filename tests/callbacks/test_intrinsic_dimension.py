@@ -172,7 +172,7 @@ def test_setup_is_idempotent_and_validate_after_fit_works(tmp_path):
     [
         ({"mode": "grid"}, "`mode` must be"),
         ({"sketch_dim": 0}, "`sketch_dim` must be a positive int"),
-        ({"mode": "fixed", "d": 99, "sketch_dim": 8}, "`d` must be None or an int"),
+        ({"mode": "fixed", "d": 99, "sketch_dim": 8}, r"`d` must be an int in \[1, 8\] or None"),
         ({"eval_every_n_steps": 0, "criteria": SearchCriteria(target=1.0)}, "`eval_every_n_steps`"),
         ({}, "Search mode needs a target"),
         ({"sketch_dim": 8, "criteria": SearchCriteria(d_min=64, target=1.0)}, "`d_min` must be <="),
@@ -187,14 +187,14 @@ def test_argument_errors(kwargs, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"target_fraction": 1.5}, r"`target_fraction` must be in \(0, 1\]"),
-        ({"target_fraction": 0}, r"`target_fraction` must be in \(0, 1\]"),
-        ({"target": float("nan")}, "`target` must be finite"),
-        ({"target": True}, "`target` must be a number or None"),
-        ({"reference_score": "0.9"}, "`reference_score` must be a number or None"),
-        ({"reference_score": float("inf")}, "`reference_score` must be finite"),
-        ({"delta": -0.1}, "`delta` must be >= 0"),
-        ({"delta": None}, "`delta` must be a number"),
+        ({"target_fraction": 1.5}, r"`target_fraction` must be a number in \(0, 1\]"),
+        ({"target_fraction": 0}, r"`target_fraction` must be a number in \(0, 1\]"),
+        ({"target": float("nan")}, "`target` must be a finite number or None, got nan"),
+        ({"target": True}, "`target` must be a finite number or None, got True"),
+        ({"reference_score": "0.9"}, "`reference_score` must be a finite number or None"),
+        ({"reference_score": float("inf")}, "`reference_score` must be a finite number or None, got inf"),
+        ({"delta": -0.1}, "`delta` must be a finite number >= 0"),
+        ({"delta": None}, "`delta` must be a finite number >= 0, got None"),
         ({"d_min": 0}, "`d_min` must be a positive int"),
         ({"d_min": 2.0}, "`d_min` must be a positive int"),
     ],
@@ -215,7 +215,7 @@ def test_criteria_is_the_only_way_to_pass_search_settings():
         IntrinsicDimension(sketch_kind="dense", sketch_dim=16, target=0.9)  # type: ignore[call-arg]
     with pytest.raises(SubspaceError, match="must be a SearchCriteria"):
         IntrinsicDimension(sketch_kind="dense", sketch_dim=16, criteria={"target": 0.9})  # type: ignore[arg-type]
-    with pytest.raises(SubspaceError, match="`delta` must be >= 0"):
+    with pytest.raises(SubspaceError, match="`delta` must be a finite number >= 0"):
         IntrinsicDimension(criteria=SearchCriteria(target=0.9, delta=-1.0))
 
 

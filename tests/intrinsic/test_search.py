@@ -79,7 +79,7 @@ def test_state_dict_round_trip_is_json_and_continues_identically():
     [
         ({"d_min": 0, "d_max": 4, "delta": 0.1, "target": 1.0}, "`d_min` must be a positive int"),
         ({"d_min": 8, "d_max": 4, "delta": 0.1, "target": 1.0}, "`d_min` must be <= `d_max`"),
-        ({"d_min": 1, "d_max": 4, "delta": -0.1, "target": 1.0}, "`delta` must be >= 0"),
+        ({"d_min": 1, "d_max": 4, "delta": -0.1, "target": 1.0}, "`delta` must be a finite number >= 0"),
         ({"d_min": 1, "d_max": 4, "delta": 0.1, "target": math.nan}, "`target` must be a finite number"),
         ({"d_min": 1, "d_max": 4, "delta": 0.1, "target": 1.0, "higher_is_better": "yes"}, "higher_is_better"),
     ],

@@ -218,7 +218,7 @@ def test_errors():
         Subspace.attach("net", kind="dense", sketch_dim=4)
     with pytest.raises(SubspaceError, match="sketch_dim"):
         Subspace.attach(net, kind="dense", sketch_dim=4, said=True)
-    with pytest.raises(SubspaceError, match="must be bools"):
+    with pytest.raises(SubspaceError, match="`said` must be a bool"):
         Subspace.attach(net, kind="dense", sketch_dim=4, said=1)
     with pytest.raises(SketchConfigError, match="Unknown sketch kind"):
         Subspace.attach(net, kind="nope", sketch_dim=4)

@@ -14,13 +14,13 @@ from lightning_sketch.sketches import make
 def test_bad_dimensions(kind, opts):
     with pytest.raises(SketchConfigError, match=r"`sketch_dim` must be <= `dim` \(got 65 > 64\)"):
         make(kind, 64, 65, **opts)
-    with pytest.raises(SketchConfigError, match="`sketch_dim` must be >= 1, got 0"):
+    with pytest.raises(SketchConfigError, match="`sketch_dim` must be a positive int, got 0"):
         make(kind, 64, 0, **opts)
-    with pytest.raises(SketchConfigError, match="`sketch_dim` must be >= 1, got -4"):
+    with pytest.raises(SketchConfigError, match="`sketch_dim` must be a positive int, got -4"):
         make(kind, 64, -4, **opts)
-    with pytest.raises(SketchConfigError, match=r"`dim` must be an int, got float \(64.0\)"):
+    with pytest.raises(SketchConfigError, match=r"`dim` must be a positive int, got 64.0 \(float\)"):
         make(kind, 64.0, 16, **opts)
-    with pytest.raises(SketchConfigError, match="`sketch_dim` must be an int, got str"):
+    with pytest.raises(SketchConfigError, match=r"`sketch_dim` must be a positive int, got '16' \(str\)"):
         make(kind, 64, "16", **opts)
     with pytest.raises(SketchConfigError, match="`seed` must be an int"):
         make(kind, 64, 16, seed=0.5, **opts)

@@ -26,7 +26,7 @@ def test_snapshot_seconds_is_an_equal_share_of_what_is_left():
     assert snapshot_seconds(1.0, 0.5, 100, spent_seconds=20.0, snapshots_left=3) == 10.0
     assert snapshot_seconds(2.0, 0.5, 100, spent_seconds=20.0, snapshots_left=1) == 80.0
     assert snapshot_seconds(1.0, 0.5, 100, spent_seconds=60.0, snapshots_left=2) == 0.0  # spent: nothing left
-    with pytest.raises(SpectrumError, match="`snapshots_left` must be an int >= 1"):
+    with pytest.raises(SpectrumError, match="`snapshots_left` must be a positive int"):
         snapshot_seconds(1.0, 0.5, 100, 0.0, 0)
     with pytest.raises(SpectrumError, match="`budget` must be a finite number >= 0"):
         snapshot_seconds(float("nan"), 0.5, 100, 0.0, 1)

@@ -59,8 +59,8 @@ def test_hutchpp_exact_for_low_rank():
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: slq_density(lambda v: v, 10, num_runs=0), "`num_runs` must be an int >= 1"),
-        (lambda: slq_density(lambda v: v, 10, num_iter=0), "`num_iter` must be an int >= 1"),
+        (lambda: slq_density(lambda v: v, 10, num_runs=0), "`num_runs` must be a positive int"),
+        (lambda: slq_density(lambda v: v, 10, num_iter=0), "`num_iter` must be a positive int"),
         (lambda: slq_density(lambda v: v, 10, sigma=-1.0), "`sigma` must be > 0 or None"),
         (lambda: slq_density(lambda v: v, 10, num_points=1), "`num_points` must be an int >= 2"),
         (lambda: hutchinson(lambda v: v, 10, 1), "`num_matvecs` must be an int >= 2"),

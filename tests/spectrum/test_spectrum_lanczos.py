@@ -115,7 +115,7 @@ def _eye_op(v):
         ({"dim": 5, "k": 6}, "`k` must be <= `dim`"),
         ({"dim": 5, "k": 0}, "`k` must be a positive int"),
         ({"dim": 5, "k": 2, "which": "BE"}, "`which` must be one of"),
-        ({"dim": 5, "k": 2, "num_iter": 1}, "`num_iter` must be an int with k <= num_iter <= dim"),
+        ({"dim": 5, "k": 2, "num_iter": 1}, r"`num_iter` must be an int in \[2, 5\]"),
         ({"dim": 5, "k": 2, "num_iter": 9}, "`num_iter` must be an int"),
         ({"dim": 5, "k": 2, "v0": torch.zeros(5, dtype=torch.float64)}, "`v0` must be finite and non-zero"),
         ({"dim": 5, "k": 2, "v0": torch.ones(4)}, r"`v0` must be a tensor of shape \(5,\)"),

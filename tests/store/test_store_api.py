@@ -119,7 +119,7 @@ def test_layout_object_is_recorded(tmp_path, spec):
 
 
 def test_bad_create_arguments(tmp_path, spec):
-    with pytest.raises(SketchConfigError, match="`dtype` must be one of"):
+    with pytest.raises(SketchConfigError, match="`dtype` must be .float32. or .float16."):
         SketchStore.create(tmp_path / "a", spec, dtype="float64")
     with pytest.raises(SketchConfigError, match="`nan_policy`"):
         SketchStore.create(tmp_path / "a", spec, nan_policy="ignore")
