@@ -21,6 +21,7 @@ import lightning_sketch
 PACKAGE_DIR = Path(lightning_sketch.__file__).parent
 
 DOCTEST_MODULES = [
+    "lightning_sketch._checks",
     "lightning_sketch.io.safeio",
     "lightning_sketch.io.paths",
     "lightning_sketch.io.torchload",
