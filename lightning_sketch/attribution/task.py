@@ -26,6 +26,22 @@ batch:
   loss. Measurement: the log-probability of the completion (−ℓ); kernel: the softmax Gauss–Newton,
   from S completions drawn from the model per example (E_ŷ[ĝĝᵀ] = Σ_positions Jᵀ(diag p − ppᵀ)J).
 
+Losses with options or weights are recognised by moving the candidate output z by three fixed
+δ (a forward hook replaces it) and fitting the loss per example, at z and each z + δ, as a
+non-negative multiple of the plain loss; one equation more than unknowns per example checks the fit,
+so a one-example query batch is recognised too:
+
+- ``classification``: a·CE + b·U with U = −mean_c log p_c (``weight=``, sample weights,
+  ``label_smoothing=``); ``binary``: a·BCE-with-logits (``pos_weight=``, sample weights).
+- ``multilabel``: a·Σ_k BCE-with-logits(z_k, y_k) for an output ``[B, K]`` (K ≥ 2) and float 0/1
+  targets of its shape (summed or averaged over labels). Measurement: −ℓ; kernel: Σ_k ∇z_k∇z_kᵀ,
+  the binary margin kernel of every label (exact for K ≤ 8, else Rademacher combinations).
+- ``regression``: a·Σ_o ρ(f_o, y_o) for ρ the squared error, the L1 error, the Huber loss with δ = 1
+  (the smooth-L1 with β = 1) or the Poisson NLL of a log-rate. Kernel: Σ_o ∇f_o∇f_oᵀ, as above.
+
+Losses of another kind (a focal loss, a Gaussian likelihood with a predicted variance, Huber with
+δ ≠ 1, logits divided by a temperature inside the loss) fall back to the empirical Fisher.
+
 The output is found wherever the loss computes it: every submodule's output during one call of
 ``per_example_loss`` is a candidate (the model needs no ``forward`` of its own), and the last one
 that passes a check wins. Module methods take precedence: ``per_example_margin(batch)`` (a custom
@@ -667,10 +683,11 @@ def _fix(key: Any, y: Tensor | None) -> str:
                 "prediction from a submodule the loss calls (the Gauss–Newton kernel). Or define "
                 "per_example_margin(batch), or pass task=AttributionTask(...)")
     if y is not None and y.is_floating_point():  # a regression, or a likelihood of its own
-        return ("Return the prediction from a submodule the loss calls when the loss is a squared error (the "
-                "Gauss–Newton kernel), define per_example_margin(batch), define sample_labels(batch, "
-                f"generator) -> batch with {where} drawn from the model when the loss is a likelihood of "
-                "another kind (the sampled Fisher), or pass task=AttributionTask(...)")
+        return ("Return the prediction from a submodule the loss calls when the loss is a squared, L1, "
+                "Huber (delta=1) or Poisson loss of it (the Gauss–Newton kernel), define "
+                f"per_example_margin(batch), define sample_labels(batch, generator) -> batch with {where} "
+                "drawn from the model when the loss is a likelihood of another kind (the sampled Fisher), "
+                "or pass task=AttributionTask(...)")
     return ("Return the model's output from a submodule the loss calls (logits for a classifier or language "
             "model, the prediction for a regression), or define per_example_margin(batch) or "
             "sample_labels(batch, generator), or pass task=AttributionTask(...)")
@@ -777,6 +794,7 @@ def _recognise(module: nn.Module, batch: Any, loss: LossFn, kernel_samples: int)
         if rho is not None:
             return _regression(loss, tap, key, out.numel() // out.shape[0], None, kernel_samples,
                                loss_name=f"the {rho} of")
-    return _empirical(loss, "no output computed by the loss is the logits of a cross-entropy, the logit "
-                            "of a BCE, the prediction of a squared error or the logits of a token "
+    return _empirical(loss, "no output computed by the loss is the logits of a (weighted) cross-entropy, "
+                            "the logit(s) of a BCE, the prediction of a squared, L1, Huber or Poisson "
+                            "loss or the logits of a token "
                             f"cross-entropy against the batch's targets{note}", key, y)
