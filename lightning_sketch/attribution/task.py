@@ -26,6 +26,22 @@ batch:
   loss. Measurement: the log-probability of the completion (−ℓ); kernel: the softmax Gauss–Newton,
   from S completions drawn from the model per example (E_ŷ[ĝĝᵀ] = Σ_positions Jᵀ(diag p − ppᵀ)J).
 
+Losses with options or weights are recognised by moving the candidate output z by three fixed
+δ (a forward hook replaces it) and fitting the loss per example, at z and each z + δ, as a
+non-negative multiple of the plain loss; one equation more than unknowns per example checks the fit,
+so a one-example query batch is recognised too:
+
+- ``classification``: a·CE + b·U with U = −mean_c log p_c (``weight=``, sample weights,
+  ``label_smoothing=``); ``binary``: a·BCE-with-logits (``pos_weight=``, sample weights).
+- ``multilabel``: a·Σ_k BCE-with-logits(z_k, y_k) for an output ``[B, K]`` (K ≥ 2) and float 0/1
+  targets of its shape (summed or averaged over labels). Measurement: −ℓ; kernel: Σ_k ∇z_k∇z_kᵀ,
+  the binary margin kernel of every label (exact for K ≤ 8, else Rademacher combinations).
+- ``regression``: a·Σ_o ρ(f_o, y_o) for ρ the squared error, the L1 error, the Huber loss with δ = 1
+  (the smooth-L1 with β = 1) or the Poisson NLL of a log-rate. Kernel: Σ_o ∇f_o∇f_oᵀ, as above.
+
+Losses of another kind (a focal loss, a Gaussian likelihood with a predicted variance, Huber with
+δ ≠ 1, logits divided by a temperature inside the loss) fall back to the empirical Fisher.
+
 The output is found wherever the loss computes it: every submodule's output during one call of
 ``per_example_loss`` is a candidate (the model needs no ``forward`` of its own), and the last one
 that passes a check wins. Module methods take precedence: ``per_example_margin(batch)`` (a custom
@@ -65,7 +81,7 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 KernelTerm = tuple[LossFn, Any, float]
 
 #: the kinds :func:`resolve_task` recognises (``"custom"``: module methods; ``"empirical"``: none).
-TASK_KINDS = ("classification", "binary", "regression", "language_model", "custom", "empirical")
+TASK_KINDS = ("classification", "binary", "multilabel", "regression", "language_model", "custom", "empirical")
 #: sampled kernel terms per example for sampled Gauss–Newton kernels (language models,
 #: ``sample_labels``): the relative error of the sampled kernel falls as 1/√S (benchmarks/RESULTS.md,
 #: "Language-model kernel: sampled completions").
@@ -228,6 +244,55 @@ def _candidates(module: nn.Module, loss_fn: LossFn, batch: Any) -> tuple[list[tu
     return out[::-1], loss.detach()
 
 
+def _shifted(obj: Any, delta: Tensor) -> Any:
+    """``obj`` with its output tensor (as :func:`_as_output` reads it) moved by ``delta``; None if unknown."""
+    if isinstance(obj, Tensor):
+        return obj + delta.to(obj.dtype)
+    if isinstance(obj, Mapping) and isinstance(obj.get("logits"), Tensor):
+        return {**obj, "logits": obj["logits"] + delta.to(obj["logits"].dtype)}
+    if isinstance(obj, tuple) and obj and isinstance(obj[0], Tensor) and type(obj) is tuple:
+        return (obj[0] + delta.to(obj[0].dtype), *obj[1:])
+    return None
+
+
+def _loss_at(module: nn.Module, loss_fn: LossFn, batch: Any, tap: _Tap, delta: Tensor) -> Tensor | None:
+    """The losses ``[B]`` with the tapped output moved by ``delta`` (a forward hook replaces it), or
+    None when the output's container cannot be rebuilt or the loss fails on the moved output."""
+    sub = module.get_submodule(tap.name) if tap.name else module
+    seen = [0]
+    failed = [False]
+
+    def hook(m: nn.Module, i: Any, o: Any) -> Any:
+        seen[0] += 1
+        if seen[0] - 1 != tap.call:
+            return None
+        moved = _shifted(o, delta)
+        if moved is None:
+            failed[0] = True
+            return None
+        return moved
+
+    handle = sub.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            loss = loss_fn(module, batch)
+    except Exception:  # a loss that cannot take the moved output: not this convention
+        return None
+    finally:
+        handle.remove()
+    if failed[0] or seen[0] <= tap.call or not isinstance(loss, Tensor):
+        return None
+    return loss.detach().reshape(-1)
+
+
+def _probe_deltas(out: Tensor) -> list[Tensor]:
+    """Two fixed, generic moves of the output (deterministic: no RNG stream is touched)."""
+    n = out.numel()
+    base = torch.arange(n, dtype=torch.float64).reshape(out.shape)
+    moves = [0.3 * torch.sin(1.7 * base + 0.4), 0.25 * torch.cos(2.3 * base + 1.1)]
+    return [m.to(out.device) for m in moves]
+
+
 def _close(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=_RTOL, atol=_ATOL))
 
@@ -259,13 +324,13 @@ def _is_binary(out: Tensor, y: Tensor, loss: Tensor) -> bool:
 
 
 def _regression_scale(out: Tensor, y: Tensor, loss: Tensor) -> float | None:
-    """c > 0 with loss = c·Σ_o (f_o − y_o)² on every example, else None."""
+    """c > 0 with loss = c·Σ_o (f_o − y_o)² on every example (at least two with an error), else None."""
     B = y.shape[0]
     if not y.is_floating_point() or out.shape[0] != B or out.numel() != y.numel():
         return None
     se = ((out.reshape(B, -1).double() - y.reshape(B, -1).double().to(out.device)) ** 2).sum(1)
     keep = se > 1e-12
-    if not bool(keep.any()) or loss.shape != se.shape:
+    if int(keep.sum()) < 2 or loss.shape != se.shape:  # one example fits any c: not a check
         return None
     c = loss.double()[keep] / se[keep]
     c0 = float(c.mean())
@@ -299,6 +364,135 @@ def _lm_convention(out: Tensor, y: Tensor, loss: Tensor) -> dict[str, Any] | Non
     return None
 
 
+# ---------------------------------------------------------------------------- weighted and elementwise losses
+#: elementwise regression losses ρ(f, y) recognised with a positive per-example factor (Σ or mean over
+#: outputs, sample weights): the squared error, L1, Huber with δ = 1 (= smooth-L1 with β = 1) and the Poisson
+#: negative log-likelihood of a log-rate (``F.poisson_nll_loss`` defaults).
+_ELEMENTWISE: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "squared error": lambda f, y: (f - y) ** 2,
+    "L1 error": lambda f, y: (f - y).abs(),
+    "Huber loss (delta=1, the smooth-L1 loss with beta=1)": lambda f, y: F.huber_loss(f, y, reduction="none"),
+    "Poisson NLL of a log-rate": lambda f, y: torch.exp(f) - y * f,
+}
+
+
+def _fitted_factors(parts: list[Tensor], losses: list[Tensor]) -> Tensor | None:
+    """``[B, P]`` factors a with loss_e = Σ_p a_p·parts_e[:, p] at every evaluation e, else None.
+
+    ``parts``: per evaluation ``[B, P]`` (float64); ``losses``: per evaluation ``[B]``. Fitted per
+    example by least squares over the E > P evaluations and accepted only where every evaluation
+    matches (E − P checks per example).
+    """
+    A = torch.stack(parts, dim=1)  # [B, E, P]
+    rhs = torch.stack([v.double().to(A.device) for v in losses], dim=1)  # [B, E]
+    if not bool(torch.isfinite(A).all()) or not bool(torch.isfinite(rhs).all()):
+        return None
+    coef = torch.linalg.lstsq(A, rhs.unsqueeze(-1)).solution[..., 0]  # [B, P]
+    fit = (A @ coef.unsqueeze(-1))[..., 0]
+    if not _close(fit, rhs):
+        return None
+    return coef
+
+
+def _moved_losses(module: nn.Module, loss_fn: LossFn, batch: Any, tap: _Tap, out: Tensor,
+                  loss: Tensor) -> tuple[list[Tensor], list[Tensor]] | None:
+    """The outputs and losses at the tapped output and at three fixed moves of it (None: cannot move)."""
+    outs, losses = [out.double()], [loss.reshape(-1)]
+    for delta in _probe_deltas(out) + [-0.2 * _probe_deltas(out)[0].flip(-1)]:
+        moved = _loss_at(module, loss_fn, batch, tap, delta)
+        if moved is None or moved.shape != losses[0].shape:
+            return None
+        outs.append(out.double() + delta)
+        losses.append(moved)
+    return outs, losses
+
+
+def _weighted_classification(module: nn.Module, loss_fn: LossFn, batch: Any, tap: _Tap, out: Tensor,
+                             y: Tensor, loss: Tensor) -> str | None:
+    """Which weighted cross-entropy the loss is, or None: loss = a·CE + b·U per example, a > 0,
+    b ≥ 0, U = −mean_c log p_c, at the output and at three moves of it (class or sample weights:
+    b = 0; label smoothing ε: a = 1 − ε, b = ε)."""
+    B = y.shape[0]
+    if y.ndim != 1 or y.is_floating_point() or out.ndim != 2 or out.shape[0] != B or out.shape[1] < 2:
+        return None
+    if int(y.min()) < 0 or int(y.max()) >= out.shape[1]:
+        return None
+    moved = _moved_losses(module, loss_fn, batch, tap, out, loss)
+    if moved is None:
+        return None
+    yy = y.to(out.device).unsqueeze(1)
+    parts = []
+    for z in moved[0]:
+        lp = torch.log_softmax(z, dim=-1)
+        parts.append(torch.stack([-lp.gather(1, yy)[:, 0], -lp.mean(1)], dim=1))
+    coef = _fitted_factors(parts, moved[1])
+    if coef is None:
+        return None
+    a, b = coef[:, 0], coef[:, 1]
+    tol = _RTOL * float(coef.abs().max().clamp_min(1e-12))  # float32 losses fit to ~1e-6
+    if bool((a < -tol).any()) or bool((b < -tol).any()) or float(a.max()) <= tol:
+        return None
+    smoothed = bool((b > 10 * tol).any())
+    weighted = bool(((a + b) - (a + b).mean()).abs().max() > 10 * tol)
+    what = " and ".join([w for w, on in (("weighted", weighted), ("label-smoothed", smoothed)) if on])
+    return f"{what or 'scaled'} cross-entropy"
+
+
+def _weighted_binary(module: nn.Module, loss_fn: LossFn, batch: Any, tap: _Tap, out: Tensor, y: Tensor,
+                     loss: Tensor) -> bool:
+    """loss = a·BCE-with-logits per example, a ≥ 0 (``pos_weight``, sample weights), at three moves."""
+    B = y.shape[0]
+    t = _binary_targets(y)
+    if t is None or out.shape[0] != B or out.numel() != B:
+        return False
+    moved = _moved_losses(module, loss_fn, batch, tap, out, loss)
+    if moved is None:
+        return False
+    tt = t.to(out.device)
+    parts = [F.binary_cross_entropy_with_logits(z.reshape(B), tt, reduction="none").unsqueeze(1)
+             for z in moved[0]]
+    coef = _fitted_factors(parts, moved[1])
+    return coef is not None and bool((coef >= 0).all()) and float(coef.max()) > 0
+
+
+def _multilabel(module: nn.Module, loss_fn: LossFn, batch: Any, tap: _Tap, out: Tensor, y: Tensor,
+                loss: Tensor) -> bool:
+    """loss = a·Σ_k BCE-with-logits(z_k, y_k) per example (a > 0: summed or averaged over the K ≥ 2
+    labels, sample weights) for an output ``[B, K]`` and float 0/1 targets of its shape."""
+    B = y.shape[0]
+    if not y.is_floating_point() or out.shape != y.shape or out.ndim != 2 or out.shape[1] < 2:
+        return False
+    if not bool(((y == 0) | (y == 1)).all()):
+        return False
+    moved = _moved_losses(module, loss_fn, batch, tap, out, loss)
+    if moved is None:
+        return False
+    tt = y.double().to(out.device)
+    parts = [F.binary_cross_entropy_with_logits(z, tt, reduction="none").sum(1, keepdim=True)
+             for z in moved[0]]
+    coef = _fitted_factors(parts, moved[1])
+    return coef is not None and bool((coef >= 0).all()) and float(coef.max()) > 0 and B > 0
+
+
+def _elementwise_regression(module: nn.Module, loss_fn: LossFn, batch: Any, tap: _Tap, out: Tensor,
+                            y: Tensor, loss: Tensor) -> str | None:
+    """The name of the :data:`_ELEMENTWISE` loss ρ with loss = a·Σ_o ρ(f_o, y_o) per example (a ≥ 0)
+    at the output and at three moves of it, for a float output of the targets' size; else None."""
+    B = y.shape[0]
+    if not y.is_floating_point() or out.shape[0] != B or out.numel() != y.numel() or out.ndim > 3:
+        return None
+    moved = _moved_losses(module, loss_fn, batch, tap, out, loss)
+    if moved is None:
+        return None
+    yy = y.reshape(B, -1).double().to(out.device)
+    for name, rho in _ELEMENTWISE.items():
+        parts = [rho(z.reshape(B, -1), yy).sum(1, keepdim=True) for z in moved[0]]
+        coef = _fitted_factors(parts, moved[1])
+        if coef is not None and bool((coef >= 0).all()) and float(coef.max()) > 0:
+            return name
+    return None
+
+
 def check_query_targets(task: AttributionTask, batch: Any) -> None:
     """Refuse non-integer float targets in a query batch of a classification task.
 
@@ -326,7 +520,8 @@ def check_query_targets(task: AttributionTask, batch: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- the tasks
-def _classification(loss_fn: LossFn, tap: _Tap | _LogitsTap, key: Any, binary: bool) -> AttributionTask:
+def _classification(loss_fn: LossFn, tap: _Tap | _LogitsTap, key: Any, binary: bool,
+                    loss_name: str | None = None) -> AttributionTask:
     def margin(module: nn.Module, batch: Any) -> Tensor:
         out, _ = tap(loss_fn, module, batch)
         y = _target(batch)
@@ -358,7 +553,7 @@ def _classification(loss_fn: LossFn, tap: _Tap | _LogitsTap, key: Any, binary: b
         where = "the module's per_example_logits(batch)"
     else:
         where = f"the output of {tap.name!r}" if tap.name else "the model's output"
-    what = "BCE-with-logits" if binary else "cross-entropy"
+    what = loss_name or ("BCE-with-logits" if binary else "cross-entropy")
     return AttributionTask(
         kind="binary" if binary else "classification",
         loss=loss_fn,
@@ -373,7 +568,7 @@ def _classification(loss_fn: LossFn, tap: _Tap | _LogitsTap, key: Any, binary: b
 
 
 def _regression(loss_fn: LossFn, tap: _Tap, key: Any, outputs: int, scale: float | None,
-                samples: int) -> AttributionTask:
+                samples: int, loss_name: str | None = None, kind: str = "regression") -> AttributionTask:
     def output(module: nn.Module, batch: Any) -> Tensor:
         out, _ = tap(loss_fn, module, batch)
         return out.reshape(out.shape[0], -1)
@@ -396,16 +591,16 @@ def _regression(loss_fn: LossFn, tap: _Tap, key: Any, outputs: int, scale: float
         where = "the module's per_example_logits(batch)"
     else:
         where = f"the output of {tap.name!r}" if tap.name else "the model's output"
-    how = ("the squared error" if scale is not None else
-           "a function (not the squared error) of")
+    how = loss_name or ("the squared error" if scale is not None else "a function (not the squared error) of")
+    what = "logits" if kind == "multilabel" else "prediction"
     return AttributionTask(
-        kind="regression",
+        kind=kind,
         loss=loss_fn,
         query_loss=loss_fn,
         kernel_terms=terms,
         kernel="gauss-newton",
         reason=(f"the loss is {how} {where} against float targets: the Gauss–Newton kernel Σ∇f∇fᵀ of "
-                "the prediction, and queries measure −loss"),
+                f"the {what}, and queries measure −loss"),
         details={"output": tap.name, "call": tap.call, "target": str(key), "outputs": outputs},
     )
 
@@ -488,10 +683,11 @@ def _fix(key: Any, y: Tensor | None) -> str:
                 "prediction from a submodule the loss calls (the Gauss–Newton kernel). Or define "
                 "per_example_margin(batch), or pass task=AttributionTask(...)")
     if y is not None and y.is_floating_point():  # a regression, or a likelihood of its own
-        return ("Return the prediction from a submodule the loss calls when the loss is a squared error (the "
-                "Gauss–Newton kernel), define per_example_margin(batch), define sample_labels(batch, "
-                f"generator) -> batch with {where} drawn from the model when the loss is a likelihood of "
-                "another kind (the sampled Fisher), or pass task=AttributionTask(...)")
+        return ("Return the prediction from a submodule the loss calls when the loss is a squared, L1, "
+                "Huber (delta=1) or Poisson loss of it (the Gauss–Newton kernel), define "
+                f"per_example_margin(batch), define sample_labels(batch, generator) -> batch with {where} "
+                "drawn from the model when the loss is a likelihood of another kind (the sampled Fisher), "
+                "or pass task=AttributionTask(...)")
     return ("Return the model's output from a submodule the loss calls (logits for a classifier or language "
             "model, the prediction for a regression), or define per_example_margin(batch) or "
             "sample_labels(batch, generator), or pass task=AttributionTask(...)")
@@ -582,6 +778,23 @@ def _recognise(module: nn.Module, batch: Any, loss: LossFn, kernel_samples: int)
             if scale is not None:
                 outputs = out.numel() // out.shape[0]
                 return _regression(loss, tap, key, outputs, scale, kernel_samples)
-    return _empirical(loss, "no output computed by the loss is the logits of a cross-entropy, the logit "
-                            "of a BCE, the prediction of a squared error or the logits of a token "
+    for tap, out in cands:  # weighted and elementwise losses: checked by moving the output
+        if not isinstance(tap, _Tap):
+            continue
+        ce_name = _weighted_classification(module, loss, batch, tap, out, y, values)
+        if ce_name is not None:
+            return _classification(loss, tap, key, binary=False, loss_name=ce_name)
+        if _weighted_binary(module, loss, batch, tap, out, y, values):
+            return _classification(loss, tap, key, binary=True, loss_name="weighted BCE-with-logits")
+        if _multilabel(module, loss, batch, tap, out, y, values):
+            k = out.numel() // out.shape[0]
+            what = f"the multi-label BCE-with-logits ({k} labels) of"
+            return _regression(loss, tap, key, k, None, kernel_samples, loss_name=what, kind="multilabel")
+        rho = _elementwise_regression(module, loss, batch, tap, out, y, values)
+        if rho is not None:
+            return _regression(loss, tap, key, out.numel() // out.shape[0], None, kernel_samples,
+                               loss_name=f"the {rho} of")
+    return _empirical(loss, "no output computed by the loss is the logits of a (weighted) cross-entropy, "
+                            "the logit(s) of a BCE, the prediction of a squared, L1, Huber or Poisson "
+                            "loss or the logits of a token "
                             f"cross-entropy against the batch's targets{note}", key, y)

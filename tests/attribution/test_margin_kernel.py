@@ -152,8 +152,8 @@ def test_the_recognised_task_measures_the_margin():
     task = resolve_task(conv, b)
     assert (task.kind, task.kernel) == ("classification", "margin-logits")
     torch.testing.assert_close(task.query_loss(conv, b), -_ref_margin(conv, b))
-    # a loss that is not the cross-entropy of the logits: no margin, and the reason
-    task = resolve_task(conv, b, loss_fn=lambda m, bb: m.per_example_loss(bb) * 2)
+    # a loss that is not a (weighted) cross-entropy of the logits: no margin, and the reason
+    task = resolve_task(conv, b, loss_fn=lambda m, bb: m.per_example_loss(bb) ** 2)
     assert task.kernel == "empirical" and "cross-entropy" in task.reason
 
 
