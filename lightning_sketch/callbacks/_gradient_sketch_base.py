@@ -183,6 +183,14 @@ def _check_support(pl_module: nn.Module, layout: Any, exclude: list[str] | None)
     """Setup-time check of the per-example gradient paths: log the modules covered, warn once about
     the per-module fallback, refuse modules no path serves with ``exclude=`` advice."""
 
+    compiled = _compiled_modules(pl_module)
+    if compiled:
+        raise UnsupportedModelError(
+            f"GradientSketch: {compiled} {'is' if len(compiled) == 1 else 'are'} torch.compile'd; "
+            "per-example gradients are taken through module hooks and torch.func, which a compiled graph "
+            "bypasses, so no row could be computed. Sketch the uncompiled model (compile it after the "
+            "sketched run), or leave these modules uncompiled."
+        )
     support = capture_support(pl_module, layout)
     if support.unsupported:
         rank_zero_warn(
@@ -204,6 +212,18 @@ def _check_support(pl_module: nn.Module, layout: Any, exclude: list[str] | None)
             f"GradientSketch(..., exclude={list(exclude or []) + slow!r})."
         )
     return support
+
+
+def _compiled_modules(pl_module: nn.Module) -> list[str]:
+    """Names of the ``torch.compile``'d modules (``OptimizedModule``) in ``pl_module``, the root as
+    ``<the LightningModule>`` (Lightning marks a compiled LightningModule with ``_compiler_ctx``)."""
+    from torch._dynamo.eval_frame import OptimizedModule  # torch's public torch.compile wrapper class
+
+    names = [n or "<the LightningModule>" for n, m in pl_module.named_modules()
+             if isinstance(m, OptimizedModule)]
+    if getattr(pl_module, "_compiler_ctx", None) and "<the LightningModule>" not in names:
+        names.insert(0, "<the LightningModule>")
+    return names
 
 
 def _advice(support: Any, exclude: list[str] | None) -> list[str]:

@@ -348,3 +348,17 @@ def test_resume_without_the_store_names_the_missing_store(tmp_path):
     with pytest.raises(StoreNotFoundError):
         _fit_run(tmp_path / "a", 2, ckpt_path=str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
     assert not store.exists()
+
+
+def test_a_compiled_submodule_is_refused_at_setup_naming_it(tmp_path):
+    """torch.compile'd modules bypass the hooks and torch.func: refused before any step, not after an epoch."""
+    from lightning_sketch.exceptions import UnsupportedModelError
+
+    model = TinyClassifier()
+    model.net[2] = torch.compile(model.net[2])  # compiling is lazy: nothing is traced here
+    cb = GradientSketch(dirpath=str(tmp_path / "gs"), sketch_kind="dense", sketch_dim=8)
+    trainer = _trainer(tmp_path, [cb], max_steps=1)
+    with pytest.raises(UnsupportedModelError, match=r"\['net\.2'\] is torch\.compile'd"):
+        trainer.fit(model, loader(*_data()))
+    assert trainer.global_step == 0
+    assert not (tmp_path / "gs" / "store").exists()
