@@ -410,3 +410,14 @@ def test_float_zero_one_targets_name_the_binary_per_example_logits_fix():
             return self.logit(batch["x"])
 
     assert resolve_task(Fixed(), batch).kind == "binary"  # the fix the message names works
+
+
+def test_the_default_language_model_kernel_takes_four_sampled_completions():
+    """The default number of sampled completions per example, pinned by a literal (4 terms of weight 1/4)."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    ids, labels = _lm_data(3)
+    batch = {"input_ids": ids, "labels": labels}
+    task = resolve_task(model, batch)
+    terms = task.kernel_terms(model, batch, torch.Generator().manual_seed(1))
+    assert [w for _, _, w in terms] == [0.25, 0.25, 0.25, 0.25]
