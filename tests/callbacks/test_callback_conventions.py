@@ -187,3 +187,25 @@ def test_every_attribute_is_declared_in_init(tmp_path, mode):
     lightning_adds = {"log", "log_dict"}  # Trainer attaches the module's logging methods to every callback
     for cb, before in zip(callbacks, declared):
         assert set(vars(cb)) - before - lightning_adds == set(), type(cb).__name__
+
+
+def test_the_defaults_that_decide_results_are_pinned():
+    """Literal values: changing a callback default that decides what a run computes fails here."""
+    import inspect
+
+    def defaults(cls, names):
+        sig = inspect.signature(cls.__init__).parameters
+        return {n: sig[n].default for n in names}
+
+    assert defaults(GradientSketch, ["sketch_kind", "sketch_dim", "seed", "mode", "dtype", "nan_policy",
+                                     "curvature", "save_weights"]) == {
+        "sketch_kind": "affd", "sketch_dim": 1024, "seed": 0, "mode": "checkpoint", "dtype": "float32",
+        "nan_policy": "skip", "curvature": "auto", "save_weights": True}
+    assert defaults(HessianSpectrum, ["k", "sketch_kind", "sketch_dim", "seed", "every_n_steps",
+                                      "probe_batches", "density", "trace", "budget"]) == {
+        "k": 10, "sketch_kind": "affd", "sketch_dim": 1024, "seed": 0, "every_n_steps": 1000,
+        "probe_batches": 4, "density": None, "trace": False, "budget": 1.0}
+    assert defaults(IntrinsicDimension, ["sketch_kind", "sketch_dim", "seed", "said", "normalize", "mode"]) == {
+        "sketch_kind": "affd", "sketch_dim": 1024, "seed": 0, "said": False, "normalize": True, "mode": "search"}
+    assert SearchCriteria() == SearchCriteria(d_min=16, delta=0.01, target=None, target_fraction=0.9,
+                                              reference_score=None)
