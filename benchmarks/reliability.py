@@ -2,7 +2,7 @@
 hostile run directories handled.
 
     PYTHONPATH=$PWD python benchmarks/reliability.py [--flips 60] [--cuts 10] [--nonfinite 8] [--hostile 40]
-        [--kills 20] [--lightning-kills N] [--only PART]
+        [--kills 20] [--lightning-kills N] [--lightning-every K] [--only PART]
 
 1. **Corruption sweeps.** ``tests/security/runkit.py`` writes a complete run directory (store
    manifest, segments, FAISS index, weights, probe examples, curvature matrices and sidecars,
@@ -28,14 +28,15 @@ hostile run directories handled.
 5. **SIGKILLs.** ``tests/store/_procs.py crash`` forks a committing store writer per seed and
    kills it at a random time; each store is then reopened, fully verified and its rows compared
    with the acknowledged commits (rows lost = acknowledged rows missing).
-6. **Lightning-level SIGKILLs** (``--lightning-kills N``): ``tests/reliability/scripts/lightning_kill.py``
-   runs each configuration (GradientSketch checkpoint mode + HessianSpectrum, GradientSketch inline
-   mode + HessianSpectrum, IntrinsicDimension; checkpoints at epoch end, every 3 steps with a
-   resumable loader, every 3 steps with a plain loader) once uninterrupted, counting its events; then
-   N seeded draws of (configuration, event kind, occurrence) are killed there and continued from the
-   latest checkpoint (else a fresh fit). Counted: continued runs, acknowledged rows lost, rows
-   duplicated, temporary files left, and for the exactly resumable configuration runs equal to the
-   uninterrupted one.
+6. **Lightning-level SIGKILLs** (``--lightning-kills N``, ``--lightning-every K``):
+   ``tests/reliability/scripts/lightning_kill.py`` runs each configuration (GradientSketch
+   checkpoint mode + HessianSpectrum, GradientSketch inline mode + HessianSpectrum,
+   IntrinsicDimension; checkpoints at epoch end, every 3 steps with a resumable loader, every 3
+   steps with a plain loader) once uninterrupted, counting its events; then K seeded occurrences
+   of every (configuration, event kind) it saw, and N seeded random draws of (configuration, event
+   kind, occurrence), are killed there and continued from the latest checkpoint (else a fresh fit).
+   Counted: continued runs, acknowledged rows lost, rows duplicated, temporary files left, and for
+   the exactly resumable configurations runs equal to the uninterrupted one.
 7. Prints one Markdown table per part, with ``uptime`` load averages (``--only PART`` runs one part;
    parts with a count of 0 are skipped).
 """
@@ -169,7 +170,7 @@ def kills(n: int) -> list[str]:
             f"| {n} | {survived} | {lost} | {extra} |"]
 
 
-def lightning_kills(n: int, seed: int = 0) -> list[str]:
+def lightning_kills(n: int, every: int = 0, seed: int = 0) -> list[str]:
     import random
 
     sys.path.insert(0, str(REPO / "tests" / "reliability" / "scripts"))
@@ -182,12 +183,17 @@ def lightning_kills(n: int, seed: int = 0) -> list[str]:
     refs = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                                      timeout=3600).stdout.strip().splitlines()[-1])
     rng = random.Random(seed)
-    draws = []
-    for i in range(n):
+    picks: list[tuple[str, str, int]] = []
+    if every:  # every configuration x every event kind it sees, `every` seeded occurrences each
+        for config in sorted(refs):
+            for kind in sorted(refs[config]["counts"]):
+                picks += [(config, kind, rng.randint(1, refs[config]["counts"][kind])) for _ in range(every)]
+    for _ in range(n):
         config = rng.choice(sorted(refs))
         kind = rng.choice(sorted(refs[config]["counts"]))
-        n_th = rng.randint(1, refs[config]["counts"][kind])
-        draws.append((f"{root / str(i)}:{config}:{kind}:{n_th}", config))
+        picks.append((config, kind, rng.randint(1, refs[config]["counts"][kind])))
+    draws = [(f"{root / str(i)}:{config}:{kind}:{n_th}", config)
+             for i, (config, kind, n_th) in enumerate(picks)]
     out = subprocess.run([sys.executable, str(REPO / "tests/reliability/scripts/lightning_kill.py"), "fork",
                           *[j for j, _ in draws]], capture_output=True, text=True, env=env, timeout=36000)
     status = json.loads(out.stdout.strip().splitlines()[-1])
@@ -234,7 +240,9 @@ def main() -> None:
     p.add_argument("--nonfinite", type=int, default=8, help="numbers replaced per JSON file")
     p.add_argument("--hostile", type=int, default=40, help="hostile values tried per report file kind")
     p.add_argument("--kills", type=int, default=20)
-    p.add_argument("--lightning-kills", type=int, default=0)
+    p.add_argument("--lightning-kills", type=int, default=0, help="random (configuration, event) draws")
+    p.add_argument("--lightning-every", type=int, default=0,
+                   help="occurrences killed per configuration and event kind (exhaustive over both)")
     p.add_argument("--only", choices=("sweeps", "swaps", "nonfinite", "hostile", "kills", "lightning_kills"),
                    default=None,
                    help="run one part")
@@ -245,7 +253,8 @@ def main() -> None:
              "nonfinite": (args.nonfinite, lambda: nonfinite(args.nonfinite)),
              "hostile": (args.hostile, lambda: hostile(args.hostile)),
              "kills": (args.kills, lambda: kills(args.kills)),
-             "lightning_kills": (args.lightning_kills, lambda: lightning_kills(args.lightning_kills))}
+             "lightning_kills": (args.lightning_kills or args.lightning_every,
+                                 lambda: lightning_kills(args.lightning_kills, args.lightning_every))}
     for name, (count, part) in parts.items():
         if args.only not in (None, name) or not count:
             continue
