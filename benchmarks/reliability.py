@@ -1,31 +1,43 @@
-"""Figures of docs/reliability.md (issue 11): corruptions detected per file kind, SIGKILLs survived,
+"""Figures of docs/reliability.md: corruptions detected per file kind, SIGKILLs survived,
 hostile run directories handled.
 
-    PYTHONPATH=$PWD python benchmarks/reliability.py [--flips 60] [--cuts 10] [--kills 20] [--lightning-kills N] [--only PART]
+    PYTHONPATH=$PWD python benchmarks/reliability.py [--flips 60] [--cuts 10] [--nonfinite 8] [--hostile 40]
+        [--kills 20] [--lightning-kills N] [--lightning-every K] [--only PART]
 
 1. **Corruption sweeps.** ``tests/security/runkit.py`` writes a complete run directory (store
-   manifest, segments, FAISS index, weights, spectrum index and snapshots, intrinsic-dimension
-   state, query result). For every file, ``--flips`` seeded random single-byte flips and
-   ``--cuts`` random truncations are applied one at a time and every reader of that file kind is
-   run: each outcome is the reference answer ("same"), a typed library error ("detected"), a
-   silently different answer, or an untyped exception.
+   manifest, segments, FAISS index, weights, probe examples, curvature matrices and sidecars,
+   spectrum index and snapshots, intrinsic-dimension state, query result). For every file,
+   ``--flips`` seeded random single-byte flips and ``--cuts`` random truncations are applied one
+   at a time and every reader of that file kind is run: each outcome is the reference answer
+   ("same"), a typed library error ("detected"), a silently different answer, or an untyped
+   exception.
 2. **Older and foreign files.** For every file kind, the run's files are replaced by intact copies
    of an older generation of the same run (the copies ``runkit.build`` keeps of the files a later
    publish replaced) or of another run (a second ``runkit.build`` with other weights, rows and
    spectra), one kind at a time, and every reader of that kind, plus the check a resume or
    ``query --ckpt`` makes against the checkpoint, is classified the same way.
-3. **SIGKILLs.** ``tests/store/_procs.py crash`` forks a committing store writer per seed and
+3. **Non-finite JSON numbers** (``--nonfinite N``). In every JSON kind (store manifest, curvature
+   sidecar, spectrum index, intrinsic-dimension state, query result), N seeded numbers per file are
+   replaced one at a time by ``NaN``, ``Infinity``, ``-Infinity`` and ``1e999``, with every checksum
+   covering the file re-recorded (``runkit._rewrite``), and every reader of the content is classified.
+4. **Hostile report inputs** (``--hostile N``). N seeded (leaf, value) pairs per file the report
+   draws (store manifest, spectrum index, intrinsic state, query result): a leaf replaced by markup,
+   TeX, a 50 kB string, a wrong type, a deep list or a dict, checksum re-recorded; the whole report
+   is built and classified (file named as refused, drawn escaped, unescaped markup, untyped
+   exception, hang).
+5. **SIGKILLs.** ``tests/store/_procs.py crash`` forks a committing store writer per seed and
    kills it at a random time; each store is then reopened, fully verified and its rows compared
    with the acknowledged commits (rows lost = acknowledged rows missing).
-4. **Lightning-level SIGKILLs** (``--lightning-kills N``): ``tests/reliability/scripts/lightning_kill.py``
-   runs each configuration (GradientSketch checkpoint mode + HessianSpectrum, GradientSketch inline
-   mode + HessianSpectrum, IntrinsicDimension; checkpoints at epoch end, every 3 steps with a
-   resumable loader, every 3 steps with a plain loader) once uninterrupted, counting its events; then
-   N seeded draws of (configuration, event kind, occurrence) are killed there and continued from the
-   latest checkpoint (else a fresh fit). Counted: continued runs, acknowledged rows lost, rows
-   duplicated, temporary files left, and for the exactly resumable configuration runs equal to the
-   uninterrupted one.
-5. Prints one Markdown table per part, with ``uptime`` load averages (``--only PART`` runs one part;
+6. **Lightning-level SIGKILLs** (``--lightning-kills N``, ``--lightning-every K``):
+   ``tests/reliability/scripts/lightning_kill.py`` runs each configuration (GradientSketch
+   checkpoint mode + HessianSpectrum, GradientSketch inline mode + HessianSpectrum,
+   IntrinsicDimension; checkpoints at epoch end, every 3 steps with a resumable loader, every 3
+   steps with a plain loader) once uninterrupted, counting its events; then K seeded occurrences
+   of every (configuration, event kind) it saw, and N seeded random draws of (configuration, event
+   kind, occurrence), are killed there and continued from the latest checkpoint (else a fresh fit).
+   Counted: continued runs, acknowledged rows lost, rows duplicated, temporary files left, and for
+   the exactly resumable configurations runs equal to the uninterrupted one.
+7. Prints one Markdown table per part, with ``uptime`` load averages (``--only PART`` runs one part;
    parts with a count of 0 are skipped).
 """
 
@@ -57,12 +69,13 @@ def sweeps(flips: int, cuts: int) -> list[str]:
     root = Path(tempfile.mkdtemp())
     run = runkit.build(root)
     refs = runkit.references(run)
-    lines = ["| file kind | files | damages x readers tried | detected (typed error) | harmless (same answer) "
-             "| silent different answer | untyped exception |", "|---|---|---|---|---|---|---|"]
+    lines = ["| file kind | files | damages x readers tried | detected (typed error) "
+             "| harmless (same answer) | silent different answer | untyped exception |",
+             "|---|---|---|---|---|---|---|"]
     for i, (kind, (pattern, _)) in enumerate(runkit.KINDS.items()):
         out = runkit.sweep(run, kind, refs[kind], flips=flips, cuts=cuts, seed=100 + i)
-        lines.append(f"| {kind} | {len(list(run.glob(pattern)))} | {out['tried']} | {out['typed']} | {out['same']} | "
-                     f"{len(out['silent'])} | {len(out['untyped'])} |")
+        lines.append(f"| {kind} | {len(list(run.glob(pattern)))} | {out['tried']} | {out['typed']} "
+                     f"| {out['same']} | {len(out['silent'])} | {len(out['untyped'])} |")
         for bad in out["silent"][:3] + out["untyped"][:3]:
             print("  !", bad, file=sys.stderr)
     return lines
@@ -91,6 +104,41 @@ def swaps() -> list[str]:
     return lines
 
 
+def nonfinite(per_file: int) -> list[str]:
+    import runkit
+
+    run = runkit.build(Path(tempfile.mkdtemp()))
+    lines = ["| JSON file kind | files | numbers replaced | replacements x readers tried "
+             "| detected (typed error) | harmless (same answer) | silent different answer "
+             "| untyped exception |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, (kind, readers) in enumerate(runkit.JSON_READERS.items()):
+        refs = [r(run) for r in readers]
+        out = runkit.nonfinite_sweep(run, kind, refs, per_file=per_file, seed=200 + i)
+        files = len(list(run.glob(runkit.KINDS[kind][0])))
+        lines.append(f"| {kind} | {files} | {out['numbers']} | {out['tried']} | {out['typed']}"
+                     f" | {out['same']} | {len(out['silent'])} | {len(out['untyped'])} |")
+        for bad in out["silent"][:3] + out["untyped"][:3]:
+            print("  !", bad, file=sys.stderr)
+    return lines
+
+
+def hostile(cases: int) -> list[str]:
+    import runkit
+
+    run = runkit.build(Path(tempfile.mkdtemp()))
+    lines = ["| file kind | hostile values tried | report built, file named as refused "
+             "| report built, drawn escaped | unescaped markup | untyped exception | hang (> 60 s) |",
+             "|---|---|---|---|---|---|---|"]
+    for i, kind in enumerate(runkit.REPORT_KINDS):
+        out = runkit.hostile_report_sweep(run, kind, cases=cases, seed=300 + i)
+        lines.append(f"| {kind} | {out['tried']} | {out['named']} | {out['drawn']} | {len(out['markup'])} "
+                     f"| {len(out['untyped'])} | {len(out['hang'])} |")
+        for bad in out["markup"][:3] + out["untyped"][:3] + out["hang"][:3]:
+            print("  !", bad, file=sys.stderr)
+    return lines
+
+
 def kills(n: int) -> list[str]:
     import _procs
 
@@ -112,15 +160,17 @@ def kills(n: int) -> list[str]:
         store.verify()
         batches = store.num_rows // _procs.B
         ids, rows = _procs.expected(batches)
-        exact = batches == 0 or (np.array_equal(store.ids("c"), ids) and np.array_equal(store.vectors("c"), rows))
+        exact = batches == 0 or (np.array_equal(store.ids("c"), ids)
+                                 and np.array_equal(store.vectors("c"), rows))
         survived += bool(ok and exact and batches >= acked[str(seed)])
         lost += max(0, acked[str(seed)] - batches) * _procs.B
         extra += max(0, batches - acked[str(seed)])
     return ["| SIGKILLs of a committing writer | reopened healthy and exact | acknowledged rows lost "
-            "| commits in flight that landed whole |", "|---|---|---|---|", f"| {n} | {survived} | {lost} | {extra} |"]
+            "| commits in flight that landed whole |", "|---|---|---|---|",
+            f"| {n} | {survived} | {lost} | {extra} |"]
 
 
-def lightning_kills(n: int, seed: int = 0) -> list[str]:
+def lightning_kills(n: int, every: int = 0, seed: int = 0) -> list[str]:
     import random
 
     sys.path.insert(0, str(REPO / "tests" / "reliability" / "scripts"))
@@ -133,12 +183,17 @@ def lightning_kills(n: int, seed: int = 0) -> list[str]:
     refs = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                                      timeout=3600).stdout.strip().splitlines()[-1])
     rng = random.Random(seed)
-    draws = []
-    for i in range(n):
+    picks: list[tuple[str, str, int]] = []
+    if every:  # every configuration x every event kind it sees, `every` seeded occurrences each
+        for config in sorted(refs):
+            for kind in sorted(refs[config]["counts"]):
+                picks += [(config, kind, rng.randint(1, refs[config]["counts"][kind])) for _ in range(every)]
+    for _ in range(n):
         config = rng.choice(sorted(refs))
         kind = rng.choice(sorted(refs[config]["counts"]))
-        n_th = rng.randint(1, refs[config]["counts"][kind])
-        draws.append((f"{root / str(i)}:{config}:{kind}:{n_th}", config))
+        picks.append((config, kind, rng.randint(1, refs[config]["counts"][kind])))
+    draws = [(f"{root / str(i)}:{config}:{kind}:{n_th}", config)
+             for i, (config, kind, n_th) in enumerate(picks)]
     out = subprocess.run([sys.executable, str(REPO / "tests/reliability/scripts/lightning_kill.py"), "fork",
                           *[j for j, _ in draws]], capture_output=True, text=True, env=env, timeout=36000)
     status = json.loads(out.stdout.strip().splitlines()[-1])
@@ -182,16 +237,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--flips", type=int, default=60)
     p.add_argument("--cuts", type=int, default=10)
+    p.add_argument("--nonfinite", type=int, default=8, help="numbers replaced per JSON file")
+    p.add_argument("--hostile", type=int, default=40, help="hostile values tried per report file kind")
     p.add_argument("--kills", type=int, default=20)
-    p.add_argument("--lightning-kills", type=int, default=0)
-    p.add_argument("--only", choices=("sweeps", "swaps", "kills", "lightning_kills"), default=None,
+    p.add_argument("--lightning-kills", type=int, default=0, help="random (configuration, event) draws")
+    p.add_argument("--lightning-every", type=int, default=0,
+                   help="occurrences killed per configuration and event kind (exhaustive over both)")
+    p.add_argument("--only", choices=("sweeps", "swaps", "nonfinite", "hostile", "kills", "lightning_kills"),
+                   default=None,
                    help="run one part")
     args = p.parse_args()
     print(f"load average before: {load()}")
     parts = {"sweeps": (args.flips or args.cuts, lambda: sweeps(args.flips, args.cuts)),
              "swaps": (1, swaps),
+             "nonfinite": (args.nonfinite, lambda: nonfinite(args.nonfinite)),
+             "hostile": (args.hostile, lambda: hostile(args.hostile)),
              "kills": (args.kills, lambda: kills(args.kills)),
-             "lightning_kills": (args.lightning_kills, lambda: lightning_kills(args.lightning_kills))}
+             "lightning_kills": (args.lightning_kills or args.lightning_every,
+                                 lambda: lightning_kills(args.lightning_kills, args.lightning_every))}
     for name, (count, part) in parts.items():
         if args.only not in (None, name) or not count:
             continue

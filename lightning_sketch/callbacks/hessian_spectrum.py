@@ -76,6 +76,17 @@ __all__ = ["PAPER_STEPS", "HessianSpectrum", "SpectrumNumerics"]
 PAPER_STEPS: tuple[int, ...] = (0, 10, 50, 100, 150, 200, 250, 500)
 
 
+def _last_batch_of_fit(trainer: Trainer) -> bool:
+    """Whether the batch that just ended is the fit's last: ``max_steps`` reached, or the last batch
+    of the last of ``max_epochs``."""
+    max_steps = trainer.max_steps
+    if max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    return bool(trainer.is_last_batch) and max_epochs is not None and max_epochs >= 0 and (
+        trainer.current_epoch + 1 >= max_epochs)
+
+
 class HessianSpectrum(Callback):
     """Top-k Hessian eigenvalues (sketched), RNEG, outliers, alignment and density during ``fit``.
 
@@ -295,6 +306,12 @@ class HessianSpectrum(Callback):
             self._step_seconds += self.clock() - self._step_t0
             self._steps_timed += 1
             self._step_t0 = None
+        if _last_batch_of_fit(trainer):
+            # The fit's last step is snapshot here, before that step's checkpoint is saved (Lightning runs
+            # checkpoint callbacks after the others): a resume from that checkpoint is a finished fit in
+            # which Lightning calls no training hook, so it could not take the snapshot later.
+            # on_train_end remains the guard for fits that stop otherwise (early stopping, a time limit).
+            self._maybe_snapshot(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -82,6 +82,7 @@ from lightning_sketch.sketches import sketch_class
 __all__ = ["IntrinsicDimension", "SearchCriteria", "measure_reference_score"]
 
 _STATE = "intrinsic_dimension.json"
+_PLOT = "intrinsic_dimension.png"
 
 
 class IntrinsicDimension(Callback):
@@ -251,7 +252,7 @@ class IntrinsicDimension(Callback):
                 self.dirpath, ".intrinsic_dimension.lock", what="intrinsic-dimension directory"
             )
             self._seen = _disk_sha(Path(self.dirpath) / _STATE)
-            sweep_temp_files(self.dirpath, targets=[_STATE])  # left by a killed run; the lock is ours now
+            sweep_temp_files(self.dirpath, targets=[_STATE, _PLOT])  # left by a killed run; the lock is ours
             self._run_id = _state_run_id(Path(self.dirpath) / _STATE) or new_run_id()
 
     @override
@@ -336,7 +337,7 @@ class IntrinsicDimension(Callback):
         self._write(trainer)
         if self.plot and trainer.is_global_zero and self.dirpath is not None and self.history:
             # written atomically (plots.save_png): never through a planted link
-            plot_search(self.history, self.target, Path(self.dirpath) / "intrinsic_dimension.png")
+            plot_search(self.history, self.target, Path(self.dirpath) / _PLOT)
 
     def _metric(self, trainer: Trainer) -> float:
         value = trainer.callback_metrics.get(self.monitor)

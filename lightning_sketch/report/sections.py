@@ -54,9 +54,18 @@ def _h3(text: str, code: str | None = None, suffix: str = "") -> dict[str, Any]:
     return {"kind": "h3", "text": text, "code": code, "suffix": suffix}
 
 
+class _Styled:
+    """A table cell drawn with a CSS class; only section code makes these (a dict from a file is text)."""
+
+    def __init__(self, cls: str, text: str) -> None:
+        self.cls, self.text = cls, text
+
+
 def _fmt(v: Any) -> Any:
-    if isinstance(v, dict):
-        return v
+    """A table cell: ``{"cls", "text"}`` for a :class:`_Styled` cell, else the value as text (a float to
+    4 significant digits, ``None`` as empty); values read from files, dicts included, always become text."""
+    if isinstance(v, _Styled):
+        return {"cls": v.cls, "text": v.text}
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
@@ -147,8 +156,8 @@ def _store_section(root: Path) -> list[dict[str, Any]]:
             continue
         spec = info.get("spec") or {}
         ok = info["health"]["ok"]
-        bad = {"cls": "bad", "text": f"INCONSISTENT: {info['health']['error']}"}
-        status = {"cls": "ok", "text": "OK"} if ok else bad
+        bad = _Styled("bad", f"INCONSISTENT: {info['health']['error']}")
+        status = _Styled("ok", "OK") if ok else bad
         summary: list[list[Any]] = [
             ["path", _rel(s, root)], ["health", status], ["rows", info["rows"]],
             ["sketch kind", spec.get("kind")], ["N (parameters)", spec.get("dim")],

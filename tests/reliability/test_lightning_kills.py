@@ -37,6 +37,13 @@ CASES = [
     # HessianSpectrum / IntrinsicDimension killed mid-epoch with mid-epoch checkpoints
     ("ckpt-mid", "batch_start", 8),
     ("intrinsic-midplain", "tmp", 5),
+    # killed at the last epoch end, after the checkpoint of the last step: Lightning resumes it as a
+    # finished fit and runs no training hook, so HessianSpectrum must have taken its last snapshot
+    # before that checkpoint
+    ("ckpt-mid", "epoch_end", 3),
+    # killed in the last atomic write of a search, the plot intrinsic_dimension.png: its temporary file
+    # is removed by the continued run
+    ("intrinsic-mid", "tmp", 8),
 ]
 
 
@@ -78,3 +85,12 @@ def test_replayed_inline_rows_are_counted_not_duplicated(outcomes):
     assert got["resumed"] is True
     assert sum(s["skipped_duplicates"] for s in got["slices"].values()) > 0
     assert all(len(s["ids"]) == len(set(s["ids"])) for s in got["slices"].values())
+
+
+def test_last_spectrum_snapshot_survives_a_kill_after_the_last_checkpoint(outcomes):
+    """The last step's snapshot is in the checkpoint of the last step (the resumed fit runs no hook)."""
+    root, jobs, out = outcomes
+    case = CASES.index(("ckpt-mid", "epoch_end", 3))
+    got = json.loads((root / str(case) / "continued.json").read_text())
+    assert got["resumed"] is True
+    assert [e["step"] for e in got["spectrum"]] == [e["step"] for e in out["refs"]["ckpt-mid"]["spectrum"]]

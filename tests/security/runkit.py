@@ -4,7 +4,8 @@ Used by ``tests/security`` (sampled sweeps, fast) and ``benchmarks/reliability.p
 in ``docs/reliability.md``). The run directory holds every kind of file a run writes:
 
     run/store/manifest.json, seg-*.npy, seg-*.ids.npy, index-*.faiss   (SketchStore, 2 checkpoints)
-    run/weights/step-1.pt, step-2.pt                                     (recorded in the manifest)
+    run/weights/step-1.pt, step-2.pt, probe.pt                           (recorded in the manifest)
+    run/curvature/step-*-<token>.npy, .json                              (recorded in the manifest)
     run/spectrum/index.json, step_*.npz                                  (spectrum snapshots)
     run/intrinsic_dimension.json                                         (intrinsic-dimension state)
     run/query.json                                                       (query results)
@@ -25,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_sketch.io import safeio as sio
 from lightning_sketch.exceptions import LightningSketchError
+from lightning_sketch.io import safeio as sio
 
 D = 8
 
@@ -64,6 +65,8 @@ def build(root: Path, variant: int = 0) -> Path:
     the run records (the run ids and generations of the store and the spectrum index).
     ``variant`` > 0 builds another run (other weights, rows and spectra).
     """
+    from lightning_sketch.attribution._stored import PROBE
+    from lightning_sketch.attribution.curvature import write_curvature
     from lightning_sketch.gradients import ParamLayout, sketch_gradients
     from lightning_sketch.sketches import make
     from lightning_sketch.spectrum.snapshot import save_snapshot
@@ -85,6 +88,14 @@ def build(root: Path, variant: int = 0) -> Path:
         rows = sketch_gradients(net, lambda m, b: m.per_example_loss(b), train, sketch, layout=layout)
         store.append(train["index"], rows, checkpoint=name)
         store.save_weights(name, layout.params(net), run / "weights", layout_fingerprint=layout.fingerprint())
+        if step == 1:  # the probe examples a checkpoint-mode run keeps (ids and inputs of 4 examples)
+            probe = {"ids": train["index"][:4].clone(),
+                     **{f"batch.dict.{k}": v[:4].clone() for k, v in train.items()}}
+            store.save_weights(PROBE, probe, run / "weights", layout_fingerprint=layout.fingerprint())
+        g = torch.Generator().manual_seed(10 * step + variant)
+        half = torch.randn(D, D, generator=g, dtype=torch.float64)
+        write_curvature(run, name, half @ half.T, 12, sketch.spec, "sampled", task="classification",
+                        store=store)
         store.commit()
         if step == 1:
             (older / "store").mkdir(parents=True)
@@ -96,7 +107,8 @@ def build(root: Path, variant: int = 0) -> Path:
         top = 3.0 + step + variant
         save_snapshot(run / "spectrum", step, {
             "eigenvalues": torch.tensor([top, 1.0], dtype=torch.float64),
-            "residuals": torch.tensor([1e-9, 1e-3], dtype=torch.float64), "converged": torch.tensor([True, False]),
+            "residuals": torch.tensor([1e-9, 1e-3], dtype=torch.float64),
+            "converged": torch.tensor([True, False]),
             "eigenvectors": torch.eye(2, D)}, {"sketch_spec": sketch.spec, "scalars": {"lambda_max": top}})
         if step == 0:
             (older / "spectrum").mkdir()
@@ -149,6 +161,26 @@ def _weights(run: Path) -> Any:
     return [{k: v.numpy() for k, v in store.load_weights(n).items()} for n in store.checkpoints]
 
 
+def _probe(run: Path) -> Any:
+    from lightning_sketch.attribution._stored import PROBE
+    from lightning_sketch.store import SketchStore
+
+    return {k: v.numpy() for k, v in SketchStore.open(run / "store").load_weights(PROBE).items()}
+
+
+def _curvature(run: Path) -> Any:
+    """Every slice's curvature (``read_curvature``) and influence scores through the Attributor
+    (``fisher_if``)."""
+    from lightning_sketch.attribution import Attributor
+    from lightning_sketch.attribution.curvature import curvature_slices, read_curvature
+    from lightning_sketch.store import SketchStore
+
+    spec = SketchStore.open(run / "store").spec
+    mats = [(n, read_curvature(run, n, spec)) for n in curvature_slices(run)]
+    scores = Attributor(run, Net(), method="fisher_if").scores(data(3, 7))
+    return [(n, m.numpy(), meta) for n, (m, meta) in mats], scores.numpy()
+
+
 def _inspect(run: Path) -> Any:
     from lightning_sketch.store import inspect_store
 
@@ -164,7 +196,8 @@ def _spectrum(run: Path) -> Any:
     out = []
     for e in load_index(run / "spectrum"):
         snap = load_snapshot(run / "spectrum" / e["file"])
-        out.append((e["step"], e["scalars"], {k: v.numpy() for k, v in snap.items() if k != "meta"}, snap["meta"]))
+        arrays = {k: v.numpy() for k, v in snap.items() if k != "meta"}
+        out.append((e["step"], e["scalars"], arrays, snap["meta"]))
     vals, vecs, spec = top_eigenpairs_from_snapshot(run / "spectrum")
     return out, vals.numpy(), vecs.numpy(), spec
 
@@ -246,7 +279,10 @@ KINDS: dict[str, tuple[str, list[Callable[[Path], Any]]]] = {
     "store segment vectors": ("store/seg-*[0-9a-f].npy", [_attribution, _inspect, _resume_store]),
     "store segment ids": ("store/seg-*.ids.npy", [_attribution, _inspect, _resume_store]),
     "store FAISS index": ("store/index-*.faiss", [_attribution, _inspect, _resume_store]),
-    "weights": ("weights/*.pt", [_weights, _attribution]),
+    "weights": ("weights/step-*.pt", [_weights, _attribution]),
+    "probe examples": ("weights/probe.pt", [_probe, _attribution]),
+    "curvature matrix": ("curvature/*.npy", [_curvature, _inspect, _resume_store]),
+    "curvature sidecar": ("curvature/*.json", [_curvature, _inspect, _resume_store]),
     "spectrum index": ("spectrum/index.json", [_spectrum, _resume_spectrum]),
     "spectrum snapshot": ("spectrum/step_*.npz", [_spectrum, _resume_spectrum]),
     "intrinsic-dimension state": ("intrinsic_dimension.json", [_intrinsic]),
@@ -257,7 +293,8 @@ KINDS: dict[str, tuple[str, list[Callable[[Path], Any]]]] = {
 #: file kind -> readers for the swap sweeps: every reader of the kind, plus the checkpoint's check where
 #: the kind is part of what a checkpoint records (store, spectrum and intrinsic-dimension files).
 SWAP_READERS: dict[str, list[Callable[[Path], Any]]] = {
-    kind: readers + ([_checkpoint_resume] if pattern.startswith(("store/", "weights/", "spectrum/", "intr"))
+    kind: readers + ([_checkpoint_resume]
+                     if pattern.startswith(("store/", "weights/", "curvature/", "spectrum/", "intr"))
                      else [])
     for kind, (pattern, readers) in KINDS.items()
 }
@@ -294,7 +331,8 @@ def same(a: Any, b: Any) -> bool:
     """Exact equality of nested answers (arrays compared bitwise, NaN-aware)."""
     if isinstance(a, (np.ndarray, torch.Tensor)) or isinstance(b, (np.ndarray, torch.Tensor)):
         a, b = np.asarray(a), np.asarray(b)
-        return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+        return (a.shape == b.shape and a.dtype == b.dtype
+                and np.array_equal(a, b, equal_nan=a.dtype.kind == "f"))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
@@ -357,3 +395,177 @@ def sweep(run: Path, kind: str, refs: list[Any], *, flips: int, cuts: int, seed:
 def copy_run(run: Path, dest: Path) -> Path:
     shutil.copytree(run, dest, symlinks=True)
     return dest
+
+
+# ---------------------------------------------------------------------------- JSON rewrites
+_MARK = "\x00lightning-sketch-sweep\x00"
+
+
+def _leaves(obj: Any, numbers: bool, path: tuple = ()) -> list[tuple]:
+    """Paths of the leaves of a parsed JSON document: the numbers (``numbers=True``), else every leaf."""
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in _leaves(v, numbers, (*path, k))]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in _leaves(v, numbers, (*path, i))]
+    if numbers and (isinstance(obj, bool) or not isinstance(obj, (int, float))):
+        return []
+    return [path]
+
+
+def _put(obj: Any, path: tuple, value: Any) -> Any:
+    """A copy of ``obj`` with the leaf at ``path`` replaced by ``value``."""
+    if not path:
+        return value
+    if isinstance(obj, dict):
+        return {**obj, path[0]: _put(obj[path[0]], path[1:], value)}
+    return [_put(v, path[1:], value) if i == path[0] else v for i, v in enumerate(obj)]
+
+
+def _self_checksummed(kind: str) -> bool:
+    return kind != "curvature sidecar"  # its ``sha256`` is the matrix's; the store manifest checksums it
+
+
+def _digest(body: dict[str, Any]) -> str:
+    """The document checksum of ``lightning_sketch.io.safeio`` (sha256 of the canonical JSON), extended
+    to non-finite floats: what a reader that parsed them would compute."""
+    import hashlib
+    import json
+
+    text = json.dumps({k: v for k, v in body.items() if k != "sha256"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _rewrite(run: Path, kind: str, f: Path, doc: dict[str, Any], path: tuple, literal: str,
+             value: Any) -> None:
+    """Write ``doc`` to ``f`` with the leaf at ``path`` spelt ``literal`` (``value``: what it parses to), and
+    re-record every checksum that covers ``f`` (its own, or the store manifest's entry for it), so that only
+    the content itself can make a reader refuse the file."""
+    import hashlib
+    import json
+
+    parsed = _put(doc, path, value)
+    marked = _put(doc, path, _MARK)
+    if _self_checksummed(kind):
+        marked["sha256"] = _digest(parsed)
+    text = json.dumps(marked, indent=1, sort_keys=True).replace(json.dumps(_MARK), literal) + "\n"
+    f.write_bytes(text.encode())
+    if not _self_checksummed(kind):
+        manifest = run / "store" / "manifest.json"
+        m = json.loads(manifest.read_text())
+        rel = f.relative_to(run).as_posix()
+        for entry in m["curvature"].values():
+            for part in entry.values():
+                if isinstance(part, dict) and part.get("file") == rel:
+                    part.update(bytes=len(text.encode()), sha256=hashlib.sha256(text.encode()).hexdigest())
+        manifest.write_bytes(sio.dump_checked_json(m))
+
+
+#: JSON file kinds -> the readers of their content (readers that only check another file's checksum left out)
+JSON_READERS: dict[str, list[Callable[[Path], Any]]] = {
+    "store manifest": [_attribution, _inspect, _resume_store],
+    "curvature sidecar": [_curvature],
+    "spectrum index": [_spectrum, _resume_spectrum],
+    "intrinsic-dimension state": [_intrinsic],
+    "query result": [_query],
+}
+#: non-finite spellings a JSON parser may accept: Python's ``json`` turns each into a float nan/inf
+NONFINITE = ("NaN", "Infinity", "-Infinity", "1e999")
+
+
+def nonfinite_sweep(run: Path, kind: str, refs: list[Any], *, per_file: int, seed: int) -> dict[str, Any]:
+    """Put each :data:`NONFINITE` literal in place of ``per_file`` seeded numbers of every JSON file of
+    ``kind`` (checksums re-recorded, :func:`_rewrite`) and classify each reader of :data:`JSON_READERS`."""
+    import json
+
+    pattern, _ = KINDS[kind]
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"tried": 0, "same": 0, "typed": 0, "silent": [], "untyped": [], "numbers": 0}
+    backup = {p: p.read_bytes() for p in [*run.glob(pattern), run / "store" / "manifest.json"]}
+    try:
+        for f in sorted(run.glob(pattern)):
+            doc = json.loads(backup[f])
+            paths = _leaves(doc, numbers=True)
+            chosen = rng.choice(len(paths), min(per_file, len(paths)), replace=False)
+            picks = [paths[i] for i in sorted(chosen)]
+            out["numbers"] += len(picks)
+            for path in picks:
+                for literal in NONFINITE:
+                    _rewrite(run, kind, f, doc, path, literal, float(literal))
+                    for reader, ref in zip(JSON_READERS[kind], refs):
+                        outcome, detail = classify(reader, run, ref)
+                        out["tried"] += 1
+                        if outcome in ("same", "typed"):
+                            out[outcome] += 1
+                        else:
+                            out[outcome].append(f"{f.name} {'/'.join(map(str, path))}={literal} "
+                                                f"{reader.__name__}: {detail}")
+                    for p, data in backup.items():
+                        p.write_bytes(data)
+    finally:
+        for p, data in backup.items():
+            p.write_bytes(data)
+    return out
+
+
+#: values a hand-written or hostile file may hold where the report expects something else
+HOSTILE = ("<xss-probe>alert(1)</xss-probe>", "$\\frac{$ \\usepackage", "\u202e\x00\ufffe", "x" * 50_000,
+           -1, 0, 2 ** 70, 1e308, True, None, [], {}, [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]],
+           {"<xss-probe>": "</table><xss-probe>"})
+#: file kinds whose content the report draws
+REPORT_KINDS = ("store manifest", "spectrum index", "intrinsic-dimension state", "query result")
+
+
+def hostile_report_sweep(run: Path, kind: str, *, cases: int, seed: int, timeout: int = 60) -> dict[str, Any]:
+    """Put a :data:`HOSTILE` value in place of one seeded leaf of the file of ``kind`` at a time (checksum
+    re-recorded), build the whole report and classify it: ``named`` (one more block flagged as refused
+    than on the intact run), ``drawn`` (no more refused blocks), ``markup`` (a hostile tag reached the
+    HTML unescaped), ``untyped`` (``build_report`` raised) or ``hang`` (over ``timeout`` seconds)."""
+    import json
+    import signal
+
+    from lightning_sketch.report import build_report
+
+    pattern, _ = KINDS[kind]
+    (f,) = sorted(run.glob(pattern))
+    backup = {p: p.read_bytes() for p in (f, run / "store" / "manifest.json")}
+    doc = json.loads(backup[f])
+    paths = [p for p in _leaves(doc, numbers=False) if p != ("sha256",)]
+    base = build_report(run).count('class="bad"')
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"tried": 0, "named": 0, "drawn": 0, "markup": [], "untyped": [], "hang": []}
+
+    def alarm(*_: Any) -> None:
+        raise TimeoutError
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    try:
+        for _ in range(cases):
+            path = paths[int(rng.integers(len(paths)))]
+            value = HOSTILE[int(rng.integers(len(HOSTILE)))]
+            _rewrite(run, kind, f, doc, path, json.dumps(value), value)
+            what = f"{f.name} {'/'.join(map(str, path))}={json.dumps(value)[:40]}"
+            out["tried"] += 1
+            signal.alarm(timeout)
+            try:
+                html = build_report(run)
+            except TimeoutError:
+                out["hang"].append(what)
+                continue
+            except Exception as err:
+                out["untyped"].append(f"{what}: {type(err).__name__}: {str(err)[:160]}")
+                continue
+            finally:
+                signal.alarm(0)
+                for p, data in backup.items():
+                    p.write_bytes(data)
+            if "<xss-probe" in html:
+                out["markup"].append(what)
+            elif html.count('class="bad"') > base:
+                out["named"] += 1
+            else:
+                out["drawn"] += 1
+    finally:
+        signal.signal(signal.SIGALRM, old)
+        for p, data in backup.items():
+            p.write_bytes(data)
+    return out

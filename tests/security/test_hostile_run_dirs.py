@@ -106,8 +106,10 @@ def test_unrecorded_weights_file_is_refused_not_used(run):
     data.pop("sha256")
     del data["weights"]["step-2"]
     _rewrite(run, data)
-    att = Attributor(run, runkit.Net(), method="grad_dot")  # single checkpoint: would fall back silently
-    _fast(lambda: att.scores(runkit.data(2, 3)), StoreCorruptError, "not recorded in the store's manifest")
+    # single checkpoint: would fall back silently; refused when the Attributor checks the probe examples
+    # against the slice's weights, or else when it scores
+    _fast(lambda: Attributor(run, runkit.Net(), method="grad_dot").scores(runkit.data(2, 3)),
+          StoreCorruptError, "not recorded in the store's manifest")
 
 
 def test_checkpoint_names_and_lr_in_the_manifest_are_checked(run):

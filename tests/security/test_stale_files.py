@@ -47,5 +47,5 @@ def test_older_and_foreign_copies_of_every_file_kind(tmp_path):
                 assert "_checkpoint_resume" not in line and "_query" not in line, line
                 if source == other:
                     silent_other.append(line)
-    assert checked == 13  # 4 kinds have an older copy, all 9 another run's
+    assert checked == 16  # 4 kinds have an older copy, all 12 another run's
     assert [s.split(" from ")[0] for s in silent_other] == ["intrinsic-dimension state"]
