@@ -98,9 +98,9 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         seed: sketch seed (the sketch is rebuilt from its spec; nothing random is drawn from global RNG).
         mode: ``"checkpoint"`` (slices of the attribution set) or ``"inline"`` (the trained batches).
         every_n_epochs: checkpoint mode: take a slice every n epochs (default 1 when ``every_n_steps`` is
-            None). Ignored, with a warning, in inline mode and when ``every_n_steps`` is set.
-        every_n_steps: checkpoint mode: take a slice every n optimizer steps instead (ignored, with a
-            warning, in inline mode).
+            None). Refused in inline mode and beside ``every_n_steps``.
+        every_n_steps: checkpoint mode: take a slice every n optimizer steps instead (refused in inline
+            mode).
         include: fnmatch patterns of parameter names to sketch (default all trainable).
         exclude: fnmatch patterns of parameter names to leave out.
         id_key: batch entry holding the example ids.
@@ -502,21 +502,25 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
 
 
 def _resolve_every_n_epochs(mode: str, every_n_epochs: int | None, every_n_steps: int | None) -> int | None:
-    """The epoch cadence to use: 1 by default in checkpoint mode; a value that would be ignored warns once."""
+    """The epoch cadence to use: 1 by default in checkpoint mode.
+
+    Raises:
+        SketchConfigError: a cadence in inline mode (which sketches every trained batch), or both
+            cadences at once (as ``ModelCheckpoint`` refuses conflicting triggers).
+    """
     if mode == "checkpoint" and every_n_epochs is None and every_n_steps is None:
         return 1
     if mode == "inline" and (every_n_epochs is not None or every_n_steps is not None):
         name, n = (("every_n_epochs", every_n_epochs) if every_n_epochs is not None
                    else ("every_n_steps", every_n_steps))
-        rank_zero_warn(
-            f"GradientSketch({name}={n}) is ignored in inline mode, which sketches every trained batch into "
-            f"one slice per epoch. Drop `{name}`, or use mode='checkpoint' to sketch the attribution set on "
-            f"that schedule."
+        raise SketchConfigError(
+            f"GradientSketch({name}={n}) has no effect in inline mode, which sketches every trained batch "
+            f"into one slice per epoch. Drop `{name}`, or use mode='checkpoint' to sketch the attribution "
+            f"set on that schedule."
         )
-    elif every_n_epochs is not None and every_n_steps is not None:
-        rank_zero_warn(
-            f"GradientSketch(every_n_epochs={every_n_epochs}) is ignored because "
-            f"every_n_steps={every_n_steps} is set: slices are taken every {every_n_steps} optimizer steps. "
-            f"Set only one of them."
+    if every_n_epochs is not None and every_n_steps is not None:
+        raise SketchConfigError(
+            f"GradientSketch(every_n_epochs={every_n_epochs}, every_n_steps={every_n_steps}): set only one "
+            f"of them (every_n_steps takes a slice every n optimizer steps, every_n_epochs every n epochs)."
         )
     return every_n_epochs

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from attribution.attr_helpers import TinyClassifier, blobs, loader
 from lightning.pytorch import Trainer
-from lightning.pytorch.utilities import rank_zero
 
 from lightning_sketch.callbacks import (
     GradientSketch,
@@ -48,18 +47,15 @@ def test_the_shipped_configs_use_the_current_argument_names():
 
 
 # ---------------------------------------------------------------------------- every_n_epochs
-def test_every_n_epochs_ignored_in_inline_mode_warns():
-    with pytest.warns(UserWarning, match=r"every_n_epochs=2\) is ignored in inline mode.*mode='checkpoint'"):
+def test_a_cadence_in_inline_mode_is_refused():
+    with pytest.raises(SketchConfigError, match=r"every_n_epochs=2\) has no effect in inline mode.*mode='checkpoint'"):
         GradientSketch(dirpath="d", mode="inline", every_n_epochs=2)
-
-
-def test_every_n_steps_ignored_in_inline_mode_warns():
-    with pytest.warns(UserWarning, match=r"every_n_steps=3\) is ignored in inline mode"):
+    with pytest.raises(SketchConfigError, match=r"every_n_steps=3\) has no effect in inline mode"):
         GradientSketch(dirpath="d", mode="inline", every_n_steps=3)
 
 
-def test_every_n_epochs_ignored_beside_every_n_steps_warns():
-    with pytest.warns(UserWarning, match=r"every_n_epochs=1\) is ignored because every_n_steps=5.*only one"):
+def test_both_cadences_are_refused():
+    with pytest.raises(SketchConfigError, match=r"every_n_epochs=1, every_n_steps=5\): set only one"):
         GradientSketch(dirpath="d", every_n_epochs=1, every_n_steps=5)
 
 
@@ -69,13 +65,6 @@ def test_every_n_epochs_defaults_quietly():
         assert GradientSketch(dirpath="d").every_n_epochs == 1
         assert GradientSketch(dirpath="d", every_n_steps=5).every_n_epochs is None
         assert GradientSketch(dirpath="d", mode="inline").every_n_epochs is None
-
-
-def test_every_n_epochs_warning_is_rank_zero_only(monkeypatch):
-    monkeypatch.setattr(rank_zero.rank_zero_only, "rank", 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        GradientSketch(dirpath="d", mode="inline", every_n_epochs=2)
 
 
 # ---------------------------------------------------------------------------- option groups
