@@ -13,6 +13,7 @@ memory-mapped pages (which the page cache shares between readers).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -23,7 +24,7 @@ from lightning_sketch.exceptions import SketchInputError
 __all__ = ["GatheredConcat", "RowSource", "SegmentedRows"]
 
 
-class _Source:
+class _Source(ABC):
     """Common reads: ``len``, ``shape``, ``dtype``, slices and gathers (subclasses implement ``_take``)."""
 
     shape: tuple[int, int]
@@ -57,8 +58,9 @@ class _Source:
     def _range(self, start: int, stop: int) -> np.ndarray:
         return self._take(np.arange(start, stop, dtype=np.int64))
 
+    @abstractmethod
     def _take(self, pos: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The rows at non-negative positions ``pos`` ``[b]`` int64, as a new ``[b, width]`` array."""
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self._range(0, self.shape[0])
