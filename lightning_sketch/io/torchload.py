@@ -72,10 +72,9 @@ def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint", follow
 
 
 def load_torch_bytes(data: bytes, *, what: str) -> Any:
-    """:func:`load_torch_file` on bytes already read (and checksum-verified) by the caller."""
-    fh = io.BytesIO(data)
-    _check_archive(fh, what)
-    return _torch_load(fh, what)
+    """:func:`load_torch_file` on bytes already read and sha256-verified by the caller (so the
+    archive's CRC-32 pass of :func:`load_torch_file` is not repeated)."""
+    return _torch_load(io.BytesIO(data), what)
 
 
 def check_torch_archive(path: str | os.PathLike, *, what: str = "checkpoint") -> None:
