@@ -120,12 +120,28 @@ def test_intrinsic_dimension_projection_identical_and_omega_synchronised(runs):
         np.testing.assert_allclose(t0["omega"], ts["omega"], rtol=1e-9, atol=1e-12)
 
 
-def test_inline_sketching_refuses_a_padding_distributed_sampler(runs):
-    root, ddp, _ = runs
-    assert ddp[0]["padded"].startswith("SketchConfigError: GradientSketch(mode='inline') under DDP: the "
-                                       "DistributedSampler pads the 33 training examples to 34 for 2 ranks")
-    assert not (root / "ddp" / "attr_padded" / "store" / "shards").exists() or all(
-        SketchStore.open(p).num_rows == 0 for p in (root / "ddp" / "attr_padded" / "store" / "shards").iterdir())
+def test_inline_sketching_refuses_a_padding_distributed_sampler(tmp_path):
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen([sys.executable, str(HERE / "ddp_run.py"), str(tmp_path), "2", "padded"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        text, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text, _ = proc.communicate()
+        pytest.fail(f"the padded DDP run did not finish within {TIMEOUT_S} s:\n{text[-4000:]}")
+    finally:  # rank 1 is a child of the script: never leave it behind
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    # the exit status is not the point (see ddp_run.py): rank 0's record of the refusal is
+    assert (tmp_path / "padded.json").exists(), text[-4000:]
+    error = json.loads((tmp_path / "padded.json").read_text())["error"]
+    assert error.startswith("SketchConfigError: GradientSketch(mode='inline') under DDP: the "
+                            "DistributedSampler pads the 33 training examples to 34 for 2 ranks"), error
+    assert not (tmp_path / "attr_padded" / "store" / "shards").exists() or all(
+        SketchStore.open(p).num_rows == 0 for p in (tmp_path / "attr_padded" / "store" / "shards").iterdir())
 
 
 def test_first_step_check_waits_for_a_step_without_overflow_on_every_rank(tmp_path):

@@ -1,6 +1,7 @@
 """Run the three callbacks under 2-process DDP (gloo, CPU), or single-process as the reference.
 
     python ddp_run.py OUT_DIR DEVICES
+    python ddp_run.py OUT_DIR 2 padded
 
 Fit A (float64 model, 32 examples, 2 epochs): GradientSketch in checkpoint mode (affd) and in inline
 mode (per_layer, the hook fast path) plus HessianSpectrum (affd, snapshots at steps 0 and 5). The
@@ -8,8 +9,12 @@ global batch is 8 in both runs: batch 8 on one process, batch 4 on each of 2 ran
 DistributedSampler with shuffle=False gives rank r the ids r, r+2, ..., so both runs train on the
 same examples in the same steps; Lightning's own training sampler would shuffle, see ``_common.Data``).
 Fit B: IntrinsicDimension (search mode, a target it cannot reach, so d doubles every round).
-Fit C (DDP only): inline GradientSketch with Lightning's padding DistributedSampler (33 examples on
-2 ranks): it must be refused at train start, before any training.
+Fit C (``padded``, DDP only, a job of its own): inline GradientSketch with Lightning's padding
+DistributedSampler (33 examples on 2 ranks): it must be refused at train start, before any training.
+Rank 0 writes the error to ``OUT_DIR/padded.json`` and leaves with ``os._exit``: after a fit that
+raised under DDP, the process group's gloo threads can abort the interpreter's exit ("terminate
+called without an active exception", seen on a loaded 2-core CI machine), which says nothing about
+the refusal under test.
 
 Each rank writes ``OUT_DIR/rank<r>.json`` (spectrum history and loss-call counts, ω after every
 validation, projection checksum, search history); rank 0 saves the weights at the snapshot steps to
@@ -19,6 +24,7 @@ validation, projection checksum, search history); rank 0 saves the weights at th
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -136,13 +142,22 @@ def main(out: Path, devices: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     result = fit_a(out, devices)
     result["intrinsic"] = fit_b(out, devices)
-    path = out / f"rank{result['rank']}.json"
-    path.write_text(json.dumps(result))
-    if devices > 1:  # last: on an error Lightning's rank 0 kills the other ranks
-        result["padded"] = fit_c(out)
-        path.write_text(json.dumps(result))
+    (out / f"rank{result['rank']}.json").write_text(json.dumps(result))
     return result
 
 
+def padded(out: Path) -> None:
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    error = fit_c(out)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0:
+        (out / "padded.json").write_text(json.dumps({"error": error}))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
+    if sys.argv[3:] == ["padded"]:
+        padded(Path(sys.argv[1]))
     main(Path(sys.argv[1]), int(sys.argv[2]))
