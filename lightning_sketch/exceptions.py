@@ -10,6 +10,7 @@ __all__ = [
     "LightningSketchError",
     "SketchConfigError",
     "SketchInputError",
+    "NotBatchFirstError",
     "SketchMemoryError",
     "SketchMismatchError",
     "LayoutMismatchError",
@@ -42,6 +43,12 @@ class SketchConfigError(LightningSketchError, ValueError):
 
 class SketchInputError(LightningSketchError, ValueError):
     """A tensor given to a sketch has the wrong shape or dtype."""
+
+
+class NotBatchFirstError(SketchInputError):
+    """A hooked layer met a tensor whose leading dimension is not the batch (a sequence-first
+    layer, or a table shared by every example); ``sketch_gradients(mode="auto")`` then uses
+    ``torch.func`` over the whole model instead of the hooks."""
 
 
 class SketchMemoryError(LightningSketchError, MemoryError):

@@ -27,8 +27,15 @@ from lightning_sketch.exceptions import (
     SliceMismatchError,
     StoreCorruptError,
     StoreNotFoundError,
+    UnsupportedModelError,
 )
-from lightning_sketch.gradients import ParamLayout, eval_mode, module_loss_fn, sketch_gradients
+from lightning_sketch.gradients import (
+    GradientCapture,
+    ParamLayout,
+    eval_mode,
+    module_loss_fn,
+    sketch_gradients,
+)
 from lightning_sketch.io.safeio import load_torch_file
 from lightning_sketch.sketches import make
 from lightning_sketch.store import SketchStore
@@ -300,6 +307,7 @@ def verify_runs(
     *,
     current_weights: bool = False,
     rtol: float = VERIFY_RTOL,
+    captures: Sequence[GradientCapture | None] | None = None,
 ) -> None:
     """Check that each run's model reproduces the stored rows of the run's probe examples.
 
@@ -320,7 +328,9 @@ def verify_runs(
     if current_weights:
         log.info("Attributor: current_weights=True, so the stored slices are not verified against the model.")
         return
-    for run, model, sketch, layout in zip(runs, models, sketches, layouts):
+    if captures is None:
+        captures = [hook_capture(m, s, lay) for m, s, lay in zip(models, sketches, layouts)]
+    for run, model, sketch, layout, cap in zip(runs, models, sketches, layouts, captures):
         where = str(run.root) if run.root is not None else "the given store"
         has = getattr(run.store, "has_weights", None)
         if has is None or not has(PROBE):
@@ -340,11 +350,20 @@ def verify_runs(
         for name in checkpoints:
             if info.get(name, {}).get("lr_weighted"):
                 continue
-            _verify_slice(run, name, model, sketch, layout, loss_fn, ids, batch, rtol, where)
+            _verify_slice(run, name, model, sketch, layout, loss_fn, ids, batch, rtol, where, cap)
+
+
+def hook_capture(model: nn.Module, sketch: Any, layout: Any) -> GradientCapture | None:
+    """A ``GradientCapture(model, sketch, layout, loss_scale="sum")`` for ``sketch_gradients``'s hook
+    paths, or None where no hook path covers the model (``torch.func`` then)."""
+    try:
+        return GradientCapture(model, sketch, layout, loss_scale="sum")
+    except UnsupportedModelError:
+        return None
 
 
 def _verify_slice(run: Run, name: str, model: nn.Module, sketch: Any, layout: Any, loss_fn: LossFn,
-                  ids: Tensor, batch: Any, rtol: float, where: str) -> None:
+                  ids: Tensor, batch: Any, rtol: float, where: str, cap: GradientCapture | None) -> None:
     stored_ids = run.ids(name)
     pos = {int(i): p for p, i in enumerate(stored_ids)}
     keep = [j for j, i in enumerate(ids.tolist()) if int(i) in pos]
@@ -356,7 +375,7 @@ def _verify_slice(run: Run, name: str, model: nn.Module, sketch: Any, layout: An
     stored = torch.from_numpy(rows)
     saved = load_weights(run, name, layout)
     with swapped_weights(model, saved), eval_mode(model), torch.enable_grad():
-        got = sketch_gradients(model, loss_fn, sub, sketch, mode="auto", layout=layout)
+        got = sketch_gradients(model, loss_fn, sub, sketch, mode="auto", layout=layout, capture=cap)
     got = got.detach().to("cpu", torch.float64)
     err = float((got - stored).norm()) / max(float(stored.norm()), 1e-30)
     if not err <= rtol:  # NaN fails too

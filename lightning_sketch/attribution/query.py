@@ -36,6 +36,7 @@ from lightning_sketch.attribution._engine import _CURVED, ScoringEngine
 from lightning_sketch.attribution._stored import (
     Run,
     _sketch_and_layout,
+    hook_capture,
     load_weights,
     negative_margin,
     negative_margin_of,
@@ -258,8 +259,13 @@ class Attributor(ScoringEngine):
         self.chunk_size = chunk_size
         self.current_weights = bool(current_weights)
         self.checkpoints = self._select(checkpoints)
+        # one hook capture per run, reused by every query: its check against autograd
+        # (gradients._capture_check) runs once, on the first eval-mode batch it serves
+        self._captures = [hook_capture(m, sk, lay) for m, sk, lay in
+                          zip(self.models, self.sketches, self.layouts)]
         if verify:
             verify_runs(self.runs, self.models, self.sketches, self.layouts, self.loss_fn, self.checkpoints,
+                        captures=self._captures,
                         current_weights=self.current_weights)
         #: the per-slice kernel K_c of ``trak``/``fisher_if``, gathered during fit: ``"margin"``
         #: (TRAK's kernel of margin gradients), ``"gauss-newton"`` (of the model's output: regressions,
@@ -421,6 +427,7 @@ class Attributor(ScoringEngine):
                     mode="auto",
                     layout=layout,
                     chunk_size=self.chunk_size,
+                    capture=self._captures[run],
                 )
             q = q.detach().to(torch.float64)
             if not bool(torch.isfinite(q).all()):

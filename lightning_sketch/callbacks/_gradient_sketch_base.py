@@ -76,6 +76,7 @@ class _GradientSketchBase(Callback):
     _scaler: Any
     _checked_sum: bool
     _hooks: bool
+    _hooks_exact: bool | None
     _inline_fast: bool
     # inline mode, per training step
     _lr: float

@@ -50,7 +50,11 @@ class _SlicesMixin(_GradientSketchBase):
 
     def _slice_capture(self, pl_module: LightningModule) -> GradientCapture | None:
         """One capture for a whole pass over the attribution set (its plan and buffer reused)."""
-        return GradientCapture(pl_module, self.sketch, self.layout, loss_scale="sum") if self._hooks else None
+        if not self._hooks:
+            return None
+        cap = GradientCapture(pl_module, self.sketch, self.layout, loss_scale="sum")
+        cap.exact = self._hooks_exact  # checked against autograd once per fit (``_capture_check``)
+        return cap
 
     def _take_slice(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
@@ -116,22 +120,26 @@ class _SlicesMixin(_GradientSketchBase):
 
     def _sketch_rows(self, pl_module: LightningModule, fn: LossFn, batch: Any, cap: Any) -> Any:
         """``[B, D]`` sketched per-example gradients of ``fn`` on ``batch`` (the slice's one call)."""
-        return _vmap_guard(lambda: sketch_gradients(
+        rows = _vmap_guard(lambda: sketch_gradients(
             pl_module, fn, batch, self.sketch, mode="auto" if self._hooks else "explicit",
             layout=self.layout, chunk_size=self.chunk_size, capture=cap,
         ), self.support, self.exclude)
+        if cap is not None:
+            self._hooks_exact = cap.exact
+        return rows
 
     def _start_checks(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """On the first batch of the attribution set, before training (eval mode, no RNG stream
-        advances): sketch it once when a module takes a fallback path (rows discarded), so that a
-        model those paths cannot serve (a packed sequence into a recurrent layer, a failing
-        per-module fallback) is refused at the start of fit, not after the first epoch; and decide
-        the attribution task, so that it is said at the start of fit."""
+        advances): sketch it once (rows discarded), so that a model the hook paths cannot serve (a
+        packed sequence into a recurrent layer, a failing per-module fallback) is refused, and one
+        they would serve wrongly (a layer that is not batch-first) is checked against autograd and
+        sent to ``torch.func``, at the start of fit, not after the first epoch; and decide the
+        attribution task, so that it is said at the start of fit."""
         loss_fn = self._loss_fn(pl_module)
         with gathered(pl_module), _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             for batch in self._attribution_loader(trainer):
                 batch = _to_device(batch, pl_module.device)
-                if self.support.fallback:
+                if self._hooks:
                     self._sketch_rows(pl_module, loss_fn, batch, self._slice_capture(pl_module))
                 if self.curvature != "none":
                     self._resolved_task(pl_module, loss_fn, batch)

@@ -217,6 +217,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self._scaler: Any = None
         self._checked_sum = False
         self._hooks = True
+        self._hooks_exact: bool | None = None
         self._inline_fast = False
         # inline mode, per training step (set in on_train_batch_start)
         self._lr = 1.0
@@ -372,6 +373,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
                 f"new dirpath."
             )
         self._hooks = not self.support.unsupported
+        self._hooks_exact = None
         self._inline_fast = self.mode == "inline" and self._hooks  # rows from the training backward
         if self._inline_fast:
             self._capture_tool = GradientCapture(pl_module, self.sketch, self.layout)
@@ -381,10 +383,8 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.store is not None and self.mode == "inline" and trainer.world_size > 1:
             _check_no_padding(trainer.train_dataloader)
-        if self.store is not None and self.mode == "checkpoint" and (
-            self.support.fallback or self.curvature != "none"
-        ):
-            self._start_checks(trainer, pl_module)  # fallback refusals and the task, before training
+        if self.store is not None and self.mode == "checkpoint":
+            self._start_checks(trainer, pl_module)  # the hook paths, fallback refusals and the task
 
     # ------------------------------------------------------------------ per-step and per-epoch hooks
     def _confirm_checkpoint(self) -> None:

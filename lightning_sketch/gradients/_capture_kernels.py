@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as TF
 
-from lightning_sketch.exceptions import SketchInputError
+from lightning_sketch.exceptions import NotBatchFirstError
 from lightning_sketch.gradients._capture_plan import _attr, _conv_padding
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches.base import Sketch
@@ -122,7 +122,7 @@ class _CaptureKernels:
             else:
                 self._buffer = torch.zeros(size, width, dtype=dtype, device=like.device)
         elif self._buffer.shape[0] != size:
-            raise SketchInputError(
+            raise NotBatchFirstError(
                 f"Hooked layers saw batch sizes {self._buffer.shape[0]} and {size}; inputs must be "
                 f"batch-first and one batch per GradientCapture (call reset() between batches; set "
                 f"`batch_size` so that embeddings of broadcast ids [1, T] are expanded)."

@@ -147,6 +147,10 @@ class GradientCapture(_MHAReader, _FallbackHooks):
         #: length B are taken as one id per example while undecided).
         self._shared: dict[int, bool] = {}
         self._probed = False
+        #: Whether the hook paths gave this model's exact per-example gradients when checked
+        #: against autograd on the first eval-mode batch of ``sketch_gradients(mode="auto")``
+        #: (``_capture_check``): None until checked; False sends that function to ``torch.func``.
+        self.exact: bool | None = None
 
     # ----------------------------------------------------------------- context
     def __enter__(self) -> GradientCapture:  # noqa: PYI034 - typing.Self needs Python 3.11

@@ -13,14 +13,21 @@ BatchNorm is refused (:class:`UnsupportedModelError`).
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from lightning_sketch.exceptions import SketchConfigError, UnsupportedModelError
+from lightning_sketch.exceptions import NotBatchFirstError, SketchConfigError, UnsupportedModelError
 from lightning_sketch.gradients import _functional as F
+from lightning_sketch.gradients._capture_check import (
+    CHECKED_EXAMPLES,
+    hook_error,
+    mismatched_parameters,
+    tolerance,
+)
 from lightning_sketch.gradients.capture import GradientCapture, hooked_sketch
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches.base import Sketch
@@ -203,7 +210,8 @@ def sketch_gradients(
             "`capture` must be GradientCapture(model, sketch, layout, loss_scale='sum') for this very model, "
             "sketch and layout; pass capture=None to build one per call."
         )
-    if mode == "auto":
+    auto = mode == "auto"
+    if auto:
         try:  # one plan of the model's modules, reused by hooked_sketch
             if capture is None:
                 capture = GradientCapture(model, sketch, layout, loss_scale="sum")
@@ -215,10 +223,62 @@ def sketch_gradients(
             f"mode='factorized' needs a kind='per_layer' sketch, got {sketch.kind!r}; use mode='hooks' or "
             "'auto'."
         )
+    if auto and capture is not None and mode in ("factorized", "hooks"):
+        return _checked_hooks(model, loss_fn, batch, sketch, layout, chunk, capture)
     if mode in ("factorized", "hooks"):
         return hooked_sketch(model, loss_fn, batch, sketch, layout, chunk_size=chunk, capture=capture)
+    return _explicit(model, loss_fn, batch, sketch, layout, chunk)
+
+
+def _explicit(model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, sketch: Sketch, layout: ParamLayout,
+              chunk: int) -> Tensor:
+    size = F.batch_size(batch)
     parts = []
     for start in range(0, size, chunk):
         sub = F.slice_batch(batch, start, min(start + chunk, size))
         parts.append(sketch.apply(per_example_grads(model, loss_fn, sub, layout=layout)))
     return torch.cat(parts, dim=0)
+
+
+def _checked_hooks(model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, sketch: Sketch, layout: ParamLayout,
+                   chunk: int, capture: GradientCapture) -> Tensor:
+    """``mode="auto"`` through the hooks, checked against autograd on the capture's first eval-mode
+    batch (``_capture_check``); ``torch.func`` over the whole model from then on if they disagree
+    or meet a tensor that is not batch-first."""
+    if capture.exact is False:
+        return _explicit(model, loss_fn, batch, sketch, layout, chunk)
+    try:
+        rows = hooked_sketch(model, loss_fn, batch, sketch, layout, chunk_size=chunk, capture=capture)
+    except NotBatchFirstError as err:
+        if capture.exact:
+            raise
+        capture.exact = False
+        _warn_hooks_off(str(err))
+        return _explicit(model, loss_fn, batch, sketch, layout, chunk)
+    if capture.exact is None and not any(m.training for m in model.modules()):
+        first = batch if chunk >= F.batch_size(batch) else F.slice_batch(batch, 0, chunk)
+        err_rel = hook_error(model, loss_fn, first, sketch, layout, rows)
+        if err_rel is None:  # non-finite gradients: no verdict, checked again on the next batch
+            return rows
+        if not err_rel <= tolerance(rows.dtype):
+            capture.exact = False
+            names = mismatched_parameters(model, loss_fn, first, layout)
+            _warn_hooks_off(
+                f"on the first {CHECKED_EXAMPLES} examples of a batch of {F.batch_size(first)} they differ "
+                f"from autograd's per-example gradients by a relative error of {err_rel:.3g}"
+                + (f", in {names[:8]}" if names else "")
+            )
+            return _explicit(model, loss_fn, batch, sketch, layout, chunk)
+        capture.exact = True
+    return rows
+
+
+def _warn_hooks_off(why: str) -> None:
+    warnings.warn(
+        f"The hook paths cannot give this model's per-example gradients ({why}). Usual causes: a layer "
+        "whose input is not batch-first (a sequence-first layer, or a table shared by every example such "
+        "as `self.proj(self.pos_table)`), or a parameter used outside the module that registers it "
+        "(`F.linear(h, self.emb.weight)` in a parent's forward; share the Parameter between modules "
+        "instead). Using torch.func over the whole model (exact, slower).",
+        stacklevel=3,
+    )
