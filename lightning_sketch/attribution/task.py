@@ -239,7 +239,7 @@ def _candidates(module: nn.Module, loss_fn: LossFn, batch: Any) -> tuple[list[tu
         idx = calls.get(name, 0)
         calls[name] = idx + 1
         t = _as_output(obj)
-        if t is not None and t.is_floating_point():
+        if t is not None and t.is_floating_point() and t.ndim >= 1:  # not a loss module's scalar
             out.append((_Tap(name, idx), t.detach()))
     return out[::-1], loss.detach()
 

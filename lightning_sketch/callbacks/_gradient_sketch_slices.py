@@ -8,12 +8,13 @@ extra pass for the ``[D, D]`` curvature kernel of the slice (TRAK's margin kerne
 from __future__ import annotations
 
 import math
-from collections.abc import Sized
+from collections.abc import Mapping, Sized
 from typing import Any, cast
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from lightning_sketch.attribution._stored import PROBE
@@ -69,11 +70,12 @@ class _SlicesMixin(_GradientSketchBase):
         with gathered(pl_module), _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
             cap = self._slice_capture(pl_module)
             for batch in bar:
+                device_batch = _to_device(batch, pl_module.device)
+                rows = self._sketch_rows(pl_module, loss_fn, device_batch, cap)
+                ids = self._slice_ids(batch, seen, len(rows), trainer)
                 if self._probe is None and self.save_weights and trainer.is_global_zero:
-                    self._probe = _probe_batch(batch, self._ids(batch))
-                batch = _to_device(batch, pl_module.device)
-                rows = self._sketch_rows(pl_module, loss_fn, batch, cap)
-                self._append(self._ids(batch), rows, name, trainer)
+                    self._probe = _probe_batch(batch, ids)
+                self._append(ids, rows, name, trainer)
                 seen += len(rows)
         if not seen:
             rank_zero_warn(
@@ -117,6 +119,17 @@ class _SlicesMixin(_GradientSketchBase):
         if trainer.is_global_zero:
             write_curvature(self.dirpath, name, acc, count, self.sketch.spec, estimator,
                             task=None if task is None else task.kind, store=self.store)
+
+    def _slice_ids(self, batch: Any, offset: int, size: int, trainer: Trainer) -> Tensor:
+        """The ids of a batch of the attribution set: ``ids_fn``/``batch[id_key]``; for batches that
+        carry none (a plain ``TensorDataset``) and the attribution set rebuilt from the training
+        set, the examples' positions in that dataset (rank r of W sketches positions r, r + W, ...)."""
+        if self.ids_fn is None and self.attribution_dataloader is None and not (
+            isinstance(batch, Mapping) and self.id_key in batch
+        ):
+            local = torch.arange(offset, offset + size, dtype=torch.long)
+            return trainer.global_rank + trainer.world_size * local
+        return self._ids(batch)
 
     def _sketch_rows(self, pl_module: LightningModule, fn: LossFn, batch: Any, cap: Any) -> Any:
         """``[B, D]`` sketched per-example gradients of ``fn`` on ``batch`` (the slice's one call)."""

@@ -22,10 +22,12 @@ per-module ``torch.func`` fallback, :func:`~lightning_sketch.gradients.capture.c
 modules no path serves are refused there, naming ``exclude=`` patterns to leave them out.
 Mixed precision (``bf16-mixed``, ``16-mixed``): sketches are computed and accumulated in float32.
 
-Per-example losses come from ``loss_fn(module, batch) -> Tensor[B]`` or, by convention, from
+Per-example losses come from ``loss_fn(module, batch) -> Tensor[B]``, by convention from
 ``pl_module.per_example_loss(batch) -> Tensor[B]`` (unreduced, e.g. ``F.cross_entropy(...,
-reduction="none")``). Example ids come from ``batch[id_key]`` (wrap the dataset in
-:class:`~lightning_sketch.data.IndexedDataset`) or ``ids_fn(batch)``.
+reduction="none")``), or else from ``training_step`` replayed with each torch loss's reduction taken
+apart (:mod:`lightning_sketch.gradients._step_loss`). Example ids come from ``batch[id_key]`` (wrap
+the dataset in :class:`~lightning_sketch.data.IndexedDataset`) or ``ids_fn(batch)``; in checkpoint
+mode, batches without ids name each example by its position in the training dataset.
 
 Layout on disk: ``<dirpath>/store`` (the :class:`SketchStore`) and ``<dirpath>/weights/<slice>.pt``
 (the trainable parameters and persistent buffers at each slice, for multi-checkpoint queries;
@@ -103,7 +105,8 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             mode).
         include: fnmatch patterns of parameter names to sketch (default all trainable).
         exclude: fnmatch patterns of parameter names to leave out.
-        id_key: batch entry holding the example ids.
+        id_key: batch entry holding the example ids (checkpoint mode: positions in the training
+            dataset for batches without it, when ``attribution_dataloader`` is None).
         nan_policy: ``"skip"`` drops (and counts) rows with NaN/inf gradients; ``"raise"`` stops.
         dtype: storage dtype of the rows, ``"float32"`` or ``"float16"``.
         chunk_size: examples per ``vmap`` call when computing per-example gradients.

@@ -14,12 +14,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError, UnsupportedModelError
+from lightning_sketch.gradients._batch import Batch as Batch
+from lightning_sketch.gradients._batch import batch_leaves as batch_leaves
+from lightning_sketch.gradients._batch import batch_size as batch_size
 from lightning_sketch.gradients.loss import LossFn
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.linalg import LinearOperator
 from lightning_sketch.sketches.base import Sketch
-
-Batch = Any
 
 _PREFIX = "model."
 
@@ -111,33 +112,6 @@ def check_losses(losses: Any, batch_size: int) -> Tensor:
 
 
 # ----------------------------------------------------------------- batches
-def batch_leaves(batch: Batch) -> list[Tensor]:
-    """The tensors of a batch (a Tensor, a dict or a tuple/list of tensors)."""
-    if isinstance(batch, Tensor):
-        return [batch]
-    if isinstance(batch, Mapping):
-        return [v for v in batch.values() if isinstance(v, Tensor)]
-    if isinstance(batch, (tuple, list)):
-        return [v for v in batch if isinstance(v, Tensor)]
-    raise SketchInputError(
-        f"`batch` must be a Tensor, a dict of tensors or a tuple/list of tensors, got {type(batch).__name__}."
-    )
-
-
-def batch_size(batch: Batch) -> int:
-    """B, the shared leading dimension of every tensor with ``ndim >= 1`` in ``batch``."""
-    sizes = {t.shape[0] for t in batch_leaves(batch) if t.ndim >= 1}
-    if len(sizes) != 1:
-        raise SketchInputError(
-            "Every tensor in `batch` must share the leading (batch) dimension B; found sizes "
-            f"{sorted(sizes)}."
-        )
-    size = sizes.pop()
-    if size == 0:
-        raise SketchInputError("`batch` is empty (B = 0); pass at least one example.")
-    return size
-
-
 def in_dims(batch: Batch) -> Any:
     """vmap ``in_dims`` for ``batch``: 0 for batched tensors, None for the rest (same structure)."""
 

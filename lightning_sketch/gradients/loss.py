@@ -6,7 +6,9 @@ places, in this order (like the ``Task`` of kronfluence, Grosse et al. 2023, whi
 for the loss once, explicitly):
 
 1. an explicit ``loss_fn(module, batch) -> Tensor[B]`` passed by the caller;
-2. the module's own method ``per_example_loss(batch) -> Tensor[B]`` (:class:`PerExampleLoss`).
+2. the module's own method ``per_example_loss(batch) -> Tensor[B]`` (:class:`PerExampleLoss`);
+3. the module's ``training_step(batch, batch_idx)`` (a Lightning module written the ordinary way),
+   replayed with the reduction of each torch loss it calls taken apart (``_step_loss``).
 
 :func:`module_loss_fn` is the one place that chooses between them and words the error when
 neither exists. TRAK-style queries use the same resolver with ``method="per_example_margin"``.
@@ -21,6 +23,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 from torch import Tensor, nn
 
 from lightning_sketch.exceptions import SketchConfigError
+from lightning_sketch.gradients._step_loss import StepLoss, has_training_step
 
 __all__ = ["LossFn", "PerExampleLoss", "eval_mode", "module_loss_fn", "train_mode"]
 
@@ -48,7 +51,8 @@ def module_loss_fn(
     error: type[Exception] = SketchConfigError,
 ) -> LossFn:
     """``loss_fn`` if given, else ``lambda m, batch: m.<method>(batch)``: per-example losses through
-    the module's own convention and batch structure.
+    the module's own convention and batch structure. Without ``per_example_loss``, a module with a
+    ``training_step`` gets its replay (:class:`~lightning_sketch.gradients._step_loss.StepLoss`).
 
     Args:
         module: the module whose method is looked up (the returned function calls it on the module
@@ -75,7 +79,10 @@ def module_loss_fn(
                 f"`loss_fn` must be callable(module, batch) -> Tensor[B], got {loss_fn!r}."
             )
         return loss_fn
-    if not callable(getattr(module, method, None)):
+    own = callable(getattr(module, method, None))
+    if method == "per_example_loss" and not own and has_training_step(module):
+        return StepLoss(who, error)
+    if not own:
         raise error(
             f"{who}needs per-example losses: {type(module).__name__} has no `{method}(batch) -> Tensor[B]` "
             "method; add one (unreduced, e.g. F.cross_entropy(..., reduction='none')) or pass "

@@ -246,8 +246,11 @@ def test_argument_and_module_validation(tmp_path):
     with pytest.raises(SketchConfigError, match="`seed` must be an int"):
         GradientSketch(dirpath="d", seed=1.5)
 
-    class NoLoss(TinyClassifier):
+    class NoLoss(TinyClassifier):  # and a training_step whose loss is written by hand: no replay
         per_example_loss = None
+
+        def training_step(self, batch, batch_idx):
+            return -torch.log_softmax(self(batch["x"]), -1).gather(1, batch["y"][:, None]).mean()
 
     x, y = _data(8)
     cb = GradientSketch(dirpath=str(tmp_path / "r"), sketch_kind="affd", sketch_dim=16)
