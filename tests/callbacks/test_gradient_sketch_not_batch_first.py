@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from exact_refs import loop_grads
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from test_gradient_sketch_positions import Params, _rows  # the same row reader and weight recorder
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -53,26 +54,7 @@ def _data(n=8):
 
 
 def _loop(module, x, y, layout):
-    own = dict(module.named_parameters())
-    rows = []
-    for i in range(len(x)):
-        loss = module.per_example_loss({"x": x[i : i + 1], "y": y[i : i + 1]}).sum()
-        rows.append(layout.flatten(list(torch.autograd.grad(loss, [own[n] for n in layout.names]))))
-    return torch.stack(rows)
-
-
-def _rows(path, name):
-    store = SketchStore.open(path)
-    ids, vecs = store.ids(name), np.asarray(store.vectors(name))
-    return torch.from_numpy(vecs[np.argsort(ids)])
-
-
-class Params(Callback):
-    def __init__(self):
-        self.params = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.params.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+    return loop_grads(module, lambda m, b: m.per_example_loss(b), {"x": x, "y": y}, layout)
 
 
 def test_rows_of_both_modes_and_the_queries_are_exact(tmp_path):

@@ -129,8 +129,10 @@ def test_a_per_layer_sketch_is_checked_too():
 
 @pytest.mark.parametrize("cls", [ViTLike, nn.Sequential])
 def test_batch_first_models_keep_the_hooks_silently(cls):
-    model = (cls() if cls is ViTLike else nn.Sequential(nn.Linear(3, C), nn.Tanh(), nn.Flatten(), nn.Linear(T * C, 4)))
-    model.eval()
+    if cls is ViTLike:
+        model = ViTLike().eval()
+    else:
+        model = nn.Sequential(nn.Linear(3, C), nn.Tanh(), nn.Flatten(), nn.Linear(T * C, 4)).eval()
     batch = _batch(T)
     sketch = _dense(model)
     cap = GradientCapture(model, sketch, ParamLayout.from_module(model), loss_scale="sum")

@@ -57,13 +57,11 @@ def _step_grad(module, batch):
 
 
 def _check_mean_and_gradient(module, batch, per):
-    module.logged, before = [], None
     loss, grads = _step_grad(module, batch)
     torch.testing.assert_close(per.mean(), loss.detach(), rtol=1e-6, atol=1e-7)
     mean_grads = torch.autograd.grad(module_loss_fn(module)(module, batch).mean(), list(module.parameters()))
     for a, b in zip(mean_grads, grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    return before
 
 
 def test_resolver_takes_the_training_step_and_leaves_training_untouched():
