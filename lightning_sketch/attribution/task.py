@@ -44,7 +44,10 @@ Losses of another kind (a focal loss, a Gaussian likelihood with a predicted var
 
 The output is found wherever the loss computes it: every submodule's output during one call of
 ``per_example_loss`` is a candidate (the model needs no ``forward`` of its own), and the last one
-that passes a check wins. Module methods take precedence: ``per_example_margin(batch)`` (a custom
+that passes a check wins. The targets are ``batch["y"]`` (or ``"labels"``, ``"label"``, ``"target"``,
+``"targets"``) or a tuple's second item, then every other tensor of the batch but ``"index"`` (a
+tuple ``(x, mask, y)``, a key of another name, an autoencoder's input); the task reads the entry
+that passed. Module methods take precedence: ``per_example_margin(batch)`` (a custom
 margin; kernel of its gradients), then ``sample_labels(batch, generator) -> batch`` (a custom
 likelihood; sampled Fisher). When nothing applies the kernel is the empirical Fisher of the
 stored loss gradients, and :attr:`AttributionTask.reason` says what to add.
@@ -155,6 +158,16 @@ def _target(batch: Any) -> tuple[Any, Tensor] | None:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
         return 1, batch[1]
     return None
+
+
+def _at(batch: Any, key: Any) -> Tensor:
+    """``batch[key]``: the targets a recognised task reads (a dict key or a tuple index)."""
+    value = batch[key]
+    if not isinstance(value, Tensor):
+        raise SketchInputError(
+            f"The batch's targets batch[{key!r}] must be a Tensor, got {type(value).__name__}."
+        )
+    return value
 
 
 def _with_target(batch: Any, key: Any, value: Tensor) -> Any:
@@ -505,7 +518,8 @@ def check_query_targets(task: AttributionTask, batch: Any) -> None:
     """
     if task.kind != "classification":
         return
-    found = _target(batch)
+    key = task.details.get("target_key")
+    found = _target(batch) if key is None else (key, _at(batch, key))
     if found is None or not found[1].is_floating_point():
         return
     key, y = found
@@ -524,21 +538,18 @@ def _classification(loss_fn: LossFn, tap: _Tap | _LogitsTap, key: Any, binary: b
                     loss_name: str | None = None) -> AttributionTask:
     def margin(module: nn.Module, batch: Any) -> Tensor:
         out, _ = tap(loss_fn, module, batch)
-        y = _target(batch)
-        assert y is not None  # checked on the probe batch
+        y = _at(batch, key)
         if binary:
             B = out.shape[0]
-            sign = 2.0 * y[1].reshape(B).to(out.dtype) - 1.0
+            sign = 2.0 * y.reshape(B).to(out.dtype) - 1.0
             return sign * out.reshape(B)
-        return classification_margin(out, y[1])
+        return classification_margin(out, y)
 
     def neg_margin(module: nn.Module, batch: Any) -> Tensor:
         return -margin(module, batch)
 
     def fisher(module: nn.Module, batch: Any, gen: torch.Generator) -> list[KernelTerm]:
-        found = _target(batch)
-        assert found is not None
-        key_, y = found
+        key_, y = key, _at(batch, key)
         with torch.no_grad():
             out, _ = tap(loss_fn, module, batch)
             if binary:
@@ -562,7 +573,7 @@ def _classification(loss_fn: LossFn, tap: _Tap | _LogitsTap, key: Any, binary: b
         kernel="margin-logits",
         reason=(f"the loss is the {what} of {where}: TRAK's margin kernel, and queries measure the "
                 "margin log p_y/(1 − p_y)"),
-        details={"output": tap.name, "call": tap.call, "target": str(key)},
+        details={"output": tap.name, "call": tap.call, "target": str(key), "target_key": key},
         fisher_terms=fisher,
     )
 
@@ -601,7 +612,8 @@ def _regression(loss_fn: LossFn, tap: _Tap, key: Any, outputs: int, scale: float
         kernel="gauss-newton",
         reason=(f"the loss is {how} {where} against float targets: the Gauss–Newton kernel Σ∇f∇fᵀ of "
                 f"the {what}, and queries measure −loss"),
-        details={"output": tap.name, "call": tap.call, "target": str(key), "outputs": outputs},
+        details={"output": tap.name, "call": tap.call, "target": str(key), "target_key": key,
+                 "outputs": outputs},
     )
 
 
@@ -610,9 +622,7 @@ def _language_model(loss_fn: LossFn, tap: _Tap, key: Any, conv: dict[str, Any],
     shift = bool(conv["shift"])
 
     def terms(module: nn.Module, batch: Any, gen: torch.Generator) -> list[KernelTerm]:
-        found = _target(batch)
-        assert found is not None
-        labels = found[1]
+        labels = _at(batch, key)
         with torch.no_grad():
             out, _ = tap(loss_fn, module, batch)
             logits = out[:, :-1] if shift else out
@@ -626,7 +636,7 @@ def _language_model(loss_fn: LossFn, tap: _Tap, key: Any, conv: dict[str, Any],
             target = new[:, 1:] if shift else new
             keep = target != -100
             target[keep] = drawn[keep]
-            result.append((loss_fn, _with_target(batch, found[0], new), 1.0 / samples))
+            result.append((loss_fn, _with_target(batch, key, new), 1.0 / samples))
         return result
 
     return AttributionTask(
@@ -639,7 +649,8 @@ def _language_model(loss_fn: LossFn, tap: _Tap, key: Any, conv: dict[str, Any],
                 f"{', shifted by one' if shift else ''}) of the logits against {key!r}: the softmax "
                 f"Gauss–Newton kernel from {samples} sampled completions per example, and queries "
                 "measure the log-probability of their completion (−loss)"),
-        details={"output": tap.name, "call": tap.call, "target": str(key), **conv, "samples": samples},
+        details={"output": tap.name, "call": tap.call, "target": str(key), "target_key": key, **conv,
+                 "samples": samples},
     )
 
 
@@ -737,11 +748,11 @@ def resolve_task(
 
 
 def _recognise(module: nn.Module, batch: Any, loss: LossFn, kernel_samples: int) -> AttributionTask:
-    found = _target(batch)
-    if found is None:
+    targets = _targets(batch)
+    if not targets:
         return _empirical(loss, "the batches carry no targets under 'y', 'labels', 'label', 'target' "
                                 "or 'targets' (nor a tuple's second item)")
-    key, y = found
+    key, y = targets[0]
     try:
         cands, values = _candidates(module, loss, batch)
     except Exception as err:  # a model outside every convention: fall back, say why
@@ -751,6 +762,43 @@ def _recognise(module: nn.Module, batch: Any, loss: LossFn, kernel_samples: int)
     if values.shape[0] != y.shape[0]:
         why = f"per_example_loss returned {values.shape[0]} values for {y.shape[0]} targets"
         return _empirical(loss, why, key, y)
+    notes = []
+    for key_j, y_j in targets:  # the usual target first, then the batch's other tensors
+        if y_j.shape[0] != values.shape[0]:
+            continue
+        task, note = _match(module, batch, loss, kernel_samples, cands, values, key_j, y_j)
+        if task is not None:
+            return task
+        notes.append(note)
+    if _target(batch) is None:
+        return _empirical(loss, "the batches carry no targets under 'y', 'labels', 'label', 'target' or "
+                                "'targets' (nor a tuple's second item), and no other tensor of the batch is "
+                                "the target of a recognised loss", key, y)
+    return _empirical(loss, "no output computed by the loss is the logits of a (weighted) cross-entropy, "
+                            "the logit(s) of a BCE, the prediction of a squared, L1, Huber or Poisson "
+                            "loss or the logits of a token "
+                            f"cross-entropy against the batch's targets{notes[0] if notes else ''}", key, y)
+
+
+def _targets(batch: Any) -> list[tuple[Any, Tensor]]:
+    """Candidate ``(key, targets)``: :func:`_target`'s first, then every other tensor of the batch
+    (``(x, mask, y)`` tuples, dict keys of other names, an autoencoder's input), ids excepted."""
+    first = _target(batch)
+    out = [] if first is None else [first]
+    if isinstance(batch, Mapping):
+        items = [(k, v) for k, v in batch.items() if k != "index"]
+    elif isinstance(batch, (tuple, list)):
+        items = list(enumerate(batch))
+    else:
+        return out
+    out += [(k, v) for k, v in items
+            if isinstance(v, Tensor) and v.ndim >= 1 and (first is None or k != first[0])]
+    return out
+
+
+def _match(module: nn.Module, batch: Any, loss: LossFn, kernel_samples: int, cands: list[tuple[_Tap, Tensor]],
+           values: Tensor, key: Any, y: Tensor) -> tuple[AttributionTask | None, str]:
+    """The task whose loss against ``batch[key]`` is ``values``, or ``(None, note)``."""
     note = ""
     if callable(getattr(module, "per_example_logits", None)):  # the module's own logits come first
         try:
@@ -760,41 +808,38 @@ def _recognise(module: nn.Module, batch: Any, loss: LossFn, kernel_samples: int)
             note = f"; per_example_logits(batch) failed ({type(err).__name__}: {err})"
         else:
             if _is_classification(logits, y, values):
-                return _classification(loss, _LogitsTap(), key, binary=False)
+                return _classification(loss, _LogitsTap(), key, binary=False), ""
             if _is_binary(logits, y, values):
-                return _classification(loss, _LogitsTap(), key, binary=True)
+                return _classification(loss, _LogitsTap(), key, binary=True), ""
             note = (f"; the cross-entropy of per_example_logits(batch) {tuple(logits.shape)} against "
                     f"batch[{key!r}] is not the loss")
     for tap, out in cands:
         if _is_classification(out, y, values):
-            return _classification(loss, tap, key, binary=False)
+            return _classification(loss, tap, key, binary=False), ""
         if _is_binary(out, y, values):
-            return _classification(loss, tap, key, binary=True)
+            return _classification(loss, tap, key, binary=True), ""
         conv = _lm_convention(out, y, values)
         if conv is not None:
-            return _language_model(loss, tap, key, conv, kernel_samples)
+            return _language_model(loss, tap, key, conv, kernel_samples), ""
         if y.is_floating_point():
             scale = _regression_scale(out, y, values)
             if scale is not None:
                 outputs = out.numel() // out.shape[0]
-                return _regression(loss, tap, key, outputs, scale, kernel_samples)
+                return _regression(loss, tap, key, outputs, scale, kernel_samples), ""
     for tap, out in cands:  # weighted and elementwise losses: checked by moving the output
         if not isinstance(tap, _Tap):
             continue
         ce_name = _weighted_classification(module, loss, batch, tap, out, y, values)
         if ce_name is not None:
-            return _classification(loss, tap, key, binary=False, loss_name=ce_name)
+            return _classification(loss, tap, key, binary=False, loss_name=ce_name), ""
         if _weighted_binary(module, loss, batch, tap, out, y, values):
-            return _classification(loss, tap, key, binary=True, loss_name="weighted BCE-with-logits")
+            return _classification(loss, tap, key, binary=True, loss_name="weighted BCE-with-logits"), ""
         if _multilabel(module, loss, batch, tap, out, y, values):
             k = out.numel() // out.shape[0]
             what = f"the multi-label BCE-with-logits ({k} labels) of"
-            return _regression(loss, tap, key, k, None, kernel_samples, loss_name=what, kind="multilabel")
+            return _regression(loss, tap, key, k, None, kernel_samples, loss_name=what, kind="multilabel"), ""
         rho = _elementwise_regression(module, loss, batch, tap, out, y, values)
         if rho is not None:
             return _regression(loss, tap, key, out.numel() // out.shape[0], None, kernel_samples,
-                               loss_name=f"the {rho} of")
-    return _empirical(loss, "no output computed by the loss is the logits of a (weighted) cross-entropy, "
-                            "the logit(s) of a BCE, the prediction of a squared, L1, Huber or Poisson "
-                            "loss or the logits of a token "
-                            f"cross-entropy against the batch's targets{note}", key, y)
+                               loss_name=f"the {rho} of"), ""
+    return None, note
