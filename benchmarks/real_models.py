@@ -30,7 +30,8 @@ Per model, the **fit** timings of a plain fit and of the same fit with each call
 (``--configs``; default: ``GradientSketch`` inline ``per_layer`` and ``affd``, ``GradientSketch``
 checkpoint ``per_layer`` and ``affd`` (one slice over the training set at the last step,
 ``curvature="none"``), ``HessianSpectrum`` (one snapshot at the last step: k = 10, ``--hvps`` Lanczos
-HVPs, one probe batch, no density) and ``IntrinsicDimension`` (fixed mode, affd)), interleaved over
+HVPs, one probe batch, no density) and ``IntrinsicDimension`` (fixed mode, affd; ``intrinsic_<kind>``
+for another kind: afjl, qk, ffd)), interleaved over
 ``--rounds`` rounds in one process after one uncounted warm-up round. Two windows are timed: the
 training loop (``on_train_start`` → ``on_train_end``) and the whole ``trainer.fit`` call (which adds
 the callbacks' ``setup`` and ``on_fit_end``, e.g. the store's final commit, and Trainer setup common to
@@ -326,7 +327,8 @@ class Timer:
 
 
 CONFIGS = ("inline_per_layer", "inline_affd", "checkpoint_per_layer", "checkpoint_affd", "hessian",
-           "hessian_default", "hessian_default_p1", "hessian_budget3", "intrinsic")
+           "hessian_default", "hessian_default_p1", "hessian_budget3", "intrinsic", "intrinsic_afjl",
+           "intrinsic_qk", "intrinsic_ffd")
 
 
 def make_callbacks(name, tmp, monitor, higher, steps, hvps):
@@ -363,8 +365,9 @@ def make_callbacks(name, tmp, monitor, higher, steps, hvps):
         from lightning_sketch.callbacks import HessianSpectrum
 
         return [HessianSpectrum(dirpath=f"{tmp}/hsd", plot=False, budget=3.0)]
-    if name == "intrinsic":
-        return [IntrinsicDimension(sketch_kind="affd", sketch_dim=1024, mode="fixed", monitor=monitor,
+    if name == "intrinsic" or name.startswith("intrinsic_"):  # intrinsic: affd; intrinsic_<kind>: that kind
+        kind = name.split("_", 1)[1] if "_" in name else "affd"
+        return [IntrinsicDimension(sketch_kind=kind, sketch_dim=1024, mode="fixed", monitor=monitor,
                                    higher_is_better=higher, dirpath=tmp, plot=False)]
     raise ValueError(name)
 

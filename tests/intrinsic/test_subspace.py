@@ -272,3 +272,22 @@ def test_tied_weights_refusal_names_the_exclude_that_works():
     sub = Subspace.attach(tied, kind="dense", sketch_dim=2, exclude=suggested)
     assert sub.layout.names == ("0.bias",)
     assert tied[0].weight is tied[2].weight  # still one tensor, left out of the subspace
+
+
+def test_one_split_of_the_lift_per_forward_not_one_slice_per_tensor():
+    """The backward of a slice of Φᵀω zero-fills a whole [N] gradient: with one slice per tensor a
+    step costs O(N · #tensors) (MiniLM: 103 tensors). The pieces come from one split node instead."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(5)])
+    Subspace.attach(net, kind="dense", sketch_dim=12, seed=0)
+    out = net(torch.randn(3, 6)).sum()
+    names, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    assert sum("Split" in n for n in names) == 1, names
+    assert not any(n.startswith("Slice") for n in names), names
