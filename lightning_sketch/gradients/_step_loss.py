@@ -187,8 +187,11 @@ class StepLoss:
         loss = out.get("loss") if isinstance(out, dict) else out
         calls = mode.calls
         if mode.problems or not calls or not isinstance(loss, Tensor):
+            unreduced = sorted({name for name, _ in mode._unreduced.values()})
             why = (f"the elements of {mode.problems[0]} do not split into examples" if mode.problems
                    else "its training_step returned no loss tensor" if calls
+                   else f"its training_step reduces {unreduced} (reduction='none') itself, other than by a "
+                        "plain .mean() or .sum() (e.g. with a mask or weights)" if unreduced
                    else "its training_step calls none of torch's loss functions (F.cross_entropy, "
                         "F.mse_loss, nn.*Loss, ...)")
             raise self._refuse(name, why)

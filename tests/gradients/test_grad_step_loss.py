@@ -208,9 +208,18 @@ class NoTorchLoss(Classifier):
         return -F.log_softmax(self(x), -1).gather(1, y[:, None]).mean()
 
 
+class MaskedReduction(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        losses = F.cross_entropy(self(x), y, reduction="none")
+        keep = (y > 0).float()
+        return (losses * keep).sum() / keep.sum()
+
+
 @pytest.mark.parametrize(("cls", "match"), [
     (Manual, "manual optimisation"),
     (NoTorchLoss, "calls none of torch's loss functions"),
+    (MaskedReduction, r"reduces \['cross_entropy'\] \(reduction='none'\) itself"),
 ])
 def test_steps_that_cannot_be_replayed_ask_for_per_example_loss(cls, match):
     module = cls()
