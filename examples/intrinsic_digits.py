@@ -14,7 +14,7 @@ accuracy reached at each d) and the callback's ``intrinsic_dimension.json`` unde
 The same search runs through the CLI: ``lightning-sketch fit --config configs/intrinsic.yaml``.
 
 Usage:
-    python examples/intrinsic_digits.py [--out runs/intrinsic_digits] [--sketch-kind affd]
+    python examples/intrinsic_digits.py [--out runs/intrinsic_digits] [--sketch-kind qk]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def trainer(out: Path, max_steps: int, callbacks: list, c: int) -> pl.Trainer:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/intrinsic_digits")
-    p.add_argument("--sketch-kind", default="affd")
+    p.add_argument("--sketch-kind", default="qk")
     p.add_argument("--sketch-dim", type=int, default=4096)
     p.add_argument("--d-min", type=int, default=16)
     p.add_argument("--delta", type=float, default=0.05)

@@ -8,7 +8,7 @@ working as before: ``module(x)``, ``module.parameters()`` (so an ordinary optimi
 ``self.parameters()`` trains ω; θ0 has ``requires_grad=False``), ``state_dict``, ``.to()`` and
 ``torch.func.functional_call``.
 
-- Φ is any sketch kind (default ``affd``), rebuilt from its ``spec`` (seed), so a checkpoint holds
+- Φ is any sketch kind (default ``qk``, as the callback), rebuilt from its ``spec`` (seed), so a checkpoint holds
   θ0, ω, the spec and the active size, never an N×D matrix. The spec and the active size travel in
   the module's ``state_dict`` as the subspace's extra state.
 - By default θ = θ0 + Φᵀω exactly (paper eq. 10), so ∇_ω L = Φ ∇_θ L. ``normalize=True``
@@ -125,7 +125,7 @@ class Subspace(nn.Module):
     def attach(
         cls,
         module: nn.Module,
-        kind: str = "affd",
+        kind: str = "qk",
         sketch_dim: int = 1024,
         seed: int = 0,
         said: bool = False,

@@ -195,6 +195,6 @@ def test_the_defaults_that_decide_results_are_pinned():
         "k": 10, "sketch_kind": "affd", "sketch_dim": 1024, "seed": 0, "every_n_steps": 1000,
         "probe_batches": 4, "density": None, "trace": False, "budget": 1.0}
     assert defaults(IntrinsicDimension, ["sketch_kind", "sketch_dim", "seed", "said", "normalize", "mode"]) == {
-        "sketch_kind": "affd", "sketch_dim": 1024, "seed": 0, "said": False, "normalize": True, "mode": "search"}
+        "sketch_kind": "qk", "sketch_dim": 1024, "seed": 0, "said": False, "normalize": True, "mode": "search"}
     assert SearchCriteria() == SearchCriteria(d_min=16, delta=0.01, target=None, target_fraction=0.9,
                                               reference_score=None)

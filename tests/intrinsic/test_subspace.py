@@ -65,14 +65,16 @@ def test_grad_omega_equals_sketch_of_ordinary_grad(kind, normalize):
 
 
 
-def test_attach_normalizes_by_default_like_the_callback():
-    """Subspace.attach and IntrinsicDimension both scale Φᵀ by √(D/N) unless told normalize=False."""
+def test_attach_defaults_like_the_callback():
+    """Subspace.attach and IntrinsicDimension both draw qk and scale Φᵀ by √(D/N) unless told otherwise."""
     import inspect
 
     from lightning_sketch.callbacks import IntrinsicDimension
 
     callback_default = inspect.signature(IntrinsicDimension).parameters["normalize"].default
     assert inspect.signature(Subspace.attach).parameters["normalize"].default is callback_default is True
+    kind = inspect.signature(IntrinsicDimension).parameters["sketch_kind"].default
+    assert inspect.signature(Subspace.attach).parameters["kind"].default == kind == "qk"
     plain = Subspace.attach(_mlp(), kind="dense", sketch_dim=8, seed=2, normalize=False)
     sub = Subspace.attach(_mlp(), kind="dense", sketch_dim=8, seed=2)
     assert sub.normalize and sub.spec["normalize"] is True
