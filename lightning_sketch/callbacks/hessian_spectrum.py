@@ -20,7 +20,9 @@ the training steps (``on_train_batch_start`` → ``on_train_batch_end``; before 
 forward+backward over a probe batch, timed in ``on_train_start``, stands in) and each snapshot's HVPs, and
 :mod:`lightning_sketch.spectrum.budget` turns the share left to a snapshot into HVP counts: Lanczos
 steps for the top-k pairs first, then density probes and steps from what remains (no density when
-nothing does). A snapshot that cannot afford k HVPs from what the whole fit has left is skipped, with
+nothing does). With ``probe_batches`` unset, the first snapshot's share also sets the probe set's
+size, once per fit: 4 batches, or as many as still pay the unbudgeted Lanczos steps (at least 1),
+since top-k pairs that converge on fewer examples tell more than unconverged ones on more. A snapshot that cannot afford k HVPs from what the whole fit has left is skipped, with
 one warning per fit. Explicit counts (``num_iter``, ``density_runs``, ``density_iter``,
 ``density=True``, ``trace=True``) are kept and their snapshots never skipped, with one warning when
 they exceed the budget.
@@ -64,6 +66,8 @@ from lightning_sketch.sketches import KINDS, derive_seed, make
 from lightning_sketch.spectrum.budget import (
     DEFAULT_DENSITY_ITER,
     DEFAULT_DENSITY_RUNS,
+    DEFAULT_PROBE_BATCHES,
+    affordable_probe_batches,
     default_lanczos_steps,
     snapshot_seconds,
 )
@@ -98,7 +102,10 @@ class HessianSpectrum(Callback):
         seed: seed of Φ and of the callback's own generators (start and probe vectors).
         every_n_steps: also snapshot when ``global_step % every_n_steps == 0`` (None: off).
         at_steps: explicit snapshot steps (default: the paper's 0, 10, 50, ..., 500).
-        probe_batches: number of batches of the train dataloader forming the fixed probe set.
+        probe_batches: number of batches of the train dataloader forming the fixed probe set. None
+            (default): 4, or fewer when a budget is set and its share for the first snapshot cannot
+            pay the unbudgeted Lanczos steps over 4 batches (``spectrum.budget.affordable_probe_batches``;
+            decided once per fit, at the first snapshot, and recorded in each snapshot's meta).
         density: an SLQ spectral density (``density_runs × density_iter`` HVPs): None (default) when
             the budget leaves room for it after the top-k pairs, True always, False never.
         trace: also estimate the trace of Φ H Φᵀ by Hutch++ (``trace_matvecs`` HVPs).
@@ -145,7 +152,7 @@ class HessianSpectrum(Callback):
         seed: int = 0,
         every_n_steps: int | None = 1000,
         at_steps: list[int] | None = None,
-        probe_batches: int = 4,
+        probe_batches: int | None = None,
         density: bool | None = None,
         trace: bool = False,
         budget: float | None = 1.0,
@@ -164,7 +171,7 @@ class HessianSpectrum(Callback):
         k = positive_int("k", k)
         sketch_dim = positive_int("sketch_dim", sketch_dim)
         every_n_steps = positive_int("every_n_steps", every_n_steps, allow_none=True)
-        probe_batches = positive_int("probe_batches", probe_batches)
+        probe_batches = positive_int("probe_batches", probe_batches, allow_none=True)
         if numerics is not None and not isinstance(numerics, SpectrumNumerics):
             raise SketchConfigError(f"`numerics` must be a SpectrumNumerics, got {type(numerics).__name__}.")
         self.numerics = numerics if numerics is not None else SpectrumNumerics()
@@ -192,6 +199,8 @@ class HessianSpectrum(Callback):
         self.history: list[dict[str, Any]] = []
         self._last_step: int = -1
         self._probe: list[Any] | None = None
+        self._probe_fixed = False  # the probe set's size is decided at the first snapshot of a fit
+        self._last_step_s: float | None = None
         self._sketch: Any = None
         self._layout: Any = None
         self._dir: Path | None = None
@@ -270,7 +279,7 @@ class HessianSpectrum(Callback):
         with torch.random.fork_rng(devices=[]):
             for batch in loader:
                 probe.append(trainer.strategy.batch_to_device(batch, pl_module.device))
-                if len(probe) >= self.probe_batches:
+                if len(probe) >= (self.probe_batches or DEFAULT_PROBE_BATCHES):
                     break
         if not probe:
             raise UnsupportedModelError("HessianSpectrum's probe dataloader is empty; it needs at least one "
@@ -338,6 +347,7 @@ class HessianSpectrum(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # release the cached probe batches; a new fit fixes a new probe set
             self._probe, self._sketch, self._layout = None, None, None
+            self._probe_fixed = False
             self._close_writer()
 
     @override
@@ -369,6 +379,7 @@ class HessianSpectrum(Callback):
         allowance = self._allowance(trainer, pl_module, step, probe)
         if allowance is not None and self._skip(trainer, step, allowance):
             return None
+        probe = self._fix_probe(trainer, probe, allowance)
         world = trainer.world_size
         ddp_reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if world > 1 else None
         bar = progress_bar(trainer, self._expected_matvecs(), f"HessianSpectrum step {step}", unit="HVP")
@@ -468,8 +479,25 @@ class HessianSpectrum(Callback):
             nxt = self._next_step(step)
             train_steps, left = float(nxt - self._fit_start), 1
         share = snapshot_seconds(self.budget, step_s, train_steps, self._spent, max(1, left))
+        self._last_step_s = step_s
         out = (share, share * max(1, left))
         return tuple(trainer.strategy.broadcast(out))  # type: ignore[return-value]
+
+    def _fix_probe(self, trainer: Trainer, probe: list[Any],
+                   allowance: tuple[float, float] | None) -> list[Any]:
+        """At the first snapshot of a fit: with ``probe_batches=None`` under a budget, keep the most
+        batches over which the snapshot's share still pays the unbudgeted Lanczos steps (rank 0 decides
+        for all); the probe set is fixed from then on."""
+        if self._probe_fixed:
+            return probe
+        self._probe_fixed = True
+        if self.probe_batches is not None or allowance is None or self._last_step_s is None:
+            return probe
+        keep = affordable_probe_batches(allowance[0], self._last_step_s, min(self.k, self._op_dim()),
+                                        self._op_dim(), most=len(probe))
+        keep = int(trainer.strategy.broadcast(keep))
+        self._probe = probe = probe[:keep]
+        return probe
 
     def _probe_step_seconds(self, pl_module: LightningModule, batch: Any) -> float:
         """Wall time of one forward+backward over ``batch`` (no ``.grad`` written, RNG and mode restored)."""

@@ -8,9 +8,9 @@ working as before: ``module(x)``, ``module.parameters()`` (so an ordinary optimi
 ``self.parameters()`` trains ω; θ0 has ``requires_grad=False``), ``state_dict``, ``.to()`` and
 ``torch.func.functional_call``.
 
-- Φ is any sketch kind (default ``qk``, as the callback), rebuilt from its ``spec`` (seed), so a checkpoint holds
-  θ0, ω, the spec and the active size, never an N×D matrix. The spec and the active size travel in
-  the module's ``state_dict`` as the subspace's extra state.
+- Φ is any sketch kind (default ``qk``, as the callback), rebuilt from its ``spec`` (seed), so a
+  checkpoint holds θ0, ω, the spec and the active size, never an N×D matrix. The spec and the
+  active size travel in the module's ``state_dict`` as the subspace's extra state.
 - By default θ = θ0 + Φᵀω exactly (paper eq. 10), so ∇_ω L = Φ ∇_θ L. ``normalize=True``
   multiplies Φᵀω by √(D/N), so the columns of the N×D map have unit norm on average, as in Li et
   al. (a step in ω then moves θ by the same length, which sets the learning-rate scale); the

@@ -26,9 +26,12 @@ from lightning_sketch.exceptions import SpectrumError
 __all__ = [
     "DEFAULT_DENSITY_ITER",
     "DEFAULT_DENSITY_RUNS",
+    "DEFAULT_PROBE_BATCHES",
+    "HVP_STEP_COST",
     "MIN_DENSITY_ITER",
     "MatvecPlan",
     "affordable_matvecs",
+    "affordable_probe_batches",
     "default_lanczos_steps",
     "density_plan",
     "lanczos_steps",
@@ -42,6 +45,13 @@ DEFAULT_DENSITY_ITER = 40
 #: fewest Lanczos steps of one SLQ probe chosen by a budget: below it the quadrature has too few nodes
 #: to show more than the outliers, which the top-k pairs already give.
 MIN_DENSITY_ITER = 20
+
+
+#: probe batches of a snapshot when ``probe_batches`` is left unset and the budget pays for them.
+DEFAULT_PROBE_BATCHES = 4
+#: one Hessian-vector product over one probe batch, in training steps of that batch: a double backward
+#: is about two forward+backward passes (measured 1.3 on a CNN, 2.2 on MiniLM; RESULTS.md).
+HVP_STEP_COST = 2.0
 
 
 @dataclass(frozen=True)
@@ -190,6 +200,41 @@ def density_plan(
     if runs == 0:
         return (1, steps) if density else (0, 0)
     return runs, steps
+
+
+def affordable_probe_batches(
+    share_seconds: float, step_seconds: float, k: int, dim: int, most: int = DEFAULT_PROBE_BATCHES
+) -> int:
+    """Probe batches over which a snapshot allowed ``share_seconds`` can still run the unbudgeted
+    Lanczos steps for its top-k pairs; at least 1, at most ``most``.
+
+    .. math::
+        p = \\min\\bigl(\\text{most},\\ \\max\\bigl(1,\\ \\lfloor s / (c \\cdot L \\cdot
+        t_\\text{step}) \\rfloor\\bigr)\\bigr)
+
+    with L = ``default_lanczos_steps(k, dim)`` and c = :data:`HVP_STEP_COST`.
+
+    Top-k pairs that converge on fewer probe examples tell more than unconverged ones on more: on a
+    CNN whose budget paid 10 HVPs over 4 batches, 0–2 of 10 pairs converged; over 1 batch, 10–24 HVPs
+    and up to 7 of 10 (RESULTS.md, "HessianSpectrum with its defaults under the time budget").
+
+    Raises:
+        SpectrumError: on a negative or non-finite time, or a non-positive ``k``, ``dim`` or ``most``.
+
+    Example:
+        >>> affordable_probe_batches(10.0, 0.01, k=10, dim=1024)
+        4
+        >>> affordable_probe_batches(2.0, 0.01, k=10, dim=1024)
+        2
+        >>> affordable_probe_batches(0.1, 0.01, k=10, dim=1024)
+        1
+    """
+    share, step = _nonneg("share_seconds", share_seconds), _nonneg("step_seconds", step_seconds)
+    most = _pos_int("most", most)
+    per_batch = HVP_STEP_COST * default_lanczos_steps(k, dim) * step
+    if per_batch == 0.0:
+        return most
+    return min(most, max(1, int(math.floor(share / per_batch + 1e-9))))
 
 
 def plan_matvecs(

@@ -193,7 +193,7 @@ def test_the_defaults_that_decide_results_are_pinned():
     assert defaults(HessianSpectrum, ["k", "sketch_kind", "sketch_dim", "seed", "every_n_steps",
                                       "probe_batches", "density", "trace", "budget"]) == {
         "k": 10, "sketch_kind": "affd", "sketch_dim": 1024, "seed": 0, "every_n_steps": 1000,
-        "probe_batches": 4, "density": None, "trace": False, "budget": 1.0}
+        "probe_batches": None, "density": None, "trace": False, "budget": 1.0}
     assert defaults(IntrinsicDimension, ["sketch_kind", "sketch_dim", "seed", "said", "normalize", "mode"]) == {
         "sketch_kind": "qk", "sketch_dim": 1024, "seed": 0, "said": False, "normalize": True, "mode": "search"}
     assert SearchCriteria() == SearchCriteria(d_min=16, delta=0.01, target=None, target_fraction=0.9,

@@ -328,6 +328,25 @@ def test_default_budget_bounds_each_snapshot(tmp_path):
     assert not [m for m in msgs if "explicit settings" in m]
 
 
+@pytest.mark.parametrize(("budget", "batches"), [(1.0, 1), (10.0, 1), (20.0, 2), (100.0, 4), (None, 4)])
+def test_unset_probe_batches_follow_the_first_snapshots_share(tmp_path, budget, batches):
+    """probe_batches=None: 4 batches unless the first snapshot's share cannot pay the unbudgeted
+    Lanczos steps over them: L = min(32, max(4k, 40)) = 32 HVPs of 2 units per batch (one unit per
+    batch's forward and backward here, a step costs 1): batches = ⌊share / 64⌋ in [1, 4], share =
+    (20·budget − 1) / 3 at step 0. Fixed for the fit; recorded in every snapshot's meta."""
+    cb, _ = _budget_fit(tmp_path, budget, probe_batches=None)
+    if budget is not None:
+        share = (20 * budget - 1) / 3
+        assert cb.history[0]["scalars"]["budget_seconds"] == pytest.approx(share)
+        assert max(1, min(4, int(share // 64))) == batches
+    assert cb._probe is None  # released at teardown
+    metas = [load_snapshot(e["file"])["meta"] for e in cb.history]
+    assert metas and all(m["probe_batches"] == batches for m in metas)
+    if budget is not None:  # an HVP costs one unit per probe batch
+        per = [e["scalars"]["seconds_per_matvec"] for e in cb.history]
+        assert per == [float(batches)] * len(per)
+
+
 def test_larger_budget_buys_lanczos_steps_then_density(tmp_path):
     """budget=5: 100 units. Each snapshot's Lanczos steps follow the rule exactly: at the k-th step
     (6 units in), the HVPs that fit in the rest of its share, less one for the gradient."""

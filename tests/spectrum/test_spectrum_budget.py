@@ -10,6 +10,7 @@ from torch import nn
 from lightning_sketch.exceptions import SpectrumError
 from lightning_sketch.spectrum import spectrum_snapshot
 from lightning_sketch.spectrum.budget import (
+    affordable_probe_batches,
     MatvecPlan,
     affordable_matvecs,
     default_lanczos_steps,
@@ -30,6 +31,30 @@ def test_snapshot_seconds_is_an_equal_share_of_what_is_left():
         snapshot_seconds(1.0, 0.5, 100, 0.0, 0)
     with pytest.raises(SpectrumError, match="`budget` must be a finite number >= 0"):
         snapshot_seconds(float("nan"), 0.5, 100, 0.0, 1)
+
+
+@pytest.mark.parametrize(("share", "step", "k", "dim", "most", "expected"), [
+    (80.0, 1.0, 10, 1024, 4, 1),    # 2 units per HVP-batch x 40 Lanczos steps = 80: one batch
+    (159.9, 1.0, 10, 1024, 4, 1),
+    (160.0, 1.0, 10, 1024, 4, 2),
+    (1e6, 1.0, 10, 1024, 4, 4),     # at most `most`
+    (1e6, 1.0, 10, 1024, 3, 3),
+    (1.0, 1.0, 10, 1024, 4, 1),     # at least one
+    (64.0, 1.0, 3, 32, 4, 1),       # L = min(dim, max(4k, 40)) = 32: 2 x 32 = 64 per batch
+    (128.0, 1.0, 3, 32, 4, 2),
+    (5.0, 0.0, 10, 1024, 4, 4),     # a free step: every batch
+])
+def test_affordable_probe_batches(share, step, k, dim, most, expected):
+    assert affordable_probe_batches(share, step, k, dim, most) == expected
+
+
+def test_affordable_probe_batches_errors():
+    with pytest.raises(SpectrumError):
+        affordable_probe_batches(-1.0, 1.0, 10, 1024)
+    with pytest.raises(SpectrumError):
+        affordable_probe_batches(1.0, float("nan"), 10, 1024)
+    with pytest.raises(SpectrumError):
+        affordable_probe_batches(1.0, 1.0, 10, 1024, most=0)
 
 
 def test_affordable_matvecs():
