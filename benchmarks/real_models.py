@@ -328,7 +328,7 @@ class Timer:
 
 CONFIGS = ("inline_per_layer", "inline_affd", "checkpoint_per_layer", "checkpoint_affd", "hessian",
            "hessian_default", "hessian_default_p1", "hessian_budget3", "intrinsic", "intrinsic_afjl",
-           "intrinsic_qk", "intrinsic_ffd")
+           "intrinsic_qk", "intrinsic_ffd", "hessian_default_p4")
 
 
 def make_callbacks(name, tmp, monitor, higher, steps, hvps):
@@ -361,6 +361,10 @@ def make_callbacks(name, tmp, monitor, higher, steps, hvps):
         from lightning_sketch.callbacks import HessianSpectrum
 
         return [HessianSpectrum(dirpath=f"{tmp}/hsd", plot=False, probe_batches=1)]
+    if name == "hessian_default_p4":  # the former default: always 4 probe batches
+        from lightning_sketch.callbacks import HessianSpectrum
+
+        return [HessianSpectrum(dirpath=f"{tmp}/hsd", plot=False, probe_batches=4)]
     if name == "hessian_budget3":
         from lightning_sketch.callbacks import HessianSpectrum
 
