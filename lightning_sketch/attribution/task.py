@@ -519,7 +519,10 @@ def check_query_targets(task: AttributionTask, batch: Any) -> None:
     if task.kind != "classification":
         return
     key = task.details.get("target_key")
-    found = _target(batch) if key is None else (key, _at(batch, key))
+    try:
+        found = _target(batch) if key is None else (key, _at(batch, key))
+    except (KeyError, IndexError, TypeError):  # a batch of another structure: the query's loss says so
+        return
     if found is None or not found[1].is_floating_point():
         return
     key, y = found
