@@ -22,8 +22,9 @@ forward+backward over a probe batch, timed in ``on_train_start``, stands in) and
 steps for the top-k pairs first, then density probes and steps from what remains (no density when
 nothing does). With ``probe_batches`` unset, the first snapshot's share also sets the probe set's
 size, once per fit: 4 batches, or as many as still pay the unbudgeted Lanczos steps (at least 1),
-since top-k pairs that converge on fewer examples tell more than unconverged ones on more. A snapshot that cannot afford k HVPs from what the whole fit has left is skipped, with
-one warning per fit. Explicit counts (``num_iter``, ``density_runs``, ``density_iter``,
+since top-k pairs that converge on fewer examples tell more than unconverged ones on more. A
+snapshot that cannot afford k HVPs from what the whole fit has left is skipped, with one warning
+per fit. Explicit counts (``num_iter``, ``density_runs``, ``density_iter``,
 ``density=True``, ``trace=True``) are kept and their snapshots never skipped, with one warning when
 they exceed the budget.
 

@@ -144,6 +144,18 @@ def _quiet(module: nn.Module) -> Iterator[None]:
                 object.__setattr__(obj, name, old)
 
 
+def _batch_idx(step: Callable[..., Any]) -> tuple[int, ...]:
+    """``(0,)`` when ``training_step`` takes a ``batch_idx`` (as Lightning passes it only then)."""
+    try:
+        params = list(inspect.signature(step).parameters.values())
+    except (TypeError, ValueError):
+        return (0,)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return (0,)
+    return ()
+
+
 class StepLoss:
     """``loss_fn(module, batch) -> Tensor[B]`` replaying ``module.training_step(batch, 0)``.
 
@@ -178,7 +190,7 @@ class StepLoss:
         grad = torch.is_grad_enabled()
         try:
             with _quiet(module), torch.enable_grad(), mode:
-                out = module.training_step(batch, 0)  # type: ignore[operator]
+                out = module.training_step(batch, *_batch_idx(module.training_step))  # type: ignore[operator]
         except (TypeError, AttributeError, KeyError, IndexError, ValueError, RuntimeError) as err:
             if isinstance(err, self.error) or type(err).__module__.startswith("lightning_sketch"):
                 raise

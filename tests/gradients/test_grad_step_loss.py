@@ -179,6 +179,18 @@ class Unreduced(LightningModule):
         return F.mse_loss(self.net(x), t, reduction="none").mean()
 
 
+def test_a_training_step_without_batch_idx():
+    class NoIdx(Unreduced):
+        def training_step(self, batch):  # Lightning passes batch_idx only when the step takes it
+            x, t = batch
+            return F.mse_loss(self.net(x), t)
+
+    module = NoIdx()
+    x = _batch()[0]
+    t = torch.randn(B, 2, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(module_loss_fn(module)(module, (x, t)), (module.net(x) - t).pow(2).mean(1))
+
+
 def test_unreduced_loss_then_mean():
     module = Unreduced()
     x = _batch()[0]
