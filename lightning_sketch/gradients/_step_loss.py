@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -190,7 +190,8 @@ class StepLoss:
         grad = torch.is_grad_enabled()
         try:
             with _quiet(module), torch.enable_grad(), mode:
-                out = module.training_step(batch, *_batch_idx(module.training_step))  # type: ignore[operator]
+                step = cast(Callable[..., Any], module.training_step)  # has_training_step checked it
+                out = step(batch, *_batch_idx(step))
         except (TypeError, AttributeError, KeyError, IndexError, ValueError, RuntimeError) as err:
             if isinstance(err, self.error) or type(err).__module__.startswith("lightning_sketch"):
                 raise
