@@ -93,7 +93,9 @@ def default_ids(batch: Any, id_key: str = "index") -> Tensor:
             f"Cannot read example ids: expected a dict batch with an {id_key!r} entry, got "
             f"{type(batch).__name__}"
             f"{' with keys ' + str(sorted(batch)) if isinstance(batch, Mapping) else ''}; "
-            f"wrap the dataset in lightning_sketch.data.IndexedDataset or pass `id_key`/`ids_fn`."
+            f"wrap the dataset in lightning_sketch.data.IndexedDataset or pass `id_key`/`ids_fn` "
+            f"(GradientSketch in checkpoint mode, its default, names examples without ids by their "
+            f"position in the training dataset; inline mode needs ids)."
         )
     ids = batch[id_key]
     ids = torch.as_tensor(ids)
