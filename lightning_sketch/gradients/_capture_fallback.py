@@ -4,7 +4,10 @@ A module off the fast path has its forward inputs saved; when its output gradien
 ``vmap(grad(⟨module(x_b; θ_m), δ_b⟩))`` over the examples gives the per-example gradients of that
 module's own parameters only (one extra forward and backward of that module).
 
-Recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``) go through a per-example loop instead:
+Recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``) are recomputed once, unrolled and batched, with
+the gradients of every step's affine maps read off per example (``_capture_rnn``); the layers that
+recomputation does not cover (``proj_size``, inter-layer dropout in train mode) go through a
+per-example loop instead:
 ``vmap`` cannot batch their fused kernels, and their batch dimension is 1 when
 ``batch_first=False`` (and for the hidden states ``h_n``/``c_n`` always). Each example's input
 (and initial state) is run through the module alone and ``torch.autograd.grad`` of
@@ -26,6 +29,7 @@ from torch.utils import _pytree as pytree
 from lightning_sketch.exceptions import LightningSketchError, UnsupportedModelError
 from lightning_sketch.gradients._capture_kernels import _CaptureKernels
 from lightning_sketch.gradients._capture_plan import _attr
+from lightning_sketch.gradients._capture_rnn import rnn_terms
 
 FallbackHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]
 
@@ -165,6 +169,16 @@ class _FallbackHooks(_CaptureKernels):
             self._busy = True
             try:
                 with torch.enable_grad(), _fork_rng(delta.device), rnn_cudnn_off(module):
+                    terms = rnn_terms(module, x, hx, leaf, delta)  # one batched recomputation
+                    if terms is not None:
+                        for n, idx in local.items():
+                            kind, a, c = terms[n]
+                            if kind == "outer":
+                                assert c is not None
+                                self._add_outer(idx, a, c)
+                            else:
+                                self._add_vector(idx, a)
+                        return
                     for b in range(size):
                         params = {n: _attr(module, n).detach().requires_grad_() for n in names}
                         h_b = pytree.tree_map(
