@@ -2,7 +2,8 @@
 
 The per-module-type rules of the hook-based capture: a module owning selected parameters goes to a
 fast-path handler (``"linear"``, ``"embedding"``, ``"conv"``, ``"hf_conv1d"``, ``"norm"``,
-``"mha"``), to the per-example loop of recurrent layers (``"rnn"``), to the per-module
+``"mha"``), to the recurrent-layer path (``"rnn"``: one batched recomputation, or a per-example
+loop where it does not apply), to the per-module
 ``torch.func`` fallback, or is refused; :func:`capture_support`
 reports the result.
 """
@@ -87,7 +88,7 @@ class CaptureSupport:
         fast: ``{module name: handler}`` for modules on the fast path (``"linear"``,
             ``"embedding"``, ``"conv"``, ``"hf_conv1d"``, ``"norm"``, ``"mha"``).
         fallback: ``{module name: class name}`` for modules whose selected parameters go
-            through ``torch.func`` per module, or (recurrent layers) a per-example loop of the
+            through ``torch.func`` per module, or (recurrent layers) a batched recomputation of the
             module (slower; exact for modules that treat examples independently and are not random).
         unsupported: ``{module name: reason}`` for modules no path can serve (refused).
         params: ``{module name: [parameter names]}`` of the selected parameters each owns.
@@ -164,7 +165,7 @@ def _plan(model: nn.Module, layout: ParamLayout) -> tuple[CaptureSupport, list[P
             support.unsupported[name] = "nn.Embedding with max_norm (renormalises the weight in place)"
             continue
         elif isinstance(module, nn.RNNBase):
-            kind = "rnn"  # a per-example loop of the module (vmap cannot batch its fused kernels)
+            kind = "rnn"  # recomputed unrolled (vmap cannot batch its fused kernels): _capture_rnn
             support.fallback[name] = type(module).__name__
         else:
             kind = "fallback"

@@ -25,8 +25,10 @@ Fast path (t: positions, summed; every module must take batch-first inputs):
   runs, the capture routes ``torch.nn.functional.linear`` through a reader that records the
   projections' inputs and output gradients (packed, split and separate projection weights).
 
-Recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``, batch-first or not) go through a
-per-example loop of that module alone (``_capture_fallback``).
+Recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``, batch-first or not) are recomputed once,
+unrolled and batched, and their affine maps' gradients read per example (``_capture_rnn``); a
+per-example loop of that module alone serves ``proj_size`` and train-mode inter-layer dropout
+(``_capture_fallback``).
 
 Every other module owning selected parameters falls back **per module**: its forward inputs are
 saved and, when its output gradient δ arrives, ``vmap(grad(⟨module(x_b; θ_m), δ_b⟩))`` over the
