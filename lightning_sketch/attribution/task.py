@@ -605,7 +605,8 @@ def _regression(loss_fn: LossFn, tap: _Tap, key: Any, outputs: int, scale: float
         where = "the module's per_example_logits(batch)"
     else:
         where = f"the output of {tap.name!r}" if tap.name else "the model's output"
-    how = loss_name or ("the squared error" if scale is not None else "a function (not the squared error) of")
+    how = loss_name or ("the squared error of" if scale is not None
+                        else "a function (not the squared error) of")
     what = "logits" if kind == "multilabel" else "prediction"
     return AttributionTask(
         kind=kind,
