@@ -41,22 +41,10 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-1 if dtype in (torch.float16, torch.bfloat16) else 1e-2
 
 
-def hook_error(
-    model: nn.Module,
-    loss_fn: F.LossFn,
-    batch: F.Batch,
-    sketch: Sketch | None,
-    layout: ParamLayout,
-    rows: Tensor,
-) -> float | None:
-    """Relative Frobenius error of ``rows[:n]`` (hooked, ``[B, D]`` or ``[B, N]``) against the
-    exact sketched per-example gradients Φ ∇θ ℓ_b of the first n = min(2, B) examples of ``batch``.
-
-    The reference runs ``loss_fn`` on the whole ``batch`` (so a layer whose leading dimension
-    equals B only by coincidence sees the same shapes as under the hooks) and differentiates
-    ``losses[b]`` alone. Call it in eval mode: train-mode dropout draws other masks. None (no
-    verdict) when either side holds NaN or inf (non-finite inputs or losses).
-    """
+def _exact_rows(model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, layout: ParamLayout) -> Tensor:
+    """``[n, N]``: ∇θ ℓ_b of the first n = min(2, B) examples by ``torch.autograd.grad`` of
+    ``losses[b]`` alone, the losses computed on the whole ``batch`` (so a layer whose leading
+    dimension equals B only by coincidence sees the same shapes as under the hooks)."""
     size = F.batch_size(batch)
     n = min(CHECKED_EXAMPLES, size)
     own = dict(model.named_parameters())
@@ -66,20 +54,38 @@ def hook_error(
         flat = []
         for b in range(n):
             grads = torch.autograd.grad(losses[b], params, retain_graph=b + 1 < n, allow_unused=True)
-            flat.append(torch.cat([
-                (torch.zeros_like(p) if g is None else g).reshape(-1).to(rows.dtype)
-                for p, g in zip(params, grads)
-            ]))
-    ref = torch.stack(flat)
+            flat.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                   for p, g in zip(params, grads)]))
+    return torch.stack(flat).detach()
+
+
+def _relative_error(got: Tensor, want: Tensor) -> float | None:
+    """‖got − want‖ / max(‖got‖, ‖want‖) in float64; 0.0 when both are zero, None (no verdict)
+    when either holds NaN or inf."""
+    got, want = got.detach().double(), want.detach().double().to(got.device)
+    if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(want).all())):
+        return None
+    scale = max(float(want.norm()), float(got.norm()))
+    return 0.0 if scale == 0.0 else float((got - want).norm()) / scale
+
+
+def hook_error(
+    model: nn.Module,
+    loss_fn: F.LossFn,
+    batch: F.Batch,
+    sketch: Sketch | None,
+    layout: ParamLayout,
+    rows: Tensor,
+) -> float | None:
+    """Relative Frobenius error of ``rows[:n]`` (hooked, ``[B, D]`` or ``[B, N]``) against the
+    exact sketched per-example gradients Φ ∇θ ℓ_b of the first n = min(2, B) examples of ``batch``
+    (:func:`_exact_rows`). Call it in eval mode: train-mode dropout draws other masks. None (no
+    verdict) when either side holds NaN or inf (non-finite inputs or losses).
+    """
+    ref = _exact_rows(model, loss_fn, batch, layout).to(rows.dtype)
     if sketch is not None:
         ref = sketch.apply(ref)
-    got, ref = rows[:n].detach().double(), ref.detach().double().to(rows.device)
-    if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(ref).all())):
-        return None
-    scale = max(float(ref.norm()), float(got.norm()))
-    if scale == 0.0:
-        return 0.0
-    return float((got - ref).norm()) / scale
+    return _relative_error(rows[: ref.shape[0]], ref)
 
 
 def mismatched_parameters(
@@ -87,25 +93,13 @@ def mismatched_parameters(
 ) -> list[str] | None:
     """The parameters whose hooked per-example gradients (unsketched) differ from autograd's on the
     first examples of ``batch``, for the warning; None when ``[B, N]`` would exceed 256 MiB."""
-    size = F.batch_size(batch)
-    if size * layout.dim * 4 > _NAMING_BYTES:
+    if F.batch_size(batch) * layout.dim * 4 > _NAMING_BYTES:
         return None
     rows = hooked_sketch(model, loss_fn, batch, None, layout)
-    n = min(CHECKED_EXAMPLES, size)
-    own = dict(model.named_parameters())
-    params = [own[name] for name in layout.names]
-    with torch.enable_grad():
-        losses = F.check_losses(loss_fn(model, batch), size)
-        grads = [torch.autograd.grad(losses[b], params, retain_graph=b + 1 < n, allow_unused=True)
-                 for b in range(n)]
-    bad, start = [], 0
-    for i, (name, p) in enumerate(zip(layout.names, params)):
-        stop = start + p.numel()
-        got = rows[:n, start:stop].double()
-        want = torch.stack([(torch.zeros_like(p) if g[i] is None else g[i]).reshape(-1) for g in grads])
-        want = want.double().to(got.device)
-        scale = max(float(want.norm()), float(got.norm()))
-        if scale > 0.0 and float((got - want).norm()) / scale > tolerance(rows.dtype):
+    want = _exact_rows(model, loss_fn, batch, layout)
+    bad = []
+    for name, off, numel in zip(layout.names, layout.offsets, layout.numels):
+        err = _relative_error(rows[: want.shape[0], off : off + numel], want[:, off : off + numel])
+        if err is not None and err > tolerance(rows.dtype):
             bad.append(name)
-        start = stop
     return bad
