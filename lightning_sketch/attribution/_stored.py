@@ -27,7 +27,6 @@ from lightning_sketch.exceptions import (
     SliceMismatchError,
     StoreCorruptError,
     StoreNotFoundError,
-    UnsupportedModelError,
 )
 from lightning_sketch.gradients import (
     GradientCapture,
@@ -36,6 +35,7 @@ from lightning_sketch.gradients import (
     module_loss_fn,
     sketch_gradients,
 )
+from lightning_sketch.gradients.per_example import hook_capture
 from lightning_sketch.io.safeio import load_torch_file
 from lightning_sketch.sketches import make
 from lightning_sketch.store import SketchStore
@@ -351,15 +351,6 @@ def verify_runs(
             if info.get(name, {}).get("lr_weighted"):
                 continue
             _verify_slice(run, name, model, sketch, layout, loss_fn, ids, batch, rtol, where, cap)
-
-
-def hook_capture(model: nn.Module, sketch: Any, layout: Any) -> GradientCapture | None:
-    """A ``GradientCapture(model, sketch, layout, loss_scale="sum")`` for ``sketch_gradients``'s hook
-    paths, or None where no hook path covers the model (``torch.func`` then)."""
-    try:
-        return GradientCapture(model, sketch, layout, loss_scale="sum")
-    except UnsupportedModelError:
-        return None
 
 
 def _verify_slice(run: Run, name: str, model: nn.Module, sketch: Any, layout: Any, loss_fn: LossFn,

@@ -36,7 +36,6 @@ from lightning_sketch.attribution._engine import _CURVED, ScoringEngine
 from lightning_sketch.attribution._stored import (
     Run,
     _sketch_and_layout,
-    hook_capture,
     load_weights,
     negative_margin,
     negative_margin_of,
@@ -67,6 +66,7 @@ from lightning_sketch.exceptions import (
     StoreNotFoundError,
 )
 from lightning_sketch.gradients import eval_mode, module_loss_fn, sketch_gradients
+from lightning_sketch.gradients.per_example import hook_capture
 
 __all__ = [
     "METHODS",

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lightning_sketch.callbacks._gradient_sketch_io import _as_ids
 from lightning_sketch.data import default_ids
 from lightning_sketch.exceptions import DuplicateIdError, LightningSketchError, UnsupportedModelError
-from lightning_sketch.gradients import module_loss_fn
+from lightning_sketch.gradients import GradientCapture, module_loss_fn, sketch_gradients
 from lightning_sketch.gradients.capture import capture_support
 from lightning_sketch.store import finite_rows
 
@@ -178,6 +178,27 @@ class _GradientSketchBase(Callback):
 
     def _loss_fn(self, pl_module: LightningModule) -> Callable[[nn.Module, Any], Tensor]:
         return module_loss_fn(pl_module, self.loss_fn, who="GradientSketch ")
+
+    def _slice_capture(self, pl_module: LightningModule) -> GradientCapture | None:
+        """One capture for a whole pass over a set of batches (its plan and buffer reused), carrying
+        the fit's verdict of the hook paths against autograd (``_capture_check``); None without hooks."""
+        if not self._hooks:
+            return None
+        cap = GradientCapture(pl_module, self.sketch, self.layout, loss_scale="sum")
+        cap.exact = self._hooks_exact
+        return cap
+
+    def _sketch_rows(self, pl_module: LightningModule, fn: Callable[[nn.Module, Any], Tensor], batch: Any,
+                     cap: Any) -> Any:
+        """``[B, D]`` sketched per-example gradients of ``fn`` on ``batch`` (eval mode, the caller's
+        context); the capture's verdict against autograd is kept for the fit (``_hooks_exact``)."""
+        rows = _vmap_guard(lambda: sketch_gradients(
+            pl_module, fn, batch, self.sketch, mode="auto" if self._hooks else "explicit",
+            layout=self.layout, chunk_size=self.chunk_size, capture=cap,
+        ), self.support, self.exclude)
+        if cap is not None:
+            self._hooks_exact = cap.exact
+        return rows
 
 
 def _check_support(pl_module: nn.Module, layout: Any, exclude: list[str] | None) -> Any:

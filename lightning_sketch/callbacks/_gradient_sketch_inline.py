@@ -24,8 +24,8 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
     _slice_state,
 )
 from lightning_sketch.exceptions import SketchInputError
-from lightning_sketch.gradients import GradientCapture, sketch_gradients
 from lightning_sketch.gradients import eval_mode as _eval_mode
+from lightning_sketch.gradients import sketch_gradients
 from lightning_sketch.gradients.sharded import gathered, whole
 
 #: inline mode commits early once this many bytes of rows are buffered.
@@ -76,14 +76,9 @@ class _InlineMixin(_GradientSketchBase):
         """Once per fit, before the first captured step: the hook paths against autograd on this
         batch (eval mode, RNG forked, rows discarded; ``gradients._capture_check``). A model they
         cannot serve exactly (a layer that is not batch-first) takes the vmap path instead."""
-        cap = GradientCapture(pl_module, self.sketch, self.layout, loss_scale="sum")
         with gathered(pl_module), _eval_mode(pl_module), _rng_guard(), torch.enable_grad():
-            _vmap_guard(lambda: sketch_gradients(
-                pl_module, self._loss_fn(pl_module), batch, self.sketch, mode="auto", layout=self.layout,
-                chunk_size=self.chunk_size, capture=cap,
-            ), self.support, self.exclude)
-        self._hooks_exact = cap.exact
-        if cap.exact is False:
+            self._sketch_rows(pl_module, self._loss_fn(pl_module), batch, self._slice_capture(pl_module))
+        if self._hooks_exact is False:
             self._hooks = self._inline_fast = False
             self._capture_tool = None
 

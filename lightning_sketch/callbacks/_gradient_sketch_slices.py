@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_sketch.attribution._stored import PROBE
 from lightning_sketch.attribution.curvature import LossFn, accumulate_fisher, write_curvature
 from lightning_sketch.attribution.task import AttributionTask, resolve_task
-from lightning_sketch.callbacks._gradient_sketch_base import _GradientSketchBase, _vmap_guard
+from lightning_sketch.callbacks._gradient_sketch_base import _GradientSketchBase
 from lightning_sketch.callbacks._gradient_sketch_io import (
     _current_lr,
     _probe_batch,
@@ -31,7 +31,6 @@ from lightning_sketch.callbacks._gradient_sketch_io import (
 )
 from lightning_sketch.callbacks._progress import progress_iter as _progress
 from lightning_sketch.exceptions import SketchConfigError
-from lightning_sketch.gradients import GradientCapture, sketch_gradients
 from lightning_sketch.gradients import eval_mode as _eval_mode
 from lightning_sketch.gradients.sharded import gathered
 from lightning_sketch.sketches import derive_seed
@@ -48,14 +47,6 @@ class _SlicesMixin(_GradientSketchBase):
             and n is not None
             and (trainer.current_epoch + 1) % n == 0
         )
-
-    def _slice_capture(self, pl_module: LightningModule) -> GradientCapture | None:
-        """One capture for a whole pass over the attribution set (its plan and buffer reused)."""
-        if not self._hooks:
-            return None
-        cap = GradientCapture(pl_module, self.sketch, self.layout, loss_scale="sum")
-        cap.exact = self._hooks_exact  # checked against autograd once per fit (``_capture_check``)
-        return cap
 
     def _take_slice(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
@@ -130,16 +121,6 @@ class _SlicesMixin(_GradientSketchBase):
             local = torch.arange(offset, offset + size, dtype=torch.long)
             return trainer.global_rank + trainer.world_size * local
         return self._ids(batch)
-
-    def _sketch_rows(self, pl_module: LightningModule, fn: LossFn, batch: Any, cap: Any) -> Any:
-        """``[B, D]`` sketched per-example gradients of ``fn`` on ``batch`` (the slice's one call)."""
-        rows = _vmap_guard(lambda: sketch_gradients(
-            pl_module, fn, batch, self.sketch, mode="auto" if self._hooks else "explicit",
-            layout=self.layout, chunk_size=self.chunk_size, capture=cap,
-        ), self.support, self.exclude)
-        if cap is not None:
-            self._hooks_exact = cap.exact
-        return rows
 
     def _start_checks(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """On the first batch of the attribution set, before training (eval mode, no RNG stream

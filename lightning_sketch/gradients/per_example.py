@@ -32,7 +32,7 @@ from lightning_sketch.gradients.capture import GradientCapture, hooked_sketch
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches.base import Sketch
 
-__all__ = ["finite_mask", "per_example_grads", "sketch_gradients"]
+__all__ = ["finite_mask", "hook_capture", "per_example_grads", "sketch_gradients"]
 
 
 def _example_loss(module: F._LossModule, fixed: dict[str, Tensor]):
@@ -212,12 +212,10 @@ def sketch_gradients(
         )
     auto = mode == "auto"
     if auto:
-        try:  # one plan of the model's modules, reused by hooked_sketch
-            if capture is None:
-                capture = GradientCapture(model, sketch, layout, loss_scale="sum")
-            mode = "factorized" if sketch.supports_factorized else "hooks"
-        except UnsupportedModelError:
-            mode = "explicit"  # parameters no hook sees (parametrisations): vmap over the whole model
+        if capture is None:  # one plan of the model's modules, reused by hooked_sketch
+            capture = hook_capture(model, sketch, layout)
+        # no capture: parameters no hook sees (parametrisations), so vmap over the whole model
+        mode = "explicit" if capture is None else "factorized" if sketch.supports_factorized else "hooks"
     if mode == "factorized" and not sketch.supports_factorized:
         raise SketchConfigError(
             f"mode='factorized' needs a kind='per_layer' sketch, got {sketch.kind!r}; use mode='hooks' or "
@@ -228,6 +226,16 @@ def sketch_gradients(
     if mode in ("factorized", "hooks"):
         return hooked_sketch(model, loss_fn, batch, sketch, layout, chunk_size=chunk, capture=capture)
     return _explicit(model, loss_fn, batch, sketch, layout, chunk)
+
+
+def hook_capture(model: nn.Module, sketch: Sketch | None, layout: ParamLayout) -> GradientCapture | None:
+    """A ``GradientCapture(model, sketch, layout, loss_scale="sum")`` for the hook paths of
+    :func:`sketch_gradients` (reuse it across calls: its check against autograd runs once), or None
+    where no hook path covers the model (``mode="auto"`` then takes ``torch.func``)."""
+    try:
+        return GradientCapture(model, sketch, layout, loss_scale="sum")
+    except UnsupportedModelError:
+        return None
 
 
 def _explicit(model: nn.Module, loss_fn: F.LossFn, batch: F.Batch, sketch: Sketch, layout: ParamLayout,
