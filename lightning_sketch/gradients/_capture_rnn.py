@@ -82,7 +82,7 @@ def rnn_terms(module: nn.RNNBase, x: Tensor, hx: Any, leaf: int, delta: Tensor) 
     # copies that require grad, so that every gi and gh is a node of the recomputed graph
     p = {name: param.detach().requires_grad_() for name, param in module.named_parameters()}
     wanted: list[Tensor] = []  # the gi and gh tensors whose gradients are read
-    plan: list[tuple[str, int, Tensor, list[Tensor], Tensor, list[Tensor]]] = []
+    plan: list[tuple[str, Tensor, list[Tensor], Tensor, list[Tensor]]] = []
     h_n, c_n = [], []
     with torch.enable_grad():
         layer_in = inp.detach()
@@ -111,7 +111,7 @@ def rnn_terms(module: nn.RNNBase, x: Tensor, hx: Any, leaf: int, delta: Tensor) 
                 out = torch.stack(hs, 1)
                 outs.append(out.flip(1) if d else out)
                 wanted += [gi, *ghs]
-                plan.append((sfx, k, seq, ghs, gi, prev))
+                plan.append((sfx, seq, ghs, gi, prev))
             layer_in = torch.cat(outs, -1) if dirs > 1 else outs[0]
         results = [layer_in, torch.stack(h_n), torch.stack(c_n) if c_n else None]
         target = results[leaf]
@@ -122,7 +122,7 @@ def rnn_terms(module: nn.RNNBase, x: Tensor, hx: Any, leaf: int, delta: Tensor) 
         grads = torch.autograd.grad((target * delta.to(target.dtype)).sum(), wanted, allow_unused=True)
     terms: RnnTerms = {}
     pos = 0
-    for sfx, _k, seq, ghs, gi, prev in plan:
+    for sfx, seq, ghs, gi, prev in plan:
         d_gi = grads[pos] if grads[pos] is not None else torch.zeros_like(gi)
         d_gh = torch.stack([g if g is not None else torch.zeros_like(ghs[0])
                             for g in grads[pos + 1 : pos + 1 + T]], 1)

@@ -118,7 +118,7 @@ class Subspace(nn.Module):
         self._scope: int | None = None  # id() of the module whose forward opened the cache scope
         self._cache: tuple[tuple[Any, ...], Tensor] | None = None
         #: Φᵀω split into the tensors' pieces, cached with ``_cache`` (one autograd split node)
-        self._pieces: tuple[tuple[Any, ...], tuple[Tensor, ...]] | None = None
+        self._pieces: tuple[Tensor, tuple[Tensor, ...]] | None = None
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -267,8 +267,8 @@ class Subspace(nn.Module):
         # One split of Φᵀω per forward scope, not one slice per tensor: the backward of a slice
         # zero-fills a whole [N] gradient, so per-tensor slices cost O(N · #tensors) per step
         # (22.7M × 103 floats written per step for MiniLM), a split's backward one concatenation.
-        if self._pieces is None or self._pieces[0][0] is not full:
-            self._pieces = ((full,), full.split(list(lay.numels)))
+        if self._pieces is None or self._pieces[0] is not full:
+            self._pieces = (full, full.split(list(lay.numels)))
         piece = self._pieces[1][index].view(lay.shapes[index])
         if self.said_scale is not None:
             piece = piece * self.said_scale[index]
