@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _common import HERE, Tiny, clean_env, dataset, free_port, two_rank_run_beside
+from _common import HERE, Tiny, clean_env, dataset, free_port, sorted_rows, two_rank_run_beside
 from exact_refs import dense_hessian
 from torch.utils.data import default_collate
 
@@ -43,12 +43,6 @@ def runs(tmp_path_factory):
     return root, ddp, single
 
 
-def _sorted_rows(store: SketchStore, name: str) -> tuple[np.ndarray, np.ndarray]:
-    ids, vecs = store.ids(name), np.asarray(store.vectors(name))
-    order = np.argsort(ids)
-    return ids[order], vecs[order]
-
-
 @pytest.mark.parametrize("which", ["attr_ckpt", "attr_inline"])
 def test_gradient_sketch_shards_merge_to_the_single_process_store(runs, which):
     root, ddp, _ = runs
@@ -61,8 +55,8 @@ def test_gradient_sketch_shards_merge_to_the_single_process_store(runs, which):
     merged, ref = SketchStore.open(path), SketchStore.open(root / "single" / which / "store")
     assert merged.checkpoints == ref.checkpoints and len(ref.checkpoints) == 2
     for name in ref.checkpoints:
-        ids, vecs = _sorted_rows(merged, name)
-        ref_ids, ref_vecs = _sorted_rows(ref, name)
+        ids, vecs = sorted_rows(merged, name)
+        ref_ids, ref_vecs = sorted_rows(ref, name)
         assert ids.tolist() == ref_ids.tolist() == list(range(32))
         np.testing.assert_allclose(vecs, ref_vecs, rtol=1e-5, atol=1e-7)
         assert merged.checkpoint_info(name)["lr"] == ref.checkpoint_info(name)["lr"]

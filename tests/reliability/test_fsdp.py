@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _common import HERE, two_rank_run_beside
+from _common import HERE, sorted_rows, two_rank_run_beside
 
 from lightning_sketch.store import SketchStore, inspect_store
 
@@ -43,10 +43,9 @@ def test_gradient_sketch_rows_equal_the_single_process_store(runs, which):
     merged, ref = SketchStore.open(path), SketchStore.open(root / "single" / which / "store")
     assert merged.checkpoints == ref.checkpoints and len(ref.checkpoints) == 2
     for name in ref.checkpoints:
-        ids, ref_ids = merged.ids(name), ref.ids(name)
-        vecs, ref_vecs = np.asarray(merged.vectors(name))[np.argsort(ids)], np.asarray(
-            ref.vectors(name))[np.argsort(ref_ids)]
-        assert sorted(ids.tolist()) == sorted(ref_ids.tolist()) == list(range(32))
+        ids, vecs = sorted_rows(merged, name)
+        ref_ids, ref_vecs = sorted_rows(ref, name)
+        assert ids.tolist() == ref_ids.tolist() == list(range(32))
         np.testing.assert_allclose(vecs, ref_vecs, rtol=1e-5, atol=1e-7)
 
 

@@ -152,3 +152,11 @@ def two_rank_run_beside(script_args: list[str], out: Path, reference: Any, what:
     assert [d["rank"] for d in docs] == [0, 1] and docs[0]["world"] == 2
     return docs, single, text
 
+
+def sorted_rows(store: Any, name: str) -> tuple[Any, Any]:
+    """``(ids, rows)`` of a store's slice ``name``, ordered by id (numpy arrays)."""
+    import numpy as np
+
+    ids, vecs = store.ids(name), np.asarray(store.vectors(name))
+    order = np.argsort(ids)
+    return ids[order], vecs[order]
