@@ -5,7 +5,7 @@ Layer order (lower layers never import higher ones; the table in docs/design.md,
 
 0. base: ``exceptions``, ``_checks`` (argument checks), ``_version``, ``io`` (confined file I/O:
    atomic writes, paths, the lock, the pickle-free torch loader), ``layout`` (``ParamLayout``),
-   ``linalg`` (``LinearOperator``)
+   ``linalg`` (``LinearOperator`` and the Krylov and trace solvers)
 1. sketches: the random maps Φ
 2. numerics: ``gradients``, ``store``, ``data``, ``testing``
 3. analyses: ``spectrum``, ``intrinsic``, ``attribution``, ``evaluation``

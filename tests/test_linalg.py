@@ -161,3 +161,67 @@ def test_missing_hooks_are_typed_errors_with_advice():
     torch.testing.assert_close(op.matvec(torch.arange(3.0, dtype=D64)), torch.tensor([0.0, 1.0], dtype=D64))
     with pytest.raises(SketchConfigError, match="has no adjoint"):
         op.T.matvec(torch.ones(2, dtype=D64))
+
+
+# ----------------------------------------------------------------- solvers on operators
+
+
+def test_hessian_operator_is_a_symmetric_linear_operator_counting_hvps():
+    """The probe-set Hessian composes and applies like any operator, and counts one HVP per row."""
+    model, batch = _case()
+    batches = [batch]
+    h_dense = dense_hessian(model, _loss_fn, batches)
+    s = make("dense", dim=h_dense.shape[0], sketch_dim=5, seed=4)
+    exact = hessian_operator(model, _loss_fn, batches)
+    sketched = hessian_operator(model, _loss_fn, batches, s)
+    assert isinstance(exact, LinearOperator) and exact.symmetric and exact.T is exact
+    assert exact.shape == h_dense.shape and sketched.shape == (5, 5) and sketched.dim == 5
+    vs = torch.randn(3, 5, dtype=D64, generator=_gen(12))
+    p = s.to_dense()
+    torch.testing.assert_close(sketched(vs), vs @ (p @ h_dense @ p.T))  # rows, Φ H Φᵀ symmetric
+    assert sketched.num_matvecs == 3
+    # float32 rows in, float32 rows out (computed in the parameters' float64)
+    out = exact(torch.ones(2, h_dense.shape[0], dtype=torch.float32))
+    assert out.dtype == torch.float32 and exact.num_matvecs == 2
+    torch.testing.assert_close(out, (torch.ones(2, h_dense.shape[0], dtype=D64) @ h_dense).float())
+    # composes: Pᵀ (Φ H Φᵀ) P with a dense P is the dense product
+    q = _dense(5, 2, 13)
+    torch.testing.assert_close((q.T @ sketched @ q).to_dense(), q.matrix.T @ p @ h_dense @ p.T @ q.matrix)
+
+
+def test_solvers_take_operators_and_matvecs_alike():
+    """Lanczos, Arnoldi, SLQ and Hutch++ give the same answers on a DenseOperator and its matvec."""
+    from lightning_sketch.linalg import arnoldi, hutchpp, lanczos, slq_density
+
+    a = torch.randn(30, 30, dtype=D64, generator=_gen(14))
+    a = a @ a.T / 30
+    truth = torch.linalg.eigvalsh(a).flip(0)
+    op = DenseOperator(a)
+    r_op = lanczos(op, k=3, num_iter=30, generator=_gen(1))
+    r_fn = lanczos(lambda v: a @ v, 30, 3, num_iter=30, generator=_gen(1))
+    torch.testing.assert_close(r_op.eigenvalues, truth[:3])
+    torch.testing.assert_close(r_fn.eigenvalues, r_op.eigenvalues)
+    torch.testing.assert_close(arnoldi(op, k=2, num_iter=30, generator=_gen(1)).eigenvalues.real, truth[:2])
+    d_op = slq_density(op, num_runs=2, num_iter=10, generator=_gen(2))
+    d_fn = slq_density(lambda v: a @ v, 30, num_runs=2, num_iter=10, generator=_gen(2))
+    torch.testing.assert_close(d_op.density, d_fn.density)
+    assert abs(hutchpp(op, num_matvecs=90, generator=_gen(3)).trace - float(a.trace())) < 1e-8
+    # an operator with a dtype of its own: float32 matrix under a float64 Krylov basis
+    r32 = lanczos(DenseOperator(a.float()), k=1, num_iter=30, generator=_gen(1))
+    assert r32.eigenvalues.dtype == D64 and abs(float(r32.eigenvalues[0] - truth[0])) < 1e-4
+
+
+def test_solver_operator_errors_are_typed():
+    from lightning_sketch.exceptions import SpectrumError
+    from lightning_sketch.linalg import hutchinson, lanczos
+
+    with pytest.raises(SpectrumError, match="square"):
+        lanczos(_dense(3, 4), k=1)
+    with pytest.raises(SpectrumError, match="disagrees"):
+        lanczos(_dense(4, 4), dim=5, k=1)
+    with pytest.raises(SpectrumError, match="needs `dim`"):
+        lanczos(lambda v: v, k=1)
+    with pytest.raises(SpectrumError, match="matvec callable"):
+        hutchinson("not an operator", 4)
+    with pytest.raises(SpectrumError, match=r"map a \[5\] tensor"):
+        lanczos(lambda v: v[:3], 5, 1, num_iter=2)

@@ -2,24 +2,30 @@
 
 Pure PyTorch (no Lightning):
 
-- Krylov solvers over a matvec: :func:`lanczos`, :func:`arnoldi` (full re-orthogonalisation);
-- operators over a fixed probe set: :func:`hessian_operator` (exact H, or Φ H Φᵀ);
+- the probe-set Hessian as a :class:`~lightning_sketch.linalg.LinearOperator`:
+  :func:`hessian_operator` (exact H, or Φ H Φᵀ);
 - :func:`hessian_eigs`, the entry point: top-k eigenpairs, exact or sketched;
 - :func:`spectrum_snapshot`: one full snapshot (the callback's functional twin);
-- spectral density by SLQ (:func:`slq_density`), trace by :func:`hutchinson` / :func:`hutchpp`;
 - summary statistics: :func:`rneg`, :func:`ratios`, :func:`outlier_count`, :func:`alignment`;
 - snapshot files: :func:`save_snapshot`, :func:`load_snapshot`, :func:`load_index`,
   :func:`top_eigenpairs_from_snapshot`.
+
+The solvers they run (:func:`lanczos`, :func:`arnoldi`, :func:`slq_density`, :func:`hutchinson`,
+:func:`hutchpp`) live in :mod:`lightning_sketch.linalg` and are re-exported here.
 """
 
 from __future__ import annotations
 
-from lightning_sketch.spectrum.density import (
+from lightning_sketch.linalg import (
+    KrylovResult,
     SpectralDensity,
     TraceEstimate,
+    arnoldi,
     gaussian_density,
     hutchinson,
     hutchpp,
+    lanczos,
+    lanczos_tridiagonal,
     slq_density,
 )
 from lightning_sketch.spectrum.hessian import (
@@ -30,7 +36,6 @@ from lightning_sketch.spectrum.hessian import (
     probe_gradient,
     resolve_sketch,
 )
-from lightning_sketch.spectrum.lanczos import KrylovResult, arnoldi, lanczos, lanczos_tridiagonal
 from lightning_sketch.spectrum.monitor import SpectrumSnapshot, spectrum_snapshot
 from lightning_sketch.spectrum.snapshot import (
     load_index,

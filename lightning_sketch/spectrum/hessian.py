@@ -27,9 +27,8 @@ from torch import Tensor, nn
 from lightning_sketch.exceptions import SketchConfigError, SpectrumError
 from lightning_sketch.gradients.hvp import HVPOperator, loss_grad, make_hvp
 from lightning_sketch.layout import ParamLayout
-from lightning_sketch.linalg import LinearOperator
+from lightning_sketch.linalg import LinearOperator, Which, lanczos
 from lightning_sketch.sketches import Sketch, derive_seed, make
-from lightning_sketch.spectrum.lanczos import Which, lanczos
 
 __all__ = [
     "HessianEigs",
@@ -75,31 +74,49 @@ def _check_batches(batches: Any) -> list[Any]:
     return list(batches)
 
 
-@dataclass
-class HessianOperator:
-    """A symmetric matvec over the probe set: exact (``[N] -> [N]``) or sketched (``[D] -> [D]``).
+class HessianOperator(LinearOperator):
+    """The probe-set Hessian as a symmetric :class:`~lightning_sketch.linalg.LinearOperator`.
+
+    Exact (``shape == (N, N)``: v ↦ H v) or sketched (``shape == (D, D)``: v ↦ Φ H Φᵀ v,
+    arXiv 2402.03994, eq. 10); built by :func:`hessian_operator`. It computes in the parameters'
+    dtype and device and returns rows in the input's dtype and device, applying ``reduce`` (e.g. a
+    DDP all-reduce mean) to every output, so the Krylov solvers of :mod:`lightning_sketch.linalg`
+    run on it directly.
 
     Attributes:
-        matvec: the operator; input/output in any float dtype (computed in the parameters' dtype,
-            returned in the input's dtype).
-        operator: the underlying :class:`~lightning_sketch.linalg.LinearOperator` (H or Φ H Φᵀ,
-            in the parameters' dtype, without ``reduce``).
+        operator: the underlying operator (H or Φ H Φᵀ, in the parameters' dtype, without ``reduce``).
         dim: N (exact) or D (sketched).
         sketch: the sketch Φ, or None for the exact operator.
-        num_matvecs: HVPs evaluated so far.
+        num_matvecs: HVPs evaluated so far (one per row applied).
         hvp: the exact HVP operator H inside ``operator`` (its cached graph is freed by :meth:`release`).
     """
 
-    matvec: Callable[[Tensor], Tensor]
-    dim: int
-    sketch: Sketch | None
-    num_matvecs: int = 0
-    operator: LinearOperator | None = field(default=None, repr=False)
-    hvp: HVPOperator | None = field(default=None, repr=False)
+    def __init__(
+        self,
+        operator: LinearOperator,
+        sketch: Sketch | None,
+        hvp: HVPOperator | None,
+        *,
+        param_dtype: torch.dtype,
+        device: torch.device,
+        reduce: Reduce | None = None,
+    ) -> None:
+        super().__init__(operator.shape, None, symmetric=True)
+        self.operator, self.sketch, self.hvp = operator, sketch, hvp
+        self.num_matvecs = 0
+        self._param_dtype, self._device, self._reduce = param_dtype, device, reduce
 
-    def __call__(self, v: Tensor) -> Tensor:
-        self.num_matvecs += 1
-        return self.matvec(v)
+    @property
+    def dim(self) -> int:
+        """N (exact) or D (sketched)."""
+        return self.shape[0]
+
+    def _rows(self, v: Tensor) -> Tensor:
+        self.num_matvecs += v.shape[0]
+        out = self.operator(v.to(dtype=self._param_dtype, device=self._device))
+        if self._reduce is not None:
+            out = self._reduce(out)
+        return out.to(dtype=v.dtype, device=v.device)
 
     def release(self) -> None:
         """Free the cached graph of ∇L (``cache_graph=True``); later matvecs rebuild it."""
@@ -157,17 +174,8 @@ def hessian_operator(
     sk = resolve_sketch(sketch, layout.dim)
     hess = make_hvp(model, loss_fn, batches, layout=layout, method=method, cache_graph=cache_graph)
     op = hess if sk is None else sk.op @ hess @ sk.op.T  # eq. 10: Φ H Φᵀ
-    pdtype = _param_dtype(model)
     device = next(iter(model.parameters())).device
-
-    def matvec(v: Tensor) -> Tensor:
-        x = v.to(dtype=pdtype, device=device)
-        out = op(x)
-        if reduce is not None:
-            out = reduce(out)
-        return out.to(dtype=v.dtype, device=v.device)
-
-    return HessianOperator(matvec, op.shape[0], sk, operator=op, hvp=hess)
+    return HessianOperator(op, sk, hess, param_dtype=_param_dtype(model), device=device, reduce=reduce)
 
 
 def probe_gradient(
@@ -243,7 +251,7 @@ def hessian_eigs(
 
     arXiv 2402.03994, eq. 10; Sec. 5.5.
 
-    Runs :func:`~lightning_sketch.spectrum.lanczos` with full re-orthogonalisation on v ↦ H v
+    Runs :func:`~lightning_sketch.linalg.lanczos` with full re-orthogonalisation on v ↦ H v
     (``sketch=None``) or on v ↦ Φ H Φᵀ v, storing only D-dimensional Krylov vectors.
 
     Args:
@@ -281,9 +289,7 @@ def hessian_eigs(
     gen = torch.Generator().manual_seed(derive_seed(int(seed), "hessian_eigs", "start"))
     start = time.perf_counter()
     try:
-        res = lanczos(
-            op, op.dim, k, num_iter=num_iter, which=which, generator=gen, dtype=dtype, v0=v0, tol=tol
-        )
+        res = lanczos(op, k=k, num_iter=num_iter, which=which, generator=gen, dtype=dtype, v0=v0, tol=tol)
     finally:
         op.release()
     seconds = time.perf_counter() - start

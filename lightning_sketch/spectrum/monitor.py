@@ -25,6 +25,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sketch.linalg import (
+    FunctionOperator,
+    KrylovResult,
+    LinearOperator,
+    SpectralDensity,
+    TolScale,
+    TraceEstimate,
+    hutchpp,
+    lanczos,
+    slq_density,
+)
 from lightning_sketch.sketches import Sketch
 from lightning_sketch.spectrum.budget import (
     DEFAULT_DENSITY_ITER,
@@ -33,9 +44,7 @@ from lightning_sketch.spectrum.budget import (
     density_plan,
     lanczos_steps,
 )
-from lightning_sketch.spectrum.density import SpectralDensity, TraceEstimate, hutchpp, slq_density
 from lightning_sketch.spectrum.hessian import HvpMethod, Reduce, hessian_operator, probe_gradient
-from lightning_sketch.spectrum.lanczos import KrylovResult, TolScale, lanczos
 from lightning_sketch.spectrum.stats import SpectrumSummary, summarize
 
 __all__ = ["SpectrumSnapshot", "spectrum_snapshot"]
@@ -158,7 +167,7 @@ def spectrum_snapshot(
         threshold: outlier threshold on λ_n/λ_1.
         tol: relative residual tolerance of the converged flags.
         tol_scale: ``"value"`` (residual ≤ tol·|θ_i|) or ``"norm"`` (residual ≤ tol·max|θ|), see
-            :func:`~lightning_sketch.spectrum.lanczos`.
+            :func:`~lightning_sketch.linalg.lanczos`.
         stop_early: end Lanczos once all k pairs are converged (at most ``num_iter`` steps; the
             same result as the full run when they never are).
         dtype: Krylov dtype.
@@ -184,9 +193,7 @@ def spectrum_snapshot(
         model, loss_fn, batches, sketch, layout=layout, method=method, reduce=reduce, cache_graph=cache_graph
     )
     times: list[float] = []
-    matvec: Callable[[Tensor], Tensor] = op
-    if max_seconds is not None:
-        matvec = _timed(op, clock, times)
+    timed: LinearOperator = op if max_seconds is None else _timed(op, clock, times)
     cap: list[int] = []
 
     def left_matvecs(extra: int = 0) -> int:
@@ -204,7 +211,7 @@ def spectrum_snapshot(
 
     try:
         eigs = lanczos(
-            matvec, op.dim, k, num_iter=num_iter, which="LA", generator=generator, dtype=dtype, tol=tol,
+            timed, k=k, num_iter=num_iter, which="LA", generator=generator, dtype=dtype, tol=tol,
             tol_scale=tol_scale, stop_early=stop_early,
             stop=over_budget if max_seconds is not None and num_iter is None else None,
         )
@@ -217,8 +224,10 @@ def spectrum_snapshot(
             runs, steps = density_plan(max(0, left), op.dim, density, density_runs, density_iter)
         dens = None
         if runs > 0:
-            dens = slq_density(matvec, op.dim, runs, min(steps, op.dim), generator=generator, dtype=dtype)
-        tr = hutchpp(matvec, op.dim, trace_matvecs, generator=generator, dtype=dtype) if trace else None
+            dens = slq_density(
+                timed, num_runs=runs, num_iter=min(steps, op.dim), generator=generator, dtype=dtype
+            )
+        tr = hutchpp(timed, num_matvecs=trace_matvecs, generator=generator, dtype=dtype) if trace else None
     finally:
         op.release()
     grad = probe_gradient(model, loss_fn, batches, op.sketch, layout=layout, reduce=reduce).to(dtype)
@@ -229,20 +238,18 @@ def spectrum_snapshot(
                             seconds_per_matvec=_per_matvec(times), max_seconds=max_seconds)
 
 
-def _timed(
-    op: Callable[[Tensor], Tensor], clock: Callable[[], float], times: list[float]
-) -> Callable[[Tensor], Tensor]:
-    """``op`` recording each call's duration in ``times`` (after a CUDA synchronisation)."""
+def _timed(op: LinearOperator, clock: Callable[[], float], times: list[float]) -> LinearOperator:
+    """``op`` recording each application's duration per row in ``times`` (after a CUDA synchronisation)."""
 
-    def matvec(v: Tensor) -> Tensor:
+    def rows(v: Tensor) -> Tensor:
         t = clock()
         w = op(v)
         if w.is_cuda:
             torch.cuda.synchronize(w.device)
-        times.append(clock() - t)
+        times.extend([(clock() - t) / v.shape[0]] * v.shape[0])
         return w
 
-    return matvec
+    return FunctionOperator(op.shape, rows, symmetric=True)
 
 
 def _per_matvec(times: list[float]) -> float:

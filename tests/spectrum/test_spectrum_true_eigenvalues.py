@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_sketch.sketches import make
 from lightning_sketch.spectrum import hessian_eigs
-from lightning_sketch.spectrum.lanczos import lanczos
+from lightning_sketch.linalg import lanczos
 
 F64 = torch.float64
 

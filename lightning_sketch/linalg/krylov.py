@@ -1,4 +1,4 @@
-"""Krylov eigen-solvers over a matvec: Lanczos and Arnoldi with full re-orthogonalisation.
+"""Krylov eigen-solvers on a linear operator: Lanczos and Arnoldi with full re-orthogonalisation.
 
 The paper (arXiv 2402.03994, eq. 10 and Sec. 5.5) runs an Arnoldi iteration with *full*
 re-orthogonalisation on the D × D sketched operator v ↦ Φ H Φᵀ v, so only D-dimensional Krylov
@@ -7,7 +7,9 @@ re-orthogonalisation the Lanczos recurrence loses orthogonality once a Ritz valu
 produces ghost copies of it (Paige 1971); here every new vector is
 orthogonalised twice against the whole basis (classical Gram–Schmidt, "twice is enough").
 
-Both solvers only see a ``matvec: [n] -> [n]``; they never touch a model.
+Both solvers see only a square :class:`~lightning_sketch.linalg.LinearOperator` (or a matvec
+``[n] -> [n]`` with its ``dim``, wrapped by :func:`~lightning_sketch.linalg.as_operator`); they never
+touch a model.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from torch import Tensor
 
 from lightning_sketch._checks import integer, one_of, positive_int
 from lightning_sketch.exceptions import SpectrumError
+from lightning_sketch.linalg.operators import LinearOperator, as_operator
 
 __all__ = ["KrylovResult", "TolScale", "Which", "arnoldi", "lanczos", "lanczos_tridiagonal"]
 
 Which = Literal["LA", "SA", "LM"]
 _WHICH = ("LA", "SA", "LM")
 TolScale = Literal["value", "norm"]
+Matvec = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -104,23 +108,24 @@ def _fresh_direction(basis: Tensor, generator: torch.Generator | None) -> Tensor
     return None
 
 
-def _call(matvec: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
-    w = matvec(v)
-    if not isinstance(w, Tensor) or w.shape != v.shape:
-        shape = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
-        raise SpectrumError(
-            f"`matvec` must map a [{v.shape[0]}] tensor to a [{v.shape[0]}] tensor, got {shape}."
-        )
-    w = w.to(dtype=v.dtype, device=v.device)
+def _apply(op: LinearOperator, v: Tensor) -> Tensor:
+    """A v in the Krylov basis' dtype and device (the operator computes in its own dtype, if it has one)."""
+    w = op.matvec(v if op.dtype is None else v.to(op.dtype)).to(dtype=v.dtype, device=v.device)
     if not torch.isfinite(w).all():
-        raise SpectrumError("`matvec` returned non-finite values; check the loss and the model's parameters.")
+        raise SpectrumError(
+            "the operator returned non-finite values; check the loss and the model's parameters."
+        )
     return w
 
 
+def _operator(operator: LinearOperator | Matvec, dim: int | None, symmetric: bool = True) -> LinearOperator:
+    return as_operator(operator, dim, symmetric=symmetric, error=SpectrumError)
+
+
 def lanczos_tridiagonal(
-    matvec: Callable[[Tensor], Tensor],
-    dim: int,
-    num_iter: int,
+    operator: LinearOperator | Matvec,
+    dim: int | None = None,
+    num_iter: int | None = None,
     *,
     v0: Tensor | None = None,
     reorthogonalize: bool = True,
@@ -132,9 +137,9 @@ def lanczos_tridiagonal(
     """The Lanczos tridiagonalisation V A Vᵀ ≈ T_m of a symmetric operator.
 
     Args:
-        matvec: the symmetric operator, ``[n] -> [n]``.
-        dim: n.
-        num_iter: m, the number of Lanczos steps (= matvecs).
+        operator: the symmetric operator: a square LinearOperator, or a matvec ``[n] -> [n]``.
+        dim: n (required with a matvec; the operator's size otherwise).
+        num_iter: m, the number of Lanczos steps (= matvecs), ``1 <= m <= n``; None: m = n.
         v0: ``[n]`` start vector (normalised here); random Gaussian from ``generator`` if None.
         reorthogonalize: full re-orthogonalisation (CGS twice) against the whole basis.
         generator: CPU generator for the start vector and breakdown restarts.
@@ -151,7 +156,15 @@ def lanczos_tridiagonal(
         residual norms), and the orthonormal basis as rows. After an exact breakdown (an invariant
         subspace) the iteration continues from a fresh random vector orthogonal to the basis, with
         the coupling set to 0, so multiple eigenvalues are still found.
+
+    Raises:
+        SpectrumError: on a bad operator, ``dim``, ``num_iter`` or ``v0``, or non-finite matvecs.
     """
+    op = _operator(operator, dim)
+    dim = op.shape[0]
+    if num_iter is None:
+        num_iter = dim
+    num_iter = integer("num_iter", num_iter, minimum=1, maximum=dim, error=SpectrumError)
     dev = (
         torch.device(device)
         if device is not None
@@ -166,7 +179,7 @@ def lanczos_tridiagonal(
     scale = torch.zeros((), dtype=dtype)
     for j in range(num_iter):
         basis[j] = v
-        w = _call(matvec, v)
+        w = _apply(op, v)
         a = torch.dot(w, v)
         alpha[j] = a
         if reorthogonalize:
@@ -207,9 +220,9 @@ def _select(values: Tensor, k: int, which: str) -> Tensor:
 
 
 def lanczos(
-    matvec: Callable[[Tensor], Tensor],
-    dim: int,
-    k: int,
+    operator: LinearOperator | Matvec,
+    dim: int | None = None,
+    k: int = 10,
     num_iter: int | None = None,
     which: Which = "LA",
     reorthogonalize: bool = True,
@@ -230,9 +243,11 @@ def lanczos(
     vectors are Vᵀ s_i; the residual norm of pair i is |β_m s_{m,i}| (Parlett 1998).
 
     Args:
-        matvec: symmetric operator ``[n] -> [n]`` (e.g. an HVP, or the sketched v ↦ Φ H Φᵀ v).
-        dim: n.
-        k: number of eigenpairs, ``1 <= k <= dim``.
+        operator: the symmetric operator: a square LinearOperator (e.g. the Hessian H, or the
+            sketched Φ H Φᵀ of :func:`lightning_sketch.spectrum.hessian_operator`), or a matvec
+            ``[n] -> [n]``.
+        dim: n (required with a matvec; the operator's size otherwise).
+        k: number of eigenpairs, ``1 <= k <= n``.
         num_iter: Lanczos steps m (= matvecs), ``k <= m <= dim``; default ``min(dim, max(4k, 40))``.
         which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude.
         reorthogonalize: full re-orthogonalisation (default); False gives the plain three-term
@@ -259,16 +274,22 @@ def lanczos(
         ``residuals [k]``, ``converged [k]``; ``num_matvecs`` is the number of steps taken.
 
     Raises:
-        SpectrumError: on ``k > dim``, an unknown ``which``, a bad ``num_iter``, a bad ``v0``, a bad
-            ``tol_scale`` or ``check_every``, or a matvec returning the wrong shape or non-finite values.
+        SpectrumError: on a non-square operator, a callable without ``dim``, ``k > n``, an unknown
+            ``which``, a bad ``num_iter``, a bad ``v0``, a bad ``tol_scale`` or ``check_every``, or a
+            matvec returning the wrong shape or non-finite values.
 
     Example:
-        >>> A = torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64))
-        >>> g = torch.Generator().manual_seed(0)
-        >>> res = lanczos(lambda v: A @ v, dim=50, k=3, num_iter=50, generator=g)
+        >>> from lightning_sketch.linalg import DenseOperator
+        >>> A = DenseOperator(torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64)))
+        >>> res = lanczos(A, k=3, num_iter=50, generator=torch.Generator().manual_seed(0))
         >>> [round(x, 6) for x in res.eigenvalues.tolist()]
         [50.0, 49.0, 48.0]
+        >>> res = lanczos(lambda v: 2 * v, dim=4, k=1)  # a bare matvec needs its dim
+        >>> round(float(res.eigenvalues[0]), 6)
+        2.0
     """
+    op = _operator(operator, dim)
+    dim = op.shape[0]
     m = _check_args(dim, k, num_iter, which)
     one_of("tol_scale", tol_scale, ("value", "norm"), error=SpectrumError)
     positive_int("check_every", check_every, error=SpectrumError)
@@ -286,7 +307,7 @@ def lanczos(
         return bool(_converged(theta, (beta[-1] * s[-1, :]).abs(), idx, tol, tol_scale, dtype).all())
 
     alpha, beta, basis, used = lanczos_tridiagonal(
-        matvec,
+        op,
         dim,
         m,
         v0=v0,
@@ -323,9 +344,9 @@ def _converged(
 
 
 def arnoldi(
-    matvec: Callable[[Tensor], Tensor],
-    dim: int,
-    k: int,
+    operator: LinearOperator | Matvec,
+    dim: int | None = None,
+    k: int = 10,
     num_iter: int | None = None,
     which: Which = "LA",
     generator: torch.Generator | None = None,
@@ -342,8 +363,8 @@ def arnoldi(
     operator H_m is tridiagonal up to rounding and this agrees with :func:`lanczos`).
 
     Args:
-        matvec: operator ``[n] -> [n]``.
-        dim: n.
+        operator: a square LinearOperator, or a matvec ``[n] -> [n]``.
+        dim: n (required with a matvec; the operator's size otherwise).
         k: number of eigenpairs.
         num_iter: Arnoldi steps m, ``k <= m <= dim``; default ``min(dim, max(4k, 40))``.
         which: ``"LA"``/``"SA"`` by real part, ``"LM"`` by modulus.
@@ -363,10 +384,13 @@ def arnoldi(
     Example:
         >>> f64 = torch.float64
         >>> A = torch.triu(torch.ones(6, 6, dtype=f64)) + torch.diag(torch.arange(6.0, dtype=f64))
-        >>> res = arnoldi(lambda v: A @ v, dim=6, k=2, num_iter=6, generator=torch.Generator().manual_seed(0))
+        >>> from lightning_sketch.linalg import DenseOperator
+        >>> res = arnoldi(DenseOperator(A), k=2, num_iter=6, generator=torch.Generator().manual_seed(0))
         >>> [round(x, 6) for x in res.eigenvalues.real.tolist()]
         [6.0, 5.0]
     """
+    op = _operator(operator, dim, symmetric=False)
+    dim = op.shape[0]
     m = _check_args(dim, k, num_iter, which)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     v = _start_vector(dim, v0, generator, dtype, dev)
@@ -374,7 +398,7 @@ def arnoldi(
     h = torch.zeros(m + 1, m, dtype=dtype)
     for j in range(m):
         basis[j] = v
-        w = _call(matvec, v)
+        w = _apply(op, v)
         q = basis[: j + 1]
         for _ in range(2):
             c = q @ w

@@ -1,4 +1,4 @@
-"""Linear operators: matrix-free maps with a shape, an adjoint and composition (layer 0, pure torch).
+"""Linear operators: matrix-free maps with a shape, an adjoint and composition (pure torch).
 
 Follows the interface of curvlinops (Dangel et al. 2025) and SciPy's ``LinearOperator``: an
 operator A: R^N → R^M has ``shape == (M, N)``, :meth:`~LinearOperator.matmat` maps columns
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError
 
-__all__ = ["DenseOperator", "FunctionOperator", "LinearOperator"]
+__all__ = ["DenseOperator", "FunctionOperator", "LinearOperator", "as_operator"]
 
 Rows = Callable[[Tensor], Tensor]
 
@@ -254,3 +254,58 @@ class _Scaled(LinearOperator):
 
     def adjoint(self) -> LinearOperator:
         return self if self.symmetric else _Scaled(self.op.adjoint(), self.c)
+
+
+def as_operator(
+    operator: LinearOperator | Callable[[Tensor], Tensor],
+    dim: int | None = None,
+    *,
+    symmetric: bool = True,
+    error: type[Exception] = SketchConfigError,
+) -> LinearOperator:
+    """A square :class:`LinearOperator` from an operator or from a matvec ``[n] -> [n]`` and ``dim``.
+
+    The Krylov and trace solvers take either; a matvec is applied one row at a time and each output
+    is checked (shape ``[n]``, finite), since a user's function is the likeliest source of a bad one.
+
+    Args:
+        operator: a square LinearOperator, or a callable ``matvec(v [n]) -> [n]``.
+        dim: n; required with a callable, and, if given with an operator, equal to its size.
+        symmetric: what a callable is declared to be (its adjoint is itself if True, else absent).
+        error: the exception type raised on a bad operator or matvec output.
+
+    Raises:
+        error: on a non-square operator, a ``dim`` that disagrees with it, a callable without
+            ``dim``, or (when applied) a matvec output of the wrong shape or with non-finite values.
+
+    Example:
+        >>> A = as_operator(lambda v: 2 * v, dim=3)
+        >>> A.shape, A.matvec(torch.ones(3)).tolist()
+        ((3, 3), [2.0, 2.0, 2.0])
+    """
+    if isinstance(operator, LinearOperator):
+        m, n = operator.shape
+        if m != n:
+            raise error(f"the operator must be square, got shape {operator.shape}.")
+        if dim is not None and int(dim) != n:
+            raise error(f"`dim` = {dim} disagrees with the operator's size {n}; leave `dim` out.")
+        return operator
+    if not callable(operator):
+        raise error(
+            f"expected a square LinearOperator or a matvec callable, got {type(operator).__name__}."
+        )
+    if dim is None or isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise error(f"a matvec callable needs `dim`, a positive int (its vectors' length), got {dim!r}.")
+    matvec, n = operator, dim
+
+    def rows(v: Tensor) -> Tensor:
+        out = []
+        for x in v:
+            w = matvec(x)
+            if not isinstance(w, Tensor) or w.shape != x.shape:
+                shape = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+                raise error(f"`matvec` must map a [{n}] tensor to a [{n}] tensor, got {shape}.")
+            out.append(w.to(dtype=x.dtype, device=x.device))
+        return torch.stack(out)
+
+    return FunctionOperator((n, n), rows, symmetric=symmetric)

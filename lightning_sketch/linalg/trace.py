@@ -1,5 +1,8 @@
 """Spectral density by stochastic Lanczos quadrature, and Hutchinson / Hutch++ trace estimates.
 
+Each estimator takes a square :class:`~lightning_sketch.linalg.LinearOperator` (or a matvec
+``[n] -> [n]`` with its ``dim``).
+
 - SLQ (Ubaru, Chen & Saad 2017; Ghorbani, Krishnan & Xiao 2019): for each of
   ``num_runs`` random unit probes v, m Lanczos steps (fully re-orthogonalised) give nodes θ_i =
   eig(T_m) and weights w_i = s_{1,i}² (first components of T_m's eigenvectors); the density
@@ -11,7 +14,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +21,8 @@ from torch import Tensor
 
 from lightning_sketch._checks import positive_int
 from lightning_sketch.exceptions import SpectrumError
-from lightning_sketch.spectrum.lanczos import lanczos_tridiagonal
+from lightning_sketch.linalg.krylov import Matvec, _apply, _operator, lanczos_tridiagonal
+from lightning_sketch.linalg.operators import LinearOperator
 
 __all__ = [
     "SpectralDensity",
@@ -90,8 +93,8 @@ def gaussian_density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float)
 
 
 def slq_density(
-    matvec: Callable[[Tensor], Tensor],
-    dim: int,
+    operator: LinearOperator | Matvec,
+    dim: int | None = None,
     num_runs: int = 10,
     num_iter: int = 80,
     *,
@@ -105,8 +108,8 @@ def slq_density(
     """Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
     Args:
-        matvec: symmetric operator ``[n] -> [n]``.
-        dim: n.
+        operator: the symmetric operator: a square LinearOperator, or a matvec ``[n] -> [n]``.
+        dim: n (required with a matvec; the operator's size otherwise).
         num_runs: R random probes (Rademacher, normalised).
         num_iter: m Lanczos steps per probe (capped at n), fully re-orthogonalised.
         grid: ``[G]`` evaluation points; default ``num_points`` points over the Ritz range padded
@@ -124,14 +127,17 @@ def slq_density(
         SpectrumError: on non-positive ``num_runs``/``num_iter``/``num_points`` or ``sigma``.
 
     Example:
+        >>> from lightning_sketch.linalg import DenseOperator
         >>> A = torch.diag(torch.linspace(0, 1, 100, dtype=torch.float64))
         >>> g = torch.Generator().manual_seed(0)
-        >>> d = slq_density(lambda v: A @ v, 100, num_runs=4, num_iter=30, generator=g)
+        >>> d = slq_density(DenseOperator(A), num_runs=4, num_iter=30, generator=g)
         >>> abs(float(torch.trapezoid(d.density, d.grid)) - 1.0) < 1e-3
         True
     """
+    op = _operator(operator, dim)
+    dim = op.shape[0]
     _pos_int("num_runs", num_runs)
-    m = min(_pos_int("num_iter", num_iter), _pos_int("dim", dim))
+    m = min(_pos_int("num_iter", num_iter), dim)
     _pos_int("num_points", num_points, 2)
     if sigma is not None and not sigma > 0:
         raise SpectrumError(f"`sigma` must be > 0 or None, got {sigma!r}.")
@@ -139,7 +145,7 @@ def slq_density(
     for _ in range(num_runs):
         z = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int64).to(dtype) * 2 - 1
         alpha, beta, _, _ = lanczos_tridiagonal(
-            matvec, dim, m, v0=z.to(device) if device is not None else z, generator=generator, dtype=dtype,
+            op, dim, m, v0=z.to(device) if device is not None else z, generator=generator, dtype=dtype,
             device=device,
         )
         t = torch.diag(alpha) + torch.diag(beta[:-1], 1) + torch.diag(beta[:-1], -1)
@@ -162,8 +168,8 @@ def _rademacher(shape: tuple[int, ...], generator: torch.Generator | None, dtype
 
 
 def hutchinson(
-    matvec: Callable[[Tensor], Tensor],
-    dim: int,
+    operator: LinearOperator | Matvec,
+    dim: int | None = None,
     num_matvecs: int = 100,
     *,
     generator: torch.Generator | None = None,
@@ -176,23 +182,26 @@ def hutchinson(
         SpectrumError: if ``num_matvecs < 2`` (the standard error needs two probes).
 
     Example:
+        >>> from lightning_sketch.linalg import DenseOperator
         >>> A = torch.diag(torch.arange(10.0, dtype=torch.float64))
-        >>> est = hutchinson(lambda v: A @ v, 10, 50, generator=torch.Generator().manual_seed(0))
+        >>> est = hutchinson(DenseOperator(A), num_matvecs=50, generator=torch.Generator().manual_seed(0))
         >>> est.trace  # diagonal A: every Rademacher probe gives the exact trace
         45.0
     """
+    op = _operator(operator, dim)
+    dim = op.shape[0]
     m = _pos_int("num_matvecs", num_matvecs, 2)
     vals = []
     for _ in range(m):
         z = _rademacher((dim,), generator, dtype).to(device)
-        vals.append(torch.dot(z, matvec(z).to(dtype)).item())
+        vals.append(torch.dot(z, _apply(op, z)).item())
     x = torch.tensor(vals, dtype=torch.float64)
     return TraceEstimate(float(x.mean()), float(x.std() / m**0.5), m)
 
 
 def hutchpp(
-    matvec: Callable[[Tensor], Tensor],
-    dim: int,
+    operator: LinearOperator | Matvec,
+    dim: int | None = None,
     num_matvecs: int = 99,
     *,
     generator: torch.Generator | None = None,
@@ -209,23 +218,27 @@ def hutchpp(
         SpectrumError: if ``num_matvecs < 6``.
 
     Example:
+        >>> from lightning_sketch.linalg import DenseOperator
         >>> A = torch.diag(torch.arange(10.0, dtype=torch.float64))
-        >>> round(hutchpp(lambda v: A @ v, 10, 30, generator=torch.Generator().manual_seed(0)).trace, 6)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> round(hutchpp(DenseOperator(A), num_matvecs=30, generator=g).trace, 6)
         45.0
     """
+    op = _operator(operator, dim)
+    dim = op.shape[0]
     m = _pos_int("num_matvecs", num_matvecs, 6)
     s = min(m // 3, dim)
     g = m - 2 * s
     S = _rademacher((s, dim), generator, dtype).to(device)
-    AS = torch.stack([matvec(S[i]).to(dtype) for i in range(s)])
+    AS = torch.stack([_apply(op, S[i]) for i in range(s)])
     Q = torch.linalg.qr(AS.T).Q.T  # [s, n] orthonormal rows
-    AQ = torch.stack([matvec(Q[i]).to(dtype) for i in range(s)])
+    AQ = torch.stack([_apply(op, Q[i]) for i in range(s)])
     t_low = float((Q * AQ).sum())
     vals = []
     for _ in range(g):
         z = _rademacher((dim,), generator, dtype).to(device)
         z = z - Q.T @ (Q @ z)
-        az = matvec(z).to(dtype)
+        az = _apply(op, z)
         vals.append(float(torch.dot(z, az - Q.T @ (Q @ az))))
     if len(vals) >= 2:
         x = torch.tensor(vals, dtype=torch.float64)
