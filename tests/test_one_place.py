@@ -6,6 +6,7 @@
 - per-example losses: only :mod:`lightning_sketch.gradients.loss` looks up ``per_example_loss`` on a
   module other than ``self``;
 - eval mode: one guard (``gradients.loss.train_mode``); no module defines its own ``_eval_mode``;
+- integer arguments: checked by ``_checks`` only (no hand-written ``isinstance(x, bool) or ...``);
 - sketch kinds: no comparison with the string ``"per_layer"`` outside ``sketches/`` (capabilities
   such as ``Sketch.supports_factorized`` are used instead).
 """
@@ -99,3 +100,12 @@ def test_no_sketch_kind_string_checks():
             ):
                 bad.append(f"{f}:{n.lineno}")
     assert not bad, f"kind string checks (use a Sketch capability): {bad}"
+
+
+def test_integer_arguments_checked_by_the_shared_validators():
+    """No hand-written ``isinstance(x, bool) or not isinstance(x, int)``: ``_checks`` has one rule."""
+    pattern = re.compile(r"isinstance\((\w[\w.]*), bool\) or not isinstance\(\1, int\)")
+    bad = [f"{p.relative_to(PKG).as_posix()}:{i}"
+           for p in PKG.rglob("*.py") if p.name != "_checks.py"
+           for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert not bad, f"use lightning_sketch._checks (integer, positive_int, ...): {bad}"

@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_sketch._checks import positive_int
 from lightning_sketch.attribution.scores import classification_margin
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError
 
@@ -740,8 +741,7 @@ def resolve_task(
     """
     from lightning_sketch.gradients import module_loss_fn
 
-    if isinstance(kernel_samples, bool) or not isinstance(kernel_samples, int) or kernel_samples < 1:
-        raise SketchConfigError(f"`kernel_samples` must be a positive int, got {kernel_samples!r}.")
+    positive_int("kernel_samples", kernel_samples)
     loss = module_loss_fn(module, loss_fn)
     if callable(getattr(module, "sample_labels", None)):
         return _user_sampled(loss, kernel_samples)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_sketch._checks import non_negative_int, positive_int
 from lightning_sketch.data import IndexedDataset
 from lightning_sketch.exceptions import SketchConfigError
 
@@ -41,12 +42,6 @@ __all__ = ["DigitsClassifier", "DigitsDataModule", "N_DIGITS"]
 
 #: Number of images in scikit-learn's bundled digits set.
 N_DIGITS = 1797
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SketchConfigError(f"`{name}` must be an int >= {low}, got {value!r}.")
-    return value
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -84,11 +79,11 @@ class DigitsDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.n_train = _check_int("n_train", n_train, 1)
-        self.n_val = _check_int("n_val", n_val, 1)
-        self.n_test = _check_int("n_test", n_test, 1)
-        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.n_train = positive_int("n_train", n_train)
+        self.n_val = positive_int("n_val", n_val)
+        self.n_test = positive_int("n_test", n_test)
+        self.num_workers = non_negative_int("num_workers", num_workers)
         self.seed = int(seed)
         if n_train + n_val + n_test > N_DIGITS:
             raise SketchConfigError(
@@ -220,9 +215,9 @@ class DigitsClassifier(pl.LightningModule):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        _check_int("hidden", hidden, 1)
-        _check_int("in_features", in_features, 1)
-        _check_int("num_classes", num_classes, 2)
+        positive_int("hidden", hidden)
+        positive_int("in_features", in_features)
+        positive_int("num_classes", num_classes, minimum=2)
         if not float(lr) > 0:
             raise SketchConfigError(f"`lr` must be > 0, got {lr!r}.")
         self.save_hyperparameters()

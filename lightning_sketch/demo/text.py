@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_sketch._checks import positive_int
 from lightning_sketch.data import IndexedDataset
 from lightning_sketch.exceptions import SketchConfigError
 
@@ -130,8 +131,7 @@ class FortunesDataModule(pl.LightningDataModule):
             ("max_length", max_length),
             ("batch_size", batch_size),
         ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SketchConfigError(f"`{name}` must be a positive int, got {v!r}.")
+            positive_int(name, v)
         self.save_hyperparameters()
         self._splits: dict[str, TensorDataset] | None = None
 

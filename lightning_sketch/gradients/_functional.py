@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_sketch._checks import positive_int
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError, UnsupportedModelError
 from lightning_sketch.gradients._batch import Batch as Batch
 from lightning_sketch.gradients._batch import batch_leaves as batch_leaves
@@ -152,9 +153,7 @@ def unsqueeze_example(example: Batch) -> Batch:
 def check_chunk_size(chunk_size: int | None, size: int) -> int:
     if chunk_size is None:
         return size
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise SketchConfigError(f"`chunk_size` must be None or a positive int, got {chunk_size!r}.")
-    return min(chunk_size, size)
+    return min(positive_int("chunk_size", chunk_size), size)
 
 
 def as_batch_list(batches: Iterable[Batch]) -> list[Batch]:

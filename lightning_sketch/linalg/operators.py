@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_sketch._checks import positive_int
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError
 
 __all__ = ["DenseOperator", "FunctionOperator", "LinearOperator", "as_operator"]
@@ -294,9 +295,9 @@ def as_operator(
         raise error(
             f"expected a square LinearOperator or a matvec callable, got {type(operator).__name__}."
         )
-    if dim is None or isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise error(f"a matvec callable needs `dim`, a positive int (its vectors' length), got {dim!r}.")
-    matvec, n = operator, dim
+    if dim is None:
+        raise error("a matvec callable needs `dim`, the length of its vectors.")
+    matvec, n = operator, positive_int("dim", dim, error=error)
 
     def rows(v: Tensor) -> Tensor:
         out = []

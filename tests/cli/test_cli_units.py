@@ -211,7 +211,7 @@ def test_digits_datamodule_splits_and_label_noise():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"batch_size": 0}, "`batch_size` must be an int >= 1"),
+    ({"batch_size": 0}, "`batch_size` must be a positive int"),
     ({"n_train": 1500, "n_val": 200, "n_test": 200}, "must be <= 1797"),
     ({"flip_fraction": 1.5}, r"`flip_fraction` must be in \[0, 1\]"),
 ])
