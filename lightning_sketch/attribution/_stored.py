@@ -376,6 +376,8 @@ def _verify_slice(run: Run, name: str, model: nn.Module, sketch: Any, layout: An
             f"differ from the stored rows by a relative error of {err:.3g} (tolerance {rtol:g}), so every "
             "score would be wrong. Pass the model the run was trained with (the same architecture, the "
             "same frozen weights and buffers: the run restores only trainable parameters and persistent "
-            "buffers), the same loss_fn as GradientSketch and the same include=/exclude=. "
+            "buffers), the same loss_fn as GradientSketch and the same include=/exclude=. A per-example "
+            "loss that depends on the other examples of its batch (a normaliser of the whole batch inside "
+            "per_example_loss or loss_fn) gives this too: make each example's loss its own. "
             "Attributor(..., verify=False) skips this check."
         )

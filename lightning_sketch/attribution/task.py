@@ -171,6 +171,13 @@ def _at(batch: Any, key: Any) -> Tensor:
     return value
 
 
+def _class_targets(y: Tensor) -> Tensor:
+    """Integer targets stored as a column ``[B, 1]`` (squeezed by the loss) as ``[B]``; others unchanged."""
+    if y.ndim == 2 and y.shape[1] == 1 and not y.is_floating_point():
+        return y.reshape(y.shape[0])
+    return y
+
+
 def _with_target(batch: Any, key: Any, value: Tensor) -> Any:
     if isinstance(batch, Mapping):
         return {**batch, key: value}
@@ -547,7 +554,7 @@ def _classification(loss_fn: LossFn, tap: _Tap | _LogitsTap, key: Any, binary: b
             B = out.shape[0]
             sign = 2.0 * y.reshape(B).to(out.dtype) - 1.0
             return sign * out.reshape(B)
-        return classification_margin(out, y)
+        return classification_margin(out, _class_targets(y))
 
     def neg_margin(module: nn.Module, batch: Any) -> Tensor:
         return -margin(module, batch)
@@ -561,7 +568,7 @@ def _classification(loss_fn: LossFn, tap: _Tap | _LogitsTap, key: Any, binary: b
                 drawn = torch.bernoulli(p1, generator=gen).reshape(y.shape)
             else:
                 p = torch.softmax(out.detach().double(), dim=-1).cpu()
-                drawn = torch.multinomial(p, 1, generator=gen)[:, 0]
+                drawn = torch.multinomial(p, 1, generator=gen)[:, 0].reshape(y.shape)
         return [(loss_fn, _with_target(batch, key_, drawn.to(y.device, y.dtype)), 1.0)]
 
     if isinstance(tap, _LogitsTap):
@@ -651,7 +658,7 @@ def _language_model(loss_fn: LossFn, tap: _Tap, key: Any, conv: dict[str, Any],
         kernel_terms=terms,
         kernel="gauss-newton-sampled",
         reason=(f"the loss is the token cross-entropy ({conv['reduction']} over tokens"
-                f"{', shifted by one' if shift else ''}) of the logits against {key!r}: the softmax "
+                f"{', shifted by one' if shift else ''}) of the logits against batch[{key!r}]: the softmax "
                 f"Gauss–Newton kernel from {samples} sampled completions per example, and queries "
                 "measure the log-probability of their completion (−loss)"),
         details={"output": tap.name, "call": tap.call, "target": str(key), "target_key": key, **conv,
@@ -804,6 +811,7 @@ def _match(module: nn.Module, batch: Any, loss: LossFn, kernel_samples: int, can
            values: Tensor, key: Any, y: Tensor) -> tuple[AttributionTask | None, str]:
     """The task whose loss against ``batch[key]`` is ``values``, or ``(None, note)``."""
     note = ""
+    y = _class_targets(y)  # a [B, 1] column of class indices is read as the [B] targets it holds
     if callable(getattr(module, "per_example_logits", None)):  # the module's own logits come first
         try:
             with torch.no_grad():

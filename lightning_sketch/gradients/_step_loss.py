@@ -5,17 +5,35 @@ A Lightning module written the ordinary way computes ``F.cross_entropy(self(x), 
 ``nn.*Loss`` module, which calls the same function) inside ``training_step`` and returns the batch
 mean. Replaying that ``training_step`` under a ``TorchFunctionMode`` that sees each call of a torch
 loss function gives, for each call j, the unreduced losses L_j (the same function with
-``reduction="none"``) and the value s_j torch would have returned. The per-example loss is defined
-so that its batch mean is the training loss, with the training loss's gradient:
+``reduction="none"``) and the value s_j torch would have returned. The per-example loss is
 
-    ℓ_b = Σ_j c_j · B · κ_j · Σ_{i ∈ b} L_{j,i},      κ_j = s_j / Σ_i L_{j,i}  (held constant),
+    ℓ_b = Σ_j c_j · ν_j · Σ_{i ∈ b} L_{j,i},
 
 where i runs over the elements of example b (L_j is ``[B, ...]``, or ``[B·k, ...]`` flattened
-batch-major, as ``logits.view(-1, V)`` is), κ_j is the reduction's normaliser (1/B for a mean over
-examples, 1/#tokens not ignored for a token mean, 1 for a sum; constant in the parameters) and
-c_j = ∂S/∂s_j is the weight of that loss in the returned loss S (1 for ``return loss``; the
-coefficients of ``ce + 0.5 * aux``). Summed or averaged over tokens, weighted, label-smoothed:
-whatever the call computes, mean_b ℓ_b = Σ_j c_j s_j and their gradients agree.
+batch-major, as ``logits.view(-1, V)`` is), c_j = ∂S/∂s_j is the weight of that loss in the returned
+loss S (1 for ``return loss``; the coefficients of ``ce + 0.5 * aux``), and ν_j is a normaliser that
+depends on the call's kind and shapes only, never on which examples share the batch:
+
+- ``cross_entropy`` / ``nll_loss`` with a mean: ν = 1/w̄ (w̄ the mean class weight, 1 without
+  ``weight``), so a token-level loss gives each sequence the sum of its token losses, −log p of its
+  labels (positions at ``ignore_index`` add 0);
+- any other mean: ν = 1/k, the mean over the example's own k elements;
+- a sum (and ``kl_div``'s ``batchmean``): ν = 1.
+
+Unreduced losses (``reduction="none"``) multiplied or divided by constants of the batch (sample
+weights, a padding mask) and then reduced by a plain ``.mean()``/``.sum()`` count as one call whose
+elements are the products: ``(F.cross_entropy(z, y, reduction="none") * w).mean()`` gives
+ℓ_b = w_b · CE_b, ``(tokens * mask).sum() / mask.sum()`` the sum of the sequence's unmasked tokens.
+A factor common to every call (``loss / n``, ``/ mask.sum()``) is a factor of the batch: only the
+calls' relative weights c_j / max_j |c_j| are kept.
+
+So an example's ℓ_b, and hence its stored row, is the same whatever batch it is in. Torch's own
+reduction divides by a quantity of the whole batch when classes are weighted (Σ of the targets'
+weights) or targets are ignored (the count of the others), and multiplies by B for a sum; the training
+loss is then mean_b ℓ_b times a positive factor of the batch, which no per-example definition can
+reproduce without making one example's row depend on the others. For a plain mean over one element
+per example (``F.cross_entropy(logits, y)``, ``F.mse_loss(pred, y)``), mean_b ℓ_b is the training
+loss exactly, with its gradient.
 
 Nothing of the replay reaches training: ``self.log``/``self.log_dict`` and every metric's
 ``update``/``forward`` (torchmetrics: objects with ``_defaults`` and ``update``) are no-ops during
@@ -27,6 +45,7 @@ need ``per_example_loss``.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -49,6 +68,10 @@ LOSS_FUNCTIONS: tuple[Callable[..., Tensor], ...] = (
 )
 _SIGNATURES = {f: inspect.signature(f) for f in LOSS_FUNCTIONS}
 _REDUCERS = (torch.mean, torch.sum, Tensor.mean, Tensor.sum)
+_SCALERS = (torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, torch.div, Tensor.div, Tensor.__truediv__)
+#: losses over class targets: their mean divides by the targets' weights (or the count of targets not
+#: ignored), so their per-example loss is the example's sum over its positions (divided by w̄).
+_CLASS_LOSSES = ("cross_entropy", "nll_loss")
 
 
 def has_training_step(module: nn.Module) -> bool:
@@ -57,12 +80,15 @@ def has_training_step(module: nn.Module) -> bool:
 
 
 class _Call:
-    """One loss call: per-example values v ``[B]`` (Σ over the example's elements, times B·κ) and
-    the scalar s handed back to the ``training_step`` (mean of v, so S's graph runs through v)."""
+    """One loss call: per-example values v ``[B]`` (ν · Σ over the example's elements) and the scalar
+    s handed back to the ``training_step``: torch's own reduced value, as a node of v's graph
+    (``mean(v)`` times a constant), so that S = f(s) is what the step computes and ∂S/∂s is c_j."""
 
-    def __init__(self, name: str, per: Tensor) -> None:
+    def __init__(self, name: str, per: Tensor, reduced: Tensor) -> None:
         self.name, self.per = name, per
-        self.scalar = per.mean()
+        mean = per.mean()
+        ratio = torch.where(mean != 0, reduced / torch.where(mean != 0, mean, 1), 1).detach()
+        self.scalar = mean * ratio
 
 
 class _Intercept(TorchFunctionMode):
@@ -79,12 +105,36 @@ class _Intercept(TorchFunctionMode):
         sig = _SIGNATURES.get(func)
         if sig is not None:
             return self._loss(func, sig, args, kwargs)
+        if func in _SCALERS and len(args) == 2 and not kwargs:
+            return self._scaled(func, args)
         if func in _REDUCERS and args and id(args[0]) in self._unreduced and len(args) == 1 and not kwargs:
             name, full = self._unreduced.pop(id(args[0]))  # `F.*(..., reduction="none").mean()`
             if full is args[0]:
-                scale = 1.0 if func in (torch.sum, Tensor.sum) else 1.0 / max(full.numel(), 1)
-                return self._record(name, full, full.sum() * scale)
+                total = full.sum()
+                if func in (torch.sum, Tensor.sum):
+                    return self._record(name, full, total, per_element=False)
+                return self._record(name, full, total / max(full.numel(), 1),
+                                    per_element=name not in _CLASS_LOSSES)
         return func(*args, **kwargs)
+
+    def _scaled(self, func: Any, args: tuple[Any, ...]) -> Any:
+        """``L * w`` or ``L / w`` of unreduced losses L by constants (sample weights, a mask): still
+        unreduced losses, reduced later by a plain ``.mean()``/``.sum()``."""
+        out = func(*args)
+        a, b = args
+        for i, (loss, other) in enumerate(((a, b), (b, a))):
+            if i == 1 and func in (torch.div, Tensor.div, Tensor.__truediv__):
+                break  # w / L is no weighting of L
+            entry = self._unreduced.get(id(loss))
+            if entry is None or entry[1] is not loss:
+                continue
+            if not isinstance(out, Tensor) or out.shape != loss.shape:
+                continue
+            if isinstance(other, Tensor) and other.requires_grad:
+                continue  # learned weights: part of the model, not of the reduction
+            self._unreduced[id(out)] = (entry[0], out)
+            break
+        return out
 
     def _loss(self, func: Any, sig: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         bound = sig.bind(*args, **kwargs)
@@ -102,17 +152,27 @@ class _Intercept(TorchFunctionMode):
             return full
         bound.arguments["reduction"] = "none"
         elements = func(*bound.args, **bound.kwargs)
-        return self._record(func.__name__, elements, full)
+        if reduction != "mean":  # "sum", and kl_div's "batchmean" (the sum over examples / B)
+            return self._record(func.__name__, elements, full, per_element=False)
+        if func.__name__ in _CLASS_LOSSES:
+            weight = bound.arguments.get("weight")
+            w_bar = weight.detach().mean() if isinstance(weight, Tensor) and weight.numel() else None
+            return self._record(func.__name__, elements, full, per_element=False, w_bar=w_bar)
+        return self._record(func.__name__, elements, full, per_element=True)
 
-    def _record(self, name: str, elements: Tensor, reduced: Tensor) -> Tensor:
+    def _record(self, name: str, elements: Tensor, reduced: Tensor, *, per_element: bool,
+                w_bar: Tensor | None = None) -> Tensor:
+        """Record a call: ℓ_{j,b} = ν · Σ_{i ∈ b} L_{j,i} with ν = 1/k (``per_element``), 1/w̄ or 1."""
         B = self.size
         if elements.ndim == 0 or elements.shape[0] % B:
             self.problems.append(f"{name} over {tuple(elements.shape)} elements for a batch of {B}")
             return reduced
-        total = elements.sum()
-        kappa = torch.where(total != 0, reduced / torch.where(total != 0, total, 1), 0).detach()
-        per = elements.reshape(B, -1).sum(1) * (kappa * B)
-        call = _Call(name, per)
+        per = elements.reshape(B, -1).sum(1)
+        if per_element:
+            per = per / max(elements.numel() // B, 1)
+        elif w_bar is not None and bool(w_bar > 0):
+            per = per / w_bar
+        call = _Call(name, per, reduced)
         self.calls.append(call)
         return call.scalar
 
@@ -154,6 +214,16 @@ def _batch_idx(step: Callable[..., Any]) -> tuple[int, ...]:
     if len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params):
         return (0,)
     return ()
+
+
+def _relative(weights: list[float]) -> list[float]:
+    """c_j / max_j |c_j|: a factor common to every call (``loss / n``, ``loss / mask.sum()``) is a factor
+    of the batch, so only the calls' relative weights are kept and an example's loss is the same in any
+    batch. A non-finite c_j (a batch whose whole weight is 0, ``0 / 0``) counts as ±1 times the largest."""
+    finite = [abs(w) for w in weights if math.isfinite(w)]
+    top = max(finite, default=0.0) or 1.0
+    return [w / top if math.isfinite(w) else (0.0 if math.isnan(w) else math.copysign(1.0, w))
+            for w in weights]
 
 
 class StepLoss:
@@ -211,7 +281,7 @@ class StepLoss:
         if len(calls) == 1 and loss is calls[0].scalar:
             per = calls[0].per
         else:
-            per = sum((w * c.per for w, c in zip(self._call_weights(loss, calls), calls)),
+            per = sum((w * c.per for w, c in zip(_relative(self._call_weights(loss, calls)), calls)),
                       torch.zeros_like(calls[0].per))
         if per.shape != (size,):
             raise SketchInputError(

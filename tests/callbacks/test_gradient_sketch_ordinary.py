@@ -96,3 +96,88 @@ def test_ordinary_module_sketched_and_queried(tmp_path):
     assert att.kernel == "margin" and att.query_function == "margin"
     assert top.shape == (4, 3) and bool(torch.isfinite(scores).all())
     assert att.task is not None and att.task.kind == "classification"
+
+
+# ----------------------------------------------------------------- losses whose torch reduction depends
+# on the batch (a sum, class weights, ignored targets, sample weights): the rows must not, so that
+# Attributor's check of the stored rows (a batch of its own) passes and query scores do not depend on
+# the other queries.
+V, L = 6, 5
+
+
+class _Small(LightningModule):
+    def __init__(self, loss: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.loss = loss
+        self.net = nn.Linear(D, C)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, w = batch
+        z = self(x)
+        if self.loss == "weighted":
+            return F.cross_entropy(z, y, weight=torch.tensor([1.0, 3.0, 0.5]))
+        if self.loss == "sum":
+            return F.cross_entropy(z, y, reduction="sum")
+        if self.loss == "sample_weights":
+            return (F.cross_entropy(z, y, reduction="none") * w).mean()
+        return F.cross_entropy(z, y.squeeze(1))  # "column": targets stored as [B, 1]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class _PaddedLM(LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.out = nn.Embedding(V, 8), nn.Linear(8, V)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.emb(x)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x).view(-1, V), y.view(-1), ignore_index=-100)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_small(tmp_path, model, data):
+    seed_everything(0)
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
+                      callbacks=[GradientSketch(dirpath=str(tmp_path / "run"))], max_epochs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, DataLoader(data, batch_size=8, shuffle=True))
+    return Attributor(str(tmp_path / "run"), model)  # verify=True: the stored rows are checked
+
+
+def test_batch_dependent_reductions_give_rows_attributor_accepts(tmp_path):
+    x, y = _data()
+    w = torch.rand(N_TRAIN, generator=torch.Generator().manual_seed(1))
+    for loss in ("weighted", "sum", "sample_weights", "column"):
+        yy = y[:, None] if loss == "column" else y
+        att = _fit_small(tmp_path / loss, _Small(loss), TensorDataset(x, yy, w))
+        assert att.kernel == "margin", loss
+        top, scores = att.top_k((x[:4], yy[:4], w[:4]), k=3)
+        assert bool(torch.isfinite(scores).all())
+        assert att.task is not None and att.task.kind == "classification", loss
+
+
+def test_padded_language_model_is_recognised_and_queries_do_not_depend_on_each_other(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, V, (N_TRAIN, L), generator=g)
+    y = (x + 1) % V
+    for i, n in enumerate(torch.randint(1, L + 1, (N_TRAIN,), generator=g).tolist()):
+        y[i, n:] = -100  # completions of different lengths
+    att = _fit_small(tmp_path, _PaddedLM(), TensorDataset(x, y))
+    assert att.kernel == "gauss-newton"
+    together = att.scores((x[:4], y[:4]))
+    alone = torch.cat([att.scores((x[i:i + 1], y[i:i + 1])) for i in range(4)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-8)

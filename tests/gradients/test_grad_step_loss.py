@@ -1,8 +1,10 @@
 """Per-example losses of modules written the ordinary Lightning way (no ``per_example_loss``):
 ``training_step`` replayed with each torch loss's reduction taken apart (``gradients._step_loss``).
 
-References are written out here with ``reduction="none"``; the defining property (mean over the
-batch = the training loss, with the same gradient) is checked against autograd of the real step."""
+References are written out here with ``reduction="none"``. The defining properties, checked against
+autograd of the real step: an example's loss does not depend on the batch it is in, and the mean
+over the batch has the training loss's gradient up to a positive factor of the batch (exactly, for a
+plain mean over one element per example)."""
 
 from __future__ import annotations
 
@@ -56,12 +58,24 @@ def _step_grad(module, batch):
     return loss, torch.autograd.grad(loss, list(module.parameters()))
 
 
-def _check_mean_and_gradient(module, batch, per):
+def _check_mean_and_gradient(module, batch, per, factor=1.0):
+    """mean_b ℓ_b · factor is the training loss, and so is its gradient."""
     loss, grads = _step_grad(module, batch)
-    torch.testing.assert_close(per.mean(), loss.detach(), rtol=1e-6, atol=1e-7)
-    mean_grads = torch.autograd.grad(module_loss_fn(module)(module, batch).mean(), list(module.parameters()))
+    torch.testing.assert_close(per.mean() * factor, loss.detach(), rtol=1e-6, atol=1e-6)
+    mean_grads = torch.autograd.grad(module_loss_fn(module)(module, batch).mean() * factor,
+                                     list(module.parameters()))
     for a, b in zip(mean_grads, grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _check_batch_independent(module, batch, per):
+    """Each example's loss in a batch of its own, and in the batch reversed, equals its loss here."""
+    fn = module_loss_fn(module)
+    rev = [t.flip(0) for t in batch]
+    torch.testing.assert_close(fn(module, rev).flip(0), per, rtol=1e-6, atol=1e-6)
+    for b in (0, 3):
+        one = [t[b:b + 1] for t in batch]
+        torch.testing.assert_close(fn(module, one), per[b:b + 1], rtol=1e-6, atol=1e-6)
 
 
 def test_resolver_takes_the_training_step_and_leaves_training_untouched():
@@ -86,8 +100,12 @@ def test_resolver_takes_the_training_step_and_leaves_training_untouched():
     _check_mean_and_gradient(module, batch, per)
 
 
+WEIGHT = torch.tensor([1.0, 2.0, 0.5])
+
+
 @pytest.mark.parametrize("crit", [
-    nn.CrossEntropyLoss(label_smoothing=0.1, weight=torch.tensor([1.0, 2.0, 0.5])),
+    nn.CrossEntropyLoss(label_smoothing=0.1, weight=WEIGHT),
+    nn.CrossEntropyLoss(weight=WEIGHT),
     nn.CrossEntropyLoss(reduction="sum"),
     nn.NLLLoss(),
 ])
@@ -102,10 +120,18 @@ def test_options_of_the_loss_keep_mean_and_gradient(crit):
     batch = _batch(1)
     per = module_loss_fn(module)(module, batch)
     assert per.shape == (B,)
-    _check_mean_and_gradient(module, batch, per)
-    if crit.reduction == "sum":  # per-example loss B·L_b: its mean is the summed training loss
-        want = F.cross_entropy(module(batch[0]), batch[1], reduction="none") * B
-        torch.testing.assert_close(per, want, rtol=1e-6, atol=1e-6)
+    _check_batch_independent(module, batch, per)
+    logits, y = module(batch[0]), batch[1]
+    if crit.reduction == "sum":  # ℓ_b = L_b; the summed training loss is B · mean_b ℓ_b
+        want, factor = F.cross_entropy(logits, y, reduction="none"), float(B)
+    elif crit.weight is not None:  # ℓ_b = (w-weighted L_b) / w̄; torch divides by Σ_b w_{y_b}
+        none = F.cross_entropy(logits, y, weight=WEIGHT, label_smoothing=crit.label_smoothing,
+                               reduction="none")
+        want, factor = none / WEIGHT.mean(), float(B * WEIGHT.mean() / WEIGHT[y].sum())
+    else:
+        want, factor = F.cross_entropy(logits, y, reduction="none"), 1.0
+    torch.testing.assert_close(per, want, rtol=1e-6, atol=1e-6)
+    _check_mean_and_gradient(module, batch, per, factor)
 
 
 class LM(LightningModule):
@@ -133,9 +159,10 @@ def test_token_mean_with_ignored_labels():
     per = module_loss_fn(module)(module, (x, labels))
     tokens = F.cross_entropy(module.head(torch.tanh(module.emb(x))).transpose(1, 2), labels,
                              ignore_index=-100, reduction="none")  # [B, T], 0 where ignored
-    want = tokens.sum(1) * B / (labels != -100).sum()
-    torch.testing.assert_close(per, want, rtol=1e-6, atol=1e-7)
-    _check_mean_and_gradient(module, (x, labels), per)
+    want = tokens.sum(1)  # each sequence's summed token loss: −log p of its labels
+    torch.testing.assert_close(per, want, rtol=1e-6, atol=1e-6)
+    _check_batch_independent(module, (x, labels), per)
+    _check_mean_and_gradient(module, (x, labels), per, float(B / (labels != -100).sum()))
 
 
 class TwoLosses(LightningModule):
@@ -228,10 +255,39 @@ class MaskedReduction(Classifier):
         return (losses * keep).sum() / keep.sum()
 
 
+class SampleWeights(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y, w = batch
+        return 2.0 * (F.cross_entropy(self(x), y, reduction="none") * w).mean()
+
+
+class IndexedReduction(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y, reduction="none")[y > 0].mean()
+
+
+def test_weights_and_masks_multiplied_into_unreduced_losses():
+    """ℓ_b = w_b · CE_b (sample weights; a mask is 0/1 weights), the same in any batch; a factor common
+    to the whole loss (2, 1/Σ keep) is left out, so the gradient is the step's up to that factor."""
+    x, y = _batch(7)
+    y[0] = 0  # one example masked out
+    w = torch.rand(B, generator=torch.Generator().manual_seed(8))
+    for module, batch, weights, factor in (
+        (SampleWeights(), (x, y, w), w, 2.0 / B * B),
+        (MaskedReduction(), (x, y), (y > 0).float(), float(B / (y > 0).sum())),
+    ):
+        per = module_loss_fn(module)(module, batch)
+        want = F.cross_entropy(module(x), y, reduction="none") * weights
+        torch.testing.assert_close(per, want, rtol=1e-6, atol=1e-6)
+        _check_batch_independent(module, batch, per)
+        _check_mean_and_gradient(module, batch, per, factor)
+
+
 @pytest.mark.parametrize(("cls", "match"), [
     (Manual, "manual optimisation"),
     (NoTorchLoss, "calls none of torch's loss functions"),
-    (MaskedReduction, r"reduces \['cross_entropy'\] \(reduction='none'\) itself"),
+    (IndexedReduction, r"reduces \['cross_entropy'\] \(reduction='none'\) itself"),
 ])
 def test_steps_that_cannot_be_replayed_ask_for_per_example_loss(cls, match):
     module = cls()
