@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -88,6 +88,9 @@ from lightning_sketch.store.provenance import check_checkpoint_digest, check_sto
 
 __all__ = ["GradientSketch"]
 
+
+#: D when ``sketch_dim`` is left out (capped at N, silently, for models with fewer parameters).
+DEFAULT_SKETCH_DIM = 1024
 
 class GradientSketch(_SlicesMixin, _InlineMixin):
     """Sketch per-example gradients during training and store them for attribution queries.
@@ -141,7 +144,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self,
         dirpath: str,
         sketch_kind: str = "affd",
-        sketch_dim: int | None = 1024,
+        sketch_dim: int | None = DEFAULT_SKETCH_DIM,
         seed: int = 0,
         mode: Literal["checkpoint", "inline"] = "checkpoint",
         every_n_epochs: int | None = None,
@@ -319,8 +322,10 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self.support = _check_support(pl_module, self.layout, self.exclude)
         options = sketch_class(self.sketch_kind).layout_options(self.layout)
         if self.sketch_dim is not None and self.sketch_dim > self.layout.dim:
-            rank_zero_warn(f"GradientSketch: sketch_dim={self.sketch_dim} > N={self.layout.dim}; using "
-                           f"sketch_dim={self.layout.dim}.")
+            # D = N loses nothing; the default D meeting a small model is no mistake worth a warning
+            say = rank_zero_info if self.sketch_dim == DEFAULT_SKETCH_DIM else rank_zero_warn
+            say(f"GradientSketch: sketch_dim={self.sketch_dim} > N={self.layout.dim}; using "
+                f"sketch_dim={self.layout.dim}.")
             self.sketch_dim = self.layout.dim
         self.sketch = make(self.sketch_kind, self.layout.dim, self.sketch_dim, self.seed, **options)
         self.dirpath = trainer.strategy.broadcast(self.dirpath)

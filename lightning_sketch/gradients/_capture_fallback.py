@@ -30,6 +30,7 @@ from lightning_sketch.exceptions import LightningSketchError, UnsupportedModelEr
 from lightning_sketch.gradients._capture_kernels import _CaptureKernels
 from lightning_sketch.gradients._capture_plan import _attr
 from lightning_sketch.gradients._capture_rnn import rnn_terms
+from lightning_sketch.gradients._functional import quiet_vmap
 
 FallbackHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]
 
@@ -104,7 +105,7 @@ class _FallbackHooks(_CaptureKernels):
             fn = vmap(grad(loss), in_dims=in_dims, randomness="different")
             self._busy = True
             try:
-                with torch.enable_grad(), _fork_rng(delta.device):
+                with torch.enable_grad(), _fork_rng(delta.device), quiet_vmap():
                     grads = fn(params, list(args), kwargs, delta)
             except LightningSketchError:
                 raise

@@ -7,7 +7,9 @@ without copying the model or touching its ``.grad``, parameters or train/eval mo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
@@ -148,6 +150,15 @@ def unsqueeze_example(example: Batch) -> Batch:
     if isinstance(example, Mapping):
         return {k: up(v) for k, v in example.items()}
     return type(example)(up(v) for v in example) if isinstance(example, tuple) else [up(v) for v in example]
+
+
+@contextmanager
+def quiet_vmap() -> Iterator[None]:
+    """torch's "performance drop ... batching rule" notices of ``vmap`` (attention, some fused ops) silenced:
+    they are about torch's internals, say nothing the user can act on, and would repeat on every batch."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+        yield
 
 
 def check_chunk_size(chunk_size: int | None, size: int) -> int:

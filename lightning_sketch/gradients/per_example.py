@@ -86,7 +86,7 @@ def per_example_grads(
     dtype = next(iter(selected.values())).dtype
     device = next(iter(selected.values())).device
     out = torch.empty(size, layout.dim, dtype=dtype, device=device)
-    with torch.enable_grad():
+    with torch.enable_grad(), F.quiet_vmap():
         for start in range(0, size, chunk):
             stop = min(start + chunk, size)
             grads = fn(selected, F.slice_batch(batch, start, stop))
@@ -122,7 +122,7 @@ def _implicit(
     fn = vmap(grad(lifted), in_dims=(None, F.in_dims(batch)), randomness="different")
     size = F.batch_size(batch)
     out = torch.empty(size, sketch.sketch_dim, dtype=p0.dtype, device=p0.device)
-    with torch.enable_grad():
+    with torch.enable_grad(), F.quiet_vmap():
         for start in range(0, size, chunk):
             stop = min(start + chunk, size)
             out[start:stop] = fn(omega0, F.slice_batch(batch, start, stop))
