@@ -448,7 +448,9 @@ def _weighted_classification(module: nn.Module, loss_fn: LossFn, batch: Any, tap
         parts.append(torch.stack([-lp.gather(1, yy)[:, 0], -lp.mean(1)], dim=1))
     coef = _fitted_factors(parts, moved[1])
     if coef is None:
-        return None
+        if not _class_weighted_smoothing(module, loss_fn, batch, tap, moved, yy):
+            return None
+        return "class-weighted label-smoothed cross-entropy"
     a, b = coef[:, 0], coef[:, 1]
     tol = _RTOL * float(coef.abs().max().clamp_min(1e-12))  # float32 losses fit to ~1e-6
     if bool((a < -tol).any()) or bool((b < -tol).any()) or float(a.max()) <= tol:
@@ -457,6 +459,51 @@ def _weighted_classification(module: nn.Module, loss_fn: LossFn, batch: Any, tap
     weighted = bool(((a + b) - (a + b).mean()).abs().max() > 10 * tol)
     what = " and ".join([w for w, on in (("weighted", weighted), ("label-smoothed", smoothed)) if on])
     return f"{what or 'scaled'} cross-entropy"
+
+
+#: evaluations of the loss at moved outputs that the class-weighted label-smoothing fit may spend.
+_MAX_MOVES = 16
+
+
+def _class_weighted_smoothing(module: nn.Module, loss_fn: LossFn, batch: Any, tap: _Tap,
+                              moved: tuple[list[Tensor], list[Tensor]], yy: Tensor) -> bool:
+    """loss_b = a_b·(−log p_{y_b}) + Σ_c β_c·(−log p_c), a_b > 0, β_c ≥ 0 shared by the batch: label
+    smoothing with class weights (torch weights the smoothing term by class). Fitted jointly over the
+    examples and E evaluations (B + C unknowns, E·B equations): the output is moved further until
+    E·B ≥ B + C + 2B (two checks per example), for at most :data:`_MAX_MOVES` evaluations."""
+    outs, losses = list(moved[0]), list(moved[1])
+    B, C = outs[0].shape
+    need = -(-(B + C) // B) + 2
+    if need > _MAX_MOVES:
+        return False
+    base = torch.arange(outs[0].numel(), dtype=torch.float64).reshape(outs[0].shape).to(outs[0].device)
+    k = 0
+    while len(outs) < need:
+        k += 1
+        delta = 0.3 * torch.sin((1.3 + 0.37 * k) * base + 0.7 * k)
+        loss = _loss_at(module, loss_fn, batch, tap, delta)
+        if loss is None or loss.shape != losses[0].shape:
+            return False
+        outs.append(outs[0] + delta)
+        losses.append(loss)
+    rows = []
+    for z in outs:
+        lp = torch.log_softmax(z, dim=-1)
+        own = torch.diag_embed(-lp.gather(1, yy)[:, 0])  # [B, B]: a_b's column
+        rows.append(torch.cat([own, -lp], dim=1))  # [B, B + C]
+    A = torch.cat(rows, dim=0)
+    rhs = torch.cat([v.double().to(A.device) for v in losses])
+    if not bool(torch.isfinite(A).all()) or not bool(torch.isfinite(rhs).all()):
+        return False
+    # a_b and β_{y_b} multiply the same column in example b's rows: only their sum is identified
+    # (alone, when no other example shares the class); the SVD driver gives the minimum-norm split
+    coef = torch.linalg.lstsq(A.cpu(), rhs.cpu().unsqueeze(-1), driver="gelsd").solution[:, 0]
+    if not _close(A.cpu() @ coef, rhs.cpu()):
+        return False
+    a, beta = coef[:B], coef[B:]
+    tol = _RTOL * float(coef.abs().max().clamp_min(1e-12))
+    own = a + beta[yy[:, 0].cpu()]
+    return bool((own > tol).all()) and bool((a > -tol).all()) and bool((beta > -tol).all())
 
 
 def _weighted_binary(module: nn.Module, loss_fn: LossFn, batch: Any, tap: _Tap, out: Tensor, y: Tensor,

@@ -69,6 +69,9 @@ _RECOGNISED = {
     "CE class weights": (3, "cls", lambda o, b: F.cross_entropy(o, b["y"], weight=_W.to(o.dtype),
                                                                  reduction="none"),
                          "classification", "margin-logits"),
+    "CE class weights and label_smoothing=0.1": (3, "cls", lambda o, b: F.cross_entropy(
+        o, b["y"], weight=_W.to(o.dtype), label_smoothing=0.1, reduction="none"), "classification",
+        "margin-logits"),
     "CE sample weights": (3, "cls", lambda o, b: b["w"] * F.cross_entropy(o, b["y"], reduction="none"),
                           "classification", "margin-logits"),
     "BCE pos_weight": (1, "bin", lambda o, b: F.binary_cross_entropy_with_logits(
@@ -121,7 +124,7 @@ def test_weighted_smoothed_multilabel_and_robust_losses_are_recognised(name):
     task = resolve_task(model, _batch(col))
     assert (task.kind, task.kernel) == (kind, kernel), task.reason
     one = {k: v[:1] for k, v in _batch(col).items()}  # a single query example is recognised alike
-    assert resolve_task(model, one).kind == kind
+    assert resolve_task(model, one).kind == kind, resolve_task(model, one).reason
 
 
 @pytest.mark.parametrize("name", list(_FALLBACK))
