@@ -1,7 +1,8 @@
-"""The state every part of :class:`~lightning_sketch.store.SketchStore` shares.
+"""The state the store's remaining mixins share.
 
-``SketchStore`` is assembled from mixins, one per concern (:mod:`~lightning_sketch.store.snapshot`,
-:mod:`~lightning_sketch.store.writer`, :mod:`~lightning_sketch.store.weights`,
+``SketchStore`` owns its committed snapshot (:class:`~lightning_sketch.store.snapshot.Snapshot`) and is
+still assembled from mixins for the other concerns (:mod:`~lightning_sketch.store.writer`,
+:mod:`~lightning_sketch.store.weights`, :mod:`~lightning_sketch.store.curvature`,
 :mod:`~lightning_sketch.store.shards`, :mod:`~lightning_sketch.store.views`). They all derive from
 :class:`StoreState`, which declares the instance attributes that ``SketchStore.__init__`` sets and,
 for the type checker only, the methods one mixin calls on another.
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from lightning_sketch.store._io import WriterLock
+from lightning_sketch.store.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -25,14 +26,8 @@ __all__ = ["StoreState"]
 class StoreState:
     """Instance attributes of a store (set in ``SketchStore.__init__``) and the cross-mixin methods."""
 
-    path: Path
-    mode: str
-    _manifest: dict[str, Any]
-    _lock: WriterLock | None
-    #: "full", "lazy" or "size": when data files are checksummed (see ``SketchStore.open``).
-    _verify: str
-    #: data files whose sha256 was checked in this process.
-    _verified: set[str]
+    #: the committed manifest, its files and the writer lock.
+    _snapshot: Snapshot
     #: uncommitted rows per (checkpoint, rank): a list of (ids [B], rows [B, D]) parts.
     _buffer: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]]
     _pending_ckpts: list[dict[str, Any]]
@@ -61,30 +56,9 @@ class StoreState:
             sketch_dim: int | None = None,
         ) -> Self: ...
 
-        @classmethod
-        def open(
-            cls,
-            path: str | Path,
-            spec: Any = None,
-            layout_fingerprint: Any = None,
-            mode: Literal["r", "a"] = "r",
-            verify: Literal["auto", "full", "lazy", "size"] = "auto",
-        ) -> Self: ...
-
-        def close(self) -> None: ...
-        def _require_writer(self) -> None: ...
-        def _check_generation(self) -> None: ...
-        def _publish(self, new: dict[str, Any]) -> None: ...
-
         # Defined by WriterMixin (writer.py).
         def commit(self) -> int: ...
         def _idset(self, checkpoint: str) -> set[int]: ...
-
-        # Defined by WeightsMixin (weights.py).
-        def load_weights(self, name: str, layout_fingerprint: str | None = None) -> dict[str, Any]: ...
-
-        # Defined by CurvatureMixin (curvature.py).
-        def _verify_curvature(self) -> None: ...
 
         # Defined by StoreViews (views.py).
         def ids(self, checkpoint: str | None = None) -> np.ndarray: ...

@@ -19,7 +19,7 @@ from typing import Any
 from lightning_sketch.exceptions import SketchInputError, StoreCorruptError, StoreNotFoundError
 from lightning_sketch.io import safeio as sio
 from lightning_sketch.store import manifest as mf
-from lightning_sketch.store.snapshot import SnapshotMixin
+from lightning_sketch.store._state import StoreState
 
 __all__ = ["CURVATURE_PARTS", "CurvatureMixin"]
 
@@ -29,7 +29,7 @@ CURVATURE_PARTS = ("matrix", "sidecar")
 _CAP = 1 << 36
 
 
-class CurvatureMixin(SnapshotMixin):
+class CurvatureMixin(StoreState):
     """Recording and verified reading of per-slice curvature files (state lives in ``SketchStore``)."""
 
     def record_curvature(self, name: str, files: dict[str, tuple[Path, str, int]]) -> None:
@@ -45,11 +45,11 @@ class CurvatureMixin(SnapshotMixin):
                 the run directory.
             StoreWriteError: the store is read-only.
         """
-        self._require_writer()
+        self._snapshot.require_writer()
         mf.check_checkpoint_name(name)
         if set(files) != set(CURVATURE_PARTS):
             raise SketchInputError(f"`files` must name {CURVATURE_PARTS}, got {sorted(files)}.")
-        root = self.path.parent.resolve()
+        root = self._snapshot.path.parent.resolve()
         entry: dict[str, Any] = {}
         for part, (path, sha, size) in files.items():
             try:
@@ -64,11 +64,11 @@ class CurvatureMixin(SnapshotMixin):
     @property
     def curvature_slices(self) -> list[str]:
         """Slices whose curvature files the committed manifest records (sorted)."""
-        return sorted(self._manifest.get("curvature", {}))
+        return sorted(self._snapshot.manifest.get("curvature", {}))
 
     def has_curvature(self, name: str) -> bool:
         """Whether the committed manifest records curvature files for slice ``name``."""
-        return name in self._manifest.get("curvature", {})
+        return name in self._snapshot.manifest.get("curvature", {})
 
     def curvature_bytes(self, name: str, part: str) -> tuple[Path, bytes]:
         """``(path, content)`` of one recorded curvature file of slice ``name``, verified.
@@ -84,16 +84,16 @@ class CurvatureMixin(SnapshotMixin):
                 names the file).
             UnsafeFileError: the recorded path leaves the run directory or is not a regular file.
         """
-        entry = self._manifest.get("curvature", {}).get(name)
+        entry = self._snapshot.manifest.get("curvature", {}).get(name)
         if entry is None:
             raise StoreNotFoundError(
-                f"Store {str(self.path)!r} records no curvature for slice {name!r} (recorded: "
+                f"Store {str(self._snapshot.path)!r} records no curvature for slice {name!r} (recorded: "
                 f"{self.curvature_slices}); a curvature file the manifest does not list is ignored."
             )
         if part not in CURVATURE_PARTS:
             raise SketchInputError(f"`part` must be one of {CURVATURE_PARTS}, got {part!r}.")
         e = entry[part]
-        root = self.path.parent
+        root = self._snapshot.path.parent
         path = root / e["file"]
         real = sio.confined(root, e["file"], what=f"curvature {part}")
         try:

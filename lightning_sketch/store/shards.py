@@ -16,8 +16,9 @@ from typing import Any
 from lightning_sketch._checks import non_negative_int
 from lightning_sketch.exceptions import DuplicateIdError, SketchInputError, SketchMismatchError
 from lightning_sketch.store import manifest as mf
+from lightning_sketch.store._state import StoreState
 from lightning_sketch.store._validate import compare_layout, compare_spec
-from lightning_sketch.store.snapshot import SnapshotMixin, _recount
+from lightning_sketch.store.snapshot import Snapshot, recount
 
 __all__ = ["ShardMixin", "shard_path"]
 
@@ -28,7 +29,7 @@ def shard_path(path: str | Path, rank: int) -> Path:
     return Path(path) / "shards" / f"rank{rank}"
 
 
-class ShardMixin(SnapshotMixin):
+class ShardMixin(StoreState):
     """Mixin of :class:`~lightning_sketch.store.SketchStore`: per-rank shards and their merge."""
 
     @classmethod
@@ -68,21 +69,20 @@ class ShardMixin(SnapshotMixin):
             DuplicateIdError: an id appears in two shards (or the main store) for one checkpoint.
             StoreCorruptError: a shard file fails its checksum.
         """
-        self._require_writer()
+        self._snapshot.require_writer()
         self.commit()
-        root = self.path / "shards"
-        new = copy.deepcopy(self._manifest)
+        root = self._snapshot.path / "shards"
+        new = copy.deepcopy(self._snapshot.manifest)
         merged_rows = 0
         try:
             merged_rows = self._merge_into(new, root)
         except Exception:
             self._idsets.clear()  # ids of a failed merge were never committed
             raise
-        if new != self._manifest:
+        if new != self._snapshot.manifest:
             new["generation"] += 1
-            _recount(new)
-            self._publish(new)
-            self._manifest = new
+            recount(new)
+            self._snapshot.publish(new)
             self._cache.clear()
         return merged_rows
 
@@ -93,16 +93,16 @@ class ShardMixin(SnapshotMixin):
         ):
             if not (shard_dir / mf.MANIFEST).exists():
                 continue
-            shard = type(self).open(shard_dir, verify="full")
+            shard = Snapshot.open(shard_dir, verify="full")
             for key in ("spec", "layout_fingerprint", "dtype", "sketch_dim"):
-                if shard._manifest[key] != new[key]:
+                if shard.manifest[key] != new[key]:
                     raise SketchMismatchError(
-                        f"Shard {str(shard_dir)!r} has {key}={shard._manifest[key]!r} but the main store has "
+                        f"Shard {str(shard_dir)!r} has {key}={shard.manifest[key]!r} but the main store has "
                         f"{new[key]!r}; shards must be opened with SketchStore.open_shard on the same store."
                     )
             done = new["merged_shards"].get(shard_dir.name, 0)
-            fresh = shard._manifest["segments"][done:]
-            for c in shard._manifest["checkpoints"]:
+            fresh = shard.manifest["segments"][done:]
+            for c in shard.manifest["checkpoints"]:
                 mine = next((m for m in new["checkpoints"] if m["name"] == c["name"]), None)
                 record = {k: c[k] for k in ("step", "lr", "weight")}
                 if mine is None:
@@ -113,7 +113,7 @@ class ShardMixin(SnapshotMixin):
                         f"{ {k: mine[k] for k in record} } in the main store."
                     )
             for seg in fresh:
-                ids = shard._load(seg["ids"], seg["rows"], None, "int64")
+                ids = shard.load(seg["ids"], seg["rows"], None, "int64")
                 seen = self._idset(seg["checkpoint"])
                 clash = [int(i) for i in ids if int(i) in seen]
                 if clash:
@@ -123,7 +123,7 @@ class ShardMixin(SnapshotMixin):
                         "once."
                     )
                 seen.update(ids.tolist())
-                rel = shard_dir.relative_to(self.path).as_posix()
+                rel = shard_dir.relative_to(self._snapshot.path).as_posix()
                 entry = copy.deepcopy(seg)
                 for part in ("vectors", "ids"):
                     entry[part]["file"] = f"{rel}/{seg[part]['file']}"
@@ -131,11 +131,11 @@ class ShardMixin(SnapshotMixin):
                 new["segments"].append(entry)
                 merged_rows += seg["rows"]
             skips_done = new.setdefault("merged_skips", {}).get(shard_dir.name, 0)
-            for s in shard._manifest.get("skips", [])[skips_done:]:
+            for s in shard.manifest.get("skips", [])[skips_done:]:
                 new.setdefault("skips", []).append(
                     {**s, "generation": new["generation"] + 1, "shard": shard_dir.name}
                 )
-            new["merged_skips"][shard_dir.name] = len(shard._manifest.get("skips", []))
-            new["merged_shards"][shard_dir.name] = len(shard._manifest["segments"])
-            shard.close()
+            new["merged_skips"][shard_dir.name] = len(shard.manifest.get("skips", []))
+            new["merged_shards"][shard_dir.name] = len(shard.manifest["segments"])
+            shard.release()
         return merged_rows

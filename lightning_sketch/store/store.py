@@ -7,12 +7,13 @@ the manifest. Readers open one manifest snapshot and only ever see committed seg
 loses at most the uncommitted buffer. One writer per directory (an ``fcntl`` lock); DDP ranks
 write their own shard (:meth:`SketchStore.open_shard`) that rank 0 merges (:meth:`merge_shards`).
 
-This module opens, creates, closes and publishes; the rest of the class comes from mixins on the
-shared :class:`~lightning_sketch.store._state.StoreState`: :mod:`~lightning_sketch.store.writer`
+The committed snapshot (facts, integrity checks, publishing, rollback) is a component the store
+owns, :class:`~lightning_sketch.store.snapshot.Snapshot`; the rest of the class still comes from
+mixins on :class:`~lightning_sketch.store._state.StoreState`: :mod:`~lightning_sketch.store.writer`
 (checkpoints, append, commit), :mod:`~lightning_sketch.store.weights` (model weights),
 :mod:`~lightning_sketch.store.curvature` (curvature files of the slices),
-:mod:`~lightning_sketch.store.snapshot` (facts, integrity, rollback), :mod:`~lightning_sketch.store.shards`
-(DDP shards) and :mod:`~lightning_sketch.store.views` (views, indexes, search).
+:mod:`~lightning_sketch.store.shards` (DDP shards) and :mod:`~lightning_sketch.store.views` (views, indexes,
+search).
 
 Rows are sketched per-example gradients Φ∇ℓ(z; θ_t) ∈ R^D (arXiv 2402.03994 Sec. 5.2); checkpoint ``lr`` is
 η_t, used by the TracIn view Σ_t η_t ⟨Φg_t(z), Φg_t(z')⟩ (see :mod:`lightning_sketch.store.views`).
@@ -20,6 +21,7 @@ Rows are sketched per-example gradients Φ∇ℓ(z; θ_t) ∈ R^D (arXiv 2402.03
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -27,14 +29,12 @@ from typing import Any, Literal
 import numpy as np
 
 from lightning_sketch._checks import one_of, positive_int
-from lightning_sketch._version import __version__
-from lightning_sketch.exceptions import SketchConfigError, StoreConflictError, StoreWriteError
+from lightning_sketch.exceptions import StoreWriteError
 from lightning_sketch.store import manifest as mf
-from lightning_sketch.store._io import WriterLock, write_json_atomic
-from lightning_sketch.store._validate import compare_layout, compare_spec, layout_info, spec_dict
+from lightning_sketch.store._validate import layout_info, spec_dict
 from lightning_sketch.store.curvature import CurvatureMixin
 from lightning_sketch.store.shards import ShardMixin
-from lightning_sketch.store.snapshot import SnapshotMixin, _data_bytes
+from lightning_sketch.store.snapshot import Snapshot
 from lightning_sketch.store.views import StoreViews
 from lightning_sketch.store.weights import WeightsMixin
 from lightning_sketch.store.writer import WriterMixin
@@ -43,10 +43,8 @@ __all__ = ["SketchStore"]
 
 log = logging.getLogger(__name__)
 
-_AUTO_FULL_VERIFY_BYTES = 1 << 30
 
-
-class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMixin, SnapshotMixin):
+class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMixin):
     """A directory of committed sketch rows, one slice per training checkpoint.
 
     Build one with :meth:`create` or :meth:`open`, never directly.
@@ -66,13 +64,8 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMi
         >>> store.close()
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], mode: str, lock: WriterLock | None, verify: str):
-        self.path = path
-        self.mode = mode
-        self._manifest = manifest
-        self._lock = lock
-        self._verify = verify
-        self._verified: set[str] = set()
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
         self._buffer: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
         self._pending_ckpts: list[dict[str, Any]] = []
         self._pending_skips: dict[str, dict[str, Any]] = {}
@@ -81,7 +74,6 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMi
         self._pending_mark = False
         self._idsets: dict[str, set[int]] = {}
         self._cache: dict[Any, Any] = {}
-        self._check_files()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -126,27 +118,8 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMi
                     f"choose another path."
                 )
             return cls.open(path, spec=spec_d, layout_fingerprint=fingerprint, mode="a")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise StoreWriteError(f"Cannot create store directory {str(path)!r}: {err}.") from err
-        lock = WriterLock(path)
-
-        manifest = mf.new_manifest(
-            spec=spec_d,
-            sketch_dim=width,
-            layout=layout_d,
-            layout_fingerprint=fingerprint,
-            dtype=dtype,
-            nan_policy=nan_policy,
-            library_version=__version__,
-        )
-        try:
-            write_json_atomic(path / mf.MANIFEST, manifest)
-        except StoreWriteError:
-            lock.release()
-            raise
-        return cls(path, manifest, "a", lock, "full")
+        return cls(Snapshot.create(path, spec=spec_d, sketch_dim=width, layout=layout_d,
+                                   layout_fingerprint=fingerprint, dtype=dtype, nan_policy=nan_policy))
 
     @classmethod
     def open(
@@ -177,25 +150,7 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMi
             SketchMismatchError / LayoutMismatchError: ``spec`` / ``layout_fingerprint`` differ.
             StoreWriteError: ``mode="a"`` while another process holds the writer lock.
         """
-        if mode not in ("r", "a"):
-            raise SketchConfigError(f"`mode` must be 'r' or 'a', got {mode!r}.")
-        if verify not in ("auto", "full", "lazy", "size"):
-            raise SketchConfigError(f"`verify` must be one of auto/full/lazy/size, got {verify!r}.")
-        path = Path(path)
-        manifest = mf.load_manifest(path)
-        compare_spec(manifest["spec"], spec, f"Store {str(path)!r}")
-        compare_layout(manifest["layout_fingerprint"], layout_fingerprint, f"Store {str(path)!r}")
-        lock = WriterLock(path) if mode == "a" else None
-        if mode == "a":  # re-read under the lock: another writer may have committed meanwhile
-            manifest = mf.load_manifest(path)
-        if verify == "auto":
-            verify = "full" if _data_bytes(manifest) <= _AUTO_FULL_VERIFY_BYTES else "lazy"
-        try:
-            return cls(path, manifest, mode, lock, verify)
-        except Exception:
-            if lock is not None:
-                lock.release()
-            raise
+        return cls(Snapshot.open(path, spec, layout_fingerprint, mode, verify))
 
     def close(self) -> None:
         """Release the writer lock. Uncommitted rows are dropped (call :meth:`commit` first)."""
@@ -204,9 +159,7 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMi
                 "Closing store %s with %d uncommitted rows; they are dropped.", self.path, self.pending_rows
             )
         self._buffer.clear()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        self._snapshot.release()
 
     def __enter__(self) -> SketchStore:
         return self
@@ -214,26 +167,128 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMi
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ writing
-    def _require_writer(self) -> None:
-        if self.mode != "a" or self._lock is None:
-            raise StoreWriteError(
-                f"Store {str(self.path)!r} is open read-only (or closed); open it with mode='a'."
-            )
+    # ------------------------------------------------------------------ snapshot facts
+    @property
+    def path(self) -> Path:
+        """The store directory."""
+        return self._snapshot.path
 
-    # ------------------------------------------------------------------ publishing
-    def _check_generation(self) -> None:
-        """Raise :class:`StoreConflictError` if another writer published since this one loaded the store."""
-        if self._lock is not None:
-            self._lock.check()
-        disk = mf.read_generation(self.path)
-        if disk != self._manifest["generation"]:
-            raise StoreConflictError(
-                f"Store {str(self.path)!r} is at generation {disk} on disk but this writer loaded generation "
-                f"{self._manifest['generation']}: another writer committed meanwhile (was .writer.lock "
-                "deleted?). Nothing was published and the other writer's rows are intact; reopen the store "
-                "and append again."
-            )
+    @property
+    def mode(self) -> str:
+        """"r" (a reader) or "a" (the single writer)."""
+        return self._snapshot.mode
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """A deep copy of the committed manifest."""
+        return copy.deepcopy(self._snapshot.manifest)
+
+    @property
+    def generation(self) -> int:
+        """Number of commits in the current snapshot."""
+        return self._snapshot.generation
+
+    @property
+    def run_id(self) -> str | None:
+        """The id made when the store was created (32 hex digits; None for a store written without one)."""
+        return self._snapshot.manifest.get("run_id")
+
+    @property
+    def spec(self) -> dict[str, Any] | None:
+        """The sketch spec the rows were written with (``make(**spec)`` rebuilds it)."""
+        return copy.deepcopy(self._snapshot.manifest["spec"])
+
+    @property
+    def sketch_dim(self) -> int:
+        """D, the width of one stored row."""
+        return self._snapshot.sketch_dim
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype, "float32" or "float16"."""
+        return self._snapshot.dtype
+
+    @property
+    def layout_fingerprint(self) -> str | None:
+        """Fingerprint of the parameter layout the rows were computed for."""
+        return self._snapshot.layout_fingerprint
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """Committed checkpoint names in the order they were added."""
+        return self._snapshot.checkpoints
+
+    def checkpoint_info(self, name: str) -> dict[str, Any]:
+        """The manifest record of checkpoint ``name`` (step, lr, weight, rows, skipped counts).
+
+        Raises:
+            SketchInputError: unknown checkpoint.
+        """
+        return self._snapshot.checkpoint_info(name)
+
+    @property
+    def num_rows(self) -> int:
+        """Committed rows over all checkpoints."""
+        return self._snapshot.num_rows
+
+    @property
+    def pending_rows(self) -> int:
+        """Buffered (uncommitted) rows."""
+        return int(sum(len(i) for parts in self._buffer.values() for i, _ in parts))
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk of the committed snapshot (data files, indexes and manifest)."""
+        return self._snapshot.size_bytes
+
+    # ------------------------------------------------------------------ snapshot maintenance
+    def rollback(self, generation: int) -> None:
+        """Publish the snapshot as it was at ``generation`` (drop later segments, checkpoints, indexes).
+
+        Used on resume: a callback records the store generation in its Lightning checkpoint and rolls
+        back to it, so re-run steps append the same rows again. The pending buffer is cleared.
+
+        Raises:
+            SketchInputError: ``generation`` is negative or beyond the current one.
+        """
+        self._snapshot.rollback(generation)
+        self._buffer.clear()
+        self._pending_ckpts.clear()
+        self._pending_skips.clear()
+        self._pending_weights.clear()
+        self._pending_curvature.clear()
+        self._idsets.clear()
+        self._cache.clear()
+
+    def refresh(self) -> None:
+        """Re-read the manifest to see commits made since this store was opened (readers)."""
+        self._snapshot.reload()
+        self._cache.clear()
+        self._idsets.clear()
+
+    def prune(self) -> list[str]:
+        """Delete top-level files the current manifest does not name and return their names.
+
+        These are leftovers of interrupted commits (``*.tmp-<pid>``, unreferenced segments), replaced
+        indexes and rolled-back segments. Readers still holding an older snapshot may need them, so
+        prune only when no reader of an older generation is open. Shard directories are left alone.
+
+        Raises:
+            StoreWriteError: the store is read-only.
+        """
+        return self._snapshot.prune()
+
+    def verify(self) -> None:
+        """Check every committed file's size and sha256 (hashed now, whatever was hashed before) and
+        the manifest's row counts.
+
+        Raises:
+            StoreCorruptError: naming the first bad file or inconsistent count.
+        """
+        self._snapshot.verify()
+        for name in self._snapshot.manifest.get("weights", {}):  # files beside the store (run directory)
+            self.load_weights(name)
+        self._verify_curvature()
 
     def check_writer(self) -> None:
         """Raise unless this store may publish now: open for writing, its lock file still the one it took,
@@ -243,14 +298,4 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMi
         Raises:
             StoreWriteError: read-only or closed. StoreConflictError: another writer got in.
         """
-        self._require_writer()
-        self._check_generation()
-
-    def _publish(self, new: dict[str, Any]) -> None:
-        """Atomically replace the manifest by ``new`` if the on-disk generation is still the loaded one.
-
-        The generation and lock are checked before the new manifest is written and again right before
-        its rename, so a writer whose lock was stolen meanwhile never replaces the other's manifest.
-        """
-        self._check_generation()
-        write_json_atomic(self.path / mf.MANIFEST, new, before_replace=self._check_generation)
+        self._snapshot.check_writer()

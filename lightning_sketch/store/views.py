@@ -8,6 +8,7 @@ Pruthi et al. 2020) with w_t = η_t by default (``weights="sqrt_lr"``).
 
 from __future__ import annotations
 
+import copy
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -22,11 +23,10 @@ from lightning_sketch._checks import integer
 from lightning_sketch.exceptions import SketchInputError, StoreCorruptError, StoreWriteError
 from lightning_sketch.io import safeio as sio
 from lightning_sketch.store import index as ix
-from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import atomic_write
+from lightning_sketch.store._state import StoreState
 from lightning_sketch.store._validate import as_rows
 from lightning_sketch.store.rows import GatheredConcat, RowSource, SegmentedRows
-from lightning_sketch.store.snapshot import SnapshotMixin
 
 __all__ = ["StoreViews", "tracin_scale"]
 
@@ -56,29 +56,30 @@ def tracin_scale(w: Any, what: str, hint: str = "") -> float:
     return math.sqrt(value)
 
 
-class StoreViews(SnapshotMixin):
+class StoreViews(StoreState):
     """Mixin: reading rows, building indexes and searching (state lives in ``SketchStore``)."""
 
     # ------------------------------------------------------------------ rows
     def _segments(self, checkpoint: str) -> list[dict[str, Any]]:
-        if checkpoint not in self.checkpoints:
+        if checkpoint not in self._snapshot.checkpoints:
             raise SketchInputError(
                 f"Unknown or uncommitted checkpoint {checkpoint!r}; committed checkpoints: "
-                f"{self.checkpoints}."
+                f"{self._snapshot.checkpoints}."
             )
-        return [s for s in self._manifest["segments"] if s["checkpoint"] == checkpoint]
+        return [s for s in self._snapshot.manifest["segments"] if s["checkpoint"] == checkpoint]
 
     def _view_name(self, checkpoint: str | None) -> str:
+        names = self._snapshot.checkpoints
         if checkpoint is None:
-            if len(self.checkpoints) == 1:
-                return self.checkpoints[0]
+            if len(names) == 1:
+                return names[0]
             raise SketchInputError(
-                f"`checkpoint` is required: the store has checkpoints {self.checkpoints}; pass one of them "
+                f"`checkpoint` is required: the store has checkpoints {names}; pass one of them "
                 "or 'tracin' for the learning-rate-weighted concatenation."
             )
-        if checkpoint != "tracin" and checkpoint not in self.checkpoints:
+        if checkpoint != "tracin" and checkpoint not in names:
             raise SketchInputError(
-                f"Unknown checkpoint {checkpoint!r}; committed checkpoints: {self.checkpoints}."
+                f"Unknown checkpoint {checkpoint!r}; committed checkpoints: {names}."
             )
         return checkpoint
 
@@ -131,7 +132,7 @@ class StoreViews(SnapshotMixin):
 
     def _scales(self, weights: Weights) -> list[float]:
         out = []
-        for c in self._manifest["checkpoints"]:
+        for c in self._snapshot.manifest["checkpoints"]:
             if isinstance(weights, Mapping):
                 if c["name"] not in weights:
                     raise SketchInputError(f"`weights` has no entry for checkpoint {c['name']!r}.")
@@ -161,14 +162,15 @@ class StoreViews(SnapshotMixin):
         Args:
             queries: ``{checkpoint: [Q, D]}`` or a sequence in checkpoint order.
         """
-        names = self.checkpoints
+        names = self._snapshot.checkpoints
         parts = [queries[n] for n in names] if isinstance(queries, Mapping) else list(queries)
         if len(parts) != len(names):
             raise SketchInputError(
                 f"`queries` needs one [Q, D] block per checkpoint ({len(names)}), got {len(parts)}."
             )
         blocks = [
-            as_rows(p, self.sketch_dim, f"queries[{n!r}]").astype(np.float32) for p, n in zip(parts, names)
+            as_rows(p, self._snapshot.sketch_dim, f"queries[{n!r}]").astype(np.float32)
+            for p, n in zip(parts, names)
         ]
         return np.ascontiguousarray(
             np.hstack([b * s for b, s in zip(blocks, self._scales(weights))]), np.float32
@@ -181,29 +183,29 @@ class StoreViews(SnapshotMixin):
         over their memory maps, ``"tracin"`` a :class:`GatheredConcat` over the slices. Every segment
         file of the view is checked (per ``verify``) here, before any row of it is returned.
         """
-        key = ("view", view, repr(weights) if view == "tracin" else None, self.generation)
+        key = ("view", view, repr(weights) if view == "tracin" else None, self._snapshot.generation)
         if key in self._cache:
             return self._cache[key]
         vecs: RowSource
         if view == "tracin":
-            if not self.checkpoints:
+            if not self._snapshot.checkpoints:
                 raise SketchInputError("The store has no committed checkpoints; append and commit first.")
-            slices = [self._view(c) for c in self.checkpoints]
+            slices = [self._view(c) for c in self._snapshot.checkpoints]
             common = reduce(np.intersect1d, [s[0] for s in slices])
             ids = common.astype(np.int64)
             vecs = GatheredConcat(
                 [v for _, v, _ in slices], [_rows(i, o, common) for i, _, o in slices], self._scales(weights)
             )
         else:
-            segs = self._segments(view)
-            id_parts = [self._load(s["ids"], s["rows"], None, "int64") for s in segs]
-            vec_parts = [self._load(s["vectors"], s["rows"], self.sketch_dim, self.dtype) for s in segs]
+            segs, snap = self._segments(view), self._snapshot
+            id_parts = [snap.load(s["ids"], s["rows"], None, "int64") for s in segs]
+            vec_parts = [snap.load(s["vectors"], s["rows"], snap.sketch_dim, snap.dtype) for s in segs]
             ids = (
                 np.asarray(id_parts[0])
                 if len(segs) == 1
                 else np.concatenate(id_parts or [np.zeros(0, np.int64)])
             )
-            vecs = vec_parts[0] if len(segs) == 1 else SegmentedRows(vec_parts, self.sketch_dim, self.dtype)
+            vecs = vec_parts[0] if len(segs) == 1 else SegmentedRows(vec_parts, snap.sketch_dim, snap.dtype)
         out = (ids, vecs, np.argsort(ids, kind="stable"))
         self._cache[key] = out
         return out
@@ -214,8 +216,8 @@ class StoreViews(SnapshotMixin):
         n = len(data[0])
         if n == 0:
             raise SketchInputError(
-                f"Store {str(self.path)!r} has no committed rows in view {view!r}; append rows and commit() "
-                "before searching."
+                f"Store {str(self._snapshot.path)!r} has no committed rows in view {view!r}; append rows and "
+                "commit() before searching."
             )
         width = data[1].shape[1]
         q = as_rows(queries, width, "queries").astype(np.float32)
@@ -292,11 +294,12 @@ class StoreViews(SnapshotMixin):
         return ix.rerank(q, cand, lambda c: np.asarray(vecs[_rows(ids, order, c)], dtype=np.float32), k)
 
     def _index_key(self, view: str, kind: str, weights: Weights, device: str) -> tuple:
-        return ("index", view, kind, repr(weights) if view == "tracin" else None, device, self.generation)
+        tag = repr(weights) if view == "tracin" else None
+        return ("index", view, kind, tag, device, self._snapshot.generation)
 
     def _current_entry(self, view: str, kind: str, weights: Weights) -> dict[str, Any] | None:
         """The persisted index of ``kind`` over ``view`` if it indexes the committed rows, else None."""
-        entry = self._manifest["indexes"].get(f"{view}:{kind}")
+        entry = self._snapshot.manifest["indexes"].get(f"{view}:{kind}")
         if (
             entry
             and entry["rows"] == len(self._view(view, weights)[0])
@@ -329,19 +332,17 @@ class StoreViews(SnapshotMixin):
         return index
 
     def _data_generation(self, view: str) -> int:
-        segs = [s for s in self._manifest["segments"] if view == "tracin" or s["checkpoint"] == view]
+        segs = [s for s in self._snapshot.manifest["segments"] if view == "tracin" or s["checkpoint"] == view]
         return max((s["generation"] for s in segs), default=0)
 
     def _read_index(self, entry: dict[str, Any]) -> faiss.Index:
-        if entry["file"] not in self._verified:
-            mf.check_file(self.path, entry, full=True)  # never hand FAISS a corrupted file
-            self._verified.add(entry["file"])
-        real = sio.confined(self.path, entry["file"], what="store index")
+        self._snapshot.check_hash(entry)  # never hand FAISS a corrupted file, whatever the verify mode
+        real = sio.confined(self._snapshot.path, entry["file"], what="store index")
         try:
             index = faiss.read_index(str(real))
         except RuntimeError as err:
             raise StoreCorruptError(
-                f"FAISS cannot read index file {str(self.path / entry['file'])!r}: {err}"
+                f"FAISS cannot read index file {str(self._snapshot.path / entry['file'])!r}: {err}"
             ) from err
         ix.set_search_params(index, entry["kind"], entry["params"])
         return index
@@ -373,7 +374,7 @@ class StoreViews(SnapshotMixin):
             StoreWriteError: read-only store or failed write (the previous snapshot stays intact).
         """
         if persist:
-            self._require_writer()
+            self._snapshot.require_writer()
             self.commit()
         view = self._view_name(checkpoint)
         ids, vecs, _ = self._view(view, weights)
@@ -385,26 +386,24 @@ class StoreViews(SnapshotMixin):
             tag = repr(weights) if view == "tracin" else None
             for key in [k for k in self._cache if k[:3] == ("index", view, kind)]:
                 del self._cache[key]
-            self._cache[("index", view, kind, tag, "cpu", self.generation)] = index
+            self._cache[("index", view, kind, tag, "cpu", self._snapshot.generation)] = index
             return {"kind": kind, "view": view, "params": full, "rows": len(ids)}
-        gen = self.generation + 1
+        gen = self._snapshot.generation + 1
         name = f"index-{view}-{kind}-g{gen:06d}-{secrets.token_hex(4)}.faiss"
-        sha, size = atomic_write(self.path / name, [faiss.serialize_index(index).data])
+        sha, size = atomic_write(self._snapshot.path / name, [faiss.serialize_index(index).data])
         entry = {
             "file": name, "bytes": size, "sha256": sha, "kind": kind, "view": view, "params": full,
             "rows": len(ids), "generation": gen, "data_generation": self._data_generation(view),
             "weights": repr(weights) if view == "tracin" else None,
         }
-        new = self.manifest
+        new = copy.deepcopy(self._snapshot.manifest)
         new["indexes"][f"{view}:{kind}"] = entry
         new["generation"] = gen
         try:
-            self._publish(new)
+            self._snapshot.publish(new, written=[name])
         except StoreWriteError:
-            (self.path / name).unlink(missing_ok=True)
+            (self._snapshot.path / name).unlink(missing_ok=True)
             raise
-        self._manifest = new
-        self._verified.add(name)
         self._cache.clear()
         self._cache[("index", view, kind, entry["weights"], "cpu", gen)] = index
         return dict(entry)

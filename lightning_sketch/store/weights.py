@@ -22,12 +22,12 @@ from lightning_sketch.exceptions import (
 )
 from lightning_sketch.io import safeio as sio
 from lightning_sketch.store import manifest as mf
-from lightning_sketch.store.snapshot import SnapshotMixin
+from lightning_sketch.store._state import StoreState
 
 __all__ = ["WeightsMixin"]
 
 
-class WeightsMixin(SnapshotMixin):
+class WeightsMixin(StoreState):
     """Saving and verified loading of per-checkpoint parameters (state lives in ``SketchStore``)."""
 
     def save_weights(self, name: str, tensors: dict[str, Any], directory: str | Path,
@@ -44,9 +44,9 @@ class WeightsMixin(SnapshotMixin):
             UnsafeFileError: ``directory`` is reached through a symlinked folder of the run directory.
             StoreWriteError: the write failed (disk full); no file is left behind.
         """
-        self._require_writer()
+        self._snapshot.require_writer()
         mf.check_checkpoint_name(name)
-        root = self.path.parent
+        root = self._snapshot.path.parent
         directory = Path(directory)
         try:
             rel = directory.resolve().relative_to(root.resolve()).as_posix()
@@ -63,13 +63,15 @@ class WeightsMixin(SnapshotMixin):
         sha, size = sio.atomic_write(directory / f"{name}.pt", [buf.getbuffer()], what="weights file",
                                      root=root)
         file = f"{name}.pt" if rel == "." else f"{rel}/{name}.pt"
-        self._pending_weights[name] = {"file": file, "bytes": size, "sha256": sha,
-                                       "layout_fingerprint": layout_fingerprint or self.layout_fingerprint}
+        self._pending_weights[name] = {
+            "file": file, "bytes": size, "sha256": sha,
+            "layout_fingerprint": layout_fingerprint or self._snapshot.layout_fingerprint,
+        }
         return directory / f"{name}.pt"
 
     def has_weights(self, name: str) -> bool:
         """Whether committed parameters of checkpoint ``name`` are recorded (see :meth:`save_weights`)."""
-        return name in self._manifest.get("weights", {})
+        return name in self._snapshot.manifest.get("weights", {})
 
     def load_weights(self, name: str, layout_fingerprint: str | None = None) -> dict[str, Any]:
         """The verified parameters ``{param name: tensor}`` of checkpoint ``name`` (CPU tensors).
@@ -84,14 +86,15 @@ class WeightsMixin(SnapshotMixin):
             LayoutMismatchError: the weights were saved for another parameter layout.
             UnsafeFileError: the recorded path leaves the run directory or is not a regular file.
         """
-        entry = self._manifest.get("weights", {}).get(name)
+        entry = self._snapshot.manifest.get("weights", {}).get(name)
         if entry is None:
             raise StoreNotFoundError(
-                f"Store {str(self.path)!r} records no saved weights for checkpoint {name!r} (recorded: "
-                f"{sorted(self._manifest.get('weights', {}))}); write them with "
+                f"Store {str(self._snapshot.path)!r} records no saved weights for checkpoint {name!r} "
+                "(recorded: "
+                f"{sorted(self._snapshot.manifest.get('weights', {}))}); write them with "
                 "GradientSketch(save_weights=True)."
             )
-        root = self.path.parent
+        root = self._snapshot.path.parent
         path = root / entry["file"]
         real = sio.confined(root, entry["file"], what="weights file")
         try:
@@ -108,7 +111,7 @@ class WeightsMixin(SnapshotMixin):
                 "checkpoint or run. Restore the original file."
             )
         for fp, where in ((entry.get("layout_fingerprint"), "recorded with the weights"),
-                          (self.layout_fingerprint, "of the store")):
+                          (self._snapshot.layout_fingerprint, "of the store")):
             if layout_fingerprint is not None and fp is not None and fp != layout_fingerprint:
                 raise LayoutMismatchError(
                     f"Weights of checkpoint {name!r} were saved for parameter layout {fp[:12]}… ({where}) "

@@ -2,7 +2,8 @@
 
 Mixin of :class:`~lightning_sketch.store.SketchStore`. :meth:`WriterMixin.append` buffers rows in
 memory; :meth:`WriterMixin.commit` writes them as new segment files (tmp + fsync + rename) and then
-publishes a new manifest atomically (``SketchStore._publish``), so a crash loses at most the buffer.
+publishes a new manifest atomically (:meth:`~lightning_sketch.store.snapshot.Snapshot.publish`), so a
+crash loses at most the buffer.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from lightning_sketch._checks import number
 from lightning_sketch.exceptions import DuplicateIdError, SketchInputError
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import atomic_write, npy_bytes
+from lightning_sketch.store._state import StoreState
 from lightning_sketch.store._validate import as_ids, as_rows, finite_rows, spec_dict
-from lightning_sketch.store.snapshot import SnapshotMixin, _recount
+from lightning_sketch.store.snapshot import recount
 
 __all__ = ["WriterMixin"]
 
 
-class WriterMixin(SnapshotMixin):
+class WriterMixin(StoreState):
     """Checkpoints, buffered rows, commits and resume points (state lives in ``SketchStore``)."""
 
     def add_checkpoint(
@@ -44,12 +46,12 @@ class WriterMixin(SnapshotMixin):
             SketchInputError: unsafe name, or a checkpoint of that name with other step/lr/weight.
             StoreWriteError: the store is read-only.
         """
-        self._require_writer()
+        self._snapshot.require_writer()
         mf.check_checkpoint_name(name)
         for key, val in (("lr", lr), ("weight", weight)):
             number(key, val, allow_none=True, error=SketchInputError)
         record = {"name": name, "step": None if step is None else int(step), "lr": lr, "weight": weight}
-        for c in self._manifest["checkpoints"] + self._pending_ckpts:
+        for c in self._snapshot.manifest["checkpoints"] + self._pending_ckpts:
             if c["name"] == name:
                 if {k: c[k] for k in record} != record:
                     raise SketchInputError(
@@ -60,7 +62,7 @@ class WriterMixin(SnapshotMixin):
         self._pending_ckpts.append({**record, "rows": 0, "meta": spec_dict(meta) or {}})
 
     def _resolve_checkpoint(self, checkpoint: str | None) -> str:
-        names = self.checkpoints + [c["name"] for c in self._pending_ckpts]
+        names = self._snapshot.checkpoints + [c["name"] for c in self._pending_ckpts]
         if checkpoint is None:
             if len(names) == 1:
                 return names[0]
@@ -77,7 +79,7 @@ class WriterMixin(SnapshotMixin):
     def _idset(self, checkpoint: str) -> set[int]:
         if checkpoint not in self._idsets:
             self._idsets[checkpoint] = (
-                set(self.ids(checkpoint).tolist()) if checkpoint in self.checkpoints else set()
+                set(self.ids(checkpoint).tolist()) if checkpoint in self._snapshot.checkpoints else set()
             )
         return self._idsets[checkpoint]
 
@@ -113,13 +115,13 @@ class WriterMixin(SnapshotMixin):
             DuplicateIdError: an id repeats within this checkpoint.
             NonFiniteGradientError: non-finite rows under ``nan_policy="raise"``.
         """
-        self._require_writer()
+        self._snapshot.require_writer()
         checkpoint = self._resolve_checkpoint(checkpoint)
         idx = as_ids(ids)
-        rows = as_rows(vectors, self.sketch_dim, "vectors")
+        rows = as_rows(vectors, self._snapshot.sketch_dim, "vectors")
         if len(idx) != len(rows):
             raise SketchInputError(f"`ids` has {len(idx)} entries but `vectors` has {len(rows)} rows.")
-        policy = nan_policy or self._manifest.get("nan_policy", "raise")
+        policy = nan_policy or self._snapshot.manifest.get("nan_policy", "raise")
         if on_duplicate not in ("raise", "skip") or policy not in ("raise", "skip"):
             raise SketchInputError(
                 f"`on_duplicate`/`nan_policy` must be 'raise' or 'skip'; got {on_duplicate}/{policy}."
@@ -145,8 +147,8 @@ class WriterMixin(SnapshotMixin):
             skips["duplicates"] += int(dup.sum())
             idx, rows = idx[~dup], rows[~dup]
         with np.errstate(over="ignore"):
-            stored = rows.astype(self.dtype)
-        if self.dtype == "float16" and not np.isfinite(stored).all():
+            stored = rows.astype(self._snapshot.dtype)
+        if self._snapshot.dtype == "float16" and not np.isfinite(stored).all():
             raise SketchInputError(
                 "`vectors` exceed the float16 range (±65504); create the store with dtype='float32'."
             )
@@ -167,7 +169,7 @@ class WriterMixin(SnapshotMixin):
             StoreWriteError: a write failed (e.g. disk full); the last committed state is intact and
                 the buffer is kept, so commit can be retried.
         """
-        self._require_writer()
+        self._snapshot.require_writer()
         if (
             not self._buffer
             and not self._pending_ckpts
@@ -176,9 +178,9 @@ class WriterMixin(SnapshotMixin):
             and not self._pending_mark
             and not any(s["nonfinite"] or s["duplicates"] for s in self._pending_skips.values())
         ):
-            return self.generation
-        self._check_generation()  # before writing anything: another writer's files are never touched
-        new = copy.deepcopy(self._manifest)
+            return self._snapshot.generation
+        self._snapshot.check_generation()  # before writing anything: another writer's files are never touched
+        new = copy.deepcopy(self._snapshot.manifest)
         gen = new["generation"] + 1
         new["generation"] = gen
         new["checkpoints"].extend({**c, "generation": gen} for c in self._pending_ckpts)
@@ -199,7 +201,7 @@ class WriterMixin(SnapshotMixin):
             entry: dict[str, Any] = {"checkpoint": ckpt, "rank": rank, "generation": gen, "rows": rows}
             new["segments"].append(entry)
             # the pieces are joined on the worker, one segment at a time per thread (not all up front)
-            jobs += [(entry, key, self.path / (stem + suffix), [p[i] for p in parts])
+            jobs += [(entry, key, self._snapshot.path / (stem + suffix), [p[i] for p in parts])
                      for key, suffix, i in (("vectors", ".npy", 1), ("ids", ".ids.npy", 0))]
         try:
             # Each file is written, fsync-ed and renamed on its own thread: the fsyncs (not the bytes)
@@ -222,13 +224,12 @@ class WriterMixin(SnapshotMixin):
             for ckpt, s in self._pending_skips.items():
                 if s["nonfinite"] or s["duplicates"]:
                     new.setdefault("skips", []).append({"generation": gen, "checkpoint": ckpt, **s})
-            _recount(new)
-            self._publish(new)
+            recount(new)
+            self._snapshot.publish(new, written=[p.name for p in written])
         except BaseException:  # disk full, or anything else: no file of this generation is left behind
             for p in written:
                 p.unlink(missing_ok=True)
             raise
-        self._manifest = new
         self._buffer.clear()
         self._pending_ckpts.clear()
         self._pending_skips.clear()
@@ -236,7 +237,6 @@ class WriterMixin(SnapshotMixin):
         self._pending_curvature.clear()
         self._pending_mark = False
         self._cache.clear()
-        self._verified.update(str(p.name) for p in written)
         return gen
 
     # ------------------------------------------------------------------ resume points
@@ -247,11 +247,11 @@ class WriterMixin(SnapshotMixin):
         None means no run writing this store ever reached a checkpoint: its rows are orphans a
         fresh run may discard (see :class:`~lightning_sketch.callbacks.GradientSketch`).
         """
-        return self._manifest.get("checkpointed_generation")
+        return self._snapshot.manifest.get("checkpointed_generation")
 
     def mark_resume_point(self) -> int:
         """Record (and commit) that a training checkpoint now references this store; return the generation."""
-        self._require_writer()
+        self._snapshot.require_writer()
         self._pending_mark = True
         return self.commit()
 
