@@ -1,9 +1,10 @@
 """The state the store's remaining mixins share.
 
-``SketchStore`` owns its committed snapshot (:class:`~lightning_sketch.store.snapshot.Snapshot`) and is
+``SketchStore`` owns its committed snapshot (:class:`~lightning_sketch.store.snapshot.Snapshot`) and its
+views (:class:`~lightning_sketch.store.views.Views`) and is
 still assembled from mixins for the other concerns (:mod:`~lightning_sketch.store.writer`,
 :mod:`~lightning_sketch.store.weights`, :mod:`~lightning_sketch.store.curvature`,
-:mod:`~lightning_sketch.store.shards`, :mod:`~lightning_sketch.store.views`). They all derive from
+:mod:`~lightning_sketch.store.shards`). They all derive from
 :class:`StoreState`, which declares the instance attributes that ``SketchStore.__init__`` sets and,
 for the type checker only, the methods one mixin calls on another.
 """
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from lightning_sketch.store.snapshot import Snapshot
+from lightning_sketch.store.views import Views
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -28,6 +30,8 @@ class StoreState:
 
     #: the committed manifest, its files and the writer lock.
     _snapshot: Snapshot
+    #: views, FAISS indexes and searches of the committed rows.
+    _views: Views
     #: uncommitted rows per (checkpoint, rank): a list of (ids [B], rows [B, D]) parts.
     _buffer: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]]
     _pending_ckpts: list[dict[str, Any]]
@@ -38,8 +42,6 @@ class StoreState:
     _pending_mark: bool
     #: ids per checkpoint (committed and buffered), for the duplicate check.
     _idsets: dict[str, set[int]]
-    #: views and FAISS indexes of the current generation.
-    _cache: dict[Any, Any]
 
     if TYPE_CHECKING:
         # Defined by SketchStore (store.py).
@@ -59,6 +61,3 @@ class StoreState:
         # Defined by WriterMixin (writer.py).
         def commit(self) -> int: ...
         def _idset(self, checkpoint: str) -> set[int]: ...
-
-        # Defined by StoreViews (views.py).
-        def ids(self, checkpoint: str | None = None) -> np.ndarray: ...

@@ -83,7 +83,7 @@ class ShardMixin(StoreState):
             new["generation"] += 1
             recount(new)
             self._snapshot.publish(new)
-            self._cache.clear()
+            self._views.clear()
         return merged_rows
 
     def _merge_into(self, new: dict[str, Any], root: Path) -> int:

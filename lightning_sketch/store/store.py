@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,9 +34,10 @@ from lightning_sketch.exceptions import StoreWriteError
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._validate import layout_info, spec_dict
 from lightning_sketch.store.curvature import CurvatureMixin
+from lightning_sketch.store.rows import RowSource
 from lightning_sketch.store.shards import ShardMixin
 from lightning_sketch.store.snapshot import Snapshot
-from lightning_sketch.store.views import StoreViews
+from lightning_sketch.store.views import Views, Weights
 from lightning_sketch.store.weights import WeightsMixin
 from lightning_sketch.store.writer import WriterMixin
 
@@ -44,7 +46,7 @@ __all__ = ["SketchStore"]
 log = logging.getLogger(__name__)
 
 
-class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMixin):
+class SketchStore(WriterMixin, WeightsMixin, CurvatureMixin, ShardMixin):
     """A directory of committed sketch rows, one slice per training checkpoint.
 
     Build one with :meth:`create` or :meth:`open`, never directly.
@@ -66,6 +68,7 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMi
 
     def __init__(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
+        self._views = Views(snapshot)
         self._buffer: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
         self._pending_ckpts: list[dict[str, Any]] = []
         self._pending_skips: dict[str, dict[str, Any]] = {}
@@ -73,7 +76,6 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMi
         self._pending_curvature: dict[str, dict[str, Any]] = {}
         self._pending_mark = False
         self._idsets: dict[str, set[int]] = {}
-        self._cache: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -258,12 +260,12 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMi
         self._pending_weights.clear()
         self._pending_curvature.clear()
         self._idsets.clear()
-        self._cache.clear()
+        self._views.clear()
 
     def refresh(self) -> None:
         """Re-read the manifest to see commits made since this store was opened (readers)."""
         self._snapshot.reload()
-        self._cache.clear()
+        self._views.clear()
         self._idsets.clear()
 
     def prune(self) -> list[str]:
@@ -299,3 +301,137 @@ class SketchStore(StoreViews, WriterMixin, WeightsMixin, CurvatureMixin, ShardMi
             StoreWriteError: read-only or closed. StoreConflictError: another writer got in.
         """
         self._snapshot.check_writer()
+
+    # ------------------------------------------------------------------ views and search (Views)
+    def ids(self, checkpoint: str | None = None) -> np.ndarray:
+        """Committed example ids ``[n]`` int64 of a checkpoint, in append order.
+
+        ``"tracin"``: the sorted ids common to every checkpoint.
+        """
+        return self._views.ids(checkpoint)
+
+    def vectors(
+        self, checkpoint: str | None = None, as_torch: bool = False, weights: Weights = "sqrt_lr"
+    ) -> Any:
+        """Committed rows ``[n, D]`` of a checkpoint in the storage dtype, aligned with :meth:`ids`.
+
+        A single-segment checkpoint is returned as a read-only memory map; several segments are
+        concatenated in memory (a copy of the slice: :meth:`rows` reads them without one).
+        ``"tracin"`` gives :meth:`concat_vectors`. ``as_torch`` wraps the result with
+        :func:`torch.from_numpy` (a copy if the array is read-only).
+        """
+        return self._views.vectors(checkpoint, as_torch, weights)
+
+    def concat_vectors(self, weights: Weights = "sqrt_lr") -> tuple[np.ndarray, np.ndarray]:
+        """The TracIn view: ``(ids [n], rows [n, T·D] float32)`` over ids present in every checkpoint.
+
+        Slice t is scaled by √w_t: ``weights="sqrt_lr"`` uses w_t = lr, ``"sqrt_weight"`` the
+        checkpoint's ``weight`` (lr if unset), ``"uniform"`` w_t = 1, and a mapping gives the scale
+        factor per checkpoint name directly.
+
+        Raises:
+            SketchInputError: no checkpoints, or a checkpoint without the lr/weight asked for.
+        """
+        return self._views.concat_vectors(weights)
+
+    def rows(self, checkpoint: str | None = None, weights: Weights = "sqrt_lr") -> RowSource:
+        """Committed rows ``[n, width]`` of a view, aligned with :meth:`ids`, without joining segments.
+
+        A read-only memory map (one segment), a :class:`~lightning_sketch.store.rows.SegmentedRows`
+        (several) or, for ``"tracin"``, a :class:`~lightning_sketch.store.rows.GatheredConcat`
+        (``[n, T·D]`` float32). ``rows[s:e]`` and ``rows[positions]`` return arrays that copy only
+        the rows asked for, so a pass in blocks holds one block beside the memory-mapped pages.
+        """
+        return self._views.rows(checkpoint, weights)
+
+    def concat_queries(
+        self, queries: Mapping[str, Any] | Sequence[Any], weights: Weights = "sqrt_lr"
+    ) -> np.ndarray:
+        """Query sketches per checkpoint -> ``[Q, T·D]`` float32 rows matching :meth:`concat_vectors`.
+
+        Args:
+            queries: ``{checkpoint: [Q, D]}`` or a sequence in checkpoint order.
+        """
+        return self._views.concat_queries(queries, weights)
+
+    def search_exact(
+        self, queries: Any, k: int, checkpoint: str | None = None, weights: Weights = "sqrt_lr"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k inner products by torch brute force in float64: the reference for :meth:`search`.
+
+        Returns:
+            ``(scores [Q, k] float64, ids [Q, k] int64)``, sorted by decreasing score.
+        """
+        return self._views.search_exact(queries, k, checkpoint, weights)
+
+    def search(
+        self,
+        queries: Any,
+        k: int,
+        checkpoint: str | None = None,
+        index: str = "flat",
+        rerank: bool = True,
+        candidates: int | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        device: str = "cpu",
+        weights: Weights = "sqrt_lr",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k training examples by inner product with each query, through FAISS.
+
+        Uses the persisted index of this kind (see :meth:`build_index`) when it is current, else builds
+        one in memory with default parameters (cached on this object). A ``"flat"`` search on the CPU
+        without such an index searches the stored rows block by block instead
+        (:func:`~lightning_sketch.store.index.flat_topk`: FAISS's flat kernel), holding no second
+        copy of the rows.
+
+        Args:
+            queries: ``[Q, D]`` (``[Q, T·D]`` for ``"tracin"``, see :meth:`concat_queries`).
+            k: results per query, ``1 <= k <= rows``.
+            checkpoint: a checkpoint name, ``"tracin"``, or None when there is one checkpoint.
+            index: "flat" (exact), "ivf", "ivfpq" or "hnsw".
+            rerank: re-rank approximate candidates exactly against the stored rows.
+            candidates: approximate candidates per query before re-ranking (default ``max(4k, k + 32)``).
+            nprobe / ef_search: search-time recall knobs of IVF / HNSW.
+            device: "cpu" or "cuda[:i]" (needs GPU FAISS; flat/ivf/ivfpq).
+
+        Returns:
+            ``(scores [Q, k] float32, ids [Q, k] int64)`` sorted by decreasing score; an approximate
+            search that finds fewer than k candidates pads with score -inf and id -1.
+
+        Raises:
+            SketchInputError: empty view, bad ``k``/queries. SketchConfigError: bad index kind or device.
+        """
+        return self._views.search(queries, k, checkpoint, index=index, rerank=rerank, candidates=candidates,
+                                  nprobe=nprobe, ef_search=ef_search, device=device, weights=weights)
+
+    def build_index(
+        self,
+        kind: str = "flat",
+        checkpoint: str | None = None,
+        weights: Weights = "sqrt_lr",
+        persist: bool = True,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """Build a FAISS index over a view, persist it beside the segments (checksummed) and commit.
+
+        With ``persist=False`` the index is only kept in memory for this object's later
+        :meth:`search` calls (no write; works on read-only stores).
+
+        Args:
+            kind: "flat", "ivf", "ivfpq" or "hnsw".
+            checkpoint: a checkpoint name, "tracin", or None when there is one checkpoint.
+            **params: overrides of :func:`lightning_sketch.store.index.default_params` (nlist, nprobe,
+                m, nbits, M, ef_construction, ef_search, max_train, seed).
+
+        Returns:
+            The manifest entry of the index (kind, params, file, bytes, sha256, rows); with
+            ``persist=False`` only kind, view, params and rows.
+
+        Raises:
+            StoreWriteError: read-only store or failed write (the previous snapshot stays intact).
+        """
+        if persist:
+            self._snapshot.require_writer()
+            self.commit()
+        return self._views.build_index(kind, checkpoint, weights, persist, **params)

@@ -1,5 +1,10 @@
 """Read side of :class:`~lightning_sketch.store.SketchStore`: per-checkpoint and TracIn views, search.
 
+:class:`Views` is the store's component that reads the committed rows of its
+:class:`~lightning_sketch.store.snapshot.Snapshot` (each file checked per the ``verify`` mode before
+any row of it is returned), caches views and FAISS indexes per generation, searches them and
+builds indexes (a persisted one is published through the snapshot).
+
 Views: a checkpoint name gives that checkpoint's rows ``[n_t, D]``; ``"tracin"`` gives, for the ids
 present in every checkpoint, the concatenation along D of √w_t-scaled slices ``[n, T·D]``, so one
 inner product is the TracIn-CP score Σ_t w_t ⟨Φg_t(z), Φg_t(z')⟩ (arXiv 2402.03994 Sec. 5.2;
@@ -24,11 +29,11 @@ from lightning_sketch.exceptions import SketchInputError, StoreCorruptError, Sto
 from lightning_sketch.io import safeio as sio
 from lightning_sketch.store import index as ix
 from lightning_sketch.store._io import atomic_write
-from lightning_sketch.store._state import StoreState
 from lightning_sketch.store._validate import as_rows
 from lightning_sketch.store.rows import GatheredConcat, RowSource, SegmentedRows
+from lightning_sketch.store.snapshot import Snapshot
 
-__all__ = ["StoreViews", "tracin_scale"]
+__all__ = ["Views", "tracin_scale"]
 
 Weights = str | Mapping[str, float]
 
@@ -36,9 +41,9 @@ Weights = str | Mapping[str, float]
 def tracin_scale(w: Any, what: str, hint: str = "") -> float:
     """√w_t, the scale of checkpoint t's slice in the TracIn-CP concatenation (Pruthi et al. 2020, eq. 3).
 
-    The one place the TracIn weighting is computed: :class:`StoreViews` (``"tracin"`` view and
-    :meth:`StoreViews.concat_queries`) use it,
-    so the inner product of two concatenations is Σ_t w_t ⟨a_t, b_t⟩ with w_t = η_t by default.
+    The one place the TracIn weighting is computed: :class:`Views` (``"tracin"`` view and
+    :meth:`Views.concat_queries`) use it, so the inner product of two concatenations is
+    Σ_t w_t ⟨a_t, b_t⟩ with w_t = η_t by default.
 
     Raises:
         SketchInputError: ``w`` is None, not a number, not finite or negative (``what`` names it).
@@ -56,8 +61,21 @@ def tracin_scale(w: Any, what: str, hint: str = "") -> float:
     return math.sqrt(value)
 
 
-class StoreViews(StoreState):
-    """Mixin: reading rows, building indexes and searching (state lives in ``SketchStore``)."""
+class Views:
+    """Component of :class:`~lightning_sketch.store.SketchStore`: the views of the committed rows,
+    their FAISS indexes and searches, cached per generation of ``snapshot``.
+
+    Whoever replaces the committed snapshot (commit, rollback, refresh, merge) calls :meth:`clear`.
+    """
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+        #: views and FAISS indexes of the current generation, keyed ``("view" | "index", view, ...)``.
+        self.cache: dict[Any, Any] = {}
+
+    def clear(self) -> None:
+        """Drop every cached view and index (the committed snapshot changed)."""
+        self.cache.clear()
 
     # ------------------------------------------------------------------ rows
     def _segments(self, checkpoint: str) -> list[dict[str, Any]]:
@@ -84,22 +102,13 @@ class StoreViews(StoreState):
         return checkpoint
 
     def ids(self, checkpoint: str | None = None) -> np.ndarray:
-        """Committed example ids ``[n]`` int64 of a checkpoint, in append order.
-
-        ``"tracin"``: the sorted ids common to every checkpoint.
-        """
+        """Committed ids ``[n]`` of a view (see ``SketchStore.ids``)."""
         return self._view(self._view_name(checkpoint))[0]
 
     def vectors(
         self, checkpoint: str | None = None, as_torch: bool = False, weights: Weights = "sqrt_lr"
     ) -> Any:
-        """Committed rows ``[n, D]`` of a checkpoint in the storage dtype, aligned with :meth:`ids`.
-
-        A single-segment checkpoint is returned as a read-only memory map; several segments are
-        concatenated in memory (a copy of the slice: :meth:`rows` reads them without one).
-        ``"tracin"`` gives :meth:`concat_vectors`. ``as_torch`` wraps the result with
-        :func:`torch.from_numpy` (a copy if the array is read-only).
-        """
+        """Committed rows of a view as one array or tensor (see ``SketchStore.vectors``)."""
         vecs = self._view(self._view_name(checkpoint), weights)[1]
         if not isinstance(vecs, np.ndarray):
             vecs = np.asarray(vecs)
@@ -108,26 +117,12 @@ class StoreViews(StoreState):
         return vecs
 
     def concat_vectors(self, weights: Weights = "sqrt_lr") -> tuple[np.ndarray, np.ndarray]:
-        """The TracIn view: ``(ids [n], rows [n, T·D] float32)`` over ids present in every checkpoint.
-
-        Slice t is scaled by √w_t: ``weights="sqrt_lr"`` uses w_t = lr, ``"sqrt_weight"`` the
-        checkpoint's ``weight`` (lr if unset), ``"uniform"`` w_t = 1, and a mapping gives the scale
-        factor per checkpoint name directly.
-
-        Raises:
-            SketchInputError: no checkpoints, or a checkpoint without the lr/weight asked for.
-        """
+        """The TracIn view as ``(ids, rows)`` arrays (see ``SketchStore.concat_vectors``)."""
         ids, vecs, _ = self._view("tracin", weights)
         return ids, np.asarray(vecs)
 
     def rows(self, checkpoint: str | None = None, weights: Weights = "sqrt_lr") -> RowSource:
-        """Committed rows ``[n, width]`` of a view, aligned with :meth:`ids`, without joining segments.
-
-        A read-only memory map (one segment), a :class:`~lightning_sketch.store.rows.SegmentedRows`
-        (several) or, for ``"tracin"``, a :class:`~lightning_sketch.store.rows.GatheredConcat`
-        (``[n, T·D]`` float32). ``rows[s:e]`` and ``rows[positions]`` return arrays that copy only
-        the rows asked for, so a pass in blocks holds one block beside the memory-mapped pages.
-        """
+        """The row source of a view, never joined (see ``SketchStore.rows``)."""
         return self._view(self._view_name(checkpoint), weights)[1]
 
     def _scales(self, weights: Weights) -> list[float]:
@@ -157,11 +152,7 @@ class StoreViews(StoreState):
     def concat_queries(
         self, queries: Mapping[str, Any] | Sequence[Any], weights: Weights = "sqrt_lr"
     ) -> np.ndarray:
-        """Query sketches per checkpoint -> ``[Q, T·D]`` float32 rows matching :meth:`concat_vectors`.
-
-        Args:
-            queries: ``{checkpoint: [Q, D]}`` or a sequence in checkpoint order.
-        """
+        """Query sketches per checkpoint as ``[Q, T·D]`` TracIn rows (see ``SketchStore.concat_queries``)."""
         names = self._snapshot.checkpoints
         parts = [queries[n] for n in names] if isinstance(queries, Mapping) else list(queries)
         if len(parts) != len(names):
@@ -184,8 +175,8 @@ class StoreViews(StoreState):
         file of the view is checked (per ``verify``) here, before any row of it is returned.
         """
         key = ("view", view, repr(weights) if view == "tracin" else None, self._snapshot.generation)
-        if key in self._cache:
-            return self._cache[key]
+        if key in self.cache:
+            return self.cache[key]
         vecs: RowSource
         if view == "tracin":
             if not self._snapshot.checkpoints:
@@ -207,7 +198,7 @@ class StoreViews(StoreState):
             )
             vecs = vec_parts[0] if len(segs) == 1 else SegmentedRows(vec_parts, snap.sketch_dim, snap.dtype)
         out = (ids, vecs, np.argsort(ids, kind="stable"))
-        self._cache[key] = out
+        self.cache[key] = out
         return out
 
     # ------------------------------------------------------------------ search
@@ -229,11 +220,7 @@ class StoreViews(StoreState):
     def search_exact(
         self, queries: Any, k: int, checkpoint: str | None = None, weights: Weights = "sqrt_lr"
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k inner products by torch brute force in float64: the reference for :meth:`search`.
-
-        Returns:
-            ``(scores [Q, k] float64, ids [Q, k] int64)``, sorted by decreasing score.
-        """
+        """Exact top-k by brute force (see ``SketchStore.search_exact``)."""
         view = self._view_name(checkpoint)
         q, k, (ids, vecs, _) = self._prepare(queries, k, view, weights)
         return ix.exact_topk(q, vecs, ids, k)
@@ -251,31 +238,7 @@ class StoreViews(StoreState):
         device: str = "cpu",
         weights: Weights = "sqrt_lr",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k training examples by inner product with each query, through FAISS.
-
-        Uses the persisted index of this kind (see :meth:`build_index`) when it is current, else builds
-        one in memory with default parameters (cached on this object). A ``"flat"`` search on the CPU
-        without such an index searches the stored rows block by block instead
-        (:func:`~lightning_sketch.store.index.flat_topk`: FAISS's flat kernel), holding no second
-        copy of the rows.
-
-        Args:
-            queries: ``[Q, D]`` (``[Q, T·D]`` for ``"tracin"``, see :meth:`concat_queries`).
-            k: results per query, ``1 <= k <= rows``.
-            checkpoint: a checkpoint name, ``"tracin"``, or None when there is one checkpoint.
-            index: "flat" (exact), "ivf", "ivfpq" or "hnsw".
-            rerank: re-rank approximate candidates exactly against the stored rows.
-            candidates: approximate candidates per query before re-ranking (default ``max(4k, k + 32)``).
-            nprobe / ef_search: search-time recall knobs of IVF / HNSW.
-            device: "cpu" or "cuda[:i]" (needs GPU FAISS; flat/ivf/ivfpq).
-
-        Returns:
-            ``(scores [Q, k] float32, ids [Q, k] int64)`` sorted by decreasing score; an approximate
-            search that finds fewer than k candidates pads with score -inf and id -1.
-
-        Raises:
-            SketchInputError: empty view, bad ``k``/queries. SketchConfigError: bad index kind or device.
-        """
+        """Top-k through FAISS, re-ranked exactly (see ``SketchStore.search``)."""
         view = self._view_name(checkpoint)
         q, k, (ids, vecs, order) = self._prepare(queries, k, view, weights)
         if index == "flat" and device == "cpu" and not self._has_index(view, index, weights, device):
@@ -312,14 +275,14 @@ class StoreViews(StoreState):
     def _has_index(self, view: str, kind: str, weights: Weights, device: str) -> bool:
         """Whether a FAISS index of ``kind`` is cached on this object or persisted and current."""
         return (
-            self._index_key(view, kind, weights, device) in self._cache
+            self._index_key(view, kind, weights, device) in self.cache
             or self._current_entry(view, kind, weights) is not None
         )
 
     def _index(self, view: str, kind: str, weights: Weights, device: str) -> faiss.Index:
         key = self._index_key(view, kind, weights, device)
-        if key in self._cache:
-            return self._cache[key]
+        if key in self.cache:
+            return self.cache[key]
         ids, vecs, _ = self._view(view, weights)
         entry = self._current_entry(view, kind, weights)
         if entry is not None:
@@ -327,8 +290,8 @@ class StoreViews(StoreState):
         else:
             index = ix.build_index(kind, vecs, ids, ix.default_params(kind, len(ids), vecs.shape[1]))
         index, res = ix.to_device(index, device)
-        self._cache[key] = index
-        self._cache[key + ("res",)] = res
+        self.cache[key] = index
+        self.cache[key + ("res",)] = res
         return index
 
     def _data_generation(self, view: str) -> int:
@@ -355,27 +318,8 @@ class StoreViews(StoreState):
         persist: bool = True,
         **params: Any,
     ) -> dict[str, Any]:
-        """Build a FAISS index over a view, persist it beside the segments (checksummed) and commit.
-
-        With ``persist=False`` the index is only kept in memory for this object's later
-        :meth:`search` calls (no write; works on read-only stores).
-
-        Args:
-            kind: "flat", "ivf", "ivfpq" or "hnsw".
-            checkpoint: a checkpoint name, "tracin", or None when there is one checkpoint.
-            **params: overrides of :func:`lightning_sketch.store.index.default_params` (nlist, nprobe,
-                m, nbits, M, ef_construction, ef_search, max_train, seed).
-
-        Returns:
-            The manifest entry of the index (kind, params, file, bytes, sha256, rows); with
-            ``persist=False`` only kind, view, params and rows.
-
-        Raises:
-            StoreWriteError: read-only store or failed write (the previous snapshot stays intact).
-        """
-        if persist:
-            self._snapshot.require_writer()
-            self.commit()
+        """Build, and unless ``persist=False`` publish, a FAISS index (see ``SketchStore.build_index``);
+        with ``persist`` the caller has committed the writer's buffer first."""
         view = self._view_name(checkpoint)
         ids, vecs, _ = self._view(view, weights)
         if len(ids) == 0:
@@ -384,9 +328,9 @@ class StoreViews(StoreState):
         index = ix.build_index(kind, vecs, ids, full)
         if not persist:
             tag = repr(weights) if view == "tracin" else None
-            for key in [k for k in self._cache if k[:3] == ("index", view, kind)]:
-                del self._cache[key]
-            self._cache[("index", view, kind, tag, "cpu", self._snapshot.generation)] = index
+            for key in [k for k in self.cache if k[:3] == ("index", view, kind)]:
+                del self.cache[key]
+            self.cache[("index", view, kind, tag, "cpu", self._snapshot.generation)] = index
             return {"kind": kind, "view": view, "params": full, "rows": len(ids)}
         gen = self._snapshot.generation + 1
         name = f"index-{view}-{kind}-g{gen:06d}-{secrets.token_hex(4)}.faiss"
@@ -404,8 +348,8 @@ class StoreViews(StoreState):
         except StoreWriteError:
             (self._snapshot.path / name).unlink(missing_ok=True)
             raise
-        self._cache.clear()
-        self._cache[("index", view, kind, entry["weights"], "cpu", gen)] = index
+        self.cache.clear()
+        self.cache[("index", view, kind, entry["weights"], "cpu", gen)] = index
         return dict(entry)
 
 

@@ -78,9 +78,8 @@ class WriterMixin(StoreState):
 
     def _idset(self, checkpoint: str) -> set[int]:
         if checkpoint not in self._idsets:
-            self._idsets[checkpoint] = (
-                set(self.ids(checkpoint).tolist()) if checkpoint in self._snapshot.checkpoints else set()
-            )
+            committed = checkpoint in self._snapshot.checkpoints
+            self._idsets[checkpoint] = set(self._views.ids(checkpoint).tolist()) if committed else set()
         return self._idsets[checkpoint]
 
     def append(
@@ -236,7 +235,7 @@ class WriterMixin(StoreState):
         self._pending_weights.clear()
         self._pending_curvature.clear()
         self._pending_mark = False
-        self._cache.clear()
+        self._views.clear()
         return gen
 
     # ------------------------------------------------------------------ resume points
