@@ -1,9 +1,9 @@
 """The state the store's remaining mixins share.
 
-``SketchStore`` owns its committed snapshot (:class:`~lightning_sketch.store.snapshot.Snapshot`) and its
-views (:class:`~lightning_sketch.store.views.Views`) and is
-still assembled from mixins for the other concerns (:mod:`~lightning_sketch.store.writer`,
-:mod:`~lightning_sketch.store.weights`, :mod:`~lightning_sketch.store.curvature`,
+``SketchStore`` owns its committed snapshot (:class:`~lightning_sketch.store.snapshot.Snapshot`), its
+views (:class:`~lightning_sketch.store.views.Views`) and its writer
+(:class:`~lightning_sketch.store.writer.Writer`) and is still assembled from mixins for the other
+concerns (:mod:`~lightning_sketch.store.weights`, :mod:`~lightning_sketch.store.curvature`,
 :mod:`~lightning_sketch.store.shards`). They all derive from
 :class:`StoreState`, which declares the instance attributes that ``SketchStore.__init__`` sets and,
 for the type checker only, the methods one mixin calls on another.
@@ -14,10 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-
 from lightning_sketch.store.snapshot import Snapshot
 from lightning_sketch.store.views import Views
+from lightning_sketch.store.writer import Writer
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -32,17 +31,8 @@ class StoreState:
     _snapshot: Snapshot
     #: views, FAISS indexes and searches of the committed rows.
     _views: Views
-    #: uncommitted rows per (checkpoint, rank): a list of (ids [B], rows [B, D]) parts.
-    _buffer: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]]
-    _pending_ckpts: list[dict[str, Any]]
-    _pending_skips: dict[str, dict[str, Any]]
-    _pending_weights: dict[str, dict[str, Any]]
-    #: curvature records of slices (``{"matrix": entry, "sidecar": entry}``) waiting for the next commit.
-    _pending_curvature: dict[str, dict[str, Any]]
-    _pending_mark: bool
-    #: ids per checkpoint (committed and buffered), for the duplicate check.
-    _idsets: dict[str, set[int]]
-
+    #: checkpoints, rows and file records not committed yet.
+    _writer: Writer
     if TYPE_CHECKING:
         # Defined by SketchStore (store.py).
         @classmethod
@@ -57,7 +47,3 @@ class StoreState:
             nan_policy: Literal["raise", "skip"] = "raise",
             sketch_dim: int | None = None,
         ) -> Self: ...
-
-        # Defined by WriterMixin (writer.py).
-        def commit(self) -> int: ...
-        def _idset(self, checkpoint: str) -> set[int]: ...

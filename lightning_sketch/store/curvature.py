@@ -59,7 +59,7 @@ class CurvatureMixin(StoreState):
                     f"Curvature file {str(path)!r} must lie inside the run directory {str(root)!r}."
                 ) from None
             entry[part] = {"file": rel, "bytes": int(size), "sha256": str(sha)}
-        self._pending_curvature[name] = entry
+        self._writer.stage("curvature", name, entry)
 
     @property
     def curvature_slices(self) -> list[str]:

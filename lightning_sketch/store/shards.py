@@ -70,14 +70,14 @@ class ShardMixin(StoreState):
             StoreCorruptError: a shard file fails its checksum.
         """
         self._snapshot.require_writer()
-        self.commit()
+        self._writer.commit()
         root = self._snapshot.path / "shards"
         new = copy.deepcopy(self._snapshot.manifest)
         merged_rows = 0
         try:
             merged_rows = self._merge_into(new, root)
         except Exception:
-            self._idsets.clear()  # ids of a failed merge were never committed
+            self._writer.forget_ids()  # ids of a failed merge were never committed
             raise
         if new != self._snapshot.manifest:
             new["generation"] += 1
@@ -114,7 +114,7 @@ class ShardMixin(StoreState):
                     )
             for seg in fresh:
                 ids = shard.load(seg["ids"], seg["rows"], None, "int64")
-                seen = self._idset(seg["checkpoint"])
+                seen = self._writer.idset(seg["checkpoint"])
                 clash = [int(i) for i in ids if int(i) in seen]
                 if clash:
                     raise DuplicateIdError(

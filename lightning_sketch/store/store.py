@@ -39,14 +39,14 @@ from lightning_sketch.store.shards import ShardMixin
 from lightning_sketch.store.snapshot import Snapshot
 from lightning_sketch.store.views import Views, Weights
 from lightning_sketch.store.weights import WeightsMixin
-from lightning_sketch.store.writer import WriterMixin
+from lightning_sketch.store.writer import Writer
 
 __all__ = ["SketchStore"]
 
 log = logging.getLogger(__name__)
 
 
-class SketchStore(WriterMixin, WeightsMixin, CurvatureMixin, ShardMixin):
+class SketchStore(WeightsMixin, CurvatureMixin, ShardMixin):
     """A directory of committed sketch rows, one slice per training checkpoint.
 
     Build one with :meth:`create` or :meth:`open`, never directly.
@@ -69,13 +69,7 @@ class SketchStore(WriterMixin, WeightsMixin, CurvatureMixin, ShardMixin):
     def __init__(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
         self._views = Views(snapshot)
-        self._buffer: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
-        self._pending_ckpts: list[dict[str, Any]] = []
-        self._pending_skips: dict[str, dict[str, Any]] = {}
-        self._pending_weights: dict[str, dict[str, Any]] = {}
-        self._pending_curvature: dict[str, dict[str, Any]] = {}
-        self._pending_mark = False
-        self._idsets: dict[str, set[int]] = {}
+        self._writer = Writer(snapshot, self._views)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -156,11 +150,10 @@ class SketchStore(WriterMixin, WeightsMixin, CurvatureMixin, ShardMixin):
 
     def close(self) -> None:
         """Release the writer lock. Uncommitted rows are dropped (call :meth:`commit` first)."""
-        if self._buffer:
-            log.warning(
-                "Closing store %s with %d uncommitted rows; they are dropped.", self.path, self.pending_rows
-            )
-        self._buffer.clear()
+        pending = self._writer.pending_rows
+        if pending:
+            log.warning("Closing store %s with %d uncommitted rows; they are dropped.", self.path, pending)
+        self._writer.drop_buffer()
         self._snapshot.release()
 
     def __enter__(self) -> SketchStore:
@@ -236,7 +229,7 @@ class SketchStore(WriterMixin, WeightsMixin, CurvatureMixin, ShardMixin):
     @property
     def pending_rows(self) -> int:
         """Buffered (uncommitted) rows."""
-        return int(sum(len(i) for parts in self._buffer.values() for i, _ in parts))
+        return self._writer.pending_rows
 
     @property
     def size_bytes(self) -> int:
@@ -254,19 +247,14 @@ class SketchStore(WriterMixin, WeightsMixin, CurvatureMixin, ShardMixin):
             SketchInputError: ``generation`` is negative or beyond the current one.
         """
         self._snapshot.rollback(generation)
-        self._buffer.clear()
-        self._pending_ckpts.clear()
-        self._pending_skips.clear()
-        self._pending_weights.clear()
-        self._pending_curvature.clear()
-        self._idsets.clear()
+        self._writer.discard()
         self._views.clear()
 
     def refresh(self) -> None:
         """Re-read the manifest to see commits made since this store was opened (readers)."""
         self._snapshot.reload()
         self._views.clear()
-        self._idsets.clear()
+        self._writer.forget_ids()
 
     def prune(self) -> list[str]:
         """Delete top-level files the current manifest does not name and return their names.
@@ -301,6 +289,84 @@ class SketchStore(WriterMixin, WeightsMixin, CurvatureMixin, ShardMixin):
             StoreWriteError: read-only or closed. StoreConflictError: another writer got in.
         """
         self._snapshot.check_writer()
+
+    # ------------------------------------------------------------------ writing (Writer)
+    def add_checkpoint(
+        self,
+        name: str,
+        step: int | None = None,
+        lr: float | None = None,
+        weight: float | None = None,
+        **meta: Any,
+    ) -> None:
+        """Declare checkpoint ``name`` (training step, learning rate η_t, optional TracIn weight).
+
+        Re-adding a committed or pending checkpoint with the same step/lr/weight is a no-op (resume).
+
+        Raises:
+            SketchInputError: unsafe name, or a checkpoint of that name with other step/lr/weight.
+            StoreWriteError: the store is read-only.
+        """
+        self._writer.add_checkpoint(name, step, lr, weight, **meta)
+
+    def append(
+        self,
+        ids: Any,
+        vectors: Any,
+        checkpoint: str | None = None,
+        rank: int = 0,
+        on_duplicate: Literal["raise", "skip"] = "raise",
+        nan_policy: Literal["raise", "skip"] | None = None,
+    ) -> int:
+        """Buffer rows ``vectors`` [B, D] for example ``ids`` [B] under ``checkpoint``.
+
+        Rows become visible (and durable) only after :meth:`commit`.
+
+        Args:
+            ids: int64-compatible example ids (dataset indices), ``[B]``; unique per checkpoint.
+            vectors: ``[B, D]`` float tensor or array (cast to the storage dtype).
+            checkpoint: a declared checkpoint (optional when the store has exactly one).
+            rank: the writer's rank, recorded in segment file names.
+            on_duplicate: "raise" (:class:`DuplicateIdError`) or "skip" rows whose id is already in
+                this checkpoint (committed or buffered), counted in the manifest.
+            nan_policy: "raise" (:class:`NonFiniteGradientError`) or "skip" non-finite rows (counted);
+                default: the store's policy.
+
+        Returns:
+            The number of rows accepted into the buffer.
+
+        Raises:
+            SketchInputError: bad ids (non-integer, negative, outside int64), shapes or dtypes, or a
+                float16 store receiving values beyond ±65504.
+            DuplicateIdError: an id repeats within this checkpoint.
+            NonFiniteGradientError: non-finite rows under ``nan_policy="raise"``.
+        """
+        return self._writer.append(ids, vectors, checkpoint, rank, on_duplicate, nan_policy)
+
+    def commit(self) -> int:
+        """Write buffered rows as new immutable segments, then atomically publish a new manifest.
+
+        Returns:
+            The new generation (unchanged if nothing was pending).
+
+        Raises:
+            StoreWriteError: a write failed (e.g. disk full); the last committed state is intact and
+                the buffer is kept, so commit can be retried.
+        """
+        return self._writer.commit()
+
+    @property
+    def resume_point(self) -> int | None:
+        """Generation at which a training checkpoint (or the end of a fit) last referenced this store.
+
+        None means no run writing this store ever reached a checkpoint: its rows are orphans a
+        fresh run may discard (see :class:`~lightning_sketch.callbacks.GradientSketch`).
+        """
+        return self._writer.resume_point
+
+    def mark_resume_point(self) -> int:
+        """Record (and commit) that a training checkpoint now references this store; return the generation."""
+        return self._writer.mark_resume_point()
 
     # ------------------------------------------------------------------ views and search (Views)
     def ids(self, checkpoint: str | None = None) -> np.ndarray:

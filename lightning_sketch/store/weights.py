@@ -63,10 +63,10 @@ class WeightsMixin(StoreState):
         sha, size = sio.atomic_write(directory / f"{name}.pt", [buf.getbuffer()], what="weights file",
                                      root=root)
         file = f"{name}.pt" if rel == "." else f"{rel}/{name}.pt"
-        self._pending_weights[name] = {
+        self._writer.stage("weights", name, {
             "file": file, "bytes": size, "sha256": sha,
             "layout_fingerprint": layout_fingerprint or self._snapshot.layout_fingerprint,
-        }
+        })
         return directory / f"{name}.pt"
 
     def has_weights(self, name: str) -> bool:
