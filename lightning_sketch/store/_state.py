@@ -1,10 +1,9 @@
 """The state the store's remaining mixins share.
 
 ``SketchStore`` owns its committed snapshot (:class:`~lightning_sketch.store.snapshot.Snapshot`), its
-views (:class:`~lightning_sketch.store.views.Views`) and its writer
-(:class:`~lightning_sketch.store.writer.Writer`) and is still assembled from mixins for the other
-concerns (:mod:`~lightning_sketch.store.weights`, :mod:`~lightning_sketch.store.curvature`,
-:mod:`~lightning_sketch.store.shards`). They all derive from
+views (:class:`~lightning_sketch.store.views.Views`), its writer
+(:class:`~lightning_sketch.store.writer.Writer`) and its weights and curvature files, and still takes
+DDP shards from a mixin (:mod:`~lightning_sketch.store.shards`). It derives from
 :class:`StoreState`, which declares the instance attributes that ``SketchStore.__init__`` sets and,
 for the type checker only, the methods one mixin calls on another.
 """

@@ -33,12 +33,12 @@ from lightning_sketch._checks import one_of, positive_int
 from lightning_sketch.exceptions import StoreWriteError
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._validate import layout_info, spec_dict
-from lightning_sketch.store.curvature import CurvatureMixin
+from lightning_sketch.store.curvature import CurvatureFiles
 from lightning_sketch.store.rows import RowSource
 from lightning_sketch.store.shards import ShardMixin
 from lightning_sketch.store.snapshot import Snapshot
 from lightning_sketch.store.views import Views, Weights
-from lightning_sketch.store.weights import WeightsMixin
+from lightning_sketch.store.weights import WeightFiles
 from lightning_sketch.store.writer import Writer
 
 __all__ = ["SketchStore"]
@@ -46,7 +46,7 @@ __all__ = ["SketchStore"]
 log = logging.getLogger(__name__)
 
 
-class SketchStore(WeightsMixin, CurvatureMixin, ShardMixin):
+class SketchStore(ShardMixin):
     """A directory of committed sketch rows, one slice per training checkpoint.
 
     Build one with :meth:`create` or :meth:`open`, never directly.
@@ -70,6 +70,8 @@ class SketchStore(WeightsMixin, CurvatureMixin, ShardMixin):
         self._snapshot = snapshot
         self._views = Views(snapshot)
         self._writer = Writer(snapshot, self._views)
+        self._weights = WeightFiles(snapshot, self._writer)
+        self._curvature = CurvatureFiles(snapshot, self._writer)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -276,9 +278,8 @@ class SketchStore(WeightsMixin, CurvatureMixin, ShardMixin):
             StoreCorruptError: naming the first bad file or inconsistent count.
         """
         self._snapshot.verify()
-        for name in self._snapshot.manifest.get("weights", {}):  # files beside the store (run directory)
-            self.load_weights(name)
-        self._verify_curvature()
+        self._weights.verify()
+        self._curvature.verify()
 
     def check_writer(self) -> None:
         """Raise unless this store may publish now: open for writing, its lock file still the one it took,
@@ -367,6 +368,84 @@ class SketchStore(WeightsMixin, CurvatureMixin, ShardMixin):
     def mark_resume_point(self) -> int:
         """Record (and commit) that a training checkpoint now references this store; return the generation."""
         return self._writer.mark_resume_point()
+
+    # ------------------------------------------------------------------ model weights (WeightFiles)
+    def save_weights(self, name: str, tensors: dict[str, Any], directory: str | Path,
+                     layout_fingerprint: str | None = None) -> Path:
+        """Write the parameters of checkpoint ``name`` to ``directory/<name>.pt`` and record them.
+
+        The file is written atomically (``torch.save`` of a dict of CPU tensors) and recorded at
+        the next :meth:`commit` with its size, sha256 and the layout fingerprint, so that
+        :meth:`load_weights` refuses a flipped, truncated, swapped or foreign file. ``directory``
+        must lie in the run directory (the store's parent folder).
+
+        Raises:
+            SketchInputError: unsafe checkpoint name, or ``directory`` outside the run directory.
+            UnsafeFileError: ``directory`` is reached through a symlinked folder of the run directory.
+            StoreWriteError: the write failed (disk full); no file is left behind.
+        """
+        return self._weights.save(name, tensors, directory, layout_fingerprint)
+
+    def has_weights(self, name: str) -> bool:
+        """Whether committed parameters of checkpoint ``name`` are recorded (see :meth:`save_weights`)."""
+        return self._weights.has(name)
+
+    def load_weights(self, name: str, layout_fingerprint: str | None = None) -> dict[str, Any]:
+        """The verified parameters ``{param name: tensor}`` of checkpoint ``name`` (CPU tensors).
+
+        The file must be the one recorded for ``name``: inside the run directory, a regular file of
+        the recorded size and sha256, for the recorded layout (and ``layout_fingerprint``, if
+        given). It is read with ``torch.load(weights_only=True)`` (no pickled code).
+
+        Raises:
+            StoreNotFoundError: no weights recorded for ``name`` (or the file is missing).
+            StoreCorruptError: the file fails its checksum or holds anything but a dict of tensors.
+            LayoutMismatchError: the weights were saved for another parameter layout.
+            UnsafeFileError: the recorded path leaves the run directory or is not a regular file.
+        """
+        return self._weights.load(name, layout_fingerprint)
+
+    # ------------------------------------------------------------------ curvature files (CurvatureFiles)
+    def record_curvature(self, name: str, files: dict[str, tuple[Path, str, int]]) -> None:
+        """Record slice ``name``'s curvature files, committed with the next :meth:`commit`.
+
+        Args:
+            name: the checkpoint slice.
+            files: ``{"matrix": (path, sha256, bytes), "sidecar": (path, sha256, bytes)}`` as returned by
+                :func:`~lightning_sketch.io.safeio.atomic_write`; paths lie in the run directory.
+
+        Raises:
+            SketchInputError: unsafe name, other parts than
+                :data:`~lightning_sketch.store.curvature.CURVATURE_PARTS`, or a path outside
+                the run directory.
+            StoreWriteError: the store is read-only.
+        """
+        self._curvature.record(name, files)
+
+    @property
+    def curvature_slices(self) -> list[str]:
+        """Slices whose curvature files the committed manifest records (sorted)."""
+        return self._curvature.slices
+
+    def has_curvature(self, name: str) -> bool:
+        """Whether the committed manifest records curvature files for slice ``name``."""
+        return self._curvature.has(name)
+
+    def curvature_bytes(self, name: str, part: str) -> tuple[Path, bytes]:
+        """``(path, content)`` of one recorded curvature file of slice ``name``, verified.
+
+        Args:
+            name: the checkpoint slice.
+            part: ``"matrix"`` or ``"sidecar"``.
+
+        Raises:
+            StoreNotFoundError: the manifest records no curvature for ``name`` (an unlisted file on disk
+                is ignored).
+            StoreCorruptError: the recorded file is missing, or its size or sha256 differs (the message
+                names the file).
+            UnsafeFileError: the recorded path leaves the run directory or is not a regular file.
+        """
+        return self._curvature.read(name, part)
 
     # ------------------------------------------------------------------ views and search (Views)
     def ids(self, checkpoint: str | None = None) -> np.ndarray:

@@ -1,9 +1,8 @@
 """Model weights beside a store: each checkpoint's parameters, checksummed in the manifest.
 
-Mixin of :class:`~lightning_sketch.store.SketchStore`. The files live in the run directory (the
-store's parent folder) and are read back only after their size, sha256 and parameter layout match
-the manifest, with ``torch.load(weights_only=True)``.
-"""
+:class:`WeightFiles` is the component of :class:`~lightning_sketch.store.SketchStore` for these
+files. They live in the run directory (the store's parent folder) and are read back only after their
+size, sha256 and parameter layout match the manifest, with ``torch.load(weights_only=True)``."""
 
 from __future__ import annotations
 
@@ -22,28 +21,26 @@ from lightning_sketch.exceptions import (
 )
 from lightning_sketch.io import safeio as sio
 from lightning_sketch.store import manifest as mf
-from lightning_sketch.store._state import StoreState
+from lightning_sketch.store.snapshot import Snapshot
+from lightning_sketch.store.writer import Writer
 
-__all__ = ["WeightsMixin"]
+__all__ = ["WeightFiles"]
 
 
-class WeightsMixin(StoreState):
-    """Saving and verified loading of per-checkpoint parameters (state lives in ``SketchStore``)."""
+class WeightFiles:
+    """Component of :class:`~lightning_sketch.store.SketchStore`: per-checkpoint parameter files.
 
-    def save_weights(self, name: str, tensors: dict[str, Any], directory: str | Path,
+    Writes them (staged with ``writer``, recorded at its next commit) and reads back only the files
+    the committed manifest of ``snapshot`` records, after checking size, sha256 and layout.
+    """
+
+    def __init__(self, snapshot: Snapshot, writer: Writer) -> None:
+        self._snapshot = snapshot
+        self._writer = writer
+
+    def save(self, name: str, tensors: dict[str, Any], directory: str | Path,
                      layout_fingerprint: str | None = None) -> Path:
-        """Write the parameters of checkpoint ``name`` to ``directory/<name>.pt`` and record them.
-
-        The file is written atomically (``torch.save`` of a dict of CPU tensors) and recorded at
-        the next :meth:`commit` with its size, sha256 and the layout fingerprint, so that
-        :meth:`load_weights` refuses a flipped, truncated, swapped or foreign file. ``directory``
-        must lie in the run directory (the store's parent folder).
-
-        Raises:
-            SketchInputError: unsafe checkpoint name, or ``directory`` outside the run directory.
-            UnsafeFileError: ``directory`` is reached through a symlinked folder of the run directory.
-            StoreWriteError: the write failed (disk full); no file is left behind.
-        """
+        """Write and stage one checkpoint's parameters (see ``SketchStore.save_weights``)."""
         self._snapshot.require_writer()
         mf.check_checkpoint_name(name)
         root = self._snapshot.path.parent
@@ -69,23 +66,12 @@ class WeightsMixin(StoreState):
         })
         return directory / f"{name}.pt"
 
-    def has_weights(self, name: str) -> bool:
-        """Whether committed parameters of checkpoint ``name`` are recorded (see :meth:`save_weights`)."""
+    def has(self, name: str) -> bool:
+        """Whether committed weights of ``name`` are recorded."""
         return name in self._snapshot.manifest.get("weights", {})
 
-    def load_weights(self, name: str, layout_fingerprint: str | None = None) -> dict[str, Any]:
-        """The verified parameters ``{param name: tensor}`` of checkpoint ``name`` (CPU tensors).
-
-        The file must be the one recorded for ``name``: inside the run directory, a regular file of
-        the recorded size and sha256, for the recorded layout (and ``layout_fingerprint``, if
-        given). It is read with ``torch.load(weights_only=True)`` (no pickled code).
-
-        Raises:
-            StoreNotFoundError: no weights recorded for ``name`` (or the file is missing).
-            StoreCorruptError: the file fails its checksum or holds anything but a dict of tensors.
-            LayoutMismatchError: the weights were saved for another parameter layout.
-            UnsafeFileError: the recorded path leaves the run directory or is not a regular file.
-        """
+    def load(self, name: str, layout_fingerprint: str | None = None) -> dict[str, Any]:
+        """The verified parameters of ``name`` (see ``SketchStore.load_weights``)."""
         entry = self._snapshot.manifest.get("weights", {}).get(name)
         if entry is None:
             raise StoreNotFoundError(
@@ -123,3 +109,8 @@ class WeightsMixin(StoreState):
                                                   for k, v in saved.items()):
             raise StoreCorruptError(f"Weights file {str(path)!r} does not hold a dict of named tensors.")
         return saved
+
+    def verify(self) -> None:
+        """Read back every recorded weights file (:meth:`load`), for ``SketchStore.verify``."""
+        for name in self._snapshot.manifest.get("weights", {}):  # files beside the store (run directory)
+            self.load(name)
