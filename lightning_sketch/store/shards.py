@@ -4,7 +4,8 @@ The merge (the FAISS wiki's recipe for merging indexes built in several processe
 shard's committed, checksummed segments to the main manifest *by reference* (segment files are
 immutable, so no data is copied), after checking spec, layout, dtype and that example ids are
 globally unique. Merging is idempotent: the main manifest records how many segments of each shard
-it already holds.
+it already holds. :class:`ShardMerge` is the store's component that merges; :func:`shard_options`
+gives a rank the directory and creation arguments of its shard (``SketchStore.open_shard``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any
 from lightning_sketch._checks import non_negative_int
 from lightning_sketch.exceptions import DuplicateIdError, SketchInputError, SketchMismatchError
 from lightning_sketch.store import manifest as mf
-from lightning_sketch.store._state import StoreState
 from lightning_sketch.store._validate import compare_layout, compare_spec
 from lightning_sketch.store.snapshot import Snapshot, recount
+from lightning_sketch.store.views import Views
+from lightning_sketch.store.writer import Writer
 
-__all__ = ["ShardMixin", "shard_path"]
+__all__ = ["ShardMerge", "shard_options", "shard_path"]
 
 
 def shard_path(path: str | Path, rank: int) -> Path:
@@ -29,46 +31,49 @@ def shard_path(path: str | Path, rank: int) -> Path:
     return Path(path) / "shards" / f"rank{rank}"
 
 
-class ShardMixin(StoreState):
-    """Mixin of :class:`~lightning_sketch.store.SketchStore`: per-rank shards and their merge."""
+def shard_options(path: str | Path, rank: int, spec: Any = None,
+                  layout_fingerprint: Any = None) -> tuple[Path, dict[str, Any]]:
+    """Rank ``rank``'s shard directory of the store at ``path`` and the ``SketchStore.create`` arguments
+    it inherits from the main store (spec, layout, dtype, NaN policy, D; ``exist_ok``), for
+    ``SketchStore.open_shard``.
 
-    @classmethod
-    def open_shard(cls, path: str | Path, rank: int, spec: Any = None, layout_fingerprint: Any = None) -> Any:
-        """Open (creating if needed) rank ``rank``'s writable shard of the existing store at ``path``.
+    Raises:
+        StoreNotFoundError: no main store at ``path``.
+        SketchMismatchError / LayoutMismatchError: ``spec`` / ``layout_fingerprint`` differ from the
+            main store's.
+        SketchInputError: a negative or non-integer ``rank``.
+    """
+    main = mf.load_manifest(path)
+    compare_spec(main["spec"], spec, f"Store {str(path)!r}")
+    compare_layout(main["layout_fingerprint"], layout_fingerprint, f"Store {str(path)!r}")
+    return shard_path(path, rank), {
+        "spec": main["spec"],
+        "layout": main["layout"],
+        "layout_fingerprint": main["layout_fingerprint"],
+        "dtype": main["dtype"],
+        "exist_ok": True,
+        "nan_policy": main.get("nan_policy", "raise"),
+        "sketch_dim": main["sketch_dim"],
+    }
 
-        The shard inherits the main store's spec, layout, dtype and NaN policy. Create the main
-        store on rank 0 and ``barrier`` before other ranks call this.
 
-        Raises:
-            StoreNotFoundError: no main store at ``path``.
-            SketchMismatchError / LayoutMismatchError: as :meth:`SketchStore.open`.
-        """
-        main = mf.load_manifest(path)
-        compare_spec(main["spec"], spec, f"Store {str(path)!r}")
-        compare_layout(main["layout_fingerprint"], layout_fingerprint, f"Store {str(path)!r}")
-        return cls.create(
-            shard_path(path, rank),
-            main["spec"],
-            layout=main["layout"],
-            layout_fingerprint=main["layout_fingerprint"],
-            dtype=main["dtype"],
-            exist_ok=True,
-            nan_policy=main.get("nan_policy", "raise"),
-            sketch_dim=main["sketch_dim"],
-        )
+class ShardMerge:
+    """Component of :class:`~lightning_sketch.store.SketchStore`: merging the per-rank shards into it.
 
-    def merge_shards(self) -> int:
-        """Add every shard's newly committed segments to this (main) store and commit.
+    Commits ``writer``'s buffer first, reads each shard as a
+    :class:`~lightning_sketch.store.snapshot.Snapshot` (checksummed in full), claims its ids in
+    ``writer``'s id sets, publishes the merged manifest through ``snapshot`` and clears ``views``.
+    """
 
-        Returns:
-            The number of rows merged.
+    def __init__(self, snapshot: Snapshot, writer: Writer, views: Views) -> None:
+        self._snapshot = snapshot
+        self._writer = writer
+        self._views = views
 
-        Raises:
-            SketchMismatchError: a shard has another spec/layout/dtype, or a checkpoint with other
-                step/lr/weight.
-            DuplicateIdError: an id appears in two shards (or the main store) for one checkpoint.
-            StoreCorruptError: a shard file fails its checksum.
-        """
+
+    def merge(self) -> int:
+        """Add the shards' new segments to the main manifest and publish it; the rows merged
+        (see ``SketchStore.merge_shards``)."""
         self._snapshot.require_writer()
         self._writer.commit()
         root = self._snapshot.path / "shards"

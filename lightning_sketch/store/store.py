@@ -7,13 +7,21 @@ the manifest. Readers open one manifest snapshot and only ever see committed seg
 loses at most the uncommitted buffer. One writer per directory (an ``fcntl`` lock); DDP ranks
 write their own shard (:meth:`SketchStore.open_shard`) that rank 0 merges (:meth:`merge_shards`).
 
-The committed snapshot (facts, integrity checks, publishing, rollback) is a component the store
-owns, :class:`~lightning_sketch.store.snapshot.Snapshot`; the rest of the class still comes from
-mixins on :class:`~lightning_sketch.store._state.StoreState`: :mod:`~lightning_sketch.store.writer`
-(checkpoints, append, commit), :mod:`~lightning_sketch.store.weights` (model weights),
-:mod:`~lightning_sketch.store.curvature` (curvature files of the slices),
-:mod:`~lightning_sketch.store.shards` (DDP shards) and :mod:`~lightning_sketch.store.views` (views, indexes,
-search).
+``SketchStore`` is the public interface: it opens, creates and closes, and hands every other call
+to one of the components it owns, each built in ``__init__`` with the components it uses:
+
+- :class:`~lightning_sketch.store.snapshot.Snapshot`: the committed manifest and its facts, the
+  writer lock, file checks, publishing, rollback, reload and prune;
+- :class:`~lightning_sketch.store.views.Views` (snapshot): views of the rows, FAISS indexes and
+  search, with their cache;
+- :class:`~lightning_sketch.store.writer.Writer` (snapshot, views): checkpoints, rows and file records
+  not committed yet, commit, resume points;
+- :class:`~lightning_sketch.store.weights.WeightFiles` (snapshot, writer): model weights beside the store;
+- :class:`~lightning_sketch.store.curvature.CurvatureFiles` (snapshot, writer): the slices' curvature files;
+- :class:`~lightning_sketch.store.shards.ShardMerge` (snapshot, writer, views): merging the DDP shards.
+
+Only the snapshot writes a manifest; whoever replaces it (commit, rollback, refresh, merge, a
+persisted index) clears the views' cache.
 
 Rows are sketched per-example gradients Φ∇ℓ(z; θ_t) ∈ R^D (arXiv 2402.03994 Sec. 5.2); checkpoint ``lr`` is
 η_t, used by the TracIn view Σ_t η_t ⟨Φg_t(z), Φg_t(z')⟩ (see :mod:`lightning_sketch.store.views`).
@@ -35,7 +43,7 @@ from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._validate import layout_info, spec_dict
 from lightning_sketch.store.curvature import CurvatureFiles
 from lightning_sketch.store.rows import RowSource
-from lightning_sketch.store.shards import ShardMixin
+from lightning_sketch.store.shards import ShardMerge, shard_options
 from lightning_sketch.store.snapshot import Snapshot
 from lightning_sketch.store.views import Views, Weights
 from lightning_sketch.store.weights import WeightFiles
@@ -46,10 +54,11 @@ __all__ = ["SketchStore"]
 log = logging.getLogger(__name__)
 
 
-class SketchStore(ShardMixin):
+class SketchStore:
     """A directory of committed sketch rows, one slice per training checkpoint.
 
-    Build one with :meth:`create` or :meth:`open`, never directly.
+    Build one with :meth:`create` or :meth:`open`, never directly (``__init__`` takes the opened
+    :class:`~lightning_sketch.store.snapshot.Snapshot` and builds the other components on it).
 
     Example:
         >>> import tempfile
@@ -72,6 +81,7 @@ class SketchStore(ShardMixin):
         self._writer = Writer(snapshot, self._views)
         self._weights = WeightFiles(snapshot, self._writer)
         self._curvature = CurvatureFiles(snapshot, self._writer)
+        self._shards = ShardMerge(snapshot, self._writer, self._views)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -446,6 +456,37 @@ class SketchStore(ShardMixin):
             UnsafeFileError: the recorded path leaves the run directory or is not a regular file.
         """
         return self._curvature.read(name, part)
+
+    # ------------------------------------------------------------------ DDP shards (ShardMerge)
+    @classmethod
+    def open_shard(
+        cls, path: str | Path, rank: int, spec: Any = None, layout_fingerprint: Any = None
+    ) -> SketchStore:
+        """Open (creating if needed) rank ``rank``'s writable shard of the existing store at ``path``.
+
+        The shard inherits the main store's spec, layout, dtype and NaN policy. Create the main
+        store on rank 0 and ``barrier`` before other ranks call this.
+
+        Raises:
+            StoreNotFoundError: no main store at ``path``.
+            SketchMismatchError / LayoutMismatchError: as :meth:`SketchStore.open`.
+        """
+        shard, options = shard_options(path, rank, spec, layout_fingerprint)
+        return cls.create(shard, **options)
+
+    def merge_shards(self) -> int:
+        """Add every shard's newly committed segments to this (main) store and commit.
+
+        Returns:
+            The number of rows merged.
+
+        Raises:
+            SketchMismatchError: a shard has another spec/layout/dtype, or a checkpoint with other
+                step/lr/weight.
+            DuplicateIdError: an id appears in two shards (or the main store) for one checkpoint.
+            StoreCorruptError: a shard file fails its checksum.
+        """
+        return self._shards.merge()
 
     # ------------------------------------------------------------------ views and search (Views)
     def ids(self, checkpoint: str | None = None) -> np.ndarray:
