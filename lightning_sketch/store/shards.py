@@ -70,7 +70,6 @@ class ShardMerge:
         self._writer = writer
         self._views = views
 
-
     def merge(self) -> int:
         """Add the shards' new segments to the main manifest and publish it; the rows merged
         (see ``SketchStore.merge_shards``)."""

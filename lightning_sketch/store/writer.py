@@ -5,7 +5,8 @@ everything not yet committed. :meth:`Writer.append` buffers rows in memory; :met
 writes them as new segment files (tmp + fsync + rename) and then publishes a new manifest atomically
 (:meth:`~lightning_sketch.store.snapshot.Snapshot.publish`), so a crash loses at most the buffer.
 Files written beside the store (weights, curvature) are staged here by their components
-(:meth:`Writer.stage`) and committed with the same generation."""
+(:meth:`Writer.stage`) and committed with the same generation.
+"""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ class Writer:
         """Drop the id sets; they are read again from the committed rows when next needed."""
         self._idsets.clear()
 
-
+    # ------------------------------------------------------------------ checkpoints and rows
     def add_checkpoint(
         self,
         name: str,
