@@ -164,7 +164,7 @@ def bench_size(n: int, d: int, sk: Sketcher, args) -> list[dict]:
         t = time.perf_counter()
         store.build_index(kind, persist=False, **build)
         t_build = time.perf_counter() - t
-        index = store._cache[("index", "final", kind, None, "cpu", store.generation)]
+        index = store._views.cache[("index", "final", kind, None, "cpu", store.generation)]
         idx_bytes = _index_bytes(index)
         for knobs in sweeps:
             store.search(queries[:1], 10, index=kind, **knobs)  # warm-up
@@ -182,7 +182,7 @@ def bench_size(n: int, d: int, sk: Sketcher, args) -> list[dict]:
                    "store_bytes_per_row": round(row_bytes, 1)}
             results.append(row)
             print(json.dumps(row), flush=True)
-        store._cache.clear()
+        store._views.clear()
     return results
 
 

@@ -1,14 +1,14 @@
 """Curvature files beside a store: each slice's kernel matrix and sidecar, checksummed in the manifest.
 
-Mixin of :class:`~lightning_sketch.store.SketchStore`. The ``[D, D]`` curvature of a checkpoint
-slice (:mod:`lightning_sketch.attribution.curvature`) decides the attribution kernel, so editing,
-swapping or deleting one of its files must not go unnoticed. Its two files (a matrix ``.npy`` and
-a ``.json`` sidecar under ``curvature/`` in the run directory, the store's parent folder) are
-recorded under the manifest's ``curvature`` field with their size and sha256, committed with the next manifest
-generation, and read back only through :meth:`CurvatureMixin.curvature_bytes`, which refuses a file
-that is missing or fails its checksum. A file on disk that the manifest does not list (written by a
-run killed before its commit, or left by a rollback) is ignored.
-"""
+:class:`CurvatureFiles` is the component of :class:`~lightning_sketch.store.SketchStore` for these
+files. The ``[D, D]`` curvature of a checkpoint slice (:mod:`lightning_sketch.attribution.curvature`)
+decides the attribution kernel, so editing, swapping or deleting one of its files must not go
+unnoticed. Its two files (a matrix ``.npy`` and a ``.json`` sidecar under ``curvature/`` in the run
+directory, the store's parent folder) are recorded under the manifest's ``curvature`` field with their
+size and sha256, committed with the next manifest generation, and read back only through
+:meth:`CurvatureFiles.read` (``SketchStore.curvature_bytes``), which refuses a file that is missing or
+fails its checksum. A file on disk that the manifest does not list (written by a run killed before
+its commit, or left by a rollback) is ignored."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from typing import Any
 from lightning_sketch.exceptions import SketchInputError, StoreCorruptError, StoreNotFoundError
 from lightning_sketch.io import safeio as sio
 from lightning_sketch.store import manifest as mf
-from lightning_sketch.store.snapshot import SnapshotMixin
+from lightning_sketch.store.snapshot import Snapshot
+from lightning_sketch.store.writer import Writer
 
-__all__ = ["CURVATURE_PARTS", "CurvatureMixin"]
+__all__ = ["CURVATURE_PARTS", "CurvatureFiles"]
 
 #: the files of one slice's curvature record: the matrix (``.npy``) and its sidecar (``.json``).
 CURVATURE_PARTS = ("matrix", "sidecar")
@@ -29,27 +30,24 @@ CURVATURE_PARTS = ("matrix", "sidecar")
 _CAP = 1 << 36
 
 
-class CurvatureMixin(SnapshotMixin):
-    """Recording and verified reading of per-slice curvature files (state lives in ``SketchStore``)."""
+class CurvatureFiles:
+    """Component of :class:`~lightning_sketch.store.SketchStore`: per-slice curvature files.
 
-    def record_curvature(self, name: str, files: dict[str, tuple[Path, str, int]]) -> None:
-        """Record slice ``name``'s curvature files, committed with the next :meth:`commit`.
+    Records them (staged with ``writer``, committed at its next commit) and reads back only the files
+    the committed manifest of ``snapshot`` records, after checking their size and sha256.
+    """
 
-        Args:
-            name: the checkpoint slice.
-            files: ``{"matrix": (path, sha256, bytes), "sidecar": (path, sha256, bytes)}`` as returned by
-                :func:`~lightning_sketch.io.safeio.atomic_write`; paths lie in the run directory.
+    def __init__(self, snapshot: Snapshot, writer: Writer) -> None:
+        self._snapshot = snapshot
+        self._writer = writer
 
-        Raises:
-            SketchInputError: unsafe name, other parts than :data:`CURVATURE_PARTS`, or a path outside
-                the run directory.
-            StoreWriteError: the store is read-only.
-        """
-        self._require_writer()
+    def record(self, name: str, files: dict[str, tuple[Path, str, int]]) -> None:
+        """Stage slice ``name``'s curvature files (see ``SketchStore.record_curvature``)."""
+        self._snapshot.require_writer()
         mf.check_checkpoint_name(name)
         if set(files) != set(CURVATURE_PARTS):
             raise SketchInputError(f"`files` must name {CURVATURE_PARTS}, got {sorted(files)}.")
-        root = self.path.parent.resolve()
+        root = self._snapshot.path.parent.resolve()
         entry: dict[str, Any] = {}
         for part, (path, sha, size) in files.items():
             try:
@@ -59,41 +57,30 @@ class CurvatureMixin(SnapshotMixin):
                     f"Curvature file {str(path)!r} must lie inside the run directory {str(root)!r}."
                 ) from None
             entry[part] = {"file": rel, "bytes": int(size), "sha256": str(sha)}
-        self._pending_curvature[name] = entry
+        self._writer.stage("curvature", name, entry)
 
     @property
-    def curvature_slices(self) -> list[str]:
+    def slices(self) -> list[str]:
         """Slices whose curvature files the committed manifest records (sorted)."""
-        return sorted(self._manifest.get("curvature", {}))
+        return sorted(self._snapshot.manifest.get("curvature", {}))
 
-    def has_curvature(self, name: str) -> bool:
-        """Whether the committed manifest records curvature files for slice ``name``."""
-        return name in self._manifest.get("curvature", {})
+    def has(self, name: str) -> bool:
+        """Whether the committed manifest records curvature files for ``name``."""
+        return name in self._snapshot.manifest.get("curvature", {})
 
-    def curvature_bytes(self, name: str, part: str) -> tuple[Path, bytes]:
-        """``(path, content)`` of one recorded curvature file of slice ``name``, verified.
-
-        Args:
-            name: the checkpoint slice.
-            part: ``"matrix"`` or ``"sidecar"``.
-
-        Raises:
-            StoreNotFoundError: the manifest records no curvature for ``name`` (an unlisted file on disk
-                is ignored).
-            StoreCorruptError: the recorded file is missing, or its size or sha256 differs (the message
-                names the file).
-            UnsafeFileError: the recorded path leaves the run directory or is not a regular file.
-        """
-        entry = self._manifest.get("curvature", {}).get(name)
+    def read(self, name: str, part: str) -> tuple[Path, bytes]:
+        """``(path, content)`` of one recorded curvature file, verified (see
+        ``SketchStore.curvature_bytes``)."""
+        entry = self._snapshot.manifest.get("curvature", {}).get(name)
         if entry is None:
             raise StoreNotFoundError(
-                f"Store {str(self.path)!r} records no curvature for slice {name!r} (recorded: "
-                f"{self.curvature_slices}); a curvature file the manifest does not list is ignored."
+                f"Store {str(self._snapshot.path)!r} records no curvature for slice {name!r} (recorded: "
+                f"{self.slices}); a curvature file the manifest does not list is ignored."
             )
         if part not in CURVATURE_PARTS:
             raise SketchInputError(f"`part` must be one of {CURVATURE_PARTS}, got {part!r}.")
         e = entry[part]
-        root = self.path.parent
+        root = self._snapshot.path.parent
         path = root / e["file"]
         real = sio.confined(root, e["file"], what=f"curvature {part}")
         try:
@@ -116,8 +103,8 @@ class CurvatureMixin(SnapshotMixin):
             )
         return path, raw
 
-    def _verify_curvature(self) -> None:
-        """Check every recorded curvature file (:meth:`curvature_bytes`), for :meth:`verify`."""
-        for name in self.curvature_slices:
+    def verify(self) -> None:
+        """Check every recorded curvature file (:meth:`read`), for ``SketchStore.verify``."""
+        for name in self.slices:
             for part in CURVATURE_PARTS:
-                self.curvature_bytes(name, part)
+                self.read(name, part)

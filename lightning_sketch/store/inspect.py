@@ -8,7 +8,7 @@ from typing import Any
 
 from lightning_sketch.exceptions import LightningSketchError
 from lightning_sketch.store import manifest as mf
-from lightning_sketch.store.snapshot import _data_bytes
+from lightning_sketch.store.snapshot import data_bytes
 from lightning_sketch.store.store import SketchStore
 
 __all__ = ["inspect_store"]
@@ -54,7 +54,7 @@ def inspect_store(path: str | Path, verify: bool = True) -> dict[str, Any]:
             raise
         health = {"ok": False, "checksums": "failed", "error": str(err)}
     rows = int(sum(s["rows"] for s in manifest["segments"]))
-    size = _data_bytes(manifest) + (path / mf.MANIFEST).stat().st_size
+    size = data_bytes(manifest) + (path / mf.MANIFEST).stat().st_size
     indexes = []
     for key, entry in manifest["indexes"].items():
         view_rows = rows if entry["view"] == "tracin" else sum(

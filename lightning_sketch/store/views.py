@@ -1,5 +1,10 @@
 """Read side of :class:`~lightning_sketch.store.SketchStore`: per-checkpoint and TracIn views, search.
 
+:class:`Views` is the store's component that reads the committed rows of its
+:class:`~lightning_sketch.store.snapshot.Snapshot` (each file checked per the ``verify`` mode before
+any row of it is returned), caches views and FAISS indexes per generation, searches them and
+builds indexes (a persisted one is published through the snapshot).
+
 Views: a checkpoint name gives that checkpoint's rows ``[n_t, D]``; ``"tracin"`` gives, for the ids
 present in every checkpoint, the concatenation along D of √w_t-scaled slices ``[n, T·D]``, so one
 inner product is the TracIn-CP score Σ_t w_t ⟨Φg_t(z), Φg_t(z')⟩ (arXiv 2402.03994 Sec. 5.2;
@@ -8,6 +13,7 @@ Pruthi et al. 2020) with w_t = η_t by default (``weights="sqrt_lr"``).
 
 from __future__ import annotations
 
+import copy
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -22,13 +28,12 @@ from lightning_sketch._checks import integer
 from lightning_sketch.exceptions import SketchInputError, StoreCorruptError, StoreWriteError
 from lightning_sketch.io import safeio as sio
 from lightning_sketch.store import index as ix
-from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import atomic_write
 from lightning_sketch.store._validate import as_rows
 from lightning_sketch.store.rows import GatheredConcat, RowSource, SegmentedRows
-from lightning_sketch.store.snapshot import SnapshotMixin
+from lightning_sketch.store.snapshot import Snapshot
 
-__all__ = ["StoreViews", "tracin_scale"]
+__all__ = ["Views", "tracin_scale"]
 
 Weights = str | Mapping[str, float]
 
@@ -36,9 +41,9 @@ Weights = str | Mapping[str, float]
 def tracin_scale(w: Any, what: str, hint: str = "") -> float:
     """√w_t, the scale of checkpoint t's slice in the TracIn-CP concatenation (Pruthi et al. 2020, eq. 3).
 
-    The one place the TracIn weighting is computed: :class:`StoreViews` (``"tracin"`` view and
-    :meth:`StoreViews.concat_queries`) use it,
-    so the inner product of two concatenations is Σ_t w_t ⟨a_t, b_t⟩ with w_t = η_t by default.
+    The one place the TracIn weighting is computed: :class:`Views` (``"tracin"`` view and
+    :meth:`Views.concat_queries`) use it, so the inner product of two concatenations is
+    Σ_t w_t ⟨a_t, b_t⟩ with w_t = η_t by default.
 
     Raises:
         SketchInputError: ``w`` is None, not a number, not finite or negative (``what`` names it).
@@ -56,49 +61,54 @@ def tracin_scale(w: Any, what: str, hint: str = "") -> float:
     return math.sqrt(value)
 
 
-class StoreViews(SnapshotMixin):
-    """Mixin: reading rows, building indexes and searching (state lives in ``SketchStore``)."""
+class Views:
+    """Component of :class:`~lightning_sketch.store.SketchStore`: the views of the committed rows,
+    their FAISS indexes and searches, cached per generation of ``snapshot``.
+
+    Whoever replaces the committed snapshot (commit, rollback, refresh, merge) calls :meth:`clear`.
+    """
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+        #: views and FAISS indexes of the current generation, keyed ``("view" | "index", view, ...)``.
+        self.cache: dict[Any, Any] = {}
+
+    def clear(self) -> None:
+        """Drop every cached view and index (the committed snapshot changed)."""
+        self.cache.clear()
 
     # ------------------------------------------------------------------ rows
     def _segments(self, checkpoint: str) -> list[dict[str, Any]]:
-        if checkpoint not in self.checkpoints:
+        if checkpoint not in self._snapshot.checkpoints:
             raise SketchInputError(
                 f"Unknown or uncommitted checkpoint {checkpoint!r}; committed checkpoints: "
-                f"{self.checkpoints}."
+                f"{self._snapshot.checkpoints}."
             )
-        return [s for s in self._manifest["segments"] if s["checkpoint"] == checkpoint]
+        return [s for s in self._snapshot.manifest["segments"] if s["checkpoint"] == checkpoint]
 
     def _view_name(self, checkpoint: str | None) -> str:
+        names = self._snapshot.checkpoints
         if checkpoint is None:
-            if len(self.checkpoints) == 1:
-                return self.checkpoints[0]
+            if len(names) == 1:
+                return names[0]
             raise SketchInputError(
-                f"`checkpoint` is required: the store has checkpoints {self.checkpoints}; pass one of them "
+                f"`checkpoint` is required: the store has checkpoints {names}; pass one of them "
                 "or 'tracin' for the learning-rate-weighted concatenation."
             )
-        if checkpoint != "tracin" and checkpoint not in self.checkpoints:
+        if checkpoint != "tracin" and checkpoint not in names:
             raise SketchInputError(
-                f"Unknown checkpoint {checkpoint!r}; committed checkpoints: {self.checkpoints}."
+                f"Unknown checkpoint {checkpoint!r}; committed checkpoints: {names}."
             )
         return checkpoint
 
     def ids(self, checkpoint: str | None = None) -> np.ndarray:
-        """Committed example ids ``[n]`` int64 of a checkpoint, in append order.
-
-        ``"tracin"``: the sorted ids common to every checkpoint.
-        """
+        """Committed ids ``[n]`` of a view (see ``SketchStore.ids``)."""
         return self._view(self._view_name(checkpoint))[0]
 
     def vectors(
         self, checkpoint: str | None = None, as_torch: bool = False, weights: Weights = "sqrt_lr"
     ) -> Any:
-        """Committed rows ``[n, D]`` of a checkpoint in the storage dtype, aligned with :meth:`ids`.
-
-        A single-segment checkpoint is returned as a read-only memory map; several segments are
-        concatenated in memory (a copy of the slice: :meth:`rows` reads them without one).
-        ``"tracin"`` gives :meth:`concat_vectors`. ``as_torch`` wraps the result with
-        :func:`torch.from_numpy` (a copy if the array is read-only).
-        """
+        """Committed rows of a view as one array or tensor (see ``SketchStore.vectors``)."""
         vecs = self._view(self._view_name(checkpoint), weights)[1]
         if not isinstance(vecs, np.ndarray):
             vecs = np.asarray(vecs)
@@ -107,31 +117,17 @@ class StoreViews(SnapshotMixin):
         return vecs
 
     def concat_vectors(self, weights: Weights = "sqrt_lr") -> tuple[np.ndarray, np.ndarray]:
-        """The TracIn view: ``(ids [n], rows [n, T·D] float32)`` over ids present in every checkpoint.
-
-        Slice t is scaled by √w_t: ``weights="sqrt_lr"`` uses w_t = lr, ``"sqrt_weight"`` the
-        checkpoint's ``weight`` (lr if unset), ``"uniform"`` w_t = 1, and a mapping gives the scale
-        factor per checkpoint name directly.
-
-        Raises:
-            SketchInputError: no checkpoints, or a checkpoint without the lr/weight asked for.
-        """
+        """The TracIn view as ``(ids, rows)`` arrays (see ``SketchStore.concat_vectors``)."""
         ids, vecs, _ = self._view("tracin", weights)
         return ids, np.asarray(vecs)
 
     def rows(self, checkpoint: str | None = None, weights: Weights = "sqrt_lr") -> RowSource:
-        """Committed rows ``[n, width]`` of a view, aligned with :meth:`ids`, without joining segments.
-
-        A read-only memory map (one segment), a :class:`~lightning_sketch.store.rows.SegmentedRows`
-        (several) or, for ``"tracin"``, a :class:`~lightning_sketch.store.rows.GatheredConcat`
-        (``[n, T·D]`` float32). ``rows[s:e]`` and ``rows[positions]`` return arrays that copy only
-        the rows asked for, so a pass in blocks holds one block beside the memory-mapped pages.
-        """
+        """The row source of a view, never joined (see ``SketchStore.rows``)."""
         return self._view(self._view_name(checkpoint), weights)[1]
 
     def _scales(self, weights: Weights) -> list[float]:
         out = []
-        for c in self._manifest["checkpoints"]:
+        for c in self._snapshot.manifest["checkpoints"]:
             if isinstance(weights, Mapping):
                 if c["name"] not in weights:
                     raise SketchInputError(f"`weights` has no entry for checkpoint {c['name']!r}.")
@@ -156,19 +152,16 @@ class StoreViews(SnapshotMixin):
     def concat_queries(
         self, queries: Mapping[str, Any] | Sequence[Any], weights: Weights = "sqrt_lr"
     ) -> np.ndarray:
-        """Query sketches per checkpoint -> ``[Q, T·D]`` float32 rows matching :meth:`concat_vectors`.
-
-        Args:
-            queries: ``{checkpoint: [Q, D]}`` or a sequence in checkpoint order.
-        """
-        names = self.checkpoints
+        """Query sketches per checkpoint as ``[Q, T·D]`` TracIn rows (see ``SketchStore.concat_queries``)."""
+        names = self._snapshot.checkpoints
         parts = [queries[n] for n in names] if isinstance(queries, Mapping) else list(queries)
         if len(parts) != len(names):
             raise SketchInputError(
                 f"`queries` needs one [Q, D] block per checkpoint ({len(names)}), got {len(parts)}."
             )
         blocks = [
-            as_rows(p, self.sketch_dim, f"queries[{n!r}]").astype(np.float32) for p, n in zip(parts, names)
+            as_rows(p, self._snapshot.sketch_dim, f"queries[{n!r}]").astype(np.float32)
+            for p, n in zip(parts, names)
         ]
         return np.ascontiguousarray(
             np.hstack([b * s for b, s in zip(blocks, self._scales(weights))]), np.float32
@@ -181,31 +174,31 @@ class StoreViews(SnapshotMixin):
         over their memory maps, ``"tracin"`` a :class:`GatheredConcat` over the slices. Every segment
         file of the view is checked (per ``verify``) here, before any row of it is returned.
         """
-        key = ("view", view, repr(weights) if view == "tracin" else None, self.generation)
-        if key in self._cache:
-            return self._cache[key]
+        key = ("view", view, repr(weights) if view == "tracin" else None, self._snapshot.generation)
+        if key in self.cache:
+            return self.cache[key]
         vecs: RowSource
         if view == "tracin":
-            if not self.checkpoints:
+            if not self._snapshot.checkpoints:
                 raise SketchInputError("The store has no committed checkpoints; append and commit first.")
-            slices = [self._view(c) for c in self.checkpoints]
+            slices = [self._view(c) for c in self._snapshot.checkpoints]
             common = reduce(np.intersect1d, [s[0] for s in slices])
             ids = common.astype(np.int64)
             vecs = GatheredConcat(
                 [v for _, v, _ in slices], [_rows(i, o, common) for i, _, o in slices], self._scales(weights)
             )
         else:
-            segs = self._segments(view)
-            id_parts = [self._load(s["ids"], s["rows"], None, "int64") for s in segs]
-            vec_parts = [self._load(s["vectors"], s["rows"], self.sketch_dim, self.dtype) for s in segs]
+            segs, snap = self._segments(view), self._snapshot
+            id_parts = [snap.load(s["ids"], s["rows"], None, "int64") for s in segs]
+            vec_parts = [snap.load(s["vectors"], s["rows"], snap.sketch_dim, snap.dtype) for s in segs]
             ids = (
                 np.asarray(id_parts[0])
                 if len(segs) == 1
                 else np.concatenate(id_parts or [np.zeros(0, np.int64)])
             )
-            vecs = vec_parts[0] if len(segs) == 1 else SegmentedRows(vec_parts, self.sketch_dim, self.dtype)
+            vecs = vec_parts[0] if len(segs) == 1 else SegmentedRows(vec_parts, snap.sketch_dim, snap.dtype)
         out = (ids, vecs, np.argsort(ids, kind="stable"))
-        self._cache[key] = out
+        self.cache[key] = out
         return out
 
     # ------------------------------------------------------------------ search
@@ -214,8 +207,8 @@ class StoreViews(SnapshotMixin):
         n = len(data[0])
         if n == 0:
             raise SketchInputError(
-                f"Store {str(self.path)!r} has no committed rows in view {view!r}; append rows and commit() "
-                "before searching."
+                f"Store {str(self._snapshot.path)!r} has no committed rows in view {view!r}; append rows and "
+                "commit() before searching."
             )
         width = data[1].shape[1]
         q = as_rows(queries, width, "queries").astype(np.float32)
@@ -227,11 +220,7 @@ class StoreViews(SnapshotMixin):
     def search_exact(
         self, queries: Any, k: int, checkpoint: str | None = None, weights: Weights = "sqrt_lr"
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k inner products by torch brute force in float64: the reference for :meth:`search`.
-
-        Returns:
-            ``(scores [Q, k] float64, ids [Q, k] int64)``, sorted by decreasing score.
-        """
+        """Exact top-k by brute force (see ``SketchStore.search_exact``)."""
         view = self._view_name(checkpoint)
         q, k, (ids, vecs, _) = self._prepare(queries, k, view, weights)
         return ix.exact_topk(q, vecs, ids, k)
@@ -249,31 +238,7 @@ class StoreViews(SnapshotMixin):
         device: str = "cpu",
         weights: Weights = "sqrt_lr",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k training examples by inner product with each query, through FAISS.
-
-        Uses the persisted index of this kind (see :meth:`build_index`) when it is current, else builds
-        one in memory with default parameters (cached on this object). A ``"flat"`` search on the CPU
-        without such an index searches the stored rows block by block instead
-        (:func:`~lightning_sketch.store.index.flat_topk`: FAISS's flat kernel), holding no second
-        copy of the rows.
-
-        Args:
-            queries: ``[Q, D]`` (``[Q, T·D]`` for ``"tracin"``, see :meth:`concat_queries`).
-            k: results per query, ``1 <= k <= rows``.
-            checkpoint: a checkpoint name, ``"tracin"``, or None when there is one checkpoint.
-            index: "flat" (exact), "ivf", "ivfpq" or "hnsw".
-            rerank: re-rank approximate candidates exactly against the stored rows.
-            candidates: approximate candidates per query before re-ranking (default ``max(4k, k + 32)``).
-            nprobe / ef_search: search-time recall knobs of IVF / HNSW.
-            device: "cpu" or "cuda[:i]" (needs GPU FAISS; flat/ivf/ivfpq).
-
-        Returns:
-            ``(scores [Q, k] float32, ids [Q, k] int64)`` sorted by decreasing score; an approximate
-            search that finds fewer than k candidates pads with score -inf and id -1.
-
-        Raises:
-            SketchInputError: empty view, bad ``k``/queries. SketchConfigError: bad index kind or device.
-        """
+        """Top-k through FAISS, re-ranked exactly (see ``SketchStore.search``)."""
         view = self._view_name(checkpoint)
         q, k, (ids, vecs, order) = self._prepare(queries, k, view, weights)
         if index == "flat" and device == "cpu" and not self._has_index(view, index, weights, device):
@@ -292,11 +257,12 @@ class StoreViews(SnapshotMixin):
         return ix.rerank(q, cand, lambda c: np.asarray(vecs[_rows(ids, order, c)], dtype=np.float32), k)
 
     def _index_key(self, view: str, kind: str, weights: Weights, device: str) -> tuple:
-        return ("index", view, kind, repr(weights) if view == "tracin" else None, device, self.generation)
+        tag = repr(weights) if view == "tracin" else None
+        return ("index", view, kind, tag, device, self._snapshot.generation)
 
     def _current_entry(self, view: str, kind: str, weights: Weights) -> dict[str, Any] | None:
         """The persisted index of ``kind`` over ``view`` if it indexes the committed rows, else None."""
-        entry = self._manifest["indexes"].get(f"{view}:{kind}")
+        entry = self._snapshot.manifest["indexes"].get(f"{view}:{kind}")
         if (
             entry
             and entry["rows"] == len(self._view(view, weights)[0])
@@ -309,14 +275,14 @@ class StoreViews(SnapshotMixin):
     def _has_index(self, view: str, kind: str, weights: Weights, device: str) -> bool:
         """Whether a FAISS index of ``kind`` is cached on this object or persisted and current."""
         return (
-            self._index_key(view, kind, weights, device) in self._cache
+            self._index_key(view, kind, weights, device) in self.cache
             or self._current_entry(view, kind, weights) is not None
         )
 
     def _index(self, view: str, kind: str, weights: Weights, device: str) -> faiss.Index:
         key = self._index_key(view, kind, weights, device)
-        if key in self._cache:
-            return self._cache[key]
+        if key in self.cache:
+            return self.cache[key]
         ids, vecs, _ = self._view(view, weights)
         entry = self._current_entry(view, kind, weights)
         if entry is not None:
@@ -324,24 +290,22 @@ class StoreViews(SnapshotMixin):
         else:
             index = ix.build_index(kind, vecs, ids, ix.default_params(kind, len(ids), vecs.shape[1]))
         index, res = ix.to_device(index, device)
-        self._cache[key] = index
-        self._cache[key + ("res",)] = res
+        self.cache[key] = index
+        self.cache[key + ("res",)] = res
         return index
 
     def _data_generation(self, view: str) -> int:
-        segs = [s for s in self._manifest["segments"] if view == "tracin" or s["checkpoint"] == view]
+        segs = [s for s in self._snapshot.manifest["segments"] if view == "tracin" or s["checkpoint"] == view]
         return max((s["generation"] for s in segs), default=0)
 
     def _read_index(self, entry: dict[str, Any]) -> faiss.Index:
-        if entry["file"] not in self._verified:
-            mf.check_file(self.path, entry, full=True)  # never hand FAISS a corrupted file
-            self._verified.add(entry["file"])
-        real = sio.confined(self.path, entry["file"], what="store index")
+        self._snapshot.check_hash(entry)  # never hand FAISS a corrupted file, whatever the verify mode
+        real = sio.confined(self._snapshot.path, entry["file"], what="store index")
         try:
             index = faiss.read_index(str(real))
         except RuntimeError as err:
             raise StoreCorruptError(
-                f"FAISS cannot read index file {str(self.path / entry['file'])!r}: {err}"
+                f"FAISS cannot read index file {str(self._snapshot.path / entry['file'])!r}: {err}"
             ) from err
         ix.set_search_params(index, entry["kind"], entry["params"])
         return index
@@ -354,27 +318,8 @@ class StoreViews(SnapshotMixin):
         persist: bool = True,
         **params: Any,
     ) -> dict[str, Any]:
-        """Build a FAISS index over a view, persist it beside the segments (checksummed) and commit.
-
-        With ``persist=False`` the index is only kept in memory for this object's later
-        :meth:`search` calls (no write; works on read-only stores).
-
-        Args:
-            kind: "flat", "ivf", "ivfpq" or "hnsw".
-            checkpoint: a checkpoint name, "tracin", or None when there is one checkpoint.
-            **params: overrides of :func:`lightning_sketch.store.index.default_params` (nlist, nprobe,
-                m, nbits, M, ef_construction, ef_search, max_train, seed).
-
-        Returns:
-            The manifest entry of the index (kind, params, file, bytes, sha256, rows); with
-            ``persist=False`` only kind, view, params and rows.
-
-        Raises:
-            StoreWriteError: read-only store or failed write (the previous snapshot stays intact).
-        """
-        if persist:
-            self._require_writer()
-            self.commit()
+        """Build, and unless ``persist=False`` publish, a FAISS index (see ``SketchStore.build_index``);
+        with ``persist`` the caller has committed the writer's buffer first."""
         view = self._view_name(checkpoint)
         ids, vecs, _ = self._view(view, weights)
         if len(ids) == 0:
@@ -383,30 +328,28 @@ class StoreViews(SnapshotMixin):
         index = ix.build_index(kind, vecs, ids, full)
         if not persist:
             tag = repr(weights) if view == "tracin" else None
-            for key in [k for k in self._cache if k[:3] == ("index", view, kind)]:
-                del self._cache[key]
-            self._cache[("index", view, kind, tag, "cpu", self.generation)] = index
+            for key in [k for k in self.cache if k[:3] == ("index", view, kind)]:
+                del self.cache[key]
+            self.cache[("index", view, kind, tag, "cpu", self._snapshot.generation)] = index
             return {"kind": kind, "view": view, "params": full, "rows": len(ids)}
-        gen = self.generation + 1
+        gen = self._snapshot.generation + 1
         name = f"index-{view}-{kind}-g{gen:06d}-{secrets.token_hex(4)}.faiss"
-        sha, size = atomic_write(self.path / name, [faiss.serialize_index(index).data])
+        sha, size = atomic_write(self._snapshot.path / name, [faiss.serialize_index(index).data])
         entry = {
             "file": name, "bytes": size, "sha256": sha, "kind": kind, "view": view, "params": full,
             "rows": len(ids), "generation": gen, "data_generation": self._data_generation(view),
             "weights": repr(weights) if view == "tracin" else None,
         }
-        new = self.manifest
+        new = copy.deepcopy(self._snapshot.manifest)
         new["indexes"][f"{view}:{kind}"] = entry
         new["generation"] = gen
         try:
-            self._publish(new)
+            self._snapshot.publish(new, written=[name])
         except StoreWriteError:
-            (self.path / name).unlink(missing_ok=True)
+            (self._snapshot.path / name).unlink(missing_ok=True)
             raise
-        self._manifest = new
-        self._verified.add(name)
-        self._cache.clear()
-        self._cache[("index", view, kind, entry["weights"], "cpu", gen)] = index
+        self.cache.clear()
+        self.cache[("index", view, kind, entry["weights"], "cpu", gen)] = index
         return dict(entry)
 
 

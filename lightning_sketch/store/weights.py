@@ -1,9 +1,8 @@
 """Model weights beside a store: each checkpoint's parameters, checksummed in the manifest.
 
-Mixin of :class:`~lightning_sketch.store.SketchStore`. The files live in the run directory (the
-store's parent folder) and are read back only after their size, sha256 and parameter layout match
-the manifest, with ``torch.load(weights_only=True)``.
-"""
+:class:`WeightFiles` is the component of :class:`~lightning_sketch.store.SketchStore` for these
+files. They live in the run directory (the store's parent folder) and are read back only after their
+size, sha256 and parameter layout match the manifest, with ``torch.load(weights_only=True)``."""
 
 from __future__ import annotations
 
@@ -22,31 +21,29 @@ from lightning_sketch.exceptions import (
 )
 from lightning_sketch.io import safeio as sio
 from lightning_sketch.store import manifest as mf
-from lightning_sketch.store.snapshot import SnapshotMixin
+from lightning_sketch.store.snapshot import Snapshot
+from lightning_sketch.store.writer import Writer
 
-__all__ = ["WeightsMixin"]
+__all__ = ["WeightFiles"]
 
 
-class WeightsMixin(SnapshotMixin):
-    """Saving and verified loading of per-checkpoint parameters (state lives in ``SketchStore``)."""
+class WeightFiles:
+    """Component of :class:`~lightning_sketch.store.SketchStore`: per-checkpoint parameter files.
 
-    def save_weights(self, name: str, tensors: dict[str, Any], directory: str | Path,
+    Writes them (staged with ``writer``, recorded at its next commit) and reads back only the files
+    the committed manifest of ``snapshot`` records, after checking size, sha256 and layout.
+    """
+
+    def __init__(self, snapshot: Snapshot, writer: Writer) -> None:
+        self._snapshot = snapshot
+        self._writer = writer
+
+    def save(self, name: str, tensors: dict[str, Any], directory: str | Path,
                      layout_fingerprint: str | None = None) -> Path:
-        """Write the parameters of checkpoint ``name`` to ``directory/<name>.pt`` and record them.
-
-        The file is written atomically (``torch.save`` of a dict of CPU tensors) and recorded at
-        the next :meth:`commit` with its size, sha256 and the layout fingerprint, so that
-        :meth:`load_weights` refuses a flipped, truncated, swapped or foreign file. ``directory``
-        must lie in the run directory (the store's parent folder).
-
-        Raises:
-            SketchInputError: unsafe checkpoint name, or ``directory`` outside the run directory.
-            UnsafeFileError: ``directory`` is reached through a symlinked folder of the run directory.
-            StoreWriteError: the write failed (disk full); no file is left behind.
-        """
-        self._require_writer()
+        """Write and stage one checkpoint's parameters (see ``SketchStore.save_weights``)."""
+        self._snapshot.require_writer()
         mf.check_checkpoint_name(name)
-        root = self.path.parent
+        root = self._snapshot.path.parent
         directory = Path(directory)
         try:
             rel = directory.resolve().relative_to(root.resolve()).as_posix()
@@ -63,35 +60,27 @@ class WeightsMixin(SnapshotMixin):
         sha, size = sio.atomic_write(directory / f"{name}.pt", [buf.getbuffer()], what="weights file",
                                      root=root)
         file = f"{name}.pt" if rel == "." else f"{rel}/{name}.pt"
-        self._pending_weights[name] = {"file": file, "bytes": size, "sha256": sha,
-                                       "layout_fingerprint": layout_fingerprint or self.layout_fingerprint}
+        self._writer.stage("weights", name, {
+            "file": file, "bytes": size, "sha256": sha,
+            "layout_fingerprint": layout_fingerprint or self._snapshot.layout_fingerprint,
+        })
         return directory / f"{name}.pt"
 
-    def has_weights(self, name: str) -> bool:
-        """Whether committed parameters of checkpoint ``name`` are recorded (see :meth:`save_weights`)."""
-        return name in self._manifest.get("weights", {})
+    def has(self, name: str) -> bool:
+        """Whether committed weights of ``name`` are recorded."""
+        return name in self._snapshot.manifest.get("weights", {})
 
-    def load_weights(self, name: str, layout_fingerprint: str | None = None) -> dict[str, Any]:
-        """The verified parameters ``{param name: tensor}`` of checkpoint ``name`` (CPU tensors).
-
-        The file must be the one recorded for ``name``: inside the run directory, a regular file of
-        the recorded size and sha256, for the recorded layout (and ``layout_fingerprint``, if
-        given). It is read with ``torch.load(weights_only=True)`` (no pickled code).
-
-        Raises:
-            StoreNotFoundError: no weights recorded for ``name`` (or the file is missing).
-            StoreCorruptError: the file fails its checksum or holds anything but a dict of tensors.
-            LayoutMismatchError: the weights were saved for another parameter layout.
-            UnsafeFileError: the recorded path leaves the run directory or is not a regular file.
-        """
-        entry = self._manifest.get("weights", {}).get(name)
+    def load(self, name: str, layout_fingerprint: str | None = None) -> dict[str, Any]:
+        """The verified parameters of ``name`` (see ``SketchStore.load_weights``)."""
+        entry = self._snapshot.manifest.get("weights", {}).get(name)
         if entry is None:
             raise StoreNotFoundError(
-                f"Store {str(self.path)!r} records no saved weights for checkpoint {name!r} (recorded: "
-                f"{sorted(self._manifest.get('weights', {}))}); write them with "
+                f"Store {str(self._snapshot.path)!r} records no saved weights for checkpoint {name!r} "
+                "(recorded: "
+                f"{sorted(self._snapshot.manifest.get('weights', {}))}); write them with "
                 "GradientSketch(save_weights=True)."
             )
-        root = self.path.parent
+        root = self._snapshot.path.parent
         path = root / entry["file"]
         real = sio.confined(root, entry["file"], what="weights file")
         try:
@@ -108,7 +97,7 @@ class WeightsMixin(SnapshotMixin):
                 "checkpoint or run. Restore the original file."
             )
         for fp, where in ((entry.get("layout_fingerprint"), "recorded with the weights"),
-                          (self.layout_fingerprint, "of the store")):
+                          (self._snapshot.layout_fingerprint, "of the store")):
             if layout_fingerprint is not None and fp is not None and fp != layout_fingerprint:
                 raise LayoutMismatchError(
                     f"Weights of checkpoint {name!r} were saved for parameter layout {fp[:12]}… ({where}) "
@@ -120,3 +109,8 @@ class WeightsMixin(SnapshotMixin):
                                                   for k, v in saved.items()):
             raise StoreCorruptError(f"Weights file {str(path)!r} does not hold a dict of named tensors.")
         return saved
+
+    def verify(self) -> None:
+        """Read back every recorded weights file (:meth:`load`), for ``SketchStore.verify``."""
+        for name in self._snapshot.manifest.get("weights", {}):  # files beside the store (run directory)
+            self.load(name)

@@ -1,8 +1,11 @@
 """Writing to a store: declare checkpoints, buffer rows, commit them as immutable segments.
 
-Mixin of :class:`~lightning_sketch.store.SketchStore`. :meth:`WriterMixin.append` buffers rows in
-memory; :meth:`WriterMixin.commit` writes them as new segment files (tmp + fsync + rename) and then
-publishes a new manifest atomically (``SketchStore._publish``), so a crash loses at most the buffer.
+:class:`Writer` is the component of :class:`~lightning_sketch.store.SketchStore` that holds
+everything not yet committed. :meth:`Writer.append` buffers rows in memory; :meth:`Writer.commit`
+writes them as new segment files (tmp + fsync + rename) and then publishes a new manifest atomically
+(:meth:`~lightning_sketch.store.snapshot.Snapshot.publish`), so a crash loses at most the buffer.
+Files written beside the store (weights, curvature) are staged here by their components
+(:meth:`Writer.stage`) and committed with the same generation.
 """
 
 from __future__ import annotations
@@ -20,14 +23,67 @@ from lightning_sketch.exceptions import DuplicateIdError, SketchInputError
 from lightning_sketch.store import manifest as mf
 from lightning_sketch.store._io import atomic_write, npy_bytes
 from lightning_sketch.store._validate import as_ids, as_rows, finite_rows, spec_dict
-from lightning_sketch.store.snapshot import SnapshotMixin, _recount
+from lightning_sketch.store.snapshot import Snapshot, recount
+from lightning_sketch.store.views import Views
 
-__all__ = ["WriterMixin"]
+__all__ = ["RECORD_FIELDS", "Writer"]
+
+#: manifest fields of files written beside the store (by name: checkpoint or slice), staged with
+#: :meth:`Writer.stage` and committed with the rows, in this order.
+RECORD_FIELDS = ("weights", "curvature")
 
 
-class WriterMixin(SnapshotMixin):
-    """Checkpoints, buffered rows, commits and resume points (state lives in ``SketchStore``)."""
+class Writer:
+    """Component of :class:`~lightning_sketch.store.SketchStore`: what the next commit will publish.
 
+    Holds the checkpoints declared, the rows appended (per checkpoint and rank) and the records of
+    files written beside the store (weights, curvature) since the last commit, and the ids of each
+    checkpoint for the duplicate check. :meth:`commit` writes the rows as segment files and publishes
+    them with everything else through ``snapshot``; it clears ``views``' cache of the old snapshot.
+    """
+
+    def __init__(self, snapshot: Snapshot, views: Views) -> None:
+        self._snapshot = snapshot
+        self._views = views
+        #: uncommitted rows per (checkpoint, rank): a list of (ids [B], rows [B, D]) parts.
+        self._buffer: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._pending_ckpts: list[dict[str, Any]] = []
+        self._pending_skips: dict[str, dict[str, Any]] = {}
+        #: staged manifest records per field of :data:`RECORD_FIELDS` (``{name: entry}``).
+        self._pending_records: dict[str, dict[str, dict[str, Any]]] = {f: {} for f in RECORD_FIELDS}
+        self._pending_mark = False
+        #: ids per checkpoint (committed and buffered), for the duplicate check.
+        self._idsets: dict[str, set[int]] = {}
+
+    # ------------------------------------------------------------------ pending state
+    @property
+    def pending_rows(self) -> int:
+        """Buffered (uncommitted) rows."""
+        return int(sum(len(i) for parts in self._buffer.values() for i, _ in parts))
+
+    def stage(self, field: str, name: str, entry: dict[str, Any]) -> None:
+        """Record ``entry`` under ``manifest[field][name]`` at the next commit (``field`` in
+        :data:`RECORD_FIELDS`); the caller has checked the writer and written the file."""
+        self._pending_records[field][name] = entry
+
+    def drop_buffer(self) -> None:
+        """Drop the uncommitted rows (the store is closing)."""
+        self._buffer.clear()
+
+    def discard(self) -> None:
+        """Drop everything pending but a resume mark, and the id sets (after a rollback)."""
+        self._buffer.clear()
+        self._pending_ckpts.clear()
+        self._pending_skips.clear()
+        for records in self._pending_records.values():
+            records.clear()
+        self._idsets.clear()
+
+    def forget_ids(self) -> None:
+        """Drop the id sets; they are read again from the committed rows when next needed."""
+        self._idsets.clear()
+
+    # ------------------------------------------------------------------ checkpoints and rows
     def add_checkpoint(
         self,
         name: str,
@@ -36,20 +92,13 @@ class WriterMixin(SnapshotMixin):
         weight: float | None = None,
         **meta: Any,
     ) -> None:
-        """Declare checkpoint ``name`` (training step, learning rate η_t, optional TracIn weight).
-
-        Re-adding a committed or pending checkpoint with the same step/lr/weight is a no-op (resume).
-
-        Raises:
-            SketchInputError: unsafe name, or a checkpoint of that name with other step/lr/weight.
-            StoreWriteError: the store is read-only.
-        """
-        self._require_writer()
+        """Declare a checkpoint, committed with the next commit (see ``SketchStore.add_checkpoint``)."""
+        self._snapshot.require_writer()
         mf.check_checkpoint_name(name)
         for key, val in (("lr", lr), ("weight", weight)):
             number(key, val, allow_none=True, error=SketchInputError)
         record = {"name": name, "step": None if step is None else int(step), "lr": lr, "weight": weight}
-        for c in self._manifest["checkpoints"] + self._pending_ckpts:
+        for c in self._snapshot.manifest["checkpoints"] + self._pending_ckpts:
             if c["name"] == name:
                 if {k: c[k] for k in record} != record:
                     raise SketchInputError(
@@ -60,7 +109,7 @@ class WriterMixin(SnapshotMixin):
         self._pending_ckpts.append({**record, "rows": 0, "meta": spec_dict(meta) or {}})
 
     def _resolve_checkpoint(self, checkpoint: str | None) -> str:
-        names = self.checkpoints + [c["name"] for c in self._pending_ckpts]
+        names = self._snapshot.checkpoints + [c["name"] for c in self._pending_ckpts]
         if checkpoint is None:
             if len(names) == 1:
                 return names[0]
@@ -74,11 +123,11 @@ class WriterMixin(SnapshotMixin):
             )
         return checkpoint
 
-    def _idset(self, checkpoint: str) -> set[int]:
+    def idset(self, checkpoint: str) -> set[int]:
+        """The ids of ``checkpoint`` committed or buffered so far (a live set: adding to it claims ids)."""
         if checkpoint not in self._idsets:
-            self._idsets[checkpoint] = (
-                set(self.ids(checkpoint).tolist()) if checkpoint in self.checkpoints else set()
-            )
+            committed = checkpoint in self._snapshot.checkpoints
+            self._idsets[checkpoint] = set(self._views.ids(checkpoint).tolist()) if committed else set()
         return self._idsets[checkpoint]
 
     def append(
@@ -90,36 +139,14 @@ class WriterMixin(SnapshotMixin):
         on_duplicate: Literal["raise", "skip"] = "raise",
         nan_policy: Literal["raise", "skip"] | None = None,
     ) -> int:
-        """Buffer rows ``vectors`` [B, D] for example ``ids`` [B] under ``checkpoint``.
-
-        Rows become visible (and durable) only after :meth:`commit`.
-
-        Args:
-            ids: int64-compatible example ids (dataset indices), ``[B]``; unique per checkpoint.
-            vectors: ``[B, D]`` float tensor or array (cast to the storage dtype).
-            checkpoint: a declared checkpoint (optional when the store has exactly one).
-            rank: the writer's rank, recorded in segment file names.
-            on_duplicate: "raise" (:class:`DuplicateIdError`) or "skip" rows whose id is already in
-                this checkpoint (committed or buffered), counted in the manifest.
-            nan_policy: "raise" (:class:`NonFiniteGradientError`) or "skip" non-finite rows (counted);
-                default: the store's policy.
-
-        Returns:
-            The number of rows accepted into the buffer.
-
-        Raises:
-            SketchInputError: bad ids (non-integer, negative, outside int64), shapes or dtypes, or a
-                float16 store receiving values beyond ±65504.
-            DuplicateIdError: an id repeats within this checkpoint.
-            NonFiniteGradientError: non-finite rows under ``nan_policy="raise"``.
-        """
-        self._require_writer()
+        """Buffer rows under a checkpoint; the number accepted (see ``SketchStore.append``)."""
+        self._snapshot.require_writer()
         checkpoint = self._resolve_checkpoint(checkpoint)
         idx = as_ids(ids)
-        rows = as_rows(vectors, self.sketch_dim, "vectors")
+        rows = as_rows(vectors, self._snapshot.sketch_dim, "vectors")
         if len(idx) != len(rows):
             raise SketchInputError(f"`ids` has {len(idx)} entries but `vectors` has {len(rows)} rows.")
-        policy = nan_policy or self._manifest.get("nan_policy", "raise")
+        policy = nan_policy or self._snapshot.manifest.get("nan_policy", "raise")
         if on_duplicate not in ("raise", "skip") or policy not in ("raise", "skip"):
             raise SketchInputError(
                 f"`on_duplicate`/`nan_policy` must be 'raise' or 'skip'; got {on_duplicate}/{policy}."
@@ -130,7 +157,7 @@ class WriterMixin(SnapshotMixin):
             skips["nonfinite"] += int((~finite).sum())
             skips["ids"] = (skips["ids"] + idx[~finite].tolist())[:1000]
             idx, rows = idx[finite], rows[finite]
-        seen = self._idset(checkpoint)
+        seen = self.idset(checkpoint)
         _, first = np.unique(idx, return_index=True)
         dup = np.ones(len(idx), dtype=bool)
         dup[first] = False
@@ -145,8 +172,8 @@ class WriterMixin(SnapshotMixin):
             skips["duplicates"] += int(dup.sum())
             idx, rows = idx[~dup], rows[~dup]
         with np.errstate(over="ignore"):
-            stored = rows.astype(self.dtype)
-        if self.dtype == "float16" and not np.isfinite(stored).all():
+            stored = rows.astype(self._snapshot.dtype)
+        if self._snapshot.dtype == "float16" and not np.isfinite(stored).all():
             raise SketchInputError(
                 "`vectors` exceed the float16 range (±65504); create the store with dtype='float32'."
             )
@@ -158,36 +185,26 @@ class WriterMixin(SnapshotMixin):
         return int(len(idx))
 
     def commit(self) -> int:
-        """Write buffered rows as new immutable segments, then atomically publish a new manifest.
-
-        Returns:
-            The new generation (unchanged if nothing was pending).
-
-        Raises:
-            StoreWriteError: a write failed (e.g. disk full); the last committed state is intact and
-                the buffer is kept, so commit can be retried.
-        """
-        self._require_writer()
+        """Write the buffer as segments and publish the pending records; the generation (see
+        ``SketchStore.commit``)."""
+        self._snapshot.require_writer()
         if (
             not self._buffer
             and not self._pending_ckpts
-            and not self._pending_weights
-            and not self._pending_curvature
+            and not any(self._pending_records.values())
             and not self._pending_mark
             and not any(s["nonfinite"] or s["duplicates"] for s in self._pending_skips.values())
         ):
-            return self.generation
-        self._check_generation()  # before writing anything: another writer's files are never touched
-        new = copy.deepcopy(self._manifest)
+            return self._snapshot.generation
+        self._snapshot.check_generation()  # before writing anything: another writer's files are never touched
+        new = copy.deepcopy(self._snapshot.manifest)
         gen = new["generation"] + 1
         new["generation"] = gen
         new["checkpoints"].extend({**c, "generation": gen} for c in self._pending_ckpts)
-        if self._pending_weights:
-            new["weights"] = {**new.get("weights", {}),
-                              **{n: {**e, "generation": gen} for n, e in self._pending_weights.items()}}
-        if self._pending_curvature:
-            new["curvature"] = {**new.get("curvature", {}),
-                                **{n: {**e, "generation": gen} for n, e in self._pending_curvature.items()}}
+        for field, records in self._pending_records.items():  # weights, then curvature (RECORD_FIELDS)
+            if records:
+                stamped = {n: {**e, "generation": gen} for n, e in records.items()}
+                new[field] = {**new.get(field, {}), **stamped}
         if self._pending_mark:
             new["checkpointed_generation"] = gen
         written: list[Path] = []
@@ -199,7 +216,7 @@ class WriterMixin(SnapshotMixin):
             entry: dict[str, Any] = {"checkpoint": ckpt, "rank": rank, "generation": gen, "rows": rows}
             new["segments"].append(entry)
             # the pieces are joined on the worker, one segment at a time per thread (not all up front)
-            jobs += [(entry, key, self.path / (stem + suffix), [p[i] for p in parts])
+            jobs += [(entry, key, self._snapshot.path / (stem + suffix), [p[i] for p in parts])
                      for key, suffix, i in (("vectors", ".npy", 1), ("ids", ".ids.npy", 0))]
         try:
             # Each file is written, fsync-ed and renamed on its own thread: the fsyncs (not the bytes)
@@ -222,36 +239,30 @@ class WriterMixin(SnapshotMixin):
             for ckpt, s in self._pending_skips.items():
                 if s["nonfinite"] or s["duplicates"]:
                     new.setdefault("skips", []).append({"generation": gen, "checkpoint": ckpt, **s})
-            _recount(new)
-            self._publish(new)
+            recount(new)
+            self._snapshot.publish(new, written=[p.name for p in written])
         except BaseException:  # disk full, or anything else: no file of this generation is left behind
             for p in written:
                 p.unlink(missing_ok=True)
             raise
-        self._manifest = new
         self._buffer.clear()
         self._pending_ckpts.clear()
         self._pending_skips.clear()
-        self._pending_weights.clear()
-        self._pending_curvature.clear()
+        for records in self._pending_records.values():
+            records.clear()
         self._pending_mark = False
-        self._cache.clear()
-        self._verified.update(str(p.name) for p in written)
+        self._views.clear()
         return gen
 
     # ------------------------------------------------------------------ resume points
     @property
     def resume_point(self) -> int | None:
-        """Generation at which a training checkpoint (or the end of a fit) last referenced this store.
-
-        None means no run writing this store ever reached a checkpoint: its rows are orphans a
-        fresh run may discard (see :class:`~lightning_sketch.callbacks.GradientSketch`).
-        """
-        return self._manifest.get("checkpointed_generation")
+        """The generation a training checkpoint last referenced (see ``SketchStore.resume_point``)."""
+        return self._snapshot.manifest.get("checkpointed_generation")
 
     def mark_resume_point(self) -> int:
-        """Record (and commit) that a training checkpoint now references this store; return the generation."""
-        self._require_writer()
+        """Commit with a resume mark; the generation (see ``SketchStore.mark_resume_point``)."""
+        self._snapshot.require_writer()
         self._pending_mark = True
         return self.commit()
 

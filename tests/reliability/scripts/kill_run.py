@@ -39,7 +39,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_sketch.spectrum.snapshot as snapshot_mod
-import lightning_sketch.store.store as store_mod
+import lightning_sketch.store.snapshot as store_snapshot
 from lightning_sketch.callbacks import (
     GradientSketch,
     HessianSpectrum,
@@ -62,14 +62,14 @@ class KillAt(Callback):
     def __init__(self, where: str, step: int) -> None:
         self.where, self.step, self.current = where, step, -1
         if where == "commit":
-            original = store_mod.write_json_atomic
+            original = store_snapshot.write_json_atomic
 
             def write_json_atomic(path, obj, **kw):
                 if self.current >= self.step:
                     die()
                 return original(path, obj, **kw)
 
-            store_mod.write_json_atomic = write_json_atomic
+            store_snapshot.write_json_atomic = write_json_atomic
         elif where == "snapshot":
             original_write = snapshot_mod.sio.atomic_write
 

@@ -47,7 +47,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 import lightning_sketch.io.safeio as sio
-import lightning_sketch.store.store as store_mod
+import lightning_sketch.store.snapshot as store_snapshot
 from lightning_sketch.callbacks import (
     GradientSketch,
     HessianSpectrum,
@@ -108,14 +108,14 @@ class Events:
 
     def __init__(self, kind: str | None, n: int) -> None:
         self.kind, self.n, self.counts = kind, n, Counter()
-        original_json = store_mod.write_json_atomic
+        original_json = store_snapshot.write_json_atomic
 
         def write_json_atomic(path, obj, **kw):
             if Path(path).name == "manifest.json" and Path(path).exists():
                 self.hit("publish")
             return original_json(path, obj, **kw)
 
-        store_mod.write_json_atomic = write_json_atomic
+        store_snapshot.write_json_atomic = write_json_atomic
         real_os = os
         proxy = types.ModuleType("os_proxy")
         proxy.__dict__.update(real_os.__dict__)
