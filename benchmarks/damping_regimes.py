@@ -1,0 +1,147 @@
+"""Where the best damping ratio sits when training is short: the suite's tasks at fewer epochs.
+
+The task suite (``_suite_tasks.py``) trains every task to convergence (8–30 epochs). A user's first
+try is often a short run. This script takes suite tasks at a shorter ``epochs`` (everything else,
+data, model, optimizer and ground-truth protocol, unchanged; the ground truth is retrained with the
+same number of epochs), fits ``--runs`` Lightning runs with ``callbacks=[GradientSketch(dirpath=run)]``
+only, and measures, through the public API:
+
+- the LDS of ``trak`` at every ratio of ``DAMPING_RATIO_GRID`` (the library's unit
+  λ_c = ρ · tr(K_c)/T_c / r_c), 1 model (mean over runs) and the ensemble of the runs;
+- the LDS of the default ``Attributor(run, model)`` (no argument), the best ratio, and the gap;
+- what describes the regime: the final mean training loss, training accuracy (classifiers) and the
+  last slice's RMS residual r (``damping_info``).
+
+Run (from the repository root)::
+
+    nice .venv/bin/python benchmarks/damping_regimes.py                       # every variant below
+    nice .venv/bin/python benchmarks/damping_regimes.py --variants digits10@3 --runs 2 --subsets 10
+
+Writes ``benchmarks/.cache/suite/damping_regimes.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _suite_tasks as S  # noqa: E402
+from attr_suite import _curve, uptime  # noqa: E402
+
+#: task@epochs: each task at a short length and at the suite's own (binary_small 30, digits10 20,
+#: regression 30, large_T 8, label_noise 20, sequence 20, causal_lm 20).
+VARIANTS = ("binary_small@3", "binary_small@10", "binary_small@30", "digits10@2", "digits10@5", "digits10@20",
+            "regression@3", "regression@10", "regression@30", "large_T@2", "large_T@8", "label_noise@5",
+            "label_noise@20", "sequence@3", "sequence@20", "causal_lm@3", "causal_lm@20")
+OUT = S.SUITE / "damping_regimes.json"
+
+
+def variant(spec: str, subsets: int) -> S.SuiteTask:
+    name, epochs = spec.split("@")
+    return replace(S.get_task(name), epochs=int(epochs), n_subsets=subsets)
+
+
+def regime(t: S.SuiteTask, sp, runs) -> dict:
+    """Mean final training loss and accuracy (classifiers) over the runs."""
+    x, y = sp.train
+    losses, accs = [], []
+    with torch.no_grad():
+        for _, m in runs:
+            out = m(x)
+            losses.append(float(S.per_example(t, out, y).mean()))
+            if t.kind == "binary":
+                accs.append(float(((out > 0).float() == y).float().mean()))
+            elif t.kind in ("multiclass", "sequence"):
+                accs.append(float((out.argmax(-1) == y).float().mean()))
+    return {"train_loss": float(np.mean(losses)), "train_acc": float(np.mean(accs)) if accs else None}
+
+
+def study(spec: str, n_runs: int, subsets: int, log=print) -> dict:
+    from lightning_sketch.attribution import DAMPING_RATIO_GRID, Attributor
+
+    t = variant(spec, subsets)
+    sp = S.splits(t)
+    t0 = time.perf_counter()
+    gt = S.ground_truth(t)
+    runs, info = S.fit_runs(t, n_runs, log=log)
+    qb = S.dict_batch(t, *sp.query)
+    with S.capture_warnings():
+        singles = [Attributor(r, m) for r, m in runs]
+        chosen = (singles[0].method, singles[0].kernel, singles[0].damping_ratio)  # before tune_damping
+        default_1 = [S.lds_of(a.scores(qb), gt) for a in singles]
+        ens = Attributor([r for r, _ in runs], runs[0][1])
+        default_5 = S.lds_of(ens.scores(qb), gt)
+        dinfo = singles[0].damping_info(qb, k=10)
+        curves = [_curve(a, qb, gt, "query")[0] for a in singles]
+        curve_5 = _curve(ens, qb, gt, "query")[0]
+    grid = list(DAMPING_RATIO_GRID)
+    c1 = np.nanmean(np.asarray(curves), 0)
+    c5 = np.asarray(curve_5)
+    return {
+        "variant": spec, "task": t.name, "epochs": t.epochs, "runs": n_runs, "subsets": subsets,
+        "method": chosen[0], "kernel": chosen[1], "default_ratio": chosen[2],
+        "default_1": float(np.mean(default_1)), "default_5": float(default_5),
+        "grid": grid, "curve_1": c1.tolist(), "curve_5": c5.tolist(),
+        "best_1": float(np.nanmax(c1)), "best_ratio_1": grid[int(np.nanargmax(c1))],
+        "best_5": float(np.nanmax(c5)), "best_ratio_5": grid[int(np.nanargmax(c5))],
+        "residual_last": (dinfo.get("slices") or [{}])[-1].get("residual"),
+        "n_checkpoints": len(singles[0].checkpoints), **regime(t, sp, runs),
+        "seconds": time.perf_counter() - t0, "gt_seconds": gt.seconds,
+    }
+
+
+def at(r: dict, rho: float, which: str) -> float:
+    g = np.asarray(r["grid"])
+    return float(np.asarray(r[f"curve_{which}"])[int(np.argmin(np.abs(np.log(g) - np.log(rho))))])
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| task @ epochs | train loss / acc | r (last slice) | default ρ | default 1 / E | best 1 / E (ρ₁, ρ_E) "
+            "| gap default 1 / E | LDS at ρ = 1: 1 / E | gap at ρ = 1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        acc = "–" if r["train_acc"] is None else f"{r['train_acc']:.2f}"
+        g1, g5 = r["default_1"] - r["best_1"], r["default_5"] - r["best_5"]
+        o1, o5 = at(r, 1.0, "1"), at(r, 1.0, "5")
+        res = "–" if r["residual_last"] is None else f"{r['residual_last']:.3f}"
+        rows.append(
+            f"| {r['variant']} | {r['train_loss']:.3f} / {acc} | {res} | {r['default_ratio']:.3g} "
+            f"| {r['default_1']:.3f} / {r['default_5']:.3f} | {r['best_1']:.3f} / {r['best_5']:.3f} "
+            f"({r['best_ratio_1']:.3g}, {r['best_ratio_5']:.3g}) | {g1:+.3f} / {g5:+.3f} "
+            f"| {o1:.3f} / {o5:.3f} | {o1 - r['best_1']:+.3f} / {o5 - r['best_5']:+.3f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--subsets", type=int, default=50, help="ground-truth half subsets (× 2 seeds)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(OUT))
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    done = json.loads(out.read_text()) if out.exists() else {}
+    print(f"start {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {uptime()}", flush=True)
+    for spec in [v for v in a.variants.split(",") if v]:
+        r = study(spec, a.runs, a.subsets)
+        r["uptime"] = uptime()
+        done[spec] = r
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(done, indent=1))
+        print(f"{spec}: default {r['default_1']:.3f}/{r['default_5']:.3f}, best {r['best_1']:.3f}/{r['best_5']:.3f} "
+              f"at {r['best_ratio_1']:.3g}/{r['best_ratio_5']:.3g}; {r['seconds']:.0f} s; {r['uptime']}", flush=True)
+    print(table([done[v] for v in a.variants.split(",") if v in done]))
+    print(f"end {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {uptime()}")
+
+
+if __name__ == "__main__":
+    main()
