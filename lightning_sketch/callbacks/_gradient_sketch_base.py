@@ -1,8 +1,8 @@
 """Private base of :class:`~lightning_sketch.callbacks.gradient_sketch.GradientSketch`.
 
 The attributes ``GradientSketch.__init__`` sets, declared once for the checkpoint-mode and inline-mode
-mixins (``_gradient_sketch_slices``, ``_gradient_sketch_inline``), the row plumbing both modes share
-(``_append`` / ``_flush`` / ``_commit``) and the setup-time support check with its ``exclude=`` advice.
+mixins (``_gradient_sketch_slices``, ``_gradient_sketch_inline``), the row writer both modes share
+(``_RowWriter``: append / flush / commit) and the setup-time support check with its ``exclude=`` advice.
 """
 
 from __future__ import annotations
@@ -30,9 +30,113 @@ from lightning_sketch.store import finite_rows
 log = logging.getLogger("lightning_sketch.callbacks.gradient_sketch")
 
 
+class _RowWriter:
+    """The plumbing that turns sketched rows into store appends, shared by both modes.
+
+    Owns the inline buffer (rows of each slice waiting for one store append), the ids a resumed
+    slice may see replayed (``_replayable``) and the count of non-finite rows dropped; the store is
+    the caller's (the callback's, set in ``setup``).
+    """
+
+    def __init__(self, nan_policy: str) -> None:
+        self.nan_policy = nan_policy
+        self._buffer: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        # inline mode after a resume: the ids the last resumed slice holds, which Lightning may replay
+        self._replayable: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.skipped_nonfinite = 0
+
+    def expect_replays(self, name: str, committed: np.ndarray) -> None:
+        """The resumed slice ``name`` holds the sorted unique ids ``committed``: their first rows since
+        the resume are replays (see :meth:`flush`)."""
+        self._replayable[name] = (committed, np.zeros(len(committed), dtype=bool))
+
+    def forget_replays(self) -> None:
+        self._replayable = {}
+
+    def discard(self) -> None:
+        """Drop the uncommitted buffer (the last committed state is kept)."""
+        self._buffer = {}
+
+    def append(self, store: Any, ids: Tensor, rows: Tensor, name: str, trainer: Trainer,
+               defer: bool = False) -> None:
+        rows = rows.detach().to("cpu", torch.float32)
+        ids = ids.cpu()
+        # One reduction decides the common case: a non-finite entry makes the sum non-finite (an
+        # overflowing sum of finite rows only sends us to the exact per-row test). The per-row test
+        # is the store's (raised here, at the training step; the store counts dropped rows).
+        finite = None
+        if not math.isfinite(float(rows.sum())):
+            finite = finite_rows(ids.numpy(), rows.numpy(), self.nan_policy, f"at step {trainer.global_step}")
+        if finite is not None and not finite.all():
+            self.skipped_nonfinite += int((~finite).sum())
+            bad = ids.numpy()[~finite][:5].tolist()
+            rank_zero_warn(f"GradientSketch skipped {int((~finite).sum())} non-finite rows (ids {bad}...)")
+        if defer:  # inline mode: one store append per slice instead of one per step
+            self._buffer.setdefault(name, []).append((ids, rows))
+            return
+        store.append(ids, rows, checkpoint=name, rank=trainer.global_rank, nan_policy=self.nan_policy)
+
+    def flush(self, store: Any, trainer: Trainer) -> None:
+        """Move the inline buffer (rows ``[B, D]`` float32 per slice) into the store's buffer.
+
+        After a resume, Lightning may train again on examples whose rows the resumed slice already
+        holds (it replays the batches of an epoch from its start when the train loader cannot resume
+        mid-epoch, or when the checkpoint was saved in ``on_train_epoch_end``). The first row since
+        the resume of each id committed before it is skipped and counted as ``skipped_duplicates`` of
+        the slice. Any other repeated id (within a batch, or twice since the fit started: broken
+        ``ids_fn``, a sampler drawing with replacement) raises :class:`DuplicateIdError`.
+        """
+        for name, parts in self._buffer.items():
+            ids = torch.cat([i for i, _ in parts])
+            rows = torch.cat([r for _, r in parts])
+            replayed = torch.from_numpy(self.take_replayed(name, ids.numpy()))
+            if bool(replayed.any()):
+                store.append(ids[replayed], rows[replayed], checkpoint=name, rank=trainer.global_rank,
+                             on_duplicate="skip", nan_policy=self.nan_policy)
+                rank_zero_warn(
+                    f"GradientSketch inline: {int(replayed.sum())} rows of examples the resumed slice "
+                    f"{name!r} already holds were skipped (counted as skipped_duplicates in the store "
+                    f"manifest): Lightning replayed their batches after the resume. For rows equal to an "
+                    f"uninterrupted run's, save checkpoints on the last batch of an epoch (ModelCheckpoint("
+                    f"every_n_train_steps=<steps per epoch>)) or give the train loader "
+                    f"state_dict/load_state_dict."
+                )
+            fresh = ~replayed
+            try:
+                store.append(ids[fresh], rows[fresh], checkpoint=name, rank=trainer.global_rank,
+                             nan_policy=self.nan_policy)
+            except DuplicateIdError as err:
+                raise DuplicateIdError(
+                    f"GradientSketch inline: an example id was trained twice in slice {name!r} ({err}). "
+                    f"Each example of an epoch needs its own id: check ids_fn / id_key (they must return "
+                    f"dataset indices, not labels), and use a sampler without replacement."
+                ) from err
+        self._buffer = {}
+
+    def take_replayed(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Mask ``[B]`` bool of the ``ids`` that are the first occurrence since the resume of an id the
+        resumed slice ``name`` committed before it; those ids are marked as taken."""
+        mask = np.zeros(len(ids), dtype=bool)
+        replay = self._replayable.get(name)
+        if replay is None or not len(replay[0]):
+            return mask
+        committed, taken = replay  # sorted unique int64 ids, and which of them came back already
+        pos = np.minimum(np.searchsorted(committed, ids), len(committed) - 1)
+        for j in np.flatnonzero(committed[pos] == ids):
+            if not taken[pos[j]]:
+                taken[pos[j]] = True
+                mask[j] = True
+        return mask
+
+    def commit(self, store: Any, trainer: Trainer) -> int:
+        """Flush the buffer and commit the store; its new generation."""
+        self.flush(store, trainer)
+        return store.commit()
+
+
 class _GradientSketchBase(Callback):
-    """What the mixins of ``GradientSketch`` share: its attributes (all set in its ``__init__``) and the
-    plumbing that turns sketched rows into store appends."""
+    """What the mixins of ``GradientSketch`` share: its attributes (all set in its ``__init__``) and
+    the helpers both modes use (example ids, the loss, sketched rows, commits)."""
 
     # arguments (see GradientSketch.__init__)
     dirpath: str
@@ -68,9 +172,6 @@ class _GradientSketchBase(Callback):
     sketch: Any
     layout: Any
     _capture: Any
-    _inline_buf: dict[str, list[tuple[Tensor, Tensor]]]
-    _replayable: dict[str, tuple[np.ndarray, np.ndarray]]
-    skipped_nonfinite: int
     skipped_overflow_steps: int
     support: Any
     _scaler: Any
@@ -78,6 +179,8 @@ class _GradientSketchBase(Callback):
     _hooks: bool
     _hooks_exact: bool | None
     _inline_fast: bool
+    #: the rows of both modes go through it
+    _writer: _RowWriter
     # inline mode, per training step
     _lr: float
     _pending_rows: Tensor | None
@@ -99,79 +202,8 @@ class _GradientSketchBase(Callback):
         fast_dev_run = trainer.fast_dev_run  # type: ignore[attr-defined]
         return trainer.sanity_checking or bool(fast_dev_run) or self.store is None
 
-    def _append(self, ids: Tensor, rows: Tensor, name: str, trainer: Trainer, defer: bool = False) -> None:
-        rows = rows.detach().to("cpu", torch.float32)
-        ids = ids.cpu()
-        # One reduction decides the common case: a non-finite entry makes the sum non-finite (an
-        # overflowing sum of finite rows only sends us to the exact per-row test). The per-row test
-        # is the store's (raised here, at the training step; the store counts dropped rows).
-        finite = None
-        if not math.isfinite(float(rows.sum())):
-            finite = finite_rows(ids.numpy(), rows.numpy(), self.nan_policy, f"at step {trainer.global_step}")
-        if finite is not None and not finite.all():
-            self.skipped_nonfinite += int((~finite).sum())
-            bad = ids.numpy()[~finite][:5].tolist()
-            rank_zero_warn(f"GradientSketch skipped {int((~finite).sum())} non-finite rows (ids {bad}...)")
-        if defer:  # inline mode: one store append per slice instead of one per step
-            self._inline_buf.setdefault(name, []).append((ids, rows))
-            return
-        self.store.append(ids, rows, checkpoint=name, rank=trainer.global_rank, nan_policy=self.nan_policy)
-
-    def _flush(self, trainer: Trainer) -> None:
-        """Move the inline buffer (rows ``[B, D]`` float32 per slice) into the store's buffer.
-
-        After a resume, Lightning may train again on examples whose rows the resumed slice already
-        holds (it replays the batches of an epoch from its start when the train loader cannot resume
-        mid-epoch, or when the checkpoint was saved in ``on_train_epoch_end``). The first row since
-        the resume of each id committed before it is skipped and counted as ``skipped_duplicates`` of
-        the slice. Any other repeated id (within a batch, or twice since the fit started: broken
-        ``ids_fn``, a sampler drawing with replacement) raises :class:`DuplicateIdError`.
-        """
-        for name, parts in self._inline_buf.items():
-            ids = torch.cat([i for i, _ in parts])
-            rows = torch.cat([r for _, r in parts])
-            replayed = torch.from_numpy(self._take_replayed(name, ids.numpy()))
-            if bool(replayed.any()):
-                self.store.append(ids[replayed], rows[replayed], checkpoint=name, rank=trainer.global_rank,
-                                  on_duplicate="skip", nan_policy=self.nan_policy)
-                rank_zero_warn(
-                    f"GradientSketch inline: {int(replayed.sum())} rows of examples the resumed slice "
-                    f"{name!r} already holds were skipped (counted as skipped_duplicates in the store "
-                    f"manifest): Lightning replayed their batches after the resume. For rows equal to an "
-                    f"uninterrupted run's, save checkpoints on the last batch of an epoch (ModelCheckpoint("
-                    f"every_n_train_steps=<steps per epoch>)) or give the train loader "
-                    f"state_dict/load_state_dict."
-                )
-            fresh = ~replayed
-            try:
-                self.store.append(ids[fresh], rows[fresh], checkpoint=name, rank=trainer.global_rank,
-                                  nan_policy=self.nan_policy)
-            except DuplicateIdError as err:
-                raise DuplicateIdError(
-                    f"GradientSketch inline: an example id was trained twice in slice {name!r} ({err}). "
-                    f"Each example of an epoch needs its own id: check ids_fn / id_key (they must return "
-                    f"dataset indices, not labels), and use a sampler without replacement."
-                ) from err
-        self._inline_buf = {}
-
-    def _take_replayed(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """Mask ``[B]`` bool of the ``ids`` that are the first occurrence since the resume of an id the
-        resumed slice ``name`` committed before it; those ids are marked as taken."""
-        mask = np.zeros(len(ids), dtype=bool)
-        replay = self._replayable.get(name)
-        if replay is None or not len(replay[0]):
-            return mask
-        committed, taken = replay  # sorted unique int64 ids, and which of them came back already
-        pos = np.minimum(np.searchsorted(committed, ids), len(committed) - 1)
-        for j in np.flatnonzero(committed[pos] == ids):
-            if not taken[pos[j]]:
-                taken[pos[j]] = True
-                mask[j] = True
-        return mask
-
     def _commit(self, trainer: Trainer) -> None:
-        self._flush(trainer)
-        self._generation = self.store.commit()
+        self._generation = self._writer.commit(self.store, trainer)
 
     def _ids(self, batch: Any) -> Tensor:
         return _as_ids(self.ids_fn(batch) if self.ids_fn is not None else default_ids(batch, self.id_key))

@@ -182,7 +182,7 @@ class _InlineMixin(_GradientSketchBase):
         ids = self._batch_ids
         assert ids is not None  # rows are pending only after on_train_batch_start set this batch's ids
         name = self._inline_slice(trainer)
-        self._append(ids, rows, name, trainer, defer=True)
+        self._writer.append(self.store, ids, rows, name, trainer, defer=True)
         self._pending_rows = None
         self._last_step_done = trainer.global_step
 
@@ -195,6 +195,6 @@ class _InlineMixin(_GradientSketchBase):
         # Inline rows are committed with Lightning checkpoints and at fit end (a crash loses only
         # rows after the last checkpoint, which a resume re-writes anyway); commit earlier only
         # when the buffer grows large, so the per-step cost stays an in-memory append.
-        self._flush(trainer)
+        self._writer.flush(self.store, trainer)
         if self.store.pending_rows * self.sketch.sketch_dim * 4 > _INLINE_BUFFER_BYTES:
             self._commit(trainer)

@@ -66,7 +66,7 @@ class _SlicesMixin(_GradientSketchBase):
                 ids = self._slice_ids(batch, seen, len(rows), trainer)
                 if self._probe is None and self.save_weights and trainer.is_global_zero:
                     self._probe = _probe_batch(batch, ids)
-                self._append(ids, rows, name, trainer)
+                self._writer.append(self.store, ids, rows, name, trainer)
                 seen += len(rows)
         if not seen:
             rank_zero_warn(

@@ -67,7 +67,7 @@ from lightning_sketch._checks import integer, one_of, positive_int
 from lightning_sketch.attribution.curvature import CURVATURE_DIR, check_curvature_arg
 from lightning_sketch.attribution.task import AttributionTask
 from lightning_sketch.callbacks._checkpoint_guard import guard_checkpoint_io, unguard_checkpoint_io
-from lightning_sketch.callbacks._gradient_sketch_base import _check_support
+from lightning_sketch.callbacks._gradient_sketch_base import _check_support, _RowWriter
 from lightning_sketch.callbacks._gradient_sketch_inline import _InlineMixin
 from lightning_sketch.callbacks._gradient_sketch_io import (
     _adopt_state,
@@ -211,10 +211,8 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self.sketch: Any = None
         self.layout: Any = None
         self._capture: Any = None
-        self._inline_buf: dict[str, list[tuple[Tensor, Tensor]]] = {}
-        # inline mode after a resume: the ids the last resumed slice holds, which Lightning may replay
-        self._replayable: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.skipped_nonfinite = 0
+        #: the inline buffer, the ids a resumed slice may see replayed and the non-finite row count
+        self._writer = _RowWriter(nan_policy)
         #: inline steps whose rows were dropped because the 16-bit gradient scaler overflowed
         #: (the optimizer skips those steps too).
         self.skipped_overflow_steps = 0
@@ -237,6 +235,11 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         #: a Lightning checkpoint saved this run's first state; the store's resume point is recorded once
         #: a later hook shows that the checkpoint file was written (see _confirm_checkpoint)
         self._checkpoint_pending = False
+
+    @property
+    def skipped_nonfinite(self) -> int:
+        """Rows with NaN/inf entries dropped under ``nan_policy="skip"`` (their ids are warned about)."""
+        return self._writer.skipped_nonfinite
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -345,7 +348,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.store is None:
             return
-        self._replayable = {}
+        self._writer.forget_replays()
         if self._resume_generation is not None:
             gens = self._resume_generations
             if trainer.world_size == 1:
@@ -362,8 +365,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             if self.mode == "inline" and self._slices and self._slices[-1] in self.store.checkpoints:
                 # Lightning replays batches only of the epoch the checkpoint was saved in: the last slice
                 last = self._slices[-1]
-                committed = np.unique(self.store.ids(last))
-                self._replayable[last] = (committed, np.zeros(len(committed), dtype=bool))
+                self._writer.expect_replays(last, np.unique(self.store.ids(last)))
         elif self.store.num_rows and trainer.world_size == 1 and self.store.resume_point is None:
             # Rows of a run killed before its first Lightning checkpoint: no checkpoint can resume them,
             # and this fit re-writes them from step 0, so they are discarded.
@@ -499,7 +501,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Keep the last committed state; drop the uncommitted buffer and release the writer lock.
-        self._inline_buf = {}
+        self._writer.discard()
         unguard_checkpoint_io(trainer)
         if self._capture is not None:
             self._capture.__exit__(None, None, None)

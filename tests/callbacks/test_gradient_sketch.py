@@ -213,10 +213,10 @@ def test_inline_repeated_ids_without_a_resume_raise(tmp_path, ids_fn):
 
 def test_only_the_first_replay_of_a_committed_id_is_taken():
     cb = GradientSketch(dirpath="unused", sketch_kind="affd", sketch_dim=8, mode="inline")
-    cb._replayable = {"epoch-1": (np.array([1, 3, 5]), np.zeros(3, dtype=bool))}
-    assert cb._take_replayed("epoch-1", np.array([3, 3, 7, 1])).tolist() == [True, False, False, True]
-    assert cb._take_replayed("epoch-1", np.array([5, 3, 0])).tolist() == [True, False, False]
-    assert cb._take_replayed("epoch-0", np.array([1, 3])).tolist() == [False, False]  # not the resumed slice
+    cb._writer._replayable = {"epoch-1": (np.array([1, 3, 5]), np.zeros(3, dtype=bool))}
+    assert cb._writer.take_replayed("epoch-1", np.array([3, 3, 7, 1])).tolist() == [True, False, False, True]
+    assert cb._writer.take_replayed("epoch-1", np.array([5, 3, 0])).tolist() == [True, False, False]
+    assert cb._writer.take_replayed("epoch-0", np.array([1, 3])).tolist() == [False, False]  # not the resumed slice
 
 
 def test_fresh_fit_into_a_non_empty_store_raises(tmp_path):
