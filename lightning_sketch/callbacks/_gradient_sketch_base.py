@@ -1,8 +1,10 @@
 """Private base of :class:`~lightning_sketch.callbacks.gradient_sketch.GradientSketch`.
 
-The attributes ``GradientSketch.__init__`` sets, declared once for the checkpoint-mode and inline-mode
-mixins (``_gradient_sketch_slices``, ``_gradient_sketch_inline``), the row writer both modes share
-(``_RowWriter``: append / flush / commit) and the setup-time support check with its ``exclude=`` advice.
+The attributes ``GradientSketch.__init__`` sets that its mode components read, declared once for them
+(checkpoint mode: ``_gradient_sketch_slices._CheckpointSlices``; inline mode:
+``_gradient_sketch_inline._InlineRows``), the interface of those components (``_Mode``), the row
+writer both modes share (``_RowWriter``: append / flush / commit) and the setup-time support check
+with its ``exclude=`` advice.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +30,46 @@ from lightning_sketch.store import finite_rows
 
 # The logger of the public module: its records keep the name they had before this module was split out.
 log = logging.getLogger("lightning_sketch.callbacks.gradient_sketch")
+
+
+class _Mode(Protocol):
+    """What ``GradientSketch``'s hooks delegate to: one component per mode, holding that mode's state.
+
+    ``GradientSketch.__init__`` builds the one its ``mode`` names; each hook calls the method of the
+    same moment, after the checks the hook makes for every mode (no store: nothing to do; sanity
+    checking and ``fast_dev_run``: no rows).
+    """
+
+    #: inline steps whose rows were dropped because the 16-bit gradient scaler overflowed (0 in
+    #: checkpoint mode, which sketches no training step).
+    skipped_overflow_steps: int
+
+    def setup(self) -> None:
+        """A new fit (``setup``): forget what the previous fit of this callback decided."""
+
+    def fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``on_fit_start``, after the store was rolled back and the hook paths reset."""
+
+    def resumed(self, trainer: Trainer) -> None:
+        """``on_fit_start`` of a fit that resumes a checkpoint, right after the store's rollback."""
+
+    def train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``on_train_start``."""
+
+    def batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """``on_train_batch_start``."""
+
+    def after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``on_after_backward``."""
+
+    def batch_end(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """``on_train_batch_end``."""
+
+    def epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``on_train_epoch_end``."""
+
+    def close(self) -> None:
+        """Release a live gradient capture (fit end, teardown, an exception)."""
 
 
 class _RowWriter:
@@ -135,8 +177,9 @@ class _RowWriter:
 
 
 class _GradientSketchBase(Callback):
-    """What the mixins of ``GradientSketch`` share: its attributes (all set in its ``__init__``) and
-    the helpers both modes use (example ids, the loss, sketched rows, commits)."""
+    """What ``GradientSketch`` shares with its mode components (their ``host``): its attributes (all
+    set in its ``__init__``) and the helpers both modes use (example ids, the loss, sketched rows,
+    commits)."""
 
     # arguments (see GradientSketch.__init__)
     dirpath: str
@@ -159,9 +202,6 @@ class _GradientSketchBase(Callback):
     curvature: str
     task: Any
     # state
-    _task: Any
-    #: checkpoint mode: the first examples of the attribution set, saved once as ``weights/probe.pt``.
-    _probe: dict[str, Tensor] | None
     _last_step_done: int
     _slices: list[str]
     _generation: int | None
@@ -171,21 +211,11 @@ class _GradientSketchBase(Callback):
     store: Any
     sketch: Any
     layout: Any
-    _capture: Any
-    skipped_overflow_steps: int
     support: Any
-    _scaler: Any
-    _checked_sum: bool
     _hooks: bool
     _hooks_exact: bool | None
-    _inline_fast: bool
     #: the rows of both modes go through it
     _writer: _RowWriter
-    # inline mode, per training step
-    _lr: float
-    _pending_rows: Tensor | None
-    _batch_ids: Tensor | None
-    _capture_tool: Any
 
     @property
     def store_path(self) -> Path:

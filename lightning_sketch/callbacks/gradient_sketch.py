@@ -55,7 +55,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
@@ -67,19 +66,23 @@ from lightning_sketch._checks import integer, one_of, positive_int
 from lightning_sketch.attribution.curvature import CURVATURE_DIR, check_curvature_arg
 from lightning_sketch.attribution.task import AttributionTask
 from lightning_sketch.callbacks._checkpoint_guard import guard_checkpoint_io, unguard_checkpoint_io
-from lightning_sketch.callbacks._gradient_sketch_base import _check_support, _RowWriter
-from lightning_sketch.callbacks._gradient_sketch_inline import _InlineMixin
+from lightning_sketch.callbacks._gradient_sketch_base import (
+    _check_support,
+    _GradientSketchBase,
+    _Mode,
+    _RowWriter,
+)
+from lightning_sketch.callbacks._gradient_sketch_inline import _InlineRows
 from lightning_sketch.callbacks._gradient_sketch_io import (
     _adopt_state,
-    _check_no_padding,
     _check_types,
     _open_store,
     _store_gone,
 )
-from lightning_sketch.callbacks._gradient_sketch_slices import _SlicesMixin
+from lightning_sketch.callbacks._gradient_sketch_slices import _CheckpointSlices
 from lightning_sketch.callbacks._strategy import check_model_parallel
 from lightning_sketch.exceptions import SketchConfigError, StoreWriteError
-from lightning_sketch.gradients import GradientCapture, ParamLayout
+from lightning_sketch.gradients import ParamLayout
 from lightning_sketch.io.safeio import sweep_temp_files
 from lightning_sketch.io.torchload import CHECKPOINT_DIGEST_KEY, checkpoint_digest
 from lightning_sketch.sketches import make, sketch_class
@@ -92,7 +95,14 @@ __all__ = ["GradientSketch"]
 #: D when ``sketch_dim`` is left out (capped at N, silently, for models with fewer parameters).
 DEFAULT_SKETCH_DIM = 1024
 
-class GradientSketch(_SlicesMixin, _InlineMixin):
+#: the component of each mode, whose methods the hooks call (it holds that mode's state)
+_MODES: dict[str, Callable[[_GradientSketchBase], _Mode]] = {
+    "checkpoint": _CheckpointSlices,
+    "inline": _InlineRows,
+}
+
+
+class GradientSketch(_GradientSketchBase):
     """Sketch per-example gradients during training and store them for attribution queries.
 
     Args:
@@ -197,8 +207,6 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
                 f"{type(task).__name__}."
             )
         self.task = task
-        self._task: AttributionTask | None = None  # resolved on the first slice's curvature pass
-        self._probe: dict[str, Tensor] | None = None
         # state
         self._last_step_done = -1
         self._slices: list[str] = []
@@ -210,24 +218,14 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self.store: Any = None
         self.sketch: Any = None
         self.layout: Any = None
-        self._capture: Any = None
         #: the inline buffer, the ids a resumed slice may see replayed and the non-finite row count
         self._writer = _RowWriter(nan_policy)
-        #: inline steps whose rows were dropped because the 16-bit gradient scaler overflowed
-        #: (the optimizer skips those steps too).
-        self.skipped_overflow_steps = 0
         #: what :func:`~lightning_sketch.gradients.capture.capture_support` found in ``setup``.
         self.support: Any = None
-        self._scaler: Any = None
-        self._checked_sum = False
         self._hooks = True
         self._hooks_exact: bool | None = None
-        self._inline_fast = False
-        # inline mode, per training step (set in on_train_batch_start)
-        self._lr = 1.0
-        self._pending_rows: Tensor | None = None
-        self._batch_ids: Tensor | None = None
-        self._capture_tool: Any = None
+        #: this mode's hooks and state: checkpoint-mode slices or inline rows
+        self._mode_impl = _MODES[mode](self)
         #: state_key's cache: ((dirpath, mode, sketch_kind), key)
         self._state_key: tuple[tuple[str, str, str], str] | None = None
         #: set by setup: None when the store existed, else whether its directory was created too
@@ -240,6 +238,12 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def skipped_nonfinite(self) -> int:
         """Rows with NaN/inf entries dropped under ``nan_policy="skip"`` (their ids are warned about)."""
         return self._writer.skipped_nonfinite
+
+    @property
+    def skipped_overflow_steps(self) -> int:
+        """Inline steps whose rows were dropped because the 16-bit gradient scaler overflowed (the
+        optimizer skips those steps too)."""
+        return self._mode_impl.skipped_overflow_steps
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -316,8 +320,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.store is not None:
             return
-        self._task = None
-        self._probe = None
+        self._mode_impl.setup()
         # FSDP2 passes (whole parameters are gathered per pass); tensor parallelism is refused here
         check_model_parallel(trainer.strategy, "GradientSketch")
         self._loss_fn(pl_module)  # fail at setup, not at the first slice
@@ -362,10 +365,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
                 )
             self._generation = self._resume_generation
             self._resume_generation = None
-            if self.mode == "inline" and self._slices and self._slices[-1] in self.store.checkpoints:
-                # Lightning replays batches only of the epoch the checkpoint was saved in: the last slice
-                last = self._slices[-1]
-                self._writer.expect_replays(last, np.unique(self.store.ids(last)))
+            self._mode_impl.resumed(trainer)
         elif self.store.num_rows and trainer.world_size == 1 and self.store.resume_point is None:
             # Rows of a run killed before its first Lightning checkpoint: no checkpoint can resume them,
             # and this fit re-writes them from step 0, so they are discarded.
@@ -384,17 +384,12 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
             )
         self._hooks = not self.support.unsupported
         self._hooks_exact = None
-        self._inline_fast = self.mode == "inline" and self._hooks  # rows from the training backward
-        if self._inline_fast:
-            self._capture_tool = GradientCapture(pl_module, self.sketch, self.layout)
-            self._scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._mode_impl.fit_start(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.store is not None and self.mode == "inline" and trainer.world_size > 1:
-            _check_no_padding(trainer.train_dataloader)
-        if self.store is not None and self.mode == "checkpoint":
-            self._start_checks(trainer, pl_module)  # the hook paths, fallback refusals and the task
+        if self.store is not None:
+            self._mode_impl.train_start(trainer, pl_module)
 
     # ------------------------------------------------------------------ per-step and per-epoch hooks
     def _confirm_checkpoint(self) -> None:
@@ -418,7 +413,13 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._confirm_checkpoint()
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self._skip(trainer):
+            return
+        self._mode_impl.batch_start(trainer, pl_module, batch)
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._mode_impl.after_backward(trainer, pl_module)
 
     @override
     def on_train_batch_end(
@@ -426,23 +427,14 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     ) -> None:
         if self._skip(trainer):
             return
-        if self.mode == "inline":
-            self._inline_end(trainer, pl_module, batch)
-            return
-        step = trainer.global_step
-        if self.every_n_steps is not None and step % self.every_n_steps == 0 and step > self._last_step_done:
-            self._take_slice(trainer, pl_module)
+        self._mode_impl.batch_end(trainer, pl_module, batch)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._confirm_checkpoint()
         if self._skip(trainer):
             return
-        if self.mode == "inline":
-            self._inline_epoch_end(trainer, pl_module)
-            return
-        if self._due_epoch(trainer) and trainer.global_step > self._last_step_done:
-            self._take_slice(trainer, pl_module)
+        self._mode_impl.epoch_end(trainer, pl_module)
 
     # ------------------------------------------------------------------ checkpoints and fit end
     @override
@@ -474,9 +466,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.store is None:
             return
-        if self._capture is not None:
-            self._capture.__exit__(None, None, None)
-            self._capture = None
+        self._mode_impl.close()
         self._commit(trainer)
         self._checkpoint_pending = False
         if self.store.resume_point is None:  # a finished run's rows are no orphans either
@@ -491,9 +481,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.store is None:
             return
-        if self._capture is not None:
-            self._capture.__exit__(None, None, None)
-            self._capture = None
+        self._mode_impl.close()
         self.store.close()
         self.store = None
         unguard_checkpoint_io(trainer)
@@ -503,9 +491,7 @@ class GradientSketch(_SlicesMixin, _InlineMixin):
         # Keep the last committed state; drop the uncommitted buffer and release the writer lock.
         self._writer.discard()
         unguard_checkpoint_io(trainer)
-        if self._capture is not None:
-            self._capture.__exit__(None, None, None)
-            self._capture = None
+        self._mode_impl.close()
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -300,7 +300,7 @@ def test_inline_sum_check_is_quiet_on_conv_before_batchnorm(tmp_path, kind):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _trainer(tmp_path, [cb], max_steps=2).fit(BNNet(), _images())
-    assert cb._checked_sum
+    assert cb._mode_impl._checked_sum
     assert not [w for w in caught if "do not add up" in str(w.message)]
 
 

@@ -103,7 +103,7 @@ def test_nan_training_loss_inline_skips_and_counts_or_raises(tmp_path):
     # are NaN after the step), are non-finite
     cb = _gs(tmp_path / "skip", sketch_kind="per_layer", mode="inline")
     trainer(tmp_path, [cb], max_epochs=1).fit(Tiny(nan_at_step=1), loader(32, 8))
-    assert cb._inline_fast and cb.skipped_nonfinite == 24
+    assert cb._mode_impl._inline_fast and cb.skipped_nonfinite == 24
     path = tmp_path / "skip" / "run" / "store"
     assert inspect_store(path)["health"]["ok"]
     ids, vecs = _sorted(SketchStore.open(path), "epoch-0")
@@ -259,7 +259,7 @@ def test_batch_size_one_and_a_last_batch_of_one(tmp_path):
                probe_dataloader=[probe])
     model = Tiny(dtype=torch.float64)
     trainer(tmp_path, [rec, ckpt, inline, spec], max_epochs=1).fit(model, loader(9, 4, dtype=torch.float64))
-    assert inline._inline_fast and [len(b["y"]) for _, _, b in rec.steps] == [4, 4, 1]
+    assert inline._mode_impl._inline_fast and [len(b["y"]) for _, _, b in rec.steps] == [4, 4, 1]
     ids, vecs = _sorted(SketchStore.open(tmp_path / "c" / "run" / "store"), "step-3")
     exact = _loop_grads(model, _full(9, dtype=torch.float64))
     assert ids.tolist() == list(range(9))
@@ -302,7 +302,7 @@ def test_batchnorm_and_dropout_are_handled_in_eval_mode_or_refused(tmp_path):
     # example's contribution to the batch gradient (tests/gradients/test_grad_capture_coverage.py)
     cb = _gs(tmp_path / "i", sketch_kind="per_layer", mode="inline")
     trainer(tmp_path, [cb], max_epochs=1).fit(BNDrop(), loader())
-    assert cb._inline_fast and cb.support.fast["net.1"] == "norm"
+    assert cb._mode_impl._inline_fast and cb.support.fast["net.1"] == "norm"
     assert SketchStore.open(tmp_path / "i" / "run" / "store").num_rows == 32
     # the spectrum refuses train-mode BatchNorm (batch statistics couple the examples) ...
     with pytest.raises(UnsupportedModelError, match=r"BatchNorm module\(s\) \['net.1'\] are in train mode"):

@@ -30,7 +30,7 @@ class UnitScaler:
 class ScaledSketch(GradientSketch):
     def on_fit_start(self, trainer, pl_module):
         super().on_fit_start(trainer, pl_module)
-        self._scaler = UnitScaler()
+        self._mode_impl._scaler = UnitScaler()
 
 
 class OverflowOnRank0(Tiny):
@@ -57,5 +57,5 @@ if __name__ == "__main__":
     t = trainer(out, [cb], max_steps=4, strategy="ddp", devices=2, use_distributed_sampler=True)
     t.fit(OverflowOnRank0(), loader(32, 4))
     (out / f"rank{t.global_rank}.json").write_text(json.dumps({
-        "checked_sum": cb._checked_sum, "skipped_overflow_steps": cb.skipped_overflow_steps,
+        "checked_sum": cb._mode_impl._checked_sum, "skipped_overflow_steps": cb.skipped_overflow_steps,
     }))

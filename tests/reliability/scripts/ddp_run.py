@@ -102,7 +102,7 @@ def fit_a(out: Path, devices: int) -> dict:
     return {
         "rank": tr.global_rank,
         "world": tr.world_size,
-        "inline_fast": inline_cb._inline_fast,
+        "inline_fast": inline_cb._mode_impl._inline_fast,
         "loss_calls": counting.calls,
         "spectrum": [{"step": e["step"], "eigenvalues": e["eigenvalues"], "matvecs": e["scalars"].get("matvecs")}
                      for e in spec_cb.history],

@@ -74,7 +74,7 @@ def fit_a(out: Path) -> dict:
     return {
         "rank": tr.global_rank,
         "world": tr.world_size,
-        "inline_fast": inline_cb._inline_fast,
+        "inline_fast": inline_cb._mode_impl._inline_fast,
         "loss_calls": counting.calls,
         "spectrum": {m: [{"step": e["step"], "eigenvalues": e["eigenvalues"]} for e in cb.history]
                      for m, cb in spectra.items()},
