@@ -98,6 +98,23 @@ def study(spec: str, n_runs: int, subsets: int, log=print) -> dict:
     }
 
 
+def default_lds(spec: str, n_runs: int, subsets: int) -> dict:
+    """LDS of ``Attributor(run, model)`` (1 model: mean over runs) and of the ensemble, and τ per run."""
+    from lightning_sketch.attribution import Attributor
+
+    t = variant(spec, subsets)
+    sp = S.splits(t)
+    gt = S.ground_truth(t)
+    runs, _ = S.fit_runs(t, n_runs)
+    qb = S.dict_batch(t, *sp.query)
+    with S.capture_warnings():
+        singles = [Attributor(r, m) for r, m in runs]
+        one = [S.lds_of(a.scores(qb), gt) for a in singles]
+        ens = S.lds_of(Attributor([r for r, _ in runs], runs[0][1]).scores(qb), gt)
+        taus = [a.training_time(0) for a in singles]
+    return {"lds_1": float(np.mean(one)), "lds_5": float(ens), "training_time": taus}
+
+
 def at(r: dict, rho: float, which: str) -> float:
     g = np.asarray(r["grid"])
     return float(np.asarray(r[f"curve_{which}"])[int(np.argmin(np.abs(np.log(g) - np.log(rho))))])
@@ -119,6 +136,83 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+# ---------------------------------------------------------------------- a training-time floor on λ
+FLOOR_GRID = tuple(float(10.0**e) for e in np.arange(-1.0, 2.01, 0.5))
+
+
+def training_times(att, r: int) -> dict[str, float]:
+    """τ of each slice of run ``r``: the training time of the linearised model up to that slice.
+
+    Gradient flow on the mean loss moves θ by −τ ∇L over a time τ (Σ η_s for plain SGD; momentum and
+    Adam change it). Between slices c−1 and c, τ_c − τ_{c−1} = −⟨Φ(θ_c − θ_{c−1}), ḡ⟩ / ‖ḡ‖² with
+    ḡ the mean of the two slices' mean sketched loss gradients (the stored rows); the first interval
+    is the second scaled by their step counts. Needs ≥ 2 slices with saved weights.
+    """
+    from lightning_sketch.attribution._stored import load_weights
+
+    run, sketch, layout = att.runs[r], att.sketches[r], att.layouts[r]
+    names = list(att.checkpoints)
+    pos, mean = [], []
+    for n in names:
+        saved = load_weights(run, n, layout)
+        flat = layout.flatten({k: saved[k].double() for k in layout.names})
+        pos.append(sketch.apply(flat))
+        tot, cnt = 0.0, 0
+        for _, g in run.iter_blocks(n):
+            tot = tot + g.sum(0)
+            cnt += g.shape[0]
+        mean.append(tot / max(cnt, 1))
+    ints = []
+    for i in range(1, len(names)):
+        gbar = 0.5 * (mean[i] + mean[i - 1])
+        ints.append(max(float(-(pos[i] - pos[i - 1]) @ gbar) / max(float(gbar @ gbar), 1e-300), 0.0))
+    steps = [run.steps.get(n) or 0 for n in names]
+    first = ints[0] * steps[0] / max(steps[1] - steps[0], 1)
+    return dict(zip(names, np.cumsum([first] + ints).tolist()))
+
+
+def floor_study(spec: str, n_runs: int, subsets: int) -> dict:
+    """LDS of λ_c = max(ρ·u_c, κ·T_c/(r_c·τ)) for κ on FLOOR_GRID: τ per slice ("cum") or the run's total."""
+    from lightning_sketch.attribution import Attributor
+
+    t = variant(spec, subsets)
+    sp = S.splits(t)
+    gt = S.ground_truth(t)
+    runs, _ = S.fit_runs(t, n_runs)
+    qb = S.dict_batch(t, *sp.query)
+    out: dict = {"variant": spec, "grid": list(FLOOR_GRID)}
+    with S.capture_warnings():
+        singles = [Attributor(r, m) for r, m in runs]
+        ens = Attributor([r for r, _ in runs], runs[0][1])
+        taus = [training_times(a, 0) for a in singles]
+        out["tau_total"] = [float(list(tt.values())[-1]) for tt in taus]
+        base = {}
+        for i, a in enumerate(singles):
+            for n in a.checkpoints:
+                base[(i, n)] = (a.slice_damping(0, n), len(a.runs[0].ids(n)), a._residual(0, n))
+
+        def patch(att, run_of, kappa, which):
+            def lam(r, n):
+                b, T_c, res = base[(run_of(r), n)]
+                tt = taus[run_of(r)]
+                tau = tt[n] if which == "cum" else list(tt.values())[-1]
+                return max(b, kappa * T_c / (res * max(tau, 1e-300)))
+            att.slice_damping = lam
+
+        for which in ("cum", "total"):
+            c1, c5 = [], []
+            for kappa in FLOOR_GRID:
+                one = []
+                for i, a in enumerate(singles):
+                    patch(a, lambda r, i=i: i, kappa, which)
+                    one.append(S.lds_of(a.scores(qb), gt))
+                patch(ens, lambda r: r, kappa, which)
+                c1.append(float(np.mean(one)))
+                c5.append(S.lds_of(ens.scores(qb), gt))
+            out[f"{which}_1"], out[f"{which}_5"] = c1, c5
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -126,7 +220,30 @@ def main() -> None:
     p.add_argument("--subsets", type=int, default=50, help="ground-truth half subsets (× 2 seeds)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--floor", action="store_true", help="the training-time floor study (reuses the runs)")
+    p.add_argument("--default-only", default=None, metavar="KEY",
+                   help="only the default's LDS (reuses the runs), stored under KEY in each variant's entry")
     a = p.parse_args()
+    if a.default_only:
+        torch.set_num_threads(a.threads)
+        out = Path(a.out)
+        done = json.loads(out.read_text()) if out.exists() else {}
+        for spec in [v for v in a.variants.split(",") if v]:
+            done.setdefault(spec, {})[a.default_only] = default_lds(spec, a.runs, a.subsets)
+            out.write_text(json.dumps(done, indent=1))
+            print(spec, a.default_only, done[spec][a.default_only], uptime(), flush=True)
+        return
+    if a.floor:
+        torch.set_num_threads(a.threads)
+        res = {}
+        for spec in [v for v in a.variants.split(",") if v]:
+            res[spec] = floor_study(spec, a.runs, a.subsets)
+            f = res[spec]
+            print(spec, "tau", [round(x, 1) for x in f["tau_total"]], "cum", [round(x, 3) for x in f["cum_1"]],
+                  [round(x, 3) for x in f["cum_5"]], "total", [round(x, 3) for x in f["total_1"]],
+                  [round(x, 3) for x in f["total_5"]], flush=True)
+        Path(a.out).with_name("damping_floor.json").write_text(json.dumps(res, indent=1))
+        return
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     done = json.loads(out.read_text()) if out.exists() else {}

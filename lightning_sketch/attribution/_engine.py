@@ -25,6 +25,7 @@ from lightning_sketch.attribution.damping import (
     DEFAULT_DAMPING_RATIO,
     effective_dimension,
     residual_scale,
+    training_time,
 )
 from lightning_sketch.attribution.scores import SliceWeight, block_scores, kernel_eigh
 from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError, SpectrumError
@@ -70,6 +71,8 @@ class ScoringEngine:
     _norms: Tensor | None
     _count_cache: dict[tuple[int, str], int]
     _residual_cache: dict[tuple[int, str], float]
+    _row_stats_cache: dict[tuple[int, str], tuple[float, Tensor]]
+    _tau_cache: dict[int, float | None]
 
     if TYPE_CHECKING:  # the host's method (Attributor.query_sketches), declared for type checkers
 
@@ -142,6 +145,18 @@ class ScoringEngine:
             self._eig_cache[key] = kernel_eigh(K, T)
         return self._eig_cache[key]
 
+    def _row_stats(self, r: int, name: str) -> tuple[float, Tensor]:
+        """``(Σ_t ‖g_t‖², Σ_t g_t [D] float64)`` of a slice's stored rows: one pass, cached."""
+        key = (r, name)
+        if key not in self._row_stats_cache:
+            gg, total = 0.0, torch.zeros(self.sketches[r].sketch_dim, dtype=torch.float64)
+            for _, g in self.runs[r].iter_blocks(name):
+                g = g.to(torch.float64)
+                gg += float((g * g).sum())
+                total += g.sum(0)
+            self._row_stats_cache[key] = (gg, total)
+        return self._row_stats_cache[key]
+
     def _residual(self, r: int, name: str) -> float:
         """√(tr(GᵀG)/tr(K)) of a margin-kernel slice (the RMS residual 1 − p of its examples), else 1.
 
@@ -151,14 +166,51 @@ class ScoringEngine:
         key = (r, name)
         if key not in self._residual_cache:
             s, _, _ = self._eigh(r, name)
-            gg = sum(float((g.to(torch.float64) ** 2).sum()) for _, g in self.runs[r].iter_blocks(name))
-            self._residual_cache[key] = residual_scale(gg, float(s.sum()))
+            self._residual_cache[key] = residual_scale(self._row_stats(r, name)[0], float(s.sum()))
         return self._residual_cache[key]
 
+    def training_time(self, r: int = 0) -> float | None:
+        """τ of run ``r``: the training time of its linearised model, read off its trajectory.
+
+        :func:`~lightning_sketch.attribution.damping.training_time` over every slice of the run with a
+        recorded step: the sketched saved weights Φθ_c and the mean stored row of each slice. ``None``
+        when the run cannot tell (fewer than two such slices, no saved weights, a degenerate
+        trajectory). One pass over the run's rows and one read of each slice's weights, cached.
+        """
+        if r not in self._tau_cache:
+            self._tau_cache[r] = self._read_training_time(r)
+        return self._tau_cache[r]
+
+    def _read_training_time(self, r: int) -> float | None:
+        run, sketch, layout = self.runs[r], self.sketches[r], self.layouts[r]
+        names = [n for n in run.names if run.steps.get(n) is not None]
+        if len(names) < 2:
+            return None
+        positions, means = [], []
+        for n in names:
+            saved = load_weights(run, n, layout)
+            if saved is None:
+                return None
+            flat = layout.flatten({k: saved[k].detach().to("cpu", torch.float64) for k in layout.names})
+            positions.append(sketch.apply(flat))
+            count = len(run.ids(n))
+            means.append(self._row_stats(r, n)[1] / max(count, 1))
+        steps = [int(run.steps[n] or 0) for n in names]
+        lrs = [run.lrs.get(n) for n in names]
+        tau = training_time(positions, means, steps,
+                            None if any(lr is None for lr in lrs) else [float(lr or 0.0) for lr in lrs])
+        return tau if math.isfinite(tau) and tau > 0 else None
+
     def damping_unit(self, r: int, name: str) -> float:
-        """The unit of ``damping_ratio`` at slice ``name`` of run ``r``: tr(K)/T, divided on a margin
-        kernel by the slice's RMS residual (:func:`~lightning_sketch.attribution.damping.residual_scale`)."""
+        """The unit of ``damping_ratio`` at slice ``name`` of run ``r``:
+        u_c = max(tr(K_c)/T_c, T_c/(ρ₀ τ)) / r_c (:mod:`~lightning_sketch.attribution.damping`): the mean
+        per-example kernel, floored by the damping that a training time τ (:meth:`training_time`)
+        leaves (T_c/τ at the default ratio ρ₀), divided on a margin kernel by the slice's RMS residual
+        r_c (:func:`~lightning_sketch.attribution.damping.residual_scale`)."""
         _, _, unit = self._eigh(r, name)
+        tau = self.training_time(r)
+        if tau is not None:
+            unit = max(unit, self._count(r, name) / (DEFAULT_DAMPING_RATIO * tau))
         return unit / self._residual(r, name)
 
     def slice_damping(self, r: int, name: str) -> float:
@@ -357,8 +409,9 @@ class ScoringEngine:
     ) -> dict[str, Any]:
         """How each slice's λ was set, and how much the answer depends on it (JSON-ready).
 
-        For ``trak``/``fisher_if``: ``rule`` (text), ``ratio`` ρ or the absolute ``damping``, and per
-        slice of every run ``lambda``, ``unit`` (:meth:`damping_unit`; λ = ratio · unit),
+        For ``trak``/``fisher_if``: ``rule`` (text), ``ratio`` ρ or the absolute ``damping``,
+        ``training_time`` (τ of each run, :meth:`training_time`; ``None`` where the run cannot tell), and
+        per slice of every run ``lambda``, ``unit`` (:meth:`damping_unit`; λ = ratio · unit),
         ``trace_over_T`` = tr(K_c)/T_c, ``residual`` (the RMS residual of a margin kernel, else 1),
         ``T``, ``rank`` (of K_c) and
         ``d_eff`` = Σ s_i/(s_i + λ) (:func:`~lightning_sketch.attribution.damping.effective_dimension`),
@@ -387,11 +440,13 @@ class ScoringEngine:
                                "residual": self._residual(r, n), "rank": rank,
                                "d_eff": effective_dimension(s, lam)})
         fr = [x["d_eff"] / x["rank"] for x in slices if x["rank"] > 0]
+        unit = f"max(tr(K_c)/T_c, T_c/({DEFAULT_DAMPING_RATIO:.3g} tau))"
         out: dict[str, Any] = {
             "method": self.method, "kernel": self.kernel,
             "rule": ("absolute damping for every slice" if self.damping is not None else
-                     "lambda_c = ratio * tr(K_c)/T_c / residual_c" if self.kernel == "margin" else
-                     "lambda_c = ratio * tr(K_c)/T_c"),
+                     f"lambda_c = ratio * {unit} / residual_c" if self.kernel == "margin" else
+                     f"lambda_c = ratio * {unit}"),
+            "training_time": [self.training_time(r) for r in range(len(self.runs))],
             "ratio": None if self.damping is not None else self.damping_ratio,
             "damping": self.damping, "slices": slices,
             "d_eff_fraction": float(np.median(fr)) if fr else None,

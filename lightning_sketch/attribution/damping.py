@@ -3,7 +3,7 @@
 Each slice c inverts K_c + λ_c I, K_c the slice's ``[D, D]`` kernel summed over T_c examples. Without
 a ground truth the library sets
 
-    λ_c = ρ · u_c,   u_c = tr(K_c)/T_c / r_c,   ρ = DEFAULT_DAMPING_RATIO = 10^-0.5,
+    λ_c = ρ · u_c,   u_c = max(tr(K_c)/T_c, T_c/(ρ₀ τ)) / r_c,   ρ = ρ₀ = DEFAULT_DAMPING_RATIO = 10^-0.5,
 
 where tr(K_c)/T_c is the mean squared sketched per-example gradient (of the kernel's functions: the
 margin, the prediction, ...): the trace of the average per-example kernel, which follows each slice's
@@ -13,6 +13,15 @@ read off the stored rows: the loss's curvature Σ_t p_t(1 − p_t)φ_tφ_tᵀ is
 on a well-fitted set, so the regularisation training applies is larger in K's units. On the
 Gauss–Newton and Fisher kernels (which are the loss's curvature) r_c = 1.
 
+The floor T_c/(ρ₀ τ) (T_c/τ at the default ratio) is the damping that training for a time τ applies:
+gradient flow on the mean loss of a linearised model, run for a time τ, answers a removed example
+with the filter (1 − e^{−Hτ})/H ≈ (H + I/τ)⁻¹ of the per-example curvature H, i.e. (K + (T/τ) I)⁻¹
+in K's units; directions whose curvature training has not had time to fit are not resolved, however
+small tr(K)/T is. τ is read off the run's own trajectory (:func:`training_time`: the saved weights
+and mean stored gradients of its slices), and is at least Σ_s η_s of the recorded learning rates;
+a run with fewer than two slices, or without saved weights, gets no floor. The floor decides on
+short runs (a few epochs) and the trace term on long ones.
+
 How ρ and the unit were chosen: on the seven-task suite of ``benchmarks/attr_suite.py`` (binary and
 10-class classifiers, regression, T = 300 to 5,000, label noise, a sequence model, a causal language
 model), ``benchmarks/damping_rules.py`` measures the LDS of every candidate rule over a grid of its
@@ -21,6 +30,9 @@ to that task's best, and reported on held-out queries (``benchmarks/RESULTS.md``
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,6 +44,7 @@ __all__ = [
     "RESIDUAL_FLOOR",
     "effective_dimension",
     "residual_scale",
+    "training_time",
 ]
 
 #: ρ of the automatic damping λ_c = ρ · u_c, on every kernel (u_c: :func:`residual_scale`).
@@ -72,3 +85,44 @@ def residual_scale(grad_trace: float, kernel_trace: float) -> float:
     if not kernel_trace > 0:
         return 1.0
     return float(min(1.0, max(RESIDUAL_FLOOR, (max(grad_trace, 0.0) / kernel_trace) ** 0.5)))
+
+
+def training_time(positions: Sequence[Tensor], mean_grads: Sequence[Tensor], steps: Sequence[int],
+                  lrs: Sequence[float] | None = None) -> float:
+    """τ, the training time of the linearised model up to the last slice (NaN when it cannot be read).
+
+    Gradient flow on the mean training loss L moves the weights by dθ = −∇L dτ; for plain SGD τ = Σ_s η_s
+    (momentum and Adam change the scale, which is why τ is read off the trajectory rather than the
+    learning rates). Between consecutive slices c − 1 and c, with sketched weights Φθ_c (``positions``,
+    ``[D]`` each) and mean sketched loss gradients ḡ_c = (1/T_c) Σ_t g_t (``mean_grads``, ``[D]``),
+
+        τ_c − τ_{c−1} = −⟨Φθ_c − Φθ_{c−1}, ḡ⟩ / ‖ḡ‖²,   ḡ = (ḡ_{c−1} + ḡ_c)/2,
+
+    clipped at 0; the interval before the first slice is the others' mean rate times its step count
+    (``steps``: the global step of each slice). Needs at least two slices. With the slices' learning
+    rates ``lrs``, τ is at least Σ_c η_c (step_c − step_{c−1}) (step_{−1} = 0): the time plain SGD covers
+    in those steps, a lower bound for momentum (which only adds to it). It guards against the
+    trajectory's estimate falling short where SGD noise dominates the moves between slices; under Adam
+    (η far below its effective step) it is small and the trajectory's estimate stands.
+
+    Example:
+        >>> g = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0])]
+        >>> training_time([torch.tensor([0.0, 0.0]), torch.tensor([-2.0, 5.0])], g, [10, 20])
+        4.0
+    """
+    if len(positions) < 2 or not (len(positions) == len(mean_grads) == len(steps)):
+        return float("nan")
+    total = 0.0
+    for c in range(1, len(positions)):
+        g = 0.5 * (mean_grads[c] + mean_grads[c - 1]).to(torch.float64)
+        gg = float(g @ g)
+        if not gg > 0:
+            return float("nan")
+        total += max(0.0, -float((positions[c] - positions[c - 1]).to(torch.float64) @ g) / gg)
+    first_steps, later_steps = steps[0], steps[-1] - steps[0]
+    if later_steps <= 0 or first_steps < 0:
+        return float("nan")
+    tau = total * (1.0 + first_steps / later_steps)
+    if lrs is not None and len(lrs) == len(steps) and all(math.isfinite(lr) and lr > 0 for lr in lrs):
+        tau = max(tau, sum(lr * (b - a) for lr, a, b in zip(lrs, [0, *steps[:-1]], steps)))
+    return tau

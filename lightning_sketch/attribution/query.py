@@ -166,8 +166,9 @@ class Attributor(ScoringEngine):
 
     Damping (``Trak``, ``FisherIF``): with ``damping=None`` each slice uses λ_c = ``damping_ratio`` ·
     u_c (:meth:`damping_unit`): u_c = tr(K_c)/T_c, T_c the examples summed into the slice's kernel K_c,
-    divided on TRAK's margin kernel by the RMS residual of the slice's examples (a well-fitted set
-    is damped more); default ratio :data:`DEFAULT_DAMPING_RATIO` = 10^-0.5
+    floored by T_c/(ρ₀ τ) where τ is the run's training time (:meth:`training_time`: a short run is
+    damped more), and divided on TRAK's margin kernel by the RMS residual of the slice's examples (a
+    well-fitted set is damped more); default ratio ρ₀ = :data:`DEFAULT_DAMPING_RATIO` = 10^-0.5
     (:mod:`~lightning_sketch.attribution.damping` says how it was chosen). :meth:`damping_info` reports
     each λ and how much the top-k depends on it. An explicit ``damping`` is an absolute λ for every
     slice; :meth:`tune_damping` picks the ratio on a user-supplied objective (e.g. a validation LDS).
@@ -279,6 +280,8 @@ class Attributor(ScoringEngine):
         self._eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
         self._count_cache: dict[tuple[int, str], int] = {}
         self._residual_cache: dict[tuple[int, str], float] = {}
+        self._row_stats_cache: dict[tuple[int, str], tuple[float, Tensor]] = {}
+        self._tau_cache: dict[int, float | None] = {}
         self._norms: Tensor | None = None
         self._eig: tuple[Tensor, Tensor] | None = None
         if isinstance(requested, ArnoldiIF):

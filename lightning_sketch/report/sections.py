@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,11 @@ def _damping_line(d: Any) -> dict[str, Any] | None:
     ratio, frac = num("ratio"), num("d_eff_fraction")
     unit = "tr(K)/T divided by its RMS residual 1 − p" if kernel == "margin" else "tr(K)/T"
     text += f"ratio {ratio:.3g} of each slice's {unit}" if ratio is not None else "an absolute λ"
+    taus = [t for t in d.get("training_time") or [] if isinstance(t, (int, float)) and not isinstance(t, bool)
+            and math.isfinite(t)] if isinstance(d.get("training_time"), list) else []
+    if ratio is not None and taus:
+        text += (f", floored by the damping a training time τ = {min(taus):.3g}–{max(taus):.3g} leaves "
+                 f"(T/τ at the default ratio)")
     if lams:
         text += f", λ from {min(lams):.3g} to {max(lams):.3g} over {len(lams)} slices"
     if frac is not None:

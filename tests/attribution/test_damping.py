@@ -17,6 +17,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning_sketch.attribution import Attributor
 from lightning_sketch.attribution.curvature import read_curvature
 from lightning_sketch.callbacks import GradientSketch
+from lightning_sketch.sketches import make
 from lightning_sketch.store import SketchStore
 
 D = 16
@@ -35,6 +36,39 @@ def run(tmp_path_factory):
             callbacks=[GradientSketch(dirpath=str(root / "run"), sketch_kind="affd", sketch_dim=D)]
             ).fit(model, loader(x, y, batch_size=8))
     return root / "run", model, x, y
+
+
+def _tau(path, model):
+    """τ of the run, from its files: sketched saved weights Φθ_c and mean stored rows ḡ_c per slice,
+    Σ_c max(0, −⟨Φθ_c − Φθ_{c−1}, (ḡ_c + ḡ_{c−1})/2⟩ / ‖·‖²), the first interval at the mean rate;
+    at least Σ_c η_c (step_c − step_{c−1}) of the recorded learning rates."""
+    store = SketchStore.open(path / "store")
+    try:
+        names, spec = list(store.checkpoints), dict(store.manifest["spec"])
+        steps = [c["step"] for c in store.manifest["checkpoints"]]
+        lrs = [c["lr"] for c in store.manifest["checkpoints"]]
+        fp = store.manifest["layout_fingerprint"]
+        sketch = make(**spec)
+        pos, mean = [], []
+        for n in names:
+            w = store.load_weights(n, fp)
+            flat = torch.cat([w[k].double().reshape(-1) for k, p in model.named_parameters() if p.requires_grad])
+            pos.append(sketch.apply(flat))
+            mean.append(torch.from_numpy(np.asarray(store.vectors(n), dtype=np.float64)).mean(0))
+    finally:
+        store.close()
+    total = 0.0
+    for c in range(1, len(names)):
+        g = (mean[c] + mean[c - 1]) / 2
+        total += max(0.0, -float((pos[c] - pos[c - 1]) @ g) / float(g @ g))
+    # at least Σ_s η_s of the recorded learning rates (plain SGD's time over those steps)
+    by_lr = sum(lr * (b - a) for lr, a, b in zip(lrs, [0, *steps[:-1]], steps))
+    return max(total * (1 + steps[0] / (steps[-1] - steps[0])), by_lr)
+
+
+def _default_lambda(K, T, r, tau):
+    """λ_c = max(ρ · tr(K_c)/T_c, T_c/τ) / r_c with ρ = MARGIN_RATIO (a literal)."""
+    return max(MARGIN_RATIO * float(K.trace()) / T, T / tau) / r
 
 
 def _kernels(path):
@@ -56,7 +90,8 @@ def test_damping_info_reports_each_slices_lambda_and_effective_dimension(run):
         lam = s["lambda"]
         assert s["T"] == meta["count"] == len(y)
         assert s["trace_over_T"] == pytest.approx(float(K.trace()) / len(y), rel=1e-9)
-        assert s["unit"] == pytest.approx(s["trace_over_T"] / s["residual"], rel=1e-12)
+        assert s["unit"] == pytest.approx(
+            max(s["trace_over_T"], len(y) / (MARGIN_RATIO * info["training_time"][0])) / s["residual"], rel=1e-12)
         assert s["d_eff"] == pytest.approx(float((ev / (ev + lam)).sum()), rel=1e-6)
         assert 0 < s["d_eff"] <= s["rank"] <= D
     assert info["d_eff_fraction"] == pytest.approx(
@@ -91,18 +126,24 @@ def _rows(path, name):
 
 
 def test_the_default_margin_damping_is_pinned(run):
-    """λ_c = ρ · tr(K_c)/T_c / r_c on the margin kernel, r_c = √(tr(G_cᵀG_c)/tr(K_c)) the RMS residual,
-    ρ = MARGIN_RATIO (a literal: changing the default must change this test)."""
+    """λ_c = max(ρ · tr(K_c)/T_c, T_c/τ) / r_c on the margin kernel, r_c = √(tr(G_cᵀG_c)/tr(K_c)) the
+    RMS residual, τ the run's training time read off its files, ρ = MARGIN_RATIO (a literal: changing
+    the default must change this test)."""
     path, model, x, y = run
     att = Attributor(path, model)
     assert att.damping_ratio == pytest.approx(MARGIN_RATIO, rel=1e-12)
     names, kernels = _kernels(path)
     info = att.damping_info()
+    tau = _tau(path, model)
+    assert info["training_time"] == [pytest.approx(tau, rel=1e-6)]
+    floored = 0
     for s, name, (K, _) in zip(info["slices"], names, kernels):
         G = _rows(path, name)
         r = min(1.0, max(1e-3, (float((G * G).sum()) / float(K.trace())) ** 0.5))
         assert s["residual"] == pytest.approx(r, rel=1e-6)
-        assert s["lambda"] == pytest.approx(MARGIN_RATIO * float(K.trace()) / len(y) / r, rel=1e-6)
+        assert s["lambda"] == pytest.approx(_default_lambda(K, len(y), r, tau), rel=1e-6)
+        floored += len(y) / tau > MARGIN_RATIO * float(K.trace()) / len(y)
+    assert floored  # this two-epoch run is short enough that the training-time floor decides a slice
     # the scores invert K + λI at that λ (last slice alone, dense reference)
     last = Attributor(path, model, checkpoints=[names[-1]])
     q = full_batch(x[:4], y[:4])
@@ -125,6 +166,37 @@ def test_the_default_ratio_on_other_kernels_is_pinned(tmp_path):
     att = Attributor(tmp_path / "run", model, method="trak")
     assert att.kernel == "fisher" and att.damping_ratio == pytest.approx(0.31622776601683794, rel=1e-12)
     names, kernels = _kernels(tmp_path / "run")
-    for s, (K, _) in zip(att.damping_info()["slices"], kernels):
+    assert len(names) == 1  # one slice: no trajectory, so no training-time floor
+    info = att.damping_info()
+    assert info["training_time"] == [None]
+    for s, (K, _) in zip(info["slices"], kernels):
         assert s["residual"] == 1.0
         assert s["lambda"] == pytest.approx(0.31622776601683794 * float(K.trace()) / len(y), rel=1e-9)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+def test_training_time_reads_the_time_of_gradient_descent_off_its_trajectory(beta):
+    """On a quadratic loss trained by heavy-ball SGD (lr η, momentum β, 50 steps, a slice every 10),
+    the time τ read off the slices' weights and mean gradients is the optimiser's own:
+    η Σ_s (1 − β^s)/(1 − β) (the momentum builds up over the first steps)."""
+    from lightning_sketch.attribution.damping import training_time
+
+    gen = torch.Generator().manual_seed(0)
+    A = torch.rand(20, generator=gen, dtype=torch.float64) * 1.5 + 0.5  # curvatures in [0.5, 2]
+    star = torch.randn(20, generator=gen, dtype=torch.float64)
+    eta, theta, v = 0.01, torch.zeros(20, dtype=torch.float64), torch.zeros(20, dtype=torch.float64)
+    pos, mean, steps = [], [], []
+    for c in range(5):
+        for _ in range(10):
+            v = beta * v + A * (theta - star)
+            theta = theta - eta * v
+        pos.append(theta.clone()), mean.append(A * (theta - star)), steps.append(10 * (c + 1))
+    want = eta * sum((1 - beta**s) / (1 - beta) for s in range(1, 51))
+    assert training_time(pos, mean, steps) == pytest.approx(want, rel=0.06)
+    assert np.isnan(training_time(pos[:1], mean[:1], steps[:1]))  # one slice: no trajectory
+    # the recorded learning rates bound τ from below (Σ η_c Δstep_c); here the trajectory is longer
+    assert training_time(pos, mean, steps, [eta] * 5) == pytest.approx(want, rel=0.06)
+    # weights that did not move along the gradient (SGD noise): the learning rates decide
+    still = [torch.zeros(20, dtype=torch.float64)] * 5
+    assert training_time(still, mean, steps, [eta, eta, 2 * eta, 2 * eta, 2 * eta]) == pytest.approx(
+        eta * 20 + 2 * eta * 30, rel=1e-12)
