@@ -81,6 +81,22 @@ class SuiteTask:
     n_subsets: int = 100
     n_seeds: int = 2
     fraction: float = 0.5
+    optimizer: str = "sgd"  # "sgd" (SGD + momentum) or "adam" (torch.optim.Adam, momentum unused)
+
+
+def _key(t: SuiteTask) -> dict[str, Any]:
+    """The task's fields for cache keys (the default optimizer left out: keys of SGD runs made before
+    the field existed stay valid)."""
+    d = asdict(t)
+    if d.get("optimizer") == "sgd":
+        del d["optimizer"]
+    return d
+
+
+def make_optimizer(t: SuiteTask, params):
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 TASKS: dict[str, SuiteTask] = {
@@ -400,7 +416,7 @@ def lightning_module(task: str | SuiteTask, seed: int):
                 return self.per_example_loss(batch).mean()
 
             def configure_optimizers(self):
-                return torch.optim.SGD(self.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+                return make_optimizer(t, self.parameters())
 
         return LMModule()
 
@@ -429,7 +445,7 @@ def lightning_module(task: str | SuiteTask, seed: int):
             return F.cross_entropy(out, batch["y"])
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+            return make_optimizer(t, self.parameters())
 
     return TaskModule()
 
@@ -561,7 +577,7 @@ def _fit_one(t: SuiteTask, seed: int, train: tuple[Tensor, Tensor], run_dir: Pat
 def runs_dir(task: str | SuiteTask, cb_kw: dict | None = None) -> Path:
     t = get_task(task)
     sp = splits(t)
-    cfg = {"v": 1, "task": asdict(t), "lib": library_hash(), "data": _data_sums(sp),
+    cfg = {"v": 1, "task": _key(t), "lib": library_hash(), "data": _data_sums(sp),
            "callback": "GradientSketch(dirpath=run_dir)"}
     if cb_kw:
         cfg["callback_kwargs"] = cb_kw
@@ -643,7 +659,7 @@ def ground_truth(task: str | SuiteTask, n_subsets: int | None = None, n_seeds: i
     t = get_task(task)
     t = replace(t, n_subsets=n_subsets or t.n_subsets, n_seeds=n_seeds or t.n_seeds)
     sp = splits(t)
-    cfg = {"v": 1, "task": asdict(t), "data": _data_sums(sp), "retraining": "subset_retraining seed 0"}
+    cfg = {"v": 1, "task": _key(t), "data": _data_sums(sp), "retraining": "subset_retraining seed 0"}
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
     path = SUITE / t.name / f"gt_{key}.npz"
     S, T, Q, V = t.n_subsets, t.n_train, t.n_query, t.n_val
@@ -666,6 +682,7 @@ def ground_truth(task: str | SuiteTask, n_subsets: int | None = None, n_seeds: i
             lambda s: make_net(t, s), sp.train, both, output_fn=output_fn(t), loss_fn=loss_fn(t),
             n_subsets=S, n_seeds=t.n_seeds, fraction=t.fraction, epochs=t.epochs, lr=t.lr,
             batch_size=t.batch_size, momentum=t.momentum, weight_decay=t.weight_decay, seed=0,
+            optimizer=t.optimizer,
         )
     finally:
         torch.set_num_threads(prev)

@@ -6,16 +6,24 @@ data, model, optimizer and ground-truth protocol, unchanged; the ground truth is
 same number of epochs), fits ``--runs`` Lightning runs with ``callbacks=[GradientSketch(dirpath=run)]``
 only, and measures, through the public API:
 
-- the LDS of ``trak`` at every ratio of ``DAMPING_RATIO_GRID`` (the library's unit
-  λ_c = ρ · tr(K_c)/T_c / r_c), 1 model (mean over runs) and the ensemble of the runs;
-- the LDS of the default ``Attributor(run, model)`` (no argument), the best ratio, and the gap;
+- the LDS of ``trak`` at every ratio of ``DAMPING_RATIO_GRID`` in the unit without the training-time
+  floor (λ_c = ρ · tr(K_c)/T_c / r_c: every run's τ set to unknown), 1 model (mean over runs) and the
+  ensemble of the runs;
+- the LDS of the default ``Attributor(run, model)`` (no argument; ``default_*``), of the default
+  without the floor (``nofloor_*``), the best ratio, the gaps, and τ (``Attributor.training_time``);
 - what describes the regime: the final mean training loss, training accuracy (classifiers) and the
   last slice's RMS residual r (``damping_info``).
 
+A variant is ``task@epochs`` (SGD + momentum, the suite's optimiser) or ``task@epochs+adam``
+(torch.optim.Adam at lr 1e-3 for the runs and the ground truth alike).
+
 Run (from the repository root)::
 
-    nice .venv/bin/python benchmarks/damping_regimes.py                       # every variant below
-    nice .venv/bin/python benchmarks/damping_regimes.py --variants digits10@3 --runs 2 --subsets 10
+    nice .venv/bin/python benchmarks/damping_regimes.py                       # every SGD variant below
+    nice .venv/bin/python benchmarks/damping_regimes.py --variants digits10@3+adam --runs 2 --subsets 10
+    # the default of a later library on the same runs, and the before/after table:
+    SUITE_LIB_HASH=<hash of the fits> python benchmarks/damping_regimes.py --default-only KEY --out OTHER.json
+    python benchmarks/damping_regimes.py --compare OTHER.json KEY
 
 Writes ``benchmarks/.cache/suite/damping_regimes.json`` and prints a markdown table.
 """
@@ -41,12 +49,21 @@ from attr_suite import _curve, uptime  # noqa: E402
 VARIANTS = ("binary_small@3", "binary_small@10", "binary_small@30", "digits10@2", "digits10@5", "digits10@20",
             "regression@3", "regression@10", "regression@30", "large_T@2", "large_T@8", "label_noise@5",
             "label_noise@20", "sequence@3", "sequence@20", "causal_lm@3", "causal_lm@20")
+#: the same tasks trained with Adam (lr 1e-3, as most Lightning examples do): `--variants` takes them
+ADAM_VARIANTS = ("binary_small@5+adam", "binary_small@30+adam", "digits10@3+adam", "digits10@20+adam",
+                 "regression@10+adam", "sequence@5+adam")
 OUT = S.SUITE / "damping_regimes.json"
 
 
+#: ``task@epochs+adam``: trained (and retrained for the ground truth) with torch.optim.Adam at this lr
+ADAM_LR = 1e-3
+
+
 def variant(spec: str, subsets: int) -> S.SuiteTask:
+    spec, _, opt = spec.partition("+")
     name, epochs = spec.split("@")
-    return replace(S.get_task(name), epochs=int(epochs), n_subsets=subsets)
+    t = replace(S.get_task(name), epochs=int(epochs), n_subsets=subsets)
+    return replace(t, optimizer="adam", lr=ADAM_LR) if opt == "adam" else t
 
 
 def regime(t: S.SuiteTask, sp, runs) -> dict:
@@ -80,6 +97,13 @@ def study(spec: str, n_runs: int, subsets: int, log=print) -> dict:
         ens = Attributor([r for r, _ in runs], runs[0][1])
         default_5 = S.lds_of(ens.scores(qb), gt)
         dinfo = singles[0].damping_info(qb, k=10)
+        taus = [a.training_time(0) for a in singles]
+        # the grid, and the default without the training-time floor (λ_c = ρ · tr(K_c)/T_c / r_c, the
+        # library before the floor): every run's τ set to "unknown"
+        for a in [*singles, ens]:
+            a._tau_cache = dict.fromkeys(range(len(a.runs)))
+        nofloor_1 = [S.lds_of(a.scores(qb), gt) for a in singles]
+        nofloor_5 = S.lds_of(ens.scores(qb), gt)
         curves = [_curve(a, qb, gt, "query")[0] for a in singles]
         curve_5 = _curve(ens, qb, gt, "query")[0]
     grid = list(DAMPING_RATIO_GRID)
@@ -88,7 +112,8 @@ def study(spec: str, n_runs: int, subsets: int, log=print) -> dict:
     return {
         "variant": spec, "task": t.name, "epochs": t.epochs, "runs": n_runs, "subsets": subsets,
         "method": chosen[0], "kernel": chosen[1], "default_ratio": chosen[2],
-        "default_1": float(np.mean(default_1)), "default_5": float(default_5),
+        "default_1": float(np.mean(default_1)), "default_5": float(default_5), "training_time": taus,
+        "nofloor_1": float(np.mean(nofloor_1)), "nofloor_5": float(nofloor_5),
         "grid": grid, "curve_1": c1.tolist(), "curve_5": c5.tolist(),
         "best_1": float(np.nanmax(c1)), "best_ratio_1": grid[int(np.nanargmax(c1))],
         "best_5": float(np.nanmax(c5)), "best_ratio_5": grid[int(np.nanargmax(c5))],
@@ -213,6 +238,26 @@ def floor_study(spec: str, n_runs: int, subsets: int) -> dict:
     return out
 
 
+def compare(before: dict, after: dict, key: str) -> str:
+    """Markdown: the default before (``before``: this script's main run) and after (``after[key]``:
+    ``--default-only KEY``) a library change, against the best ratio of the main run's grid."""
+    rows = ["| task @ epochs | τ (runs) | r (last slice) | best ρ 1 / E | best 1 / E | default before 1 / E "
+            "| default now 1 / E | gap before 1 / E | gap now 1 / E |", "|---|---|---|---|---|---|---|---|---|"]
+    for spec, r in before.items():
+        if spec not in after or key not in after[spec]:
+            continue
+        a = after[spec][key]
+        taus = [t for t in a["training_time"] if t is not None]
+        tau = f"{min(taus):.3g}–{max(taus):.3g}" if taus else "–"
+        res = "–" if r["residual_last"] is None else f"{r['residual_last']:.3f}"
+        rows.append(
+            f"| {spec} | {tau} | {res} | {r['best_ratio_1']:.3g} / {r['best_ratio_5']:.3g} "
+            f"| {r['best_1']:.3f} / {r['best_5']:.3f} | {r['default_1']:.3f} / {r['default_5']:.3f} "
+            f"| {a['lds_1']:.3f} / {a['lds_5']:.3f} | {r['default_1'] - r['best_1']:+.3f} / "
+            f"{r['default_5'] - r['best_5']:+.3f} | {a['lds_1'] - r['best_1']:+.3f} / {a['lds_5'] - r['best_5']:+.3f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -223,7 +268,13 @@ def main() -> None:
     p.add_argument("--floor", action="store_true", help="the training-time floor study (reuses the runs)")
     p.add_argument("--default-only", default=None, metavar="KEY",
                    help="only the default's LDS (reuses the runs), stored under KEY in each variant's entry")
+    p.add_argument("--compare", nargs=2, metavar=("AFTER_JSON", "KEY"), default=None,
+                   help="print the before/after table of --out (the main run) and AFTER_JSON[KEY]")
     a = p.parse_args()
+    if a.compare:
+        print(compare(json.loads(Path(a.out).read_text()), json.loads(Path(a.compare[0]).read_text()),
+                      a.compare[1]))
+        return
     if a.default_only:
         torch.set_num_threads(a.threads)
         out = Path(a.out)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_sketch._checks import one_of
 from lightning_sketch.attribution.scores import classification_margin
 from lightning_sketch.exceptions import SketchConfigError, SketchInputError, UnsupportedModelError
 
@@ -128,6 +129,7 @@ def train_subsets(
     weight_decay: float = 0.0,
     loss_fn: LossFn | None = None,
     orders: Tensor | None = None,
+    optimizer: str = "sgd",
 ) -> tuple[dict[str, Tensor], nn.Module]:
     """Train ``M`` models at once, model ``m`` on training rows ``rows[m]``: stacked parameters.
 
@@ -137,7 +139,8 @@ def train_subsets(
     generator ``g`` seeded with ``order_seed`` (drawn once per epoch), in minibatches of ``batch_size``
     (the last one smaller), taking one SGD step per minibatch on ``loss_fn(model(x_b), y_b)``:
     ``buf = momentum · buf + (grad + weight_decay · p)``; ``p -= lr · buf`` (``buf`` starts at zero,
-    i.e. ``torch.optim.SGD`` with ``dampening=0``).
+    i.e. ``torch.optim.SGD`` with ``dampening=0``). ``optimizer="adam"``: ``torch.optim.Adam``'s step
+    instead (betas (0.9, 0.999), eps 1e-8, ``weight_decay`` added to the gradient; ``momentum`` unused).
 
     Args:
         model_fn: ``seed -> nn.Module`` builds a freshly initialised, buffer-free model.
@@ -149,6 +152,7 @@ def train_subsets(
         loss_fn: ``(outputs [b, ...], targets [b, ...]) -> scalar`` mean loss; default cross-entropy.
         orders: ``[epochs, M, k]`` int64 permutations ``perm`` per epoch, used instead of drawing them
             from ``order_seed`` (which may then be None).
+        optimizer: ``"sgd"`` (default) or ``"adam"``.
 
     Returns:
         ``(params, base)``: ``params[name]`` is ``[M, ...]``, and ``base`` a meta-device copy of the
@@ -157,6 +161,7 @@ def train_subsets(
     from torch.func import functional_call, grad, stack_module_state, vmap
 
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    one_of("optimizer", optimizer, ("sgd", "adam"))
     if rows.ndim != 2 or len(init_seeds) != rows.shape[0]:
         raise SketchInputError(
             f"`rows` must be [M, k] with M = len(init_seeds) = {len(init_seeds)}, got {tuple(rows.shape)}."
@@ -176,6 +181,8 @@ def train_subsets(
 
     g_fn = vmap(grad(loss))
     buf = {k: torch.zeros_like(v) for k, v in params.items()}
+    sq = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
+    step = 0
     n_models, k = rows.shape
     if orders is None:
         if order_seed is None:
@@ -192,8 +199,15 @@ def train_subsets(
                 b = idx[:, s : s + batch_size]
                 with torch.enable_grad():
                     grads = g_fn(params, x[b], y[b])
+                step += 1
                 for name in params:
                     d = grads[name] + weight_decay * params[name] if weight_decay else grads[name]
+                    if optimizer == "adam":  # torch.optim.Adam (amsgrad=False), written out for vmap's stacks
+                        buf[name].mul_(0.9).add_(d, alpha=0.1)
+                        sq[name].mul_(0.999).addcmul_(d, d, value=0.001)
+                        denom = (sq[name] / (1 - 0.999**step)).sqrt_().add_(1e-8)
+                        params[name].addcdiv_(buf[name], denom, value=-lr / (1 - 0.9**step))
+                        continue
                     buf[name].mul_(momentum).add_(d)
                     params[name].sub_(lr * buf[name])
     return params, base
@@ -216,6 +230,7 @@ def subset_retraining(
     loss_fn: LossFn | None = None,
     chunk_size: int | None = None,
     masks: Tensor | None = None,
+    optimizer: str = "sgd",
 ) -> Retraining:
     """Retraining ground truth for :func:`lds`: random subsets, several seeds, one output per query.
 
@@ -239,6 +254,8 @@ def subset_retraining(
         chunk_size: models trained together per ``vmap`` (default all ``S`` of a seed); the result
             does not depend on it.
         masks: ``[S, T]`` bool subsets to use instead of drawing them (equal row sums).
+        optimizer: ``"sgd"`` (default, ``torch.optim.SGD``) or ``"adam"`` (``torch.optim.Adam`` with its
+            default betas and eps; ``momentum`` unused), as the runs being attributed were trained.
 
     Returns:
         :class:`Retraining` ``(masks [S, T] bool, outputs [S, Q])`` in the parameters' dtype.
@@ -293,6 +310,7 @@ def subset_retraining(
             params, base = train_subsets(
                 model_fn, x, y, rows[sl], [seed + r * n_sub + s for s in range(sl.start, sl.stop)],
                 None, epochs, lr, batch_size, momentum, weight_decay, loss_fn, orders=orders[:, sl],
+                optimizer=optimizer,
             )
             with torch.no_grad():
                 for m in range(sl.stop - sl.start):

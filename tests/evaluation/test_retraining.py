@@ -20,8 +20,8 @@ def out_fn(logits, y):  # any per-query output; not the library's margin, to sta
     return logits.gather(1, y[:, None]).squeeze(1) - logits.mean(1)
 
 
-def plain_loop(x, y, xq, yq, masks, n_seeds, seed, epochs, lr, bs, mom, wd):
-    """The documented scheme, one model at a time with torch.optim.SGD."""
+def plain_loop(x, y, xq, yq, masks, n_seeds, seed, epochs, lr, bs, mom, wd, adam=False):
+    """The documented scheme, one model at a time with torch.optim.SGD (or torch.optim.Adam)."""
     n_sub = masks.shape[0]
     k = int(masks[0].sum())
     total = torch.zeros(n_sub, len(yq), dtype=torch.float64)
@@ -31,7 +31,8 @@ def plain_loop(x, y, xq, yq, masks, n_seeds, seed, epochs, lr, bs, mom, wd):
         for s in range(n_sub):
             torch.manual_seed(seed + r * n_sub + s)
             model = tiny(0)
-            opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=mom, weight_decay=wd)
+            opt = (torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd) if adam else
+                   torch.optim.SGD(model.parameters(), lr=lr, momentum=mom, weight_decay=wd))
             rows = masks[s].nonzero().squeeze(1)
             for e in range(epochs):
                 order = rows[perms[e][s]]
@@ -69,6 +70,21 @@ def test_subset_retraining_equals_plain_loop():
     ds = subset_retraining(tiny, TensorDataset(x, y), TensorDataset(xq, yq), output_fn=out_fn, **kw)
     assert torch.equal(torch.rand(1), before)
     torch.testing.assert_close(ds.outputs, got.outputs, rtol=0, atol=0)
+
+
+def test_subset_retraining_with_adam_equals_torch_optim_adam():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=g)
+    kw = {"n_subsets": 2, "n_seeds": 1, "fraction": 0.5, "epochs": 3, "lr": 0.01, "batch_size": 4,
+          "weight_decay": 1e-2, "seed": 3}
+    got = subset_retraining(tiny, (x, y), (x[:6], y[:6]), output_fn=out_fn, optimizer="adam", **kw)
+    ref = plain_loop(x, y, x[:6], y[:6], got.masks, 1, 3, 3, 0.01, 4, 0.0, 1e-2, adam=True)
+    torch.testing.assert_close(got.outputs, ref, rtol=1e-10, atol=1e-10)
+    sgd = subset_retraining(tiny, (x, y), (x[:6], y[:6]), output_fn=out_fn, **kw)
+    assert not torch.allclose(sgd.outputs, got.outputs)
+    with pytest.raises(SketchConfigError, match="`optimizer` must be"):
+        subset_retraining(tiny, (x, y), (x[:6], y[:6]), optimizer="rmsprop", **kw)
 
 
 def test_subset_retraining_given_masks_and_chunks():
