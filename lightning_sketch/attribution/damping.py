@@ -99,7 +99,8 @@ def training_time(positions: Sequence[Tensor], mean_grads: Sequence[Tensor], ste
         τ_c − τ_{c−1} = −⟨Φθ_c − Φθ_{c−1}, ḡ⟩ / ‖ḡ‖²,   ḡ = (ḡ_{c−1} + ḡ_c)/2,
 
     clipped at 0; the interval before the first slice is the others' mean rate times its step count
-    (``steps``: the global step of each slice). Needs at least two slices. With the slices' learning
+    (``steps``: the global step of each slice). Needs at least two slices, and weights that moved
+    (identical weights at every slice, as in a store written by hand, tell nothing). With the slices' learning
     rates ``lrs``, τ is at least Σ_c η_c (step_c − step_{c−1}) (step_{−1} = 0): the time plain SGD covers
     in those steps, a lower bound for momentum (which only adds to it). It guards against the
     trajectory's estimate falling short where SGD noise dominates the moves between slices; under Adam
@@ -111,6 +112,8 @@ def training_time(positions: Sequence[Tensor], mean_grads: Sequence[Tensor], ste
         4.0
     """
     if len(positions) < 2 or not (len(positions) == len(mean_grads) == len(steps)):
+        return float("nan")
+    if all(torch.equal(p, positions[0]) for p in positions[1:]):  # weights that never moved: no trajectory
         return float("nan")
     total = 0.0
     for c in range(1, len(positions)):

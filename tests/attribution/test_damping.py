@@ -196,7 +196,10 @@ def test_training_time_reads_the_time_of_gradient_descent_off_its_trajectory(bet
     assert np.isnan(training_time(pos[:1], mean[:1], steps[:1]))  # one slice: no trajectory
     # the recorded learning rates bound τ from below (Σ η_c Δstep_c); here the trajectory is longer
     assert training_time(pos, mean, steps, [eta] * 5) == pytest.approx(want, rel=0.06)
-    # weights that did not move along the gradient (SGD noise): the learning rates decide
-    still = [torch.zeros(20, dtype=torch.float64)] * 5
-    assert training_time(still, mean, steps, [eta, eta, 2 * eta, 2 * eta, 2 * eta]) == pytest.approx(
+    # weights that moved, but never down the gradient (SGD noise): the learning rates decide
+    uphill = [c * mean[0] for c in range(5)]
+    assert training_time(uphill, [mean[0]] * 5, steps, [eta, eta, 2 * eta, 2 * eta, 2 * eta]) == pytest.approx(
         eta * 20 + 2 * eta * 30, rel=1e-12)
+    # weights that never moved (a store written by hand): no trajectory, whatever the learning rates
+    still = [torch.zeros(20, dtype=torch.float64)] * 5
+    assert np.isnan(training_time(still, mean, steps, [eta] * 5))
