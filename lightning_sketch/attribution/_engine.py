@@ -28,7 +28,12 @@ from lightning_sketch.attribution.damping import (
     training_time,
 )
 from lightning_sketch.attribution.scores import SliceWeight, block_scores, kernel_eigh
-from lightning_sketch.exceptions import LayoutMismatchError, SketchConfigError, SpectrumError
+from lightning_sketch.exceptions import (
+    LayoutMismatchError,
+    LightningSketchError,
+    SketchConfigError,
+    SpectrumError,
+)
 from lightning_sketch.gradients import eval_mode
 from lightning_sketch.layout import ParamLayout
 from lightning_sketch.sketches import Sketch
@@ -175,20 +180,31 @@ class ScoringEngine:
         :func:`~lightning_sketch.attribution.damping.training_time` over every slice of the run with a
         recorded step: the sketched saved weights Φθ_c and the mean stored row of each slice. ``None``
         when the run cannot tell (fewer than two such slices, no saved weights, a degenerate
-        trajectory). One pass over the run's rows and one read of each slice's weights, cached.
+        trajectory, a slice whose weights are missing or fail their checks: the floor is then off,
+        with one log warning), and with an explicit ``damping`` (no floor to set). One pass over the
+        run's rows and one read of each slice's weights, cached; τ belongs to the whole run, so every
+        slice with a step is read, not only the ``checkpoints`` queried.
         """
+        if self.damping is not None:
+            return None
         if r not in self._tau_cache:
             self._tau_cache[r] = self._read_training_time(r)
         return self._tau_cache[r]
 
     def _read_training_time(self, r: int) -> float | None:
         run, sketch, layout = self.runs[r], self.sketches[r], self.layouts[r]
-        names = [n for n in run.names if run.steps.get(n) is not None]
+        stepped = [n for n in run.names if run.steps.get(n) is not None]
+        names = sorted(stepped, key=lambda n: run.steps[n] or 0)
         if len(names) < 2:
             return None
         positions, means = [], []
         for n in names:
-            saved = load_weights(run, n, layout)
+            try:
+                saved = load_weights(run, n, layout)
+            except LightningSketchError as err:  # the scores do not need this slice's weights: say so, go on
+                saved = None
+                log.warning("The training-time floor of the damping is off for run %d: the weights of "
+                            "slice %r cannot be read (%s).", r, n, err)
             if saved is None:
                 return None
             flat = layout.flatten({k: saved[k].detach().to("cpu", torch.float64) for k in layout.names})

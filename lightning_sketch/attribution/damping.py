@@ -115,17 +115,16 @@ def training_time(positions: Sequence[Tensor], mean_grads: Sequence[Tensor], ste
         return float("nan")
     if all(torch.equal(p, positions[0]) for p in positions[1:]):  # weights that never moved: no trajectory
         return float("nan")
+    first_steps, later_steps = steps[0], steps[-1] - steps[0]
+    if later_steps <= 0 or first_steps < 0:
+        return float("nan")
     total = 0.0
     for c in range(1, len(positions)):
         g = 0.5 * (mean_grads[c] + mean_grads[c - 1]).to(torch.float64)
         gg = float(g @ g)
-        if not gg > 0:
-            return float("nan")
-        total += max(0.0, -float((positions[c] - positions[c - 1]).to(torch.float64) @ g) / gg)
-    first_steps, later_steps = steps[0], steps[-1] - steps[0]
-    if later_steps <= 0 or first_steps < 0:
-        return float("nan")
-    tau = total * (1.0 + first_steps / later_steps)
-    if lrs is not None and len(lrs) == len(steps) and all(math.isfinite(lr) and lr > 0 for lr in lrs):
+        if gg > 0:  # an interval with no mean gradient adds nothing it can measure
+            total += max(0.0, -float((positions[c] - positions[c - 1]).to(torch.float64) @ g) / gg)
+    tau = total * (1.0 + first_steps / later_steps) if math.isfinite(total) else 0.0
+    if lrs is not None and len(lrs) == len(steps) and all(math.isfinite(lr) and lr >= 0 for lr in lrs):
         tau = max(tau, sum(lr * (b - a) for lr, a, b in zip(lrs, [0, *steps[:-1]], steps)))
-    return tau
+    return tau if tau > 0 else float("nan")

@@ -462,7 +462,7 @@ def _as_table(result: dict[str, Any]) -> str:
         lo, hi = ov.get("lambda/sqrt10", float("nan")), ov.get("lambda*sqrt10", float("nan"))
         unit = "tr(K)/T/r (r: RMS residual)" if d["kernel"] == "margin" else "tr(K)/T"
         taus = [t for t in d.get("training_time") or [] if isinstance(t, (int, float))]
-        floor = f" (floored at T/τ, training time τ {min(taus):.3g}–{max(taus):.3g})" if taus else ""
+        floor = f" (floored at T/(ρ₀τ), training time τ {min(taus):.3g}–{max(taus):.3g})" if taus else ""
         lines.append(f"damping: {d['kernel']} kernel, ratio {d['ratio']:.3g} of {unit}{floor}, "
                      f"λ {min(lams):.3g}–{max(lams):.3g}; top-k kept at λ/√10, λ·√10: {lo:.0%}, {hi:.0%}"
                      if d.get("ratio") is not None and lams else f"damping: {d.get('damping')}")

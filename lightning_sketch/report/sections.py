@@ -261,6 +261,17 @@ def _attribution_section(root: Path, queries: str | Path | None) -> list[dict[st
     return parts
 
 
+def _finite_number(v: Any) -> float | None:
+    """``v`` as a finite float, or None (bools, strings, NaN, ±inf and integers beyond float's range)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
 def _damping_line(d: Any) -> dict[str, Any] | None:
     """One paragraph on the damping of a query result (``Attributor.damping_info``), or None.
 
@@ -269,8 +280,7 @@ def _damping_line(d: Any) -> dict[str, Any] | None:
         return None
 
     def num(key: str, src: Any = d) -> float | None:
-        v = src.get(key) if isinstance(src, dict) else None
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        return _finite_number(src.get(key) if isinstance(src, dict) else None)
 
     kernel = d.get("kernel") if d.get("kernel") in ("margin", "gauss-newton", "fisher", "empirical",
                                                     "gradients") else "?"
@@ -281,8 +291,9 @@ def _damping_line(d: Any) -> dict[str, Any] | None:
     ratio, frac = num("ratio"), num("d_eff_fraction")
     unit = "tr(K)/T divided by its RMS residual 1 − p" if kernel == "margin" else "tr(K)/T"
     text += f"ratio {ratio:.3g} of each slice's {unit}" if ratio is not None else "an absolute λ"
-    taus = [t for t in d.get("training_time") or [] if isinstance(t, (int, float)) and not isinstance(t, bool)
-            and math.isfinite(t)] if isinstance(d.get("training_time"), list) else []
+    raw_taus = d.get("training_time")
+    taus = ([t for t in map(_finite_number, raw_taus[:1000]) if t is not None]
+            if isinstance(raw_taus, list) else [])
     if ratio is not None and taus:
         text += (f", floored by the damping a training time τ = {min(taus):.3g}–{max(taus):.3g} leaves "
                  f"(T/τ at the default ratio)")

@@ -203,3 +203,29 @@ def test_training_time_reads_the_time_of_gradient_descent_off_its_trajectory(bet
     # weights that never moved (a store written by hand): no trajectory, whatever the learning rates
     still = [torch.zeros(20, dtype=torch.float64)] * 5
     assert np.isnan(training_time(still, mean, steps, [eta] * 5))
+
+
+def test_a_missing_weights_file_turns_the_floor_off_with_a_warning_not_the_query(run, tmp_path, caplog):
+    """τ reads every slice's weights; a slice the query does not use may have lost its file: the scores of
+    the other slices are still given (with the floor off and one warning), as before the floor existed."""
+    import logging
+    import shutil
+
+    path, model, x, y = run
+    copy = tmp_path / "run"
+    shutil.copytree(path, copy)
+    names, kernels = _kernels(copy)
+    (copy / "weights" / f"{names[0]}.pt").unlink()
+    q = full_batch(x[:4], y[:4])
+    with caplog.at_level(logging.WARNING, logger="lightning_sketch.attribution.query"):
+        att = Attributor(copy, model, checkpoints=[names[-1]])
+        top = att.top_k(q, k=3)
+    assert att.training_time(0) is None
+    assert any("training-time floor" in r.getMessage() and names[0] in r.getMessage() for r in caplog.records)
+    G = _rows(copy, names[-1])
+    K = kernels[-1][0]
+    r = min(1.0, max(1e-3, (float((G * G).sum()) / float(K.trace())) ** 0.5))
+    assert att.slice_damping(0, names[-1]) == pytest.approx(MARGIN_RATIO * float(K.trace()) / len(y) / r, rel=1e-6)
+    assert top[0].shape == (4, 3)
+    # an explicit damping needs no τ: nothing is read for it
+    assert Attributor(path, model, damping=0.5).training_time(0) is None

@@ -124,7 +124,7 @@ def test_output_formats_and_main_usage(capsys):
     assert f"  proponent: {meaning('trak', 'margin')['proponent']}\n" in table
     assert "ratio 0.316 of tr(K)/T/r (r: RMS residual), λ 2–5; top-k kept at λ/√10, λ·√10: 80%, 60%" in table
     trak["damping"] = {**trak["damping"], "training_time": [12.5, None, 20.0]}
-    assert "ratio 0.316 of tr(K)/T/r (r: RMS residual) (floored at T/τ, training time τ 12.5–20), λ 2–5" in (
+    assert "ratio 0.316 of tr(K)/T/r (r: RMS residual) (floored at T/(ρ₀τ), training time τ 12.5–20), λ 2–5" in (
         cli_commands._as_table(trak))
     # a second view: its columns beside the first, its meaning and both summaries in the footer
     second = {"method": "grad_cos", "meaning": meaning("grad_cos", "margin"),
@@ -244,8 +244,10 @@ def test_report_damping_paragraph_names_the_training_time_floor_and_ignores_host
     from lightning_sketch.report.sections import _damping_line
 
     d = {"kernel": "margin", "rule": "r", "ratio": 0.316, "slices": [{"lambda": 2.0}],
-         "training_time": [12.5, None, "x", True, float("inf"), 20.0]}
+         "training_time": [12.5, None, "x", True, float("inf"), 10**400, 20.0], "ratio_extra": 10**400}
     text = str(_damping_line(d))
     assert "floored by the damping a training time τ = 12.5–20 leaves" in text
     d["training_time"] = "<script>"
     assert "training time" not in str(_damping_line(d))
+    d["ratio"], d["slices"] = 10**400, [{"lambda": 10**400}]  # integers beyond float's range: not shown
+    assert "ratio" not in str(_damping_line(d)).split("kernel:")[-1]
