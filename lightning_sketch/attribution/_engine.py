@@ -456,12 +456,12 @@ class ScoringEngine:
                                "residual": self._residual(r, n), "rank": rank,
                                "d_eff": effective_dimension(s, lam)})
         fr = [x["d_eff"] / x["rank"] for x in slices if x["rank"] > 0]
-        unit = f"max(tr(K_c)/T_c, T_c/({DEFAULT_DAMPING_RATIO:.3g} tau))"
+        unit_text = f"max(tr(K_c)/T_c, T_c/({DEFAULT_DAMPING_RATIO:.3g} tau))"
         out: dict[str, Any] = {
             "method": self.method, "kernel": self.kernel,
             "rule": ("absolute damping for every slice" if self.damping is not None else
-                     f"lambda_c = ratio * {unit} / residual_c" if self.kernel == "margin" else
-                     f"lambda_c = ratio * {unit}"),
+                     f"lambda_c = ratio * {unit_text} / residual_c" if self.kernel == "margin" else
+                     f"lambda_c = ratio * {unit_text}"),
             "training_time": [self.training_time(r) for r in range(len(self.runs))],
             "ratio": None if self.damping is not None else self.damping_ratio,
             "damping": self.damping, "slices": slices,
