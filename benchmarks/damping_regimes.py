@@ -101,7 +101,7 @@ def study(spec: str, n_runs: int, subsets: int, log=print) -> dict:
         # the grid, and the default without the training-time floor (λ_c = ρ · tr(K_c)/T_c / r_c, the
         # library before the floor): every run's τ set to "unknown"
         for a in [*singles, ens]:
-            a._tau_cache = dict.fromkeys(range(len(a.runs)))
+            a._engine._tau_cache = dict.fromkeys(range(len(a.runs)))
         nofloor_1 = [S.lds_of(a.scores(qb), gt) for a in singles]
         nofloor_5 = S.lds_of(ens.scores(qb), gt)
         curves = [_curve(a, qb, gt, "query")[0] for a in singles]
@@ -214,7 +214,7 @@ def floor_study(spec: str, n_runs: int, subsets: int) -> dict:
         base = {}
         for i, a in enumerate(singles):
             for n in a.checkpoints:
-                base[(i, n)] = (a.slice_damping(0, n), len(a.runs[0].ids(n)), a._residual(0, n))
+                base[(i, n)] = (a.slice_damping(0, n), len(a.runs[0].ids(n)), a._engine._residual(0, n))
 
         def patch(att, run_of, kappa, which):
             def lam(r, n):

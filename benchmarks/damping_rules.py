@@ -152,7 +152,7 @@ def slice_profile(att, r: int, name: str, T: int, press: bool = True, nu_grid: n
     "yy_py" (Σ c_i²/s_i over s_i > 0), "unit" (tr(K)/T), "T", "press" [len(nu_grid)] or None}``,
     float64 numpy arrays.
     """
-    s, U, unit = att._eigh(r, name)
+    s, U, unit = att._engine._eigh(r, name)
     D = s.numel()
     gsum = torch.zeros(D, dtype=torch.float64)
     gg = 0.0
@@ -248,8 +248,8 @@ def dump_profiles(name: str) -> Path:
         a = Attributor(run, module, method="trak")
         per: dict[str, list] = {k: [] for k in cols}
         for n in a.checkpoints:
-            prof = slice_profile(a, 0, n, a._count(0, n), press=True, nu_grid=NU_WIDE)
-            prof["residual"] = a._residual(0, n)
+            prof = slice_profile(a, 0, n, a._engine._count(0, n), press=True, nu_grid=NU_WIDE)
+            prof["residual"] = a._engine._residual(0, n)
             for k in per:
                 per[k].append(prof[k])
         for k in cols:
@@ -312,7 +312,7 @@ def add_ratio_procedures(results: dict) -> dict:
 def slice_stats(att, r: int, counts: dict) -> list[dict]:
     out = []
     for n in att.checkpoints:
-        s, _, unit = att._eigh(r, n)
+        s, _, unit = att._engine._eigh(r, n)
         K_T = counts[n]
         tr = float(s.sum())
         out.append({"slice": n, "T": K_T, "D": int(s.numel()), "trace_over_T": unit, "rank": rank_of(s),
@@ -325,7 +325,7 @@ def scores_with(att, qs, lam_of) -> torch.Tensor:
     try:
         out = torch.zeros(qs[0][0].shape[0], len(att.ids), dtype=torch.float64)
         # one run per Attributor: _accumulate averages over its runs
-        return att._accumulate(qs, out)
+        return att._engine._accumulate(qs, out)
     finally:
         del att.slice_damping
 
@@ -334,7 +334,7 @@ def fit_ratio(att, r: int, name: str, T: int) -> float:
     """tr(GᵀG)/tr(K) of the slice on margin kernels (the mean squared residual), else 1."""
     if att.kernel != "margin":
         return 1.0
-    s, _, _ = att._eigh(r, name)
+    s, _, _ = att._engine._eigh(r, name)
     gg = sum(float((g.double() ** 2).sum()) for _, g in att.runs[r].iter_blocks(name))
     return max(gg / max(float(s.sum()), 1e-300), 1e-12)
 
@@ -364,7 +364,8 @@ def run_task(name: str, rules: list[str]) -> dict:
     batches = {"query": S.dict_batch(t, *sp.query), "val": S.dict_batch(t, *sp.val)}
     qs = {k: [a.all_query_sketches(b) for a in atts] for k, b in batches.items()}
     D = atts[0].sketches[0].sketch_dim
-    counts = [{n: a._kernel(0, n)[1] for n in a.checkpoints} for a in atts]  # T_c per slice (read once)
+    # T_c per slice (read once)
+    counts = [{n: a._engine._kernel(0, n)[1] for n in a.checkpoints} for a in atts]
     fits = [{n: fit_ratio(a, 0, n, c[n]) for n in a.checkpoints} for a, c in zip(atts, counts)]
     res: dict = {"task": name, "kernel": atts[0].kernel,
                  "stats": [slice_stats(a, 0, c) for a, c in zip(atts, counts)],
@@ -390,7 +391,7 @@ def run_task(name: str, rules: list[str]) -> dict:
                 per = []
                 for a, q, cnt, fr, nu in zip(atts, qs[split], counts, fits, nus):
                     def lam_of(r, n, a=a, cnt=cnt, fr=fr, nu=nu):
-                        s, _, unit = a._eigh(r, n)
+                        s, _, unit = a._engine._eigh(r, n)
                         if rule in PROCEDURES:
                             return c * nu[rule, n] * unit if unit > 0 else 1.0
                         return rule_lambda(rule, c, s, cnt[n], D, fr[n])

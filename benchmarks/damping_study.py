@@ -113,7 +113,7 @@ def arnoldi_rows(task_name: str, D: int, n_runs: int, out: Path, k: int = 50, pr
         last = fis.checkpoints[-1]
         add("fisher_if, all slices (default)", fis)
         add("fisher_if, last slice", Attributor(run_dir, module, method="fisher_if", checkpoints=[last]))
-        s, U, _ = Attributor(run_dir, module, method="fisher_if", checkpoints=[last])._eigh(0, last)
+        s, U, _ = Attributor(run_dir, module, method="fisher_if", checkpoints=[last])._engine._eigh(0, last)
         top = s.argsort(descending=True)[:k]
         add(f"arnoldi_if on the sampled Fisher, top {k}, last slice",
             Attributor(run_dir, module, method="arnoldi_if", eigenpairs=(s[top], U[:, top])))

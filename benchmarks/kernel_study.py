@@ -52,7 +52,7 @@ def kernels(task, run_dir, module, classes: int):
     ys = torch.cat([torch.full_like(y, c) for c in range(classes)])
     gn_rows = gn_att.query_sketches(T.dict_batch(xs, ys))
     for c, name in enumerate(att.checkpoints):
-        pos = att._positions(0, name)
+        pos = att._engine._positions(0, name)
         g = torch.zeros(len(att.ids), att.sketch.sketch_dim, dtype=torch.float64)
         for sl, blk in att.runs[0].iter_blocks(name):
             g[pos[sl]] = blk.to(torch.float64)

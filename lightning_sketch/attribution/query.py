@@ -21,7 +21,7 @@ opponents are the most negative scores.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -144,7 +144,7 @@ def _check_options(chunk_size: Any, verify: Any, task: Any) -> None:
         )
 
 
-class Attributor(ScoringEngine):
+class Attributor:
     """Attribute queries to training examples through stored sketched gradients.
 
     Methods (``method``: an object of :mod:`~lightning_sketch.attribution.methods`, or its name):
@@ -248,18 +248,21 @@ class Attributor(ScoringEngine):
             "index": index,
         })
         _check_options(chunk_size, verify, task)
+        #: the streaming scoring engine (scores, self-influence, per-slice weights and damping, with
+        #: the caches of what it reads from the store); it reads this Attributor's runs and settings.
+        self._engine = ScoringEngine(self)
         self._open_runs(store, model, loss_fn, weights_dir)
         #: the attribution task (loss, query measurement, kernel): given, or recognised from the model
         #: and the first query batch when the query needs it (:func:`~.task.resolve_task`).
         self.task: AttributionTask | None = task
-        run_estimators = [self._estimators(r) for r in self.runs]
+        run_estimators = [ScoringEngine._estimators(r) for r in self.runs]
         if isinstance(requested, dict):  # "auto": the runs' curvature decides
-            kinds = {self._curvature_kind(set(e.values())) for e in run_estimators}
+            kinds = {ScoringEngine._curvature_kind(set(e.values())) for e in run_estimators}
             requested = method_from_name("fisher_if" if kinds == {"fisher"} else "trak", **requested)
         self._use_method(requested)
         self.chunk_size = chunk_size
         self.current_weights = bool(current_weights)
-        self.checkpoints = self._select(checkpoints)
+        self.checkpoints = self._engine._select(checkpoints)
         # one hook capture per run, reused by every query: its check against autograd
         # (gradients._capture_check) runs once, on the first eval-mode batch it serves
         self._captures = [hook_capture(m, sk, lay) for m, sk, lay in
@@ -276,17 +279,10 @@ class Attributor(ScoringEngine):
         self.kernel: str | None = self._kernel_name(run_estimators)
         self._set_query_function(query_loss_fn)
         self._ids = torch.from_numpy(union_ids(self.runs, [self.checkpoints] * len(self.runs)))
-        self._pos_cache: dict[tuple[int, str], Tensor] = {}
-        self._eig_cache: dict[tuple[int, str], tuple[Tensor, Tensor, float]] = {}
-        self._count_cache: dict[tuple[int, str], int] = {}
-        self._residual_cache: dict[tuple[int, str], float] = {}
-        self._row_stats_cache: dict[tuple[int, str], tuple[float, Tensor]] = {}
-        self._tau_cache: dict[int, float | None] = {}
-        self._norms: Tensor | None = None
         self._eig: tuple[Tensor, Tensor] | None = None
         if isinstance(requested, ArnoldiIF):
-            self._eig = self._eigenpairs(requested.eigenpairs, requested.snapshot, requested.hessian_batches,
-                                         requested.k)
+            self._eig = self._engine._eigenpairs(requested.eigenpairs, requested.snapshot,
+                                                 requested.hessian_batches, requested.k)
 
     # ------------------------------------------------------------------ set-up steps of __init__
     def _open_runs(self, store: Any, model: nn.Module | Sequence[nn.Module], loss_fn: LossFn | None,
@@ -350,7 +346,7 @@ class Attributor(ScoringEngine):
         Raises:
             StoreNotFoundError: for ``fisher_if`` on a run that holds no sampled-label Fisher.
         """
-        run_kinds = [self._curvature_kind({e[n] for n in self.checkpoints}) for e in run_estimators]
+        run_kinds = [ScoringEngine._curvature_kind({e[n] for n in self.checkpoints}) for e in run_estimators]
         kinds = set(run_kinds)
         if self.method == "fisher_if":
             if not kinds <= {"fisher", "empirical"}:
@@ -536,11 +532,11 @@ class Attributor(ScoringEngine):
         Columns follow :attr:`ids`. Positive = training on the example lowers the query's loss.
         ``sketches`` (:meth:`all_query_sketches`) stand for ``batch`` (then pass ``batch=None``).
         """
-        qs = self._sketches_of(batch, sketches)
+        qs = self._engine._sketches_of(batch, sketches)
         Q = qs[0][0].shape[0]
         out = torch.zeros(Q, len(self._ids), dtype=torch.float64)
-        for sl in self._chunks(Q):
-            self._accumulate([[q[sl] for q in run_q] for run_q in qs], out[sl])
+        for sl in self._engine._chunks(Q):
+            self._engine._accumulate([[q[sl] for q in run_q] for run_q in qs], out[sl])
         return out
 
     def top_k(
@@ -563,7 +559,7 @@ class Attributor(ScoringEngine):
             SketchConfigError: if ``k`` is not in ``[1, T]``, or ``sketches`` do not fit the runs.
         """
         k = self._checked_k(k)
-        return self._ranked(self._sketches_of(batch, sketches), k, (opponents,))[0]
+        return self._ranked(self._engine._sketches_of(batch, sketches), k, (opponents,))[0]
 
     def proponents_opponents(
         self, batch: Any, k: int = 10, sketches: list[list[Tensor]] | None = None
@@ -583,7 +579,7 @@ class Attributor(ScoringEngine):
             SketchConfigError: if ``k`` is not in ``[1, T]``, or ``sketches`` do not fit the runs.
         """
         k = self._checked_k(k)
-        pro, opp = self._ranked(self._sketches_of(batch, sketches), k, (False, True))
+        pro, opp = self._ranked(self._engine._sketches_of(batch, sketches), k, (False, True))
         return pro, opp
 
     def _checked_k(self, k: Any) -> int:
@@ -607,15 +603,107 @@ class Attributor(ScoringEngine):
             return found
         Q, T = qs[0][0].shape[0], len(self._ids)
         parts: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in ends]
-        for sl in self._chunks(Q):
+        for sl in self._engine._chunks(Q):
             part = torch.zeros(sl.stop - sl.start, T, dtype=torch.float64)
-            self._accumulate([[q[sl] for q in run_q] for run_q in qs], part)
+            self._engine._accumulate([[q[sl] for q in run_q] for run_q in qs], part)
             for (ids_out, s_out), opponents in zip(parts, ends):
                 sign = -1.0 if opponents else 1.0
                 top, pos = (sign * part).topk(k, dim=1)
                 ids_out.append(self._ids[pos])
                 s_out.append(sign * top)
         return [(torch.cat(ids_out), torch.cat(s_out)) for ids_out, s_out in parts]
+
+    # ------------------------------------------------------------------ the engine's answers
+    def all_query_sketches(self, batch: Any) -> list[list[Tensor]]:
+        """The query's sketched gradients of every run: ``R × C × [Q, D]`` (float64), R runs, C slices.
+
+        Compute them once and pass them as ``sketches=`` to :meth:`top_k`, :meth:`scores` and
+        :meth:`damping_info` (and to a :meth:`view` of the same runs) instead of the batch, so that the
+        query gradients are not taken again for every answer.
+        """
+        return self._engine.all_query_sketches(batch)
+
+    def self_influence(self) -> tuple[Tensor, Tensor]:
+        """Self-influence score(x, x) of every stored example, for mislabel detection.
+
+        Large values flag examples whose own gradient is large and unexplained by the others
+        (e.g. flipped labels). ``grad_cos`` is constant by construction, so it uses ``tracin``.
+
+        Returns:
+            ``(ids [T], scores [T] float64)``, in :attr:`ids` order, averaged over the runs.
+        """
+        return self._engine.self_influence()
+
+    def training_time(self, r: int = 0) -> float | None:
+        """τ of run ``r``: the training time of its linearised model, read off its trajectory.
+
+        :func:`~lightning_sketch.attribution.damping.training_time` over every slice of the run with a
+        recorded step: the sketched saved weights Φθ_c and the mean stored row of each slice. ``None``
+        when the run cannot tell (fewer than two such slices, no saved weights, a degenerate
+        trajectory, a slice whose weights are missing or fail their checks: the floor is then off,
+        with one log warning), and with an explicit ``damping`` (no floor to set). One pass over the
+        run's rows and one read of each slice's weights, cached; τ belongs to the whole run, so every
+        slice with a step is read, not only the ``checkpoints`` queried.
+        """
+        return self._engine.training_time(r)
+
+    def damping_unit(self, r: int, name: str) -> float:
+        """The unit of ``damping_ratio`` at slice ``name`` of run ``r``:
+        u_c = max(tr(K_c)/T_c, T_c/(ρ₀ τ)) / r_c (:mod:`~lightning_sketch.attribution.damping`): the mean
+        per-example kernel, floored by the damping that a training time τ (:meth:`training_time`)
+        leaves (T_c/τ at the default ratio ρ₀), divided on a margin kernel by the slice's RMS residual
+        r_c (:func:`~lightning_sketch.attribution.damping.residual_scale`)."""
+        return self._engine.damping_unit(r, name)
+
+    def slice_damping(self, r: int, name: str) -> float:
+        """The λ of slice ``name`` of run ``r`` (``trak``/``fisher_if``): the explicit ``damping``, else
+        ``damping_ratio`` × :meth:`damping_unit`; 1 for an all-zero kernel."""
+        return self._engine.slice_damping(r, name)
+
+    def damping_info(
+        self, batch: Any | None = None, k: int = 10, sketches: list[list[Tensor]] | None = None
+    ) -> dict[str, Any]:
+        """How each slice's λ was set, and how much the answer depends on it (JSON-ready).
+
+        For ``trak``/``fisher_if``: ``rule`` (text), ``ratio`` ρ or the absolute ``damping``,
+        ``training_time`` (τ of each run, :meth:`training_time`; ``None`` where the run cannot tell), and
+        per slice of every run ``lambda``, ``unit`` (:meth:`damping_unit`; λ = ratio · unit),
+        ``trace_over_T`` = tr(K_c)/T_c, ``residual`` (the RMS residual of a margin kernel, else 1),
+        ``T``, ``rank`` (of K_c) and
+        ``d_eff`` = Σ s_i/(s_i + λ) (:func:`~lightning_sketch.attribution.damping.effective_dimension`),
+        with ``d_eff_fraction`` = median d_eff/rank over slices. With a query ``batch``, also
+        ``top_k_overlap``: the mean fraction of each query's top-``k`` proponents that stay in the
+        top ``k`` when every λ is divided (``"lambda/sqrt10"``) or multiplied (``"lambda*sqrt10"``)
+        by √10 — near 1 the ranking does not hinge on the damping; well below 1 it does, and a
+        ground truth (:meth:`tune_damping`) is worth having; ``sketches`` (from
+        :meth:`all_query_sketches`) stand for the batch. Other methods: ``{"method", "rule": None}``.
+
+        Example (``tests/attribution/test_damping.py`` runs it)::
+
+            info = attributor.damping_info(queries)
+            info["slices"][0]["lambda"], info["top_k_overlap"]["lambda*sqrt10"]
+        """
+        return self._engine.damping_info(batch=batch, k=k, sketches=sketches)
+
+    def tune_damping(
+        self,
+        val_batches: Iterable[Any] | None = None,
+        candidates: Sequence[float] | None = None,
+        objective: Callable[[Tensor], float] | None = None,
+    ) -> float:
+        """Choose the ratio ρ (λ_c = ρ · :meth:`damping_unit`) that maximises ``objective``; returns it.
+
+        For users who have a ground truth: ``objective(scores [Q, T]) -> float`` (higher is better)
+        is evaluated on the scores of ``val_batches`` for every candidate ratio (default
+        :data:`DAMPING_RATIO_GRID`), e.g. the LDS of validation queries against retrained models
+        (:func:`lightning_sketch.evaluation.lds`). Without a ground truth, keep the automatic
+        ratio (:data:`~lightning_sketch.attribution.damping.DEFAULT_DAMPING_RATIO`; nothing to call). Sets
+        :attr:`damping_ratio` and clears an absolute :attr:`damping`.
+
+        Raises:
+            SketchConfigError: if the method has no damping, or ``objective``/``val_batches`` is missing.
+        """
+        return self._engine.tune_damping(val_batches=val_batches, candidates=candidates, objective=objective)
 
 
 def _warn_unrecorded_curvature(runs: list[Run]) -> None:

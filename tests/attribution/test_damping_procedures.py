@@ -28,10 +28,12 @@ class _Run:
 
 
 class _Att:
-    """The two things ``slice_profile`` reads of an Attributor: the kernel's eigenpairs and the rows."""
+    """The two things ``slice_profile`` reads of an Attributor: the kernel's eigenpairs (through its
+    scoring engine, ``_engine``: here the stand-in itself) and the rows."""
 
     def __init__(self, G: np.ndarray, K: np.ndarray):
         self.runs, self.K = [_Run(G)], K
+        self._engine = self
 
     def _eigh(self, r, name):
         s, U = torch.linalg.eigh(torch.tensor(self.K))
