@@ -695,9 +695,10 @@ class Attributor:
 
         For users who have a ground truth: ``objective(scores [Q, T]) -> float`` (higher is better)
         is evaluated on the scores of ``val_batches`` for every candidate ratio (default
-        :data:`~lightning_sketch.attribution.damping.DAMPING_RATIO_GRID`), e.g. the LDS of validation queries against retrained models
-        (:func:`lightning_sketch.evaluation.lds`). Without a ground truth, keep the automatic
-        ratio (:data:`~lightning_sketch.attribution.damping.DEFAULT_DAMPING_RATIO`; nothing to call). Sets
+        :data:`~lightning_sketch.attribution.damping.DAMPING_RATIO_GRID`), e.g. the LDS of validation
+        queries against retrained models (:func:`lightning_sketch.evaluation.lds`). Without a ground
+        truth, keep the automatic ratio
+        (:data:`~lightning_sketch.attribution.damping.DEFAULT_DAMPING_RATIO`; nothing to call). Sets
         :attr:`damping_ratio` and clears an absolute :attr:`damping`.
 
         Raises:
