@@ -108,6 +108,9 @@ def _work(rank: int, out: str, port: str) -> None:
     res["pre_hooks_after_refusal"] = len(mlp[2]._forward_pre_hooks)
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
+    # Leave without interpreter teardown: on a loaded 2-core machine gloo's threads can abort it
+    # ("terminate called without an active exception", SIGABRT) after the work is done and written.
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +123,10 @@ def ranks(tmp_path_factory) -> list[dict]:
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, __file__, str(out), port], env=env, capture_output=True,
                           text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    files = [out / f"rank{r}.json" for r in (0, 1)]
+    # Each rank writes its file as its last act; a teardown abort after that is not a test failure.
+    assert proc.returncode == 0 or all(f.exists() for f in files), proc.stderr[-4000:]
+    return [json.loads(f.read_text()) for f in files]
 
 
 @pytest.mark.parametrize("rank", [0, 1])
