@@ -191,6 +191,12 @@ class ScoringEngine:
             self._residual_cache[key] = residual_scale(self._row_stats(r, name)[0], float(s.sum()))
         return self._residual_cache[key]
 
+    def share_run_facts(self, other: ScoringEngine) -> None:
+        """Take what ``other`` read off the same runs and is independent of the method: the stored
+        rows' statistics and the runs' training times (a :meth:`Attributor.view`)."""
+        self._row_stats_cache.update(other._row_stats_cache)
+        self._tau_cache.update(other._tau_cache)
+
     def training_time(self, r: int = 0) -> float | None:
         """τ of run ``r``, read once (``Attributor.training_time``)."""
         if self.host.damping is not None:

@@ -473,6 +473,7 @@ class Attributor:
             theirs.weights_dir, theirs.explicit_weights = mine.weights_dir, mine.explicit_weights
         if other.shares_queries(self) and self.query_loss_fn is not None:
             other.query_loss_fn = self.query_loss_fn
+        other._engine.share_run_facts(self._engine)  # the same rows and weights: read once
         return other
 
     def _view_spec(self, method: MethodArg) -> MethodArg:

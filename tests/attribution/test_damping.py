@@ -229,3 +229,20 @@ def test_a_missing_weights_file_turns_the_floor_off_with_a_warning_not_the_query
     assert top[0].shape == (4, 3)
     # an explicit damping needs no τ: nothing is read for it
     assert Attributor(path, model, damping=0.5).training_time(0) is None
+
+
+def test_a_view_reuses_the_training_time_instead_of_reading_every_weights_file_again(run, monkeypatch):
+    from lightning_sketch.attribution import _engine
+
+    path, model, x, y = run
+    att = Attributor(path, model)
+    tau = att.training_time(0)
+    assert tau is not None
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("weights read again")
+
+    monkeypatch.setattr(_engine, "load_weights", no_reads)
+    view = att.view("trak")
+    assert view.training_time(0) == tau
+    assert view.slice_damping(0, view.checkpoints[-1]) == pytest.approx(att.slice_damping(0, att.checkpoints[-1]))
