@@ -153,9 +153,13 @@ class ScoringEngine:
             return K, int(meta["count"])
         D = self.host.sketches[r].sketch_dim
         K, T = torch.zeros(D, D, dtype=torch.float64), 0
+        total = torch.zeros(D, dtype=torch.float64)
         for _, g in self.host.runs[r].iter_blocks(name):
             K.addmm_(g.T, g)
+            total += g.sum(0)
             T += g.shape[0]
+        # the same pass gives the rows' statistics (:meth:`_row_stats`): Σ‖g_t‖² = tr(GᵀG) = tr(K)
+        self._row_stats_cache.setdefault((r, name), (float(K.trace()), total))
         return K, T
 
     def _eigh(self, r: int, name: str) -> tuple[Tensor, Tensor, float]:
